@@ -1,0 +1,65 @@
+/* common.h: error codes, error messages, logging and the random-number streams every module shares. */
+#ifndef KDPEERS_COMMON_H
+#define KDPEERS_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define KDP_VERSION "0.1.0"
+
+/* Error codes: functions that can fail return 0 or one of these (negative). */
+enum kdp_err {
+  KDP_OK = 0,
+  KDP_EINVAL = -1,   /* bad argument, config value or spec string */
+  KDP_EIO = -2,      /* file missing, unreadable or truncated */
+  KDP_EFORMAT = -3,  /* file present but malformed (magic, counts, labels) */
+  KDP_ENOMEM = -4,
+  KDP_EMPI = -5,
+  KDP_EMISMATCH = -6 /* ranks or files disagree */
+};
+
+/* Error message buffer: the first failing function fills it; callers print it. */
+#define KDP_ERRLEN 1024
+typedef struct kdp_error {
+  char msg[KDP_ERRLEN];
+} kdp_error;
+
+/* Formats a message into err (may be NULL) and returns code. */
+int kdp_fail(kdp_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Allocation that aborts with file:line on failure (out of memory is not recoverable here). */
+void *kdp_xmalloc_impl(size_t n, const char *file, int line);
+void *kdp_xcalloc_impl(size_t n, size_t sz, const char *file, int line);
+#define kdp_xmalloc(n) kdp_xmalloc_impl((n), __FILE__, __LINE__)
+#define kdp_xcalloc(n, sz) kdp_xcalloc_impl((n), (sz), __FILE__, __LINE__)
+/* 64-byte aligned float buffer, zeroed. Free with free(). */
+float *kdp_falloc(size_t n);
+
+/* Random streams: PCG32 (O'Neill), one independent stream per (seed, stream id). */
+typedef struct kdp_rng {
+  uint64_t state;
+  uint64_t inc;
+} kdp_rng;
+
+void kdp_rng_seed(kdp_rng *r, uint64_t seed, uint64_t stream);
+uint32_t kdp_rng_u32(kdp_rng *r);
+uint32_t kdp_rng_below(kdp_rng *r, uint32_t n);  /* uniform in [0, n), unbiased */
+float kdp_rng_uniform(kdp_rng *r);                /* uniform in [0, 1) */
+float kdp_rng_normal(kdp_rng *r);                 /* standard normal */
+
+/* Stream ids, so every consumer of randomness has its own reproducible stream. */
+enum kdp_stream {
+  KDP_STREAM_INIT = 1,     /* + peer index * 16 */
+  KDP_STREAM_SHUFFLE = 2,
+  KDP_STREAM_AUGMENT = 3,  /* + rank * 16 */
+  KDP_STREAM_DROPOUT = 4,  /* + rank * 16 */
+  KDP_STREAM_NOISE = 5,
+  KDP_STREAM_MODULE = 6    /* replicated modules (gate, fusion, attention) */
+};
+
+/* Monotonic wall clock in seconds. */
+double kdp_now(void);
+
+#endif

@@ -1,0 +1,89 @@
+/* config.h: the run configuration: built-in defaults, INI files (inih) and -s overrides, validated. */
+#ifndef KDPEERS_CONFIG_H
+#define KDPEERS_CONFIG_H
+
+#include "kdpeers/common.h"
+
+#define KDP_MAX_PEERS 64
+#define KDP_STR 256
+#define KDP_PATH 1024
+
+/*
+ * The whole configuration is one flat struct with no pointers, so ranks can broadcast it and
+ * compare it byte for byte. Every field has a key "section.key"; the table in config.c is the
+ * single source of truth for names, types, ranges, defaults and help text.
+ */
+typedef struct kdp_config {
+  /* [run] */
+  int epochs;
+  int64_t max_steps;       /* 0 = off */
+  uint64_t seed;
+  char dir[KDP_PATH];
+  int threads;             /* BLAS threads per rank; 0 = 1 per rank when ranks fill the cores */
+  int eval_every;          /* evaluate every N epochs (and at the end) */
+  int log_every;           /* steps between log lines / progress refreshes */
+  int ranks_per_peer;
+  char progress[16];       /* auto | bar | plain | none */
+  /* [data] */
+  char format[16];         /* idx | cifar10 | cifar100 */
+  char train_images[KDP_PATH]; /* for cifar: comma-separated list of batch files */
+  char train_labels[KDP_PATH];
+  char test_images[KDP_PATH];
+  char test_labels[KDP_PATH];
+  int64_t subset;          /* 0 = all */
+  double label_noise;      /* [0, 1] */
+  uint64_t noise_seed;
+  int augment;             /* random crop (pad data.crop_pad) + horizontal flip */
+  int crop_pad;
+  int flip;
+  double mean[3];          /* normalisation; for 1-channel data only [0] is used */
+  double std[3];
+  int64_t test_subset;     /* evaluate on the first N test examples, 0 = all */
+  /* [model] */
+  char arch[KDP_STR];
+  /* [optim] */
+  double lr;
+  double momentum;
+  int nesterov;
+  double weight_decay;
+  int batch_size;
+  char schedule[16];       /* constant | cosine | multistep */
+  char milestones[KDP_STR];/* comma-separated epochs, e.g. "150,225" */
+  double gamma;
+  double warmup_epochs;
+  /* [kd] */
+  char method[16];         /* independent | dml | codistill | avg | one | ffl | okddip */
+  double temperature;
+  double weight;
+  double rampup_epochs;
+  int64_t burn_in_steps;
+  char exchange[16];       /* codistill: logits | weights */
+  int exchange_every;      /* codistill weights mode: k */
+  int leader;              /* okddip leader cohort rank; -1 = last */
+  int detach;              /* okddip: detach the attention teacher */
+  int fusion_dim;          /* ffl: d_f; 0 = mean of the peers' feature dims */
+  double fusion_weight_decay;
+  /* [peer.N] overrides */
+  char peer_arch[KDP_MAX_PEERS][KDP_STR]; /* "" = use model.arch */
+} kdp_config;
+
+void kdp_config_defaults(kdp_config *c);
+/* Reads an INI file over c. Unknown sections/keys, malformed or out-of-range values fail with
+   "FILE:LINE: ..." in err. */
+int kdp_config_load_file(kdp_config *c, const char *path, kdp_error *err);
+/* Applies "section.key=value" (also "peer.N.key=value"). Errors name the argument. */
+int kdp_config_set(kdp_config *c, const char *assignment, kdp_error *err);
+/* Applies KDP_* environment variables (KDP_RUN_SEED, KDP_OPTIM_LR, ...: KDP_<SECTION>_<KEY>). */
+int kdp_config_apply_env(kdp_config *c, kdp_error *err);
+/* Cross-field checks (e.g. milestones parse, method known). */
+int kdp_config_validate(const kdp_config *c, kdp_error *err);
+/* Writes the effective config as INI (round-trips through kdp_config_load_file). */
+void kdp_config_print(const kdp_config *c, FILE *f);
+/* Prints every key with type, default and help (for --help). */
+void kdp_config_print_keys(FILE *f);
+/* arch for peer i */
+const char *kdp_config_peer_arch(const kdp_config *c, int peer);
+/* Parses optim.milestones into out (max n); returns count or negative on error. */
+int kdp_config_milestones(const kdp_config *c, double *out, int max, kdp_error *err);
+
+#endif

@@ -1,0 +1,205 @@
+/* nn.h: layers as forward/backward pairs on raw float buffers, models built from them, and SGD. */
+#ifndef KDPEERS_NN_H
+#define KDPEERS_NN_H
+
+#include "kdpeers/common.h"
+
+/*
+ * Conventions (llm.c style):
+ * - Activations are NHWC: (B x H x W x C), channel fastest. Dense tensors are (B x D).
+ * - Weights use PyTorch's shapes, except conv weights which are (Cout x K x K x Cin)
+ *   (PyTorch's is Cout x Cin x K x K; the golden-file script permutes).
+ * - Backward functions ACCUMULATE (+=) into every gradient they write, input
+ *   gradients included. A NULL input gradient means "not needed".
+ * - Every BLAS path has a *_naive twin (plain loops) used by the tests.
+ */
+
+/* ---- dense: out (B x O) = in (B x I) . w^T + b; w (O x I), b (O) or NULL ---- */
+void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
+                       size_t I, size_t O);
+void kdp_dense_backward(float *din, float *dw, float *db, const float *dout, const float *in,
+                        const float *w, size_t B, size_t I, size_t O);
+void kdp_dense_forward_naive(float *out, const float *in, const float *w, const float *b, size_t B,
+                             size_t I, size_t O);
+void kdp_dense_backward_naive(float *din, float *dw, float *db, const float *dout,
+                              const float *in, const float *w, size_t B, size_t I, size_t O);
+
+/* ---- conv2d, NHWC, square kernel K, stride, zero padding pad ---- */
+typedef struct kdp_conv_shape {
+  size_t B, H, W, Cin, Cout, K, stride, pad;
+  size_t OH, OW; /* filled by kdp_conv_shape_init */
+} kdp_conv_shape;
+void kdp_conv_shape_init(kdp_conv_shape *s);
+/* floats of scratch the BLAS conv needs (im2col of a chunk of the batch, and its gradient) */
+size_t kdp_conv_scratch_floats(const kdp_conv_shape *s);
+/* in (B x H x W x Cin), w (Cout x K x K x Cin), b (Cout) or NULL, out (B x OH x OW x Cout) */
+void kdp_conv2d_forward(float *out, const float *in, const float *w, const float *b,
+                        float *scratch, const kdp_conv_shape *s);
+void kdp_conv2d_backward(float *din, float *dw, float *db, const float *dout, const float *in,
+                         const float *w, float *scratch, const kdp_conv_shape *s);
+void kdp_conv2d_forward_naive(float *out, const float *in, const float *w, const float *b,
+                              const kdp_conv_shape *s);
+void kdp_conv2d_backward_naive(float *din, float *dw, float *db, const float *dout,
+                               const float *in, const float *w, const kdp_conv_shape *s);
+
+/* ---- pooling, NHWC. Output size: (H + 2 pad - K) / stride + 1 ---- */
+/* max pool; argmax (B x OH x OW x C) records the flat input index of each max (for backward);
+   padded positions never win */
+void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B, size_t H,
+                         size_t W, size_t C, size_t K, size_t stride, size_t pad);
+void kdp_maxpool_backward(float *din, const float *dout, const int32_t *argmax, size_t n_out);
+/* average pool, count_include_pad = true (PyTorch's default) */
+void kdp_avgpool_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C,
+                         size_t K, size_t stride, size_t pad);
+void kdp_avgpool_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C,
+                          size_t K, size_t stride, size_t pad);
+/* global average pool: in (B x HW x C) -> out (B x C) */
+void kdp_gap_forward(float *out, const float *in, size_t B, size_t HW, size_t C);
+void kdp_gap_backward(float *din, const float *dout, size_t B, size_t HW, size_t C);
+
+/* ---- element-wise ---- */
+void kdp_relu_forward(float *out, const float *in, size_t n);
+/* uses the forward OUTPUT (out > 0 <=> in > 0) */
+void kdp_relu_backward(float *din, const float *dout, const float *out, size_t n);
+/* inverted dropout: mask[i] is 0 or 1/(1-p); p = 0 copies */
+void kdp_dropout_forward(float *out, float *mask, const float *in, size_t n, float p,
+                         kdp_rng *rng);
+void kdp_dropout_backward(float *din, const float *dout, const float *mask, size_t n);
+/* flatten NHWC into PyTorch's NCHW order: out (B x C*H*W) with index c*H*W + h*W + w */
+void kdp_flatten_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C);
+void kdp_flatten_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C);
+/* residual add: out = a + b; backward: da += dout, db += dout */
+void kdp_add_forward(float *out, const float *a, const float *b, size_t n);
+void kdp_add_backward(float *da, float *db, const float *dout, size_t n);
+/* CIFAR ResNet shortcut option A: out (B x OH x OW x Cout) = in[:, ::stride, ::stride, :]
+   with the channels zero-padded by (Cout - Cin) / 2 on each side */
+void kdp_shortcut_a_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t Cin,
+                            size_t Cout, size_t stride);
+void kdp_shortcut_a_backward(float *din, const float *dout, size_t B, size_t H, size_t W,
+                             size_t Cin, size_t Cout, size_t stride);
+
+/* ---- batchnorm over N rows of C channels (N = B*H*W for NHWC, B for dense) ---- */
+/* train: normalises with batch statistics, stores xhat (N x C) and invstd (C) for backward,
+   updates running stats like PyTorch (momentum, unbiased variance for running_var) */
+void kdp_bn_forward_train(float *out, float *xhat, float *invstd, float *run_mean,
+                          float *run_var, const float *in, const float *gamma, const float *beta,
+                          size_t N, size_t C, float momentum, float eps);
+void kdp_bn_forward_eval(float *out, const float *in, const float *gamma, const float *beta,
+                         const float *run_mean, const float *run_var, size_t N, size_t C,
+                         float eps);
+void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
+                     const float *xhat, const float *invstd, const float *gamma, size_t N,
+                     size_t C);
+
+/* ================= models ================= */
+
+/* The op kinds a model is built from. */
+typedef enum kdp_op_kind {
+  KDP_OP_DENSE,
+  KDP_OP_CONV,
+  KDP_OP_BN,
+  KDP_OP_RELU,
+  KDP_OP_MAXPOOL,
+  KDP_OP_AVGPOOL,
+  KDP_OP_GAP,
+  KDP_OP_DROPOUT,
+  KDP_OP_FLATTEN,
+  KDP_OP_ADD,       /* residual add of two earlier tensors */
+  KDP_OP_SHORTCUT_A /* option-A shortcut (subsample + zero channel pad) */
+} kdp_op_kind;
+
+typedef struct kdp_model kdp_model;
+
+/* Input geometry of the data a model is built for. */
+typedef struct kdp_input_shape {
+  size_t H, W, C, n_classes;
+} kdp_input_shape;
+
+/*
+ * Builds a model from an architecture string:
+ *   mlp(h1,h2,...)          flatten, dense+relu per hidden size, dense -> classes
+ *   cnn                     the Fashion-MNIST CNN of the README
+ *   resnet20|32|56|110      CIFAR ResNets, option-A shortcuts
+ *   wrn16_2, wrnD_K         wide ResNets (pre-activation, 1x1 conv shortcuts)
+ *   seq:SPEC                sequential spec, e.g. "seq:conv(16,3,1,1),bn,relu,gap,dense(10)"
+ * max_batch bounds the batch passed to forward. Returns 0 or a negative code with err set.
+ */
+int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                     kdp_error *err);
+void kdp_model_free(kdp_model *m);
+
+/* PyTorch default init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BN gamma=1, beta=0,
+   running mean 0, var 1. */
+void kdp_model_init(kdp_model *m, kdp_rng *rng);
+
+/* The arena: n_params floats; grads and optimizer state use the same layout. */
+size_t kdp_model_n_params(const kdp_model *m);
+float *kdp_model_params(kdp_model *m);
+float *kdp_model_grads(kdp_model *m);
+/* Non-trained state (BN running mean/var), contiguous too (for checkpoints and allreduce). */
+size_t kdp_model_n_buffers(const kdp_model *m);
+float *kdp_model_buffers(kdp_model *m);
+
+/* Named views into the arena, in creation order (e.g. "conv1.weight", "fc2.bias"). */
+size_t kdp_model_n_tensors(const kdp_model *m);
+const char *kdp_model_tensor_name(const kdp_model *m, size_t i);
+size_t kdp_model_tensor_offset(const kdp_model *m, size_t i);
+size_t kdp_model_tensor_size(const kdp_model *m, size_t i);
+
+size_t kdp_model_feature_dim(const kdp_model *m); /* d of the pooled penultimate features */
+size_t kdp_model_n_classes(const kdp_model *m);
+double kdp_model_flops_per_sample(const kdp_model *m); /* forward multiply-adds x 2 */
+const char *kdp_model_arch(const kdp_model *m);
+/* one line per op, for --print-model and logs */
+void kdp_model_describe(const kdp_model *m, FILE *f);
+
+/* Use the naive (non-BLAS) kernels, for tests. */
+void kdp_model_set_naive(kdp_model *m, int naive);
+
+/*
+ * Forward pass on x (B x H x W x C floats, already normalised). train != 0 uses batch statistics
+ * and dropout (rng required then). Returns the logits (B x n_classes), valid until the next call.
+ * The pooled features (B x feature_dim) are at kdp_model_features().
+ */
+const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng);
+const float *kdp_model_features(const kdp_model *m);
+/* Backward from dlogits (B x n_classes) and optionally dfeatures (B x feature_dim, may be NULL),
+   for the last forward (which must have been train mode). ACCUMULATES into the grads. */
+void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures);
+void kdp_model_zero_grad(kdp_model *m);
+
+/* ================= optimizer ================= */
+
+/* SGD with PyTorch's semantics: g += wd * p; buf = mu * buf + g (buf = g on the first step);
+   g = nesterov ? g + mu * buf : buf; p -= lr * g. */
+typedef struct kdp_sgd {
+  float momentum, weight_decay;
+  int nesterov;
+  size_t n;
+  float *buf;      /* momentum buffer, same layout as params */
+  int64_t n_steps; /* steps taken */
+} kdp_sgd;
+void kdp_sgd_init(kdp_sgd *o, size_t n, float momentum, float weight_decay, int nesterov);
+void kdp_sgd_free(kdp_sgd *o);
+void kdp_sgd_step(kdp_sgd *o, float *params, const float *grads, float lr);
+
+/* Learning-rate schedule. */
+typedef enum kdp_schedule_kind {
+  KDP_SCHEDULE_CONSTANT,
+  KDP_SCHEDULE_COSINE,
+  KDP_SCHEDULE_MULTISTEP
+} kdp_schedule_kind;
+typedef struct kdp_schedule {
+  kdp_schedule_kind kind;
+  double base_lr;
+  int64_t total_steps;     /* cosine reaches 0 here (PyTorch CosineAnnealingLR, T_max) */
+  int64_t steps_per_epoch;
+  double warmup_epochs;    /* linear warm-up from 0 over these epochs */
+  double gamma;            /* multistep factor */
+  int n_milestones;
+  double milestones[16];   /* epochs */
+} kdp_schedule;
+/* lr used for step `step` (0-based) */
+double kdp_schedule_lr(const kdp_schedule *s, int64_t step);
+
+#endif

@@ -1,0 +1,89 @@
+/* common.c: error formatting, checked allocation, PCG32 random streams, clock. */
+#define _POSIX_C_SOURCE 200809L
+#include "kdpeers/common.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+int kdp_fail(kdp_error *err, int code, const char *fmt, ...) {
+  if (err) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+  }
+  return code;
+}
+
+void *kdp_xmalloc_impl(size_t n, const char *file, int line) {
+  void *p = malloc(n ? n : 1);
+  if (!p) {
+    fprintf(stderr, "kdpeers: out of memory allocating %zu bytes at %s:%d\n", n, file, line);
+    abort();
+  }
+  return p;
+}
+
+void *kdp_xcalloc_impl(size_t n, size_t sz, const char *file, int line) {
+  void *p = calloc(n ? n : 1, sz ? sz : 1);
+  if (!p) {
+    fprintf(stderr, "kdpeers: out of memory allocating %zu x %zu bytes at %s:%d\n", n, sz, file,
+            line);
+    abort();
+  }
+  return p;
+}
+
+float *kdp_falloc(size_t n) {
+  size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
+  void *p = NULL;
+  if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
+    fprintf(stderr, "kdpeers: out of memory allocating %zu floats\n", n);
+    abort();
+  }
+  memset(p, 0, bytes ? bytes : 64);
+  return p;
+}
+
+void kdp_rng_seed(kdp_rng *r, uint64_t seed, uint64_t stream) {
+  r->state = 0;
+  r->inc = (stream << 1u) | 1u;
+  (void)kdp_rng_u32(r);
+  r->state += seed;
+  (void)kdp_rng_u32(r);
+}
+
+uint32_t kdp_rng_u32(kdp_rng *r) {
+  uint64_t old = r->state;
+  r->state = old * 6364136223846793005ULL + r->inc;
+  uint32_t xorshifted = (uint32_t)(((old >> 18u) ^ old) >> 27u);
+  uint32_t rot = (uint32_t)(old >> 59u);
+  return (xorshifted >> rot) | (xorshifted << ((-rot) & 31));
+}
+
+uint32_t kdp_rng_below(kdp_rng *r, uint32_t n) {
+  if (n <= 1) return 0;
+  uint32_t threshold = (uint32_t)(-n) % n;
+  for (;;) {
+    uint32_t v = kdp_rng_u32(r);
+    if (v >= threshold) return v % n;
+  }
+}
+
+float kdp_rng_uniform(kdp_rng *r) { return (float)(kdp_rng_u32(r) >> 8) * (1.0f / 16777216.0f); }
+
+float kdp_rng_normal(kdp_rng *r) {
+  /* Box-Muller; u1 in (0, 1] so log is finite. */
+  float u1 = 1.0f - kdp_rng_uniform(r);
+  float u2 = kdp_rng_uniform(r);
+  return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
+}
+
+double kdp_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

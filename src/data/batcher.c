@@ -1,0 +1,1 @@
+/* batcher.c: not written yet */

@@ -1,0 +1,1 @@
+/* cifar.c: not written yet */

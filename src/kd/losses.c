@@ -1,0 +1,1 @@
+/* losses.c: not written yet */

@@ -1,0 +1,1 @@
+/* layers.c: not written yet */

@@ -1,0 +1,1 @@
+/* layers_naive.c: not written yet */

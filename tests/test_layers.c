@@ -1,0 +1,2 @@
+/* not written yet: exits 77 (skip) */
+int main(void) { return 77; }

@@ -1,0 +1,45 @@
+/* testutil.h: helpers shared by the check suites: golden-file reader, temp dirs, comparisons. */
+#ifndef KDPEERS_TESTUTIL_H
+#define KDPEERS_TESTUTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * Golden files (written by tests/gen_*.py): "KDPGOLD1", uint32 count, then per record
+ * uint32 name_len, name, uint32 ndim, uint32 dims[ndim], float32 data[prod(dims)], all little
+ * endian. Integer arrays (labels) are stored as float32.
+ */
+typedef struct kdp_golden_rec {
+  char name[128];
+  uint32_t ndim;
+  uint32_t dims[8];
+  size_t n;
+  float *data;
+} kdp_golden_rec;
+
+typedef struct kdp_golden {
+  size_t n;
+  kdp_golden_rec *recs;
+} kdp_golden;
+
+/* Loads tests/NAME from $KDP_SOURCE_ROOT (or the current directory). Aborts the test on error. */
+kdp_golden *kdp_golden_load(const char *name);
+void kdp_golden_free(kdp_golden *g);
+/* Record by name; aborts (test failure) if missing. */
+const kdp_golden_rec *kdp_golden_get(const kdp_golden *g, const char *name);
+const kdp_golden_rec *kdp_golden_find(const kdp_golden *g, const char *name); /* NULL if missing */
+
+/* Largest |a-b| / (atol + rtol |b|) over n; <= 1 means within tolerance. Writes the worst index. */
+double kdp_test_maxerr(const float *a, const float *b, size_t n, double atol, double rtol,
+                       size_t *worst);
+/* Fails the current check test (ck_assert) with a message naming what and where if out of tol. */
+void kdp_test_assert_close(const char *what, const float *a, const float *b, size_t n, double atol,
+                           double rtol);
+
+/* Path of a fresh temporary directory (mkdtemp), owned by the caller. */
+char *kdp_test_tmpdir(void);
+/* Path under $KDP_SOURCE_ROOT. Static buffer. */
+const char *kdp_test_src_path(const char *rel);
+
+#endif
