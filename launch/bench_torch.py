@@ -1,0 +1,338 @@
+#!/usr/bin/python3
+"""bench_torch.py: the PyTorch half of launch/bench-speed, and its report.
+
+  bench_torch.py train --model ARCH [--steps N] [--warmup N] [--batch N] [--out FILE]
+      Trains ARCH (mlp(h1,...), mlp = mlp(512,256), or cnn) on Fashion-MNIST pre-loaded as
+      tensors, one thread, SGD nesterov momentum 0.9, wd 5e-4, lr 0.05, cosine, and prints one
+      JSON line {"steps", "train_seconds", "steps_per_second", "peak_rss_mb", ...}. The warm-up
+      steps are run first and excluded from the timing.
+
+  bench_torch.py report --dir DIR --json FILE --model ARCH... --steps N --repeat N
+      Reads the per-run files bench-speed wrote into DIR (roofline.rR.json, kdpeers.mI.rR.jsonl,
+      torch.mI.rR.json, commands.txt, loadavg.*) and prints the comparison table.
+
+Run with Debian's /usr/bin/python3 (python3-torch 1.13).
+"""
+import argparse
+import glob
+import gzip
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+# Fashion-MNIST pixel mean/std (after /255); only affects values, not speed.
+MEAN, STD = 0.2860, 0.3530
+IN_H, IN_W, IN_C, N_CLASSES = 28, 28, 1, 10
+
+
+def canonical_arch(arch):
+    return "mlp(512,256)" if arch == "mlp" else arch
+
+
+def mlp_hidden(arch):
+    m = re.fullmatch(r"mlp\(([0-9]+(?:,[0-9]+)*)\)", arch)
+    if not m:
+        return None
+    return [int(h) for h in m.group(1).split(",")]
+
+
+def flops_per_step(arch, batch):
+    """Honest GEMM FLOPs of one training step and the forward FLOPs, per the brief.
+
+    Returns (step, forward): step = forward + weight-gradient GEMMs of every layer + input-gradient
+    GEMMs of every layer but the first (3x forward minus the first layer's forward);
+    forward = 2*M*N*K summed over the layers' GEMMs. Both for the whole batch."""
+    arch = canonical_arch(arch)
+    hidden = mlp_hidden(arch)
+    if hidden is not None:
+        dims = [IN_H * IN_W * IN_C] + hidden + [N_CLASSES]
+        layers = [2 * a * b for a, b in zip(dims[:-1], dims[1:])]
+    elif arch == "cnn":
+        layers = [2 * 28 * 28 * 32 * 9, 2 * 14 * 14 * 64 * 288, 2 * 3136 * 128, 2 * 128 * 10]
+    else:
+        raise SystemExit(f"bench_torch: unknown arch '{arch}' (expected mlp, mlp(h1,...) or cnn)")
+    fwd = sum(layers)
+    return batch * (3 * fwd - layers[0]), batch * fwd
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def read_idx_gz(path):
+    import numpy as np
+
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[0:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08:
+        raise SystemExit(f"bench_torch: {path}: not an unsigned-byte IDX file (magic {magic:#x})")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(dims):
+        raise SystemExit(f"bench_torch: {path}: {data.size} bytes of data, header says {dims}")
+    return data.reshape(dims)
+
+
+def build_model(arch):
+    import torch.nn as nn
+
+    arch = canonical_arch(arch)
+    hidden = mlp_hidden(arch)
+    if hidden is not None:
+        layers, d = [nn.Flatten()], IN_H * IN_W * IN_C
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, N_CLASSES))
+        return nn.Sequential(*layers)
+    if arch == "cnn":
+        # conv(32,3,1,1) relu maxpool2, conv(64,3,1,1) relu maxpool2, flatten, fc128 relu, fc10
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Linear(128, N_CLASSES))
+    raise SystemExit(f"bench_torch: unknown arch '{arch}' (expected mlp, mlp(h1,...) or cnn)")
+
+
+def cmd_train(a):
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(a.seed)
+    t_load = time.perf_counter()
+    x = read_idx_gz(os.path.join(a.data_dir, "train-images-idx3-ubyte.gz"))
+    y = read_idx_gz(os.path.join(a.data_dir, "train-labels-idx1-ubyte.gz"))
+    if len(x) != len(y):
+        raise SystemExit(f"bench_torch: {len(x)} images but {len(y)} labels in {a.data_dir}")
+    X = ((torch.from_numpy(x.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
+    Y = torch.from_numpy(y.astype("int64"))
+    load_seconds = time.perf_counter() - t_load
+
+    model = build_model(a.model)
+    total = a.warmup + a.steps
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=True,
+                          weight_decay=a.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    n, pos, perm = len(X), len(X), None
+    loss = None
+    t0 = None
+    for step in range(total):
+        if step == a.warmup:
+            t0 = time.perf_counter()
+        if pos + a.batch > n:  # new epoch: reshuffle, drop the last partial batch
+            perm, pos = torch.randperm(n), 0
+        idx = perm[pos:pos + a.batch]
+        pos += a.batch
+        xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+        sched.step()
+    train_seconds = time.perf_counter() - t0
+    step_flops, fwd_flops = flops_per_step(a.model, a.batch)
+    res = {
+        "event": "summary", "impl": "pytorch", "arch": canonical_arch(a.model),
+        "batch": a.batch, "steps": a.steps, "warmup_steps": a.warmup,
+        "train_seconds": train_seconds, "steps_per_second": a.steps / train_seconds,
+        "load_seconds": load_seconds, "final_loss": float(loss.item()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": step_flops, "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+    }
+    line = json.dumps(res)
+    print(line)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(line + "\n")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def last_summary(path):
+    """Last line of a kdpeers metrics.jsonl (or a copied summary), which must be the summary."""
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    if not lines:
+        raise SystemExit(f"bench_torch report: {path} is empty")
+    s = json.loads(lines[-1])
+    if s.get("event") != "summary":
+        raise SystemExit(f"bench_torch report: last line of {path} is not a summary event: "
+                         f"{lines[-1][:200]}")
+    return s
+
+
+def stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values), "values": values}
+
+
+def spread(st):
+    """Relative half-range around the median, in percent."""
+    return 100.0 * (st["max"] - st["min"]) / 2.0 / st["median"] if st["median"] else 0.0
+
+
+def cmd_report(a):
+    meta = {"models": [canonical_arch(m) for m in a.model], "batch": a.batch, "steps": a.steps,
+            "repeat": a.repeat,
+            "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                   "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}}
+    for key, name in (("load_before", "loadavg.before"), ("load_after", "loadavg.after")):
+        path = os.path.join(a.dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                meta[key] = " ".join(f.read().split()[:3])
+    path = os.path.join(a.dir, "commands.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            meta["commands"] = f.read().splitlines()
+    rooflines = [load_json(p) for p in sorted(glob.glob(os.path.join(a.dir, "roofline.r*.json")))]
+    if not rooflines:
+        raise SystemExit(f"bench_torch report: no roofline.r*.json in {a.dir}")
+    sq = stats([r["square"]["gflops_best"] for r in rooflines])
+    out = {"meta": meta, "flop_convention": rooflines[0]["flop_convention"],
+           "openblas_config": rooflines[0]["openblas_config"],
+           "openblas_corename": rooflines[0]["openblas_corename"],
+           "square_peak_gflops": sq, "models": []}
+    rows = []
+    for i, arch in enumerate(meta["models"]):
+        tag = f"m{i}"
+        kd = [last_summary(p) for p in sorted(glob.glob(os.path.join(a.dir, f"kdpeers.{tag}.r*.jsonl")))]
+        th = [load_json(p) for p in sorted(glob.glob(os.path.join(a.dir, f"torch.{tag}.r*.json")))]
+        rl = [m for r in rooflines for m in r["models"] if m["arch"] == arch]
+        if not rl:
+            raise SystemExit(f"bench_torch report: no roofline for '{arch}'")
+        step_flops, fwd_flops = flops_per_step(arch, meta["batch"])
+        if rl[0]["flops_per_step"] != step_flops:
+            raise SystemExit(f"bench_torch report: roofline counts {rl[0]['flops_per_step']} FLOPs "
+                             f"per step for {arch}, the formula {step_flops}")
+        rl_sec = stats([m["roofline_seconds_per_step"] for m in rl])
+        m = {"arch": arch, "batch": meta["batch"], "flops_per_step": step_flops,
+             "flops_per_step_pytorch_convention_3x_forward": 3 * fwd_flops,
+             "forward_flops_per_step": fwd_flops, "roofline_seconds_per_step": rl_sec,
+             "roofline_shape_gflops": stats([m["roofline_gflops"] for m in rl]),
+             "gemms": rl[0]["gemms"]}
+        for name, runs in (("kdpeers", kd), ("pytorch", th)):
+            if not runs:
+                m[name] = None
+                continue
+            sps = stats([r["steps_per_second"] for r in runs])
+            m[name] = {"steps_per_second": sps,
+                       "peak_rss_mb": stats([r["peak_rss_mb"] for r in runs]),
+                       "steps": runs[0].get("steps"),
+                       "gflops": step_flops * sps["median"] / 1e9,
+                       "percent_of_square_peak": 100.0 * step_flops * sps["median"] / 1e9 / sq["median"],
+                       "ms_per_step": 1e3 / sps["median"],
+                       "x_shape_roofline_time": 1.0 / sps["median"] / rl_sec["median"]}
+        if m["kdpeers"] and m["pytorch"]:
+            m["kdpeers_over_pytorch"] = (m["kdpeers"]["steps_per_second"]["median"]
+                                         / m["pytorch"]["steps_per_second"]["median"])
+        out["models"].append(m)
+        rows.append(m)
+
+    def f_sps(r):
+        if not r:
+            return "-"
+        st = r["steps_per_second"]
+        return f"{st['median']:.1f} ±{spread(st):.0f}%"
+
+    hdr = ["model", "kdp steps/s", "torch steps/s", "kdp/torch", "kdp GF/s", "torch GF/s",
+           "2048² GF/s", "kdp %peak", "kdp ms/step", "roofline ms", "kdp/roofl", "RSS kdp MB",
+           "RSS torch MB"]
+    table = []
+    for m in rows:
+        k, t = m["kdpeers"], m["pytorch"]
+        table.append([
+            m["arch"], f_sps(k), f_sps(t),
+            f"{m['kdpeers_over_pytorch']:.2f}" if "kdpeers_over_pytorch" in m else "-",
+            f"{k['gflops']:.1f}" if k else "-", f"{t['gflops']:.1f}" if t else "-",
+            f"{sq['median']:.1f}", f"{k['percent_of_square_peak']:.1f}%" if k else "-",
+            f"{k['ms_per_step']:.2f}" if k else "-",
+            f"{1e3 * m['roofline_seconds_per_step']['median']:.2f}",
+            f"{k['x_shape_roofline_time']:.2f}x" if k else "-",
+            f"{k['peak_rss_mb']['median']:.0f}" if k else "-",
+            f"{t['peak_rss_mb']['median']:.0f}" if t else "-"])
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(hdr)]
+    print()
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(hdr, widths))))
+    for r in table:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print()
+    print(f"steps/s: median of {meta['repeat']} interleaved runs, ± = half the min-max range "
+          f"relative to the median; batch {meta['batch']}, {meta['steps']} timed steps, 1 thread.")
+    print("FLOPs: 2*M*N*K per GEMM; per layer forward + weight-gradient + input-gradient GEMMs, "
+          "except the first layer's input gradient (not needed). Non-GEMM work is not counted.")
+    for m in rows:
+        print(f"  {m['arch']}: {m['flops_per_step'] / 1e6:.1f} MFLOP/step "
+              f"(PyTorch convention 3x forward: "
+              f"{m['flops_per_step_pytorch_convention_3x_forward'] / 1e6:.1f} MFLOP/step)")
+    print(f"2048² GF/s: single-core cblas_sgemm peak (best sample, median over runs); "
+          f"OpenBLAS: {out['openblas_config']}; kernel {out['openblas_corename']}.")
+    print("roofline ms: the step time if every GEMM ran at its measured shape speed and nothing "
+          "else cost anything (kdp-roofline); kdp/roofl = kdpeers time / that.")
+    print("RSS: peak resident set of the whole process (PyTorch's includes the torch libraries "
+          "and the float32 dataset).")
+    env = meta.get("env", {})
+    print("env: " + " ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env.items()))
+    if meta.get("load_before"):
+        print(f"load average (1/5/15 min) before: {meta['load_before']}, after: "
+              f"{meta.get('load_after', '?')} (2 shared cores; other jobs compete for them)")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    print(f"wrote {a.json}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="time PyTorch training steps")
+    t.add_argument("--model", required=True, help="mlp, mlp(h1,h2,...) or cnn")
+    t.add_argument("--steps", type=int, default=300, help="timed steps")
+    t.add_argument("--warmup", type=int, default=20, help="untimed steps first")
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data-dir", default=DATA_DIR)
+    t.add_argument("--out", help="also write the JSON line here")
+    r = sub.add_parser("report", help="print the bench-speed table")
+    r.add_argument("--dir", required=True)
+    r.add_argument("--json", required=True)
+    r.add_argument("--model", action="append", required=True,
+                   help="arch, in the order bench-speed numbered them (m0, m1, ...)")
+    r.add_argument("--batch", type=int, default=128)
+    r.add_argument("--steps", type=int, required=True)
+    r.add_argument("--repeat", type=int, required=True)
+    a = p.parse_args()
+    if a.cmd == "train":
+        if a.steps < 1 or a.warmup < 0 or a.batch < 1:
+            p.error("--steps and --batch must be >= 1, --warmup >= 0")
+        cmd_train(a)
+    else:
+        cmd_report(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
