@@ -217,6 +217,10 @@ def cmd_report(a):
         tag = f"m{i}"
         kd = [last_summary(p) for p in sorted(glob.glob(os.path.join(a.dir, f"kdpeers.{tag}.r*.jsonl")))]
         th = [load_json(p) for p in sorted(glob.glob(os.path.join(a.dir, f"torch.{tag}.r*.json")))]
+        for r in kd:
+            if r.get("steps") != meta["steps"]:
+                print(f"bench_torch report: WARNING: a kdpeers {arch} run took {r.get('steps')} "
+                      f"steps, not the {meta['steps']} asked for", file=sys.stderr)
         rl = [m for r in rooflines for m in r["models"] if m["arch"] == arch]
         if not rl:
             raise SystemExit(f"bench_torch report: no roofline for '{arch}'")
