@@ -16,7 +16,8 @@ enum kdp_err {
   KDP_EFORMAT = -3,  /* file present but malformed (magic, counts, labels) */
   KDP_ENOMEM = -4,
   KDP_EMPI = -5,
-  KDP_EMISMATCH = -6 /* ranks or files disagree */
+  KDP_EMISMATCH = -6, /* ranks or files disagree */
+  KDP_EDIVERGED = -7  /* NaN or Inf in a loss or the parameters */
 };
 
 /* Error message buffer: the first failing function fills it; callers print it. */

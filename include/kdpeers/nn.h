@@ -14,15 +14,16 @@
  * - Every BLAS path has a *_naive twin (plain loops) used by the tests.
  */
 
-/* ---- dense: out (B x O) = in (B x I) . w^T + b; w (O x I), b (O) or NULL ---- */
+/* ---- dense: out (B x out_dim) = in (B x in_dim) . w^T + b; w (out_dim x in_dim), b or NULL ---- */
+/* (no parameter is named I: complex.h, pulled in by cblas.h, defines I as a macro) */
 void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
-                       size_t I, size_t O);
+                       size_t in_dim, size_t out_dim);
 void kdp_dense_backward(float *din, float *dw, float *db, const float *dout, const float *in,
-                        const float *w, size_t B, size_t I, size_t O);
+                        const float *w, size_t B, size_t in_dim, size_t out_dim);
 void kdp_dense_forward_naive(float *out, const float *in, const float *w, const float *b, size_t B,
-                             size_t I, size_t O);
+                             size_t in_dim, size_t out_dim);
 void kdp_dense_backward_naive(float *din, float *dw, float *db, const float *dout,
-                              const float *in, const float *w, size_t B, size_t I, size_t O);
+                              const float *in, const float *w, size_t B, size_t in_dim, size_t out_dim);
 
 /* ---- conv2d, NHWC, square kernel K, stride, zero padding pad ---- */
 typedef struct kdp_conv_shape {
@@ -109,6 +110,7 @@ typedef enum kdp_op_kind {
 } kdp_op_kind;
 
 typedef struct kdp_model kdp_model;
+#define KDP_STR_ARCH 256
 
 /* Input geometry of the data a model is built for. */
 typedef struct kdp_input_shape {
@@ -145,6 +147,10 @@ size_t kdp_model_n_tensors(const kdp_model *m);
 const char *kdp_model_tensor_name(const kdp_model *m, size_t i);
 size_t kdp_model_tensor_offset(const kdp_model *m, size_t i);
 size_t kdp_model_tensor_size(const kdp_model *m, size_t i);
+/* Named views into the buffers (BN running stats), e.g. "bn1.running_mean". */
+size_t kdp_model_n_buffer_tensors(const kdp_model *m);
+const char *kdp_model_buffer_name(const kdp_model *m, size_t i);
+size_t kdp_model_buffer_offset(const kdp_model *m, size_t i);
 
 size_t kdp_model_feature_dim(const kdp_model *m); /* d of the pooled penultimate features */
 size_t kdp_model_n_classes(const kdp_model *m);

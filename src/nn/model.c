@@ -1,1 +1,821 @@
-/* model.c: not written yet */
+/* model.c: models as a list of ops over activation buffers, built from arch strings (the zoo). */
+#include <ctype.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kdpeers/nn.h"
+
+#define MAX_OPS 512
+#define MAX_ACTS 513
+#define MAX_TENSORS 1024
+#define NONE ((size_t)-1)
+
+/* One activation: per-sample shape H x W x C (dense tensors have H = W = 1). */
+typedef struct act {
+  size_t H, W, C;
+  float *val;      /* max_batch x H x W x C; the input activation points at the caller's x */
+  float *grad;     /* same size; NULL for the input */
+  int last_reader; /* index of the last op that reads it (backward zeroes grad before that op) */
+} act;
+
+typedef struct op {
+  kdp_op_kind kind;
+  int in, in2, out;     /* activation ids (in2 for ADD) */
+  size_t w, b;          /* param offsets or NONE (BN: w = gamma, b = beta) */
+  size_t rm, rv;        /* BN running mean / var offsets in buffers */
+  size_t K, stride, pad;
+  float p;              /* dropout probability */
+  kdp_conv_shape cs;    /* conv: B filled per call */
+  float *xhat, *invstd; /* BN caches */
+  float *mask;          /* dropout */
+  int32_t *argmax;      /* maxpool */
+  size_t fan_in;
+} op;
+
+typedef struct tensor {
+  char name[64];
+  size_t off, size, fan_in;
+  int kind; /* 0 weight/bias (uniform init), 1 BN gamma (ones), 2 BN beta (zeros) */
+} tensor;
+
+struct kdp_model {
+  char arch[KDP_STR_ARCH];
+  kdp_input_shape in;
+  size_t max_batch, B;
+  op ops[MAX_OPS];
+  int n_ops;
+  act acts[MAX_ACTS];
+  int n_acts;
+  tensor tensors[MAX_TENSORS];
+  size_t n_tensors, n_params, n_buffers;
+  char buffer_names[MAX_TENSORS / 2][64];
+  size_t buffer_offs[MAX_TENSORS / 2], n_buffer_tensors;
+  float *params, *grads, *buffers;
+  float *scratch;
+  size_t scratch_floats;
+  int feature_act, logits_act;
+  int naive, last_train;
+  double flops;
+  int build_failed;
+};
+
+/* ---------------- building ---------------- */
+
+static int new_act(kdp_model *m, size_t H, size_t W, size_t C) {
+  if (m->n_acts >= MAX_ACTS) {
+    m->build_failed = 1;
+    return 0;
+  }
+  act *a = &m->acts[m->n_acts];
+  memset(a, 0, sizeof *a);
+  a->H = H;
+  a->W = W;
+  a->C = C;
+  a->last_reader = -1;
+  return m->n_acts++;
+}
+
+static op *new_op(kdp_model *m, kdp_op_kind kind, int in) {
+  if (m->n_ops >= MAX_OPS) {
+    m->build_failed = 1;
+    return &m->ops[MAX_OPS - 1];
+  }
+  op *o = &m->ops[m->n_ops];
+  memset(o, 0, sizeof *o);
+  o->kind = kind;
+  o->in = in;
+  o->in2 = -1;
+  o->w = o->b = o->rm = o->rv = NONE;
+  m->acts[in].last_reader = m->n_ops;
+  m->n_ops++;
+  return o;
+}
+
+static size_t add_tensor(kdp_model *m, const char *prefix, const char *suffix, size_t size,
+                         size_t fan_in, int kind) {
+  if (m->n_tensors >= MAX_TENSORS) {
+    m->build_failed = 1;
+    return 0;
+  }
+  tensor *t = &m->tensors[m->n_tensors++];
+  snprintf(t->name, sizeof t->name, "%s%s%s", prefix, *prefix ? "." : "", suffix);
+  t->off = m->n_params;
+  t->size = size;
+  t->fan_in = fan_in;
+  t->kind = kind;
+  m->n_params += size;
+  return t->off;
+}
+
+static size_t add_buffer(kdp_model *m, const char *prefix, const char *suffix, size_t size) {
+  size_t k = m->n_buffer_tensors;
+  if (k >= MAX_TENSORS / 2) {
+    m->build_failed = 1;
+    return 0;
+  }
+  snprintf(m->buffer_names[k], sizeof m->buffer_names[k], "%s.%s", prefix, suffix);
+  m->buffer_offs[k] = m->n_buffers;
+  m->n_buffer_tensors++;
+  m->n_buffers += size;
+  return m->buffer_offs[k];
+}
+
+static int b_conv(kdp_model *m, int in, size_t cout, size_t k, size_t stride, size_t pad,
+                  int bias, const char *name) {
+  act *a = &m->acts[in];
+  kdp_conv_shape cs = {.B = 1, .H = a->H, .W = a->W, .Cin = a->C, .Cout = cout, .K = k,
+                       .stride = stride, .pad = pad};
+  kdp_conv_shape_init(&cs);
+  if (cs.OH == 0 || cs.OW == 0 || a->H + 2 * pad < k || a->W + 2 * pad < k) {
+    m->build_failed = 1;
+    return in;
+  }
+  int out = new_act(m, cs.OH, cs.OW, cout);
+  op *o = new_op(m, KDP_OP_CONV, in);
+  o->out = out;
+  o->cs = cs;
+  o->fan_in = a->C * k * k;
+  o->w = add_tensor(m, name, "weight", cout * k * k * a->C, o->fan_in, 0);
+  if (bias) o->b = add_tensor(m, name, "bias", cout, o->fan_in, 0);
+  m->flops += 2.0 * (double)(cs.OH * cs.OW * cout) * (double)o->fan_in;
+  return out;
+}
+
+static int b_dense(kdp_model *m, int in, size_t outd, const char *name) {
+  act *a = &m->acts[in];
+  size_t ind = a->H * a->W * a->C;
+  int out = new_act(m, 1, 1, outd);
+  op *o = new_op(m, KDP_OP_DENSE, in);
+  o->out = out;
+  o->fan_in = ind;
+  o->w = add_tensor(m, name, "weight", outd * ind, ind, 0);
+  o->b = add_tensor(m, name, "bias", outd, ind, 0);
+  m->flops += 2.0 * (double)ind * (double)outd;
+  return out;
+}
+
+static int b_bn(kdp_model *m, int in, const char *name) {
+  act *a = &m->acts[in];
+  int out = new_act(m, a->H, a->W, a->C);
+  op *o = new_op(m, KDP_OP_BN, in);
+  o->out = out;
+  o->w = add_tensor(m, name, "weight", a->C, 0, 1);
+  o->b = add_tensor(m, name, "bias", a->C, 0, 2);
+  o->rm = add_buffer(m, name, "running_mean", a->C);
+  o->rv = add_buffer(m, name, "running_var", a->C);
+  return out;
+}
+
+static int b_simple(kdp_model *m, kdp_op_kind kind, int in) {
+  act *a = &m->acts[in];
+  int out;
+  if (kind == KDP_OP_GAP || kind == KDP_OP_FLATTEN)
+    out = new_act(m, 1, 1, kind == KDP_OP_GAP ? a->C : a->H * a->W * a->C);
+  else
+    out = new_act(m, a->H, a->W, a->C);
+  op *o = new_op(m, kind, in);
+  o->out = out;
+  return out;
+}
+
+static int b_dropout(kdp_model *m, int in, float p) {
+  int out = b_simple(m, KDP_OP_DROPOUT, in);
+  m->ops[m->n_ops - 1].p = p;
+  return out;
+}
+
+static int b_pool(kdp_model *m, kdp_op_kind kind, int in, size_t k, size_t stride, size_t pad) {
+  act *a = &m->acts[in];
+  if (a->H + 2 * pad < k || a->W + 2 * pad < k || stride == 0 || 2 * pad > k) {
+    m->build_failed = 1;
+    return in;
+  }
+  size_t OH = (a->H + 2 * pad - k) / stride + 1, OW = (a->W + 2 * pad - k) / stride + 1;
+  int out = new_act(m, OH, OW, a->C);
+  op *o = new_op(m, kind, in);
+  o->out = out;
+  o->K = k;
+  o->stride = stride;
+  o->pad = pad;
+  return out;
+}
+
+static int b_add(kdp_model *m, int a, int b) {
+  act *x = &m->acts[a];
+  int out = new_act(m, x->H, x->W, x->C);
+  op *o = new_op(m, KDP_OP_ADD, a);
+  o->in2 = b;
+  o->out = out;
+  m->acts[b].last_reader = m->n_ops - 1;
+  return out;
+}
+
+static int b_shortcut_a(kdp_model *m, int in, size_t cout, size_t stride) {
+  act *a = &m->acts[in];
+  size_t OH = (a->H + stride - 1) / stride, OW = (a->W + stride - 1) / stride;
+  int out = new_act(m, OH, OW, cout);
+  op *o = new_op(m, KDP_OP_SHORTCUT_A, in);
+  o->out = out;
+  o->stride = stride;
+  return out;
+}
+
+/* CIFAR ResNet basic block (He et al. 2016, option A shortcuts). */
+static int resnet_block(kdp_model *m, int x, size_t planes, size_t stride, const char *name) {
+  char n1[64], n2[64];
+  snprintf(n1, sizeof n1, "%s.conv1", name);
+  int h = b_conv(m, x, planes, 3, stride, 1, 0, n1);
+  snprintf(n1, sizeof n1, "%s.bn1", name);
+  h = b_bn(m, h, n1);
+  h = b_simple(m, KDP_OP_RELU, h);
+  snprintf(n2, sizeof n2, "%s.conv2", name);
+  h = b_conv(m, h, planes, 3, 1, 1, 0, n2);
+  snprintf(n2, sizeof n2, "%s.bn2", name);
+  h = b_bn(m, h, n2);
+  int sc = x;
+  if (stride != 1 || m->acts[x].C != planes) sc = b_shortcut_a(m, x, planes, stride);
+  h = b_add(m, h, sc);
+  return b_simple(m, KDP_OP_RELU, h);
+}
+
+static void build_resnet(kdp_model *m, int x, int depth) {
+  int n = (depth - 2) / 6;
+  int h = b_conv(m, x, 16, 3, 1, 1, 0, "conv1");
+  h = b_bn(m, h, "bn1");
+  h = b_simple(m, KDP_OP_RELU, h);
+  size_t planes[3] = {16, 32, 64};
+  for (int s = 0; s < 3; s++)
+    for (int i = 0; i < n; i++) {
+      char name[32];
+      snprintf(name, sizeof name, "layer%d.%d", s + 1, i);
+      h = resnet_block(m, h, planes[s], (s > 0 && i == 0) ? 2 : 1, name);
+    }
+  h = b_simple(m, KDP_OP_GAP, h);
+  m->feature_act = h;
+  m->logits_act = b_dense(m, h, m->in.n_classes, "fc");
+}
+
+/* Wide ResNet (Zagoruyko & Komodakis 2016): pre-activation blocks, 1x1 conv shortcut when the
+   shape changes, applied to the block's bn-relu'd input as in the reference code. */
+static void build_wrn(kdp_model *m, int x, int depth, int widen) {
+  int n = (depth - 4) / 6;
+  size_t widths[4] = {16, 16 * (size_t)widen, 32 * (size_t)widen, 64 * (size_t)widen};
+  int h = b_conv(m, x, widths[0], 3, 1, 1, 0, "conv1");
+  for (int s = 0; s < 3; s++)
+    for (int i = 0; i < n; i++) {
+      char name[32], t[64];
+      snprintf(name, sizeof name, "block%d.layer.%d", s + 1, i);
+      size_t stride = (s > 0 && i == 0) ? 2 : 1;
+      size_t outc = widths[s + 1];
+      int equal = m->acts[h].C == outc && stride == 1;
+      snprintf(t, sizeof t, "%s.bn1", name);
+      int a = b_bn(m, h, t);
+      a = b_simple(m, KDP_OP_RELU, a);
+      snprintf(t, sizeof t, "%s.conv1", name);
+      int c = b_conv(m, a, outc, 3, stride, 1, 0, t);
+      snprintf(t, sizeof t, "%s.bn2", name);
+      c = b_bn(m, c, t);
+      c = b_simple(m, KDP_OP_RELU, c);
+      snprintf(t, sizeof t, "%s.conv2", name);
+      c = b_conv(m, c, outc, 3, 1, 1, 0, t);
+      int sc = h;
+      if (!equal) {
+        snprintf(t, sizeof t, "%s.convShortcut", name);
+        sc = b_conv(m, a, outc, 1, stride, 0, 0, t);
+      }
+      h = b_add(m, c, sc);
+    }
+  h = b_bn(m, h, "bn1");
+  h = b_simple(m, KDP_OP_RELU, h);
+  h = b_simple(m, KDP_OP_GAP, h);
+  m->feature_act = h;
+  m->logits_act = b_dense(m, h, m->in.n_classes, "fc");
+}
+
+static void build_cnn(kdp_model *m, int x) {
+  int h = b_conv(m, x, 32, 3, 1, 1, 1, "conv1");
+  h = b_bn(m, h, "bn1");
+  h = b_simple(m, KDP_OP_RELU, h);
+  h = b_pool(m, KDP_OP_MAXPOOL, h, 2, 2, 0);
+  h = b_conv(m, h, 64, 3, 1, 1, 1, "conv2");
+  h = b_bn(m, h, "bn2");
+  h = b_simple(m, KDP_OP_RELU, h);
+  h = b_pool(m, KDP_OP_MAXPOOL, h, 2, 2, 0);
+  h = b_simple(m, KDP_OP_FLATTEN, h);
+  h = b_dense(m, h, 128, "fc1");
+  h = b_simple(m, KDP_OP_RELU, h);
+  m->feature_act = h;
+  m->logits_act = b_dense(m, h, m->in.n_classes, "fc2");
+}
+
+/* Parses a comma-separated list of positive integers inside "(...)"; returns count or -1. */
+static int parse_int_list(const char *s, long *out, int max) {
+  int n = 0;
+  while (*s) {
+    while (*s == ' ') s++;
+    if (!isdigit((unsigned char)*s)) return -1;
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (n >= max || v <= 0 || v > 1000000) return -1;
+    out[n++] = v;
+    s = end;
+    while (*s == ' ') s++;
+    if (*s == ',') {
+      s++;
+      if (!*s) return -1;
+    } else if (*s) {
+      return -1;
+    }
+  }
+  return n;
+}
+
+static int build_mlp(kdp_model *m, int x, const char *args, kdp_error *err) {
+  long h[32];
+  int n = parse_int_list(args, h, 32);
+  if (n < 0)
+    return kdp_fail(err, KDP_EINVAL,
+                    "model arch 'mlp(%s)': expected a list of positive hidden sizes, e.g. "
+                    "mlp(512,256)",
+                    args);
+  int a = b_simple(m, KDP_OP_FLATTEN, x);
+  for (int i = 0; i < n; i++) {
+    char name[16];
+    snprintf(name, sizeof name, "fc%d", i + 1);
+    a = b_dense(m, a, (size_t)h[i], name);
+    a = b_simple(m, KDP_OP_RELU, a);
+  }
+  char name[16];
+  snprintf(name, sizeof name, "fc%d", n + 1);
+  m->feature_act = a;
+  m->logits_act = b_dense(m, a, m->in.n_classes, name);
+  return 0;
+}
+
+/* seq:conv(c,k[,s[,p]]),bn,relu,maxpool(k[,s]),avgpool(k[,s[,p]]),gap,flatten,dropout(p),dense(o)
+   A final dense(n_classes) is appended unless the spec ends with dense(n_classes). */
+static int build_seq(kdp_model *m, int x, const char *spec, kdp_error *err) {
+  int h = x, idx = 0;
+  const char *s = spec;
+  int last_dense_in = -1, last_is_dense = 0;
+  while (*s) {
+    char item[128];
+    size_t len = 0;
+    int depth = 0;
+    while (s[len] && (depth > 0 || s[len] != ',')) {
+      if (s[len] == '(') depth++;
+      if (s[len] == ')') depth--;
+      len++;
+    }
+    if (len == 0 || len >= sizeof item || depth != 0)
+      return kdp_fail(err, KDP_EINVAL, "model arch 'seq:%s': malformed item near '%.20s'", spec,
+                      s);
+    memcpy(item, s, len);
+    item[len] = 0;
+    s += len;
+    if (*s == ',') s++;
+    char name[16];
+    snprintf(name, sizeof name, "%d", idx++);
+    char *paren = strchr(item, '(');
+    long a[4] = {0, 0, 0, 0};
+    int na = 0;
+    double pd = 0;
+    if (paren) {
+      size_t alen = strlen(paren + 1);
+      if (alen == 0 || paren[alen] != ')')
+        return kdp_fail(err, KDP_EINVAL, "model arch 'seq:%s': item '%s' lacks ')'", spec, item);
+      paren[alen] = 0;
+      *paren = 0;
+      if (strcmp(item, "dropout") == 0) {
+        char *end;
+        pd = strtod(paren + 1, &end);
+        if (*end || pd < 0 || pd >= 1)
+          return kdp_fail(err, KDP_EINVAL,
+                          "model arch 'seq:%s': dropout(p) needs 0 <= p < 1, got '%s'", spec,
+                          paren + 1);
+      } else {
+        na = parse_int_list(paren + 1, a, 4);
+        if (na < 0)
+          return kdp_fail(err, KDP_EINVAL,
+                          "model arch 'seq:%s': '%s(%s)' needs positive integer arguments", spec,
+                          item, paren + 1);
+      }
+    }
+    size_t flat = m->acts[h].H * m->acts[h].W * m->acts[h].C;
+    (void)flat;
+    last_is_dense = 0;
+    if (strcmp(item, "conv") == 0 && na >= 2) {
+      /* conv(c, k[, stride[, pad]]); pad defaults to k/2 ("same" for odd k) */
+      size_t st = na >= 3 ? (size_t)a[2] : 1, pad = na >= 4 ? (size_t)a[3] : (size_t)a[1] / 2;
+      if (na >= 4 && a[3] == 0) pad = 0;
+      h = b_conv(m, h, (size_t)a[0], (size_t)a[1], st, pad, 1, name);
+    } else if (strcmp(item, "convp0") == 0 && na >= 2) {
+      h = b_conv(m, h, (size_t)a[0], (size_t)a[1], na >= 3 ? (size_t)a[2] : 1, 0, 1, name);
+    } else if (strcmp(item, "bn") == 0 && !paren) {
+      h = b_bn(m, h, name);
+    } else if (strcmp(item, "relu") == 0 && !paren) {
+      h = b_simple(m, KDP_OP_RELU, h);
+    } else if (strcmp(item, "maxpool") == 0 && na >= 1) {
+      h = b_pool(m, KDP_OP_MAXPOOL, h, (size_t)a[0], na >= 2 ? (size_t)a[1] : (size_t)a[0], 0);
+    } else if (strcmp(item, "avgpool") == 0 && na >= 1) {
+      h = b_pool(m, KDP_OP_AVGPOOL, h, (size_t)a[0], na >= 2 ? (size_t)a[1] : (size_t)a[0],
+                 na >= 3 ? (size_t)a[2] : 0);
+    } else if (strcmp(item, "gap") == 0 && !paren) {
+      h = b_simple(m, KDP_OP_GAP, h);
+    } else if (strcmp(item, "flatten") == 0 && !paren) {
+      h = b_simple(m, KDP_OP_FLATTEN, h);
+    } else if (strcmp(item, "dropout") == 0 && paren) {
+      h = b_dropout(m, h, (float)pd);
+    } else if (strcmp(item, "dense") == 0 && na == 1) {
+      if (m->acts[h].H * m->acts[h].W > 1 && m->acts[h].C > 1) h = b_simple(m, KDP_OP_FLATTEN, h);
+      last_dense_in = h;
+      h = b_dense(m, h, (size_t)a[0], name);
+      last_is_dense = 1;
+    } else {
+      return kdp_fail(err, KDP_EINVAL,
+                      "model arch 'seq:%s': unknown or malformed item '%s' (known: conv(c,k[,s[,p]]), "
+                      "bn, relu, maxpool(k[,s]), avgpool(k[,s[,p]]), gap, flatten, dropout(p), "
+                      "dense(n))",
+                      spec, item);
+    }
+    if (m->build_failed)
+      return kdp_fail(err, KDP_EINVAL,
+                      "model arch 'seq:%s': item %d does not fit the %zux%zux%zu tensor it gets",
+                      spec, idx - 1, m->acts[h].H, m->acts[h].W, m->acts[h].C);
+  }
+  if (!last_is_dense || m->acts[h].C != m->in.n_classes) {
+    if (m->acts[h].H * m->acts[h].W > 1) h = b_simple(m, KDP_OP_FLATTEN, h);
+    last_dense_in = h;
+    char name[16];
+    snprintf(name, sizeof name, "%d", idx);
+    h = b_dense(m, h, m->in.n_classes, name);
+  }
+  m->feature_act = last_dense_in;
+  m->logits_act = h;
+  return 0;
+}
+
+static void model_alloc(kdp_model *m) {
+  size_t Bm = m->max_batch;
+  m->params = kdp_falloc(m->n_params);
+  m->grads = kdp_falloc(m->n_params);
+  m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
+  for (int i = 1; i < m->n_acts; i++) {
+    act *a = &m->acts[i];
+    size_t n = Bm * a->H * a->W * a->C;
+    a->val = kdp_falloc(n);
+    a->grad = kdp_falloc(n);
+  }
+  m->scratch_floats = 0;
+  for (int i = 0; i < m->n_ops; i++) {
+    op *o = &m->ops[i];
+    act *in = &m->acts[o->in];
+    size_t n_in = Bm * in->H * in->W * in->C;
+    size_t n_out = Bm * m->acts[o->out].H * m->acts[o->out].W * m->acts[o->out].C;
+    switch (o->kind) {
+      case KDP_OP_CONV: {
+        kdp_conv_shape cs = o->cs;
+        cs.B = Bm;
+        size_t s = kdp_conv_scratch_floats(&cs);
+        if (s > m->scratch_floats) m->scratch_floats = s;
+        break;
+      }
+      case KDP_OP_BN:
+        o->xhat = kdp_falloc(n_in);
+        o->invstd = kdp_falloc(in->C);
+        break;
+      case KDP_OP_DROPOUT:
+        o->mask = kdp_falloc(n_in);
+        break;
+      case KDP_OP_MAXPOOL:
+        o->argmax = kdp_xcalloc(n_out, sizeof(int32_t));
+        break;
+      default:
+        break;
+    }
+  }
+  m->scratch = kdp_falloc(m->scratch_floats ? m->scratch_floats : 1);
+}
+
+int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                     kdp_error *err) {
+  *out = NULL;
+  if (!arch || strlen(arch) >= KDP_STR_ARCH)
+    return kdp_fail(err, KDP_EINVAL, "model arch is empty or longer than %d characters",
+                    KDP_STR_ARCH - 1);
+  if (in.H == 0 || in.W == 0 || in.C == 0 || in.n_classes < 2 || max_batch == 0)
+    return kdp_fail(err, KDP_EINVAL,
+                    "model '%s': bad input shape %zux%zux%zu, %zu classes, batch %zu", arch, in.H,
+                    in.W, in.C, in.n_classes, max_batch);
+  kdp_model *m = kdp_xcalloc(1, sizeof *m);
+  snprintf(m->arch, sizeof m->arch, "%s", arch);
+  m->in = in;
+  m->max_batch = max_batch;
+  m->feature_act = m->logits_act = -1;
+  int x = new_act(m, in.H, in.W, in.C);
+  int rc = 0;
+  size_t alen = strlen(arch);
+  int depth = 0, widen = 0;
+  char tail;
+  if (strncmp(arch, "mlp(", 4) == 0 && arch[alen - 1] == ')') {
+    char args[KDP_STR_ARCH];
+    snprintf(args, sizeof args, "%.*s", (int)(alen - 5), arch + 4);
+    rc = build_mlp(m, x, args, err);
+  } else if (strcmp(arch, "cnn") == 0) {
+    build_cnn(m, x);
+  } else if (sscanf(arch, "resnet%d%c", &depth, &tail) == 1) {
+    if (depth < 8 || (depth - 2) % 6 != 0)
+      rc = kdp_fail(err, KDP_EINVAL,
+                    "model arch '%s': CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110)", arch);
+    else
+      build_resnet(m, x, depth);
+  } else if (sscanf(arch, "wrn%d_%d%c", &depth, &widen, &tail) == 2) {
+    if (depth < 10 || (depth - 4) % 6 != 0 || widen < 1 || widen > 16)
+      rc = kdp_fail(err, KDP_EINVAL,
+                    "model arch '%s': wide ResNet needs depth 6n+4 (10, 16, 22, 28, 40) and "
+                    "width 1..16, e.g. wrn16_2",
+                    arch);
+    else
+      build_wrn(m, x, depth, widen);
+  } else if (strncmp(arch, "seq:", 4) == 0 && arch[4]) {
+    rc = build_seq(m, x, arch + 4, err);
+  } else {
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "unknown model arch '%s': expected mlp(h1,h2,...), cnn, resnet20|32|56|110, "
+                  "wrnD_K (e.g. wrn16_2) or seq:SPEC",
+                  arch);
+  }
+  if (rc == 0 && m->build_failed)
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "model arch '%s' does not fit %zux%zux%zu inputs (a layer's output would be "
+                  "empty) or is too large",
+                  arch, in.H, in.W, in.C);
+  if (rc != 0) {
+    free(m);
+    return rc;
+  }
+  model_alloc(m);
+  *out = m;
+  return 0;
+}
+
+void kdp_model_free(kdp_model *m) {
+  if (!m) return;
+  for (int i = 1; i < m->n_acts; i++) {
+    free(m->acts[i].val);
+    free(m->acts[i].grad);
+  }
+  for (int i = 0; i < m->n_ops; i++) {
+    free(m->ops[i].xhat);
+    free(m->ops[i].invstd);
+    free(m->ops[i].mask);
+    free(m->ops[i].argmax);
+  }
+  free(m->params);
+  free(m->grads);
+  free(m->buffers);
+  free(m->scratch);
+  free(m);
+}
+
+void kdp_model_init(kdp_model *m, kdp_rng *rng) {
+  for (size_t t = 0; t < m->n_tensors; t++) {
+    tensor *ts = &m->tensors[t];
+    float *p = m->params + ts->off;
+    if (ts->kind == 1) {
+      for (size_t i = 0; i < ts->size; i++) p[i] = 1.0f;
+    } else if (ts->kind == 2) {
+      memset(p, 0, ts->size * sizeof(float));
+    } else {
+      float bound = 1.0f / sqrtf((float)ts->fan_in);
+      for (size_t i = 0; i < ts->size; i++) p[i] = (2.0f * kdp_rng_uniform(rng) - 1.0f) * bound;
+    }
+  }
+  for (int i = 0; i < m->n_ops; i++) {
+    op *o = &m->ops[i];
+    if (o->kind != KDP_OP_BN) continue;
+    size_t C = m->acts[o->in].C;
+    for (size_t c = 0; c < C; c++) {
+      m->buffers[o->rm + c] = 0.0f;
+      m->buffers[o->rv + c] = 1.0f;
+    }
+  }
+  memset(m->grads, 0, m->n_params * sizeof(float));
+}
+
+size_t kdp_model_n_params(const kdp_model *m) { return m->n_params; }
+float *kdp_model_params(kdp_model *m) { return m->params; }
+float *kdp_model_grads(kdp_model *m) { return m->grads; }
+size_t kdp_model_n_buffers(const kdp_model *m) { return m->n_buffers; }
+float *kdp_model_buffers(kdp_model *m) { return m->buffers; }
+size_t kdp_model_n_tensors(const kdp_model *m) { return m->n_tensors; }
+const char *kdp_model_tensor_name(const kdp_model *m, size_t i) { return m->tensors[i].name; }
+size_t kdp_model_tensor_offset(const kdp_model *m, size_t i) { return m->tensors[i].off; }
+size_t kdp_model_tensor_size(const kdp_model *m, size_t i) { return m->tensors[i].size; }
+size_t kdp_model_n_buffer_tensors(const kdp_model *m) { return m->n_buffer_tensors; }
+const char *kdp_model_buffer_name(const kdp_model *m, size_t i) { return m->buffer_names[i]; }
+size_t kdp_model_buffer_offset(const kdp_model *m, size_t i) { return m->buffer_offs[i]; }
+size_t kdp_model_feature_dim(const kdp_model *m) {
+  const act *a = &m->acts[m->feature_act];
+  return a->H * a->W * a->C;
+}
+size_t kdp_model_n_classes(const kdp_model *m) { return m->in.n_classes; }
+double kdp_model_flops_per_sample(const kdp_model *m) { return m->flops; }
+const char *kdp_model_arch(const kdp_model *m) { return m->arch; }
+void kdp_model_set_naive(kdp_model *m, int naive) { m->naive = naive; }
+
+static const char *op_name(kdp_op_kind k) {
+  static const char *names[] = {"dense", "conv", "bn", "relu", "maxpool", "avgpool",
+                                "gap", "dropout", "flatten", "add", "shortcut_a"};
+  return names[k];
+}
+
+void kdp_model_describe(const kdp_model *m, FILE *f) {
+  fprintf(f, "model %s: %zu params, %zu buffers, %.1f MFLOP/sample forward, features %zu\n",
+          m->arch, m->n_params, m->n_buffers, m->flops * 1e-6, kdp_model_feature_dim(m));
+  for (int i = 0; i < m->n_ops; i++) {
+    const op *o = &m->ops[i];
+    const act *a = &m->acts[o->in], *b = &m->acts[o->out];
+    fprintf(f, "  %3d %-10s %zux%zux%zu -> %zux%zux%zu", i, op_name(o->kind), a->H, a->W, a->C,
+            b->H, b->W, b->C);
+    if (o->kind == KDP_OP_CONV)
+      fprintf(f, "  k%zu s%zu p%zu", o->cs.K, o->cs.stride, o->cs.pad);
+    if (o->kind == KDP_OP_MAXPOOL || o->kind == KDP_OP_AVGPOOL)
+      fprintf(f, "  k%zu s%zu p%zu", o->K, o->stride, o->pad);
+    if (o->kind == KDP_OP_DROPOUT) fprintf(f, "  p=%g", (double)o->p);
+    fputc('\n', f);
+  }
+}
+
+/* ---------------- forward / backward ---------------- */
+
+static size_t act_n(const kdp_model *m, int id, size_t B) {
+  const act *a = &m->acts[id];
+  return B * a->H * a->W * a->C;
+}
+
+const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng) {
+  if (B > m->max_batch) {
+    fprintf(stderr, "kdpeers: internal error: batch %zu > max_batch %zu for model %s\n", B,
+            m->max_batch, m->arch);
+    abort();
+  }
+  m->B = B;
+  m->last_train = train;
+  m->acts[0].val = (float *)x;
+  const float bn_eps = 1e-5f, bn_mom = 0.1f;
+  for (int i = 0; i < m->n_ops; i++) {
+    op *o = &m->ops[i];
+    act *a = &m->acts[o->in];
+    float *out = m->acts[o->out].val;
+    const float *in = a->val;
+    size_t n_in = act_n(m, o->in, B);
+    switch (o->kind) {
+      case KDP_OP_DENSE: {
+        size_t nI = a->H * a->W * a->C, nO = m->acts[o->out].C;
+        if (m->naive)
+          kdp_dense_forward_naive(out, in, m->params + o->w, m->params + o->b, B, nI, nO);
+        else
+          kdp_dense_forward(out, in, m->params + o->w, m->params + o->b, B, nI, nO);
+        break;
+      }
+      case KDP_OP_CONV: {
+        o->cs.B = B;
+        const float *bias = o->b != NONE ? m->params + o->b : NULL;
+        if (m->naive)
+          kdp_conv2d_forward_naive(out, in, m->params + o->w, bias, &o->cs);
+        else
+          kdp_conv2d_forward(out, in, m->params + o->w, bias, m->scratch, &o->cs);
+        break;
+      }
+      case KDP_OP_BN:
+        if (train)
+          kdp_bn_forward_train(out, o->xhat, o->invstd, m->buffers + o->rm, m->buffers + o->rv,
+                               in, m->params + o->w, m->params + o->b, B * a->H * a->W, a->C,
+                               bn_mom, bn_eps);
+        else
+          kdp_bn_forward_eval(out, in, m->params + o->w, m->params + o->b, m->buffers + o->rm,
+                              m->buffers + o->rv, B * a->H * a->W, a->C, bn_eps);
+        break;
+      case KDP_OP_RELU:
+        kdp_relu_forward(out, in, n_in);
+        break;
+      case KDP_OP_MAXPOOL:
+        kdp_maxpool_forward(out, o->argmax, in, B, a->H, a->W, a->C, o->K, o->stride, o->pad);
+        break;
+      case KDP_OP_AVGPOOL:
+        kdp_avgpool_forward(out, in, B, a->H, a->W, a->C, o->K, o->stride, o->pad);
+        break;
+      case KDP_OP_GAP:
+        kdp_gap_forward(out, in, B, a->H * a->W, a->C);
+        break;
+      case KDP_OP_DROPOUT:
+        if (train && o->p > 0)
+          kdp_dropout_forward(out, o->mask, in, n_in, o->p, rng);
+        else
+          memcpy(out, in, n_in * sizeof(float));
+        break;
+      case KDP_OP_FLATTEN:
+        kdp_flatten_forward(out, in, B, a->H, a->W, a->C);
+        break;
+      case KDP_OP_ADD:
+        kdp_add_forward(out, in, m->acts[o->in2].val, n_in);
+        break;
+      case KDP_OP_SHORTCUT_A:
+        kdp_shortcut_a_forward(out, in, B, a->H, a->W, a->C, m->acts[o->out].C, o->stride);
+        break;
+    }
+  }
+  return m->acts[m->logits_act].val;
+}
+
+const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_act].val; }
+
+void kdp_model_zero_grad(kdp_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
+
+/* Zeroes the input gradient of op i if op i is the last reader of that activation (the first
+   to write its gradient in backward order). */
+static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
+  act *a = &m->acts[act_id];
+  if (!a->grad) return NULL; /* the model input */
+  if (a->last_reader == op_idx) memset(a->grad, 0, act_n(m, act_id, B) * sizeof(float));
+  return a->grad;
+}
+
+void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
+  size_t B = m->B;
+  size_t nl = act_n(m, m->logits_act, B);
+  memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));
+  for (int i = m->n_ops - 1; i >= 0; i--) {
+    op *o = &m->ops[i];
+    act *a = &m->acts[o->in];
+    const float *dout = m->acts[o->out].grad;
+    if (o->out == m->feature_act && dfeatures) {
+      /* the features' gradient from the distillation loss joins before they are consumed */
+      float *g = m->acts[o->out].grad;
+      size_t n = act_n(m, o->out, B);
+      for (size_t k = 0; k < n; k++) g[k] += dfeatures[k];
+    }
+    float *din = din_for(m, i, o->in, B);
+    const float *in = a->val;
+    size_t n_in = act_n(m, o->in, B);
+    switch (o->kind) {
+      case KDP_OP_DENSE: {
+        size_t nI = a->H * a->W * a->C, nO = m->acts[o->out].C;
+        if (m->naive)
+          kdp_dense_backward_naive(din, m->grads + o->w, m->grads + o->b, dout, in,
+                                   m->params + o->w, B, nI, nO);
+        else
+          kdp_dense_backward(din, m->grads + o->w, m->grads + o->b, dout, in, m->params + o->w, B,
+                             nI, nO);
+        break;
+      }
+      case KDP_OP_CONV: {
+        o->cs.B = B;
+        float *db = o->b != NONE ? m->grads + o->b : NULL;
+        if (m->naive)
+          kdp_conv2d_backward_naive(din, m->grads + o->w, db, dout, in, m->params + o->w, &o->cs);
+        else
+          kdp_conv2d_backward(din, m->grads + o->w, db, dout, in, m->params + o->w, m->scratch,
+                              &o->cs);
+        break;
+      }
+      case KDP_OP_BN:
+        kdp_bn_backward(din, m->grads + o->w, m->grads + o->b, dout, o->xhat, o->invstd,
+                        m->params + o->w, B * a->H * a->W, a->C);
+        break;
+      case KDP_OP_RELU:
+        if (din) kdp_relu_backward(din, dout, m->acts[o->out].val, n_in);
+        break;
+      case KDP_OP_MAXPOOL:
+        if (din) kdp_maxpool_backward(din, dout, o->argmax, act_n(m, o->out, B));
+        break;
+      case KDP_OP_AVGPOOL:
+        if (din) kdp_avgpool_backward(din, dout, B, a->H, a->W, a->C, o->K, o->stride, o->pad);
+        break;
+      case KDP_OP_GAP:
+        if (din) kdp_gap_backward(din, dout, B, a->H * a->W, a->C);
+        break;
+      case KDP_OP_DROPOUT:
+        if (!din) break;
+        if (m->last_train && o->p > 0)
+          kdp_dropout_backward(din, dout, o->mask, n_in);
+        else
+          for (size_t k = 0; k < n_in; k++) din[k] += dout[k];
+        break;
+      case KDP_OP_FLATTEN:
+        if (din) kdp_flatten_backward(din, dout, B, a->H, a->W, a->C);
+        break;
+      case KDP_OP_ADD: {
+        float *din2 = din_for(m, i, o->in2, B);
+        kdp_add_backward(din, din2, dout, n_in);
+        break;
+      }
+      case KDP_OP_SHORTCUT_A:
+        if (din)
+          kdp_shortcut_a_backward(din, dout, B, a->H, a->W, a->C, m->acts[o->out].C, o->stride);
+        break;
+    }
+  }
+}

@@ -1,1 +1,385 @@
-/* train.c: not written yet */
+/* train.c: the step loop: batches, forward, distillation loss, backward, allreduce, SGD, eval. */
+#include "kdpeers/train.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kdpeers/data.h"
+#include "kdpeers/kd.h"
+#include "kdpeers/nn.h"
+#include "train_internal.h"
+
+#define EVAL_BATCH 500
+
+int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d) {
+  if (cfg->threads > 0) return cfg->threads;
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  int local = d->local_size > 0 ? d->local_size : 1;
+  int t = (int)(cores / local);
+  return t < 1 ? 1 : t;
+}
+
+static int mkdir_p(const char *path, kdp_error *err) {
+  char buf[KDP_PATH];
+  snprintf(buf, sizeof buf, "%s", path);
+  for (char *p = buf + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = 0;
+    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+      return kdp_fail(err, KDP_EIO, "cannot create directory '%s': %s", buf, strerror(errno));
+    *p = '/';
+  }
+  if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+    return kdp_fail(err, KDP_EIO, "cannot create run.dir '%s': %s (set run.dir to a writable folder)",
+                    buf, strerror(errno));
+  return 0;
+}
+
+/* Splits a comma-separated list of paths in place. */
+static size_t split_paths(char *s, const char **out, size_t max) {
+  size_t n = 0;
+  for (char *tok = strtok(s, ","); tok && n < max; tok = strtok(NULL, ",")) {
+    while (*tok == ' ') tok++;
+    out[n++] = tok;
+  }
+  return n;
+}
+
+int kdp_train_load_data(const kdp_config *cfg, kdp_dataset *train, kdp_dataset *test,
+                        kdp_error *err) {
+  memset(train, 0, sizeof *train);
+  memset(test, 0, sizeof *test);
+  int rc;
+  if (strcmp(cfg->format, "idx") == 0) {
+    rc = kdp_idx_load(train, cfg->train_images, cfg->train_labels, err);
+    if (rc == 0) rc = kdp_idx_load(test, cfg->test_images, cfg->test_labels, err);
+  } else {
+    int c100 = strcmp(cfg->format, "cifar100") == 0;
+    char a[KDP_PATH], b[KDP_PATH];
+    const char *pa[16], *pb[16];
+    snprintf(a, sizeof a, "%s", cfg->train_images);
+    snprintf(b, sizeof b, "%s", cfg->test_images);
+    size_t na = split_paths(a, pa, 16), nb = split_paths(b, pb, 16);
+    rc = kdp_cifar_load(train, pa, na, c100, err);
+    if (rc == 0) rc = kdp_cifar_load(test, pb, nb, c100, err);
+  }
+  if (rc != 0) {
+    kdp_dataset_free(train);
+    kdp_dataset_free(test);
+    return rc;
+  }
+  if (train->H != test->H || train->W != test->W || train->C != test->C)
+    return kdp_fail(err, KDP_EFORMAT,
+                    "training images are %zux%zux%zu but test images are %zux%zux%zu: data.* files "
+                    "must come from the same dataset",
+                    train->H, train->W, train->C, test->H, test->W, test->C);
+  if (train->n_classes < test->n_classes) train->n_classes = test->n_classes;
+  test->n_classes = train->n_classes;
+  if (cfg->subset > 0) kdp_dataset_subset(train, (size_t)cfg->subset);
+  if (cfg->test_subset > 0) kdp_dataset_subset(test, (size_t)cfg->test_subset);
+  if (cfg->label_noise > 0) kdp_dataset_label_noise(train, cfg->label_noise, cfg->noise_seed);
+  return 0;
+}
+
+static double peak_rss_mb(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (double)ru.ru_maxrss / 1024.0;
+}
+
+/* ---------------- evaluation ---------------- */
+
+/* Evaluates every peer on the test set (split over the ranks of a peer), the mean-of-probabilities
+   ensemble over the cohort, and the method's teacher when it has one. */
+static void evaluate(kdp_trainer *t, int64_t step, double epoch) {
+  const kdp_dataset *ds = &t->test;
+  kdp_dist *d = t->d;
+  size_t C = t->C;
+  size_t n = ds->n;
+  /* this rank's share of the test set */
+  size_t lo = n * (size_t)d->slice / (size_t)d->ranks_per_peer;
+  size_t hi = n * (size_t)(d->slice + 1) / (size_t)d->ranks_per_peer;
+  /* sums: [0] peer loss, [1] peer correct, [2] ens loss, [3] ens correct, [4] teacher loss,
+     [5] teacher correct */
+  double s[6] = {0, 0, 0, 0, 0, 0};
+  float *prob = kdp_falloc(EVAL_BATCH * C);
+  float *ens = kdp_falloc(EVAL_BATCH * C);
+  for (size_t first = lo; first < hi; first += EVAL_BATCH) {
+    size_t b = hi - first < EVAL_BATCH ? hi - first : EVAL_BATCH;
+    /* every cohort member must take part in each allreduce: pad to the cohort's batch count */
+    kdp_dataset_get(ds, first, b, t->mean, t->std, t->xbuf, t->ybuf);
+    const float *z = kdp_model_forward(t->model, t->xbuf, b, 0, NULL);
+    size_t correct = 0;
+    s[0] += kdp_ce_loss(z, t->ybuf, b, C, NULL, 0, &correct) * (double)b;
+    s[1] += (double)correct;
+    kdp_softmax_t(prob, z, b, C, 1.0f);
+    if (t->P > 1) {
+      memcpy(ens, prob, b * C * sizeof(float));
+      kdp_dist_cohort_allreduce(d, ens, b * C);
+      double l = 0;
+      size_t c = 0;
+      for (size_t i = 0; i < b; i++) {
+        const float *p = ens + i * C;
+        size_t am = 0;
+        for (size_t k = 1; k < C; k++)
+          if (p[k] > p[am]) am = k;
+        c += am == (size_t)t->ybuf[i];
+        double q = p[t->ybuf[i]] / (double)t->P;
+        l -= log(q > 1e-30 ? q : 1e-30);
+      }
+      s[2] += l;
+      s[3] += (double)c;
+    }
+    if (t->teacher_eval) {
+      double tl = 0;
+      size_t tc = 0;
+      t->teacher_eval(t, z, b, &tl, &tc);
+      s[4] += tl;
+      s[5] += (double)tc;
+    }
+  }
+  free(prob);
+  free(ens);
+  kdp_dist_peer_allreduce_f64(d, s, 6);
+  /* gather every peer's (loss, acc) on the cohort */
+  double *all = kdp_xcalloc((size_t)t->P * 2, sizeof(double));
+  all[2 * d->peer] = s[0] / (double)n;
+  all[2 * d->peer + 1] = s[1] / (double)n;
+  kdp_dist_cohort_allreduce_f64(d, all, (size_t)t->P * 2);
+  if (t->is_root) {
+    char name[32];
+    for (int p = 0; p < t->P; p++) {
+      snprintf(name, sizeof name, "peer%d", p);
+      kdp_metrics_eval(t, step, epoch, name, all[2 * p + 1], all[2 * p]);
+    }
+    if (t->P > 1) kdp_metrics_eval(t, step, epoch, "ensemble", s[3] / (double)n, s[2] / (double)n);
+    if (t->teacher_eval)
+      kdp_metrics_eval(t, step, epoch, t->teacher_name, s[5] / (double)n, s[4] / (double)n);
+  }
+  free(all);
+}
+
+/* ---------------- the run ---------------- */
+
+int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
+  kdp_trainer T;
+  kdp_trainer *t = &T;
+  memset(t, 0, sizeof *t);
+  t->cfg = cfg;
+  t->d = d;
+  t->P = d->n_peers;
+  t->is_root = d->world_rank == 0;
+  openblas_set_num_threads(kdp_train_blas_threads(cfg, d));
+
+  int rc = 0;
+  int k = d->ranks_per_peer;
+  if (cfg->batch_size % k != 0)
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "optim.batch_size = %d is not divisible by run.ranks_per_peer = %d: each rank "
+                  "of a peer takes an equal slice of the batch",
+                  cfg->batch_size, k);
+  double t_load = kdp_now();
+  if (rc == 0) rc = kdp_train_load_data(cfg, &t->train, &t->test, err);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "another rank failed to load the data (see its message)");
+    return rc;
+  }
+  t_load = kdp_now() - t_load;
+  /* start-up agreement: config, dataset and layout */
+  rc = kdp_dist_agree(d, cfg, sizeof *cfg, "configuration", err);
+  if (rc == 0) {
+    uint64_t sig[6] = {t->train.n, t->test.n, t->train.H * 1000000 + t->train.W * 1000 + t->train.C,
+                       t->train.n_classes, 0, 0};
+    for (size_t i = 0; i < t->train.n; i += 997) sig[4] = sig[4] * 31 + t->train.labels[i];
+    for (size_t i = 0; i < t->train.n * t->train.H * t->train.W * t->train.C; i += 104729)
+      sig[5] = sig[5] * 131 + t->train.images[i];
+    rc = kdp_dist_agree(d, sig, sizeof sig, "dataset (sizes, labels or pixels)", err);
+  }
+  if (rc != 0) return rc;
+
+  t->C = t->train.n_classes;
+  t->Bg = (size_t)cfg->batch_size;
+  t->Bl = t->Bg / (size_t)k;
+  for (size_t c = 0; c < 3; c++) {
+    t->mean[c] = (float)cfg->mean[c];
+    t->std[c] = (float)cfg->std[c];
+  }
+  kdp_input_shape ish = {t->train.H, t->train.W, t->train.C, t->C};
+  size_t maxb = t->Bl > EVAL_BATCH ? t->Bl : EVAL_BATCH;
+  const char *arch = kdp_config_peer_arch(cfg, d->peer);
+  rc = kdp_model_create(&t->model, arch, ish, maxb, err);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank could not build its model");
+    kdp_dataset_free(&t->train);
+    kdp_dataset_free(&t->test);
+    return rc;
+  }
+  kdp_rng init_rng;
+  kdp_rng_seed(&init_rng, cfg->seed, KDP_STREAM_INIT + 16 * (uint64_t)d->peer);
+  kdp_model_init(t->model, &init_rng);
+  kdp_rng_seed(&t->dropout_rng, cfg->seed, KDP_STREAM_DROPOUT + 16 * (uint64_t)d->world_rank);
+  kdp_sgd_init(&t->opt, kdp_model_n_params(t->model), (float)cfg->momentum,
+               (float)cfg->weight_decay, cfg->nesterov);
+
+  kdp_batcher_init(&t->batcher, &t->train, t->Bg, cfg->seed, 1, 0);
+  t->batcher.augment = cfg->augment;
+  t->batcher.crop_pad = (size_t)cfg->crop_pad;
+  t->batcher.flip = cfg->flip;
+  for (int c = 0; c < 3; c++) {
+    t->batcher.mean[c] = t->mean[c];
+    t->batcher.std[c] = t->std[c];
+  }
+  rc = kdp_method_init(t, err);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank failed to set up the method");
+    goto done;
+  }
+
+  size_t spe = kdp_batcher_n_batches(&t->batcher);
+  t->steps_per_epoch = (int64_t)spe;
+  int64_t total = (int64_t)cfg->epochs * (int64_t)spe;
+  if (cfg->max_steps > 0 && cfg->max_steps < total) total = cfg->max_steps;
+  t->total_steps = total;
+  kdp_schedule sch = {0};
+  sch.kind = strcmp(cfg->schedule, "cosine") == 0      ? KDP_SCHEDULE_COSINE
+             : strcmp(cfg->schedule, "multistep") == 0 ? KDP_SCHEDULE_MULTISTEP
+                                                       : KDP_SCHEDULE_CONSTANT;
+  sch.base_lr = cfg->lr;
+  sch.total_steps = total;
+  sch.steps_per_epoch = (int64_t)spe;
+  sch.warmup_epochs = cfg->warmup_epochs;
+  sch.gamma = cfg->gamma;
+  int nm = kdp_config_milestones(cfg, sch.milestones, 16, err);
+  sch.n_milestones = nm > 0 ? nm : 0;
+
+  size_t isz = t->train.H * t->train.W * t->train.C;
+  t->xbuf = kdp_falloc((t->Bg > EVAL_BATCH ? t->Bg : EVAL_BATCH) * isz);
+  t->ybuf = kdp_xcalloc(t->Bg > EVAL_BATCH ? t->Bg : EVAL_BATCH, sizeof(int32_t));
+  t->dlogits = kdp_falloc(t->Bl * t->C);
+  t->dfeat = kdp_falloc(t->Bl * kdp_model_feature_dim(t->model));
+
+  if (t->is_root) {
+    rc = mkdir_p(cfg->dir, err);
+  }
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not create run.dir");
+    goto done;
+  }
+  if (t->is_root) {
+    rc = kdp_metrics_open(t, err);
+    if (rc == 0) kdp_progress_start(t, t_load);
+  }
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not open the metrics file");
+    goto done;
+  }
+
+  double train_time = 0, t_compute = 0;
+  double ex0 = d->t_exchange, ar0 = d->t_allreduce;
+  double run_loss = 0, run_kd = 0;
+  size_t run_correct = 0, run_n = 0;
+  float *params = kdp_model_params(t->model), *grads = kdp_model_grads(t->model);
+  size_t np = kdp_model_n_params(t->model);
+  for (int64_t step = 0; step < total; step++) {
+    double t0 = kdp_now();
+    size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
+    /* this rank's slice of the global batch */
+    size_t lo = bg * (size_t)d->slice / (size_t)k, hi = bg * (size_t)(d->slice + 1) / (size_t)k;
+    size_t bl = hi - lo;
+    const float *x = t->xbuf + lo * isz;
+    const int32_t *y = t->ybuf + lo;
+    double epoch_f = (double)step / (double)spe;
+    kdp_model_zero_grad(t->model);
+    double tc0 = kdp_now();
+    const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
+    t_compute += kdp_now() - tc0;
+    kdp_step_loss sl;
+    memset(t->dlogits, 0, bl * t->C * sizeof(float));
+    int need_feat = t->uses_features_grad;
+    if (need_feat) memset(t->dfeat, 0, bl * kdp_model_feature_dim(t->model) * sizeof(float));
+    /* hybrid: each rank's CE is the mean over its slice; scale by bl/bg so that the allreduced sum
+       is the mean over the global batch */
+    float scale = (float)bl / (float)bg;
+    kdp_method_step(t, z, y, bl, step, epoch_f, scale, &sl);
+    if (!isfinite(sl.ce) || !isfinite(sl.kd)) {
+      rc = kdp_fail(err, KDP_EDIVERGED,
+                    "divergence: peer %d, step %lld: the %s loss is %g. Lower optim.lr or "
+                    "kd.weight",
+                    d->peer, (long long)step, isfinite(sl.ce) ? "distillation" : "cross-entropy",
+                    isfinite(sl.ce) ? sl.kd : sl.ce);
+    }
+    if (!kdp_dist_all_ok(d, rc == 0)) {
+      if (rc == 0) rc = kdp_fail(err, KDP_EDIVERGED, "another rank diverged (see its message)");
+      break;
+    }
+    tc0 = kdp_now();
+    kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
+    t_compute += kdp_now() - tc0;
+    kdp_dist_peer_allreduce(d, grads, np);
+    kdp_method_after_backward(t);
+    double lr = kdp_schedule_lr(&sch, step) * t->lr_scale;
+    tc0 = kdp_now();
+    kdp_sgd_step(&t->opt, params, grads, (float)lr);
+    kdp_method_opt_step(t, (float)lr);
+    t_compute += kdp_now() - tc0;
+    train_time += kdp_now() - t0;
+    t->step = step + 1;
+
+    run_loss += sl.ce;
+    run_kd += sl.kd;
+    run_correct += sl.correct;
+    run_n += bl;
+    int end_of_epoch = (step + 1) % (int64_t)spe == 0;
+    int last = step + 1 == total;
+    if ((step + 1) % cfg->log_every == 0 || last || end_of_epoch) {
+      double s[4] = {run_loss, run_kd, (double)run_correct, (double)run_n};
+      kdp_dist_peer_allreduce_f64(d, s, 4);
+      if (t->is_root) {
+        double n_log = (double)(cfg->log_every);
+        int64_t in_window = (step + 1) % cfg->log_every;
+        if (in_window == 0) in_window = cfg->log_every;
+        (void)n_log;
+        kdp_progress_update(t, step + 1, epoch_f + 1.0 / (double)spe,
+                            s[0] / (double)in_window / (double)k, s[1] / (double)in_window / (double)k,
+                            s[3] > 0 ? s[2] / s[3] : 0, train_time, lr);
+      }
+      run_loss = run_kd = 0;
+      run_correct = run_n = 0;
+    }
+    int64_t ep_done = (step + 1) / (int64_t)spe;
+    if ((end_of_epoch && ep_done % cfg->eval_every == 0) || last) {
+      evaluate(t, step + 1, (double)(step + 1) / (double)spe);
+    }
+  }
+  if (rc == 0) {
+    kdp_summary sm = {0};
+    sm.steps = t->step;
+    sm.train_seconds = kdp_dist_max(d, train_time);
+    sm.compute_seconds = t_compute;
+    sm.exchange_seconds = d->t_exchange - ex0;
+    sm.allreduce_seconds = d->t_allreduce - ar0;
+    sm.peak_rss_mb = kdp_dist_max(d, peak_rss_mb());
+    sm.bytes_per_step = t->step > 0 ? d->bytes_exchanged / (double)t->step : 0;
+    if (t->is_root) kdp_metrics_summary(t, &sm);
+  }
+done:
+  if (t->is_root) kdp_metrics_close(t);
+  kdp_method_free(t);
+  kdp_sgd_free(&t->opt);
+  kdp_batcher_free(&t->batcher);
+  kdp_model_free(t->model);
+  kdp_dataset_free(&t->train);
+  kdp_dataset_free(&t->test);
+  free(t->xbuf);
+  free(t->ybuf);
+  free(t->dlogits);
+  free(t->dfeat);
+  return rc;
+}

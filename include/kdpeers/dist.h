@@ -1,0 +1,58 @@
+/* dist.h: the MPI layer: world/peer/cohort communicators, start-up agreement and the exchanges. */
+#ifndef KDPEERS_DIST_H
+#define KDPEERS_DIST_H
+
+#include "kdpeers/common.h"
+
+/*
+ * Layout: world size = P peers x k ranks_per_peer. World rank r belongs to peer r / k and holds
+ * slice r % k of each batch. The peer communicator joins the k ranks of one peer (gradient
+ * allreduce); the cohort communicator joins the P ranks that hold the same slice of the batch
+ * across all peers (logit/feature exchange). Cohort rank == peer index.
+ */
+typedef struct kdp_dist {
+  int world_rank, world_size;
+  int local_rank, local_size; /* on this node, from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) */
+  int ranks_per_peer;
+  int n_peers, peer, slice;   /* peer = cohort rank, slice = rank in the peer communicator */
+  void *world, *peer_comm, *cohort_comm, *node_comm; /* MPI_Comm, opaque outside src/dist */
+  double t_exchange, t_allreduce, t_wait; /* seconds spent, accumulated */
+  double bytes_exchanged;
+} kdp_dist;
+
+/* MPI_Init_thread (FUNNELED) unless already initialised. Safe to call once per process. */
+int kdp_dist_init_mpi(int *argc, char ***argv, kdp_error *err);
+void kdp_dist_finalize(void);
+/* Rank of this process in MPI_COMM_WORLD (0 when MPI is not initialised). */
+int kdp_dist_world_rank(void);
+/* Builds the communicators; fails clearly when world size is not divisible by ranks_per_peer. */
+int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err);
+void kdp_dist_free(kdp_dist *d);
+
+/* Every rank passes its bytes; fails on every rank (with the first differing rank and byte
+   offset in the message) unless all ranks hold identical bytes. what names the thing. */
+int kdp_dist_agree(kdp_dist *d, const void *buf, size_t n, const char *what, kdp_error *err);
+/* Logical AND of ok over the world (for "did every rank succeed?"). */
+int kdp_dist_all_ok(kdp_dist *d, int ok);
+
+/* Sum-allreduce in place over the peer communicator (data parallelism inside a peer). */
+void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n);
+/* Sum-allreduce in place over the cohort (replicated modules, ensemble probabilities). */
+void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n);
+void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n);
+void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n);
+/* Allgather n floats per cohort member into out (n_peers x n), cohort order. */
+void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t n);
+/* Allgatherv: counts[i] floats from member i, placed at displs[i]. */
+void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *out,
+                                const size_t *counts, const size_t *displs);
+/* Reduce-scatter over the cohort: in holds n_peers blocks of n floats (block j addressed to peer
+   j); out receives the sum over members of the block addressed to this peer. */
+void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, size_t n);
+/* Broadcast from world rank 0. */
+void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
+/* Max over world of a double (e.g. slowest rank's time). */
+double kdp_dist_max(kdp_dist *d, double v);
+void kdp_dist_barrier(kdp_dist *d);
+
+#endif

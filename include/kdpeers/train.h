@@ -1,0 +1,22 @@
+/* train.h: the training run: data, peers, the step loop, evaluation, metrics and progress output. */
+#ifndef KDPEERS_TRAIN_H
+#define KDPEERS_TRAIN_H
+
+#include "kdpeers/config.h"
+#include "kdpeers/dist.h"
+
+/* Runs the job described by cfg on the layout d (kdp_dist_setup done). Rank 0 prints progress and
+   writes run.dir/metrics.jsonl. Returns 0 or a negative code with err set (same on all ranks
+   where the failure is collective). */
+int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err);
+
+/* BLAS threads for this rank: cfg->threads, or cores / ranks on this node (at least 1). */
+/* Loads the train and test sets named by data.*, then applies subset, test_subset and label
+   noise. */
+struct kdp_dataset;
+int kdp_train_load_data(const kdp_config *cfg, struct kdp_dataset *train,
+                        struct kdp_dataset *test, kdp_error *err);
+
+int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d);
+
+#endif

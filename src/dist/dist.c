@@ -1,0 +1,227 @@
+/* dist.c: communicators, start-up agreement and collectives. The only file that calls MPI. */
+#include "kdpeers/dist.h"
+
+#include <mpi.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KDP_CHECK_MPI(call)                                                                    \
+  do {                                                                                         \
+    int rc_ = (call);                                                                          \
+    if (rc_ != MPI_SUCCESS) {                                                                  \
+      char s_[MPI_MAX_ERROR_STRING];                                                           \
+      int l_ = 0;                                                                              \
+      MPI_Error_string(rc_, s_, &l_);                                                          \
+      fprintf(stderr, "kdpeers: MPI call failed at %s:%d: %s: %s\n", __FILE__, __LINE__, #call, \
+              s_);                                                                             \
+      MPI_Abort(MPI_COMM_WORLD, 3);                                                            \
+    }                                                                                          \
+  } while (0)
+
+#define COMM(p) (*(MPI_Comm *)(p))
+
+static MPI_Comm *comm_box(MPI_Comm c) {
+  MPI_Comm *p = kdp_xmalloc(sizeof *p);
+  *p = c;
+  return p;
+}
+
+int kdp_dist_init_mpi(int *argc, char ***argv, kdp_error *err) {
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (inited) return 0;
+  int provided = 0;
+  if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+    return kdp_fail(err, KDP_EMPI, "MPI_Init_thread failed");
+  if (provided < MPI_THREAD_FUNNELED)
+    return kdp_fail(err, KDP_EMPI,
+                    "MPI provides thread level %d, kdpeers needs MPI_THREAD_FUNNELED (%d)",
+                    provided, MPI_THREAD_FUNNELED);
+  /* errors come back as codes, so KDP_CHECK_MPI can say where they happened */
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  return 0;
+}
+
+void kdp_dist_finalize(void) {
+  int inited = 0, fin = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&fin);
+  if (inited && !fin) MPI_Finalize();
+}
+
+int kdp_dist_world_rank(void) {
+  int inited = 0, r = 0;
+  MPI_Initialized(&inited);
+  if (inited) MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err) {
+  memset(d, 0, sizeof *d);
+  KDP_CHECK_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &d->world_rank));
+  KDP_CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &d->world_size));
+  if (ranks_per_peer < 1 || d->world_size % ranks_per_peer != 0)
+    return kdp_fail(err, KDP_EINVAL,
+                    "run.ranks_per_peer = %d does not divide the %d MPI ranks: use -np a multiple "
+                    "of %d, or set run.ranks_per_peer to a divisor of %d",
+                    ranks_per_peer, d->world_size, ranks_per_peer, d->world_size);
+  d->ranks_per_peer = ranks_per_peer;
+  d->n_peers = d->world_size / ranks_per_peer;
+  d->peer = d->world_rank / ranks_per_peer;
+  d->slice = d->world_rank % ranks_per_peer;
+  MPI_Comm peer, cohort, node;
+  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->peer, d->slice, &peer));
+  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->slice, d->peer, &cohort));
+  KDP_CHECK_MPI(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank, MPI_INFO_NULL, &node));
+  KDP_CHECK_MPI(MPI_Comm_rank(node, &d->local_rank));
+  KDP_CHECK_MPI(MPI_Comm_size(node, &d->local_size));
+  d->world = comm_box(MPI_COMM_WORLD);
+  d->peer_comm = comm_box(peer);
+  d->cohort_comm = comm_box(cohort);
+  d->node_comm = comm_box(node);
+  return 0;
+}
+
+void kdp_dist_free(kdp_dist *d) {
+  if (d->peer_comm) MPI_Comm_free(&COMM(d->peer_comm));
+  if (d->cohort_comm) MPI_Comm_free(&COMM(d->cohort_comm));
+  if (d->node_comm) MPI_Comm_free(&COMM(d->node_comm));
+  free(d->world);
+  free(d->peer_comm);
+  free(d->cohort_comm);
+  free(d->node_comm);
+  memset(d, 0, sizeof *d);
+}
+
+int kdp_dist_agree(kdp_dist *d, const void *buf, size_t n, const char *what, kdp_error *err) {
+  /* compare against rank 0's bytes */
+  unsigned char *ref = kdp_xmalloc(n ? n : 1);
+  if (d->world_rank == 0) memcpy(ref, buf, n);
+  KDP_CHECK_MPI(MPI_Bcast(ref, (int)n, MPI_BYTE, 0, MPI_COMM_WORLD));
+  long first = -1;
+  for (size_t i = 0; i < n; i++)
+    if (ref[i] != ((const unsigned char *)buf)[i]) {
+      first = (long)i;
+      break;
+    }
+  free(ref);
+  /* smallest disagreeing rank, with its byte offset */
+  long mine[2] = {first >= 0 ? d->world_rank : d->world_size, first};
+  long all[2];
+  struct {
+    long v;
+    int r;
+  } in = {mine[0], d->world_rank}, out;
+  KDP_CHECK_MPI(MPI_Allreduce(&in, &out, 1, MPI_LONG_INT, MPI_MINLOC, MPI_COMM_WORLD));
+  if (out.v >= d->world_size) return 0;
+  all[0] = out.v;
+  all[1] = first;
+  KDP_CHECK_MPI(MPI_Bcast(&all[1], 1, MPI_LONG, out.r, MPI_COMM_WORLD));
+  return kdp_fail(err, KDP_EMISMATCH,
+                  "ranks disagree on the %s: rank %ld differs from rank 0 (first difference at "
+                  "byte %ld of %zu). Every rank must be started with the same arguments, config "
+                  "files and data files",
+                  what, all[0], all[1], n);
+}
+
+int kdp_dist_all_ok(kdp_dist *d, int ok) {
+  int in = ok ? 1 : 0, out = 0;
+  (void)d;
+  KDP_CHECK_MPI(MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD));
+  return out;
+}
+
+static void allreduce_f(void *comm, float *buf, size_t n) {
+  if (n == 0) return;
+  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(comm)));
+}
+
+void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n) {
+  if (d->ranks_per_peer <= 1) return;
+  double t0 = kdp_now();
+  allreduce_f(d->peer_comm, buf, n);
+  d->t_allreduce += kdp_now() - t0;
+}
+
+void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
+  if (d->n_peers <= 1) return;
+  double t0 = kdp_now();
+  allreduce_f(d->cohort_comm, buf, n);
+  d->t_exchange += kdp_now() - t0;
+  d->bytes_exchanged += (double)n * sizeof(float);
+}
+
+void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
+  if (d->n_peers <= 1 || n == 0) return;
+  KDP_CHECK_MPI(
+      MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
+}
+
+void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
+  if (d->ranks_per_peer <= 1 || n == 0) return;
+  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->peer_comm)));
+}
+
+void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t n) {
+  double t0 = kdp_now();
+  if (d->n_peers <= 1) {
+    memcpy(out, in, n * sizeof(float));
+  } else {
+    KDP_CHECK_MPI(MPI_Allgather(in, (int)n, MPI_FLOAT, out, (int)n, MPI_FLOAT,
+                                COMM(d->cohort_comm)));
+    d->bytes_exchanged += (double)n * sizeof(float) * (double)(d->n_peers - 1);
+  }
+  d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *out,
+                                const size_t *counts, const size_t *displs) {
+  double t0 = kdp_now();
+  int P = d->n_peers;
+  int *c = kdp_xmalloc(sizeof(int) * (size_t)P), *ds = kdp_xmalloc(sizeof(int) * (size_t)P);
+  double total = 0;
+  for (int i = 0; i < P; i++) {
+    c[i] = (int)counts[i];
+    ds[i] = (int)displs[i];
+    total += (double)counts[i];
+  }
+  if (P <= 1)
+    memcpy(out + displs[0], in, n * sizeof(float));
+  else
+    KDP_CHECK_MPI(
+        MPI_Allgatherv(in, (int)n, MPI_FLOAT, out, c, ds, MPI_FLOAT, COMM(d->cohort_comm)));
+  d->bytes_exchanged += (total - (double)n) * sizeof(float);
+  free(c);
+  free(ds);
+  d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, size_t n) {
+  double t0 = kdp_now();
+  if (d->n_peers <= 1) {
+    memcpy(out, in, n * sizeof(float));
+  } else {
+    KDP_CHECK_MPI(MPI_Reduce_scatter_block(in, out, (int)n, MPI_FLOAT, MPI_SUM,
+                                           COMM(d->cohort_comm)));
+    d->bytes_exchanged += (double)n * sizeof(float) * (double)(d->n_peers - 1);
+  }
+  d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes) {
+  (void)d;
+  KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));
+}
+
+double kdp_dist_max(kdp_dist *d, double v) {
+  double out = v;
+  (void)d;
+  KDP_CHECK_MPI(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+  return out;
+}
+
+void kdp_dist_barrier(kdp_dist *d) {
+  (void)d;
+  KDP_CHECK_MPI(MPI_Barrier(MPI_COMM_WORLD));
+}

@@ -1,0 +1,209 @@
+/* metrics.c: metrics.jsonl lines, the terminal progress line, log lines and the summary table. */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kdpeers/kd.h"
+#include "train_internal.h"
+
+#define MAX_EVAL_ROWS 72
+
+/* last eval figures for the summary table */
+static struct {
+  char name[32];
+  double acc, loss;
+} g_rows[MAX_EVAL_ROWS];
+static int g_nrows;
+
+static void timestamp(char *buf, size_t n) {
+  time_t now = time(NULL);
+  struct tm tm;
+  localtime_r(&now, &tm);
+  strftime(buf, n, "%Y-%m-%dT%H:%M:%S", &tm);
+}
+
+static void fmt_dur(char *buf, size_t n, double s) {
+  if (!(s >= 0) || s > 1e7) {
+    snprintf(buf, n, "--");
+    return;
+  }
+  long v = (long)(s + 0.5);
+  if (v >= 3600)
+    snprintf(buf, n, "%ldh%02ldm", v / 3600, (v / 60) % 60);
+  else if (v >= 60)
+    snprintf(buf, n, "%ldm%02lds", v / 60, v % 60);
+  else
+    snprintf(buf, n, "%lds", v);
+}
+
+/* JSON string escaping for the few strings we write (names, arch, paths) */
+static void json_str(FILE *f, const char *s) {
+  fputc('"', f);
+  for (; *s; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c == '"' || c == '\\')
+      fprintf(f, "\\%c", c);
+    else if (c < 0x20)
+      fprintf(f, "\\u%04x", c);
+    else
+      fputc(c, f);
+  }
+  fputc('"', f);
+}
+
+/* JSON has no NaN/Inf: write null */
+static void json_num(FILE *f, double v) {
+  if (isfinite(v))
+    fprintf(f, "%.6g", v);
+  else
+    fputs("null", f);
+}
+
+int kdp_metrics_open(kdp_trainer *t, kdp_error *err) {
+  char path[KDP_PATH + 32];
+  snprintf(path, sizeof path, "%s/metrics.jsonl", t->cfg->dir);
+  t->metrics = fopen(path, "a");
+  if (!t->metrics)
+    return kdp_fail(err, KDP_EIO, "cannot open '%s' for appending: %s", path, strerror(errno));
+  const char *mode = t->cfg->progress;
+  if (strcmp(mode, "auto") == 0)
+    t->tty = isatty(STDERR_FILENO);
+  else
+    t->tty = strcmp(mode, "bar") == 0 ? 1 : strcmp(mode, "plain") == 0 ? 0 : -1;
+  g_nrows = 0;
+  fprintf(t->metrics, "{\"event\":\"start\",\"peers\":%d,\"ranks\":%d,\"method\":", t->P,
+          t->d->world_size);
+  json_str(t->metrics, t->P > 1 ? t->cfg->method : "independent");
+  fputs(",\"arch\":", t->metrics);
+  json_str(t->metrics, t->cfg->arch);
+  fprintf(t->metrics, ",\"params\":%zu,\"steps\":%lld,\"steps_per_epoch\":%lld,\"seed\":%llu}\n",
+          kdp_model_n_params(t->model), (long long)t->total_steps,
+          (long long)t->steps_per_epoch, (unsigned long long)t->cfg->seed);
+  fflush(t->metrics);
+  return 0;
+}
+
+void kdp_metrics_close(kdp_trainer *t) {
+  if (t->metrics) fclose(t->metrics);
+  t->metrics = NULL;
+}
+
+void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
+                      double loss) {
+  if (t->metrics) {
+    fprintf(t->metrics, "{\"event\":\"eval\",\"epoch\":%.4g,\"step\":%lld,\"model\":", epoch,
+            (long long)step);
+    json_str(t->metrics, model);
+    fputs(",\"acc\":", t->metrics);
+    json_num(t->metrics, acc);
+    fputs(",\"loss\":", t->metrics);
+    json_num(t->metrics, loss);
+    fputs("}\n", t->metrics);
+    fflush(t->metrics);
+  }
+  int i;
+  for (i = 0; i < g_nrows; i++)
+    if (strcmp(g_rows[i].name, model) == 0) break;
+  if (i == g_nrows && g_nrows < MAX_EVAL_ROWS) g_nrows++;
+  if (i < MAX_EVAL_ROWS) {
+    snprintf(g_rows[i].name, sizeof g_rows[i].name, "%s", model);
+    g_rows[i].acc = acc;
+    g_rows[i].loss = loss;
+  }
+  if (t->tty < 0) return;
+  if (t->tty) fputs("\r\033[K", stderr);
+  char ts[32];
+  timestamp(ts, sizeof ts);
+  fprintf(stderr, "%s%seval epoch %.3g step %lld %-9s acc %.2f%% loss %.4f\n", t->tty ? "" : ts,
+          t->tty ? "" : " ", epoch, (long long)step, model, 100.0 * acc, loss);
+}
+
+void kdp_progress_start(kdp_trainer *t, double load_seconds) {
+  if (t->tty < 0) return;
+  char ts[32];
+  timestamp(ts, sizeof ts);
+  fprintf(stderr,
+          "%s kdpeers %s: %d peer%s x %d rank%s, method %s, arch %s (%zu params), %lld steps "
+          "(%lld/epoch), batch %zu, data loaded in %.2fs\n",
+          ts, KDP_VERSION, t->P, t->P == 1 ? "" : "s", t->d->ranks_per_peer,
+          t->d->ranks_per_peer == 1 ? "" : "s", t->P > 1 ? t->cfg->method : "independent",
+          t->cfg->arch, kdp_model_n_params(t->model), (long long)t->total_steps,
+          (long long)t->steps_per_epoch, t->Bg, load_seconds);
+  t->t_start = kdp_now();
+}
+
+void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss, double kd,
+                         double acc, double train_seconds, double lr) {
+  double sps = train_seconds > 0 ? (double)step * (double)t->Bg / train_seconds : 0;
+  double eta = step > 0 ? train_seconds / (double)step * (double)(t->total_steps - step) : -1;
+  if (t->metrics) {
+    fprintf(t->metrics, "{\"event\":\"train\",\"epoch\":%.4g,\"step\":%lld,\"loss\":", epoch,
+            (long long)step);
+    json_num(t->metrics, loss);
+    fputs(",\"kd\":", t->metrics);
+    json_num(t->metrics, kd);
+    fputs(",\"acc\":", t->metrics);
+    json_num(t->metrics, acc);
+    fprintf(t->metrics, ",\"lr\":%.6g,\"samples_per_second\":%.1f}\n", lr, sps);
+  }
+  if (t->tty < 0) return;
+  char etas[32];
+  fmt_dur(etas, sizeof etas, eta);
+  if (t->tty) {
+    int width = 20;
+    int fill = t->total_steps > 0 ? (int)((double)width * (double)step / (double)t->total_steps) : 0;
+    char bar[32];
+    for (int i = 0; i < width; i++) bar[i] = i < fill ? '#' : '.';
+    bar[width] = 0;
+    fprintf(stderr,
+            "\r\033[Kepoch %.2f [%s] step %lld/%lld loss %.4f kd %.4f acc %.1f%% %.0f samples/s "
+            "ETA %s",
+            epoch, bar, (long long)step, (long long)t->total_steps, loss, kd, 100.0 * acc, sps,
+            etas);
+    if (step == t->total_steps) fputc('\n', stderr);
+  } else {
+    char ts[32];
+    timestamp(ts, sizeof ts);
+    fprintf(stderr,
+            "%s epoch %.2f step %lld/%lld loss %.4f kd %.4f acc %.2f%% lr %.4g %.0f samples/s ETA "
+            "%s\n",
+            ts, epoch, (long long)step, (long long)t->total_steps, loss, kd, 100.0 * acc, lr, sps,
+            etas);
+  }
+  fflush(stderr);
+}
+
+void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
+  double sps = s->train_seconds > 0 ? (double)s->steps / s->train_seconds : 0;
+  if (t->metrics) {
+    fprintf(t->metrics,
+            "{\"event\":\"summary\",\"steps\":%lld,\"train_seconds\":%.4f,\"steps_per_second\":%.4f,"
+            "\"samples_per_second\":%.1f,\"compute_seconds\":%.4f,\"exchange_seconds\":%.4f,"
+            "\"allreduce_seconds\":%.4f,\"bytes_per_step\":%.0f,\"peak_rss_mb\":%.1f,"
+            "\"peers\":%d,\"ranks\":%d",
+            (long long)s->steps, s->train_seconds, sps, sps * (double)t->Bg, s->compute_seconds,
+            s->exchange_seconds, s->allreduce_seconds, s->bytes_per_step, s->peak_rss_mb, t->P,
+            t->d->world_size);
+    for (int i = 0; i < g_nrows; i++) {
+      fputs(",\"acc_", t->metrics);
+      fputs(g_rows[i].name, t->metrics);
+      fputs("\":", t->metrics);
+      json_num(t->metrics, g_rows[i].acc);
+    }
+    fputs("}\n", t->metrics);
+    fflush(t->metrics);
+  }
+  if (t->tty < 0) return;
+  fprintf(stderr, "\n  %-10s %9s %9s\n", "model", "test acc", "loss");
+  for (int i = 0; i < g_nrows; i++)
+    fprintf(stderr, "  %-10s %8.2f%% %9.4f\n", g_rows[i].name, 100.0 * g_rows[i].acc,
+            g_rows[i].loss);
+  fprintf(stderr,
+          "  %lld steps in %.1fs train time: %.2f steps/s, %.0f samples/s; compute %.1fs, "
+          "exchange %.2fs, allreduce %.2fs; peak RSS %.0f MB\n  metrics: %s/metrics.jsonl\n",
+          (long long)s->steps, s->train_seconds, sps, sps * (double)t->Bg, s->compute_seconds,
+          s->exchange_seconds, s->allreduce_seconds, s->peak_rss_mb, t->cfg->dir);
+}
