@@ -49,6 +49,12 @@ void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *o
 /* Reduce-scatter over the cohort: in holds n_peers blocks of n floats (block j addressed to peer
    j); out receives the sum over members of the block addressed to this peer. */
 void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, size_t n);
+/* Reduce-scatter with per-member block sizes: in holds the blocks back to back (block j has
+   counts[j] floats); out receives counts[peer] floats. */
+void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
+                                     const size_t *counts);
+/* Sum-allreduce over the whole world (replicated modules under hybrid parallelism). */
+void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Broadcast from world rank 0. */
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
 /* Max over world of a double (e.g. slowest rank's time). */

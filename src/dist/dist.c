@@ -209,6 +209,34 @@ void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, si
   d->t_exchange += kdp_now() - t0;
 }
 
+void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
+                                     const size_t *counts) {
+  double t0 = kdp_now();
+  int P = d->n_peers;
+  if (P <= 1) {
+    memcpy(out, in, counts[0] * sizeof(float));
+  } else {
+    int *c = kdp_xmalloc(sizeof(int) * (size_t)P);
+    double total = 0;
+    for (int i = 0; i < P; i++) {
+      c[i] = (int)counts[i];
+      total += (double)counts[i];
+    }
+    KDP_CHECK_MPI(
+        MPI_Reduce_scatter(in, out, c, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
+    d->bytes_exchanged += (total - (double)counts[d->peer]) * sizeof(float);
+    free(c);
+  }
+  d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {
+  if (d->world_size <= 1 || n == 0) return;
+  double t0 = kdp_now();
+  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+  d->t_allreduce += kdp_now() - t0;
+}
+
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes) {
   (void)d;
   KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));
