@@ -93,10 +93,11 @@ def build_model(arch):
         layers.append(nn.Linear(d, N_CLASSES))
         return nn.Sequential(*layers)
     if arch == "cnn":
-        # conv(32,3,1,1) relu maxpool2, conv(64,3,1,1) relu maxpool2, flatten, fc128 relu, fc10
+        # as build_cnn in src/nn/model.c: conv(32,3,1,1)+bias bn relu maxpool2,
+        # conv(64,3,1,1)+bias bn relu maxpool2, flatten, fc128 relu, fc10
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Linear(128, N_CLASSES))
     raise SystemExit(f"bench_torch: unknown arch '{arch}' (expected mlp, mlp(h1,...) or cnn)")
 
@@ -221,7 +222,10 @@ def cmd_report(a):
             if r.get("steps") != meta["steps"]:
                 print(f"bench_torch report: WARNING: a kdpeers {arch} run took {r.get('steps')} "
                       f"steps, not the {meta['steps']} asked for", file=sys.stderr)
-        rl = [m for r in rooflines for m in r["models"] if m["arch"] == arch]
+        rl = [m for r in rooflines for m in r["models"]
+              if m["arch"] == arch and m["conv_chunk_floats"] == 0]
+        rl_chunk = [m for r in rooflines for m in r["models"]
+                    if m["arch"] == arch and m["conv_chunk_floats"] > 0] or rl
         if not rl:
             raise SystemExit(f"bench_torch report: no roofline for '{arch}'")
         step_flops, fwd_flops = flops_per_step(arch, meta["batch"])
@@ -229,11 +233,14 @@ def cmd_report(a):
             raise SystemExit(f"bench_torch report: roofline counts {rl[0]['flops_per_step']} FLOPs "
                              f"per step for {arch}, the formula {step_flops}")
         rl_sec = stats([m["roofline_seconds_per_step"] for m in rl])
+        rl_chunk_sec = stats([m["roofline_seconds_per_step"] for m in rl_chunk])
         m = {"arch": arch, "batch": meta["batch"], "flops_per_step": step_flops,
              "flops_per_step_pytorch_convention_3x_forward": 3 * fwd_flops,
              "forward_flops_per_step": fwd_flops, "roofline_seconds_per_step": rl_sec,
              "roofline_shape_gflops": stats([m["roofline_gflops"] for m in rl]),
-             "gemms": rl[0]["gemms"]}
+             "roofline_chunked_seconds_per_step": rl_chunk_sec,
+             "roofline_chunked_conv_chunk_floats": rl_chunk[0]["conv_chunk_floats"],
+             "gemms": rl[0]["gemms"], "gemms_chunked": rl_chunk[0]["gemms"]}
         for name, runs in (("kdpeers", kd), ("pytorch", th)):
             if not runs:
                 m[name] = None
@@ -245,7 +252,8 @@ def cmd_report(a):
                        "gflops": step_flops * sps["median"] / 1e9,
                        "percent_of_square_peak": 100.0 * step_flops * sps["median"] / 1e9 / sq["median"],
                        "ms_per_step": 1e3 / sps["median"],
-                       "x_shape_roofline_time": 1.0 / sps["median"] / rl_sec["median"]}
+                       "x_shape_roofline_time": 1.0 / sps["median"] / rl_sec["median"],
+                       "x_chunked_roofline_time": 1.0 / sps["median"] / rl_chunk_sec["median"]}
         if m["kdpeers"] and m["pytorch"]:
             m["kdpeers_over_pytorch"] = (m["kdpeers"]["steps_per_second"]["median"]
                                          / m["pytorch"]["steps_per_second"]["median"])
@@ -258,32 +266,43 @@ def cmd_report(a):
         st = r["steps_per_second"]
         return f"{st['median']:.1f} ±{spread(st):.0f}%"
 
-    hdr = ["model", "kdp steps/s", "torch steps/s", "kdp/torch", "kdp GF/s", "torch GF/s",
-           "2048² GF/s", "kdp %peak", "kdp ms/step", "roofline ms", "kdp/roofl", "RSS kdp MB",
-           "RSS torch MB"]
-    table = []
+    def show(hdr, table):
+        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(hdr)]
+        print()
+        for r in [hdr] + table:
+            print("  ".join(c.rjust(w) if i else c.ljust(w)
+                            for i, (c, w) in enumerate(zip(r, widths))))
+
+    def opt(r, fmt, key):
+        return fmt.format(r[key]) if r else "-"
+
+    t1, t2 = [], []
     for m in rows:
         k, t = m["kdpeers"], m["pytorch"]
-        table.append([
+        t1.append([
             m["arch"], f_sps(k), f_sps(t),
             f"{m['kdpeers_over_pytorch']:.2f}" if "kdpeers_over_pytorch" in m else "-",
-            f"{k['gflops']:.1f}" if k else "-", f"{t['gflops']:.1f}" if t else "-",
-            f"{sq['median']:.1f}", f"{k['percent_of_square_peak']:.1f}%" if k else "-",
-            f"{k['ms_per_step']:.2f}" if k else "-",
-            f"{1e3 * m['roofline_seconds_per_step']['median']:.2f}",
-            f"{k['x_shape_roofline_time']:.2f}x" if k else "-",
             f"{k['peak_rss_mb']['median']:.0f}" if k else "-",
             f"{t['peak_rss_mb']['median']:.0f}" if t else "-"])
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(hdr)]
-    print()
-    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(hdr, widths))))
-    for r in table:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        t2.append([
+            m["arch"], opt(k, "{:.1f}", "gflops"), opt(t, "{:.1f}", "gflops"),
+            f"{sq['median']:.1f}", opt(k, "{:.1f}%", "percent_of_square_peak"),
+            opt(k, "{:.2f}", "ms_per_step"),
+            f"{1e3 * m['roofline_seconds_per_step']['median']:.2f}",
+            opt(k, "{:.2f}x", "x_shape_roofline_time"),
+            f"{1e3 * m['roofline_chunked_seconds_per_step']['median']:.2f}",
+            opt(k, "{:.2f}x", "x_chunked_roofline_time"),
+            opt(t, "{:.2f}", "ms_per_step")])
+    show(["model", "kdpeers steps/s", "PyTorch steps/s", "kdpeers/PyTorch", "kdpeers RSS MB",
+          "PyTorch RSS MB"], t1)
+    show(["model", "kdp GF/s", "torch GF/s", "2048² GF/s", "kdp %2048²", "kdp ms/step",
+          "roofline ms", "kdp/roofline", "chunked roofl ms", "kdp/chunked", "torch ms/step"], t2)
     print()
     print(f"steps/s: median of {meta['repeat']} interleaved runs, ± = half the min-max range "
           f"relative to the median; batch {meta['batch']}, {meta['steps']} timed steps, 1 thread.")
     print("FLOPs: 2*M*N*K per GEMM; per layer forward + weight-gradient + input-gradient GEMMs, "
-          "except the first layer's input gradient (not needed). Non-GEMM work is not counted.")
+          "except the first layer's input gradient (not needed). Non-GEMM work (bias, BN, ReLU, "
+          "pooling, im2col, optimizer) is not counted.")
     for m in rows:
         print(f"  {m['arch']}: {m['flops_per_step'] / 1e6:.1f} MFLOP/step "
               f"(PyTorch convention 3x forward: "
@@ -291,7 +310,9 @@ def cmd_report(a):
     print(f"2048² GF/s: single-core cblas_sgemm peak (best sample, median over runs); "
           f"OpenBLAS: {out['openblas_config']}; kernel {out['openblas_corename']}.")
     print("roofline ms: the step time if every GEMM ran at its measured shape speed and nothing "
-          "else cost anything (kdp-roofline); kdp/roofl = kdpeers time / that.")
+          "else cost anything (kdp-roofline, whole-batch im2col GEMMs); kdp/roofline = kdpeers "
+          "time / that. chunked roofl ms: the same with the conv GEMMs split into the batch "
+          "chunks src/nn/layers.c uses (the shapes kdpeers actually runs).")
     print("RSS: peak resident set of the whole process (PyTorch's includes the torch libraries "
           "and the float32 dataset).")
     env = meta.get("env", {})

@@ -3,14 +3,15 @@
  * (the step time if every GEMM ran at its measured speed and nothing else cost anything).
  *
  * Usage: kdp-roofline [--batch N] [--model ARCH]... [--size N] [--seconds S] [--samples N]
- *                     [--json FILE]
+ *                     [--conv-chunk F] [--json FILE]
  *   ARCH: mlp(h1,h2,...) or cnn, on 28x28x1 inputs with 10 classes (Fashion-MNIST).
  *
  * FLOP convention: 2*M*N*K per GEMM. A layer contributes its forward GEMM, its weight-gradient
  * GEMM and its input-gradient GEMM, except the FIRST layer, whose input gradient is not needed
  * (so a step is 3x forward minus the first layer's forward). Bias, ReLU, pooling, im2col and the
  * optimizer are not counted. The shapes are the ones a row-major llm.c-style implementation
- * uses (conv via im2col over the whole batch, NHWC):
+ * uses (conv via im2col, NHWC), first over the whole batch, then (for models with convs) also
+ * with the batch split into chunks as src/nn/layers.c does (--conv-chunk):
  *   dense  fwd  out(BxO)  = in(BxI) . w(OxI)^T        M=B    N=O    K=I
  *          dW   dw(OxI)  += dout(BxO)^T . in(BxI)     M=O    N=I    K=B
  *          dX   din(BxI) += dout(BxO) . w(OxI)        M=B    N=I    K=O
@@ -36,12 +37,15 @@ typedef struct gemm {
   int trans_a, trans_b; /* operand stored transposed (row-major) */
   size_t M, N, K;
   float beta;           /* 1 for accumulating gradients */
-  double flops;         /* 2*M*N*K */
+  size_t count;         /* calls per step (conv chunks) */
+  double flops;         /* of one call: 2*M*N*K */
   double gflops_best, gflops_median;
 } gemm;
 
 typedef struct model {
   char arch[128];
+  size_t conv_chunk_floats; /* 0: conv GEMMs over the whole batch */
+  int has_conv;
   size_t n;
   gemm g[MAX_GEMMS];
   double flops_per_step, roofline_seconds, roofline_seconds_median;
@@ -53,8 +57,8 @@ static double now_seconds(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int add_gemm(model *m, const char *name, int ta, int tb, size_t M, size_t N, size_t K,
-                    float beta) {
+static int add_gemm_n(model *m, const char *name, int ta, int tb, size_t M, size_t N, size_t K,
+                      float beta, size_t count) {
   if (m->n >= MAX_GEMMS) {
     fprintf(stderr, "kdp-roofline: model '%s' has more than %d GEMMs\n", m->arch, MAX_GEMMS);
     return -1;
@@ -68,8 +72,14 @@ static int add_gemm(model *m, const char *name, int ta, int tb, size_t M, size_t
   g->N = N;
   g->K = K;
   g->beta = beta;
+  g->count = count;
   g->flops = 2.0 * (double)M * (double)N * (double)K;
   return 0;
+}
+
+static int add_gemm(model *m, const char *name, int ta, int tb, size_t M, size_t N, size_t K,
+                    float beta) {
+  return add_gemm_n(m, name, ta, tb, M, N, K, beta, 1);
 }
 
 static int add_dense(model *m, const char *layer, size_t B, size_t din, size_t dout,
@@ -86,26 +96,42 @@ static int add_dense(model *m, const char *layer, size_t B, size_t din, size_t d
   return 0;
 }
 
-/* 'same' conv, stride 1, kernel k, on an H x W x cin input */
-static int add_conv(model *m, const char *layer, size_t B, size_t H, size_t W, size_t cin,
-                    size_t cout, size_t k, int first) {
-  size_t P = B * H * W, Q = k * k * cin;
+/* the three GEMMs of a conv over nb samples of P1 = OH*OW rows each, `count` times */
+static int add_conv_part(model *m, const char *layer, size_t nb, size_t P1, size_t Q,
+                         size_t cout, int first, size_t count, const char *suffix) {
   char nm[48];
-  snprintf(nm, sizeof nm, "%s.fwd", layer);
-  if (add_gemm(m, nm, 0, 1, P, cout, Q, 0.0f)) return -1;
-  snprintf(nm, sizeof nm, "%s.dW", layer);
-  if (add_gemm(m, nm, 1, 0, cout, Q, P, 1.0f)) return -1;
+  size_t P = nb * P1;
+  snprintf(nm, sizeof nm, "%s.fwd%s", layer, suffix);
+  if (add_gemm_n(m, nm, 0, 1, P, cout, Q, 0.0f, count)) return -1;
+  snprintf(nm, sizeof nm, "%s.dW%s", layer, suffix);
+  if (add_gemm_n(m, nm, 1, 0, cout, Q, P, 1.0f, count)) return -1;
   if (!first) {
-    snprintf(nm, sizeof nm, "%s.dX", layer);
-    if (add_gemm(m, nm, 0, 0, P, Q, cout, 0.0f)) return -1;
+    snprintf(nm, sizeof nm, "%s.dX%s", layer, suffix);
+    if (add_gemm_n(m, nm, 0, 0, P, Q, cout, 0.0f, count)) return -1;
   }
   return 0;
 }
 
+/* 'same' conv, stride 1, kernel k, on an H x W x cin input. With m->conv_chunk_floats > 0 the
+   batch is split like src/nn/layers.c does: chunks of max(1, target / (H*W*k*k*cin)) samples. */
+static int add_conv(model *m, const char *layer, size_t B, size_t H, size_t W, size_t cin,
+                    size_t cout, size_t k, int first) {
+  size_t P1 = H * W, Q = k * k * cin;
+  m->has_conv = 1;
+  if (m->conv_chunk_floats == 0) return add_conv_part(m, layer, B, P1, Q, cout, first, 1, "");
+  size_t nb = m->conv_chunk_floats / (P1 * Q);
+  if (nb < 1) nb = 1;
+  if (nb > B) nb = B;
+  if (add_conv_part(m, layer, nb, P1, Q, cout, first, B / nb, "")) return -1;
+  if (B % nb) return add_conv_part(m, layer, B % nb, P1, Q, cout, first, 1, ".rest");
+  return 0;
+}
+
 /* Builds the GEMM list of one training step. Inputs are 28x28x1, 10 classes. */
-static int model_build(model *m, const char *arch, size_t B) {
+static int model_build(model *m, const char *arch, size_t B, size_t conv_chunk_floats) {
   memset(m, 0, sizeof *m);
   snprintf(m->arch, sizeof m->arch, "%s", arch);
+  m->conv_chunk_floats = conv_chunk_floats;
   if (strcmp(arch, "cnn") == 0) {
     /* conv(32,3,pad 1) relu maxpool2, conv(64,3,pad 1) relu maxpool2, fc 3136->128 relu, fc->10 */
     if (add_conv(m, "conv1", B, 28, 28, 1, 32, 3, 1)) return -1;
@@ -143,7 +169,7 @@ static int model_build(model *m, const char *arch, size_t B) {
             arch);
     return -1;
   }
-  for (size_t i = 0; i < m->n; i++) m->flops_per_step += m->g[i].flops;
+  for (size_t i = 0; i < m->n; i++) m->flops_per_step += (double)m->g[i].count * m->g[i].flops;
   return 0;
 }
 
@@ -223,12 +249,15 @@ static const char *env_or(const char *name, const char *dflt) {
 static void usage(FILE *f) {
   fprintf(f,
           "usage: kdp-roofline [--batch N] [--model ARCH]... [--size N] [--seconds S]\n"
-          "                    [--samples N] [--json FILE]\n"
+          "                    [--samples N] [--conv-chunk F] [--json FILE]\n"
           "  --batch N     batch size of the model GEMM shapes (default 128)\n"
           "  --model ARCH  cnn or mlp(h1,h2,...); repeatable (default: mlp(512,256) and cnn)\n"
           "  --size N      square sgemm size for the peak (default 2048)\n"
           "  --seconds S   timing budget per GEMM shape (default 0.3)\n"
           "  --samples N   timed samples per shape; best and median are reported (default 5)\n"
+          "  --conv-chunk F  also time conv GEMMs split into batch chunks whose im2col matrix\n"
+          "                has at most F floats, as src/nn/layers.c does (default 262144;\n"
+          "                0 = whole batch only)\n"
           "  --json FILE   also write the results as JSON to FILE ('-' = stdout)\n");
 }
 
@@ -246,7 +275,7 @@ static int parse_long(const char *opt, const char *v, long lo, long hi, long *ou
 }
 
 int main(int argc, char **argv) {
-  long batch = 128, size = 2048, samples = 5;
+  long batch = 128, size = 2048, samples = 5, conv_chunk = 1L << 18;
   double seconds = 0.3;
   const char *json_path = NULL;
   const char *archs[MAX_MODELS];
@@ -261,6 +290,9 @@ int main(int argc, char **argv) {
       i++;
     } else if (!strcmp(a, "--size")) {
       if (parse_long(a, v, 1, 16384, &size)) return 2;
+      i++;
+    } else if (!strcmp(a, "--conv-chunk")) {
+      if (parse_long(a, v, 0, 1L << 30, &conv_chunk)) return 2;
       i++;
     } else if (!strcmp(a, "--samples")) {
       if (parse_long(a, v, 1, 1000, &samples)) return 2;
@@ -303,9 +335,15 @@ int main(int argc, char **argv) {
     archs[n_archs++] = "cnn";
   }
 
-  static model models[MAX_MODELS];
-  for (int i = 0; i < n_archs; i++)
-    if (model_build(&models[i], archs[i], (size_t)batch)) return 2;
+  /* each arch with whole-batch conv GEMMs, and (if it has convs) chunked like layers.c */
+  static model models[2 * MAX_MODELS];
+  int n_models = 0;
+  for (int i = 0; i < n_archs; i++) {
+    if (model_build(&models[n_models++], archs[i], (size_t)batch, 0)) return 2;
+    if (conv_chunk > 0 && models[n_models - 1].has_conv)
+      if (model_build(&models[n_models++], archs[i], (size_t)batch, (size_t)conv_chunk))
+        return 2;
+  }
 
   openblas_set_num_threads(1);
   const char *cfg = openblas_get_config();
@@ -328,26 +366,31 @@ int main(int argc, char **argv) {
   if (time_gemm(&sq, seconds * 2, (int)samples)) return 1;
   printf("%-22s %-28s %10s %9.1f %9.1f\n", sq.name, "", "", sq.gflops_best, sq.gflops_median);
 
-  for (int i = 0; i < n_archs; i++) {
+  for (int i = 0; i < n_models; i++) {
     model *m = &models[i];
-    printf("\n%s, batch %ld: %.1f MFLOP per step in %zu GEMMs\n", m->arch, batch,
-           m->flops_per_step / 1e6, m->n);
-    printf("%-22s %-28s %10s %9s %9s %9s\n", "gemm", "(MxK).(KxN)", "MFLOP", "GF/s best",
-           "GF/s med", "ms best");
+    char variant[96] = "";
+    if (m->conv_chunk_floats)
+      snprintf(variant, sizeof variant, ", convs in batch chunks (im2col <= %zu floats)",
+               m->conv_chunk_floats);
+    printf("\n%s, batch %ld%s: %.1f MFLOP per step in %zu GEMM shapes\n", m->arch, batch,
+           variant, m->flops_per_step / 1e6, m->n);
+    printf("%-22s %-28s %5s %9s %9s %9s %9s\n", "gemm", "(MxK).(KxN)", "calls", "MFLOP",
+           "GF/s best", "GF/s med", "ms best");
     for (size_t j = 0; j < m->n; j++) {
       gemm *g = &m->g[j];
       if (time_gemm(g, seconds, (int)samples)) return 1;
-      m->roofline_seconds += g->flops / (g->gflops_best * 1e9);
-      m->roofline_seconds_median += g->flops / (g->gflops_median * 1e9);
+      double fl = (double)g->count * g->flops;
+      m->roofline_seconds += fl / (g->gflops_best * 1e9);
+      m->roofline_seconds_median += fl / (g->gflops_median * 1e9);
       char shp[64];
       snprintf(shp, sizeof shp, "(%zux%zu)%s.(%zux%zu)%s", g->M, g->K, g->trans_a ? "T" : "",
                g->K, g->N, g->trans_b ? "T" : "");
-      printf("%-22s %-28s %10.2f %9.1f %9.1f %9.3f\n", g->name, shp, g->flops / 1e6,
-             g->gflops_best, g->gflops_median, 1e3 * g->flops / (g->gflops_best * 1e9));
+      printf("%-22s %-28s %5zu %9.2f %9.1f %9.1f %9.3f\n", g->name, shp, g->count, fl / 1e6,
+             g->gflops_best, g->gflops_median, 1e3 * fl / (g->gflops_best * 1e9));
     }
-    printf("%s model roofline: %.3f ms/step (%.1f GFLOP/s FLOP-weighted; %.3f ms with median "
+    printf("%s%s model roofline: %.3f ms/step (%.1f GFLOP/s FLOP-weighted; %.3f ms with median "
            "speeds), %.1f%% of the %ld^3 peak\n",
-           m->arch, 1e3 * m->roofline_seconds, m->flops_per_step / m->roofline_seconds / 1e9,
+           m->arch, m->conv_chunk_floats ? " (chunked)" : "", 1e3 * m->roofline_seconds, m->flops_per_step / m->roofline_seconds / 1e9,
            1e3 * m->roofline_seconds_median,
            100.0 * m->flops_per_step / m->roofline_seconds / 1e9 / sq.gflops_best, size);
   }
@@ -377,14 +420,14 @@ int main(int argc, char **argv) {
             "\"seconds_per_shape\":%g,\"samples\":%ld,\"batch\":%ld,"
             "\"square\":{\"n\":%ld,\"gflops_best\":%.3f,\"gflops_median\":%.3f},\"models\":[",
             seconds, samples, batch, size, sq.gflops_best, sq.gflops_median);
-    for (int i = 0; i < n_archs; i++) {
+    for (int i = 0; i < n_models; i++) {
       model *m = &models[i];
       fprintf(f, "%s{\"arch\":", i ? "," : "");
       json_str(f, m->arch);
       fprintf(f,
-              ",\"flops_per_step\":%.0f,\"roofline_seconds_per_step\":%.6e,"
+              ",\"conv_chunk_floats\":%zu,\"flops_per_step\":%.0f,\"roofline_seconds_per_step\":%.6e,"
               "\"roofline_seconds_per_step_median\":%.6e,\"roofline_gflops\":%.3f,\"gemms\":[",
-              m->flops_per_step, m->roofline_seconds, m->roofline_seconds_median,
+              m->conv_chunk_floats, m->flops_per_step, m->roofline_seconds, m->roofline_seconds_median,
               m->flops_per_step / m->roofline_seconds / 1e9);
       for (size_t j = 0; j < m->n; j++) {
         gemm *g = &m->g[j];
@@ -392,8 +435,8 @@ int main(int argc, char **argv) {
         json_str(f, g->name);
         fprintf(f,
                 ",\"M\":%zu,\"N\":%zu,\"K\":%zu,\"trans_a\":%d,\"trans_b\":%d,\"beta\":%g,"
-                "\"flops\":%.0f,\"gflops_best\":%.3f,\"gflops_median\":%.3f}",
-                g->M, g->N, g->K, g->trans_a, g->trans_b, (double)g->beta, g->flops,
+                "\"calls_per_step\":%zu,\"flops_per_call\":%.0f,\"gflops_best\":%.3f,\"gflops_median\":%.3f}",
+                g->M, g->N, g->K, g->trans_a, g->trans_b, (double)g->beta, g->count, g->flops,
                 g->gflops_best, g->gflops_median);
       }
       fprintf(f, "]}");
