@@ -1,1 +1,568 @@
-/* layers.c: not written yet */
+/* layers.c: the fast layer kernels (BLAS dense and im2col conv, single-pass NHWC loops). */
+#include "kdpeers/nn.h"
+
+#include <cblas.h>
+/* OpenBLAS's config header pulls in <complex.h>, whose I macro clashes with our size names */
+#ifdef I
+#undef I
+#endif
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ================= dense ================= */
+
+/* out (B x O) = in (B x I) . w^T (w: O x I) + b */
+void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
+                       size_t I, size_t O) {
+  if (B == 0 || O == 0) return;
+  if (I == 0) {
+    for (size_t r = 0; r < B; r++)
+      for (size_t o = 0; o < O; o++) out[r * O + o] = b ? b[o] : 0.0f;
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)B, (int)O, (int)I, 1.0f, in, (int)I,
+              w, (int)I, 0.0f, out, (int)O);
+  if (b) {
+    for (size_t r = 0; r < B; r++) {
+      float *o_row = out + r * O;
+      for (size_t o = 0; o < O; o++) o_row[o] += b[o];
+    }
+  }
+}
+
+/* din (B x I) += dout . w; dw (O x I) += dout^T . in; db (O) += column sums of dout */
+void kdp_dense_backward(float *din, float *dw, float *db, const float *dout, const float *in,
+                        const float *w, size_t B, size_t I, size_t O) {
+  if (B == 0 || O == 0) return;
+  if (db) {
+    for (size_t r = 0; r < B; r++) {
+      const float *g = dout + r * O;
+      for (size_t o = 0; o < O; o++) db[o] += g[o];
+    }
+  }
+  if (I == 0) return;
+  if (dw)
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)O, (int)I, (int)B, 1.0f, dout,
+                (int)O, in, (int)I, 1.0f, dw, (int)I);
+  if (din)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)B, (int)I, (int)O, 1.0f, dout,
+                (int)O, w, (int)I, 1.0f, din, (int)I);
+}
+
+/* ================= conv2d (NHWC, im2col + GEMM) ================= */
+
+/* Target size of one chunk's im2col matrix: 2^18 floats = 1 MiB, so the matrix and the GEMM
+   panels stay in a 2 MiB L2 while M = chunk * OH * OW stays in the thousands. */
+#define KDP_CONV_CHUNK_TARGET ((size_t)1 << 18)
+
+void kdp_conv_shape_init(kdp_conv_shape *s) {
+  size_t hp = s->H + 2 * s->pad, wp = s->W + 2 * s->pad;
+  size_t st = s->stride ? s->stride : 1;
+  s->OH = (s->K == 0 || hp < s->K) ? 0 : (hp - s->K) / st + 1;
+  s->OW = (s->K == 0 || wp < s->K) ? 0 : (wp - s->K) / st + 1;
+}
+
+static int conv_is_pointwise(const kdp_conv_shape *s) {
+  return s->K == 1 && s->stride == 1 && s->pad == 0;
+}
+
+static size_t conv_col_per_sample(const kdp_conv_shape *s) {
+  return s->OH * s->OW * s->K * s->K * s->Cin;
+}
+
+/* Samples per chunk. Depends only on the shape and B, and never grows when B shrinks, so
+   scratch sized for a batch B serves any batch <= B. */
+static size_t conv_chunk(const kdp_conv_shape *s) {
+  size_t per = conv_col_per_sample(s);
+  size_t nb = per ? KDP_CONV_CHUNK_TARGET / per : s->B;
+  if (nb < 1) nb = 1;
+  if (nb > s->B) nb = s->B;
+  return nb;
+}
+
+size_t kdp_conv_scratch_floats(const kdp_conv_shape *s) {
+  if (conv_is_pointwise(s) || s->B == 0) return 0;
+  return 2 * conv_chunk(s) * conv_col_per_sample(s);
+}
+
+/* col ((nb*OH*OW) x (K*K*Cin)), columns ordered (kh, kw, cin), from in (nb x H x W x Cin).
+   For fixed (oh, ow, kh) the K*Cin columns are one contiguous run of the input row. */
+static void im2col(float *col, const float *in, size_t nb, const kdp_conv_shape *s) {
+  const size_t H = s->H, W = s->W, C = s->Cin, K = s->K, OH = s->OH, OW = s->OW;
+  const ptrdiff_t pad = (ptrdiff_t)s->pad, st = (ptrdiff_t)s->stride;
+  const size_t run = K * C, kkc = K * run;
+  for (size_t b = 0; b < nb; b++) {
+    const float *img = in + b * H * W * C;
+    for (size_t oh = 0; oh < OH; oh++) {
+      for (size_t ow = 0; ow < OW; ow++) {
+        float *row = col + ((b * OH + oh) * OW + ow) * kkc;
+        ptrdiff_t iw0 = (ptrdiff_t)ow * st - pad;
+        size_t kw_lo = iw0 < 0 ? (size_t)(-iw0) : 0;
+        ptrdiff_t hi = (ptrdiff_t)W - iw0;
+        size_t kw_hi = hi <= 0 ? 0 : ((size_t)hi < K ? (size_t)hi : K);
+        if (kw_lo > kw_hi) kw_lo = kw_hi;
+        for (size_t kh = 0; kh < K; kh++) {
+          float *dst = row + kh * run;
+          ptrdiff_t ih = (ptrdiff_t)oh * st - pad + (ptrdiff_t)kh;
+          if (ih < 0 || ih >= (ptrdiff_t)H || kw_lo == kw_hi) {
+            memset(dst, 0, run * sizeof(float));
+            continue;
+          }
+          if (kw_lo) memset(dst, 0, kw_lo * C * sizeof(float));
+          memcpy(dst + kw_lo * C, img + ((size_t)ih * W + (size_t)(iw0 + (ptrdiff_t)kw_lo)) * C,
+                 (kw_hi - kw_lo) * C * sizeof(float));
+          if (kw_hi < K) memset(dst + kw_hi * C, 0, (K - kw_hi) * C * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+/* din (nb x H x W x Cin) += col2im(dcol); padded positions are dropped. */
+static void col2im_add(float *din, const float *dcol, size_t nb, const kdp_conv_shape *s) {
+  const size_t H = s->H, W = s->W, C = s->Cin, K = s->K, OH = s->OH, OW = s->OW;
+  const ptrdiff_t pad = (ptrdiff_t)s->pad, st = (ptrdiff_t)s->stride;
+  const size_t run = K * C, kkc = K * run;
+  for (size_t b = 0; b < nb; b++) {
+    float *img = din + b * H * W * C;
+    for (size_t oh = 0; oh < OH; oh++) {
+      for (size_t ow = 0; ow < OW; ow++) {
+        const float *row = dcol + ((b * OH + oh) * OW + ow) * kkc;
+        ptrdiff_t iw0 = (ptrdiff_t)ow * st - pad;
+        size_t kw_lo = iw0 < 0 ? (size_t)(-iw0) : 0;
+        ptrdiff_t hi = (ptrdiff_t)W - iw0;
+        size_t kw_hi = hi <= 0 ? 0 : ((size_t)hi < K ? (size_t)hi : K);
+        if (kw_lo >= kw_hi) continue;
+        size_t n = (kw_hi - kw_lo) * C;
+        for (size_t kh = 0; kh < K; kh++) {
+          ptrdiff_t ih = (ptrdiff_t)oh * st - pad + (ptrdiff_t)kh;
+          if (ih < 0 || ih >= (ptrdiff_t)H) continue;
+          const float *src = row + kh * run + kw_lo * C;
+          float *dst = img + ((size_t)ih * W + (size_t)(iw0 + (ptrdiff_t)kw_lo)) * C;
+          for (size_t i = 0; i < n; i++) dst[i] += src[i];
+        }
+      }
+    }
+  }
+}
+
+static void add_bias_rows(float *out, const float *b, size_t rows, size_t C) {
+  for (size_t r = 0; r < rows; r++) {
+    float *o = out + r * C;
+    for (size_t c = 0; c < C; c++) o[c] += b[c];
+  }
+}
+
+void kdp_conv2d_forward(float *out, const float *in, const float *w, const float *b,
+                        float *scratch, const kdp_conv_shape *s) {
+  const size_t B = s->B, Cout = s->Cout, kkc = s->K * s->K * s->Cin, ohw = s->OH * s->OW;
+  if (B == 0 || ohw == 0 || Cout == 0) return;
+  if (kkc == 0) {
+    for (size_t r = 0; r < B * ohw; r++)
+      for (size_t c = 0; c < Cout; c++) out[r * Cout + c] = b ? b[c] : 0.0f;
+    return;
+  }
+  if (conv_is_pointwise(s)) {
+    /* the input (B*H*W x Cin) already is the im2col matrix */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(B * ohw), (int)Cout, (int)kkc,
+                1.0f, in, (int)kkc, w, (int)kkc, 0.0f, out, (int)Cout);
+  } else {
+    const size_t nb = conv_chunk(s), in_per = s->H * s->W * s->Cin;
+    for (size_t b0 = 0; b0 < B; b0 += nb) {
+      size_t n = B - b0 < nb ? B - b0 : nb;
+      im2col(scratch, in + b0 * in_per, n, s);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(n * ohw), (int)Cout, (int)kkc,
+                  1.0f, scratch, (int)kkc, w, (int)kkc, 0.0f, out + b0 * ohw * Cout, (int)Cout);
+    }
+  }
+  if (b) add_bias_rows(out, b, B * ohw, Cout);
+}
+
+void kdp_conv2d_backward(float *din, float *dw, float *db, const float *dout, const float *in,
+                         const float *w, float *scratch, const kdp_conv_shape *s) {
+  const size_t B = s->B, Cout = s->Cout, kkc = s->K * s->K * s->Cin, ohw = s->OH * s->OW;
+  if (B == 0 || ohw == 0 || Cout == 0) return;
+  if (db) {
+    for (size_t r = 0; r < B * ohw; r++) {
+      const float *g = dout + r * Cout;
+      for (size_t c = 0; c < Cout; c++) db[c] += g[c];
+    }
+  }
+  if (kkc == 0 || (!dw && !din)) return;
+  if (conv_is_pointwise(s)) {
+    const int M = (int)(B * ohw);
+    if (dw)
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)Cout, (int)kkc, M, 1.0f, dout,
+                  (int)Cout, in, (int)kkc, 1.0f, dw, (int)kkc);
+    if (din)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, (int)kkc, (int)Cout, 1.0f, dout,
+                  (int)Cout, w, (int)kkc, 1.0f, din, (int)kkc);
+    return;
+  }
+  const size_t nb = conv_chunk(s), in_per = s->H * s->W * s->Cin;
+  float *col = scratch, *dcol = scratch + nb * ohw * kkc;
+  for (size_t b0 = 0; b0 < B; b0 += nb) {
+    size_t n = B - b0 < nb ? B - b0 : nb;
+    const int M = (int)(n * ohw);
+    const float *g = dout + b0 * ohw * Cout;
+    if (dw) {
+      im2col(col, in + b0 * in_per, n, s);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)Cout, (int)kkc, M, 1.0f, g,
+                  (int)Cout, col, (int)kkc, 1.0f, dw, (int)kkc);
+    }
+    if (din) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, (int)kkc, (int)Cout, 1.0f, g,
+                  (int)Cout, w, (int)kkc, 0.0f, dcol, (int)kkc);
+      col2im_add(din + b0 * in_per, dcol, n, s);
+    }
+  }
+}
+
+/* ================= pooling ================= */
+
+static size_t pool_out(size_t H, size_t K, size_t stride, size_t pad) {
+  size_t hp = H + 2 * pad;
+  if (K == 0 || hp < K) return 0;
+  return (hp - K) / (stride ? stride : 1) + 1;
+}
+
+/* Window [lo, hi) of valid input rows/cols for output position o. */
+static void pool_window(size_t o, size_t K, size_t stride, size_t pad, size_t H, size_t *lo,
+                        size_t *hi) {
+  ptrdiff_t a = (ptrdiff_t)(o * stride) - (ptrdiff_t)pad;
+  ptrdiff_t e = a + (ptrdiff_t)K;
+  if (a < 0) a = 0;
+  if (e > (ptrdiff_t)H) e = (ptrdiff_t)H;
+  if (e < a) e = a;
+  *lo = (size_t)a;
+  *hi = (size_t)e;
+}
+
+void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B, size_t H,
+                         size_t W, size_t C, size_t K, size_t stride, size_t pad) {
+  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
+  for (size_t b = 0; b < B; b++) {
+    for (size_t oh = 0; oh < OH; oh++) {
+      size_t h0, h1;
+      pool_window(oh, K, stride, pad, H, &h0, &h1);
+      for (size_t ow = 0; ow < OW; ow++) {
+        size_t w0, w1;
+        pool_window(ow, K, stride, pad, W, &w0, &w1);
+        size_t oidx = ((b * OH + oh) * OW + ow) * C;
+        float *o = out + oidx;
+        int32_t *am = argmax + oidx;
+        if (h0 == h1 || w0 == w1) { /* window entirely in the padding (pad > K/2) */
+          for (size_t c = 0; c < C; c++) {
+            o[c] = -INFINITY;
+            am[c] = -1;
+          }
+          continue;
+        }
+        /* the first valid position starts the scan; later ones win only if strictly larger
+           (ties -> first max) or NaN (propagates, as PyTorch does) */
+        size_t first = ((b * H + h0) * W + w0) * C;
+        for (size_t c = 0; c < C; c++) {
+          o[c] = in[first + c];
+          am[c] = (int32_t)(first + c);
+        }
+        for (size_t h = h0; h < h1; h++) {
+          for (size_t w = (h == h0 ? w0 + 1 : w0); w < w1; w++) {
+            size_t base = ((b * H + h) * W + w) * C;
+            const float *x = in + base;
+            for (size_t c = 0; c < C; c++) {
+              float v = x[c];
+              int take = (v > o[c]) | (v != v);
+              o[c] = take ? v : o[c];
+              am[c] = take ? (int32_t)(base + c) : am[c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void kdp_maxpool_backward(float *din, const float *dout, const int32_t *argmax, size_t n_out) {
+  if (!din) return;
+  for (size_t i = 0; i < n_out; i++)
+    if (argmax[i] >= 0) din[argmax[i]] += dout[i];
+}
+
+void kdp_avgpool_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C,
+                         size_t K, size_t stride, size_t pad) {
+  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
+  const float inv = K ? 1.0f / (float)(K * K) : 0.0f;
+  for (size_t b = 0; b < B; b++) {
+    for (size_t oh = 0; oh < OH; oh++) {
+      size_t h0, h1;
+      pool_window(oh, K, stride, pad, H, &h0, &h1);
+      for (size_t ow = 0; ow < OW; ow++) {
+        size_t w0, w1;
+        pool_window(ow, K, stride, pad, W, &w0, &w1);
+        float *o = out + ((b * OH + oh) * OW + ow) * C;
+        for (size_t c = 0; c < C; c++) o[c] = 0.0f;
+        for (size_t h = h0; h < h1; h++)
+          for (size_t w = w0; w < w1; w++) {
+            const float *x = in + ((b * H + h) * W + w) * C;
+            for (size_t c = 0; c < C; c++) o[c] += x[c];
+          }
+        for (size_t c = 0; c < C; c++) o[c] *= inv;
+      }
+    }
+  }
+}
+
+void kdp_avgpool_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C,
+                          size_t K, size_t stride, size_t pad) {
+  if (!din) return;
+  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
+  const float inv = K ? 1.0f / (float)(K * K) : 0.0f;
+  for (size_t b = 0; b < B; b++) {
+    for (size_t oh = 0; oh < OH; oh++) {
+      size_t h0, h1;
+      pool_window(oh, K, stride, pad, H, &h0, &h1);
+      for (size_t ow = 0; ow < OW; ow++) {
+        size_t w0, w1;
+        pool_window(ow, K, stride, pad, W, &w0, &w1);
+        const float *g = dout + ((b * OH + oh) * OW + ow) * C;
+        for (size_t h = h0; h < h1; h++)
+          for (size_t w = w0; w < w1; w++) {
+            float *d = din + ((b * H + h) * W + w) * C;
+            for (size_t c = 0; c < C; c++) d[c] += g[c] * inv;
+          }
+      }
+    }
+  }
+}
+
+void kdp_gap_forward(float *out, const float *in, size_t B, size_t HW, size_t C) {
+  const float inv = HW ? 1.0f / (float)HW : 0.0f;
+  for (size_t b = 0; b < B; b++) {
+    float *o = out + b * C;
+    const float *x = in + b * HW * C;
+    for (size_t c = 0; c < C; c++) o[c] = 0.0f;
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++) o[c] += x[p * C + c];
+    for (size_t c = 0; c < C; c++) o[c] *= inv;
+  }
+}
+
+void kdp_gap_backward(float *din, const float *dout, size_t B, size_t HW, size_t C) {
+  if (!din) return;
+  const float inv = HW ? 1.0f / (float)HW : 0.0f;
+  for (size_t b = 0; b < B; b++) {
+    const float *g = dout + b * C;
+    float *d = din + b * HW * C;
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++) d[p * C + c] += g[c] * inv;
+  }
+}
+
+/* ================= element-wise ================= */
+
+void kdp_relu_forward(float *out, const float *in, size_t n) {
+  for (size_t i = 0; i < n; i++) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+}
+
+void kdp_relu_backward(float *din, const float *dout, const float *out, size_t n) {
+  if (!din) return;
+  for (size_t i = 0; i < n; i++) din[i] += out[i] > 0.0f ? dout[i] : 0.0f;
+}
+
+void kdp_dropout_forward(float *out, float *mask, const float *in, size_t n, float p,
+                         kdp_rng *rng) {
+  if (p <= 0.0f || !rng) {
+    for (size_t i = 0; i < n; i++) {
+      mask[i] = 1.0f;
+      out[i] = in[i];
+    }
+    return;
+  }
+  if (p >= 1.0f) {
+    for (size_t i = 0; i < n; i++) mask[i] = out[i] = 0.0f;
+    return;
+  }
+  const float keep = 1.0f / (1.0f - p);
+  for (size_t i = 0; i < n; i++) mask[i] = kdp_rng_uniform(rng) < p ? 0.0f : keep;
+  for (size_t i = 0; i < n; i++) out[i] = in[i] * mask[i];
+}
+
+void kdp_dropout_backward(float *din, const float *dout, const float *mask, size_t n) {
+  if (!din) return;
+  for (size_t i = 0; i < n; i++) din[i] += dout[i] * mask[i];
+}
+
+/* NHWC (HW x C per sample) -> NCHW (C x HW), i.e. a transpose per sample. */
+void kdp_flatten_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C) {
+  const size_t HW = H * W;
+  for (size_t b = 0; b < B; b++) {
+    const float *x = in + b * HW * C;
+    float *o = out + b * HW * C;
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++) o[c * HW + p] = x[p * C + c];
+  }
+}
+
+void kdp_flatten_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C) {
+  if (!din) return;
+  const size_t HW = H * W;
+  for (size_t b = 0; b < B; b++) {
+    const float *g = dout + b * HW * C;
+    float *d = din + b * HW * C;
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++) d[p * C + c] += g[c * HW + p];
+  }
+}
+
+void kdp_add_forward(float *out, const float *a, const float *b, size_t n) {
+  for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+void kdp_add_backward(float *da, float *db, const float *dout, size_t n) {
+  if (da)
+    for (size_t i = 0; i < n; i++) da[i] += dout[i];
+  if (db)
+    for (size_t i = 0; i < n; i++) db[i] += dout[i];
+}
+
+/* Output spatial size of x[:, ::stride, ::stride]: ceil(H / stride). */
+static size_t sub_size(size_t H, size_t stride) {
+  size_t st = stride ? stride : 1;
+  return H ? (H - 1) / st + 1 : 0;
+}
+
+void kdp_shortcut_a_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t Cin,
+                            size_t Cout, size_t stride) {
+  const size_t OH = sub_size(H, stride), OW = sub_size(W, stride), st = stride ? stride : 1;
+  const size_t lo = Cout > Cin ? (Cout - Cin) / 2 : 0;
+  const size_t nc = Cin < Cout - lo ? Cin : Cout - lo;
+  for (size_t b = 0; b < B; b++)
+    for (size_t oh = 0; oh < OH; oh++)
+      for (size_t ow = 0; ow < OW; ow++) {
+        float *o = out + ((b * OH + oh) * OW + ow) * Cout;
+        const float *x = in + ((b * H + oh * st) * W + ow * st) * Cin;
+        for (size_t c = 0; c < lo; c++) o[c] = 0.0f;
+        for (size_t c = 0; c < nc; c++) o[lo + c] = x[c];
+        for (size_t c = lo + nc; c < Cout; c++) o[c] = 0.0f;
+      }
+}
+
+void kdp_shortcut_a_backward(float *din, const float *dout, size_t B, size_t H, size_t W,
+                             size_t Cin, size_t Cout, size_t stride) {
+  if (!din) return;
+  const size_t OH = sub_size(H, stride), OW = sub_size(W, stride), st = stride ? stride : 1;
+  const size_t lo = Cout > Cin ? (Cout - Cin) / 2 : 0;
+  const size_t nc = Cin < Cout - lo ? Cin : Cout - lo;
+  for (size_t b = 0; b < B; b++)
+    for (size_t oh = 0; oh < OH; oh++)
+      for (size_t ow = 0; ow < OW; ow++) {
+        const float *g = dout + ((b * OH + oh) * OW + ow) * Cout + lo;
+        float *d = din + ((b * H + oh * st) * W + ow * st) * Cin;
+        for (size_t c = 0; c < nc; c++) d[c] += g[c];
+      }
+}
+
+/* ================= batchnorm ================= */
+
+void kdp_bn_forward_train(float *out, float *xhat, float *invstd, float *run_mean,
+                          float *run_var, const float *in, const float *gamma, const float *beta,
+                          size_t N, size_t C, float momentum, float eps) {
+  if (C == 0) return;
+  if (N == 0) {
+    for (size_t c = 0; c < C; c++) invstd[c] = 1.0f / sqrtf(1.0f + eps);
+    return;
+  }
+  double *sum = kdp_xcalloc(2 * C, sizeof(double)), *sq = sum + C;
+  float *mean = kdp_xmalloc(C * sizeof(float));
+  /* shifted sums (by the first row) keep sum-of-squares cancellation small */
+  const float *shift = in;
+  for (size_t n = 1; n < N; n++) {
+    const float *x = in + n * C;
+    for (size_t c = 0; c < C; c++) {
+      double d = (double)x[c] - (double)shift[c];
+      sum[c] += d;
+      sq[c] += d * d;
+    }
+  }
+  const double invN = 1.0 / (double)N;
+  for (size_t c = 0; c < C; c++) {
+    double m = sum[c] * invN;
+    double var = sq[c] * invN - m * m;
+    if (var < 0) var = 0;
+    double mu = (double)shift[c] + m;
+    mean[c] = (float)mu;
+    invstd[c] = (float)(1.0 / sqrt(var + (double)eps));
+    if (run_mean) run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (float)mu;
+    if (run_var) {
+      double unb = N > 1 ? var * (double)N / (double)(N - 1) : var;
+      run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (float)unb;
+    }
+  }
+  for (size_t n = 0; n < N; n++) {
+    const float *x = in + n * C;
+    float *xh = xhat + n * C, *o = out + n * C;
+    for (size_t c = 0; c < C; c++) {
+      float v = (x[c] - mean[c]) * invstd[c];
+      xh[c] = v;
+      o[c] = v * gamma[c] + beta[c];
+    }
+  }
+  free(mean);
+  free(sum);
+}
+
+void kdp_bn_forward_eval(float *out, const float *in, const float *gamma, const float *beta,
+                         const float *run_mean, const float *run_var, size_t N, size_t C,
+                         float eps) {
+  if (C == 0) return;
+  float *scale = kdp_xmalloc(2 * C * sizeof(float)), *shift = scale + C;
+  for (size_t c = 0; c < C; c++) {
+    double is = 1.0 / sqrt((double)run_var[c] + (double)eps);
+    scale[c] = (float)((double)gamma[c] * is);
+    shift[c] = (float)((double)beta[c] - (double)run_mean[c] * (double)gamma[c] * is);
+  }
+  for (size_t n = 0; n < N; n++) {
+    const float *x = in + n * C;
+    float *o = out + n * C;
+    for (size_t c = 0; c < C; c++) o[c] = x[c] * scale[c] + shift[c];
+  }
+  free(scale);
+}
+
+/* dgamma += sum dout*xhat; dbeta += sum dout;
+   din += gamma*invstd/N * (N*dout - sum(dout) - xhat*sum(dout*xhat)) */
+void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
+                     const float *xhat, const float *invstd, const float *gamma, size_t N,
+                     size_t C) {
+  if (C == 0 || N == 0) return;
+  double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
+  for (size_t n = 0; n < N; n++) {
+    const float *g = dout + n * C, *xh = xhat + n * C;
+    for (size_t c = 0; c < C; c++) {
+      sg[c] += (double)g[c] * (double)xh[c];
+      sb[c] += (double)g[c];
+    }
+  }
+  if (dgamma)
+    for (size_t c = 0; c < C; c++) dgamma[c] += (float)sg[c];
+  if (dbeta)
+    for (size_t c = 0; c < C; c++) dbeta[c] += (float)sb[c];
+  if (din) {
+    float *k = kdp_xmalloc(3 * C * sizeof(float));
+    float *k1 = k, *k2 = k + C, *k3 = k + 2 * C;
+    for (size_t c = 0; c < C; c++) {
+      double a = (double)gamma[c] * (double)invstd[c];
+      k1[c] = (float)a;
+      k2[c] = (float)(a * sb[c] / (double)N);
+      k3[c] = (float)(a * sg[c] / (double)N);
+    }
+    for (size_t n = 0; n < N; n++) {
+      const float *g = dout + n * C, *xh = xhat + n * C;
+      float *d = din + n * C;
+      for (size_t c = 0; c < C; c++) d[c] += k1[c] * g[c] - k2[c] - k3[c] * xh[c];
+    }
+    free(k);
+  }
+  free(sg);
+}
