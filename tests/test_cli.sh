@@ -1,2 +1,85 @@
-#!/bin/sh
-exit 77
+#!/usr/bin/env bash
+# Integration tests of the kdpeers command line: help, config errors (exit 2, nothing written),
+# a real single-process run on a Fashion-MNIST subset, metrics.jsonl contents, determinism.
+# Usage: tests/test_cli.sh PATH/TO/kdpeers
+set -uo pipefail
+exe="${1:?usage: test_cli.sh KDPEERS}"
+src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
+# shellcheck source=launch/env.sh
+. "$src/launch/env.sh"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   - $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
+expect() { # expect DESC CMD... : CMD succeeds
+  local d="$1"; shift
+  if "$@"; then ok "$d"; else bad "$d"; fi
+}
+
+# --- help, version, print-config ---
+"$exe" --version >"$tmp/v" 2>&1
+expect "--version prints the version" grep -q "^kdpeers [0-9]" "$tmp/v"
+"$exe" --help >"$tmp/h" 2>&1
+expect "--help exits 0 and lists config keys" grep -q "optim.lr" "$tmp/h"
+"$exe" --print-config -s optim.lr=0.125 >"$tmp/c.ini" 2>"$tmp/err"
+expect "--print-config shows -s overrides" grep -qE "^lr *= *0.125" "$tmp/c.ini"
+"$exe" --print-config -c "$tmp/c.ini" >"$tmp/c2.ini" 2>"$tmp/err"
+expect "--print-config round-trips through -c" cmp -s "$tmp/c.ini" "$tmp/c2.ini"
+
+# --- config errors: exit 2, the message names file and line, nothing written ---
+printf '[optim]\nlr = 0.1\nlearning_rate = 3\n' >"$tmp/bad.ini"
+"$exe" -c "$tmp/bad.ini" -s run.dir="$tmp/never1" >"$tmp/o" 2>"$tmp/e"
+rc=$?
+expect "unknown key exits 2" test "$rc" = 2
+expect "unknown key message names file:line" grep -q "bad.ini:3" "$tmp/e"
+expect "nothing written on a config error" test ! -e "$tmp/never1"
+"$exe" -s optim.lr=abc -s run.dir="$tmp/never2" >"$tmp/o" 2>"$tmp/e"
+rc=$?
+expect "malformed -s value exits 2" test "$rc" = 2
+expect "malformed -s message names the argument" grep -q "optim.lr=abc" "$tmp/e"
+"$exe" -s optim.momentum=1.5 -s run.dir="$tmp/never3" >"$tmp/o" 2>"$tmp/e"
+rc=$?
+expect "out-of-range value exits 2" test "$rc" = 2
+expect "nothing written on a range error" test ! -e "$tmp/never3"
+"$exe" --bogus >"$tmp/o" 2>"$tmp/e"
+rc=$?
+expect "unknown option exits 2" test "$rc" = 2
+"$exe" -s data.train_images=/nonexistent/x.gz -s run.dir="$tmp/never4" -s run.progress=none \
+  >"$tmp/o" 2>"$tmp/e"
+rc=$?
+expect "missing dataset fails non-zero" test "$rc" != 0
+expect "missing dataset message names the file" grep -q "/nonexistent/x.gz" "$tmp/e"
+
+# --- a real run: mlp on 3000 Fashion-MNIST examples, 2 epochs ---
+common=(-s data.subset=3000 -s data.test_subset=2000 -s run.epochs=2 -s "model.arch=mlp(64)"
+  -s run.progress=plain -s run.log_every=10)
+"$exe" "${common[@]}" -s run.dir="$tmp/r1" >"$tmp/o1" 2>"$tmp/e1"
+rc=$?
+expect "single-process run exits 0" test "$rc" = 0
+m="$tmp/r1/metrics.jsonl"
+expect "metrics.jsonl has eval lines for peer0" grep -q '"event":"eval".*"model":"peer0"' "$m"
+expect "metrics.jsonl ends with a summary" bash -c "tail -n 1 '$m' | grep -q '\"event\":\"summary\",\"steps\":48,\"train_seconds\"'"
+acc=$(grep '"event":"eval"' "$m" | tail -n 1 | sed 's/.*"acc":\([0-9.]*\).*/\1/')
+expect "2 epochs on 3000 examples reach > 70% test accuracy (got $acc)" \
+  awk -v a="$acc" 'BEGIN { exit !(a > 0.70) }'
+expect "plain log lines are timestamped" grep -qE "^20[0-9]{2}-[0-9]{2}-[0-9]{2}T" "$tmp/e1"
+expect "the summary table is printed" grep -q "test acc" "$tmp/e1"
+
+# --- determinism: the same seed gives identical eval lines ---
+"$exe" "${common[@]}" -s run.dir="$tmp/r2" >/dev/null 2>&1
+expect "same seed, same results" cmp -s <(grep '"event":"eval"' "$m") \
+  <(grep '"event":"eval"' "$tmp/r2/metrics.jsonl")
+"$exe" "${common[@]}" -s run.seed=7 -s run.dir="$tmp/r3" >/dev/null 2>&1
+expect "another seed, other results" bash -c "! cmp -s <(grep '\"event\":\"eval\"' '$m') <(grep '\"event\":\"eval\"' '$tmp/r3/metrics.jsonl')"
+
+# --- max_steps, cnn, label noise ---
+"$exe" -s data.subset=512 -s data.test_subset=500 -s model.arch=cnn -s run.max_steps=3 \
+  -s run.progress=none -s data.label_noise=0.4 -s run.dir="$tmp/r4" >/dev/null 2>"$tmp/e4"
+rc=$?
+expect "cnn run with max_steps exits 0" test "$rc" = 0
+expect "max_steps stops after 3 steps" grep -q '"event":"summary","steps":3,' "$tmp/r4/metrics.jsonl"
+
+echo "cli: $pass passed, $fail failed"
+[ "$fail" = 0 ]

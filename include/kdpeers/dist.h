@@ -61,4 +61,41 @@ void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
 double kdp_dist_max(kdp_dist *d, double v);
 void kdp_dist_barrier(kdp_dist *d);
 
+/* ---- exchanges: the distillation step of one rank, fed by collectives ---- */
+
+struct kdp_cohort;
+typedef struct kdp_exchange kdp_exchange;
+
+/* Buffers for exchanging batches of up to max_b rows of C logits (and the cohort's features). */
+int kdp_exchange_create(kdp_exchange **out, kdp_dist *d, struct kdp_cohort *c, size_t C,
+                        size_t max_b, kdp_error *err);
+void kdp_exchange_free(kdp_exchange *x);
+
+/* Settings of one step (everything kdp_kd_batch holds except the gathered tensors). */
+typedef struct kdp_exchange_args {
+  const int32_t *y; /* b labels of this rank's slice */
+  size_t b;
+  float T, weight;  /* weight = lam * w(e) */
+  int burn_in;
+  float scale;      /* multiplies every gradient handed back (hybrid: b / global batch) */
+} kdp_exchange_args;
+
+/*
+ * One distillation step for this rank's peer: allgathers z (b x C) and, when the method reads
+ * them, h (b x d_peer) over the cohort; computes this rank's share of the objective
+ * (kdp_cohort_step); reduce-scatters the gradients that reach other peers' logits and features.
+ * ACCUMULATES scale * dJ/dz into dz (b x C) and, when kdp_cohort_feature_grads, into dh
+ * (b x d_peer). The module's grads are left scaled in the cohort (not yet summed over ranks: call
+ * kdp_exchange_module_allreduce). Returns 0 or KDP_EINVAL.
+ */
+struct kdp_kd_losses;
+int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
+                      const kdp_exchange_args *a, float *dz, float *dh,
+                      struct kdp_kd_losses *out, kdp_error *err);
+/* Sums the replicated module's gradients over every rank (world), so the replicas step alike. */
+void kdp_exchange_module_allreduce(kdp_exchange *x);
+/* Teacher logits (b x C) in eval mode for an eval batch (collective over the cohort). */
+int kdp_exchange_teacher_eval(kdp_exchange *x, const float *z, const float *h, size_t b,
+                              float *teacher, kdp_error *err);
+
 #endif

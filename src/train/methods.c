@@ -11,42 +11,16 @@
 typedef struct mstate {
   kdp_method id;
   kdp_cohort *cohort;
-  int cross_grads;      /* dz must be reduce-scattered (gradients reach other peers' logits) */
-  int feat_grads;       /* dh must be reduce-scattered */
-  int uses_feat;        /* the method reads features */
-  size_t max_b;
-  float *z_all, *dz;    /* P x max_b x C */
-  float *h_all, *dh;    /* feature floats for max_b */
-  float *my_dz;         /* max_b x C */
-  float *teacher;       /* max_b x C */
-  size_t dims[KDP_KD_MAX_PEERS];
-  size_t counts[KDP_KD_MAX_PEERS], displs[KDP_KD_MAX_PEERS];
+  kdp_exchange *ex;
+  float *teacher;       /* EVAL_MAX x C */
   kdp_sgd mopt;         /* the replicated module's optimizer */
   size_t n_module;
 } mstate;
 
-static void set_counts(mstate *s, size_t P, size_t b) {
-  for (size_t j = 0; j < P; j++) {
-    s->counts[j] = b * s->dims[j];
-    s->displs[j] = kdp_cohort_feature_offset(s->cohort, j, b);
-  }
-}
-
-/* allgathers this peer's logits (and features) for a batch of b into z_all (and h_all) */
-static void gather(kdp_trainer *t, mstate *s, const float *z, const float *h, size_t b) {
-  kdp_dist_cohort_allgather(t->d, z, s->z_all, b * t->C);
-  if (s->uses_feat && h) {
-    set_counts(s, (size_t)t->P, b);
-    kdp_dist_cohort_allgatherv(t->d, h, b * s->dims[t->d->peer], s->h_all, s->counts, s->displs);
-  }
-}
-
 static void teacher_eval(kdp_trainer *t, const float *z, size_t b, double *loss, size_t *correct) {
   mstate *s = t->method;
   kdp_error err;
-  gather(t, s, z, kdp_model_features(t->model), b);
-  if (kdp_cohort_teacher_eval(s->cohort, s->z_all, s->uses_feat ? s->h_all : NULL, b, s->teacher,
-                              &err) != 0) {
+  if (kdp_exchange_teacher_eval(s->ex, z, kdp_model_features(t->model), b, s->teacher, &err) != 0) {
     fprintf(stderr, "kdpeers: teacher evaluation failed: %s\n", err.msg);
     return;
   }
@@ -84,30 +58,21 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   spec.method = s->id;
   spec.P = P;
   spec.C = t->C;
-  for (size_t j = 0; j < P; j++) spec.dims[j] = s->dims[j] = (size_t)all[j];
+  for (size_t j = 0; j < P; j++) spec.dims[j] = (size_t)all[j];
   free(all);
   spec.leader = t->cfg->leader;
   spec.detach = t->cfg->detach;
   spec.fusion_dim = (size_t)t->cfg->fusion_dim;
-  s->max_b = t->Bl > EVAL_MAX ? t->Bl : EVAL_MAX;
-  int rc = kdp_cohort_create(&s->cohort, &spec, s->max_b, err);
+  size_t max_b = t->Bl > EVAL_MAX ? t->Bl : EVAL_MAX;
+  int rc = kdp_cohort_create(&s->cohort, &spec, max_b, err);
   if (rc != 0) return rc;
   kdp_rng mrng;
   kdp_rng_seed(&mrng, t->cfg->seed, KDP_STREAM_MODULE);
   kdp_cohort_module_init(s->cohort, &mrng);
-  s->uses_feat = kdp_method_uses_features(s->id);
-  s->feat_grads = kdp_cohort_feature_grads(s->cohort);
-  s->cross_grads = s->id == KDP_METHOD_ONE || s->id == KDP_METHOD_FFL ||
-                   (s->id == KDP_METHOD_OKDDIP && !t->cfg->detach);
-  t->uses_features_grad = s->feat_grads;
-  size_t C = t->C;
-  s->z_all = kdp_falloc(P * s->max_b * C);
-  s->dz = kdp_falloc(P * s->max_b * C);
-  s->my_dz = kdp_falloc(s->max_b * C);
-  s->teacher = kdp_falloc(s->max_b * C);
-  size_t nf = kdp_cohort_feature_floats(s->cohort, s->max_b);
-  s->h_all = kdp_falloc(nf ? nf : 1);
-  s->dh = kdp_falloc(nf ? nf : 1);
+  t->uses_features_grad = kdp_cohort_feature_grads(s->cohort);
+  rc = kdp_exchange_create(&s->ex, t->d, s->cohort, t->C, max_b, err);
+  if (rc != 0) return rc;
+  s->teacher = kdp_falloc(max_b * t->C);
   s->n_module = kdp_cohort_module_n_params(s->cohort);
   if (s->n_module) {
     double wd = s->id == KDP_METHOD_FFL ? t->cfg->fusion_weight_decay : t->cfg->weight_decay;
@@ -123,13 +88,9 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
 void kdp_method_free(kdp_trainer *t) {
   mstate *s = t->method;
   if (!s) return;
+  kdp_exchange_free(s->ex);
   kdp_cohort_free(s->cohort);
-  free(s->z_all);
-  free(s->dz);
-  free(s->my_dz);
   free(s->teacher);
-  free(s->h_all);
-  free(s->dh);
   if (s->n_module) kdp_sgd_free(&s->mopt);
   free(s);
   t->method = NULL;
@@ -138,53 +99,26 @@ void kdp_method_free(kdp_trainer *t) {
 void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b, int64_t step,
                      double epoch, float scale, kdp_step_loss *out) {
   mstate *s = t->method;
-  size_t C = t->C, n = b * C;
-  size_t P = (size_t)t->P, me = (size_t)t->d->peer;
   const kdp_config *cfg = t->cfg;
   memset(out, 0, sizeof *out);
   if (s->id == KDP_METHOD_INDEPENDENT) {
-    out->ce = kdp_ce_loss(z, y, b, C, t->dlogits, scale, &out->correct);
+    out->ce = kdp_ce_loss(z, y, b, t->C, t->dlogits, scale, &out->correct);
     return;
   }
-  gather(t, s, z, kdp_model_features(t->model), b);
-  kdp_kd_batch in = {
-      .z = s->z_all,
-      .h = s->uses_feat ? s->h_all : NULL,
+  kdp_exchange_args a = {
       .y = y,
-      .B = b,
+      .b = b,
       .T = (float)cfg->temperature,
       .weight = (float)(cfg->weight * kdp_rampup(epoch, cfg->rampup_epochs)),
       .burn_in = s->id == KDP_METHOD_CODISTILL && step < cfg->burn_in_steps,
+      .scale = scale,
   };
-  memset(s->dz, 0, P * n * sizeof(float));
-  size_t nf = kdp_cohort_feature_floats(s->cohort, b);
-  if (s->feat_grads) memset(s->dh, 0, nf * sizeof(float));
-  if (s->n_module) kdp_cohort_module_zero_grad(s->cohort);
   kdp_kd_losses L;
   kdp_error err;
-  if (kdp_cohort_step(s->cohort, me, &in, s->dz, s->feat_grads ? s->dh : NULL, NULL, &L, &err) !=
-      0) {
+  if (kdp_exchange_step(s->ex, z, kdp_model_features(t->model), &a, t->dlogits, t->dfeat, &L,
+                        &err) != 0) {
     fprintf(stderr, "kdpeers: internal error in the %s step: %s\n", cfg->method, err.msg);
     abort();
-  }
-  const float *g = s->dz + me * n;
-  if (s->cross_grads) {
-    /* each rank computed dJ_i/dz_j for every j: sum the blocks addressed to this peer */
-    kdp_dist_cohort_reduce_scatter(t->d, s->dz, s->my_dz, n);
-    g = s->my_dz;
-  }
-  for (size_t k = 0; k < n; k++) t->dlogits[k] += scale * g[k];
-  if (s->feat_grads) {
-    set_counts(s, P, b);
-    /* the blocks are laid out back to back in cohort order, as reduce_scatterv expects */
-    float *mine = s->h_all; /* reuse as receive buffer: h_all is not needed any more this step */
-    kdp_dist_cohort_reduce_scatterv(t->d, s->dh, mine, s->counts);
-    size_t nd = b * s->dims[me];
-    for (size_t k = 0; k < nd; k++) t->dfeat[k] += scale * mine[k];
-  }
-  if (s->n_module) {
-    float *mg = kdp_cohort_module_grads(s->cohort);
-    for (size_t k = 0; k < s->n_module; k++) mg[k] *= scale;
   }
   out->ce = L.ce;
   out->kd = L.loss - L.ce;
@@ -194,7 +128,7 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
 void kdp_method_after_backward(kdp_trainer *t) {
   mstate *s = t->method;
   /* replicated module: every rank holds its share; the sum over all ranks is the gradient */
-  if (s->n_module) kdp_dist_world_allreduce(t->d, kdp_cohort_module_grads(s->cohort), s->n_module);
+  if (s->ex) kdp_exchange_module_allreduce(s->ex);
 }
 
 void kdp_method_opt_step(kdp_trainer *t, float lr) {
