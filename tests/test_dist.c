@@ -1,0 +1,246 @@
+/* test_dist.c: under mpirun (-np 2, 3, 4): the distributed exchange feeds every method the same
+   numbers as the single-process reference, and replicated modules stay bitwise identical. */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kdpeers/dist.h"
+#include "kdpeers/kd.h"
+#include "kdpeers/nn.h"
+#include "testutil.h"
+
+static kdp_dist D;
+static int g_fail; /* mismatches are counted, not thrown: a rank that stopped early would leave
+                      the others waiting in a collective */
+
+static void near(const char *what, const float *a, const float *b, size_t n, double atol,
+                 double rtol) {
+  size_t w = 0;
+  double e = kdp_test_maxerr(a, b, n, atol, rtol, &w);
+  if (e > 1.0) {
+    fprintf(stderr, "rank %d: %s: index %zu: got %.8g, expected %.8g\n", D.world_rank, what, w,
+            (double)a[w], (double)b[w]);
+    g_fail++;
+  }
+}
+
+#define B 6
+#define C 5
+
+static size_t dim_of(size_t j) { return 8 + 4 * (j % 3); } /* heterogeneous feature dims */
+
+/* identical on every rank: the whole cohort's tensors for one step */
+static void make_batch(kdp_rng *r, size_t P, float *z, float *h, size_t nh, int32_t *y) {
+  for (size_t k = 0; k < P * B * C; k++) z[k] = 2.0f * kdp_rng_normal(r);
+  for (size_t k = 0; k < nh; k++) h[k] = kdp_rng_normal(r);
+  for (size_t k = 0; k < B; k++) y[k] = (int32_t)kdp_rng_below(r, C);
+}
+
+static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
+  kdp_kd_spec sp;
+  memset(&sp, 0, sizeof sp);
+  sp.method = m;
+  sp.P = P;
+  sp.C = C;
+  for (size_t j = 0; j < P; j++) sp.dims[j] = dim_of(j);
+  sp.leader = -1;
+  sp.detach = detach;
+  kdp_cohort *c = NULL;
+  kdp_error err;
+  ck_assert_msg(kdp_cohort_create(&c, &sp, B, &err) == 0, "cohort: %s", err.msg);
+  kdp_rng r;
+  kdp_rng_seed(&r, 11, KDP_STREAM_MODULE);
+  kdp_cohort_module_init(c, &r);
+  return c;
+}
+
+/* Distributed step on this rank vs the single-process objective, for one method. */
+static void check_method(kdp_method m, int detach, int burn_in) {
+  size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
+  if (m == KDP_METHOD_OKDDIP && P < 3) return;
+  kdp_cohort *dist = make_cohort(m, P, detach), *ref = make_cohort(m, P, detach);
+  size_t nh = kdp_cohort_feature_floats(ref, B);
+  float *z = kdp_falloc(P * B * C), *h = kdp_falloc(nh);
+  int32_t y[B];
+  kdp_rng r;
+  kdp_rng_seed(&r, 1234 + (uint64_t)m, 99);
+  make_batch(&r, P, z, h, nh, y);
+  /* reference: the total objective's gradients, in one process */
+  float *rdz = kdp_falloc(P * B * C), *rdh = kdp_falloc(nh), *teach = kdp_falloc(B * C);
+  kdp_kd_losses per[KDP_KD_MAX_PEERS];
+  double total = 0;
+  kdp_error err;
+  kdp_kd_batch in = {.z = z, .h = h, .y = y, .B = B, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in};
+  kdp_cohort_module_zero_grad(ref);
+  ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, teach, per, &total, &err) == 0, "%s",
+                err.msg);
+  /* distributed: this rank only passes its own peer's logits and features */
+  kdp_exchange *x = NULL;
+  ck_assert(kdp_exchange_create(&x, &D, dist, C, B, &err) == 0);
+  float *dz = kdp_falloc(B * C), *dh = kdp_falloc(B * dim_of(me));
+  kdp_exchange_args a = {.y = y, .b = B, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in,
+                         .scale = 1.0f};
+  kdp_kd_losses L;
+  size_t hoff = kdp_cohort_feature_offset(ref, me, B);
+  ck_assert_msg(kdp_exchange_step(x, z + me * B * C, h + hoff, &a, dz, dh, &L, &err) == 0, "%s",
+                err.msg);
+  kdp_exchange_module_allreduce(x);
+  char what[96];
+  const char *name = kdp_method_name(m);
+  snprintf(what, sizeof what, "%s%s: loss of peer %zu", name, detach ? "(detach)" : "", me);
+  if (!(fabs(L.loss - per[me].loss) <= 1e-5 * (1 + fabs(per[me].loss)))) {
+    fprintf(stderr, "rank %d: %s: %.9g vs reference %.9g\n", D.world_rank, what, L.loss,
+            per[me].loss);
+    g_fail++;
+  }
+  snprintf(what, sizeof what, "%s%s: dL/dz of peer %zu", name, detach ? "(detach)" : "", me);
+  near(what, dz, rdz + me * B * C, B * C, 1e-6, 1e-4);
+  if (kdp_cohort_feature_grads(ref)) {
+    snprintf(what, sizeof what, "%s%s: dL/dh of peer %zu", name, detach ? "(detach)" : "", me);
+    near(what, dh, rdh + hoff, B * dim_of(me), 1e-6, 1e-4);
+  }
+  size_t nm = kdp_cohort_module_n_params(ref);
+  if (nm) {
+    snprintf(what, sizeof what, "%s%s: module gradient", name, detach ? "(detach)" : "");
+    near(what, kdp_cohort_module_grads(dist), kdp_cohort_module_grads(ref), nm,
+                          1e-6, 1e-4);
+  }
+  kdp_exchange_free(x);
+  kdp_cohort_free(dist);
+  kdp_cohort_free(ref);
+  free(z);
+  free(h);
+  free(rdz);
+  free(rdh);
+  free(teach);
+  free(dz);
+  free(dh);
+}
+
+START_TEST(test_methods_match_reference) {
+  check_method(KDP_METHOD_DML, 0, 0);
+  check_method(KDP_METHOD_CODISTILL, 0, 0);
+  check_method(KDP_METHOD_CODISTILL, 0, 1);
+  check_method(KDP_METHOD_AVG, 0, 0);
+  check_method(KDP_METHOD_ONE, 0, 0);
+  check_method(KDP_METHOD_FFL, 0, 0);
+  check_method(KDP_METHOD_OKDDIP, 0, 0);
+  check_method(KDP_METHOD_OKDDIP, 1, 0);
+  ck_assert_msg(g_fail == 0, "%d mismatches against the single-process reference", g_fail);
+}
+END_TEST
+
+/* 100 steps of module updates from distributed gradients: the replicas stay bitwise equal. */
+static void check_replicas(kdp_method m) {
+  size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
+  if (m == KDP_METHOD_OKDDIP && P < 3) return;
+  kdp_cohort *c = make_cohort(m, P, 0);
+  size_t nh = kdp_cohort_feature_floats(c, B), nm = kdp_cohort_module_n_params(c);
+  kdp_exchange *x = NULL;
+  kdp_error err;
+  ck_assert(kdp_exchange_create(&x, &D, c, C, B, &err) == 0);
+  kdp_sgd opt;
+  kdp_sgd_init(&opt, nm, 0.9f, 1e-4f, 1);
+  float *z = kdp_falloc(P * B * C), *h = kdp_falloc(nh), *dz = kdp_falloc(B * C);
+  float *dh = kdp_falloc(B * dim_of(me));
+  int32_t y[B];
+  kdp_rng r;
+  /* each rank draws different data: only the allreduce keeps the replicas equal */
+  kdp_rng_seed(&r, 77, 1000 + me);
+  for (int step = 0; step < 100; step++) {
+    make_batch(&r, P, z, h, nh, y);
+    kdp_exchange_args a = {.y = y, .b = B, .T = 3.0f, .weight = 1.0f, .scale = 1.0f};
+    kdp_kd_losses L;
+    size_t hoff = kdp_cohort_feature_offset(c, me, B);
+    ck_assert(kdp_exchange_step(x, z + me * B * C, h + hoff, &a, dz, dh, &L, &err) == 0);
+    kdp_exchange_module_allreduce(x);
+    kdp_sgd_step(&opt, kdp_cohort_module_params(c), kdp_cohort_module_grads(c), 0.05f);
+  }
+  int rc = kdp_dist_agree(&D, kdp_cohort_module_params(c), nm * sizeof(float),
+                          "replicated module parameters", &err);
+  ck_assert_msg(rc == 0, "%s after 100 steps: %s", kdp_method_name(m), err.msg);
+  size_t nb = kdp_cohort_module_n_buffers(c);
+  if (nb) {
+    rc = kdp_dist_agree(&D, kdp_cohort_module_buffers(c), nb * sizeof(float),
+                        "replicated module BN statistics", &err);
+    ck_assert_msg(rc == 0, "%s after 100 steps: %s", kdp_method_name(m), err.msg);
+  }
+  kdp_sgd_free(&opt);
+  kdp_exchange_free(x);
+  kdp_cohort_free(c);
+  free(z);
+  free(h);
+  free(dz);
+  free(dh);
+}
+
+START_TEST(test_replicas_bitwise) {
+  check_replicas(KDP_METHOD_ONE);
+  check_replicas(KDP_METHOD_FFL);
+  check_replicas(KDP_METHOD_OKDDIP);
+}
+END_TEST
+
+START_TEST(test_collectives) {
+  /* allgatherv and reduce-scatterv with unequal blocks */
+  size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
+  size_t counts[KDP_KD_MAX_PEERS], displs[KDP_KD_MAX_PEERS], tot = 0;
+  for (size_t j = 0; j < P; j++) {
+    counts[j] = j + 1;
+    displs[j] = tot;
+    tot += counts[j];
+  }
+  float mine[KDP_KD_MAX_PEERS], all[KDP_KD_MAX_PEERS * KDP_KD_MAX_PEERS];
+  for (size_t k = 0; k < counts[me]; k++) mine[k] = (float)(100 * me + k);
+  kdp_dist_cohort_allgatherv(&D, mine, counts[me], all, counts, displs);
+  for (size_t j = 0; j < P; j++)
+    for (size_t k = 0; k < counts[j]; k++) ck_assert(all[displs[j] + k] == (float)(100 * j + k));
+  /* every rank sends 1 to each element: peer me receives P in each of its counts[me] slots */
+  for (size_t k = 0; k < tot; k++) all[k] = 1.0f;
+  float out[KDP_KD_MAX_PEERS];
+  kdp_dist_cohort_reduce_scatterv(&D, all, out, counts);
+  for (size_t k = 0; k < counts[me]; k++) ck_assert(out[k] == (float)P);
+}
+END_TEST
+
+START_TEST(test_agree_detects_difference) {
+  int v = D.world_rank == D.world_size - 1 ? 1 : 0;
+  kdp_error err;
+  int rc = kdp_dist_agree(&D, &v, sizeof v, "test value", &err);
+  if (D.world_size > 1) {
+    ck_assert_int_eq(rc, KDP_EMISMATCH);
+    char want[32];
+    snprintf(want, sizeof want, "rank %d", D.world_size - 1);
+    ck_assert_msg(strstr(err.msg, want) != NULL, "message should name the rank: %s", err.msg);
+  } else {
+    ck_assert_int_eq(rc, 0);
+  }
+}
+END_TEST
+
+int main(int argc, char **argv) {
+  kdp_error err;
+  if (kdp_dist_init_mpi(&argc, &argv, &err) != 0 || kdp_dist_setup(&D, 1, &err) != 0) {
+    fprintf(stderr, "%s\n", err.msg);
+    return 1;
+  }
+  Suite *s = suite_create("dist");
+  TCase *tc = tcase_create("core");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, test_methods_match_reference);
+  tcase_add_test(tc, test_replicas_bitwise);
+  tcase_add_test(tc, test_collectives);
+  tcase_add_test(tc, test_agree_detects_difference);
+  suite_add_tcase(s, tc);
+  SRunner *sr = srunner_create(s);
+  srunner_set_fork_status(sr, CK_NOFORK); /* MPI cannot survive fork */
+  srunner_run_all(sr, D.world_rank == 0 ? CK_NORMAL : CK_SILENT);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  /* a failure on any rank fails the run */
+  int ok = kdp_dist_all_ok(&D, failed == 0);
+  kdp_dist_free(&D);
+  kdp_dist_finalize();
+  return ok ? 0 : 1;
+}

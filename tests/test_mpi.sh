@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Real training runs under mpirun: every method with heterogeneous peers, hybrid parallelism
+# (ranks_per_peer = 2 equals 1), determinism, and layout errors.
+# Usage: tests/test_mpi.sh PATH/TO/kdpeers
+set -uo pipefail
+exe="${1:?usage: test_mpi.sh KDPEERS}"
+src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
+# shellcheck source=launch/env.sh
+. "$src/launch/env.sh"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   - $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
+expect() {
+  local d="$1"; shift
+  if "$@"; then ok "$d"; else bad "$d"; fi
+}
+run() { # run NP ARGS... (timeout guards against a hang in a collective)
+  local np="$1"; shift
+  timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
+}
+small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
+
+# --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
+for method in independent dml codistill avg one ffl okddip; do
+  d="$tmp/m-$method"
+  run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
+    -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" -s run.dir="$d" >"$d.out" 2>&1
+  rc=$?
+  expect "$method: 3 heterogeneous peers train (exit $rc)" test "$rc" = 0
+  for p in peer0 peer1 peer2; do
+    expect "$method: eval line for $p" grep -q "\"model\":\"$p\"" "$d/metrics.jsonl"
+  done
+  [ "$method" = independent ] || expect "$method: ensemble eval line" grep -q '"model":"ensemble"' "$d/metrics.jsonl"
+  case "$method" in
+    one) expect "one: gate eval line" grep -q '"model":"gate"' "$d/metrics.jsonl" ;;
+    ffl) expect "ffl: fused eval line" grep -q '"model":"fused"' "$d/metrics.jsonl" ;;
+    okddip) expect "okddip: leader eval line" grep -q '"model":"leader"' "$d/metrics.jsonl" ;;
+  esac
+  [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
+done
+
+# --- hybrid: ranks_per_peer = 2 gives the same losses as 1 (MLP, no batchnorm) ---
+hyb=(-s data.subset=2048 -s data.test_subset=1000 -s run.epochs=1 -s run.max_steps=20
+  -s run.log_every=1 -s "model.arch=mlp(64,32)" -s kd.method=dml -s optim.batch_size=64)
+run 2 "${hyb[@]}" -s run.dir="$tmp/h1" >"$tmp/h1.out" 2>&1
+run 4 "${hyb[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/h2" >"$tmp/h2.out" 2>&1
+losses() { grep '"event":"train"' "$1" | sed 's/.*"loss":\([^,]*\),"kd":\([^,]*\),.*/\1 \2/'; }
+expect "hybrid runs logged 20 steps each" test "$(losses "$tmp/h1/metrics.jsonl" | wc -l)" = 20 -a \
+  "$(losses "$tmp/h2/metrics.jsonl" | wc -l)" = 20
+maxdiff=$(paste <(losses "$tmp/h1/metrics.jsonl") <(losses "$tmp/h2/metrics.jsonl") |
+  awk 'function abs(v) { return v < 0 ? -v : v }
+       { d = abs($1 - $3) / (1e-6 + abs($1)); if (d > m) m = d; d = abs($2 - $4) / (1e-6 + abs($2)); if (d > m) m = d }
+       END { printf "%g", m + 0 }')
+expect "ranks_per_peer=2 equals 1 over 20 steps (max relative loss difference $maxdiff < 1e-4)" \
+  awk -v m="$maxdiff" 'BEGIN { exit !(m < 1e-4) }'
+
+# --- determinism under mpirun ---
+run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d1" >/dev/null 2>&1
+run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d2" >/dev/null 2>&1
+expect "same seed and layout give identical metrics" cmp -s \
+  <(grep -E '"event":"(eval|train)"' "$tmp/d1/metrics.jsonl" | sed 's/,"samples_per_second".*//') \
+  <(grep -E '"event":"(eval|train)"' "$tmp/d2/metrics.jsonl" | sed 's/,"samples_per_second".*//')
+
+# --- layout errors ---
+run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.out" 2>&1
+rc=$?
+expect "-np 3 with ranks_per_peer=2 is refused with exit 2 (got $rc)" test "$rc" = 2
+expect "the message says ranks_per_peer does not divide" grep -q "does not divide" "$tmp/bad1.out"
+run 2 "${small[@]}" -s kd.method=okddip -s run.dir="$tmp/bad2" >"$tmp/bad2.out" 2>&1
+rc=$?
+expect "okddip with 2 peers is refused (got $rc)" test "$rc" != 0
+expect "the okddip message explains the peer count" grep -q "at least 3 peers" "$tmp/bad2.out"
+
+echo "mpi: $pass passed, $fail failed"
+[ "$fail" = 0 ]
