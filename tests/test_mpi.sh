@@ -42,6 +42,16 @@ for method in independent dml codistill avg one ffl okddip; do
   [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
 done
 
+# --- codistill, weights mode: disjoint shards, stale copies refreshed every 3 steps ---
+d="$tmp/cw"
+run 3 "${small[@]}" -s run.max_steps=8 -s kd.method=codistill -s kd.exchange=weights \
+  -s kd.exchange_every=3 -s kd.burn_in_steps=2 -s "model.arch=mlp(32)" -s peer.1.arch=cnn \
+  -s run.dir="$d" >"$d.out" 2>&1
+rc=$?
+expect "codistill weights mode trains heterogeneous peers (exit $rc)" test "$rc" = 0
+expect "codistill weights mode: ensemble eval line" grep -q '"model":"ensemble"' "$d/metrics.jsonl"
+[ "$rc" = 0 ] || tail -n 20 "$d.out"
+
 # --- hybrid: ranks_per_peer = 2 gives the same losses as 1 (MLP, no batchnorm) ---
 hyb=(-s data.subset=2048 -s data.test_subset=1000 -s run.epochs=1 -s run.max_steps=20
   -s run.log_every=1 -s "model.arch=mlp(64,32)" -s kd.method=dml -s optim.batch_size=64)

@@ -15,7 +15,82 @@ typedef struct mstate {
   float *teacher;       /* EVAL_MAX x C */
   kdp_sgd mopt;         /* the replicated module's optimizer */
   size_t n_module;
+  /* codistill, weights mode: stale copies of the other peers, refreshed every k steps */
+  int weights_mode;
+  kdp_model *stale[KDP_KD_MAX_PEERS];
+  size_t counts[KDP_KD_MAX_PEERS], displs[KDP_KD_MAX_PEERS];
+  float *flat_mine, *flat_all; /* params ++ buffers of this peer / of every peer */
+  float *z_all, *dz_all;       /* P x Bl x C */
 } mstate;
+
+/* Sizes of every peer's (params ++ buffers) vector, from models built for their archs. */
+static int weights_mode_init(kdp_trainer *t, mstate *s, kdp_error *err) {
+  size_t P = (size_t)t->P, me = (size_t)t->d->peer, tot = 0;
+  kdp_input_shape ish = {t->train.H, t->train.W, t->train.C, t->C};
+  for (size_t j = 0; j < P; j++) {
+    kdp_model *m = NULL;
+    if (j != me) {
+      int rc = kdp_model_create(&m, kdp_config_peer_arch(t->cfg, (int)j), ish, t->Bl, err);
+      if (rc != 0) return rc;
+      s->stale[j] = m;
+    } else {
+      m = t->model;
+    }
+    s->counts[j] = kdp_model_n_params(m) + kdp_model_n_buffers(m);
+    s->displs[j] = tot;
+    tot += s->counts[j];
+  }
+  s->flat_mine = kdp_falloc(s->counts[me]);
+  s->flat_all = kdp_falloc(tot);
+  s->z_all = kdp_falloc(P * t->Bl * t->C);
+  s->dz_all = kdp_falloc(P * t->Bl * t->C);
+  /* each peer trains on its own disjoint shard of the training set */
+  size_t n = t->train.n;
+  kdp_batcher_set_shard(&t->batcher, n * me / P, n * (me + 1) / P);
+  return 0;
+}
+
+/* allgathers every peer's parameters and BN statistics into the stale copies */
+static void weights_refresh(kdp_trainer *t, mstate *s) {
+  size_t P = (size_t)t->P, me = (size_t)t->d->peer;
+  size_t np = kdp_model_n_params(t->model), nb = kdp_model_n_buffers(t->model);
+  memcpy(s->flat_mine, kdp_model_params(t->model), np * sizeof(float));
+  memcpy(s->flat_mine + np, kdp_model_buffers(t->model), nb * sizeof(float));
+  kdp_dist_cohort_allgatherv(t->d, s->flat_mine, s->counts[me], s->flat_all, s->counts,
+                             s->displs);
+  for (size_t j = 0; j < P; j++) {
+    if (j == me) continue;
+    kdp_model *m = s->stale[j];
+    size_t mp = kdp_model_n_params(m), mb = kdp_model_n_buffers(m);
+    memcpy(kdp_model_params(m), s->flat_all + s->displs[j], mp * sizeof(float));
+    memcpy(kdp_model_buffers(m), s->flat_all + s->displs[j] + mp, mb * sizeof(float));
+  }
+}
+
+/* codistill with stale weights: the other peers' predictions on this rank's own batch */
+static void weights_step(kdp_trainer *t, mstate *s, const float *z, const kdp_kd_batch *proto,
+                         int64_t step, float scale, kdp_step_loss *out) {
+  size_t P = (size_t)t->P, me = (size_t)t->d->peer, b = proto->B, n = b * t->C;
+  if (step % t->cfg->exchange_every == 0) weights_refresh(t, s);
+  for (size_t j = 0; j < P; j++) {
+    const float *zj = j == me ? z : kdp_model_forward(s->stale[j], t->cur_x, b, 0, NULL);
+    memcpy(s->z_all + j * n, zj, n * sizeof(float));
+  }
+  kdp_kd_batch in = *proto;
+  in.z = s->z_all;
+  memset(s->dz_all, 0, P * n * sizeof(float));
+  kdp_kd_losses L;
+  kdp_error err;
+  if (kdp_cohort_step(s->cohort, me, &in, s->dz_all, NULL, NULL, &L, &err) != 0) {
+    fprintf(stderr, "kdpeers: internal error in the codistill step: %s\n", err.msg);
+    abort();
+  }
+  const float *g = s->dz_all + me * n;
+  for (size_t k = 0; k < n; k++) t->dlogits[k] += scale * g[k];
+  out->ce = L.ce;
+  out->kd = L.loss - L.ce;
+  out->correct = L.n_correct;
+}
 
 static void teacher_eval(kdp_trainer *t, const float *z, size_t b, double *loss, size_t *correct) {
   mstate *s = t->method;
@@ -39,10 +114,7 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   if (t->P > KDP_KD_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "%d peers: kdpeers supports at most %d peers per cohort",
                     t->P, KDP_KD_MAX_PEERS);
-  if (s->id == KDP_METHOD_CODISTILL && strcmp(t->cfg->exchange, "weights") == 0)
-    return kdp_fail(err, KDP_EINVAL,
-                    "kd.exchange = weights is not available yet in this build; use "
-                    "kd.exchange = logits");
+  s->weights_mode = s->id == KDP_METHOD_CODISTILL && strcmp(t->cfg->exchange, "weights") == 0;
   if (s->id == KDP_METHOD_OKDDIP && t->P < 3)
     return kdp_fail(err, KDP_EINVAL,
                     "kd.method = okddip needs at least 3 peers (a leader and 2 auxiliary peers); "
@@ -73,6 +145,7 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   rc = kdp_exchange_create(&s->ex, t->d, s->cohort, t->C, max_b, err);
   if (rc != 0) return rc;
   s->teacher = kdp_falloc(max_b * t->C);
+  if (s->weights_mode && (rc = weights_mode_init(t, s, err)) != 0) return rc;
   s->n_module = kdp_cohort_module_n_params(s->cohort);
   if (s->n_module) {
     double wd = s->id == KDP_METHOD_FFL ? t->cfg->fusion_weight_decay : t->cfg->weight_decay;
@@ -88,6 +161,11 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
 void kdp_method_free(kdp_trainer *t) {
   mstate *s = t->method;
   if (!s) return;
+  for (int j = 0; j < KDP_KD_MAX_PEERS; j++) kdp_model_free(s->stale[j]);
+  free(s->flat_mine);
+  free(s->flat_all);
+  free(s->z_all);
+  free(s->dz_all);
   kdp_exchange_free(s->ex);
   kdp_cohort_free(s->cohort);
   free(s->teacher);
@@ -113,6 +191,11 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
       .burn_in = s->id == KDP_METHOD_CODISTILL && step < cfg->burn_in_steps,
       .scale = scale,
   };
+  if (s->weights_mode) {
+    kdp_kd_batch proto = {.y = y, .B = b, .T = a.T, .weight = a.weight, .burn_in = a.burn_in};
+    weights_step(t, s, z, &proto, step, scale, out);
+    return;
+  }
   kdp_kd_losses L;
   kdp_error err;
   if (kdp_exchange_step(s->ex, z, kdp_model_features(t->model), &a, t->dlogits, t->dfeat, &L,

@@ -307,6 +307,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
     /* hybrid: each rank's CE is the mean over its slice; scale by bl/bg so that the allreduced sum
        is the mean over the global batch */
     float scale = (float)bl / (float)bg;
+    t->cur_x = x;
     kdp_method_step(t, z, y, bl, step, epoch_f, scale, &sl);
     if (!isfinite(sl.ce) || !isfinite(sl.kd)) {
       rc = kdp_fail(err, KDP_EDIVERGED,

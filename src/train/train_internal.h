@@ -35,6 +35,7 @@ struct kdp_trainer {
   float *xbuf;
   int32_t *ybuf;
   float *dlogits, *dfeat;
+  const float *cur_x;     /* this rank's slice of the current batch (codistill weights mode) */
   int uses_features_grad;
   double lr_scale;
   int64_t step, total_steps, steps_per_epoch;
