@@ -81,6 +81,10 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err);
 void kdp_config_print(const kdp_config *c, FILE *f);
 /* Prints every key with type, default and help (for --help). */
 void kdp_config_print_keys(FILE *f);
+/* The same key list in another format: KDP_KEYS_TEXT (as kdp_config_print_keys), KDP_KEYS_MARKDOWN
+   (the table of docs/config.md) or KDP_KEYS_INI (annotated defaults, configs/default.ini). */
+enum { KDP_KEYS_TEXT = 0, KDP_KEYS_MARKDOWN = 1, KDP_KEYS_INI = 2 };
+void kdp_config_print_keys_fmt(FILE *f, int fmt);
 /* arch for peer i */
 const char *kdp_config_peer_arch(const kdp_config *c, int peer);
 /* Parses optim.milestones into out (max n); returns count or negative on error. */

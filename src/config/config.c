@@ -1,1 +1,1146 @@
-/* config.c: not written yet */
+/* config.c: the run configuration. One static key table drives defaults, INI files (inih),
+   -s overrides, KDP_* environment variables, validation, printing and the docs. */
+#include "kdpeers/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* The key table                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum key_type {
+  KT_INT,     /* int */
+  KT_INT64,   /* int64_t */
+  KT_UINT64,  /* uint64_t */
+  KT_DOUBLE,  /* double */
+  KT_BOOL,    /* int, 0 or 1 */
+  KT_STRING,  /* char[size] */
+  KT_ENUM,    /* char[size], one of choices */
+  KT_DOUBLE3  /* double[3], "a" or "a,b,c" */
+} key_type;
+
+enum { R_LO = 1, R_HI = 2, R_LO_EXCL = 4, R_HI_EXCL = 8 };
+
+/* Extra check for string values (e.g. milestones); writes a reason into why on failure. */
+typedef int (*key_check)(const char *value, char *why, size_t n);
+
+typedef struct key_def {
+  const char *section;
+  const char *key;
+  key_type type;
+  size_t off;   /* offsetof(kdp_config, field) */
+  size_t size;  /* sizeof the field */
+  double lo, hi;
+  unsigned flags;
+  const char *const *choices; /* KT_ENUM, NULL-terminated */
+  key_check check;
+  const char *def; /* default, parsed through the same setter */
+  const char *help;
+} key_def;
+
+#define AT(field) .off = offsetof(kdp_config, field), .size = sizeof(((kdp_config *)0)->field)
+#define RANGE(a, b) .lo = (a), .hi = (b), .flags = R_LO | R_HI
+#define ATLEAST(a) .lo = (a), .flags = R_LO
+#define ABOVE(a) .lo = (a), .flags = R_LO | R_LO_EXCL
+
+static const char *const progress_choices[] = {"auto", "bar", "plain", "none", NULL};
+static const char *const format_choices[] = {"idx", "cifar10", "cifar100", NULL};
+static const char *const schedule_choices[] = {"constant", "cosine", "multistep", NULL};
+static const char *const method_choices[] = {"independent", "dml", "codistill", "avg",
+                                             "one",         "ffl", "okddip",    NULL};
+static const char *const exchange_choices[] = {"logits", "weights", NULL};
+
+static int check_milestones(const char *value, char *why, size_t n);
+
+#define FMNIST "/usr/share/datasets/fashion-mnist/"
+
+static const key_def keys[] = {
+    /* [run] */
+    {"run", "epochs", KT_INT, AT(epochs), RANGE(1, 100000), .def = "10",
+     .help = "number of training epochs"},
+    {"run", "max_steps", KT_INT64, AT(max_steps), ATLEAST(0), .def = "0",
+     .help = "stop after this many optimizer steps (0 = no limit)"},
+    {"run", "seed", KT_UINT64, AT(seed), .def = "42",
+     .help = "seed of every random stream (init, shuffle, augmentation, dropout)"},
+    {"run", "dir", KT_STRING, AT(dir), .def = "runs/default",
+     .help = "output directory for logs, metrics and checkpoints"},
+    {"run", "threads", KT_INT, AT(threads), RANGE(0, 256), .def = "0",
+     .help = "BLAS threads per rank (0 = 1 per rank when ranks fill the cores)"},
+    {"run", "eval_every", KT_INT, AT(eval_every), ATLEAST(1), .def = "1",
+     .help = "evaluate on the test set every N epochs (and at the end)"},
+    {"run", "log_every", KT_INT, AT(log_every), ATLEAST(1), .def = "50",
+     .help = "steps between log lines / progress refreshes"},
+    {"run", "ranks_per_peer", KT_INT, AT(ranks_per_peer), RANGE(1, 64), .def = "1",
+     .help = "MPI ranks training each peer (data parallel within a peer)"},
+    {"run", "progress", KT_ENUM, AT(progress), .choices = progress_choices, .def = "auto",
+     .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},
+    /* [data] */
+    {"data", "format", KT_ENUM, AT(format), .choices = format_choices, .def = "idx",
+     .help = "dataset file format: idx (MNIST/Fashion-MNIST, .gz ok) or CIFAR binary batches"},
+    {"data", "train_images", KT_STRING, AT(train_images),
+     .def = FMNIST "train-images-idx3-ubyte.gz",
+     .help = "training images (cifar: comma-separated list of batch files)"},
+    {"data", "train_labels", KT_STRING, AT(train_labels),
+     .def = FMNIST "train-labels-idx1-ubyte.gz", .help = "training labels (unused for cifar)"},
+    {"data", "test_images", KT_STRING, AT(test_images), .def = FMNIST "t10k-images-idx3-ubyte.gz",
+     .help = "test images (cifar: the test batch file)"},
+    {"data", "test_labels", KT_STRING, AT(test_labels), .def = FMNIST "t10k-labels-idx1-ubyte.gz",
+     .help = "test labels (unused for cifar)"},
+    {"data", "subset", KT_INT64, AT(subset), ATLEAST(0), .def = "0",
+     .help = "train on the first N training examples (0 = all)"},
+    {"data", "label_noise", KT_DOUBLE, AT(label_noise), RANGE(0, 1), .def = "0",
+     .help = "fraction of training labels replaced by a random other class"},
+    {"data", "noise_seed", KT_UINT64, AT(noise_seed), .def = "1",
+     .help = "seed of the label-noise stream"},
+    {"data", "augment", KT_BOOL, AT(augment), .def = "false",
+     .help = "random crop (padding data.crop_pad) and horizontal flip (data.flip)"},
+    {"data", "crop_pad", KT_INT, AT(crop_pad), RANGE(0, 16), .def = "4",
+     .help = "zero padding of the random crop, in pixels"},
+    {"data", "flip", KT_BOOL, AT(flip), .def = "true",
+     .help = "random horizontal flips when data.augment is on"},
+    {"data", "mean", KT_DOUBLE3, AT(mean), .def = "0.2860",
+     .help = "normalisation mean: 1 value or 3 per-channel values (1 copies to all)"},
+    {"data", "std", KT_DOUBLE3, AT(std), ABOVE(0), .def = "0.3530",
+     .help = "normalisation std: 1 value or 3 per-channel values (1 copies to all)"},
+    {"data", "test_subset", KT_INT64, AT(test_subset), ATLEAST(0), .def = "0",
+     .help = "evaluate on the first N test examples (0 = all)"},
+    /* [model] */
+    {"model", "arch", KT_STRING, AT(arch), .def = "mlp(512,256)",
+     .help = "architecture of every peer: mlp(h,...), cnn, resnet20/32/56/110, wrnD_K, seq:SPEC"},
+    /* [optim] */
+    {"optim", "lr", KT_DOUBLE, AT(lr), RANGE(0, 10), .def = "0.05",
+     .help = "peak learning rate (SGD)"},
+    {"optim", "momentum", KT_DOUBLE, AT(momentum), .lo = 0, .hi = 1,
+     .flags = R_LO | R_HI | R_HI_EXCL, .def = "0.9", .help = "SGD momentum"},
+    {"optim", "nesterov", KT_BOOL, AT(nesterov), .def = "true", .help = "Nesterov momentum"},
+    {"optim", "weight_decay", KT_DOUBLE, AT(weight_decay), RANGE(0, 1), .def = "0.0005",
+     .help = "L2 weight decay (coupled, added to the gradient)"},
+    {"optim", "batch_size", KT_INT, AT(batch_size), RANGE(1, 65536), .def = "128",
+     .help = "mini-batch size per peer"},
+    {"optim", "schedule", KT_ENUM, AT(schedule), .choices = schedule_choices, .def = "cosine",
+     .help = "learning-rate schedule after warm-up"},
+    {"optim", "milestones", KT_STRING, AT(milestones), .check = check_milestones, .def = "",
+     .help = "multistep: increasing epochs at which lr is multiplied by gamma, e.g. 150,225"},
+    {"optim", "gamma", KT_DOUBLE, AT(gamma), .lo = 0, .hi = 1, .flags = R_LO | R_LO_EXCL | R_HI,
+     .def = "0.1", .help = "multistep: lr factor at each milestone"},
+    {"optim", "warmup_epochs", KT_DOUBLE, AT(warmup_epochs), ATLEAST(0), .def = "0",
+     .help = "linear lr warm-up from 0, in epochs (fractions allowed)"},
+    /* [kd] */
+    {"kd", "method", KT_ENUM, AT(method), .choices = method_choices, .def = "dml",
+     .help = "online distillation method (independent = no distillation)"},
+    {"kd", "temperature", KT_DOUBLE, AT(temperature), .lo = 0, .hi = 100,
+     .flags = R_LO | R_LO_EXCL | R_HI, .def = "3", .help = "softmax temperature of the KD terms"},
+    {"kd", "weight", KT_DOUBLE, AT(weight), ATLEAST(0), .def = "1",
+     .help = "weight of the distillation loss relative to cross-entropy"},
+    {"kd", "rampup_epochs", KT_DOUBLE, AT(rampup_epochs), ATLEAST(0), .def = "0",
+     .help = "ramp the KD weight up from 0 over this many epochs"},
+    {"kd", "burn_in_steps", KT_INT64, AT(burn_in_steps), ATLEAST(0), .def = "0",
+     .help = "steps of plain cross-entropy before distillation starts"},
+    {"kd", "exchange", KT_ENUM, AT(exchange), .choices = exchange_choices, .def = "logits",
+     .help = "codistill: exchange logits every step, or weights every kd.exchange_every steps"},
+    {"kd", "exchange_every", KT_INT, AT(exchange_every), ATLEAST(1), .def = "50",
+     .help = "codistill weights mode: steps between weight exchanges"},
+    {"kd", "leader", KT_INT, AT(leader), RANGE(-1, KDP_MAX_PEERS - 1), .def = "-1",
+     .help = "okddip: leader peer index (-1 = last peer)"},
+    {"kd", "detach", KT_BOOL, AT(detach), .def = "false",
+     .help = "okddip: detach the attention-weighted teacher"},
+    {"kd", "fusion_dim", KT_INT, AT(fusion_dim), RANGE(0, 65536), .def = "0",
+     .help = "ffl: fusion feature dim d_f (0 = mean of the peers' feature dims)"},
+    {"kd", "fusion_weight_decay", KT_DOUBLE, AT(fusion_weight_decay), ATLEAST(0), .def = "1e-05",
+     .help = "ffl: weight decay of the fusion module"},
+};
+#define N_KEYS (sizeof keys / sizeof keys[0])
+
+/* Keys of the [peer.N] sections; .off is of peer_arch[0], index N adds N * size. */
+static const key_def peer_keys[] = {
+    {"peer.N", "arch", KT_STRING, .off = offsetof(kdp_config, peer_arch),
+     .size = sizeof(((kdp_config *)0)->peer_arch[0]), .def = "",
+     .help = "architecture of peer N (empty = model.arch)"},
+};
+#define N_PEER_KEYS (sizeof peer_keys / sizeof peer_keys[0])
+
+static const char *const sections[] = {"run", "data", "model", "optim", "kd", NULL};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Small helpers                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+static const char *type_name(const key_def *k) {
+  switch (k->type) {
+  case KT_INT: return "int";
+  case KT_INT64: return "int64";
+  case KT_UINT64: return "uint64";
+  case KT_DOUBLE: return "double";
+  case KT_BOOL: return "bool";
+  case KT_STRING: return "string";
+  case KT_ENUM: return "enum";
+  case KT_DOUBLE3: return "double list";
+  }
+  return "?";
+}
+
+/* Shortest "%.*g" that reads back to exactly v. */
+static void fmt_double(double v, char *buf, size_t n) {
+  for (int p = 1; p <= 17; p++) {
+    snprintf(buf, n, "%.*g", p, v);
+    if (strtod(buf, NULL) == v) return;
+  }
+}
+
+/* Human range text: "[1, 100000]", "(0, 100]", ">= 0", "> 0", or "" if unbounded. */
+static void fmt_bound(double v, char *buf, size_t n) {
+  if (v == floor(v) && fabs(v) < 1e15)
+    snprintf(buf, n, "%.0f", v);
+  else
+    fmt_double(v, buf, n);
+}
+
+static void range_text(const key_def *k, char *buf, size_t n) {
+  char a[32], b[32];
+  fmt_bound(k->lo, a, sizeof a);
+  fmt_bound(k->hi, b, sizeof b);
+  if ((k->flags & R_LO) && (k->flags & R_HI))
+    snprintf(buf, n, "%c%s, %s%c", (k->flags & R_LO_EXCL) ? '(' : '[', a, b,
+             (k->flags & R_HI_EXCL) ? ')' : ']');
+  else if (k->flags & R_LO)
+    snprintf(buf, n, "%s %s", (k->flags & R_LO_EXCL) ? ">" : ">=", a);
+  else if (k->flags & R_HI)
+    snprintf(buf, n, "%s %s", (k->flags & R_HI_EXCL) ? "<" : "<=", b);
+  else
+    buf[0] = 0;
+}
+
+static void choices_text(const key_def *k, char *buf, size_t n) {
+  size_t used = 0;
+  buf[0] = 0;
+  for (const char *const *c = k->choices; c && *c; c++) {
+    int w = snprintf(buf + used, n - used, "%s%s", c == k->choices ? "" : ", ", *c);
+    if (w < 0 || (size_t)w >= n - used) break;
+    used += (size_t)w;
+  }
+}
+
+static bool in_range(const key_def *k, double v) {
+  if (k->flags & R_LO) {
+    if ((k->flags & R_LO_EXCL) ? !(v > k->lo) : !(v >= k->lo)) return false;
+  }
+  if (k->flags & R_HI) {
+    if ((k->flags & R_HI_EXCL) ? !(v < k->hi) : !(v <= k->hi)) return false;
+  }
+  return true;
+}
+
+static int why_range_as(const key_def *k, const char *what, char *why, size_t n) {
+  char r[96];
+  range_text(k, r, sizeof r);
+  if ((k->flags & R_LO) && (k->flags & R_HI))
+    snprintf(why, n, "%s: expected a value in %s", what, r);
+  else
+    snprintf(why, n, "%s: expected a value %s", what, r);
+  return KDP_EINVAL;
+}
+
+static int why_range(const key_def *k, char *why, size_t n) {
+  return why_range_as(k, "out of range", why, n);
+}
+
+/* Copies at most max visible characters of s into buf, with "..." if shortened. */
+static const char *shorten(const char *s, char *buf, size_t n) {
+  const size_t max = 80;
+  size_t len = strlen(s);
+  if (len <= max || n < max + 4) {
+    snprintf(buf, n, "%s", s);
+  } else {
+    memcpy(buf, s, max);
+    memcpy(buf + max, "...", 4);
+  }
+  return buf;
+}
+
+/* Trims leading and trailing white space in place. */
+static char *trim(char *s) {
+  while (isspace((unsigned char)*s)) s++;
+  size_t n = strlen(s);
+  while (n > 0 && isspace((unsigned char)s[n - 1])) s[--n] = 0;
+  return s;
+}
+
+/* Optimal-string-alignment edit distance (adjacent swaps count 1); large for long strings. */
+static int edit_distance(const char *a, const char *b) {
+  size_t la = strlen(a), lb = strlen(b);
+  if (la > 62 || lb > 62) return 1000;
+  int d[64][64];
+  for (size_t i = 0; i <= la; i++) d[i][0] = (int)i;
+  for (size_t j = 0; j <= lb; j++) d[0][j] = (int)j;
+  for (size_t i = 1; i <= la; i++) {
+    for (size_t j = 1; j <= lb; j++) {
+      int cost = a[i - 1] != b[j - 1];
+      int v = d[i - 1][j] + 1;
+      if (d[i][j - 1] + 1 < v) v = d[i][j - 1] + 1;
+      if (d[i - 1][j - 1] + cost < v) v = d[i - 1][j - 1] + cost;
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] && d[i - 2][j - 2] + 1 < v)
+        v = d[i - 2][j - 2] + 1;
+      d[i][j] = v;
+    }
+  }
+  return d[la][lb];
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Value parsing                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+static int parse_int64(const char *s, int64_t *out, char *why, size_t n) {
+  char *end;
+  if (!*s || isspace((unsigned char)*s)) {
+    snprintf(why, n, "expected an integer");
+    return KDP_EINVAL;
+  }
+  errno = 0;
+  long long v = strtoll(s, &end, 10);
+  if (end == s) {
+    snprintf(why, n, "expected an integer");
+    return KDP_EINVAL;
+  }
+  if (*end) {
+    snprintf(why, n, "expected an integer, found trailing characters '%.40s'", end);
+    return KDP_EINVAL;
+  }
+  if (errno == ERANGE) {
+    snprintf(why, n, "integer overflow: expected an integer that fits in 64 bits");
+    return KDP_EINVAL;
+  }
+  *out = (int64_t)v;
+  return 0;
+}
+
+static int parse_uint64(const char *s, uint64_t *out, char *why, size_t n) {
+  char *end;
+  if (!*s || isspace((unsigned char)*s) || *s == '-') {
+    snprintf(why, n, "expected a non-negative integer");
+    return KDP_EINVAL;
+  }
+  errno = 0;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (end == s) {
+    snprintf(why, n, "expected a non-negative integer");
+    return KDP_EINVAL;
+  }
+  if (*end) {
+    snprintf(why, n, "expected a non-negative integer, found trailing characters '%.40s'", end);
+    return KDP_EINVAL;
+  }
+  if (errno == ERANGE) {
+    snprintf(why, n, "integer overflow: expected a non-negative integer below 2^64");
+    return KDP_EINVAL;
+  }
+  *out = (uint64_t)v;
+  return 0;
+}
+
+/* Parses one finite double from s; *end_out receives the first unparsed character (may be NULL
+   to require the whole string). */
+static int parse_double_at(const char *s, double *out, const char **end_out, char *why, size_t n) {
+  char *end;
+  while (isspace((unsigned char)*s)) s++;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (end == s) {
+    snprintf(why, n, "expected a number");
+    return KDP_EINVAL;
+  }
+  if (!isfinite(v) || (errno == ERANGE && fabs(v) > 1.0)) {
+    snprintf(why, n, "expected a finite number");
+    return KDP_EINVAL;
+  }
+  if (end_out) {
+    *end_out = end;
+  } else if (*end) {
+    snprintf(why, n, "expected a number, found trailing characters '%.40s'", end);
+    return KDP_EINVAL;
+  }
+  *out = v;
+  return 0;
+}
+
+static int parse_bool(const char *s, int *out, char *why, size_t n) {
+  static const char *const t[] = {"true", "1", "yes", "on"};
+  static const char *const f[] = {"false", "0", "no", "off"};
+  for (int i = 0; i < 4; i++) {
+    if (strcasecmp(s, t[i]) == 0) {
+      *out = 1;
+      return 0;
+    }
+    if (strcasecmp(s, f[i]) == 0) {
+      *out = 0;
+      return 0;
+    }
+  }
+  snprintf(why, n, "expected a boolean: true/false, 1/0, yes/no or on/off");
+  return KDP_EINVAL;
+}
+
+/* "a" or "a,b,c" (white space allowed around entries); one value copies to all three. */
+static int parse_double3(const char *s, double out[3], char *why, size_t n) {
+  double v[3];
+  int count = 0;
+  const char *p = s;
+  for (;;) {
+    const char *end;
+    if (count == 3) {
+      snprintf(why, n, "expected 1 or 3 comma-separated numbers, got more than 3");
+      return KDP_EINVAL;
+    }
+    if (parse_double_at(p, &v[count], &end, why, n) != 0) {
+      snprintf(why, n, "expected 1 or 3 comma-separated numbers (entry %d is not a number)",
+               count + 1);
+      return KDP_EINVAL;
+    }
+    count++;
+    while (isspace((unsigned char)*end)) end++;
+    if (*end == 0) break;
+    if (*end != ',') {
+      snprintf(why, n, "expected 1 or 3 comma-separated numbers, found trailing characters '%.40s'",
+               end);
+      return KDP_EINVAL;
+    }
+    p = end + 1;
+  }
+  if (count == 2) {
+    snprintf(why, n, "expected 1 or 3 comma-separated numbers, got 2");
+    return KDP_EINVAL;
+  }
+  for (int i = 0; i < 3; i++) out[i] = count == 1 ? v[0] : v[i];
+  return 0;
+}
+
+/* Parses a milestone list; stores up to max entries if out != NULL. Returns the count or
+   KDP_EINVAL with why filled. */
+static int parse_milestones(const char *s, double *out, int max, char *why, size_t n) {
+  const char *p = s;
+  while (isspace((unsigned char)*p)) p++;
+  if (*p == 0) return 0;
+  int count = 0;
+  double prev = 0;
+  for (;;) {
+    double v;
+    const char *end;
+    char tmp[128];
+    if (parse_double_at(p, &v, &end, tmp, sizeof tmp) != 0) {
+      snprintf(why, n,
+               "entry %d is not a number: expected increasing positive numbers separated by "
+               "commas, e.g. 150,225",
+               count + 1);
+      return KDP_EINVAL;
+    }
+    if (!(v > 0) || (count > 0 && !(v > prev))) {
+      char a[32];
+      fmt_double(v, a, sizeof a);
+      snprintf(why, n,
+               "entry %d (%s) is not %s: expected increasing positive numbers separated by "
+               "commas, e.g. 150,225",
+               count + 1, a, v > 0 ? "larger than the one before" : "positive");
+      return KDP_EINVAL;
+    }
+    if (out) {
+      if (count >= max) {
+        snprintf(why, n, "more than %d milestones", max);
+        return KDP_EINVAL;
+      }
+      out[count] = v;
+    }
+    count++;
+    prev = v;
+    while (isspace((unsigned char)*end)) end++;
+    if (*end == 0) break;
+    if (*end != ',') {
+      snprintf(why, n,
+               "trailing characters '%.40s': expected increasing positive numbers separated by "
+               "commas, e.g. 150,225",
+               end);
+      return KDP_EINVAL;
+    }
+    p = end + 1;
+  }
+  return count;
+}
+
+static int check_milestones(const char *value, char *why, size_t n) {
+  int r = parse_milestones(value, NULL, 0, why, n);
+  return r < 0 ? r : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The setter: every path (defaults, files, -s, env) goes through here                         */
+/* ------------------------------------------------------------------------------------------ */
+
+static int set_value(kdp_config *c, const key_def *k, size_t extra, const char *value, char *why,
+                     size_t n) {
+  char *field = (char *)c + k->off + extra;
+  switch (k->type) {
+  case KT_INT:
+  case KT_INT64: {
+    int64_t v;
+    if (parse_int64(value, &v, why, n) != 0) {
+      if (strncmp(why, "integer overflow", 16) == 0 && (k->flags & (R_LO | R_HI)))
+        why_range_as(k, "integer overflow", why, n);
+      return KDP_EINVAL;
+    }
+    if (k->type == KT_INT && (v < INT_MIN || v > INT_MAX)) {
+      if (k->flags & (R_LO | R_HI)) return why_range(k, why, n);
+      snprintf(why, n, "out of range: expected a value in [%d, %d]", INT_MIN, INT_MAX);
+      return KDP_EINVAL;
+    }
+    if (!in_range(k, (double)v)) return why_range(k, why, n);
+    if (k->type == KT_INT) {
+      int iv = (int)v;
+      memcpy(field, &iv, sizeof iv);
+    } else {
+      memcpy(field, &v, sizeof v);
+    }
+    return 0;
+  }
+  case KT_UINT64: {
+    uint64_t v;
+    if (parse_uint64(value, &v, why, n) != 0) return KDP_EINVAL;
+    memcpy(field, &v, sizeof v);
+    return 0;
+  }
+  case KT_DOUBLE: {
+    double v;
+    if (parse_double_at(value, &v, NULL, why, n) != 0) return KDP_EINVAL;
+    if (!in_range(k, v)) return why_range(k, why, n);
+    memcpy(field, &v, sizeof v);
+    return 0;
+  }
+  case KT_DOUBLE3: {
+    double v[3];
+    if (parse_double3(value, v, why, n) != 0) return KDP_EINVAL;
+    for (int i = 0; i < 3; i++)
+      if (!in_range(k, v[i])) return why_range(k, why, n);
+    memcpy(field, v, sizeof v);
+    return 0;
+  }
+  case KT_BOOL: {
+    int v;
+    if (parse_bool(value, &v, why, n) != 0) return KDP_EINVAL;
+    memcpy(field, &v, sizeof v);
+    return 0;
+  }
+  case KT_ENUM: {
+    for (const char *const *ch = k->choices; *ch; ch++) {
+      if (strcmp(value, *ch) == 0) {
+        memset(field, 0, k->size);
+        memcpy(field, *ch, strlen(*ch));
+        return 0;
+      }
+    }
+    char list[256];
+    choices_text(k, list, sizeof list);
+    snprintf(why, n, "expected one of: %s", list);
+    return KDP_EINVAL;
+  }
+  case KT_STRING: {
+    size_t len = strlen(value);
+    if (len >= k->size) {
+      snprintf(why, n, "too long: %zu characters, at most %zu allowed", len, k->size - 1);
+      return KDP_EINVAL;
+    }
+    if (k->check && k->check(value, why, n) != 0) return KDP_EINVAL;
+    memset(field, 0, k->size);
+    memcpy(field, value, len);
+    return 0;
+  }
+  }
+  snprintf(why, n, "internal error: unknown key type");
+  return KDP_EINVAL;
+}
+
+static const key_def *find_key(const char *section, const char *key) {
+  for (size_t i = 0; i < N_KEYS; i++)
+    if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].key, key) == 0) return &keys[i];
+  return NULL;
+}
+
+/* Parses "peer.N"; returns 1 and sets *idx if section is a peer section (even a bad one: then
+   returns -1 with why filled), 0 if it is not a peer section at all. */
+static int parse_peer_section(const char *section, int *idx, char *why, size_t n) {
+  if (strncmp(section, "peer", 4) != 0 || (section[4] != '.' && section[4] != 0)) return 0;
+  const char *p = section + 4;
+  if (*p == 0 || p[1] == 0) {
+    snprintf(why, n, "section [%s] needs a peer index: expected [peer.N] with N in 0..%d", section,
+             KDP_MAX_PEERS - 1);
+    return -1;
+  }
+  p++;
+  for (const char *q = p; *q; q++) {
+    if (!isdigit((unsigned char)*q) || q - p > 6) {
+      snprintf(why, n, "bad section [%s]: expected [peer.N] with N an integer in 0..%d", section,
+               KDP_MAX_PEERS - 1);
+      return -1;
+    }
+  }
+  long v = strtol(p, NULL, 10);
+  if (v >= KDP_MAX_PEERS) {
+    snprintf(why, n, "peer index %ld in [%s] out of range: expected 0..%d", v, section,
+             KDP_MAX_PEERS - 1);
+    return -1;
+  }
+  *idx = (int)v;
+  return 1;
+}
+
+/* Describes an unknown key in why: suggestion, other section, list of the section's keys. */
+static void why_unknown_key(const char *section, const key_def *tab, size_t ntab,
+                            const char *shown_section, const char *key, char *why, size_t n) {
+  const char *best = NULL;
+  int bestd = 3;
+  for (size_t i = 0; i < ntab; i++) {
+    if (strcmp(tab[i].section, section) != 0) continue;
+    int d = edit_distance(key, tab[i].key);
+    if (d < bestd) {
+      bestd = d;
+      best = tab[i].key;
+    }
+  }
+  const char *other = NULL;
+  for (size_t i = 0; i < N_KEYS && !other; i++)
+    if (strcmp(keys[i].key, key) == 0) other = keys[i].section;
+  size_t used = 0;
+  int w = snprintf(why, n, "unknown key '%.64s' in [%s]", key, shown_section);
+  used = w > 0 ? (size_t)w : 0;
+  if (best && used < n) {
+    w = snprintf(why + used, n - used, " (did you mean '%s'?)", best);
+    used += w > 0 ? (size_t)w : 0;
+  }
+  if (other && used < n) {
+    w = snprintf(why + used, n - used, " ('%s' is a key of [%s])", key, other);
+    used += w > 0 ? (size_t)w : 0;
+  }
+  if (used < n) {
+    w = snprintf(why + used, n - used, ". Keys in [%s]:", shown_section);
+    used += w > 0 ? (size_t)w : 0;
+  }
+  bool first = true;
+  for (size_t i = 0; i < ntab && used < n; i++) {
+    if (strcmp(tab[i].section, section) != 0) continue;
+    w = snprintf(why + used, n - used, "%s %s", first ? "" : ",", tab[i].key);
+    used += w > 0 ? (size_t)w : 0;
+    first = false;
+  }
+}
+
+static void why_unknown_section(const char *section, char *why, size_t n) {
+  const char *best = NULL;
+  int bestd = 3;
+  for (const char *const *s = sections; *s; s++) {
+    int d = edit_distance(section, *s);
+    if (d < bestd) {
+      bestd = d;
+      best = *s;
+    }
+  }
+  char hint[64] = "";
+  if (best) snprintf(hint, sizeof hint, " (did you mean [%s]?)", best);
+  snprintf(why, n,
+           "unknown section [%.64s]%s. Known sections: [run], [data], [model], [optim], [kd], "
+           "[peer.N] (N in 0..%d)",
+           section, hint, KDP_MAX_PEERS - 1);
+}
+
+/* Sets section.key = value. On failure fills why; *is_value says whether the section and key
+   were known (so the error is about the value and the caller should show "section.key = 'v'"). */
+static int set_key(kdp_config *c, const char *section, const char *key, const char *value,
+                   bool *is_value, char *why, size_t n) {
+  *is_value = false;
+  int idx = 0;
+  int pr = parse_peer_section(section, &idx, why, n);
+  if (pr < 0) return KDP_EINVAL;
+  if (pr > 0) {
+    for (size_t i = 0; i < N_PEER_KEYS; i++) {
+      if (strcmp(peer_keys[i].key, key) == 0) {
+        *is_value = true;
+        return set_value(c, &peer_keys[i], (size_t)idx * peer_keys[i].size, value, why, n);
+      }
+    }
+    why_unknown_key("peer.N", peer_keys, N_PEER_KEYS, section, key, why, n);
+    return KDP_EINVAL;
+  }
+  bool known_section = false;
+  for (const char *const *s = sections; *s; s++)
+    if (strcmp(*s, section) == 0) known_section = true;
+  if (!known_section) {
+    why_unknown_section(section, why, n);
+    return KDP_EINVAL;
+  }
+  const key_def *k = find_key(section, key);
+  if (!k) {
+    why_unknown_key(section, keys, N_KEYS, section, key, why, n);
+    return KDP_EINVAL;
+  }
+  *is_value = true;
+  return set_value(c, k, 0, value, why, n);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Public API                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+void kdp_config_defaults(kdp_config *c) {
+  memset(c, 0, sizeof *c);
+  char why[512];
+  for (size_t i = 0; i < N_KEYS; i++) {
+    if (set_value(c, &keys[i], 0, keys[i].def, why, sizeof why) != 0) {
+      /* A bad built-in default is a programming error: fail loudly at once. */
+      fprintf(stderr, "kdpeers: bad built-in default %s.%s = '%s': %s\n", keys[i].section,
+              keys[i].key, keys[i].def, why);
+      abort();
+    }
+  }
+  /* peer_arch stays all zero: "" = use model.arch. */
+}
+
+typedef struct file_state {
+  FILE *f;
+  const char *path;
+  int line;        /* lines handed to inih so far = current line number in the handler */
+  bool too_long;   /* a line did not fit inih's buffer */
+  int max_len;
+  kdp_config *c;
+  kdp_error *err;
+  int code;        /* first error */
+} file_state;
+
+/* fgets-style reader for inih that counts lines and refuses (never splits) over-long lines. */
+static char *file_reader(char *buf, int num, void *stream) {
+  file_state *s = stream;
+  if (s->code || s->too_long) return NULL;
+  if (!fgets(buf, num, s->f)) return NULL;
+  s->line++;
+  size_t len = strlen(buf);
+  if (len + 1 == (size_t)num && buf[len - 1] != '\n') {
+    int ch = fgetc(s->f);
+    if (ch != EOF) {
+      s->too_long = true;
+      s->max_len = num - 2;
+      return NULL;
+    }
+  }
+  return buf;
+}
+
+static int file_handler(void *user, const char *section, const char *name, const char *value) {
+  file_state *s = user;
+  char why[KDP_ERRLEN], vbuf[96];
+  if (s->code) return 0;
+  if (!name || !value) return 1;
+  if (section[0] == 0) {
+    s->code = kdp_fail(s->err, KDP_EINVAL,
+                       "%s:%d: key '%s' appears before any [section]: put it under one of [run], "
+                       "[data], [model], [optim], [kd], [peer.N]",
+                       s->path, s->line, name);
+    return 0;
+  }
+  bool is_value;
+  int rc = set_key(s->c, section, name, value, &is_value, why, sizeof why);
+  if (rc == 0) return 1;
+  if (is_value)
+    s->code = kdp_fail(s->err, rc, "%s:%d: %s.%s = '%s': %s", s->path, s->line, section, name,
+                       shorten(value, vbuf, sizeof vbuf), why);
+  else
+    s->code = kdp_fail(s->err, rc, "%s:%d: %s", s->path, s->line, why);
+  return 0;
+}
+
+int kdp_config_load_file(kdp_config *c, const char *path, kdp_error *err) {
+  if (!c || !path) return kdp_fail(err, KDP_EINVAL, "kdp_config_load_file: NULL argument");
+  FILE *f = fopen(path, "r");
+  if (!f) return kdp_fail(err, KDP_EIO, "cannot open config file %s: %s", path, strerror(errno));
+  kdp_config *tmp = kdp_xmalloc(sizeof *tmp);
+  memcpy(tmp, c, sizeof *tmp);
+  file_state s = {.f = f, .path = path, .c = tmp, .err = err};
+
+  /* inih's runtime options (Debian builds it with INI_RUNTIME_OPTIONS): long lines for paths,
+     no multi-line continuation, '#' or ';' after white space starts a comment, stop at the first
+     error. Restored afterwards. */
+  int old_max = ini_max_line;
+  bool old_multi = ini_allow_multiline, old_stop = ini_stop_on_first_error,
+       old_novalue = ini_allow_no_value;
+  char *old_inline = ini_inline_comment_prefixes;
+  static char inline_prefixes[] = ";#";
+  if (ini_max_line < 4096) ini_max_line = 4096;
+  ini_allow_multiline = false;
+  ini_stop_on_first_error = true;
+  ini_allow_no_value = false;
+  ini_inline_comment_prefixes = inline_prefixes;
+  int rc = ini_parse_stream(file_reader, &s, file_handler, &s);
+  ini_max_line = old_max;
+  ini_allow_multiline = old_multi;
+  ini_stop_on_first_error = old_stop;
+  ini_allow_no_value = old_novalue;
+  ini_inline_comment_prefixes = old_inline;
+
+  int code = s.code;
+  if (!code && ferror(f)) {
+    code = kdp_fail(err, KDP_EIO, "%s:%d: read error: %s", path, s.line + 1, strerror(errno));
+  } else if (!code && s.too_long) {
+    code = kdp_fail(err, KDP_EINVAL, "%s:%d: line too long (more than %d characters)", path,
+                    s.line, s.max_len);
+  } else if (!code && rc == -2) {
+    code = kdp_fail(err, KDP_ENOMEM, "%s: out of memory while parsing", path);
+  } else if (!code && rc != 0) {
+    code = kdp_fail(err, KDP_EINVAL,
+                    "%s:%d: syntax error: expected '[section]', 'key = value' or a comment "
+                    "starting with '#' or ';'",
+                    path, rc);
+  }
+  fclose(f);
+  if (!code) memcpy(c, tmp, sizeof *c);
+  free(tmp);
+  return code;
+}
+
+int kdp_config_set(kdp_config *c, const char *assignment, kdp_error *err) {
+  if (!c || !assignment) return kdp_fail(err, KDP_EINVAL, "kdp_config_set: NULL argument");
+  char buf[KDP_PATH + 512];
+  char vbuf[96];
+  const char *shown = shorten(assignment, vbuf, sizeof vbuf);
+  if (strlen(assignment) >= sizeof buf)
+    return kdp_fail(err, KDP_EINVAL, "-s %s: too long (at most %zu characters)", shown,
+                    sizeof buf - 1);
+  strcpy(buf, assignment);
+  char *eq = strchr(buf, '=');
+  if (!eq)
+    return kdp_fail(err, KDP_EINVAL,
+                    "-s %s: missing '=': expected section.key=value, e.g. optim.lr=0.1", shown);
+  *eq = 0;
+  char *name = trim(buf);
+  char *value = trim(eq + 1);
+  char *dot = strrchr(name, '.');
+  if (!dot || dot == name || dot[1] == 0) {
+    const key_def *hit = NULL;
+    for (size_t i = 0; i < N_KEYS && !hit; i++)
+      if (strcmp(keys[i].key, name) == 0) hit = &keys[i];
+    if (hit)
+      return kdp_fail(err, KDP_EINVAL, "-s %s: expected section.key=value; did you mean %s.%s?",
+                      shown, hit->section, hit->key);
+    return kdp_fail(err, KDP_EINVAL, "-s %s: expected section.key=value, e.g. optim.lr=0.1",
+                    shown);
+  }
+  *dot = 0;
+  char why[KDP_ERRLEN];
+  bool is_value;
+  int rc = set_key(c, name, dot + 1, value, &is_value, why, sizeof why);
+  if (rc) return kdp_fail(err, rc, "-s %s: %s", shown, why);
+  return 0;
+}
+
+static void env_name(const char *section, const char *key, char *buf, size_t n) {
+  snprintf(buf, n, "KDP_%s_%s", section, key);
+  for (char *p = buf; *p; p++) *p = (char)toupper((unsigned char)*p);
+}
+
+int kdp_config_apply_env(kdp_config *c, kdp_error *err) {
+  if (!c) return kdp_fail(err, KDP_EINVAL, "kdp_config_apply_env: NULL argument");
+  kdp_config *tmp = kdp_xmalloc(sizeof *tmp);
+  memcpy(tmp, c, sizeof *tmp);
+  char name[128], why[KDP_ERRLEN], vbuf[96];
+  int code = 0;
+  for (size_t i = 0; i < N_KEYS && !code; i++) {
+    env_name(keys[i].section, keys[i].key, name, sizeof name);
+    const char *v = getenv(name);
+    if (!v) continue;
+    char *copy = strdup(v);
+    if (!copy) abort();
+    if (set_value(tmp, &keys[i], 0, trim(copy), why, sizeof why) != 0)
+      code = kdp_fail(err, KDP_EINVAL, "environment variable %s='%s' (%s.%s): %s", name,
+                      shorten(v, vbuf, sizeof vbuf), keys[i].section, keys[i].key, why);
+    free(copy);
+  }
+  for (int p = 0; p < KDP_MAX_PEERS && !code; p++) {
+    for (size_t i = 0; i < N_PEER_KEYS && !code; i++) {
+      snprintf(name, sizeof name, "KDP_PEER_%d_%s", p, peer_keys[i].key);
+      for (char *q = name; *q; q++) *q = (char)toupper((unsigned char)*q);
+      const char *v = getenv(name);
+      if (!v) continue;
+      char *copy = strdup(v);
+      if (!copy) abort();
+      if (set_value(tmp, &peer_keys[i], (size_t)p * peer_keys[i].size, trim(copy), why,
+                    sizeof why) != 0)
+        code = kdp_fail(err, KDP_EINVAL, "environment variable %s='%s' (peer.%d.%s): %s", name,
+                        shorten(v, vbuf, sizeof vbuf), p, peer_keys[i].key, why);
+      free(copy);
+    }
+  }
+  if (!code) memcpy(c, tmp, sizeof *c);
+  free(tmp);
+  return code;
+}
+
+/* Re-checks one stored field against its table entry (for structs built or received elsewhere). */
+static int check_field(const kdp_config *c, const key_def *k, size_t extra, char *why, size_t n) {
+  const char *field = (const char *)c + k->off + extra;
+  switch (k->type) {
+  case KT_INT: {
+    int v;
+    memcpy(&v, field, sizeof v);
+    return in_range(k, v) ? 0 : why_range(k, why, n);
+  }
+  case KT_INT64: {
+    int64_t v;
+    memcpy(&v, field, sizeof v);
+    return in_range(k, (double)v) ? 0 : why_range(k, why, n);
+  }
+  case KT_UINT64: return 0;
+  case KT_DOUBLE: {
+    double v;
+    memcpy(&v, field, sizeof v);
+    if (!isfinite(v)) {
+      snprintf(why, n, "expected a finite number");
+      return KDP_EINVAL;
+    }
+    return in_range(k, v) ? 0 : why_range(k, why, n);
+  }
+  case KT_DOUBLE3: {
+    double v[3];
+    memcpy(v, field, sizeof v);
+    for (int i = 0; i < 3; i++) {
+      if (!isfinite(v[i])) {
+        snprintf(why, n, "expected finite numbers");
+        return KDP_EINVAL;
+      }
+      if (!in_range(k, v[i])) return why_range(k, why, n);
+    }
+    return 0;
+  }
+  case KT_BOOL: {
+    int v;
+    memcpy(&v, field, sizeof v);
+    if (v != 0 && v != 1) {
+      snprintf(why, n, "expected a boolean (0 or 1), found %d", v);
+      return KDP_EINVAL;
+    }
+    return 0;
+  }
+  case KT_ENUM:
+  case KT_STRING: {
+    if (!memchr(field, 0, k->size)) {
+      snprintf(why, n, "string is not terminated within %zu bytes", k->size);
+      return KDP_EINVAL;
+    }
+    if (k->type == KT_STRING) return k->check ? k->check(field, why, n) : 0;
+    for (const char *const *ch = k->choices; *ch; ch++)
+      if (strcmp(field, *ch) == 0) return 0;
+    char list[256];
+    choices_text(k, list, sizeof list);
+    snprintf(why, n, "'%.32s' is not one of: %s", field, list);
+    return KDP_EINVAL;
+  }
+  }
+  return 0;
+}
+
+int kdp_config_validate(const kdp_config *c, kdp_error *err) {
+  if (!c) return kdp_fail(err, KDP_EINVAL, "kdp_config_validate: NULL config");
+  char why[KDP_ERRLEN];
+  for (size_t i = 0; i < N_KEYS; i++)
+    if (check_field(c, &keys[i], 0, why, sizeof why) != 0)
+      return kdp_fail(err, KDP_EINVAL, "config %s.%s: %s", keys[i].section, keys[i].key, why);
+  for (int p = 0; p < KDP_MAX_PEERS; p++)
+    for (size_t i = 0; i < N_PEER_KEYS; i++)
+      if (check_field(c, &peer_keys[i], (size_t)p * peer_keys[i].size, why, sizeof why) != 0)
+        return kdp_fail(err, KDP_EINVAL, "config peer.%d.%s: %s", p, peer_keys[i].key, why);
+  if (c->arch[0] == 0)
+    return kdp_fail(err, KDP_EINVAL, "config model.arch is empty: set an architecture, e.g. "
+                                     "model.arch=mlp(512,256)");
+  if (c->dir[0] == 0)
+    return kdp_fail(err, KDP_EINVAL, "config run.dir is empty: set an output directory");
+  int nm = parse_milestones(c->milestones, NULL, 0, why, sizeof why);
+  if (nm < 0) return kdp_fail(err, KDP_EINVAL, "config optim.milestones = '%s': %s",
+                              c->milestones, why);
+  if (strcmp(c->schedule, "multistep") == 0 && nm == 0)
+    return kdp_fail(err, KDP_EINVAL,
+                    "config optim.schedule = multistep needs optim.milestones, e.g. "
+                    "-s optim.milestones=150,225");
+  if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
+    return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
+                    c->leader, KDP_MAX_PEERS - 1);
+  return 0;
+}
+
+/* Formats the stored value of k (at extra offset) as it would be written in an INI file. */
+static void format_value(const kdp_config *c, const key_def *k, size_t extra, char *buf,
+                         size_t n) {
+  const char *field = (const char *)c + k->off + extra;
+  switch (k->type) {
+  case KT_INT:
+  case KT_BOOL: {
+    int v;
+    memcpy(&v, field, sizeof v);
+    if (k->type == KT_BOOL)
+      snprintf(buf, n, "%s", v ? "true" : "false");
+    else
+      snprintf(buf, n, "%d", v);
+    return;
+  }
+  case KT_INT64: {
+    int64_t v;
+    memcpy(&v, field, sizeof v);
+    snprintf(buf, n, "%lld", (long long)v);
+    return;
+  }
+  case KT_UINT64: {
+    uint64_t v;
+    memcpy(&v, field, sizeof v);
+    snprintf(buf, n, "%llu", (unsigned long long)v);
+    return;
+  }
+  case KT_DOUBLE: {
+    double v;
+    memcpy(&v, field, sizeof v);
+    fmt_double(v, buf, n);
+    return;
+  }
+  case KT_DOUBLE3: {
+    double v[3];
+    memcpy(v, field, sizeof v);
+    char a[3][32];
+    for (int i = 0; i < 3; i++) fmt_double(v[i], a[i], sizeof a[i]);
+    if (memcmp(&v[0], &v[1], sizeof v[0]) == 0 && memcmp(&v[0], &v[2], sizeof v[0]) == 0)
+      snprintf(buf, n, "%s", a[0]);
+    else
+      snprintf(buf, n, "%s,%s,%s", a[0], a[1], a[2]);
+    return;
+  }
+  case KT_ENUM:
+  case KT_STRING: snprintf(buf, n, "%.*s", (int)k->size, field); return;
+  }
+  buf[0] = 0;
+}
+
+void kdp_config_print(const kdp_config *c, FILE *f) {
+  char val[KDP_PATH + 64];
+  const char *cur = NULL;
+  fprintf(f, "# kdpeers %s configuration\n", KDP_VERSION);
+  for (size_t i = 0; i < N_KEYS; i++) {
+    if (!cur || strcmp(cur, keys[i].section) != 0) {
+      fprintf(f, "%s[%s]\n", cur ? "\n" : "", keys[i].section);
+      cur = keys[i].section;
+    }
+    format_value(c, &keys[i], 0, val, sizeof val);
+    fprintf(f, "%s = %s\n", keys[i].key, val);
+  }
+  for (int p = 0; p < KDP_MAX_PEERS; p++) {
+    if (!c->peer_arch[p][0]) continue; /* only non-empty [peer.N] sections */
+    fprintf(f, "\n[peer.%d]\n", p);
+    for (size_t i = 0; i < N_PEER_KEYS; i++) {
+      format_value(c, &peer_keys[i], (size_t)p * peer_keys[i].size, val, sizeof val);
+      fprintf(f, "%s = %s\n", peer_keys[i].key, val);
+    }
+  }
+}
+
+/* Range column: numeric range, enum choices or peer index. */
+static void key_range(const key_def *k, bool peer, char *buf, size_t n) {
+  if (k->type == KT_ENUM) {
+    char list[200];
+    choices_text(k, list, sizeof list);
+    snprintf(buf, n, "one of: %s", list);
+  }
+  else if (peer)
+    snprintf(buf, n, "N in 0..%d, at most %zu chars", KDP_MAX_PEERS - 1, k->size - 1);
+  else if (k->type == KT_BOOL)
+    snprintf(buf, n, "true/false");
+  else if (k->type == KT_DOUBLE3) {
+    char r[64];
+    range_text(k, r, sizeof r);
+    snprintf(buf, n, "1 or 3 values%s%s", r[0] ? ", each " : "", r);
+  } else if (k == find_key("optim", "milestones"))
+    snprintf(buf, n, "increasing, > 0");
+  else if (k->type == KT_UINT64)
+    snprintf(buf, n, "[0, 2^64)");
+  else if (k->type == KT_STRING)
+    snprintf(buf, n, "at most %zu chars", k->size - 1);
+  else
+    range_text(k, buf, n);
+}
+
+void kdp_config_print_keys_fmt(FILE *f, int fmt) {
+  kdp_config *d = kdp_xmalloc(sizeof *d);
+  kdp_config_defaults(d);
+  char val[KDP_PATH + 64], range[256], env[128];
+  size_t total = N_KEYS + N_PEER_KEYS;
+  if (fmt == KDP_KEYS_MARKDOWN)
+    fprintf(f, "| Section | Key | Type | Default | Range | Env var | Meaning |\n"
+               "|---|---|---|---|---|---|---|\n");
+  else if (fmt == KDP_KEYS_INI)
+    fprintf(f, "# kdpeers: every configuration key with its built-in default.\n"
+               "# Override any key with -s section.key=value or KDP_SECTION_KEY=value;\n"
+               "# the command line wins over the environment, which wins over this file.\n");
+  else
+    fprintf(f, "Configuration keys (INI file, -s section.key=value, or env KDP_SECTION_KEY):\n");
+  const char *cur = NULL;
+  for (size_t j = 0; j < total; j++) {
+    bool peer = j >= N_KEYS;
+    const key_def *k = peer ? &peer_keys[j - N_KEYS] : &keys[j];
+    format_value(d, k, 0, val, sizeof val);
+    key_range(k, peer, range, sizeof range);
+    if (peer) {
+      char up[64];
+      env_name("", k->key, up, sizeof up); /* "KDP__KEY" */
+      snprintf(env, sizeof env, "KDP_PEER_<N>_%s", up + 5);
+    } else {
+      env_name(k->section, k->key, env, sizeof env);
+    }
+    if (fmt == KDP_KEYS_MARKDOWN) {
+      fprintf(f, "| %s | `%s` | %s | %s%s%s | %s | `%s` | %s |\n", k->section, k->key,
+              type_name(k), val[0] ? "`" : "", val[0] ? val : "(empty)", val[0] ? "`" : "",
+              range, env, k->help);
+    } else if (fmt == KDP_KEYS_INI) {
+      if (!cur || strcmp(cur, k->section) != 0) {
+        if (peer)
+          fprintf(f, "\n# Per-peer overrides: a [peer.N] section (N in 0..%d) per peer, e.g.\n"
+                     "# [peer.1]\n",
+                  KDP_MAX_PEERS - 1);
+        else
+          fprintf(f, "\n[%s]\n", k->section);
+        cur = k->section;
+      }
+      fprintf(f, "# %s (%s%s%s; env %s)\n", k->help, type_name(k), range[0] ? ", " : "", range,
+              env);
+      if (peer)
+        fprintf(f, "# %s = cnn\n", k->key);
+      else
+        fprintf(f, "%s = %s\n", k->key, val);
+    } else {
+      char name[64];
+      snprintf(name, sizeof name, "%s.%s", peer ? "peer.N" : k->section, k->key);
+      fprintf(f, "  %-26s = %s\n      %s (%s%s%s; env %s)\n", name, val[0] ? val : "(empty)",
+              k->help, type_name(k), range[0] ? ", " : "", range, env);
+    }
+  }
+  free(d);
+}
+
+void kdp_config_print_keys(FILE *f) { kdp_config_print_keys_fmt(f, KDP_KEYS_TEXT); }
+
+const char *kdp_config_peer_arch(const kdp_config *c, int peer) {
+  if (peer >= 0 && peer < KDP_MAX_PEERS && c->peer_arch[peer][0]) return c->peer_arch[peer];
+  return c->arch;
+}
+
+int kdp_config_milestones(const kdp_config *c, double *out, int max, kdp_error *err) {
+  char why[512];
+  if (!c) return kdp_fail(err, KDP_EINVAL, "kdp_config_milestones: NULL config");
+  if (max < 0) max = 0;
+  int r = parse_milestones(c->milestones, out, max, why, sizeof why);
+  if (r < 0) return kdp_fail(err, r, "optim.milestones = '%s': %s", c->milestones, why);
+  return r;
+}
