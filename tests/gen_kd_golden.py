@@ -1,0 +1,239 @@
+#!/usr/bin/python3
+"""Writes tests/golden_kd.bin: PyTorch reference values for every online-distillation method.
+
+Run with Debian's python3-torch:  /usr/bin/python3 tests/gen_kd_golden.py
+Each method is written straight from /work/shared/kd-methods.md (float64 autograd on float32
+inputs). P = 3 peers with different feature dims (16, 24, 8), B = 6, C = 5, T = 3, weight 0.7.
+
+Records (format of tests/testutil.h):
+  z (P,B,C), h (flat: peer blocks (B x d_j) in cohort order), dims (P), y (B), hyper [T, weight]
+  per case "<case>.":
+    config [method id (kd.h enum order), leader (-1 = last), detach, burn_in, fusion_dim, proj_dim]
+    ce, kd, loss (P)         per-peer CE, unweighted T^2 KL term, L_i
+    module_loss (1), total (1)   L_gate / L_f, and J = sum_i L_i + L_module
+    dz (P,B,C), dh (flat)    dJ/dz, dJ/dh
+    params, dparams          module arena (kd.h layout) and dJ/dparams (only if a module exists)
+    buffers                  BN running mean|var after one train forward (one, ffl)
+    teacher, teacher_eval    teacher logits in train mode / eval mode after that forward
+    rank<i>.dz, rank<i>.dh, rank<i>.dparams   gradients of rank i's share J_i = L_i + L_module / P
+"""
+import os
+import struct
+
+import torch
+import torch.nn.functional as F
+
+P, DIMS, B, C = 3, [16, 24, 8], 6, 5
+T, W = 3.0, 0.7
+METHOD_ID = {"independent": 0, "dml": 1, "codistill": 2, "avg": 3, "one": 4, "ffl": 5, "okddip": 6}
+
+torch.manual_seed(20240601)
+Z32 = (torch.randn(P, B, C) * 2.0).float()
+H32 = [torch.randn(B, d).float() for d in DIMS]
+Y = torch.randint(0, C, (B,))
+D = sum(DIMS)
+
+records = []
+
+
+def rec(name, t):
+    t = torch.as_tensor(t).detach().to(torch.float32).contiguous()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    records.append((name, list(t.shape), t.reshape(-1).tolist()))
+
+
+def write(path):
+    with open(path, "wb") as f:
+        f.write(b"KDPGOLD1")
+        f.write(struct.pack("<I", len(records)))
+        for name, dims, data in records:
+            nb = name.encode()
+            f.write(struct.pack("<I", len(nb)))
+            f.write(nb)
+            f.write(struct.pack("<I", len(dims)))
+            for d in dims:
+                f.write(struct.pack("<I", d))
+            f.write(struct.pack("<%df" % len(data), *data))
+
+
+def kl_logits(t, z):
+    """T^2 KL(s_T(t) || s_T(z)), batchmean; gradients flow into whatever is not detached."""
+    lq = F.log_softmax(t / T, dim=1)
+    lp = F.log_softmax(z / T, dim=1)
+    return (lq.exp() * (lq - lp)).sum() / z.shape[0] * T * T
+
+
+def kl_probs(q, z):
+    lp = F.log_softmax(z / T, dim=1)
+    return (q * (q.log() - lp)).sum() / z.shape[0] * T * T
+
+
+def make_params(method, leader, gen):
+    """Module tensors (float32 values, PyTorch default init), in kd.h layout order."""
+    torch.manual_seed(gen)
+    ps = []
+    if method in ("one", "ffl"):
+        hid = P if method == "one" else D // P
+        fc1 = torch.nn.Linear(D, hid)
+        ps += [fc1.weight.data.clone(), fc1.bias.data.clone()]
+        # perturb BN's affine params so their gradients are tested away from gamma=1, beta=0
+        ps += [1.0 + 0.1 * torch.randn(hid), 0.1 * torch.randn(hid)]
+        if method == "ffl":
+            fc2 = torch.nn.Linear(hid, C)
+            ps += [fc2.weight.data.clone(), fc2.bias.data.clone()]
+    elif method == "okddip":
+        aux = [j for j in range(P) if j != leader]
+        r = max(1, min(DIMS[j] for j in aux) // 8)
+        for j in aux:
+            ps += [torch.nn.Linear(DIMS[j], r, bias=False).weight.data.clone(),
+                   torch.nn.Linear(DIMS[j], r, bias=False).weight.data.clone()]
+    return [p.float() for p in ps]
+
+
+def bn(x, gamma, beta, bufs, train):
+    return F.batch_norm(x, bufs[0], bufs[1], gamma, beta, training=train, momentum=0.1, eps=1e-5)
+
+
+def forward(method, z, hs, ps, bufs, leader, detach, burn_in, train=True):
+    """Returns (ce list, kd list, L list, L_module, teacher logits)."""
+    y = Y
+    ces = [F.cross_entropy(z[i], y) for i in range(P)]
+    kds = [torch.zeros((), dtype=torch.float64) for _ in range(P)]
+    w = W
+    Lm = torch.zeros((), dtype=torch.float64)
+    ens = torch.log(torch.stack([F.softmax(z[j], 1) for j in range(P)]).mean(0))
+    teacher = ens
+    if method == "independent":
+        w = 0.0
+    elif method == "dml":
+        for i in range(P):
+            kds[i] = sum(kl_logits(z[j].detach(), z[i]) for j in range(P) if j != i) / (P - 1)
+    elif method == "codistill":
+        if burn_in:
+            w = 0.0
+        for i in range(P):
+            q = torch.stack([F.softmax(z[j] / T, 1) for j in range(P) if j != i]).mean(0)
+            kds[i] = kl_probs(q.detach(), z[i])
+    elif method == "avg":
+        q = torch.stack([F.softmax(z[j] / T, 1) for j in range(P)]).mean(0).detach()
+        for i in range(P):
+            kds[i] = kl_probs(q, z[i])
+    elif method == "one":
+        u = torch.cat([h.detach() for h in hs], 1)
+        a = F.relu(bn(F.linear(u, ps[0], ps[1]), ps[2], ps[3], bufs, train))
+        g = F.softmax(a, 1)
+        ze = sum(g[:, j:j + 1] * z[j] for j in range(P))
+        for i in range(P):
+            kds[i] = kl_logits(ze.detach(), z[i])
+        Lm = F.cross_entropy(ze, y)
+        teacher = ze
+    elif method == "ffl":
+        u = torch.cat(hs, 1)
+        a = F.relu(bn(F.linear(u, ps[0], ps[1]), ps[2], ps[3], bufs, train))
+        zf = F.linear(a, ps[4], ps[5])
+        for i in range(P):
+            kds[i] = kl_logits(zf.detach(), z[i])
+        zmean = torch.stack([z[j] for j in range(P)]).mean(0)
+        Lm = F.cross_entropy(zf, y) + W * kl_logits(zmean.detach(), zf)
+        teacher = zf
+    elif method == "okddip":
+        aux = [j for j in range(P) if j != leader]
+        qs = [F.linear(hs[j], ps[2 * a]) for a, j in enumerate(aux)]
+        ks = [F.linear(hs[j], ps[2 * a + 1]) for a, j in enumerate(aux)]
+        for ai, i in enumerate(aux):
+            e = torch.stack([(qs[ai] * ks[aj]).sum(1) for aj in range(len(aux))], 1)
+            att = F.softmax(e, 1)
+            t = sum(att[:, aj:aj + 1] * z[j] for aj, j in enumerate(aux))
+            kds[i] = kl_logits(t.detach() if detach else t, z[i])
+        tl = torch.stack([z[j] for j in aux]).mean(0)
+        kds[leader] = kl_logits(tl.detach() if detach else tl, z[leader])
+        teacher = z[leader]
+    Ls = [ces[i] + w * kds[i] for i in range(P)]
+    return ces, kds, Ls, Lm, teacher
+
+
+def case(name, method, leader=-1, detach=0, burn_in=0):
+    lead = P - 1 if leader < 0 else leader
+    ps32 = make_params(method, lead, 7 + METHOD_ID[method] * 31 + lead)
+    hid = P if method == "one" else (D // P if method == "ffl" else 0)
+    r = 0
+    if method == "okddip":
+        r = max(1, min(DIMS[j] for j in range(P) if j != lead) // 8)
+    rec(name + ".config", [METHOD_ID[method], leader, detach, burn_in,
+                           D // P if method == "ffl" else 0, r])
+
+    def fresh_bufs():
+        return [torch.zeros(hid, dtype=torch.float64), torch.ones(hid, dtype=torch.float64)]
+
+    def leaves():
+        z = Z32.double().clone().requires_grad_(True)
+        hs = [h.double().clone().requires_grad_(True) for h in H32]
+        ps = [p.double().clone().requires_grad_(True) for p in ps32]
+        return z, hs, ps
+
+    def grads(obj, z, hs, ps):
+        gs = torch.autograd.grad(obj, [z] + hs + ps, allow_unused=True)
+        gs = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, [z] + hs + ps)]
+        dz = gs[0]
+        dh = torch.cat([g.reshape(-1) for g in gs[1:1 + P]])
+        dp = torch.cat([g.reshape(-1) for g in gs[1 + P:]]) if ps else None
+        return dz, dh, dp
+
+    # total objective
+    z, hs, ps = leaves()
+    bufs = fresh_bufs()
+    ces, kds, Ls, Lm, teacher = forward(method, z, hs, ps, bufs, lead, detach, burn_in)
+    J = sum(Ls) + Lm
+    dz, dh, dp = grads(J, z, hs, ps)
+    rec(name + ".ce", torch.stack(ces))
+    rec(name + ".kd", torch.stack(kds))
+    rec(name + ".loss", torch.stack(Ls))
+    rec(name + ".module_loss", Lm)
+    rec(name + ".total", J)
+    rec(name + ".dz", dz)
+    rec(name + ".dh", dh)
+    rec(name + ".teacher", teacher)
+    if ps32:
+        rec(name + ".params", torch.cat([p.reshape(-1) for p in ps32]))
+        rec(name + ".dparams", dp)
+    if hid:
+        rec(name + ".buffers", torch.cat(bufs))
+    with torch.no_grad():
+        _, _, _, _, tev = forward(method, z, hs, ps, bufs, lead, detach, burn_in, train=False)
+    rec(name + ".teacher_eval", tev)
+
+    # each rank's share J_i = L_i + L_module / P
+    for i in range(P):
+        z, hs, ps = leaves()
+        _, _, Ls, Lm, _ = forward(method, z, hs, ps, fresh_bufs(), lead, detach, burn_in)
+        dz, dh, dp = grads(Ls[i] + Lm / P, z, hs, ps)
+        rec("%s.rank%d.dz" % (name, i), dz)
+        rec("%s.rank%d.dh" % (name, i), dh)
+        if ps32:
+            rec("%s.rank%d.dparams" % (name, i), dp)
+
+
+def main():
+    rec("z", Z32)
+    rec("h", torch.cat([h.reshape(-1) for h in H32]))
+    rec("dims", torch.tensor(DIMS, dtype=torch.float32))
+    rec("y", Y.float())
+    rec("hyper", torch.tensor([T, W]))
+    case("independent", "independent")
+    case("dml", "dml")
+    case("codistill", "codistill")
+    case("codistill_burnin", "codistill", burn_in=1)
+    case("avg", "avg")
+    case("one", "one")
+    case("ffl", "ffl")
+    case("okddip", "okddip")
+    case("okddip_detach", "okddip", detach=1)
+    case("okddip_leader0", "okddip", leader=0)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_kd.bin")
+    write(out)
+    print("wrote %s: %d records" % (out, len(records)))
+
+
+if __name__ == "__main__":
+    main()
