@@ -63,6 +63,20 @@ typedef struct kdp_config {
   int detach;              /* okddip: detach the attention teacher */
   int fusion_dim;          /* ffl: d_f; 0 = mean of the peers' feature dims */
   double fusion_weight_decay;
+  /* [checkpoint] */
+  int64_t ckpt_every_steps;   /* 0 = off */
+  double ckpt_every_minutes;  /* 0 = off */
+  int ckpt_keep;
+  char ckpt_on_divergence[16]; /* stop | rollback */
+  double ckpt_rollback_lr_scale;
+  /* [server] */
+  int server_enabled;
+  char server_listen[KDP_STR];
+  int server_port;            /* 0 = any free port */
+  char server_token[KDP_STR]; /* never printed or logged */
+  int64_t server_max_body;    /* bytes */
+  int server_max_connections;
+  double server_idle_timeout; /* seconds */
   /* [peer.N] overrides */
   char peer_arch[KDP_MAX_PEERS][KDP_STR]; /* "" = use model.arch */
 } kdp_config;

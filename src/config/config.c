@@ -56,6 +56,7 @@ static const char *const schedule_choices[] = {"constant", "cosine", "multistep"
 static const char *const method_choices[] = {"independent", "dml", "codistill", "avg",
                                              "one",         "ffl", "okddip",    NULL};
 static const char *const exchange_choices[] = {"logits", "weights", NULL};
+static const char *const divergence_choices[] = {"stop", "rollback", NULL};
 
 static int check_milestones(const char *value, char *why, size_t n);
 
@@ -155,6 +156,35 @@ static const key_def keys[] = {
      .help = "ffl: fusion feature dim d_f (0 = mean of the peers' feature dims)"},
     {"kd", "fusion_weight_decay", KT_DOUBLE, AT(fusion_weight_decay), ATLEAST(0), .def = "1e-05",
      .help = "ffl: weight decay of the fusion module"},
+    /* [checkpoint] */
+    {"checkpoint", "every_steps", KT_INT64, AT(ckpt_every_steps), ATLEAST(0), .def = "0",
+     .help = "checkpoint every N steps (0 = off)"},
+    {"checkpoint", "every_minutes", KT_DOUBLE, AT(ckpt_every_minutes), ATLEAST(0), .def = "10",
+     .help = "checkpoint every M minutes of wall time (0 = off)"},
+    {"checkpoint", "keep", KT_INT, AT(ckpt_keep), RANGE(1, 1000), .def = "2",
+     .help = "complete checkpoints kept in run.dir/checkpoints"},
+    {"checkpoint", "on_divergence", KT_ENUM, AT(ckpt_on_divergence),
+     .choices = divergence_choices, .def = "stop",
+     .help = "NaN/Inf: stop, or roll back to the last checkpoint with a smaller lr"},
+    {"checkpoint", "rollback_lr_scale", KT_DOUBLE, AT(ckpt_rollback_lr_scale),
+     .lo = 0, .hi = 1, .flags = R_LO | R_LO_EXCL | R_HI, .def = "0.5",
+     .help = "lr factor applied at each rollback"},
+    /* [server] */
+    {"server", "enabled", KT_BOOL, AT(server_enabled), .def = "true",
+     .help = "run the HTTP server on rank 0"},
+    {"server", "listen", KT_STRING, AT(server_listen), .def = "127.0.0.1",
+     .help = "address to bind; a non-loopback address requires server.token"},
+    {"server", "port", KT_INT, AT(server_port), RANGE(0, 65535), .def = "0",
+     .help = "TCP port (0 = any free port; see run.dir/server.addr)"},
+    {"server", "token", KT_STRING, AT(server_token), .def = "", .flags = 0,
+     .help = "bearer token for /control and /predict (never printed)"},
+    {"server", "max_body", KT_INT64, AT(server_max_body), RANGE(1024, 1073741824),
+     .def = "16777216", .help = "largest request body in bytes (413 beyond)"},
+    {"server", "max_connections", KT_INT, AT(server_max_connections), RANGE(1, 10000),
+     .def = "64", .help = "concurrent connections; more are refused"},
+    {"server", "idle_timeout", KT_DOUBLE, AT(server_idle_timeout), .lo = 0, .hi = 3600,
+     .flags = R_LO | R_LO_EXCL | R_HI, .def = "30",
+     .help = "seconds before an idle or slow connection is closed"},
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
@@ -166,7 +196,8 @@ static const key_def peer_keys[] = {
 };
 #define N_PEER_KEYS (sizeof peer_keys / sizeof peer_keys[0])
 
-static const char *const sections[] = {"run", "data", "model", "optim", "kd", NULL};
+static const char *const sections[] = {"run",        "data",   "model", "optim",
+                                       "kd",         "checkpoint", "server", NULL};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                               */
@@ -1033,6 +1064,11 @@ void kdp_config_print(const kdp_config *c, FILE *f) {
     if (!cur || strcmp(cur, keys[i].section) != 0) {
       fprintf(f, "%s[%s]\n", cur ? "\n" : "", keys[i].section);
       cur = keys[i].section;
+    }
+    if (&keys[i] == find_key("server", "token")) {
+      /* the token is a secret: never print it */
+      fprintf(f, "%stoken = \n", c->server_token[0] ? "; server.token is set (hidden)\n" : "");
+      continue;
     }
     format_value(c, &keys[i], 0, val, sizeof val);
     fprintf(f, "%s = %s\n", keys[i].key, val);
