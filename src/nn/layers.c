@@ -54,7 +54,9 @@ void kdp_dense_backward(float *din, float *dw, float *db, const float *dout, con
 
 /* Target size of one chunk's im2col matrix: 2^18 floats = 1 MiB, so the matrix and the GEMM
    panels stay in a 2 MiB L2 while M = chunk * OH * OW stays in the thousands. */
+#ifndef KDP_CONV_CHUNK_TARGET
 #define KDP_CONV_CHUNK_TARGET ((size_t)1 << 18)
+#endif
 
 void kdp_conv_shape_init(kdp_conv_shape *s) {
   size_t hp = s->H + 2 * s->pad, wp = s->W + 2 * s->pad;
@@ -250,8 +252,8 @@ void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B,
         size_t w0, w1;
         pool_window(ow, K, stride, pad, W, &w0, &w1);
         size_t oidx = ((b * OH + oh) * OW + ow) * C;
-        float *o = out + oidx;
-        int32_t *am = argmax + oidx;
+        float *restrict o = out + oidx;
+        int32_t *restrict am = argmax + oidx;
         if (h0 == h1 || w0 == w1) { /* window entirely in the padding (pad > K/2) */
           for (size_t c = 0; c < C; c++) {
             o[c] = -INFINITY;
@@ -269,7 +271,7 @@ void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B,
         for (size_t h = h0; h < h1; h++) {
           for (size_t w = (h == h0 ? w0 + 1 : w0); w < w1; w++) {
             size_t base = ((b * H + h) * W + w) * C;
-            const float *x = in + base;
+            const float *restrict x = in + base;
             for (size_t c = 0; c < C; c++) {
               float v = x[c];
               int take = (v > o[c]) | (v != v);
@@ -465,40 +467,24 @@ void kdp_shortcut_a_backward(float *din, const float *dout, size_t B, size_t H, 
 
 /* ================= batchnorm ================= */
 
-void kdp_bn_forward_train(float *out, float *xhat, float *invstd, float *run_mean,
-                          float *run_var, const float *in, const float *gamma, const float *beta,
-                          size_t N, size_t C, float momentum, float eps) {
-  if (C == 0) return;
-  if (N == 0) {
-    for (size_t c = 0; c < C; c++) invstd[c] = 1.0f / sqrtf(1.0f + eps);
-    return;
-  }
-  double *sum = kdp_xcalloc(2 * C, sizeof(double)), *sq = sum + C;
-  float *mean = kdp_xmalloc(C * sizeof(float));
-  /* shifted sums (by the first row) keep sum-of-squares cancellation small */
-  const float *shift = in;
-  for (size_t n = 1; n < N; n++) {
+/* Row loops of batchnorm as helpers with restrict parameters, so gcc vectorises the channel
+   loop without runtime alias checks. */
+static void bn_stats_rows(double *restrict sum, double *restrict sq, const float *restrict in,
+                          const double *restrict sh, size_t N, size_t C) {
+  for (size_t n = 0; n < N; n++) {
     const float *x = in + n * C;
     for (size_t c = 0; c < C; c++) {
-      double d = (double)x[c] - (double)shift[c];
+      double d = (double)x[c] - sh[c];
       sum[c] += d;
       sq[c] += d * d;
     }
   }
-  const double invN = 1.0 / (double)N;
-  for (size_t c = 0; c < C; c++) {
-    double m = sum[c] * invN;
-    double var = sq[c] * invN - m * m;
-    if (var < 0) var = 0;
-    double mu = (double)shift[c] + m;
-    mean[c] = (float)mu;
-    invstd[c] = (float)(1.0 / sqrt(var + (double)eps));
-    if (run_mean) run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (float)mu;
-    if (run_var) {
-      double unb = N > 1 ? var * (double)N / (double)(N - 1) : var;
-      run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (float)unb;
-    }
-  }
+}
+
+static void bn_norm_rows(float *restrict out, float *restrict xhat, const float *restrict in,
+                         const float *restrict mean, const float *restrict invstd,
+                         const float *restrict gamma, const float *restrict beta, size_t N,
+                         size_t C) {
   for (size_t n = 0; n < N; n++) {
     const float *x = in + n * C;
     float *xh = xhat + n * C, *o = out + n * C;
@@ -508,6 +494,36 @@ void kdp_bn_forward_train(float *out, float *xhat, float *invstd, float *run_mea
       o[c] = v * gamma[c] + beta[c];
     }
   }
+}
+
+void kdp_bn_forward_train(float *out, float *xhat, float *invstd, float *run_mean,
+                          float *run_var, const float *in, const float *gamma, const float *beta,
+                          size_t N, size_t C, float momentum, float eps) {
+  if (C == 0) return;
+  if (N == 0) {
+    for (size_t c = 0; c < C; c++) invstd[c] = 1.0f / sqrtf(1.0f + eps);
+    return;
+  }
+  double *sum = kdp_xcalloc(3 * C, sizeof(double)), *sq = sum + C, *sh = sum + 2 * C;
+  float *mean = kdp_xmalloc(C * sizeof(float));
+  /* sums shifted by the first row keep the sum-of-squares cancellation small */
+  for (size_t c = 0; c < C; c++) sh[c] = (double)in[c];
+  bn_stats_rows(sum, sq, in, sh, N, C);
+  const double invN = 1.0 / (double)N;
+  for (size_t c = 0; c < C; c++) {
+    double m = sum[c] * invN;
+    double var = sq[c] * invN - m * m;
+    if (var < 0) var = 0;
+    double mu = sh[c] + m;
+    mean[c] = (float)mu;
+    invstd[c] = (float)(1.0 / sqrt(var + (double)eps));
+    if (run_mean) run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (float)mu;
+    if (run_var) {
+      double unb = N > 1 ? var * (double)N / (double)(N - 1) : var;
+      run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (float)unb;
+    }
+  }
+  bn_norm_rows(out, xhat, in, mean, invstd, gamma, beta, N, C);
   free(mean);
   free(sum);
 }
@@ -530,13 +546,8 @@ void kdp_bn_forward_eval(float *out, const float *in, const float *gamma, const 
   free(scale);
 }
 
-/* dgamma += sum dout*xhat; dbeta += sum dout;
-   din += gamma*invstd/N * (N*dout - sum(dout) - xhat*sum(dout*xhat)) */
-void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
-                     const float *xhat, const float *invstd, const float *gamma, size_t N,
-                     size_t C) {
-  if (C == 0 || N == 0) return;
-  double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
+static void bn_bwd_sums(double *restrict sg, double *restrict sb, const float *restrict dout,
+                        const float *restrict xhat, size_t N, size_t C) {
   for (size_t n = 0; n < N; n++) {
     const float *g = dout + n * C, *xh = xhat + n * C;
     for (size_t c = 0; c < C; c++) {
@@ -544,6 +555,26 @@ void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
       sb[c] += (double)g[c];
     }
   }
+}
+
+static void bn_bwd_din(float *restrict din, const float *restrict dout,
+                       const float *restrict xhat, const float *restrict k1,
+                       const float *restrict k2, const float *restrict k3, size_t N, size_t C) {
+  for (size_t n = 0; n < N; n++) {
+    const float *g = dout + n * C, *xh = xhat + n * C;
+    float *d = din + n * C;
+    for (size_t c = 0; c < C; c++) d[c] += k1[c] * g[c] - k2[c] - k3[c] * xh[c];
+  }
+}
+
+/* dgamma += sum dout*xhat; dbeta += sum dout;
+   din += gamma*invstd/N * (N*dout - sum(dout) - xhat*sum(dout*xhat)) */
+void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
+                     const float *xhat, const float *invstd, const float *gamma, size_t N,
+                     size_t C) {
+  if (C == 0 || N == 0) return;
+  double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
+  bn_bwd_sums(sg, sb, dout, xhat, N, C);
   if (dgamma)
     for (size_t c = 0; c < C; c++) dgamma[c] += (float)sg[c];
   if (dbeta)
@@ -557,11 +588,7 @@ void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
       k2[c] = (float)(a * sb[c] / (double)N);
       k3[c] = (float)(a * sg[c] / (double)N);
     }
-    for (size_t n = 0; n < N; n++) {
-      const float *g = dout + n * C, *xh = xhat + n * C;
-      float *d = din + n * C;
-      for (size_t c = 0; c < C; c++) d[c] += k1[c] * g[c] - k2[c] - k3[c] * xh[c];
-    }
+    bn_bwd_din(din, dout, xhat, k1, k2, k3, N, C);
     free(k);
   }
   free(sg);
