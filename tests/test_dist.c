@@ -25,16 +25,16 @@ static void near(const char *what, const float *a, const float *b, size_t n, dou
   }
 }
 
-#define B 6
-#define C 5
+#define NB 6
+#define NC 5
 
 static size_t dim_of(size_t j) { return 8 + 4 * (j % 3); } /* heterogeneous feature dims */
 
 /* identical on every rank: the whole cohort's tensors for one step */
 static void make_batch(kdp_rng *r, size_t P, float *z, float *h, size_t nh, int32_t *y) {
-  for (size_t k = 0; k < P * B * C; k++) z[k] = 2.0f * kdp_rng_normal(r);
+  for (size_t k = 0; k < P * NB * NC; k++) z[k] = 2.0f * kdp_rng_normal(r);
   for (size_t k = 0; k < nh; k++) h[k] = kdp_rng_normal(r);
-  for (size_t k = 0; k < B; k++) y[k] = (int32_t)kdp_rng_below(r, C);
+  for (size_t k = 0; k < NB; k++) y[k] = (int32_t)kdp_rng_below(r, NC);
 }
 
 static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
@@ -42,13 +42,13 @@ static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
   memset(&sp, 0, sizeof sp);
   sp.method = m;
   sp.P = P;
-  sp.C = C;
+  sp.C = NC;
   for (size_t j = 0; j < P; j++) sp.dims[j] = dim_of(j);
   sp.leader = -1;
   sp.detach = detach;
   kdp_cohort *c = NULL;
   kdp_error err;
-  ck_assert_msg(kdp_cohort_create(&c, &sp, B, &err) == 0, "cohort: %s", err.msg);
+  ck_assert_msg(kdp_cohort_create(&c, &sp, NB, &err) == 0, "cohort: %s", err.msg);
   kdp_rng r;
   kdp_rng_seed(&r, 11, KDP_STREAM_MODULE);
   kdp_cohort_module_init(c, &r);
@@ -60,30 +60,30 @@ static void check_method(kdp_method m, int detach, int burn_in) {
   size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
   if (m == KDP_METHOD_OKDDIP && P < 3) return;
   kdp_cohort *dist = make_cohort(m, P, detach), *ref = make_cohort(m, P, detach);
-  size_t nh = kdp_cohort_feature_floats(ref, B);
-  float *z = kdp_falloc(P * B * C), *h = kdp_falloc(nh);
-  int32_t y[B];
+  size_t nh = kdp_cohort_feature_floats(ref, NB);
+  float *z = kdp_falloc(P * NB * NC), *h = kdp_falloc(nh);
+  int32_t y[NB];
   kdp_rng r;
   kdp_rng_seed(&r, 1234 + (uint64_t)m, 99);
   make_batch(&r, P, z, h, nh, y);
   /* reference: the total objective's gradients, in one process */
-  float *rdz = kdp_falloc(P * B * C), *rdh = kdp_falloc(nh), *teach = kdp_falloc(B * C);
+  float *rdz = kdp_falloc(P * NB * NC), *rdh = kdp_falloc(nh), *teach = kdp_falloc(NB * NC);
   kdp_kd_losses per[KDP_KD_MAX_PEERS];
   double total = 0;
   kdp_error err;
-  kdp_kd_batch in = {.z = z, .h = h, .y = y, .B = B, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in};
+  kdp_kd_batch in = {.z = z, .h = h, .y = y, .B = NB, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in};
   kdp_cohort_module_zero_grad(ref);
   ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, teach, per, &total, &err) == 0, "%s",
                 err.msg);
   /* distributed: this rank only passes its own peer's logits and features */
   kdp_exchange *x = NULL;
-  ck_assert(kdp_exchange_create(&x, &D, dist, C, B, &err) == 0);
-  float *dz = kdp_falloc(B * C), *dh = kdp_falloc(B * dim_of(me));
-  kdp_exchange_args a = {.y = y, .b = B, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in,
+  ck_assert(kdp_exchange_create(&x, &D, dist, NC, NB, &err) == 0);
+  float *dz = kdp_falloc(NB * NC), *dh = kdp_falloc(NB * dim_of(me));
+  kdp_exchange_args a = {.y = y, .b = NB, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in,
                          .scale = 1.0f};
   kdp_kd_losses L;
-  size_t hoff = kdp_cohort_feature_offset(ref, me, B);
-  ck_assert_msg(kdp_exchange_step(x, z + me * B * C, h + hoff, &a, dz, dh, &L, &err) == 0, "%s",
+  size_t hoff = kdp_cohort_feature_offset(ref, me, NB);
+  ck_assert_msg(kdp_exchange_step(x, z + me * NB * NC, h + hoff, &a, dz, dh, &L, &err) == 0, "%s",
                 err.msg);
   kdp_exchange_module_allreduce(x);
   char what[96];
@@ -95,10 +95,10 @@ static void check_method(kdp_method m, int detach, int burn_in) {
     g_fail++;
   }
   snprintf(what, sizeof what, "%s%s: dL/dz of peer %zu", name, detach ? "(detach)" : "", me);
-  near(what, dz, rdz + me * B * C, B * C, 1e-6, 1e-4);
+  near(what, dz, rdz + me * NB * NC, NB * NC, 1e-6, 1e-4);
   if (kdp_cohort_feature_grads(ref)) {
     snprintf(what, sizeof what, "%s%s: dL/dh of peer %zu", name, detach ? "(detach)" : "", me);
-    near(what, dh, rdh + hoff, B * dim_of(me), 1e-6, 1e-4);
+    near(what, dh, rdh + hoff, NB * dim_of(me), 1e-6, 1e-4);
   }
   size_t nm = kdp_cohort_module_n_params(ref);
   if (nm) {
@@ -136,24 +136,24 @@ static void check_replicas(kdp_method m) {
   size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
   if (m == KDP_METHOD_OKDDIP && P < 3) return;
   kdp_cohort *c = make_cohort(m, P, 0);
-  size_t nh = kdp_cohort_feature_floats(c, B), nm = kdp_cohort_module_n_params(c);
+  size_t nh = kdp_cohort_feature_floats(c, NB), nm = kdp_cohort_module_n_params(c);
   kdp_exchange *x = NULL;
   kdp_error err;
-  ck_assert(kdp_exchange_create(&x, &D, c, C, B, &err) == 0);
+  ck_assert(kdp_exchange_create(&x, &D, c, NC, NB, &err) == 0);
   kdp_sgd opt;
   kdp_sgd_init(&opt, nm, 0.9f, 1e-4f, 1);
-  float *z = kdp_falloc(P * B * C), *h = kdp_falloc(nh), *dz = kdp_falloc(B * C);
-  float *dh = kdp_falloc(B * dim_of(me));
-  int32_t y[B];
+  float *z = kdp_falloc(P * NB * NC), *h = kdp_falloc(nh), *dz = kdp_falloc(NB * NC);
+  float *dh = kdp_falloc(NB * dim_of(me));
+  int32_t y[NB];
   kdp_rng r;
   /* each rank draws different data: only the allreduce keeps the replicas equal */
   kdp_rng_seed(&r, 77, 1000 + me);
   for (int step = 0; step < 100; step++) {
     make_batch(&r, P, z, h, nh, y);
-    kdp_exchange_args a = {.y = y, .b = B, .T = 3.0f, .weight = 1.0f, .scale = 1.0f};
+    kdp_exchange_args a = {.y = y, .b = NB, .T = 3.0f, .weight = 1.0f, .scale = 1.0f};
     kdp_kd_losses L;
-    size_t hoff = kdp_cohort_feature_offset(c, me, B);
-    ck_assert(kdp_exchange_step(x, z + me * B * C, h + hoff, &a, dz, dh, &L, &err) == 0);
+    size_t hoff = kdp_cohort_feature_offset(c, me, NB);
+    ck_assert(kdp_exchange_step(x, z + me * NB * NC, h + hoff, &a, dz, dh, &L, &err) == 0);
     kdp_exchange_module_allreduce(x);
     kdp_sgd_step(&opt, kdp_cohort_module_params(c), kdp_cohort_module_grads(c), 0.05f);
   }
