@@ -191,7 +191,7 @@ START_TEST(test_collectives) {
     displs[j] = tot;
     tot += counts[j];
   }
-  float mine[KDP_KD_MAX_PEERS], all[KDP_KD_MAX_PEERS * KDP_KD_MAX_PEERS];
+  float mine[KDP_KD_MAX_PEERS] = {0}, all[KDP_KD_MAX_PEERS * KDP_KD_MAX_PEERS];
   for (size_t k = 0; k < counts[me]; k++) mine[k] = (float)(100 * me + k);
   kdp_dist_cohort_allgatherv(&D, mine, counts[me], all, counts, displs);
   for (size_t j = 0; j < P; j++)
