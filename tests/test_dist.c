@@ -185,7 +185,7 @@ END_TEST
 START_TEST(test_collectives) {
   /* allgatherv and reduce-scatterv with unequal blocks */
   size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
-  size_t counts[KDP_KD_MAX_PEERS], displs[KDP_KD_MAX_PEERS], tot = 0;
+  size_t counts[KDP_KD_MAX_PEERS] = {0}, displs[KDP_KD_MAX_PEERS] = {0}, tot = 0;
   for (size_t j = 0; j < P; j++) {
     counts[j] = j + 1;
     displs[j] = tot;
