@@ -1,0 +1,412 @@
+#!/usr/bin/python3
+"""acc_report.py: markdown tables from bench-accuracy results (standard library only).
+
+Usage:
+  acc_report.py [--include-failed] FILE.jsonl...     tables (markdown on stdout)
+  acc_report.py record --meta JSON [--cmd CMD] METRICS.jsonl
+                                  one results line from a run's metrics.jsonl (bench-accuracy);
+                                  exit 0: ok record, 3: a "failed" record, 2: no record
+  acc_report.py done --run-id ID FILE    exit 0 if FILE holds an ok record of ID
+  acc_report.py brief < RECORD           one-line summary of a record
+
+Tables, per study and configuration: for each method, mean +- sample std over seeds of the mean
+peer accuracy, the ensemble accuracy and the method's teacher accuracy (gate, fused, leader), the
+gain over `independent` (paired by seed when the seeds match), and the PyTorch reference
+(launch/acc_torch.py) where present. Quick runs (--quick) get their own tables, labelled as
+pipeline tests: they are not accuracy figures.
+"""
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+TEACHERS = ("gate", "fused", "leader")
+TARGETS = {"mlp(512,256)": 89.5, "cnn": 92.3}  # issue 2, percent, single peer 10 epochs
+
+
+def die(msg, code=2):
+    print(f"acc_report: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def read_jsonl(path):
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError as e:
+                print(f"acc_report: {path}:{n}: not JSON ({e}); line skipped", file=sys.stderr)
+    return out
+
+
+# ------------------------------------------------------------------ record
+def cmd_record(argv):
+    meta, cmd, metrics = None, None, None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--meta", "--cmd"):
+            if i + 1 >= len(argv):
+                die(f"record: {a} needs a value")
+            if a == "--meta":
+                try:
+                    meta = json.loads(argv[i + 1])
+                except ValueError as e:
+                    die(f"record: --meta is not JSON: {e}")
+            else:
+                cmd = argv[i + 1].strip()
+            i += 2
+        elif metrics is None:
+            metrics = a
+            i += 1
+        else:
+            die(f"record: unexpected argument '{a}'")
+    if meta is None or metrics is None:
+        die("record: usage: record --meta JSON [--cmd CMD] METRICS.jsonl")
+    rec = dict(meta)
+    if cmd:
+        rec["cmd"] = cmd
+    problems = []
+    if rec.get("rc", 0) != 0:
+        problems.append(f"exit status {rec['rc']}")
+    lines = read_jsonl(metrics) if os.path.exists(metrics) else []
+    if not os.path.exists(metrics):
+        problems.append(f"{metrics} missing")
+    evals = [r for r in lines if r.get("event") == "eval"]
+    summary = next((r for r in reversed(lines) if r.get("event") == "summary"), None)
+    if summary is None:
+        problems.append("no summary line")
+    final, final_loss, last_step = {}, {}, {}
+    by_step = {}
+    for r in evals:
+        m, s = r.get("model"), r.get("step", 0)
+        if m is None:
+            continue
+        by_step.setdefault(s, {})[m] = r
+        if s >= last_step.get(m, -1):
+            last_step[m] = s
+            final[m] = r.get("acc")
+            final_loss[m] = r.get("loss")
+    peers = sorted((m for m in final if m.startswith("peer")), key=lambda m: int(m[4:]))
+    if not peers:
+        problems.append("no peer eval lines")
+    P = rec.get("peers")
+    if P and peers and len(peers) != P:
+        problems.append(f"{len(peers)} peers evaluated, {P} expected")
+    rec["final"] = final
+    rec["final_loss"] = final_loss
+    rec["mean_peer"] = sum(final[m] for m in peers) / len(peers) if peers else None
+    rec["ensemble"] = final.get("ensemble")
+    tm = next((m for m in TEACHERS if m in final), None)
+    rec["teacher_model"] = tm
+    rec["teacher"] = final.get(tm) if tm else None
+    curve = []
+    for s in sorted(by_step):
+        row = by_step[s]
+        pk = [row[m]["acc"] for m in row if m.startswith("peer")]
+        any_row = next(iter(row.values()))
+        c = {"epoch": any_row.get("epoch"), "step": s,
+             "mean_peer": sum(pk) / len(pk) if pk else None}
+        if "ensemble" in row:
+            c["ensemble"] = row["ensemble"]["acc"]
+        if tm and tm in row:
+            c["teacher"] = row[tm]["acc"]
+        curve.append(c)
+    rec["curve"] = curve
+    if summary:
+        for k in ("steps", "train_seconds", "steps_per_second", "samples_per_second",
+                  "compute_seconds", "exchange_seconds", "allreduce_seconds", "peak_rss_mb"):
+            if k in summary:
+                rec[k] = summary[k]
+    rec["status"] = "failed" if problems else "ok"
+    if problems:
+        rec["problems"] = problems
+    rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    print(json.dumps(rec))
+    sys.exit(3 if problems else 0)
+
+
+def cmd_done(argv):
+    if len(argv) != 3 or argv[0] != "--run-id":
+        die("done: usage: done --run-id ID FILE")
+    rid, path = argv[1], argv[2]
+    if not os.path.exists(path):
+        sys.exit(1)
+    for r in read_jsonl(path):
+        if r.get("run_id") == rid and r.get("status") == "ok":
+            sys.exit(0)
+    sys.exit(1)
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def cmd_brief(_argv):
+    r = json.loads(sys.stdin.read())
+    t = f" {r['teacher_model']} {pct(r['teacher'])}" if r.get("teacher_model") else ""
+    e = f" ensemble {pct(r['ensemble'])}" if r.get("ensemble") is not None else ""
+    sps = r.get("steps_per_second")
+    print(f"  {r.get('run_id')}: mean peer {pct(r.get('mean_peer'))}{e}{t}; "
+          f"{r.get('steps')} steps, {sps if sps is not None else '-'} steps/s, "
+          f"wall {r.get('wall_seconds')} s")
+
+
+# ------------------------------------------------------------------ tables
+def stats(xs):
+    """(mean, sample std or None, n) of a list of fractions, in percent."""
+    xs = [100 * x for x in xs if x is not None]
+    if not xs:
+        return None
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
+
+
+def fmt(st, sign=False):
+    if st is None:
+        return "-"
+    m, s, n = st
+    head = f"{m:+.2f}" if sign else f"{m:.2f}"
+    return f"{head} +- {s:.2f}" if s is not None else f"{head} (n=1)"
+
+
+def by_seed(recs, key):
+    out = {}
+    for r in recs:
+        v = key(r)
+        if v is not None:
+            out[r["seed"]] = v
+    return out
+
+
+def gain(recs, base, key):
+    """Paired (by seed) gain of recs over base when they share seeds, else difference of means."""
+    a, b = by_seed(recs, key), by_seed(base, key)
+    common = sorted(set(a) & set(b))
+    if common:
+        return stats([a[s] - b[s] for s in common]), "paired"
+    sa, sb = stats(list(a.values())), stats(list(b.values()))
+    if sa is None or sb is None:
+        return None, ""
+    return (sa[0] - sb[0], None, min(sa[2], sb[2])), "means"
+
+
+def config_key(r):
+    return (r.get("study"), bool(r.get("quick")), r.get("epochs"), r.get("subset"),
+            float(r.get("label_noise") or 0), r.get("peers"))
+
+
+def config_title(study, quick, epochs, subset, noise, peers):
+    data = "full data" if not subset else f"first {subset} examples"
+    if noise:
+        data += f", {100 * noise:g}% symmetric label noise"
+    t = f"### {study}: {peers} peer{'s' if peers != 1 else ''}, {data}, {epochs} epoch{'s' if epochs != 1 else ''}"
+    if quick:
+        t += ("\n\n**QUICK pipeline test (1 epoch, 2000 examples): NOT accuracy figures, do not "
+              "quote.**")
+    return t
+
+
+def methods_table(recs, lines):
+    """Method rows: kdpeers mean peer / ensemble / teacher, gain, PyTorch reference."""
+    kd = [r for r in recs if r.get("source") == "kdpeers"]
+    pt = [r for r in recs if r.get("source") == "pytorch"]
+    archs = sorted({r.get("arch") for r in recs})
+    order = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip"]
+    methods = sorted({r["method"] for r in recs},
+                     key=lambda m: order.index(m) if m in order else len(order))
+    lines.append(f"Model: {', '.join(archs)}. Accuracies in %, mean +- sample std over seeds; "
+                 "gain = mean peer minus `independent` (paired by seed).")
+    lines.append("")
+    has_pt = bool(pt)
+    head = ["method", "seeds", "mean peer", "gain", "ensemble", "teacher"]
+    if has_pt:
+        head += ["PyTorch mean peer", "PyTorch gain", "PyTorch ensemble"]
+    head += ["steps/s"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    kd_ind = [r for r in kd if r["method"] == "independent"]
+    pt_ind = [r for r in pt if r["method"] == "independent"]
+    for m in methods:
+        rs = [r for r in kd if r["method"] == m]
+        ps = [r for r in pt if r["method"] == m]
+        row = [f"`{m}`", str(len(rs)) if rs else "-"]
+        row.append(fmt(stats([r["mean_peer"] for r in rs])))
+        g = gain(rs, kd_ind, lambda r: r["mean_peer"])[0] if rs and kd_ind and m != "independent" else None
+        row.append(fmt(g, sign=True))
+        row.append(fmt(stats([r.get("ensemble") for r in rs])))
+        tms = sorted({r["teacher_model"] for r in rs if r.get("teacher_model")})
+        tst = stats([r.get("teacher") for r in rs])
+        row.append(f"{fmt(tst)} ({', '.join(tms)})" if tst else "-")
+        if has_pt:
+            row.append(fmt(stats([r["mean_peer"] for r in ps])) + (f" (n={len(ps)})" if len(ps) > 1 else ""))
+            pg = gain(ps, pt_ind, lambda r: r["mean_peer"])[0] if ps and pt_ind and m != "independent" else None
+            row.append(fmt(pg, sign=True))
+            row.append(fmt(stats([r.get("ensemble") for r in ps])))
+        sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
+        row.append(f"{statistics.mean(sps):.1f}" if sps else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+
+def single_table(recs, lines):
+    lines.append("Single peer (`independent`), accuracy in %, mean +- sample std over seeds; "
+                 "target from issue 2 (10 epochs).")
+    lines.append("")
+    lines.append("| model | seeds | test accuracy | per seed | target | steps/s |")
+    lines.append("|---|---|---|---|---|---|")
+    for arch in sorted({r["arch"] for r in recs}):
+        rs = sorted((r for r in recs if r["arch"] == arch), key=lambda r: r["seed"])
+        st = stats([r["mean_peer"] for r in rs])
+        per = ", ".join(f"{100 * r['mean_peer']:.2f}" for r in rs)
+        tgt = TARGETS.get(arch)
+        tcol = "-"
+        if tgt is not None and st is not None:
+            tcol = f">= {tgt} ({'met' if st[0] >= tgt else 'NOT met'} by the mean)"
+        sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
+        lines.append(f"| `{arch}` | {len(rs)} | {fmt(st)} | {per} | {tcol} | "
+                     f"{statistics.mean(sps):.1f} |" if sps else
+                     f"| `{arch}` | {len(rs)} | {fmt(st)} | {per} | {tcol} | - |")
+    lines.append("")
+
+
+def hetero_table(recs, all_recs, lines):
+    """Per-model rows of the heterogeneous run, against independent baselines of the same arch
+    (single-peer cnn; methods-full independent mlp peers) with the same epochs and data."""
+    r0 = recs[0]
+    cfg = (bool(r0.get("quick")), r0.get("epochs"), r0.get("subset"),
+           float(r0.get("label_noise") or 0))
+
+    def same(r):
+        return (r.get("status") == "ok" and r.get("source") == "kdpeers" and
+                r.get("method") == "independent" and
+                (bool(r.get("quick")), r.get("epochs"), r.get("subset"),
+                 float(r.get("label_noise") or 0)) == cfg)
+
+    def peers_of(r, want_cnn):
+        return [v for k, v in r["final"].items() if k.startswith("peer") and
+                ((k == "peer0") == want_cnn)] if r.get("study") == "hetero" else None
+
+    base_cnn = [r for r in all_recs if same(r) and r.get("arch") == "cnn"]
+    base_mlp = [r for r in all_recs if same(r) and r.get("arch") == "mlp(512,256)"]
+    lines.append("Peer 0 is `cnn`, the others `mlp(512,256)`. Baselines: `independent` runs of the "
+                 "same arch, epochs and data from the other studies (paired by seed).")
+    lines.append("")
+    lines.append("| method | seeds | cnn peer | cnn alone | gain | mlp peers (mean) | mlp alone | "
+                 "gain | ensemble | steps/s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for m in sorted({r["method"] for r in recs}):
+        rs = [r for r in recs if r["method"] == m]
+        cnn = lambda r: r["final"].get("peer0")  # noqa: E731
+        mlp = lambda r: statistics.mean(peers_of(r, False))  # noqa: E731
+        row = [f"`{m}`", str(len(rs)), fmt(stats([cnn(r) for r in rs])),
+               fmt(stats([r["mean_peer"] for r in base_cnn]))]
+        row.append(fmt(gain([dict(r, v=cnn(r)) for r in rs],
+                            [dict(r, v=r["mean_peer"]) for r in base_cnn],
+                            lambda r: r["v"])[0], sign=True) if base_cnn else "-")
+        row.append(fmt(stats([mlp(r) for r in rs])))
+        row.append(fmt(stats([r["mean_peer"] for r in base_mlp])))
+        row.append(fmt(gain([dict(r, v=mlp(r)) for r in rs],
+                            [dict(r, v=r["mean_peer"]) for r in base_mlp],
+                            lambda r: r["v"])[0], sign=True) if base_mlp else "-")
+        row.append(fmt(stats([r.get("ensemble") for r in rs])))
+        sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
+        row.append(f"{statistics.mean(sps):.1f}" if sps else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+
+def summary_table(groups, lines):
+    """Compact method x regime table of the mean peer accuracy (full runs only)."""
+    regimes = [(k, v) for k, v in groups.items()
+               if k[0] in ("methods-full", "methods-noisy", "cnn") and not k[1]]
+    if len(regimes) < 2:
+        return
+    order = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip"]
+    lines.append("### Summary: mean peer accuracy (%), method x regime (kdpeers; PyTorch in "
+                 "brackets)")
+    lines.append("")
+    names = [f"{k[0]} ({k[2]} ep)" for k, _ in regimes]
+    lines.append("| method | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for m in order:
+        cells, any_ = [], False
+        for _, rs in regimes:
+            kd = [r["mean_peer"] for r in rs if r["method"] == m and r["source"] == "kdpeers"]
+            pt = [r["mean_peer"] for r in rs if r["method"] == m and r["source"] == "pytorch"]
+            c = fmt(stats(kd)) if kd else "-"
+            if pt:
+                c += f" [{fmt(stats(pt))}]"
+            any_ = any_ or bool(kd or pt)
+            cells.append(c)
+        if any_:
+            lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    lines.append("")
+
+
+def cmd_tables(argv):
+    include_failed = "--include-failed" in argv
+    files = [a for a in argv if a != "--include-failed"]
+    if not files:
+        die("usage: acc_report.py [--include-failed] FILE.jsonl... (see --help)")
+    all_recs, failed = [], []
+    for f in files:
+        if not os.path.exists(f):
+            die(f"{f}: no such file")
+        for r in read_jsonl(f):
+            (all_recs if r.get("status") == "ok" else failed).append(r)
+    # the last record of a run_id wins (a rerun replaces an earlier one)
+    latest = {}
+    for r in all_recs:
+        latest[r.get("run_id")] = r
+    all_recs = list(latest.values())
+    groups = {}
+    for r in all_recs:
+        groups.setdefault(config_key(r), []).append(r)
+    study_order = ["single", "methods-full", "methods-noisy", "cnn", "hetero"]
+    keys = sorted(groups, key=lambda k: (k[1], study_order.index(k[0]) if k[0] in study_order
+                                         else 99, k[2] or 0, k[3] or 0))
+    lines = ["# kdpeers accuracy study (Fashion-MNIST)", "",
+             f"From: {', '.join(files)}. Recipe: batch 128, SGD nesterov 0.9, weight decay 5e-4, "
+             "lr 0.05 cosine per step to 0, T 3, KD weight 1, no ramp-up. Ensemble = mean of the "
+             "peers' probabilities; teacher = the method's own (gate / fused / leader).", ""]
+    summary_table(groups, lines)
+    for k in keys:
+        rs = groups[k]
+        lines.append(config_title(k[0], k[1], k[2], k[3], k[4], k[5]))
+        lines.append("")
+        if k[0] == "single":
+            single_table(rs, lines)
+        elif k[0] == "hetero":
+            hetero_table(rs, all_recs, lines)
+        else:
+            methods_table(rs, lines)
+    if failed:
+        lines.append(f"{len(failed)} failed run record(s) not in the tables:" +
+                     ("" if include_failed else " (--include-failed lists them)"))
+        if include_failed:
+            for r in failed:
+                lines.append(f"- `{r.get('run_id')}`: {'; '.join(r.get('problems', []))}")
+        lines.append("")
+    print("\n".join(lines).rstrip() + "\n")
+
+
+def main():
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    sub = {"record": cmd_record, "done": cmd_done, "brief": cmd_brief}.get(argv[0])
+    if sub:
+        sub(argv[1:])
+    else:
+        cmd_tables(argv)
+
+
+if __name__ == "__main__":
+    main()
