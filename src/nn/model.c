@@ -309,15 +309,16 @@ static void build_cnn(kdp_model *m, int x) {
   m->logits_act = b_dense(m, h, m->in.n_classes, "fc2");
 }
 
-/* Parses a comma-separated list of positive integers inside "(...)"; returns count or -1. */
-static int parse_int_list(const char *s, long *out, int max) {
+/* Parses a comma-separated list of integers inside "(...)"; every value must be positive except
+   from index zero_from on, where 0 is allowed (conv padding). Returns count or -1. */
+static int parse_int_list_z(const char *s, long *out, int max, int zero_from) {
   int n = 0;
   while (*s) {
     while (*s == ' ') s++;
     if (!isdigit((unsigned char)*s)) return -1;
     char *end;
     long v = strtol(s, &end, 10);
-    if (n >= max || v <= 0 || v > 1000000) return -1;
+    if (n >= max || v < 0 || (v == 0 && n < zero_from) || v > 1000000) return -1;
     out[n++] = v;
     s = end;
     while (*s == ' ') s++;
@@ -329,6 +330,10 @@ static int parse_int_list(const char *s, long *out, int max) {
     }
   }
   return n;
+}
+
+static int parse_int_list(const char *s, long *out, int max) {
+  return parse_int_list_z(s, out, max, max);
 }
 
 static int build_mlp(kdp_model *m, int x, const char *args, kdp_error *err) {
@@ -395,7 +400,7 @@ static int build_seq(kdp_model *m, int x, const char *spec, kdp_error *err) {
                           "model arch 'seq:%s': dropout(p) needs 0 <= p < 1, got '%s'", spec,
                           paren + 1);
       } else {
-        na = parse_int_list(paren + 1, a, 4);
+        na = parse_int_list_z(paren + 1, a, 4, strcmp(item, "conv") == 0 ? 3 : 4);
         if (na < 0)
           return kdp_fail(err, KDP_EINVAL,
                           "model arch 'seq:%s': '%s(%s)' needs positive integer arguments", spec,
@@ -408,10 +413,7 @@ static int build_seq(kdp_model *m, int x, const char *spec, kdp_error *err) {
     if (strcmp(item, "conv") == 0 && na >= 2) {
       /* conv(c, k[, stride[, pad]]); pad defaults to k/2 ("same" for odd k) */
       size_t st = na >= 3 ? (size_t)a[2] : 1, pad = na >= 4 ? (size_t)a[3] : (size_t)a[1] / 2;
-      if (na >= 4 && a[3] == 0) pad = 0;
       h = b_conv(m, h, (size_t)a[0], (size_t)a[1], st, pad, 1, name);
-    } else if (strcmp(item, "convp0") == 0 && na >= 2) {
-      h = b_conv(m, h, (size_t)a[0], (size_t)a[1], na >= 3 ? (size_t)a[2] : 1, 0, 1, name);
     } else if (strcmp(item, "bn") == 0 && !paren) {
       h = b_bn(m, h, name);
     } else if (strcmp(item, "relu") == 0 && !paren) {
