@@ -124,7 +124,7 @@ static long long raw_size(gzFile f, const char *path) {
 
 static int idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H, size_t *W,
                            kdp_error *err) {
-  gzFile f;
+  gzFile f = NULL;
   int rc = gz_open(&f, path, "IDX images", err);
   if (rc) return rc;
   rc = idx_check_magic(f, path, IDX_MAGIC_IMAGES, err);
@@ -192,7 +192,7 @@ fail:
 }
 
 static int idx_read_labels(const char *path, uint8_t **out, size_t *n, kdp_error *err) {
-  gzFile f;
+  gzFile f = NULL;
   int rc = gz_open(&f, path, "IDX labels", err);
   if (rc) return rc;
   rc = idx_check_magic(f, path, IDX_MAGIC_LABELS, err);
@@ -261,7 +261,7 @@ int kdp_idx_load(kdp_dataset *ds, const char *images_path, const char *labels_pa
   int rc = idx_read_images(images_path, &img, &n, &H, &W, err);
   if (rc == KDP_EFORMAT) {
     /* if the labels path holds images, say the two are swapped */
-    gzFile f;
+    gzFile f = NULL;
     if (gz_open(&f, labels_path, "IDX labels", NULL) == 0) {
       uint8_t h[4];
       if (gz_read_all(f, h, 4) == 4 && be32(h) == IDX_MAGIC_IMAGES && err) {
