@@ -156,11 +156,13 @@ int main(int argc, char **argv) {
   if (c.print_model) {
     rc = rank == 0 ? print_models(&cfg, d.n_peers, &err) : 0;
   } else {
+    kdp_train_install_signals();
     rc = kdp_train_run(&cfg, &d, &err);
   }
-  if (rc != 0) fprintf(stderr, "kdpeers: rank %d: %s\n", d.world_rank, err.msg);
+  if (rc != 0 && rc != KDP_ESTOPPED) fprintf(stderr, "kdpeers: rank %d: %s\n", d.world_rank, err.msg);
   kdp_dist_free(&d);
   kdp_dist_finalize();
+  if (rc == KDP_ESTOPPED) return KDP_EXIT_PREEMPTED;
   if (rc == KDP_EINVAL) return EXIT_USAGE;
   return rc == 0 ? 0 : 1;
 }

@@ -57,6 +57,10 @@ void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Broadcast from world rank 0. */
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
+/* The per-step agreement point: element-wise MAX of n ints over the world, in place. The time
+   spent here is the wait for the slowest rank (counted in t_wait), so the exchange that follows
+   measures transfer only. */
+void kdp_dist_step_sync(kdp_dist *d, int32_t *flags, size_t n);
 /* Max over world of a double (e.g. slowest rank's time). */
 double kdp_dist_max(kdp_dist *d, double v);
 void kdp_dist_barrier(kdp_dist *d);

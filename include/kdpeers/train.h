@@ -17,6 +17,15 @@ struct kdp_dataset;
 int kdp_train_load_data(const kdp_config *cfg, struct kdp_dataset *train,
                         struct kdp_dataset *test, kdp_error *err);
 
+/* Exit statuses batch scripts rely on (see README): */
+#define KDP_EXIT_PREEMPTED 75   /* a signal: checkpointed at a step boundary; requeue and rerun */
+#define KDP_EXIT_SIGNAL_NOW 143 /* a second signal: exited at once, no checkpoint */
+
+/* SIGTERM, SIGUSR1, SIGINT: the first asks for a checkpoint and exit at the next step boundary;
+   a second one exits at once. */
+void kdp_train_install_signals(void);
+int kdp_train_signal_count(void);
+
 int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d);
 
 #endif

@@ -242,6 +242,13 @@ void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes) {
   KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));
 }
 
+void kdp_dist_step_sync(kdp_dist *d, int32_t *flags, size_t n) {
+  if (d->world_size <= 1) return;
+  double t0 = kdp_now();
+  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, flags, (int)n, MPI_INT32_T, MPI_MAX, MPI_COMM_WORLD));
+  d->t_wait += kdp_now() - t0;
+}
+
 double kdp_dist_max(kdp_dist *d, double v) {
   double out = v;
   (void)d;

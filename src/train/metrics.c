@@ -182,10 +182,12 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
     fprintf(t->metrics,
             "{\"event\":\"summary\",\"steps\":%lld,\"train_seconds\":%.4f,\"steps_per_second\":%.4f,"
             "\"samples_per_second\":%.1f,\"compute_seconds\":%.4f,\"exchange_seconds\":%.4f,"
-            "\"allreduce_seconds\":%.4f,\"bytes_per_step\":%.0f,\"peak_rss_mb\":%.1f,"
+            "\"allreduce_seconds\":%.4f,\"wait_seconds\":%.4f,\"bytes_per_step\":%.0f,"
+            "\"peak_rss_mb\":%.1f,"
             "\"peers\":%d,\"ranks\":%d",
             (long long)s->steps, s->train_seconds, sps, sps * (double)t->Bg, s->compute_seconds,
-            s->exchange_seconds, s->allreduce_seconds, s->bytes_per_step, s->peak_rss_mb, t->P,
+            s->exchange_seconds, s->allreduce_seconds, s->wait_seconds, s->bytes_per_step,
+            s->peak_rss_mb, t->P,
             t->d->world_size);
     for (int i = 0; i < g_nrows; i++) {
       fputs(",\"acc_", t->metrics);
@@ -203,7 +205,8 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
             g_rows[i].loss);
   fprintf(stderr,
           "  %lld steps in %.1fs train time: %.2f steps/s, %.0f samples/s; compute %.1fs, "
-          "exchange %.2fs, allreduce %.2fs; peak RSS %.0f MB\n  metrics: %s/metrics.jsonl\n",
+          "exchange %.2fs, allreduce %.2fs, waiting %.2fs; peak RSS %.0f MB\n"
+          "  metrics: %s/metrics.jsonl\n",
           (long long)s->steps, s->train_seconds, sps, sps * (double)t->Bg, s->compute_seconds,
-          s->exchange_seconds, s->allreduce_seconds, s->peak_rss_mb, t->cfg->dir);
+          s->exchange_seconds, s->allreduce_seconds, s->wait_seconds, s->peak_rss_mb, t->cfg->dir);
 }

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -166,6 +167,70 @@ static void evaluate(kdp_trainer *t, int64_t step, double epoch) {
   free(all);
 }
 
+/* ---------------- divergence and signals ---------------- */
+
+enum { KDP_SYNC_DIVERGED, KDP_SYNC_STOP, KDP_SYNC_N };
+
+typedef struct divergence {
+  int peer_plus1;
+  int64_t step;
+  const char *term;
+  double value;
+} divergence;
+
+static int all_finite(const float *v, size_t n) {
+  float acc = 0.0f;
+  for (size_t i = 0; i < n; i++) acc += v[i] * 0.0f; /* NaN or Inf make the sum NaN */
+  return acc == 0.0f;
+}
+
+static void note_divergence(divergence *dv, int peer, int64_t step, const char *term, double v) {
+  if (dv->peer_plus1) return; /* keep the first */
+  dv->peer_plus1 = peer + 1;
+  dv->step = step;
+  dv->term = term;
+  dv->value = v;
+}
+
+static int divergence_error(const divergence *dv, kdp_dist *d, int peer, kdp_error *err) {
+  if (dv->peer_plus1)
+    return kdp_fail(err, KDP_EDIVERGED,
+                    "divergence: peer %d, step %lld: the %s %s %g. Lower optim.lr or kd.weight, "
+                    "or set checkpoint.on_divergence = rollback",
+                    d->peer, (long long)dv->step, dv->term,
+                    strcmp(dv->term, "parameters") == 0 || strcmp(dv->term, "logits") == 0
+                        ? "contain"
+                        : "is",
+                    dv->value);
+  return kdp_fail(err, KDP_EDIVERGED, "divergence in peer %d (its rank reports the step and term)",
+                  peer);
+}
+
+static volatile sig_atomic_t g_signals;
+
+static void on_signal(int sig) {
+  (void)sig;
+  if (g_signals++ > 0) {
+    /* a second signal: exit at once */
+    static const char msg[] = "kdpeers: second signal, exiting now\n";
+    ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+    (void)w;
+    _exit(KDP_EXIT_SIGNAL_NOW);
+  }
+}
+
+void kdp_train_install_signals(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGUSR1, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+}
+
+int kdp_train_signal_count(void) { return (int)g_signals; }
+
 /* ---------------- the run ---------------- */
 
 int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
@@ -282,12 +347,14 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
   }
 
   double train_time = 0, t_compute = 0;
-  double ex0 = d->t_exchange, ar0 = d->t_allreduce;
+  double ex0 = d->t_exchange, ar0 = d->t_allreduce, wt0 = d->t_wait;
   double run_loss = 0, run_kd = 0;
   size_t run_correct = 0, run_n = 0;
   float *params = kdp_model_params(t->model), *grads = kdp_model_grads(t->model);
   size_t np = kdp_model_n_params(t->model);
-  for (int64_t step = 0; step < total; step++) {
+  divergence pending_div = {0};
+  int stopped = 0;
+  for (int64_t step = t->step; step < total; step++) {
     double t0 = kdp_now();
     size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
     /* this rank's slice of the global batch */
@@ -300,6 +367,27 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
     double tc0 = kdp_now();
     const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
     t_compute += kdp_now() - tc0;
+    /* the step's agreement point, before the exchange: divergence, stop and command flags */
+    int32_t flags[KDP_SYNC_N] = {0};
+    if (pending_div.peer_plus1) flags[KDP_SYNC_DIVERGED] = pending_div.peer_plus1;
+    if (!all_finite(z, bl * t->C)) {
+      note_divergence(&pending_div, d->peer, step, "logits", NAN);
+      flags[KDP_SYNC_DIVERGED] = d->peer + 1;
+    }
+    if ((step + 1) % cfg->log_every == 0 && !all_finite(params, np)) {
+      note_divergence(&pending_div, d->peer, step, "parameters", NAN);
+      flags[KDP_SYNC_DIVERGED] = d->peer + 1;
+    }
+    flags[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
+    kdp_dist_step_sync(d, flags, KDP_SYNC_N);
+    if (flags[KDP_SYNC_DIVERGED]) {
+      rc = divergence_error(&pending_div, d, flags[KDP_SYNC_DIVERGED] - 1, err);
+      break;
+    }
+    if (flags[KDP_SYNC_STOP]) {
+      stopped = 1;
+      break;
+    }
     kdp_step_loss sl;
     memset(t->dlogits, 0, bl * t->C * sizeof(float));
     int need_feat = t->uses_features_grad;
@@ -309,17 +397,10 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
     float scale = (float)bl / (float)bg;
     t->cur_x = x;
     kdp_method_step(t, z, y, bl, step, epoch_f, scale, &sl);
-    if (!isfinite(sl.ce) || !isfinite(sl.kd)) {
-      rc = kdp_fail(err, KDP_EDIVERGED,
-                    "divergence: peer %d, step %lld: the %s loss is %g. Lower optim.lr or "
-                    "kd.weight",
-                    d->peer, (long long)step, isfinite(sl.ce) ? "distillation" : "cross-entropy",
-                    isfinite(sl.ce) ? sl.kd : sl.ce);
-    }
-    if (!kdp_dist_all_ok(d, rc == 0)) {
-      if (rc == 0) rc = kdp_fail(err, KDP_EDIVERGED, "another rank diverged (see its message)");
-      break;
-    }
+    if (!isfinite(sl.ce))
+      note_divergence(&pending_div, d->peer, step, "cross-entropy loss", sl.ce);
+    else if (!isfinite(sl.kd))
+      note_divergence(&pending_div, d->peer, step, "distillation loss", sl.kd);
     tc0 = kdp_now();
     kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
     t_compute += kdp_now() - tc0;
@@ -359,6 +440,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
       evaluate(t, step + 1, (double)(step + 1) / (double)spe);
     }
   }
+  if (rc == 0 && stopped) {
+    if (t->is_root)
+      fprintf(stderr, "kdpeers: stopped by a signal at step %lld\n", (long long)t->step);
+    rc = KDP_ESTOPPED;
+    kdp_fail(err, KDP_ESTOPPED, "stopped by a signal at step %lld", (long long)t->step);
+  }
   if (rc == 0) {
     kdp_summary sm = {0};
     sm.steps = t->step;
@@ -366,6 +453,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
     sm.compute_seconds = t_compute;
     sm.exchange_seconds = d->t_exchange - ex0;
     sm.allreduce_seconds = d->t_allreduce - ar0;
+    sm.wait_seconds = d->t_wait - wt0;
     sm.peak_rss_mb = kdp_dist_max(d, peak_rss_mb());
     sm.bytes_per_step = t->step > 0 ? d->bytes_exchanged / (double)t->step : 0;
     if (t->is_root) kdp_metrics_summary(t, &sm);

@@ -16,7 +16,7 @@ typedef struct kdp_step_loss {
 
 typedef struct kdp_summary {
   int64_t steps;
-  double train_seconds, compute_seconds, exchange_seconds, allreduce_seconds;
+  double train_seconds, compute_seconds, exchange_seconds, allreduce_seconds, wait_seconds;
   double peak_rss_mb, bytes_per_step;
 } kdp_summary;
 
