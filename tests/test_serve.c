@@ -1,0 +1,1132 @@
+/* test_serve.c: the HTTP server driven over real loopback sockets by a small blocking client:
+   endpoints, status codes, keep-alive, token, control queue, predict round trips (JSON and
+   msgpack) with a fake trainer thread, limits, timeouts, slow clients and clean stop. */
+#include <arpa/inet.h>
+#include <check.h>
+#include <errno.h>
+#include <json-c/json.h>
+#include <math.h>
+#include <msgpack.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kdpeers/serve.h"
+#include "testutil.h"
+
+/* ---- a tiny blocking HTTP/1.1 client ---- */
+
+typedef struct client {
+  int fd;
+  char buf[1 << 20];
+  size_t len;
+} client;
+
+typedef struct resp {
+  int status;
+  char head[8192];
+  char *body;
+  size_t body_len;
+} resp;
+
+static client *cl_open(int port) {
+  client *c = calloc(1, sizeof *c);
+  c->fd = socket(AF_INET, SOCK_STREAM, 0);
+  ck_assert_int_ge(c->fd, 0);
+  struct timeval tv = {5, 0}; /* never hang a test */
+  setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  struct sockaddr_in a = {0};
+  a.sin_family = AF_INET;
+  a.sin_port = htons((uint16_t)port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ck_assert_msg(connect(c->fd, (struct sockaddr *)&a, sizeof a) == 0, "connect: %s",
+                strerror(errno));
+  return c;
+}
+
+static void cl_close(client *c) {
+  close(c->fd);
+  free(c);
+}
+
+static int cl_send(client *c, const void *data, size_t n) {
+  const char *p = data;
+  while (n) {
+    ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+    if (w <= 0) return -1;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* Reads more bytes; 0 on EOF, -1 on error/timeout. */
+static ssize_t cl_fill(client *c) {
+  if (c->len == sizeof c->buf) return -1;
+  ssize_t r = recv(c->fd, c->buf + c->len, sizeof c->buf - c->len, 0);
+  if (r > 0) c->len += (size_t)r;
+  return r;
+}
+
+static void resp_free(resp *r) {
+  free(r->body);
+  r->body = NULL;
+}
+
+/* Reads one response (skipping 100 Continue); 0 ok, -1 if the connection ended first. */
+static int cl_read(client *c, resp *r) {
+  memset(r, 0, sizeof *r);
+  for (;;) {
+    char *end = NULL;
+    while (!(end = memmem(c->buf, c->len, "\r\n\r\n", 4)))
+      if (cl_fill(c) <= 0) return -1;
+    size_t hlen = (size_t)(end - c->buf) + 4;
+    ck_assert_uint_lt(hlen, sizeof r->head);
+    memcpy(r->head, c->buf, hlen);
+    r->head[hlen] = 0;
+    ck_assert_msg(sscanf(r->head, "HTTP/1.1 %d", &r->status) == 1, "bad status line: %s", r->head);
+    memmove(c->buf, c->buf + hlen, c->len - hlen);
+    c->len -= hlen;
+    if (r->status == 100) continue;
+    const char *cl = strcasestr(r->head, "\r\nContent-Length:");
+    ck_assert_msg(cl != NULL, "no Content-Length in %s", r->head);
+    size_t n = strtoul(cl + 17, NULL, 10);
+    while (c->len < n)
+      if (cl_fill(c) <= 0) return -1;
+    r->body = malloc(n + 1);
+    memcpy(r->body, c->buf, n);
+    r->body[n] = 0;
+    r->body_len = n;
+    memmove(c->buf, c->buf + n, c->len - n);
+    c->len -= n;
+    return 0;
+  }
+}
+
+/* 1 if the server closed the connection (EOF or reset) within the receive timeout. */
+static int cl_sees_eof(client *c) {
+  for (;;) {
+    ssize_t r = cl_fill(c);
+    if (r == 0) return 1;
+    if (r < 0) return errno == ECONNRESET;
+  }
+}
+
+/* One request on a fresh connection. */
+static int req1(int port, const char *raw, size_t n, resp *r) {
+  client *c = cl_open(port);
+  ck_assert_int_eq(cl_send(c, raw, n), 0);
+  int rc = cl_read(c, r);
+  cl_close(c);
+  return rc;
+}
+
+static int get(int port, const char *path, resp *r) {
+  char raw[512];
+  int n = snprintf(raw, sizeof raw, "GET %s HTTP/1.1\r\nHost: t\r\n\r\n", path);
+  return req1(port, raw, (size_t)n, r);
+}
+
+static int post(int port, const char *path, const char *auth, const char *ctype, const void *body,
+                size_t len, resp *r) {
+  char raw[8192];
+  int n = snprintf(raw, sizeof raw,
+                   "POST %s HTTP/1.1\r\nHost: t\r\n%s%s%s%s%s%sContent-Length: %zu\r\n\r\n", path,
+                   auth ? "Authorization: " : "", auth ? auth : "", auth ? "\r\n" : "",
+                   ctype ? "Content-Type: " : "", ctype ? ctype : "", ctype ? "\r\n" : "", len);
+  ck_assert(len + (size_t)n < sizeof raw);
+  memcpy(raw + n, body, len);
+  return req1(port, raw, (size_t)n + len, r);
+}
+
+/* The "error" message of a JSON error body, decoded (static buffer). */
+static const char *err_msg(const resp *r) {
+  static char msg[1024];
+  json_object *o = json_tokener_parse(r->body), *e;
+  ck_assert_msg(o && json_object_object_get_ex(o, "error", &e), "not an error body: %s", r->body);
+  snprintf(msg, sizeof msg, "%s", json_object_get_string(e));
+  json_object_put(o);
+  return msg;
+}
+
+/* ---- server helpers ---- */
+
+enum { DIM = 4, P = 2, C = 3 };
+
+static kdp_server *start(kdp_server_options *o) {
+  kdp_server *s = NULL;
+  kdp_error err = {{0}};
+  int rc = kdp_server_start(&s, o, &err);
+  ck_assert_msg(rc == 0, "server start failed: %s", err.msg);
+  ck_assert_int_gt(kdp_server_port(s), 0);
+  return s;
+}
+
+static void opts(kdp_server_options *o) {
+  kdp_server_options_defaults(o);
+  o->port = 0;
+  o->quiet = 1;
+  o->input_dim = DIM;
+  o->max_predict = 8;
+}
+
+static double now_s(void) { return kdp_now(); }
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+/* ---- core ---- */
+
+START_TEST(test_get_endpoints) {
+  char *dir = kdp_test_tmpdir();
+  char addr_file[512];
+  snprintf(addr_file, sizeof addr_file, "%s/server.addr", dir);
+  kdp_server_options o;
+  opts(&o);
+  o.addr_file = addr_file;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+
+  /* address file */
+  char expect[128], got[128] = "";
+  snprintf(expect, sizeof expect, "http://127.0.0.1:%d", port);
+  ck_assert_str_eq(kdp_server_address(s), expect);
+  FILE *f = fopen(addr_file, "r");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_ptr_nonnull(fgets(got, sizeof got, f));
+  fclose(f);
+  strcat(expect, "\n");
+  ck_assert_str_eq(got, expect);
+
+  resp r;
+  ck_assert_int_eq(get(port, "/healthz", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"status\":\"ok\""));
+  ck_assert_ptr_nonnull(strstr(r.body, "\"last_publish_age_seconds\":null"));
+  resp_free(&r);
+  ck_assert_int_eq(get(port, "/status", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_str_eq(r.body, "{}\n");
+  resp_free(&r);
+
+  kdp_server_publish(s, "# HELP kdpeers_train_step Steps.\n# TYPE kdpeers_train_step counter\n"
+                        "kdpeers_train_step 42\n",
+                     "{\"step\":42,\"epoch\":1}");
+  ck_assert_int_eq(get(port, "/metrics", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: text/plain; version=0.0.4"));
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_train_step 42\n"));
+  const char *names[] = {"kdpeers_http_requests_total", "kdpeers_server_connections_open",
+                         "kdpeers_server_loop_lag_seconds", "kdpeers_server_sent_bytes_total"};
+  for (int i = 0; i < 4; i++) {
+    char line[160];
+    snprintf(line, sizeof line, "# TYPE %s ", names[i]);
+    ck_assert_msg(strstr(r.body, line) != NULL, "missing %s", line);
+    snprintf(line, sizeof line, "# HELP %s ", names[i]);
+    ck_assert_msg(strstr(r.body, line) != NULL, "missing %s", line);
+  }
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/healthz\",code=\"200\"} 1\n"));
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/status\",code=\"200\"} 1\n"));
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_server_connections_open 1\n"));
+  /* every sample line is "name[{labels}] value" with a kdpeers_ name and a finite number */
+  char *save = NULL, *body = strdup(r.body);
+  for (char *ln = strtok_r(body, "\n", &save); ln; ln = strtok_r(NULL, "\n", &save)) {
+    if (ln[0] == '#') continue;
+    ck_assert_msg(strncmp(ln, "kdpeers_", 8) == 0, "bad metric line: %s", ln);
+    char *sp = strrchr(ln, ' ');
+    ck_assert_ptr_nonnull(sp);
+    char *endp;
+    double v = strtod(sp + 1, &endp);
+    ck_assert_msg(*endp == 0 && isfinite(v), "bad value in: %s", ln);
+  }
+  free(body);
+  resp_free(&r);
+
+  ck_assert_int_eq(get(port, "/status?pretty=1", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: application/json"));
+  ck_assert_str_eq(r.body, "{\"step\":42,\"epoch\":1}\n");
+  resp_free(&r);
+  ck_assert_int_eq(get(port, "/healthz", &r), 0);
+  double age = -1;
+  const char *a = strstr(r.body, "\"last_publish_age_seconds\":");
+  ck_assert_ptr_nonnull(a);
+  age = strtod(a + 27, NULL);
+  ck_assert(age >= 0 && age < 5);
+  resp_free(&r);
+
+  /* one request with curl, if the machine has it */
+  if (system("command -v curl >/dev/null 2>&1") == 0) {
+    char cmd[1024], out[512];
+    snprintf(out, sizeof out, "%s/curl.out", dir);
+    snprintf(cmd, sizeof cmd, "curl -s -m 5 -o %s -w '%%{http_code}' %s/healthz > %s/code", out,
+             kdp_server_address(s), dir);
+    ck_assert_int_eq(system(cmd), 0);
+    char path[600], code[16] = "", text[256] = "";
+    snprintf(path, sizeof path, "%s/code", dir);
+    f = fopen(path, "r");
+    ck_assert_ptr_nonnull(fgets(code, sizeof code, f));
+    fclose(f);
+    ck_assert_str_eq(code, "200");
+    f = fopen(out, "r");
+    ck_assert_ptr_nonnull(fgets(text, sizeof text, f));
+    fclose(f);
+    ck_assert_ptr_nonnull(strstr(text, "\"status\":\"ok\""));
+  }
+  kdp_server_stop(s);
+  ck_assert_int_ne(access(addr_file, F_OK), 0); /* removed at stop */
+  free(dir);
+}
+END_TEST
+
+START_TEST(test_keepalive) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  client *c = cl_open(kdp_server_port(s));
+  resp r;
+  const char *g = "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+  ck_assert_int_eq(cl_send(c, g, strlen(g)), 0);
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Connection: keep-alive"));
+  resp_free(&r);
+  /* second request on the same socket, then two pipelined in one write */
+  const char *st = "GET /status HTTP/1.1\r\nHost: t\r\n\r\n";
+  ck_assert_int_eq(cl_send(c, st, strlen(st)), 0);
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  resp_free(&r);
+  const char *two = "GET /healthz HTTP/1.1\r\n\r\nGET /nope HTTP/1.1\r\n\r\n";
+  ck_assert_int_eq(cl_send(c, two, strlen(two)), 0);
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  resp_free(&r);
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 404);
+  resp_free(&r);
+  kdp_server_stats stt;
+  kdp_server_get_stats(s, &stt);
+  ck_assert_uint_eq(stt.connections_total, 1);
+  ck_assert_uint_eq(stt.requests, 4);
+  /* HTTP/1.0 without keep-alive: answered, then closed */
+  const char *old = "GET /healthz HTTP/1.0\r\n\r\n";
+  ck_assert_int_eq(cl_send(c, old, strlen(old)), 0);
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Connection: close"));
+  resp_free(&r);
+  ck_assert(cl_sees_eof(c));
+  cl_close(c);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_status_codes) {
+  kdp_server_options o;
+  opts(&o);
+  o.max_body = 2048;
+  o.max_header = 1024;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  resp r;
+  ck_assert_int_eq(get(port, "/nope", &r), 0);
+  ck_assert_int_eq(r.status, 404);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"error\""));
+  resp_free(&r);
+  ck_assert_int_eq(post(port, "/metrics", NULL, NULL, "", 0, &r), 0);
+  ck_assert_int_eq(r.status, 405);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Allow: GET"));
+  resp_free(&r);
+  ck_assert_int_eq(get(port, "/control", &r), 0);
+  ck_assert_int_eq(r.status, 405);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Allow: POST"));
+  resp_free(&r);
+  const char *bad = "BLAH /x HTTP/1.1\r\n\r\n";
+  ck_assert_int_eq(req1(port, bad, strlen(bad), &r), 0);
+  ck_assert_int_eq(r.status, 400);
+  resp_free(&r);
+  const char *bad2 = "GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n";
+  ck_assert_int_eq(req1(port, bad2, strlen(bad2), &r), 0);
+  ck_assert_int_eq(r.status, 400);
+  resp_free(&r);
+
+  /* 413 is sent as soon as the headers announce too large a body (no body sent at all) */
+  const char *big = "POST /control HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n";
+  ck_assert_int_eq(req1(port, big, strlen(big), &r), 0);
+  ck_assert_int_eq(r.status, 413);
+  resp_free(&r);
+  /* chunked bodies are counted as they arrive */
+  char raw[8192];
+  int n = snprintf(raw, sizeof raw, "POST /control HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    "%x\r\n", 3000);
+  memset(raw + n, 'x', 3000);
+  ck_assert_int_eq(req1(port, raw, (size_t)n + 3000, &r), 0);
+  ck_assert_int_eq(r.status, 413);
+  resp_free(&r);
+
+  /* 431: headers beyond max_header */
+  n = snprintf(raw, sizeof raw, "GET /healthz HTTP/1.1\r\nX-Junk: ");
+  memset(raw + n, 'a', 2000);
+  memcpy(raw + n + 2000, "\r\n\r\n", 4);
+  ck_assert_int_eq(req1(port, raw, (size_t)n + 2004, &r), 0);
+  ck_assert_int_eq(r.status, 431);
+  resp_free(&r);
+
+  /* /control body errors */
+  struct {
+    const char *body, *needle;
+  } cases[] = {
+      {"", "empty body"},
+      {"{\"action\":", "invalid JSON"},
+      {"[1,2]", "expected a JSON object"},
+      {"{\"action\":\"explode\"}", "\"action\" must be one of"},
+      {"{\"action\":\"stop\",\"bogus\":1}", "unknown field \"bogus\""},
+      {"{\"lr_scale\":-1}", "\"lr_scale\" must be a finite number > 0"},
+      {"{\"temperature\":0}", "\"temperature\" must be"},
+      {"{\"kd_weight\":\"2\"}", "\"kd_weight\" must be"},
+      {"{\"lr_scale\":1e999}", "\"lr_scale\" must be"},
+      {"{\"lr_scale\":NaN}", "must be a finite number"}, /* json-c reads NaN */
+      {"{}", "nothing to do"},
+      {"{\"action\":\"stop\"} x", "invalid JSON"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    ck_assert_int_eq(post(port, "/control", NULL, "application/json", cases[i].body,
+                          strlen(cases[i].body), &r),
+                     0);
+    ck_assert_msg(r.status == 400, "%s -> %d", cases[i].body, r.status);
+    ck_assert_msg(strstr(err_msg(&r), cases[i].needle) != NULL, "%s -> %s (wanted %s)",
+                  cases[i].body, r.body, cases[i].needle);
+    resp_free(&r);
+  }
+  kdp_command cmd;
+  ck_assert_int_eq(kdp_server_poll_command(s, &cmd), 0); /* nothing was enqueued */
+  kdp_server_stats st;
+  kdp_server_get_stats(s, &st);
+  ck_assert_uint_eq(st.status_count[413], 2);
+  ck_assert_uint_eq(st.status_count[431], 1);
+  ck_assert_uint_eq(st.status_count[404], 1);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_token) {
+  ck_assert_int_eq(kdp_server_secret_equal("abc", 3, "abc"), 1);
+  ck_assert_int_eq(kdp_server_secret_equal("abd", 3, "abc"), 0);
+  ck_assert_int_eq(kdp_server_secret_equal("ab", 2, "abc"), 0);
+  ck_assert_int_eq(kdp_server_secret_equal("abcd", 4, "abc"), 0);
+  ck_assert_int_eq(kdp_server_secret_equal("abcd", 3, "abc"), 1); /* length is explicit */
+  ck_assert_int_eq(kdp_server_secret_equal("", 0, "abc"), 0);
+
+  kdp_server_options o;
+  opts(&o);
+  o.token = "t0ken-XYZ";
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  const char *body = "{\"action\":\"checkpoint\"}";
+  resp r;
+  ck_assert_int_eq(post(port, "/control", NULL, NULL, body, strlen(body), &r), 0);
+  ck_assert_int_eq(r.status, 401);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "WWW-Authenticate: Bearer"));
+  ck_assert_ptr_null(strstr(r.body, "t0ken")); /* never echoed */
+  resp_free(&r);
+  const char *wrong[] = {"Bearer t0ken-XY", "Bearer t0ken-XYZZ", "Bearer t0ken-XYz",
+                         "Basic dDBrZW4tWFla", "t0ken-XYZ"};
+  for (int i = 0; i < 5; i++) {
+    ck_assert_int_eq(post(port, "/control", wrong[i], NULL, body, strlen(body), &r), 0);
+    ck_assert_msg(r.status == 401, "%s -> %d", wrong[i], r.status);
+    resp_free(&r);
+  }
+  ck_assert_int_eq(post(port, "/predict", NULL, NULL, "{}", 2, &r), 0);
+  ck_assert_int_eq(r.status, 401);
+  resp_free(&r);
+  ck_assert_int_eq(post(port, "/control", "Bearer t0ken-XYZ", NULL, body, strlen(body), &r), 0);
+  ck_assert_int_eq(r.status, 202);
+  resp_free(&r);
+  ck_assert_int_eq(post(port, "/control", "bearer  t0ken-XYZ", NULL, body, strlen(body), &r), 0);
+  ck_assert_int_eq(r.status, 202);
+  resp_free(&r);
+  ck_assert_int_eq(get(port, "/metrics", &r), 0); /* read-only endpoints stay open */
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/control\",code=\"401\"} 6\n"));
+  resp_free(&r);
+  kdp_server_stats st;
+  kdp_server_get_stats(s, &st);
+  ck_assert_uint_eq(st.auth_failures, 7);
+  kdp_command cmd;
+  ck_assert_int_eq(kdp_server_poll_command(s, &cmd), 1);
+  ck_assert_int_eq(kdp_server_poll_command(s, &cmd), 1);
+  ck_assert_int_eq(kdp_server_poll_command(s, &cmd), 0);
+  kdp_server_stop(s);
+}
+END_TEST
+
+static uint64_t reply_id(const char *body) {
+  const char *p = strstr(body, "\"id\":");
+  ck_assert_ptr_nonnull(p);
+  return strtoull(p + 5, NULL, 10);
+}
+
+START_TEST(test_control_commands) {
+  kdp_server_options o;
+  opts(&o);
+  o.max_commands = 3;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  const char *bodies[] = {"{\"action\":\"checkpoint\"}",
+                          "{\"lr_scale\":0.5,\"temperature\":4,\"kd_weight\":2.25}",
+                          "{\"kd_weight\":1.5,\"action\":\"pause\"}"};
+  uint64_t ids[3];
+  resp r;
+  for (int i = 0; i < 3; i++) {
+    ck_assert_int_eq(post(port, "/control", NULL, "application/json", bodies[i],
+                          strlen(bodies[i]), &r),
+                     0);
+    ck_assert_int_eq(r.status, 202);
+    ck_assert_ptr_nonnull(strstr(r.body, "\"accepted\":true"));
+    ids[i] = reply_id(r.body);
+    resp_free(&r);
+  }
+  ck_assert(ids[0] < ids[1] && ids[1] < ids[2]);
+  /* queue full (max_commands = 3) */
+  ck_assert_int_eq(post(port, "/control", NULL, NULL, bodies[0], strlen(bodies[0]), &r), 0);
+  ck_assert_int_eq(r.status, 503);
+  resp_free(&r);
+
+  kdp_command c;
+  ck_assert_int_eq(kdp_server_poll_command(s, &c), 1);
+  ck_assert_uint_eq(c.id, ids[0]);
+  ck_assert_int_eq(c.action, KDP_ACTION_CHECKPOINT);
+  ck_assert(!c.has_lr_scale && !c.has_temperature && !c.has_kd_weight);
+  ck_assert_int_eq(kdp_server_poll_command(s, &c), 1);
+  ck_assert_uint_eq(c.id, ids[1]);
+  ck_assert_int_eq(c.action, KDP_ACTION_NONE);
+  ck_assert(c.has_lr_scale && c.has_temperature && c.has_kd_weight);
+  ck_assert_double_eq(c.lr_scale, 0.5);
+  ck_assert_double_eq(c.temperature, 4.0);
+  ck_assert_double_eq(c.kd_weight, 2.25);
+  ck_assert_int_eq(kdp_server_poll_command(s, &c), 1);
+  ck_assert_uint_eq(c.id, ids[2]);
+  ck_assert_int_eq(c.action, KDP_ACTION_PAUSE);
+  ck_assert(c.has_kd_weight && !c.has_lr_scale);
+  ck_assert_double_eq(c.kd_weight, 1.5);
+  ck_assert_int_eq(kdp_server_poll_command(s, &c), 0);
+  /* room again; every action name maps */
+  const char *acts[] = {"stop", "resume"};
+  kdp_action want[] = {KDP_ACTION_STOP, KDP_ACTION_RESUME};
+  for (int i = 0; i < 2; i++) {
+    char b[64];
+    snprintf(b, sizeof b, "{\"action\":\"%s\"}", acts[i]);
+    ck_assert_int_eq(post(port, "/control", NULL, NULL, b, strlen(b), &r), 0);
+    ck_assert_int_eq(r.status, 202);
+    resp_free(&r);
+    ck_assert_int_eq(kdp_server_poll_command(s, &c), 1);
+    ck_assert_int_eq(c.action, want[i]);
+  }
+  kdp_server_stop(s);
+}
+END_TEST
+
+/* ---- predict ---- */
+
+/* The fake trainer's model: peer k's probability of class j for input row x. */
+static float fake_prob(int k, const float *x, int j) {
+  float z[C], sum = 0;
+  for (int c = 0; c < C; c++) {
+    z[c] = expf((x[c] - x[c + 1]) / 255.0f * (float)(k + 1) + (float)c * 0.1f);
+    sum += z[c];
+  }
+  return z[j] / sum;
+}
+
+typedef struct trainer {
+  kdp_server *s;
+  int n_answer;      /* requests to answer, then exit */
+  int with_teacher;
+  float seen[64 * DIM];
+  int seen_n;
+} trainer;
+
+static void *trainer_main(void *arg) {
+  trainer *t = arg;
+  int done = 0;
+  double t0 = now_s();
+  while (done < t->n_answer && now_s() - t0 < 10) {
+    kdp_predict_req *q = kdp_server_take_predict(t->s);
+    if (!q) {
+      sleep_ms(2);
+      continue;
+    }
+    ck_assert_int_eq(q->input_dim, DIM);
+    int n = q->n;
+    if (t->seen_n + n <= 64) {
+      memcpy(t->seen + (size_t)t->seen_n * DIM, q->x, (size_t)n * DIM * sizeof(float));
+      t->seen_n += n;
+    }
+    float *peers = malloc(sizeof(float) * P * (size_t)n * C);
+    float *ens = calloc((size_t)n * C, sizeof(float));
+    for (int k = 0; k < P; k++)
+      for (int i = 0; i < n; i++)
+        for (int j = 0; j < C; j++) {
+          float v = fake_prob(k, q->x + (size_t)i * DIM, j);
+          peers[((size_t)k * n + i) * C + j] = v;
+          ens[(size_t)i * C + j] += v / P;
+        }
+    kdp_predict_result res = {P, C, peers, ens, t->with_teacher ? peers : NULL, "wrn-40-2"};
+    ck_assert_int_eq(kdp_server_answer_predict(t->s, q, &res), 0);
+    free(peers);
+    free(ens);
+    done++;
+  }
+  return NULL;
+}
+
+static double jnum(json_object *a, size_t i) {
+  return json_object_get_double(json_object_array_get_idx(a, i));
+}
+
+START_TEST(test_predict_json) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  trainer t = {.s = s, .n_answer = 2, .with_teacher = 1};
+  pthread_t th;
+  pthread_create(&th, NULL, trainer_main, &t);
+
+  const char *body = "{\"inputs\":[[0,10,200,255],[12.5,0,0,3]]}";
+  /* the predict request and a pipelined GET: the GET waits for the prediction */
+  char raw[1024];
+  int n = snprintf(raw, sizeof raw,
+                   "POST /predict HTTP/1.1\r\nContent-Type: application/json\r\n"
+                   "Content-Length: %zu\r\n\r\n%sGET /healthz HTTP/1.1\r\n\r\n",
+                   strlen(body), body);
+  client *c = cl_open(port);
+  ck_assert_int_eq(cl_send(c, raw, (size_t)n), 0);
+  resp r;
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: application/json"));
+  json_object *root = json_tokener_parse(r.body);
+  ck_assert_ptr_nonnull(root);
+  json_object *v;
+  ck_assert(json_object_object_get_ex(root, "n", &v) && json_object_get_int(v) == 2);
+  ck_assert(json_object_object_get_ex(root, "classes", &v) && json_object_get_int(v) == C);
+  const float x[2][DIM] = {{0, 10, 200, 255}, {12.5f, 0, 0, 3}};
+  json_object *peers, *ens, *teacher, *labels;
+  ck_assert(json_object_object_get_ex(root, "peers", &peers));
+  ck_assert_uint_eq(json_object_array_length(peers), P);
+  ck_assert(json_object_object_get_ex(root, "ensemble", &ens));
+  ck_assert(json_object_object_get_ex(root, "teacher", &teacher));
+  ck_assert(json_object_object_get_ex(root, "labels", &labels));
+  json_object *tname, *tprobs, *lens;
+  ck_assert(json_object_object_get_ex(teacher, "name", &tname));
+  ck_assert_str_eq(json_object_get_string(tname), "wrn-40-2");
+  ck_assert(json_object_object_get_ex(teacher, "probs", &tprobs));
+  ck_assert(json_object_object_get_ex(labels, "ensemble", &lens));
+  for (int i = 0; i < 2; i++) {
+    float e[C] = {0};
+    for (int k = 0; k < P; k++) {
+      json_object *row = json_object_array_get_idx(json_object_array_get_idx(peers, (size_t)k),
+                                                   (size_t)i);
+      ck_assert_uint_eq(json_object_array_length(row), C);
+      for (int j = 0; j < C; j++) {
+        float want = fake_prob(k, x[i], j);
+        ck_assert_msg(fabs(jnum(row, (size_t)j) - want) < 1e-6, "peer %d row %d class %d", k, i, j);
+        e[j] += want / P;
+      }
+    }
+    json_object *erow = json_object_array_get_idx(ens, (size_t)i);
+    int best = 0;
+    for (int j = 0; j < C; j++) {
+      ck_assert(fabs(jnum(erow, (size_t)j) - e[j]) < 1e-6);
+      if (e[j] > e[best]) best = j;
+    }
+    ck_assert_int_eq(json_object_get_int(json_object_array_get_idx(lens, (size_t)i)), best);
+    json_object *trow = json_object_array_get_idx(tprobs, (size_t)i);
+    ck_assert(fabs(jnum(trow, 0) - fake_prob(0, x[i], 0)) < 1e-6);
+  }
+  json_object_put(root);
+  resp_free(&r);
+  ck_assert_int_eq(cl_read(c, &r), 0); /* the pipelined GET, answered after the prediction */
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"status\":\"ok\""));
+  resp_free(&r);
+
+  /* single {"input": [...]} on the same connection */
+  const char *one = "{\"input\":[1,2,3,4]}";
+  n = snprintf(raw, sizeof raw, "POST /predict HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+               strlen(one), one);
+  ck_assert_int_eq(cl_send(c, raw, (size_t)n), 0);
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"n\":1,"));
+  resp_free(&r);
+  cl_close(c);
+  pthread_join(th, NULL);
+  /* the trainer saw the raw pixel values */
+  ck_assert_int_eq(t.seen_n, 3);
+  for (int i = 0; i < 2; i++)
+    for (int j = 0; j < DIM; j++) ck_assert(t.seen[i * DIM + j] == x[i][j]);
+  ck_assert(t.seen[2 * DIM + 3] == 4.0f);
+  kdp_server_stop(s);
+}
+END_TEST
+
+static const msgpack_object *mp_get(const msgpack_object *map, const char *key) {
+  ck_assert_int_eq(map->type, MSGPACK_OBJECT_MAP);
+  for (uint32_t i = 0; i < map->via.map.size; i++) {
+    const msgpack_object *k = &map->via.map.ptr[i].key;
+    if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(key) &&
+        memcmp(k->via.str.ptr, key, k->via.str.size) == 0)
+      return &map->via.map.ptr[i].val;
+  }
+  ck_abort_msg("key %s missing", key);
+  return NULL;
+}
+
+START_TEST(test_predict_msgpack) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  trainer t = {.s = s, .n_answer = 1, .with_teacher = 0};
+  pthread_t th;
+  pthread_create(&th, NULL, trainer_main, &t);
+  /* {"inputs": [bin(4 pixels), [floats]]} */
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  msgpack_pack_map(&pk, 1);
+  msgpack_pack_str(&pk, 6);
+  msgpack_pack_str_body(&pk, "inputs", 6);
+  msgpack_pack_array(&pk, 2);
+  const unsigned char pix[DIM] = {255, 0, 7, 128};
+  msgpack_pack_bin(&pk, DIM);
+  msgpack_pack_bin_body(&pk, pix, DIM);
+  msgpack_pack_array(&pk, DIM);
+  const float row2[DIM] = {1.5f, 2, 250, 0};
+  msgpack_pack_float(&pk, row2[0]);
+  msgpack_pack_int(&pk, 2);
+  msgpack_pack_double(&pk, 250);
+  msgpack_pack_uint8(&pk, 0);
+  resp r;
+  ck_assert_int_eq(post(kdp_server_port(s), "/predict", NULL, "application/msgpack", sb.data,
+                        sb.size, &r),
+                   0);
+  msgpack_sbuffer_destroy(&sb);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: application/msgpack"));
+  msgpack_unpacked up;
+  msgpack_unpacked_init(&up);
+  size_t off = 0;
+  ck_assert_int_eq(msgpack_unpack_next(&up, r.body, r.body_len, &off), MSGPACK_UNPACK_SUCCESS);
+  ck_assert_uint_eq(off, r.body_len);
+  const msgpack_object *root = &up.data;
+  ck_assert_uint_eq(mp_get(root, "n")->via.u64, 2);
+  ck_assert_uint_eq(mp_get(root, "classes")->via.u64, C);
+  ck_assert_int_eq(mp_get(root, "teacher")->type, MSGPACK_OBJECT_NIL);
+  const msgpack_object *peers = mp_get(root, "peers");
+  ck_assert_uint_eq(peers->via.array.size, P);
+  float x[2][DIM];
+  for (int j = 0; j < DIM; j++) x[0][j] = pix[j], x[1][j] = row2[j];
+  for (int k = 0; k < P; k++)
+    for (int i = 0; i < 2; i++) {
+      const msgpack_object *row = &peers->via.array.ptr[k].via.array.ptr[i];
+      ck_assert_uint_eq(row->via.array.size, C);
+      for (int j = 0; j < C; j++) {
+        ck_assert_int_eq(row->via.array.ptr[j].type, MSGPACK_OBJECT_FLOAT32);
+        ck_assert_float_eq(row->via.array.ptr[j].via.f64, fake_prob(k, x[i], j));
+      }
+    }
+  const msgpack_object *lab = mp_get(mp_get(root, "labels"), "ensemble");
+  ck_assert_uint_eq(lab->via.array.size, 2);
+  msgpack_unpacked_destroy(&up);
+  resp_free(&r);
+  pthread_join(th, NULL);
+  ck_assert_int_eq(t.seen_n, 2);
+  for (int j = 0; j < DIM; j++) ck_assert(t.seen[j] == x[0][j] && t.seen[DIM + j] == x[1][j]);
+  kdp_server_stop(s);
+}
+END_TEST
+
+typedef struct publisher {
+  kdp_server *s;
+  volatile int stop;
+  int published;
+} publisher;
+
+static void *publisher_main(void *arg) {
+  publisher *p = arg;
+  char m[256], st[64];
+  while (!p->stop) {
+    p->published++;
+    snprintf(m, sizeof m, "# TYPE kdpeers_train_step counter\nkdpeers_train_step %d\n",
+             p->published);
+    snprintf(st, sizeof st, "{\"step\":%d}", p->published);
+    kdp_server_publish(p->s, m, st);
+    sleep_ms(1);
+  }
+  return NULL;
+}
+
+START_TEST(test_publish_while_serving) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  publisher pb = {.s = s};
+  pthread_t th;
+  pthread_create(&th, NULL, publisher_main, &pb);
+  client *c = cl_open(port);
+  int last = 0;
+  for (int i = 0; i < 60; i++) {
+    const char *g = (i & 1) ? "GET /metrics HTTP/1.1\r\n\r\n" : "GET /status HTTP/1.1\r\n\r\n";
+    ck_assert_int_eq(cl_send(c, g, strlen(g)), 0);
+    resp r;
+    ck_assert_int_eq(cl_read(c, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    const char *p = (i & 1) ? strstr(r.body, "\nkdpeers_train_step ") : strstr(r.body, "\"step\":");
+    if (p) {
+      int step = atoi(p + ((i & 1) ? 20 : 7));
+      ck_assert_int_ge(step, last); /* snapshots only move forward and are never torn */
+      last = step;
+    } else {
+      ck_assert_int_eq(last, 0); /* only before the first publish */
+    }
+    resp_free(&r);
+    sleep_ms(2);
+  }
+  pb.stop = 1;
+  pthread_join(th, NULL);
+  ck_assert_int_gt(last, 0);
+  cl_close(c);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_stop_with_open_connections) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  client *idle = cl_open(port);
+  client *half = cl_open(port);
+  ck_assert_int_eq(cl_send(half, "GET /metr", 9), 0);
+  client *waiting = cl_open(port);
+  const char *body = "{\"input\":[1,2,3,4]}";
+  char raw[256];
+  int n = snprintf(raw, sizeof raw, "POST /predict HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                   strlen(body), body);
+  ck_assert_int_eq(cl_send(waiting, raw, (size_t)n), 0);
+  /* wait until the prediction is queued (no trainer takes it) */
+  kdp_server_stats st;
+  for (int i = 0; i < 500; i++) {
+    kdp_server_get_stats(s, &st);
+    if (st.predict_queued == 1 && st.connections_open == 3) break;
+    sleep_ms(5);
+  }
+  ck_assert_uint_eq(st.predict_queued, 1);
+  ck_assert_int_eq(st.connections_open, 3);
+  double t0 = now_s();
+  kdp_server_stop(s);
+  ck_assert(now_s() - t0 < 2.0);
+  resp r;
+  ck_assert_int_eq(cl_read(waiting, &r), 0);
+  ck_assert_int_eq(r.status, 503);
+  resp_free(&r);
+  ck_assert(cl_sees_eof(idle));
+  ck_assert(cl_sees_eof(half));
+  ck_assert(cl_sees_eof(waiting));
+  cl_close(idle);
+  cl_close(half);
+  cl_close(waiting);
+}
+END_TEST
+
+/* The trainer takes a request, then stops the server without answering. */
+START_TEST(test_stop_with_taken_request) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  client *c = cl_open(kdp_server_port(s));
+  const char *body = "{\"input\":[1,2,3,4]}";
+  char raw[256];
+  int n = snprintf(raw, sizeof raw, "POST /predict HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                   strlen(body), body);
+  ck_assert_int_eq(cl_send(c, raw, (size_t)n), 0);
+  kdp_predict_req *q = NULL;
+  for (int i = 0; i < 500 && !q; i++) {
+    q = kdp_server_take_predict(s);
+    if (!q) sleep_ms(5);
+  }
+  ck_assert_ptr_nonnull(q);
+  ck_assert_int_eq(q->n, 1);
+  kdp_server_stop(s); /* frees q */
+  resp r;
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  ck_assert_int_eq(r.status, 503);
+  resp_free(&r);
+  cl_close(c);
+}
+END_TEST
+
+/* ---- limits ---- */
+
+START_TEST(test_connection_cap) {
+  kdp_server_options o;
+  opts(&o);
+  o.max_connections = 2;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  client *a = cl_open(port), *b = cl_open(port);
+  resp r;
+  const char *g = "GET /healthz HTTP/1.1\r\n\r\n";
+  ck_assert_int_eq(cl_send(a, g, strlen(g)), 0);
+  ck_assert_int_eq(cl_read(a, &r), 0);
+  resp_free(&r);
+  ck_assert_int_eq(cl_send(b, g, strlen(g)), 0);
+  ck_assert_int_eq(cl_read(b, &r), 0);
+  resp_free(&r);
+  client *x = cl_open(port);
+  ck_assert_int_eq(cl_read(x, &r), 0); /* answered without sending anything */
+  ck_assert_int_eq(r.status, 503);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Connection: close"));
+  resp_free(&r);
+  ck_assert(cl_sees_eof(x));
+  cl_close(x);
+  /* the two admitted ones still work */
+  ck_assert_int_eq(cl_send(a, g, strlen(g)), 0);
+  ck_assert_int_eq(cl_read(a, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  resp_free(&r);
+  cl_close(b);
+  kdp_server_stats st;
+  for (int i = 0; i < 200; i++) {
+    kdp_server_get_stats(s, &st);
+    if (st.connections_open == 1) break;
+    sleep_ms(5);
+  }
+  ck_assert_int_eq(st.connections_open, 1);
+  ck_assert_uint_eq(st.connections_rejected, 1);
+  ck_assert_int_eq(get(port, "/healthz", &r), 0); /* room again */
+  ck_assert_int_eq(r.status, 200);
+  resp_free(&r);
+  cl_close(a);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_idle_timeout) {
+  kdp_server_options o;
+  opts(&o);
+  o.idle_timeout = 0.4;
+  kdp_server *s = start(&o);
+  client *c = cl_open(kdp_server_port(s));
+  /* one request, then silence: closed about idle_timeout after the reply */
+  const char *g = "GET /healthz HTTP/1.1\r\n\r\n";
+  ck_assert_int_eq(cl_send(c, g, strlen(g)), 0);
+  resp r;
+  ck_assert_int_eq(cl_read(c, &r), 0);
+  resp_free(&r);
+  double t0 = now_s();
+  ck_assert(cl_sees_eof(c));
+  double dt = now_s() - t0;
+  ck_assert_msg(dt > 0.3 && dt < 2.5, "closed after %.2f s", dt);
+  cl_close(c);
+  kdp_server_stats st;
+  kdp_server_get_stats(s, &st);
+  ck_assert_uint_eq(st.timeouts, 1);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_slowloris) {
+  kdp_server_options o;
+  opts(&o);
+  o.idle_timeout = 0.6;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  client *slow = cl_open(port);
+  struct timeval tv = {0, 50000};
+  setsockopt(slow->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  const char *req = "GET /healthz HTTP/1.1\r\nX-A: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n"
+                    "X-B: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n\r\n";
+  size_t sent = 0, served = 0;
+  double t0 = now_s(), closed_at = -1;
+  /* one header byte every 20 ms (the whole request would take ~2.5 s) while another client is
+     served normally */
+  while (now_s() - t0 < 3.0 && sent < strlen(req)) {
+    if (cl_send(slow, req + sent, 1) != 0) {
+      closed_at = now_s() - t0;
+      break;
+    }
+    sent++;
+    char tmp[64];
+    ssize_t rr = recv(slow->fd, tmp, sizeof tmp, MSG_DONTWAIT);
+    if (rr == 0 || (rr < 0 && errno == ECONNRESET)) {
+      closed_at = now_s() - t0;
+      break;
+    }
+    ck_assert_msg(rr < 0, "the slow client got a reply");
+    resp r;
+    ck_assert_int_eq(get(port, "/healthz", &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    resp_free(&r);
+    served++;
+    sleep_ms(20);
+  }
+  ck_assert_msg(closed_at > 0.4 && closed_at < 2.0, "slow client closed at %.2f s", closed_at);
+  ck_assert_uint_lt(sent, strlen(req));
+  ck_assert_uint_gt(served, 5);
+  cl_close(slow);
+  kdp_server_stats st;
+  kdp_server_get_stats(s, &st);
+  ck_assert_uint_ge(st.timeouts, 1);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_predict_limits) {
+  kdp_server_options o;
+  opts(&o);
+  o.max_predict = 2;
+  o.predict_timeout = 0.3;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  struct {
+    const char *body, *needle;
+  } cases[] = {
+      {"{\"inputs\":[[1,2,3]]}", "input 0 has 3 values, expected input_dim = 4"},
+      {"{\"inputs\":[[1,2,3,4],[1,2,3,4,5]]}", "input 1 has 5 values"},
+      {"{\"inputs\":[[1,2,3,4],[1,2,3,4],[1,2,3,4]]}", "expected 1 to 2"},
+      {"{\"inputs\":[]}", "expected 1 to 2"},
+      {"{\"input\":[1,2,3,256]}", "[0, 255]"},
+      {"{\"input\":[1,2,-1,4]}", "[0, 255]"},
+      {"{\"input\":[1,2,\"3\",4]}", "[0, 255]"},
+      {"{\"input\":[1,2,3,4],\"inputs\":[[1,2,3,4]]}", "exactly one of"},
+      {"{\"pixels\":[1,2,3,4]}", "unknown field \"pixels\""},
+      {"{\"input\":[1,2,3,4]", "invalid JSON"},
+  };
+  resp r;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    ck_assert_int_eq(post(port, "/predict", NULL, NULL, cases[i].body, strlen(cases[i].body), &r),
+                     0);
+    ck_assert_msg(r.status == 400, "%s -> %d", cases[i].body, r.status);
+    ck_assert_msg(strstr(err_msg(&r), cases[i].needle) != NULL, "%s -> %s", cases[i].body,
+                  r.body);
+    resp_free(&r);
+  }
+  /* msgpack: garbage, wrong dims, and an array header claiming 4 billion elements */
+  const char *mp_cases[] = {"\xc1", "\x81\xa6inputs\x91\xc4\x03\x01\x02\x03",
+                            "\x81\xa6inputs\xdd\xff\xff\xff\xff\x01",
+                            "\x81\xa5input\x94\x01\x02\x03\xa1x"};
+  const size_t mp_len[] = {1, 13, 14, 13};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(post(port, "/predict", NULL, "application/msgpack", mp_cases[i], mp_len[i],
+                          &r),
+                     0);
+    ck_assert_msg(r.status == 400, "msgpack case %d -> %d", i, r.status);
+    resp_free(&r);
+  }
+  /* nobody answers: 504 after predict_timeout */
+  double t0 = now_s();
+  ck_assert_int_eq(post(port, "/predict", NULL, NULL, "{\"input\":[1,2,3,4]}", 19, &r), 0);
+  ck_assert_int_eq(r.status, 504);
+  ck_assert(now_s() - t0 > 0.25);
+  resp_free(&r);
+  ck_assert_ptr_null(kdp_server_take_predict(s)); /* the timed-out request was withdrawn */
+  kdp_server_stats st;
+  kdp_server_get_stats(s, &st);
+  ck_assert_uint_eq(st.status_count[504], 1);
+  ck_assert_uint_eq(st.predict_queued, 1);
+  kdp_server_stop(s);
+
+  /* no input_dim: predictions unavailable */
+  opts(&o);
+  o.input_dim = 0;
+  s = start(&o);
+  ck_assert_int_eq(post(kdp_server_port(s), "/predict", NULL, NULL, "{\"input\":[1]}", 13, &r), 0);
+  ck_assert_int_eq(r.status, 503);
+  resp_free(&r);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_listen_rules) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = NULL;
+  kdp_error err = {{0}};
+  o.listen = "0.0.0.0";
+  ck_assert_int_eq(kdp_server_start(&s, &o, &err), KDP_EINVAL);
+  ck_assert_ptr_null(s);
+  ck_assert_ptr_nonnull(strstr(err.msg, "server.token"));
+  o.listen = "not-an-address";
+  ck_assert_int_eq(kdp_server_start(&s, &o, &err), KDP_EINVAL);
+  ck_assert_ptr_nonnull(strstr(err.msg, "numeric"));
+  o.listen = "localhost";
+  s = start(&o);
+  ck_assert_ptr_nonnull(strstr(kdp_server_address(s), "http://127.0.0.1:"));
+  /* the same port twice: a clear error, no crash */
+  kdp_server_options o2 = o;
+  o2.port = kdp_server_port(s);
+  kdp_server *s2 = NULL;
+  ck_assert_int_eq(kdp_server_start(&s2, &o2, &err), KDP_EIO);
+  ck_assert_ptr_null(s2);
+  ck_assert_ptr_nonnull(strstr(err.msg, "address already in use"));
+  kdp_server_stop(s);
+  /* a token lets a non-loopback address start (we only ever talk to it over loopback) */
+  o.listen = "0.0.0.0";
+  o.token = "secret";
+  s = start(&o);
+  resp r;
+  ck_assert_int_eq(get(kdp_server_port(s), "/healthz", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  resp_free(&r);
+  kdp_server_stop(s);
+  kdp_server_stop(NULL);
+}
+END_TEST
+
+static Suite *serve_suite(void) {
+  Suite *s = suite_create("serve");
+  TCase *core = tcase_create("core");
+  tcase_set_timeout(core, 30);
+  tcase_add_test(core, test_get_endpoints);
+  tcase_add_test(core, test_keepalive);
+  tcase_add_test(core, test_status_codes);
+  tcase_add_test(core, test_token);
+  tcase_add_test(core, test_control_commands);
+  tcase_add_test(core, test_predict_json);
+  tcase_add_test(core, test_predict_msgpack);
+  tcase_add_test(core, test_publish_while_serving);
+  tcase_add_test(core, test_stop_with_open_connections);
+  tcase_add_test(core, test_stop_with_taken_request);
+  suite_add_tcase(s, core);
+  TCase *lim = tcase_create("limits");
+  tcase_set_timeout(lim, 30);
+  tcase_add_test(lim, test_connection_cap);
+  tcase_add_test(lim, test_idle_timeout);
+  tcase_add_test(lim, test_slowloris);
+  tcase_add_test(lim, test_predict_limits);
+  tcase_add_test(lim, test_listen_rules);
+  suite_add_tcase(s, lim);
+  return s;
+}
+
+int main(void) {
+  SRunner *sr = srunner_create(serve_suite());
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed ? 1 : 0;
+}
