@@ -569,6 +569,8 @@ START_TEST(test_describe) {
   ck_assert_msg(strstr(out, "18446744073709551615") != NULL, "%s", out);
   ck_assert_msg(strstr(out, "\"hello checkpoint\"") != NULL, "%s", out);
   ck_assert_msg(strstr(out, "[2,3]") != NULL, "%s", out);
+  ck_assert_msg(strstr(out, "000102ff00") != NULL, "%s", out); /* short bin as hex */
+  ck_assert_msg(strstr(out, " 3.25\n") != NULL, "%s", out);
   ck_assert_msg(strstr(out, "6 entries") != NULL, "%s", out);
   free(out);
   /* a broken file: the error is printed and returned */

@@ -755,7 +755,8 @@ int kdp_ckpt_parse_buffer(const void *buf, size_t len, size_t max_bytes, kdp_ckp
                     "checkpoint <buffer>: %zu bytes, more than the limit of %zu bytes", len,
                     max_bytes);
   uint8_t *copy = malloc(len ? len : 1);
-  if (!copy) return kdp_fail(err, KDP_ENOMEM, "checkpoint <buffer>: out of memory (%zu bytes)", len);
+  if (!copy)
+    return kdp_fail(err, KDP_ENOMEM, "checkpoint <buffer>: out of memory (%zu bytes)", len);
   if (len) memcpy(copy, buf, len);
   return parse_take(copy, len, "<buffer>", out, err);
 }
@@ -970,7 +971,13 @@ int kdp_ckpt_describe(const char *path, FILE *f) {
     switch (in.type) {
       case KDP_CKPT_I64: fprintf(f, "%" PRId64, e->v.i); break;
       case KDP_CKPT_U64: fprintf(f, "%" PRIu64, e->v.u); break;
-      case KDP_CKPT_F64: fprintf(f, "%.17g", e->v.f); break;
+      case KDP_CKPT_F64: {
+        char num[40];
+        snprintf(num, sizeof num, "%.15g", e->v.f); /* shortest form that reads back exactly */
+        if (strtod(num, NULL) != e->v.f) snprintf(num, sizeof num, "%.17g", e->v.f);
+        fprintf(f, "%s", num);
+        break;
+      }
       case KDP_CKPT_STR: {
         int printable = in.bytes <= 80;
         for (size_t j = 0; j < in.bytes && printable; j++)
@@ -978,6 +985,10 @@ int kdp_ckpt_describe(const char *path, FILE *f) {
         if (printable) fprintf(f, "\"%s\"", e->str);
         break;
       }
+      case KDP_CKPT_BIN:
+        if (in.bytes <= 16)
+          for (size_t j = 0; j < in.bytes; j++) fprintf(f, "%02x", e->data[j]);
+        break;
       case KDP_CKPT_F32:
         if (in.count == 1) {
           float v;
@@ -1198,7 +1209,8 @@ static int is_tmp_name(const char *s) { return strstr(s, ".tmp.") != NULL; }
 static int remove_tree(const char *path, kdp_error *err) {
   struct stat st;
   if (lstat(path, &st) != 0)
-    return errno == ENOENT ? 0 : kdp_fail(err, KDP_EIO, "cannot stat %s: %s", path, strerror(errno));
+    return errno == ENOENT ? 0
+                           : kdp_fail(err, KDP_EIO, "cannot stat %s: %s", path, strerror(errno));
   if (!S_ISDIR(st.st_mode)) {
     if (unlink(path) != 0 && errno != ENOENT)
       return kdp_fail(err, KDP_EIO, "cannot remove %s: %s", path, strerror(errno));
