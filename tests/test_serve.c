@@ -9,6 +9,7 @@
 #include <msgpack.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -760,7 +761,7 @@ END_TEST
 
 typedef struct publisher {
   kdp_server *s;
-  volatile int stop;
+  atomic_int stop;
   int published;
 } publisher;
 
