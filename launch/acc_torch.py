@@ -11,9 +11,10 @@ KL is summed over classes and averaged over the batch ('batchmean'). Every peer 
 shuffled batches; each peer has its own initialisation (PyTorch defaults).
 
 Data: Fashion-MNIST IDX .gz files, normalised (x/255 - 0.2860)/0.3530, the first `subset` training
-examples, then symmetric label noise: round(frac*n) positions (numpy, seeded by --noise-seed)
-get labels drawn uniformly from all 10 classes (a drawn label may equal the old one). The
-positions are NOT the ones kdpeers picks (different generator): same regime, different draw.
+examples, then symmetric label noise: round(frac*n) positions, seeded by --noise-seed, get labels
+drawn uniformly from all 10 classes (a drawn label may equal the old one). By default the draw
+replays kdpeers' own generator (PCG32 stream 5, partial Fisher-Yates, as kdp_dataset_label_noise),
+so both sides train on the very same noisy labels; --noise-rng numpy makes an independent draw.
 Optimizer: SGD nesterov momentum 0.9, weight decay 5e-4 (coupled), lr 0.05 with a per-step cosine
 to 0 (CosineAnnealingLR, T_max = total steps), batch 128 (last partial batch kept), 1 thread.
 
@@ -58,7 +59,55 @@ def read_idx(path):
     return data.reshape(dims)
 
 
-def load_data(subset, label_noise, noise_seed):
+M64 = (1 << 64) - 1
+
+
+class Pcg32:
+    """kdpeers' kdp_rng (src/common.c): PCG32 XSH-RR, one stream per (seed, stream id)."""
+
+    def __init__(self, seed, stream):
+        self.state, self.inc = 0, ((stream << 1) | 1) & M64
+        self.u32()
+        self.state = (self.state + seed) & M64
+        self.u32()
+
+    def u32(self):
+        old = self.state
+        self.state = (old * 6364136223846793005 + self.inc) & M64
+        x = (((old >> 18) ^ old) >> 27) & 0xFFFFFFFF
+        rot = old >> 59
+        return ((x >> rot) | (x << ((-rot) & 31))) & 0xFFFFFFFF
+
+    def below(self, n):
+        if n <= 1:
+            return 0
+        threshold = ((1 << 32) - n) % n
+        while True:
+            v = self.u32()
+            if v >= threshold:
+                return v % n
+
+
+KDP_STREAM_NOISE = 5
+
+
+def noise_kdpeers(y, k, noise_seed, n_classes=10):
+    """kdp_dataset_label_noise: partial Fisher-Yates over the indices with the noise stream; each
+    of the first k picks gets a label drawn uniformly from all classes. Same labels as kdpeers."""
+    n = len(y)
+    idx = list(range(n))
+    r = Pcg32(noise_seed, KDP_STREAM_NOISE)
+    changed = 0
+    for i in range(k):
+        j = i + r.below(n - i)
+        idx[i], idx[j] = idx[j], idx[i]
+        lab = r.below(n_classes)
+        changed += int(y[idx[i]] != lab)
+        y[idx[i]] = lab
+    return changed
+
+
+def load_data(subset, label_noise, noise_seed, noise_rng="kdpeers"):
     xtr = read_idx(os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz"))
     ytr = read_idx(os.path.join(DATA_DIR, "train-labels-idx1-ubyte.gz")).astype(np.int64)
     xte = read_idx(os.path.join(DATA_DIR, "t10k-images-idx3-ubyte.gz"))
@@ -69,11 +118,14 @@ def load_data(subset, label_noise, noise_seed):
     if label_noise > 0:
         n = len(ytr)
         k = int(math.floor(label_noise * n + 0.5))  # round half away from zero, like llround
-        rng = np.random.default_rng(noise_seed)
-        pos = rng.choice(n, size=k, replace=False)
-        new = rng.integers(0, 10, size=k)
-        changed = int((ytr[pos] != new).sum())
-        ytr[pos] = new
+        if noise_rng == "kdpeers":
+            changed = noise_kdpeers(ytr, k, noise_seed)
+        else:
+            rng = np.random.default_rng(noise_seed)
+            pos = rng.choice(n, size=k, replace=False)
+            new = rng.integers(0, 10, size=k)
+            changed = int((ytr[pos] != new).sum())
+            ytr[pos] = new
 
     def norm(x):
         t = torch.from_numpy(x.astype(np.float32)).div_(255.0).sub_(MEAN).div_(STD)
@@ -215,7 +267,7 @@ def run(args, method, seed, data, run_id):
         "source": "pytorch", "study": args.study, "run_id": run_id, "method": method,
         "arch": MLP_ARCH if args.arch == "mlp" else args.arch, "peers": P, "seed": seed,
         "epochs": args.epochs, "subset": args.subset, "label_noise": args.label_noise,
-        "noise_seed": args.noise_seed, "quick": args.quick, "status": "ok",
+        "noise_seed": args.noise_seed, "noise_rng": args.noise_rng, "quick": args.quick, "status": "ok",
         "final": final, "final_loss": final_loss, "mean_peer": mean_peer,
         "ensemble": final.get("ensemble"), "teacher": None, "teacher_model": None,
         "curve": curve, "wall_seconds": round(wall, 3), "train_seconds": round(t_train, 3),
@@ -253,6 +305,9 @@ def main():
     ap.add_argument("--subset", type=int)
     ap.add_argument("--label-noise", type=float)
     ap.add_argument("--noise-seed", type=int, default=1)
+    ap.add_argument("--noise-rng", choices=("kdpeers", "numpy"), default="kdpeers",
+                    help="kdpeers: the very labels kdpeers makes (its PCG32 stream); numpy: "
+                         "an independent draw of the same regime")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
@@ -289,7 +344,7 @@ def main():
     seeds = ([int(s) for s in args.seed_list.split(",") if s] if args.seed_list
              else list(range(1, args.seeds + 1)))
 
-    data = load_data(args.subset, args.label_noise, args.noise_seed)
+    data = load_data(args.subset, args.label_noise, args.noise_seed, args.noise_rng)
     print(f"acc_torch: {len(data[1])} training examples, {data[4]} labels changed by noise, "
           f"{len(data[3])} test examples", file=sys.stderr, flush=True)
     done = done_ids(args.out)
