@@ -13,6 +13,7 @@
 
 typedef struct fuzz_io_state {
   int closed;
+  int backlogged; /* pretend writes never drain until the harness says so */
   int paused;
   size_t replies;
 } fuzz_io_state;
@@ -35,8 +36,7 @@ static void fz_arm(kdp_http_conn *c, double s) {
 }
 static void fz_pause(kdp_http_conn *c, int p) { ((fuzz_io_state *)c->user)->paused = p; }
 static size_t fz_backlog(kdp_http_conn *c) {
-  (void)c;
-  return 0;
+  return ((fuzz_io_state *)c->user)->backlogged ? (size_t)64 << 20 : 0;
 }
 static const kdp_http_io fz_io = {fz_write, fz_close, fz_arm, fz_pause, fz_backlog};
 
@@ -78,18 +78,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     core = kdp_core_new(&o);
   }
   if (size == 0) return 0;
-  /* First byte: chunk size (so resumption across reads is exercised) and trainer behaviour. */
-  size_t chunk = 1 + (data[0] & 63);
+  /* First byte: chunk size (so resumption across reads is exercised), write backpressure,
+     trainer behaviour, timeout at the end. */
+  size_t chunk = 1 + (data[0] & 31);
+  int backlogged = (data[0] & 32) != 0;
   int answer = (data[0] & 64) != 0, timeout_at_end = (data[0] & 128) != 0;
   data++, size--;
   fuzz_io_state st = {0};
+  st.backlogged = backlogged;
   kdp_http_conn c;
   kdp_http_conn_init(&c, core, &fz_io, &st);
   for (size_t off = 0; off < size && !c.closing; off += chunk) {
     size_t n = size - off < chunk ? size - off : chunk;
     kdp_http_conn_feed(&c, (const char *)data + off, n);
     fake_trainer(answer);
-    if (!c.closing && !c.pending && c.paused) kdp_http_conn_drained(&c);
+    if (!c.closing && !c.pending && c.paused) {
+      st.backlogged = 0; /* the transport drained: input resumes */
+      kdp_http_conn_drained(&c);
+      st.backlogged = backlogged;
+    }
   }
   if (timeout_at_end) kdp_http_conn_timeout(&c);
   kdp_http_conn_release(&c);
