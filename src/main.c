@@ -24,6 +24,9 @@ static void usage(FILE *f) {
           "  -s, --set S.K=V       override one key, e.g. -s optim.lr=0.1 -s peer.2.arch=cnn\n"
           "      --print-config    print the effective config as INI and exit\n"
           "      --print-model     print the model of every peer and exit\n"
+          "      --fresh           start over: delete run.dir/checkpoints, truncate metrics.jsonl\n"
+          "      --allow-config-change  resume although settings such as optim.lr changed\n"
+          "                        (each change is logged); model, method and layout cannot\n"
           "  -h, --help            this help, with every config key\n"
           "  -V, --version         print the version\n"
           "\n"
@@ -38,6 +41,7 @@ typedef struct cli {
   const char *sets[256];
   int n_sets;
   int print_config, print_model, help, version;
+  kdp_run_opts opts;
 } cli;
 
 static int parse_cli(int argc, char **argv, cli *c) {
@@ -69,6 +73,10 @@ static int parse_cli(int argc, char **argv, cli *c) {
       c->files[c->n_files++] = a + 9;
     } else if (strcmp(a, "--print-config") == 0) {
       c->print_config = 1;
+    } else if (strcmp(a, "--fresh") == 0) {
+      c->opts.fresh = 1;
+    } else if (strcmp(a, "--allow-config-change") == 0) {
+      c->opts.allow_change = 1;
     } else if (strcmp(a, "--print-model") == 0) {
       c->print_model = 1;
     } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
@@ -157,7 +165,7 @@ int main(int argc, char **argv) {
     rc = rank == 0 ? print_models(&cfg, d.n_peers, &err) : 0;
   } else {
     kdp_train_install_signals();
-    rc = kdp_train_run(&cfg, &d, &err);
+    rc = kdp_train_run(&cfg, &d, &c.opts, &err);
   }
   if (rc != 0 && rc != KDP_ESTOPPED) fprintf(stderr, "kdpeers: rank %d: %s\n", d.world_rank, err.msg);
   kdp_dist_free(&d);

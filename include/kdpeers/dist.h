@@ -55,6 +55,8 @@ void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
                                      const size_t *counts);
 /* Sum-allreduce over the whole world (replicated modules under hybrid parallelism). */
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
+/* Gathers one uint32 per world rank at rank 0 (out: world_size values, only read on rank 0). */
+void kdp_dist_gather_u32(kdp_dist *d, uint32_t v, uint32_t *out);
 /* Broadcast from world rank 0. */
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
 /* The per-step agreement point: element-wise MAX of n ints over the world, in place. The time

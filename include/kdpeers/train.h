@@ -8,7 +8,11 @@
 /* Runs the job described by cfg on the layout d (kdp_dist_setup done). Rank 0 prints progress and
    writes run.dir/metrics.jsonl. Returns 0 or a negative code with err set (same on all ranks
    where the failure is collective). */
-int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err);
+typedef struct kdp_run_opts {
+  int fresh;        /* --fresh: ignore and delete old checkpoints, truncate metrics.jsonl */
+  int allow_change; /* --allow-config-change: resume although non-structural keys changed */
+} kdp_run_opts;
+int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err);
 
 /* BLAS threads for this rank: cfg->threads, or cores / ranks on this node (at least 1). */
 /* Loads the train and test sets named by data.*, then applies subset, test_subset and label

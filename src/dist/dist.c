@@ -237,6 +237,11 @@ void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {
   d->t_allreduce += kdp_now() - t0;
 }
 
+void kdp_dist_gather_u32(kdp_dist *d, uint32_t v, uint32_t *out) {
+  (void)d;
+  KDP_CHECK_MPI(MPI_Gather(&v, 1, MPI_UINT32_T, out, 1, MPI_UINT32_T, 0, MPI_COMM_WORLD));
+}
+
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes) {
   (void)d;
   KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));

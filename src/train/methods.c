@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kdpeers/ckpt.h"
 #include "kdpeers/kd.h"
 #include "train_internal.h"
 
@@ -106,6 +107,8 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   mstate *s = kdp_xcalloc(1, sizeof *s);
   t->method = s;
   t->lr_scale = 1.0;
+  t->temperature = t->cfg->temperature;
+  t->kd_weight = t->cfg->weight;
   s->id = KDP_METHOD_INDEPENDENT;
   if (t->P > 1) {
     int rc = kdp_method_parse(t->cfg->method, &s->id, err);
@@ -186,8 +189,8 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
   kdp_exchange_args a = {
       .y = y,
       .b = b,
-      .T = (float)cfg->temperature,
-      .weight = (float)(cfg->weight * kdp_rampup(epoch, cfg->rampup_epochs)),
+      .T = (float)t->temperature,
+      .weight = (float)(t->kd_weight * kdp_rampup(epoch, cfg->rampup_epochs)),
       .burn_in = s->id == KDP_METHOD_CODISTILL && step < cfg->burn_in_steps,
       .scale = scale,
   };
@@ -219,4 +222,55 @@ void kdp_method_opt_step(kdp_trainer *t, float lr) {
   if (s->n_module)
     kdp_sgd_step(&s->mopt, kdp_cohort_module_params(s->cohort), kdp_cohort_module_grads(s->cohort),
                  lr);
+}
+
+int kdp_method_save(kdp_trainer *t, kdp_ckpt_writer *w, kdp_error *err) {
+  mstate *s = t->method;
+  int rc = 0;
+  if (s->n_module) {
+    size_t n = s->n_module, nb = kdp_cohort_module_n_buffers(s->cohort);
+    if (rc == 0) rc = kdp_ckpt_put_f32(w, "module.params", kdp_cohort_module_params(s->cohort), 1, &n, err);
+    if (rc == 0) rc = kdp_ckpt_put_f32(w, "module.momentum", s->mopt.buf, 1, &n, err);
+    if (rc == 0) rc = kdp_ckpt_put_i64(w, "module.opt_steps", s->mopt.n_steps, err);
+    if (rc == 0 && nb)
+      rc = kdp_ckpt_put_f32(w, "module.buffers", kdp_cohort_module_buffers(s->cohort), 1, &nb, err);
+  }
+  if (rc == 0 && s->weights_mode) {
+    size_t tot = 0;
+    for (int j = 0; j < t->P; j++) tot += s->counts[j];
+    rc = kdp_ckpt_put_f32(w, "codistill.stale", s->flat_all, 1, &tot, err);
+  }
+  return rc;
+}
+
+int kdp_method_load(kdp_trainer *t, const kdp_ckpt *ck, kdp_error *err) {
+  mstate *s = t->method;
+  int rc = 0;
+  if (s->n_module) {
+    size_t n = s->n_module, nb = kdp_cohort_module_n_buffers(s->cohort);
+    int64_t steps = 0;
+    if (rc == 0) rc = kdp_ckpt_get_f32(ck, "module.params", kdp_cohort_module_params(s->cohort), n, err);
+    if (rc == 0) rc = kdp_ckpt_get_f32(ck, "module.momentum", s->mopt.buf, n, err);
+    if (rc == 0) rc = kdp_ckpt_get_i64(ck, "module.opt_steps", &steps, err);
+    s->mopt.n_steps = steps;
+    if (rc == 0 && nb)
+      rc = kdp_ckpt_get_f32(ck, "module.buffers", kdp_cohort_module_buffers(s->cohort), nb, err);
+  }
+  if (rc == 0 && s->weights_mode) {
+    size_t tot = 0;
+    for (int j = 0; j < t->P; j++) tot += s->counts[j];
+    rc = kdp_ckpt_get_f32(ck, "codistill.stale", s->flat_all, tot, err);
+    if (rc == 0) {
+      /* put the stale copies back into the models */
+      size_t me = (size_t)t->d->peer;
+      for (size_t j = 0; j < (size_t)t->P; j++) {
+        if (j == me) continue;
+        kdp_model *m = s->stale[j];
+        size_t mp = kdp_model_n_params(m), mb = kdp_model_n_buffers(m);
+        memcpy(kdp_model_params(m), s->flat_all + s->displs[j], mp * sizeof(float));
+        memcpy(kdp_model_buffers(m), s->flat_all + s->displs[j] + mp, mb * sizeof(float));
+      }
+    }
+  }
+  return rc;
 }

@@ -62,9 +62,13 @@ static void json_num(FILE *f, double v) {
     fputs("null", f);
 }
 
-int kdp_metrics_open(kdp_trainer *t, kdp_error *err) {
+int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
   char path[KDP_PATH + 32];
   snprintf(path, sizeof path, "%s/metrics.jsonl", t->cfg->dir);
+  /* resume: drop what was logged after the checkpoint, so the file reads as one run */
+  if (truncate_at >= 0 && truncate(path, (off_t)truncate_at) != 0 && errno != ENOENT)
+    return kdp_fail(err, KDP_EIO, "cannot truncate '%s' to the checkpoint's offset: %s", path,
+                    strerror(errno));
   t->metrics = fopen(path, "a");
   if (!t->metrics)
     return kdp_fail(err, KDP_EIO, "cannot open '%s' for appending: %s", path, strerror(errno));
@@ -79,11 +83,42 @@ int kdp_metrics_open(kdp_trainer *t, kdp_error *err) {
   json_str(t->metrics, t->P > 1 ? t->cfg->method : "independent");
   fputs(",\"arch\":", t->metrics);
   json_str(t->metrics, t->cfg->arch);
-  fprintf(t->metrics, ",\"params\":%zu,\"steps\":%lld,\"steps_per_epoch\":%lld,\"seed\":%llu}\n",
+  fprintf(t->metrics,
+          ",\"params\":%zu,\"steps\":%lld,\"steps_per_epoch\":%lld,\"seed\":%llu,"
+          "\"resumed_at\":%lld}\n",
           kdp_model_n_params(t->model), (long long)t->total_steps,
-          (long long)t->steps_per_epoch, (unsigned long long)t->cfg->seed);
+          (long long)t->steps_per_epoch, (unsigned long long)t->cfg->seed, (long long)t->step);
   fflush(t->metrics);
   return 0;
+}
+
+void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value) {
+  if (!t->metrics) return;
+  fputs("{\"event\":", t->metrics);
+  json_str(t->metrics, name);
+  fprintf(t->metrics, ",\"step\":%lld,\"value\":", (long long)step);
+  json_num(t->metrics, value);
+  fputs("}\n", t->metrics);
+  fflush(t->metrics);
+}
+
+void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
+                               const char *new_value) {
+  if (!t->metrics) return;
+  fputs("{\"event\":\"config_change\",\"key\":", t->metrics);
+  json_str(t->metrics, key);
+  fputs(",\"old\":", t->metrics);
+  json_str(t->metrics, old_value);
+  fputs(",\"new\":", t->metrics);
+  json_str(t->metrics, new_value);
+  fprintf(t->metrics, ",\"step\":%lld}\n", (long long)t->step);
+  fflush(t->metrics);
+}
+
+int64_t kdp_metrics_offset(kdp_trainer *t) {
+  if (!t->metrics) return -1;
+  fflush(t->metrics);
+  return (int64_t)ftello(t->metrics);
 }
 
 void kdp_metrics_close(kdp_trainer *t) {
@@ -181,11 +216,12 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
   if (t->metrics) {
     fprintf(t->metrics,
             "{\"event\":\"summary\",\"steps\":%lld,\"train_seconds\":%.4f,\"steps_per_second\":%.4f,"
-            "\"samples_per_second\":%.1f,\"compute_seconds\":%.4f,\"exchange_seconds\":%.4f,"
+            "\"steps_this_run\":%lld,\"samples_per_second\":%.1f,\"compute_seconds\":%.4f,\"exchange_seconds\":%.4f,"
             "\"allreduce_seconds\":%.4f,\"wait_seconds\":%.4f,\"bytes_per_step\":%.0f,"
             "\"peak_rss_mb\":%.1f,"
             "\"peers\":%d,\"ranks\":%d",
-            (long long)s->steps, s->train_seconds, sps, sps * (double)t->Bg, s->compute_seconds,
+            (long long)s->steps, s->train_seconds, sps, (long long)s->steps_this_run,
+            sps * (double)t->Bg, s->compute_seconds,
             s->exchange_seconds, s->allreduce_seconds, s->wait_seconds, s->bytes_per_step,
             s->peak_rss_mb, t->P,
             t->d->world_size);

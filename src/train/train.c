@@ -169,7 +169,7 @@ static void evaluate(kdp_trainer *t, int64_t step, double epoch) {
 
 /* ---------------- divergence and signals ---------------- */
 
-enum { KDP_SYNC_DIVERGED, KDP_SYNC_STOP, KDP_SYNC_N };
+enum { KDP_SYNC_DIVERGED, KDP_SYNC_STOP, KDP_SYNC_CKPT, KDP_SYNC_N };
 
 typedef struct divergence {
   int peer_plus1;
@@ -233,7 +233,23 @@ int kdp_train_signal_count(void) { return (int)g_signals; }
 
 /* ---------------- the run ---------------- */
 
-int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
+/* Divergence with checkpoint.on_divergence = rollback: back to the newest checkpoint, lr scaled. */
+static int rollback(kdp_trainer *t, kdp_error *err) {
+  kdp_error e2;
+  int64_t off = -1;
+  int r = kdp_train_restore_latest(t, &off, &e2);
+  if (r <= 0) return r < 0 ? r : KDP_EDIVERGED; /* no checkpoint: stop with the divergence */
+  t->n_rollbacks++;
+  t->lr_scale *= t->cfg->ckpt_rollback_lr_scale;
+  if (t->is_root) {
+    fprintf(stderr, "kdpeers: %s\nkdpeers: rolled back to step %lld with lr scale %g (rollback %d of 3)\n",
+            err->msg, (long long)t->step, t->lr_scale, t->n_rollbacks);
+    kdp_metrics_event(t, "rollback", t->step, t->lr_scale);
+  }
+  return 0;
+}
+
+int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
   kdp_trainer T;
   kdp_trainer *t = &T;
   memset(t, 0, sizeof *t);
@@ -317,7 +333,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
              : strcmp(cfg->schedule, "multistep") == 0 ? KDP_SCHEDULE_MULTISTEP
                                                        : KDP_SCHEDULE_CONSTANT;
   sch.base_lr = cfg->lr;
-  sch.total_steps = total;
+  /* the schedule spans the configured epochs; run.max_steps only stops early, so a short run
+     trains exactly like the start of the full one */
+  sch.total_steps = (int64_t)cfg->epochs * (int64_t)spe;
   sch.steps_per_epoch = (int64_t)spe;
   sch.warmup_epochs = cfg->warmup_epochs;
   sch.gamma = cfg->gamma;
@@ -332,24 +350,35 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
 
   if (t->is_root) {
     rc = mkdir_p(cfg->dir, err);
+    if (rc == 0 && opts && opts->fresh) rc = kdp_train_forget_checkpoints(cfg->dir, err);
   }
   if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not create run.dir");
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not prepare run.dir");
     goto done;
   }
+  t->allow_change = opts ? opts->allow_change : 0;
+  /* resume from the newest complete checkpoint, unless --fresh */
+  int64_t metrics_offset = -1;
+  if (!(opts && opts->fresh)) {
+    int r = kdp_train_restore_latest(t, &metrics_offset, err);
+    if (r < 0) {
+      rc = r;
+      goto done;
+    }
+  }
   if (t->is_root) {
-    rc = kdp_metrics_open(t, err);
+    rc = kdp_metrics_open(t, metrics_offset, err);
     if (rc == 0) kdp_progress_start(t, t_load);
   }
   if (!kdp_dist_all_ok(d, rc == 0)) {
     if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not open the metrics file");
     goto done;
   }
+  t->last_ckpt_time = kdp_now();
 
-  double train_time = 0, t_compute = 0;
+  double t_compute = 0;
   double ex0 = d->t_exchange, ar0 = d->t_allreduce, wt0 = d->t_wait;
-  double run_loss = 0, run_kd = 0;
-  size_t run_correct = 0, run_n = 0;
+  int64_t step0 = t->step;
   float *params = kdp_model_params(t->model), *grads = kdp_model_grads(t->model);
   size_t np = kdp_model_n_params(t->model);
   divergence pending_div = {0};
@@ -367,7 +396,8 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
     double tc0 = kdp_now();
     const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
     t_compute += kdp_now() - tc0;
-    /* the step's agreement point, before the exchange: divergence, stop and command flags */
+    /* the step's agreement point, before the exchange: divergence now; stop and checkpoint
+       requests take effect at the end of this step, on every rank */
     int32_t flags[KDP_SYNC_N] = {0};
     if (pending_div.peer_plus1) flags[KDP_SYNC_DIVERGED] = pending_div.peer_plus1;
     if (!all_finite(z, bl * t->C)) {
@@ -379,13 +409,23 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
       flags[KDP_SYNC_DIVERGED] = d->peer + 1;
     }
     flags[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
+    if (t->is_root && cfg->ckpt_every_minutes > 0 &&
+        kdp_now() - t->last_ckpt_time >= 60.0 * cfg->ckpt_every_minutes)
+      flags[KDP_SYNC_CKPT] = 1;
     kdp_dist_step_sync(d, flags, KDP_SYNC_N);
     if (flags[KDP_SYNC_DIVERGED]) {
-      rc = divergence_error(&pending_div, d, flags[KDP_SYNC_DIVERGED] - 1, err);
-      break;
-    }
-    if (flags[KDP_SYNC_STOP]) {
-      stopped = 1;
+      int dpeer = flags[KDP_SYNC_DIVERGED] - 1;
+      rc = divergence_error(&pending_div, d, dpeer, err);
+      if (strcmp(cfg->ckpt_on_divergence, "rollback") == 0 && t->n_rollbacks < 3) {
+        int r = rollback(t, err);
+        if (r == 0) {
+          rc = 0;
+          memset(&pending_div, 0, sizeof pending_div);
+          step = t->step - 1; /* the loop's ++ resumes at the restored step */
+          continue;
+        }
+        if (r != KDP_EDIVERGED) rc = r;
+      }
       break;
     }
     kdp_step_loss sl;
@@ -411,51 +451,64 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, kdp_error *err) {
     kdp_sgd_step(&t->opt, params, grads, (float)lr);
     kdp_method_opt_step(t, (float)lr);
     t_compute += kdp_now() - tc0;
-    train_time += kdp_now() - t0;
+    t->train_time += kdp_now() - t0;
     t->step = step + 1;
 
-    run_loss += sl.ce;
-    run_kd += sl.kd;
-    run_correct += sl.correct;
-    run_n += bl;
+    t->run_loss += sl.ce;
+    t->run_kd += sl.kd;
+    t->run_correct += sl.correct;
+    t->run_n += bl;
+    t->log_window++;
     int end_of_epoch = (step + 1) % (int64_t)spe == 0;
     int last = step + 1 == total;
     if ((step + 1) % cfg->log_every == 0 || last || end_of_epoch) {
-      double s[4] = {run_loss, run_kd, (double)run_correct, (double)run_n};
-      kdp_dist_peer_allreduce_f64(d, s, 4);
+      double sums[4] = {t->run_loss, t->run_kd, (double)t->run_correct, (double)t->run_n};
+      kdp_dist_peer_allreduce_f64(d, sums, 4);
       if (t->is_root) {
-        double n_log = (double)(cfg->log_every);
         int64_t in_window = (step + 1) % cfg->log_every;
-        if (in_window == 0) in_window = cfg->log_every;
-        (void)n_log;
+        if (in_window == 0 || end_of_epoch || last) in_window = t->log_window;
         kdp_progress_update(t, step + 1, epoch_f + 1.0 / (double)spe,
-                            s[0] / (double)in_window / (double)k, s[1] / (double)in_window / (double)k,
-                            s[3] > 0 ? s[2] / s[3] : 0, train_time, lr);
+                            sums[0] / (double)in_window / (double)k,
+                            sums[1] / (double)in_window / (double)k,
+                            sums[3] > 0 ? sums[2] / sums[3] : 0, t->train_time, lr);
       }
-      run_loss = run_kd = 0;
-      run_correct = run_n = 0;
+      t->run_loss = t->run_kd = 0;
+      t->run_correct = t->run_n = 0;
+      t->log_window = 0;
     }
     int64_t ep_done = (step + 1) / (int64_t)spe;
     if ((end_of_epoch && ep_done % cfg->eval_every == 0) || last) {
       evaluate(t, step + 1, (double)(step + 1) / (double)spe);
     }
+    int want = flags[KDP_SYNC_CKPT] || flags[KDP_SYNC_STOP] || last ||
+               (cfg->ckpt_every_steps > 0 && (step + 1) % cfg->ckpt_every_steps == 0);
+    if (want) {
+      rc = kdp_train_save(t, err);
+      if (rc != 0) break;
+      t->last_ckpt_time = kdp_now();
+    }
+    if (flags[KDP_SYNC_STOP]) {
+      stopped = 1;
+      break;
+    }
   }
   if (rc == 0 && stopped) {
     if (t->is_root)
-      fprintf(stderr, "kdpeers: stopped by a signal at step %lld\n", (long long)t->step);
-    rc = KDP_ESTOPPED;
-    kdp_fail(err, KDP_ESTOPPED, "stopped by a signal at step %lld", (long long)t->step);
+      fprintf(stderr, "kdpeers: stopped by a signal after step %lld; checkpoint written, rerun the "
+                      "same command to resume\n", (long long)t->step);
+    rc = kdp_fail(err, KDP_ESTOPPED, "stopped by a signal after step %lld", (long long)t->step);
   }
   if (rc == 0) {
     kdp_summary sm = {0};
     sm.steps = t->step;
-    sm.train_seconds = kdp_dist_max(d, train_time);
+    sm.steps_this_run = t->step - step0;
+    sm.train_seconds = kdp_dist_max(d, t->train_time);
     sm.compute_seconds = t_compute;
     sm.exchange_seconds = d->t_exchange - ex0;
     sm.allreduce_seconds = d->t_allreduce - ar0;
     sm.wait_seconds = d->t_wait - wt0;
     sm.peak_rss_mb = kdp_dist_max(d, peak_rss_mb());
-    sm.bytes_per_step = t->step > 0 ? d->bytes_exchanged / (double)t->step : 0;
+    sm.bytes_per_step = t->step > step0 ? d->bytes_exchanged / (double)(t->step - step0) : 0;
     if (t->is_root) kdp_metrics_summary(t, &sm);
   }
 done:

@@ -15,7 +15,7 @@ typedef struct kdp_step_loss {
 } kdp_step_loss;
 
 typedef struct kdp_summary {
-  int64_t steps;
+  int64_t steps, steps_this_run;
   double train_seconds, compute_seconds, exchange_seconds, allreduce_seconds, wait_seconds;
   double peak_rss_mb, bytes_per_step;
 } kdp_summary;
@@ -38,6 +38,7 @@ struct kdp_trainer {
   const float *cur_x;     /* this rank's slice of the current batch (codistill weights mode) */
   int uses_features_grad;
   double lr_scale;
+  double temperature, kd_weight; /* start as kd.temperature / kd.weight; /control can change them */
   int64_t step, total_steps, steps_per_epoch;
   /* method state (methods.c) */
   void *method;
@@ -50,6 +51,13 @@ struct kdp_trainer {
   int tty;
   double t_start, last_print;
   double last_acc[4];
+  /* accumulators of the current log window and timers, checkpointed for exact resume */
+  double run_loss, run_kd, train_time;
+  uint64_t run_correct, run_n;
+  int64_t log_window; /* steps in the current log window */
+  int allow_change; /* --allow-config-change */
+  int n_rollbacks;
+  double last_ckpt_time;
 };
 
 /* methods.c */
@@ -61,9 +69,32 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
 void kdp_method_after_backward(kdp_trainer *t);
 void kdp_method_opt_step(kdp_trainer *t, float lr);
 void kdp_method_free(kdp_trainer *t);
+/* The method's own state (replicated module, its optimizer, stale peer copies) into / out of
+   this rank's checkpoint file. */
+struct kdp_ckpt_writer;
+struct kdp_ckpt;
+int kdp_method_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
+int kdp_method_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
+/* the current teacher temperature and KD weight (they can be changed while running) */
+
+/* checkpoint.c */
+/* Writes a checkpoint of the state after t->step steps (collective). */
+int kdp_train_save(kdp_trainer *t, kdp_error *err);
+/* Restores the newest complete checkpoint if there is one (collective). Returns 1 if restored,
+   0 if there was none, negative on error. */
+int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error *err);
+/* --fresh: removes run.dir/checkpoints (rank 0) and truncates metrics.jsonl. */
+int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 
 /* metrics.c */
-int kdp_metrics_open(kdp_trainer *t, kdp_error *err);
+/* opens run.dir/metrics.jsonl for appending; truncate_at >= 0 first cuts it there (resume) */
+int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err);
+/* {"event":NAME,"step":S,"value":V} */
+void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value);
+void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
+                               const char *new_value);
+/* current byte offset of metrics.jsonl (flushed), for checkpoints */
+int64_t kdp_metrics_offset(kdp_trainer *t);
 void kdp_metrics_close(kdp_trainer *t);
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss);

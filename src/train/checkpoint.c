@@ -1,0 +1,349 @@
+/* checkpoint.c: the trainer's state to and from msgpack checkpoints (one file per rank, a manifest
+   by rank 0), resume checks, and --fresh. */
+#include <dirent.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kdpeers/ckpt.h"
+#include "train_internal.h"
+
+/* the config as INI text (what --print-config prints) */
+static char *config_text(const kdp_config *c) {
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&buf, &len);
+  if (!f) return NULL;
+  kdp_config_print(c, f);
+  fclose(f);
+  return buf;
+}
+
+int kdp_train_save(kdp_trainer *t, kdp_error *err) {
+  kdp_dist *d = t->d;
+  const char *dir = t->cfg->dir;
+  char path[KDP_PATH + 128];
+  double t0 = kdp_now();
+  int rc = 0;
+  kdp_ckpt_step_dir(dir, t->step, path, sizeof path);
+  rc = kdp_ckpt_mkdirs(path, err);
+  kdp_ckpt_writer *w = NULL;
+  if (rc == 0) {
+    kdp_ckpt_peer_path(dir, t->step, d->world_rank, path, sizeof path);
+    rc = kdp_ckpt_writer_open(&w, path, "peer", err);
+  }
+  if (rc == 0) {
+    char *cfg = config_text(t->cfg);
+    size_t np = kdp_model_n_params(t->model), nb = kdp_model_n_buffers(t->model);
+    int64_t moff = t->is_root ? kdp_metrics_offset(t) : -1;
+#define PUT(call) \
+  if (rc == 0) rc = (call)
+    PUT(kdp_ckpt_put_str(w, "config", cfg ? cfg : "", err));
+    free(cfg);
+    PUT(kdp_ckpt_put_str(w, "kdpeers_version", KDP_VERSION, err));
+    PUT(kdp_ckpt_put_i64(w, "world_size", d->world_size, err));
+    PUT(kdp_ckpt_put_i64(w, "ranks_per_peer", d->ranks_per_peer, err));
+    PUT(kdp_ckpt_put_i64(w, "peer", d->peer, err));
+    PUT(kdp_ckpt_put_i64(w, "slice", d->slice, err));
+    PUT(kdp_ckpt_put_str(w, "arch", kdp_model_arch(t->model), err));
+    PUT(kdp_ckpt_put_str(w, "method", t->P > 1 ? t->cfg->method : "independent", err));
+    PUT(kdp_ckpt_put_i64(w, "input_h", (int64_t)t->train.H, err));
+    PUT(kdp_ckpt_put_i64(w, "input_w", (int64_t)t->train.W, err));
+    PUT(kdp_ckpt_put_i64(w, "input_c", (int64_t)t->train.C, err));
+    PUT(kdp_ckpt_put_i64(w, "classes", (int64_t)t->C, err));
+    PUT(kdp_ckpt_put_f64(w, "mean0", t->mean[0], err));
+    PUT(kdp_ckpt_put_f64(w, "mean1", t->mean[1], err));
+    PUT(kdp_ckpt_put_f64(w, "mean2", t->mean[2], err));
+    PUT(kdp_ckpt_put_f64(w, "std0", t->std[0], err));
+    PUT(kdp_ckpt_put_f64(w, "std1", t->std[1], err));
+    PUT(kdp_ckpt_put_f64(w, "std2", t->std[2], err));
+    PUT(kdp_ckpt_put_i64(w, "step", t->step, err));
+    PUT(kdp_ckpt_put_i64(w, "batcher.epoch", t->batcher.epoch, err));
+    PUT(kdp_ckpt_put_u64(w, "batcher.pos", t->batcher.pos, err));
+    PUT(kdp_ckpt_put_u64(w, "rng.augment.state", t->batcher.aug_rng.state, err));
+    PUT(kdp_ckpt_put_u64(w, "rng.augment.inc", t->batcher.aug_rng.inc, err));
+    PUT(kdp_ckpt_put_u64(w, "rng.dropout.state", t->dropout_rng.state, err));
+    PUT(kdp_ckpt_put_u64(w, "rng.dropout.inc", t->dropout_rng.inc, err));
+    PUT(kdp_ckpt_put_f32(w, "params", kdp_model_params(t->model), 1, &np, err));
+    PUT(kdp_ckpt_put_f32(w, "momentum", t->opt.buf, 1, &np, err));
+    PUT(kdp_ckpt_put_i64(w, "opt_steps", t->opt.n_steps, err));
+    PUT(kdp_ckpt_put_f32(w, "buffers", kdp_model_buffers(t->model), 1, &nb, err));
+    PUT(kdp_ckpt_put_f64(w, "log.loss", t->run_loss, err));
+    PUT(kdp_ckpt_put_f64(w, "log.kd", t->run_kd, err));
+    PUT(kdp_ckpt_put_u64(w, "log.correct", t->run_correct, err));
+    PUT(kdp_ckpt_put_u64(w, "log.n", t->run_n, err));
+    PUT(kdp_ckpt_put_i64(w, "log.window", t->log_window, err));
+    PUT(kdp_ckpt_put_f64(w, "train_seconds", t->train_time, err));
+    PUT(kdp_ckpt_put_f64(w, "lr_scale", t->lr_scale, err));
+    PUT(kdp_ckpt_put_f64(w, "temperature", t->temperature, err));
+    PUT(kdp_ckpt_put_f64(w, "kd_weight", t->kd_weight, err));
+    PUT(kdp_ckpt_put_i64(w, "rollbacks", t->n_rollbacks, err));
+    PUT(kdp_ckpt_put_i64(w, "metrics_offset", moff, err));
+    PUT(kdp_method_save(t, w, err));
+#undef PUT
+  }
+  uint32_t crc = 0;
+  if (w) {
+    if (rc == 0)
+      rc = kdp_ckpt_writer_commit(w, &crc, err);
+    else
+      kdp_ckpt_writer_abort(w);
+  }
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "another rank failed to write its checkpoint file");
+    return rc;
+  }
+  uint32_t *crcs = kdp_xcalloc((size_t)d->world_size, sizeof *crcs);
+  kdp_dist_gather_u32(d, crc, crcs);
+  if (t->is_root) {
+    /* fault injection for the tests: a crash between the peer files and the manifest */
+    const char *slow = getenv("KDP_FAULT_CKPT_SLEEP_MS");
+    if (slow) usleep((useconds_t)atoi(slow) * 1000u);
+    rc = kdp_ckpt_write_manifest(dir, t->step, d->world_size, crcs, err);
+    if (rc == 0) rc = kdp_ckpt_prune(dir, t->cfg->ckpt_keep, err);
+    if (rc == 0) kdp_metrics_event(t, "checkpoint", t->step, kdp_now() - t0);
+  }
+  free(crcs);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 failed to write the checkpoint manifest");
+    return rc;
+  }
+  return 0;
+}
+
+/* ---- resume checks: compare the saved config with this run's, key by key ---- */
+
+/* keys that may change between a checkpoint and its resume without a flag: they do not change
+   what is computed */
+static int operational_key(const char *k) {
+  static const char *const ok[] = {"run.progress", "run.threads", "run.log_every",
+                                   "run.max_steps", "run.eval_every", "checkpoint.every_steps",
+                                   "checkpoint.every_minutes", "checkpoint.keep", NULL};
+  if (strncmp(k, "server.", 7) == 0) return 1;
+  for (int i = 0; ok[i]; i++)
+    if (strcmp(k, ok[i]) == 0) return 1;
+  return 0;
+}
+
+/* keys whose change makes the checkpoint unusable: a different model or method */
+static int structural_key(const char *k) {
+  if (strncmp(k, "peer.", 5) == 0) return 1;
+  return strcmp(k, "model.arch") == 0 || strcmp(k, "kd.method") == 0 ||
+         strcmp(k, "kd.exchange") == 0 || strcmp(k, "run.ranks_per_peer") == 0;
+}
+
+/* Looks up "section.key" in INI text; returns a malloc'ed value or NULL. */
+static char *ini_value(const char *text, const char *full) {
+  char section[2100] = "";
+  const char *p = text;
+  while (*p) {
+    const char *e = strchr(p, '\n');
+    size_t len = e ? (size_t)(e - p) : strlen(p);
+    char line[2048];
+    if (len >= sizeof line) len = sizeof line - 1;
+    memcpy(line, p, len);
+    line[len] = 0;
+    p = e ? e + 1 : p + len;
+    if (line[0] == '[') {
+      char *r = strchr(line, ']');
+      if (r) *r = 0;
+      snprintf(section, sizeof section, "%s", line + 1);
+      continue;
+    }
+    char *eq = strstr(line, " = ");
+    if (!eq || line[0] == '#' || line[0] == ';') continue;
+    *eq = 0;
+    char key[2300];
+    snprintf(key, sizeof key, "%s.%s", section, line);
+    if (strcmp(key, full) == 0) return strdup(eq + 3);
+  }
+  return NULL;
+}
+
+/* Compares every key of two configs' INI texts; reports structural differences as an error and
+   other ones as changes (refused unless allowed, logged when allowed). */
+static int compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err) {
+  int rc = 0;
+  const char *texts[2] = {now, saved};
+  char section[2100] = "";
+  for (int pass = 0; pass < 2 && rc == 0; pass++) {
+    const char *p = texts[pass];
+    section[0] = 0;
+    while (*p && rc == 0) {
+      const char *e = strchr(p, '\n');
+      size_t len = e ? (size_t)(e - p) : strlen(p);
+      char line[2048];
+      if (len >= sizeof line) len = sizeof line - 1;
+      memcpy(line, p, len);
+      line[len] = 0;
+      p = e ? e + 1 : p + len;
+      if (line[0] == '[') {
+        char *r = strchr(line, ']');
+        if (r) *r = 0;
+        snprintf(section, sizeof section, "%s", line + 1);
+        continue;
+      }
+      char *eq = strstr(line, " = ");
+      if (!eq || line[0] == '#' || line[0] == ';') continue;
+      *eq = 0;
+      char key[2300];
+      snprintf(key, sizeof key, "%s.%s", section, line);
+      char *a = ini_value(saved, key), *b = ini_value(now, key);
+      if (pass == 1 && b) { /* seen in pass 0 */
+        free(a);
+        free(b);
+        continue;
+      }
+      const char *va = a ? a : "(unset)", *vb = b ? b : "(unset)";
+      if (strcmp(va, vb) != 0 && !operational_key(key)) {
+        if (structural_key(key))
+          rc = kdp_fail(err, KDP_EMISMATCH,
+                        "the checkpoint in %s/checkpoints does not match this run: %s was '%s', "
+                        "now '%s'. Use the original setting, another run.dir, or --fresh",
+                        t->cfg->dir, key, va, vb);
+        else if (!t->allow_change)
+          rc = kdp_fail(err, KDP_EMISMATCH,
+                        "the checkpoint in %s/checkpoints was made with %s = '%s', this run has "
+                        "'%s'. Rerun with --allow-config-change to resume with the new value (it "
+                        "is logged), or use --fresh to start over",
+                        t->cfg->dir, key, va, vb);
+        else if (t->is_root) {
+          fprintf(stderr, "kdpeers: resuming with a changed setting: %s '%s' -> '%s'\n", key, va,
+                  vb);
+          kdp_metrics_config_change(t, key, va, vb);
+        }
+      }
+      free(a);
+      free(b);
+    }
+  }
+  return rc;
+}
+
+static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, kdp_error *err) {
+  kdp_dist *d = t->d;
+  char path[KDP_PATH + 128];
+  int n_files = 0;
+  int rc = kdp_ckpt_verify_step(t->cfg->dir, step, &n_files, err);
+  if (rc == 0 && n_files != d->world_size)
+    rc = kdp_fail(err, KDP_EMISMATCH,
+                  "the checkpoint at step %lld in %s/checkpoints was written by %d ranks; this run "
+                  "has %d. Start it with -np %d, use another run.dir, or --fresh",
+                  (long long)step, t->cfg->dir, n_files, d->world_size, n_files);
+  kdp_ckpt *ck = NULL;
+  if (rc == 0) {
+    kdp_ckpt_peer_path(t->cfg->dir, step, d->world_rank, path, sizeof path);
+    rc = kdp_ckpt_read(path, KDP_CKPT_DEFAULT_MAX_BYTES, &ck, err);
+  }
+  if (rc == 0) {
+    const char *saved = NULL;
+    char *now = config_text(t->cfg);
+    rc = kdp_ckpt_get_str(ck, "config", &saved, err);
+    if (rc == 0) rc = compare_configs(t, saved, now ? now : "", err);
+    free(now);
+  }
+  size_t np = kdp_model_n_params(t->model), nb = kdp_model_n_buffers(t->model);
+  int64_t i64 = 0, epoch = 0, moff = -1;
+  uint64_t pos = 0;
+#define GET(call) \
+  if (rc == 0) rc = (call)
+  GET(kdp_ckpt_get_i64(ck, "step", &i64, err));
+  if (rc == 0 && i64 != step)
+    rc = kdp_fail(err, KDP_EFORMAT, "%s holds step %lld, its manifest says %lld", path,
+                  (long long)i64, (long long)step);
+  GET(kdp_ckpt_get_f32(ck, "params", kdp_model_params(t->model), np, err));
+  GET(kdp_ckpt_get_f32(ck, "momentum", t->opt.buf, np, err));
+  GET(kdp_ckpt_get_i64(ck, "opt_steps", &t->opt.n_steps, err));
+  GET(kdp_ckpt_get_f32(ck, "buffers", kdp_model_buffers(t->model), nb, err));
+  GET(kdp_ckpt_get_i64(ck, "batcher.epoch", &epoch, err));
+  GET(kdp_ckpt_get_u64(ck, "batcher.pos", &pos, err));
+  GET(kdp_ckpt_get_u64(ck, "rng.augment.state", &t->batcher.aug_rng.state, err));
+  GET(kdp_ckpt_get_u64(ck, "rng.augment.inc", &t->batcher.aug_rng.inc, err));
+  GET(kdp_ckpt_get_u64(ck, "rng.dropout.state", &t->dropout_rng.state, err));
+  GET(kdp_ckpt_get_u64(ck, "rng.dropout.inc", &t->dropout_rng.inc, err));
+  GET(kdp_ckpt_get_f64(ck, "log.loss", &t->run_loss, err));
+  GET(kdp_ckpt_get_f64(ck, "log.kd", &t->run_kd, err));
+  GET(kdp_ckpt_get_u64(ck, "log.correct", &t->run_correct, err));
+  GET(kdp_ckpt_get_u64(ck, "log.n", &t->run_n, err));
+  GET(kdp_ckpt_get_i64(ck, "log.window", &t->log_window, err));
+  GET(kdp_ckpt_get_f64(ck, "train_seconds", &t->train_time, err));
+  GET(kdp_ckpt_get_f64(ck, "lr_scale", &t->lr_scale, err));
+  GET(kdp_ckpt_get_f64(ck, "temperature", &t->temperature, err));
+  GET(kdp_ckpt_get_f64(ck, "kd_weight", &t->kd_weight, err));
+  GET(kdp_ckpt_get_i64(ck, "rollbacks", &i64, err));
+  if (rc == 0) t->n_rollbacks = (int)i64;
+  GET(kdp_ckpt_get_i64(ck, "metrics_offset", &moff, err));
+  GET(kdp_method_load(t, ck, err));
+#undef GET
+  if (rc != 0 && rc != KDP_EMISMATCH && strstr(err->msg, "checkpoint") == NULL) {
+    kdp_error e2 = *err;
+    kdp_fail(err, rc, "cannot resume from %s: %s", path, e2.msg);
+  }
+  kdp_ckpt_free(ck);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EMISMATCH, "another rank could not resume (see its message)");
+    return rc;
+  }
+  t->step = step;
+  kdp_batcher_seek(&t->batcher, epoch, (size_t)pos);
+  if (metrics_offset) *metrics_offset = moff;
+  return 0;
+}
+
+int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error *err) {
+  int64_t step = -1;
+  int found = 0;
+  if (t->is_root) {
+    found = kdp_ckpt_find_latest(t->cfg->dir, &step, err);
+    if (found < 0) step = -2;
+    else if (found == 0) step = -1;
+  }
+  kdp_dist_bcast(t->d, &step, sizeof step);
+  if (step == -2) {
+    if (!t->is_root)
+      kdp_fail(err, KDP_EIO, "rank 0 could not list the checkpoints (see its message)");
+    return KDP_EIO;
+  }
+  if (step < 0) return 0;
+  int rc = restore_step(t, step, metrics_offset, err);
+  if (rc != 0) return rc;
+  if (t->is_root)
+    fprintf(stderr, "kdpeers: resumed from the checkpoint at step %lld in %s/checkpoints\n",
+            (long long)step, t->cfg->dir);
+  return 1;
+}
+
+/* removes a directory tree of plain files (our checkpoints) */
+static int remove_tree(const char *path) {
+  DIR *dir = opendir(path);
+  if (!dir) return errno == ENOENT ? 0 : -1;
+  struct dirent *de;
+  int rc = 0;
+  while ((de = readdir(dir)) != NULL) {
+    if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) continue;
+    char sub[KDP_PATH + 300];
+    snprintf(sub, sizeof sub, "%s/%s", path, de->d_name);
+    struct stat st;
+    if (lstat(sub, &st) != 0) continue;
+    if (S_ISDIR(st.st_mode))
+      rc |= remove_tree(sub);
+    else if (unlink(sub) != 0)
+      rc = -1;
+  }
+  closedir(dir);
+  if (rmdir(path) != 0) rc = -1;
+  return rc;
+}
+
+int kdp_train_forget_checkpoints(const char *dir, kdp_error *err) {
+  char path[KDP_PATH + 64];
+  snprintf(path, sizeof path, "%s/checkpoints", dir);
+  if (remove_tree(path) != 0)
+    return kdp_fail(err, KDP_EIO, "--fresh: cannot remove %s: %s", path, strerror(errno));
+  snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+  if (truncate(path, 0) != 0 && errno != ENOENT)
+    return kdp_fail(err, KDP_EIO, "--fresh: cannot truncate %s: %s", path, strerror(errno));
+  return 0;
+}
