@@ -7,6 +7,7 @@
 #include "kdpeers/data.h"
 #include "kdpeers/dist.h"
 #include "kdpeers/nn.h"
+#include "kdpeers/tools.h"
 #include "kdpeers/train.h"
 
 #define EXIT_USAGE 2
@@ -30,8 +31,16 @@ static void usage(FILE *f) {
           "  -h, --help            this help, with every config key\n"
           "  -V, --version         print the version\n"
           "\n"
+          "commands:\n"
+          "  kdpeers inspect FILE|RUN_DIR          what a checkpoint or model file holds\n"
+          "  kdpeers export RUN_DIR --peer N -o F  a standalone student model file (.kdpm)\n"
+          "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
+          "  kdpeers predict MODEL [IMAGES|-] [--top]  labels and probabilities; IMAGES is an IDX\n"
+          "                                        file, '-' reads raw uint8 pixels from stdin\n"
+          "\n"
           "Environment: KDP_<SECTION>_<KEY> sets a key (the command line wins).\n"
-          "Exit status: 0 done, 1 run failed, 2 bad usage or config.\n"
+          "Exit status: 0 done, 1 run failed, 2 bad usage or config, 75 stopped by a signal\n"
+          "after a checkpoint (rerun to resume), 143 a second signal.\n"
           "\n");
 }
 
@@ -122,7 +131,90 @@ static int print_models(const kdp_config *cfg, int n_peers, kdp_error *err) {
   return rc;
 }
 
+/* kdpeers COMMAND ...: the artefact tools (no MPI) */
+static int run_tool(int argc, char **argv) {
+  const char *cmd = argv[1];
+  if (strcmp(cmd, "inspect") == 0) {
+    if (argc != 3) {
+      fprintf(stderr, "usage: kdpeers inspect FILE|RUN_DIR\n");
+      return EXIT_USAGE;
+    }
+    return kdp_tool_inspect(argv[2]);
+  }
+  if (strcmp(cmd, "export") == 0) {
+    const char *run = NULL, *out = NULL;
+    long peer = 0;
+    for (int i = 2; i < argc; i++) {
+      if (strcmp(argv[i], "--peer") == 0 && i + 1 < argc) {
+        char *end;
+        peer = strtol(argv[++i], &end, 10);
+        if (*end || peer < 0 || peer >= KDP_MAX_PEERS) {
+          fprintf(stderr, "kdpeers export: --peer takes a peer index 0..%d\n", KDP_MAX_PEERS - 1);
+          return EXIT_USAGE;
+        }
+      } else if (strcmp(argv[i], "-o") == 0 && i + 1 < argc) {
+        out = argv[++i];
+      } else if (!run && argv[i][0] != '-') {
+        run = argv[i];
+      } else {
+        fprintf(stderr, "kdpeers export: unexpected '%s'\n", argv[i]);
+        return EXIT_USAGE;
+      }
+    }
+    if (!run || !out) {
+      fprintf(stderr, "usage: kdpeers export RUN_DIR --peer N -o student.kdpm\n");
+      return EXIT_USAGE;
+    }
+    return kdp_tool_export(run, (int)peer, out);
+  }
+  if (strcmp(cmd, "eval") == 0) {
+    if (argc < 3 || argv[2][0] == '-') {
+      fprintf(stderr, "usage: kdpeers eval MODEL|RUN_DIR [-c FILE] [-s data.test_images=...]\n");
+      return EXIT_USAGE;
+    }
+    cli c;
+    const char *path = argv[2];
+    /* the options after the path parse like the trainer's (argv[2] stands in for argv[0]) */
+    if (parse_cli(argc - 2, argv + 2, &c) != 0) return EXIT_USAGE;
+    kdp_config cfg;
+    kdp_error err;
+    if (build_config(&c, &cfg, &err) != 0) {
+      fprintf(stderr, "kdpeers eval: %s\n", err.msg);
+      return EXIT_USAGE;
+    }
+    return kdp_tool_eval(path, &cfg);
+  }
+  if (strcmp(cmd, "predict") == 0) {
+    const char *model = NULL, *input = NULL;
+    int top = 0;
+    for (int i = 2; i < argc; i++) {
+      if (strcmp(argv[i], "--top") == 0)
+        top = 1;
+      else if (!model)
+        model = argv[i];
+      else if (!input)
+        input = argv[i];
+      else {
+        fprintf(stderr, "kdpeers predict: unexpected '%s'\n", argv[i]);
+        return EXIT_USAGE;
+      }
+    }
+    if (!model) {
+      fprintf(stderr, "usage: kdpeers predict MODEL [IMAGES.idx[.gz]|-] [--top]\n");
+      return EXIT_USAGE;
+    }
+    return kdp_tool_predict(model, input ? input : "-", top);
+  }
+  return -1;
+}
+
 int main(int argc, char **argv) {
+  if (argc >= 2 && argv[1][0] != '-') {
+    int rc = run_tool(argc, argv);
+    if (rc >= 0) return rc;
+    fprintf(stderr, "kdpeers: unknown command '%s' (see --help)\n", argv[1]);
+    return EXIT_USAGE;
+  }
   cli c;
   if (parse_cli(argc, argv, &c) != 0) return EXIT_USAGE;
   if (c.help) {

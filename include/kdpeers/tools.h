@@ -1,0 +1,21 @@
+/* tools.h: the artefact commands (inspect, export, eval, predict) behind `kdpeers COMMAND`. */
+#ifndef KDPEERS_TOOLS_H
+#define KDPEERS_TOOLS_H
+
+#include "kdpeers/config.h"
+
+/* Each returns a process exit status (0 ok, 1 failure) and prints its own messages. */
+
+/* What a checkpoint or model file holds, with a crc32 digest per tensor; for a run directory, its
+   newest complete checkpoint's manifest. */
+int kdp_tool_inspect(const char *path);
+/* Writes peer `peer` of the run's newest complete checkpoint as a standalone model file. */
+int kdp_tool_export(const char *run_dir, int peer, const char *out_path);
+/* Test accuracy of a model file, or of every peer of a run and their ensemble, on the test set
+   named by cfg (data.test_images / data.test_labels). */
+int kdp_tool_eval(const char *path, const kdp_config *cfg);
+/* Labels and probabilities for the images of an IDX file, or of raw uint8 pixels on stdin ("-").
+   One line per image: "index label p0 p1 ...". top_only prints only index and label. */
+int kdp_tool_predict(const char *model_path, const char *input, int top_only);
+
+#endif
