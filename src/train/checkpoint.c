@@ -212,7 +212,11 @@ static int compare_configs(kdp_trainer *t, const char *saved, const char *now, k
         else if (t->is_root) {
           fprintf(stderr, "kdpeers: resuming with a changed setting: %s '%s' -> '%s'\n", key, va,
                   vb);
-          kdp_metrics_config_change(t, key, va, vb);
+          /* logged to metrics.jsonl once it is open */
+          size_t n = t->n_changes < KDP_MAX_CHANGES ? t->n_changes++ : KDP_MAX_CHANGES - 1;
+          snprintf(t->changes[n].key, sizeof t->changes[n].key, "%s", key);
+          snprintf(t->changes[n].old_value, sizeof t->changes[n].old_value, "%s", va);
+          snprintf(t->changes[n].new_value, sizeof t->changes[n].new_value, "%s", vb);
         }
       }
       free(a);

@@ -368,6 +368,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   }
   if (t->is_root) {
     rc = kdp_metrics_open(t, metrics_offset, err);
+    for (size_t i = 0; rc == 0 && i < t->n_changes; i++)
+      kdp_metrics_config_change(t, t->changes[i].key, t->changes[i].old_value,
+                                t->changes[i].new_value);
     if (rc == 0) kdp_progress_start(t, t_load);
   }
   if (!kdp_dist_all_ok(d, rc == 0)) {
@@ -383,7 +386,13 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   size_t np = kdp_model_n_params(t->model);
   divergence pending_div = {0};
   int stopped = 0;
+  /* fault injection for the tests: rank 0 signals itself at this step */
+  const char *fault = getenv("KDP_FAULT_SIGNAL_AT_STEP");
+  int64_t fault_step = fault && t->is_root ? atoll(fault) : -1;
+  const char *fault_nan = getenv("KDP_FAULT_NAN_AT_STEP");
+  int64_t fault_nan_step = fault_nan && t->is_root ? atoll(fault_nan) : -1;
   for (int64_t step = t->step; step < total; step++) {
+    if (step == fault_step) raise(SIGUSR1);
     double t0 = kdp_now();
     size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
     /* this rank's slice of the global batch */
@@ -396,6 +405,10 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     double tc0 = kdp_now();
     const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
     t_compute += kdp_now() - tc0;
+    if (step == fault_nan_step) {
+      ((float *)z)[0] = NAN; /* fault injection for the tests, once per process */
+      fault_nan_step = -1;
+    }
     /* the step's agreement point, before the exchange: divergence now; stop and checkpoint
        requests take effect at the end of this step, on every rank */
     int32_t flags[KDP_SYNC_N] = {0};
@@ -482,6 +495,8 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     }
     int want = flags[KDP_SYNC_CKPT] || flags[KDP_SYNC_STOP] || last ||
                (cfg->ckpt_every_steps > 0 && (step + 1) % cfg->ckpt_every_steps == 0);
+    /* never checkpoint a diverged state: the next step's agreement point reports it */
+    if (want && !kdp_dist_all_ok(d, !pending_div.peer_plus1 && all_finite(params, np))) want = 0;
     if (want) {
       rc = kdp_train_save(t, err);
       if (rc != 0) break;

@@ -57,6 +57,11 @@ struct kdp_trainer {
   int64_t log_window; /* steps in the current log window */
   int allow_change; /* --allow-config-change */
   int n_rollbacks;
+#define KDP_MAX_CHANGES 32
+  struct {
+    char key[KDP_PATH], old_value[KDP_PATH], new_value[KDP_PATH];
+  } changes[KDP_MAX_CHANGES]; /* config changes accepted at resume, logged once metrics open */
+  size_t n_changes;
   double last_ckpt_time;
 };
 

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Checkpoints, exact resume and faults, under mpirun: an interrupted and resumed run finishes
+# bitwise identical to an uninterrupted one (dml and one); mismatches are refused; a crash in a
+# checkpoint write leaves the previous one; losing a rank ends the job; divergence is reported;
+# bad input gets clear messages.   Usage: tests/test_resume.sh PATH/TO/kdpeers
+set -uo pipefail
+exe="${1:?usage: test_resume.sh KDPEERS}"
+src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
+# shellcheck source=launch/env.sh
+. "$src/launch/env.sh"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   - $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
+expect() {
+  local d="$1"; shift
+  if "$@"; then ok "$d"; else bad "$d"; fi
+}
+run() {
+  local np="$1"; shift
+  timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
+}
+# digests of every tensor of a checkpoint file (weights, momentum, BN stats, modules)
+digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }
+final_dir() { ls -d "$1"/checkpoints/step-* | tail -n 1; }
+evals() { grep -E '"event":"(eval|train)"' "$1/metrics.jsonl" | sed 's/,"samples_per_second".*//'; }
+
+base=(-s data.subset=1536 -s data.test_subset=1000 -s run.epochs=2 -s "model.arch=mlp(64,32)"
+  -s optim.batch_size=64 -s run.log_every=5 -s checkpoint.every_steps=10 -s checkpoint.keep=2)
+
+for method in dml one; do
+  a="$tmp/$method-a" b="$tmp/$method-b"
+  run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$a" >"$a.out" 2>&1
+  expect "$method: uninterrupted run exits 0" test $? = 0
+  KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$b" >"$b.out1" 2>&1
+  rc=$?
+  expect "$method: a signal stops the run with exit 75 (got $rc)" test "$rc" = 75
+  expect "$method: the stop wrote a checkpoint at step 18" test -f "$b/checkpoints/step-000000000018/MANIFEST.kdpc"
+  run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$b" >"$b.out2" 2>&1
+  rc=$?
+  expect "$method: rerunning the same command resumes and finishes (exit $rc)" test "$rc" = 0
+  expect "$method: it says it resumed" grep -q "resumed from the checkpoint at step 18" "$b.out2"
+  fa=$(final_dir "$a") fb=$(final_dir "$b")
+  expect "$method: both end at the same step" test "$(basename "$fa")" = "$(basename "$fb")"
+  for r in 0 1; do
+    expect "$method: rank $r final weights, momentum, BN stats and module bitwise identical" \
+      cmp -s <(digests "$fa/peer-00$r.kdpc") <(digests "$fb/peer-00$r.kdpc")
+  done
+  expect "$method: identical metrics (train and eval lines)" cmp -s <(evals "$a") <(evals "$b")
+  expect "$method: retention keeps checkpoint.keep = 2" test "$(ls -d "$b"/checkpoints/step-* | wc -l)" = 2
+done
+
+# a real signal sent to mpirun (as Slurm's --signal=B:USR1 would, via the batch script)
+c="$tmp/sig"
+run 2 "${base[@]}" -s run.epochs=200 -s run.dir="$c" >"$c.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do grep -q '"event":"checkpoint"' "$c/metrics.jsonl" 2>/dev/null && break; sleep 0.2; done
+# signal mpirun itself (the background job is a subshell around it)
+pkill -USR1 -f "^mpirun .*run.dir=$c" || pkill -USR1 -f "mpirun .*run.dir=$c"
+wait "$pid"
+rc=$?
+expect "SIGUSR1 to mpirun: checkpoint and exit 75 (got $rc)" test "$rc" = 75
+expect "SIGUSR1: the message tells how to resume" grep -q "rerun the same command to resume" "$c.out"
+
+# mismatches are refused clearly; a deliberate change needs a flag and is logged
+b="$tmp/dml-b"
+run 3 "${base[@]}" -s kd.method=dml -s run.dir="$b" -s run.epochs=3 >"$tmp/mm1" 2>&1
+rc=$?
+expect "resume with another peer count is refused (exit $rc)" test "$rc" != 0
+expect "  ...naming the rank counts" grep -q "written by 2 ranks; this run has 3" "$tmp/mm1"
+run 2 "${base[@]}" -s kd.method=dml -s "model.arch=mlp(32)" -s run.dir="$b" >"$tmp/mm2" 2>&1
+expect "resume with another architecture is refused" grep -q "model.arch was 'mlp(64,32)'" "$tmp/mm2"
+run 2 "${base[@]}" -s kd.method=avg -s run.dir="$b" >"$tmp/mm3" 2>&1
+expect "resume with another method is refused" grep -q "kd.method was 'dml'" "$tmp/mm3"
+run 2 "${base[@]}" -s kd.method=dml -s run.epochs=3 -s optim.lr=0.01 -s run.dir="$b" >"$tmp/mm4" 2>&1
+rc=$?
+expect "a changed lr without the flag is refused (exit $rc)" test "$rc" != 0
+expect "  ...and the message names the flag" grep -q -- "--allow-config-change" "$tmp/mm4"
+run 2 "${base[@]}" -s kd.method=dml -s run.epochs=3 -s optim.lr=0.01 -s run.dir="$b" --allow-config-change >"$tmp/mm5" 2>&1
+rc=$?
+expect "with --allow-config-change it resumes (exit $rc)" test "$rc" = 0
+expect "  ...and logs the change" grep -q '"event":"config_change","key":"optim.lr"' "$b/metrics.jsonl"
+run 2 "${base[@]}" -s kd.method=avg -s run.dir="$b" --fresh >"$tmp/mm6" 2>&1
+expect "--fresh starts over with another method" test $? = 0
+expect "  ...and metrics.jsonl holds only the new run" test "$(grep -c '"event":"start"' "$b/metrics.jsonl")" = 1
+
+# a crash in the middle of a checkpoint write leaves the previous checkpoint intact
+d="$tmp/crash"
+KDP_FAULT_CKPT_SLEEP_MS=4000 run 2 "${base[@]}" -s run.dir="$d" >"$d.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 150); do [ -d "$d/checkpoints/step-000000000020" ] && break; sleep 0.1; done
+sleep 0.5
+kill -9 "$pid" 2>/dev/null
+pkill -9 -f "run.dir=$d" 2>/dev/null
+wait "$pid" 2>/dev/null
+expect "killed while writing step 20: it has no manifest" test ! -f "$d/checkpoints/step-000000000020/MANIFEST.kdpc"
+expect "  ...and step 10 is complete" test -f "$d/checkpoints/step-000000000010/MANIFEST.kdpc"
+run 2 "${base[@]}" -s run.dir="$d" >"$d.out2" 2>&1
+rc=$?
+expect "the restart resumes from step 10 and finishes (exit $rc)" test "$rc" = 0
+expect "  ...from step 10" grep -q "resumed from the checkpoint at step 10" "$d.out2"
+"$exe" inspect "$d/checkpoints/step-000000000030/peer-000.kdpc" >/dev/null 2>&1 || true
+
+# killing one rank ends the whole job within seconds
+e="$tmp/kill"
+run 2 "${base[@]}" -s run.epochs=500 -s run.dir="$e" >"$e.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do grep -q '"event":"train"' "$e/metrics.jsonl" 2>/dev/null && break; sleep 0.2; done
+victim=$(pgrep -f "run.dir=$e" | while read -r p; do [ "$(ps -o comm= -p "$p")" = kdpeers ] && echo "$p"; done | tail -n 1)
+t0=$(date +%s)
+kill -9 "$victim"
+wait "$pid"
+rc=$?
+t1=$(date +%s)
+expect "kill -9 of one rank ends the job (exit $rc) within 15 s (took $((t1 - t0)) s)" test "$rc" != 0 -a $((t1 - t0)) -le 15
+left=0
+for p in $(pgrep -x kdpeers); do grep -q "run.dir=$e" "/proc/$p/cmdline" 2>/dev/null && left=$((left + 1)); done
+expect "no kdpeers process of that job is left ($left)" test "$left" = 0
+
+# divergence: stops with the peer, step and term; rollback retries with a smaller lr
+f="$tmp/div"
+run 2 "${base[@]}" -s optim.lr=10 -s kd.weight=1e30 -s run.dir="$f" >"$f.out" 2>&1
+rc=$?
+expect "divergence exits non-zero (got $rc)" test "$rc" = 1
+expect "  ...naming the peer, step and term" grep -qE "divergence: peer [0-9], step [0-9]+: the .*(loss|logits|parameters)" "$f.out"
+KDP_FAULT_NAN_AT_STEP=15 run 2 "${base[@]}" -s checkpoint.on_divergence=rollback -s run.dir="$f.r" >"$f.rout" 2>&1
+expect "after a rollback the run finishes (exit $?)" test $? = 0
+expect "rollback mode rolls back to the last checkpoint with a smaller lr" grep -q "rolled back to step 10 with lr scale 0.5" "$f.rout"
+expect "  ...and logs it" grep -q '"event":"rollback"' "$f.r/metrics.jsonl"
+
+# bad input: clear message, non-zero exit, nothing overwritten
+g="$tmp/bad"
+mkdir -p "$g"
+printf 'not an idx file' >"$g/imgs"
+"$exe" -s data.train_images="$g/imgs" -s run.dir="$g/run" >"$g.out" 2>&1
+rc=$?
+expect "a bad dataset file exits non-zero (got $rc)" test "$rc" != 0
+expect "  ...naming the file and the problem" grep -q "$g/imgs.*magic" "$g.out"
+cp "$(final_dir "$tmp/dml-a")/peer-000.kdpc" "$g/ck.kdpc"
+printf '\x00' | dd of="$g/ck.kdpc" bs=1 seek=300 conv=notrunc 2>/dev/null
+"$exe" inspect "$g/ck.kdpc" >"$g.out2" 2>&1
+expect "a corrupted checkpoint is reported as a checksum mismatch" grep -q "checksum mismatch" "$g.out2"
+head -c 100 "$(final_dir "$tmp/dml-a")/peer-000.kdpc" >"$g/trunc.kdpc"
+"$exe" inspect "$g/trunc.kdpc" >"$g.out3" 2>&1
+expect "a truncated checkpoint is reported as truncated" grep -q "truncated" "$g.out3"
+
+# the deployable student
+h="$tmp/dml-a"
+"$exe" export "$h" --peer 1 -o "$tmp/student.kdpm" >/dev/null
+expect "export writes a model file" test -s "$tmp/student.kdpm"
+"$exe" eval "$tmp/student.kdpm" -s data.test_subset=1000 >"$tmp/ev" 2>&1
+acc=$(awk '$1 == "model" && $2 ~ /%/ { sub("%", "", $2); print $2 }' "$tmp/ev")
+last=$(grep '"event":"eval".*"model":"peer1"' "$h/metrics.jsonl" | tail -n 1 | sed 's/.*"acc":\([0-9.]*\).*/\1/')
+expect "eval of the exported student ($acc%) equals the run's own last eval of peer1 ($last)" \
+  awk -v a="$acc" -v b="$last" 'BEGIN { d = a / 100 - b; exit !(d < 1e-4 && d > -1e-4) }'
+"$exe" predict "$tmp/student.kdpm" /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --top >"$tmp/pred"
+expect "predict prints one label per test image" test "$(wc -l <"$tmp/pred")" = 10000
+
+echo "resume: $pass passed, $fail failed"
+[ "$fail" = 0 ]
