@@ -136,7 +136,7 @@ static int structural_key(const char *k) {
 
 /* Looks up "section.key" in INI text; returns a malloc'ed value or NULL. */
 static char *ini_value(const char *text, const char *full) {
-  char section[2100] = "";
+  char section[128] = "";
   const char *p = text;
   while (*p) {
     const char *e = strchr(p, '\n');
@@ -149,14 +149,14 @@ static char *ini_value(const char *text, const char *full) {
     if (line[0] == '[') {
       char *r = strchr(line, ']');
       if (r) *r = 0;
-      snprintf(section, sizeof section, "%s", line + 1);
+      snprintf(section, sizeof section, "%.120s", line + 1);
       continue;
     }
     char *eq = strstr(line, " = ");
     if (!eq || line[0] == '#' || line[0] == ';') continue;
     *eq = 0;
-    char key[2300];
-    snprintf(key, sizeof key, "%s.%s", section, line);
+    char key[400];
+    snprintf(key, sizeof key, "%.120s.%.200s", section, line);
     if (strcmp(key, full) == 0) return strdup(eq + 3);
   }
   return NULL;
@@ -167,7 +167,7 @@ static char *ini_value(const char *text, const char *full) {
 static int compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err) {
   int rc = 0;
   const char *texts[2] = {now, saved};
-  char section[2100] = "";
+  char section[128] = "";
   for (int pass = 0; pass < 2 && rc == 0; pass++) {
     const char *p = texts[pass];
     section[0] = 0;
@@ -182,14 +182,14 @@ static int compare_configs(kdp_trainer *t, const char *saved, const char *now, k
       if (line[0] == '[') {
         char *r = strchr(line, ']');
         if (r) *r = 0;
-        snprintf(section, sizeof section, "%s", line + 1);
+        snprintf(section, sizeof section, "%.120s", line + 1);
         continue;
       }
       char *eq = strstr(line, " = ");
       if (!eq || line[0] == '#' || line[0] == ';') continue;
       *eq = 0;
-      char key[2300];
-      snprintf(key, sizeof key, "%s.%s", section, line);
+      char key[400];
+      snprintf(key, sizeof key, "%.120s.%.200s", section, line);
       char *a = ini_value(saved, key), *b = ini_value(now, key);
       if (pass == 1 && b) { /* seen in pass 0 */
         free(a);

@@ -103,6 +103,12 @@ static void teacher_eval(kdp_trainer *t, const float *z, size_t b, double *loss,
   *loss += kdp_ce_loss(s->teacher, t->ybuf, b, t->C, NULL, 0, correct) * (double)b;
 }
 
+static int teacher_logits(kdp_trainer *t, const float *z, size_t b, float *out) {
+  mstate *s = t->method;
+  kdp_error err;
+  return kdp_exchange_teacher_eval(s->ex, z, kdp_model_features(t->model), b, out, &err);
+}
+
 int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   mstate *s = kdp_xcalloc(1, sizeof *s);
   t->method = s;
@@ -156,6 +162,7 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   }
   if (P > 1 && (s->id == KDP_METHOD_ONE || s->id == KDP_METHOD_FFL || s->id == KDP_METHOD_OKDDIP)) {
     t->teacher_eval = teacher_eval;
+    t->teacher_logits = teacher_logits;
     t->teacher_name = s->id == KDP_METHOD_ONE ? "gate" : s->id == KDP_METHOD_FFL ? "fused" : "leader";
   }
   return 0;

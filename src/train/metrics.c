@@ -246,3 +246,26 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
           (long long)s->steps, s->train_seconds, sps, sps * (double)t->Bg, s->compute_seconds,
           s->exchange_seconds, s->allreduce_seconds, s->wait_seconds, s->peak_rss_mb, t->cfg->dir);
 }
+
+int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int max) {
+  int n = g_nrows < max ? g_nrows : max;
+  for (int i = 0; i < n; i++) {
+    names[i] = g_rows[i].name;
+    accs[i] = g_rows[i].acc;
+    losses[i] = g_rows[i].loss;
+  }
+  return n;
+}
+
+void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double lr_scale,
+                         double temperature, double kd_weight) {
+  if (!t->metrics) return;
+  fprintf(t->metrics, "{\"event\":\"control\",\"id\":%llu,\"step\":%lld,\"action\":",
+          (unsigned long long)id, (long long)t->step);
+  json_str(t->metrics, action);
+  if (!isnan(lr_scale)) fprintf(t->metrics, ",\"lr_scale\":%.9g", lr_scale);
+  if (!isnan(temperature)) fprintf(t->metrics, ",\"temperature\":%.9g", temperature);
+  if (!isnan(kd_weight)) fprintf(t->metrics, ",\"kd_weight\":%.9g", kd_weight);
+  fputs("}\n", t->metrics);
+  fflush(t->metrics);
+}

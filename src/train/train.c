@@ -169,7 +169,6 @@ static void evaluate(kdp_trainer *t, int64_t step, double epoch) {
 
 /* ---------------- divergence and signals ---------------- */
 
-enum { KDP_SYNC_DIVERGED, KDP_SYNC_STOP, KDP_SYNC_CKPT, KDP_SYNC_N };
 
 typedef struct divergence {
   int peer_plus1;
@@ -378,6 +377,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     goto done;
   }
   t->last_ckpt_time = kdp_now();
+  rc = kdp_live_start(t, err);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
+    goto done;
+  }
+  t->step0 = t->step;
 
   double t_compute = 0;
   double ex0 = d->t_exchange, ar0 = d->t_allreduce, wt0 = d->t_wait;
@@ -425,6 +430,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if (t->is_root && cfg->ckpt_every_minutes > 0 &&
         kdp_now() - t->last_ckpt_time >= 60.0 * cfg->ckpt_every_minutes)
       flags[KDP_SYNC_CKPT] = 1;
+    if (t->is_root) kdp_live_poll(t, flags);
     kdp_dist_step_sync(d, flags, KDP_SYNC_N);
     if (flags[KDP_SYNC_DIVERGED]) {
       int dpeer = flags[KDP_SYNC_DIVERGED] - 1;
@@ -465,6 +471,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     kdp_method_opt_step(t, (float)lr);
     t_compute += kdp_now() - tc0;
     t->train_time += kdp_now() - t0;
+    kdp_live_step_time(t, kdp_now() - t0);
     t->step = step + 1;
 
     t->run_loss += sl.ce;
@@ -477,6 +484,23 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if ((step + 1) % cfg->log_every == 0 || last || end_of_epoch) {
       double sums[4] = {t->run_loss, t->run_kd, (double)t->run_correct, (double)t->run_n};
       kdp_dist_peer_allreduce_f64(d, sums, 4);
+      {
+        /* every peer's window figures, for /metrics and /status */
+        int64_t w = t->log_window > 0 ? t->log_window : 1;
+        double *pl = kdp_xcalloc((size_t)t->P * 3, sizeof(double));
+        pl[3 * d->peer] = sums[0] / (double)w / (double)k;
+        pl[3 * d->peer + 1] = sums[1] / (double)w / (double)k;
+        pl[3 * d->peer + 2] = sums[3] > 0 ? sums[2] / sums[3] : 0;
+        kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
+        double ce[KDP_MAX_PEERS], kdv[KDP_MAX_PEERS], ac[KDP_MAX_PEERS];
+        for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
+          ce[p] = pl[3 * p];
+          kdv[p] = pl[3 * p + 1];
+          ac[p] = pl[3 * p + 2];
+        }
+        kdp_live_peer_losses(t, ce, kdv, ac);
+        free(pl);
+      }
       if (t->is_root) {
         int64_t in_window = (step + 1) % cfg->log_every;
         if (in_window == 0 || end_of_epoch || last) in_window = t->log_window;
@@ -495,23 +519,50 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     }
     int want = flags[KDP_SYNC_CKPT] || flags[KDP_SYNC_STOP] || last ||
                (cfg->ckpt_every_steps > 0 && (step + 1) % cfg->ckpt_every_steps == 0);
+    /* control commands and predictions, at the step boundary, on every rank */
+    int want_stop = flags[KDP_SYNC_STOP];
+    if (flags[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
+    if (flags[KDP_SYNC_PREDICT]) kdp_live_predict(t, flags[KDP_SYNC_PREDICT]);
+    while (t->paused && !want_stop) {
+      /* paused: keep answering commands and predictions, and honour signals */
+      usleep(20000);
+      int32_t pf[KDP_SYNC_N] = {0};
+      pf[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
+      if (t->is_root) kdp_live_poll(t, pf);
+      kdp_dist_step_sync(d, pf, KDP_SYNC_N);
+      if (pf[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
+      if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT]);
+      if (pf[KDP_SYNC_STOP]) want = want_stop = 1;
+      if (want && !want_stop) {
+        /* a checkpoint asked for while paused is written now */
+        rc = kdp_train_save(t, err);
+        if (rc != 0) break;
+        t->last_ckpt_time = kdp_now();
+        kdp_live_checkpointed(t);
+        want = 0;
+      }
+      if (t->is_root) kdp_live_publish(t, 1);
+    }
+    if (rc != 0) break;
+    if (t->is_root) kdp_live_publish(t, last);
     /* never checkpoint a diverged state: the next step's agreement point reports it */
     if (want && !kdp_dist_all_ok(d, !pending_div.peer_plus1 && all_finite(params, np))) want = 0;
     if (want) {
       rc = kdp_train_save(t, err);
       if (rc != 0) break;
       t->last_ckpt_time = kdp_now();
+      kdp_live_checkpointed(t);
     }
-    if (flags[KDP_SYNC_STOP]) {
+    if (want_stop) {
       stopped = 1;
       break;
     }
   }
   if (rc == 0 && stopped) {
     if (t->is_root)
-      fprintf(stderr, "kdpeers: stopped by a signal after step %lld; checkpoint written, rerun the "
+      fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "
                       "same command to resume\n", (long long)t->step);
-    rc = kdp_fail(err, KDP_ESTOPPED, "stopped by a signal after step %lld", (long long)t->step);
+    rc = kdp_fail(err, KDP_ESTOPPED, "stopped after step %lld", (long long)t->step);
   }
   if (rc == 0) {
     kdp_summary sm = {0};
@@ -527,6 +578,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if (t->is_root) kdp_metrics_summary(t, &sm);
   }
 done:
+  kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_method_free(t);
   kdp_sgd_free(&t->opt);

@@ -21,6 +21,17 @@ typedef struct kdp_summary {
 } kdp_summary;
 
 typedef struct kdp_trainer kdp_trainer;
+typedef struct kdp_live kdp_live;
+
+/* the per-step agreement point's flags (element-wise MAX over the world) */
+enum {
+  KDP_SYNC_DIVERGED, /* peer + 1 of a diverged rank */
+  KDP_SYNC_STOP,     /* a signal: checkpoint and stop after this step */
+  KDP_SYNC_CKPT,     /* rank 0's timer: checkpoint after this step */
+  KDP_SYNC_CMD,      /* rank 0 holds a control command */
+  KDP_SYNC_PREDICT,  /* rank 0 holds a prediction request of this many inputs */
+  KDP_SYNC_N
+};
 struct kdp_trainer {
   const kdp_config *cfg;
   kdp_dist *d;
@@ -46,6 +57,11 @@ struct kdp_trainer {
   /* evaluates the method's teacher on an eval batch whose peer logits are z (collective over the
      cohort); adds the summed loss and the hit count */
   void (*teacher_eval)(kdp_trainer *t, const float *z, size_t b, double *loss, size_t *correct);
+  /* the teacher's logits for b eval-mode rows (collective over the cohort); 0 on success */
+  int (*teacher_logits)(kdp_trainer *t, const float *z, size_t b, float *out);
+  kdp_live *live;
+  int paused;
+  int64_t step0; /* the step this process started at */
   /* output (metrics.c) */
   FILE *metrics;
   int tty;
@@ -91,7 +107,23 @@ int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error 
 /* --fresh: removes run.dir/checkpoints (rank 0) and truncates metrics.jsonl. */
 int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 
+/* live.c (the rank-0 server's trainer side) */
+int kdp_live_start(kdp_trainer *t, kdp_error *err);
+void kdp_live_stop(kdp_trainer *t);
+void kdp_live_step_time(kdp_trainer *t, double seconds);
+void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc);
+void kdp_live_checkpointed(kdp_trainer *t);
+void kdp_live_publish(kdp_trainer *t, int force);
+void kdp_live_poll(kdp_trainer *t, int32_t *flags);
+void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
+void kdp_live_predict(kdp_trainer *t, int n);
+
 /* metrics.c */
+/* the last evaluation's figures, by model name; returns the count */
+int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int max);
+/* {"event":"control",...}; NaN values are left out */
+void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double lr_scale,
+                         double temperature, double kd_weight);
 /* opens run.dir/metrics.jsonl for appending; truncate_at >= 0 first cuts it there (resume) */
 int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err);
 /* {"event":NAME,"step":S,"value":V} */

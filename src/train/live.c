@@ -1,0 +1,394 @@
+/* live.c: the trainer's side of the rank-0 server: publishes metrics and status, applies control
+   commands at step boundaries on every rank, and answers predictions with the live peers. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kdpeers/kd.h"
+#include "kdpeers/serve.h"
+#include "train_internal.h"
+
+/* step-time histogram buckets (seconds) */
+static const double hist_le[] = {0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5};
+#define N_BUCKETS (sizeof hist_le / sizeof hist_le[0])
+
+struct kdp_live {
+  kdp_server *srv;
+  kdp_command pending; /* rank 0: a dequeued command waiting for the next agreement point */
+  int has_pending;
+  kdp_predict_req *req; /* rank 0: a prediction waiting for the next agreement point */
+  uint64_t hist[N_BUCKETS + 1];
+  double hist_sum;
+  uint64_t hist_count;
+  double peer_ce[KDP_MAX_PEERS], peer_kd[KDP_MAX_PEERS], peer_acc[KDP_MAX_PEERS];
+  double last_publish;
+  int64_t last_ckpt_step;
+  double last_ckpt_wall;
+  uint64_t commands, predictions, predict_inputs;
+  double predict_seconds;
+};
+
+int kdp_live_start(kdp_trainer *t, kdp_error *err) {
+  kdp_live *lv = kdp_xcalloc(1, sizeof *lv);
+  t->live = lv;
+  lv->last_ckpt_step = -1;
+  if (!t->is_root || !t->cfg->server_enabled) return 0;
+  kdp_server_options o;
+  kdp_server_options_defaults(&o);
+  char addr_file[KDP_PATH + 32];
+  snprintf(addr_file, sizeof addr_file, "%s/server.addr", t->cfg->dir);
+  o.listen = t->cfg->server_listen;
+  o.port = t->cfg->server_port;
+  o.token = t->cfg->server_token[0] ? t->cfg->server_token : NULL;
+  o.addr_file = addr_file;
+  o.max_body = (size_t)t->cfg->server_max_body;
+  o.max_connections = t->cfg->server_max_connections;
+  o.idle_timeout = t->cfg->server_idle_timeout;
+  o.input_dim = (int)(t->train.H * t->train.W * t->train.C);
+  o.quiet = t->tty < 0;
+  int rc = kdp_server_start(&lv->srv, &o, err);
+  if (rc != 0) return rc;
+  if (t->tty >= 0) fprintf(stderr, "kdpeers: serving on %s\n", kdp_server_address(lv->srv));
+  return 0;
+}
+
+void kdp_live_stop(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  if (lv->req) kdp_server_fail_predict(lv->srv, lv->req, 503, "the run is ending");
+  if (lv->srv) kdp_server_stop(lv->srv);
+  free(lv);
+  t->live = NULL;
+}
+
+void kdp_live_step_time(kdp_trainer *t, double seconds) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  size_t b = 0;
+  while (b < N_BUCKETS && seconds > hist_le[b]) b++;
+  lv->hist[b]++;
+  lv->hist_sum += seconds;
+  lv->hist_count++;
+}
+
+void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
+    lv->peer_ce[p] = ce[p];
+    lv->peer_kd[p] = kd[p];
+    lv->peer_acc[p] = acc[p];
+  }
+}
+
+void kdp_live_checkpointed(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  lv->last_ckpt_step = t->step;
+  lv->last_ckpt_wall = kdp_now();
+}
+
+/* ---- rendering (rank 0) ---- */
+
+static void prom_header(FILE *f, const char *name, const char *type, const char *help) {
+  fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void num(FILE *f, double v) {
+  if (isfinite(v))
+    fprintf(f, "%.9g\n", v);
+  else
+    fputs(isnan(v) ? "NaN\n" : v > 0 ? "+Inf\n" : "-Inf\n", f);
+}
+
+static char *render_metrics(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  kdp_dist *d = t->d;
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&buf, &len);
+  if (!f) return NULL;
+  double sps = t->train_time > 0 ? (double)(t->step - t->step0) * (double)t->Bg / t->train_time : 0;
+  prom_header(f, "kdpeers_step", "gauge", "Optimizer steps taken.");
+  fprintf(f, "kdpeers_step %lld\n", (long long)t->step);
+  prom_header(f, "kdpeers_run_steps", "gauge", "Steps the run will take.");
+  fprintf(f, "kdpeers_run_steps %lld\n", (long long)t->total_steps);
+  prom_header(f, "kdpeers_epoch", "gauge", "Fractional epoch.");
+  fprintf(f, "kdpeers_epoch ");
+  num(f, t->steps_per_epoch ? (double)t->step / (double)t->steps_per_epoch : 0);
+  prom_header(f, "kdpeers_peers", "gauge", "Peers (students) in the cohort.");
+  fprintf(f, "kdpeers_peers %d\n", t->P);
+  prom_header(f, "kdpeers_loss_ce", "gauge", "Cross-entropy loss of each peer, last log window.");
+  for (int p = 0; p < t->P; p++) {
+    fprintf(f, "kdpeers_loss_ce{peer=\"%d\"} ", p);
+    num(f, lv->peer_ce[p]);
+  }
+  prom_header(f, "kdpeers_loss_kd", "gauge", "Weighted distillation loss of each peer, last log window.");
+  for (int p = 0; p < t->P; p++) {
+    fprintf(f, "kdpeers_loss_kd{peer=\"%d\"} ", p);
+    num(f, lv->peer_kd[p]);
+  }
+  prom_header(f, "kdpeers_train_accuracy", "gauge", "Training accuracy of each peer, last log window.");
+  for (int p = 0; p < t->P; p++) {
+    fprintf(f, "kdpeers_train_accuracy{peer=\"%d\"} ", p);
+    num(f, lv->peer_acc[p]);
+  }
+  const char *names[80];
+  double accs[80], losses[80];
+  int n = kdp_metrics_last_evals(names, accs, losses, 80);
+  prom_header(f, "kdpeers_test_accuracy", "gauge",
+              "Test accuracy at the last evaluation, per peer, ensemble and teacher.");
+  for (int i = 0; i < n; i++) {
+    fprintf(f, "kdpeers_test_accuracy{model=\"%s\"} ", names[i]);
+    num(f, accs[i]);
+  }
+  prom_header(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.");
+  for (int i = 0; i < n; i++) {
+    fprintf(f, "kdpeers_test_loss{model=\"%s\"} ", names[i]);
+    num(f, losses[i]);
+  }
+  prom_header(f, "kdpeers_step_duration_seconds", "histogram", "Wall time of a training step on rank 0.");
+  uint64_t cum = 0;
+  for (size_t b = 0; b < N_BUCKETS; b++) {
+    cum += lv->hist[b];
+    fprintf(f, "kdpeers_step_duration_seconds_bucket{le=\"%g\"} %llu\n", hist_le[b],
+            (unsigned long long)cum);
+  }
+  cum += lv->hist[N_BUCKETS];
+  fprintf(f, "kdpeers_step_duration_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+  fprintf(f, "kdpeers_step_duration_seconds_sum %.9g\n", lv->hist_sum);
+  fprintf(f, "kdpeers_step_duration_seconds_count %llu\n", (unsigned long long)lv->hist_count);
+  prom_header(f, "kdpeers_exchange_seconds_total", "counter", "Seconds in cohort exchanges (rank 0).");
+  fprintf(f, "kdpeers_exchange_seconds_total %.9g\n", d->t_exchange);
+  prom_header(f, "kdpeers_allreduce_seconds_total", "counter",
+              "Seconds in gradient allreduce inside a peer (rank 0).");
+  fprintf(f, "kdpeers_allreduce_seconds_total %.9g\n", d->t_allreduce);
+  prom_header(f, "kdpeers_wait_seconds_total", "counter",
+              "Seconds waiting for the slowest rank at the step agreement point (rank 0).");
+  fprintf(f, "kdpeers_wait_seconds_total %.9g\n", d->t_wait);
+  prom_header(f, "kdpeers_exchanged_bytes_total", "counter", "Bytes sent by rank 0's exchanges.");
+  fprintf(f, "kdpeers_exchanged_bytes_total %.0f\n", d->bytes_exchanged);
+  prom_header(f, "kdpeers_samples_per_second", "gauge", "Training throughput of one peer.");
+  fprintf(f, "kdpeers_samples_per_second ");
+  num(f, sps);
+  prom_header(f, "kdpeers_learning_rate_scale", "gauge", "lr multiplier set by /control or rollbacks.");
+  fprintf(f, "kdpeers_learning_rate_scale %.9g\n", t->lr_scale);
+  prom_header(f, "kdpeers_temperature", "gauge", "Distillation temperature in use.");
+  fprintf(f, "kdpeers_temperature %.9g\n", t->temperature);
+  prom_header(f, "kdpeers_kd_weight", "gauge", "Distillation weight in use.");
+  fprintf(f, "kdpeers_kd_weight %.9g\n", t->kd_weight);
+  prom_header(f, "kdpeers_paused", "gauge", "1 while training is paused.");
+  fprintf(f, "kdpeers_paused %d\n", t->paused);
+  prom_header(f, "kdpeers_checkpoint_step", "gauge", "Step of the last checkpoint written (-1: none).");
+  fprintf(f, "kdpeers_checkpoint_step %lld\n", (long long)lv->last_ckpt_step);
+  prom_header(f, "kdpeers_commands_total", "counter", "Control commands applied.");
+  fprintf(f, "kdpeers_commands_total %llu\n", (unsigned long long)lv->commands);
+  prom_header(f, "kdpeers_predictions_total", "counter", "Prediction requests answered.");
+  fprintf(f, "kdpeers_predictions_total %llu\n", (unsigned long long)lv->predictions);
+  prom_header(f, "kdpeers_predict_seconds_total", "counter",
+              "Seconds the training loop spent answering predictions.");
+  fprintf(f, "kdpeers_predict_seconds_total %.9g\n", lv->predict_seconds);
+  fclose(f);
+  return buf;
+}
+
+static void json_kv_str(FILE *f, const char *k, const char *v, int comma) {
+  fprintf(f, "%s\"%s\":\"", comma ? "," : "", k);
+  for (; *v; v++) {
+    unsigned char c = (unsigned char)*v;
+    if (c == '"' || c == '\\')
+      fprintf(f, "\\%c", c);
+    else if (c < 0x20)
+      fprintf(f, "\\u%04x", c);
+    else
+      fputc(c, f);
+  }
+  fputc('"', f);
+}
+
+static void json_num(FILE *f, double v) {
+  if (isfinite(v))
+    fprintf(f, "%.9g", v);
+  else
+    fputs("null", f);
+}
+
+static char *render_status(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&buf, &len);
+  if (!f) return NULL;
+  const kdp_config *c = t->cfg;
+  double done = (double)(t->step - t->step0);
+  double eta = done > 0 ? t->train_time / done * (double)(t->total_steps - t->step) : -1;
+  fputs("{\"config\":{", f);
+  json_kv_str(f, "method", t->P > 1 ? c->method : "independent", 0);
+  json_kv_str(f, "arch", c->arch, 1);
+  fprintf(f, ",\"peers\":%d,\"ranks\":%d,\"ranks_per_peer\":%d,\"batch_size\":%d,\"lr\":%.9g,"
+             "\"epochs\":%d,\"seed\":%llu",
+          t->P, t->d->world_size, t->d->ranks_per_peer, c->batch_size, c->lr, c->epochs,
+          (unsigned long long)c->seed);
+  json_kv_str(f, "dir", c->dir, 1);
+  fputs(",\"peer_arch\":[", f);
+  for (int p = 0; p < t->P; p++) {
+    if (p) fputc(',', f);
+    fputc('"', f);
+    fputs(kdp_config_peer_arch(c, p), f);
+    fputc('"', f);
+  }
+  fputs("]},\"progress\":{", f);
+  fprintf(f, "\"step\":%lld,\"total_steps\":%lld,\"epoch\":", (long long)t->step,
+          (long long)t->total_steps);
+  json_num(f, t->steps_per_epoch ? (double)t->step / (double)t->steps_per_epoch : 0);
+  fputs(",\"eta_seconds\":", f);
+  json_num(f, eta);
+  fprintf(f, ",\"train_seconds\":%.3f,\"paused\":%s,\"lr_scale\":%.9g,\"temperature\":%.9g,"
+             "\"kd_weight\":%.9g},\"peers\":[",
+          t->train_time, t->paused ? "true" : "false", t->lr_scale, t->temperature, t->kd_weight);
+  for (int p = 0; p < t->P; p++) {
+    fprintf(f, "%s{\"peer\":%d,\"ce\":", p ? "," : "", p);
+    json_num(f, lv->peer_ce[p]);
+    fputs(",\"kd\":", f);
+    json_num(f, lv->peer_kd[p]);
+    fputs(",\"train_acc\":", f);
+    json_num(f, lv->peer_acc[p]);
+    fputc('}', f);
+  }
+  fputs("],\"eval\":{", f);
+  const char *names[80];
+  double accs[80], losses[80];
+  int n = kdp_metrics_last_evals(names, accs, losses, 80);
+  for (int i = 0; i < n; i++) {
+    fprintf(f, "%s\"%s\":{\"acc\":", i ? "," : "", names[i]);
+    json_num(f, accs[i]);
+    fputs(",\"loss\":", f);
+    json_num(f, losses[i]);
+    fputc('}', f);
+  }
+  fprintf(f, "},\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);
+  json_num(f, lv->last_ckpt_step >= 0 ? kdp_now() - lv->last_ckpt_wall : -1);
+  fprintf(f, ",\"every_steps\":%lld,\"every_minutes\":%.9g,\"keep\":%d}}", (long long)c->ckpt_every_steps,
+          c->ckpt_every_minutes, c->ckpt_keep);
+  fclose(f);
+  return buf;
+}
+
+void kdp_live_publish(kdp_trainer *t, int force) {
+  kdp_live *lv = t->live;
+  if (!lv || !lv->srv) return;
+  double now = kdp_now();
+  if (!force && now - lv->last_publish < 0.5) return;
+  lv->last_publish = now;
+  char *m = render_metrics(t), *s = render_status(t);
+  if (m && s) kdp_server_publish(lv->srv, m, s);
+  free(m);
+  free(s);
+}
+
+/* ---- commands and predictions at the agreement point ---- */
+
+void kdp_live_poll(kdp_trainer *t, int32_t *flags) {
+  kdp_live *lv = t->live;
+  if (!lv || !lv->srv) return;
+  if (!lv->has_pending && kdp_server_poll_command(lv->srv, &lv->pending)) lv->has_pending = 1;
+  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
+  flags[KDP_SYNC_CMD] = lv->has_pending;
+  flags[KDP_SYNC_PREDICT] = lv->req ? lv->req->n : 0;
+}
+
+/* Broadcasts rank 0's command and applies it on every rank. */
+void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop) {
+  kdp_live *lv = t->live;
+  kdp_command cmd;
+  memset(&cmd, 0, sizeof cmd);
+  if (t->is_root && lv->has_pending) cmd = lv->pending;
+  kdp_dist_bcast(t->d, &cmd, sizeof cmd);
+  lv->has_pending = 0;
+  lv->commands++;
+  const char *what = "set";
+  switch (cmd.action) {
+    case KDP_ACTION_CHECKPOINT:
+      *want_ckpt = 1;
+      what = "checkpoint";
+      break;
+    case KDP_ACTION_STOP:
+      *want_ckpt = 1;
+      *want_stop = 1;
+      what = "stop";
+      break;
+    case KDP_ACTION_PAUSE:
+      t->paused = 1;
+      what = "pause";
+      break;
+    case KDP_ACTION_RESUME:
+      t->paused = 0;
+      what = "resume";
+      break;
+    default:
+      break;
+  }
+  if (cmd.has_lr_scale) t->lr_scale = cmd.lr_scale;
+  if (cmd.has_temperature) t->temperature = cmd.temperature;
+  if (cmd.has_kd_weight) t->kd_weight = cmd.kd_weight;
+  if (t->is_root) {
+    kdp_metrics_control(t, cmd.id, what, cmd.has_lr_scale ? cmd.lr_scale : NAN,
+                        cmd.has_temperature ? cmd.temperature : NAN,
+                        cmd.has_kd_weight ? cmd.kd_weight : NAN);
+    if (t->tty >= 0)
+      fprintf(stderr, "%skdpeers: control #%llu at step %lld: %s (lr scale %g, T %g, kd weight %g)\n",
+              t->tty ? "\r\033[K" : "", (unsigned long long)cmd.id, (long long)t->step, what,
+              t->lr_scale, t->temperature, t->kd_weight);
+  }
+}
+
+/* Every peer evaluates the broadcast inputs in eval mode; rank 0 answers with every peer's, the
+   ensemble's and the teacher's probabilities. Collective over the world. */
+void kdp_live_predict(kdp_trainer *t, int n) {
+  kdp_live *lv = t->live;
+  kdp_dist *d = t->d;
+  double t0 = kdp_now();
+  size_t isz = t->train.H * t->train.W * t->train.C, C = t->C, P = (size_t)t->P;
+  float *raw = kdp_falloc((size_t)n * isz);
+  if (t->is_root) memcpy(raw, lv->req->x, (size_t)n * isz * sizeof(float));
+  kdp_dist_bcast(d, raw, (size_t)n * isz * sizeof(float));
+  /* normalise like the batcher: (v/255 - mean[c]) / std[c] */
+  for (size_t i = 0; i < (size_t)n * isz; i++) {
+    size_t c = i % t->train.C;
+    t->xbuf[i] = (raw[i] / 255.0f - t->mean[c]) / t->std[c];
+  }
+  free(raw);
+  float *all = kdp_falloc(P * (size_t)n * C), *ens = kdp_falloc((size_t)n * C);
+  float *teacher = kdp_falloc((size_t)n * C), *mine = kdp_falloc((size_t)n * C);
+  int has_teacher = 0;
+  if (d->slice == 0) { /* the cohort that holds rank 0 does the work */
+    const float *z = kdp_model_forward(t->model, t->xbuf, (size_t)n, 0, NULL);
+    kdp_softmax_t(mine, z, (size_t)n, C, 1.0f);
+    if (t->teacher_logits) has_teacher = t->teacher_logits(t, z, (size_t)n, teacher) == 0;
+    kdp_dist_cohort_allgather(d, mine, all, (size_t)n * C);
+  }
+  if (t->is_root) {
+    for (size_t k = 0; k < (size_t)n * C; k++) {
+      double s = 0;
+      for (size_t p = 0; p < P; p++) s += all[p * (size_t)n * C + k];
+      ens[k] = (float)(s / (double)P);
+    }
+    if (has_teacher) kdp_softmax_t(teacher, teacher, (size_t)n, C, 1.0f);
+    kdp_predict_result r = {.P = (int)P,
+                            .C = (int)C,
+                            .peers = all,
+                            .ensemble = ens,
+                            .teacher = has_teacher ? teacher : NULL,
+                            .teacher_name = has_teacher ? t->teacher_name : NULL};
+    kdp_server_answer_predict(lv->srv, lv->req, &r);
+    lv->req = NULL;
+    lv->predictions++;
+    lv->predict_inputs += (uint64_t)n;
+  }
+  free(all);
+  free(ens);
+  free(teacher);
+  free(mine);
+  lv->predict_seconds += kdp_now() - t0;
+}

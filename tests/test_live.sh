@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The live server on rank 0, driven with curl against real training runs under mpirun: every
+# endpoint and control action, predictions equal an offline evaluation of the same weights,
+# promtool accepts /metrics, malformed requests get the right codes, the token is enforced.
+# Usage: tests/test_live.sh PATH/TO/kdpeers
+set -uo pipefail
+exe="${1:?usage: test_live.sh KDPEERS}"
+src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
+# shellcheck source=launch/env.sh
+. "$src/launch/env.sh"
+for tool in curl jq; do
+  command -v "$tool" >/dev/null || { echo "test_live: $tool is missing (launch/setup installs it)"; exit 77; }
+done
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   - $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
+expect() {
+  local d="$1"; shift
+  if "$@"; then ok "$d"; else bad "$d"; fi
+}
+start() { # start DIR ARGS...: a long run in the background; sets $addr
+  local dir="$1"; shift
+  timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" -s run.progress=plain \
+    -s run.dir="$dir" -s run.epochs=200 -s data.subset=4096 -s data.test_subset=500 \
+    -s "model.arch=mlp(64)" -s run.log_every=10 "$@" >"$dir.out" 2>&1 &
+  pids+=($!)
+  last_pid=$!
+  addr=""
+  for _ in $(seq 1 150); do
+    [ -s "$dir/server.addr" ] && addr=$(cat "$dir/server.addr") && break
+    sleep 0.1
+  done
+}
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+status_field() { curl -s "$addr/status" | jq -r "$1"; }
+
+# ---------- a dml run: endpoints, control, predictions ----------
+r="$tmp/run"
+start "$r" -s kd.method=one
+expect "the server address is written to run.dir/server.addr" test -n "$addr"
+expect "GET /healthz is 200" test "$(code "$addr/healthz")" = 200
+for _ in $(seq 1 100); do [ "$(status_field .progress.step)" -gt 20 ] 2>/dev/null && break; sleep 0.1; done
+expect "GET /status reports progress" test "$(status_field .progress.step)" -gt 0
+expect "GET /status reports the config" test "$(status_field .config.method)" = one
+expect "GET /status has both peers' losses" test "$(curl -s "$addr/status" | jq '.peers | length')" = 2
+curl -s "$addr/metrics" >"$tmp/metrics.txt"
+expect "GET /metrics has per-peer losses" grep -q '^kdpeers_loss_ce{peer="1"}' "$tmp/metrics.txt"
+expect "GET /metrics has the step-time histogram" grep -q '^kdpeers_step_duration_seconds_bucket{le="+Inf"}' "$tmp/metrics.txt"
+expect "GET /metrics has loop health" grep -q '^kdpeers_server_loop_lag_seconds' "$tmp/metrics.txt"
+if command -v promtool >/dev/null; then
+  promtool check metrics <"$tmp/metrics.txt" >"$tmp/promtool.out" 2>&1
+  expect "promtool check metrics accepts /metrics" test $? = 0
+else
+  bad "promtool is missing (launch/setup installs Debian's prometheus package)"
+fi
+
+# pause, then predictions are served by the paused peers
+expect "POST /control pause is accepted (202)" test "$(code -X POST "$addr/control" -d '{"action":"pause"}')" = 202
+for _ in $(seq 1 100); do [ "$(status_field .progress.paused)" = true ] && break; sleep 0.05; done
+expect "/status says paused" test "$(status_field .progress.paused)" = true
+s1=$(status_field .progress.step); sleep 0.5; s2=$(status_field .progress.step)
+expect "no steps while paused ($s1 = $s2)" test "$s1" = "$s2"
+n=4
+{ printf '\x00\x00\x08\x03\x00\x00\x00\x04\x00\x00\x00\x1c\x00\x00\x00\x1c'
+  gzip -dc /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz | tail -c +17 | head -c $((n * 784)); } >"$tmp/imgs.idx"
+tail -c +17 "$tmp/imgs.idx" | od -An -tu1 -v | tr -s ' \n' ' ' |
+  awk -v n="$n" '{ printf "{\"inputs\":["; for (i = 0; i < n; i++) { printf "%s[", (i ? "," : ""); for (j = 1; j <= 784; j++) printf "%s%s", (j > 1 ? "," : ""), $(i * 784 + j); printf "]" } printf "]}" }' >"$tmp/pred.json"
+curl -s -X POST "$addr/predict" -H 'Content-Type: application/json' --data @"$tmp/pred.json" >"$tmp/pred.out"
+expect "POST /predict answers every peer, the ensemble and the gate" \
+  test "$(jq -r '[(.peers | length), (.ensemble | length), .teacher.name] | @tsv' "$tmp/pred.out")" = "$(printf '2\t4\tgate')"
+expect "predict: a bad input shape is 400" test "$(code -X POST "$addr/predict" -d '{"inputs":[[1,2,3]]}')" = 400
+expect "POST /control checkpoint while paused is accepted" test "$(code -X POST "$addr/control" -d '{"action":"checkpoint"}')" = 202
+for _ in $(seq 1 100); do [ "$(status_field .checkpoint.last_step)" = "$s1" ] && break; sleep 0.05; done
+expect "the checkpoint is written at the paused step" test "$(status_field .checkpoint.last_step)" = "$s1"
+# offline: export the checkpointed peers and predict the same images
+for p in 0 1; do
+  "$exe" export "$r" --peer "$p" -o "$tmp/p$p.kdpm" >/dev/null
+  "$exe" predict "$tmp/p$p.kdpm" "$tmp/imgs.idx" >"$tmp/off$p.txt"
+  jq -r ".peers[$p][] | map(tostring) | join(\" \")" "$tmp/pred.out" >"$tmp/live$p.txt"
+  maxd=$(paste -d' ' <(cut -d' ' -f3- "$tmp/off$p.txt") "$tmp/live$p.txt" |
+    awk '{ h = NF / 2; for (i = 1; i <= h; i++) { d = $i - $(i + h); if (d < 0) d = -d; if (d > m) m = d } } END { printf "%g", m + 0 }')
+  expect "peer $p: live predictions equal the offline evaluation of its checkpoint (max diff $maxd)" \
+    awk -v m="$maxd" 'BEGIN { exit !(m < 2e-5) }'
+done
+expect "POST /control resume with lr_scale, temperature and kd_weight" \
+  test "$(code -X POST "$addr/control" -d '{"action":"resume","lr_scale":0.5,"temperature":2,"kd_weight":0.25}')" = 202
+for _ in $(seq 1 100); do [ "$(status_field .progress.paused)" = false ] && break; sleep 0.05; done
+expect "/status shows the new values" test "$(status_field '[.progress.lr_scale, .progress.temperature, .progress.kd_weight] | @tsv')" = "$(printf '0.5\t2\t0.25')"
+for _ in $(seq 1 60); do [ "$(status_field .progress.step)" -gt "$s1" ] && break; sleep 0.05; done
+expect "training goes on after resume" test "$(status_field .progress.step)" -gt "$s1"
+# malformed requests
+expect "unknown path is 404" test "$(code "$addr/nope")" = 404
+expect "GET /control is 405" test "$(code "$addr/control")" = 405
+expect "malformed JSON is 400" test "$(code -X POST "$addr/control" -d '{"action":')" = 400
+expect "an unknown action is 400" test "$(code -X POST "$addr/control" -d '{"action":"explode"}')" = 400
+expect "a negative lr_scale is 400" test "$(code -X POST "$addr/control" -d '{"lr_scale":-1}')" = 400
+head -c 20000000 /dev/zero >"$tmp/big"
+expect "an oversized body is 413" test "$(code -X POST "$addr/predict" --data-binary @"$tmp/big")" = 413
+expect "POST /control stop" test "$(code -X POST "$addr/control" -d '{"action":"stop"}')" = 202
+wait "$last_pid"
+rc=$?
+expect "stop checkpoints and exits 75 (got $rc)" test "$rc" = 75
+for a in pause checkpoint resume stop; do
+  expect "metrics.jsonl logs the $a command" grep -q "\"event\":\"control\".*\"action\":\"$a\"" "$r/metrics.jsonl"
+done
+expect "metrics.jsonl logs the new lr_scale" grep -q '"action":"resume","lr_scale":0.5,"temperature":2,"kd_weight":0.25' "$r/metrics.jsonl"
+
+# ---------- the token ----------
+r2="$tmp/tok"
+KDP_SERVER_TOKEN=s3cret start "$r2" -s kd.method=dml
+expect "token run: /metrics stays public" test "$(code "$addr/metrics")" = 200
+expect "no token: /control is 401" test "$(code -X POST "$addr/control" -d '{"action":"pause"}')" = 401
+expect "wrong token: /control is 401" test "$(code -X POST -H 'Authorization: Bearer s3creT' "$addr/control" -d '{"action":"pause"}')" = 401
+expect "no token: /predict is 401" test "$(code -X POST "$addr/predict" --data @"$tmp/pred.json")" = 401
+expect "the token never appears in the output or logs" bash -c "! grep -rq s3cret '$r2.out' '$r2'"
+expect "right token: stop is accepted" test "$(code -X POST -H 'Authorization: Bearer s3cret' "$addr/control" -d '{"action":"stop"}')" = 202
+wait "$last_pid"
+expect "the token run stops with 75" test $? = 75
+"$exe" -s server.listen=0.0.0.0 -s run.dir="$tmp/open" -s run.max_steps=1 >"$tmp/open.out" 2>&1
+rc=$?
+expect "binding 0.0.0.0 without a token is refused (exit $rc)" test "$rc" != 0
+expect "  ...with a message about the token" grep -qi "token" "$tmp/open.out"
+
+echo "live: $pass passed, $fail failed"
+[ "$fail" = 0 ]
