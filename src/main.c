@@ -252,6 +252,18 @@ int main(int argc, char **argv) {
     kdp_dist_finalize();
     return EXIT_USAGE;
   }
+  /* the silent singleton: srun without the right --mpi starts N independent 1-rank jobs */
+  const char *ntasks = getenv("SLURM_NTASKS");
+  if (ntasks && atoi(ntasks) > 1 && d.world_size == 1) {
+    fprintf(stderr,
+            "kdpeers: SLURM_NTASKS=%s but MPI reports a world of 1 rank: every task believes it is "
+            "rank 0 of 1. This is srun without a working MPI plugin: launch with `srun --mpi=pmix` "
+            "(see `srun --mpi=list`), or use launch/kdpeers-mpirun.sbatch\n",
+            ntasks);
+    kdp_dist_free(&d);
+    kdp_dist_finalize();
+    return EXIT_USAGE;
+  }
   int rc;
   if (c.print_model) {
     rc = rank == 0 ? print_models(&cfg, d.n_peers, &err) : 0;
