@@ -74,6 +74,17 @@ expect "same seed and layout give identical metrics" cmp -s \
   <(grep -E '"event":"(eval|train)"' "$tmp/d1/metrics.jsonl" | sed 's/,"samples_per_second".*//') \
   <(grep -E '"event":"(eval|train)"' "$tmp/d2/metrics.jsonl" | sed 's/,"samples_per_second".*//')
 
+# --- one dataset copy per node: same results, less memory ---
+shr=(-s data.subset=2048 -s data.test_subset=500 -s run.max_steps=8 -s "model.arch=mlp(32)" -s kd.method=dml)
+run 4 "${shr[@]}" -s data.shared=true -s run.dir="$tmp/s1" >/dev/null 2>&1
+run 4 "${shr[@]}" -s data.shared=false -s run.dir="$tmp/s2" >/dev/null 2>&1
+expect "shared dataset gives the same results as private copies" cmp -s \
+  <(grep '"event":"eval"' "$tmp/s1/metrics.jsonl") <(grep '"event":"eval"' "$tmp/s2/metrics.jsonl")
+pss() { tail -n 1 "$1/metrics.jsonl" | sed 's/.*"pss_mb_total":\([0-9.]*\).*/\1/'; }
+p1=$(pss "$tmp/s1") p2=$(pss "$tmp/s2")
+expect "shared dataset: total PSS over 4 ranks $p1 MB < $p2 MB with private copies" \
+  awk -v a="$p1" -v b="$p2" 'BEGIN { exit !(a + 1 < b) }'
+
 # --- layout errors ---
 run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.out" 2>&1
 rc=$?

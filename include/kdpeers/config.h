@@ -24,6 +24,7 @@ typedef struct kdp_config {
   int log_every;           /* steps between log lines / progress refreshes */
   int ranks_per_peer;
   char progress[16];       /* auto | bar | plain | none */
+  int timeline;            /* write run.dir/timeline-rankNNN.json (Chrome trace) */
   /* [data] */
   char format[16];         /* idx | cifar10 | cifar100 */
   char train_images[KDP_PATH]; /* for cifar: comma-separated list of batch files */
@@ -39,6 +40,7 @@ typedef struct kdp_config {
   double mean[3];          /* normalisation; for 1-channel data only [0] is used */
   double std[3];
   int64_t test_subset;     /* evaluate on the first N test examples, 0 = all */
+  int shared;              /* one copy of the dataset per node (MPI shared memory) */
   /* [model] */
   char arch[KDP_STR];
   /* [optim] */

@@ -57,6 +57,16 @@ void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Gathers one uint32 per world rank at rank 0 (out: world_size values, only read on rank 0). */
 void kdp_dist_gather_u32(kdp_dist *d, uint32_t v, uint32_t *out);
+/* Memory shared by the ranks of this node (MPI_Win_allocate_shared on the node communicator):
+   local rank 0 allocates `bytes`, every rank of the node gets the same base address. *win is the
+   handle for kdp_dist_node_shared_free (collective over the node). */
+void *kdp_dist_node_shared(kdp_dist *d, size_t bytes, void **win);
+void kdp_dist_node_shared_free(void *win);
+/* Broadcast from local rank 0 over the node; barrier over the node. */
+void kdp_dist_node_bcast(kdp_dist *d, void *buf, size_t bytes);
+void kdp_dist_node_barrier(kdp_dist *d);
+/* Sum over the world of a double. */
+double kdp_dist_sum(kdp_dist *d, double v);
 /* Broadcast from world rank 0. */
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
 /* The per-step agreement point: element-wise MAX of n ints over the world, in place. The time

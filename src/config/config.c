@@ -82,6 +82,8 @@ static const key_def keys[] = {
      .help = "MPI ranks training each peer (data parallel within a peer)"},
     {"run", "progress", KT_ENUM, AT(progress), .choices = progress_choices, .def = "auto",
      .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},
+    {"run", "timeline", KT_BOOL, AT(timeline), .def = "false",
+     .help = "write run.dir/timeline-rankNNN.json, a Chrome trace of compute and communication"},
     /* [data] */
     {"data", "format", KT_ENUM, AT(format), .choices = format_choices, .def = "idx",
      .help = "dataset file format: idx (MNIST/Fashion-MNIST, .gz ok) or CIFAR binary batches"},
@@ -112,6 +114,8 @@ static const key_def keys[] = {
      .help = "normalisation std: 1 value or 3 per-channel values (1 copies to all)"},
     {"data", "test_subset", KT_INT64, AT(test_subset), ATLEAST(0), .def = "0",
      .help = "evaluate on the first N test examples (0 = all)"},
+    {"data", "shared", KT_BOOL, AT(shared), .def = "true",
+     .help = "ranks on a node share one copy of the dataset (MPI shared memory)"},
     /* [model] */
     {"model", "arch", KT_STRING, AT(arch), .def = "mlp(512,256)",
      .help = "architecture of every peer: mlp(h,...), cnn, resnet20/32/56/110, wrnD_K, seq:SPEC"},

@@ -242,6 +242,37 @@ void kdp_dist_gather_u32(kdp_dist *d, uint32_t v, uint32_t *out) {
   KDP_CHECK_MPI(MPI_Gather(&v, 1, MPI_UINT32_T, out, 1, MPI_UINT32_T, 0, MPI_COMM_WORLD));
 }
 
+void *kdp_dist_node_shared(kdp_dist *d, size_t bytes, void **win) {
+  MPI_Win *w = kdp_xmalloc(sizeof *w);
+  void *base = NULL;
+  MPI_Aint size = d->local_rank == 0 ? (MPI_Aint)(bytes ? bytes : 1) : 0;
+  KDP_CHECK_MPI(MPI_Win_allocate_shared(size, 1, MPI_INFO_NULL, COMM(d->node_comm), &base, w));
+  MPI_Aint qsize = 0;
+  int disp = 0;
+  KDP_CHECK_MPI(MPI_Win_shared_query(*w, 0, &qsize, &disp, &base));
+  *win = w;
+  return base;
+}
+
+void kdp_dist_node_shared_free(void *win) {
+  if (!win) return;
+  MPI_Win_free((MPI_Win *)win);
+  free(win);
+}
+
+void kdp_dist_node_bcast(kdp_dist *d, void *buf, size_t bytes) {
+  KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, COMM(d->node_comm)));
+}
+
+void kdp_dist_node_barrier(kdp_dist *d) { KDP_CHECK_MPI(MPI_Barrier(COMM(d->node_comm))); }
+
+double kdp_dist_sum(kdp_dist *d, double v) {
+  double out = v;
+  (void)d;
+  KDP_CHECK_MPI(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+  return out;
+}
+
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes) {
   (void)d;
   KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));

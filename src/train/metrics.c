@@ -218,12 +218,12 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
             "{\"event\":\"summary\",\"steps\":%lld,\"train_seconds\":%.4f,\"steps_per_second\":%.4f,"
             "\"steps_this_run\":%lld,\"samples_per_second\":%.1f,\"compute_seconds\":%.4f,\"exchange_seconds\":%.4f,"
             "\"allreduce_seconds\":%.4f,\"wait_seconds\":%.4f,\"bytes_per_step\":%.0f,"
-            "\"peak_rss_mb\":%.1f,"
+            "\"peak_rss_mb\":%.1f,\"rss_mb_mean\":%.1f,\"pss_mb_total\":%.1f,"
             "\"peers\":%d,\"ranks\":%d",
             (long long)s->steps, s->train_seconds, sps, (long long)s->steps_this_run,
             sps * (double)t->Bg, s->compute_seconds,
             s->exchange_seconds, s->allreduce_seconds, s->wait_seconds, s->bytes_per_step,
-            s->peak_rss_mb, t->P,
+            s->peak_rss_mb, s->rss_mb_mean, s->pss_mb_total, t->P,
             t->d->world_size);
     for (int i = 0; i < g_nrows; i++) {
       fputs(",\"acc_", t->metrics);

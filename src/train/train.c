@@ -95,6 +95,61 @@ static double peak_rss_mb(void) {
   return (double)ru.ru_maxrss / 1024.0;
 }
 
+/* One copy of the data per node: local rank 0 loads (subset, label noise and all), the other
+   ranks of the node map the same MPI shared-memory window. */
+static int load_data_shared(kdp_trainer *t, kdp_error *err) {
+  kdp_dist *d = t->d;
+  uint64_t meta[12] = {0};
+  kdp_dataset tr, te;
+  int rc = 0;
+  if (d->local_rank == 0) {
+    rc = kdp_train_load_data(t->cfg, &tr, &te, err);
+    if (rc == 0) {
+      uint64_t m[10] = {tr.n, tr.H, tr.W, tr.C, tr.n_classes, te.n, te.H, te.W, te.C, te.n_classes};
+      memcpy(meta, m, sizeof m);
+    }
+    meta[11] = (uint64_t)(int64_t)rc;
+  }
+  kdp_dist_node_bcast(d, meta, sizeof meta);
+  if ((int64_t)meta[11] != 0) {
+    if (d->local_rank != 0)
+      rc = kdp_fail(err, KDP_EIO, "local rank 0 of this node failed to load the data (see its message)");
+    return rc;
+  }
+  size_t tr_img = meta[0] * meta[1] * meta[2] * meta[3], te_img = meta[5] * meta[6] * meta[7] * meta[8];
+  size_t total = tr_img + meta[0] + te_img + meta[5];
+  uint8_t *base = kdp_dist_node_shared(d, total, &t->data_win);
+  if (d->local_rank == 0) {
+    memcpy(base, tr.images, tr_img);
+    memcpy(base + tr_img, tr.labels, meta[0]);
+    memcpy(base + tr_img + meta[0], te.images, te_img);
+    memcpy(base + tr_img + meta[0] + te_img, te.labels, meta[5]);
+    kdp_dataset_free(&tr);
+    kdp_dataset_free(&te);
+  }
+  kdp_dist_node_barrier(d);
+  t->train = (kdp_dataset){.n = meta[0], .H = meta[1], .W = meta[2], .C = meta[3],
+                           .n_classes = meta[4], .images = base, .labels = base + tr_img, .owns = 0};
+  t->test = (kdp_dataset){.n = meta[5], .H = meta[6], .W = meta[7], .C = meta[8],
+                          .n_classes = meta[9], .images = base + tr_img + meta[0],
+                          .labels = base + tr_img + meta[0] + te_img, .owns = 0};
+  return 0;
+}
+
+/* resident and proportional set sizes of this process now, in MB (Linux /proc) */
+static void memory_now(double *rss_mb, double *pss_mb) {
+  *rss_mb = *pss_mb = 0;
+  FILE *f = fopen("/proc/self/smaps_rollup", "r");
+  if (!f) return;
+  char line[256];
+  while (fgets(line, sizeof line, f)) {
+    unsigned long kb;
+    if (sscanf(line, "Rss: %lu kB", &kb) == 1) *rss_mb = (double)kb / 1024.0;
+    if (sscanf(line, "Pss: %lu kB", &kb) == 1) *pss_mb = (double)kb / 1024.0;
+  }
+  fclose(f);
+}
+
 /* ---------------- evaluation ---------------- */
 
 /* Evaluates every peer on the test set (split over the ranks of a peer), the mean-of-probabilities
@@ -266,7 +321,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
                   "of a peer takes an equal slice of the batch",
                   cfg->batch_size, k);
   double t_load = kdp_now();
-  if (rc == 0) rc = kdp_train_load_data(cfg, &t->train, &t->test, err);
+  if (rc == 0) {
+    if (cfg->shared && d->local_size > 1)
+      rc = load_data_shared(t, err);
+    else
+      rc = kdp_train_load_data(cfg, &t->train, &t->test, err);
+  }
   if (!kdp_dist_all_ok(d, rc == 0)) {
     if (rc == 0) rc = kdp_fail(err, KDP_EIO, "another rank failed to load the data (see its message)");
     return rc;
@@ -282,7 +342,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
       sig[5] = sig[5] * 131 + t->train.images[i];
     rc = kdp_dist_agree(d, sig, sizeof sig, "dataset (sizes, labels or pixels)", err);
   }
-  if (rc != 0) return rc;
+  if (rc != 0) {
+    kdp_dataset_free(&t->train);
+    kdp_dataset_free(&t->test);
+    kdp_dist_node_shared_free(t->data_win);
+    return rc;
+  }
 
   t->C = t->train.n_classes;
   t->Bg = (size_t)cfg->batch_size;
@@ -299,6 +364,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank could not build its model");
     kdp_dataset_free(&t->train);
     kdp_dataset_free(&t->test);
+    kdp_dist_node_shared_free(t->data_win);
     return rc;
   }
   kdp_rng init_rng;
@@ -574,6 +640,10 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     sm.allreduce_seconds = d->t_allreduce - ar0;
     sm.wait_seconds = d->t_wait - wt0;
     sm.peak_rss_mb = kdp_dist_max(d, peak_rss_mb());
+    double rss = 0, pss = 0;
+    memory_now(&rss, &pss);
+    sm.rss_mb_mean = kdp_dist_sum(d, rss) / (double)d->world_size;
+    sm.pss_mb_total = kdp_dist_sum(d, pss);
     sm.bytes_per_step = t->step > step0 ? d->bytes_exchanged / (double)(t->step - step0) : 0;
     if (t->is_root) kdp_metrics_summary(t, &sm);
   }
@@ -586,6 +656,7 @@ done:
   kdp_model_free(t->model);
   kdp_dataset_free(&t->train);
   kdp_dataset_free(&t->test);
+  kdp_dist_node_shared_free(t->data_win);
   free(t->xbuf);
   free(t->ybuf);
   free(t->dlogits);

@@ -17,7 +17,7 @@ typedef struct kdp_step_loss {
 typedef struct kdp_summary {
   int64_t steps, steps_this_run;
   double train_seconds, compute_seconds, exchange_seconds, allreduce_seconds, wait_seconds;
-  double peak_rss_mb, bytes_per_step;
+  double peak_rss_mb, bytes_per_step, rss_mb_mean, pss_mb_total;
 } kdp_summary;
 
 typedef struct kdp_trainer kdp_trainer;
@@ -60,6 +60,7 @@ struct kdp_trainer {
   /* the teacher's logits for b eval-mode rows (collective over the cohort); 0 on success */
   int (*teacher_logits)(kdp_trainer *t, const float *z, size_t b, float *out);
   kdp_live *live;
+  void *data_win; /* the node's shared dataset window, or NULL */
   int paused;
   int64_t step0; /* the step this process started at */
   /* output (metrics.c) */
