@@ -85,6 +85,14 @@ p1=$(pss "$tmp/s1") p2=$(pss "$tmp/s2")
 expect "shared dataset: total PSS over 4 ranks $p1 MB < $p2 MB with private copies" \
   awk -v a="$p1" -v b="$p2" 'BEGIN { exit !(a + 1 < b) }'
 
+# --- run.timeline: a Chrome trace per rank ---
+run 2 "${small[@]}" -s run.max_steps=5 -s "model.arch=mlp(32)" -s run.timeline=true -s run.dir="$tmp/tl" >/dev/null 2>&1
+for r in 000 001; do
+  f="$tmp/tl/timeline-rank$r.json"
+  expect "timeline of rank $r is valid JSON with forward, wait, exchange and backward phases" \
+    test "$(jq -r '[.traceEvents[].name] | (index("forward") != null) and (index("wait") != null) and (index("exchange+kd") != null) and (index("backward") != null)' "$f" 2>/dev/null)" = true
+done
+
 # --- layout errors ---
 run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.out" 2>&1
 rc=$?

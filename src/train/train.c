@@ -40,6 +40,9 @@ static int mkdir_p(const char *path, kdp_error *err) {
   if (mkdir(buf, 0777) != 0 && errno != EEXIST)
     return kdp_fail(err, KDP_EIO, "cannot create run.dir '%s': %s (set run.dir to a writable folder)",
                     buf, strerror(errno));
+  struct stat st;
+  if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode))
+    return kdp_fail(err, KDP_EIO, "run.dir '%s' exists but is not a directory", buf);
   return 0;
 }
 
@@ -449,6 +452,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     goto done;
   }
   t->step0 = t->step;
+  kdp_trace_start(t);
 
   double t_compute = 0;
   double ex0 = d->t_exchange, ar0 = d->t_allreduce, wt0 = d->t_wait;
@@ -466,6 +470,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if (step == fault_step) raise(SIGUSR1);
     double t0 = kdp_now();
     size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
+    kdp_trace_mark(t, "data", t0, kdp_now());
     /* this rank's slice of the global batch */
     size_t lo = bg * (size_t)d->slice / (size_t)k, hi = bg * (size_t)(d->slice + 1) / (size_t)k;
     size_t bl = hi - lo;
@@ -476,6 +481,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     double tc0 = kdp_now();
     const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
     t_compute += kdp_now() - tc0;
+    kdp_trace_mark(t, "forward", tc0, kdp_now());
     if (step == fault_nan_step) {
       ((float *)z)[0] = NAN; /* fault injection for the tests, once per process */
       fault_nan_step = -1;
@@ -497,7 +503,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
         kdp_now() - t->last_ckpt_time >= 60.0 * cfg->ckpt_every_minutes)
       flags[KDP_SYNC_CKPT] = 1;
     if (t->is_root) kdp_live_poll(t, flags);
+    double ts0 = kdp_now();
     kdp_dist_step_sync(d, flags, KDP_SYNC_N);
+    kdp_trace_mark(t, "wait", ts0, kdp_now());
     if (flags[KDP_SYNC_DIVERGED]) {
       int dpeer = flags[KDP_SYNC_DIVERGED] - 1;
       rc = divergence_error(&pending_div, d, dpeer, err);
@@ -521,7 +529,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
        is the mean over the global batch */
     float scale = (float)bl / (float)bg;
     t->cur_x = x;
+    double tx0 = kdp_now();
     kdp_method_step(t, z, y, bl, step, epoch_f, scale, &sl);
+    kdp_trace_mark(t, "exchange+kd", tx0, kdp_now());
     if (!isfinite(sl.ce))
       note_divergence(&pending_div, d->peer, step, "cross-entropy loss", sl.ce);
     else if (!isfinite(sl.kd))
@@ -529,13 +539,17 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     tc0 = kdp_now();
     kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
     t_compute += kdp_now() - tc0;
+    kdp_trace_mark(t, "backward", tc0, kdp_now());
+    double ta0 = kdp_now();
     kdp_dist_peer_allreduce(d, grads, np);
     kdp_method_after_backward(t);
+    kdp_trace_mark(t, "allreduce", ta0, kdp_now());
     double lr = kdp_schedule_lr(&sch, step) * t->lr_scale;
     tc0 = kdp_now();
     kdp_sgd_step(&t->opt, params, grads, (float)lr);
     kdp_method_opt_step(t, (float)lr);
     t_compute += kdp_now() - tc0;
+    kdp_trace_mark(t, "optimizer", tc0, kdp_now());
     t->train_time += kdp_now() - t0;
     kdp_live_step_time(t, kdp_now() - t0);
     t->step = step + 1;
@@ -581,7 +595,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     }
     int64_t ep_done = (step + 1) / (int64_t)spe;
     if ((end_of_epoch && ep_done % cfg->eval_every == 0) || last) {
+      double te0 = kdp_now();
       evaluate(t, step + 1, (double)(step + 1) / (double)spe);
+      kdp_trace_mark(t, "eval", te0, kdp_now());
     }
     int want = flags[KDP_SYNC_CKPT] || flags[KDP_SYNC_STOP] || last ||
                (cfg->ckpt_every_steps > 0 && (step + 1) % cfg->ckpt_every_steps == 0);
@@ -614,7 +630,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     /* never checkpoint a diverged state: the next step's agreement point reports it */
     if (want && !kdp_dist_all_ok(d, !pending_div.peer_plus1 && all_finite(params, np))) want = 0;
     if (want) {
+      double tk0 = kdp_now();
       rc = kdp_train_save(t, err);
+      kdp_trace_mark(t, "checkpoint", tk0, kdp_now());
       if (rc != 0) break;
       t->last_ckpt_time = kdp_now();
       kdp_live_checkpointed(t);
@@ -647,7 +665,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     sm.bytes_per_step = t->step > step0 ? d->bytes_exchanged / (double)(t->step - step0) : 0;
     if (t->is_root) kdp_metrics_summary(t, &sm);
   }
+  if (rc == 0 || rc == KDP_ESTOPPED) {
+    kdp_error terr;
+    if (kdp_trace_finish(t, &terr) != 0) fprintf(stderr, "kdpeers: %s\n", terr.msg);
+  }
 done:
+  kdp_trace_finish(t, NULL);
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_method_free(t);

@@ -22,6 +22,7 @@ typedef struct kdp_summary {
 
 typedef struct kdp_trainer kdp_trainer;
 typedef struct kdp_live kdp_live;
+typedef struct kdp_trace kdp_trace;
 
 /* the per-step agreement point's flags (element-wise MAX over the world) */
 enum {
@@ -61,6 +62,7 @@ struct kdp_trainer {
   int (*teacher_logits)(kdp_trainer *t, const float *z, size_t b, float *out);
   kdp_live *live;
   void *data_win; /* the node's shared dataset window, or NULL */
+  kdp_trace *trace; /* run.timeline */
   int paused;
   int64_t step0; /* the step this process started at */
   /* output (metrics.c) */
@@ -118,6 +120,11 @@ void kdp_live_publish(kdp_trainer *t, int force);
 void kdp_live_poll(kdp_trainer *t, int32_t *flags);
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
 void kdp_live_predict(kdp_trainer *t, int n);
+
+/* trace.c (run.timeline): phases as Chrome-trace complete events */
+void kdp_trace_start(kdp_trainer *t);
+void kdp_trace_mark(kdp_trainer *t, const char *name, double t0, double t1);
+int kdp_trace_finish(kdp_trainer *t, kdp_error *err);
 
 /* metrics.c */
 /* the last evaluation's figures, by model name; returns the count */
