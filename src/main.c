@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kdpeers/config.h"
 #include "kdpeers/data.h"
@@ -35,6 +36,7 @@ static void usage(FILE *f) {
           "  kdpeers inspect FILE|RUN_DIR          what a checkpoint or model file holds\n"
           "  kdpeers export RUN_DIR --peer N -o F  a standalone student model file (.kdpm)\n"
           "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
+          "  [mpirun -np N] kdpeers serve RUN_DIR  serve /predict from a saved run, no training\n"
           "  kdpeers predict MODEL [IMAGES|-] [--top]  labels and probabilities; IMAGES is an IDX\n"
           "                                        file, '-' reads raw uint8 pixels from stdin\n"
           "\n"
@@ -208,7 +210,69 @@ static int run_tool(int argc, char **argv) {
   return -1;
 }
 
+/* kdpeers serve RUN_DIR [-c FILE] [-s ...]: the run's newest checkpoint answers /predict, alone or
+   under mpirun with the run's rank count (then with the method's teacher too). */
+static int serve_main(int argc, char **argv) {
+  if (argc < 3 || argv[2][0] == '-') {
+    fprintf(stderr, "usage: [mpirun -np N] kdpeers serve RUN_DIR [-s server.port=8470] [...]\n");
+    return EXIT_USAGE;
+  }
+  const char *run_dir = argv[2];
+  cli c;
+  if (parse_cli(argc - 2, argv + 2, &c) != 0) return EXIT_USAGE;
+  kdp_error err = {{0}};
+  if (kdp_dist_init_mpi(&argc, &argv, &err) != 0) {
+    fprintf(stderr, "kdpeers: %s\n", err.msg);
+    return 1;
+  }
+  int rank = kdp_dist_world_rank();
+  char saved[256] = "";
+  int n_ranks = 0, rc = kdp_tool_saved_config(run_dir, saved, sizeof saved, &n_ranks, &err);
+  kdp_config cfg;
+  if (rc == 0) {
+    /* the run's own settings, then the command line's (server.* in particular) */
+    cli base = c;
+    base.files[0] = saved;
+    for (int i = 0; i < c.n_files && i + 1 < 32; i++) base.files[i + 1] = c.files[i];
+    base.n_files = c.n_files + 1;
+    rc = build_config(&base, &cfg, &err);
+    if (rc == 0) {
+      snprintf(cfg.dir, sizeof cfg.dir, "%s", run_dir);
+      cfg.server_enabled = 1;
+    }
+  }
+  if (saved[0]) unlink(saved);
+  if (rc != 0) {
+    if (rank == 0) fprintf(stderr, "kdpeers serve: %s\n", err.msg);
+    kdp_dist_finalize();
+    return rc == KDP_EINVAL ? EXIT_USAGE : 1;
+  }
+  kdp_dist d;
+  int world = 1;
+  if (kdp_dist_setup(&d, n_ranks > 1 ? cfg.ranks_per_peer : 1, &err) == 0) world = d.world_size;
+  if (world == 1 && n_ranks != 1) {
+    rc = kdp_tool_serve_alone(run_dir, &cfg);
+  } else if (world != n_ranks) {
+    if (rank == 0)
+      fprintf(stderr,
+              "kdpeers serve: %s was trained on %d ranks; serve it alone (1 process) or under "
+              "mpirun -np %d\n",
+              run_dir, n_ranks, n_ranks);
+    rc = EXIT_USAGE;
+  } else {
+    kdp_run_opts o = {.serve_only = 1};
+    kdp_train_install_signals();
+    rc = kdp_train_run(&cfg, &d, &o, &err);
+    if (rc != 0 && rc != KDP_ESTOPPED) fprintf(stderr, "kdpeers serve: rank %d: %s\n", rank, err.msg);
+    rc = (rc == 0 || rc == KDP_ESTOPPED) ? 0 : 1;
+  }
+  kdp_dist_free(&d);
+  kdp_dist_finalize();
+  return rc;
+}
+
 int main(int argc, char **argv) {
+  if (argc >= 2 && strcmp(argv[1], "serve") == 0) return serve_main(argc, argv);
   if (argc >= 2 && argv[1][0] != '-') {
     int rc = run_tool(argc, argv);
     if (rc >= 0) return rc;

@@ -110,6 +110,46 @@ for a in pause checkpoint resume stop; do
 done
 expect "metrics.jsonl logs the new lr_scale" grep -q '"action":"resume","lr_scale":0.5,"temperature":2,"kd_weight":0.25' "$r/metrics.jsonl"
 
+# ---------- kdpeers serve: the saved run answers, alone and under mpirun ----------
+for p in 0 1; do
+  "$exe" export "$r" --peer "$p" -o "$tmp/s$p.kdpm" >/dev/null
+  "$exe" predict "$tmp/s$p.kdpm" "$tmp/imgs.idx" >"$tmp/soff$p.txt"
+done
+rm -f "$r/server.addr"
+before=$(md5sum <"$r/metrics.jsonl")
+"$exe" serve "$r" >"$tmp/serve1.out" 2>&1 &
+spid=$!
+pids+=($spid)
+for _ in $(seq 1 100); do [ -s "$r/server.addr" ] && break; sleep 0.05; done
+addr=$(cat "$r/server.addr" 2>/dev/null)
+curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve1.json"
+for p in 0 1; do
+  jq -r ".peers[$p][] | map(tostring) | join(\" \")" "$tmp/serve1.json" >"$tmp/slive$p.txt"
+  maxd=$(paste -d' ' <(cut -d' ' -f3- "$tmp/soff$p.txt") "$tmp/slive$p.txt" |
+    awk '{ h = NF / 2; for (i = 1; i <= h; i++) { d = $i - $(i + h); if (d < 0) d = -d; if (d > m) m = d } } END { printf "%g", m + 0 }')
+  expect "serve (alone): peer $p answers like its exported model (max diff $maxd)" awk -v m="$maxd" 'BEGIN { exit !(m < 2e-5) }'
+done
+curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+wait "$spid"
+expect "serve (alone) stops on the stop command (exit $?)" test $? = 0
+rm -f "$r/server.addr"
+timeout 120 mpirun -np 2 --oversubscribe --bind-to none "$exe" serve "$r" -s run.progress=plain >"$tmp/serve2.out" 2>&1 &
+spid=$!
+pids+=($spid)
+for _ in $(seq 1 100); do [ -s "$r/server.addr" ] && break; sleep 0.05; done
+addr=$(cat "$r/server.addr" 2>/dev/null)
+curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve2.json"
+expect "serve (mpirun -np 2): answers with the gate teacher" test "$(jq -r .teacher.name "$tmp/serve2.json")" = gate
+expect "serve (mpirun -np 2): peers agree with the alone server" \
+  test "$(jq -c .peers "$tmp/serve2.json")" = "$(jq -c .peers "$tmp/serve1.json")"
+curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+wait "$spid"
+expect "serve (mpirun) stops on the stop command (exit $?)" test $? = 0
+expect "serving did not touch the run's metrics.jsonl" test "$(md5sum <"$r/metrics.jsonl")" = "$before"
+expect "serving logged its commands to serve.jsonl" grep -q '"action":"stop"' "$r/serve.jsonl"
+"$exe" serve "$tmp/nothing-here" >"$tmp/serve3.out" 2>&1
+expect "serve of a directory without checkpoints fails clearly" grep -q "no complete checkpoint" "$tmp/serve3.out"
+
 # ---------- the token ----------
 r2="$tmp/tok"
 KDP_SERVER_TOKEN=s3cret start "$r2" -s kd.method=dml

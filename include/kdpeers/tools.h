@@ -18,4 +18,11 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg);
    One line per image: "index label p0 p1 ...". top_only prints only index and label. */
 int kdp_tool_predict(const char *model_path, const char *input, int top_only);
 
+/* kdpeers serve RUN_DIR in one process: /predict answered by every peer of the run's newest
+   checkpoint and their ensemble (no method teacher), /metrics, /status, /control stop. */
+int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg);
+/* The config text stored in the run's newest checkpoint, written to a temporary INI file whose
+   path goes into out (caller unlinks it); also the number of ranks that wrote it. */
+int kdp_tool_saved_config(const char *run_dir, char *out, size_t n, int *n_ranks, kdp_error *err);
+
 #endif

@@ -11,6 +11,8 @@
 typedef struct kdp_run_opts {
   int fresh;        /* --fresh: ignore and delete old checkpoints, truncate metrics.jsonl */
   int allow_change; /* --allow-config-change: resume although non-structural keys changed */
+  int serve_only;   /* kdpeers serve: restore the newest checkpoint and only serve (no steps);
+                       control and prediction logs go to run.dir/serve.jsonl */
 } kdp_run_opts;
 int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err);
 

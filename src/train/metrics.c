@@ -64,7 +64,7 @@ static void json_num(FILE *f, double v) {
 
 int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
   char path[KDP_PATH + 32];
-  snprintf(path, sizeof path, "%s/metrics.jsonl", t->cfg->dir);
+  snprintf(path, sizeof path, "%s/%s", t->cfg->dir, t->serve_only ? "serve.jsonl" : "metrics.jsonl");
   /* resume: drop what was logged after the checkpoint, so the file reads as one run */
   if (truncate_at >= 0 && truncate(path, (off_t)truncate_at) != 0 && errno != ENOENT)
     return kdp_fail(err, KDP_EIO, "cannot truncate '%s' to the checkpoint's offset: %s", path,

@@ -383,3 +383,122 @@ int kdp_tool_predict(const char *model_path, const char *input, int top_only) {
   loaded_free(&lm);
   return rc;
 }
+
+/* ---- kdpeers serve RUN_DIR, alone: every peer of the checkpoint in this one process ---- */
+
+#include <signal.h>
+#include <unistd.h>
+
+#include "kdpeers/serve.h"
+
+static volatile sig_atomic_t g_serve_stop;
+static void serve_on_signal(int sig) {
+  (void)sig;
+  g_serve_stop = 1;
+}
+
+int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
+  kdp_error err;
+  loaded_model lm[KDP_MAX_PEERS];
+  int n = load_models(run_dir, -1, lm, KDP_MAX_PEERS, &err);
+  if (n < 0) {
+    fprintf(stderr, "kdpeers serve: %s\n", err.msg);
+    return 1;
+  }
+  size_t isz = lm[0].in.H * lm[0].in.W * lm[0].in.C, C = lm[0].in.n_classes;
+  kdp_server_options o;
+  kdp_server_options_defaults(&o);
+  char addr_file[KDP_PATH + 32];
+  snprintf(addr_file, sizeof addr_file, "%s/server.addr", run_dir);
+  o.listen = cfg->server_listen;
+  o.port = cfg->server_port;
+  o.token = cfg->server_token[0] ? cfg->server_token : NULL;
+  o.addr_file = addr_file;
+  o.max_body = (size_t)cfg->server_max_body;
+  o.max_connections = cfg->server_max_connections;
+  o.idle_timeout = cfg->server_idle_timeout;
+  o.input_dim = (int)isz;
+  kdp_server *srv = NULL;
+  if (kdp_server_start(&srv, &o, &err) != 0) {
+    fprintf(stderr, "kdpeers serve: %s\n", err.msg);
+    for (int i = 0; i < n; i++) loaded_free(&lm[i]);
+    return 1;
+  }
+  fprintf(stderr, "kdpeers serve: %d peer%s of %s on %s (alone: no method teacher; run under "
+                  "mpirun with the run's rank count for it)\n",
+          n, n == 1 ? "" : "s", run_dir, kdp_server_address(srv));
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = serve_on_signal;
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGUSR1, &sa, NULL);
+  char status[512];
+  snprintf(status, sizeof status,
+           "{\"mode\":\"serve\",\"run_dir\":\"%s\",\"peers\":%d,\"classes\":%zu,\"input_dim\":%zu}",
+           run_dir, n, C, isz);
+  kdp_server_publish(srv, "# HELP kdpeers_serving 1 while serving a saved run.\n"
+                          "# TYPE kdpeers_serving gauge\nkdpeers_serving 1\n",
+                     status);
+  int maxb = 256;
+  float *x = kdp_falloc((size_t)maxb * isz), *all = kdp_falloc((size_t)n * maxb * C);
+  float *ens = kdp_falloc((size_t)maxb * C);
+  while (!g_serve_stop) {
+    kdp_command cmd;
+    while (kdp_server_poll_command(srv, &cmd))
+      if (cmd.action == KDP_ACTION_STOP) g_serve_stop = 1;
+    kdp_predict_req *req = kdp_server_take_predict(srv);
+    if (!req) {
+      usleep(2000);
+      continue;
+    }
+    if (req->n > maxb) {
+      kdp_server_fail_predict(srv, req, 400, "too many inputs");
+      continue;
+    }
+    size_t b = (size_t)req->n;
+    memset(ens, 0, b * C * sizeof(float));
+    for (int i = 0; i < n; i++) {
+      for (size_t k = 0; k < b * isz; k++) {
+        size_t c = k % lm[i].in.C;
+        x[k] = (req->x[k] / 255.0f - lm[i].mean[c]) / lm[i].std[c];
+      }
+      float *p = all + (size_t)i * b * C;
+      model_probs(&lm[i], x, b, p);
+      for (size_t k = 0; k < b * C; k++) ens[k] += p[k] / (float)n;
+    }
+    kdp_predict_result r = {.P = n, .C = (int)C, .peers = all, .ensemble = ens};
+    kdp_server_answer_predict(srv, req, &r);
+  }
+  kdp_server_stop(srv);
+  free(x);
+  free(all);
+  free(ens);
+  for (int i = 0; i < n; i++) loaded_free(&lm[i]);
+  return 0;
+}
+
+int kdp_tool_saved_config(const char *run_dir, char *out, size_t n, int *n_ranks, kdp_error *err) {
+  int64_t step = 0;
+  int found = kdp_ckpt_find_latest(run_dir, &step, err);
+  if (found < 0) return found;
+  if (found == 0)
+    return kdp_fail(err, KDP_EIO, "%s holds no complete checkpoint to serve", run_dir);
+  int rc = kdp_ckpt_verify_step(run_dir, step, n_ranks, err);
+  if (rc != 0) return rc;
+  char fp[4096];
+  kdp_ckpt_peer_path(run_dir, step, 0, fp, sizeof fp);
+  kdp_ckpt *ck = NULL;
+  rc = kdp_ckpt_read(fp, KDP_CKPT_DEFAULT_MAX_BYTES, &ck, err);
+  const char *text = NULL;
+  if (rc == 0) rc = kdp_ckpt_get_str(ck, "config", &text, err);
+  if (rc == 0) {
+    snprintf(out, n, "/tmp/kdpeers-serve-XXXXXX");
+    int fd = mkstemp(out);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f || fputs(text, f) < 0 || fclose(f) != 0)
+      rc = kdp_fail(err, KDP_EIO, "cannot write a temporary config file: %s", strerror(errno));
+  }
+  kdp_ckpt_free(ck);
+  return rc;
+}

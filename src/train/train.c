@@ -288,6 +288,34 @@ void kdp_train_install_signals(void) {
 
 int kdp_train_signal_count(void) { return (int)g_signals; }
 
+/* While paused (or serving only): answer commands and predictions at ~50 agreement points a
+   second, honour signals, and write a checkpoint asked for meanwhile. Collective. */
+static int pause_loop(kdp_trainer *t, int *want, int *want_stop, kdp_error *err) {
+  kdp_dist *d = t->d;
+  int rc = 0;
+  while (t->paused && !*want_stop) {
+    /* paused: keep answering commands and predictions, and honour signals */
+    usleep(20000);
+    int32_t pf[KDP_SYNC_N] = {0};
+    pf[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
+    if (t->is_root) kdp_live_poll(t, pf);
+    kdp_dist_step_sync(d, pf, KDP_SYNC_N);
+    if (pf[KDP_SYNC_CMD]) kdp_live_command(t, want, want_stop);
+    if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT]);
+    if (pf[KDP_SYNC_STOP]) *want = *want_stop = 1;
+    if (*want && !*want_stop) {
+      /* a checkpoint asked for while paused is written now */
+      rc = kdp_train_save(t, err);
+      if (rc != 0) break;
+      t->last_ckpt_time = kdp_now();
+      kdp_live_checkpointed(t);
+      *want = 0;
+    }
+    if (t->is_root) kdp_live_publish(t, 1);
+  }
+  return rc;
+}
+
 /* ---------------- the run ---------------- */
 
 /* Divergence with checkpoint.on_divergence = rollback: back to the newest checkpoint, lr scaled. */
@@ -425,6 +453,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     goto done;
   }
   t->allow_change = opts ? opts->allow_change : 0;
+  t->serve_only = opts ? opts->serve_only : 0;
   /* resume from the newest complete checkpoint, unless --fresh */
   int64_t metrics_offset = -1;
   if (!(opts && opts->fresh)) {
@@ -432,6 +461,13 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if (r < 0) {
       rc = r;
       goto done;
+    }
+    if (t->serve_only) {
+      metrics_offset = -1; /* serving never rewrites the run's own log */
+      if (r == 0) {
+        rc = kdp_fail(err, KDP_EIO, "kdpeers serve: %s holds no complete checkpoint", cfg->dir);
+        goto done;
+      }
     }
   }
   if (t->is_root) {
@@ -453,6 +489,15 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   }
   t->step0 = t->step;
   kdp_trace_start(t);
+
+  if (t->serve_only) {
+    /* kdpeers serve: the restored peers answer until a stop command or a signal */
+    int want = 0, want_stop = 0;
+    t->paused = 1;
+    kdp_live_publish(t, 1);
+    rc = pause_loop(t, &want, &want_stop, err);
+    goto done;
+  }
 
   double t_compute = 0;
   double ex0 = d->t_exchange, ar0 = d->t_allreduce, wt0 = d->t_wait;
@@ -605,26 +650,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     int want_stop = flags[KDP_SYNC_STOP];
     if (flags[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
     if (flags[KDP_SYNC_PREDICT]) kdp_live_predict(t, flags[KDP_SYNC_PREDICT]);
-    while (t->paused && !want_stop) {
-      /* paused: keep answering commands and predictions, and honour signals */
-      usleep(20000);
-      int32_t pf[KDP_SYNC_N] = {0};
-      pf[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
-      if (t->is_root) kdp_live_poll(t, pf);
-      kdp_dist_step_sync(d, pf, KDP_SYNC_N);
-      if (pf[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
-      if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT]);
-      if (pf[KDP_SYNC_STOP]) want = want_stop = 1;
-      if (want && !want_stop) {
-        /* a checkpoint asked for while paused is written now */
-        rc = kdp_train_save(t, err);
-        if (rc != 0) break;
-        t->last_ckpt_time = kdp_now();
-        kdp_live_checkpointed(t);
-        want = 0;
-      }
-      if (t->is_root) kdp_live_publish(t, 1);
-    }
+    rc = pause_loop(t, &want, &want_stop, err);
     if (rc != 0) break;
     if (t->is_root) kdp_live_publish(t, last);
     /* never checkpoint a diverged state: the next step's agreement point reports it */

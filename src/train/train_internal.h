@@ -75,6 +75,7 @@ struct kdp_trainer {
   uint64_t run_correct, run_n;
   int64_t log_window; /* steps in the current log window */
   int allow_change; /* --allow-config-change */
+  int serve_only;   /* kdpeers serve */
   int n_rollbacks;
 #define KDP_MAX_CHANGES 32
   struct {
