@@ -295,13 +295,15 @@ static void build_wrn(kdp_model *m, int x, int depth, int widen) {
 
 static void build_cnn(kdp_model *m, int x) {
   int h = b_conv(m, x, 32, 3, 1, 1, 1, "conv1");
+  /* maxpool(relu(x)) = relu(maxpool(x)) exactly (relu is monotone; where relu zeroes the
+     window's max no gradient flows either way), so the ReLU runs on the 4x smaller pooled map */
   h = b_bn(m, h, "bn1");
-  h = b_simple(m, KDP_OP_RELU, h);
   h = b_pool(m, KDP_OP_MAXPOOL, h, 2, 2, 0);
+  h = b_simple(m, KDP_OP_RELU, h);
   h = b_conv(m, h, 64, 3, 1, 1, 1, "conv2");
   h = b_bn(m, h, "bn2");
-  h = b_simple(m, KDP_OP_RELU, h);
   h = b_pool(m, KDP_OP_MAXPOOL, h, 2, 2, 0);
+  h = b_simple(m, KDP_OP_RELU, h);
   h = b_simple(m, KDP_OP_FLATTEN, h);
   h = b_dense(m, h, 128, "fc1");
   h = b_simple(m, KDP_OP_RELU, h);
@@ -344,7 +346,8 @@ static int build_mlp(kdp_model *m, int x, const char *args, kdp_error *err) {
                     "model arch 'mlp(%s)': expected a list of positive hidden sizes, e.g. "
                     "mlp(512,256)",
                     args);
-  int a = b_simple(m, KDP_OP_FLATTEN, x);
+  /* one channel: NHWC already is PyTorch's flatten order, so the dense layer reads the input */
+  int a = m->acts[x].C == 1 ? x : b_simple(m, KDP_OP_FLATTEN, x);
   for (int i = 0; i < n; i++) {
     char name[16];
     snprintf(name, sizeof name, "fc%d", i + 1);
