@@ -868,11 +868,44 @@ START_TEST(test_limits_pool_bn) {
 }
 END_TEST
 
+/* kdp_bn_backward_set writes what zeroing din and calling kdp_bn_backward would accumulate */
+START_TEST(test_bn_backward_set) {
+  const size_t N = 37, C = 5;
+  kdp_rng r;
+  kdp_rng_seed(&r, 5, 5);
+  float *x = kdp_falloc(N * C), *y = kdp_falloc(N * C), *xhat = kdp_falloc(N * C);
+  float *dout = kdp_falloc(N * C), *d1 = kdp_falloc(N * C), *d2 = kdp_falloc(N * C);
+  float g[5], bt[5], rm[5] = {0}, rv[5] = {1, 1, 1, 1, 1}, inv[5];
+  float dg1[5] = {0}, db1[5] = {0}, dg2[5] = {0}, db2[5] = {0};
+  for (size_t i = 0; i < N * C; i++) {
+    x[i] = 3.0f * kdp_rng_normal(&r) + 1.0f;
+    dout[i] = kdp_rng_normal(&r);
+    d2[i] = 123.0f; /* garbage that _set must overwrite */
+  }
+  for (size_t c = 0; c < C; c++) {
+    g[c] = 0.5f + (float)c;
+    bt[c] = 0.1f * (float)c;
+  }
+  kdp_bn_forward_train(y, xhat, inv, rm, rv, x, g, bt, N, C, 0.1f, 1e-5f);
+  kdp_bn_backward(d1, dg1, db1, dout, xhat, inv, g, N, C);
+  kdp_bn_backward_set(d2, dg2, db2, dout, xhat, inv, g, N, C);
+  for (size_t i = 0; i < N * C; i++) ck_assert_msg(d1[i] == d2[i], "din[%zu]: %g vs %g", i, d1[i], d2[i]);
+  for (size_t c = 0; c < C; c++) ck_assert(dg1[c] == dg2[c] && db1[c] == db2[c]);
+  free(x);
+  free(y);
+  free(xhat);
+  free(dout);
+  free(d1);
+  free(d2);
+}
+END_TEST
+
 static Suite *layers_suite(void) {
   Suite *s = suite_create("layers");
   TCase *core = tcase_create("core");
   tcase_set_timeout(core, 60);
   tcase_add_test(core, test_dense_naive_vs_blas);
+  tcase_add_test(core, test_bn_backward_set);
   tcase_add_test(core, test_conv_naive_vs_blas);
   tcase_add_test(core, test_conv_chunked);
   tcase_add_test(core, test_conv_shape_init);

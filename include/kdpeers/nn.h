@@ -91,6 +91,11 @@ void kdp_bn_forward_eval(float *out, const float *in, const float *gamma, const 
 void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
                      const float *xhat, const float *invstd, const float *gamma, size_t N,
                      size_t C);
+/* as kdp_bn_backward, but din is WRITTEN (=), not accumulated: the model uses it where the
+   batchnorm is the first to produce din's gradient, which saves zeroing the buffer */
+void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *dout,
+                         const float *xhat, const float *invstd, const float *gamma, size_t N,
+                         size_t C);
 
 /* ================= models ================= */
 

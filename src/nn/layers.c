@@ -567,11 +567,23 @@ static void bn_bwd_din(float *restrict din, const float *restrict dout,
   }
 }
 
+/* the same, writing din instead of adding (saves zeroing it first) */
+static void bn_bwd_din_set(float *restrict din, const float *restrict dout,
+                           const float *restrict xhat, const float *restrict k1,
+                           const float *restrict k2, const float *restrict k3, size_t N,
+                           size_t C) {
+  for (size_t n = 0; n < N; n++) {
+    const float *g = dout + n * C, *xh = xhat + n * C;
+    float *d = din + n * C;
+    for (size_t c = 0; c < C; c++) d[c] = k1[c] * g[c] - k2[c] - k3[c] * xh[c];
+  }
+}
+
 /* dgamma += sum dout*xhat; dbeta += sum dout;
    din += gamma*invstd/N * (N*dout - sum(dout) - xhat*sum(dout*xhat)) */
-void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
-                     const float *xhat, const float *invstd, const float *gamma, size_t N,
-                     size_t C) {
+static void bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
+                        const float *xhat, const float *invstd, const float *gamma, size_t N,
+                        size_t C, int set) {
   if (C == 0 || N == 0) return;
   double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
   bn_bwd_sums(sg, sb, dout, xhat, N, C);
@@ -588,8 +600,23 @@ void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
       k2[c] = (float)(a * sb[c] / (double)N);
       k3[c] = (float)(a * sg[c] / (double)N);
     }
-    bn_bwd_din(din, dout, xhat, k1, k2, k3, N, C);
+    if (set)
+      bn_bwd_din_set(din, dout, xhat, k1, k2, k3, N, C);
+    else
+      bn_bwd_din(din, dout, xhat, k1, k2, k3, N, C);
     free(k);
   }
   free(sg);
+}
+
+void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
+                     const float *xhat, const float *invstd, const float *gamma, size_t N,
+                     size_t C) {
+  bn_backward(din, dgamma, dbeta, dout, xhat, invstd, gamma, N, C, 0);
+}
+
+void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *dout,
+                         const float *xhat, const float *invstd, const float *gamma, size_t N,
+                         size_t C) {
+  bn_backward(din, dgamma, dbeta, dout, xhat, invstd, gamma, N, C, 1);
 }

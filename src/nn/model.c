@@ -740,12 +740,23 @@ const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_
 void kdp_model_zero_grad(kdp_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
 
 /* Zeroes the input gradient of op i if op i is the last reader of that activation (the first
-   to write its gradient in backward order). */
-static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
+   to write its gradient in backward order), unless that op overwrites it (*set = 1). */
+static float *din_for_set(kdp_model *m, int op_idx, int act_id, size_t B, int *set) {
   act *a = &m->acts[act_id];
+  int can_set = set != NULL;
+  if (set) *set = 0;
   if (!a->grad) return NULL; /* the model input */
-  if (a->last_reader == op_idx) memset(a->grad, 0, act_n(m, act_id, B) * sizeof(float));
+  if (a->last_reader == op_idx) {
+    if (can_set)
+      *set = 1;
+    else
+      memset(a->grad, 0, act_n(m, act_id, B) * sizeof(float));
+  }
   return a->grad;
+}
+
+static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
+  return din_for_set(m, op_idx, act_id, B, NULL);
 }
 
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
@@ -762,7 +773,9 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
       size_t n = act_n(m, o->out, B);
       for (size_t k = 0; k < n; k++) g[k] += dfeatures[k];
     }
-    float *din = din_for(m, i, o->in, B);
+    /* batchnorm writes its input gradient outright when it is the first to produce it */
+    int set = 0;
+    float *din = din_for_set(m, i, o->in, B, o->kind == KDP_OP_BN ? &set : NULL);
     const float *in = a->val;
     size_t n_in = act_n(m, o->in, B);
     switch (o->kind) {
@@ -787,8 +800,9 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
         break;
       }
       case KDP_OP_BN:
-        kdp_bn_backward(din, m->grads + o->w, m->grads + o->b, dout, o->xhat, o->invstd,
-                        m->params + o->w, B * a->H * a->W, a->C);
+        (set ? kdp_bn_backward_set : kdp_bn_backward)(din, m->grads + o->w, m->grads + o->b, dout,
+                                                      o->xhat, o->invstd, m->params + o->w,
+                                                      B * a->H * a->W, a->C);
         break;
       case KDP_OP_RELU:
         if (din) kdp_relu_backward(din, dout, m->acts[o->out].val, n_in);
