@@ -3,20 +3,8 @@
 # a real single-process run on a Fashion-MNIST subset, metrics.jsonl contents, determinism.
 # Usage: tests/test_cli.sh PATH/TO/kdpeers
 set -uo pipefail
-exe="${1:?usage: test_cli.sh KDPEERS}"
-src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
-# shellcheck source=launch/env.sh
-. "$src/launch/env.sh"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   - $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
-expect() { # expect DESC CMD... : CMD succeeds
-  local d="$1"; shift
-  if "$@"; then ok "$d"; else bad "$d"; fi
-}
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 # --- help, version, print-config ---
 "$exe" --version >"$tmp/v" 2>&1
@@ -81,5 +69,4 @@ rc=$?
 expect "cnn run with max_steps exits 0" test "$rc" = 0
 expect "max_steps stops after 3 steps" grep -q '"event":"summary","steps":3,' "$tmp/r4/metrics.jsonl"
 
-echo "cli: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+finish cli

@@ -4,25 +4,11 @@
 # promtool accepts /metrics, malformed requests get the right codes, the token is enforced.
 # Usage: tests/test_live.sh PATH/TO/kdpeers
 set -uo pipefail
-exe="${1:?usage: test_live.sh KDPEERS}"
-src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
-# shellcheck source=launch/env.sh
-. "$src/launch/env.sh"
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
 for tool in curl jq; do
   command -v "$tool" >/dev/null || { echo "test_live: $tool is missing (launch/setup installs it)"; exit 77; }
 done
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; rm -rf "$tmp"; }
-trap cleanup EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   - $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
-expect() {
-  local d="$1"; shift
-  if "$@"; then ok "$d"; else bad "$d"; fi
-}
 start() { # start DIR ARGS...: a long run in the background; sets $addr
   local dir="$1"; shift
   timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" -s run.progress=plain \
@@ -119,7 +105,7 @@ rm -f "$r/server.addr"
 before=$(md5sum <"$r/metrics.jsonl")
 "$exe" serve "$r" >"$tmp/serve1.out" 2>&1 &
 spid=$!
-pids+=($spid)
+pids+=("$spid")
 for _ in $(seq 1 100); do [ -s "$r/server.addr" ] && break; sleep 0.05; done
 addr=$(cat "$r/server.addr" 2>/dev/null)
 curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve1.json"
@@ -135,7 +121,7 @@ expect "serve (alone) stops on the stop command (exit $?)" test $? = 0
 rm -f "$r/server.addr"
 timeout 120 mpirun -np 2 --oversubscribe --bind-to none "$exe" serve "$r" -s run.progress=plain >"$tmp/serve2.out" 2>&1 &
 spid=$!
-pids+=($spid)
+pids+=("$spid")
 for _ in $(seq 1 100); do [ -s "$r/server.addr" ] && break; sleep 0.05; done
 addr=$(cat "$r/server.addr" 2>/dev/null)
 curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve2.json"
@@ -166,5 +152,4 @@ rc=$?
 expect "binding 0.0.0.0 without a token is refused (exit $rc)" test "$rc" != 0
 expect "  ...with a message about the token" grep -qi "token" "$tmp/open.out"
 
-echo "live: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+finish live

@@ -3,20 +3,8 @@
 # (ranks_per_peer = 2 equals 1), determinism, and layout errors.
 # Usage: tests/test_mpi.sh PATH/TO/kdpeers
 set -uo pipefail
-exe="${1:?usage: test_mpi.sh KDPEERS}"
-src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
-# shellcheck source=launch/env.sh
-. "$src/launch/env.sh"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   - $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
-expect() {
-  local d="$1"; shift
-  if "$@"; then ok "$d"; else bad "$d"; fi
-}
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
 run() { # run NP ARGS... (timeout guards against a hang in a collective)
   local np="$1"; shift
   timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
@@ -103,5 +91,4 @@ rc=$?
 expect "okddip with 2 peers is refused (got $rc)" test "$rc" != 0
 expect "the okddip message explains the peer count" grep -q "at least 3 peers" "$tmp/bad2.out"
 
-echo "mpi: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+finish mpi

@@ -4,20 +4,8 @@
 # checkpoint write leaves the previous one; losing a rank ends the job; divergence is reported;
 # bad input gets clear messages.   Usage: tests/test_resume.sh PATH/TO/kdpeers
 set -uo pipefail
-exe="${1:?usage: test_resume.sh KDPEERS}"
-src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
-# shellcheck source=launch/env.sh
-. "$src/launch/env.sh"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   - $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
-expect() {
-  local d="$1"; shift
-  if "$@"; then ok "$d"; else bad "$d"; fi
-}
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
 run() {
   local np="$1"; shift
   timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
@@ -158,5 +146,4 @@ expect "eval of the exported student ($acc%) equals the run's own last eval of p
 "$exe" predict "$tmp/student.kdpm" /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --top >"$tmp/pred"
 expect "predict prints one label per test image" test "$(wc -l <"$tmp/pred")" = 10000
 
-echo "resume: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+finish resume

@@ -134,11 +134,17 @@ static int structural_key(const char *k) {
          strcmp(k, "kd.exchange") == 0 || strcmp(k, "run.ranks_per_peer") == 0;
 }
 
-/* Looks up "section.key" in INI text; returns a malloc'ed value or NULL. */
-static char *ini_value(const char *text, const char *full) {
+/* "section.key" = value pairs of an INI text as kdp_config_print writes it */
+typedef struct ini_pair {
+  char key[400];
+  char value[KDP_PATH + 64];
+} ini_pair;
+
+static size_t ini_pairs(const char *text, ini_pair *out, size_t max) {
   char section[128] = "";
+  size_t n = 0;
   const char *p = text;
-  while (*p) {
+  while (*p && n < max) {
     const char *e = strchr(p, '\n');
     size_t len = e ? (size_t)(e - p) : strlen(p);
     char line[2048];
@@ -155,74 +161,59 @@ static char *ini_value(const char *text, const char *full) {
     char *eq = strstr(line, " = ");
     if (!eq || line[0] == '#' || line[0] == ';') continue;
     *eq = 0;
-    char key[400];
-    snprintf(key, sizeof key, "%.120s.%.200s", section, line);
-    if (strcmp(key, full) == 0) return strdup(eq + 3);
+    snprintf(out[n].key, sizeof out[n].key, "%.120s.%.200s", section, line);
+    snprintf(out[n].value, sizeof out[n].value, "%s", eq + 3);
+    n++;
   }
+  return n;
+}
+
+static const char *ini_find(const ini_pair *v, size_t n, const char *key) {
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(v[i].key, key) == 0) return v[i].value;
   return NULL;
 }
 
-/* Compares every key of two configs' INI texts; reports structural differences as an error and
-   other ones as changes (refused unless allowed, logged when allowed). */
-static int compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err) {
-  int rc = 0;
-  const char *texts[2] = {now, saved};
-  char section[128] = "";
-  for (int pass = 0; pass < 2 && rc == 0; pass++) {
-    const char *p = texts[pass];
-    section[0] = 0;
-    while (*p && rc == 0) {
-      const char *e = strchr(p, '\n');
-      size_t len = e ? (size_t)(e - p) : strlen(p);
-      char line[2048];
-      if (len >= sizeof line) len = sizeof line - 1;
-      memcpy(line, p, len);
-      line[len] = 0;
-      p = e ? e + 1 : p + len;
-      if (line[0] == '[') {
-        char *r = strchr(line, ']');
-        if (r) *r = 0;
-        snprintf(section, sizeof section, "%.120s", line + 1);
-        continue;
-      }
-      char *eq = strstr(line, " = ");
-      if (!eq || line[0] == '#' || line[0] == ';') continue;
-      *eq = 0;
-      char key[400];
-      snprintf(key, sizeof key, "%.120s.%.200s", section, line);
-      char *a = ini_value(saved, key), *b = ini_value(now, key);
-      if (pass == 1 && b) { /* seen in pass 0 */
-        free(a);
-        free(b);
-        continue;
-      }
-      const char *va = a ? a : "(unset)", *vb = b ? b : "(unset)";
-      if (strcmp(va, vb) != 0 && !operational_key(key)) {
-        if (structural_key(key))
-          rc = kdp_fail(err, KDP_EMISMATCH,
-                        "the checkpoint in %s/checkpoints does not match this run: %s was '%s', "
-                        "now '%s'. Use the original setting, another run.dir, or --fresh",
-                        t->cfg->dir, key, va, vb);
-        else if (!t->allow_change)
-          rc = kdp_fail(err, KDP_EMISMATCH,
-                        "the checkpoint in %s/checkpoints was made with %s = '%s', this run has "
-                        "'%s'. Rerun with --allow-config-change to resume with the new value (it "
-                        "is logged), or use --fresh to start over",
-                        t->cfg->dir, key, va, vb);
-        else if (t->is_root) {
-          fprintf(stderr, "kdpeers: resuming with a changed setting: %s '%s' -> '%s'\n", key, va,
-                  vb);
-          /* logged to metrics.jsonl once it is open */
-          size_t n = t->n_changes < KDP_MAX_CHANGES ? t->n_changes++ : KDP_MAX_CHANGES - 1;
-          snprintf(t->changes[n].key, sizeof t->changes[n].key, "%s", key);
-          snprintf(t->changes[n].old_value, sizeof t->changes[n].old_value, "%s", va);
-          snprintf(t->changes[n].new_value, sizeof t->changes[n].new_value, "%s", vb);
-        }
-      }
-      free(a);
-      free(b);
-    }
+/* One key's difference between the checkpoint's config and this run's: structural ones are an
+   error, others are refused unless allowed (then logged once metrics.jsonl is open). */
+static int compare_key(kdp_trainer *t, const char *key, const char *va, const char *vb,
+                       kdp_error *err) {
+  if (strcmp(va, vb) == 0 || operational_key(key)) return 0;
+  if (structural_key(key))
+    return kdp_fail(err, KDP_EMISMATCH,
+                    "the checkpoint in %s/checkpoints does not match this run: %s was '%s', now "
+                    "'%s'. Use the original setting, another run.dir, or --fresh",
+                    t->cfg->dir, key, va, vb);
+  if (!t->allow_change)
+    return kdp_fail(err, KDP_EMISMATCH,
+                    "the checkpoint in %s/checkpoints was made with %s = '%s', this run has '%s'. "
+                    "Rerun with --allow-config-change to resume with the new value (it is "
+                    "logged), or use --fresh to start over",
+                    t->cfg->dir, key, va, vb);
+  if (t->is_root) {
+    fprintf(stderr, "kdpeers: resuming with a changed setting: %s '%s' -> '%s'\n", key, va, vb);
+    size_t n = t->n_changes < KDP_MAX_CHANGES ? t->n_changes++ : KDP_MAX_CHANGES - 1;
+    snprintf(t->changes[n].key, sizeof t->changes[n].key, "%s", key);
+    snprintf(t->changes[n].old_value, sizeof t->changes[n].old_value, "%s", va);
+    snprintf(t->changes[n].new_value, sizeof t->changes[n].new_value, "%s", vb);
   }
+  return 0;
+}
+
+/* Compares every key of the checkpoint's config text with this run's. */
+static int compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err) {
+  enum { MAX_KEYS = 512 };
+  ini_pair *a = kdp_xcalloc(MAX_KEYS, sizeof *a), *b = kdp_xcalloc(MAX_KEYS, sizeof *b);
+  size_t na = ini_pairs(saved, a, MAX_KEYS), nb = ini_pairs(now, b, MAX_KEYS);
+  int rc = 0;
+  for (size_t i = 0; i < nb && rc == 0; i++) {
+    const char *old = ini_find(a, na, b[i].key);
+    rc = compare_key(t, b[i].key, old ? old : "(unset)", b[i].value, err);
+  }
+  for (size_t i = 0; i < na && rc == 0; i++)
+    if (!ini_find(b, nb, a[i].key)) rc = compare_key(t, a[i].key, a[i].value, "(unset)", err);
+  free(a);
+  free(b);
   return rc;
 }
 

@@ -194,24 +194,8 @@ static char *render_metrics(kdp_trainer *t) {
 }
 
 static void json_kv_str(FILE *f, const char *k, const char *v, int comma) {
-  fprintf(f, "%s\"%s\":\"", comma ? "," : "", k);
-  for (; *v; v++) {
-    unsigned char c = (unsigned char)*v;
-    if (c == '"' || c == '\\')
-      fprintf(f, "\\%c", c);
-    else if (c < 0x20)
-      fprintf(f, "\\u%04x", c);
-    else
-      fputc(c, f);
-  }
-  fputc('"', f);
-}
-
-static void json_num(FILE *f, double v) {
-  if (isfinite(v))
-    fprintf(f, "%.9g", v);
-  else
-    fputs("null", f);
+  fprintf(f, "%s\"%s\":", comma ? "," : "", k);
+  kdp_json_str(f, v);
 }
 
 static char *render_status(kdp_trainer *t) {
@@ -234,26 +218,24 @@ static char *render_status(kdp_trainer *t) {
   fputs(",\"peer_arch\":[", f);
   for (int p = 0; p < t->P; p++) {
     if (p) fputc(',', f);
-    fputc('"', f);
-    fputs(kdp_config_peer_arch(c, p), f);
-    fputc('"', f);
+    kdp_json_str(f, kdp_config_peer_arch(c, p));
   }
   fputs("]},\"progress\":{", f);
   fprintf(f, "\"step\":%lld,\"total_steps\":%lld,\"epoch\":", (long long)t->step,
           (long long)t->total_steps);
-  json_num(f, t->steps_per_epoch ? (double)t->step / (double)t->steps_per_epoch : 0);
+  kdp_json_num(f, t->steps_per_epoch ? (double)t->step / (double)t->steps_per_epoch : 0);
   fputs(",\"eta_seconds\":", f);
-  json_num(f, eta);
+  kdp_json_num(f, eta);
   fprintf(f, ",\"train_seconds\":%.3f,\"paused\":%s,\"lr_scale\":%.9g,\"temperature\":%.9g,"
              "\"kd_weight\":%.9g},\"peers\":[",
           t->train_time, t->paused ? "true" : "false", t->lr_scale, t->temperature, t->kd_weight);
   for (int p = 0; p < t->P; p++) {
     fprintf(f, "%s{\"peer\":%d,\"ce\":", p ? "," : "", p);
-    json_num(f, lv->peer_ce[p]);
+    kdp_json_num(f, lv->peer_ce[p]);
     fputs(",\"kd\":", f);
-    json_num(f, lv->peer_kd[p]);
+    kdp_json_num(f, lv->peer_kd[p]);
     fputs(",\"train_acc\":", f);
-    json_num(f, lv->peer_acc[p]);
+    kdp_json_num(f, lv->peer_acc[p]);
     fputc('}', f);
   }
   fputs("],\"eval\":{", f);
@@ -262,13 +244,13 @@ static char *render_status(kdp_trainer *t) {
   int n = kdp_metrics_last_evals(names, accs, losses, 80);
   for (int i = 0; i < n; i++) {
     fprintf(f, "%s\"%s\":{\"acc\":", i ? "," : "", names[i]);
-    json_num(f, accs[i]);
+    kdp_json_num(f, accs[i]);
     fputs(",\"loss\":", f);
-    json_num(f, losses[i]);
+    kdp_json_num(f, losses[i]);
     fputc('}', f);
   }
   fprintf(f, "},\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);
-  json_num(f, lv->last_ckpt_step >= 0 ? kdp_now() - lv->last_ckpt_wall : -1);
+  kdp_json_num(f, lv->last_ckpt_step >= 0 ? kdp_now() - lv->last_ckpt_wall : -1);
   fprintf(f, ",\"every_steps\":%lld,\"every_minutes\":%.9g,\"keep\":%d}}", (long long)c->ckpt_every_steps,
           c->ckpt_every_minutes, c->ckpt_keep);
   fclose(f);

@@ -40,7 +40,7 @@ static void fmt_dur(char *buf, size_t n, double s) {
 }
 
 /* JSON string escaping for the few strings we write (names, arch, paths) */
-static void json_str(FILE *f, const char *s) {
+void kdp_json_str(FILE *f, const char *s) {
   fputc('"', f);
   for (; *s; s++) {
     unsigned char c = (unsigned char)*s;
@@ -55,7 +55,7 @@ static void json_str(FILE *f, const char *s) {
 }
 
 /* JSON has no NaN/Inf: write null */
-static void json_num(FILE *f, double v) {
+void kdp_json_num(FILE *f, double v) {
   if (isfinite(v))
     fprintf(f, "%.6g", v);
   else
@@ -80,9 +80,9 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
   g_nrows = 0;
   fprintf(t->metrics, "{\"event\":\"start\",\"peers\":%d,\"ranks\":%d,\"method\":", t->P,
           t->d->world_size);
-  json_str(t->metrics, t->P > 1 ? t->cfg->method : "independent");
+  kdp_json_str(t->metrics, t->P > 1 ? t->cfg->method : "independent");
   fputs(",\"arch\":", t->metrics);
-  json_str(t->metrics, t->cfg->arch);
+  kdp_json_str(t->metrics, t->cfg->arch);
   fprintf(t->metrics,
           ",\"params\":%zu,\"steps\":%lld,\"steps_per_epoch\":%lld,\"seed\":%llu,"
           "\"resumed_at\":%lld}\n",
@@ -95,9 +95,9 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
 void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value) {
   if (!t->metrics) return;
   fputs("{\"event\":", t->metrics);
-  json_str(t->metrics, name);
+  kdp_json_str(t->metrics, name);
   fprintf(t->metrics, ",\"step\":%lld,\"value\":", (long long)step);
-  json_num(t->metrics, value);
+  kdp_json_num(t->metrics, value);
   fputs("}\n", t->metrics);
   fflush(t->metrics);
 }
@@ -106,11 +106,11 @@ void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_
                                const char *new_value) {
   if (!t->metrics) return;
   fputs("{\"event\":\"config_change\",\"key\":", t->metrics);
-  json_str(t->metrics, key);
+  kdp_json_str(t->metrics, key);
   fputs(",\"old\":", t->metrics);
-  json_str(t->metrics, old_value);
+  kdp_json_str(t->metrics, old_value);
   fputs(",\"new\":", t->metrics);
-  json_str(t->metrics, new_value);
+  kdp_json_str(t->metrics, new_value);
   fprintf(t->metrics, ",\"step\":%lld}\n", (long long)t->step);
   fflush(t->metrics);
 }
@@ -131,11 +131,11 @@ void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *mo
   if (t->metrics) {
     fprintf(t->metrics, "{\"event\":\"eval\",\"epoch\":%.4g,\"step\":%lld,\"model\":", epoch,
             (long long)step);
-    json_str(t->metrics, model);
+    kdp_json_str(t->metrics, model);
     fputs(",\"acc\":", t->metrics);
-    json_num(t->metrics, acc);
+    kdp_json_num(t->metrics, acc);
     fputs(",\"loss\":", t->metrics);
-    json_num(t->metrics, loss);
+    kdp_json_num(t->metrics, loss);
     fputs("}\n", t->metrics);
     fflush(t->metrics);
   }
@@ -177,11 +177,11 @@ void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss
   if (t->metrics) {
     fprintf(t->metrics, "{\"event\":\"train\",\"epoch\":%.4g,\"step\":%lld,\"loss\":", epoch,
             (long long)step);
-    json_num(t->metrics, loss);
+    kdp_json_num(t->metrics, loss);
     fputs(",\"kd\":", t->metrics);
-    json_num(t->metrics, kd);
+    kdp_json_num(t->metrics, kd);
     fputs(",\"acc\":", t->metrics);
-    json_num(t->metrics, acc);
+    kdp_json_num(t->metrics, acc);
     fprintf(t->metrics, ",\"lr\":%.6g,\"samples_per_second\":%.1f}\n", lr, sps);
   }
   if (t->tty < 0) return;
@@ -229,7 +229,7 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
       fputs(",\"acc_", t->metrics);
       fputs(g_rows[i].name, t->metrics);
       fputs("\":", t->metrics);
-      json_num(t->metrics, g_rows[i].acc);
+      kdp_json_num(t->metrics, g_rows[i].acc);
     }
     fputs("}\n", t->metrics);
     fflush(t->metrics);
@@ -262,7 +262,7 @@ void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double
   if (!t->metrics) return;
   fprintf(t->metrics, "{\"event\":\"control\",\"id\":%llu,\"step\":%lld,\"action\":",
           (unsigned long long)id, (long long)t->step);
-  json_str(t->metrics, action);
+  kdp_json_str(t->metrics, action);
   if (!isnan(lr_scale)) fprintf(t->metrics, ",\"lr_scale\":%.9g", lr_scale);
   if (!isnan(temperature)) fprintf(t->metrics, ",\"temperature\":%.9g", temperature);
   if (!isnan(kd_weight)) fprintf(t->metrics, ",\"kd_weight\":%.9g", kd_weight);

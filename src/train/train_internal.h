@@ -128,6 +128,9 @@ void kdp_trace_mark(kdp_trainer *t, const char *name, double t0, double t1);
 int kdp_trace_finish(kdp_trainer *t, kdp_error *err);
 
 /* metrics.c */
+/* a JSON string (escaped) / number (null for NaN and Inf) */
+void kdp_json_str(FILE *f, const char *s);
+void kdp_json_num(FILE *f, double v);
 /* the last evaluation's figures, by model name; returns the count */
 int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int max);
 /* {"event":"control",...}; NaN values are left out */

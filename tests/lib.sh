@@ -1,0 +1,28 @@
+# shellcheck shell=bash disable=SC2034
+# tests/lib.sh: sourced by the shell test scripts: the environment, a temp dir, ok/FAIL counting.
+# After sourcing: $exe (the kdpeers binary, first argument), $src (source root), $tmp (removed at
+# exit), expect DESC CMD..., and finish NAME (prints "NAME: N passed, M failed" and sets the exit).
+exe="${1:?usage: $0 PATH/TO/kdpeers}"
+src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+# shellcheck source=launch/env.sh
+. "$src/launch/env.sh"
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   - $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL - $1"; }
+expect() { # expect DESC CMD...: CMD succeeds
+  local d="$1"
+  shift
+  if "$@"; then ok "$d"; else bad "$d"; fi
+}
+finish() {
+  echo "$1: $pass passed, $fail failed"
+  [ "$fail" = 0 ]
+}
