@@ -37,6 +37,7 @@ static void usage(FILE *f) {
           "  kdpeers export RUN_DIR --peer N -o F  a standalone student model file (.kdpm)\n"
           "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
           "  [mpirun -np N] kdpeers serve RUN_DIR  serve /predict from a saved run, no training\n"
+          "  kdpeers plot RUN_DIR [-o F.svg]       learning curves (every run writes curves.svg)\n"
           "  kdpeers predict MODEL [IMAGES|-] [--top]  labels and probabilities; IMAGES is an IDX\n"
           "                                        file, '-' reads raw uint8 pixels from stdin\n"
           "\n"
@@ -185,6 +186,23 @@ static int run_tool(int argc, char **argv) {
       return EXIT_USAGE;
     }
     return kdp_tool_eval(path, &cfg);
+  }
+  if (strcmp(cmd, "plot") == 0) {
+    if (argc != 3 && !(argc == 5 && strcmp(argv[3], "-o") == 0)) {
+      fprintf(stderr, "usage: kdpeers plot RUN_DIR [-o curves.svg]\n");
+      return EXIT_USAGE;
+    }
+    char out[4200], why[512];
+    if (argc == 5)
+      snprintf(out, sizeof out, "%s", argv[4]);
+    else
+      snprintf(out, sizeof out, "%s/curves.svg", argv[2]);
+    if (kdp_plot_run(argv[2], out, why, sizeof why) != 0) {
+      fprintf(stderr, "kdpeers plot: %s\n", why);
+      return 1;
+    }
+    printf("%s\n", out);
+    return 0;
   }
   if (strcmp(cmd, "predict") == 0) {
     const char *model = NULL, *input = NULL;

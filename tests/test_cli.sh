@@ -55,6 +55,21 @@ expect "2 epochs on 3000 examples reach > 70% test accuracy (got $acc)" \
 expect "plain log lines are timestamped" grep -qE "^20[0-9]{2}-[0-9]{2}-[0-9]{2}T" "$tmp/e1"
 expect "the summary table is printed" grep -q "test acc" "$tmp/e1"
 
+# --- learning curves: every run writes curves.svg; kdpeers plot redraws it ---
+svg="$tmp/r1/curves.svg"
+expect "the run wrote curves.svg" test -s "$svg"
+if command -v xmllint >/dev/null; then
+  expect "curves.svg is well-formed XML" xmllint --noout "$svg"
+else
+  bad "xmllint is missing (launch/setup installs libxml2-utils)"
+fi
+expect "curves.svg draws a curve for peer0 in both panels" test "$(grep -c '<polyline' "$svg")" = 2
+expect "curves.svg has a legend entry for peer0" grep -q '>peer0 ' "$svg"
+"$exe" plot "$tmp/r1" -o "$tmp/again.svg" >/dev/null
+expect "kdpeers plot RUN_DIR -o FILE redraws the same figure" cmp -s "$svg" "$tmp/again.svg"
+"$exe" plot "$tmp/nowhere" >"$tmp/o" 2>&1
+expect "kdpeers plot of a missing run fails clearly" grep -q "cannot read" "$tmp/o"
+
 # --- determinism: the same seed gives identical eval lines ---
 "$exe" "${common[@]}" -s run.dir="$tmp/r2" >/dev/null 2>&1
 expect "same seed, same results" cmp -s <(grep '"event":"eval"' "$m") \

@@ -18,6 +18,10 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg);
    One line per image: "index label p0 p1 ...". top_only prints only index and label. */
 int kdp_tool_predict(const char *model_path, const char *input, int top_only);
 
+/* Learning curves: an SVG of test accuracy and loss against epoch for every evaluated model
+   (peers, ensemble, teacher) from RUN_DIR/metrics.jsonl. Returns 0, or -1 with why filled. */
+int kdp_plot_run(const char *run_dir, const char *out_path, char *why, size_t why_len);
+
 /* kdpeers serve RUN_DIR in one process: /predict answered by every peer of the run's newest
    checkpoint and their ensemble (no method teacher), /metrics, /status, /control stop. */
 int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg);

@@ -15,6 +15,7 @@
 #include "kdpeers/data.h"
 #include "kdpeers/kd.h"
 #include "kdpeers/nn.h"
+#include "kdpeers/tools.h"
 #include "train_internal.h"
 
 #define EVAL_BATCH 500
@@ -689,7 +690,15 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     sm.rss_mb_mean = kdp_dist_sum(d, rss) / (double)d->world_size;
     sm.pss_mb_total = kdp_dist_sum(d, pss);
     sm.bytes_per_step = t->step > step0 ? d->bytes_exchanged / (double)(t->step - step0) : 0;
-    if (t->is_root) kdp_metrics_summary(t, &sm);
+    if (t->is_root) {
+      kdp_metrics_summary(t, &sm);
+      /* the learning curves, next to the metrics */
+      char svg[KDP_PATH + 32], why[512];
+      snprintf(svg, sizeof svg, "%s/curves.svg", cfg->dir);
+      fflush(t->metrics);
+      if (kdp_plot_run(cfg->dir, svg, why, sizeof why) != 0)
+        fprintf(stderr, "kdpeers: warning: no learning curves: %s\n", why);
+    }
   }
   if (rc == 0 || rc == KDP_ESTOPPED) {
     kdp_error terr;
