@@ -81,6 +81,12 @@ for r in 000 001; do
     test "$(jq -r '[.traceEvents[].name] | (index("forward") != null) and (index("wait") != null) and (index("exchange+kd") != null) and (index("backward") != null)' "$f" 2>/dev/null)" = true
 done
 
+# --- launch/compare: seeds x methods -> a markdown table ---
+"$src/launch/compare" -np 2 --seeds 2 --methods independent,dml --runs "$tmp/cmp" --out "$tmp/cmp.md" -- \
+  -s data.subset=1024 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(32)" >/dev/null 2>&1
+expect "launch/compare writes a row per method" test "$(grep -c '^| `' "$tmp/cmp.md")" = 2
+expect "launch/compare reports mean +- std for peers and the ensemble" grep -qE '^\| `dml` \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \|' "$tmp/cmp.md"
+
 # --- layout errors ---
 run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.out" 2>&1
 rc=$?
