@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -1004,6 +1005,28 @@ START_TEST(test_fashion_mnist) {
 }
 END_TEST
 
+/* a gzip file whose header promises ~12 GB of pixels but holds a few bytes is reported as
+   truncated without first allocating what the header claims (found by fuzz_idx) */
+START_TEST(test_idx_gz_huge_header) {
+  struct rlimit rl = {(rlim_t)2 << 30, (rlim_t)2 << 30}; /* 2 GiB address space (forked test) */
+  ck_assert_int_eq(setrlimit(RLIMIT_AS, &rl), 0);
+  uint8_t img[16 + 64] = {0}, lab[8 + 4] = {0};
+  put_be32(img, 0x803);
+  put_be32(img + 4, 15000000); /* 15M images of 28x28: 11.8 GB */
+  put_be32(img + 8, 28);
+  put_be32(img + 12, 28);
+  put_be32(lab, 0x801);
+  put_be32(lab + 4, 4);
+  const char *pi = write_bytes("huge-img.gz", img, sizeof img, 1);
+  const char *pl = write_bytes("huge-lab.gz", lab, sizeof lab, 1);
+  kdp_dataset ds;
+  kdp_error err;
+  int rc = kdp_idx_load(&ds, pi, pl, &err);
+  ck_assert_msg(rc == KDP_EIO, "expected KDP_EIO (truncated), got %d: %s", rc, err.msg);
+  ck_assert_msg(strstr(err.msg, "truncated") != NULL, "message: %s", err.msg);
+}
+END_TEST
+
 static Suite *data_suite(void) {
   Suite *s = suite_create("data");
   TCase *core = tcase_create("core");
@@ -1032,6 +1055,7 @@ static Suite *data_suite(void) {
   TCase *limits = tcase_create("limits");
   tcase_add_checked_fixture(limits, setup, teardown);
   tcase_add_test(limits, test_idx_missing);
+  tcase_add_test(limits, test_idx_gz_huge_header);
   tcase_add_test(limits, test_idx_bad_magic);
   tcase_add_test(limits, test_idx_swapped);
   tcase_add_test(limits, test_idx_truncated_images);

@@ -122,6 +122,30 @@ static long long raw_size(gzFile f, const char *path) {
   return (long long)st.st_size;
 }
 
+/* Reads exactly n bytes into a new buffer. For compressed input the size is unknown until the data
+   is decompressed, so the buffer grows with what actually arrives (a corrupt header promising
+   gigabytes costs no more memory than the data behind it). Returns the buffer (NULL when out of
+   memory) and the count read in *got. */
+static uint8_t *gz_read_alloc(gzFile f, size_t n, int known_size, size_t *got) {
+  size_t cap = known_size || n < ((size_t)64 << 20) ? n : ((size_t)64 << 20);
+  uint8_t *buf = malloc(cap ? cap : 1);
+  *got = 0;
+  if (!buf) return NULL;
+  for (;;) {
+    size_t r = gz_read_all(f, buf + *got, cap - *got);
+    *got += r;
+    if (*got < cap || cap == n) return buf; /* short read, or everything */
+    size_t next = cap * 2 < n ? cap * 2 : n;
+    uint8_t *nb = realloc(buf, next);
+    if (!nb) {
+      free(buf);
+      return NULL;
+    }
+    buf = nb;
+    cap = next;
+  }
+}
+
 static int idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H, size_t *W,
                            kdp_error *err) {
   gzFile f = NULL;
@@ -160,12 +184,11 @@ static int idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H
                   bytes, fsz - 16);
     goto fail;
   }
-  uint8_t *buf = malloc(bytes);
+  uint8_t *buf = gz_read_alloc(f, bytes, fsz >= 0, &got);
   if (!buf) {
     rc = kdp_fail(err, KDP_ENOMEM, "%s: cannot allocate %zu bytes for the images", path, bytes);
     goto fail;
   }
-  got = gz_read_all(f, buf, bytes);
   if (got < bytes) {
     free(buf);
     rc = kdp_fail(err, KDP_EIO,
@@ -219,13 +242,12 @@ static int idx_read_labels(const char *path, uint8_t **out, size_t *n, kdp_error
                   path, (unsigned long long)nn, fsz - 8);
     goto fail;
   }
-  uint8_t *buf = malloc((size_t)nn);
+  uint8_t *buf = gz_read_alloc(f, (size_t)nn, fsz >= 0, &got);
   if (!buf) {
     rc = kdp_fail(err, KDP_ENOMEM, "%s: cannot allocate %llu bytes for the labels", path,
                   (unsigned long long)nn);
     goto fail;
   }
-  got = gz_read_all(f, buf, (size_t)nn);
   if (got < nn) {
     free(buf);
     rc = kdp_fail(err, KDP_EIO,

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Builds every libFuzzer target with clang (ASan + UBSan) and runs each for a bounded time on a
+# scratch copy of its committed seed corpus. Fails if any target crashes, leaks or trips a
+# sanitizer. Usage: tests/fuzz/run.sh [SECONDS per target, default 20] [BUILD_DIR]
+set -uo pipefail
+secs="${1:-20}"
+src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}"
+out="${2:-$src/build/fuzz}"
+cd "$src" || exit 1
+if ! command -v clang >/dev/null; then
+  echo "fuzz: clang is missing (launch/setup installs it): skipped"
+  exit 77
+fi
+probe=$(mktemp -d)
+trap 'rm -rf "$probe"' EXIT
+printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' >"$probe/p.c"
+if ! clang -fsanitize=fuzzer "$probe/p.c" -o "$probe/p" 2>/dev/null; then
+  echo "fuzz: clang's libFuzzer runtime is missing (Debian: libclang-rt-14-dev): skipped"
+  exit 77
+fi
+mkdir -p "$out"
+cflags=(-g -O1 "-fsanitize=fuzzer,address,undefined" -fno-sanitize-recover=undefined -D_GNU_SOURCE
+  -Iinclude -Itests/fuzz -Isrc/serve)
+libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas)
+core=(src/common.c)
+declare -A srcs=(
+  [config]="src/config/config.c"
+  [idx]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
+  [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
+  [ckpt]="src/ckpt/ckpt.c"
+  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
+  [http]="src/serve/core.c src/serve/http.c src/serve/routes.c"
+)
+pass=0
+fail=0
+for t in config idx cifar ckpt model http; do
+  exe="$out/fuzz_$t"
+  # shellcheck disable=SC2086
+  if ! clang "${cflags[@]}" "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm \
+    >"$out/build_$t.log" 2>&1; then
+    echo "FAIL - fuzz_$t does not build:"
+    sed 's/^/    /' "$out/build_$t.log" | head -20
+    fail=$((fail + 1))
+    continue
+  fi
+  corpus="$out/corpus_$t"
+  rm -rf "$corpus"
+  mkdir -p "$corpus"
+  cp -r "tests/fuzz/corpus/$t/." "$corpus/" 2>/dev/null || true
+  (cd "$out" && UBSAN_OPTIONS=halt_on_error=1 "$exe" -max_total_time="$secs" -rss_limit_mb=2048 \
+    -max_len=65536 -print_final_stats=1 -artifact_prefix="$out/crash_${t}_" "$corpus" >"$out/run_$t.log" 2>&1)
+  rc=$?
+  execs=$(grep -m1 'stat::number_of_executed_units' "$out/run_$t.log" | awk '{ print $2 }')
+  if [ "$rc" = 0 ]; then
+    echo "ok   - fuzz_$t: ${execs:-?} inputs in ${secs}s, no crash, leak or sanitizer report"
+    pass=$((pass + 1))
+  else
+    echo "FAIL - fuzz_$t (exit $rc):"
+    grep -E 'ERROR|SUMMARY|runtime error|leak' "$out/run_$t.log" | head -10 | sed 's/^/    /'
+    ls "$out"/crash_"${t}"_* 2>/dev/null | sed 's/^/    artifact: /'
+    fail=$((fail + 1))
+  fi
+done
+rm -f /tmp/kdpfuzz-* 2>/dev/null
+echo "fuzz: $pass passed, $fail failed"
+[ "$fail" = 0 ]
