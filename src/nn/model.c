@@ -221,18 +221,20 @@ static int b_shortcut_a(kdp_model *m, int in, size_t cout, size_t stride) {
   return out;
 }
 
+/* "prefix.suffix" in buf (tensor names of blocks) */
+static const char *sub(char *buf, size_t n, const char *prefix, const char *suffix) {
+  snprintf(buf, n, "%s.%s", prefix, suffix);
+  return buf;
+}
+
 /* CIFAR ResNet basic block (He et al. 2016, option A shortcuts). */
 static int resnet_block(kdp_model *m, int x, size_t planes, size_t stride, const char *name) {
-  char n1[64], n2[64];
-  snprintf(n1, sizeof n1, "%s.conv1", name);
-  int h = b_conv(m, x, planes, 3, stride, 1, 0, n1);
-  snprintf(n1, sizeof n1, "%s.bn1", name);
-  h = b_bn(m, h, n1);
+  char t[64];
+  int h = b_conv(m, x, planes, 3, stride, 1, 0, sub(t, sizeof t, name, "conv1"));
+  h = b_bn(m, h, sub(t, sizeof t, name, "bn1"));
   h = b_simple(m, KDP_OP_RELU, h);
-  snprintf(n2, sizeof n2, "%s.conv2", name);
-  h = b_conv(m, h, planes, 3, 1, 1, 0, n2);
-  snprintf(n2, sizeof n2, "%s.bn2", name);
-  h = b_bn(m, h, n2);
+  h = b_conv(m, h, planes, 3, 1, 1, 0, sub(t, sizeof t, name, "conv2"));
+  h = b_bn(m, h, sub(t, sizeof t, name, "bn2"));
   int sc = x;
   if (stride != 1 || m->acts[x].C != planes) sc = b_shortcut_a(m, x, planes, stride);
   h = b_add(m, h, sc);
@@ -269,21 +271,14 @@ static void build_wrn(kdp_model *m, int x, int depth, int widen) {
       size_t stride = (s > 0 && i == 0) ? 2 : 1;
       size_t outc = widths[s + 1];
       int equal = m->acts[h].C == outc && stride == 1;
-      snprintf(t, sizeof t, "%s.bn1", name);
-      int a = b_bn(m, h, t);
+      int a = b_bn(m, h, sub(t, sizeof t, name, "bn1"));
       a = b_simple(m, KDP_OP_RELU, a);
-      snprintf(t, sizeof t, "%s.conv1", name);
-      int c = b_conv(m, a, outc, 3, stride, 1, 0, t);
-      snprintf(t, sizeof t, "%s.bn2", name);
-      c = b_bn(m, c, t);
+      int c = b_conv(m, a, outc, 3, stride, 1, 0, sub(t, sizeof t, name, "conv1"));
+      c = b_bn(m, c, sub(t, sizeof t, name, "bn2"));
       c = b_simple(m, KDP_OP_RELU, c);
-      snprintf(t, sizeof t, "%s.conv2", name);
-      c = b_conv(m, c, outc, 3, 1, 1, 0, t);
+      c = b_conv(m, c, outc, 3, 1, 1, 0, sub(t, sizeof t, name, "conv2"));
       int sc = h;
-      if (!equal) {
-        snprintf(t, sizeof t, "%s.convShortcut", name);
-        sc = b_conv(m, a, outc, 1, stride, 0, 0, t);
-      }
+      if (!equal) sc = b_conv(m, a, outc, 1, stride, 0, 0, sub(t, sizeof t, name, "convShortcut"));
       h = b_add(m, c, sc);
     }
   h = b_bn(m, h, "bn1");
