@@ -7,6 +7,7 @@ secs="${1:-20}"
 src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}"
 out="${2:-$src/build/fuzz}"
 cd "$src" || exit 1
+export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 if ! command -v clang >/dev/null; then
   echo "fuzz: clang is missing (launch/setup installs it): skipped"
   exit 77
@@ -31,9 +32,29 @@ declare -A srcs=(
   [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
   [http]="src/serve/core.c src/serve/http.c src/serve/routes.c"
 )
+# Tokens of the arch-string grammar for fuzz_model (libFuzzer splices them into the "arch" entry)
+cat >"$out/model.dict" <<'EOF'
+"seq:"
+"conv("
+",bn"
+",relu"
+"maxpool(2)"
+"avgpool(2)"
+",gap"
+",flatten"
+"dropout(0.5)"
+"dense("
+"mlp("
+"cnn"
+"resnet20"
+"wrn10_1"
+"),"
+",3,1,1)"
+EOF
 pass=0
 fail=0
-for t in config idx cifar ckpt model http; do
+# KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
+for t in ${KDP_FUZZ_TARGETS:-config idx cifar ckpt model http}; do
   exe="$out/fuzz_$t"
   # shellcheck disable=SC2086
   if ! clang "${cflags[@]}" "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm \
@@ -43,12 +64,16 @@ for t in config idx cifar ckpt model http; do
     fail=$((fail + 1))
     continue
   fi
+  rm -f "$out"/crash_"${t}"_*
   corpus="$out/corpus_$t"
   rm -rf "$corpus"
   mkdir -p "$corpus"
   cp -r "tests/fuzz/corpus/$t/." "$corpus/" 2>/dev/null || true
+  dict=()
+  [ -f "$out/$t.dict" ] && dict=("-dict=$out/$t.dict")
   (cd "$out" && UBSAN_OPTIONS=halt_on_error=1 "$exe" -max_total_time="$secs" -rss_limit_mb=2048 \
-    -max_len=65536 -print_final_stats=1 -artifact_prefix="$out/crash_${t}_" "$corpus" >"$out/run_$t.log" 2>&1)
+    -max_len=65536 -print_final_stats=1 "${dict[@]}" -artifact_prefix="$out/crash_${t}_" "$corpus" \
+    >"$out/run_$t.log" 2>&1)
   rc=$?
   execs=$(grep -m1 'stat::number_of_executed_units' "$out/run_$t.log" | awk '{ print $2 }')
   if [ "$rc" = 0 ]; then
@@ -57,10 +82,11 @@ for t in config idx cifar ckpt model http; do
   else
     echo "FAIL - fuzz_$t (exit $rc):"
     grep -E 'ERROR|SUMMARY|runtime error|leak' "$out/run_$t.log" | head -10 | sed 's/^/    /'
-    ls "$out"/crash_"${t}"_* 2>/dev/null | sed 's/^/    artifact: /'
+    for a in "$out"/crash_"${t}"_*; do
+      [ -e "$a" ] && echo "    artifact: $a"
+    done
     fail=$((fail + 1))
   fi
 done
-rm -f /tmp/kdpfuzz-* 2>/dev/null
 echo "fuzz: $pass passed, $fail failed"
 [ "$fail" = 0 ]
