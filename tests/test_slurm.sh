@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# kdpeers under a real (one-node, throw-away) Slurm cluster: launch/kdpeers.sbatch runs 2 peers by
+# srun --mpi=pmix; a USR1 to the batch shell checkpoints, exits 75, requeues the job and the
+# requeued job resumes and finishes; the same with launch/kdpeers-mpirun.sbatch; without requeue the
+# printed sbatch command resumes; srun without an MPI plugin (or no launcher at all) fails with an
+# explanation. Needs root and Debian's slurm-wlm + munge (installed if missing); exits 77 (skip)
+# only if they cannot be installed or started.   Usage: tests/test_slurm.sh PATH/TO/kdpeers
+set -uo pipefail
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+# shellcheck source=tests/slurm/cluster.sh
+. "$src/tests/slurm/cluster.sh"
+t0=$SECONDS
+
+skip() {
+  echo "slurm: SKIP - $1"
+  exit 77
+}
+[ "$(id -u)" = 0 ] || skip "needs root (the test cluster runs slurmctld/slurmd as root)"
+export PATH="$PATH:/usr/sbin"
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+  echo "slurm: installing slurm-wlm and munge"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge \
+    >"$tmp/apt.log" 2>&1; then
+    apt-get update -qq >/dev/null 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge \
+      >"$tmp/apt.log" 2>&1 || skip "cannot install slurm-wlm munge: $(tail -n 2 "$tmp/apt.log")"
+  fi
+fi
+
+cl="$tmp/cluster"
+chmod 755 "$tmp" # munged wants every directory above its socket open to all
+trap 'slurm_down "$cl"; cleanup' EXIT
+slurm_up "$cl" || skip "cannot start the test cluster: $slurm_why"
+echo "# cluster up in $((SECONDS - t0)) s (SLURM_CONF=$SLURM_CONF)"
+# the jobs run this build of kdpeers, from this checkout (absolute paths: jobs run elsewhere)
+exe="$(cd "$(dirname "$exe")" && pwd)/$(basename "$exe")"
+src="$(cd "$src" && pwd)"
+export KDPEERS="$exe" KDP_ROOT="$src"
+work="$cl/work"
+cd "$work" || exit 1
+
+ended() { case "$1" in COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | BOOT_FAIL | DEADLINE) return 0 ;; esac; return 1; }
+state() { scontrol show job "$1" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p'; }
+field() { scontrol show job "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
+# wait_done JOBID SECONDS: until the job has ended (COMPLETED, FAILED, ...), prints the state
+wait_done() {
+  local end=$((SECONDS + $2)) s
+  while [ "$SECONDS" -lt "$end" ]; do
+    s=$(state "$1")
+    if ended "$s"; then
+      echo "$s"
+      return 0
+    fi
+    sleep 0.5
+  done
+  echo "TIMEOUT-WAITING($(state "$1"))"
+}
+# wait_for SECONDS CMD...: until CMD succeeds
+wait_for() {
+  local end=$((SECONDS + $1))
+  shift
+  local r
+  while [ "$SECONDS" -lt "$end" ]; do
+    "$@"
+    r=$?
+    [ "$r" = 0 ] && return 0
+    [ "$r" = 2 ] && return 2
+    sleep 0.2
+  done
+  return 1
+}
+restarted() {
+  [ "$(field "$1" Restarts)" -ge 1 ] 2>/dev/null && return 0
+  ended "$(state "$1")" && return 2
+  return 1
+}
+# training DIR JOBID: the job has written a train line (fails at once if the job has ended)
+training() {
+  grep -q '"event":"train"' "$1/metrics.jsonl" 2>/dev/null && return 0
+  ended "$(state "$2")" && return 2
+  return 1
+}
+# shellcheck disable=SC2012
+first_ckpt() { ls -d "$1"/checkpoints/step-* 2>/dev/null | head -n 1; }
+
+small=(-s data.subset=2048 -s data.test_subset=500 -s "model.arch=mlp(64)" -s run.progress=plain)
+# long enough to be mid-run when the signal lands (cosine schedule over 400 epochs), short overall
+long=("${small[@]}" -s run.epochs=400 -s run.max_steps=2000 -s run.log_every=10)
+
+expect "srun --mpi=list offers pmix" bash -c 'srun --mpi=list 2>&1 | grep -qw pmix'
+
+# (a) a short real job, 2 tasks, srun --mpi=pmix
+ta=$SECONDS
+a="$tmp/run-a"
+id=$(sbatch --parsable --ntasks=2 --time=5 --job-name=short "$src/launch/kdpeers.sbatch" \
+  "${small[@]}" -s run.epochs=2 -s run.dir="$a")
+st=$(wait_done "$id" 120)
+expect "(a) the job completes (state $st, exit $(field "$id" ExitCode))" test "$st" = COMPLETED
+expect "(a) the log goes to %x_%j = short_$id.out" test -s "short_$id.out"
+expect "(a) both peers trained in one MPI world of 2 ranks" grep -q '"event":"start","peers":2,"ranks":2' "$a/metrics.jsonl"
+for p in 0 1; do
+  expect "(a) eval lines for peer$p" grep -q '"event":"eval".*"model":"peer'$p'"' "$a/metrics.jsonl"
+done
+expect "(a) a summary line" grep -q '"event":"summary"' "$a/metrics.jsonl"
+expect "(a) srun used the pmix plugin" grep -q 'srun --mpi=pmix' "short_$id.out"
+echo "# (a) $((SECONDS - ta)) s"
+
+# (b) preemption: USR1 to the batch shell -> checkpoint, exit 75, requeue, resume, finish.
+# run.dir is left to its default, runs/$SLURM_JOB_NAME.
+tb=$SECONDS
+b="$work/runs/preempt"
+# --fresh: this submission starts over, the restarts must not
+id=$(sbatch --parsable --ntasks=2 --time=10 --job-name=preempt "$src/launch/kdpeers.sbatch" "${long[@]}" --fresh)
+if wait_for 120 training "$b" "$id"; then
+  ok "(b) the job is training in the default run.dir runs/preempt"
+else
+  bad "(b) no train line in runs/preempt/metrics.jsonl (state $(state "$id"))"
+fi
+scancel --signal=USR1 --batch "$id"
+if wait_for 60 restarted "$id"; then ok "(b) requeued: Restarts=1 (state $(state "$id"))"; else bad "(b) not requeued (state $(state "$id"), Restarts=$(field "$id" Restarts))"; fi
+log="preempt_$id.out"
+expect "(b) the batch shell forwarded the USR1" grep -q 'SIGUSR1: forwarding to srun' "$log"
+expect "(b) kdpeers exited 75 on every task" grep -q 'Exited with exit code 75' "$log"
+expect "(b) the script requeued the job" grep -q "requeued job $id" "$log"
+ck=$(first_ckpt "$b")
+expect "(b) it checkpointed (${ck#"$work/"}/MANIFEST.kdpc)" test -f "$ck/MANIFEST.kdpc"
+step=$(basename "${ck:-step-0}" | sed 's/^step-0*//')
+expect "(b) ...mid-run (step ${step:-?} < 2000)" test "${step:-2000}" -lt 2000
+st=$(wait_done "$id" 150)
+expect "(b) the requeued job completes (state $st, exit $(field "$id" ExitCode))" test "$st" = COMPLETED
+expect "(b) the requeued run resumed from the checkpoint at step $step" grep -q "resumed from the checkpoint at step $step " "$log"
+expect "(b) the restart dropped --fresh" grep -q "restart 1: ignoring --fresh" "$log"
+expect "(b) both runs logged to the same %x_%j file (restart 0 and restart 1)" grep -q "restart 1 on" "$log"
+expect "(b) it finished: summary line" grep -q '"event":"summary"' "$b/metrics.jsonl"
+expect "(b) ...at step 2000" test -d "$b/checkpoints/step-000000002000"
+expect "(b) one start line per run, the second resumed at $step" grep -q "\"resumed_at\":$step}" "$b/metrics.jsonl"
+echo "# (b) $((SECONDS - tb)) s"
+
+# (c) the same cycle with launch/kdpeers-mpirun.sbatch (mpirun inside the allocation)
+tc=$SECONDS
+c="$tmp/run-c"
+id=$(sbatch --parsable --ntasks=2 --time=10 --job-name=viampirun "$src/launch/kdpeers-mpirun.sbatch" \
+  "${long[@]}" -s run.dir="$c")
+wait_for 120 training "$c" "$id" || bad "(c) no train line (state $(state "$id"))"
+scancel --signal=USR1 --batch "$id"
+if wait_for 60 restarted "$id"; then ok "(c) mpirun: requeued after USR1"; else bad "(c) mpirun: not requeued (state $(state "$id"))"; fi
+log="viampirun_$id.out"
+expect "(c) mpirun forwarded the USR1" grep -q 'Forwarding signal 10' "$log"
+expect "(c) it checkpointed" test -f "$(first_ckpt "$c")/MANIFEST.kdpc"
+st=$(wait_done "$id" 150)
+expect "(c) the requeued job completes (state $st)" test "$st" = COMPLETED
+expect "(c) it resumed" grep -q "resumed from the checkpoint at step" "$log"
+expect "(c) summary line" grep -q '"event":"summary"' "$c/metrics.jsonl"
+expect "(c) 2 ranks under mpirun" grep -q '"event":"start","peers":2,"ranks":2' "$c/metrics.jsonl"
+echo "# (c) $((SECONDS - tc)) s"
+
+# (d) a job that may not be requeued: exit 75 stays visible and the printed command resumes
+td=$SECONDS
+d="$tmp/run-d"
+id=$(sbatch --parsable --no-requeue --ntasks=2 --time=10 --job-name=norequeue "$src/launch/kdpeers.sbatch" \
+  "${long[@]}" -s run.dir="$d" --fresh)
+wait_for 120 training "$d" "$id" || bad "(d) no train line (state $(state "$id"))"
+scancel --signal=USR1 --batch "$id"
+st=$(wait_done "$id" 60)
+expect "(d) --no-requeue: the job ends FAILED with exit 75 (state $st, $(field "$id" ExitCode))" \
+  test "$st/$(field "$id" ExitCode)" = "FAILED/75:0"
+log="norequeue_$id.out"
+expect "(d) the log says how to resume" grep -q 'to resume, resubmit' "$log"
+expect "(d) ...without --fresh" bash -c "grep -A1 'to resume, resubmit' '$log' | tail -n 1 | grep -qv -- --fresh"
+resub=$(grep -A1 'to resume, resubmit' "$log" | tail -n 1)
+id2=$(eval "${resub/ sbatch / sbatch --parsable }")
+if [[ "$id2" =~ ^[0-9]+$ ]]; then
+  st=$(wait_done "$id2" 150)
+  expect "(d) the printed sbatch command runs (state $st)" test "$st" = COMPLETED
+  expect "(d) ...and resumes from the checkpoint" grep -q "resumed from the checkpoint at step" "norequeue_$id2.out"
+  expect "(d) ...and finishes" grep -q '"event":"summary"' "$d/metrics.jsonl"
+else
+  bad "(d) the printed command does not submit: $resub"
+fi
+echo "# (d) $((SECONDS - td)) s"
+
+# (e) the silent singleton: tasks that are not wired into one MPI world must not train alone
+out=$(timeout 60 srun --mpi=none -n 2 "$exe" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-e1" 2>&1)
+rc=$?
+expect "(e) srun --mpi=none -n 2 kdpeers fails (exit $rc)" test "$rc" != 0
+# Debian's Open MPI refuses a direct launch without PMI in MPI_Init itself; an MPI that starts
+# singletons reaches kdpeers' own check
+if grep -q 'SLURM_NTASKS' <<<"$out"; then
+  ok "(e) ...kdpeers explains (SLURM_NTASKS)"
+elif grep -q 'direct launched using "srun"' <<<"$out"; then
+  ok "(e) ...Open MPI refuses the direct launch without PMI before kdpeers' check (explains srun/PMI)"
+else
+  bad "(e) ...without an explanation: $(tail -n 3 <<<"$out")"
+fi
+expect "(e) ...and trained nothing" test ! -f "$tmp/run-e1/metrics.jsonl"
+# no launcher at all inside a 2-task allocation: kdpeers' check itself
+out=$(timeout 60 salloc -n 2 "$exe" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-e2" 2>&1)
+rc=$?
+expect "(e) salloc -n 2 kdpeers (no srun/mpirun) stops (exit $rc)" test "$rc" = 2
+expect "(e) ...with kdpeers' SLURM_NTASKS explanation" grep -q 'SLURM_NTASKS=2 but MPI reports a world of 1' <<<"$out"
+
+# (f) two live jobs cannot share a run.dir (the batch script's lock), checked without the cluster
+mkdir -p "$tmp/run-f"
+exec 8>>"$tmp/run-f/.slurm.lock"
+flock -n 8
+out=$(SLURM_JOB_ID=1 SLURM_JOB_NAME=f timeout 30 bash "$src/launch/kdpeers.sbatch" -s run.dir="$tmp/run-f" 2>&1)
+rc=$?
+expect "(f) a second job on a locked run.dir stops (exit $rc)" test "$rc" = 2
+expect "(f) ...saying the run.dir is in use" grep -q 'is in use by another job' <<<"$out"
+exec 8>&-
+
+echo "# total $((SECONDS - t0)) s"
+if [ "$fail" != 0 ]; then
+  echo "# slurmctld log tail:"
+  tail -n 20 "$cl/log/slurmctld.log" 2>/dev/null | sed 's/^/#   /'
+  for f in "$work"/*.out; do
+    echo "# $f:"
+    grep -v -E '"?eval epoch|step [0-9]+/' "$f" | tail -n 15 | sed 's/^/#   /'
+  done
+fi
+finish slurm
