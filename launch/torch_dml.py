@@ -410,8 +410,9 @@ def cmd_report(a):
     ]
     if a.mca:
         notes.append(f"[{a.mca}]: the same kdpeers runs with OMPI_MCA_ set for these Open MPI "
-                     "parameters, in the same rounds (after the default pair). launch/kdpeers-local "
-                     "itself sets none of them.")
+                     "parameters, in the same rounds (after the plain pair); the plain rows run with "
+                     "whatever launch/kdpeers-local sets (the environment below lists the "
+                     "parameters the ranks saw in each variant).")
     if meta.get("uptime_before"):
         notes.append(f"Load (`uptime`) before: `{meta['uptime_before']}`; after: "
                      f"`{meta.get('uptime_after', '?')}`. The machine has 2 cores shared with other "
