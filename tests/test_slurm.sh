@@ -2,7 +2,7 @@
 # kdpeers under a real (one-node, throw-away) Slurm cluster: launch/kdpeers.sbatch runs 2 peers by
 # srun --mpi=pmix; a USR1 to the batch shell checkpoints, exits 75, requeues the job and the
 # requeued job resumes and finishes; the same with launch/kdpeers-mpirun.sbatch; without requeue the
-# printed sbatch command resumes; srun without an MPI plugin (or no launcher at all) fails with an
+# printed sbatch command resumes; a plain scancel stops it for good; srun without an MPI plugin (or no launcher at all) fails with an
 # explanation. Needs root and Debian's slurm-wlm + munge (installed if missing); exits 77 (skip)
 # only if they cannot be installed or started.   Usage: tests/test_slurm.sh PATH/TO/kdpeers
 set -uo pipefail
@@ -180,34 +180,53 @@ else
 fi
 echo "# (d) $((SECONDS - td)) s"
 
-# (e) the silent singleton: tasks that are not wired into one MPI world must not train alone
+# (e) a plain scancel means stop: the tasks get SIGTERM from Slurm, checkpoint, and the job is not
+# requeued (the log tells how to resume)
+tg=$SECONDS
+g="$tmp/run-g"
+id=$(sbatch --parsable --ntasks=2 --time=10 --job-name=cancelled "$src/launch/kdpeers.sbatch" \
+  "${long[@]}" -s run.dir="$g")
+wait_for 120 training "$g" "$id" || bad "(e) no train line (state $(state "$id"))"
+scancel "$id"
+st=$(wait_done "$id" 60)
+log="cancelled_$id.out"
+expect "(e) scancel: the job ends CANCELLED (state $st)" test "$st" = CANCELLED
+expect "(e) ...not requeued (Restarts=$(field "$id" Restarts))" test "$(field "$id" Restarts)" = 0
+expect "(e) ...after a checkpoint on SIGTERM (exit 75)" grep -q 'Exited with exit code 75' "$log"
+expect "(e) ...which is there" test -f "$(first_ckpt "$g")/MANIFEST.kdpc"
+expect "(e) ...and the log says why and how to resume" grep -q 'not requeued' "$log"
+sleep 2
+expect "(e) ...and it stays down" test "$(state "$id")" = CANCELLED
+echo "# (e) $((SECONDS - tg)) s"
+
+# (f) the silent singleton: tasks that are not wired into one MPI world must not train alone
 out=$(timeout 60 srun --mpi=none -n 2 "$exe" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-e1" 2>&1)
 rc=$?
-expect "(e) srun --mpi=none -n 2 kdpeers fails (exit $rc)" test "$rc" != 0
+expect "(f) srun --mpi=none -n 2 kdpeers fails (exit $rc)" test "$rc" != 0
 # Debian's Open MPI refuses a direct launch without PMI in MPI_Init itself; an MPI that starts
 # singletons reaches kdpeers' own check
 if grep -q 'SLURM_NTASKS' <<<"$out"; then
-  ok "(e) ...kdpeers explains (SLURM_NTASKS)"
+  ok "(f) ...kdpeers explains (SLURM_NTASKS)"
 elif grep -q 'direct launched using "srun"' <<<"$out"; then
-  ok "(e) ...Open MPI refuses the direct launch without PMI before kdpeers' check (explains srun/PMI)"
+  ok "(f) ...Open MPI refuses the direct launch without PMI before kdpeers' check (explains srun/PMI)"
 else
-  bad "(e) ...without an explanation: $(tail -n 3 <<<"$out")"
+  bad "(f) ...without an explanation: $(tail -n 3 <<<"$out")"
 fi
-expect "(e) ...and trained nothing" test ! -f "$tmp/run-e1/metrics.jsonl"
+expect "(f) ...and trained nothing" test ! -f "$tmp/run-e1/metrics.jsonl"
 # no launcher at all inside a 2-task allocation: kdpeers' check itself
 out=$(timeout 60 salloc -n 2 "$exe" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-e2" 2>&1)
 rc=$?
-expect "(e) salloc -n 2 kdpeers (no srun/mpirun) stops (exit $rc)" test "$rc" = 2
-expect "(e) ...with kdpeers' SLURM_NTASKS explanation" grep -q 'SLURM_NTASKS=2 but MPI reports a world of 1' <<<"$out"
+expect "(f) salloc -n 2 kdpeers (no srun/mpirun) stops (exit $rc)" test "$rc" = 2
+expect "(f) ...with kdpeers' SLURM_NTASKS explanation" grep -q 'SLURM_NTASKS=2 but MPI reports a world of 1' <<<"$out"
 
-# (f) two live jobs cannot share a run.dir (the batch script's lock), checked without the cluster
+# (g) two live jobs cannot share a run.dir (the batch script's lock), checked without the cluster
 mkdir -p "$tmp/run-f"
 exec 8>>"$tmp/run-f/.slurm.lock"
 flock -n 8
 out=$(SLURM_JOB_ID=1 SLURM_JOB_NAME=f timeout 30 bash "$src/launch/kdpeers.sbatch" -s run.dir="$tmp/run-f" 2>&1)
 rc=$?
-expect "(f) a second job on a locked run.dir stops (exit $rc)" test "$rc" = 2
-expect "(f) ...saying the run.dir is in use" grep -q 'is in use by another job' <<<"$out"
+expect "(g) a second job on a locked run.dir stops (exit $rc)" test "$rc" = 2
+expect "(g) ...saying the run.dir is in use" grep -q 'is in use by another job' <<<"$out"
 exec 8>&-
 
 echo "# total $((SECONDS - t0)) s"
