@@ -339,8 +339,9 @@ int main(int argc, char **argv) {
   if (ntasks && atoi(ntasks) > 1 && d.world_size == 1) {
     fprintf(stderr,
             "kdpeers: SLURM_NTASKS=%s but MPI reports a world of 1 rank: every task believes it is "
-            "rank 0 of 1. This is srun without a working MPI plugin: launch with `srun --mpi=pmix` "
-            "(see `srun --mpi=list`), or use launch/kdpeers-mpirun.sbatch\n",
+            "rank 0 of 1. kdpeers was started inside an allocation without a launcher, or by srun "
+            "without a working MPI plugin: launch with `srun --mpi=pmix` (see `srun --mpi=list`) or "
+            "mpirun, e.g. with launch/kdpeers.sbatch or launch/kdpeers-mpirun.sbatch\n",
             ntasks);
     kdp_dist_free(&d);
     kdp_dist_finalize();
