@@ -490,6 +490,11 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   }
   t->step0 = t->step;
   kdp_trace_start(t);
+  if (t->is_root && t->step >= total && t->tty >= 0 && !t->serve_only)
+    fprintf(stderr,
+            "kdpeers: %s already holds a finished run (step %lld of %lld): nothing to train. Use "
+            "--fresh to start over, another run.dir, or raise run.epochs with --allow-config-change to continue\n",
+            cfg->dir, (long long)t->step, (long long)total);
 
   if (t->serve_only) {
     /* kdpeers serve: the restored peers answer until a stop command or a signal */
