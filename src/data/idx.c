@@ -146,6 +146,31 @@ static uint8_t *gz_read_alloc(gzFile f, size_t n, int known_size, size_t *got) {
   }
 }
 
+/* Reads the n-byte payload that follows an IDX header into a new buffer and checks that the
+   stream ends there. kind ("image", "label") and desc describe the data for the messages. */
+static int idx_read_payload(gzFile f, const char *path, size_t n, int known_size, const char *kind,
+                            const char *desc, uint8_t **out, kdp_error *err) {
+  size_t got = 0;
+  char why[256];
+  uint8_t *buf = gz_read_alloc(f, n, known_size, &got);
+  if (!buf)
+    return kdp_fail(err, KDP_ENOMEM, "%s: cannot allocate %zu bytes for the %ss", path, n, kind);
+  if (got < n) {
+    free(buf);
+    return kdp_fail(err, KDP_EIO,
+                    "%s: truncated %s data: expected %zu bytes (%s), got %zu (%s); re-download "
+                    "the file",
+                    path, kind, n, desc, got, gz_why(f, path, why, sizeof why));
+  }
+  int rc = gz_check_end(f, path, err);
+  if (rc) {
+    free(buf);
+    return rc;
+  }
+  *out = buf;
+  return 0;
+}
+
 static int idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H, size_t *W,
                            kdp_error *err) {
   gzFile f = NULL;
@@ -184,25 +209,12 @@ static int idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H
                   bytes, fsz - 16);
     goto fail;
   }
-  uint8_t *buf = gz_read_alloc(f, bytes, fsz >= 0, &got);
-  if (!buf) {
-    rc = kdp_fail(err, KDP_ENOMEM, "%s: cannot allocate %zu bytes for the images", path, bytes);
-    goto fail;
-  }
-  if (got < bytes) {
-    free(buf);
-    rc = kdp_fail(err, KDP_EIO,
-                  "%s: truncated image data: expected %zu bytes (%llu images of %llux%llu), got "
-                  "%zu (%s); re-download the file",
-                  path, bytes, (unsigned long long)nn, (unsigned long long)hh,
-                  (unsigned long long)ww, got, gz_why(f, path, why, sizeof why));
-    goto fail;
-  }
-  rc = gz_check_end(f, path, err);
-  if (rc) {
-    free(buf);
-    goto fail;
-  }
+  char desc[96];
+  snprintf(desc, sizeof desc, "%llu images of %llux%llu", (unsigned long long)nn,
+           (unsigned long long)hh, (unsigned long long)ww);
+  uint8_t *buf = NULL;
+  rc = idx_read_payload(f, path, bytes, fsz >= 0, "image", desc, &buf, err);
+  if (rc) goto fail;
   gzclose(f);
   *out = buf;
   *n = (size_t)nn;
@@ -242,25 +254,9 @@ static int idx_read_labels(const char *path, uint8_t **out, size_t *n, kdp_error
                   path, (unsigned long long)nn, fsz - 8);
     goto fail;
   }
-  uint8_t *buf = gz_read_alloc(f, (size_t)nn, fsz >= 0, &got);
-  if (!buf) {
-    rc = kdp_fail(err, KDP_ENOMEM, "%s: cannot allocate %llu bytes for the labels", path,
-                  (unsigned long long)nn);
-    goto fail;
-  }
-  if (got < nn) {
-    free(buf);
-    rc = kdp_fail(err, KDP_EIO,
-                  "%s: truncated label data: expected %llu bytes (one per label), got %zu (%s); "
-                  "re-download the file",
-                  path, (unsigned long long)nn, got, gz_why(f, path, why, sizeof why));
-    goto fail;
-  }
-  rc = gz_check_end(f, path, err);
-  if (rc) {
-    free(buf);
-    goto fail;
-  }
+  uint8_t *buf = NULL;
+  rc = idx_read_payload(f, path, (size_t)nn, fsz >= 0, "label", "one per label", &buf, err);
+  if (rc) goto fail;
   gzclose(f);
   *out = buf;
   *n = (size_t)nn;
