@@ -635,6 +635,33 @@ START_TEST(test_extreme_logits) {
 }
 END_TEST
 
+START_TEST(test_ensemble_logprob) {
+  /* moderate logits: log of the mean of the softmaxes, computed directly */
+  const size_t P = 3, B = 2, C = 4;
+  float z[3 * 2 * 4], out[2 * 4];
+  for (size_t k = 0; k < P * B * C; k++) z[k] = (float)((int)(k * 7 % 11) - 5) * 0.9f;
+  kdp_ensemble_logprob(out, z, P, B, C);
+  for (size_t b = 0; b < B; b++)
+    for (size_t c = 0; c < C; c++) {
+      double mean = 0;
+      for (size_t j = 0; j < P; j++) {
+        const float *r = z + (j * B + b) * C;
+        double s = 0;
+        for (size_t k = 0; k < C; k++) s += exp((double)r[k]);
+        mean += exp((double)r[c]) / s / (double)P;
+      }
+      ck_assert_msg(fabs(out[b * C + c] - log(mean)) < 1e-5, "b %zu c %zu: %g vs %g", b, c,
+                    out[b * C + c], log(mean));
+    }
+  /* a class that underflows under every peer (log p = -800 and -900) stays finite and exact:
+     log((e^-800 + e^-900) / 2) = -800 - log 2 + log1p(e^-100) */
+  float far[2 * 1 * 2] = {0.0f, -800.0f, 0.0f, -900.0f}, lo[2];
+  kdp_ensemble_logprob(lo, far, 2, 1, 2);
+  ck_assert_msg(fabs(lo[0] - 0.0) < 1e-6, "%g", lo[0]);
+  ck_assert_msg(fabs(lo[1] - (-800.0 - log(2.0))) < 1e-3, "%g", lo[1]);
+}
+END_TEST
+
 START_TEST(test_bad_input) {
   kdp_kd_spec s;
   memset(&s, 0, sizeof s);
@@ -717,6 +744,7 @@ static Suite *kd_suite(void) {
   tcase_add_test(lim, test_p1_is_independent);
   tcase_add_test(lim, test_one_class);
   tcase_add_test(lim, test_extreme_logits);
+  tcase_add_test(lim, test_ensemble_logprob);
   tcase_add_test(lim, test_bad_input);
   suite_add_tcase(s, lim);
   return s;

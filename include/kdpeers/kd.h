@@ -147,7 +147,8 @@ typedef struct kdp_kd_losses {
  *   - module grads (kdp_cohort_module_grads), ACCUMULATED: dJ_i/dtheta. They must be SUMMED over
  *     the cohort (not averaged): for okddip each rank holds only its own loss's contribution, for
  *     one/ffl each rank holds 1/P of the module loss's gradient.
- * teacher (B x C) may be NULL; it receives the method's teacher logits for accuracy reporting:
+ * teacher (B x C) may be NULL (then out->teacher_correct is 0 and no teacher is computed: the
+ * probability-mean ensemble costs P*C exps per row); it receives the method's teacher logits:
  *   one: z_e (gated ensemble), ffl: z_f (fused head), okddip: z_leader,
  *   others: log(mean_j softmax(z_j)) (the probability-mean ensemble, T = 1).
  * out may be NULL. Returns 0 or KDP_EINVAL (bad i, B, T, weight, missing h or dh).

@@ -8,6 +8,8 @@
 
 #define BN_MOMENTUM 0.1f
 #define BN_EPS 1e-5f
+/* rows with at most this many classes keep their exponentials on the stack */
+#define ROW_CACHE 256
 
 static const char *const method_names[KDP_METHOD_COUNT] = {
     "independent", "dml", "codistill", "avg", "one", "ffl", "okddip"};
@@ -268,29 +270,44 @@ int kdp_cohort_feature_grads(const kdp_cohort *c) {
 /* ---------------------------------------------------------------- helpers */
 
 void kdp_ensemble_logprob(float *out, const float *z, size_t P, size_t B, size_t C) {
-  /* log mean_j p_j(c) = logsumexp_j (log p_j(c)) - log P, all in log space (stable at +-80) */
-  double *lse = kdp_xmalloc((P ? P : 1) * sizeof(double));
+  /* log mean_j p_j(c): the mean of the probabilities, then one log per class. A class whose
+     probability underflows under every peer is redone in log space (logsumexp over j of
+     log p_j(c)), so the result stays finite for logits far apart. */
+  const size_t np = P ? P : 1;
+  double *e = kdp_xmalloc(np * (C ? C : 1) * sizeof(double));
+  double *mx = kdp_xmalloc(np * sizeof(double)), *inv = kdp_xmalloc(np * sizeof(double));
+  const double logP = log((double)P);
   for (size_t b = 0; b < B; b++) {
     for (size_t j = 0; j < P; j++) {
       const float *zr = z + (j * B + b) * C;
-      float mx = zr[0];
+      float m = zr[0];
       for (size_t k = 1; k < C; k++)
-        if (zr[k] > mx) mx = zr[k];
+        if (zr[k] > m) m = zr[k];
       double s = 0.0;
-      for (size_t k = 0; k < C; k++) s += exp((double)zr[k] - mx);
-      lse[j] = mx + log(s);
+      for (size_t k = 0; k < C; k++) s += e[j * C + k] = exp((double)zr[k] - m);
+      mx[j] = m;
+      inv[j] = 1.0 / s;
     }
     for (size_t c = 0; c < C; c++) {
-      double mx = -INFINITY, s = 0.0;
-      for (size_t j = 0; j < P; j++) {
-        double lp = (double)z[(j * B + b) * C + c] - lse[j];
-        if (lp > mx) mx = lp;
+      double acc = 0.0;
+      for (size_t j = 0; j < P; j++) acc += e[j * C + c] * inv[j];
+      if (acc > 1e-290) {
+        out[b * C + c] = (float)(log(acc) - logP);
+        continue;
       }
-      for (size_t j = 0; j < P; j++) s += exp((double)z[(j * B + b) * C + c] - lse[j] - mx);
-      out[b * C + c] = (float)(mx + log(s) - log((double)P));
+      double lmax = -INFINITY, sum = 0.0;
+      for (size_t j = 0; j < P; j++) {
+        double lp = (double)z[(j * B + b) * C + c] - mx[j] + log(inv[j]);
+        if (lp > lmax) lmax = lp;
+      }
+      for (size_t j = 0; j < P; j++)
+        sum += exp((double)z[(j * B + b) * C + c] - mx[j] + log(inv[j]) - lmax);
+      out[b * C + c] = (float)(lmax + log(sum) - logP);
     }
   }
-  free(lse);
+  free(e);
+  free(mx);
+  free(inv);
 }
 
 static size_t count_hits(const float *t, const int32_t *y, size_t B, size_t C) {
@@ -314,6 +331,9 @@ static double kl_logits(const float *t, const float *z, size_t B, size_t C, floa
                         float *dz, float scale) {
   const double invT = 1.0 / (double)T;
   const double g = (double)scale * (double)T / (double)B;
+  /* one exp per element for rows of up to ROW_CACHE classes; wider rows recompute */
+  double cache_t[ROW_CACHE], cache_z[ROW_CACHE];
+  double *et = C <= ROW_CACHE ? cache_t : NULL, *ez = C <= ROW_CACHE ? cache_z : NULL;
   double total = 0.0;
   for (size_t b = 0; b < B; b++) {
     const float *tr = t + b * C, *zr = z + b * C;
@@ -324,20 +344,26 @@ static double kl_logits(const float *t, const float *z, size_t B, size_t C, floa
     }
     double st = 0.0, sz = 0.0;
     for (size_t c = 0; c < C; c++) {
-      st += exp(((double)tr[c] - mt) * invT);
-      sz += exp(((double)zr[c] - mz) * invT);
+      double vt = exp(((double)tr[c] - mt) * invT), vz = exp(((double)zr[c] - mz) * invT);
+      if (et) {
+        et[c] = vt;
+        ez[c] = vz;
+      }
+      st += vt;
+      sz += vz;
     }
     double lt = log(st), lz = log(sz), row = 0.0;
     for (size_t c = 0; c < C; c++) {
       double logq = ((double)tr[c] - mt) * invT - lt;
       double logp = ((double)zr[c] - mz) * invT - lz;
-      row += exp(logq) * (logq - logp);
+      double q = et ? et[c] / st : exp(logq);
+      row += q * (logq - logp);
     }
     total += row;
     for (size_t c = 0; c < C; c++) {
       double logq = ((double)tr[c] - mt) * invT - lt;
       double logp = ((double)zr[c] - mz) * invT - lz;
-      double q = exp(logq), p = exp(logp);
+      double q = et ? et[c] / st : exp(logq), p = ez ? ez[c] / sz : exp(logp);
       if (dz) dz[b * C + c] += (float)(g * (p - q));
       if (dt) dt[b * C + c] += (float)(g * q * ((logq - logp) - row));
     }
@@ -461,7 +487,6 @@ static void okddip_forward(kdp_cohort *c, const float *z, const float *h, size_t
 static void cohort_forward(kdp_cohort *c, const kdp_kd_batch *in) {
   const size_t P = c->s.P, B = in->B, C = c->s.C;
   switch (c->s.method) {
-    case KDP_METHOD_DML:
     case KDP_METHOD_CODISTILL:
     case KDP_METHOD_AVG:
       for (size_t j = 0; j < P; j++) kdp_softmax_t(c->probs + j * B * C, in->z + j * B * C, B, C, in->T);
@@ -528,7 +553,7 @@ static void peer_term(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz
       if (P > 1) {
         for (size_t j = 0; j < P; j++)
           if (j != i)
-            kd += kdp_kl_loss(zi, c->probs + j * B * C, B, C, T, dzi, w / (float)(P - 1));
+            kd += kl_logits(in->z + j * B * C, zi, B, C, T, NULL, dzi, w / (float)(P - 1));
         kd /= (double)(P - 1);
       }
       break;
@@ -693,9 +718,10 @@ int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, 
   peer_term(c, i, in, dz, &o);
   o.module_loss = global_term(c, in, dz, dh, 1.0f / (float)c->s.P);
   okddip_module_backward(c, in->h, dh, in->B);
-  float *t = teacher ? teacher : c->q;
-  write_teacher(c, in->z, in->B, t);
-  o.teacher_correct = count_hits(t, in->y, in->B, c->s.C);
+  if (teacher) {
+    write_teacher(c, in->z, in->B, teacher);
+    o.teacher_correct = count_hits(teacher, in->y, in->B, c->s.C);
+  }
   if (out) *out = o;
   return 0;
 }
