@@ -197,14 +197,16 @@ def gain(recs, base, key):
 
 def config_key(r):
     return (r.get("study"), bool(r.get("quick")), r.get("epochs"), r.get("subset"),
-            float(r.get("label_noise") or 0), r.get("peers"))
+            float(r.get("label_noise") or 0), r.get("peers"), float(r.get("rampup_epochs") or 0))
 
 
-def config_title(study, quick, epochs, subset, noise, peers):
+def config_title(study, quick, epochs, subset, noise, peers, rampup=0.0):
     data = "full data" if not subset else f"first {subset} examples"
     if noise:
         data += f", {100 * noise:g}% symmetric label noise"
     t = f"### {study}: {peers} peer{'s' if peers != 1 else ''}, {data}, {epochs} epoch{'s' if epochs != 1 else ''}"
+    if rampup:
+        t += f", KD ramp-up {rampup:g} epoch{'s' if rampup != 1 else ''}"
     if quick:
         t += ("\n\n**QUICK pipeline test (1 epoch, 2000 examples): NOT accuracy figures, do not "
               "quote.**")
@@ -387,7 +389,7 @@ def cmd_tables(argv):
     summary_table(groups, lines)
     for k in keys:
         rs = groups[k]
-        lines.append(config_title(k[0], k[1], k[2], k[3], k[4], k[5]))
+        lines.append(config_title(*k))
         lines.append("")
         if k[0] == "single":
             single_table(rs, lines)

@@ -273,6 +273,7 @@ def run(args, method, seed, data, run_id):
         "curve": curve, "wall_seconds": round(wall, 3), "train_seconds": round(t_train, 3),
         "steps": step, "steps_per_second": round(step / t_train, 4) if t_train > 0 else None,
         "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
+        "rampup_epochs": args.rampup_epochs,
         "weight": args.weight, "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -353,6 +354,7 @@ def main():
             arch = MLP_ARCH if args.arch == "mlp" else args.arch
             run_id = (f"pytorch/{args.study}/{method}/{arch}/P{args.peers}/e{args.epochs}"
                       f"/n{args.subset}/noise{args.label_noise:g}/s{seed}"
+                      + (f"/ramp{args.rampup_epochs:g}" if args.rampup_epochs else "")
                       + ("/quick" if args.quick else ""))
             if run_id in done:
                 print(f"acc_torch: skip {run_id} (already recorded)", file=sys.stderr)
