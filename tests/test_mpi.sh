@@ -90,6 +90,36 @@ for method in dml ffl; do
   expect "$method: per-peer k = (2,1) evaluates like k = (1,1) (max relative difference $md < 1e-4)" \
     awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
 done
+# the 2+1 ffl run's checkpoint: the fusion module is bitwise identical on the 3 ranks (params,
+# momentum, batchnorm buffers), peer 0's 2 ranks hold the same weights
+ck=$(ls -d "$tmp/n-ffl/checkpoints/step-"* 2>/dev/null | tail -n 1)
+digests() { "$exe" inspect "$ck/peer-$1.kdpc" 2>/dev/null | grep -E "^  $2 +crc32" | sed 's/.*crc32 //'; }
+expect "ffl 2+1: the module replicas are bitwise identical on the 3 ranks" \
+  test "$(digests 000 "module\\.[a-z]+" | wc -l)" = 3 -a "$(digests 000 "module\\.[a-z]+")" = "$(digests 001 "module\\.[a-z]+")" -a \
+  "$(digests 000 "module\\.[a-z]+")" = "$(digests 002 "module\\.[a-z]+")"
+expect "ffl 2+1: peer 0's two ranks hold the same parameters" \
+  test -n "$(digests 000 params)" -a "$(digests 000 params)" = "$(digests 001 params)"
+# kdpeers serve on the 2+1 run: alone and under mpirun -np 3 (slice-0 ranks answer), same peers
+awk 'BEGIN { srand(1); printf "{\"inputs\":["; for (i = 0; i < 3; i++) { printf "%s[", (i ? "," : "");
+  for (j = 0; j < 784; j++) printf "%s%d", (j ? "," : ""), int(rand() * 256); printf "]" } printf "]}" }' >"$tmp/pp.json"
+serve_predict() { # serve_predict OUT CMD...: starts the server, asks one /predict, stops it
+  local out=$1; shift
+  rm -f "$tmp/n-ffl/server.addr"
+  timeout 120 "$@" >"$out.log" 2>&1 &
+  local spid=$! addr=""
+  for _ in $(seq 1 200); do [ -s "$tmp/n-ffl/server.addr" ] && break; sleep 0.05; done
+  addr=$(cat "$tmp/n-ffl/server.addr" 2>/dev/null)
+  curl -s -X POST "$addr/predict" --data @"$tmp/pp.json" >"$out"
+  curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+  wait "$spid"
+}
+serve_predict "$tmp/pp1.json" "$exe" serve "$tmp/n-ffl"
+serve_predict "$tmp/pp3.json" mpirun -np 3 --oversubscribe --bind-to none "$exe" serve "$tmp/n-ffl" -s run.progress=plain
+expect "serve (mpirun -np 3) of a 2+1 run answers with the fused teacher" \
+  test "$(jq -r .teacher.name "$tmp/pp3.json" 2>/dev/null)" = fused
+expect "serve of a 2+1 run: the same peers alone and under mpirun -np 3" \
+  test -n "$(jq -c .peers "$tmp/pp1.json" 2>/dev/null)" -a \
+  "$(jq -c .peers "$tmp/pp1.json" 2>/dev/null)" = "$(jq -c .peers "$tmp/pp3.json" 2>/dev/null)"
 
 # --- determinism under mpirun ---
 run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d1" >/dev/null 2>&1

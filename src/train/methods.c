@@ -204,6 +204,7 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
   const kdp_config *cfg = t->cfg;
   memset(out, 0, sizeof *out);
   if (s->id == KDP_METHOD_INDEPENDENT) {
+    if (b == 0) return; /* no rows of a final partial batch on this rank */
     out->ce = kdp_ce_loss(z, y, b, t->C, t->dlogits, scale, &out->correct);
     return;
   }

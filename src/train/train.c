@@ -601,7 +601,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     double epoch_f = (double)step / (double)spe;
     kdp_model_zero_grad(t->model);
     double tc0 = kdp_now();
-    const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
+    /* a rank can hold no rows of a final partial batch smaller than its peer's k: it then only
+       takes part in the collectives, with zero gradients */
+    const float *z = bl ? kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng) : t->dlogits;
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "forward", tc0, kdp_now());
     if (step == fault_nan_step) {
@@ -663,7 +665,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     else if (!isfinite(sl.kd))
       note_divergence(&pending_div, d->peer, step, "distillation loss", sl.kd);
     tc0 = kdp_now();
-    kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
+    if (bl) kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "backward", tc0, kdp_now());
     double ta0 = kdp_now();
