@@ -131,10 +131,12 @@ int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_erro
     char a[160] = "", b[160] = "", list[360] = "", hint[96] = "";
     if (below) layout_text(ks, below, a, sizeof a);
     if (above) layout_text(ks, above, b, sizeof b);
+    int one = below ? below : above;
     if (below && above)
       snprintf(list, sizeof list, "%d peers take %s ranks, %d peers take %s", below, a, above, b);
     else
-      snprintf(list, sizeof list, "%d peers take %s ranks", below ? below : above, below ? a : b);
+      snprintf(list, sizeof list, "%d peer%s take%s %s ranks", one, one == 1 ? "" : "s",
+               one == 1 ? "s" : "", below ? a : b);
     if (below && above)
       snprintf(hint, sizeof hint, "-np %ld or -np %ld", S[below], S[above]);
     else
@@ -142,9 +144,9 @@ int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_erro
     return kdp_fail(err, KDP_EINVAL,
                     "the per-peer layout does not fit the %d MPI ranks: the world size must be "
                     "the sum of the peers' ranks_per_peer (peer.N.ranks_per_peer, else "
-                    "run.ranks_per_peer = %d) over at least %d peers (peer.%d.ranks_per_peer = "
+                    "run.ranks_per_peer = %d) over at least %d peer%s (peer.%d.ranks_per_peer = "
                     "%d is set): %s. Start with %s, or change the ranks_per_peer keys",
-                    W, k, last + 1, last, ks[last], list, hint);
+                    W, k, last + 1, last ? "s" : "", last, ks[last], list, hint);
   }
   int same = 1;
   for (int p = 1; p < P; p++) same &= ks[p] == ks[0];
