@@ -267,7 +267,10 @@ static int serve_main(int argc, char **argv) {
   }
   kdp_dist d;
   int world = 1;
-  if (kdp_dist_setup(&d, n_ranks > 1 ? cfg.ranks_per_peer : 1, &err) == 0) world = d.world_size;
+  int sr = n_ranks > 1 ? kdp_dist_setup_layout(&d, cfg.ranks_per_peer, cfg.peer_ranks_per_peer,
+                                               KDP_MAX_PEERS, &err)
+                       : kdp_dist_setup(&d, 1, &err);
+  if (sr == 0) world = d.world_size;
   if (world == 1 && n_ranks != 1) {
     rc = kdp_tool_serve_alone(run_dir, &cfg);
   } else if (world != n_ranks) {
@@ -329,7 +332,8 @@ int main(int argc, char **argv) {
     return EXIT_USAGE;
   }
   kdp_dist d;
-  if (kdp_dist_setup(&d, cfg.ranks_per_peer, &err) != 0) {
+  if (kdp_dist_setup_layout(&d, cfg.ranks_per_peer, cfg.peer_ranks_per_peer, KDP_MAX_PEERS,
+                            &err) != 0) {
     if (rank == 0) fprintf(stderr, "kdpeers: %s\n", err.msg);
     kdp_dist_finalize();
     return EXIT_USAGE;

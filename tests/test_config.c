@@ -134,6 +134,7 @@ static int printed_keys(char names[][128], int max) {
   }
   free(s);
   snprintf(names[n++], 128, "peer.N.arch");
+  snprintf(names[n++], 128, "peer.N.ranks_per_peer");
   return n;
 }
 
@@ -290,6 +291,45 @@ START_TEST(test_peer_sections) {
   assert_has(s, "[peer.2]\narch = wrn16_2\n");
   assert_has(s, "[peer.63]\narch = resnet20\n");
   ck_assert_msg(strstr(s, "[peer.1]") == NULL, "empty peer section printed:\n%s", s);
+  free(s);
+}
+END_TEST
+
+START_TEST(test_peer_ranks) {
+  kdp_config c, back;
+  kdp_error err = {{0}};
+  kdp_config_defaults(&c);
+  /* unset: every peer takes run.ranks_per_peer */
+  for (int p = 0; p < KDP_MAX_PEERS; p++) ck_assert_int_eq(kdp_config_peer_ranks(&c, p), 1);
+  const char *path = write_ini("[run]\nranks_per_peer = 2\n[peer.1]\nranks_per_peer = 3\n");
+  ck_assert_msg(kdp_config_load_file(&c, path, &err) == 0, "%s", err.msg);
+  set_ok(&c, "peer.0.ranks_per_peer=4");
+  ck_assert_int_eq(kdp_config_peer_ranks(&c, 0), 4);
+  ck_assert_int_eq(kdp_config_peer_ranks(&c, 1), 3);
+  ck_assert_int_eq(kdp_config_peer_ranks(&c, 2), 2);
+  ck_assert_int_eq(kdp_config_peer_ranks(&c, 64), 2);
+  ck_assert_int_eq(kdp_config_peer_ranks(&c, -1), 2);
+  set_ok(&c, "peer.0.ranks_per_peer=0"); /* 0 = back to run.ranks_per_peer */
+  ck_assert_int_eq(kdp_config_peer_ranks(&c, 0), 2);
+  setenv("KDP_PEER_5_RANKS_PER_PEER", "2", 1);
+  ck_assert_msg(kdp_config_apply_env(&c, &err) == 0, "%s", err.msg);
+  unsetenv("KDP_PEER_5_RANKS_PER_PEER");
+  ck_assert_int_eq(c.peer_ranks_per_peer[5], 2);
+  /* errors name the key and the range */
+  expect_set_error("peer.0.ranks_per_peer=65", "expected a value in [0, 64]");
+  expect_set_error("peer.0.ranks_per_peer=-1", "expected a value in [0, 64]");
+  expect_set_error("peer.0.ranks_per_peer=two", "expected an integer");
+  expect_set_error("peer.0.rank_per_peer=2", "did you mean 'ranks_per_peer'?");
+  /* printed: a section per peer with a key set, only the keys set; loads back identically */
+  set_ok(&c, "peer.2.arch=cnn");
+  char *s = print_to_string(&c);
+  assert_has(s, "[peer.1]\nranks_per_peer = 3\n");
+  assert_has(s, "[peer.2]\narch = cnn\n\n");
+  assert_has(s, "[peer.5]\nranks_per_peer = 2\n");
+  ck_assert_msg(strstr(s, "[peer.0]") == NULL, "peer section without a key set printed:\n%s", s);
+  kdp_config_defaults(&back);
+  ck_assert_msg(kdp_config_load_file(&back, write_ini(s), &err) == 0, "%s", err.msg);
+  ck_assert_msg(memcmp(&back, &c, sizeof c) == 0, "printed per-peer keys do not load back:\n%s", s);
   free(s);
 }
 END_TEST
@@ -489,7 +529,7 @@ START_TEST(test_reference_files) {
     char key[160];
     snprintf(key, sizeof key, "`%.120s`", dot + 1);
     assert_has(md, key);
-    if (strcmp(names[i], "peer.N.arch") == 0) continue;
+    if (strncmp(names[i], "peer.N.", 7) == 0) continue;
     char env[160];
     snprintf(env, sizeof env, "KDP_%.120s", names[i]);
     for (char *p = env; *p; p++) *p = *p == '.' ? '_' : (char)toupper((unsigned char)*p);
@@ -625,6 +665,7 @@ static Suite *config_suite(void) {
   tcase_add_test(core, test_load_file);
   tcase_add_test(core, test_set_overrides_file);
   tcase_add_test(core, test_peer_sections);
+  tcase_add_test(core, test_peer_ranks);
   tcase_add_test(core, test_env);
   tcase_add_test(core, test_roundtrip);
   tcase_add_test(core, test_milestones);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real training runs under mpirun: every method with heterogeneous peers, hybrid parallelism
-# (ranks_per_peer = 2 equals 1), determinism, and layout errors.
+# (ranks_per_peer = 2 equals 1, per-peer ranks_per_peer 2+1 equals 1+1), determinism, and layout
+# errors.
 # Usage: tests/test_mpi.sh PATH/TO/kdpeers
 set -uo pipefail
 # shellcheck source=tests/lib.sh
@@ -55,6 +56,71 @@ maxdiff=$(paste <(losses "$tmp/h1/metrics.jsonl") <(losses "$tmp/h2/metrics.json
 expect "ranks_per_peer=2 equals 1 over 20 steps (max relative loss difference $maxdiff < 1e-4)" \
   awk -v m="$maxdiff" 'BEGIN { exit !(m < 1e-4) }'
 
+# --- per-peer ranks_per_peer: peer 0 on 2 ranks, peer 1 on 1 (3 ranks) equals 1 rank each, under
+# dml and under ffl (a replicated fusion module with batchnorm: every rank computes the whole
+# cohort objective, so its batch statistics are the global batch's, as with 1 rank per peer) ---
+evals() { grep '"event":"eval"' "$1" | sed 's/.*"model":"\([^"]*\)","acc":\([^,]*\),"loss":\([^,}]*\).*/\1 \2 \3/'; }
+relmax() { # relmax A B: max relative difference of the numeric columns of two aligned listings
+  paste -d' ' <(echo "$1") <(echo "$2") | awk 'function abs(v) { return v < 0 ? -v : v }
+    { h = NF / 2; for (i = 1; i <= h; i++) if ($i ~ /^[-0-9.e+]+$/) {
+        d = abs($i - $(i + h)) / (1e-6 + abs($i)); if (d > m) m = d } else if ($i != $(i + h)) m = 1e9 }
+    END { printf "%g", m + 0 }'
+}
+for method in dml ffl; do
+  u="$tmp/h1"
+  if [ "$method" != dml ]; then
+    u="$tmp/u-$method"
+    run 2 "${hyb[@]}" -s kd.method="$method" -s run.dir="$u" >"$u.out" 2>&1
+  fi
+  n="$tmp/n-$method"
+  run 3 "${hyb[@]}" -s kd.method="$method" -s peer.0.ranks_per_peer=2 -s run.dir="$n" >"$n.out" 2>&1
+  rc=$?
+  expect "$method: per-peer layout 2+1 on 3 ranks trains (exit $rc)" test "$rc" = 0
+  [ "$rc" = 0 ] || tail -n 20 "$n.out"
+  expect "$method: the per-peer layout is announced" grep -q "per-peer layout: 3 ranks = 2+1" "$n.out"
+  expect "$method: 20 steps logged by both runs" test "$(losses "$u/metrics.jsonl" | wc -l)" = 20 -a \
+    "$(losses "$n/metrics.jsonl" | wc -l)" = 20
+  md=$(relmax "$(losses "$u/metrics.jsonl")" "$(losses "$n/metrics.jsonl")")
+  expect "$method: per-peer k = (2,1) equals k = (1,1) over 20 steps (max relative loss difference $md < 1e-4)" \
+    awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
+  ue=$(evals "$u/metrics.jsonl") ne=$(evals "$n/metrics.jsonl")
+  expect "$method: the same eval lines (peers, ensemble$([ "$method" = ffl ] && echo ", fused"))" \
+    test "$(echo "$ue" | cut -d' ' -f1 | tr '\n' ' ')" = "$(echo "$ne" | cut -d' ' -f1 | tr '\n' ' ')" -a -n "$ue"
+  md=$(relmax "$ue" "$ne")
+  expect "$method: per-peer k = (2,1) evaluates like k = (1,1) (max relative difference $md < 1e-4)" \
+    awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
+done
+# the 2+1 ffl run's checkpoint: the fusion module is bitwise identical on the 3 ranks (params,
+# momentum, batchnorm buffers), peer 0's 2 ranks hold the same weights
+ck=$(ls -d "$tmp/n-ffl/checkpoints/step-"* 2>/dev/null | tail -n 1)
+digests() { "$exe" inspect "$ck/peer-$1.kdpc" 2>/dev/null | grep -E "^  $2 +crc32" | sed 's/.*crc32 //'; }
+expect "ffl 2+1: the module replicas are bitwise identical on the 3 ranks" \
+  test "$(digests 000 "module\\.[a-z]+" | wc -l)" = 3 -a "$(digests 000 "module\\.[a-z]+")" = "$(digests 001 "module\\.[a-z]+")" -a \
+  "$(digests 000 "module\\.[a-z]+")" = "$(digests 002 "module\\.[a-z]+")"
+expect "ffl 2+1: peer 0's two ranks hold the same parameters" \
+  test -n "$(digests 000 params)" -a "$(digests 000 params)" = "$(digests 001 params)"
+# kdpeers serve on the 2+1 run: alone and under mpirun -np 3 (slice-0 ranks answer), same peers
+awk 'BEGIN { srand(1); printf "{\"inputs\":["; for (i = 0; i < 3; i++) { printf "%s[", (i ? "," : "");
+  for (j = 0; j < 784; j++) printf "%s%d", (j ? "," : ""), int(rand() * 256); printf "]" } printf "]}" }' >"$tmp/pp.json"
+serve_predict() { # serve_predict OUT CMD...: starts the server, asks one /predict, stops it
+  local out=$1; shift
+  rm -f "$tmp/n-ffl/server.addr"
+  timeout 120 "$@" >"$out.log" 2>&1 &
+  local spid=$! addr=""
+  for _ in $(seq 1 200); do [ -s "$tmp/n-ffl/server.addr" ] && break; sleep 0.05; done
+  addr=$(cat "$tmp/n-ffl/server.addr" 2>/dev/null)
+  curl -s -X POST "$addr/predict" --data @"$tmp/pp.json" >"$out"
+  curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+  wait "$spid"
+}
+serve_predict "$tmp/pp1.json" "$exe" serve "$tmp/n-ffl"
+serve_predict "$tmp/pp3.json" mpirun -np 3 --oversubscribe --bind-to none "$exe" serve "$tmp/n-ffl" -s run.progress=plain
+expect "serve (mpirun -np 3) of a 2+1 run answers with the fused teacher" \
+  test "$(jq -r .teacher.name "$tmp/pp3.json" 2>/dev/null)" = fused
+expect "serve of a 2+1 run: the same peers alone and under mpirun -np 3" \
+  test -n "$(jq -c .peers "$tmp/pp1.json" 2>/dev/null)" -a \
+  "$(jq -c .peers "$tmp/pp1.json" 2>/dev/null)" = "$(jq -c .peers "$tmp/pp3.json" 2>/dev/null)"
+
 # --- determinism under mpirun ---
 run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d1" >/dev/null 2>&1
 run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d2" >/dev/null 2>&1
@@ -92,6 +158,17 @@ run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.o
 rc=$?
 expect "-np 3 with ranks_per_peer=2 is refused with exit 2 (got $rc)" test "$rc" = 2
 expect "the message says ranks_per_peer does not divide" grep -q "does not divide" "$tmp/bad1.out"
+run 2 "${small[@]}" -s peer.0.ranks_per_peer=2 -s peer.1.ranks_per_peer=1 -s run.dir="$tmp/bad3" >"$tmp/bad3.out" 2>&1
+rc=$?
+expect "-np 2 for per-peer k = 2+1 is refused with exit 2 (got $rc)" test "$rc" = 2
+expect "the message says the layout does not fit the 2 ranks and asks for -np 3" \
+  grep -q "per-peer layout does not fit the 2 MPI ranks.*2 peers take 2+1 = 3 ranks. Start with -np 3" "$tmp/bad3.out"
+run 4 "${small[@]}" -s run.ranks_per_peer=2 -s peer.1.ranks_per_peer=1 -s run.dir="$tmp/bad4" >"$tmp/bad4.out" 2>&1
+rc=$?
+expect "-np 4 between the layouts 2+1 and 2+1+2 is refused with exit 2 (got $rc)" test "$rc" = 2
+expect "the message names both fitting world sizes" \
+  grep -q "2 peers take 2+1 = 3 ranks, 3 peers take 2+1+2 = 5. Start with -np 3 or -np 5" "$tmp/bad4.out"
+expect "a refused layout starts no training (no metrics.jsonl)" test ! -e "$tmp/bad4/metrics.jsonl"
 run 2 "${small[@]}" -s kd.method=okddip -s run.dir="$tmp/bad2" >"$tmp/bad2.out" 2>&1
 rc=$?
 expect "okddip with 2 peers is refused (got $rc)" test "$rc" != 0

@@ -81,6 +81,7 @@ typedef struct kdp_config {
   double server_idle_timeout; /* seconds */
   /* [peer.N] overrides */
   char peer_arch[KDP_MAX_PEERS][KDP_STR]; /* "" = use model.arch */
+  int peer_ranks_per_peer[KDP_MAX_PEERS]; /* 0 = use run.ranks_per_peer */
 } kdp_config;
 
 void kdp_config_defaults(kdp_config *c);
@@ -103,6 +104,8 @@ enum { KDP_KEYS_TEXT = 0, KDP_KEYS_MARKDOWN = 1, KDP_KEYS_INI = 2 };
 void kdp_config_print_keys_fmt(FILE *f, int fmt);
 /* arch for peer i */
 const char *kdp_config_peer_arch(const kdp_config *c, int peer);
+/* MPI ranks of peer i: peer.i.ranks_per_peer when set, else run.ranks_per_peer */
+int kdp_config_peer_ranks(const kdp_config *c, int peer);
 /* Parses optim.milestones into out (max n); returns count or negative on error. */
 int kdp_config_milestones(const kdp_config *c, double *out, int max, kdp_error *err);
 

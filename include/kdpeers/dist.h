@@ -5,16 +5,25 @@
 #include "kdpeers/common.h"
 
 /*
- * Layout: world size = P peers x k ranks_per_peer. World rank r belongs to peer r / k and holds
- * slice r % k of each batch. The peer communicator joins the k ranks of one peer (gradient
- * allreduce); the cohort communicator joins the P ranks that hold the same slice of the batch
- * across all peers (logit/feature exchange). Cohort rank == peer index.
+ * Uniform layout (uniform = 1): world size = P peers x k ranks_per_peer. World rank r belongs to
+ * peer r / k and holds slice r % k of each batch. The peer communicator joins the k ranks of one
+ * peer (gradient allreduce); the cohort communicator joins the P ranks that hold the same slice of
+ * the batch across all peers (logit/feature exchange). Cohort rank == peer index.
+ *
+ * Per-peer layout (uniform = 0, peer.N.ranks_per_peer): peer p has k_p ranks, world size =
+ * sum_p k_p, peer p's ranks are world ranks peer_first[p] .. peer_first[p] + k_p - 1 and slice s
+ * of them holds rows [B s / k_p, B (s + 1) / k_p) of each B-row batch. The exchanges go over the
+ * world (kdp_dist_layout_allgather); the cohort communicator joins only the slice-0 ranks (one
+ * per peer, cohort rank == peer) and is MPI_COMM_NULL on the others.
  */
+#define KDP_DIST_MAX_PEERS 64
 typedef struct kdp_dist {
   int world_rank, world_size;
   int local_rank, local_size; /* on this node, from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) */
-  int ranks_per_peer;
+  int ranks_per_peer;         /* ranks of this rank's peer (k, or k_p per peer) */
   int n_peers, peer, slice;   /* peer = cohort rank, slice = rank in the peer communicator */
+  int uniform;                /* 1: every peer has ranks_per_peer ranks */
+  int peer_k[KDP_DIST_MAX_PEERS], peer_first[KDP_DIST_MAX_PEERS]; /* filled for P <= 64 */
   void *world, *peer_comm, *cohort_comm, *node_comm; /* MPI_Comm, opaque outside src/dist */
   double t_exchange, t_allreduce, t_wait; /* seconds spent, accumulated */
   double bytes_exchanged;
@@ -27,6 +36,13 @@ void kdp_dist_finalize(void);
 int kdp_dist_world_rank(void);
 /* Builds the communicators; fails clearly when world size is not divisible by ranks_per_peer. */
 int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err);
+/* The layout from run.ranks_per_peer (k) and the per-peer overrides peer_k[0..n) (0 = k): P is
+   the peer count whose k_p sum to the world size. Without overrides, or when every k_p is equal,
+   this is kdp_dist_setup(k_p). Fails clearly, naming the numbers, when no peer count fits the
+   world size or an override names a peer beyond the last. */
+int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_error *err);
+/* Rows [lo, hi) of a B-row batch that world rank r (peer p, slice s) holds. */
+void kdp_dist_rank_rows(const kdp_dist *d, int p, int s, size_t B, size_t *lo, size_t *hi);
 void kdp_dist_free(kdp_dist *d);
 
 /* Every rank passes its bytes; fails on every rank (with the first differing rank and byte
@@ -53,6 +69,16 @@ void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, si
    counts[j] floats); out receives counts[peer] floats. */
 void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
                                      const size_t *counts);
+/* Per-peer layout: every rank passes its rows [lo, hi) of a B-row batch (kdp_dist_rank_rows);
+   peer p's block of out starts at offset[p] and has width[p] floats per row. Afterwards every
+   rank holds every peer's whole block (MPI_Allgatherv over the world). */
+void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const size_t *width,
+                               const size_t *offset, float *out);
+/* Per-peer layout: sum over the world of buf (n doubles) where only the slice-0 ranks contribute
+   (each peer once); every rank receives it. */
+void kdp_dist_layout_allreduce_f64(kdp_dist *d, double *buf, size_t n);
+/* Broadcast of n floats from world rank 0 (exactly replicated module gradients). */
+void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n);
 /* Sum-allreduce over the whole world (replicated modules under hybrid parallelism). */
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Gathers one uint32 per world rank at rank 0 (out: world_size values, only read on rank 0). */
@@ -108,7 +134,28 @@ struct kdp_kd_losses;
 int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
                       const kdp_exchange_args *a, float *dz, float *dh,
                       struct kdp_kd_losses *out, kdp_error *err);
-/* Sums the replicated module's gradients over every rank (world), so the replicas step alike. */
+/*
+ * Per-peer layout (d->uniform = 0): one distillation step over the whole global batch. a->y holds
+ * all a->b labels of the global batch; this rank passes its rows [lo, hi) of its peer's logits z
+ * ((hi - lo) x C) and, when the method reads them, features h. The rows of every rank are
+ * allgathered over the world, every rank computes the whole cohort objective
+ * (kdp_cohort_objective: J = sum_i L_i + L_module, means over the b rows) and ACCUMULATES its own
+ * rows of dJ/dz into dz and, when kdp_cohort_feature_grads, of dJ/dh into dh (a->scale is not
+ * used: the peer allreduce of the parameter gradients sums the rows of the peer's ranks into the
+ * gradient of the global-batch mean). The module's grads are the whole dJ/dtheta on every rank
+ * (kdp_exchange_module_allreduce then only makes the replicas bit-identical). out receives this
+ * rank's peer's losses over the whole global batch.
+ */
+int kdp_exchange_step_layout(kdp_exchange *x, const float *z, const float *h,
+                             const kdp_exchange_args *a, size_t lo, size_t hi, float *dz,
+                             float *dh, struct kdp_kd_losses *out, kdp_error *err);
+/* Per-peer layout, evaluation (collective over the world): gathers every rank's rows of a B-row
+   eval batch as above and returns every peer's logits (P x B x C, valid until the next call);
+   when teacher != NULL, also the method's teacher logits (B x C, eval mode). */
+const float *kdp_exchange_eval_layout(kdp_exchange *x, const float *z, const float *h, size_t B,
+                                      float *teacher, kdp_error *err);
+/* Sums the replicated module's gradients over every rank (world), so the replicas step alike;
+   per-peer layout: every rank already holds the whole gradient, rank 0's is broadcast. */
 void kdp_exchange_module_allreduce(kdp_exchange *x);
 /* Teacher logits (b x C) in eval mode for an eval batch (collective over the cohort). */
 int kdp_exchange_teacher_eval(kdp_exchange *x, const float *z, const float *h, size_t b,

@@ -43,6 +43,7 @@ typedef struct key_def {
   key_check check;
   const char *def; /* default, parsed through the same setter */
   const char *help;
+  const char *example; /* [peer.N] keys: the example value of configs/default.ini */
 } key_def;
 
 #define AT(field) .off = offsetof(kdp_config, field), .size = sizeof(((kdp_config *)0)->field)
@@ -192,11 +193,17 @@ static const key_def keys[] = {
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
-/* Keys of the [peer.N] sections; .off is of peer_arch[0], index N adds N * size. */
+/* Keys of the [peer.N] sections; .off is of the array's element 0, index N adds N * size. A
+   key at its default (empty string, 0) means "use the global key". */
 static const key_def peer_keys[] = {
     {"peer.N", "arch", KT_STRING, .off = offsetof(kdp_config, peer_arch),
      .size = sizeof(((kdp_config *)0)->peer_arch[0]), .def = "",
-     .help = "architecture of peer N (empty = model.arch)"},
+     .help = "architecture of peer N (empty = model.arch)", .example = "cnn"},
+    {"peer.N", "ranks_per_peer", KT_INT, .off = offsetof(kdp_config, peer_ranks_per_peer),
+     .size = sizeof(((kdp_config *)0)->peer_ranks_per_peer[0]), RANGE(0, 64), .def = "0",
+     .help = "MPI ranks training peer N (0 = run.ranks_per_peer); the world size must be the sum "
+             "over the peers",
+     .example = "2"},
 };
 #define N_PEER_KEYS (sizeof peer_keys / sizeof peer_keys[0])
 
@@ -1060,6 +1067,15 @@ static void format_value(const kdp_config *c, const key_def *k, size_t extra, ch
   buf[0] = 0;
 }
 
+/* 1 if peer p's key k differs from its default (which means "use the global key") */
+static int peer_key_set(const kdp_config *c, const key_def *k, int p) {
+  const char *field = (const char *)c + k->off + (size_t)p * k->size;
+  if (k->type == KT_STRING) return field[0] != 0;
+  int v;
+  memcpy(&v, field, sizeof v);
+  return v != 0;
+}
+
 void kdp_config_print(const kdp_config *c, FILE *f) {
   char val[KDP_PATH + 64];
   const char *cur = NULL;
@@ -1077,10 +1093,15 @@ void kdp_config_print(const kdp_config *c, FILE *f) {
     format_value(c, &keys[i], 0, val, sizeof val);
     fprintf(f, "%s = %s\n", keys[i].key, val);
   }
+  /* only the [peer.N] sections with a key set, and only the keys set (the text of a run without
+     a per-peer key stays what it was before the key existed, so its checkpoints still resume) */
   for (int p = 0; p < KDP_MAX_PEERS; p++) {
-    if (!c->peer_arch[p][0]) continue; /* only non-empty [peer.N] sections */
+    int any = 0;
+    for (size_t i = 0; i < N_PEER_KEYS; i++) any |= peer_key_set(c, &peer_keys[i], p);
+    if (!any) continue;
     fprintf(f, "\n[peer.%d]\n", p);
     for (size_t i = 0; i < N_PEER_KEYS; i++) {
+      if (!peer_key_set(c, &peer_keys[i], p)) continue;
       format_value(c, &peer_keys[i], (size_t)p * peer_keys[i].size, val, sizeof val);
       fprintf(f, "%s = %s\n", peer_keys[i].key, val);
     }
@@ -1094,8 +1115,13 @@ static void key_range(const key_def *k, bool peer, char *buf, size_t n) {
     choices_text(k, list, sizeof list);
     snprintf(buf, n, "one of: %s", list);
   }
-  else if (peer)
+  else if (peer && k->type == KT_STRING)
     snprintf(buf, n, "N in 0..%d, at most %zu chars", KDP_MAX_PEERS - 1, k->size - 1);
+  else if (peer) {
+    char r[64];
+    range_text(k, r, sizeof r);
+    snprintf(buf, n, "N in 0..%d, %s", KDP_MAX_PEERS - 1, r);
+  }
   else if (k->type == KT_BOOL)
     snprintf(buf, n, "true/false");
   else if (k->type == KT_DOUBLE3) {
@@ -1156,7 +1182,7 @@ void kdp_config_print_keys_fmt(FILE *f, int fmt) {
       fprintf(f, "# %s (%s%s%s; env %s)\n", k->help, type_name(k), range[0] ? ", " : "", range,
               env);
       if (peer)
-        fprintf(f, "# %s = cnn\n", k->key);
+        fprintf(f, "# %s = %s\n", k->key, k->example ? k->example : "");
       else
         fprintf(f, "%s = %s\n", k->key, val);
     } else {
@@ -1174,6 +1200,12 @@ void kdp_config_print_keys(FILE *f) { kdp_config_print_keys_fmt(f, KDP_KEYS_TEXT
 const char *kdp_config_peer_arch(const kdp_config *c, int peer) {
   if (peer >= 0 && peer < KDP_MAX_PEERS && c->peer_arch[peer][0]) return c->peer_arch[peer];
   return c->arch;
+}
+
+int kdp_config_peer_ranks(const kdp_config *c, int peer) {
+  if (peer >= 0 && peer < KDP_MAX_PEERS && c->peer_ranks_per_peer[peer] > 0)
+    return c->peer_ranks_per_peer[peer];
+  return c->ranks_per_peer;
 }
 
 int kdp_config_milestones(const kdp_config *c, double *out, int max, kdp_error *err) {

@@ -69,6 +69,11 @@ int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err) {
   d->n_peers = d->world_size / ranks_per_peer;
   d->peer = d->world_rank / ranks_per_peer;
   d->slice = d->world_rank % ranks_per_peer;
+  d->uniform = 1;
+  for (int p = 0; p < d->n_peers && p < KDP_DIST_MAX_PEERS; p++) {
+    d->peer_k[p] = ranks_per_peer;
+    d->peer_first[p] = p * ranks_per_peer;
+  }
   MPI_Comm peer, cohort, node;
   KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->peer, d->slice, &peer));
   KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->slice, d->peer, &cohort));
@@ -83,9 +88,106 @@ int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err) {
   return 0;
 }
 
+/* "2+1+1 = 4" for the first m peers of ks */
+static void layout_text(const int *ks, int m, char *buf, size_t n) {
+  size_t used = 0;
+  long sum = 0;
+  buf[0] = 0;
+  for (int p = 0; p < m && used + 16 < n; p++) {
+    used += (size_t)snprintf(buf + used, n - used, "%s%d", p ? "+" : "", ks[p]);
+    sum += ks[p];
+  }
+  if (used + 16 >= n) used += (size_t)snprintf(buf + used, n - used, "...");
+  snprintf(buf + used, n - used, " = %ld", sum);
+}
+
+int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_error *err) {
+  enum { M = KDP_DIST_MAX_PEERS };
+  int last = -1; /* the highest peer with its own ranks_per_peer */
+  for (int p = 0; peer_k && p < n && p < M; p++)
+    if (peer_k[p] > 0) last = p;
+  if (last < 0) return kdp_dist_setup(d, k, err);
+  memset(d, 0, sizeof *d);
+  int W = 0, r = 0;
+  KDP_CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &W));
+  KDP_CHECK_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &r));
+  if (k < 1) return kdp_fail(err, KDP_EINVAL, "run.ranks_per_peer = %d: expected at least 1", k);
+  int ks[M];
+  long S[M + 1];
+  S[0] = 0;
+  for (int p = 0; p < M; p++) {
+    ks[p] = p < n && peer_k[p] > 0 ? peer_k[p] : k;
+    S[p + 1] = S[p] + ks[p];
+  }
+  int P = 0;
+  for (int m = last + 1; m <= M && !P; m++)
+    if (S[m] == W) P = m;
+  if (!P) {
+    int below = 0, above = 0;
+    for (int m = last + 1; m <= M; m++) {
+      if (S[m] < W) below = m;
+      if (S[m] > W && !above) above = m;
+    }
+    char a[160] = "", b[160] = "", list[360] = "", hint[96] = "";
+    if (below) layout_text(ks, below, a, sizeof a);
+    if (above) layout_text(ks, above, b, sizeof b);
+    int one = below ? below : above;
+    if (below && above)
+      snprintf(list, sizeof list, "%d peers take %s ranks, %d peers take %s", below, a, above, b);
+    else
+      snprintf(list, sizeof list, "%d peer%s take%s %s ranks", one, one == 1 ? "" : "s",
+               one == 1 ? "s" : "", below ? a : b);
+    if (below && above)
+      snprintf(hint, sizeof hint, "-np %ld or -np %ld", S[below], S[above]);
+    else
+      snprintf(hint, sizeof hint, "-np %ld", below ? S[below] : S[above]);
+    return kdp_fail(err, KDP_EINVAL,
+                    "the per-peer layout does not fit the %d MPI ranks: the world size must be "
+                    "the sum of the peers' ranks_per_peer (peer.N.ranks_per_peer, else "
+                    "run.ranks_per_peer = %d) over at least %d peer%s (peer.%d.ranks_per_peer = "
+                    "%d is set): %s. Start with %s, or change the ranks_per_peer keys",
+                    W, k, last + 1, last ? "s" : "", last, ks[last], list, hint);
+  }
+  int same = 1;
+  for (int p = 1; p < P; p++) same &= ks[p] == ks[0];
+  if (same) return kdp_dist_setup(d, ks[0], err); /* the uniform layout, spelled per peer */
+  d->world_rank = r;
+  d->world_size = W;
+  d->n_peers = P;
+  d->uniform = 0;
+  for (int p = 0; p < P; p++) {
+    d->peer_k[p] = ks[p];
+    d->peer_first[p] = (int)S[p];
+    if (r >= S[p] && r < S[p + 1]) {
+      d->peer = p;
+      d->slice = r - (int)S[p];
+      d->ranks_per_peer = ks[p];
+    }
+  }
+  MPI_Comm peer, cohort, node;
+  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->peer, d->slice, &peer));
+  KDP_CHECK_MPI(
+      MPI_Comm_split(MPI_COMM_WORLD, d->slice == 0 ? 0 : MPI_UNDEFINED, d->peer, &cohort));
+  KDP_CHECK_MPI(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank, MPI_INFO_NULL, &node));
+  KDP_CHECK_MPI(MPI_Comm_rank(node, &d->local_rank));
+  KDP_CHECK_MPI(MPI_Comm_size(node, &d->local_size));
+  d->world = comm_box(MPI_COMM_WORLD);
+  d->peer_comm = comm_box(peer);
+  d->cohort_comm = comm_box(cohort);
+  d->node_comm = comm_box(node);
+  return 0;
+}
+
+void kdp_dist_rank_rows(const kdp_dist *d, int p, int s, size_t B, size_t *lo, size_t *hi) {
+  size_t k = (size_t)d->peer_k[p];
+  *lo = B * (size_t)s / k;
+  *hi = B * (size_t)(s + 1) / k;
+}
+
 void kdp_dist_free(kdp_dist *d) {
   if (d->peer_comm) MPI_Comm_free(&COMM(d->peer_comm));
-  if (d->cohort_comm) MPI_Comm_free(&COMM(d->cohort_comm));
+  if (d->cohort_comm && COMM(d->cohort_comm) != MPI_COMM_NULL) MPI_Comm_free(&COMM(d->cohort_comm));
   if (d->node_comm) MPI_Comm_free(&COMM(d->node_comm));
   free(d->world);
   free(d->peer_comm);
@@ -228,6 +330,44 @@ void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
     free(c);
   }
   d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const size_t *width,
+                               const size_t *offset, float *out) {
+  double t0 = kdp_now();
+  int W = d->world_size;
+  int *c = kdp_xmalloc(sizeof(int) * (size_t)W), *ds = kdp_xmalloc(sizeof(int) * (size_t)W);
+  double total = 0;
+  for (int p = 0; p < d->n_peers; p++)
+    for (int s = 0; s < d->peer_k[p]; s++) {
+      int r = d->peer_first[p] + s;
+      size_t lo, hi;
+      kdp_dist_rank_rows(d, p, s, B, &lo, &hi);
+      c[r] = (int)((hi - lo) * width[p]);
+      ds[r] = (int)(offset[p] + lo * width[p]);
+      total += (double)c[r];
+    }
+  static float dummy;
+  int mine = c[d->world_rank];
+  KDP_CHECK_MPI(MPI_Allgatherv(mine ? in : &dummy, mine, MPI_FLOAT, out, c, ds, MPI_FLOAT,
+                               MPI_COMM_WORLD));
+  d->bytes_exchanged += (total - (double)mine) * sizeof(float);
+  free(c);
+  free(ds);
+  d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_layout_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
+  if (n == 0) return;
+  if (d->slice != 0) memset(buf, 0, n * sizeof(double));
+  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+}
+
+void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n) {
+  if (d->world_size <= 1 || n == 0) return;
+  double t0 = kdp_now();
+  KDP_CHECK_MPI(MPI_Bcast(buf, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD));
+  d->t_allreduce += kdp_now() - t0;
 }
 
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {

@@ -113,7 +113,76 @@ int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
 
 void kdp_exchange_module_allreduce(kdp_exchange *x) {
   size_t nm = kdp_cohort_module_n_params(x->c);
-  if (nm) kdp_dist_world_allreduce(x->d, kdp_cohort_module_grads(x->c), nm);
+  if (!nm) return;
+  if (x->d->uniform)
+    kdp_dist_world_allreduce(x->d, kdp_cohort_module_grads(x->c), nm);
+  else
+    kdp_dist_world_bcast_f(x->d, kdp_cohort_module_grads(x->c), nm);
+}
+
+/* per-peer layout: every rank's rows of a B-row batch into z_all (and h_all) */
+static void gather_layout(kdp_exchange *x, const float *z, const float *h, size_t B) {
+  const kdp_kd_spec *sp = kdp_cohort_spec(x->c);
+  size_t wz[KDP_KD_MAX_PEERS], oz[KDP_KD_MAX_PEERS];
+  for (size_t j = 0; j < x->P; j++) {
+    wz[j] = x->C;
+    oz[j] = j * B * x->C;
+  }
+  kdp_dist_layout_allgather(x->d, z, B, wz, oz, x->z_all);
+  if (x->uses_feat) {
+    for (size_t j = 0; j < x->P; j++) {
+      wz[j] = sp->dims[j];
+      oz[j] = kdp_cohort_feature_offset(x->c, j, B);
+    }
+    kdp_dist_layout_allgather(x->d, h, B, wz, oz, x->h_all);
+  }
+}
+
+int kdp_exchange_step_layout(kdp_exchange *x, const float *z, const float *h,
+                             const kdp_exchange_args *a, size_t lo, size_t hi, float *dz,
+                             float *dh, kdp_kd_losses *out, kdp_error *err) {
+  size_t B = a->b, C = x->C;
+  if (B > x->max_b) return kdp_fail(err, KDP_EINVAL, "batch %zu > %zu", B, x->max_b);
+  if (lo > hi || hi > B)
+    return kdp_fail(err, KDP_EINVAL, "rows [%zu, %zu) outside a batch of %zu", lo, hi, B);
+  gather_layout(x, z, h, B);
+  kdp_kd_batch in = {.z = x->z_all,
+                     .h = x->uses_feat ? x->h_all : NULL,
+                     .y = a->y,
+                     .B = B,
+                     .T = a->T,
+                     .weight = a->weight,
+                     .burn_in = a->burn_in};
+  memset(x->dz_all, 0, x->P * B * C * sizeof(float));
+  size_t nf = kdp_cohort_feature_floats(x->c, B);
+  if (x->feat_grads) memset(x->dh_all, 0, nf * sizeof(float));
+  if (kdp_cohort_module_n_params(x->c)) kdp_cohort_module_zero_grad(x->c);
+  kdp_kd_losses per[KDP_KD_MAX_PEERS];
+  int rc = kdp_cohort_objective(x->c, &in, x->dz_all, x->feat_grads ? x->dh_all : NULL, NULL,
+                                per, NULL, err);
+  if (rc != 0) return rc;
+  const float *g = x->dz_all + (x->me * B + lo) * C;
+  for (size_t k = 0; k < (hi - lo) * C; k++) dz[k] += g[k];
+  if (x->feat_grads && dh) {
+    size_t dme = kdp_cohort_spec(x->c)->dims[x->me];
+    const float *gh = x->dh_all + kdp_cohort_feature_offset(x->c, x->me, B) + lo * dme;
+    for (size_t k = 0; k < (hi - lo) * dme; k++) dh[k] += gh[k];
+  }
+  if (out) *out = per[x->me];
+  return 0;
+}
+
+const float *kdp_exchange_eval_layout(kdp_exchange *x, const float *z, const float *h, size_t B,
+                                      float *teacher, kdp_error *err) {
+  if (B > x->max_b) {
+    kdp_fail(err, KDP_EINVAL, "batch %zu > %zu", B, x->max_b);
+    return NULL;
+  }
+  gather_layout(x, z, h, B);
+  if (teacher &&
+      kdp_cohort_teacher_eval(x->c, x->z_all, x->uses_feat ? x->h_all : NULL, B, teacher, err) != 0)
+    return NULL;
+  return x->z_all;
 }
 
 int kdp_exchange_teacher_eval(kdp_exchange *x, const float *z, const float *h, size_t b,

@@ -215,6 +215,10 @@ static char *render_status(kdp_trainer *t) {
           t->P, t->d->world_size, t->d->ranks_per_peer, c->batch_size, c->lr, c->epochs,
           (unsigned long long)c->seed);
   json_kv_str(f, "dir", c->dir, 1);
+  fputs(",\"peer_ranks\":[", f);
+  for (int p = 0; p < t->P && p < KDP_DIST_MAX_PEERS; p++)
+    fprintf(f, "%s%d", p ? "," : "", t->d->peer_k[p]);
+  fputs("]", f);
   fputs(",\"peer_arch\":[", f);
   for (int p = 0; p < t->P; p++) {
     if (p) fputc(',', f);

@@ -57,8 +57,13 @@ static void weights_refresh(kdp_trainer *t, mstate *s) {
   size_t np = kdp_model_n_params(t->model), nb = kdp_model_n_buffers(t->model);
   memcpy(s->flat_mine, kdp_model_params(t->model), np * sizeof(float));
   memcpy(s->flat_mine + np, kdp_model_buffers(t->model), nb * sizeof(float));
-  kdp_dist_cohort_allgatherv(t->d, s->flat_mine, s->counts[me], s->flat_all, s->counts,
-                             s->displs);
+  if (t->d->uniform) {
+    kdp_dist_cohort_allgatherv(t->d, s->flat_mine, s->counts[me], s->flat_all, s->counts,
+                               s->displs);
+  } else {
+    /* per-peer layout: every rank of a peer holds the same weights; one row of one "row" */
+    kdp_dist_layout_allgather(t->d, s->flat_mine, 1, s->counts, s->displs, s->flat_all);
+  }
   for (size_t j = 0; j < P; j++) {
     if (j == me) continue;
     kdp_model *m = s->stale[j];
@@ -133,7 +138,14 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   /* every peer's feature dim (peers may differ) */
   float mine = (float)kdp_model_feature_dim(t->model);
   float *all = kdp_falloc(P);
-  kdp_dist_cohort_allgather(t->d, &mine, all, 1);
+  if (t->d->uniform) {
+    kdp_dist_cohort_allgather(t->d, &mine, all, 1);
+  } else {
+    double dims[KDP_KD_MAX_PEERS] = {0};
+    dims[t->d->peer] = mine;
+    kdp_dist_layout_allreduce_f64(t->d, dims, P);
+    for (size_t j = 0; j < P; j++) all[j] = (float)dims[j];
+  }
   kdp_kd_spec spec;
   memset(&spec, 0, sizeof spec);
   spec.method = s->id;
@@ -144,7 +156,9 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   spec.leader = t->cfg->leader;
   spec.detach = t->cfg->detach;
   spec.fusion_dim = (size_t)t->cfg->fusion_dim;
-  size_t max_b = t->Bl > EVAL_MAX ? t->Bl : EVAL_MAX;
+  /* per-peer layout: every rank computes the objective over the whole global batch */
+  size_t rows = t->d->uniform ? t->Bl : t->Bg;
+  size_t max_b = rows > EVAL_MAX ? rows : EVAL_MAX;
   int rc = kdp_cohort_create(&s->cohort, &spec, max_b, err);
   if (rc != 0) return rc;
   kdp_rng mrng;
@@ -190,6 +204,7 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
   const kdp_config *cfg = t->cfg;
   memset(out, 0, sizeof *out);
   if (s->id == KDP_METHOD_INDEPENDENT) {
+    if (b == 0) return; /* no rows of a final partial batch on this rank */
     out->ce = kdp_ce_loss(z, y, b, t->C, t->dlogits, scale, &out->correct);
     return;
   }
@@ -208,6 +223,28 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
   }
   kdp_kd_losses L;
   kdp_error err;
+  if (!t->d->uniform) {
+    /* per-peer layout: the whole global batch's objective, this rank's rows of its gradients */
+    a.y = t->cur_yg;
+    a.b = t->cur_bg;
+    if (kdp_exchange_step_layout(s->ex, z, kdp_model_features(t->model), &a, t->cur_lo,
+                                 t->cur_hi, t->dlogits, t->dfeat, &L, &err) != 0) {
+      fprintf(stderr, "kdpeers: internal error in the %s step: %s\n", cfg->method, err.msg);
+      abort();
+    }
+    /* ce and kd are the peer's means over the global batch (the same on each of its ranks);
+       the hits are counted on this rank's rows */
+    out->ce = L.ce;
+    out->kd = L.loss - L.ce;
+    for (size_t r = 0; r < b; r++) {
+      const float *zr = z + r * t->C;
+      size_t am = 0;
+      for (size_t c = 1; c < t->C; c++)
+        if (zr[c] > zr[am]) am = c;
+      out->correct += (int32_t)am == y[r];
+    }
+    return;
+  }
   if (kdp_exchange_step(s->ex, z, kdp_model_features(t->model), &a, t->dlogits, t->dfeat, &L,
                         &err) != 0) {
     fprintf(stderr, "kdpeers: internal error in the %s step: %s\n", cfg->method, err.msg);
@@ -216,6 +253,17 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
   out->ce = L.ce;
   out->kd = L.loss - L.ce;
   out->correct = L.n_correct;
+}
+
+const float *kdp_method_eval_layout(kdp_trainer *t, const float *z, size_t B, float *teacher,
+                                    int *has_teacher) {
+  mstate *s = t->method;
+  kdp_error err;
+  *has_teacher = teacher && t->teacher_eval;
+  const float *all = kdp_exchange_eval_layout(s->ex, z, kdp_model_features(t->model), B,
+                                              *has_teacher ? teacher : NULL, &err);
+  if (!all) fprintf(stderr, "kdpeers: evaluation failed: %s\n", err.msg);
+  return all;
 }
 
 void kdp_method_after_backward(kdp_trainer *t) {

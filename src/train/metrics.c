@@ -167,6 +167,14 @@ void kdp_progress_start(kdp_trainer *t, double load_seconds) {
           t->d->ranks_per_peer == 1 ? "" : "s", t->P > 1 ? t->cfg->method : "independent",
           t->cfg->arch, kdp_model_n_params(t->model), (long long)t->total_steps,
           (long long)t->steps_per_epoch, t->Bg, load_seconds);
+  if (!t->d->uniform) {
+    char ks[256] = "";
+    size_t used = 0;
+    for (int p = 0; p < t->P && used + 8 < sizeof ks; p++)
+      used += (size_t)snprintf(ks + used, sizeof ks - used, "%s%d", p ? "+" : "", t->d->peer_k[p]);
+    fprintf(stderr, "%s kdpeers: per-peer layout: %d ranks = %s ranks per peer (peer 0 first)\n",
+            ts, t->d->world_size, ks);
+  }
   t->t_start = kdp_now();
 }
 

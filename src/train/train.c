@@ -156,11 +156,76 @@ static void memory_now(double *rss_mb, double *pss_mb) {
 
 /* ---------------- evaluation ---------------- */
 
+/* Per-peer layout: the test set in chunks of EVAL_BATCH rows; each rank computes its rows of a
+   chunk, the rows are allgathered over the world, and rank 0 scores every peer, the ensemble and
+   the teacher on the whole chunk. */
+static void evaluate_layout(kdp_trainer *t, int64_t step, double epoch) {
+  const kdp_dataset *ds = &t->test;
+  kdp_dist *d = t->d;
+  size_t C = t->C, n = ds->n, P = (size_t)t->P, isz = ds->H * ds->W * ds->C;
+  /* [2p] loss and [2p+1] hits of peer p, then ensemble, then teacher */
+  double *s = kdp_xcalloc(2 * P + 4, sizeof(double));
+  float *prob = kdp_falloc(EVAL_BATCH * C), *ens = kdp_falloc(EVAL_BATCH * C);
+  float *teacher = t->is_root && t->teacher_eval ? kdp_falloc(EVAL_BATCH * C) : NULL;
+  for (size_t first = 0; first < n; first += EVAL_BATCH) {
+    size_t B = n - first < EVAL_BATCH ? n - first : EVAL_BATCH, lo, hi;
+    kdp_dist_rank_rows(d, d->peer, d->slice, B, &lo, &hi);
+    kdp_dataset_get(ds, first, B, t->mean, t->std, t->xbuf, t->ybuf);
+    const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf + lo * isz, hi - lo, 0, NULL)
+                             : NULL;
+    int has_teacher = 0;
+    const float *all = kdp_method_eval_layout(t, z, B, teacher, &has_teacher);
+    if (!t->is_root || !all) continue;
+    memset(ens, 0, B * C * sizeof(float));
+    for (size_t p = 0; p < P; p++) {
+      size_t correct = 0;
+      const float *zp = all + p * B * C;
+      s[2 * p] += kdp_ce_loss(zp, t->ybuf, B, C, NULL, 0, &correct) * (double)B;
+      s[2 * p + 1] += (double)correct;
+      kdp_softmax_t(prob, zp, B, C, 1.0f);
+      for (size_t k = 0; k < B * C; k++) ens[k] += prob[k];
+    }
+    for (size_t i = 0; i < B; i++) {
+      const float *pr = ens + i * C;
+      size_t am = 0;
+      for (size_t k = 1; k < C; k++)
+        if (pr[k] > pr[am]) am = k;
+      s[2 * P + 1] += am == (size_t)t->ybuf[i];
+      double q = pr[t->ybuf[i]] / (double)P;
+      s[2 * P] -= log(q > 1e-30 ? q : 1e-30);
+    }
+    if (has_teacher) {
+      size_t tc = 0;
+      s[2 * P + 2] += kdp_ce_loss(teacher, t->ybuf, B, C, NULL, 0, &tc) * (double)B;
+      s[2 * P + 3] += (double)tc;
+    }
+  }
+  if (t->is_root) {
+    char name[32];
+    for (size_t p = 0; p < P; p++) {
+      snprintf(name, sizeof name, "peer%zu", p);
+      kdp_metrics_eval(t, step, epoch, name, s[2 * p + 1] / (double)n, s[2 * p] / (double)n);
+    }
+    kdp_metrics_eval(t, step, epoch, "ensemble", s[2 * P + 1] / (double)n, s[2 * P] / (double)n);
+    if (t->teacher_eval)
+      kdp_metrics_eval(t, step, epoch, t->teacher_name, s[2 * P + 3] / (double)n,
+                       s[2 * P + 2] / (double)n);
+  }
+  free(s);
+  free(prob);
+  free(ens);
+  free(teacher);
+}
+
 /* Evaluates every peer on the test set (split over the ranks of a peer), the mean-of-probabilities
    ensemble over the cohort, and the method's teacher when it has one. */
 static void evaluate(kdp_trainer *t, int64_t step, double epoch) {
   const kdp_dataset *ds = &t->test;
   kdp_dist *d = t->d;
+  if (!d->uniform) {
+    evaluate_layout(t, step, epoch);
+    return;
+  }
   size_t C = t->C;
   size_t n = ds->n;
   /* this rank's share of the test set */
@@ -347,11 +412,17 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
 
   int rc = 0;
   int k = d->ranks_per_peer;
-  if (cfg->batch_size % k != 0)
+  if (d->uniform && cfg->batch_size % k != 0)
     rc = kdp_fail(err, KDP_EINVAL,
                   "optim.batch_size = %d is not divisible by run.ranks_per_peer = %d: each rank "
                   "of a peer takes an equal slice of the batch",
                   cfg->batch_size, k);
+  for (int p = 0; !d->uniform && rc == 0 && p < d->n_peers; p++)
+    if (cfg->batch_size % d->peer_k[p] != 0)
+      rc = kdp_fail(err, KDP_EINVAL,
+                    "optim.batch_size = %d is not divisible by peer %d's ranks_per_peer = %d: "
+                    "each rank of a peer takes an equal slice of the batch",
+                    cfg->batch_size, p, d->peer_k[p]);
   double t_load = kdp_now();
   if (rc == 0) {
     if (cfg->shared && d->local_size > 1)
@@ -530,7 +601,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     double epoch_f = (double)step / (double)spe;
     kdp_model_zero_grad(t->model);
     double tc0 = kdp_now();
-    const float *z = kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng);
+    /* a rank can hold no rows of a final partial batch smaller than its peer's k: it then only
+       takes part in the collectives, with zero gradients */
+    const float *z = bl ? kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng) : t->dlogits;
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "forward", tc0, kdp_now());
     if (step == fault_nan_step) {
@@ -580,6 +653,10 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
        is the mean over the global batch */
     float scale = (float)bl / (float)bg;
     t->cur_x = x;
+    t->cur_yg = t->ybuf;
+    t->cur_bg = bg;
+    t->cur_lo = lo;
+    t->cur_hi = hi;
     double tx0 = kdp_now();
     kdp_method_step(t, z, y, bl, step, epoch_f, scale, &sl);
     kdp_trace_mark(t, "exchange+kd", tx0, kdp_now());
@@ -588,7 +665,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     else if (!isfinite(sl.kd))
       note_divergence(&pending_div, d->peer, step, "distillation loss", sl.kd);
     tc0 = kdp_now();
-    kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
+    if (bl) kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "backward", tc0, kdp_now());
     double ta0 = kdp_now();
@@ -622,7 +699,10 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
         pl[3 * d->peer] = sums[0] / (double)w / (double)k;
         pl[3 * d->peer + 1] = sums[1] / (double)w / (double)k;
         pl[3 * d->peer + 2] = sums[3] > 0 ? sums[2] / sums[3] : 0;
-        kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
+        if (d->uniform)
+          kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
+        else
+          kdp_dist_layout_allreduce_f64(d, pl, (size_t)t->P * 3);
         double ce[KDP_MAX_PEERS], kdv[KDP_MAX_PEERS], ac[KDP_MAX_PEERS];
         for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
           ce[p] = pl[3 * p];

@@ -48,6 +48,9 @@ struct kdp_trainer {
   int32_t *ybuf;
   float *dlogits, *dfeat;
   const float *cur_x;     /* this rank's slice of the current batch (codistill weights mode) */
+  /* per-peer layout: the current global batch (all cur_bg labels) and this rank's rows of it */
+  const int32_t *cur_yg;
+  size_t cur_bg, cur_lo, cur_hi;
   int uses_features_grad;
   double lr_scale;
   double temperature, kd_weight; /* start as kd.temperature / kd.weight; /control can change them */
@@ -94,6 +97,11 @@ void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b,
 void kdp_method_after_backward(kdp_trainer *t);
 void kdp_method_opt_step(kdp_trainer *t, float lr);
 void kdp_method_free(kdp_trainer *t);
+/* Per-peer layout, evaluation (collective over the world): this rank's eval logits z are its rows
+   of a B-row eval batch; returns every peer's logits for all B rows (P x B x C) and, when teacher
+   is not NULL and the method has a teacher, its logits (*has_teacher = 1). NULL on failure. */
+const float *kdp_method_eval_layout(kdp_trainer *t, const float *z, size_t B, float *teacher,
+                                    int *has_teacher);
 /* The method's own state (replicated module, its optimizer, stale peer copies) into / out of
    this rank's checkpoint file. */
 struct kdp_ckpt_writer;
