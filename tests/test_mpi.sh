@@ -169,6 +169,11 @@ expect "-np 4 between the layouts 2+1 and 2+1+2 is refused with exit 2 (got $rc)
 expect "the message names both fitting world sizes" \
   grep -q "2 peers take 2+1 = 3 ranks, 3 peers take 2+1+2 = 5. Start with -np 3 or -np 5" "$tmp/bad4.out"
 expect "a refused layout starts no training (no metrics.jsonl)" test ! -e "$tmp/bad4/metrics.jsonl"
+run 4 "${small[@]}" -s run.ranks_per_peer=2 -s data.subset=129 -s optim.batch_size=64 -s run.dir="$tmp/bad5" >"$tmp/bad5.out" 2>&1
+rc=$?
+expect "a last batch smaller than ranks_per_peer is refused with exit 2 (got $rc)" test "$rc" = 2
+expect "the message names the last batch and ranks_per_peer" \
+  grep -q "the last batch of an epoch holds 1 example (129 training examples, optim.batch_size = 64), fewer than run.ranks_per_peer = 2" "$tmp/bad5.out"
 run 2 "${small[@]}" -s kd.method=okddip -s run.dir="$tmp/bad2" >"$tmp/bad2.out" 2>&1
 rc=$?
 expect "okddip with 2 peers is refused (got $rc)" test "$rc" != 0

@@ -491,6 +491,18 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     goto done;
   }
 
+  /* uniform layout: every rank of a peer needs a row of every batch, the epoch's last included */
+  size_t tail = (t->batcher.hi - t->batcher.lo) % t->Bg;
+  if (rc == 0 && d->uniform && k > 1 && tail > 0 && tail < (size_t)k)
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "the last batch of an epoch holds %zu example%s (%zu training examples, "
+                  "optim.batch_size = %zu), fewer than run.ranks_per_peer = %d: every rank of a "
+                  "peer needs at least one row; change data.subset or optim.batch_size",
+                  tail, tail == 1 ? "" : "s", t->batcher.hi - t->batcher.lo, t->Bg, k);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank refused the batch layout");
+    goto done;
+  }
   size_t spe = kdp_batcher_n_batches(&t->batcher);
   t->steps_per_epoch = (int64_t)spe;
   int64_t total = (int64_t)cfg->epochs * (int64_t)spe;
