@@ -755,16 +755,17 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
   free(sum);
 }
 
-/* sums over the pooled positions: the relu'd pool gradient only reaches the winners */
-static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, const float *restrict dout,
-                          const float *restrict out, const float *restrict xwin, size_t NP,
-                          size_t C) {
+/* sums over the pooled positions: the relu'd pool gradient only reaches the winners; gc (C
+   floats) holds one row of it, so that both loops vectorise */
+static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restrict gc,
+                          const float *restrict dout, const float *restrict out,
+                          const float *restrict xwin, size_t NP, size_t C) {
   for (size_t n = 0; n < NP; n++) {
     const float *g = dout + n * C, *o = out + n * C, *xw = xwin + n * C;
+    for (size_t c = 0; c < C; c++) gc[c] = o[c] > 0.0f ? g[c] : 0.0f;
     for (size_t c = 0; c < C; c++) {
-      float gc = o[c] > 0.0f ? g[c] : 0.0f;
-      sg[c] += (double)gc * (double)xw[c];
-      sb[c] += (double)gc;
+      sg[c] += (double)gc[c] * (double)xw[c];
+      sb[c] += (double)gc[c];
     }
   }
 }
@@ -783,10 +784,12 @@ static void cbpr_dy(float *restrict dy, const float *restrict y, const float *re
         const size_t r = ((b * H + h) * W + w) * C;
         if (h / 2 < PH && w / 2 < PW) {
           const size_t po = ((b * PH + h / 2) * PW + w / 2) * C;
-          const uint8_t k = (uint8_t)((h & 1) * 2 + (w & 1));
+          const int k = (int)((h & 1) * 2 + (w & 1));
           for (size_t c = 0; c < C; c++) {
             float xh = (y[r + c] - mean[c]) * invstd[c];
-            float t = (win[po + c] == k && out[po + c] > 0.0f) ? k1[c] * dout[po + c] : 0.0f;
+            float gv = k1[c] * dout[po + c]; /* unconditional loads: the loop vectorises */
+            int hit = ((int)win[po + c] == k) & (out[po + c] > 0.0f);
+            float t = hit ? gv : 0.0f;
             dy[r + c] = t - k2[c] - k3[c] * xh;
           }
         } else {
@@ -809,13 +812,13 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   const size_t in_per = s->H * s->W * s->Cin;
   if (B == 0 || ohw == 0 || C == 0) return;
   double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
-  cbpr_bwd_sums(sg, sb, dout, out, xwin, B * pp, C);
+  float *k = kdp_xmalloc(4 * C * sizeof(float));
+  float *k1 = k, *k2 = k + C, *k3 = k + 2 * C;
+  cbpr_bwd_sums(sg, sb, k + 3 * C, dout, out, xwin, B * pp, C);
   if (dgamma)
     for (size_t c = 0; c < C; c++) dgamma[c] += (float)sg[c];
   if (dbeta)
     for (size_t c = 0; c < C; c++) dbeta[c] += (float)sb[c];
-  float *k = kdp_xmalloc(3 * C * sizeof(float));
-  float *k1 = k, *k2 = k + C, *k3 = k + 2 * C;
   bn_bwd_coefs(k1, k2, k3, sg, sb, invstd, gamma, B * ohw, C);
   const size_t nb = conv_loop_chunk(s);
   const int pointwise = conv_is_pointwise(s);
