@@ -83,6 +83,9 @@ static size_t conv_chunk(const kdp_conv_shape *s) {
   return nb;
 }
 
+/* widest zero-padded input row (floats) im2col_short handles */
+#define KDP_IM2COL_ROW 1024
+
 size_t kdp_conv_scratch_floats(const kdp_conv_shape *s) {
   if (conv_is_pointwise(s) || s->B == 0) return 0;
   return 2 * conv_chunk(s) * conv_col_per_sample(s);
@@ -90,10 +93,43 @@ size_t kdp_conv_scratch_floats(const kdp_conv_shape *s) {
 
 /* col ((nb*OH*OW) x (K*K*Cin)), columns ordered (kh, kw, cin), from in (nb x H x W x Cin).
    For fixed (oh, ow, kh) the K*Cin columns are one contiguous run of the input row. */
+/* im2col for short runs (K * Cin < 16 floats, e.g. the first conv on 1-channel images): each
+   input row is copied once into a zero-padded row, then every output position copies its K*Cin
+   window from it with a fixed-trip loop (library calls would cost more than the copy). */
+static void im2col_short(float *restrict col, const float *restrict in, float *restrict prow,
+                         size_t nb, const kdp_conv_shape *s) {
+  const size_t H = s->H, W = s->W, C = s->Cin, K = s->K, OH = s->OH, OW = s->OW;
+  const size_t pad = s->pad, st = s->stride, run = K * C, kkc = K * run;
+  for (size_t b = 0; b < nb; b++)
+    for (size_t oh = 0; oh < OH; oh++)
+      for (size_t kh = 0; kh < K; kh++) {
+        ptrdiff_t ih = (ptrdiff_t)(oh * st + kh) - (ptrdiff_t)pad;
+        float *dst = col + (b * OH + oh) * OW * kkc + kh * run;
+        if (ih < 0 || ih >= (ptrdiff_t)H) {
+          for (size_t ow = 0; ow < OW; ow++)
+            for (size_t i = 0; i < 16; i++)
+              if (i < run) dst[ow * kkc + i] = 0.0f;
+          continue;
+        }
+        const float *src = in + ((b * H + (size_t)ih) * W) * C;
+        memset(prow, 0, pad * C * sizeof(float));
+        memcpy(prow + pad * C, src, W * C * sizeof(float));
+        memset(prow + (pad + W) * C, 0, pad * C * sizeof(float));
+        for (size_t ow = 0; ow < OW; ow++)
+          for (size_t i = 0; i < 16; i++)
+            if (i < run) dst[ow * kkc + i] = prow[ow * st * C + i];
+      }
+}
+
 static void im2col(float *col, const float *in, size_t nb, const kdp_conv_shape *s) {
   const size_t H = s->H, W = s->W, C = s->Cin, K = s->K, OH = s->OH, OW = s->OW;
   const ptrdiff_t pad = (ptrdiff_t)s->pad, st = (ptrdiff_t)s->stride;
   const size_t run = K * C, kkc = K * run;
+  if (run < 16 && (W + 2 * (size_t)pad) * C <= KDP_IM2COL_ROW) {
+    float prow[KDP_IM2COL_ROW];
+    im2col_short(col, in, prow, nb, s);
+    return;
+  }
   for (size_t b = 0; b < nb; b++) {
     const float *img = in + b * H * W * C;
     for (size_t oh = 0; oh < OH; oh++) {
