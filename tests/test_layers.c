@@ -901,8 +901,9 @@ START_TEST(test_bn_backward_set) {
 END_TEST
 
 /* The fused conv -> bn -> maxpool -> relu block against the BLAS conv and the unfused layers:
-   the forward is the same arithmetic (bit-for-bit), backward differs only in the order of the
-   batchnorm sums. */
+   the conv output is bit-for-bit the same; the batch statistics are summed per chunk (the
+   grouping of rows differs where a chunk's row count is not a multiple of 4) and the backward
+   sums in another order, so the rest agrees to float rounding. */
 static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
   kdp_conv_shape_init(&s);
   const size_t C = s.Cout, N = s.B * s.OH * s.OW, nin = s.B * s.H * s.W * s.Cin;
@@ -939,11 +940,15 @@ static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
   snprintf(what, sizeof what, "fused block B=%zu H=%zu W=%zu Cin=%zu Cout=%zu K=%zu s=%zu p=%zu",
            s.B, s.H, s.W, s.Cin, C, s.K, s.stride, s.pad);
   assert_exact(what, y2, y1, N * C);
-  assert_exact(what, out2, out1, np);
-  assert_exact(what, inv2, inv1, C);
-  assert_exact(what, rm2, rm1, C);
-  assert_exact(what, rv2, rv1, C);
-  for (size_t i = 0; i < np; i++) ck_assert(xwin[i] == xhat[am[i]]);
+  kdp_test_assert_close(what, out2, out1, np, 1e-6, 1e-6);
+  kdp_test_assert_close(what, inv2, inv1, C, 1e-7, 1e-6);
+  kdp_test_assert_close(what, rm2, rm1, C, 1e-7, 1e-6);
+  kdp_test_assert_close(what, rv2, rv1, C, 1e-7, 1e-6);
+  for (size_t i = 0; i < np; i++) {
+    size_t p = (size_t)am[i] / C, h = (p / s.OW) % s.OH, wc = p % s.OW;
+    ck_assert_msg(win[i] == (h & 1) * 2 + (wc & 1), "%s: winner of pooled %zu", what, i);
+    ck_assert(fabsf(xwin[i] - xhat[am[i]]) <= 1e-6f * (1.0f + fabsf(xhat[am[i]])));
+  }
 
   /* backward, accumulating into non-zero gradients */
   float *dp = kdp_falloc(np + 1), *dbn = kdp_falloc(N * C), *dy = kdp_falloc(N * C);
@@ -964,7 +969,9 @@ static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
                                  inv2, in, w, g, scratch, &s);
   kdp_test_assert_close(what, di2, di1, nin, 1e-5, 1e-5);
   kdp_test_assert_close(what, dw2, dw1, nw, 1e-5, 1e-5);
-  kdp_test_assert_close(what, db2, db1, C, 1e-5, 1e-5);
+  /* a conv bias in front of a batchnorm has an exact gradient of 0: both are the rounding noise
+     of thousands of O(1) terms summed in different orders (a bug would be O(1)) */
+  kdp_test_assert_close(what, db2, db1, C, 1e-3, 0);
   kdp_test_assert_close(what, dg2, dg1, C, 1e-5, 1e-5);
   kdp_test_assert_close(what, dbt2, dbt1, C, 1e-5, 1e-5);
   /* din_set overwrites garbage with the gradient alone */
@@ -982,8 +989,7 @@ static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
   kdp_relu_forward(out1, pool, np);
   kdp_conv_bn_pool_relu_forward(out2, NULL, NULL, y2, NULL, NULL, rm2, rv2, in, w, b, g, bt,
                                 scratch, &s, 0, 0.1f, 1e-5f);
-  assert_exact(what, out2, out1, np);
-  assert_exact(what, rm2, rm1, C);
+  kdp_test_assert_close(what, out2, out1, np, 1e-6, 1e-6);
 
   free(in), free(w), free(b), free(g), free(bt), free(dout), free(scratch);
   free(y1), free(bo), free(xhat), free(pool), free(out1), free(inv1), free(rm1), free(rv1);

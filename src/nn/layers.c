@@ -76,7 +76,9 @@ static size_t conv_col_per_sample(const kdp_conv_shape *s) {
 /* Samples per chunk. Depends only on the shape and B, and never grows when B shrinks, so
    scratch sized for a batch B serves any batch <= B. */
 static size_t conv_chunk(const kdp_conv_shape *s) {
-  size_t per = conv_col_per_sample(s);
+  /* the output chunk counts too: with few input channels (the first conv) it is the larger */
+  size_t per = conv_col_per_sample(s), per_out = s->OH * s->OW * s->Cout;
+  if (per_out > per) per = per_out;
   size_t nb = per ? KDP_CONV_CHUNK_TARGET / per : s->B;
   if (nb < 1) nb = 1;
   if (nb > s->B) nb = s->B;
@@ -514,9 +516,21 @@ void kdp_shortcut_a_backward(float *din, const float *dout, size_t B, size_t H, 
 
 /* Row loops of batchnorm as helpers with restrict parameters, so gcc vectorises the channel
    loop without runtime alias checks. */
+/* The per-channel sums below take rows four at a time, so the running sums (which live in
+   memory) see one dependent add per four rows instead of one per row. */
 static void bn_stats_rows(double *restrict sum, double *restrict sq, const float *restrict in,
                           const double *restrict sh, size_t N, size_t C) {
-  for (size_t n = 0; n < N; n++) {
+  size_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const float *x0 = in + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+    for (size_t c = 0; c < C; c++) {
+      double d0 = (double)x0[c] - sh[c], d1 = (double)x1[c] - sh[c];
+      double d2 = (double)x2[c] - sh[c], d3 = (double)x3[c] - sh[c];
+      sum[c] += (d0 + d1) + (d2 + d3);
+      sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; n < N; n++) {
     const float *x = in + n * C;
     for (size_t c = 0; c < C; c++) {
       double d = (double)x[c] - sh[c];
@@ -606,7 +620,17 @@ void kdp_bn_forward_eval(float *out, const float *in, const float *gamma, const 
 
 static void bn_bwd_sums(double *restrict sg, double *restrict sb, const float *restrict dout,
                         const float *restrict xhat, size_t N, size_t C) {
-  for (size_t n = 0; n < N; n++) {
+  size_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const float *g0 = dout + n * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+    const float *h0 = xhat + n * C, *h1 = h0 + C, *h2 = h1 + C, *h3 = h2 + C;
+    for (size_t c = 0; c < C; c++) {
+      sg[c] += ((double)g0[c] * (double)h0[c] + (double)g1[c] * (double)h1[c]) +
+               ((double)g2[c] * (double)h2[c] + (double)g3[c] * (double)h3[c]);
+      sb[c] += ((double)g0[c] + (double)g1[c]) + ((double)g2[c] + (double)g3[c]);
+    }
+  }
+  for (; n < N; n++) {
     const float *g = dout + n * C, *xh = xhat + n * C;
     for (size_t c = 0; c < C; c++) {
       sg[c] += (double)g[c] * (double)xh[c];
@@ -696,6 +720,17 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
 size_t kdp_conv_bn_pool_relu_scratch_floats(const kdp_conv_shape *s) {
   if (s->B == 0) return 0;
   return kdp_conv_scratch_floats(s) + conv_loop_chunk(s) * s->OH * s->OW * s->Cout;
+}
+
+/* db (C) += column sums of g (rows x C), four rows per dependent add */
+static void col_sums4(float *restrict db, const float *restrict g, size_t rows, size_t C) {
+  size_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *g0 = g + r * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+    for (size_t c = 0; c < C; c++) db[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
+  }
+  for (; r < rows; r++)
+    for (size_t c = 0; c < C; c++) db[c] += g[r * C + c];
 }
 
 static void cbpr_pool_train(float *restrict out, uint8_t *restrict win, float *restrict xwin,
@@ -796,7 +831,19 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
 static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restrict gc,
                           const float *restrict dout, const float *restrict out,
                           const float *restrict xwin, size_t NP, size_t C) {
-  for (size_t n = 0; n < NP; n++) {
+  size_t n = 0;
+  for (; n + 4 <= NP; n += 4) {
+    const float *g = dout + n * C, *o = out + n * C, *xw = xwin + n * C;
+    for (size_t c = 0; c < 4 * C; c++) gc[c] = o[c] > 0.0f ? g[c] : 0.0f;
+    const float *g1 = gc + C, *g2 = gc + 2 * C, *g3 = gc + 3 * C;
+    const float *x1 = xw + C, *x2 = xw + 2 * C, *x3 = xw + 3 * C;
+    for (size_t c = 0; c < C; c++) {
+      sg[c] += ((double)gc[c] * (double)xw[c] + (double)g1[c] * (double)x1[c]) +
+               ((double)g2[c] * (double)x2[c] + (double)g3[c] * (double)x3[c]);
+      sb[c] += ((double)gc[c] + (double)g1[c]) + ((double)g2[c] + (double)g3[c]);
+    }
+  }
+  for (; n < NP; n++) {
     const float *g = dout + n * C, *o = out + n * C, *xw = xwin + n * C;
     for (size_t c = 0; c < C; c++) gc[c] = o[c] > 0.0f ? g[c] : 0.0f;
     for (size_t c = 0; c < C; c++) {
@@ -848,7 +895,7 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   const size_t in_per = s->H * s->W * s->Cin;
   if (B == 0 || ohw == 0 || C == 0) return;
   double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
-  float *k = kdp_xmalloc(4 * C * sizeof(float));
+  float *k = kdp_xmalloc(7 * C * sizeof(float)); /* k1, k2, k3, 4 rows of cbpr_bwd_sums */
   float *k1 = k, *k2 = k + C, *k3 = k + 2 * C;
   cbpr_bwd_sums(sg, sb, k + 3 * C, dout, out, xwin, B * pp, C);
   if (dgamma)
@@ -864,12 +911,7 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
     const int M = (int)(n * ohw);
     cbpr_dy(dy, y + b0 * ohw * C, dout + b0 * pp * C, out + b0 * pp * C, win + b0 * pp * C, k1,
             k2, k3, mean, invstd, n, OH, OW, C);
-    if (db) {
-      for (size_t r = 0; r < n * ohw; r++) {
-        const float *g = dy + r * C;
-        for (size_t c = 0; c < C; c++) db[c] += g[c];
-      }
-    }
+    if (db) col_sums4(db, dy, n * ohw, C);
     if (kkc == 0) continue;
     const float *x = in + b0 * in_per;
     if (dw) {
