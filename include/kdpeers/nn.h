@@ -101,8 +101,10 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
    y (B x OH x OW x Cout) receives the conv output (bias added) and is kept for backward;
    out (B x OH/2 x OW/2 x Cout) = relu(maxpool(bn(y))). Train mode normalises with the batch
    statistics (mean, invstd: Cout), updates the running stats, and records per pooled element
-   the window position of the max (win: 0..3, row-major) and its normalised value (xwin); eval
-   mode uses the running stats and writes none of these. Results match the unfused layers. */
+   the window position of the max (win: 0..3, row-major; | KDP_WIN_RELU where the output passed
+   the relu) and its normalised value (xwin); eval mode uses the running stats and writes none of
+   these. Results match the unfused layers. */
+#define KDP_WIN_RELU 4
 size_t kdp_conv_bn_pool_relu_scratch_floats(const kdp_conv_shape *s);
 void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float *y, float *mean,
                                    float *invstd, float *run_mean, float *run_var,
@@ -110,7 +112,7 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
                                    const float *gamma, const float *beta, float *scratch,
                                    const kdp_conv_shape *s, int train, float momentum, float eps);
 /* from dout (the gradient of out): accumulates into dw, db, dgamma, dbeta and din (written
-   instead when din_set) */
+   instead when din_set); out is only read by the naive twin (the fast one reads win) */
 void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *db, float *dgamma,
                                     float *dbeta, const float *dout, const float *out,
                                     const uint8_t *win, const float *xwin, const float *y,

@@ -767,7 +767,7 @@ static void cbpr_pool_train(float *restrict out, uint8_t *restrict win, float *r
           k = t ? 3 : k;
           out[po + c] = m > 0.0f ? m : 0.0f;
           xwin[po + c] = xm;
-          win[po + c] = (uint8_t)k;
+          win[po + c] = (uint8_t)(k | (m > 0.0f ? KDP_WIN_RELU : 0));
         }
       }
 }
@@ -830,12 +830,13 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
 /* sums over the pooled positions: the relu'd pool gradient only reaches the winners; gc (C
    floats) holds one row of it, so that both loops vectorise */
 static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restrict gc,
-                          const float *restrict dout, const float *restrict out,
+                          const float *restrict dout, const uint8_t *restrict win,
                           const float *restrict xwin, size_t NP, size_t C) {
   size_t n = 0;
   for (; n + 4 <= NP; n += 4) {
-    const float *g = dout + n * C, *o = out + n * C, *xw = xwin + n * C;
-    for (size_t c = 0; c < 4 * C; c++) gc[c] = o[c] > 0.0f ? g[c] : 0.0f;
+    const float *g = dout + n * C, *xw = xwin + n * C;
+    const uint8_t *o = win + n * C;
+    for (size_t c = 0; c < 4 * C; c++) gc[c] = (o[c] & KDP_WIN_RELU) ? g[c] : 0.0f;
     const float *g1 = gc + C, *g2 = gc + 2 * C, *g3 = gc + 3 * C;
     const float *x1 = xw + C, *x2 = xw + 2 * C, *x3 = xw + 3 * C;
     for (size_t c = 0; c < C; c++) {
@@ -845,8 +846,9 @@ static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restr
     }
   }
   for (; n < NP; n++) {
-    const float *g = dout + n * C, *o = out + n * C, *xw = xwin + n * C;
-    for (size_t c = 0; c < C; c++) gc[c] = o[c] > 0.0f ? g[c] : 0.0f;
+    const float *g = dout + n * C, *xw = xwin + n * C;
+    const uint8_t *o = win + n * C;
+    for (size_t c = 0; c < C; c++) gc[c] = (o[c] & KDP_WIN_RELU) ? g[c] : 0.0f;
     for (size_t c = 0; c < C; c++) {
       sg[c] += (double)gc[c] * (double)xw[c];
       sb[c] += (double)gc[c];
@@ -855,9 +857,9 @@ static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restr
 }
 
 /* dy (nb x H x W x C) = k1 * dbn - k2 - k3 * xhat, with xhat recomputed from y and dbn nonzero
-   only at the winners of windows whose pooled output passed the relu */
+   only at the winners of windows whose pooled output passed the relu (win = k | KDP_WIN_RELU) */
 static void cbpr_dy(float *restrict dy, const float *restrict y, const float *restrict dout,
-                    const float *restrict out, const uint8_t *restrict win,
+                    const uint8_t *restrict win,
                     const float *restrict k1, const float *restrict k2, const float *restrict k3,
                     const float *restrict mean, const float *restrict invstd, size_t nb, size_t H,
                     size_t W, size_t C) {
@@ -872,7 +874,7 @@ static void cbpr_dy(float *restrict dy, const float *restrict y, const float *re
           for (size_t c = 0; c < C; c++) {
             float xh = (y[r + c] - mean[c]) * invstd[c];
             float gv = k1[c] * dout[po + c]; /* unconditional loads: the loop vectorises */
-            int hit = ((int)win[po + c] == k) & (out[po + c] > 0.0f);
+            int hit = (int)win[po + c] == (k | KDP_WIN_RELU);
             float t = hit ? gv : 0.0f;
             dy[r + c] = t - k2[c] - k3[c] * xh;
           }
@@ -898,7 +900,8 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   double *sg = kdp_xcalloc(2 * C, sizeof(double)), *sb = sg + C;
   float *k = kdp_xmalloc(7 * C * sizeof(float)); /* k1, k2, k3, 4 rows of cbpr_bwd_sums */
   float *k1 = k, *k2 = k + C, *k3 = k + 2 * C;
-  cbpr_bwd_sums(sg, sb, k + 3 * C, dout, out, xwin, B * pp, C);
+  (void)out; /* the relu's mask is in win */
+  cbpr_bwd_sums(sg, sb, k + 3 * C, dout, win, xwin, B * pp, C);
   if (dgamma)
     for (size_t c = 0; c < C; c++) dgamma[c] += (float)sg[c];
   if (dbeta)
@@ -910,8 +913,8 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   for (size_t b0 = 0; b0 < B; b0 += nb) {
     size_t n = B - b0 < nb ? B - b0 : nb;
     const int M = (int)(n * ohw);
-    cbpr_dy(dy, y + b0 * ohw * C, dout + b0 * pp * C, out + b0 * pp * C, win + b0 * pp * C, k1,
-            k2, k3, mean, invstd, n, OH, OW, C);
+    cbpr_dy(dy, y + b0 * ohw * C, dout + b0 * pp * C, win + b0 * pp * C, k1, k2, k3, mean,
+            invstd, n, OH, OW, C);
     if (db) col_sums4(db, dy, n * ohw, C);
     if (kkc == 0) continue;
     const float *x = in + b0 * in_per;

@@ -110,7 +110,7 @@ void kdp_conv_bn_pool_relu_forward_naive(float *out, uint8_t *win, float *xwin, 
     for (size_t i = 0; i < np; i++) {
       size_t pos = (size_t)am[i] / C; /* (b * OH + h) * OW + w */
       size_t h = (pos / OW) % OH, wc = pos % OW;
-      win[i] = (uint8_t)((h & 1) * 2 + (wc & 1));
+      win[i] = (uint8_t)((h & 1) * 2 + (wc & 1) + (out[i] > 0.0f ? KDP_WIN_RELU : 0));
       xwin[i] = xhat[am[i]];
     }
   free(am);
@@ -134,7 +134,7 @@ void kdp_conv_bn_pool_relu_backward_naive(float *din, int din_set, float *dw, fl
   kdp_relu_backward(dpool, dout, out, np);
   for (size_t i = 0; i < np; i++) {
     size_t c = i % C, p = i / C, pw = p % PW, ph = (p / PW) % PH, bb = p / (PW * PH);
-    size_t h = 2 * ph + win[i] / 2, wc = 2 * pw + win[i] % 2;
+    size_t k = win[i] & 3, h = 2 * ph + k / 2, wc = 2 * pw + k % 2;
     dbn[((bb * OH + h) * OW + wc) * C + c] += dpool[i];
   }
   for (size_t r = 0; r < N; r++)
