@@ -481,18 +481,24 @@ static void model_alloc(kdp_model *m) {
   m->params = kdp_falloc(m->n_params);
   m->grads = kdp_falloc(m->n_params);
   m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
+  /* 1: no gradient buffer, 2: no buffers at all (tensors inside fused blocks) */
+  unsigned char *skip = kdp_xcalloc((size_t)m->n_acts, 1);
   for (int i = 0; i < m->n_ops; i++)
     if (fusable_block(m, i)) {
       m->ops[i].fused = 4;
       for (int k = 1; k < 4; k++) m->ops[i + k].fused = -1;
+      /* the block keeps the conv output (its val) and the relu's; nothing in between */
+      skip[m->ops[i].out] = 1;
+      skip[m->ops[i + 1].out] = skip[m->ops[i + 2].out] = 2;
       i += 3;
     }
   for (int i = 1; i < m->n_acts; i++) {
     act *a = &m->acts[i];
     size_t n = Bm * a->H * a->W * a->C;
-    a->val = kdp_falloc(n);
-    a->grad = kdp_falloc(n);
+    a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
+    a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
   }
+  free(skip);
   m->scratch_floats = 0;
   for (int i = 0; i < m->n_ops; i++) {
     op *o = &m->ops[i];
@@ -500,15 +506,7 @@ static void model_alloc(kdp_model *m) {
     size_t n_in = Bm * in->H * in->W * in->C;
     size_t n_out = Bm * m->acts[o->out].H * m->acts[o->out].W * m->acts[o->out].C;
     if (o->fused > 0) {
-      /* the block keeps the conv output (its val) and the relu's; nothing in between */
-      act *y = &m->acts[o->out], *bo = &m->acts[m->ops[i + 1].out];
-      act *po = &m->acts[m->ops[i + 2].out];
-      free(y->grad);
-      free(bo->val);
-      free(bo->grad);
-      free(po->val);
-      free(po->grad);
-      y->grad = bo->val = bo->grad = po->val = po->grad = NULL;
+      const act *y = &m->acts[o->out], *po = &m->acts[m->ops[i + 2].out];
       size_t n_pool = Bm * po->H * po->W * po->C;
       o->win = kdp_xcalloc(n_pool ? n_pool : 1, 1);
       o->xwin = kdp_falloc(n_pool);
