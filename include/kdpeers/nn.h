@@ -103,7 +103,7 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
    statistics (mean, invstd: Cout), updates the running stats, and records per pooled element
    the window position of the max (win: 0..3, row-major; | KDP_WIN_RELU where the output passed
    the relu) and its normalised value (xwin); eval mode uses the running stats and writes none of
-   these. Results match the unfused layers. */
+   these. Results match the unfused layers up to the order of the batchnorm sums. */
 #define KDP_WIN_RELU 4
 size_t kdp_conv_bn_pool_relu_scratch_floats(const kdp_conv_shape *s);
 void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float *y, float *mean,

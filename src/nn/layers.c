@@ -827,8 +827,8 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
   free(sum);
 }
 
-/* sums over the pooled positions: the relu'd pool gradient only reaches the winners; gc (C
-   floats) holds one row of it, so that both loops vectorise */
+/* sums over the pooled positions: the relu'd pool gradient only reaches the winners; gc (4 * C
+   floats) holds four rows of it, so that both loops vectorise */
 static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restrict gc,
                           const float *restrict dout, const uint8_t *restrict win,
                           const float *restrict xwin, size_t NP, size_t C) {
