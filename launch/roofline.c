@@ -113,13 +113,14 @@ static int add_conv_part(model *m, const char *layer, size_t nb, size_t P1, size
 }
 
 /* 'same' conv, stride 1, kernel k, on an H x W x cin input. With m->conv_chunk_floats > 0 the
-   batch is split like src/nn/layers.c does: chunks of max(1, target / (H*W*k*k*cin)) samples. */
+   batch is split like src/nn/layers.c does: chunks of max(1, target / (H*W*max(k*k*cin, cout)))
+   samples (the im2col matrix or the output, whichever is larger). */
 static int add_conv(model *m, const char *layer, size_t B, size_t H, size_t W, size_t cin,
                     size_t cout, size_t k, int first) {
   size_t P1 = H * W, Q = k * k * cin;
   m->has_conv = 1;
   if (m->conv_chunk_floats == 0) return add_conv_part(m, layer, B, P1, Q, cout, first, 1, "");
-  size_t nb = m->conv_chunk_floats / (P1 * Q);
+  size_t nb = m->conv_chunk_floats / (P1 * (Q > cout ? Q : cout));
   if (nb < 1) nb = 1;
   if (nb > B) nb = B;
   if (add_conv_part(m, layer, nb, P1, Q, cout, first, B / nb, "")) return -1;
@@ -256,7 +257,7 @@ static void usage(FILE *f) {
           "  --seconds S   timing budget per GEMM shape (default 0.3)\n"
           "  --samples N   timed samples per shape; best and median are reported (default 5)\n"
           "  --conv-chunk F  also time conv GEMMs split into batch chunks whose im2col matrix\n"
-          "                has at most F floats, as src/nn/layers.c does (default 262144;\n"
+          "                has at most F floats, as src/nn/layers.c does (default 524288;\n"
           "                0 = whole batch only)\n"
           "  --json FILE   also write the results as JSON to FILE ('-' = stdout)\n");
 }
@@ -275,7 +276,7 @@ static int parse_long(const char *opt, const char *v, long lo, long hi, long *ou
 }
 
 int main(int argc, char **argv) {
-  long batch = 128, size = 2048, samples = 5, conv_chunk = 1L << 18;
+  long batch = 128, size = 2048, samples = 5, conv_chunk = 1L << 19;
   double seconds = 0.3;
   const char *json_path = NULL;
   const char *archs[MAX_MODELS];
@@ -370,7 +371,7 @@ int main(int argc, char **argv) {
     model *m = &models[i];
     char variant[96] = "";
     if (m->conv_chunk_floats)
-      snprintf(variant, sizeof variant, ", convs in batch chunks (im2col <= %zu floats)",
+      snprintf(variant, sizeof variant, ", convs in batch chunks (im2col or output <= %zu floats)",
                m->conv_chunk_floats);
     printf("\n%s, batch %ld%s: %.1f MFLOP per step in %zu GEMM shapes\n", m->arch, batch,
            variant, m->flops_per_step / 1e6, m->n);

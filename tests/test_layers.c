@@ -900,6 +900,123 @@ START_TEST(test_bn_backward_set) {
 }
 END_TEST
 
+/* The fused conv -> bn -> maxpool -> relu block against the BLAS conv and the unfused layers:
+   the conv output is bit-for-bit the same; the batch statistics are summed per chunk (the
+   grouping of rows differs where a chunk's row count is not a multiple of 4) and the backward
+   sums in another order, so the rest agrees to float rounding. */
+static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
+  kdp_conv_shape_init(&s);
+  const size_t C = s.Cout, N = s.B * s.OH * s.OW, nin = s.B * s.H * s.W * s.Cin;
+  const size_t np = s.B * (s.OH / 2) * (s.OW / 2) * C, nw = C * s.K * s.K * s.Cin;
+  char what[160];
+  kdp_rng r;
+  kdp_rng_seed(&r, seed, 0);
+  float *in = kdp_falloc(nin), *w = kdp_falloc(nw), *b = kdp_falloc(C), *g = kdp_falloc(C);
+  float *bt = kdp_falloc(C), *dout = kdp_falloc(np);
+  fill_uniform(&r, in, nin, -1, 1);
+  fill_uniform(&r, w, nw, -1, 1);
+  fill_uniform(&r, b, C, -1, 1);
+  fill_uniform(&r, g, C, -1.5f, 1.5f); /* negative gammas flip which value wins the pool */
+  fill_uniform(&r, bt, C, -0.5f, 0.5f);
+  fill_uniform(&r, dout, np, -1, 1);
+  float *scratch = kdp_falloc(kdp_conv_bn_pool_relu_scratch_floats(&s) + 1);
+  /* unfused */
+  float *y1 = kdp_falloc(N * C), *bo = kdp_falloc(N * C), *xhat = kdp_falloc(N * C);
+  float *pool = kdp_falloc(np + 1), *out1 = kdp_falloc(np + 1), *inv1 = kdp_falloc(C);
+  float *rm1 = kdp_falloc(C), *rv1 = kdp_falloc(C);
+  int32_t *am = kdp_xcalloc(np + 1, sizeof(int32_t));
+  for (size_t c = 0; c < C; c++) rv1[c] = 1.0f;
+  float *rm2 = fdup(rm1, C), *rv2 = fdup(rv1, C);
+  kdp_conv2d_forward(y1, in, w, b, scratch, &s);
+  kdp_bn_forward_train(bo, xhat, inv1, rm1, rv1, y1, g, bt, N, C, 0.1f, 1e-5f);
+  kdp_maxpool_forward(pool, am, bo, s.B, s.OH, s.OW, C, 2, 2, 0);
+  kdp_relu_forward(out1, pool, np);
+  /* fused */
+  float *y2 = kdp_falloc(N * C), *out2 = kdp_falloc(np + 1), *xwin = kdp_falloc(np + 1);
+  float *mean = kdp_falloc(C), *inv2 = kdp_falloc(C);
+  uint8_t *win = kdp_xcalloc(np + 1, 1);
+  kdp_conv_bn_pool_relu_forward(out2, win, xwin, y2, mean, inv2, rm2, rv2, in, w, b, g, bt,
+                                scratch, &s, 1, 0.1f, 1e-5f);
+  snprintf(what, sizeof what, "fused block B=%zu H=%zu W=%zu Cin=%zu Cout=%zu K=%zu s=%zu p=%zu",
+           s.B, s.H, s.W, s.Cin, C, s.K, s.stride, s.pad);
+  assert_exact(what, y2, y1, N * C);
+  kdp_test_assert_close(what, out2, out1, np, 1e-6, 1e-6);
+  kdp_test_assert_close(what, inv2, inv1, C, 1e-7, 1e-6);
+  kdp_test_assert_close(what, rm2, rm1, C, 1e-7, 1e-6);
+  kdp_test_assert_close(what, rv2, rv1, C, 1e-7, 1e-6);
+  for (size_t i = 0; i < np; i++) {
+    size_t p = (size_t)am[i] / C, h = (p / s.OW) % s.OH, wc = p % s.OW;
+    ck_assert_msg(win[i] == (h & 1) * 2 + (wc & 1) + (out1[i] > 0.0f ? KDP_WIN_RELU : 0),
+                  "%s: winner of pooled %zu", what, i);
+    ck_assert(fabsf(xwin[i] - xhat[am[i]]) <= 1e-6f * (1.0f + fabsf(xhat[am[i]])));
+  }
+
+  /* backward, accumulating into non-zero gradients */
+  float *dp = kdp_falloc(np + 1), *dbn = kdp_falloc(N * C), *dy = kdp_falloc(N * C);
+  float *di1 = kdp_falloc(nin), *dw1 = kdp_falloc(nw), *db1 = kdp_falloc(C);
+  float *dg1 = kdp_falloc(C), *dbt1 = kdp_falloc(C);
+  fill_uniform(&r, di1, nin, -1, 1);
+  fill_uniform(&r, dw1, nw, -1, 1);
+  fill_uniform(&r, db1, C, -1, 1);
+  fill_uniform(&r, dg1, C, -1, 1);
+  fill_uniform(&r, dbt1, C, -1, 1);
+  float *di2 = fdup(di1, nin), *dw2 = fdup(dw1, nw), *db2 = fdup(db1, C), *dg2 = fdup(dg1, C);
+  float *dbt2 = fdup(dbt1, C);
+  kdp_relu_backward(dp, dout, out1, np);
+  kdp_maxpool_backward(dbn, dp, am, np);
+  kdp_bn_backward(dy, dg1, dbt1, dbn, xhat, inv1, g, N, C);
+  kdp_conv2d_backward(di1, dw1, db1, dy, in, w, scratch, &s);
+  kdp_conv_bn_pool_relu_backward(di2, 0, dw2, db2, dg2, dbt2, dout, out2, win, xwin, y2, mean,
+                                 inv2, in, w, g, scratch, &s);
+  kdp_test_assert_close(what, di2, di1, nin, 1e-5, 1e-5);
+  kdp_test_assert_close(what, dw2, dw1, nw, 1e-5, 1e-5);
+  /* a conv bias in front of a batchnorm has an exact gradient of 0: both are the rounding noise
+     of thousands of O(1) terms summed in different orders (a bug would be O(1)) */
+  kdp_test_assert_close(what, db2, db1, C, 1e-3, 0);
+  kdp_test_assert_close(what, dg2, dg1, C, 1e-5, 1e-5);
+  kdp_test_assert_close(what, dbt2, dbt1, C, 1e-5, 1e-5);
+  /* din_set overwrites garbage with the gradient alone */
+  float *di3 = kdp_falloc(nin);
+  for (size_t i = 0; i < nin; i++) di3[i] = 123.0f;
+  memset(di1, 0, nin * sizeof(float));
+  kdp_conv2d_backward(di1, NULL, NULL, dy, in, w, scratch, &s);
+  kdp_conv_bn_pool_relu_backward(di3, 1, NULL, NULL, NULL, NULL, dout, out2, win, xwin, y2, mean,
+                                 inv2, in, w, g, scratch, &s);
+  kdp_test_assert_close(what, di3, di1, nin, 1e-5, 1e-5);
+
+  /* eval mode: the running statistics */
+  kdp_bn_forward_eval(bo, y1, g, bt, rm1, rv1, N, C, 1e-5f);
+  kdp_maxpool_forward(pool, am, bo, s.B, s.OH, s.OW, C, 2, 2, 0);
+  kdp_relu_forward(out1, pool, np);
+  kdp_conv_bn_pool_relu_forward(out2, NULL, NULL, y2, NULL, NULL, rm2, rv2, in, w, b, g, bt,
+                                scratch, &s, 0, 0.1f, 1e-5f);
+  kdp_test_assert_close(what, out2, out1, np, 1e-6, 1e-6);
+
+  free(in), free(w), free(b), free(g), free(bt), free(dout), free(scratch);
+  free(y1), free(bo), free(xhat), free(pool), free(out1), free(inv1), free(rm1), free(rv1);
+  free(am), free(rm2), free(rv2), free(y2), free(out2), free(xwin), free(mean), free(inv2);
+  free(win), free(dp), free(dbn), free(dy), free(di1), free(dw1), free(db1), free(dg1);
+  free(dbt1), free(di2), free(dw2), free(db2), free(dg2), free(dbt2), free(di3);
+}
+
+START_TEST(test_conv_bn_pool_relu) {
+  /* B, H, W, Cin, Cout, K, stride, pad */
+  static const size_t shapes[][8] = {
+      {5, 28, 28, 1, 8, 3, 1, 1},  /* the cnn's first block, smaller */
+      {11, 14, 14, 32, 64, 3, 1, 1}, /* its second, in chunks with a short last one */
+      {3, 7, 9, 3, 5, 3, 1, 1},    /* odd maps: the last row and column are not pooled */
+      {4, 6, 6, 3, 4, 1, 1, 0},    /* pointwise */
+      {2, 11, 11, 2, 3, 3, 2, 1},  /* stride 2 */
+  };
+  for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+    const size_t *v = shapes[i];
+    kdp_conv_shape s = {.B = v[0], .H = v[1], .W = v[2], .Cin = v[3], .Cout = v[4], .K = v[5],
+                        .stride = v[6], .pad = v[7]};
+    check_cbpr_shape(s, 300 + i);
+  }
+}
+END_TEST
+
 static Suite *layers_suite(void) {
   Suite *s = suite_create("layers");
   TCase *core = tcase_create("core");
@@ -909,6 +1026,7 @@ static Suite *layers_suite(void) {
   tcase_add_test(core, test_conv_naive_vs_blas);
   tcase_add_test(core, test_conv_chunked);
   tcase_add_test(core, test_conv_shape_init);
+  tcase_add_test(core, test_conv_bn_pool_relu);
   tcase_add_test(core, test_fd_dense);
   tcase_add_test(core, test_fd_conv);
   tcase_add_test(core, test_fd_maxpool);

@@ -97,6 +97,42 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
                          const float *xhat, const float *invstd, const float *gamma, size_t N,
                          size_t C);
 
+/* ---- fused conv -> batchnorm -> max-pool 2x2 stride 2 -> relu (the cnn's blocks) ----
+   y (B x OH x OW x Cout) receives the conv output (bias added) and is kept for backward;
+   out (B x OH/2 x OW/2 x Cout) = relu(maxpool(bn(y))). Train mode normalises with the batch
+   statistics (mean, invstd: Cout), updates the running stats, and records per pooled element
+   the window position of the max (win: 0..3, row-major; | KDP_WIN_RELU where the output passed
+   the relu) and its normalised value (xwin); eval mode uses the running stats and writes none of
+   these. Results match the unfused layers up to the order of the batchnorm sums. */
+#define KDP_WIN_RELU 4
+size_t kdp_conv_bn_pool_relu_scratch_floats(const kdp_conv_shape *s);
+void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float *y, float *mean,
+                                   float *invstd, float *run_mean, float *run_var,
+                                   const float *in, const float *w, const float *b,
+                                   const float *gamma, const float *beta, float *scratch,
+                                   const kdp_conv_shape *s, int train, float momentum, float eps);
+/* from dout (the gradient of out): accumulates into dw, db, dgamma, dbeta and din (written
+   instead when din_set); out is only read by the naive twin (the fast one reads win) */
+void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *db, float *dgamma,
+                                    float *dbeta, const float *dout, const float *out,
+                                    const uint8_t *win, const float *xwin, const float *y,
+                                    const float *mean, const float *invstd, const float *in,
+                                    const float *w, const float *gamma, float *scratch,
+                                    const kdp_conv_shape *s);
+/* the same from the unfused naive conv and the batchnorm, max-pool and relu layers */
+void kdp_conv_bn_pool_relu_forward_naive(float *out, uint8_t *win, float *xwin, float *y,
+                                         float *mean, float *invstd, float *run_mean,
+                                         float *run_var, const float *in, const float *w,
+                                         const float *b, const float *gamma, const float *beta,
+                                         const kdp_conv_shape *s, int train, float momentum,
+                                         float eps);
+void kdp_conv_bn_pool_relu_backward_naive(float *din, int din_set, float *dw, float *db,
+                                          float *dgamma, float *dbeta, const float *dout,
+                                          const float *out, const uint8_t *win,
+                                          const float *xwin, const float *y, const float *mean,
+                                          const float *invstd, const float *in, const float *w,
+                                          const float *gamma, const kdp_conv_shape *s);
+
 /* ================= models ================= */
 
 /* The op kinds a model is built from. */

@@ -31,6 +31,9 @@ typedef struct op {
   float *mask;          /* dropout */
   int32_t *argmax;      /* maxpool */
   size_t fan_in;
+  int fused;            /* > 0: first op of a fused block of that many ops; -1: inside one */
+  uint8_t *win;         /* fused block: max-pool winners, their xhat, the batch mean */
+  float *xwin, *mean;
 } op;
 
 typedef struct tensor {
@@ -456,23 +459,66 @@ static int build_seq(kdp_model *m, int x, const char *spec, kdp_error *err) {
   return 0;
 }
 
+/* conv -> bn -> maxpool(2, stride 2, pad 0) -> relu whose intermediate tensors nothing else
+   reads: one kdp_conv_bn_pool_relu_* call (the cnn's blocks) */
+static int fusable_block(const kdp_model *m, int i) {
+  if (i + 3 >= m->n_ops) return 0;
+  const op *c = &m->ops[i], *n = &m->ops[i + 1], *p = &m->ops[i + 2], *r = &m->ops[i + 3];
+  if (c->kind != KDP_OP_CONV || n->kind != KDP_OP_BN || p->kind != KDP_OP_MAXPOOL ||
+      r->kind != KDP_OP_RELU)
+    return 0;
+  if (n->in != c->out || p->in != n->out || r->in != p->out) return 0;
+  if (p->K != 2 || p->stride != 2 || p->pad != 0) return 0;
+  for (int k = 0; k < 3; k++) {
+    int a = m->ops[i + k].out;
+    if (m->acts[a].last_reader != i + k + 1 || a == m->feature_act || a == m->logits_act) return 0;
+  }
+  return 1;
+}
+
 static void model_alloc(kdp_model *m) {
   size_t Bm = m->max_batch;
   m->params = kdp_falloc(m->n_params);
   m->grads = kdp_falloc(m->n_params);
   m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
+  /* 1: no gradient buffer, 2: no buffers at all (tensors inside fused blocks) */
+  unsigned char *skip = kdp_xcalloc((size_t)m->n_acts, 1);
+  for (int i = 0; i < m->n_ops; i++)
+    if (fusable_block(m, i)) {
+      m->ops[i].fused = 4;
+      for (int k = 1; k < 4; k++) m->ops[i + k].fused = -1;
+      /* the block keeps the conv output (its val) and the relu's; nothing in between */
+      skip[m->ops[i].out] = 1;
+      skip[m->ops[i + 1].out] = skip[m->ops[i + 2].out] = 2;
+      i += 3;
+    }
   for (int i = 1; i < m->n_acts; i++) {
     act *a = &m->acts[i];
     size_t n = Bm * a->H * a->W * a->C;
-    a->val = kdp_falloc(n);
-    a->grad = kdp_falloc(n);
+    a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
+    a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
   }
+  free(skip);
   m->scratch_floats = 0;
   for (int i = 0; i < m->n_ops; i++) {
     op *o = &m->ops[i];
     act *in = &m->acts[o->in];
     size_t n_in = Bm * in->H * in->W * in->C;
     size_t n_out = Bm * m->acts[o->out].H * m->acts[o->out].W * m->acts[o->out].C;
+    if (o->fused > 0) {
+      const act *y = &m->acts[o->out], *po = &m->acts[m->ops[i + 2].out];
+      size_t n_pool = Bm * po->H * po->W * po->C;
+      o->win = kdp_xcalloc(n_pool ? n_pool : 1, 1);
+      o->xwin = kdp_falloc(n_pool);
+      o->mean = kdp_falloc(y->C);
+      o->invstd = kdp_falloc(y->C);
+      kdp_conv_shape cs = o->cs;
+      cs.B = Bm;
+      size_t s = kdp_conv_bn_pool_relu_scratch_floats(&cs);
+      if (s > m->scratch_floats) m->scratch_floats = s;
+      continue;
+    }
+    if (o->fused < 0) continue;
     switch (o->kind) {
       case KDP_OP_CONV: {
         kdp_conv_shape cs = o->cs;
@@ -571,6 +617,9 @@ void kdp_model_free(kdp_model *m) {
     free(m->ops[i].invstd);
     free(m->ops[i].mask);
     free(m->ops[i].argmax);
+    free(m->ops[i].win);
+    free(m->ops[i].xwin);
+    free(m->ops[i].mean);
   }
   free(m->params);
   free(m->grads);
@@ -644,6 +693,7 @@ void kdp_model_describe(const kdp_model *m, FILE *f) {
     if (o->kind == KDP_OP_MAXPOOL || o->kind == KDP_OP_AVGPOOL)
       fprintf(f, "  k%zu s%zu p%zu", o->K, o->stride, o->pad);
     if (o->kind == KDP_OP_DROPOUT) fprintf(f, "  p=%g", (double)o->p);
+    if (o->fused > 0) fprintf(f, "  (fused with the next %d ops)", o->fused - 1);
     fputc('\n', f);
   }
 }
@@ -653,6 +703,42 @@ void kdp_model_describe(const kdp_model *m, FILE *f) {
 static size_t act_n(const kdp_model *m, int id, size_t B) {
   const act *a = &m->acts[id];
   return B * a->H * a->W * a->C;
+}
+
+/* the fused conv -> bn -> maxpool -> relu block starting at op i */
+static void block_forward(kdp_model *m, int i, size_t B, int train, float mom, float eps) {
+  op *c = &m->ops[i];
+  const op *n = &m->ops[i + 1];
+  float *out = m->acts[m->ops[i + 3].out].val, *y = m->acts[c->out].val;
+  const float *in = m->acts[c->in].val, *w = m->params + c->w;
+  const float *bias = c->b != NONE ? m->params + c->b : NULL;
+  const float *gamma = m->params + n->w, *beta = m->params + n->b;
+  float *rm = m->buffers + n->rm, *rv = m->buffers + n->rv;
+  c->cs.B = B;
+  if (m->naive)
+    kdp_conv_bn_pool_relu_forward_naive(out, c->win, c->xwin, y, c->mean, c->invstd, rm, rv, in,
+                                        w, bias, gamma, beta, &c->cs, train, mom, eps);
+  else
+    kdp_conv_bn_pool_relu_forward(out, c->win, c->xwin, y, c->mean, c->invstd, rm, rv, in, w,
+                                  bias, gamma, beta, m->scratch, &c->cs, train, mom, eps);
+}
+
+static void block_backward(kdp_model *m, int i, float *din, int set) {
+  op *c = &m->ops[i];
+  const op *n = &m->ops[i + 1];
+  const act *r = &m->acts[m->ops[i + 3].out];
+  const float *y = m->acts[c->out].val, *in = m->acts[c->in].val, *w = m->params + c->w;
+  float *db = c->b != NONE ? m->grads + c->b : NULL;
+  float *dgamma = m->grads + n->w, *dbeta = m->grads + n->b;
+  const float *gamma = m->params + n->w;
+  if (m->naive)
+    kdp_conv_bn_pool_relu_backward_naive(din, set, m->grads + c->w, db, dgamma, dbeta, r->grad,
+                                         r->val, c->win, c->xwin, y, c->mean, c->invstd, in, w,
+                                         gamma, &c->cs);
+  else
+    kdp_conv_bn_pool_relu_backward(din, set, m->grads + c->w, db, dgamma, dbeta, r->grad, r->val,
+                                   c->win, c->xwin, y, c->mean, c->invstd, in, w, gamma,
+                                   m->scratch, &c->cs);
 }
 
 const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng) {
@@ -667,6 +753,11 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
   const float bn_eps = 1e-5f, bn_mom = 0.1f;
   for (int i = 0; i < m->n_ops; i++) {
     op *o = &m->ops[i];
+    if (o->fused < 0) continue;
+    if (o->fused > 0) {
+      block_forward(m, i, B, train, bn_mom, bn_eps);
+      continue;
+    }
     act *a = &m->acts[o->in];
     float *out = m->acts[o->out].val;
     const float *in = a->val;
@@ -760,17 +851,25 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
   memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));
   for (int i = m->n_ops - 1; i >= 0; i--) {
     op *o = &m->ops[i];
+    if (o->fused < 0) continue;
     act *a = &m->acts[o->in];
     const float *dout = m->acts[o->out].grad;
-    if (o->out == m->feature_act && dfeatures) {
+    int oact = o->fused > 0 ? m->ops[i + o->fused - 1].out : o->out;
+    if (oact == m->feature_act && dfeatures) {
       /* the features' gradient from the distillation loss joins before they are consumed */
-      float *g = m->acts[o->out].grad;
-      size_t n = act_n(m, o->out, B);
+      float *g = m->acts[oact].grad;
+      size_t n = act_n(m, oact, B);
       for (size_t k = 0; k < n; k++) g[k] += dfeatures[k];
     }
-    /* batchnorm writes its input gradient outright when it is the first to produce it */
+    /* batchnorm and fused blocks write their input gradient outright when they are the first
+       to produce it */
     int set = 0;
-    float *din = din_for_set(m, i, o->in, B, o->kind == KDP_OP_BN ? &set : NULL);
+    float *din =
+        din_for_set(m, i, o->in, B, o->kind == KDP_OP_BN || o->fused > 0 ? &set : NULL);
+    if (o->fused > 0) {
+      block_backward(m, i, din, set);
+      continue;
+    }
     const float *in = a->val;
     size_t n_in = act_n(m, o->in, B);
     switch (o->kind) {
