@@ -384,7 +384,7 @@ def cmd_tables(argv):
                                          else 99, k[2] or 0, k[3] or 0))
     lines = ["# kdpeers accuracy study (Fashion-MNIST)", "",
              f"From: {', '.join(files)}. Recipe: batch 128, SGD nesterov 0.9, weight decay 5e-4, "
-             "lr 0.05 cosine per step to 0, T 3, KD weight 1, no ramp-up. Ensemble = mean of the "
+             "lr 0.05 cosine per step to 0, T 3, KD weight 1, no ramp-up unless the table says so. Ensemble = mean of the "
              "peers' probabilities; teacher = the method's own (gate / fused / leader).", ""]
     summary_table(groups, lines)
     for k in keys:
