@@ -136,6 +136,33 @@ expect "serving logged its commands to serve.jsonl" grep -q '"action":"stop"' "$
 "$exe" serve "$tmp/nothing-here" >"$tmp/serve3.out" 2>&1
 expect "serve of a directory without checkpoints fails clearly" grep -q "no complete checkpoint" "$tmp/serve3.out"
 
+# ---------- predictions while training: answered mid-step, training unchanged ----------
+# Predictions are answered at the step's agreement point, between its forward and backward
+# passes, by an inference copy of each peer: the run must train exactly as without them.
+steps=1500
+start "$tmp/quiet" -s kd.method=one -s run.max_steps=$steps -s run.eval_every=1
+wait "$last_pid"
+start "$tmp/busy" -s kd.method=one -s run.max_steps=$steps -s run.eval_every=1
+curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/busy.json"
+expect "a prediction while training answers every peer, the ensemble and the gate" \
+  test "$(jq -r '[(.peers | length), (.ensemble | length), .teacher.name, (.teacher.probs | length)] | @tsv' "$tmp/busy.json")" = "$(printf '2\t4\tgate\t4')"
+expect "...with probabilities that sum to 1" \
+  jq -e '[.peers[][], .ensemble[], .teacher.probs[]] | all(add > 0.9999 and add < 1.0001)' "$tmp/busy.json"
+# then requests one after another on one connection until the run ends (--fail-early)
+curl -s --fail-early -o /dev/null -w '%{http_code}\n' -X POST -H 'Expect:' --data @"$tmp/pred.json" \
+  "$addr/predict?seq=[1-100000]" >"$tmp/busy.codes" 2>/dev/null
+wait "$last_pid"
+rc=$?
+expect "the run answering predictions finishes (exit $rc)" test "$rc" = 0
+answered=$(grep -c '^200$' "$tmp/busy.codes")
+expect "predictions were answered while training ($answered)" test "$answered" -ge 20
+# only the end of the run may show: a 503 ("the run is ending") and curl's failed connection
+expect "...and no request failed before the run ended" \
+  test "$(head -n -2 "$tmp/busy.codes" | grep -vc '^200$')" = 0
+same() { jq -c 'select(.event == "train" or .event == "eval") | del(.samples_per_second)' "$1"; }
+expect "a run answering predictions trains exactly like one that does not" \
+  test "$(same "$tmp/busy/metrics.jsonl" | md5sum)" = "$(same "$tmp/quiet/metrics.jsonl" | md5sum)"
+
 # ---------- the token ----------
 r2="$tmp/tok"
 KDP_SERVER_TOKEN=s3cret start "$r2" -s kd.method=dml

@@ -58,8 +58,9 @@ struct kdp_trainer {
   /* evaluates the method's teacher on an eval batch whose peer logits are z (collective over the
      cohort); adds the summed loss and the hit count */
   void (*teacher_eval)(kdp_trainer *t, const float *z, size_t b, double *loss, size_t *correct);
-  /* the teacher's logits for b eval-mode rows (collective over the cohort); 0 on success */
-  int (*teacher_logits)(kdp_trainer *t, const float *z, size_t b, float *out);
+  /* the teacher's logits for b eval-mode rows with logits z and pooled features h of a model
+     built like t->model (collective over the cohort); 0 on success */
+  int (*teacher_logits)(kdp_trainer *t, const float *z, const float *h, size_t b, float *out);
   kdp_live *live;
   void *data_win; /* the node's shared dataset window, or NULL */
   kdp_trace *trace; /* run.timeline */
@@ -120,7 +121,11 @@ void kdp_live_checkpointed(kdp_trainer *t);
 void kdp_live_publish(kdp_trainer *t, int force);
 void kdp_live_poll(kdp_trainer *t, int32_t *flags);
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
-void kdp_live_predict(kdp_trainer *t, int n);
+/* Answers the prediction of n inputs agreed at this agreement point (collective over the world).
+   mid_step = 1: called between a training forward pass and its backward pass, so the peers'
+   current weights are copied into a separate inference model and t->model and t->xbuf are left
+   alone. Returns the seconds spent. */
+double kdp_live_predict(kdp_trainer *t, int n, int mid_step);
 
 /* trace.c (run.timeline): phases as Chrome-trace complete events */
 void kdp_trace_start(kdp_trainer *t);
