@@ -682,6 +682,57 @@ START_TEST(test_predict_json) {
 }
 END_TEST
 
+/* JSON bodies take a fast path when they are plain ({"inputs"|"input": integers 0..255}) and
+   json-c otherwise: both accept the same bodies with the same values, and reject the same ones. */
+START_TEST(test_predict_json_forms) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  struct {
+    const char *body;
+    float x[2][DIM];
+    int n;
+  } ok[] = {
+      {"{\"inputs\":[[0,1,2,255],[3,40,5,6]]}", {{0, 1, 2, 255}, {3, 40, 5, 6}}, 2},
+      {" {\n \"inputs\" : [ [0 ,1,\t2, 255] ,\r\n[3,4,5,6] ] }\r\n", {{0, 1, 2, 255}, {3, 4, 5, 6}}, 2},
+      {"{\"input\":[ 9 , 99 , 199 , 0 ]}", {{9, 99, 199, 0}}, 1},
+      /* not plain: json-c parses these */
+      {"{\"input\":[00,1e2,1.,2.50]}", {{0, 100, 1, 2.5f}}, 1},
+      {"{\"inputs\":[[1,2,3,4.0]],\"inputs\":[[5,6,7,8]]}", {{5, 6, 7, 8}}, 1},
+  };
+  const int n_ok = (int)(sizeof ok / sizeof ok[0]);
+  trainer t = {.s = s, .n_answer = n_ok};
+  pthread_t th;
+  pthread_create(&th, NULL, trainer_main, &t);
+  resp r;
+  int rows = 0;
+  for (int i = 0; i < n_ok; i++) {
+    ck_assert_int_eq(post(port, "/predict", NULL, NULL, ok[i].body, strlen(ok[i].body), &r), 0);
+    ck_assert_msg(r.status == 200, "%s -> %d %s", ok[i].body, r.status, r.body);
+    resp_free(&r);
+    for (int k = 0; k < ok[i].n; k++, rows++)
+      for (int j = 0; j < DIM; j++)
+        ck_assert_msg(t.seen[rows * DIM + j] == ok[i].x[k][j], "%s: row %d value %d is %g", ok[i].body,
+                      k, j, (double)t.seen[rows * DIM + j]);
+  }
+  pthread_join(th, NULL);
+  ck_assert_int_eq(t.seen_n, rows);
+  const char *bad[] = {
+      "{\"input\":[1,2,3,4]}x",    "{\"input\":[1,2,3,4],}",      "{\"input\":[01,2,3,4]}",
+      "{\"inputs\":[[1,2,3,4]]]}", "{\"inputs\":[[1,2,3,4],]}",   "{\"input\":[1,2,3,4,]}",
+      "{\"input\":[1,2,3,1000]}",  "{\"input\":[1 2,3,4]}",       "{\"inputs\":[[1,2,3,4][5,6,7,8]]}",
+      "{\"Input\":[1,2,3,4]}",     "[{\"input\":[1,2,3,4]}]",      "{\"input\":[1,2,3,4]}{}",
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    ck_assert_int_eq(post(port, "/predict", NULL, NULL, bad[i], strlen(bad[i]), &r), 0);
+    ck_assert_msg(r.status == 400, "%s -> %d", bad[i], r.status);
+    resp_free(&r);
+  }
+  kdp_server_stop(s);
+}
+END_TEST
+
 static const msgpack_object *mp_get(const msgpack_object *map, const char *key) {
   ck_assert_int_eq(map->type, MSGPACK_OBJECT_MAP);
   for (uint32_t i = 0; i < map->via.map.size; i++) {
@@ -1108,6 +1159,7 @@ static Suite *serve_suite(void) {
   tcase_add_test(core, test_token);
   tcase_add_test(core, test_control_commands);
   tcase_add_test(core, test_predict_json);
+  tcase_add_test(core, test_predict_json_forms);
   tcase_add_test(core, test_predict_msgpack);
   tcase_add_test(core, test_publish_while_serving);
   tcase_add_test(core, test_stop_with_open_connections);

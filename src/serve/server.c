@@ -475,6 +475,10 @@ void kdp_server_fail_predict(kdp_server *s, kdp_predict_req *req, int status, co
   kdp_core_fail_predict(s->core, req, status, msg);
 }
 
+int kdp_server_wait_delivered(kdp_server *s, double max_seconds) {
+  return kdp_core_wait_delivered(s->core, max_seconds);
+}
+
 void kdp_server_get_stats(kdp_server *s, kdp_server_stats *out) {
   pthread_mutex_lock(&s->core->mu);
   *out = s->core->st;
