@@ -284,6 +284,13 @@ void kdp_live_poll(kdp_trainer *t, int32_t *flags) {
   flags[KDP_SYNC_PREDICT] = lv->req ? lv->req->n : 0;
 }
 
+int32_t kdp_live_poll_predict(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  if (!lv || !lv->srv) return 0;
+  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
+  return lv->req ? lv->req->n : 0;
+}
+
 /* Broadcasts rank 0's command and applies it on every rank. */
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop) {
   kdp_live *lv = t->live;

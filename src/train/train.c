@@ -512,6 +512,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   size_t np = kdp_model_n_params(t->model);
   divergence pending_div = {0};
   int stopped = 0;
+  int predicting = 0; /* a prediction was answered at the last step boundary */
   /* fault injection for the tests: rank 0 signals itself at this step */
   const char *fault = getenv("KDP_FAULT_SIGNAL_AT_STEP");
   int64_t fault_step = fault && t->is_root ? atoll(fault) : -1;
@@ -664,6 +665,20 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     /* control commands, at the step boundary, on every rank */
     int want_stop = flags[KDP_SYNC_STOP];
     if (flags[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
+    /* While a client keeps sending predictions (one was answered in this step or at the last
+       boundary), a prediction-only agreement point here as well: its next request, sent once
+       the last reply arrived, need not wait for the next step's agreement point. Steps without
+       predictions around skip it, so they cost what they did. */
+    if (flags[KDP_SYNC_PREDICT] || predicting) {
+      int32_t pn = t->is_root ? kdp_live_poll_predict(t) : 0;
+      kdp_dist_step_sync(d, &pn, 1);
+      if (pn) {
+        double tp0 = kdp_now();
+        kdp_live_predict(t, pn, 0);
+        kdp_trace_mark(t, "predict", tp0, kdp_now());
+      }
+      predicting = pn > 0;
+    }
     rc = pause_loop(t, &want, &want_stop, err);
     if (rc != 0) break;
     if (t->is_root) kdp_live_publish(t, last);

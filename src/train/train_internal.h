@@ -121,6 +121,8 @@ void kdp_live_checkpointed(kdp_trainer *t);
 void kdp_live_publish(kdp_trainer *t, int force);
 void kdp_live_poll(kdp_trainer *t, int32_t *flags);
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
+/* Rank 0: takes a pending prediction (if it holds none); its input count, 0 if none. */
+int32_t kdp_live_poll_predict(kdp_trainer *t);
 /* Answers the prediction of n inputs agreed at this agreement point (collective over the world).
    mid_step = 1: called between a training forward pass and its backward pass, so the peers'
    current weights are copied into a separate inference model and t->model and t->xbuf are left
