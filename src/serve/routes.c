@@ -623,14 +623,74 @@ static int argmax(const float *row, int C) {
   return k;
 }
 
+int kdp_fmt_g7(char *out, double v) {
+  static const double p10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                               1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+  double a = fabs(v);
+  if (!(a >= 1e-15 && a < 1e15)) return snprintf(out, 16, "%.7g", v); /* 0, NaN, Inf, extremes */
+  /* m = a * 10^(6-e) in [1e6, 1e7): the 7 significant digits before rounding. |6-e| <= 22, so
+     the power is exact and m is a * 10^(6-e) correctly rounded (relative error < 2^-53) */
+  int e = (int)floor(log10(a));
+  double m = 0;
+  for (int tries = 0; tries < 3; tries++) {
+    int k = 6 - e;
+    m = k >= 0 ? a * p10[k] : a / p10[-k];
+    if (m < 1e6) e--;
+    else if (m >= 1e7) e++;
+    else break;
+  }
+  double f = floor(m), frac = m - f;
+  /* 1e-6 is far above m's possible error (< 2e-9): outside it the rounding is certain */
+  if (!(m >= 1e6 && m < 1e7) || fabs(frac - 0.5) < 1e-6) return snprintf(out, 16, "%.7g", v);
+  unsigned long r = (unsigned long)f + (frac > 0.5);
+  if (r == 10000000UL) r = 1000000UL, e++;
+  char d[7];
+  for (int i = 6; i >= 0; i--) d[i] = (char)('0' + r % 10), r /= 10;
+  int nd = 7;
+  while (nd > 1 && d[nd - 1] == '0') nd--; /* %g drops trailing zeros */
+  char *o = out;
+  if (v < 0) *o++ = '-';
+  if (e >= -4 && e < 7) { /* fixed notation */
+    if (e >= 0) {
+      for (int i = 0; i <= e; i++) *o++ = i < nd ? d[i] : '0';
+      if (nd > e + 1) {
+        *o++ = '.';
+        for (int i = e + 1; i < nd; i++) *o++ = d[i];
+      }
+    } else {
+      *o++ = '0';
+      *o++ = '.';
+      for (int i = 0; i < -e - 1; i++) *o++ = '0';
+      for (int i = 0; i < nd; i++) *o++ = d[i];
+    }
+  } else { /* d.dddddde[+-]XX */
+    *o++ = d[0];
+    if (nd > 1) {
+      *o++ = '.';
+      for (int i = 1; i < nd; i++) *o++ = d[i];
+    }
+    *o++ = 'e';
+    *o++ = e < 0 ? '-' : '+';
+    int x = e < 0 ? -e : e;
+    *o++ = (char)('0' + x / 10);
+    *o++ = (char)('0' + x % 10);
+  }
+  *o = 0;
+  return (int)(o - out);
+}
+
 static void json_matrix(kdp_buf *b, const float *m, int n, int C) {
   kdp_buf_put(b, "[", 1);
   for (int i = 0; i < n; i++) {
     kdp_buf_put(b, i ? ",[" : "[", i ? 2 : 1);
     for (int j = 0; j < C; j++) {
       float v = m[(size_t)i * (size_t)C + (size_t)j];
-      if (isfinite(v)) kdp_buf_printf(b, j ? ",%.7g" : "%.7g", (double)v);
-      else kdp_buf_printf(b, j ? ",null" : "null");
+      char num[24];
+      int len = 0;
+      if (j) num[len++] = ',';
+      if (isfinite(v)) len += kdp_fmt_g7(num + len, (double)v);
+      else memcpy(num + len, "null", 4), len += 4;
+      kdp_buf_put(b, num, (size_t)len);
     }
     kdp_buf_put(b, "]", 1);
   }

@@ -157,6 +157,11 @@ void kdp_http_error(kdp_http_conn *c, int status, int close, const char *fmt, ..
 
 /* routes.c: answers a complete request (path, method, headers, body are in c). */
 void kdp_route(kdp_http_conn *c);
+/* Writes v as printf's "%.7g" does (NUL-terminated, at most 16 bytes with the NUL); returns the
+   length. Finite values between 1e-15 and 1e15 in magnitude take a fast path (one multiplication
+   by an exact power of ten), the rest and the rare value the fast path cannot round with
+   certainty go to snprintf. */
+int kdp_fmt_g7(char *out, double v);
 /* Formats the reply to an answered prediction (JSON or msgpack per p->pub.msgpack). */
 void kdp_format_predict(const kdp_predict_priv *p, kdp_buf *out);
 
