@@ -59,6 +59,11 @@ tail -c +17 "$tmp/imgs.idx" | od -An -tu1 -v | tr -s ' \n' ' ' |
 curl -s -X POST "$addr/predict" -H 'Content-Type: application/json' --data @"$tmp/pred.json" >"$tmp/pred.out"
 expect "POST /predict answers every peer, the ensemble and the gate" \
   test "$(jq -r '[(.peers | length), (.ensemble | length), .teacher.name] | @tsv' "$tmp/pred.out")" = "$(printf '2\t4\tgate')"
+# a value that is not a whole number: the pixels go to the other ranks as floats, not bytes
+sed 's/^{"inputs":\[\[\([0-9]*\),/{"inputs":[[\1.5,/' "$tmp/pred.json" >"$tmp/predf.json"
+curl -s -X POST "$addr/predict" -H 'Content-Type: application/json' --data @"$tmp/predf.json" >"$tmp/predf.out"
+expect "predict: fractional pixel values are answered (and nearly like the whole ones)" \
+  jq -e --slurpfile a "$tmp/pred.out" '[.peers[0][0], $a[0].peers[0][0]] | transpose | all((.[0] - .[1]) | fabs < 0.01)' "$tmp/predf.out"
 expect "predict: a bad input shape is 400" test "$(code -X POST "$addr/predict" -d '{"inputs":[[1,2,3]]}')" = 400
 expect "POST /control checkpoint while paused is accepted" test "$(code -X POST "$addr/control" -d '{"action":"checkpoint"}')" = 202
 for _ in $(seq 1 100); do [ "$(status_field .checkpoint.last_step)" = "$s1" ] && break; sleep 0.05; done

@@ -1,6 +1,7 @@
 /* live.c: the trainer's side of the rank-0 server: publishes metrics and status, applies control
    commands at step boundaries on every rank, and answers predictions with the live peers. */
 #include <math.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -275,20 +276,30 @@ void kdp_live_publish(kdp_trainer *t, int force) {
 
 /* ---- commands and predictions at the agreement point ---- */
 
+/* 1 if some pixel value of req is not a whole number (they are all in [0, 255]) */
+static int needs_floats(const kdp_predict_req *req) {
+  size_t m = (size_t)req->n * (size_t)req->input_dim;
+  for (size_t i = 0; i < m; i++)
+    if (req->x[i] != (float)(uint8_t)req->x[i]) return 1;
+  return 0;
+}
+
+void kdp_live_poll_predict(kdp_trainer *t, int32_t pf[2]) {
+  kdp_live *lv = t->live;
+  pf[0] = pf[1] = 0;
+  if (!lv || !lv->srv) return;
+  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
+  if (!lv->req) return;
+  pf[0] = lv->req->n;
+  pf[1] = needs_floats(lv->req);
+}
+
 void kdp_live_poll(kdp_trainer *t, int32_t *flags) {
   kdp_live *lv = t->live;
   if (!lv || !lv->srv) return;
   if (!lv->has_pending && kdp_server_poll_command(lv->srv, &lv->pending)) lv->has_pending = 1;
-  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
   flags[KDP_SYNC_CMD] = lv->has_pending;
-  flags[KDP_SYNC_PREDICT] = lv->req ? lv->req->n : 0;
-}
-
-int32_t kdp_live_poll_predict(kdp_trainer *t) {
-  kdp_live *lv = t->live;
-  if (!lv || !lv->srv) return 0;
-  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
-  return lv->req ? lv->req->n : 0;
+  kdp_live_poll_predict(t, flags + KDP_SYNC_PREDICT);
 }
 
 /* Broadcasts rank 0's command and applies it on every rank. */
@@ -366,14 +377,24 @@ static kdp_model *inference_model(kdp_trainer *t) {
 
 /* Every peer evaluates the broadcast inputs in eval mode; rank 0 answers with every peer's, the
    ensemble's and the teacher's probabilities. Collective over the world. */
-double kdp_live_predict(kdp_trainer *t, int n, int mid_step) {
+double kdp_live_predict(kdp_trainer *t, int n, int float_inputs, int mid_step) {
   kdp_live *lv = t->live;
   kdp_dist *d = t->d;
   double t0 = kdp_now();
   size_t isz = t->train.H * t->train.W * t->train.C, C = t->C, P = (size_t)t->P;
-  float *raw = kdp_falloc((size_t)n * isz);
-  if (t->is_root) memcpy(raw, lv->req->x, (size_t)n * isz * sizeof(float));
-  kdp_dist_bcast(d, raw, (size_t)n * isz * sizeof(float));
+  size_t nv = (size_t)n * isz;
+  float *raw = kdp_falloc(nv);
+  if (float_inputs) {
+    if (t->is_root) memcpy(raw, lv->req->x, nv * sizeof(float));
+    kdp_dist_bcast(d, raw, nv * sizeof(float));
+  } else { /* whole numbers 0..255: a quarter of the bytes */
+    uint8_t *px = kdp_xmalloc(nv);
+    if (t->is_root)
+      for (size_t i = 0; i < nv; i++) px[i] = (uint8_t)lv->req->x[i];
+    kdp_dist_bcast(d, px, nv);
+    for (size_t i = 0; i < nv; i++) raw[i] = (float)px[i];
+    free(px);
+  }
   float *all = kdp_falloc(P * (size_t)n * C), *ens = kdp_falloc((size_t)n * C);
   float *teacher = kdp_falloc((size_t)n * C), *mine = kdp_falloc((size_t)n * C);
   int has_teacher = 0;
@@ -423,8 +444,10 @@ double kdp_live_predict(kdp_trainer *t, int n, int mid_step) {
   free(teacher);
   free(mine);
   /* hand this core to the loop thread until the reply is on its socket: with every core busy
-     training, the reply would otherwise wait for the scheduler to get round to the loop */
-  if (t->is_root) kdp_server_wait_delivered(lv->srv, LIVE_DELIVER_WAIT);
+     training, the reply would otherwise wait for the scheduler to get round to the loop. Then
+     yield once: the reply's reader, if it runs on this machine, may be queued behind this rank
+     (fair scheduling gives the time back later) */
+  if (t->is_root && kdp_server_wait_delivered(lv->srv, LIVE_DELIVER_WAIT)) sched_yield();
   double dt = kdp_now() - t0;
   lv->predict_seconds += dt;
   return dt;

@@ -302,7 +302,7 @@ static int pause_loop(kdp_trainer *t, int *want, int *want_stop, kdp_error *err)
     if (t->is_root) kdp_live_poll(t, pf);
     kdp_dist_step_sync(d, pf, KDP_SYNC_N);
     if (pf[KDP_SYNC_CMD]) kdp_live_command(t, want, want_stop);
-    if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT], 0);
+    if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT], pf[KDP_SYNC_PREDICT_FLOAT], 0);
     if (pf[KDP_SYNC_STOP]) *want = *want_stop = 1;
     if (*want && !*want_stop) {
       /* a checkpoint asked for while paused is written now */
@@ -579,7 +579,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
          pass used (an inference copy: the step's activations stay for its backward pass); the
          time is left out of the step's training time */
       double tp0 = kdp_now();
-      t0 += kdp_live_predict(t, flags[KDP_SYNC_PREDICT], 1);
+      t0 += kdp_live_predict(t, flags[KDP_SYNC_PREDICT], flags[KDP_SYNC_PREDICT_FLOAT], 1);
       kdp_trace_mark(t, "predict", tp0, kdp_now());
     }
     kdp_step_loss sl;
@@ -670,14 +670,15 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
        the last reply arrived, need not wait for the next step's agreement point. Steps without
        predictions around skip it, so they cost what they did. */
     if (flags[KDP_SYNC_PREDICT] || predicting) {
-      int32_t pn = t->is_root ? kdp_live_poll_predict(t) : 0;
-      kdp_dist_step_sync(d, &pn, 1);
-      if (pn) {
+      int32_t pf[2] = {0, 0};
+      if (t->is_root) kdp_live_poll_predict(t, pf);
+      kdp_dist_step_sync(d, pf, 2);
+      if (pf[0]) {
         double tp0 = kdp_now();
-        kdp_live_predict(t, pn, 0);
+        kdp_live_predict(t, pf[0], pf[1], 0);
         kdp_trace_mark(t, "predict", tp0, kdp_now());
       }
-      predicting = pn > 0;
+      predicting = pf[0] > 0;
     }
     rc = pause_loop(t, &want, &want_stop, err);
     if (rc != 0) break;
