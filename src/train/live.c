@@ -370,8 +370,8 @@ static kdp_model *inference_model(kdp_trainer *t) {
   }
   memcpy(kdp_model_params(lv->imodel), kdp_model_params(t->model),
          kdp_model_n_params(t->model) * sizeof(float));
-  memcpy(kdp_model_buffers(lv->imodel), kdp_model_buffers(t->model),
-         kdp_model_n_buffers(t->model) * sizeof(float));
+  size_t nb = kdp_model_n_buffers(t->model); /* BN running statistics; none in an MLP */
+  if (nb) memcpy(kdp_model_buffers(lv->imodel), kdp_model_buffers(t->model), nb * sizeof(float));
   return lv->imodel;
 }
 
