@@ -59,6 +59,11 @@ tail -c +17 "$tmp/imgs.idx" | od -An -tu1 -v | tr -s ' \n' ' ' |
 curl -s -X POST "$addr/predict" -H 'Content-Type: application/json' --data @"$tmp/pred.json" >"$tmp/pred.out"
 expect "POST /predict answers every peer, the ensemble and the gate" \
   test "$(jq -r '[(.peers | length), (.ensemble | length), .teacher.name] | @tsv' "$tmp/pred.out")" = "$(printf '2\t4\tgate')"
+# a value that is not a whole number: the pixels go to the other ranks as floats, not bytes
+sed 's/^{"inputs":\[\[\([0-9]*\),/{"inputs":[[\1.5,/' "$tmp/pred.json" >"$tmp/predf.json"
+curl -s -X POST "$addr/predict" -H 'Content-Type: application/json' --data @"$tmp/predf.json" >"$tmp/predf.out"
+expect "predict: fractional pixel values are answered (and nearly like the whole ones)" \
+  jq -e --slurpfile a "$tmp/pred.out" '[.peers[0][0], $a[0].peers[0][0]] | transpose | all((.[0] - .[1]) | fabs < 0.01)' "$tmp/predf.out"
 expect "predict: a bad input shape is 400" test "$(code -X POST "$addr/predict" -d '{"inputs":[[1,2,3]]}')" = 400
 expect "POST /control checkpoint while paused is accepted" test "$(code -X POST "$addr/control" -d '{"action":"checkpoint"}')" = 202
 for _ in $(seq 1 100); do [ "$(status_field .checkpoint.last_step)" = "$s1" ] && break; sleep 0.05; done
@@ -135,6 +140,33 @@ expect "serving did not touch the run's metrics.jsonl" test "$(md5sum <"$r/metri
 expect "serving logged its commands to serve.jsonl" grep -q '"action":"stop"' "$r/serve.jsonl"
 "$exe" serve "$tmp/nothing-here" >"$tmp/serve3.out" 2>&1
 expect "serve of a directory without checkpoints fails clearly" grep -q "no complete checkpoint" "$tmp/serve3.out"
+
+# ---------- predictions while training: answered mid-step, training unchanged ----------
+# Predictions are answered at the step's agreement point, between its forward and backward
+# passes, by an inference copy of each peer: the run must train exactly as without them.
+steps=1500
+start "$tmp/quiet" -s kd.method=one -s run.max_steps=$steps -s run.eval_every=1
+wait "$last_pid"
+start "$tmp/busy" -s kd.method=one -s run.max_steps=$steps -s run.eval_every=1
+curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/busy.json"
+expect "a prediction while training answers every peer, the ensemble and the gate" \
+  test "$(jq -r '[(.peers | length), (.ensemble | length), .teacher.name, (.teacher.probs | length)] | @tsv' "$tmp/busy.json")" = "$(printf '2\t4\tgate\t4')"
+expect "...with probabilities that sum to 1" \
+  jq -e '[.peers[][], .ensemble[], .teacher.probs[]] | all(add > 0.9999 and add < 1.0001)' "$tmp/busy.json"
+# then requests one after another on one connection until the run ends (--fail-early)
+curl -s --fail-early -o /dev/null -w '%{http_code}\n' -X POST -H 'Expect:' --data @"$tmp/pred.json" \
+  "$addr/predict?seq=[1-100000]" >"$tmp/busy.codes" 2>/dev/null
+wait "$last_pid"
+rc=$?
+expect "the run answering predictions finishes (exit $rc)" test "$rc" = 0
+answered=$(grep -c '^200$' "$tmp/busy.codes")
+expect "predictions were answered while training ($answered)" test "$answered" -ge 20
+# only the end of the run may show: a 503 ("the run is ending") and curl's failed connection
+expect "...and no request failed before the run ended" \
+  test "$(head -n -2 "$tmp/busy.codes" | grep -vc '^200$')" = 0
+same() { jq -c 'select(.event == "train" or .event == "eval") | del(.samples_per_second)' "$1"; }
+expect "a run answering predictions trains exactly like one that does not" \
+  test "$(same "$tmp/busy/metrics.jsonl" | md5sum)" = "$(same "$tmp/quiet/metrics.jsonl" | md5sum)"
 
 # ---------- the token ----------
 r2="$tmp/tok"

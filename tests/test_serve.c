@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "kdpeers/serve.h"
+#include "../src/serve/serve_internal.h" /* kdp_fmt_g7 */
 #include "testutil.h"
 
 /* ---- a tiny blocking HTTP/1.1 client ---- */
@@ -682,6 +683,102 @@ START_TEST(test_predict_json) {
 }
 END_TEST
 
+/* JSON bodies take a fast path when they are plain ({"inputs"|"input": integers 0..255}) and
+   json-c otherwise: both accept the same bodies with the same values, and reject the same ones. */
+START_TEST(test_predict_json_forms) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  struct {
+    const char *body;
+    float x[2][DIM];
+    int n;
+  } ok[] = {
+      {"{\"inputs\":[[0,1,2,255],[3,40,5,6]]}", {{0, 1, 2, 255}, {3, 40, 5, 6}}, 2},
+      {" {\n \"inputs\" : [ [0 ,1,\t2, 255] ,\r\n[3,4,5,6] ] }\r\n", {{0, 1, 2, 255}, {3, 4, 5, 6}}, 2},
+      {"{\"input\":[ 9 , 99 , 199 , 0 ]}", {{9, 99, 199, 0}}, 1},
+      /* not plain: json-c parses these */
+      {"{\"input\":[00,1e2,1.,2.50]}", {{0, 100, 1, 2.5f}}, 1},
+      {"{\"inputs\":[[1,2,3,4.0]],\"inputs\":[[5,6,7,8]]}", {{5, 6, 7, 8}}, 1},
+  };
+  const int n_ok = (int)(sizeof ok / sizeof ok[0]);
+  trainer t = {.s = s, .n_answer = n_ok};
+  pthread_t th;
+  pthread_create(&th, NULL, trainer_main, &t);
+  resp r;
+  int rows = 0;
+  for (int i = 0; i < n_ok; i++) {
+    ck_assert_int_eq(post(port, "/predict", NULL, NULL, ok[i].body, strlen(ok[i].body), &r), 0);
+    ck_assert_msg(r.status == 200, "%s -> %d %s", ok[i].body, r.status, r.body);
+    resp_free(&r);
+    for (int k = 0; k < ok[i].n; k++, rows++)
+      for (int j = 0; j < DIM; j++)
+        ck_assert_msg(t.seen[rows * DIM + j] == ok[i].x[k][j], "%s: row %d value %d is %g", ok[i].body,
+                      k, j, (double)t.seen[rows * DIM + j]);
+  }
+  pthread_join(th, NULL);
+  ck_assert_int_eq(t.seen_n, rows);
+  const char *bad[] = {
+      "{\"input\":[1,2,3,4]}x",    "{\"input\":[1,2,3,4],}",      "{\"input\":[01,2,3,4]}",
+      "{\"inputs\":[[1,2,3,4]]]}", "{\"inputs\":[[1,2,3,4],]}",   "{\"input\":[1,2,3,4,]}",
+      "{\"input\":[1,2,3,1000]}",  "{\"input\":[1 2,3,4]}",       "{\"inputs\":[[1,2,3,4][5,6,7,8]]}",
+      "{\"Input\":[1,2,3,4]}",     "[{\"input\":[1,2,3,4]}]",      "{\"input\":[1,2,3,4]}{}",
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    ck_assert_int_eq(post(port, "/predict", NULL, NULL, bad[i], strlen(bad[i]), &r), 0);
+    ck_assert_msg(r.status == 400, "%s -> %d", bad[i], r.status);
+    resp_free(&r);
+  }
+  kdp_server_stop(s);
+}
+END_TEST
+
+/* The reply's numbers: kdp_fmt_g7 writes exactly what printf's %.7g does. */
+START_TEST(test_fmt_g7) {
+  char a[32], b[32];
+  size_t checked = 0;
+  /* every 1999th positive float bit pattern (about a million values, 1e-45 to 3e38), and the
+     negative of every 7th of those */
+  for (uint32_t bits = 1; bits < 0x7f800000u; bits += 1999) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    for (int neg = 0; neg < 2; neg++) {
+      if (neg && bits % 7) continue;
+      double v = neg ? -(double)f : (double)f;
+      int n = kdp_fmt_g7(a, v);
+      snprintf(b, sizeof b, "%.7g", v);
+      ck_assert_msg(strcmp(a, b) == 0, "%.17g: %s, printf %s", v, a, b);
+      ck_assert_int_eq(n, (int)strlen(b));
+      checked++;
+    }
+  }
+  /* boundaries: powers of ten, halfway cases, the switch to exponent notation, 0, -0, Inf, NaN */
+  const double special[] = {0.0,         -0.0,        1.0,        0.5,         1e-4,
+                            9.9999995e-5, 0.00099999995, 1.2345675, 1.23456750000001,
+                            999999.95,   9999999.5,   9999999.4,  1e7,         1e-5,
+                            1e-15,       9.99999999e14, 1e15,     0.1,         0.3,
+                            2.0 / 3.0,   1.0 / 3.0,   123456.75,  0.000123456785,
+                            INFINITY,    -INFINITY,   NAN};
+  for (size_t i = 0; i < sizeof special / sizeof special[0]; i++) {
+    kdp_fmt_g7(a, special[i]);
+    snprintf(b, sizeof b, "%.7g", special[i]);
+    ck_assert_msg(strcmp(a, b) == 0, "%.17g: %s, printf %s", special[i], a, b);
+  }
+  /* powers of ten and their neighbours */
+  for (int k = -20; k <= 20; k++) {
+    double p = pow(10.0, k);
+    const double around[] = {p, nextafter(p, 0), nextafter(p, INFINITY), p * 0.99999995, p * 1.00000005};
+    for (int j = 0; j < 5; j++) {
+      kdp_fmt_g7(a, around[j]);
+      snprintf(b, sizeof b, "%.7g", around[j]);
+      ck_assert_msg(strcmp(a, b) == 0, "%.17g: %s, printf %s", around[j], a, b);
+    }
+  }
+  ck_assert_uint_gt(checked, 1000000);
+}
+END_TEST
+
 static const msgpack_object *mp_get(const msgpack_object *map, const char *key) {
   ck_assert_int_eq(map->type, MSGPACK_OBJECT_MAP);
   for (uint32_t i = 0; i < map->via.map.size; i++) {
@@ -1108,6 +1205,8 @@ static Suite *serve_suite(void) {
   tcase_add_test(core, test_token);
   tcase_add_test(core, test_control_commands);
   tcase_add_test(core, test_predict_json);
+  tcase_add_test(core, test_predict_json_forms);
+  tcase_add_test(core, test_fmt_g7);
   tcase_add_test(core, test_predict_msgpack);
   tcase_add_test(core, test_publish_while_serving);
   tcase_add_test(core, test_stop_with_open_connections);

@@ -11,7 +11,8 @@
 /*
  * Threading: every function below is called from the training thread (the one that makes the
  * MPI calls). None of them blocks on the network: they take one mutex for a few microseconds
- * and, where the loop must act, wake it with uv_async_send.
+ * and, where the loop must act, wake it with uv_async_send (kdp_server_wait_delivered alone
+ * waits, boundedly, for the loop thread).
  *
  * Endpoints:
  *   GET  /metrics  Prometheus text 0.0.4: the trainer's last published text + the server's own.
@@ -114,6 +115,11 @@ kdp_predict_req *kdp_server_take_predict(kdp_server *s);
 int kdp_server_answer_predict(kdp_server *s, kdp_predict_req *req, const kdp_predict_result *r);
 /* Answers req with an error status (e.g. 503) and message; req is invalid after the call. */
 void kdp_server_fail_predict(kdp_server *s, kdp_predict_req *req, int status, const char *msg);
+/* Blocks until the loop thread has formatted every prediction answered so far and handed it to
+   its socket, or max_seconds passed; returns 1 if it has. The one call here that waits for the
+   loop: a trainer on a machine with no idle core gives the loop its core this way, instead of
+   leaving the reply until the scheduler gets round to the loop thread. */
+int kdp_server_wait_delivered(kdp_server *s, double max_seconds);
 
 typedef struct kdp_server_stats {
   uint64_t requests;            /* complete requests answered, any status */

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "serve_internal.h"
 
@@ -112,6 +113,11 @@ kdp_srv_core *kdp_core_new(const kdp_server_options *o) {
   core->opt.addr_file = core->addr_file;
   core->token_len = core->token ? strlen(core->token) : 0;
   pthread_mutex_init(&core->mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the clock of kdp_now() */
+  pthread_cond_init(&core->delivered_cv, &ca);
+  pthread_condattr_destroy(&ca);
   core->cmds = kdp_xcalloc((size_t)core->opt.max_commands, sizeof *core->cmds);
   core->next_id = 1;
   return core;
@@ -143,6 +149,7 @@ void kdp_core_free(kdp_srv_core *core) {
     p = n;
   }
   pthread_mutex_destroy(&core->mu);
+  pthread_cond_destroy(&core->delivered_cv);
   free(core->metrics);
   free(core->status);
   free(core->cmds);
@@ -245,6 +252,7 @@ kdp_predict_req *kdp_core_take_predict(kdp_srv_core *core) {
 static void push_done(kdp_srv_core *core, kdp_predict_priv *p) {
   pthread_mutex_lock(&core->mu);
   p->state = KDP_PRED_DONE;
+  p->seq = ++core->answered;
   p->next = NULL;
   if (core->done_tail) core->done_tail->next = p;
   else core->done_head = p;
@@ -321,10 +329,26 @@ void kdp_core_drain_done(kdp_srv_core *core) {
     if (p->conn) kdp_http_conn_predict_done(p->conn, p);
     pthread_mutex_lock(&core->mu);
     all_unlink(core, p);
+    if (p->seq > core->delivered) core->delivered = p->seq;
+    pthread_cond_broadcast(&core->delivered_cv);
     pthread_mutex_unlock(&core->mu);
     predict_free(p);
     p = next;
   }
+}
+
+int kdp_core_wait_delivered(kdp_srv_core *core, double max_seconds) {
+  double until = kdp_now() + max_seconds;
+  struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+  if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+  pthread_mutex_lock(&core->mu);
+  uint64_t want = core->answered;
+  int rc = 0;
+  while (core->delivered < want && rc == 0)
+    rc = pthread_cond_timedwait(&core->delivered_cv, &core->mu, &ts);
+  int done = core->delivered >= want;
+  pthread_mutex_unlock(&core->mu);
+  return done;
 }
 
 void kdp_core_count(kdp_srv_core *core, int path, int status, size_t bytes) {

@@ -256,6 +256,79 @@ static int json_row(json_object *row, int i, int dim, float *x, char *err) {
   return 0;
 }
 
+/* ---- a fast path for the usual JSON body ---- */
+
+typedef struct scan {
+  const char *p, *end;
+} scan;
+
+static void skip_ws(scan *s) {
+  while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r')) s->p++;
+}
+
+static int eat(scan *s, char ch) {
+  skip_ws(s);
+  if (s->p >= s->end || *s->p != ch) return 0;
+  s->p++;
+  return 1;
+}
+
+/* One row of exactly dim plain integers 0..255 ("0", "17", "255"; no sign, fraction, exponent
+   or leading zero), as in [0,17,255]. */
+static int fast_row(scan *s, int dim, float *x) {
+  if (!eat(s, '[')) return 0;
+  for (int j = 0; j < dim; j++) {
+    if (j && !eat(s, ',')) return 0;
+    skip_ws(s);
+    const char *q = s->p;
+    unsigned v = 0;
+    int digits = 0;
+    while (q < s->end && *q >= '0' && *q <= '9' && digits < 4) v = v * 10 + (unsigned)(*q++ - '0'), digits++;
+    if (digits == 0 || (digits > 1 && s->p[0] == '0') || v > 255) return 0;
+    if (q < s->end && ((*q >= '0' && *q <= '9') || *q == '.' || *q == 'e' || *q == 'E')) return 0;
+    x[j] = (float)v;
+    s->p = q;
+  }
+  return eat(s, ']');
+}
+
+/* The bodies clients send, {"inputs":[[v,...],...]} or {"input":[v,...]} with plain integer
+   pixel values, parsed straight into the request: json-c would build an object per value
+   (about 50,000 for 64 Fashion-MNIST images). Returns NULL for anything else (other number
+   forms, other keys, any syntax error); the json-c path then parses the body and words the
+   error, so both paths accept and answer the same bodies. */
+static kdp_predict_priv *predict_fast_json(kdp_http_conn *c) {
+  const kdp_server_options *o = &c->core->opt;
+  if (c->body.len == 0) return NULL;
+  scan s = {c->body.p, c->body.p + c->body.len};
+  if (!eat(&s, '{') || !eat(&s, '"')) return NULL;
+  int many;
+  if (s.end - s.p >= 7 && memcmp(s.p, "inputs\"", 7) == 0) many = 1, s.p += 7;
+  else if (s.end - s.p >= 6 && memcmp(s.p, "input\"", 6) == 0) many = 0, s.p += 6;
+  else return NULL;
+  if (!eat(&s, ':')) return NULL;
+  size_t n = 1;
+  if (many) { /* rows = '[' after the outer one; a mismatch fails the parse below */
+    n = 0;
+    for (const char *q = s.p; q < s.end; q++) n += *q == '[';
+    if (n < 2 || n - 1 > (size_t)o->max_predict) return NULL;
+    n--;
+    if (!eat(&s, '[')) return NULL;
+  }
+  kdp_predict_priv *p = kdp_core_new_predict((int)n, o->input_dim);
+  for (size_t i = 0; i < n; i++)
+    if ((i && !eat(&s, ',')) || !fast_row(&s, o->input_dim, p->pub.x + i * (size_t)o->input_dim))
+      goto fail;
+  if ((many && !eat(&s, ']')) || !eat(&s, '}')) goto fail;
+  skip_ws(&s);
+  if (s.p != s.end) goto fail;
+  return p;
+fail:
+  free(p->pub.x);
+  free(p);
+  return NULL;
+}
+
 static kdp_predict_priv *predict_from_json(kdp_http_conn *c, char *err) {
   const kdp_server_options *o = &c->core->opt;
   /* Bound the work json-c will do before it builds one object per number. */
@@ -266,6 +339,8 @@ static kdp_predict_priv *predict_from_json(kdp_http_conn *c, char *err) {
              o->max_predict, o->input_dim);
     return NULL;
   }
+  kdp_predict_priv *fast = predict_fast_json(c);
+  if (fast) return fast;
   json_object *obj = parse_json_object(c);
   if (!obj) return NULL; /* already answered */
   json_object *inputs = NULL, *input = NULL;
@@ -548,14 +623,74 @@ static int argmax(const float *row, int C) {
   return k;
 }
 
+int kdp_fmt_g7(char *out, double v) {
+  static const double p10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                               1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+  double a = fabs(v);
+  if (!(a >= 1e-15 && a < 1e15)) return snprintf(out, 16, "%.7g", v); /* 0, NaN, Inf, extremes */
+  /* m = a * 10^(6-e) in [1e6, 1e7): the 7 significant digits before rounding. |6-e| <= 22, so
+     the power is exact and m is a * 10^(6-e) correctly rounded (relative error < 2^-53) */
+  int e = (int)floor(log10(a));
+  double m = 0;
+  for (int tries = 0; tries < 3; tries++) {
+    int k = 6 - e;
+    m = k >= 0 ? a * p10[k] : a / p10[-k];
+    if (m < 1e6) e--;
+    else if (m >= 1e7) e++;
+    else break;
+  }
+  double f = floor(m), frac = m - f;
+  /* 1e-6 is far above m's possible error (< 2e-9): outside it the rounding is certain */
+  if (!(m >= 1e6 && m < 1e7) || fabs(frac - 0.5) < 1e-6) return snprintf(out, 16, "%.7g", v);
+  unsigned long r = (unsigned long)f + (frac > 0.5);
+  if (r == 10000000UL) r = 1000000UL, e++;
+  char d[7];
+  for (int i = 6; i >= 0; i--) d[i] = (char)('0' + r % 10), r /= 10;
+  int nd = 7;
+  while (nd > 1 && d[nd - 1] == '0') nd--; /* %g drops trailing zeros */
+  char *o = out;
+  if (v < 0) *o++ = '-';
+  if (e >= -4 && e < 7) { /* fixed notation */
+    if (e >= 0) {
+      for (int i = 0; i <= e; i++) *o++ = i < nd ? d[i] : '0';
+      if (nd > e + 1) {
+        *o++ = '.';
+        for (int i = e + 1; i < nd; i++) *o++ = d[i];
+      }
+    } else {
+      *o++ = '0';
+      *o++ = '.';
+      for (int i = 0; i < -e - 1; i++) *o++ = '0';
+      for (int i = 0; i < nd; i++) *o++ = d[i];
+    }
+  } else { /* d.dddddde[+-]XX */
+    *o++ = d[0];
+    if (nd > 1) {
+      *o++ = '.';
+      for (int i = 1; i < nd; i++) *o++ = d[i];
+    }
+    *o++ = 'e';
+    *o++ = e < 0 ? '-' : '+';
+    int x = e < 0 ? -e : e;
+    *o++ = (char)('0' + x / 10);
+    *o++ = (char)('0' + x % 10);
+  }
+  *o = 0;
+  return (int)(o - out);
+}
+
 static void json_matrix(kdp_buf *b, const float *m, int n, int C) {
   kdp_buf_put(b, "[", 1);
   for (int i = 0; i < n; i++) {
     kdp_buf_put(b, i ? ",[" : "[", i ? 2 : 1);
     for (int j = 0; j < C; j++) {
       float v = m[(size_t)i * (size_t)C + (size_t)j];
-      if (isfinite(v)) kdp_buf_printf(b, j ? ",%.7g" : "%.7g", (double)v);
-      else kdp_buf_printf(b, j ? ",null" : "null");
+      char num[24];
+      int len = 0;
+      if (j) num[len++] = ',';
+      if (isfinite(v)) len += kdp_fmt_g7(num + len, (double)v);
+      else memcpy(num + len, "null", 4), len += 4;
+      kdp_buf_put(b, num, (size_t)len);
     }
     kdp_buf_put(b, "]", 1);
   }

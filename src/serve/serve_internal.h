@@ -36,6 +36,7 @@ typedef struct kdp_predict_priv {
   kdp_http_conn *conn;                 /* NULL once the client is gone */
   struct kdp_predict_priv *next;       /* pending or done list */
   struct kdp_predict_priv *prev_all, *next_all;
+  uint64_t seq;                        /* order of answering (core->answered) */
   int status;                          /* 200, or an error status */
   char errmsg[160];
   int P, C;
@@ -60,6 +61,8 @@ typedef struct kdp_srv_core {
   kdp_predict_priv *done_head, *done_tail;
   kdp_predict_priv *all; /* every live request */
   int pending_predicts;
+  uint64_t answered, delivered; /* predictions answered by the trainer / handed to their socket */
+  pthread_cond_t delivered_cv;  /* signalled when delivered grows */
   int stopping;
   kdp_server_stats st;
   uint64_t by_path[KDP_NPATHS][600];
@@ -86,6 +89,8 @@ void kdp_core_fail_predict(kdp_srv_core *core, kdp_predict_req *req, int status,
 void kdp_core_cancel_predict(kdp_srv_core *core, kdp_predict_priv *p);
 /* Loop thread: delivers answered requests to their connections and frees them. */
 void kdp_core_drain_done(kdp_srv_core *core);
+/* Waits until every prediction answered so far is delivered, at most max_seconds; 1 if so. */
+int kdp_core_wait_delivered(kdp_srv_core *core, double max_seconds);
 /* Counts one response. */
 void kdp_core_count(kdp_srv_core *core, int path, int status, size_t bytes);
 
@@ -152,6 +157,11 @@ void kdp_http_error(kdp_http_conn *c, int status, int close, const char *fmt, ..
 
 /* routes.c: answers a complete request (path, method, headers, body are in c). */
 void kdp_route(kdp_http_conn *c);
+/* Writes v as printf's "%.7g" does (NUL-terminated, at most 16 bytes with the NUL); returns the
+   length. Finite values between 1e-15 and 1e15 in magnitude take a fast path (one multiplication
+   by an exact power of ten), the rest and the rare value the fast path cannot round with
+   certainty go to snprintf. */
+int kdp_fmt_g7(char *out, double v);
 /* Formats the reply to an answered prediction (JSON or msgpack per p->pub.msgpack). */
 void kdp_format_predict(const kdp_predict_priv *p, kdp_buf *out);
 

@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "serve_internal.h"
@@ -295,8 +297,35 @@ static void wake(void *arg) {
   if (rc != 0) logmsg(s, "uv_async_send", rc);
 }
 
+/* Linux 6.12+ (EEVDF) lets any SCHED_OTHER thread ask for a shorter time slice (sched_attr's
+   sched_runtime, at least 0.1 ms, no privilege needed), and a waking thread with a shorter slice
+   preempts the running one instead of waiting up to a full slice (1-3 ms) for it. The loop
+   thread sleeps almost always and runs for microseconds: with every core busy training, it can
+   then read a request or send a reply without waiting for a busy rank's slice to end (64-image
+   /predict median here 4.1-4.9 ms without, 2.8-3.0 ms with). Older kernels ignore sched_runtime for
+   SCHED_OTHER; policy and nice are kept as they are; failure is harmless. */
+static void short_time_slice(void) {
+#ifdef SYS_sched_setattr
+  struct {
+    uint32_t size, policy;
+    uint64_t flags;
+    int32_t nice;
+    uint32_t priority;
+    uint64_t runtime, deadline, period;
+  } a;
+  memset(&a, 0, sizeof a);
+  if (syscall(SYS_sched_getattr, 0, &a, (unsigned)sizeof a, 0) != 0) return;
+  if (a.policy != 0 /* SCHED_OTHER */) return;
+  a.size = (uint32_t)sizeof a;
+  a.flags = 0;
+  a.runtime = 100000; /* ns */
+  (void)syscall(SYS_sched_setattr, 0, &a, 0);
+#endif
+}
+
 static void loop_main(void *arg) {
   kdp_server *s = arg;
+  short_time_slice();
   int rc = uv_run(&s->loop, UV_RUN_DEFAULT);
   (void)rc; /* returns once every handle is closed (after begin_stop) */
 }
@@ -473,6 +502,10 @@ int kdp_server_answer_predict(kdp_server *s, kdp_predict_req *req, const kdp_pre
 
 void kdp_server_fail_predict(kdp_server *s, kdp_predict_req *req, int status, const char *msg) {
   kdp_core_fail_predict(s->core, req, status, msg);
+}
+
+int kdp_server_wait_delivered(kdp_server *s, double max_seconds) {
+  return kdp_core_wait_delivered(s->core, max_seconds);
 }
 
 void kdp_server_get_stats(kdp_server *s, kdp_server_stats *out) {

@@ -1,6 +1,7 @@
 /* live.c: the trainer's side of the rank-0 server: publishes metrics and status, applies control
    commands at step boundaries on every rank, and answers predictions with the live peers. */
 #include <math.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -27,6 +28,8 @@ struct kdp_live {
   double last_ckpt_wall;
   uint64_t commands, predictions, predict_inputs;
   double predict_seconds;
+  kdp_model *imodel; /* inference model for mid-step predictions (slice 0 ranks) */
+  float *ix;         /* its normalised inputs, LIVE_CHUNK rows */
 };
 
 int kdp_live_start(kdp_trainer *t, kdp_error *err) {
@@ -58,6 +61,8 @@ void kdp_live_stop(kdp_trainer *t) {
   if (!lv) return;
   if (lv->req) kdp_server_fail_predict(lv->srv, lv->req, 503, "the run is ending");
   if (lv->srv) kdp_server_stop(lv->srv);
+  kdp_model_free(lv->imodel);
+  free(lv->ix);
   free(lv);
   t->live = NULL;
 }
@@ -275,13 +280,30 @@ void kdp_live_publish(kdp_trainer *t, int force) {
 
 /* ---- commands and predictions at the agreement point ---- */
 
+/* 1 if some pixel value of req is not a whole number (they are all in [0, 255]) */
+static int needs_floats(const kdp_predict_req *req) {
+  size_t m = (size_t)req->n * (size_t)req->input_dim;
+  for (size_t i = 0; i < m; i++)
+    if (req->x[i] != (float)(uint8_t)req->x[i]) return 1;
+  return 0;
+}
+
+void kdp_live_poll_predict(kdp_trainer *t, int32_t pf[2]) {
+  kdp_live *lv = t->live;
+  pf[0] = pf[1] = 0;
+  if (!lv || !lv->srv) return;
+  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
+  if (!lv->req) return;
+  pf[0] = lv->req->n;
+  pf[1] = needs_floats(lv->req);
+}
+
 void kdp_live_poll(kdp_trainer *t, int32_t *flags) {
   kdp_live *lv = t->live;
   if (!lv || !lv->srv) return;
   if (!lv->has_pending && kdp_server_poll_command(lv->srv, &lv->pending)) lv->has_pending = 1;
-  if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
   flags[KDP_SYNC_CMD] = lv->has_pending;
-  flags[KDP_SYNC_PREDICT] = lv->req ? lv->req->n : 0;
+  kdp_live_poll_predict(t, flags + KDP_SYNC_PREDICT);
 }
 
 /* Broadcasts rank 0's command and applies it on every rank. */
@@ -329,31 +351,80 @@ void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop) {
   }
 }
 
+/* Inputs per forward pass of the inference model: bounds its activation memory (a fraction of
+   t->model's, which is built for max(batch slice, 500) rows). */
+#define LIVE_CHUNK 64
+/* Longest rank 0 waits for the loop thread to send a reply (seconds). */
+#define LIVE_DELIVER_WAIT 0.005
+
+/* The inference model for predictions between a training forward pass and its backward pass
+   (rank of slice 0 only): built on first use, then refreshed with t->model's weights and
+   running statistics at every use. */
+static kdp_model *inference_model(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  if (!lv->imodel) {
+    kdp_input_shape ish = {t->train.H, t->train.W, t->train.C, t->C};
+    kdp_error err;
+    if (kdp_model_create(&lv->imodel, kdp_model_arch(t->model), ish, LIVE_CHUNK, &err) != 0) {
+      /* t->model was built from the same architecture string: only a bug gets here */
+      fprintf(stderr, "kdpeers: internal error building the inference model: %s\n", err.msg);
+      abort();
+    }
+    lv->ix = kdp_falloc((size_t)LIVE_CHUNK * t->train.H * t->train.W * t->train.C);
+  }
+  memcpy(kdp_model_params(lv->imodel), kdp_model_params(t->model),
+         kdp_model_n_params(t->model) * sizeof(float));
+  size_t nb = kdp_model_n_buffers(t->model); /* BN running statistics; none in an MLP */
+  if (nb) memcpy(kdp_model_buffers(lv->imodel), kdp_model_buffers(t->model), nb * sizeof(float));
+  return lv->imodel;
+}
+
 /* Every peer evaluates the broadcast inputs in eval mode; rank 0 answers with every peer's, the
    ensemble's and the teacher's probabilities. Collective over the world. */
-void kdp_live_predict(kdp_trainer *t, int n) {
+double kdp_live_predict(kdp_trainer *t, int n, int float_inputs, int mid_step) {
   kdp_live *lv = t->live;
   kdp_dist *d = t->d;
   double t0 = kdp_now();
   size_t isz = t->train.H * t->train.W * t->train.C, C = t->C, P = (size_t)t->P;
-  float *raw = kdp_falloc((size_t)n * isz);
-  if (t->is_root) memcpy(raw, lv->req->x, (size_t)n * isz * sizeof(float));
-  kdp_dist_bcast(d, raw, (size_t)n * isz * sizeof(float));
-  /* normalise like the batcher: (v/255 - mean[c]) / std[c] */
-  for (size_t i = 0; i < (size_t)n * isz; i++) {
-    size_t c = i % t->train.C;
-    t->xbuf[i] = (raw[i] / 255.0f - t->mean[c]) / t->std[c];
+  size_t nv = (size_t)n * isz;
+  float *raw = kdp_falloc(nv);
+  if (float_inputs) {
+    if (t->is_root) memcpy(raw, lv->req->x, nv * sizeof(float));
+    kdp_dist_bcast(d, raw, nv * sizeof(float));
+  } else { /* whole numbers 0..255: a quarter of the bytes */
+    uint8_t *px = kdp_xmalloc(nv);
+    if (t->is_root)
+      for (size_t i = 0; i < nv; i++) px[i] = (uint8_t)lv->req->x[i];
+    kdp_dist_bcast(d, px, nv);
+    for (size_t i = 0; i < nv; i++) raw[i] = (float)px[i];
+    free(px);
   }
-  free(raw);
   float *all = kdp_falloc(P * (size_t)n * C), *ens = kdp_falloc((size_t)n * C);
   float *teacher = kdp_falloc((size_t)n * C), *mine = kdp_falloc((size_t)n * C);
   int has_teacher = 0;
   if (d->slice == 0) { /* the cohort that holds rank 0 does the work */
-    const float *z = kdp_model_forward(t->model, t->xbuf, (size_t)n, 0, NULL);
-    kdp_softmax_t(mine, z, (size_t)n, C, 1.0f);
-    if (t->teacher_logits) has_teacher = t->teacher_logits(t, z, (size_t)n, teacher) == 0;
+    /* between steps t->model and t->xbuf are free; mid-step they hold the step's activations */
+    kdp_model *m = mid_step ? inference_model(t) : t->model;
+    float *xb = mid_step ? lv->ix : t->xbuf;
+    size_t chunk = mid_step ? LIVE_CHUNK : (size_t)n;
+    has_teacher = t->teacher_logits != NULL;
+    for (size_t first = 0; first < (size_t)n; first += chunk) {
+      size_t b = (size_t)n - first < chunk ? (size_t)n - first : chunk;
+      /* normalise like the batcher: (v/255 - mean[c]) / std[c] */
+      const float *r = raw + first * isz;
+      for (size_t i = 0; i < b * isz; i++) {
+        size_t c = i % t->train.C;
+        xb[i] = (r[i] / 255.0f - t->mean[c]) / t->std[c];
+      }
+      const float *z = kdp_model_forward(m, xb, b, 0, NULL);
+      kdp_softmax_t(mine + first * C, z, b, C, 1.0f);
+      if (t->teacher_logits &&
+          t->teacher_logits(t, z, kdp_model_features(m), b, teacher + first * C) != 0)
+        has_teacher = 0;
+    }
     kdp_dist_cohort_allgather(d, mine, all, (size_t)n * C);
   }
+  free(raw);
   if (t->is_root) {
     for (size_t k = 0; k < (size_t)n * C; k++) {
       double s = 0;
@@ -376,5 +447,12 @@ void kdp_live_predict(kdp_trainer *t, int n) {
   free(ens);
   free(teacher);
   free(mine);
-  lv->predict_seconds += kdp_now() - t0;
+  /* hand this core to the loop thread until the reply is on its socket: with every core busy
+     training, the reply would otherwise wait for the scheduler to get round to the loop. Then
+     yield once: the reply's reader, if it runs on this machine, may be queued behind this rank
+     (fair scheduling gives the time back later) */
+  if (t->is_root && kdp_server_wait_delivered(lv->srv, LIVE_DELIVER_WAIT)) sched_yield();
+  double dt = kdp_now() - t0;
+  lv->predict_seconds += dt;
+  return dt;
 }

@@ -108,10 +108,10 @@ static void teacher_eval(kdp_trainer *t, const float *z, size_t b, double *loss,
   *loss += kdp_ce_loss(s->teacher, t->ybuf, b, t->C, NULL, 0, correct) * (double)b;
 }
 
-static int teacher_logits(kdp_trainer *t, const float *z, size_t b, float *out) {
+static int teacher_logits(kdp_trainer *t, const float *z, const float *h, size_t b, float *out) {
   mstate *s = t->method;
   kdp_error err;
-  return kdp_exchange_teacher_eval(s->ex, z, kdp_model_features(t->model), b, out, &err);
+  return kdp_exchange_teacher_eval(s->ex, z, h, b, out, &err);
 }
 
 int kdp_method_init(kdp_trainer *t, kdp_error *err) {

@@ -367,7 +367,7 @@ static int pause_loop(kdp_trainer *t, int *want, int *want_stop, kdp_error *err)
     if (t->is_root) kdp_live_poll(t, pf);
     kdp_dist_step_sync(d, pf, KDP_SYNC_N);
     if (pf[KDP_SYNC_CMD]) kdp_live_command(t, want, want_stop);
-    if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT]);
+    if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT], pf[KDP_SYNC_PREDICT_FLOAT], 0);
     if (pf[KDP_SYNC_STOP]) *want = *want_stop = 1;
     if (*want && !*want_stop) {
       /* a checkpoint asked for while paused is written now */
@@ -595,6 +595,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   size_t np = kdp_model_n_params(t->model);
   divergence pending_div = {0};
   int stopped = 0;
+  int predicting = 0; /* a prediction was answered at the last step boundary */
   /* fault injection for the tests: rank 0 signals itself at this step */
   const char *fault = getenv("KDP_FAULT_SIGNAL_AT_STEP");
   int64_t fault_step = fault && t->is_root ? atoll(fault) : -1;
@@ -622,8 +623,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
       ((float *)z)[0] = NAN; /* fault injection for the tests, once per process */
       fault_nan_step = -1;
     }
-    /* the step's agreement point, before the exchange: divergence now; stop and checkpoint
-       requests take effect at the end of this step, on every rank */
+    /* the step's agreement point, before the exchange: divergence now; a prediction is answered
+       here; stop, checkpoint and control requests take effect at the end of this step, on every
+       rank */
     int32_t flags[KDP_SYNC_N] = {0};
     if (pending_div.peer_plus1) flags[KDP_SYNC_DIVERGED] = pending_div.peer_plus1;
     if (!all_finite(z, bl * t->C)) {
@@ -656,6 +658,14 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
         if (r != KDP_EDIVERGED) rc = r;
       }
       break;
+    }
+    if (flags[KDP_SYNC_PREDICT]) {
+      /* a prediction is answered as soon as it is agreed, by the weights this step's forward
+         pass used (an inference copy: the step's activations stay for its backward pass); the
+         time is left out of the step's training time */
+      double tp0 = kdp_now();
+      t0 += kdp_live_predict(t, flags[KDP_SYNC_PREDICT], flags[KDP_SYNC_PREDICT_FLOAT], 1);
+      kdp_trace_mark(t, "predict", tp0, kdp_now());
     }
     kdp_step_loss sl;
     memset(t->dlogits, 0, bl * t->C * sizeof(float));
@@ -744,10 +754,24 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     }
     int want = flags[KDP_SYNC_CKPT] || flags[KDP_SYNC_STOP] || last ||
                (cfg->ckpt_every_steps > 0 && (step + 1) % cfg->ckpt_every_steps == 0);
-    /* control commands and predictions, at the step boundary, on every rank */
+    /* control commands, at the step boundary, on every rank */
     int want_stop = flags[KDP_SYNC_STOP];
     if (flags[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
-    if (flags[KDP_SYNC_PREDICT]) kdp_live_predict(t, flags[KDP_SYNC_PREDICT]);
+    /* While a client keeps sending predictions (one was answered in this step or at the last
+       boundary), a prediction-only agreement point here as well: its next request, sent once
+       the last reply arrived, need not wait for the next step's agreement point. Steps without
+       predictions around skip it, so they cost what they did. */
+    if (flags[KDP_SYNC_PREDICT] || predicting) {
+      int32_t pf[2] = {0, 0};
+      if (t->is_root) kdp_live_poll_predict(t, pf);
+      kdp_dist_step_sync(d, pf, 2);
+      if (pf[0]) {
+        double tp0 = kdp_now();
+        kdp_live_predict(t, pf[0], pf[1], 0);
+        kdp_trace_mark(t, "predict", tp0, kdp_now());
+      }
+      predicting = pf[0] > 0;
+    }
     rc = pause_loop(t, &want, &want_stop, err);
     if (rc != 0) break;
     if (t->is_root) kdp_live_publish(t, last);

@@ -31,6 +31,7 @@ enum {
   KDP_SYNC_CKPT,     /* rank 0's timer: checkpoint after this step */
   KDP_SYNC_CMD,      /* rank 0 holds a control command */
   KDP_SYNC_PREDICT,  /* rank 0 holds a prediction request of this many inputs */
+  KDP_SYNC_PREDICT_FLOAT, /* ...with a value that is not a whole number (sent as floats) */
   KDP_SYNC_N
 };
 struct kdp_trainer {
@@ -61,8 +62,9 @@ struct kdp_trainer {
   /* evaluates the method's teacher on an eval batch whose peer logits are z (collective over the
      cohort); adds the summed loss and the hit count */
   void (*teacher_eval)(kdp_trainer *t, const float *z, size_t b, double *loss, size_t *correct);
-  /* the teacher's logits for b eval-mode rows (collective over the cohort); 0 on success */
-  int (*teacher_logits)(kdp_trainer *t, const float *z, size_t b, float *out);
+  /* the teacher's logits for b eval-mode rows with logits z and pooled features h of a model
+     built like t->model (collective over the cohort); 0 on success */
+  int (*teacher_logits)(kdp_trainer *t, const float *z, const float *h, size_t b, float *out);
   kdp_live *live;
   void *data_win; /* the node's shared dataset window, or NULL */
   kdp_trace *trace; /* run.timeline */
@@ -128,7 +130,14 @@ void kdp_live_checkpointed(kdp_trainer *t);
 void kdp_live_publish(kdp_trainer *t, int force);
 void kdp_live_poll(kdp_trainer *t, int32_t *flags);
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
-void kdp_live_predict(kdp_trainer *t, int n);
+/* Rank 0: takes a pending prediction (if it holds none): pf[0] = its input count (0 if none),
+   pf[1] = 1 if a value is not a whole number (like flags[KDP_SYNC_PREDICT...]). */
+void kdp_live_poll_predict(kdp_trainer *t, int32_t pf[2]);
+/* Answers the prediction of n inputs agreed at this agreement point (collective over the world);
+   the pixels are broadcast as bytes unless float_inputs. mid_step = 1: called between a training
+   forward pass and its backward pass, so the peers' current weights are copied into a separate
+   inference model and t->model and t->xbuf are left alone. Returns the seconds spent. */
+double kdp_live_predict(kdp_trainer *t, int n, int float_inputs, int mid_step);
 
 /* trace.c (run.timeline): phases as Chrome-trace complete events */
 void kdp_trace_start(kdp_trainer *t);
