@@ -683,8 +683,7 @@ START_TEST(test_predict_json) {
 }
 END_TEST
 
-/* JSON bodies take a fast path when they are plain ({"inputs"|"input": integers 0..255}) and
-   json-c otherwise: both accept the same bodies with the same values, and reject the same ones. */
+/* JSON bodies (parsed by json-c): the accepted forms give the right values, malformed ones 400. */
 START_TEST(test_predict_json_forms) {
   kdp_server_options o;
   opts(&o);

@@ -256,79 +256,6 @@ static int json_row(json_object *row, int i, int dim, float *x, char *err) {
   return 0;
 }
 
-/* ---- a fast path for the usual JSON body ---- */
-
-typedef struct scan {
-  const char *p, *end;
-} scan;
-
-static void skip_ws(scan *s) {
-  while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r')) s->p++;
-}
-
-static int eat(scan *s, char ch) {
-  skip_ws(s);
-  if (s->p >= s->end || *s->p != ch) return 0;
-  s->p++;
-  return 1;
-}
-
-/* One row of exactly dim plain integers 0..255 ("0", "17", "255"; no sign, fraction, exponent
-   or leading zero), as in [0,17,255]. */
-static int fast_row(scan *s, int dim, float *x) {
-  if (!eat(s, '[')) return 0;
-  for (int j = 0; j < dim; j++) {
-    if (j && !eat(s, ',')) return 0;
-    skip_ws(s);
-    const char *q = s->p;
-    unsigned v = 0;
-    int digits = 0;
-    while (q < s->end && *q >= '0' && *q <= '9' && digits < 4) v = v * 10 + (unsigned)(*q++ - '0'), digits++;
-    if (digits == 0 || (digits > 1 && s->p[0] == '0') || v > 255) return 0;
-    if (q < s->end && ((*q >= '0' && *q <= '9') || *q == '.' || *q == 'e' || *q == 'E')) return 0;
-    x[j] = (float)v;
-    s->p = q;
-  }
-  return eat(s, ']');
-}
-
-/* The bodies clients send, {"inputs":[[v,...],...]} or {"input":[v,...]} with plain integer
-   pixel values, parsed straight into the request: json-c would build an object per value
-   (about 50,000 for 64 Fashion-MNIST images). Returns NULL for anything else (other number
-   forms, other keys, any syntax error); the json-c path then parses the body and words the
-   error, so both paths accept and answer the same bodies. */
-static kdp_predict_priv *predict_fast_json(kdp_http_conn *c) {
-  const kdp_server_options *o = &c->core->opt;
-  if (c->body.len == 0) return NULL;
-  scan s = {c->body.p, c->body.p + c->body.len};
-  if (!eat(&s, '{') || !eat(&s, '"')) return NULL;
-  int many;
-  if (s.end - s.p >= 7 && memcmp(s.p, "inputs\"", 7) == 0) many = 1, s.p += 7;
-  else if (s.end - s.p >= 6 && memcmp(s.p, "input\"", 6) == 0) many = 0, s.p += 6;
-  else return NULL;
-  if (!eat(&s, ':')) return NULL;
-  size_t n = 1;
-  if (many) { /* rows = '[' after the outer one; a mismatch fails the parse below */
-    n = 0;
-    for (const char *q = s.p; q < s.end; q++) n += *q == '[';
-    if (n < 2 || n - 1 > (size_t)o->max_predict) return NULL;
-    n--;
-    if (!eat(&s, '[')) return NULL;
-  }
-  kdp_predict_priv *p = kdp_core_new_predict((int)n, o->input_dim);
-  for (size_t i = 0; i < n; i++)
-    if ((i && !eat(&s, ',')) || !fast_row(&s, o->input_dim, p->pub.x + i * (size_t)o->input_dim))
-      goto fail;
-  if ((many && !eat(&s, ']')) || !eat(&s, '}')) goto fail;
-  skip_ws(&s);
-  if (s.p != s.end) goto fail;
-  return p;
-fail:
-  free(p->pub.x);
-  free(p);
-  return NULL;
-}
-
 static kdp_predict_priv *predict_from_json(kdp_http_conn *c, char *err) {
   const kdp_server_options *o = &c->core->opt;
   /* Bound the work json-c will do before it builds one object per number. */
@@ -339,8 +266,6 @@ static kdp_predict_priv *predict_from_json(kdp_http_conn *c, char *err) {
              o->max_predict, o->input_dim);
     return NULL;
   }
-  kdp_predict_priv *fast = predict_fast_json(c);
-  if (fast) return fast;
   json_object *obj = parse_json_object(c);
   if (!obj) return NULL; /* already answered */
   json_object *inputs = NULL, *input = NULL;
