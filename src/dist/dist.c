@@ -56,6 +56,22 @@ int kdp_dist_world_rank(void) {
   return r;
 }
 
+/* The peer communicator (ranks of one peer, by slice), the cohort communicator (split by
+   cohort_color: MPI_UNDEFINED leaves a rank out) and the node communicator. */
+static void make_comms(kdp_dist *d, int cohort_color) {
+  MPI_Comm peer, cohort, node;
+  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->peer, d->slice, &peer));
+  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, cohort_color, d->peer, &cohort));
+  KDP_CHECK_MPI(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank, MPI_INFO_NULL, &node));
+  KDP_CHECK_MPI(MPI_Comm_rank(node, &d->local_rank));
+  KDP_CHECK_MPI(MPI_Comm_size(node, &d->local_size));
+  d->world = comm_box(MPI_COMM_WORLD);
+  d->peer_comm = comm_box(peer);
+  d->cohort_comm = comm_box(cohort);
+  d->node_comm = comm_box(node);
+}
+
 int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err) {
   memset(d, 0, sizeof *d);
   KDP_CHECK_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &d->world_rank));
@@ -74,17 +90,7 @@ int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err) {
     d->peer_k[p] = ranks_per_peer;
     d->peer_first[p] = p * ranks_per_peer;
   }
-  MPI_Comm peer, cohort, node;
-  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->peer, d->slice, &peer));
-  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->slice, d->peer, &cohort));
-  KDP_CHECK_MPI(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank, MPI_INFO_NULL, &node));
-  KDP_CHECK_MPI(MPI_Comm_rank(node, &d->local_rank));
-  KDP_CHECK_MPI(MPI_Comm_size(node, &d->local_size));
-  d->world = comm_box(MPI_COMM_WORLD);
-  d->peer_comm = comm_box(peer);
-  d->cohort_comm = comm_box(cohort);
-  d->node_comm = comm_box(node);
+  make_comms(d, d->slice);
   return 0;
 }
 
@@ -164,18 +170,8 @@ int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_erro
       d->ranks_per_peer = ks[p];
     }
   }
-  MPI_Comm peer, cohort, node;
-  KDP_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, d->peer, d->slice, &peer));
-  KDP_CHECK_MPI(
-      MPI_Comm_split(MPI_COMM_WORLD, d->slice == 0 ? 0 : MPI_UNDEFINED, d->peer, &cohort));
-  KDP_CHECK_MPI(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank, MPI_INFO_NULL, &node));
-  KDP_CHECK_MPI(MPI_Comm_rank(node, &d->local_rank));
-  KDP_CHECK_MPI(MPI_Comm_size(node, &d->local_size));
-  d->world = comm_box(MPI_COMM_WORLD);
-  d->peer_comm = comm_box(peer);
-  d->cohort_comm = comm_box(cohort);
-  d->node_comm = comm_box(node);
+  /* the cohort communicator holds one rank per peer: the slice-0 ranks */
+  make_comms(d, d->slice == 0 ? 0 : MPI_UNDEFINED);
   return 0;
 }
 

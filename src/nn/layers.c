@@ -832,27 +832,12 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
 static void cbpr_bwd_sums(double *restrict sg, double *restrict sb, float *restrict gc,
                           const float *restrict dout, const uint8_t *restrict win,
                           const float *restrict xwin, size_t NP, size_t C) {
-  size_t n = 0;
-  for (; n + 4 <= NP; n += 4) {
-    const float *g = dout + n * C, *xw = xwin + n * C;
+  for (size_t n = 0; n < NP; n += 4) {
+    const size_t rows = NP - n < 4 ? NP - n : 4;
+    const float *g = dout + n * C;
     const uint8_t *o = win + n * C;
-    for (size_t c = 0; c < 4 * C; c++) gc[c] = (o[c] & KDP_WIN_RELU) ? g[c] : 0.0f;
-    const float *g1 = gc + C, *g2 = gc + 2 * C, *g3 = gc + 3 * C;
-    const float *x1 = xw + C, *x2 = xw + 2 * C, *x3 = xw + 3 * C;
-    for (size_t c = 0; c < C; c++) {
-      sg[c] += ((double)gc[c] * (double)xw[c] + (double)g1[c] * (double)x1[c]) +
-               ((double)g2[c] * (double)x2[c] + (double)g3[c] * (double)x3[c]);
-      sb[c] += ((double)gc[c] + (double)g1[c]) + ((double)g2[c] + (double)g3[c]);
-    }
-  }
-  for (; n < NP; n++) {
-    const float *g = dout + n * C, *xw = xwin + n * C;
-    const uint8_t *o = win + n * C;
-    for (size_t c = 0; c < C; c++) gc[c] = (o[c] & KDP_WIN_RELU) ? g[c] : 0.0f;
-    for (size_t c = 0; c < C; c++) {
-      sg[c] += (double)gc[c] * (double)xw[c];
-      sb[c] += (double)gc[c];
-    }
+    for (size_t c = 0; c < rows * C; c++) gc[c] = (o[c] & KDP_WIN_RELU) ? g[c] : 0.0f;
+    bn_bwd_sums(sg, sb, gc, xwin + n * C, rows, C); /* same summation order as batchnorm's */
   }
 }
 
