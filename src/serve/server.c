@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <unistd.h>
 #include <uv.h>
 
@@ -325,6 +328,9 @@ static void short_time_slice(void) {
 
 static void loop_main(void *arg) {
   kdp_server *s = arg;
+#ifdef PR_SET_NAME
+  (void)prctl(PR_SET_NAME, "kdp-server", 0, 0, 0); /* in top -H and /proc/PID/task/TID/comm */
+#endif
   short_time_slice();
   int rc = uv_run(&s->loop, UV_RUN_DEFAULT);
   (void)rc; /* returns once every handle is closed (after begin_stop) */
