@@ -55,6 +55,9 @@ int kdp_dist_all_ok(kdp_dist *d, int ok);
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Sum-allreduce in place over the cohort (replicated modules, ensemble probabilities). */
 void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n);
+/* Sum over the peers, each peer counted once (a peer's ranks must pass the same values); every
+   rank receives it. Uniform layouts: over the cohort; per-peer layouts: over the world, with the
+   slice-0 ranks contributing. */
 void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n);
 void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n);
 /* Allgather n floats per cohort member into out (n_peers x n), cohort order. */
@@ -74,9 +77,6 @@ void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
    rank holds every peer's whole block (MPI_Allgatherv over the world). */
 void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const size_t *width,
                                const size_t *offset, float *out);
-/* Per-peer layout: sum over the world of buf (n doubles) where only the slice-0 ranks contribute
-   (each peer once); every rank receives it. */
-void kdp_dist_layout_allreduce_f64(kdp_dist *d, double *buf, size_t n);
 /* Broadcast of n floats from world rank 0 (exactly replicated module gradients). */
 void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n);
 /* Sum-allreduce over the whole world (replicated modules under hybrid parallelism). */

@@ -252,8 +252,14 @@ void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
 
 void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
   if (d->n_peers <= 1 || n == 0) return;
-  KDP_CHECK_MPI(
-      MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
+  if (d->uniform) {
+    KDP_CHECK_MPI(
+        MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
+    return;
+  }
+  /* per-peer layout: over the world, each peer counted once (its slice-0 rank) */
+  if (d->slice != 0) memset(buf, 0, n * sizeof(double));
+  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
 
 void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
@@ -351,12 +357,6 @@ void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const siz
   free(c);
   free(ds);
   d->t_exchange += kdp_now() - t0;
-}
-
-void kdp_dist_layout_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
-  if (n == 0) return;
-  if (d->slice != 0) memset(buf, 0, n * sizeof(double));
-  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
 
 void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n) {

@@ -71,12 +71,13 @@ static void gather(kdp_exchange *x, const float *z, const float *h, size_t b) {
   }
 }
 
-int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
-                      const kdp_exchange_args *a, float *dz, float *dh, kdp_kd_losses *out,
-                      kdp_error *err) {
-  size_t b = a->b, n = b * x->C;
-  if (b > x->max_b) return kdp_fail(err, KDP_EINVAL, "batch %zu > %zu", b, x->max_b);
-  gather(x, z, h, b);
+/* The cohort's input for a step of a->b rows from the gathered z_all (h_all), with the gradient
+   buffers it accumulates into (dz_all, dh_all, the module's) zeroed. */
+static kdp_kd_batch step_batch(kdp_exchange *x, const kdp_exchange_args *a) {
+  size_t b = a->b;
+  memset(x->dz_all, 0, x->P * b * x->C * sizeof(float));
+  if (x->feat_grads) memset(x->dh_all, 0, kdp_cohort_feature_floats(x->c, b) * sizeof(float));
+  if (kdp_cohort_module_n_params(x->c)) kdp_cohort_module_zero_grad(x->c);
   kdp_kd_batch in = {.z = x->z_all,
                      .h = x->uses_feat ? x->h_all : NULL,
                      .y = a->y,
@@ -84,10 +85,16 @@ int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
                      .T = a->T,
                      .weight = a->weight,
                      .burn_in = a->burn_in};
-  memset(x->dz_all, 0, x->P * n * sizeof(float));
-  size_t nf = kdp_cohort_feature_floats(x->c, b);
-  if (x->feat_grads) memset(x->dh_all, 0, nf * sizeof(float));
-  if (kdp_cohort_module_n_params(x->c)) kdp_cohort_module_zero_grad(x->c);
+  return in;
+}
+
+int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
+                      const kdp_exchange_args *a, float *dz, float *dh, kdp_kd_losses *out,
+                      kdp_error *err) {
+  size_t b = a->b, n = b * x->C;
+  if (b > x->max_b) return kdp_fail(err, KDP_EINVAL, "batch %zu > %zu", b, x->max_b);
+  gather(x, z, h, b);
+  kdp_kd_batch in = step_batch(x, a);
   int rc = kdp_cohort_step(x->c, x->me, &in, x->dz_all, x->feat_grads ? x->dh_all : NULL, NULL,
                            out, err);
   if (rc != 0) return rc;
@@ -146,17 +153,7 @@ int kdp_exchange_step_layout(kdp_exchange *x, const float *z, const float *h,
   if (lo > hi || hi > B)
     return kdp_fail(err, KDP_EINVAL, "rows [%zu, %zu) outside a batch of %zu", lo, hi, B);
   gather_layout(x, z, h, B);
-  kdp_kd_batch in = {.z = x->z_all,
-                     .h = x->uses_feat ? x->h_all : NULL,
-                     .y = a->y,
-                     .B = B,
-                     .T = a->T,
-                     .weight = a->weight,
-                     .burn_in = a->burn_in};
-  memset(x->dz_all, 0, x->P * B * C * sizeof(float));
-  size_t nf = kdp_cohort_feature_floats(x->c, B);
-  if (x->feat_grads) memset(x->dh_all, 0, nf * sizeof(float));
-  if (kdp_cohort_module_n_params(x->c)) kdp_cohort_module_zero_grad(x->c);
+  kdp_kd_batch in = step_batch(x, a);
   kdp_kd_losses per[KDP_KD_MAX_PEERS];
   int rc = kdp_cohort_objective(x->c, &in, x->dz_all, x->feat_grads ? x->dh_all : NULL, NULL,
                                 per, NULL, err);

@@ -143,7 +143,7 @@ int kdp_method_init(kdp_trainer *t, kdp_error *err) {
   } else {
     double dims[KDP_KD_MAX_PEERS] = {0};
     dims[t->d->peer] = mine;
-    kdp_dist_layout_allreduce_f64(t->d, dims, P);
+    kdp_dist_cohort_allreduce_f64(t->d, dims, P);
     for (size_t j = 0; j < P; j++) all[j] = (float)dims[j];
   }
   kdp_kd_spec spec;

@@ -721,10 +721,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
         pl[3 * d->peer] = sums[0] / (double)w / (double)k;
         pl[3 * d->peer + 1] = sums[1] / (double)w / (double)k;
         pl[3 * d->peer + 2] = sums[3] > 0 ? sums[2] / sums[3] : 0;
-        if (d->uniform)
-          kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
-        else
-          kdp_dist_layout_allreduce_f64(d, pl, (size_t)t->P * 3);
+        kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
         double ce[KDP_MAX_PEERS], kdv[KDP_MAX_PEERS], ac[KDP_MAX_PEERS];
         for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
           ce[p] = pl[3 * p];
