@@ -40,6 +40,7 @@ typedef struct tensor {
   char name[64];
   size_t off, size, fan_in;
   int kind; /* 0 weight/bias (uniform init), 1 BN gamma (ones), 2 BN beta (zeros) */
+  size_t ndim, dims[4]; /* PyTorch's shape; conv weights (Cout, Cin, K, K), stored Cout,K,K,Cin */
 } tensor;
 
 struct kdp_model {
@@ -107,8 +108,22 @@ static size_t add_tensor(kdp_model *m, const char *prefix, const char *suffix, s
   t->size = size;
   t->fan_in = fan_in;
   t->kind = kind;
+  t->ndim = 1;
+  t->dims[0] = size;
   m->n_params += size;
   return t->off;
+}
+
+/* PyTorch's shape of the tensor added last (a 1-D tensor of its size unless set here) */
+static void last_tensor_dims(kdp_model *m, size_t ndim, size_t d0, size_t d1, size_t d2,
+                             size_t d3) {
+  if (m->build_failed || m->n_tensors == 0) return;
+  tensor *t = &m->tensors[m->n_tensors - 1];
+  t->ndim = ndim;
+  t->dims[0] = d0;
+  t->dims[1] = d1;
+  t->dims[2] = d2;
+  t->dims[3] = d3;
 }
 
 static size_t add_buffer(kdp_model *m, const char *prefix, const char *suffix, size_t size) {
@@ -140,6 +155,7 @@ static int b_conv(kdp_model *m, int in, size_t cout, size_t k, size_t stride, si
   o->cs = cs;
   o->fan_in = a->C * k * k;
   o->w = add_tensor(m, name, "weight", cout * k * k * a->C, o->fan_in, 0);
+  last_tensor_dims(m, 4, cout, a->C, k, k);
   if (bias) o->b = add_tensor(m, name, "bias", cout, o->fan_in, 0);
   m->flops += 2.0 * (double)(cs.OH * cs.OW * cout) * (double)o->fan_in;
   return out;
@@ -153,6 +169,7 @@ static int b_dense(kdp_model *m, int in, size_t outd, const char *name) {
   o->out = out;
   o->fan_in = ind;
   o->w = add_tensor(m, name, "weight", outd * ind, ind, 0);
+  last_tensor_dims(m, 2, outd, ind, 0, 0);
   o->b = add_tensor(m, name, "bias", outd, ind, 0);
   m->flops += 2.0 * (double)ind * (double)outd;
   return out;
@@ -673,6 +690,94 @@ size_t kdp_model_n_classes(const kdp_model *m) { return m->in.n_classes; }
 double kdp_model_flops_per_sample(const kdp_model *m) { return m->flops; }
 const char *kdp_model_arch(const kdp_model *m) { return m->arch; }
 void kdp_model_set_naive(kdp_model *m, int naive) { m->naive = naive; }
+
+size_t kdp_model_tensor_shape(const kdp_model *m, size_t i, size_t dims[4]) {
+  const tensor *t = &m->tensors[i];
+  for (size_t k = 0; k < 4; k++) dims[k] = k < t->ndim ? t->dims[k] : 1;
+  return t->ndim;
+}
+
+size_t kdp_model_buffer_size(const kdp_model *m, size_t i) {
+  size_t end = i + 1 < m->n_buffer_tensors ? m->buffer_offs[i + 1] : m->n_buffers;
+  return end - m->buffer_offs[i];
+}
+
+/* conv weights: kdpeers (Cout, K, K, Cin) <-> PyTorch (Cout, Cin, K, K); everything else is
+   already in PyTorch's layout */
+static void tensor_permute(const tensor *t, float *dst, const float *src, int to_torch) {
+  if (t->ndim != 4) {
+    memcpy(dst, src, t->size * sizeof(float));
+    return;
+  }
+  size_t O = t->dims[0], Ci = t->dims[1], KK = t->dims[2] * t->dims[3];
+  for (size_t o = 0; o < O; o++)
+    for (size_t c = 0; c < Ci; c++)
+      for (size_t k = 0; k < KK; k++) {
+        size_t ours = (o * KK + k) * Ci + c, theirs = (o * Ci + c) * KK + k;
+        if (to_torch)
+          dst[theirs] = src[ours];
+        else
+          dst[ours] = src[theirs];
+      }
+}
+
+void kdp_model_tensor_to_torch(const kdp_model *m, size_t i, float *dst) {
+  const tensor *t = &m->tensors[i];
+  tensor_permute(t, dst, m->params + t->off, 1);
+}
+
+void kdp_model_tensor_from_torch(kdp_model *m, size_t i, const float *src) {
+  const tensor *t = &m->tensors[i];
+  tensor_permute(t, m->params + t->off, src, 0);
+}
+
+static size_t tensor_at(const kdp_model *m, size_t off) {
+  if (off == NONE) return KDP_NO_TENSOR;
+  for (size_t t = 0; t < m->n_tensors; t++)
+    if (m->tensors[t].off == off) return t;
+  return KDP_NO_TENSOR;
+}
+
+static size_t buffer_at(const kdp_model *m, size_t off) {
+  if (off == NONE) return KDP_NO_TENSOR;
+  for (size_t t = 0; t < m->n_buffer_tensors; t++)
+    if (m->buffer_offs[t] == off) return t;
+  return KDP_NO_TENSOR;
+}
+
+size_t kdp_model_n_ops(const kdp_model *m) { return (size_t)m->n_ops; }
+
+void kdp_model_op(const kdp_model *m, size_t i, kdp_op_info *info) {
+  const op *o = &m->ops[i];
+  memset(info, 0, sizeof *info);
+  info->kind = o->kind;
+  info->in = o->in;
+  info->in2 = o->in2;
+  info->out = o->out;
+  info->weight = tensor_at(m, o->w);
+  info->bias = tensor_at(m, o->b);
+  info->running_mean = buffer_at(m, o->rm);
+  info->running_var = buffer_at(m, o->rv);
+  if (o->kind == KDP_OP_CONV) {
+    info->K = o->cs.K;
+    info->stride = o->cs.stride;
+    info->pad = o->cs.pad;
+  } else {
+    info->K = o->K;
+    info->stride = o->stride;
+    info->pad = o->pad;
+  }
+  info->p = o->p;
+}
+
+void kdp_model_act_shape(const kdp_model *m, int id, size_t *H, size_t *W, size_t *C) {
+  const act *a = &m->acts[id];
+  *H = a->H;
+  *W = a->W;
+  *C = a->C;
+}
+
+int kdp_model_logits_act(const kdp_model *m) { return m->logits_act; }
 
 static const char *op_name(kdp_op_kind k) {
   static const char *names[] = {"dense", "conv", "bn", "relu", "maxpool", "avgpool",
