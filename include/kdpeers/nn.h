@@ -169,6 +169,11 @@ typedef struct kdp_input_shape {
  */
 int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
                      kdp_error *err);
+/* The same for eval-mode forward passes only (kdp_model_forward with train = 0; backward aborts):
+   no gradients or batchnorm caches, and activation memory reused once an activation is dead, so
+   only the features and logits stay valid after a forward. For inference (libkdpeers-infer). */
+int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in,
+                           size_t max_batch, kdp_error *err);
 void kdp_model_free(kdp_model *m);
 
 /* PyTorch default init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BN gamma=1, beta=0,

@@ -77,7 +77,7 @@ int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *p
     mf->mean[i] = (float)mv[i];
     mf->std[i] = (float)mv[3 + i];
   }
-  rc = kdp_model_create(&mf->m, arch, mf->in, max_batch, err);
+  rc = kdp_model_create_infer(&mf->m, arch, mf->in, max_batch, err);
   if (rc != 0) return prefixed(err, rc, path);
   mf->max_batch = max_batch;
   mf->x = kdp_falloc(max_batch * (size_t)(h * w * c));

@@ -17,6 +17,7 @@ typedef struct act {
   float *val;      /* max_batch x H x W x C; the input activation points at the caller's x */
   float *grad;     /* same size; NULL for the input */
   int last_reader; /* index of the last op that reads it (backward zeroes grad before that op) */
+  int borrowed;    /* eval-only models: val is another activation's memory (freed there) */
 } act;
 
 typedef struct op {
@@ -60,6 +61,7 @@ struct kdp_model {
   size_t scratch_floats;
   int feature_act, logits_act;
   int naive, last_train;
+  int infer;                  /* built by kdp_model_create_infer: eval forward only */
   double flops;
   int build_failed;
 };
@@ -493,10 +495,61 @@ static int fusable_block(const kdp_model *m, int i) {
   return 1;
 }
 
+/* Eval-only models keep no gradients, and an activation's memory is handed on once its last
+   reader has run (the features and logits are kept): a few buffers serve the whole net. */
+typedef struct slot {
+  float *p;
+  size_t n;
+  int busy;
+} slot;
+
+static void infer_take(kdp_model *m, int a, slot *slots, size_t *n_slots, int *owner) {
+  if (a <= 0 || owner[a]) return;
+  size_t need = m->max_batch * m->acts[a].H * m->acts[a].W * m->acts[a].C, best = *n_slots;
+  for (size_t k = 0; k < *n_slots; k++)
+    if (!slots[k].busy && slots[k].n >= need && (best == *n_slots || slots[k].n < slots[best].n))
+      best = k;
+  if (best == *n_slots) {
+    slots[best] = (slot){kdp_falloc(need), need, 0};
+    (*n_slots)++;
+  } else {
+    m->acts[a].borrowed = 1; /* another activation frees it */
+  }
+  slots[best].busy = 1;
+  owner[a] = (int)best + 1;
+  m->acts[a].val = slots[best].p;
+}
+
+static void infer_alloc_acts(kdp_model *m) {
+  slot *slots = kdp_xcalloc((size_t)m->n_acts, sizeof *slots);
+  int *owner = kdp_xcalloc((size_t)m->n_acts, sizeof *owner); /* act -> slot + 1 */
+  size_t n_slots = 0;
+  for (int i = 0; i < m->n_ops; i++) {
+    const op *o = &m->ops[i];
+    int last = i, reads[3] = {o->in, o->in2, -1};
+    infer_take(m, o->out, slots, &n_slots, owner);
+    if (o->fused > 0) {
+      /* the block writes its conv output (scratch, free afterwards) and its relu output */
+      last = i + o->fused - 1;
+      infer_take(m, m->ops[last].out, slots, &n_slots, owner);
+      reads[2] = o->out;
+    }
+    for (int k = 0; k < 3; k++) {
+      int r = reads[k];
+      if (r <= 0 || !owner[r] || r == m->feature_act || r == m->logits_act) continue;
+      if (k < 2 && m->acts[r].last_reader > last) continue;
+      slots[owner[r] - 1].busy = 0;
+    }
+    i = last;
+  }
+  free(owner);
+  free(slots);
+}
+
 static void model_alloc(kdp_model *m) {
   size_t Bm = m->max_batch;
   m->params = kdp_falloc(m->n_params);
-  m->grads = kdp_falloc(m->n_params);
+  m->grads = m->infer ? NULL : kdp_falloc(m->n_params);
   m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
   /* 1: no gradient buffer, 2: no buffers at all (tensors inside fused blocks) */
   unsigned char *skip = kdp_xcalloc((size_t)m->n_acts, 1);
@@ -509,12 +562,15 @@ static void model_alloc(kdp_model *m) {
       skip[m->ops[i + 1].out] = skip[m->ops[i + 2].out] = 2;
       i += 3;
     }
-  for (int i = 1; i < m->n_acts; i++) {
-    act *a = &m->acts[i];
-    size_t n = Bm * a->H * a->W * a->C;
-    a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
-    a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
-  }
+  if (m->infer)
+    infer_alloc_acts(m);
+  else
+    for (int i = 1; i < m->n_acts; i++) {
+      act *a = &m->acts[i];
+      size_t n = Bm * a->H * a->W * a->C;
+      a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
+      a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
+    }
   free(skip);
   m->scratch_floats = 0;
   for (int i = 0; i < m->n_ops; i++) {
@@ -545,11 +601,12 @@ static void model_alloc(kdp_model *m) {
         break;
       }
       case KDP_OP_BN:
+        if (m->infer) break;
         o->xhat = kdp_falloc(n_in);
         o->invstd = kdp_falloc(in->C);
         break;
       case KDP_OP_DROPOUT:
-        o->mask = kdp_falloc(n_in);
+        if (!m->infer) o->mask = kdp_falloc(n_in);
         break;
       case KDP_OP_MAXPOOL:
         o->argmax = kdp_xcalloc(n_out, sizeof(int32_t));
@@ -561,8 +618,21 @@ static void model_alloc(kdp_model *m) {
   m->scratch = kdp_falloc(m->scratch_floats ? m->scratch_floats : 1);
 }
 
+static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                        int infer, kdp_error *err);
+
 int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
                      kdp_error *err) {
+  return model_create(out, arch, in, max_batch, 0, err);
+}
+
+int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in,
+                           size_t max_batch, kdp_error *err) {
+  return model_create(out, arch, in, max_batch, 1, err);
+}
+
+static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                        int infer, kdp_error *err) {
   *out = NULL;
   if (!arch || strlen(arch) >= KDP_STR_ARCH)
     return kdp_fail(err, KDP_EINVAL, "model arch is empty or longer than %d characters",
@@ -575,6 +645,7 @@ int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size
   snprintf(m->arch, sizeof m->arch, "%s", arch);
   m->in = in;
   m->max_batch = max_batch;
+  m->infer = infer;
   m->feature_act = m->logits_act = -1;
   int x = new_act(m, in.H, in.W, in.C);
   int rc = 0;
@@ -626,7 +697,7 @@ int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size
 void kdp_model_free(kdp_model *m) {
   if (!m) return;
   for (int i = 1; i < m->n_acts; i++) {
-    free(m->acts[i].val);
+    if (!m->acts[i].borrowed) free(m->acts[i].val);
     free(m->acts[i].grad);
   }
   for (int i = 0; i < m->n_ops; i++) {
@@ -667,7 +738,7 @@ void kdp_model_init(kdp_model *m, kdp_rng *rng) {
       m->buffers[o->rv + c] = 1.0f;
     }
   }
-  memset(m->grads, 0, m->n_params * sizeof(float));
+  if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
 }
 
 size_t kdp_model_n_params(const kdp_model *m) { return m->n_params; }
@@ -852,6 +923,11 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
             m->max_batch, m->arch);
     abort();
   }
+  if (train && m->infer) {
+    fprintf(stderr, "kdpeers: internal error: train-mode forward on the eval-only model %s\n",
+            m->arch);
+    abort();
+  }
   m->B = B;
   m->last_train = train;
   m->acts[0].val = (float *)x;
@@ -928,7 +1004,9 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
 
 const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_act].val; }
 
-void kdp_model_zero_grad(kdp_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
+void kdp_model_zero_grad(kdp_model *m) {
+  if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+}
 
 /* Zeroes the input gradient of op i if op i is the last reader of that activation (the first
    to write its gradient in backward order), unless that op overwrites it (*set = 1). */
@@ -951,6 +1029,10 @@ static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
 }
 
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
+  if (m->infer) {
+    fprintf(stderr, "kdpeers: internal error: backward on the eval-only model %s\n", m->arch);
+    abort();
+  }
   size_t B = m->B;
   size_t nl = act_n(m, m->logits_act, B);
   memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));
