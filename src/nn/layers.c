@@ -13,6 +13,9 @@
 /* ================= dense ================= */
 
 /* out (B x O) = in (B x I) . w^T (w: O x I) + b */
+/* batches up to this many rows go through sgemv, row by row */
+#define KDP_DENSE_GEMV_MAX 2
+
 void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
                        size_t I, size_t O) {
   if (B == 0 || O == 0) return;
@@ -21,8 +24,15 @@ void kdp_dense_forward(float *out, const float *in, const float *w, const float 
       for (size_t o = 0; o < O; o++) out[r * O + o] = b ? b[o] : 0.0f;
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)B, (int)O, (int)I, 1.0f, in, (int)I,
-              w, (int)I, 0.0f, out, (int)O);
+  if (B <= KDP_DENSE_GEMV_MAX) {
+    /* a few rows (batch-1 inference): sgemm would pack all of w on every call, sgemv streams it */
+    for (size_t r = 0; r < B; r++)
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)O, (int)I, 1.0f, w, (int)I, in + r * I, 1,
+                  0.0f, out + r * O, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)B, (int)O, (int)I, 1.0f, in, (int)I,
+                w, (int)I, 0.0f, out, (int)O);
+  }
   if (b) {
     for (size_t r = 0; r < B; r++) {
       float *o_row = out + r * O;
