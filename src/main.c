@@ -2,11 +2,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "kdpeers/config.h"
 #include "kdpeers/data.h"
 #include "kdpeers/dist.h"
+#include "kdpeers/infer.h"
 #include "kdpeers/nn.h"
 #include "kdpeers/tools.h"
 #include "kdpeers/train.h"
@@ -34,12 +36,14 @@ static void usage(FILE *f) {
           "\n"
           "commands:\n"
           "  kdpeers inspect FILE|RUN_DIR          what a checkpoint or model file holds\n"
-          "  kdpeers export RUN_DIR --peer N -o F  a standalone student model file (.kdpm)\n"
+          "  kdpeers export RUN_DIR|MODEL --peer N -o F  a standalone student: a model file\n"
+          "                                        (.kdpm) or, with -o F.onnx, ONNX\n"
           "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
           "  [mpirun -np N] kdpeers serve RUN_DIR  serve /predict from a saved run, no training\n"
+          "  kdpeers serve MODEL.kdpm              serve /predict from one model file\n"
           "  kdpeers plot RUN_DIR [-o F.svg]       learning curves (every run writes curves.svg)\n"
-          "  kdpeers predict MODEL [IMAGES|-] [--top]  labels and probabilities; IMAGES is an IDX\n"
-          "                                        file, '-' reads raw uint8 pixels from stdin\n"
+          "  kdpeers predict MODEL [INPUT...] [--json] [--top]  labels and probabilities (as\n"
+          "                                        kdpeers-predict: IDX, PNG, raw, '-' = stdin)\n"
           "\n"
           "Environment: KDP_<SECTION>_<KEY> sets a key (the command line wins).\n"
           "Exit status: 0 done, 1 run failed, 2 bad usage or config, 75 stopped by a signal\n"
@@ -145,30 +149,48 @@ static int run_tool(int argc, char **argv) {
     return kdp_tool_inspect(argv[2]);
   }
   if (strcmp(cmd, "export") == 0) {
-    const char *run = NULL, *out = NULL;
-    long peer = 0;
+    kdp_export_opts o = {.pick = KDP_PICK_PEER};
+    const char *fmt = NULL;
     for (int i = 2; i < argc; i++) {
       if (strcmp(argv[i], "--peer") == 0 && i + 1 < argc) {
         char *end;
-        peer = strtol(argv[++i], &end, 10);
+        long peer = strtol(argv[++i], &end, 10);
         if (*end || peer < 0 || peer >= KDP_MAX_PEERS) {
           fprintf(stderr, "kdpeers export: --peer takes a peer index 0..%d\n", KDP_MAX_PEERS - 1);
           return EXIT_USAGE;
         }
+        o.peer = (int)peer;
+      } else if (strcmp(argv[i], "--ema") == 0) {
+        o.pick = KDP_PICK_EMA;
+      } else if (strcmp(argv[i], "--best") == 0) {
+        o.pick = KDP_PICK_BEST;
+      } else if (strcmp(argv[i], "--format") == 0 && i + 1 < argc) {
+        fmt = argv[++i];
+      } else if (strcmp(argv[i], "--classes") == 0 && i + 1 < argc) {
+        o.classes = argv[++i];
       } else if (strcmp(argv[i], "-o") == 0 && i + 1 < argc) {
-        out = argv[++i];
-      } else if (!run && argv[i][0] != '-') {
-        run = argv[i];
+        o.out = argv[++i];
+      } else if (!o.src && argv[i][0] != '-') {
+        o.src = argv[i];
       } else {
         fprintf(stderr, "kdpeers export: unexpected '%s'\n", argv[i]);
         return EXIT_USAGE;
       }
     }
-    if (!run || !out) {
-      fprintf(stderr, "usage: kdpeers export RUN_DIR --peer N -o student.kdpm\n");
+    if (!o.src || !o.out) {
+      fprintf(stderr, "usage: kdpeers export RUN_DIR|MODEL.kdpm [--peer N | --ema | --best] "
+                      "[--format kdpm|onnx] [--classes A,B,...] -o OUT\n");
       return EXIT_USAGE;
     }
-    return kdp_tool_export(run, (int)peer, out);
+    /* the format: --format, else the output's extension (.onnx), else kdpm */
+    size_t ol = strlen(o.out);
+    if (fmt ? strcmp(fmt, "onnx") == 0 : ol > 5 && strcmp(o.out + ol - 5, ".onnx") == 0)
+      o.format = KDP_EXPORT_ONNX;
+    else if (fmt && strcmp(fmt, "kdpm") != 0) {
+      fprintf(stderr, "kdpeers export: --format takes kdpm or onnx, not '%s'\n", fmt);
+      return EXIT_USAGE;
+    }
+    return kdp_tool_export(&o);
   }
   if (strcmp(cmd, "eval") == 0) {
     if (argc < 3 || argv[2][0] == '-') {
@@ -205,25 +227,9 @@ static int run_tool(int argc, char **argv) {
     return 0;
   }
   if (strcmp(cmd, "predict") == 0) {
-    const char *model = NULL, *input = NULL;
-    int top = 0;
-    for (int i = 2; i < argc; i++) {
-      if (strcmp(argv[i], "--top") == 0)
-        top = 1;
-      else if (!model)
-        model = argv[i];
-      else if (!input)
-        input = argv[i];
-      else {
-        fprintf(stderr, "kdpeers predict: unexpected '%s'\n", argv[i]);
-        return EXIT_USAGE;
-      }
-    }
-    if (!model) {
-      fprintf(stderr, "usage: kdpeers predict MODEL [IMAGES.idx[.gz]|-] [--top]\n");
-      return EXIT_USAGE;
-    }
-    return kdp_tool_predict(model, input ? input : "-", top);
+    /* the same command line as kdpeers-predict (libkdpeers-infer) */
+    argv[1] = "kdpeers predict";
+    return kdp_predict_main(argc - 1, argv + 1);
   }
   return -1;
 }
@@ -232,13 +238,23 @@ static int run_tool(int argc, char **argv) {
    under mpirun with the run's rank count (then with the method's teacher too). */
 static int serve_main(int argc, char **argv) {
   if (argc < 3 || argv[2][0] == '-') {
-    fprintf(stderr, "usage: [mpirun -np N] kdpeers serve RUN_DIR [-s server.port=8470] [...]\n");
+    fprintf(stderr, "usage: [mpirun -np N] kdpeers serve RUN_DIR|MODEL.kdpm [-s server.port=8470] [...]\n");
     return EXIT_USAGE;
   }
   const char *run_dir = argv[2];
   cli c;
   if (parse_cli(argc - 2, argv + 2, &c) != 0) return EXIT_USAGE;
   kdp_error err = {{0}};
+  struct stat st;
+  if (stat(run_dir, &st) == 0 && S_ISREG(st.st_mode)) {
+    /* one model file: one process, no MPI; server.* from the command line */
+    kdp_config cfg;
+    if (build_config(&c, &cfg, &err) != 0) {
+      fprintf(stderr, "kdpeers serve: %s\n", err.msg);
+      return EXIT_USAGE;
+    }
+    return kdp_tool_serve_alone(run_dir, &cfg);
+  }
   if (kdp_dist_init_mpi(&argc, &argv, &err) != 0) {
     fprintf(stderr, "kdpeers: %s\n", err.msg);
     return 1;

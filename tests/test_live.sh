@@ -71,9 +71,9 @@ expect "the checkpoint is written at the paused step" test "$(status_field .chec
 # offline: export the checkpointed peers and predict the same images
 for p in 0 1; do
   "$exe" export "$r" --peer "$p" -o "$tmp/p$p.kdpm" >/dev/null
-  "$exe" predict "$tmp/p$p.kdpm" "$tmp/imgs.idx" >"$tmp/off$p.txt"
+  "$exe" predict "$tmp/p$p.kdpm" "$tmp/imgs.idx" --json | jq -r '.probs | map(tostring) | join(" ")' >"$tmp/off$p.txt"
   jq -r ".peers[$p][] | map(tostring) | join(\" \")" "$tmp/pred.out" >"$tmp/live$p.txt"
-  maxd=$(paste -d' ' <(cut -d' ' -f3- "$tmp/off$p.txt") "$tmp/live$p.txt" |
+  maxd=$(paste -d' ' "$tmp/off$p.txt" "$tmp/live$p.txt" |
     awk '{ h = NF / 2; for (i = 1; i <= h; i++) { d = $i - $(i + h); if (d < 0) d = -d; if (d > m) m = d } } END { printf "%g", m + 0 }')
   expect "peer $p: live predictions equal the offline evaluation of its checkpoint (max diff $maxd)" \
     awk -v m="$maxd" 'BEGIN { exit !(m < 2e-5) }'
@@ -104,7 +104,7 @@ expect "metrics.jsonl logs the new lr_scale" grep -q '"action":"resume","lr_scal
 # ---------- kdpeers serve: the saved run answers, alone and under mpirun ----------
 for p in 0 1; do
   "$exe" export "$r" --peer "$p" -o "$tmp/s$p.kdpm" >/dev/null
-  "$exe" predict "$tmp/s$p.kdpm" "$tmp/imgs.idx" >"$tmp/soff$p.txt"
+  "$exe" predict "$tmp/s$p.kdpm" "$tmp/imgs.idx" --json | jq -r '.probs | map(tostring) | join(" ")' >"$tmp/soff$p.txt"
 done
 rm -f "$r/server.addr"
 before=$(md5sum <"$r/metrics.jsonl")
@@ -116,7 +116,7 @@ addr=$(cat "$r/server.addr" 2>/dev/null)
 curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve1.json"
 for p in 0 1; do
   jq -r ".peers[$p][] | map(tostring) | join(\" \")" "$tmp/serve1.json" >"$tmp/slive$p.txt"
-  maxd=$(paste -d' ' <(cut -d' ' -f3- "$tmp/soff$p.txt") "$tmp/slive$p.txt" |
+  maxd=$(paste -d' ' "$tmp/soff$p.txt" "$tmp/slive$p.txt" |
     awk '{ h = NF / 2; for (i = 1; i <= h; i++) { d = $i - $(i + h); if (d < 0) d = -d; if (d > m) m = d } } END { printf "%g", m + 0 }')
   expect "serve (alone): peer $p answers like its exported model (max diff $maxd)" awk -v m="$maxd" 'BEGIN { exit !(m < 2e-5) }'
 done

@@ -16,6 +16,9 @@ typedef struct kdp_dataset {
    Checks magic, truncation, that counts agree, and labels < n_classes (10). */
 int kdp_idx_load(kdp_dataset *ds, const char *images_path, const char *labels_path,
                  kdp_error *err);
+/* Only the images of an IDX image file (raw or .gz): *out (n x H x W, malloc'ed). */
+int kdp_idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H, size_t *W,
+                        kdp_error *err);
 /* CIFAR binary batches: n_files paths; cifar100 = 1 reads <coarse><fine><3072> records and keeps
    the fine label (100 classes), else <label><3072> (10 classes). Pixels become NHWC. */
 int kdp_cifar_load(kdp_dataset *ds, const char *const *paths, size_t n_files, int cifar100,

@@ -169,6 +169,11 @@ typedef struct kdp_input_shape {
  */
 int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
                      kdp_error *err);
+/* The same for eval-mode forward passes only (kdp_model_forward with train = 0; backward aborts):
+   no gradients or batchnorm caches, and activation memory reused once an activation is dead, so
+   only the features and logits stay valid after a forward. For inference (libkdpeers-infer). */
+int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in,
+                           size_t max_batch, kdp_error *err);
 void kdp_model_free(kdp_model *m);
 
 /* PyTorch default init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BN gamma=1, beta=0,
@@ -199,6 +204,31 @@ double kdp_model_flops_per_sample(const kdp_model *m); /* forward multiply-adds 
 const char *kdp_model_arch(const kdp_model *m);
 /* one line per op, for --print-model and logs */
 void kdp_model_describe(const kdp_model *m, FILE *f);
+
+/* PyTorch's view of the tensors (the state_dict of the reference models in launch/kdpm2torch.py):
+   shape of tensor i in dims (unused trailing dims 1), returns ndim; conv weights are
+   (Cout, Cin, K, K) there, (Cout, K, K, Cin) in the arena, so the copies permute them. */
+size_t kdp_model_tensor_shape(const kdp_model *m, size_t i, size_t dims[4]);
+void kdp_model_tensor_to_torch(const kdp_model *m, size_t i, float *dst);
+void kdp_model_tensor_from_torch(kdp_model *m, size_t i, const float *src);
+size_t kdp_model_buffer_size(const kdp_model *m, size_t i); /* floats of buffer tensor i */
+
+/* A read-only view of the graph (ONNX export, model files). Activation 0 is the input; every op
+   reads in (and in2 for ADD) and writes out; activation shapes are per sample H x W x C (dense
+   tensors 1 x 1 x D). Ops are in execution order; fused blocks are listed as their parts. */
+#define KDP_NO_TENSOR ((size_t)-1)
+typedef struct kdp_op_info {
+  kdp_op_kind kind;
+  int in, in2, out;
+  size_t weight, bias;               /* tensor indices (BN: gamma, beta) or KDP_NO_TENSOR */
+  size_t running_mean, running_var;  /* buffer tensor indices (BN) or KDP_NO_TENSOR */
+  size_t K, stride, pad;             /* conv and pools; SHORTCUT_A: stride */
+  float p;                           /* dropout */
+} kdp_op_info;
+size_t kdp_model_n_ops(const kdp_model *m);
+void kdp_model_op(const kdp_model *m, size_t i, kdp_op_info *info);
+void kdp_model_act_shape(const kdp_model *m, int id, size_t *H, size_t *W, size_t *C);
+int kdp_model_logits_act(const kdp_model *m);
 
 /* Use the naive (non-BLAS) kernels, for tests. */
 void kdp_model_set_naive(kdp_model *m, int naive);

@@ -9,21 +9,36 @@
 /* What a checkpoint or model file holds, with a crc32 digest per tensor; for a run directory, its
    newest complete checkpoint's manifest. */
 int kdp_tool_inspect(const char *path);
-/* Writes peer `peer` of the run's newest complete checkpoint as a standalone model file. */
-int kdp_tool_export(const char *run_dir, int peer, const char *out_path);
+/* kdpeers export: which model of the source to export, and as what. */
+typedef enum kdp_export_pick {
+  KDP_PICK_PEER, /* --peer N (default 0) */
+  KDP_PICK_EMA,  /* --ema: the PCL mean teacher, once kdpeers keeps EMA copies (not yet: exit 2) */
+  KDP_PICK_BEST  /* --best: the peer with the best validation accuracy, once a validation split
+                    exists (not yet: exit 2) */
+} kdp_export_pick;
+typedef enum kdp_export_format { KDP_EXPORT_KDPM = 0, KDP_EXPORT_ONNX = 1 } kdp_export_format;
+typedef struct kdp_export_opts {
+  const char *src;     /* a run directory (its newest complete checkpoint) or a .kdpm */
+  kdp_export_pick pick;
+  int peer;
+  const char *out;
+  kdp_export_format format;
+  const char *classes; /* class names, comma-separated, or NULL: the source's, or those the run's
+                          data imply (Fashion-MNIST, CIFAR's label files) */
+} kdp_export_opts;
+/* Writes one model of a run (or a model file) as a model file (.kdpm, format 2) or ONNX. */
+int kdp_tool_export(const kdp_export_opts *o);
 /* Test accuracy of a model file, or of every peer of a run and their ensemble, on the test set
    named by cfg (data.test_images / data.test_labels). */
 int kdp_tool_eval(const char *path, const kdp_config *cfg);
-/* Labels and probabilities for the images of an IDX file, or of raw uint8 pixels on stdin ("-").
-   One line per image: "index label p0 p1 ...". top_only prints only index and label. */
-int kdp_tool_predict(const char *model_path, const char *input, int top_only);
 
 /* Learning curves: an SVG of test accuracy and loss against epoch for every evaluated model
    (peers, ensemble, teacher) from RUN_DIR/metrics.jsonl. Returns 0, or -1 with why filled. */
 int kdp_plot_run(const char *run_dir, const char *out_path, char *why, size_t why_len);
 
-/* kdpeers serve RUN_DIR in one process: /predict answered by every peer of the run's newest
-   checkpoint and their ensemble (no method teacher), /metrics, /status, /control stop. */
+/* kdpeers serve RUN_DIR|MODEL.kdpm in one process: /predict answered by every peer of the run's
+   newest checkpoint and their ensemble (no method teacher), or by the one model; /metrics,
+   /status, /control stop. The address goes to RUN_DIR/server.addr or MODEL.kdpm.addr. */
 int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg);
 /* The config text stored in the run's newest checkpoint, written to a temporary INI file whose
    path goes into out (caller unlinks it); also the number of ranks that wrote it. */

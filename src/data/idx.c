@@ -171,8 +171,8 @@ static int idx_read_payload(gzFile f, const char *path, size_t n, int known_size
   return 0;
 }
 
-static int idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H, size_t *W,
-                           kdp_error *err) {
+int kdp_idx_read_images(const char *path, uint8_t **out, size_t *n, size_t *H, size_t *W,
+                        kdp_error *err) {
   gzFile f = NULL;
   int rc = gz_open(&f, path, "IDX images", err);
   if (rc) return rc;
@@ -276,7 +276,7 @@ int kdp_idx_load(kdp_dataset *ds, const char *images_path, const char *labels_pa
                     images_path ? images_path : "", labels_path ? labels_path : "");
   uint8_t *img = NULL, *lab = NULL;
   size_t n = 0, H = 0, W = 0, nl = 0;
-  int rc = idx_read_images(images_path, &img, &n, &H, &W, err);
+  int rc = kdp_idx_read_images(images_path, &img, &n, &H, &W, err);
   if (rc == KDP_EFORMAT) {
     /* if the labels path holds images, say the two are swapped */
     gzFile f = NULL;

@@ -13,6 +13,9 @@
 /* ================= dense ================= */
 
 /* out (B x O) = in (B x I) . w^T (w: O x I) + b */
+/* batches up to this many rows go through sgemv, row by row */
+#define KDP_DENSE_GEMV_MAX 2
+
 void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
                        size_t I, size_t O) {
   if (B == 0 || O == 0) return;
@@ -21,8 +24,15 @@ void kdp_dense_forward(float *out, const float *in, const float *w, const float 
       for (size_t o = 0; o < O; o++) out[r * O + o] = b ? b[o] : 0.0f;
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)B, (int)O, (int)I, 1.0f, in, (int)I,
-              w, (int)I, 0.0f, out, (int)O);
+  if (B <= KDP_DENSE_GEMV_MAX) {
+    /* a few rows (batch-1 inference): sgemm would pack all of w on every call, sgemv streams it */
+    for (size_t r = 0; r < B; r++)
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)O, (int)I, 1.0f, w, (int)I, in + r * I, 1,
+                  0.0f, out + r * O, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)B, (int)O, (int)I, 1.0f, in, (int)I,
+                w, (int)I, 0.0f, out, (int)O);
+  }
   if (b) {
     for (size_t r = 0; r < B; r++) {
       float *o_row = out + r * O;
@@ -802,14 +812,24 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
                                    float eps) {
   const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW;
   if (B == 0 || ohw == 0 || C == 0) return;
-  const size_t nb = conv_loop_chunk(s);
+  const size_t nb = conv_loop_chunk(s), pohw = (s->OH / 2) * (s->OW / 2);
   double *sum = kdp_xcalloc(3 * C, sizeof(double)), *sq = sum + C, *sh = sum + 2 * C;
+  float *scale = NULL, *shift = NULL;
+  if (!train) {
+    scale = kdp_xmalloc(2 * C * sizeof(float));
+    shift = scale + C;
+    bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, C, eps);
+  }
   for (size_t b0 = 0; b0 < B; b0 += nb) {
     size_t n = B - b0 < nb ? B - b0 : nb;
     float *yc = y + b0 * ohw * C;
     conv_forward_chunk(y, in, w, scratch, b0, n, s);
     if (b) add_bias_rows(yc, b, n * ohw, C);
-    if (!train) continue;
+    if (!train) {
+      /* eval: normalise, pool and relu the chunk while its GEMM output is in cache */
+      cbpr_pool_eval(out + b0 * pohw * C, yc, scale, shift, n, s->OH, s->OW, C);
+      continue;
+    }
     /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache */
     if (b0 == 0)
       for (size_t c = 0; c < C; c++) sh[c] = (double)y[c];
@@ -818,12 +838,8 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
   if (train) {
     bn_finish_stats(mean, invstd, run_mean, run_var, sum, sq, sh, B * ohw, C, momentum, eps);
     cbpr_pool_train(out, win, xwin, y, mean, invstd, gamma, beta, B, s->OH, s->OW, C);
-  } else {
-    float *scale = kdp_xmalloc(2 * C * sizeof(float)), *shift = scale + C;
-    bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, C, eps);
-    cbpr_pool_eval(out, y, scale, shift, B, s->OH, s->OW, C);
-    free(scale);
   }
+  free(scale);
   free(sum);
 }
 

@@ -17,6 +17,7 @@ typedef struct act {
   float *val;      /* max_batch x H x W x C; the input activation points at the caller's x */
   float *grad;     /* same size; NULL for the input */
   int last_reader; /* index of the last op that reads it (backward zeroes grad before that op) */
+  int borrowed;    /* eval-only models: val is another activation's memory (freed there) */
 } act;
 
 typedef struct op {
@@ -40,6 +41,7 @@ typedef struct tensor {
   char name[64];
   size_t off, size, fan_in;
   int kind; /* 0 weight/bias (uniform init), 1 BN gamma (ones), 2 BN beta (zeros) */
+  size_t ndim, dims[4]; /* PyTorch's shape; conv weights (Cout, Cin, K, K), stored Cout,K,K,Cin */
 } tensor;
 
 struct kdp_model {
@@ -59,6 +61,7 @@ struct kdp_model {
   size_t scratch_floats;
   int feature_act, logits_act;
   int naive, last_train;
+  int infer;                  /* built by kdp_model_create_infer: eval forward only */
   double flops;
   int build_failed;
 };
@@ -107,8 +110,22 @@ static size_t add_tensor(kdp_model *m, const char *prefix, const char *suffix, s
   t->size = size;
   t->fan_in = fan_in;
   t->kind = kind;
+  t->ndim = 1;
+  t->dims[0] = size;
   m->n_params += size;
   return t->off;
+}
+
+/* PyTorch's shape of the tensor added last (a 1-D tensor of its size unless set here) */
+static void last_tensor_dims(kdp_model *m, size_t ndim, size_t d0, size_t d1, size_t d2,
+                             size_t d3) {
+  if (m->build_failed || m->n_tensors == 0) return;
+  tensor *t = &m->tensors[m->n_tensors - 1];
+  t->ndim = ndim;
+  t->dims[0] = d0;
+  t->dims[1] = d1;
+  t->dims[2] = d2;
+  t->dims[3] = d3;
 }
 
 static size_t add_buffer(kdp_model *m, const char *prefix, const char *suffix, size_t size) {
@@ -140,6 +157,7 @@ static int b_conv(kdp_model *m, int in, size_t cout, size_t k, size_t stride, si
   o->cs = cs;
   o->fan_in = a->C * k * k;
   o->w = add_tensor(m, name, "weight", cout * k * k * a->C, o->fan_in, 0);
+  last_tensor_dims(m, 4, cout, a->C, k, k);
   if (bias) o->b = add_tensor(m, name, "bias", cout, o->fan_in, 0);
   m->flops += 2.0 * (double)(cs.OH * cs.OW * cout) * (double)o->fan_in;
   return out;
@@ -153,6 +171,7 @@ static int b_dense(kdp_model *m, int in, size_t outd, const char *name) {
   o->out = out;
   o->fan_in = ind;
   o->w = add_tensor(m, name, "weight", outd * ind, ind, 0);
+  last_tensor_dims(m, 2, outd, ind, 0, 0);
   o->b = add_tensor(m, name, "bias", outd, ind, 0);
   m->flops += 2.0 * (double)ind * (double)outd;
   return out;
@@ -476,10 +495,61 @@ static int fusable_block(const kdp_model *m, int i) {
   return 1;
 }
 
+/* Eval-only models keep no gradients, and an activation's memory is handed on once its last
+   reader has run (the features and logits are kept): a few buffers serve the whole net. */
+typedef struct slot {
+  float *p;
+  size_t n;
+  int busy;
+} slot;
+
+static void infer_take(kdp_model *m, int a, slot *slots, size_t *n_slots, int *owner) {
+  if (a <= 0 || owner[a]) return;
+  size_t need = m->max_batch * m->acts[a].H * m->acts[a].W * m->acts[a].C, best = *n_slots;
+  for (size_t k = 0; k < *n_slots; k++)
+    if (!slots[k].busy && slots[k].n >= need && (best == *n_slots || slots[k].n < slots[best].n))
+      best = k;
+  if (best == *n_slots) {
+    slots[best] = (slot){kdp_falloc(need), need, 0};
+    (*n_slots)++;
+  } else {
+    m->acts[a].borrowed = 1; /* another activation frees it */
+  }
+  slots[best].busy = 1;
+  owner[a] = (int)best + 1;
+  m->acts[a].val = slots[best].p;
+}
+
+static void infer_alloc_acts(kdp_model *m) {
+  slot *slots = kdp_xcalloc((size_t)m->n_acts, sizeof *slots);
+  int *owner = kdp_xcalloc((size_t)m->n_acts, sizeof *owner); /* act -> slot + 1 */
+  size_t n_slots = 0;
+  for (int i = 0; i < m->n_ops; i++) {
+    const op *o = &m->ops[i];
+    int last = i, reads[3] = {o->in, o->in2, -1};
+    infer_take(m, o->out, slots, &n_slots, owner);
+    if (o->fused > 0) {
+      /* the block writes its conv output (scratch, free afterwards) and its relu output */
+      last = i + o->fused - 1;
+      infer_take(m, m->ops[last].out, slots, &n_slots, owner);
+      reads[2] = o->out;
+    }
+    for (int k = 0; k < 3; k++) {
+      int r = reads[k];
+      if (r <= 0 || !owner[r] || r == m->feature_act || r == m->logits_act) continue;
+      if (k < 2 && m->acts[r].last_reader > last) continue;
+      slots[owner[r] - 1].busy = 0;
+    }
+    i = last;
+  }
+  free(owner);
+  free(slots);
+}
+
 static void model_alloc(kdp_model *m) {
   size_t Bm = m->max_batch;
   m->params = kdp_falloc(m->n_params);
-  m->grads = kdp_falloc(m->n_params);
+  m->grads = m->infer ? NULL : kdp_falloc(m->n_params);
   m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
   /* 1: no gradient buffer, 2: no buffers at all (tensors inside fused blocks) */
   unsigned char *skip = kdp_xcalloc((size_t)m->n_acts, 1);
@@ -492,12 +562,15 @@ static void model_alloc(kdp_model *m) {
       skip[m->ops[i + 1].out] = skip[m->ops[i + 2].out] = 2;
       i += 3;
     }
-  for (int i = 1; i < m->n_acts; i++) {
-    act *a = &m->acts[i];
-    size_t n = Bm * a->H * a->W * a->C;
-    a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
-    a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
-  }
+  if (m->infer)
+    infer_alloc_acts(m);
+  else
+    for (int i = 1; i < m->n_acts; i++) {
+      act *a = &m->acts[i];
+      size_t n = Bm * a->H * a->W * a->C;
+      a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
+      a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
+    }
   free(skip);
   m->scratch_floats = 0;
   for (int i = 0; i < m->n_ops; i++) {
@@ -528,11 +601,12 @@ static void model_alloc(kdp_model *m) {
         break;
       }
       case KDP_OP_BN:
+        if (m->infer) break;
         o->xhat = kdp_falloc(n_in);
         o->invstd = kdp_falloc(in->C);
         break;
       case KDP_OP_DROPOUT:
-        o->mask = kdp_falloc(n_in);
+        if (!m->infer) o->mask = kdp_falloc(n_in);
         break;
       case KDP_OP_MAXPOOL:
         o->argmax = kdp_xcalloc(n_out, sizeof(int32_t));
@@ -544,8 +618,21 @@ static void model_alloc(kdp_model *m) {
   m->scratch = kdp_falloc(m->scratch_floats ? m->scratch_floats : 1);
 }
 
+static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                        int infer, kdp_error *err);
+
 int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
                      kdp_error *err) {
+  return model_create(out, arch, in, max_batch, 0, err);
+}
+
+int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in,
+                           size_t max_batch, kdp_error *err) {
+  return model_create(out, arch, in, max_batch, 1, err);
+}
+
+static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                        int infer, kdp_error *err) {
   *out = NULL;
   if (!arch || strlen(arch) >= KDP_STR_ARCH)
     return kdp_fail(err, KDP_EINVAL, "model arch is empty or longer than %d characters",
@@ -558,6 +645,7 @@ int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size
   snprintf(m->arch, sizeof m->arch, "%s", arch);
   m->in = in;
   m->max_batch = max_batch;
+  m->infer = infer;
   m->feature_act = m->logits_act = -1;
   int x = new_act(m, in.H, in.W, in.C);
   int rc = 0;
@@ -609,7 +697,7 @@ int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size
 void kdp_model_free(kdp_model *m) {
   if (!m) return;
   for (int i = 1; i < m->n_acts; i++) {
-    free(m->acts[i].val);
+    if (!m->acts[i].borrowed) free(m->acts[i].val);
     free(m->acts[i].grad);
   }
   for (int i = 0; i < m->n_ops; i++) {
@@ -650,7 +738,7 @@ void kdp_model_init(kdp_model *m, kdp_rng *rng) {
       m->buffers[o->rv + c] = 1.0f;
     }
   }
-  memset(m->grads, 0, m->n_params * sizeof(float));
+  if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
 }
 
 size_t kdp_model_n_params(const kdp_model *m) { return m->n_params; }
@@ -673,6 +761,94 @@ size_t kdp_model_n_classes(const kdp_model *m) { return m->in.n_classes; }
 double kdp_model_flops_per_sample(const kdp_model *m) { return m->flops; }
 const char *kdp_model_arch(const kdp_model *m) { return m->arch; }
 void kdp_model_set_naive(kdp_model *m, int naive) { m->naive = naive; }
+
+size_t kdp_model_tensor_shape(const kdp_model *m, size_t i, size_t dims[4]) {
+  const tensor *t = &m->tensors[i];
+  for (size_t k = 0; k < 4; k++) dims[k] = k < t->ndim ? t->dims[k] : 1;
+  return t->ndim;
+}
+
+size_t kdp_model_buffer_size(const kdp_model *m, size_t i) {
+  size_t end = i + 1 < m->n_buffer_tensors ? m->buffer_offs[i + 1] : m->n_buffers;
+  return end - m->buffer_offs[i];
+}
+
+/* conv weights: kdpeers (Cout, K, K, Cin) <-> PyTorch (Cout, Cin, K, K); everything else is
+   already in PyTorch's layout */
+static void tensor_permute(const tensor *t, float *dst, const float *src, int to_torch) {
+  if (t->ndim != 4) {
+    memcpy(dst, src, t->size * sizeof(float));
+    return;
+  }
+  size_t O = t->dims[0], Ci = t->dims[1], KK = t->dims[2] * t->dims[3];
+  for (size_t o = 0; o < O; o++)
+    for (size_t c = 0; c < Ci; c++)
+      for (size_t k = 0; k < KK; k++) {
+        size_t ours = (o * KK + k) * Ci + c, theirs = (o * Ci + c) * KK + k;
+        if (to_torch)
+          dst[theirs] = src[ours];
+        else
+          dst[ours] = src[theirs];
+      }
+}
+
+void kdp_model_tensor_to_torch(const kdp_model *m, size_t i, float *dst) {
+  const tensor *t = &m->tensors[i];
+  tensor_permute(t, dst, m->params + t->off, 1);
+}
+
+void kdp_model_tensor_from_torch(kdp_model *m, size_t i, const float *src) {
+  const tensor *t = &m->tensors[i];
+  tensor_permute(t, m->params + t->off, src, 0);
+}
+
+static size_t tensor_at(const kdp_model *m, size_t off) {
+  if (off == NONE) return KDP_NO_TENSOR;
+  for (size_t t = 0; t < m->n_tensors; t++)
+    if (m->tensors[t].off == off) return t;
+  return KDP_NO_TENSOR;
+}
+
+static size_t buffer_at(const kdp_model *m, size_t off) {
+  if (off == NONE) return KDP_NO_TENSOR;
+  for (size_t t = 0; t < m->n_buffer_tensors; t++)
+    if (m->buffer_offs[t] == off) return t;
+  return KDP_NO_TENSOR;
+}
+
+size_t kdp_model_n_ops(const kdp_model *m) { return (size_t)m->n_ops; }
+
+void kdp_model_op(const kdp_model *m, size_t i, kdp_op_info *info) {
+  const op *o = &m->ops[i];
+  memset(info, 0, sizeof *info);
+  info->kind = o->kind;
+  info->in = o->in;
+  info->in2 = o->in2;
+  info->out = o->out;
+  info->weight = tensor_at(m, o->w);
+  info->bias = tensor_at(m, o->b);
+  info->running_mean = buffer_at(m, o->rm);
+  info->running_var = buffer_at(m, o->rv);
+  if (o->kind == KDP_OP_CONV) {
+    info->K = o->cs.K;
+    info->stride = o->cs.stride;
+    info->pad = o->cs.pad;
+  } else {
+    info->K = o->K;
+    info->stride = o->stride;
+    info->pad = o->pad;
+  }
+  info->p = o->p;
+}
+
+void kdp_model_act_shape(const kdp_model *m, int id, size_t *H, size_t *W, size_t *C) {
+  const act *a = &m->acts[id];
+  *H = a->H;
+  *W = a->W;
+  *C = a->C;
+}
+
+int kdp_model_logits_act(const kdp_model *m) { return m->logits_act; }
 
 static const char *op_name(kdp_op_kind k) {
   static const char *names[] = {"dense", "conv", "bn", "relu", "maxpool", "avgpool",
@@ -745,6 +921,11 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
   if (B > m->max_batch) {
     fprintf(stderr, "kdpeers: internal error: batch %zu > max_batch %zu for model %s\n", B,
             m->max_batch, m->arch);
+    abort();
+  }
+  if (train && m->infer) {
+    fprintf(stderr, "kdpeers: internal error: train-mode forward on the eval-only model %s\n",
+            m->arch);
     abort();
   }
   m->B = B;
@@ -823,7 +1004,9 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
 
 const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_act].val; }
 
-void kdp_model_zero_grad(kdp_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
+void kdp_model_zero_grad(kdp_model *m) {
+  if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+}
 
 /* Zeroes the input gradient of op i if op i is the last reader of that activation (the first
    to write its gradient in backward order), unless that op overwrites it (*set = 1). */
@@ -846,6 +1029,10 @@ static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
 }
 
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
+  if (m->infer) {
+    fprintf(stderr, "kdpeers: internal error: backward on the eval-only model %s\n", m->arch);
+    abort();
+  }
   size_t B = m->B;
   size_t nl = act_n(m, m->logits_act, B);
   memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));

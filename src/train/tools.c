@@ -13,63 +13,15 @@
 #include "kdpeers/data.h"
 #include "kdpeers/kd.h"
 #include "kdpeers/nn.h"
+#include "kdpeers/infer.h"
+#include "kdpeers/onnx.h"
 #include "kdpeers/train.h"
 
 #define TOOL_BATCH 500
 
-/* A model with the normalisation it was trained with. */
-typedef struct loaded_model {
-  kdp_model *m;
-  kdp_input_shape in;
-  float mean[3], std[3];
-  char label[64];
-} loaded_model;
+typedef kdp_modelfile loaded_model;
 
-static void loaded_free(loaded_model *lm) {
-  kdp_model_free(lm->m);
-  lm->m = NULL;
-}
-
-/* Builds the model described by a checkpoint or model file's entries and loads its weights. */
-static int model_from_ckpt(const kdp_ckpt *ck, const char *path, loaded_model *lm,
-                           kdp_error *err) {
-  memset(lm, 0, sizeof *lm);
-  const char *arch = NULL;
-  int64_t h = 0, w = 0, c = 0, classes = 0;
-  double mv[6] = {0, 0, 0, 1, 1, 1};
-  static const char *mnames[6] = {"mean0", "mean1", "mean2", "std0", "std1", "std2"};
-  int rc = kdp_ckpt_get_str(ck, "arch", &arch, err);
-  if (rc == 0) rc = kdp_ckpt_get_i64(ck, "input_h", &h, err);
-  if (rc == 0) rc = kdp_ckpt_get_i64(ck, "input_w", &w, err);
-  if (rc == 0) rc = kdp_ckpt_get_i64(ck, "input_c", &c, err);
-  if (rc == 0) rc = kdp_ckpt_get_i64(ck, "classes", &classes, err);
-  for (int i = 0; i < 6 && rc == 0; i++) rc = kdp_ckpt_get_f64(ck, mnames[i], &mv[i], err);
-  if (rc != 0) {
-    kdp_error e2 = *err;
-    return kdp_fail(err, rc, "%s: %s", path, e2.msg);
-  }
-  if (h <= 0 || w <= 0 || c <= 0 || c > 3 || classes < 2 || h > 4096 || w > 4096 ||
-      classes > 100000)
-    return kdp_fail(err, KDP_EFORMAT, "%s: implausible input shape %lldx%lldx%lld, %lld classes",
-                    path, (long long)h, (long long)w, (long long)c, (long long)classes);
-  lm->in = (kdp_input_shape){(size_t)h, (size_t)w, (size_t)c, (size_t)classes};
-  for (int i = 0; i < 3; i++) {
-    lm->mean[i] = (float)mv[i];
-    lm->std[i] = (float)mv[3 + i];
-  }
-  rc = kdp_model_create(&lm->m, arch, lm->in, TOOL_BATCH, err);
-  if (rc != 0) return rc;
-  rc = kdp_ckpt_get_f32(ck, "params", kdp_model_params(lm->m), kdp_model_n_params(lm->m), err);
-  if (rc == 0)
-    rc = kdp_ckpt_get_f32(ck, "buffers", kdp_model_buffers(lm->m), kdp_model_n_buffers(lm->m),
-                          err);
-  if (rc != 0) {
-    kdp_error e2 = *err;
-    loaded_free(lm);
-    return kdp_fail(err, rc, "%s: %s", path, e2.msg);
-  }
-  return 0;
-}
+static void loaded_free(loaded_model *lm) { kdp_modelfile_free(lm); }
 
 static int is_dir(const char *p) {
   struct stat st;
@@ -81,12 +33,7 @@ static int is_dir(const char *p) {
 static int load_models(const char *path, int only_peer, loaded_model *out, int max,
                        kdp_error *err) {
   if (!is_dir(path)) {
-    kdp_ckpt *ck = NULL;
-    int rc = kdp_ckpt_read(path, KDP_CKPT_DEFAULT_MAX_BYTES, &ck, err);
-    if (rc != 0) return rc;
-    rc = model_from_ckpt(ck, path, &out[0], err);
-    snprintf(out[0].label, sizeof out[0].label, "model");
-    kdp_ckpt_free(ck);
+    int rc = kdp_modelfile_read(&out[0], path, TOOL_BATCH, err);
     return rc == 0 ? 1 : rc;
   }
   int64_t step = 0;
@@ -110,7 +57,7 @@ static int load_models(const char *path, int only_peer, loaded_model *out, int m
     rc = kdp_ckpt_get_i64(ck, "peer", &peer, err);
     if (rc == 0) rc = kdp_ckpt_get_i64(ck, "slice", &slice, err);
     if (rc == 0 && slice == 0 && (only_peer < 0 || peer == only_peer)) {
-      rc = model_from_ckpt(ck, fp, &out[n], err);
+      rc = kdp_modelfile_from_ckpt(&out[n], ck, fp, TOOL_BATCH, err);
       if (rc == 0) snprintf(out[n++].label, sizeof out[0].label, "peer%lld", (long long)peer);
     }
     kdp_ckpt_free(ck);
@@ -161,53 +108,89 @@ int kdp_tool_inspect(const char *path) {
   return 0;
 }
 
-int kdp_tool_export(const char *run_dir, int peer, const char *out_path) {
+static const char *const FASHION_NAMES =
+    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot";
+
+/* Class names a run's data imply: Fashion-MNIST's when its IDX files live in a directory named
+   fashion-mnist (Debian's dataset-fashion-mnist), CIFAR's from the batches.meta.txt /
+   fine_label_names.txt beside the batches. Empty when unknown. */
+static void run_class_names(const char *run_dir, char *out, size_t n) {
+  out[0] = 0;
+  char ini[256];
+  int n_ranks = 0;
   kdp_error err;
+  if (kdp_tool_saved_config(run_dir, ini, sizeof ini, &n_ranks, &err) != 0) return;
+  kdp_config cfg;
+  kdp_config_defaults(&cfg);
+  int rc = kdp_config_load_file(&cfg, ini, &err);
+  unlink(ini);
+  if (rc != 0) return;
+  if (strcmp(cfg.format, "idx") == 0) {
+    if (strstr(cfg.train_images, "fashion-mnist/")) snprintf(out, n, "%s", FASHION_NAMES);
+    return;
+  }
+  char dir[KDP_PATH + 64];
+  snprintf(dir, sizeof dir, "%s", cfg.train_images);
+  char *comma = strchr(dir, ',');
+  if (comma) *comma = 0;
+  char *slash = strrchr(dir, '/');
+  if (slash) slash[1] = 0; else dir[0] = 0;
+  strcat(dir, strcmp(cfg.format, "cifar100") == 0 ? "fine_label_names.txt" : "batches.meta.txt");
+  FILE *f = fopen(dir, "r");
+  if (!f) return;
+  size_t len = fread(out, 1, n - 1, f);
+  fclose(f);
+  out[len] = 0;
+  while (len > 0 && (out[len - 1] == '\n' || out[len - 1] == '\r' || out[len - 1] == ' '))
+    out[--len] = 0;
+}
+
+static const char *const FORMAT_NAMES[] = {"kdpm", "onnx"};
+
+int kdp_tool_export(const kdp_export_opts *o) {
+  kdp_error err;
+  if (o->pick == KDP_PICK_EMA) {
+    fprintf(stderr, "kdpeers export: --ema exports the PCL mean teacher (the EMA copy of the "
+                    "peers), which kdpeers does not keep yet; export a peer with --peer N\n");
+    return 2;
+  }
+  if (o->pick == KDP_PICK_BEST) {
+    fprintf(stderr, "kdpeers export: --best picks the peer with the best validation accuracy, "
+                    "which needs a validation split kdpeers does not have yet; export a peer with "
+                    "--peer N (kdpeers eval RUN_DIR compares them on the test set)\n");
+    return 2;
+  }
   loaded_model lm;
-  int n = load_models(run_dir, peer, &lm, 1, &err);
+  int n = load_models(o->src, o->peer, &lm, 1, &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers export: %s\n", err.msg);
     return 1;
   }
-  kdp_ckpt_writer *w = NULL;
-  int rc = kdp_ckpt_writer_open(&w, out_path, "model", &err);
-  size_t np = kdp_model_n_params(lm.m), nb = kdp_model_n_buffers(lm.m);
-  static const char *mnames[6] = {"mean0", "mean1", "mean2", "std0", "std1", "std2"};
-#define PUT(call) \
-  if (rc == 0) rc = (call)
-  PUT(kdp_ckpt_put_str(w, "arch", kdp_model_arch(lm.m), &err));
-  PUT(kdp_ckpt_put_i64(w, "input_h", (int64_t)lm.in.H, &err));
-  PUT(kdp_ckpt_put_i64(w, "input_w", (int64_t)lm.in.W, &err));
-  PUT(kdp_ckpt_put_i64(w, "input_c", (int64_t)lm.in.C, &err));
-  PUT(kdp_ckpt_put_i64(w, "classes", (int64_t)lm.in.n_classes, &err));
-  for (int i = 0; i < 6; i++) PUT(kdp_ckpt_put_f64(w, mnames[i], i < 3 ? lm.mean[i] : lm.std[i - 3], &err));
-  PUT(kdp_ckpt_put_str(w, "source", run_dir, &err));
-  PUT(kdp_ckpt_put_i64(w, "source_peer", peer, &err));
-  PUT(kdp_ckpt_put_str(w, "kdpeers_version", KDP_VERSION, &err));
-  PUT(kdp_ckpt_put_f32(w, "params", kdp_model_params(lm.m), 1, &np, &err));
-  PUT(kdp_ckpt_put_f32(w, "buffers", kdp_model_buffers(lm.m), 1, &nb, &err));
-#undef PUT
-  if (w) {
-    if (rc == 0)
-      rc = kdp_ckpt_writer_commit(w, NULL, &err);
-    else
-      kdp_ckpt_writer_abort(w);
+  int rc = 0;
+  if (o->classes) {
+    rc = kdp_modelfile_set_class_names(&lm, o->classes, &err);
+  } else if (!lm.class_names && is_dir(o->src)) {
+    char names[4096];
+    run_class_names(o->src, names, sizeof names);
+    /* names that do not fit the model (another dataset) are left out, not an error */
+    if (names[0] && kdp_modelfile_set_class_names(&lm, names, &err) != 0)
+      fprintf(stderr, "kdpeers export: warning: the run's class names do not fit: %s\n", err.msg);
   }
+  double t0 = kdp_now();
+  if (rc == 0)
+    rc = o->format == KDP_EXPORT_ONNX ? kdp_onnx_write(&lm, o->out, &err)
+                                      : kdp_modelfile_write(&lm, o->out, o->src, o->peer, &err);
   if (rc != 0) {
     fprintf(stderr, "kdpeers export: %s\n", err.msg);
   } else {
-    printf("exported peer %d of %s (%s, %zu params) to %s\n", peer, run_dir, kdp_model_arch(lm.m),
-           np, out_path);
+    char what[64] = "the model";
+    if (is_dir(o->src)) snprintf(what, sizeof what, "peer %d", o->peer);
+    printf("exported %s of %s (%s, %zu params) as %s to %s in %.3f s\n", what, o->src,
+           kdp_model_arch(lm.m), kdp_model_n_params(lm.m), FORMAT_NAMES[o->format], o->out,
+           kdp_now() - t0);
   }
   loaded_free(&lm);
   return rc == 0 ? 0 : 1;
-}
-
-/* softmax probabilities of one model on b normalised images */
-static const float *model_probs(loaded_model *lm, const float *x, size_t b, float *probs) {
-  const float *z = kdp_model_forward(lm->m, x, b, 0, NULL);
-  kdp_softmax_t(probs, z, b, lm->in.n_classes, 1.0f);
-  return probs;
 }
 
 int kdp_tool_eval(const char *path, const kdp_config *cfg) {
@@ -240,8 +223,7 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
     }
   {
     size_t isz = test.H * test.W * test.C;
-    float *x = kdp_falloc(TOOL_BATCH * isz), *p = kdp_falloc(TOOL_BATCH * C),
-          *ens = kdp_falloc(TOOL_BATCH * C);
+    float *p = kdp_falloc(TOOL_BATCH * C), *ens = kdp_falloc(TOOL_BATCH * C);
     int32_t *y = kdp_xcalloc(TOOL_BATCH, sizeof(int32_t));
     double *hits = kdp_xcalloc((size_t)n + 1, sizeof(double));
     double *loss = kdp_xcalloc((size_t)n + 1, sizeof(double));
@@ -250,8 +232,8 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
       memset(ens, 0, b * C * sizeof(float));
       for (int i = 0; i < n; i++) {
         /* every model normalises with its own statistics */
-        kdp_dataset_get(&test, first, b, lm[i].mean, lm[i].std, x, y);
-        model_probs(&lm[i], x, b, p);
+        kdp_dataset_get(&test, first, b, NULL, NULL, NULL, y);
+        kdp_modelfile_predict(&lm[i], test.images + first * isz, b, p);
         for (size_t r = 0; r < b; r++) {
           const float *row = p + r * C;
           size_t am = 0;
@@ -277,7 +259,6 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
       printf("%-10s %8.2f%% %9.4f\n", i < n ? lm[i].label : "ensemble",
              100.0 * hits[i] / (double)test.n, loss[i] / (double)test.n);
     }
-    free(x);
     free(p);
     free(ens);
     free(y);
@@ -288,100 +269,6 @@ out:
   kdp_dataset_free(&test);
   for (int i = 0; i < n; i++) loaded_free(&lm[i]);
   return rc == 0 ? 0 : 1;
-}
-
-int kdp_tool_predict(const char *model_path, const char *input, int top_only) {
-  kdp_error err;
-  loaded_model lm;
-  int n = load_models(model_path, 0, &lm, 1, &err);
-  if (n < 0) {
-    fprintf(stderr, "kdpeers predict: %s\n", err.msg);
-    return 1;
-  }
-  size_t isz = lm.in.H * lm.in.W * lm.in.C, C = lm.in.n_classes;
-  uint8_t *pix = NULL;
-  size_t count = 0;
-  int rc = 0;
-  if (strcmp(input, "-") == 0) {
-    /* raw uint8 pixels (H x W x C per image) on standard input */
-    size_t cap = 0, len = 0;
-    for (;;) {
-      if (len == cap) {
-        cap = cap ? 2 * cap : 1 << 20;
-        pix = realloc(pix, cap);
-        if (!pix) abort();
-      }
-      size_t got = fread(pix + len, 1, cap - len, stdin);
-      if (got == 0) break;
-      len += got;
-    }
-    if (len % isz != 0) {
-      fprintf(stderr,
-              "kdpeers predict: standard input holds %zu bytes, not a multiple of one image "
-              "(%zux%zux%zu = %zu bytes)\n",
-              len, lm.in.H, lm.in.W, lm.in.C, isz);
-      rc = 1;
-    }
-    count = len / isz;
-  } else {
-    /* an IDX image file (raw or .gz); predictions need no labels, so only the image header is
-       read here */
-    gzFile f = gzopen(input, "rb");
-    uint8_t hdr[16];
-    if (!f || gzread(f, hdr, 16) != 16 || hdr[0] != 0 || hdr[1] != 0 || hdr[2] != 8 ||
-        hdr[3] != 3) {
-      fprintf(stderr, "kdpeers predict: %s is not an IDX image file (magic 0x00000803)%s%s\n",
-              input, f ? "" : ": ", f ? "" : strerror(errno));
-      rc = 1;
-    } else {
-      count = (size_t)hdr[4] << 24 | (size_t)hdr[5] << 16 | (size_t)hdr[6] << 8 | hdr[7];
-      size_t hh = (size_t)hdr[8] << 24 | (size_t)hdr[9] << 16 | (size_t)hdr[10] << 8 | hdr[11];
-      size_t ww = (size_t)hdr[12] << 24 | (size_t)hdr[13] << 16 | (size_t)hdr[14] << 8 | hdr[15];
-      if (hh != lm.in.H || ww != lm.in.W || lm.in.C != 1) {
-        fprintf(stderr, "kdpeers predict: %s holds %zux%zu images, the model takes %zux%zux%zu\n",
-                input, hh, ww, lm.in.H, lm.in.W, lm.in.C);
-        rc = 1;
-      } else if (count > ((size_t)1 << 31) / isz) {
-        fprintf(stderr, "kdpeers predict: %s claims %zu images\n", input, count);
-        rc = 1;
-      } else {
-        pix = kdp_xmalloc(count * isz + 1);
-        if ((size_t)gzread(f, pix, (unsigned)(count * isz)) != count * isz) {
-          fprintf(stderr, "kdpeers predict: %s is truncated\n", input);
-          rc = 1;
-        }
-      }
-    }
-    if (f) gzclose(f);
-  }
-  if (rc == 0) {
-    kdp_dataset ds = {.n = count, .H = lm.in.H, .W = lm.in.W, .C = lm.in.C, .n_classes = C,
-                      .images = pix, .labels = kdp_xcalloc(count ? count : 1, 1), .owns = 0};
-    float *x = kdp_falloc(TOOL_BATCH * isz), *p = kdp_falloc(TOOL_BATCH * C);
-    int32_t *y = kdp_xcalloc(TOOL_BATCH, sizeof(int32_t));
-    for (size_t first = 0; first < count; first += TOOL_BATCH) {
-      size_t b = count - first < TOOL_BATCH ? count - first : TOOL_BATCH;
-      kdp_dataset_get(&ds, first, b, lm.mean, lm.std, x, y);
-      model_probs(&lm, x, b, p);
-      for (size_t r = 0; r < b; r++) {
-        const float *row = p + r * C;
-        size_t am = 0;
-        for (size_t k = 1; k < C; k++)
-          if (row[k] > row[am]) am = k;
-        printf("%zu %zu", first + r, am);
-        if (!top_only)
-          for (size_t k = 0; k < C; k++) printf(" %.5f", (double)row[k]);
-        putchar('\n');
-      }
-    }
-    free(ds.labels);
-    free(x);
-    free(p);
-    free(y);
-  }
-  free(pix);
-  loaded_free(&lm);
-  return rc;
 }
 
 /* ---- kdpeers serve RUN_DIR, alone: every peer of the checkpoint in this one process ---- */
@@ -408,8 +295,9 @@ int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
   size_t isz = lm[0].in.H * lm[0].in.W * lm[0].in.C, C = lm[0].in.n_classes;
   kdp_server_options o;
   kdp_server_options_defaults(&o);
+  /* a run directory's server.addr, or MODEL.addr beside a model file */
   char addr_file[KDP_PATH + 32];
-  snprintf(addr_file, sizeof addr_file, "%s/server.addr", run_dir);
+  snprintf(addr_file, sizeof addr_file, is_dir(run_dir) ? "%s/server.addr" : "%s.addr", run_dir);
   o.listen = cfg->server_listen;
   o.port = cfg->server_port;
   o.token = cfg->server_token[0] ? cfg->server_token : NULL;
@@ -424,9 +312,13 @@ int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
     for (int i = 0; i < n; i++) loaded_free(&lm[i]);
     return 1;
   }
-  fprintf(stderr, "kdpeers serve: %d peer%s of %s on %s (alone: no method teacher; run under "
-                  "mpirun with the run's rank count for it)\n",
-          n, n == 1 ? "" : "s", run_dir, kdp_server_address(srv));
+  if (is_dir(run_dir))
+    fprintf(stderr, "kdpeers serve: %d peer%s of %s on %s (alone: no method teacher; run under "
+                    "mpirun with the run's rank count for it)\n",
+            n, n == 1 ? "" : "s", run_dir, kdp_server_address(srv));
+  else
+    fprintf(stderr, "kdpeers serve: model %s (%s) on %s\n", run_dir, kdp_model_arch(lm[0].m),
+            kdp_server_address(srv));
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = serve_on_signal;
@@ -435,8 +327,8 @@ int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
   sigaction(SIGUSR1, &sa, NULL);
   char status[512];
   snprintf(status, sizeof status,
-           "{\"mode\":\"serve\",\"run_dir\":\"%s\",\"peers\":%d,\"classes\":%zu,\"input_dim\":%zu}",
-           run_dir, n, C, isz);
+           "{\"mode\":\"serve\",\"%s\":\"%s\",\"peers\":%d,\"classes\":%zu,\"input_dim\":%zu}",
+           is_dir(run_dir) ? "run_dir" : "model", run_dir, n, C, isz);
   kdp_server_publish(srv, "# HELP kdpeers_serving 1 while serving a saved run.\n"
                           "# TYPE kdpeers_serving gauge\nkdpeers_serving 1\n",
                      status);
@@ -464,7 +356,7 @@ int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
         x[k] = (req->x[k] / 255.0f - lm[i].mean[c]) / lm[i].std[c];
       }
       float *p = all + (size_t)i * b * C;
-      model_probs(&lm[i], x, b, p);
+      kdp_softmax_t(p, kdp_model_forward(lm[i].m, x, b, 0, NULL), b, C, 1.0f);
       for (size_t k = 0; k < b * C; k++) ens[k] += p[k] / (float)n;
     }
     kdp_predict_result r = {.P = n, .C = (int)C, .peers = all, .ensemble = ens};

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# test_student.sh: the deployable student. kdpeers-predict links no MPI/libuv/HTTP/JSON library
+# (ldd); old (format 1) model files load and predict as the kdpeers that wrote them; every
+# architecture kdpeers builds exports to ONNX that passes onnx's checker with full shape inference
+# and that ONNX Runtime runs to the same labels and probabilities (within 1e-5) as kdpeers-predict;
+# a trained mlp and cnn agree on 1,000 test images; launch/kdpm2torch.py loads the model files
+# into PyTorch's reference models with the same predictions; PNG inputs; kdpeers serve MODEL.kdpm;
+# export's --ema/--best refuse until their features exist.
+# Usage: tests/test_student.sh PATH/TO/kdpeers (kdpeers-predict and student_tool beside it, or in
+# KDP_BUILD_ROOT). ONNX Runtime comes from launch/setup-onnxruntime: without it the ONNX Runtime
+# checks skip with the reason, except under CI=true, where they fail.
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+build="${KDP_BUILD_ROOT:-$(dirname "$exe")}"
+pred="$build/kdpeers-predict"
+tool="$build/tests/student_tool"
+py=/usr/bin/python3
+check="$src/tests/student_check.py"
+t10k=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+export NODE_PATH="$src/.cache/onnxruntime/node_modules"
+# expect_out DESC CMD...: CMD succeeds; its last output line joins the description (one run)
+expect_out() {
+  local d="$1" out st
+  shift
+  out=$("$@" 2>&1)
+  st=$?
+  d="$d ($(tail -1 <<<"$out"))"
+  if [ "$st" = 0 ]; then ok "$d"; else bad "$d"; printf '%s\n' "$out" | tail -5; fi
+}
+
+# ---------- ldd: only what inference needs ----------
+libs=$(ldd "$pred")
+expect "kdpeers-predict links libopenblas, libpng, libmsgpackc and zlib" \
+  bash -c "grep -q libopenblas <<<'$libs' && grep -q libpng <<<'$libs' && grep -q libmsgpackc <<<'$libs' && grep -q libz <<<'$libs'"
+expect "kdpeers-predict links no MPI, libuv, http-parser, json-c, protobuf-c or inih ($(awk '{print $1}' <<<"$libs" | tr '\n' ' '))" \
+  bash -c "! grep -E -q 'libmpi|libopen-|libuv|http_parser|json-c|protobuf|inih|libpmix|libevent' <<<'$libs'"
+expect "kdpeers (the trainer) does link MPI (so the check above can fail)" bash -c "ldd '$exe' | grep -q libmpi"
+
+# ---------- format 1 files (kdpeers 0.1.0) still load ----------
+zcat "$t10k" | tail -c +17 | head -c $((784 * 1000)) >"$tmp/t1000.raw"
+head -c $((784 * 100)) "$tmp/t1000.raw" >"$tmp/t100.raw"
+v1="$src/tests/data/student-v1.kdpm"
+"$pred" "$v1" "$tmp/t100.raw" >"$tmp/v1.pred"
+expect "a format-1 model file predicts exactly what the kdpeers that wrote it printed" \
+  cmp -s "$tmp/v1.pred" "$src/tests/data/student-v1.pred"
+"$exe" export "$v1" -o "$tmp/v2.kdpm" >/dev/null
+"$exe" inspect "$tmp/v2.kdpm" >"$tmp/v2.inspect"
+expect "exporting it writes format 2 with PyTorch's names and shapes (0.weight [4,1,3,3])" \
+  bash -c "grep -Eq 'model_format +u64 +scalar +8 +2' '$tmp/v2.inspect' && grep -Eq '^  0.weight +f32 +\[4,1,3,3\]' '$tmp/v2.inspect' && grep -Eq '^  1.running_var +f32 +\[4\]' '$tmp/v2.inspect' && ! grep -Eq '^  params ' '$tmp/v2.inspect'"
+"$exe" predict "$tmp/v2.kdpm" - <"$tmp/t100.raw" >"$tmp/v2.pred"
+expect "... and predicts the same (kdpeers predict = kdpeers-predict)" cmp -s "$tmp/v2.pred" "$src/tests/data/student-v1.pred"
+printf 'KDPCKPT junk' >"$tmp/bad.kdpm"
+expect "a damaged model file is refused with a message" \
+  bash -c "'$pred' '$tmp/bad.kdpm' '$tmp/t100.raw' 2>&1 >/dev/null | grep -q 'not a kdpeers checkpoint'"
+
+# ---------- inputs: PNG, IDX, raw and stdin agree ----------
+"$tool" png "$tmp/t100.raw" 28 28 1 5 "$tmp/img"
+"$pred" "$tmp/v2.kdpm" "$tmp"/img-00{0,1,2,3,4}.png --json >"$tmp/png.jsonl"
+head -c $((784 * 5)) "$tmp/t100.raw" | "$pred" "$tmp/v2.kdpm" --json >"$tmp/raw5.jsonl"
+expect "5 PNG files predict as their raw pixels" \
+  bash -c "diff <(jq -c '.probs' '$tmp/png.jsonl') <(jq -c '.probs' '$tmp/raw5.jsonl')"
+expect "the JSON lines name each PNG as its source" \
+  test "$(jq -r .source "$tmp/png.jsonl" | head -2 | tail -1)" = "$tmp/img-001.png"
+"$pred" "$tmp/v2.kdpm" "$t10k" --top | head -100 >"$tmp/idx.top"
+expect "an IDX .gz file predicts as its raw pixels" \
+  bash -c "diff <(cut -d' ' -f1,2 '$tmp/idx.top') <(cut -d' ' -f1,2 '$src/tests/data/student-v1.pred')"
+expect "raw input of a partial image is refused" \
+  bash -c "head -c 1000 '$tmp/t100.raw' | '$pred' '$tmp/v2.kdpm' 2>&1 >/dev/null | grep -q 'not a whole number of images'"
+
+# ---------- every architecture: ONNX (checker, ONNX Runtime) and PyTorch against kdpeers ----------
+have_ort=0
+ort_why=""
+if ! command -v node >/dev/null; then
+  ort_why="node is missing (launch/setup installs nodejs)"
+elif ! node -e "require('onnxruntime-node')" 2>"$tmp/ort.err"; then
+  ort_why="onnxruntime-node is not installed in $NODE_PATH (launch/setup-onnxruntime could not reach the npm registry?): $(head -1 "$tmp/ort.err")"
+else
+  have_ort=1
+fi
+if [ "$have_ort" = 0 ]; then
+  if [ "${CI:-}" = true ]; then
+    bad "ONNX Runtime is required under CI=true: $ort_why"
+  else
+    echo "skip - ONNX Runtime checks: $ort_why"
+  fi
+fi
+have_torch=0
+if $py -c "import torch, msgpack, numpy" 2>/dev/null; then have_torch=1; else
+  echo "skip - kdpm2torch.py checks: Debian's python3-torch / python3-msgpack / python3-numpy missing (launch/setup --torch)"
+fi
+have_onnx=0
+if $py -c "import onnx" 2>/dev/null; then have_onnx=1; elif [ "${CI:-}" = true ]; then
+  bad "python3-onnx is required under CI=true (launch/setup installs it)"
+else echo "skip - onnx checker: python3-onnx missing (launch/setup installs it)"; fi
+
+# random uint8 images for 3-channel 32x32 models
+head -c $((3072 * 64)) /dev/urandom >"$tmp/rgb64.raw"
+# the zoo (mlp, cnn, ResNet, WRN) and seq specs with every op: conv with and without padding,
+# stride 2, batchnorm on conv and dense outputs, max/avg pooling (with padding), gap, dropout,
+# flatten of multi-channel maps, dense on the raw input
+archs=(
+  "28 28 1 10 mlp(64,32)"
+  "28 28 1 10 cnn"
+  "32 32 3 10 mlp(40)"
+  "32 32 3 10 resnet20"
+  "28 28 1 10 wrn10_2"
+  "32 32 3 7 seq:conv(8,3),bn,relu,maxpool(2),conv(12,3,2,1),bn,relu,avgpool(3,2,1),dropout(0.3),flatten,dense(24),bn,relu,dense(7)"
+  "28 28 1 10 seq:conv(6,5,1,0),relu,gap,dense(10)"
+  "28 28 1 5 seq:dense(32),dropout(0.5),relu"
+)
+i=0
+onnx_files=() torch_gray=() torch_rgb=()
+for spec in "${archs[@]}"; do
+  read -r H W C K arch <<<"$spec"
+  m="$tmp/a$i"
+  if [ "$C" = 3 ]; then img="$tmp/rgb64.raw"; else img="$tmp/t100.raw"; fi
+  "$tool" model "$arch" "$H" "$W" "$C" "$K" $((i + 7)) "$m.kdpm" || bad "student_tool model $arch"
+  "$pred" "$m.kdpm" "$img" --json >"$m.kdp.jsonl"
+  "$exe" export "$m.kdpm" -o "$m.onnx" >/dev/null || bad "export $arch to ONNX"
+  if [ "$have_onnx" = 1 ]; then
+    onnx_files+=("$m.onnx:$K")
+  fi
+  if [ "$have_ort" = 1 ]; then
+    node "$src/launch/ort_run.js" predict "$m.onnx" "$img" "$H" "$W" "$C" >"$m.ort.jsonl"
+    expect_out "$arch: ONNX Runtime = kdpeers-predict" $py "$check" compare "$m.kdp.jsonl" "$m.ort.jsonl" 1e-5
+  fi
+  if [ "$C" = 3 ]; then torch_rgb+=("$m.kdpm"); else torch_gray+=("$m.kdpm"); fi
+  i=$((i + 1))
+done
+# one process each for the checker and PyTorch (their imports take seconds)
+if [ "$have_onnx" = 1 ]; then
+  $py "$check" onnx "${onnx_files[@]}" >"$tmp/onnx.out" 2>&1
+  for f in "${onnx_files[@]}"; do
+    line=$(grep -F "${f%:*}: " "$tmp/onnx.out")
+    expect "$(basename "${f%:*}"): onnx.checker full_check + strict shape inference (${line#*: })" \
+      grep -q "check_model(full_check) ok" <<<"$line"
+  done
+fi
+if [ "$have_torch" = 1 ]; then
+  for set in gray rgb; do
+    if [ $set = gray ]; then models=("${torch_gray[@]}") img="$tmp/t100.raw"; else models=("${torch_rgb[@]}") img="$tmp/rgb64.raw"; fi
+    $py "$src/launch/kdpm2torch.py" "${models[@]}" --images "$img" --predict "$pred" >"$tmp/torch.out" 2>&1
+    for mfile in "${models[@]}"; do
+      line=$(grep -F "$mfile: " "$tmp/torch.out")
+      expect "kdpm2torch.py: PyTorch's reference model = kdpeers-predict (${line#*: })" grep -q ": 0 labels differ" <<<"$line"
+    done
+  done
+fi
+
+# ---------- trained students: mlp and cnn, 1,000 test images ----------
+for arch in "mlp(128)" cnn; do
+  r="$tmp/run-${arch%%(*}"
+  "$exe" -s run.dir="$r" -s model.arch="$arch" -s run.max_steps=25 -s checkpoint.every_steps=25 \
+    -s run.progress=none -s data.test_subset=500 >"$r.log" 2>&1 || bad "training $arch: $(tail -2 "$r.log")"
+  "$exe" export "$r" --peer 0 -o "$r.kdpm" >/dev/null
+  "$exe" export "$r" --peer 0 --format onnx -o "$r.model" >/dev/null
+  expect "$arch (trained): the run's class names (Fashion-MNIST) go into the model file and ONNX" \
+    bash -c "'$pred' '$r.kdpm' '$tmp/t100.raw' --top --json | head -1 | jq -e '.class | length > 0' >/dev/null && grep -q 'Ankle boot' '$r.model'"
+  "$pred" "$r.kdpm" "$tmp/t1000.raw" --json >"$r.kdp.jsonl"
+  if [ "$have_ort" = 1 ]; then
+    node "$src/launch/ort_run.js" predict "$r.model" "$tmp/t1000.raw" 28 28 1 >"$r.ort.jsonl"
+    expect_out "$arch (trained): ONNX Runtime = kdpeers-predict on 1,000 test images" \
+      $py "$check" compare "$r.kdp.jsonl" "$r.ort.jsonl" 1e-5
+  fi
+done
+
+# ---------- export options ----------
+r="$tmp/run-cnn"
+"$exe" export "$r" --ema -o "$tmp/x.kdpm" 2>"$tmp/ema.err"
+expect "export --ema refuses (exit 2) until kdpeers keeps the PCL mean teacher" \
+  bash -c "'$exe' export '$r' --ema -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2 && grep -q 'mean teacher' '$tmp/ema.err' && test ! -e '$tmp/x.kdpm'"
+expect "export --best refuses (exit 2) until there is a validation split" \
+  bash -c "'$exe' export '$r' --best -o '$tmp/x.kdpm' 2>&1 | grep -q 'validation split'; '$exe' export '$r' --best -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2"
+expect "export --classes with the wrong count fails" \
+  bash -c "'$exe' export '$r' --classes a,b -o '$tmp/x.kdpm' 2>&1 | grep -q '2 class names for 10 classes' && test ! -e '$tmp/x.kdpm'"
+"$exe" export "$v1" --classes "zero,one,two,three,four,five,six,seven,eight,nine" -o "$tmp/named.kdpm" >/dev/null
+expect "--classes names the labels in kdpeers-predict's output" \
+  test "$("$pred" "$tmp/named.kdpm" "$tmp/t100.raw" --top | head -1)" = "0 9 nine"
+
+# ---------- kdpeers serve MODEL.kdpm ----------
+rm -f "$tmp/v2.kdpm.addr"
+"$exe" serve "$tmp/v2.kdpm" -s server.port=0 >"$tmp/serve.log" 2>&1 &
+spid=$!
+pids+=("$spid")
+for _ in $(seq 1 100); do [ -s "$tmp/v2.kdpm.addr" ] && break; sleep 0.05; done
+addr=$(cat "$tmp/v2.kdpm.addr" 2>/dev/null)
+body=$(head -c 784 "$tmp/t100.raw" | od -An -v -tu1 | tr -s ' \n' ',' | sed 's/^,//; s/,$//')
+curl -s -X POST "$addr/predict" -d "{\"inputs\": [[${body}]]}" >"$tmp/served.json"
+want=$(head -1 "$src/tests/data/student-v1.pred" | cut -d' ' -f3-)
+got=$(jq -r '.peers[0][0] | map(. * 100000 | round / 100000) | map(tostring) | join(" ")' "$tmp/served.json" 2>/dev/null)
+expect "kdpeers serve MODEL.kdpm answers /predict with the model's probabilities" \
+  awk -v a="$want" -v b="$got" 'BEGIN { n = split(a, x, " "); split(b, y, " "); if (n != 10) exit 1; for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d > 2e-5 || d < -2e-5) exit 1 } }'
+curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+for _ in $(seq 1 100); do kill -0 "$spid" 2>/dev/null || break; sleep 0.05; done
+expect "/control stop ends it" bash -c "! kill -0 $spid 2>/dev/null"
+
+finish test_student
