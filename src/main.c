@@ -115,12 +115,17 @@ static int build_config(const cli *c, kdp_config *cfg, kdp_error *err) {
   return kdp_config_validate(cfg, err);
 }
 
-static int print_models(const kdp_config *cfg, int n_peers, kdp_error *err) {
+static int print_models(const kdp_config *cfg, const kdp_dist *d, kdp_error *err) {
   kdp_dataset tr, te;
   int rc = kdp_train_load_data(cfg, &tr, &te, err);
   if (rc != 0) return rc;
   kdp_input_shape in = {tr.H, tr.W, tr.C, tr.n_classes};
-  for (int p = 0; p < n_peers && rc == 0; p++) {
+  kdp_memory_estimate *mem = kdp_xmalloc(sizeof *mem);
+  rc = kdp_train_memory_estimate(cfg, d, &tr, &te, mem, err);
+  if (rc == 0) kdp_train_memory_print(mem, stdout);
+  if (rc == 0) rc = kdp_train_memory_check(mem, err);
+  free(mem);
+  for (int p = 0; p < d->n_peers && rc == 0; p++) {
     kdp_model *m = NULL;
     rc = kdp_model_create(&m, kdp_config_peer_arch(cfg, p), in, (size_t)cfg->batch_size, err);
     if (rc == 0) {
@@ -353,7 +358,7 @@ int main(int argc, char **argv) {
   }
   int rc;
   if (c.print_model) {
-    rc = rank == 0 ? print_models(&cfg, d.n_peers, &err) : 0;
+    rc = rank == 0 ? print_models(&cfg, &d, &err) : 0;
   } else {
     kdp_train_install_signals();
     rc = kdp_train_run(&cfg, &d, &c.opts, &err);

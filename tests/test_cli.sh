@@ -40,6 +40,35 @@ rc=$?
 expect "missing dataset fails non-zero" test "$rc" != 0
 expect "missing dataset message names the file" grep -q "/nonexistent/x.gz" "$tmp/e"
 
+# --- mistakes caught before anything is written: exit 2, no run.dir, no metrics.jsonl ---
+# refused: CASE-NAME MESSAGE-PATTERN kdpeers-args... (run.dir is added)
+refused() {
+  local name="$1" pat="$2"
+  shift 2
+  "$exe" "$@" -s run.dir="$tmp/never-$name" -s run.progress=none >"$tmp/o" 2>"$tmp/e"
+  local rc=$?
+  expect "$name: exit 2 (got $rc)" test "$rc" = 2
+  expect "$name: the message says '$pat'" grep -q -- "$pat" "$tmp/e"
+  expect "$name: nothing written (no run.dir, no metrics.jsonl)" test ! -e "$tmp/never-$name"
+}
+refused listen-port "the port is server.port" -s server.listen=127.0.0.1:0
+refused open-no-token "needs server.token" -s server.listen=0.0.0.0
+KDP_RUN_EPOCH=2 refused env-typo "did you mean KDP_RUN_EPOCHS" -s run.epochs=1
+refused huge-conv "activations for a batch of 500" -s 'model.arch=seq:conv(100000,3)'
+expect "huge-conv: the estimate is in the message (GiB)" grep -q "would need about [0-9.]* GiB" "$tmp/e"
+refused huge-mlp "more than the physical memory" -s 'model.arch=mlp(3000000)'
+expect "huge-mlp: not refused as a parse error" bash -c "! grep -q 'expected a list of positive' '$tmp/e'"
+refused max-memory "run.max_memory of 64 MiB" -s run.max_memory=64M
+# the estimate (--print-model) against the peak resident memory of the same run
+arch='seq:conv(32,3),relu,conv(32,3),relu,gap'
+"$exe" --print-model -s "model.arch=$arch" -s data.subset=1000 -s data.test_subset=500 >"$tmp/pm" 2>&1
+est=$(sed -n 's/^memory on this node: \([0-9]*\) MiB.*/\1/p' "$tmp/pm")
+"$exe" -s "model.arch=$arch" -s data.subset=1000 -s data.test_subset=500 -s run.max_steps=2 \
+  -s run.progress=none -s server.enabled=false -s run.dir="$tmp/mem" >/dev/null 2>&1
+rss=$(grep -o '"peak_rss_mb":[0-9.]*' "$tmp/mem/metrics.jsonl" | cut -d: -f2)
+expect "the memory estimate ($est MiB) is within -5%/+120 MB of the peak RSS ($rss MB)" \
+  awk -v e="${est:-0}" -v r="${rss:-0}" 'BEGIN { m = e * 1.048576; exit !(e > 300 && r >= 0.95 * m && r <= m + 120) }'
+
 # --- a real run: mlp on 3000 Fashion-MNIST examples, 2 epochs ---
 common=(-s data.subset=3000 -s data.test_subset=2000 -s run.epochs=2 -s "model.arch=mlp(64)"
   -s run.progress=plain -s run.log_every=10)

@@ -1,5 +1,6 @@
 /* model.c: models as a list of ops over activation buffers, built from arch strings (the zoo). */
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +66,21 @@ struct kdp_model {
 
 /* ---------------- building ---------------- */
 
+/* build_failed values: a layer that does not fit its input or too many ops (1), sizes beyond
+   2^44 values (2) */
+#define BUILD_TOO_LARGE 2
+#define MAX_VALUES ((size_t)1 << 44)
+
+/* a * b for tensor sizes; marks the model too large instead of overflowing */
+static size_t mul_size(kdp_model *m, size_t a, size_t b) {
+  size_t r;
+  if (__builtin_mul_overflow(a, b, &r) || r > MAX_VALUES) {
+    m->build_failed = BUILD_TOO_LARGE;
+    return 1;
+  }
+  return r;
+}
+
 static int new_act(kdp_model *m, size_t H, size_t W, size_t C) {
   if (m->n_acts >= MAX_ACTS) {
     m->build_failed = 1;
@@ -76,6 +92,9 @@ static int new_act(kdp_model *m, size_t H, size_t W, size_t C) {
   a->W = W;
   a->C = C;
   a->last_reader = -1;
+  if (mul_size(m, mul_size(m, H, W), C) == 1 && m->build_failed == BUILD_TOO_LARGE) {
+    a->H = a->W = a->C = 1; /* keeps later size arithmetic finite; the build fails anyway */
+  }
   return m->n_acts++;
 }
 
@@ -107,7 +126,8 @@ static size_t add_tensor(kdp_model *m, const char *prefix, const char *suffix, s
   t->size = size;
   t->fan_in = fan_in;
   t->kind = kind;
-  m->n_params += size;
+  if (__builtin_add_overflow(m->n_params, size, &m->n_params) || m->n_params > MAX_VALUES)
+    m->build_failed = BUILD_TOO_LARGE;
   return t->off;
 }
 
@@ -139,7 +159,7 @@ static int b_conv(kdp_model *m, int in, size_t cout, size_t k, size_t stride, si
   o->out = out;
   o->cs = cs;
   o->fan_in = a->C * k * k;
-  o->w = add_tensor(m, name, "weight", cout * k * k * a->C, o->fan_in, 0);
+  o->w = add_tensor(m, name, "weight", mul_size(m, mul_size(m, cout, k * k), a->C), o->fan_in, 0);
   if (bias) o->b = add_tensor(m, name, "bias", cout, o->fan_in, 0);
   m->flops += 2.0 * (double)(cs.OH * cs.OW * cout) * (double)o->fan_in;
   return out;
@@ -152,7 +172,7 @@ static int b_dense(kdp_model *m, int in, size_t outd, const char *name) {
   op *o = new_op(m, KDP_OP_DENSE, in);
   o->out = out;
   o->fan_in = ind;
-  o->w = add_tensor(m, name, "weight", outd * ind, ind, 0);
+  o->w = add_tensor(m, name, "weight", mul_size(m, outd, ind), ind, 0);
   o->b = add_tensor(m, name, "bias", outd, ind, 0);
   m->flops += 2.0 * (double)ind * (double)outd;
   return out;
@@ -317,8 +337,11 @@ static int parse_int_list_z(const char *s, long *out, int max, int zero_from) {
     while (*s == ' ') s++;
     if (!isdigit((unsigned char)*s)) return -1;
     char *end;
+    errno = 0;
     long v = strtol(s, &end, 10);
-    if (n >= max || v < 0 || (v == 0 && n < zero_from) || v > 1000000) return -1;
+    /* sizes up to 2^40 parse; whether the model fits is the memory estimate's question */
+    if (n >= max || errno == ERANGE || v < 0 || (v == 0 && n < zero_from) || v > (1L << 40))
+      return -1;
     out[n++] = v;
     s = end;
     while (*s == ' ') s++;
@@ -476,11 +499,25 @@ static int fusable_block(const kdp_model *m, int i) {
   return 1;
 }
 
-static void model_alloc(kdp_model *m) {
+/* model_alloc's allocations: counted into *bytes, and made unless dry (then NULL) */
+static float *plan_floats(size_t n, int dry, double *bytes) {
+  *bytes += (double)n * sizeof(float);
+  return dry ? NULL : kdp_falloc(n);
+}
+static void *plan_bytes(size_t n, size_t sz, int dry, double *bytes) {
+  *bytes += (double)n * (double)sz;
+  return dry ? NULL : kdp_xcalloc(n, sz);
+}
+
+/* Allocates every buffer of a built model, or only counts their bytes (dry): parameters and
+   gradients in mem->params, buffers, and the activations, caches and scratch of a max_batch
+   batch in mem->activations. One code path, so the estimate is what creating the model takes. */
+static void model_alloc(kdp_model *m, int dry, kdp_model_memory *mem) {
   size_t Bm = m->max_batch;
-  m->params = kdp_falloc(m->n_params);
-  m->grads = kdp_falloc(m->n_params);
-  m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
+  double pb = 0, ab = 0;
+  m->params = plan_floats(m->n_params, dry, &pb);
+  m->grads = plan_floats(m->n_params, dry, &pb);
+  m->buffers = plan_floats(m->n_buffers ? m->n_buffers : 1, dry, &pb);
   /* 1: no gradient buffer, 2: no buffers at all (tensors inside fused blocks) */
   unsigned char *skip = kdp_xcalloc((size_t)m->n_acts, 1);
   for (int i = 0; i < m->n_ops; i++)
@@ -495,8 +532,8 @@ static void model_alloc(kdp_model *m) {
   for (int i = 1; i < m->n_acts; i++) {
     act *a = &m->acts[i];
     size_t n = Bm * a->H * a->W * a->C;
-    a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
-    a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
+    a->val = skip[i] < 2 ? plan_floats(n, dry, &ab) : NULL;
+    a->grad = skip[i] < 1 ? plan_floats(n, dry, &ab) : NULL;
   }
   free(skip);
   m->scratch_floats = 0;
@@ -508,10 +545,10 @@ static void model_alloc(kdp_model *m) {
     if (o->fused > 0) {
       const act *y = &m->acts[o->out], *po = &m->acts[m->ops[i + 2].out];
       size_t n_pool = Bm * po->H * po->W * po->C;
-      o->win = kdp_xcalloc(n_pool ? n_pool : 1, 1);
-      o->xwin = kdp_falloc(n_pool);
-      o->mean = kdp_falloc(y->C);
-      o->invstd = kdp_falloc(y->C);
+      o->win = plan_bytes(n_pool ? n_pool : 1, 1, dry, &ab);
+      o->xwin = plan_floats(n_pool, dry, &ab);
+      o->mean = plan_floats(y->C, dry, &ab);
+      o->invstd = plan_floats(y->C, dry, &ab);
       kdp_conv_shape cs = o->cs;
       cs.B = Bm;
       size_t s = kdp_conv_bn_pool_relu_scratch_floats(&cs);
@@ -528,24 +565,30 @@ static void model_alloc(kdp_model *m) {
         break;
       }
       case KDP_OP_BN:
-        o->xhat = kdp_falloc(n_in);
-        o->invstd = kdp_falloc(in->C);
+        o->xhat = plan_floats(n_in, dry, &ab);
+        o->invstd = plan_floats(in->C, dry, &ab);
         break;
       case KDP_OP_DROPOUT:
-        o->mask = kdp_falloc(n_in);
+        o->mask = plan_floats(n_in, dry, &ab);
         break;
       case KDP_OP_MAXPOOL:
-        o->argmax = kdp_xcalloc(n_out, sizeof(int32_t));
+        o->argmax = plan_bytes(n_out, sizeof(int32_t), dry, &ab);
         break;
       default:
         break;
     }
   }
-  m->scratch = kdp_falloc(m->scratch_floats ? m->scratch_floats : 1);
+  m->scratch = plan_floats(m->scratch_floats ? m->scratch_floats : 1, dry, &ab);
+  if (mem) {
+    mem->n_params = m->n_params;
+    mem->params_bytes = pb;
+    mem->activation_bytes = ab;
+  }
 }
 
-int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
-                     kdp_error *err) {
+/* Builds the graph of arch (no buffers yet). */
+static int model_build(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                       kdp_error *err) {
   *out = NULL;
   if (!arch || strlen(arch) >= KDP_STR_ARCH)
     return kdp_fail(err, KDP_EINVAL, "model arch is empty or longer than %d characters",
@@ -592,17 +635,40 @@ int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size
                   "wrnD_K (e.g. wrn16_2) or seq:SPEC",
                   arch);
   }
-  if (rc == 0 && m->build_failed)
+  if (rc == 0 && m->build_failed == BUILD_TOO_LARGE)
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "model arch '%s' on %zux%zux%zu inputs is too large: a layer would hold more "
+                  "than 2^44 values",
+                  arch, in.H, in.W, in.C);
+  else if (rc == 0 && m->build_failed)
     rc = kdp_fail(err, KDP_EINVAL,
                   "model arch '%s' does not fit %zux%zux%zu inputs (a layer's output would be "
-                  "empty) or is too large",
+                  "empty) or has too many layers",
                   arch, in.H, in.W, in.C);
   if (rc != 0) {
     free(m);
     return rc;
   }
-  model_alloc(m);
   *out = m;
+  return 0;
+}
+
+int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                     kdp_error *err) {
+  int rc = model_build(out, arch, in, max_batch, err);
+  if (rc == 0) model_alloc(*out, 0, NULL);
+  return rc;
+}
+
+int kdp_model_plan(const char *arch, kdp_input_shape in, size_t max_batch, kdp_model_memory *mem,
+                   kdp_error *err) {
+  kdp_model *m = NULL;
+  memset(mem, 0, sizeof *mem);
+  int rc = model_build(&m, arch, in, max_batch, err);
+  if (rc != 0) return rc;
+  model_alloc(m, 1, mem);
+  mem->feature_dim = kdp_model_feature_dim(m);
+  free(m);
   return 0;
 }
 

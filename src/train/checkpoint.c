@@ -120,7 +120,8 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
 static int operational_key(const char *k) {
   static const char *const ok[] = {"run.progress", "run.threads", "run.log_every",
                                    "run.max_steps", "run.eval_every", "checkpoint.every_steps",
-                                   "checkpoint.every_minutes", "checkpoint.keep", NULL};
+                                   "checkpoint.every_minutes", "checkpoint.keep",
+                                   "run.max_memory", NULL};
   if (strncmp(k, "server.", 7) == 0) return 1;
   for (int i = 0; ok[i]; i++)
     if (strcmp(k, ok[i]) == 0) return 1;
