@@ -38,8 +38,9 @@ static void usage(FILE *f) {
           "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
           "  [mpirun -np N] kdpeers serve RUN_DIR  serve /predict from a saved run, no training\n"
           "  kdpeers plot RUN_DIR [-o F.svg]       learning curves (every run writes curves.svg)\n"
-          "  kdpeers predict MODEL [IMAGES|-] [--top]  labels and probabilities; IMAGES is an IDX\n"
-          "                                        file, '-' reads raw uint8 pixels from stdin\n"
+          "  kdpeers predict MODEL [IMAGES|-]... [--top]  labels (and class names) and probabilities;\n"
+          "                                        IMAGES: IDX files, .npy arrays or .png images;\n"
+          "                                        '-' reads raw uint8 pixels from stdin\n"
           "\n"
           "Environment: KDP_<SECTION>_<KEY> sets a key (the command line wins).\n"
           "Exit status: 0 done, 1 run failed, 2 bad usage or config, 75 stopped by a signal\n"
@@ -210,25 +211,27 @@ static int run_tool(int argc, char **argv) {
     return 0;
   }
   if (strcmp(cmd, "predict") == 0) {
-    const char *model = NULL, *input = NULL;
-    int top = 0;
+    const char *model = NULL;
+    const char **inputs = kdp_xcalloc((size_t)argc, sizeof *inputs);
+    int top = 0, n_in = 0;
     for (int i = 2; i < argc; i++) {
       if (strcmp(argv[i], "--top") == 0)
         top = 1;
       else if (!model)
         model = argv[i];
-      else if (!input)
-        input = argv[i];
-      else {
-        fprintf(stderr, "kdpeers predict: unexpected '%s'\n", argv[i]);
-        return EXIT_USAGE;
-      }
+      else
+        inputs[n_in++] = argv[i];
     }
     if (!model) {
-      fprintf(stderr, "usage: kdpeers predict MODEL [IMAGES.idx[.gz]|-] [--top]\n");
+      fprintf(stderr, "usage: kdpeers predict MODEL [IMAGES.idx[.gz]|IMAGES.npy|IMAGE.png|-]... "
+                      "[--top]\n");
+      free(inputs);
       return EXIT_USAGE;
     }
-    return kdp_tool_predict(model, input ? input : "-", top);
+    if (n_in == 0) inputs[n_in++] = "-";
+    int rc = kdp_tool_predict(model, inputs, n_in, top);
+    free(inputs);
+    return rc;
   }
   return -1;
 }

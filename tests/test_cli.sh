@@ -106,6 +106,49 @@ expect "same seed, same results" cmp -s <(grep '"event":"eval"' "$m") \
 "$exe" "${common[@]}" -s run.seed=7 -s run.dir="$tmp/r3" >/dev/null 2>&1
 expect "another seed, other results" bash -c "! cmp -s <(grep '\"event\":\"eval\"' '$m') <(grep '\"event\":\"eval\"' '$tmp/r3/metrics.jsonl')"
 
+# --- bring your own data: the same examples as .npy (uint8 and float32) train exactly alike ---
+mkdata="${2:-}"
+if [ -x "$mkdata" ]; then
+  "$mkdata" npy "$tmp/npy" 3000 2000 && "$mkdata" folder "$tmp/fold" 1500 300 3
+  np_common=("${common[@]/data.subset=3000/data.subset=0}")
+  for kind in u8 f32; do
+    x=x.npy tx=tx.npy
+    [ "$kind" = f32 ] && x=xf.npy tx=txf.npy
+    "$exe" "${np_common[@]}" -s data.format=npy -s data.train_images="$tmp/npy/$x" \
+      -s data.train_labels="$tmp/npy/y.npy" -s data.test_images="$tmp/npy/$tx" \
+      -s data.test_labels="$tmp/npy/ty.npy" -s run.dir="$tmp/npy-$kind" >/dev/null 2>"$tmp/e"
+    expect "npy $kind: the run exits 0 ($(tail -n 1 "$tmp/e"))" test -s "$tmp/npy-$kind/metrics.jsonl"
+    expect "npy $kind: the same eval lines as the IDX run of the same examples" \
+      cmp -s <(grep '"event":"eval"' "$m") <(grep '"event":"eval"' "$tmp/npy-$kind/metrics.jsonl")
+  done
+  "$exe" -s data.format=npy -s data.train_images="$tmp/npy/x.npy" -s data.train_labels="$tmp/npy/ty.npy" \
+    -s data.test_images="$tmp/npy/tx.npy" -s data.test_labels="$tmp/npy/ty.npy" \
+    -s run.dir="$tmp/never-npy" >/dev/null 2>"$tmp/e"
+  expect "npy: a label count mismatch is refused before anything is written" test ! -e "$tmp/never-npy"
+  expect "npy: ...and the message names both counts" grep -q "holds 2000 labels but the images file holds 3000" "$tmp/e"
+  # an image folder of 3 classes: class names travel into the model file and predict's output
+  "$exe" -s data.format=folder -s data.train_images="$tmp/fold/train" -s data.test_images="$tmp/fold/test" \
+    -s run.epochs=2 -s "model.arch=mlp(64)" -s run.progress=none -s checkpoint.every_steps=1000 \
+    -s run.dir="$tmp/fold-run" >/dev/null 2>"$tmp/e"
+  expect "folder: the run exits 0 ($(tail -n 1 "$tmp/e"))" grep -q '"event":"summary"' "$tmp/fold-run/metrics.jsonl"
+  acc=$(grep '"event":"eval"' "$tmp/fold-run/metrics.jsonl" | tail -n 1 | sed 's/.*"acc":\([0-9.]*\).*/\1/')
+  expect "folder: 3 classes learnt (test accuracy $acc > 0.8)" awk -v a="$acc" 'BEGIN { exit !(a > 0.8) }'
+  "$exe" export "$tmp/fold-run" --peer 0 -o "$tmp/fold.kdpm" >/dev/null
+  "$exe" inspect "$tmp/fold.kdpm" >"$tmp/insp"
+  expect "folder: the model file holds class_names" grep -q "class_names" "$tmp/insp"
+  first=$(ls "$tmp/fold/test/trouser" | head -n 1)
+  "$exe" predict "$tmp/fold.kdpm" "$tmp/fold/test/trouser/$first" "$tmp/fold/test/pullover/"*.png --top >"$tmp/pred"
+  expect "folder: predict takes PNG files and names the class (trouser)" grep -q "^0 2 trouser$" "$tmp/pred"
+  n_pull=$(ls "$tmp/fold/test/pullover" | wc -l)
+  right=$(grep -c " pullover$" "$tmp/pred")
+  expect "folder: most pullovers are called pullover ($right of $n_pull)" test "$right" -gt $((n_pull * 7 / 10))
+  "$exe" predict "$tmp/fold.kdpm" "$tmp/npy/tx.npy" >"$tmp/pred2"
+  expect "folder: predict also takes a .npy of images: one line per image with name and 3 probabilities" \
+    test "$(awk 'NF == 6 && $3 ~ /^(t-shirt|trouser|pullover)$/' "$tmp/pred2" | wc -l)" = 2000
+else
+  bad "kdp-mkdata (second argument) is missing: the npy and folder tests did not run"
+fi
+
 # --- max_steps, cnn, label noise ---
 "$exe" -s data.subset=512 -s data.test_subset=500 -s model.arch=cnn -s run.max_steps=3 \
   -s run.progress=none -s data.label_noise=0.4 -s run.dir="$tmp/r4" >/dev/null 2>"$tmp/e4"

@@ -35,6 +35,10 @@ int kdp_dataset_load(kdp_dataset *ds, const char *format, const char *images, co
    The image payload is memory-mapped (uint8, and aligned float32). n_classes = max label + 1. */
 int kdp_npy_load(kdp_dataset *ds, const char *images_path, const char *labels_path,
                  kdp_error *err);
+/* Only the images of a .npy file (as kdp_npy_load; labels stay NULL): for predictions. */
+int kdp_npy_load_images(kdp_dataset *ds, const char *path, kdp_error *err);
+/* Decodes one PNG into out (H x W x C uint8, C 1 or 3); fails unless it is H x W pixels. */
+int kdp_png_read(const char *path, size_t H, size_t W, size_t C, uint8_t *out, kdp_error *err);
 /* The header of a .npy file in memory: its dtype descr ("<f4", "|u1", ...), shape (up to
    8 dims), fortran_order, and the payload offset. 0 or KDP_EFORMAT with a message naming path. */
 typedef struct kdp_npy_header {

@@ -14,9 +14,12 @@ int kdp_tool_export(const char *run_dir, int peer, const char *out_path);
 /* Test accuracy of a model file, or of every peer of a run and their ensemble, on the test set
    named by cfg (data.test_images / data.test_labels). */
 int kdp_tool_eval(const char *path, const kdp_config *cfg);
-/* Labels and probabilities for the images of an IDX file, or of raw uint8 pixels on stdin ("-").
-   One line per image: "index label p0 p1 ...". top_only prints only index and label. */
-int kdp_tool_predict(const char *model_path, const char *input, int top_only);
+/* Labels and probabilities for the images of the inputs, in order: IDX image files (raw or
+   .gz), .npy image arrays, .png files, or "-" (raw uint8 pixels on stdin). One line per image:
+   "index label p0 p1 ...", with the class name after the label when the model has class names
+   (image-folder datasets). top_only prints only index, label (and name). */
+int kdp_tool_predict(const char *model_path, const char *const *inputs, int n_inputs,
+                     int top_only);
 
 /* Learning curves: an SVG of test accuracy and loss against epoch for every evaluated model
    (peers, ensemble, teacher) from RUN_DIR/metrics.jsonl. Returns 0, or -1 with why filled. */

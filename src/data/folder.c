@@ -96,6 +96,26 @@ static int png_begin(png_image *im, const char *path, kdp_error *err) {
   return 0;
 }
 
+int kdp_png_read(const char *path, size_t H, size_t W, size_t C, uint8_t *out, kdp_error *err) {
+  png_image im;
+  int rc = png_begin(&im, path, err);
+  if (rc) return rc;
+  if (im.height != H || im.width != W) {
+    rc = kdp_fail(err, KDP_EINVAL, "%s is %ux%u pixels, the model takes %zux%zu", path, im.width,
+                  im.height, W, H);
+    png_image_free(&im);
+    return rc;
+  }
+  /* 8-bit gray or RGB: 16-bit samples are scaled, palettes expanded, alpha composited onto
+     black by libpng */
+  im.format = C == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY;
+  if (!png_image_finish_read(&im, NULL, out, 0, NULL)) {
+    rc = kdp_fail(err, KDP_EFORMAT, "%s: cannot decode the PNG: %s", path, im.message);
+    png_image_free(&im);
+  }
+  return rc;
+}
+
 typedef struct folder_item {
   char *path;
   uint8_t label;
@@ -221,18 +241,7 @@ int kdp_folder_load(kdp_dataset *ds, const char *root, const char *classes, kdp_
                     root, n * isz, n);
   }
   for (size_t i = 0; rc == 0 && i < n; i++) {
-    png_image im;
-    if ((rc = png_begin(&im, items[i].path, err)) != 0) break;
-    /* 8-bit gray or RGB; 16-bit samples are scaled, palettes expanded, alpha composited onto
-       black by libpng */
-    im.format = C == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY;
-    if (im.height != H || im.width != W ||
-        !png_image_finish_read(&im, NULL, pix + i * isz, 0, NULL)) {
-      rc = kdp_fail(err, KDP_EFORMAT, "%s: cannot decode the PNG: %s", items[i].path,
-                    im.message[0] ? im.message : "size changed");
-      png_image_free(&im);
-      break;
-    }
+    rc = kdp_png_read(items[i].path, H, W, C, pix + i * isz, err);
     lab[i] = items[i].label;
   }
   for (size_t i = 0; i < n; i++) free(items[i].path);

@@ -319,6 +319,28 @@ static int npy_labels(npy_file *f, const char *path, size_t n_images, uint8_t **
   return 0;
 }
 
+int kdp_npy_load_images(kdp_dataset *ds, const char *path, kdp_error *err) {
+  memset(ds, 0, sizeof *ds);
+  npy_file f;
+  size_t elem = 1, C = 1;
+  int rc = npy_open(&f, path, ".npy images", err);
+  if (rc == 0) rc = npy_images(&f, path, &elem, &C, err);
+  if (rc) {
+    npy_close(&f);
+    return rc;
+  }
+  ds->n = f.h.shape[0];
+  ds->H = f.h.shape[1];
+  ds->W = f.h.shape[2];
+  ds->C = C;
+  ds->elem = elem;
+  ds->images = f.map + f.h.data_offset; /* the mapping: pages are read as batches need them */
+  ds->map = f.map;
+  ds->map_len = f.len;
+  ds->owns = 1;
+  return 0;
+}
+
 int kdp_npy_load(kdp_dataset *ds, const char *images_path, const char *labels_path,
                  kdp_error *err) {
   memset(ds, 0, sizeof *ds);
@@ -327,33 +349,12 @@ int kdp_npy_load(kdp_dataset *ds, const char *images_path, const char *labels_pa
                     ".npy dataset needs an images file and a labels file (got images '%s', "
                     "labels '%s')",
                     images_path ? images_path : "", labels_path ? labels_path : "");
-  npy_file fi, fl;
-  size_t elem = 1, C = 1, n_classes = 0;
-  int rc = npy_open(&fi, images_path, ".npy images", err);
+  int rc = kdp_npy_load_images(ds, images_path, err);
   if (rc) return rc;
-  rc = npy_images(&fi, images_path, &elem, &C, err);
-  if (rc) {
-    npy_close(&fi);
-    return rc;
-  }
+  npy_file fl;
   rc = npy_open(&fl, labels_path, ".npy labels", err);
-  uint8_t *lab = NULL;
-  if (rc == 0) rc = npy_labels(&fl, labels_path, fi.h.shape[0], &lab, &n_classes, err);
+  if (rc == 0) rc = npy_labels(&fl, labels_path, ds->n, &ds->labels, &ds->n_classes, err);
   npy_close(&fl);
-  if (rc) {
-    npy_close(&fi);
-    return rc;
-  }
-  ds->n = fi.h.shape[0];
-  ds->H = fi.h.shape[1];
-  ds->W = fi.h.shape[2];
-  ds->C = C;
-  ds->n_classes = n_classes;
-  ds->elem = elem;
-  ds->images = fi.map + fi.h.data_offset; /* the mapping: pages are read as batches need them */
-  ds->labels = lab;
-  ds->map = fi.map;
-  ds->map_len = fi.len;
-  ds->owns = 1;
-  return 0;
+  if (rc) kdp_dataset_free(ds);
+  return rc;
 }

@@ -53,6 +53,7 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_i64(w, "input_w", (int64_t)t->train.W, err));
     PUT(kdp_ckpt_put_i64(w, "input_c", (int64_t)t->train.C, err));
     PUT(kdp_ckpt_put_i64(w, "classes", (int64_t)t->C, err));
+    if (t->train.class_names) PUT(kdp_ckpt_put_str(w, "class_names", t->train.class_names, err));
     PUT(kdp_ckpt_put_f64(w, "mean0", t->mean[0], err));
     PUT(kdp_ckpt_put_f64(w, "mean1", t->mean[1], err));
     PUT(kdp_ckpt_put_f64(w, "mean2", t->mean[2], err));

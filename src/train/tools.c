@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <zlib.h>
 
@@ -23,11 +24,30 @@ typedef struct loaded_model {
   kdp_input_shape in;
   float mean[3], std[3];
   char label[64];
+  char *class_names; /* "name\n" per class (image-folder datasets), or NULL */
 } loaded_model;
 
 static void loaded_free(loaded_model *lm) {
   kdp_model_free(lm->m);
+  free(lm->class_names);
   lm->m = NULL;
+  lm->class_names = NULL;
+}
+
+/* the name of class k in a "a\nb\n" list, written into buf ("" if none) */
+static const char *class_name(const char *names, size_t k, char *buf, size_t n) {
+  buf[0] = 0;
+  for (const char *p = names; p && *p; k--) {
+    const char *nl = strchr(p, '\n');
+    size_t len = nl ? (size_t)(nl - p) : strlen(p);
+    if (k == 0) {
+      snprintf(buf, n, "%.*s", (int)len, p);
+      break;
+    }
+    if (!nl) break;
+    p = nl + 1;
+  }
+  return buf;
 }
 
 /* Builds the model described by a checkpoint or model file's entries and loads its weights. */
@@ -57,8 +77,20 @@ static int model_from_ckpt(const kdp_ckpt *ck, const char *path, loaded_model *l
     lm->mean[i] = (float)mv[i];
     lm->std[i] = (float)mv[3 + i];
   }
+  /* class names: optional (models of image-folder datasets; absent in older files) */
+  const char *names = NULL;
+  if (kdp_ckpt_has(ck, "class_names")) {
+    size_t k = 0;
+    rc = kdp_ckpt_get_str(ck, "class_names", &names, err);
+    for (const char *q = names; rc == 0 && *q; q++) k += *q == '\n';
+    if (rc == 0 && k != (size_t)classes)
+      return kdp_fail(err, KDP_EFORMAT, "%s: class_names lists %zu names for %lld classes", path,
+                      k, (long long)classes);
+    if (rc != 0) return rc;
+  }
   rc = kdp_model_create(&lm->m, arch, lm->in, TOOL_BATCH, err);
   if (rc != 0) return rc;
+  if (names) lm->class_names = strdup(names);
   rc = kdp_ckpt_get_f32(ck, "params", kdp_model_params(lm->m), kdp_model_n_params(lm->m), err);
   if (rc == 0)
     rc = kdp_ckpt_get_f32(ck, "buffers", kdp_model_buffers(lm->m), kdp_model_n_buffers(lm->m),
@@ -180,6 +212,7 @@ int kdp_tool_export(const char *run_dir, int peer, const char *out_path) {
   PUT(kdp_ckpt_put_i64(w, "input_w", (int64_t)lm.in.W, &err));
   PUT(kdp_ckpt_put_i64(w, "input_c", (int64_t)lm.in.C, &err));
   PUT(kdp_ckpt_put_i64(w, "classes", (int64_t)lm.in.n_classes, &err));
+  if (lm.class_names) PUT(kdp_ckpt_put_str(w, "class_names", lm.class_names, &err));
   for (int i = 0; i < 6; i++) PUT(kdp_ckpt_put_f64(w, mnames[i], i < 3 ? lm.mean[i] : lm.std[i - 3], &err));
   PUT(kdp_ckpt_put_str(w, "source", run_dir, &err));
   PUT(kdp_ckpt_put_i64(w, "source_peer", peer, &err));
@@ -290,7 +323,117 @@ out:
   return rc == 0 ? 0 : 1;
 }
 
-int kdp_tool_predict(const char *model_path, const char *input, int top_only) {
+/* raw uint8 pixels (H x W x C per image) on standard input */
+static int predict_stdin(const loaded_model *lm, kdp_dataset *ds, kdp_error *err) {
+  size_t isz = lm->in.H * lm->in.W * lm->in.C, cap = 0, len = 0;
+  uint8_t *pix = NULL;
+  for (;;) {
+    if (len == cap) {
+      cap = cap ? 2 * cap : 1 << 20;
+      pix = realloc(pix, cap);
+      if (!pix) abort();
+    }
+    size_t got = fread(pix + len, 1, cap - len, stdin);
+    if (got == 0) break;
+    len += got;
+  }
+  ds->images = pix;
+  ds->n = len / isz;
+  if (len % isz != 0)
+    return kdp_fail(err, KDP_EINVAL,
+                    "standard input holds %zu bytes, not a multiple of one image (%zux%zux%zu = "
+                    "%zu bytes)",
+                    len, lm->in.H, lm->in.W, lm->in.C, isz);
+  return 0;
+}
+
+/* an IDX image file (raw or .gz); predictions need no labels, so only the image header is read */
+static int predict_idx(const loaded_model *lm, const char *input, kdp_dataset *ds,
+                       kdp_error *err) {
+  size_t isz = lm->in.H * lm->in.W * lm->in.C;
+  gzFile f = gzopen(input, "rb");
+  uint8_t hdr[16];
+  int rc = 0;
+  if (!f || gzread(f, hdr, 16) != 16 || hdr[0] != 0 || hdr[1] != 0 || hdr[2] != 8 || hdr[3] != 3) {
+    rc = kdp_fail(err, KDP_EFORMAT,
+                  "%s is not an IDX image file (magic 0x00000803), a .npy or a .png%s%s", input,
+                  f ? "" : ": ", f ? "" : strerror(errno));
+  } else {
+    size_t count = (size_t)hdr[4] << 24 | (size_t)hdr[5] << 16 | (size_t)hdr[6] << 8 | hdr[7];
+    size_t hh = (size_t)hdr[8] << 24 | (size_t)hdr[9] << 16 | (size_t)hdr[10] << 8 | hdr[11];
+    size_t ww = (size_t)hdr[12] << 24 | (size_t)hdr[13] << 16 | (size_t)hdr[14] << 8 | hdr[15];
+    if (hh != lm->in.H || ww != lm->in.W || lm->in.C != 1) {
+      rc = kdp_fail(err, KDP_EINVAL, "%s holds %zux%zu images, the model takes %zux%zux%zu",
+                    input, hh, ww, lm->in.H, lm->in.W, lm->in.C);
+    } else if (count > ((size_t)1 << 31) / isz) {
+      rc = kdp_fail(err, KDP_EFORMAT, "%s claims %zu images", input, count);
+    } else {
+      ds->images = kdp_xmalloc(count * isz + 1);
+      ds->n = count;
+      if ((size_t)gzread(f, ds->images, (unsigned)(count * isz)) != count * isz)
+        rc = kdp_fail(err, KDP_EIO, "%s is truncated", input);
+    }
+  }
+  if (f) gzclose(f);
+  return rc;
+}
+
+/* the images of every input, as one dataset of the model's shape: IDX files, .npy image arrays,
+   .png files, or "-" (raw pixels on stdin) */
+static int predict_inputs(const loaded_model *lm, const char *const *inputs, int n_inputs,
+                          kdp_dataset *out, kdp_error *err) {
+  size_t isz = lm->in.H * lm->in.W * lm->in.C;
+  memset(out, 0, sizeof *out);
+  out->H = lm->in.H;
+  out->W = lm->in.W;
+  out->C = lm->in.C;
+  out->n_classes = lm->in.n_classes;
+  out->owns = 1;
+  int rc = 0;
+  size_t cap = 0;
+  for (int i = 0; i < n_inputs && rc == 0; i++) {
+    const char *in = inputs[i];
+    size_t len = strlen(in);
+    kdp_dataset one;
+    memset(&one, 0, sizeof one);
+    if (strcmp(in, "-") == 0) {
+      rc = predict_stdin(lm, &one, err);
+      one.owns = 1;
+    } else if (len > 4 && strcasecmp(in + len - 4, ".png") == 0) {
+      one.images = kdp_xmalloc(isz);
+      one.n = 1;
+      one.owns = 1;
+      rc = kdp_png_read(in, lm->in.H, lm->in.W, lm->in.C, one.images, err);
+    } else if (len > 4 && strcasecmp(in + len - 4, ".npy") == 0) {
+      rc = kdp_npy_load_images(&one, in, err);
+      if (rc == 0 && (one.H != lm->in.H || one.W != lm->in.W || one.C != lm->in.C))
+        rc = kdp_fail(err, KDP_EINVAL, "%s holds %zux%zux%zu images, the model takes %zux%zux%zu",
+                      in, one.H, one.W, one.C, lm->in.H, lm->in.W, lm->in.C);
+    } else {
+      rc = predict_idx(lm, in, &one, err);
+      one.owns = 1;
+    }
+    size_t elem = kdp_dataset_elem(&one);
+    if (rc == 0 && out->n > 0 && elem != kdp_dataset_elem(out))
+      rc = kdp_fail(err, KDP_EINVAL, "%s: float32 and uint8 inputs cannot be mixed", in);
+    if (rc == 0 && one.n > 0) {
+      out->elem = elem;
+      if (out->n + one.n > cap) {
+        cap = 2 * (out->n + one.n);
+        out->images = realloc(out->images, cap * isz * elem);
+        if (!out->images) abort();
+      }
+      memcpy(out->images + out->n * isz * elem, one.images, one.n * isz * elem);
+      out->n += one.n;
+    }
+    kdp_dataset_free(&one);
+  }
+  out->labels = kdp_xcalloc(out->n ? out->n : 1, 1);
+  return rc;
+}
+
+int kdp_tool_predict(const char *model_path, const char *const *inputs, int n_inputs,
+                     int top_only) {
   kdp_error err;
   loaded_model lm;
   int n = load_models(model_path, 0, &lm, 1, &err);
@@ -299,68 +442,15 @@ int kdp_tool_predict(const char *model_path, const char *input, int top_only) {
     return 1;
   }
   size_t isz = lm.in.H * lm.in.W * lm.in.C, C = lm.in.n_classes;
-  uint8_t *pix = NULL;
-  size_t count = 0;
-  int rc = 0;
-  if (strcmp(input, "-") == 0) {
-    /* raw uint8 pixels (H x W x C per image) on standard input */
-    size_t cap = 0, len = 0;
-    for (;;) {
-      if (len == cap) {
-        cap = cap ? 2 * cap : 1 << 20;
-        pix = realloc(pix, cap);
-        if (!pix) abort();
-      }
-      size_t got = fread(pix + len, 1, cap - len, stdin);
-      if (got == 0) break;
-      len += got;
-    }
-    if (len % isz != 0) {
-      fprintf(stderr,
-              "kdpeers predict: standard input holds %zu bytes, not a multiple of one image "
-              "(%zux%zux%zu = %zu bytes)\n",
-              len, lm.in.H, lm.in.W, lm.in.C, isz);
-      rc = 1;
-    }
-    count = len / isz;
-  } else {
-    /* an IDX image file (raw or .gz); predictions need no labels, so only the image header is
-       read here */
-    gzFile f = gzopen(input, "rb");
-    uint8_t hdr[16];
-    if (!f || gzread(f, hdr, 16) != 16 || hdr[0] != 0 || hdr[1] != 0 || hdr[2] != 8 ||
-        hdr[3] != 3) {
-      fprintf(stderr, "kdpeers predict: %s is not an IDX image file (magic 0x00000803)%s%s\n",
-              input, f ? "" : ": ", f ? "" : strerror(errno));
-      rc = 1;
-    } else {
-      count = (size_t)hdr[4] << 24 | (size_t)hdr[5] << 16 | (size_t)hdr[6] << 8 | hdr[7];
-      size_t hh = (size_t)hdr[8] << 24 | (size_t)hdr[9] << 16 | (size_t)hdr[10] << 8 | hdr[11];
-      size_t ww = (size_t)hdr[12] << 24 | (size_t)hdr[13] << 16 | (size_t)hdr[14] << 8 | hdr[15];
-      if (hh != lm.in.H || ww != lm.in.W || lm.in.C != 1) {
-        fprintf(stderr, "kdpeers predict: %s holds %zux%zu images, the model takes %zux%zux%zu\n",
-                input, hh, ww, lm.in.H, lm.in.W, lm.in.C);
-        rc = 1;
-      } else if (count > ((size_t)1 << 31) / isz) {
-        fprintf(stderr, "kdpeers predict: %s claims %zu images\n", input, count);
-        rc = 1;
-      } else {
-        pix = kdp_xmalloc(count * isz + 1);
-        if ((size_t)gzread(f, pix, (unsigned)(count * isz)) != count * isz) {
-          fprintf(stderr, "kdpeers predict: %s is truncated\n", input);
-          rc = 1;
-        }
-      }
-    }
-    if (f) gzclose(f);
-  }
+  kdp_dataset ds;
+  int rc = predict_inputs(&lm, inputs, n_inputs, &ds, &err);
+  if (rc != 0) fprintf(stderr, "kdpeers predict: %s\n", err.msg);
   if (rc == 0) {
-    kdp_dataset ds = {.n = count, .H = lm.in.H, .W = lm.in.W, .C = lm.in.C, .n_classes = C,
-                      .images = pix, .labels = kdp_xcalloc(count ? count : 1, 1), .owns = 0};
     float *x = kdp_falloc(TOOL_BATCH * isz), *p = kdp_falloc(TOOL_BATCH * C);
     int32_t *y = kdp_xcalloc(TOOL_BATCH, sizeof(int32_t));
-    for (size_t first = 0; first < count; first += TOOL_BATCH) {
-      size_t b = count - first < TOOL_BATCH ? count - first : TOOL_BATCH;
+    char name[256];
+    for (size_t first = 0; first < ds.n; first += TOOL_BATCH) {
+      size_t b = ds.n - first < TOOL_BATCH ? ds.n - first : TOOL_BATCH;
       kdp_dataset_get(&ds, first, b, lm.mean, lm.std, x, y);
       model_probs(&lm, x, b, p);
       for (size_t r = 0; r < b; r++) {
@@ -369,19 +459,19 @@ int kdp_tool_predict(const char *model_path, const char *input, int top_only) {
         for (size_t k = 1; k < C; k++)
           if (row[k] > row[am]) am = k;
         printf("%zu %zu", first + r, am);
+        if (lm.class_names) printf(" %s", class_name(lm.class_names, am, name, sizeof name));
         if (!top_only)
           for (size_t k = 0; k < C; k++) printf(" %.5f", (double)row[k]);
         putchar('\n');
       }
     }
-    free(ds.labels);
     free(x);
     free(p);
     free(y);
   }
-  free(pix);
+  kdp_dataset_free(&ds);
   loaded_free(&lm);
-  return rc;
+  return rc == 0 ? 0 : 1;
 }
 
 /* ---- kdpeers serve RUN_DIR, alone: every peer of the checkpoint in this one process ---- */
