@@ -1,4 +1,5 @@
 /* main.c: the command line: parses options, builds the config, starts MPI and runs the job. */
+#include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,7 +31,7 @@ static void usage(FILE *f) {
           "      --allow-config-change  resume although settings such as optim.lr changed\n"
           "                        (each change is logged); model, method and layout cannot\n"
           "  -h, --help            this help, with every config key\n"
-          "  -V, --version         print the version\n"
+          "  -V, --version         version, git commit, MPI and OpenBLAS libraries\n"
           "\n"
           "commands:\n"
           "  kdpeers inspect FILE|RUN_DIR          what a checkpoint or model file holds\n"
@@ -316,7 +317,10 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (c.version) {
-    printf("kdpeers %s\n", KDP_VERSION);
+    char mpi[512];
+    kdp_dist_library_version(mpi, sizeof mpi);
+    printf("kdpeers %s (git %s)\n%s\n%s\n", KDP_VERSION, kdp_git_hash(), mpi,
+           openblas_get_config());
     return 0;
   }
   kdp_config cfg;

@@ -9,6 +9,11 @@ set -uo pipefail
 # --- help, version, print-config ---
 "$exe" --version >"$tmp/v" 2>&1
 expect "--version prints the version" grep -q "^kdpeers [0-9]" "$tmp/v"
+if head=$(git -C "$src" rev-parse --short=12 HEAD 2>/dev/null); then
+  expect "--version names the git commit it was built from ($head)" grep -q "^kdpeers [0-9.]* (git $head" "$tmp/v"
+fi
+expect "--version names the MPI library" grep -qE "^Open MPI v[0-9]+\.[0-9]+.*\(MPI [0-9]\.[0-9]\)$" "$tmp/v"
+expect "--version names OpenBLAS and its version" grep -qE "^OpenBLAS [0-9]+\.[0-9]+" "$tmp/v"
 "$exe" --help >"$tmp/h" 2>&1
 expect "--help exits 0 and lists config keys" grep -q "optim.lr" "$tmp/h"
 "$exe" --print-config -s optim.lr=0.125 >"$tmp/c.ini" 2>"$tmp/err"
