@@ -154,6 +154,33 @@ else
   bad "kdp-mkdata (second argument) is missing: the npy and folder tests did not run"
 fi
 
+# --- progress on a terminal: launch/kdpeers-local under a pty (script) draws the bar although
+# mpirun pipes the ranks' stderr; without a terminal, timestamped lines ---
+if command -v script >/dev/null; then
+  small=(-s data.subset=2000 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(32)"
+    -s run.log_every=2 -s server.enabled=false)
+  # bar COLS NP [args]: the pty's output of launch/kdpeers-local, \r turned into newlines
+  bar() {
+    local cols="$1" np="$2"
+    shift 2
+    KDPEERS="$exe" timeout 120 script -qfec "stty cols $cols; $src/launch/kdpeers-local -np $np $(printf '%q ' "${small[@]}" "$@")" \
+      /dev/null </dev/null 2>&1 | tr '\r' '\n'
+  }
+  bar 120 2 -s run.dir="$tmp/bar2" >"$tmp/bar2.txt"
+  expect "terminal: 2 ranks under mpirun draw the bar" grep -q '^.\[Kepoch 0.25 \[#####\.*\] step 4/16 loss' "$tmp/bar2.txt"
+  expect "terminal: the bar shows the learning rate and dml's kd" grep -q 'step 16/16 loss [0-9.]* kd [0-9.]* acc [0-9.]*% lr 0.0004804 ' "$tmp/bar2.txt"
+  expect "terminal: no timestamped step lines" bash -c "! grep -qE '^20[0-9-]+T[0-9:]+ epoch' '$tmp/bar2.txt'"
+  bar 120 1 -s run.dir="$tmp/bar1" >"$tmp/bar1.txt"
+  expect "terminal: independent (1 peer): a bar without kd" bash -c "grep -q 'step 16/16 loss [0-9.]* acc' '$tmp/bar1.txt' && ! grep -q ' kd ' '$tmp/bar1.txt'"
+  bar 60 2 -s run.dir="$tmp/bar3" >"$tmp/bar3.txt"
+  long=$(grep 'step [0-9]*/16' "$tmp/bar3.txt" | sed 's/^.\[K//' | awk '{ if (length($0) > m) m = length($0) } END { print m + 0 }')
+  expect "terminal: a 60-column terminal gets lines cut to 59 characters (longest $long)" test "$long" = 59
+  KDPEERS="$exe" "$src/launch/kdpeers-local" -np 2 "${small[@]}" -s run.dir="$tmp/bar4" 2>"$tmp/bar4.txt" >/dev/null
+  expect "no terminal: timestamped lines, no bar" bash -c "grep -qE '^20[0-9-]+T[0-9:]+ epoch 1.00 step 16/16' '$tmp/bar4.txt' && ! grep -q \$'\r' '$tmp/bar4.txt'"
+else
+  bad "script (util-linux) is missing: the terminal tests did not run"
+fi
+
 # --- max_steps, cnn, label noise ---
 "$exe" -s data.subset=512 -s data.test_subset=500 -s model.arch=cnn -s run.max_steps=3 \
   -s run.progress=none -s data.label_noise=0.4 -s run.dir="$tmp/r4" >/dev/null 2>"$tmp/e4"
