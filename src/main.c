@@ -38,7 +38,8 @@ static void usage(FILE *f) {
           "  kdpeers export RUN_DIR --peer N -o F  a standalone student model file (.kdpm)\n"
           "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
           "  [mpirun -np N] kdpeers serve RUN_DIR  serve /predict from a saved run, no training\n"
-          "  kdpeers plot RUN_DIR [-o F.svg]       learning curves (every run writes curves.svg)\n"
+          "  kdpeers plot RUN_DIR... [-o F.svg]    learning curves, several runs overlaid (every\n"
+          "                                        run writes its own curves.svg)\n"
           "  kdpeers predict MODEL [IMAGES|-]... [--top]  labels (and class names) and probabilities;\n"
           "                                        IMAGES: IDX files, .npy arrays or .png images;\n"
           "                                        '-' reads raw uint8 pixels from stdin\n"
@@ -195,20 +196,40 @@ static int run_tool(int argc, char **argv) {
     return kdp_tool_eval(path, &cfg);
   }
   if (strcmp(cmd, "plot") == 0) {
-    if (argc != 3 && !(argc == 5 && strcmp(argv[3], "-o") == 0)) {
-      fprintf(stderr, "usage: kdpeers plot RUN_DIR [-o curves.svg]\n");
+    /* kdpeers plot RUN_DIR... [-o F.svg], options anywhere */
+    const char *out = NULL;
+    const char **runs = kdp_xcalloc((size_t)argc, sizeof *runs);
+    int n_runs = 0, bad = 0;
+    for (int i = 2; i < argc && !bad; i++) {
+      if (strcmp(argv[i], "-o") == 0 && i + 1 < argc && !out)
+        out = argv[++i];
+      else if (strncmp(argv[i], "-o", 2) == 0 && argv[i][2] && !out)
+        out = argv[i] + 2;
+      else if (argv[i][0] == '-')
+        bad = 1;
+      else
+        runs[n_runs++] = argv[i];
+    }
+    if (bad || n_runs == 0) {
+      fprintf(stderr, "usage: kdpeers plot RUN_DIR... [-o curves.svg]   (options in any order; "
+                      "several runs are overlaid)\n");
+      free(runs);
       return EXIT_USAGE;
     }
-    char out[4200], why[512];
-    if (argc == 5)
-      snprintf(out, sizeof out, "%s", argv[4]);
+    char path[4200], why[512];
+    if (out)
+      snprintf(path, sizeof path, "%s", out);
+    else if (n_runs == 1)
+      snprintf(path, sizeof path, "%s/curves.svg", runs[0]);
     else
-      snprintf(out, sizeof out, "%s/curves.svg", argv[2]);
-    if (kdp_plot_run(argv[2], out, why, sizeof why) != 0) {
+      snprintf(path, sizeof path, "curves.svg");
+    int rc = kdp_plot_runs(runs, n_runs, path, why, sizeof why);
+    free(runs);
+    if (rc != 0) {
       fprintf(stderr, "kdpeers plot: %s\n", why);
       return 1;
     }
-    printf("%s\n", out);
+    printf("%s\n", path);
     return 0;
   }
   if (strcmp(cmd, "predict") == 0) {

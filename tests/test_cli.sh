@@ -97,15 +97,49 @@ if command -v xmllint >/dev/null; then
 else
   bad "xmllint is missing (launch/setup installs libxml2-utils)"
 fi
-expect "curves.svg draws a curve for peer0 in both panels" test "$(grep -c '<polyline' "$svg")" = 2
+# xp FILE XPATH: the matches of an XPath over the SVG (its namespace bound to s:)
+xp() { xmllint --xpath "$2" - 2>/dev/null <<<"$(sed 's/ xmlns="[^"]*"//' "$1")"; }
+expect "curves.svg draws peer0's test accuracy and test loss" \
+  test "$(xp "$svg" 'count(//polyline[@data-series="peer0"])')" = 2
 expect "curves.svg has a legend entry for peer0" grep -q '>peer0 ' "$svg"
+npts=$(xp "$svg" 'string(//polyline[@class="train-loss"]/@points)' | wc -w)
+expect "curves.svg plots the per-step training loss (a point per log window: $npts)" test "$npts" -ge 4
+# round tick labels: each panel's ticks are evenly spaced by 1, 2 or 5 x 10^k, and each label is a
+# multiple of that step printed without a long tail of digits
+for axis in 'tick-y" and @data-panel="acc' 'tick-y" and @data-panel="loss' 'tick-x" and @data-panel="acc'; do
+  ticks=$(xp "$svg" "//text[@class=\"$axis\"]/text()" | tr '\n' ' ')
+  expect "round ticks ($ticks)" awk -v t="$ticks" 'BEGIN {
+    n = split(t, v, " "); if (n < 3) exit 1
+    step = v[2] - v[1]; e = 10 ^ int(log(step) / log(10) - (step < 1)); m = step / e
+    if (!(m > 0.999 && m < 1.001 || m > 1.999 && m < 2.001 || m > 4.999 && m < 5.001)) exit 1
+    for (i = 1; i <= n; i++) {
+      if (length(v[i]) > 6) exit 1
+      q = v[i] / step; if (q - int(q + (q < 0 ? -0.5 : 0.5)) > 1e-6 || q - int(q + (q < 0 ? -0.5 : 0.5)) < -1e-6) exit 1
+      if (i > 1 && (v[i] - v[i - 1] - step > 1e-9 || v[i] - v[i - 1] - step < -1e-9)) exit 1
+    }
+  }'
+done
 "$exe" plot "$tmp/r1" -o "$tmp/again.svg" >/dev/null
 expect "kdpeers plot RUN_DIR -o FILE redraws the same figure" cmp -s "$svg" "$tmp/again.svg"
+"$exe" plot -o "$tmp/again2.svg" "$tmp/r1" >/dev/null
+expect "kdpeers plot -o FILE RUN_DIR (options first) draws the same" cmp -s "$svg" "$tmp/again2.svg"
+"$exe" -s data.subset=3000 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(64)" \
+  -s run.progress=none -s run.log_every=5 -s run.dir="$tmp/one-epoch" >/dev/null 2>&1
+one="$tmp/one-epoch/curves.svg"
+expect "a 1-epoch run: curves.svg is well-formed" xmllint --noout "$one"
+npts=$(xp "$one" 'string(//polyline[@class="train-loss"]/@points)' | wc -w)
+expect "a 1-epoch run still shows a curve: training loss over $npts log windows" test "$npts" -ge 4
+expect "a 1-epoch run: its single evaluation is drawn as a point in both panels" \
+  test "$(xp "$one" 'count(//circle)')" = 2
 "$exe" plot "$tmp/nowhere" >"$tmp/o" 2>&1
 expect "kdpeers plot of a missing run fails clearly" grep -q "cannot read" "$tmp/o"
 
 # --- determinism: the same seed gives identical eval lines ---
 "$exe" "${common[@]}" -s run.dir="$tmp/r2" >/dev/null 2>&1
+"$exe" plot "$tmp/r1" "$tmp/one-epoch" -o "$tmp/both.svg" >/dev/null
+expect "kdpeers plot RUN_DIR RUN_DIR overlays both runs (legend names each run's peer0)" \
+  bash -c "grep -q '>r1 peer0 ' '$tmp/both.svg' && grep -q '>one-epoch peer0 ' '$tmp/both.svg'"
+expect "  ...with every curve of both (6 polylines)" test "$(xp "$tmp/both.svg" 'count(//polyline)')" = 6
 expect "same seed, same results" cmp -s <(grep '"event":"eval"' "$m") \
   <(grep '"event":"eval"' "$tmp/r2/metrics.jsonl")
 "$exe" "${common[@]}" -s run.seed=7 -s run.dir="$tmp/r3" >/dev/null 2>&1
