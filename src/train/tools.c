@@ -88,7 +88,16 @@ static int model_from_ckpt(const kdp_ckpt *ck, const char *path, loaded_model *l
                       k, (long long)classes);
     if (rc != 0) return rc;
   }
-  rc = kdp_model_create(&lm->m, arch, lm->in, TOOL_BATCH, err);
+  /* the file's parameters must fit the architecture before anything is allocated for it (a
+     damaged arch string could otherwise ask for terabytes) */
+  kdp_model_memory plan;
+  kdp_ckpt_info pinfo;
+  rc = kdp_model_plan(arch, lm->in, TOOL_BATCH, &plan, err);
+  if (rc == 0) rc = kdp_ckpt_info_of(ck, "params", &pinfo, err);
+  if (rc == 0 && pinfo.count != plan.n_params)
+    rc = kdp_fail(err, KDP_EFORMAT, "%s: holds %zu parameters, its arch '%s' has %zu", path,
+                  pinfo.count, arch, plan.n_params);
+  if (rc == 0) rc = kdp_model_create(&lm->m, arch, lm->in, TOOL_BATCH, err);
   if (rc != 0) return rc;
   if (names) lm->class_names = strdup(names);
   rc = kdp_ckpt_get_f32(ck, "params", kdp_model_params(lm->m), kdp_model_n_params(lm->m), err);
