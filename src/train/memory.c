@@ -86,12 +86,14 @@ void kdp_train_memory_print(const kdp_memory_estimate *est, FILE *f) {
   char a[32], b[32], c[32], e[32], g[32];
   for (int p = 0; p < est->n_peers; p++) {
     const kdp_peer_memory *pm = &est->peer[p];
+    char h[32];
     fprintf(f,
             "peer %d memory per rank: %s (parameters %s, with gradients and buffers %s, "
-            "optimizer %s, activations for a batch of %zu %s); %d rank%s\n",
+            "optimizer %s, activations for a batch of %zu %s); %d rank%s: %s for the peer\n",
             p, fmt_bytes(pm->per_rank, a, sizeof a), fmt_bytes(pm->params, b, sizeof b),
             fmt_bytes(pm->model, c, sizeof c), fmt_bytes(pm->optimizer, e, sizeof e), pm->batch,
-            fmt_bytes(pm->activations, g, sizeof g), pm->ranks, pm->ranks == 1 ? "" : "s");
+            fmt_bytes(pm->activations, g, sizeof g), pm->ranks, pm->ranks == 1 ? "" : "s",
+            fmt_bytes(pm->per_rank * pm->ranks, h, sizeof h));
   }
   fprintf(f, "memory on this node: %s for %d rank%s with the dataset (%s); limit %s (%s)\n",
           fmt_bytes(est->node_total, a, sizeof a), est->local_ranks,
