@@ -1,4 +1,5 @@
 /* main.c: the command line: parses options, builds the config, starts MPI and runs the job. */
+#include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +33,7 @@ static void usage(FILE *f) {
           "      --allow-config-change  resume although settings such as optim.lr changed\n"
           "                        (each change is logged); model, method and layout cannot\n"
           "  -h, --help            this help, with every config key\n"
-          "  -V, --version         print the version\n"
+          "  -V, --version         version, git commit, MPI and OpenBLAS libraries\n"
           "\n"
           "commands:\n"
           "  kdpeers inspect FILE|RUN_DIR          what a checkpoint or model file holds\n"
@@ -41,9 +42,11 @@ static void usage(FILE *f) {
           "  kdpeers eval MODEL|RUN_DIR [-s ...]   test accuracy (of every peer and the ensemble)\n"
           "  [mpirun -np N] kdpeers serve RUN_DIR  serve /predict from a saved run, no training\n"
           "  kdpeers serve MODEL.kdpm              serve /predict from one model file\n"
-          "  kdpeers plot RUN_DIR [-o F.svg]       learning curves (every run writes curves.svg)\n"
-          "  kdpeers predict MODEL [INPUT...] [--json] [--top]  labels and probabilities (as\n"
-          "                                        kdpeers-predict: IDX, PNG, raw, '-' = stdin)\n"
+          "  kdpeers plot RUN_DIR... [-o F.svg]    learning curves, several runs overlaid (every\n"
+          "                                        run writes its own curves.svg)\n"
+          "  kdpeers predict MODEL [INPUT...] [--json] [--top]  labels (and class names) and\n"
+          "                                        probabilities, as kdpeers-predict; INPUT: IDX,\n"
+          "                                        .npy or PNG files, raw pixels, '-' = stdin\n"
           "\n"
           "Environment: KDP_<SECTION>_<KEY> sets a key (the command line wins).\n"
           "Exit status: 0 done, 1 run failed, 2 bad usage or config, 75 stopped by a signal\n"
@@ -119,12 +122,17 @@ static int build_config(const cli *c, kdp_config *cfg, kdp_error *err) {
   return kdp_config_validate(cfg, err);
 }
 
-static int print_models(const kdp_config *cfg, int n_peers, kdp_error *err) {
+static int print_models(const kdp_config *cfg, const kdp_dist *d, kdp_error *err) {
   kdp_dataset tr, te;
   int rc = kdp_train_load_data(cfg, &tr, &te, err);
   if (rc != 0) return rc;
   kdp_input_shape in = {tr.H, tr.W, tr.C, tr.n_classes};
-  for (int p = 0; p < n_peers && rc == 0; p++) {
+  kdp_memory_estimate *mem = kdp_xmalloc(sizeof *mem);
+  rc = kdp_train_memory_estimate(cfg, d, &tr, &te, mem, err);
+  if (rc == 0) kdp_train_memory_print(mem, stdout);
+  if (rc == 0) rc = kdp_train_memory_check(mem, err);
+  free(mem);
+  for (int p = 0; p < d->n_peers && rc == 0; p++) {
     kdp_model *m = NULL;
     rc = kdp_model_create(&m, kdp_config_peer_arch(cfg, p), in, (size_t)cfg->batch_size, err);
     if (rc == 0) {
@@ -210,20 +218,40 @@ static int run_tool(int argc, char **argv) {
     return kdp_tool_eval(path, &cfg);
   }
   if (strcmp(cmd, "plot") == 0) {
-    if (argc != 3 && !(argc == 5 && strcmp(argv[3], "-o") == 0)) {
-      fprintf(stderr, "usage: kdpeers plot RUN_DIR [-o curves.svg]\n");
+    /* kdpeers plot RUN_DIR... [-o F.svg], options anywhere */
+    const char *out = NULL;
+    const char **runs = kdp_xcalloc((size_t)argc, sizeof *runs);
+    int n_runs = 0, bad = 0;
+    for (int i = 2; i < argc && !bad; i++) {
+      if (strcmp(argv[i], "-o") == 0 && i + 1 < argc && !out)
+        out = argv[++i];
+      else if (strncmp(argv[i], "-o", 2) == 0 && argv[i][2] && !out)
+        out = argv[i] + 2;
+      else if (argv[i][0] == '-')
+        bad = 1;
+      else
+        runs[n_runs++] = argv[i];
+    }
+    if (bad || n_runs == 0) {
+      fprintf(stderr, "usage: kdpeers plot RUN_DIR... [-o curves.svg]   (options in any order; "
+                      "several runs are overlaid)\n");
+      free(runs);
       return EXIT_USAGE;
     }
-    char out[4200], why[512];
-    if (argc == 5)
-      snprintf(out, sizeof out, "%s", argv[4]);
+    char path[4200], why[512];
+    if (out)
+      snprintf(path, sizeof path, "%s", out);
+    else if (n_runs == 1)
+      snprintf(path, sizeof path, "%s/curves.svg", runs[0]);
     else
-      snprintf(out, sizeof out, "%s/curves.svg", argv[2]);
-    if (kdp_plot_run(argv[2], out, why, sizeof why) != 0) {
+      snprintf(path, sizeof path, "curves.svg");
+    int rc = kdp_plot_runs(runs, n_runs, path, why, sizeof why);
+    free(runs);
+    if (rc != 0) {
       fprintf(stderr, "kdpeers plot: %s\n", why);
       return 1;
     }
-    printf("%s\n", out);
+    printf("%s\n", path);
     return 0;
   }
   if (strcmp(cmd, "predict") == 0) {
@@ -324,7 +352,10 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (c.version) {
-    printf("kdpeers %s\n", KDP_VERSION);
+    char mpi[512];
+    kdp_dist_library_version(mpi, sizeof mpi);
+    printf("kdpeers %s (git %s)\n%s\n%s\n", KDP_VERSION, kdp_git_hash(), mpi,
+           openblas_get_config());
     return 0;
   }
   kdp_config cfg;
@@ -369,7 +400,7 @@ int main(int argc, char **argv) {
   }
   int rc;
   if (c.print_model) {
-    rc = rank == 0 ? print_models(&cfg, d.n_peers, &err) : 0;
+    rc = rank == 0 ? print_models(&cfg, &d, &err) : 0;
   } else {
     kdp_train_install_signals();
     rc = kdp_train_run(&cfg, &d, &c.opts, &err);

@@ -541,6 +541,109 @@ START_TEST(test_reference_files) {
 }
 END_TEST
 
+START_TEST(test_listen_and_token) {
+  kdp_config c;
+  kdp_error err = {{0}};
+  kdp_config_defaults(&c);
+  /* an address with a port is refused when set, and told where the port goes */
+  expect_set_error("server.listen=127.0.0.1:0", "the port is server.port");
+  expect_set_error("server.listen=127.0.0.1:8470", "-s server.listen=127.0.0.1 -s server.port=8470");
+  expect_set_error("server.listen=[::1]:80", "the port is server.port");
+  expect_set_error("server.listen=myhost", "not a numeric IPv4/IPv6 address");
+  expect_file_error("[server]\nlisten = 10.0.0.1:99\n", 2, "the port is server.port", KDP_EINVAL);
+  set_ok(&c, "server.listen=::1");
+  set_ok(&c, "server.listen=[::1]");
+  set_ok(&c, "server.listen=localhost");
+  ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s", err.msg);
+  /* every interface without a token: refused at validation, with the way out */
+  set_ok(&c, "server.listen=0.0.0.0");
+  ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
+  assert_has(err.msg, "server.token");
+  assert_has(err.msg, "0.0.0.0");
+  set_ok(&c, "server.listen=::");
+  ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
+  set_ok(&c, "server.token=s3cret");
+  ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s", err.msg);
+  set_ok(&c, "server.token=");
+  set_ok(&c, "server.enabled=false"); /* no server, nothing to protect */
+  ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s", err.msg);
+}
+END_TEST
+
+START_TEST(test_env_unknown_names) {
+  kdp_config c, before;
+  kdp_error err = {{0}};
+  kdp_config_defaults(&c);
+  memcpy(&before, &c, sizeof c);
+  /* a misspelt key is an error that suggests the key, and nothing is applied */
+  setenv("KDP_RUN_EPOCH", "2", 1);
+  setenv("KDP_OPTIM_LR", "0.3", 1);
+  ck_assert_int_eq(kdp_config_apply_env(&c, &err), KDP_EINVAL);
+  assert_has(err.msg, "KDP_RUN_EPOCH names no config key");
+  assert_has(err.msg, "did you mean KDP_RUN_EPOCHS, the key run.epochs?");
+  ck_assert_msg(memcmp(&c, &before, sizeof c) == 0, "a refused environment changed the config");
+  unsetenv("KDP_RUN_EPOCH");
+  setenv("KDP_WHATEVER", "1", 1);
+  ck_assert_int_eq(kdp_config_apply_env(&c, &err), KDP_EINVAL);
+  assert_has(err.msg, "KDP_WHATEVER names no config key");
+  ck_assert_msg(strstr(err.msg, "did you mean") == NULL, "spurious suggestion: %s", err.msg);
+  unsetenv("KDP_WHATEVER");
+  setenv("KDP_PEER_3_ARCHH", "cnn", 1);
+  ck_assert_int_eq(kdp_config_apply_env(&c, &err), KDP_EINVAL);
+  unsetenv("KDP_PEER_3_ARCHH");
+  /* kdpeers' own non-config variables are fine, and so are the keys' */
+  char *saved[64] = {0};
+  int no = 0;
+  for (const char *const *o = kdp_config_other_env; *o; o++, no++) {
+    ck_assert_int_lt(no, 64);
+    if (getenv(*o)) saved[no] = strdup(getenv(*o));
+    if (!saved[no]) setenv(*o, "x", 1);
+  }
+  setenv("KDP_PEER_3_ARCH", "cnn", 1);
+  ck_assert_msg(kdp_config_apply_env(&c, &err) == 0, "%s", err.msg);
+  ck_assert_double_eq(c.lr, 0.3);
+  for (int i = 0; i < no; i++) {
+    if (saved[i]) free(saved[i]);
+    else unsetenv(kdp_config_other_env[i]);
+  }
+  unsetenv("KDP_PEER_3_ARCH");
+  unsetenv("KDP_OPTIM_LR");
+  /* the list documents every variable the scripts use */
+  char *doc = read_whole(kdp_test_src_path("docs/config.md"));
+  for (const char *const *o = kdp_config_other_env; *o; o++) {
+    char want[80];
+    snprintf(want, sizeof want, "`%s`", *o);
+    assert_has(doc, want);
+  }
+  free(doc);
+}
+END_TEST
+
+START_TEST(test_sections_and_bytes) {
+  /* the known-sections message names every section of the table */
+  expect_set_error("optm.lr=0.1", "[kd], [checkpoint], [server], [peer.N]");
+  expect_file_error("lr = 1\n", 1, "[checkpoint], [server], [peer.N]", KDP_EINVAL);
+  uint64_t v = 0;
+  char why[256];
+  ck_assert_int_eq(kdp_config_parse_bytes("16G", &v, why, sizeof why), 0);
+  ck_assert_uint_eq(v, 16ull << 30);
+  ck_assert_int_eq(kdp_config_parse_bytes("512MiB", &v, why, sizeof why), 0);
+  ck_assert_uint_eq(v, 512ull << 20);
+  ck_assert_int_eq(kdp_config_parse_bytes("1.5k", &v, why, sizeof why), 0);
+  ck_assert_uint_eq(v, 1536);
+  ck_assert_int_eq(kdp_config_parse_bytes("1000", &v, why, sizeof why), 0);
+  ck_assert_uint_eq(v, 1000);
+  ck_assert_int_eq(kdp_config_parse_bytes("16X", &v, why, sizeof why), KDP_EINVAL);
+  ck_assert_int_eq(kdp_config_parse_bytes("-1G", &v, why, sizeof why), KDP_EINVAL);
+  expect_set_error("run.max_memory=lots", "suffix K, M, G or T");
+  kdp_config c;
+  kdp_config_defaults(&c);
+  ck_assert_uint_eq(kdp_config_max_memory(&c), 0);
+  set_ok(&c, "run.max_memory=2G");
+  ck_assert_uint_eq(kdp_config_max_memory(&c), 2ull << 30);
+}
+END_TEST
+
 /* ---- limits --------------------------------------------------------------------------------- */
 
 START_TEST(test_file_errors) {
@@ -678,6 +781,9 @@ static Suite *config_suite(void) {
   tcase_add_test(limits, test_file_errors);
   tcase_add_test(limits, test_missing_file);
   tcase_add_test(limits, test_set_errors);
+  tcase_add_test(limits, test_listen_and_token);
+  tcase_add_test(limits, test_env_unknown_names);
+  tcase_add_test(limits, test_sections_and_bytes);
   suite_add_tcase(s, limits);
   return s;
 }

@@ -573,6 +573,43 @@ START_TEST(test_bad_shapes) {
 }
 END_TEST
 
+START_TEST(test_plan_large) {
+  kdp_model_memory mem;
+  kdp_error err = {{0}};
+  /* a large hidden size parses (it used to be "expected positive hidden sizes"); the plan
+     counts it without allocating */
+  ck_assert_msg(kdp_model_plan("mlp(3000000)", FMNIST, 500, &mem, &err) == 0, "%s", err.msg);
+  ck_assert_uint_eq(mem.n_params, (size_t)784 * 3000000 + 3000000 + 3000000 * 10 + 10);
+  ck_assert_double_eq(mem.params_bytes, 2.0 * 4.0 * (double)mem.n_params + 4.0);
+  /* 500 rows of 3e6 hidden units: the dense and relu outputs with their gradients */
+  ck_assert(mem.activation_bytes >= 4.0 * 500 * 3e6 * 4.0);
+  ck_assert_msg(kdp_model_plan("seq:conv(100000,3)", FMNIST, 500, &mem, &err) == 0, "%s", err.msg);
+  ck_assert(mem.activation_bytes > 500.0 * 28 * 28 * 100000 * 4 * 2);
+  /* sizes beyond 2^44 values are refused as too large, not wrapped around */
+  ck_assert_int_eq(kdp_model_plan("mlp(1099511627776,1099511627776)", FMNIST, 500, &mem, &err),
+                   KDP_EINVAL);
+  ck_assert_ptr_nonnull(strstr(err.msg, "too large"));
+  /* the plan is what creating the model allocates: same parameter count; bytes by hand */
+  static const char *archs[] = {"mlp(64,32)", "cnn", "resnet20", "seq:conv(8,3),bn,relu,dropout(0.2),maxpool(2),dense(10)"};
+  kdp_input_shape in3 = {32, 32, 3, 10};
+  for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++) {
+    kdp_input_shape in = i == 2 ? in3 : FMNIST;
+    kdp_model *m = NULL;
+    ck_assert_int_eq(kdp_model_plan(archs[i], in, 16, &mem, &err), 0);
+    ck_assert_int_eq(kdp_model_create(&m, archs[i], in, 16, &err), 0);
+    ck_assert_uint_eq(mem.n_params, kdp_model_n_params(m));
+    ck_assert_double_eq(mem.params_bytes,
+                        4.0 * (2.0 * (double)kdp_model_n_params(m) +
+                               (double)(kdp_model_n_buffers(m) ? kdp_model_n_buffers(m) : 1)));
+    ck_assert_uint_eq(mem.feature_dim, kdp_model_feature_dim(m));
+    kdp_model_free(m);
+  }
+  /* mlp(64,32) at batch 16 by hand: activations 64, 64, 32, 32, 10 (val + grad) + scratch 1 */
+  ck_assert_int_eq(kdp_model_plan("mlp(64,32)", FMNIST, 16, &mem, &err), 0);
+  ck_assert_double_eq(mem.activation_bytes, 4.0 * (16.0 * 2 * (64 + 64 + 32 + 32 + 10) + 1));
+}
+END_TEST
+
 static Suite *model_suite(void) {
   Suite *s = suite_create("model");
   TCase *core = tcase_create("core");
@@ -594,6 +631,7 @@ static Suite *model_suite(void) {
   TCase *lim = tcase_create("limits");
   tcase_add_loop_test(lim, test_bad_arch, 0, (int)(sizeof BAD_ARCH / sizeof BAD_ARCH[0]));
   tcase_add_test(lim, test_bad_shapes);
+  tcase_add_test(lim, test_plan_large);
   suite_add_tcase(s, lim);
   return s;
 }

@@ -148,10 +148,44 @@ for r in 000 001; do
 done
 
 # --- launch/compare: seeds x methods -> a markdown table ---
-"$src/launch/compare" -np 2 --seeds 2 --methods independent,dml --runs "$tmp/cmp" --out "$tmp/cmp.md" -- \
-  -s data.subset=1024 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(32)" >/dev/null 2>&1
+cmp_args=(-s data.subset=1024 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(32)")
+"$src/launch/compare" -np 2 --seeds 2 --methods dml,independent --runs "$tmp/cmp" --out "$tmp/cmp.md" -- \
+  "${cmp_args[@]}" >"$tmp/cmp.out" 2>"$tmp/cmp.err"
 expect "launch/compare writes a row per method" test "$(grep -c '^| `' "$tmp/cmp.md")" = 2
-expect "launch/compare reports mean +- std for peers and the ensemble" grep -qE '^\| `dml` \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \|' "$tmp/cmp.md"
+expect "launch/compare: rows in the order asked (dml, independent)" \
+  test "$(grep -o '^| `[a-z]*`' "$tmp/cmp.md" | tr -d '|` ' | tr '\n' ,)" = "dml,independent,"
+expect "launch/compare: seeds, mean peer, gain against independent, ensemble (mean +- std)" \
+  grep -qE '^\| `dml` \| 2 \| [0-9.]+ \+- [0-9.]+ \| [+-][0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| - \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| [0-9]+\.[0-9] \|$' "$tmp/cmp.md"
+expect "launch/compare: independent has no gain against itself" grep -qE '^\| `independent` \| 2 \| [0-9.]+ \+- [0-9.]+ \| - \|' "$tmp/cmp.md"
+# the mean peer of dml = the mean over seeds of (peer0 + peer1) / 2, from the runs' own metrics
+want=$(for s in 1 2; do grep '"event":"eval"' "$tmp/cmp/dml-s$s/metrics.jsonl" | grep -E '"model":"peer[01]"' | tail -n 2; done |
+  jq -s '[.[].acc] | add / length * 100 | . * 100 | round / 100')
+got=$(sed -n 's/^| `dml` | 2 | \([0-9.]*\) +-.*/\1/p' "$tmp/cmp.md")
+expect "launch/compare: dml's mean peer ($got) is the runs' own ($want)" awk -v a="$got" -v b="$want" 'BEGIN { exit !(a - b < 0.006 && b - a < 0.006) }'
+expect "launch/compare: no set -x noise" bash -c "! grep -q '^+' '$tmp/cmp.err'"
+"$src/launch/compare" --help >"$tmp/cmp.help" 2>&1
+expect "launch/compare --help: only the usage text" bash -c "head -n 1 '$tmp/cmp.help' | grep -q '^compare: ' && ! grep -qE '^(set |here=|np=)' '$tmp/cmp.help'"
+# resumable: a finished run is kept, a missing one runs again
+sed -i '/^independent\t2\t/d' "$tmp/cmp/results.tsv"
+"$src/launch/compare" -np 2 --seeds 2 --methods dml,independent --runs "$tmp/cmp" -- "${cmp_args[@]}" \
+  >"$tmp/cmp2.out" 2>"$tmp/cmp2.err"
+expect "launch/compare resumes: 3 finished runs kept, only independent seed 2 runs again" \
+  bash -c "grep -q '3 finished runs kept' '$tmp/cmp2.err' && test \"\$(grep -c ' -> ' '$tmp/cmp2.err')\" = 1 && grep -q 'independent seed 2 ->' '$tmp/cmp2.err'"
+
+# --- an image folder on 2 ranks sharing one copy of the data: every peer's model file carries
+# the class names (the node broadcast) ---
+if [ -x "${2:-}" ]; then
+  "$2" folder "$tmp/fold" 600 90 3
+  run 2 -s data.format=folder -s data.train_images="$tmp/fold/train" -s data.test_images="$tmp/fold/test" \
+    -s run.epochs=1 -s "model.arch=mlp(32)" -s run.progress=none -s run.dir="$tmp/fold-run" >/dev/null 2>&1
+  for p in 0 1; do
+    "$exe" export "$tmp/fold-run" --peer "$p" -o "$tmp/fold$p.kdpm" >/dev/null
+    "$exe" predict "$tmp/fold$p.kdpm" "$tmp/fold/test/trouser/"*.png --top >"$tmp/fold$p.txt"
+    expect "folder on 2 ranks: peer $p's model names the classes" grep -qE '^0 [0-2] (t-shirt|trouser|pullover)$' "$tmp/fold$p.txt"
+  done
+else
+  bad "kdp-mkdata (second argument) is missing: the image-folder run did not run"
+fi
 
 # --- layout errors ---
 run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.out" 2>&1

@@ -199,6 +199,71 @@ sleep 2
 expect "(e) ...and it stays down" test "$(state "$id")" = CANCELLED
 echo "# (e) $((SECONDS - tg)) s"
 
+# (h) job arrays: task N runs with run.seed = N in runs/$SLURM_JOB_NAME/N and logs to %x_%A_%a.out;
+# the checkout is found without KDP_ROOT although scontrol names every task of the array; a USR1 to
+# task 1 requeues task 1 alone
+th=$SECONDS
+id=$(env -u KDP_ROOT sbatch --parsable --array=1-2 --ntasks=2 --time=10 --job-name=arr \
+  "$src/launch/kdpeers.sbatch" "${long[@]}" -s run.max_steps=400 --fresh)
+id="${id%%;*}"
+if wait_for 120 training "$work/runs/arr/1" "${id}_1"; then
+  ok "(h) array task 1 is training in runs/arr/1"
+else
+  bad "(h) array task 1 is not training in runs/arr/1 (state $(state "${id}_1"))"
+fi
+scancel --signal=USR1 --batch "${id}_1"
+if wait_for 60 restarted "${id}_1"; then ok "(h) task 1 requeued after USR1"; else bad "(h) task 1 not requeued (state $(state "${id}_1"))"; fi
+st1=$(wait_done "${id}_1" 240)
+st2=$(wait_done "${id}_2" 240)
+expect "(h) both array tasks complete (states $st1, $st2)" test "$st1/$st2" = COMPLETED/COMPLETED
+expect "(h) the USR1 requeued task 1 only (task 2: Restarts=$(field "${id}_2" Restarts))" test "$(field "${id}_2" Restarts)" = 0
+for t in 1 2; do
+  expect "(h) task $t logged to %x_%A_%a = arr_${id}_$t.out" grep -q "kdpeers finished in" "arr_${id}_$t.out"
+  expect "(h) task $t trained with run.seed = $t in runs/arr/$t" grep -q "\"seed\":$t," "$work/runs/arr/$t/metrics.jsonl"
+  expect "(h) task $t finished (summary line)" grep -q '"event":"summary"' "$work/runs/arr/$t/metrics.jsonl"
+done
+expect "(h) no task lost the checkout" bash -c "! grep -q 'cannot find the kdpeers checkout' arr_${id}_*.out arr_*.out"
+expect "(h) task 1 resumed in its own run.dir" grep -q "resumed from the checkpoint at step" "arr_${id}_1.out"
+echo "# (h) $((SECONDS - th)) s"
+
+# (i) an array over a settings file: line N is task N's arguments
+ti=$SECONDS
+printf '# method per task\n-s kd.method=independent -s run.seed=5\n\n-s kd.method=avg -s run.seed=5 -s run.dir=%s\n' \
+  "$tmp/run-i2" >"$tmp/settings.txt"
+id=$(KDP_ARRAY_SETTINGS="$tmp/settings.txt" sbatch --parsable --array=1-2 --ntasks=2 --time=5 \
+  --job-name=sweep "$src/launch/kdpeers.sbatch" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-i")
+id="${id%%;*}"
+st1=$(wait_done "${id}_1" 120)
+st2=$(wait_done "${id}_2" 120)
+expect "(i) both tasks complete ($st1, $st2)" test "$st1/$st2" = COMPLETED/COMPLETED
+expect "(i) task 1 ran its line (independent) in run.dir/1" grep -q '"method":"independent".*"seed":5,' "$tmp/run-i/1/metrics.jsonl"
+expect "(i) task 2 ran its line (avg) in the run.dir its line chose" grep -q '"method":"avg".*"seed":5,' "$tmp/run-i2/metrics.jsonl"
+id=$(KDP_ARRAY_SETTINGS="$tmp/settings.txt" sbatch --parsable --array=3 --ntasks=2 --time=5 \
+  --job-name=sweep "$src/launch/kdpeers.sbatch" "${small[@]}")
+id="${id%%;*}"
+st=$(wait_done "${id}_3" 60)
+expect "(i) a task beyond the file's lines stops (state $st)" test "$st" = FAILED
+expect "(i) ...saying how many lines there are" grep -q "has 2 settings lines, counted from 1: submit with --array=1-2" "sweep_${id}_3.out"
+echo "# (i) $((SECONDS - ti)) s"
+
+# (j) launch/compare --slurm: the whole sweep as one array job, the table when it ends; resumable
+tj=$SECONDS
+cmp_out=$("$src/launch/compare" --slurm --sbatch "--time=5" -np 2 --seeds 1 --methods dml,independent \
+  --runs "$tmp/cmp" -- "${small[@]}" -s run.epochs=1 2>"$tmp/cmp.err")
+rc=$?
+expect "(j) compare --slurm exits 0 (rc $rc: $(tail -n 1 "$tmp/cmp.err"))" test "$rc" = 0
+expect "(j) one array job of 2 tasks" grep -q "submitting 2 runs as one array job" "$tmp/cmp.err"
+expect "(j) the table's rows are in the order asked (dml, then independent)" \
+  test "$(grep -o '^| `[a-z]*`' <<<"$cmp_out" | tr -d '|` ' | tr '\n' ,)" = "dml,independent,"
+expect "(j) dml's gain against independent is filled in" grep -qE '^\| `dml` \| 1 \| [0-9.]+ \+- [0-9.]+ \| [+-][0-9.]+ \+- ' <<<"$cmp_out"
+expect "(j) wall time per run to 0.1 s" grep -qE '^\| `independent` .* \| [0-9]+\.[0-9] \|$' <<<"$cmp_out"
+"$src/launch/compare" --slurm -np 2 --seeds 1 --methods dml,independent --runs "$tmp/cmp" \
+  -- "${small[@]}" -s run.epochs=1 >"$tmp/cmp2.out" 2>"$tmp/cmp2.err"
+expect "(j) run again: nothing is submitted, the finished runs are kept" \
+  bash -c "grep -q '2 finished runs kept' '$tmp/cmp2.err' && ! grep -q submitting '$tmp/cmp2.err'"
+expect "(j) ...and the same table" test "$(grep '^| `' "$tmp/cmp2.out")" = "$(grep '^| `' <<<"$cmp_out")"
+echo "# (j) $((SECONDS - tj)) s"
+
 # (f) the silent singleton: tasks that are not wired into one MPI world must not train alone
 out=$(timeout 60 srun --mpi=none -n 2 "$exe" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-e1" 2>&1)
 rc=$?

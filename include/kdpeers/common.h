@@ -7,6 +7,8 @@
 #include <stdio.h>
 
 #define KDP_VERSION "0.1.0"
+/* The git commit of the build ("0123456789ab", "-dirty" if modified; "unknown" outside git). */
+const char *kdp_git_hash(void);
 
 /* Error codes: functions that can fail return 0 or one of these (negative). */
 enum kdp_err {

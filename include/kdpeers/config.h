@@ -25,8 +25,9 @@ typedef struct kdp_config {
   int ranks_per_peer;
   char progress[16];       /* auto | bar | plain | none */
   int timeline;            /* write run.dir/timeline-rankNNN.json (Chrome trace) */
+  char max_memory[32];     /* bytes the ranks of a node may use, "16G"; "0" = physical memory */
   /* [data] */
-  char format[16];         /* idx | cifar10 | cifar100 */
+  char format[16];         /* idx | cifar10 | cifar100 | npy | folder */
   char train_images[KDP_PATH]; /* for cifar: comma-separated list of batch files */
   char train_labels[KDP_PATH];
   char test_images[KDP_PATH];
@@ -108,5 +109,15 @@ const char *kdp_config_peer_arch(const kdp_config *c, int peer);
 int kdp_config_peer_ranks(const kdp_config *c, int peer);
 /* Parses optim.milestones into out (max n); returns count or negative on error. */
 int kdp_config_milestones(const kdp_config *c, double *out, int max, kdp_error *err);
+/* run.max_memory in bytes (0 = not set: the node's physical memory applies). */
+uint64_t kdp_config_max_memory(const kdp_config *c);
+/* A byte count with an optional binary suffix (K, M, G, T; "16G", "512M", "1.5G", "1000000");
+   0 and the value in *out, or KDP_EINVAL with why filled. */
+int kdp_config_parse_bytes(const char *s, uint64_t *out, char *why, size_t n);
+
+/* The KDP_ environment variables that are not config keys: read by kdpeers' own scripts and
+   tests, or by kdpeers for fault injection. Any other KDP_ variable that names no key is an
+   error (a misspelt key must not be ignored). NULL-terminated; docs/config.md lists them. */
+extern const char *const kdp_config_other_env[];
 
 #endif

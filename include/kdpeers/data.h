@@ -1,16 +1,65 @@
-/* data.h: reads IDX (raw or .gz) and CIFAR binary datasets into uint8 images, and makes batches. */
+/* data.h: reads IDX (raw or .gz), CIFAR binary, NumPy .npy and image-folder (PNG) datasets into
+   NHWC images and labels, and makes batches. */
 #ifndef KDPEERS_DATA_H
 #define KDPEERS_DATA_H
 
 #include "kdpeers/common.h"
 
-/* A dataset held as uint8 images in NHWC order (n x H x W x C) and uint8 labels. */
+/* A dataset held as images in NHWC order (n x H x W x C) and uint8 labels. Pixel values are
+   uint8 (elem 1: 0..255, scaled by 1/255 like torchvision's ToTensor) or float32 (elem 4: used
+   as they are); both are then normalised by data.mean and data.std. */
 typedef struct kdp_dataset {
   size_t n, H, W, C, n_classes;
-  uint8_t *images; /* n * H * W * C */
+  uint8_t *images; /* n * H * W * C values of elem bytes each */
   uint8_t *labels; /* n */
   int owns;        /* 1: images/labels are malloc'ed and freed by kdp_dataset_free */
+  size_t elem;     /* bytes per pixel value: 1 (uint8; 0 reads as 1) or 4 (float32) */
+  void *map;       /* a memory-mapped file the images point into (munmap'ed by free), or NULL */
+  size_t map_len;
+  char *class_names; /* "name\n" per class (image folders), malloc'ed, freed by free; or NULL */
 } kdp_dataset;
+
+/* bytes of one pixel value (1 or 4) */
+static inline size_t kdp_dataset_elem(const kdp_dataset *ds) { return ds->elem == 4 ? 4 : 1; }
+
+/* A dataset in one of the formats of data.format: "idx" (images and labels paths), "cifar10" /
+   "cifar100" (images: comma-separated batch files; labels unused), "npy" (images .npy, labels
+   .npy), "folder" (images: a directory with one sub-directory of PNG files per class; labels
+   unused). For "folder", classes (the training set's class_names, or NULL) fixes the label of
+   each class name, so a test folder's labels match the training folder's. */
+int kdp_dataset_load(kdp_dataset *ds, const char *format, const char *images, const char *labels,
+                     const char *classes, kdp_error *err);
+
+/* NumPy .npy files (format 1.0, 2.0, 3.0): images uint8 or float32 of shape (n, H, W) or
+   (n, H, W, C) with C 1 or 3, C order; labels of any integer dtype, shape (n,), values 0..255.
+   The image payload is memory-mapped (uint8, and aligned float32). n_classes = max label + 1. */
+int kdp_npy_load(kdp_dataset *ds, const char *images_path, const char *labels_path,
+                 kdp_error *err);
+/* Only the images of a .npy file (as kdp_npy_load; labels stay NULL): for predictions. */
+int kdp_npy_load_images(kdp_dataset *ds, const char *path, kdp_error *err);
+/* Decodes one PNG into out (H x W x C uint8, C 1 or 3: libpng converts any PNG to 8-bit gray or
+   RGB, alpha composited onto black); fails unless it is H x W pixels (KDP_EINVAL). The one PNG
+   decoder: image folders and the inputs of predictions. */
+int kdp_png_read(const char *path, size_t H, size_t W, size_t C, uint8_t *out, kdp_error *err);
+
+/* Class names (a folder dataset's sub-directories, a model file's `class_names` entry, export's
+   --classes): 1..KDP_MAX_CLASS_NAME-1 bytes, no control characters and no '"'. */
+#define KDP_MAX_CLASS_NAME 64
+int kdp_class_name_ok(const char *s, size_t len);
+/* The header of a .npy file in memory: its dtype descr ("<f4", "|u1", ...), shape (up to
+   8 dims), fortran_order, and the payload offset. 0 or KDP_EFORMAT with a message naming path. */
+typedef struct kdp_npy_header {
+  char descr[16];
+  int fortran_order;
+  size_t ndim, shape[8];
+  size_t data_offset;
+} kdp_npy_header;
+int kdp_npy_parse_header(const uint8_t *buf, size_t len, const char *path, kdp_npy_header *h,
+                         kdp_error *err);
+/* An image folder: ROOT/CLASS/IMAGE.png, classes in byte order of their names (or in the order
+   of the given class list), every image the same size (grayscale, gray+alpha, RGB or RGBA:
+   alpha is dropped; 16-bit samples are scaled to 8). At most 256 classes. */
+int kdp_folder_load(kdp_dataset *ds, const char *root, const char *classes, kdp_error *err);
 
 /* IDX images (magic 0x00000803) and labels (0x00000801), raw or gzip (detected by content).
    Checks magic, truncation, that counts agree, and labels < n_classes (10). */

@@ -32,6 +32,9 @@ typedef struct kdp_dist {
 /* MPI_Init_thread (FUNNELED) unless already initialised. Safe to call once per process. */
 int kdp_dist_init_mpi(int *argc, char ***argv, kdp_error *err);
 void kdp_dist_finalize(void);
+/* The MPI library's version line (MPI_Get_library_version, callable before MPI_Init), e.g.
+   "Open MPI v4.1.4, package: Debian OpenMPI, ...", cut at the first newline. */
+void kdp_dist_library_version(char *buf, size_t n);
 /* Rank of this process in MPI_COMM_WORLD (0 when MPI is not initialised). */
 int kdp_dist_world_rank(void);
 /* Builds the communicators; fails clearly when world size is not divisible by ranks_per_peer. */

@@ -176,6 +176,18 @@ int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in
                            size_t max_batch, kdp_error *err);
 void kdp_model_free(kdp_model *m);
 
+/* What kdp_model_create would allocate for (arch, in, max_batch), without allocating it. */
+typedef struct kdp_model_memory {
+  size_t n_params, n_buffers, feature_dim;
+  double params_bytes;     /* parameters, gradients and buffers (BN running statistics) */
+  double activation_bytes; /* activations, their gradients, layer caches and scratch */
+} kdp_model_memory;
+int kdp_model_plan(const char *arch, kdp_input_shape in, size_t max_batch, kdp_model_memory *mem,
+                   kdp_error *err);
+/* The same for kdp_model_create_infer (no gradients or caches, shared activation memory). */
+int kdp_model_plan_infer(const char *arch, kdp_input_shape in, size_t max_batch,
+                         kdp_model_memory *mem, kdp_error *err);
+
 /* PyTorch default init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BN gamma=1, beta=0,
    running mean 0, var 1. */
 void kdp_model_init(kdp_model *m, kdp_rng *rng);

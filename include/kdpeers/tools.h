@@ -33,8 +33,16 @@ int kdp_tool_export(const kdp_export_opts *o);
 int kdp_tool_eval(const char *path, const kdp_config *cfg);
 
 /* Learning curves: an SVG of test accuracy and loss against epoch for every evaluated model
-   (peers, ensemble, teacher) from RUN_DIR/metrics.jsonl. Returns 0, or -1 with why filled. */
+   (peers, ensemble, teacher) and of peer 0's training loss (each log window) from
+   RUN_DIR/metrics.jsonl. Returns 0, or -1 with why filled. */
 int kdp_plot_run(const char *run_dir, const char *out_path, char *why, size_t why_len);
+/* The same with several runs overlaid (series named "RUN model", RUN the directory's name). */
+int kdp_plot_runs(const char *const *run_dirs, int n_runs, const char *out_path, char *why,
+                  size_t why_len);
+/* Round axis bounds for [lo, hi] with about `ticks` ticks: lo' <= lo and hi' >= hi multiples of
+   step, step 1, 2 or 5 times a power of ten; decimals prints each tick exactly. */
+void kdp_plot_nice_axis(double lo, double hi, int ticks, double *out_lo, double *out_hi,
+                        double *out_step, int *decimals);
 
 /* kdpeers serve RUN_DIR|MODEL.kdpm in one process: /predict answered by every peer of the run's
    newest checkpoint and their ensemble (no method teacher), or by the one model; /metrics,

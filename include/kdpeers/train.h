@@ -34,4 +34,27 @@ int kdp_train_signal_count(void);
 
 int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d);
 
+/* Evaluation runs in batches of this many rows (the models are built for it). */
+#define KDP_TRAIN_EVAL_BATCH 500
+
+/* The memory a run takes, estimated from the model plans (kdp_model_plan) before anything is
+   allocated: per rank of each peer, and on this node with the dataset. Bytes. */
+typedef struct kdp_peer_memory {
+  double params, model, optimizer, activations, buffers, per_rank;
+  int ranks;
+  size_t batch; /* rows the model is built for: max(batch per rank, evaluation batch) */
+} kdp_peer_memory;
+typedef struct kdp_memory_estimate {
+  kdp_peer_memory peer[KDP_MAX_PEERS];
+  int n_peers, worst_peer, local_ranks;
+  double per_rank_max, dataset, node_total, limit;
+  int limit_is_config; /* limit is run.max_memory (else physical or cgroup memory) */
+} kdp_memory_estimate;
+int kdp_train_memory_estimate(const kdp_config *cfg, const kdp_dist *d,
+                              const struct kdp_dataset *train, const struct kdp_dataset *test,
+                              kdp_memory_estimate *est, kdp_error *err);
+/* KDP_EINVAL with the estimate in err when node_total exceeds the limit */
+int kdp_train_memory_check(const kdp_memory_estimate *est, kdp_error *err);
+void kdp_train_memory_print(const kdp_memory_estimate *est, FILE *f);
+
 #endif

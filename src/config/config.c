@@ -2,6 +2,7 @@
    -s overrides, KDP_* environment variables, validation, printing and the docs. */
 #include "kdpeers/config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <ini.h>
@@ -52,7 +53,8 @@ typedef struct key_def {
 #define ABOVE(a) .lo = (a), .flags = R_LO | R_LO_EXCL
 
 static const char *const progress_choices[] = {"auto", "bar", "plain", "none", NULL};
-static const char *const format_choices[] = {"idx", "cifar10", "cifar100", NULL};
+static const char *const format_choices[] = {"idx", "cifar10", "cifar100", "npy", "folder",
+                                             NULL};
 static const char *const schedule_choices[] = {"constant", "cosine", "multistep", NULL};
 static const char *const method_choices[] = {"independent", "dml", "codistill", "avg",
                                              "one",         "ffl", "okddip",    NULL};
@@ -60,6 +62,8 @@ static const char *const exchange_choices[] = {"logits", "weights", NULL};
 static const char *const divergence_choices[] = {"stop", "rollback", NULL};
 
 static int check_milestones(const char *value, char *why, size_t n);
+static int check_listen(const char *value, char *why, size_t n);
+static int check_bytes(const char *value, char *why, size_t n);
 
 #define FMNIST "/usr/share/datasets/fashion-mnist/"
 
@@ -85,18 +89,24 @@ static const key_def keys[] = {
      .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},
     {"run", "timeline", KT_BOOL, AT(timeline), .def = "false",
      .help = "write run.dir/timeline-rankNNN.json, a Chrome trace of compute and communication"},
+    {"run", "max_memory", KT_STRING, AT(max_memory), .check = check_bytes, .def = "0",
+     .help = "memory the ranks of one node may use, e.g. 16G or 512M (0 = the node's physical "
+             "memory); a model estimated to need more is refused before anything is written"},
     /* [data] */
     {"data", "format", KT_ENUM, AT(format), .choices = format_choices, .def = "idx",
-     .help = "dataset file format: idx (MNIST/Fashion-MNIST, .gz ok) or CIFAR binary batches"},
+     .help = "dataset format: idx (MNIST/Fashion-MNIST, .gz ok), CIFAR binary batches, npy "
+             "(NumPy arrays) or folder (CLASS/IMAGE.png); see docs/data.md"},
     {"data", "train_images", KT_STRING, AT(train_images),
      .def = FMNIST "train-images-idx3-ubyte.gz",
-     .help = "training images (cifar: comma-separated list of batch files)"},
+     .help = "training images (cifar: comma-separated list of batch files; folder: the "
+             "directory of class sub-directories)"},
     {"data", "train_labels", KT_STRING, AT(train_labels),
-     .def = FMNIST "train-labels-idx1-ubyte.gz", .help = "training labels (unused for cifar)"},
+     .def = FMNIST "train-labels-idx1-ubyte.gz",
+     .help = "training labels (unused for cifar and folder)"},
     {"data", "test_images", KT_STRING, AT(test_images), .def = FMNIST "t10k-images-idx3-ubyte.gz",
-     .help = "test images (cifar: the test batch file)"},
+     .help = "test images (cifar: the test batch file; folder: a directory like train_images)"},
     {"data", "test_labels", KT_STRING, AT(test_labels), .def = FMNIST "t10k-labels-idx1-ubyte.gz",
-     .help = "test labels (unused for cifar)"},
+     .help = "test labels (unused for cifar and folder)"},
     {"data", "subset", KT_INT64, AT(subset), ATLEAST(0), .def = "0",
      .help = "train on the first N training examples (0 = all)"},
     {"data", "label_noise", KT_DOUBLE, AT(label_noise), RANGE(0, 1), .def = "0",
@@ -177,8 +187,9 @@ static const key_def keys[] = {
     /* [server] */
     {"server", "enabled", KT_BOOL, AT(server_enabled), .def = "true",
      .help = "run the HTTP server on rank 0"},
-    {"server", "listen", KT_STRING, AT(server_listen), .def = "127.0.0.1",
-     .help = "address to bind; a non-loopback address requires server.token"},
+    {"server", "listen", KT_STRING, AT(server_listen), .check = check_listen, .def = "127.0.0.1",
+     .help = "numeric IPv4/IPv6 address to bind (no port: see server.port); a non-loopback "
+             "address requires server.token"},
     {"server", "port", KT_INT, AT(server_port), RANGE(0, 65535), .def = "0",
      .help = "TCP port (0 = any free port; see run.dir/server.addr)"},
     {"server", "token", KT_STRING, AT(server_token), .def = "", .flags = 0,
@@ -519,6 +530,90 @@ static int check_milestones(const char *value, char *why, size_t n) {
   return r < 0 ? r : 0;
 }
 
+/* server.listen: a numeric address, "localhost", or "[v6]". Sets *loopback. Returns 0 or
+   KDP_EINVAL with why filled (an "address:port" is told that the port is server.port). */
+static int parse_listen(const char *value, int *loopback, char *why, size_t n) {
+  char host[64];
+  size_t len = strlen(value);
+  unsigned char a[16];
+  *loopback = 0;
+  if (strcmp(value, "localhost") == 0) {
+    *loopback = 1;
+    return 0;
+  }
+  if (len < sizeof host) {
+    memcpy(host, value, len + 1);
+    if (host[0] == '[' && len > 2 && host[len - 1] == ']') {
+      memmove(host, host + 1, len - 2);
+      host[len - 2] = 0;
+    }
+    if (inet_pton(AF_INET, host, a) == 1) {
+      *loopback = a[0] == 127;
+      return 0;
+    }
+    if (inet_pton(AF_INET6, host, a) == 1) {
+      static const unsigned char lo6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+      *loopback = memcmp(a, lo6, 16) == 0;
+      return 0;
+    }
+  }
+  /* "address:port" (IPv4, a name or "[v6]:port"): the port has its own key */
+  const char *colon = strrchr(value, ':');
+  if (colon && colon[1] && strspn(colon + 1, "0123456789") == strlen(colon + 1) &&
+      (!strchr(value, ':') || strchr(value, ':') == colon || value[0] == '[')) {
+    snprintf(why, n,
+             "'%.80s' holds a port: server.listen takes an address only, the port is server.port "
+             "(e.g. -s server.listen=%.*s -s server.port=%s; port 0 = any free port)",
+             value, (int)(colon - value), value, colon + 1);
+    return KDP_EINVAL;
+  }
+  snprintf(why, n,
+           "'%.80s' is not a numeric IPv4/IPv6 address: expected e.g. 127.0.0.1 (this machine "
+           "only), ::1, or 0.0.0.0 (every interface, needs server.token)",
+           value);
+  return KDP_EINVAL;
+}
+
+static int check_listen(const char *value, char *why, size_t n) {
+  int loopback;
+  return parse_listen(value, &loopback, why, n);
+}
+
+int kdp_config_parse_bytes(const char *s, uint64_t *out, char *why, size_t n) {
+  const char *end;
+  double v;
+  char tmp[128];
+  if (parse_double_at(s, &v, &end, tmp, sizeof tmp) != 0 || v < 0) {
+    snprintf(why, n, "expected a size in bytes with an optional suffix K, M, G or T, e.g. 16G");
+    return KDP_EINVAL;
+  }
+  double mult = 1;
+  switch (toupper((unsigned char)*end)) {
+  case 'K': mult = 1024.0; break;
+  case 'M': mult = 1024.0 * 1024.0; break;
+  case 'G': mult = 1024.0 * 1024.0 * 1024.0; break;
+  case 'T': mult = 1024.0 * 1024.0 * 1024.0 * 1024.0; break;
+  case 0: break;
+  default: mult = 0; break;
+  }
+  if (*end) {
+    end++;
+    if (*end == 'i') end++; /* "16Gi" */
+    if (toupper((unsigned char)*end) == 'B') end++;
+  }
+  if (mult == 0 || *end || v * mult >= 18446744073709551615.0) {
+    snprintf(why, n, "expected a size in bytes with an optional suffix K, M, G or T, e.g. 16G");
+    return KDP_EINVAL;
+  }
+  *out = (uint64_t)(v * mult);
+  return 0;
+}
+
+static int check_bytes(const char *value, char *why, size_t n) {
+  uint64_t v;
+  return kdp_config_parse_bytes(value, &v, why, n);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* The setter: every path (defaults, files, -s, env) goes through here                         */
 /* ------------------------------------------------------------------------------------------ */
@@ -679,6 +774,18 @@ static void why_unknown_key(const char *section, const key_def *tab, size_t ntab
   }
 }
 
+/* "[run], [data], ..., [server], [peer.N] (N in 0..63)": every section, from the table */
+static const char *sections_text(char *buf, size_t n) {
+  size_t used = 0;
+  buf[0] = 0;
+  for (const char *const *s = sections; *s && used < n; s++) {
+    int w = snprintf(buf + used, n - used, "[%s], ", *s);
+    used += w > 0 ? (size_t)w : 0;
+  }
+  if (used < n) snprintf(buf + used, n - used, "[peer.N] (N in 0..%d)", KDP_MAX_PEERS - 1);
+  return buf;
+}
+
 static void why_unknown_section(const char *section, char *why, size_t n) {
   const char *best = NULL;
   int bestd = 3;
@@ -689,12 +796,10 @@ static void why_unknown_section(const char *section, char *why, size_t n) {
       best = *s;
     }
   }
-  char hint[64] = "";
+  char hint[64] = "", known[256];
   if (best) snprintf(hint, sizeof hint, " (did you mean [%s]?)", best);
-  snprintf(why, n,
-           "unknown section [%.64s]%s. Known sections: [run], [data], [model], [optim], [kd], "
-           "[peer.N] (N in 0..%d)",
-           section, hint, KDP_MAX_PEERS - 1);
+  snprintf(why, n, "unknown section [%.64s]%s. Known sections: %s", section, hint,
+           sections_text(known, sizeof known));
 }
 
 /* Sets section.key = value. On failure fills why; *is_value says whether the section and key
@@ -784,10 +889,10 @@ static int file_handler(void *user, const char *section, const char *name, const
   if (s->code) return 0;
   if (!name || !value) return 1;
   if (section[0] == 0) {
+    char known[256];
     s->code = kdp_fail(s->err, KDP_EINVAL,
-                       "%s:%d: key '%s' appears before any [section]: put it under one of [run], "
-                       "[data], [model], [optim], [kd], [peer.N]",
-                       s->path, s->line, name);
+                       "%s:%d: key '%s' appears before any [section]: put it under one of %s",
+                       s->path, s->line, name, sections_text(known, sizeof known));
     return 0;
   }
   bool is_value;
@@ -889,8 +994,73 @@ static void env_name(const char *section, const char *key, char *buf, size_t n) 
   for (char *p = buf; *p; p++) *p = (char)toupper((unsigned char)*p);
 }
 
+extern char **environ;
+
+const char *const kdp_config_other_env[] = {
+    /* the launch scripts */
+    "KDP_ROOT", "KDP_LAUNCHER", "KDP_SRUN_MPI", "KDP_SRUN_ARGS", "KDP_MPIRUN_ARGS",
+    "KDP_ARRAY_SETTINGS", "KDP_TTY_COLUMNS",
+    /* the test suites */
+    "KDP_SOURCE_ROOT", "KDP_BUILD_ROOT", "KDP_TEST_VERBOSE", "KDP_FUZZ_TARGETS", "KDP_NETNS_HOSTS",
+    "KDP_NETNS_LOG", "KDP_NETNS_SUBNET", "KDP_AGENT_HOSTNAME", "KDP_AGENT_CMD",
+    "KDP_SLURM_CRED_EXPIRE",
+    /* fault injection (tests) */
+    "KDP_FAULT_SIGNAL_AT_STEP", "KDP_FAULT_NAN_AT_STEP", "KDP_FAULT_CKPT_SLEEP_MS", NULL};
+
+/* 1 if the variable NAME (up to '=') is a config key's: KDP_<SECTION>_<KEY>, KDP_PEER_<N>_<KEY> */
+static int env_is_key(const char *name, size_t len) {
+  char buf[128];
+  for (size_t i = 0; i < N_KEYS; i++) {
+    env_name(keys[i].section, keys[i].key, buf, sizeof buf);
+    if (strlen(buf) == len && strncmp(buf, name, len) == 0) return 1;
+  }
+  for (int p = 0; p < KDP_MAX_PEERS; p++)
+    for (size_t i = 0; i < N_PEER_KEYS; i++) {
+      snprintf(buf, sizeof buf, "KDP_PEER_%d_%s", p, peer_keys[i].key);
+      for (char *q = buf; *q; q++) *q = (char)toupper((unsigned char)*q);
+      if (strlen(buf) == len && strncmp(buf, name, len) == 0) return 1;
+    }
+  return 0;
+}
+
+/* A KDP_ variable that is neither a key nor one of kdp_config_other_env: an error that suggests
+   the nearest key. */
+static int check_env_names(kdp_error *err) {
+  for (char **e = environ; e && *e; e++) {
+    const char *v = *e;
+    if (strncmp(v, "KDP_", 4) != 0) continue;
+    const char *eq = strchr(v, '=');
+    size_t len = eq ? (size_t)(eq - v) : strlen(v);
+    if (env_is_key(v, len)) continue;
+    int other = 0;
+    for (const char *const *o = kdp_config_other_env; *o && !other; o++)
+      other = strlen(*o) == len && strncmp(*o, v, len) == 0;
+    if (other) continue;
+    char name[128], buf[128], hint[256] = "";
+    snprintf(name, sizeof name, "%.*s", (int)(len < 100 ? len : 100), v);
+    int best = 4;
+    for (size_t i = 0; i < N_KEYS; i++) {
+      env_name(keys[i].section, keys[i].key, buf, sizeof buf);
+      int dist = edit_distance(name, buf);
+      if (dist < best) {
+        best = dist;
+        snprintf(hint, sizeof hint, " (did you mean %s, the key %s.%s?)", buf, keys[i].section,
+                 keys[i].key);
+      }
+    }
+    return kdp_fail(err, KDP_EINVAL,
+                    "environment variable %s names no config key%s. Keys are set by "
+                    "KDP_<SECTION>_<KEY> (kdpeers --help lists them); the other KDP_ variables "
+                    "are listed in docs/config.md. Unset it or fix its name",
+                    name, hint);
+  }
+  return 0;
+}
+
 int kdp_config_apply_env(kdp_config *c, kdp_error *err) {
   if (!c) return kdp_fail(err, KDP_EINVAL, "kdp_config_apply_env: NULL argument");
+  int bad = check_env_names(err);
+  if (bad) return bad;
   kdp_config *tmp = kdp_xmalloc(sizeof *tmp);
   memcpy(tmp, c, sizeof *tmp);
   char name[128], why[KDP_ERRLEN], vbuf[96];
@@ -1011,6 +1181,16 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
     return kdp_fail(err, KDP_EINVAL,
                     "config optim.schedule = multistep needs optim.milestones, e.g. "
                     "-s optim.milestones=150,225");
+  int loopback = 0;
+  if (parse_listen(c->server_listen, &loopback, why, sizeof why) != 0)
+    return kdp_fail(err, KDP_EINVAL, "config server.listen: %s", why);
+  if (c->server_enabled && !loopback && !c->server_token[0])
+    return kdp_fail(err, KDP_EINVAL,
+                    "config server.listen = %s is not a loopback address: anyone who reaches it "
+                    "could stop the run or read its predictions, so it needs server.token (-s "
+                    "server.token=... or KDP_SERVER_TOKEN); or listen on 127.0.0.1, or set "
+                    "server.enabled = false",
+                    c->server_listen);
   if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
                     c->leader, KDP_MAX_PEERS - 1);
@@ -1215,4 +1395,11 @@ int kdp_config_milestones(const kdp_config *c, double *out, int max, kdp_error *
   int r = parse_milestones(c->milestones, out, max, why, sizeof why);
   if (r < 0) return kdp_fail(err, r, "optim.milestones = '%s': %s", c->milestones, why);
   return r;
+}
+
+uint64_t kdp_config_max_memory(const kdp_config *c) {
+  uint64_t v = 0;
+  char why[160];
+  if (kdp_config_parse_bytes(c->max_memory, &v, why, sizeof why) != 0) return 0;
+  return v;
 }

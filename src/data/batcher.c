@@ -10,20 +10,35 @@
    Normalize. NULL mean/std mean 0 and 1. */
 typedef struct norm_lut {
   float v[3][256];
+  float mean[4], std[4]; /* float32 pixels: (v - mean) / std */
 } norm_lut;
 
 static void build_lut(norm_lut *t, const float *mean, const float *std, size_t C) {
-  for (size_t c = 0; c < C && c < 3; c++) {
-    float m = mean ? mean[c] : 0.0f, s = std ? std[c] : 1.0f;
-    for (int u = 0; u < 256; u++) t->v[c][u] = ((float)u / 255.0f - m) / s;
+  for (size_t c = 0; c < C && c < 4; c++) {
+    float m = mean ? mean[c < 3 ? c : 2] : 0.0f, s = std ? std[c < 3 ? c : 2] : 1.0f;
+    t->mean[c] = m;
+    t->std[c] = s;
+    if (c < 3)
+      for (int u = 0; u < 256; u++) t->v[c][u] = ((float)u / 255.0f - m) / s;
   }
 }
 
-/* Plain conversion of one HxWxC image. */
+/* one float32 pixel value (the file's bytes need no alignment) */
+static inline float f32_at(const uint8_t *p, size_t i) {
+  float v;
+  memcpy(&v, p + 4 * i, sizeof v);
+  return v;
+}
+
+/* Plain conversion of one HxWxC image; elem 4: float32 values */
 static void convert_plain(float *restrict dst, const uint8_t *restrict src, size_t HW, size_t C,
-                          const norm_lut *t) {
+                          const norm_lut *t, size_t elem) {
   const float(*lut)[256] = t->v;
-  if (C == 1) {
+  if (elem == 4) {
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++)
+        dst[p * C + c] = (f32_at(src, p * C + c) - t->mean[c]) / t->std[c];
+  } else if (C == 1) {
     const float *l0 = lut[0];
     for (size_t p = 0; p < HW; p++) dst[p] = l0[src[p]];
   } else if (C == 3) {
@@ -43,22 +58,25 @@ static void convert_plain(float *restrict dst, const uint8_t *restrict src, size
    pixels outside the source are the padding value 0 (black), normalised. */
 static void convert_aug(float *restrict dst, const uint8_t *restrict src, size_t H, size_t W,
                         size_t C, const norm_lut *t, size_t pad, size_t oy, size_t ox,
-                        int flip) {
+                        int flip, size_t elem) {
   const float(*lut)[256] = t->v;
   for (size_t y = 0; y < H; y++) {
     float *drow = dst + y * W * C;
     size_t sy = y + oy; /* source row + pad */
     if (sy < pad || sy - pad >= H) {
       for (size_t x = 0; x < W; x++)
-        for (size_t c = 0; c < C; c++) drow[x * C + c] = lut[c][0];
+        for (size_t c = 0; c < C; c++) drow[x * C + c] = (0.0f - t->mean[c]) / t->std[c];
       continue;
     }
-    const uint8_t *srow = src + (sy - pad) * W * C;
+    const uint8_t *srow = src + (sy - pad) * W * C * elem;
     for (size_t x = 0; x < W; x++) {
       size_t sx = (flip ? W - 1 - x : x) + ox;
       float *d = drow + x * C;
       if (sx < pad || sx - pad >= W) {
-        for (size_t c = 0; c < C; c++) d[c] = lut[c][0];
+        for (size_t c = 0; c < C; c++) d[c] = (0.0f - t->mean[c]) / t->std[c];
+      } else if (elem == 4) {
+        for (size_t c = 0; c < C; c++)
+          d[c] = (f32_at(srow, (sx - pad) * C + c) - t->mean[c]) / t->std[c];
       } else {
         const uint8_t *s = srow + (sx - pad) * C;
         for (size_t c = 0; c < C; c++) d[c] = lut[c][s[c]];
@@ -73,9 +91,9 @@ void kdp_dataset_get(const kdp_dataset *ds, size_t first, size_t count, const fl
   if (count > ds->n - first) count = ds->n - first;
   norm_lut lut;
   build_lut(&lut, mean, std, ds->C);
-  size_t HW = ds->H * ds->W, isz = HW * ds->C;
+  size_t HW = ds->H * ds->W, isz = HW * ds->C, elem = kdp_dataset_elem(ds);
   for (size_t i = 0; i < count; i++) {
-    if (x) convert_plain(x + i * isz, ds->images + (first + i) * isz, HW, ds->C, &lut);
+    if (x) convert_plain(x + i * isz, ds->images + (first + i) * isz * elem, HW, ds->C, &lut, elem);
     if (y) y[i] = ds->labels[first + i];
   }
 }
@@ -159,18 +177,18 @@ size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
   }
   size_t count = left < b->batch ? left : b->batch;
   const kdp_dataset *ds = b->ds;
-  size_t C = ds->C, H = ds->H, W = ds->W, HW = H * W, isz = HW * C;
+  size_t C = ds->C, H = ds->H, W = ds->W, HW = H * W, isz = HW * C, elem = kdp_dataset_elem(ds);
   norm_lut lut;
   build_lut(&lut, b->mean, b->std, C);
   size_t pad = b->augment ? b->crop_pad : 0;
   int flip_on = b->augment && b->flip;
   for (size_t i = 0; i < count; i++) {
     size_t idx = b->order[b->pos + i];
-    const uint8_t *src = ds->images + idx * isz;
+    const uint8_t *src = ds->images + idx * isz * elem;
     float *dst = x + i * isz;
     if (y) y[i] = ds->labels[idx];
     if (!b->augment) {
-      convert_plain(dst, src, HW, C, &lut);
+      convert_plain(dst, src, HW, C, &lut, elem);
       continue;
     }
     /* torchvision: RandomCrop(size, padding=pad) picks the top-left corner in [0, 2 pad], then
@@ -182,9 +200,9 @@ size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
     }
     int fl = flip_on ? (int)(kdp_rng_u32(&b->aug_rng) >> 31) : 0;
     if (pad == 0 && !fl)
-      convert_plain(dst, src, HW, C, &lut);
+      convert_plain(dst, src, HW, C, &lut, elem);
     else
-      convert_aug(dst, src, H, W, C, &lut, pad, oy, ox, fl);
+      convert_aug(dst, src, H, W, C, &lut, pad, oy, ox, fl, elem);
   }
   b->pos += count;
   return count;

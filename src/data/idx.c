@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <zlib.h>
 
@@ -330,9 +331,11 @@ int kdp_idx_load(kdp_dataset *ds, const char *images_path, const char *labels_pa
 void kdp_dataset_free(kdp_dataset *ds) {
   if (!ds) return;
   if (ds->owns) {
-    free(ds->images);
+    if (!ds->map) free(ds->images);
     free(ds->labels);
   }
+  if (ds->map) munmap(ds->map, ds->map_len);
+  free(ds->class_names);
   memset(ds, 0, sizeof *ds);
 }
 

@@ -49,6 +49,17 @@ void kdp_dist_finalize(void) {
   if (inited && !fin) MPI_Finalize();
 }
 
+void kdp_dist_library_version(char *buf, size_t n) {
+  char v[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0, major = 0, minor = 0;
+  if (n == 0) return;
+  if (MPI_Get_library_version(v, &len) != MPI_SUCCESS) len = 0;
+  v[len < MPI_MAX_LIBRARY_VERSION_STRING ? len : MPI_MAX_LIBRARY_VERSION_STRING - 1] = 0;
+  v[strcspn(v, "\n")] = 0;
+  MPI_Get_version(&major, &minor);
+  snprintf(buf, n, "%s (MPI %d.%d)", len ? v : "unknown MPI library", major, minor);
+}
+
 int kdp_dist_world_rank(void) {
   int inited = 0, r = 0;
   MPI_Initialized(&inited);

@@ -47,6 +47,35 @@ static int read_named(kdp_modelfile *mf, const kdp_ckpt *ck, kdp_error *err) {
   return rc;
 }
 
+/* The file's weights must fit the architecture before anything is allocated for it (a damaged
+   arch string could otherwise ask for terabytes): the flat "params" vector, or the sum of the
+   named f32 tensors of format 2, against the model's plan. */
+static int check_plan(const kdp_ckpt *ck, const char *arch, kdp_input_shape in, size_t max_batch,
+                      kdp_error *err) {
+  kdp_model_memory plan;
+  int rc = kdp_model_plan_infer(arch, in, max_batch, &plan, err);
+  if (rc != 0) return rc;
+  size_t have = 0, want = plan.n_params;
+  if (kdp_ckpt_has(ck, "params")) {
+    kdp_ckpt_info info;
+    rc = kdp_ckpt_info_of(ck, "params", &info, err);
+    if (rc != 0) return rc;
+    have = info.count;
+  } else {
+    want += plan.n_buffers;
+    for (size_t i = 0; i < kdp_ckpt_count(ck); i++) {
+      kdp_ckpt_info info;
+      if (kdp_ckpt_entry(ck, i, &info) == 0 && info.type == KDP_CKPT_F32) have += info.count;
+    }
+  }
+  if (have != want)
+    return kdp_fail(err, KDP_EFORMAT, "holds %zu %s, its arch '%s' has %zu", have,
+                    kdp_ckpt_has(ck, "params") ? "parameters" : "tensor values (parameters and "
+                                                                "batchnorm statistics)",
+                    arch, want);
+  return 0;
+}
+
 int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *path,
                             size_t max_batch, kdp_error *err) {
   memset(mf, 0, sizeof *mf);
@@ -77,6 +106,8 @@ int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *p
     mf->mean[i] = (float)mv[i];
     mf->std[i] = (float)mv[3 + i];
   }
+  rc = check_plan(ck, arch, mf->in, max_batch, err);
+  if (rc != 0) return prefixed(err, rc, path);
   rc = kdp_model_create_infer(&mf->m, arch, mf->in, max_batch, err);
   if (rc != 0) return prefixed(err, rc, path);
   mf->max_batch = max_batch;
@@ -94,7 +125,7 @@ int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *p
   }
   if (rc == 0 && kdp_ckpt_has(ck, "class_names")) {
     rc = kdp_ckpt_get_str(ck, "class_names", &names, err);
-    if (rc == 0) rc = kdp_modelfile_set_class_names(mf, names, err);
+    if (rc == 0) rc = kdp_modelfile_set_class_names(mf, names, '\n', err);
   }
   if (rc != 0) {
     kdp_modelfile_free(mf);
@@ -130,20 +161,19 @@ void kdp_modelfile_free(kdp_modelfile *mf) {
   mf->x = NULL;
 }
 
-int kdp_modelfile_set_class_names(kdp_modelfile *mf, const char *list, kdp_error *err) {
+int kdp_modelfile_set_class_names(kdp_modelfile *mf, const char *list, char sep, kdp_error *err) {
   size_t C = mf->in.n_classes, n = 0;
   char **names = kdp_xcalloc(C, sizeof *names);
   const char *s = list;
   int rc = 0;
   while (rc == 0) {
-    size_t len = strcspn(s, ",\n");
+    const char *end = strchr(s, sep);
+    size_t len = end ? (size_t)(end - s) : strlen(s);
     if (n == C) {
       rc = kdp_fail(err, KDP_EINVAL, "more than %zu class names in '%.60s'", C, list);
       break;
     }
-    int ok = len > 0 && len < KDP_MAX_CLASS_NAME;
-    for (size_t k = 0; ok && k < len; k++) ok = (unsigned char)s[k] >= 0x20 && s[k] != '"';
-    if (!ok) {
+    if (!kdp_class_name_ok(s, len)) {
       rc = kdp_fail(err, KDP_EINVAL,
                     "class name %zu of '%.60s' is empty, longer than %d bytes or has a control "
                     "character or a quote",
@@ -151,9 +181,8 @@ int kdp_modelfile_set_class_names(kdp_modelfile *mf, const char *list, kdp_error
       break;
     }
     names[n++] = strndup(s, len);
-    s += len;
-    if (!*s || (*s == '\n' && !s[1])) break;
-    s++;
+    if (!end || (sep == '\n' && !end[1])) break; /* the end; a name per line ends in \n */
+    s = end + 1;
   }
   if (rc == 0 && n != C)
     rc = kdp_fail(err, KDP_EINVAL, "%zu class names for %zu classes", n, C);
@@ -185,12 +214,13 @@ int kdp_modelfile_write(const kdp_modelfile *mf, const char *path, const char *s
   for (int i = 0; i < 6; i++)
     PUT(kdp_ckpt_put_f64(w, MNAMES[i], i < 3 ? mf->mean[i] : mf->std[i - 3], err));
   if (mf->class_names) {
+    /* one name per line, each ending in a newline (as a run's checkpoint stores them) */
     size_t len = 0;
     for (size_t i = 0; i < mf->in.n_classes; i++) len += strlen(mf->class_names[i]) + 1;
     char *list = kdp_xcalloc(len + 1, 1);
     for (size_t i = 0; i < mf->in.n_classes; i++) {
-      if (i) strcat(list, "\n");
       strcat(list, mf->class_names[i]);
+      strcat(list, "\n");
     }
     PUT(kdp_ckpt_put_str(w, "class_names", list, err));
     free(list);
@@ -233,11 +263,11 @@ int kdp_modelfile_write(const kdp_modelfile *mf, const char *path, const char *s
   return kdp_ckpt_writer_commit(w, NULL, err);
 }
 
-void kdp_modelfile_predict(kdp_modelfile *mf, const uint8_t *pix, size_t n, float *probs) {
-  size_t isz = mf->in.H * mf->in.W * mf->in.C, C = mf->in.n_classes;
+void kdp_modelfile_predict(kdp_modelfile *mf, const uint8_t *pix, size_t elem, size_t n,
+                           float *probs) {
+  size_t C = mf->in.n_classes;
   kdp_dataset ds = {.n = n, .H = mf->in.H, .W = mf->in.W, .C = mf->in.C, .n_classes = C,
-                    .images = (uint8_t *)pix, .labels = NULL, .owns = 0};
-  (void)isz;
+                    .images = (uint8_t *)pix, .labels = NULL, .owns = 0, .elem = elem};
   for (size_t first = 0; first < n; first += mf->max_batch) {
     size_t b = n - first < mf->max_batch ? n - first : mf->max_batch;
     kdp_dataset_get(&ds, first, b, mf->mean, mf->std, mf->x, NULL);

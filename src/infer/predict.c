@@ -12,8 +12,9 @@ static void usage(FILE *f, const char *prog) {
   fprintf(f,
           "usage: %s MODEL.kdpm [INPUT...] [--json] [--top] [--batch N] [--threads N]\n"
           "       %s MODEL.kdpm [INPUT...] --bench REPS [--batch N]\n"
-          "INPUT: an IDX image file (raw or .gz), a PNG, a file of raw uint8 pixels (H x W x C per\n"
-          "image), or '-' for raw pixels on standard input (the default). One line per image:\n"
+          "INPUT: an IDX image file (raw or .gz), a NumPy .npy image array (uint8 or float32), a\n"
+          "PNG, a file of raw uint8 pixels (H x W x C per image), or '-' for raw pixels on\n"
+          "standard input (the default). One line per image:\n"
           "  text: index label [class] p0 p1 ...   (class, with '_' for spaces, when the model\n"
           "        carries class names; --top: index label [class])\n"
           "  --json: {\"index\":0,\"source\":\"FILE\",\"label\":9,\"class\":\"...\",\"probs\":[...]}\n"
@@ -76,9 +77,10 @@ static int bench(kdp_modelfile *mf, const kdp_images *imgs, size_t batch, long r
   }
   float *p = kdp_falloc(batch * mf->in.n_classes);
   long warm = reps / 10 + 1;
-  for (long r = 0; r < warm; r++) kdp_modelfile_predict(mf, imgs->pix, batch, p);
+  size_t elem = kdp_images_elem(imgs);
+  for (long r = 0; r < warm; r++) kdp_modelfile_predict(mf, imgs->pix, elem, batch, p);
   double t0 = kdp_now();
-  for (long r = 0; r < reps; r++) kdp_modelfile_predict(mf, imgs->pix, batch, p);
+  for (long r = 0; r < reps; r++) kdp_modelfile_predict(mf, imgs->pix, elem, batch, p);
   double dt = kdp_now() - t0;
   printf("{\"impl\":\"kdpeers\",\"arch\":\"%s\",\"batch\":%zu,\"reps\":%ld,\"seconds\":%.6f,"
          "\"us_per_batch\":%.3f,\"images_per_second\":%.1f}\n",
@@ -150,11 +152,12 @@ int kdp_predict_main(int argc, char **argv) {
   if (rc == 0 && reps > 0) {
     rc = bench(&mf, &imgs, batch, reps);
   } else if (rc == 0) {
-    size_t C = mf.in.n_classes;
+    size_t C = mf.in.n_classes, elem = kdp_images_elem(&imgs);
+    size_t isz = mf.in.H * mf.in.W * mf.in.C * elem;
     float *p = kdp_falloc(batch * C);
     for (size_t first = 0; first < imgs.n; first += batch) {
       size_t b = imgs.n - first < batch ? imgs.n - first : batch;
-      kdp_modelfile_predict(&mf, imgs.pix + first * mf.in.H * mf.in.W * mf.in.C, b, p);
+      kdp_modelfile_predict(&mf, imgs.pix + first * isz, elem, b, p);
       for (size_t r = 0; r < b; r++) print_line(&mf, &imgs, first + r, p + r * C, json, top);
     }
     free(p);

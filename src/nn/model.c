@@ -1,5 +1,6 @@
 /* model.c: models as a list of ops over activation buffers, built from arch strings (the zoo). */
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,21 @@ struct kdp_model {
 
 /* ---------------- building ---------------- */
 
+/* build_failed values: a layer that does not fit its input or too many ops (1), sizes beyond
+   2^44 values (2) */
+#define BUILD_TOO_LARGE 2
+#define MAX_VALUES ((size_t)1 << 44)
+
+/* a * b for tensor sizes; marks the model too large instead of overflowing */
+static size_t mul_size(kdp_model *m, size_t a, size_t b) {
+  size_t r;
+  if (__builtin_mul_overflow(a, b, &r) || r > MAX_VALUES) {
+    m->build_failed = BUILD_TOO_LARGE;
+    return 1;
+  }
+  return r;
+}
+
 static int new_act(kdp_model *m, size_t H, size_t W, size_t C) {
   if (m->n_acts >= MAX_ACTS) {
     m->build_failed = 1;
@@ -79,6 +95,9 @@ static int new_act(kdp_model *m, size_t H, size_t W, size_t C) {
   a->W = W;
   a->C = C;
   a->last_reader = -1;
+  if (mul_size(m, mul_size(m, H, W), C) == 1 && m->build_failed == BUILD_TOO_LARGE) {
+    a->H = a->W = a->C = 1; /* keeps later size arithmetic finite; the build fails anyway */
+  }
   return m->n_acts++;
 }
 
@@ -112,7 +131,8 @@ static size_t add_tensor(kdp_model *m, const char *prefix, const char *suffix, s
   t->kind = kind;
   t->ndim = 1;
   t->dims[0] = size;
-  m->n_params += size;
+  if (__builtin_add_overflow(m->n_params, size, &m->n_params) || m->n_params > MAX_VALUES)
+    m->build_failed = BUILD_TOO_LARGE;
   return t->off;
 }
 
@@ -156,7 +176,7 @@ static int b_conv(kdp_model *m, int in, size_t cout, size_t k, size_t stride, si
   o->out = out;
   o->cs = cs;
   o->fan_in = a->C * k * k;
-  o->w = add_tensor(m, name, "weight", cout * k * k * a->C, o->fan_in, 0);
+  o->w = add_tensor(m, name, "weight", mul_size(m, mul_size(m, cout, k * k), a->C), o->fan_in, 0);
   last_tensor_dims(m, 4, cout, a->C, k, k);
   if (bias) o->b = add_tensor(m, name, "bias", cout, o->fan_in, 0);
   m->flops += 2.0 * (double)(cs.OH * cs.OW * cout) * (double)o->fan_in;
@@ -170,7 +190,7 @@ static int b_dense(kdp_model *m, int in, size_t outd, const char *name) {
   op *o = new_op(m, KDP_OP_DENSE, in);
   o->out = out;
   o->fan_in = ind;
-  o->w = add_tensor(m, name, "weight", outd * ind, ind, 0);
+  o->w = add_tensor(m, name, "weight", mul_size(m, outd, ind), ind, 0);
   last_tensor_dims(m, 2, outd, ind, 0, 0);
   o->b = add_tensor(m, name, "bias", outd, ind, 0);
   m->flops += 2.0 * (double)ind * (double)outd;
@@ -336,8 +356,11 @@ static int parse_int_list_z(const char *s, long *out, int max, int zero_from) {
     while (*s == ' ') s++;
     if (!isdigit((unsigned char)*s)) return -1;
     char *end;
+    errno = 0;
     long v = strtol(s, &end, 10);
-    if (n >= max || v < 0 || (v == 0 && n < zero_from) || v > 1000000) return -1;
+    /* sizes up to 2^40 parse; whether the model fits is the memory estimate's question */
+    if (n >= max || errno == ERANGE || v < 0 || (v == 0 && n < zero_from) || v > (1L << 40))
+      return -1;
     out[n++] = v;
     s = end;
     while (*s == ' ') s++;
@@ -495,6 +518,16 @@ static int fusable_block(const kdp_model *m, int i) {
   return 1;
 }
 
+/* model_alloc's allocations: counted into *bytes, and made unless dry (then NULL) */
+static float *plan_floats(size_t n, int dry, double *bytes) {
+  *bytes += (double)n * sizeof(float);
+  return dry ? NULL : kdp_falloc(n);
+}
+static void *plan_bytes(size_t n, size_t sz, int dry, double *bytes) {
+  *bytes += (double)n * (double)sz;
+  return dry ? NULL : kdp_xcalloc(n, sz);
+}
+
 /* Eval-only models keep no gradients, and an activation's memory is handed on once its last
    reader has run (the features and logits are kept): a few buffers serve the whole net. */
 typedef struct slot {
@@ -503,14 +536,15 @@ typedef struct slot {
   int busy;
 } slot;
 
-static void infer_take(kdp_model *m, int a, slot *slots, size_t *n_slots, int *owner) {
+static void infer_take(kdp_model *m, int a, slot *slots, size_t *n_slots, int *owner, int dry,
+                       double *bytes) {
   if (a <= 0 || owner[a]) return;
   size_t need = m->max_batch * m->acts[a].H * m->acts[a].W * m->acts[a].C, best = *n_slots;
   for (size_t k = 0; k < *n_slots; k++)
     if (!slots[k].busy && slots[k].n >= need && (best == *n_slots || slots[k].n < slots[best].n))
       best = k;
   if (best == *n_slots) {
-    slots[best] = (slot){kdp_falloc(need), need, 0};
+    slots[best] = (slot){plan_floats(need, dry, bytes), need, 0};
     (*n_slots)++;
   } else {
     m->acts[a].borrowed = 1; /* another activation frees it */
@@ -520,18 +554,18 @@ static void infer_take(kdp_model *m, int a, slot *slots, size_t *n_slots, int *o
   m->acts[a].val = slots[best].p;
 }
 
-static void infer_alloc_acts(kdp_model *m) {
+static void infer_alloc_acts(kdp_model *m, int dry, double *bytes) {
   slot *slots = kdp_xcalloc((size_t)m->n_acts, sizeof *slots);
   int *owner = kdp_xcalloc((size_t)m->n_acts, sizeof *owner); /* act -> slot + 1 */
   size_t n_slots = 0;
   for (int i = 0; i < m->n_ops; i++) {
     const op *o = &m->ops[i];
     int last = i, reads[3] = {o->in, o->in2, -1};
-    infer_take(m, o->out, slots, &n_slots, owner);
+    infer_take(m, o->out, slots, &n_slots, owner, dry, bytes);
     if (o->fused > 0) {
       /* the block writes its conv output (scratch, free afterwards) and its relu output */
       last = i + o->fused - 1;
-      infer_take(m, m->ops[last].out, slots, &n_slots, owner);
+      infer_take(m, m->ops[last].out, slots, &n_slots, owner, dry, bytes);
       reads[2] = o->out;
     }
     for (int k = 0; k < 3; k++) {
@@ -546,11 +580,16 @@ static void infer_alloc_acts(kdp_model *m) {
   free(slots);
 }
 
-static void model_alloc(kdp_model *m) {
+/* Allocates every buffer of a built model, or only counts their bytes (dry): parameters and
+   gradients in mem->params, buffers, and the activations, caches and scratch of a max_batch
+   batch in mem->activations. One code path, so the estimate is what creating the model takes
+   (eval-only models: no gradients or caches, activations sharing memory). */
+static void model_alloc(kdp_model *m, int dry, kdp_model_memory *mem) {
   size_t Bm = m->max_batch;
-  m->params = kdp_falloc(m->n_params);
-  m->grads = m->infer ? NULL : kdp_falloc(m->n_params);
-  m->buffers = kdp_falloc(m->n_buffers ? m->n_buffers : 1);
+  double pb = 0, ab = 0;
+  m->params = plan_floats(m->n_params, dry, &pb);
+  m->grads = m->infer ? NULL : plan_floats(m->n_params, dry, &pb);
+  m->buffers = plan_floats(m->n_buffers ? m->n_buffers : 1, dry, &pb);
   /* 1: no gradient buffer, 2: no buffers at all (tensors inside fused blocks) */
   unsigned char *skip = kdp_xcalloc((size_t)m->n_acts, 1);
   for (int i = 0; i < m->n_ops; i++)
@@ -563,13 +602,13 @@ static void model_alloc(kdp_model *m) {
       i += 3;
     }
   if (m->infer)
-    infer_alloc_acts(m);
+    infer_alloc_acts(m, dry, &ab);
   else
     for (int i = 1; i < m->n_acts; i++) {
       act *a = &m->acts[i];
       size_t n = Bm * a->H * a->W * a->C;
-      a->val = skip[i] < 2 ? kdp_falloc(n) : NULL;
-      a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
+      a->val = skip[i] < 2 ? plan_floats(n, dry, &ab) : NULL;
+      a->grad = skip[i] < 1 ? plan_floats(n, dry, &ab) : NULL;
     }
   free(skip);
   m->scratch_floats = 0;
@@ -581,10 +620,10 @@ static void model_alloc(kdp_model *m) {
     if (o->fused > 0) {
       const act *y = &m->acts[o->out], *po = &m->acts[m->ops[i + 2].out];
       size_t n_pool = Bm * po->H * po->W * po->C;
-      o->win = kdp_xcalloc(n_pool ? n_pool : 1, 1);
-      o->xwin = kdp_falloc(n_pool);
-      o->mean = kdp_falloc(y->C);
-      o->invstd = kdp_falloc(y->C);
+      o->win = plan_bytes(n_pool ? n_pool : 1, 1, dry, &ab);
+      o->xwin = plan_floats(n_pool, dry, &ab);
+      o->mean = plan_floats(y->C, dry, &ab);
+      o->invstd = plan_floats(y->C, dry, &ab);
       kdp_conv_shape cs = o->cs;
       cs.B = Bm;
       size_t s = kdp_conv_bn_pool_relu_scratch_floats(&cs);
@@ -602,37 +641,30 @@ static void model_alloc(kdp_model *m) {
       }
       case KDP_OP_BN:
         if (m->infer) break;
-        o->xhat = kdp_falloc(n_in);
-        o->invstd = kdp_falloc(in->C);
+        o->xhat = plan_floats(n_in, dry, &ab);
+        o->invstd = plan_floats(in->C, dry, &ab);
         break;
       case KDP_OP_DROPOUT:
-        if (!m->infer) o->mask = kdp_falloc(n_in);
+        if (!m->infer) o->mask = plan_floats(n_in, dry, &ab);
         break;
       case KDP_OP_MAXPOOL:
-        o->argmax = kdp_xcalloc(n_out, sizeof(int32_t));
+        o->argmax = plan_bytes(n_out, sizeof(int32_t), dry, &ab);
         break;
       default:
         break;
     }
   }
-  m->scratch = kdp_falloc(m->scratch_floats ? m->scratch_floats : 1);
+  m->scratch = plan_floats(m->scratch_floats ? m->scratch_floats : 1, dry, &ab);
+  if (mem) {
+    mem->n_params = m->n_params;
+    mem->params_bytes = pb;
+    mem->activation_bytes = ab;
+  }
 }
 
-static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
-                        int infer, kdp_error *err);
-
-int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
-                     kdp_error *err) {
-  return model_create(out, arch, in, max_batch, 0, err);
-}
-
-int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in,
-                           size_t max_batch, kdp_error *err) {
-  return model_create(out, arch, in, max_batch, 1, err);
-}
-
-static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
-                        int infer, kdp_error *err) {
+/* Builds the graph of arch (no buffers yet); infer: an eval-only model. */
+static int model_build(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                       int infer, kdp_error *err) {
   *out = NULL;
   if (!arch || strlen(arch) >= KDP_STR_ARCH)
     return kdp_fail(err, KDP_EINVAL, "model arch is empty or longer than %d characters",
@@ -680,18 +712,59 @@ static int model_create(kdp_model **out, const char *arch, kdp_input_shape in, s
                   "wrnD_K (e.g. wrn16_2) or seq:SPEC",
                   arch);
   }
-  if (rc == 0 && m->build_failed)
+  if (rc == 0 && m->build_failed == BUILD_TOO_LARGE)
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "model arch '%s' on %zux%zux%zu inputs is too large: a layer would hold more "
+                  "than 2^44 values",
+                  arch, in.H, in.W, in.C);
+  else if (rc == 0 && m->build_failed)
     rc = kdp_fail(err, KDP_EINVAL,
                   "model arch '%s' does not fit %zux%zux%zu inputs (a layer's output would be "
-                  "empty) or is too large",
+                  "empty) or has too many layers",
                   arch, in.H, in.W, in.C);
   if (rc != 0) {
     free(m);
     return rc;
   }
-  model_alloc(m);
   *out = m;
   return 0;
+}
+
+int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
+                     kdp_error *err) {
+  int rc = model_build(out, arch, in, max_batch, 0, err);
+  if (rc == 0) model_alloc(*out, 0, NULL);
+  return rc;
+}
+
+int kdp_model_create_infer(kdp_model **out, const char *arch, kdp_input_shape in,
+                           size_t max_batch, kdp_error *err) {
+  int rc = model_build(out, arch, in, max_batch, 1, err);
+  if (rc == 0) model_alloc(*out, 0, NULL);
+  return rc;
+}
+
+static int model_plan(const char *arch, kdp_input_shape in, size_t max_batch, int infer,
+                      kdp_model_memory *mem, kdp_error *err) {
+  kdp_model *m = NULL;
+  memset(mem, 0, sizeof *mem);
+  int rc = model_build(&m, arch, in, max_batch, infer, err);
+  if (rc != 0) return rc;
+  model_alloc(m, 1, mem);
+  mem->n_buffers = m->n_buffers;
+  mem->feature_dim = kdp_model_feature_dim(m);
+  free(m);
+  return 0;
+}
+
+int kdp_model_plan(const char *arch, kdp_input_shape in, size_t max_batch, kdp_model_memory *mem,
+                   kdp_error *err) {
+  return model_plan(arch, in, max_batch, 0, mem, err);
+}
+
+int kdp_model_plan_infer(const char *arch, kdp_input_shape in, size_t max_batch,
+                         kdp_model_memory *mem, kdp_error *err) {
+  return model_plan(arch, in, max_batch, 1, mem, err);
 }
 
 void kdp_model_free(kdp_model *m) {

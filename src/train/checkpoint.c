@@ -53,6 +53,7 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_i64(w, "input_w", (int64_t)t->train.W, err));
     PUT(kdp_ckpt_put_i64(w, "input_c", (int64_t)t->train.C, err));
     PUT(kdp_ckpt_put_i64(w, "classes", (int64_t)t->C, err));
+    if (t->train.class_names) PUT(kdp_ckpt_put_str(w, "class_names", t->train.class_names, err));
     PUT(kdp_ckpt_put_f64(w, "mean0", t->mean[0], err));
     PUT(kdp_ckpt_put_f64(w, "mean1", t->mean[1], err));
     PUT(kdp_ckpt_put_f64(w, "mean2", t->mean[2], err));
@@ -120,7 +121,8 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
 static int operational_key(const char *k) {
   static const char *const ok[] = {"run.progress", "run.threads", "run.log_every",
                                    "run.max_steps", "run.eval_every", "checkpoint.every_steps",
-                                   "checkpoint.every_minutes", "checkpoint.keep", NULL};
+                                   "checkpoint.every_minutes", "checkpoint.keep",
+                                   "run.max_memory", NULL};
   if (strncmp(k, "server.", 7) == 0) return 1;
   for (int i = 0; ok[i]; i++)
     if (strcmp(k, ok[i]) == 0) return 1;

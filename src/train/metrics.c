@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -74,7 +75,7 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
     return kdp_fail(err, KDP_EIO, "cannot open '%s' for appending: %s", path, strerror(errno));
   const char *mode = t->cfg->progress;
   if (strcmp(mode, "auto") == 0)
-    t->tty = isatty(STDERR_FILENO);
+    t->tty = isatty(STDERR_FILENO) || kdp_progress_launcher_tty();
   else
     t->tty = strcmp(mode, "bar") == 0 ? 1 : strcmp(mode, "plain") == 0 ? 0 : -1;
   g_nrows = 0;
@@ -178,6 +179,43 @@ void kdp_progress_start(kdp_trainer *t, double load_seconds) {
   t->t_start = kdp_now();
 }
 
+int kdp_progress_launcher_tty(void) {
+  const char *c = getenv("KDP_TTY_COLUMNS");
+  return c && atoi(c) > 0;
+}
+
+/* the width of the terminal the bar is drawn on: rank 0's own, or the launcher's */
+static int term_columns(void) {
+  struct winsize ws;
+  if (ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  const char *c = getenv("KDP_TTY_COLUMNS");
+  int v = c ? atoi(c) : 0;
+  return v > 0 ? v : 80;
+}
+
+/* the bar: one line redrawn in place, cut to the terminal's width (a wrapped line could not be
+   redrawn); the distillation loss only for methods that have one */
+static void progress_bar(kdp_trainer *t, int64_t step, double epoch, double loss, double kd,
+                         double acc, double lr, double sps, const char *etas) {
+  int cols = term_columns();
+  int width = cols >= 110 ? 20 : cols >= 90 ? 10 : 0;
+  int fill = t->total_steps > 0 ? (int)((double)width * (double)step / (double)t->total_steps) : 0;
+  char bar[40] = "", line[512], kds[32] = "";
+  if (width > 0) {
+    bar[0] = '[';
+    for (int i = 0; i < width; i++) bar[1 + i] = i < fill ? '#' : '.';
+    memcpy(bar + 1 + width, "] ", 3);
+  }
+  if (t->P > 1 && strcmp(t->cfg->method, "independent") != 0) snprintf(kds, sizeof kds, " kd %.4f", kd);
+  int n = snprintf(line, sizeof line,
+                   "epoch %.2f %sstep %lld/%lld loss %.4f%s acc %.1f%% lr %.4g %.0f samples/s ETA %s",
+                   epoch, bar, (long long)step, (long long)t->total_steps, loss, kds, 100.0 * acc,
+                   lr, sps, etas);
+  if (n > cols - 1 && cols > 1 && cols - 1 < (int)sizeof line) line[cols - 1] = 0;
+  fprintf(stderr, "\r\033[K%s", line);
+  if (step == t->total_steps) fputc('\n', stderr);
+}
+
 void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss, double kd,
                          double acc, double train_seconds, double lr) {
   double sps = train_seconds > 0 ? (double)step * (double)t->Bg / train_seconds : 0;
@@ -196,17 +234,7 @@ void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss
   char etas[32];
   fmt_dur(etas, sizeof etas, eta);
   if (t->tty) {
-    int width = 20;
-    int fill = t->total_steps > 0 ? (int)((double)width * (double)step / (double)t->total_steps) : 0;
-    char bar[32];
-    for (int i = 0; i < width; i++) bar[i] = i < fill ? '#' : '.';
-    bar[width] = 0;
-    fprintf(stderr,
-            "\r\033[Kepoch %.2f [%s] step %lld/%lld loss %.4f kd %.4f acc %.1f%% %.0f samples/s "
-            "ETA %s",
-            epoch, bar, (long long)step, (long long)t->total_steps, loss, kd, 100.0 * acc, sps,
-            etas);
-    if (step == t->total_steps) fputc('\n', stderr);
+    progress_bar(t, step, epoch, loss, kd, acc, lr, sps, etas);
   } else {
     char ts[32];
     timestamp(ts, sizeof ts);

@@ -109,11 +109,12 @@ int kdp_tool_inspect(const char *path) {
 }
 
 static const char *const FASHION_NAMES =
-    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot";
+    "T-shirt/top\nTrouser\nPullover\nDress\nCoat\nSandal\nShirt\nSneaker\nBag\nAnkle boot\n";
 
-/* Class names a run's data imply: Fashion-MNIST's when its IDX files live in a directory named
-   fashion-mnist (Debian's dataset-fashion-mnist), CIFAR's from the batches.meta.txt /
-   fine_label_names.txt beside the batches. Empty when unknown. */
+/* Class names a run's data imply, one per line: Fashion-MNIST's when its IDX files live in a
+   directory named fashion-mnist (Debian's dataset-fashion-mnist), CIFAR's from the
+   batches.meta.txt / fine_label_names.txt beside the batches. Empty when unknown. (Image-folder
+   runs need no guess: their checkpoints carry the folder's class names.) */
 static void run_class_names(const char *run_dir, char *out, size_t n) {
   out[0] = 0;
   char ini[256];
@@ -168,12 +169,12 @@ int kdp_tool_export(const kdp_export_opts *o) {
   }
   int rc = 0;
   if (o->classes) {
-    rc = kdp_modelfile_set_class_names(&lm, o->classes, &err);
+    rc = kdp_modelfile_set_class_names(&lm, o->classes, ',', &err);
   } else if (!lm.class_names && is_dir(o->src)) {
     char names[4096];
     run_class_names(o->src, names, sizeof names);
     /* names that do not fit the model (another dataset) are left out, not an error */
-    if (names[0] && kdp_modelfile_set_class_names(&lm, names, &err) != 0)
+    if (names[0] && kdp_modelfile_set_class_names(&lm, names, '\n', &err) != 0)
       fprintf(stderr, "kdpeers export: warning: the run's class names do not fit: %s\n", err.msg);
   }
   double t0 = kdp_now();
@@ -222,7 +223,7 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
       goto out;
     }
   {
-    size_t isz = test.H * test.W * test.C;
+    size_t elem = kdp_dataset_elem(&test), isz = test.H * test.W * test.C * elem;
     float *p = kdp_falloc(TOOL_BATCH * C), *ens = kdp_falloc(TOOL_BATCH * C);
     int32_t *y = kdp_xcalloc(TOOL_BATCH, sizeof(int32_t));
     double *hits = kdp_xcalloc((size_t)n + 1, sizeof(double));
@@ -233,7 +234,7 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
       for (int i = 0; i < n; i++) {
         /* every model normalises with its own statistics */
         kdp_dataset_get(&test, first, b, NULL, NULL, NULL, y);
-        kdp_modelfile_predict(&lm[i], test.images + first * isz, b, p);
+        kdp_modelfile_predict(&lm[i], test.images + first * isz, elem, b, p);
         for (size_t r = 0; r < b; r++) {
           const float *row = p + r * C;
           size_t am = 0;

@@ -18,7 +18,7 @@
 #include "kdpeers/tools.h"
 #include "train_internal.h"
 
-#define EVAL_BATCH 500
+#define EVAL_BATCH KDP_TRAIN_EVAL_BATCH
 
 int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d) {
   if (cfg->threads > 0) return cfg->threads;
@@ -47,44 +47,28 @@ static int mkdir_p(const char *path, kdp_error *err) {
   return 0;
 }
 
-/* Splits a comma-separated list of paths in place. */
-static size_t split_paths(char *s, const char **out, size_t max) {
-  size_t n = 0;
-  for (char *tok = strtok(s, ","); tok && n < max; tok = strtok(NULL, ",")) {
-    while (*tok == ' ') tok++;
-    out[n++] = tok;
-  }
-  return n;
-}
-
 int kdp_train_load_data(const kdp_config *cfg, kdp_dataset *train, kdp_dataset *test,
                         kdp_error *err) {
-  memset(train, 0, sizeof *train);
-  memset(test, 0, sizeof *test);
-  int rc;
-  if (strcmp(cfg->format, "idx") == 0) {
-    rc = kdp_idx_load(train, cfg->train_images, cfg->train_labels, err);
-    if (rc == 0) rc = kdp_idx_load(test, cfg->test_images, cfg->test_labels, err);
-  } else {
-    int c100 = strcmp(cfg->format, "cifar100") == 0;
-    char a[KDP_PATH], b[KDP_PATH];
-    const char *pa[16], *pb[16];
-    snprintf(a, sizeof a, "%s", cfg->train_images);
-    snprintf(b, sizeof b, "%s", cfg->test_images);
-    size_t na = split_paths(a, pa, 16), nb = split_paths(b, pb, 16);
-    rc = kdp_cifar_load(train, pa, na, c100, err);
-    if (rc == 0) rc = kdp_cifar_load(test, pb, nb, c100, err);
-  }
+  int rc = kdp_dataset_load(train, cfg->format, cfg->train_images, cfg->train_labels, NULL, err);
+  if (rc == 0)
+    rc = kdp_dataset_load(test, cfg->format, cfg->test_images, cfg->test_labels,
+                          train->class_names, err);
   if (rc != 0) {
     kdp_dataset_free(train);
     kdp_dataset_free(test);
     return rc;
   }
-  if (train->H != test->H || train->W != test->W || train->C != test->C)
-    return kdp_fail(err, KDP_EFORMAT,
-                    "training images are %zux%zux%zu but test images are %zux%zux%zu: data.* files "
-                    "must come from the same dataset",
-                    train->H, train->W, train->C, test->H, test->W, test->C);
+  if (train->H != test->H || train->W != test->W || train->C != test->C ||
+      kdp_dataset_elem(train) != kdp_dataset_elem(test)) {
+    rc = kdp_fail(err, KDP_EFORMAT,
+                  "training images are %zux%zux%zu %s but test images are %zux%zux%zu %s: data.* "
+                  "files must come from the same dataset",
+                  train->H, train->W, train->C, kdp_dataset_elem(train) == 4 ? "float32" : "uint8",
+                  test->H, test->W, test->C, kdp_dataset_elem(test) == 4 ? "float32" : "uint8");
+    kdp_dataset_free(train);
+    kdp_dataset_free(test);
+    return rc;
+  }
   if (train->n_classes < test->n_classes) train->n_classes = test->n_classes;
   test->n_classes = train->n_classes;
   if (cfg->subset > 0) kdp_dataset_subset(train, (size_t)cfg->subset);
@@ -103,14 +87,16 @@ static double peak_rss_mb(void) {
    ranks of the node map the same MPI shared-memory window. */
 static int load_data_shared(kdp_trainer *t, kdp_error *err) {
   kdp_dist *d = t->d;
-  uint64_t meta[12] = {0};
+  uint64_t meta[13] = {0}; /* shapes, [10] pixel bytes, [11] rc, [12] class-name bytes */
   kdp_dataset tr, te;
   int rc = 0;
   if (d->local_rank == 0) {
     rc = kdp_train_load_data(t->cfg, &tr, &te, err);
     if (rc == 0) {
-      uint64_t m[10] = {tr.n, tr.H, tr.W, tr.C, tr.n_classes, te.n, te.H, te.W, te.C, te.n_classes};
+      uint64_t m[11] = {tr.n, tr.H, tr.W, tr.C, tr.n_classes, te.n, te.H, te.W, te.C, te.n_classes,
+                        kdp_dataset_elem(&tr)};
       memcpy(meta, m, sizeof m);
+      meta[12] = tr.class_names ? strlen(tr.class_names) + 1 : 0;
     }
     meta[11] = (uint64_t)(int64_t)rc;
   }
@@ -120,7 +106,11 @@ static int load_data_shared(kdp_trainer *t, kdp_error *err) {
       rc = kdp_fail(err, KDP_EIO, "local rank 0 of this node failed to load the data (see its message)");
     return rc;
   }
-  size_t tr_img = meta[0] * meta[1] * meta[2] * meta[3], te_img = meta[5] * meta[6] * meta[7] * meta[8];
+  char *names = meta[12] ? kdp_xcalloc(meta[12], 1) : NULL;
+  if (names && d->local_rank == 0) memcpy(names, tr.class_names, meta[12]);
+  if (names) kdp_dist_node_bcast(d, names, meta[12]);
+  size_t tr_img = meta[0] * meta[1] * meta[2] * meta[3] * meta[10],
+         te_img = meta[5] * meta[6] * meta[7] * meta[8] * meta[10];
   size_t total = tr_img + meta[0] + te_img + meta[5];
   uint8_t *base = kdp_dist_node_shared(d, total, &t->data_win);
   if (d->local_rank == 0) {
@@ -133,10 +123,12 @@ static int load_data_shared(kdp_trainer *t, kdp_error *err) {
   }
   kdp_dist_node_barrier(d);
   t->train = (kdp_dataset){.n = meta[0], .H = meta[1], .W = meta[2], .C = meta[3],
-                           .n_classes = meta[4], .images = base, .labels = base + tr_img, .owns = 0};
+                           .n_classes = meta[4], .images = base, .labels = base + tr_img, .owns = 0,
+                           .elem = meta[10], .class_names = names};
   t->test = (kdp_dataset){.n = meta[5], .H = meta[6], .W = meta[7], .C = meta[8],
                           .n_classes = meta[9], .images = base + tr_img + meta[0],
-                          .labels = base + tr_img + meta[0] + te_img, .owns = 0};
+                          .labels = base + tr_img + meta[0] + te_img, .owns = 0,
+                          .elem = meta[10]};
   return 0;
 }
 
@@ -435,13 +427,26 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     return rc;
   }
   t_load = kdp_now() - t_load;
+  /* refuse a run that cannot fit before anything is allocated or written */
+  kdp_memory_estimate *mem = kdp_xmalloc(sizeof *mem);
+  rc = kdp_train_memory_estimate(cfg, d, &t->train, &t->test, mem, err);
+  if (rc == 0) rc = kdp_train_memory_check(mem, err);
+  free(mem);
+  if (!kdp_dist_all_ok(d, rc == 0)) {
+    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "the run does not fit the memory of another node");
+    kdp_dataset_free(&t->train);
+    kdp_dataset_free(&t->test);
+    kdp_dist_node_shared_free(t->data_win);
+    return rc;
+  }
   /* start-up agreement: config, dataset and layout */
   rc = kdp_dist_agree(d, cfg, sizeof *cfg, "configuration", err);
   if (rc == 0) {
     uint64_t sig[6] = {t->train.n, t->test.n, t->train.H * 1000000 + t->train.W * 1000 + t->train.C,
                        t->train.n_classes, 0, 0};
     for (size_t i = 0; i < t->train.n; i += 997) sig[4] = sig[4] * 31 + t->train.labels[i];
-    for (size_t i = 0; i < t->train.n * t->train.H * t->train.W * t->train.C; i += 104729)
+    size_t bytes = t->train.n * t->train.H * t->train.W * t->train.C * kdp_dataset_elem(&t->train);
+    for (size_t i = 0; i < bytes; i += 104729)
       sig[5] = sig[5] * 131 + t->train.images[i];
     rc = kdp_dist_agree(d, sig, sizeof sig, "dataset (sizes, labels or pixels)", err);
   }

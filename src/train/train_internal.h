@@ -166,6 +166,9 @@ void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *mo
                       double loss);
 void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s);
 void kdp_progress_start(kdp_trainer *t, double load_seconds);
+/* 1 when the launcher's stderr is a terminal (KDP_TTY_COLUMNS, set by launch/kdpeers-local):
+   rank 0 then draws the bar although mpirun pipes its stderr */
+int kdp_progress_launcher_tty(void);
 void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss, double kd,
                          double acc, double train_seconds, double lr);
 

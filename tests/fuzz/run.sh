@@ -28,6 +28,7 @@ declare -A srcs=(
   [config]="src/config/config.c"
   [idx]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
+  [npy]="src/data/npy.c src/data/idx.c src/data/batcher.c"
   [ckpt]="src/ckpt/ckpt.c"
   [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
   [http]="src/serve/core.c src/serve/http.c src/serve/routes.c"
@@ -54,7 +55,7 @@ EOF
 pass=0
 fail=0
 # KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
-for t in ${KDP_FUZZ_TARGETS:-config idx cifar ckpt model http}; do
+for t in ${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http}; do
   exe="$out/fuzz_$t"
   # shellcheck disable=SC2086
   if ! clang "${cflags[@]}" "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm \
