@@ -9,7 +9,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kdpeers/ckpt.h"
 #include "kdpeers/data.h"
+#include "kdpeers/infer.h"
 #include "testutil.h"
 
 static char *tmp;
@@ -242,7 +244,8 @@ static void mkdirs(const char *rel) {
   mkdir(p, 0755);
 }
 
-/* a W x H PNG at tmp/rel, gray (C 1) or RGB (C 3), pixel (y, x, c) = seed + 10 y + x + 50 c */
+/* a W x H PNG at tmp/rel, gray (C 1), RGB (C 3), or with alpha (C 2: gray + alpha, C 4: RGBA);
+   pixel (y, x, c) = seed + 10 y + x + 50 c, alpha (alpha_of) 0 on even columns, 255 on odd ones */
 static void write_png(const char *rel, unsigned W, unsigned H, int C, int seed) {
   char p[4200];
   snprintf(p, sizeof p, "%s/%s", tmp, rel);
@@ -251,11 +254,15 @@ static void write_png(const char *rel, unsigned W, unsigned H, int C, int seed) 
   im.version = PNG_IMAGE_VERSION;
   im.width = W;
   im.height = H;
-  im.format = C == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY;
-  uint8_t buf[64 * 64 * 3];
+  static const png_uint_32 formats[5] = {0, PNG_FORMAT_GRAY, PNG_FORMAT_GA, PNG_FORMAT_RGB,
+                                         PNG_FORMAT_RGBA};
+  im.format = formats[C];
+  uint8_t buf[64 * 64 * 4];
   for (unsigned y = 0; y < H; y++)
     for (unsigned x = 0; x < W; x++)
-      for (int c = 0; c < C; c++) buf[(y * W + x) * C + c] = (uint8_t)(seed + 10 * y + x + 50 * c);
+      for (int c = 0; c < C; c++)
+        buf[(y * W + x) * C + c] = (C % 2 == 0 && c == C - 1) ? (uint8_t)(x % 2 ? 255 : 0)
+                                                               : (uint8_t)(seed + 10 * y + x + 50 * c);
   ck_assert_msg(png_image_write_to_file(&im, p, 0, buf, 0, NULL), "cannot write %s: %s", p,
                 im.message);
 }
@@ -356,6 +363,47 @@ START_TEST(test_folder_colour) {
 }
 END_TEST
 
+/* Alpha is composited onto black (the docs say so for folders and predict): a transparent pixel
+   reads 0 whatever the buffer held before, an opaque one its value. Through kdp_png_read, a
+   folder dataset and predict's inputs (kdp_images_append), which share that decoder. */
+START_TEST(test_png_alpha_on_black) {
+  mkdirs("alpha/a");
+  mkdirs("alpha/b");
+  write_png("alpha/a/1.png", 4, 3, 2, 40); /* gray + alpha */
+  write_png("alpha/b/1.png", 4, 3, 4, 60); /* RGBA */
+  kdp_error err = {{0}};
+  uint8_t out[4 * 3 * 3];
+  for (int C = 1; C <= 3; C += 2) {
+    memset(out, 0xC8, sizeof out);
+    ck_assert_msg(kdp_png_read(at("alpha/b/1.png"), 3, 4, (size_t)C, out, &err) == 0, "%s",
+                  err.msg);
+    for (size_t y = 0; y < 3; y++)
+      for (size_t x = 0; x < 4; x++)
+        for (int c = 0; c < C; c++) {
+          uint8_t v = out[(y * 4 + x) * (size_t)C + (size_t)c];
+          if (x % 2 == 0)
+            ck_assert_msg(v == 0, "C=%d: transparent pixel (%zu,%zu) reads %u, not black", C, y,
+                          x, v);
+          else if (C == 3)
+            ck_assert_uint_eq(v, (uint8_t)(60 + 10 * y + x + 50 * (size_t)c));
+        }
+  }
+  kdp_dataset ds;
+  ck_assert_msg(kdp_folder_load(&ds, at("alpha"), NULL, &err) == 0, "%s", err.msg);
+  ck_assert_uint_eq(ds.C, 3);
+  for (size_t i = 0; i < 2; i++)
+    for (size_t p = 0; p < 12; p += 2)
+      for (size_t c = 0; c < 3; c++) ck_assert_uint_eq(ds.images[i * 36 + p * 3 + c], 0);
+  ck_assert_uint_eq(ds.images[(1 * 4 + 1) * 3], 40 + 11); /* opaque gray: its value */
+  kdp_images imgs = {.H = 3, .W = 4, .C = 3};
+  ck_assert_msg(kdp_images_append(&imgs, at("alpha/b/1.png"), &err) == 0, "%s", err.msg);
+  ck_assert_uint_eq(imgs.n, 1);
+  ck_assert_mem_eq(imgs.pix, ds.images + 36, 36);
+  kdp_images_free(&imgs);
+  kdp_dataset_free(&ds);
+}
+END_TEST
+
 static void expect_folder_fail(const char *root, const char *hint) {
   kdp_dataset ds;
   kdp_error err = {{0}};
@@ -387,6 +435,166 @@ START_TEST(test_folder_bad_inputs) {
   write_png("broken/a/1.png", 4, 4, 1, 0);
   touch("broken/b/1.png");
   expect_folder_fail(at("broken"), "not a readable PNG");
+  /* a directory name that cannot be a class name in the model file is refused before training */
+  mkdirs("quote/a");
+  mkdirs("quote/say \"b\"");
+  write_png("quote/a/1.png", 4, 4, 1, 0);
+  write_png("quote/say \"b\"/1.png", 4, 4, 1, 0);
+  expect_folder_fail(at("quote"), "cannot name a class");
+}
+END_TEST
+
+/* ---- class names: one entry, one name per line; folder names with commas survive ---- */
+
+START_TEST(test_class_names) {
+  ck_assert(kdp_class_name_ok("Ankle boot", 10));
+  ck_assert(kdp_class_name_ok("a,b", 3));
+  ck_assert(!kdp_class_name_ok("", 0));
+  ck_assert(!kdp_class_name_ok("tab\there", 8));
+  ck_assert(!kdp_class_name_ok("say \"x\"", 7));
+  char longname[80];
+  memset(longname, 'x', sizeof longname);
+  ck_assert(kdp_class_name_ok(longname, KDP_MAX_CLASS_NAME - 1));
+  ck_assert(!kdp_class_name_ok(longname, KDP_MAX_CLASS_NAME));
+  /* a folder whose class names hold a comma and a space */
+  mkdirs("names/red, dark");
+  mkdirs("names/blue sky");
+  write_png("names/red, dark/1.png", 4, 4, 1, 0);
+  write_png("names/blue sky/1.png", 4, 4, 1, 9);
+  kdp_dataset ds;
+  kdp_error err = {{0}};
+  ck_assert_msg(kdp_folder_load(&ds, at("names"), NULL, &err) == 0, "%s", err.msg);
+  ck_assert_str_eq(ds.class_names, "blue sky\nred, dark\n");
+  /* the model file's entry splits on newlines only; --classes on commas */
+  kdp_modelfile mf;
+  memset(&mf, 0, sizeof mf);
+  mf.in = (kdp_input_shape){4, 4, 1, 2};
+  ck_assert_msg(kdp_modelfile_set_class_names(&mf, ds.class_names, '\n', &err) == 0, "%s",
+                err.msg);
+  ck_assert_str_eq(mf.class_names[0], "blue sky");
+  ck_assert_str_eq(mf.class_names[1], "red, dark");
+  ck_assert_int_eq(kdp_modelfile_set_class_names(&mf, ds.class_names, ',', &err), KDP_EINVAL);
+  ck_assert_str_eq(mf.class_names[1], "red, dark"); /* a failed call keeps the names */
+  ck_assert_int_eq(kdp_modelfile_set_class_names(&mf, "cat,dog", ',', &err), 0);
+  ck_assert_str_eq(mf.class_names[1], "dog");
+  ck_assert_int_eq(kdp_modelfile_set_class_names(&mf, "cat\ndog", '\n', &err), 0); /* no final \n */
+  ck_assert_int_eq(kdp_modelfile_set_class_names(&mf, "cat,dog,", ',', &err), KDP_EINVAL);
+  ck_assert_int_eq(kdp_modelfile_set_class_names(&mf, "cat\n\ndog\n", '\n', &err), KDP_EINVAL);
+  /* written one per line, each ending in a newline, and read back */
+  ck_assert_int_eq(kdp_model_create_infer(&mf.m, "mlp(3)", mf.in, 1, &err), 0);
+  ck_assert_int_eq(kdp_modelfile_set_class_names(&mf, ds.class_names, '\n', &err), 0);
+  ck_assert_msg(kdp_modelfile_write(&mf, at("n.kdpm"), "test", 0, &err) == 0, "%s", err.msg);
+  kdp_ckpt *ck = NULL;
+  const char *entry = NULL;
+  ck_assert_int_eq(kdp_ckpt_read(at("n.kdpm"), KDP_CKPT_DEFAULT_MAX_BYTES, &ck, &err), 0);
+  ck_assert_int_eq(kdp_ckpt_get_str(ck, "class_names", &entry, &err), 0);
+  ck_assert_str_eq(entry, ds.class_names);
+  kdp_ckpt_free(ck);
+  kdp_modelfile back;
+  ck_assert_msg(kdp_modelfile_read(&back, at("n.kdpm"), 1, &err) == 0, "%s", err.msg);
+  ck_assert_str_eq(back.class_names[1], "red, dark");
+  kdp_modelfile_free(&back);
+  kdp_modelfile_free(&mf);
+  kdp_dataset_free(&ds);
+}
+END_TEST
+
+/* ---- predictions read .npy images, uint8 or float32, through the npy dataset reader ---- */
+
+START_TEST(test_predict_npy_inputs) {
+  kdp_error err = {{0}};
+  kdp_images u8 = {.H = 4, .W = 5, .C = 3}, f32 = {.H = 4, .W = 5, .C = 3};
+  /* the RGB uint8 pixels of rgb_f32.npy (which holds them / 255) as raw bytes */
+  uint8_t raw[6 * 60];
+  for (size_t i = 0; i < 6; i++)
+    for (size_t p = 0; p < 20; p++)
+      for (size_t c = 0; c < 3; c++) raw[(i * 20 + p) * 3 + c] = px(i, p / 5, p % 5, c);
+  FILE *f = fopen(at("rgb.raw"), "wb");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_uint_eq(fwrite(raw, 1, sizeof raw, f), sizeof raw);
+  fclose(f);
+  ck_assert_msg(kdp_images_append(&u8, at("rgb.raw"), &err) == 0, "%s", err.msg);
+  ck_assert_msg(kdp_images_append(&f32, fixture("rgb_f32.npy"), &err) == 0, "%s", err.msg);
+  ck_assert_uint_eq(f32.n, 6);
+  ck_assert_uint_eq(kdp_images_elem(&f32), 4);
+  ck_assert_uint_eq(kdp_images_elem(&u8), 1);
+  /* mixing uint8 and float32, or another shape, is refused */
+  ck_assert_int_eq(kdp_images_append(&f32, at("rgb.raw"), &err), KDP_EINVAL);
+  assert_has(err.msg, "cannot be mixed");
+  kdp_images gray = {.H = 4, .W = 5, .C = 1};
+  ck_assert_msg(kdp_images_append(&gray, fixture("gray_u8.npy"), &err) == 0, "%s", err.msg);
+  ck_assert_uint_eq(gray.n, 6);
+  ck_assert_uint_eq(gray.pix[(2 * 4 + 1) * 5 + 3], px(2, 1, 3, 0));
+  ck_assert_int_eq(kdp_images_append(&gray, fixture("rgb_f32.npy"), &err), KDP_EFORMAT);
+  assert_has(err.msg, "holds 4x5x3 images, the model takes 4x5x1");
+  /* a model predicts the same for the float32 array as for its uint8 pixels */
+  kdp_modelfile mf;
+  memset(&mf, 0, sizeof mf);
+  mf.in = (kdp_input_shape){4, 5, 3, 4};
+  for (int c = 0; c < 3; c++) {
+    mf.mean[c] = 0.1f * (float)(c + 1);
+    mf.std[c] = 0.3f + 0.1f * (float)c;
+  }
+  ck_assert_int_eq(kdp_model_create_infer(&mf.m, "mlp(16)", mf.in, 4, &err), 0);
+  kdp_rng rng;
+  kdp_rng_seed(&rng, 7, 0);
+  kdp_model_init(mf.m, &rng);
+  mf.max_batch = 4;
+  mf.x = kdp_falloc(4 * 60);
+  float pu[6 * 4], pf[6 * 4];
+  kdp_modelfile_predict(&mf, u8.pix, kdp_images_elem(&u8), 6, pu);
+  kdp_modelfile_predict(&mf, f32.pix, kdp_images_elem(&f32), 6, pf);
+  for (size_t k = 0; k < 24; k++) ck_assert_float_eq_tol(pf[k], pu[k], 1e-6);
+  float spread = 0;
+  for (size_t k = 4; k < 24; k++) spread += fabsf(pu[k] - pu[k % 4]);
+  ck_assert_msg(spread > 1e-4, "the images should predict differently (spread %g)", spread);
+  kdp_modelfile_free(&mf);
+  kdp_images_free(&gray);
+  kdp_images_free(&u8);
+  kdp_images_free(&f32);
+}
+END_TEST
+
+/* ---- model files: the weights must fit the arch's plan before the model is allocated ---- */
+
+static void write_bad_model(const char *path, const char *arch, int flat) {
+  kdp_ckpt_writer *w = NULL;
+  kdp_error err = {{0}};
+  ck_assert_int_eq(kdp_ckpt_writer_open(&w, path, "model", &err), 0);
+  static const char *const mn[6] = {"mean0", "mean1", "mean2", "std0", "std1", "std2"};
+  int rc = kdp_ckpt_put_str(w, "arch", arch, &err);
+  if (rc == 0 && !flat) rc = kdp_ckpt_put_u64(w, "model_format", 2, &err);
+  if (rc == 0) rc = kdp_ckpt_put_i64(w, "input_h", 28, &err);
+  if (rc == 0) rc = kdp_ckpt_put_i64(w, "input_w", 28, &err);
+  if (rc == 0) rc = kdp_ckpt_put_i64(w, "input_c", 1, &err);
+  if (rc == 0) rc = kdp_ckpt_put_i64(w, "classes", 10, &err);
+  for (int i = 0; i < 6 && rc == 0; i++) rc = kdp_ckpt_put_f64(w, mn[i], i < 3 ? 0 : 1, &err);
+  float v[16] = {0};
+  size_t n = 16;
+  if (rc == 0) rc = kdp_ckpt_put_f32(w, flat ? "params" : "fc1.weight", v, 1, &n, &err);
+  if (rc == 0 && flat) rc = kdp_ckpt_put_f32(w, "buffers", v, 1, &n, &err);
+  ck_assert_msg(rc == 0, "%s", err.msg);
+  ck_assert_int_eq(kdp_ckpt_writer_commit(w, NULL, &err), 0);
+}
+
+START_TEST(test_modelfile_plan_check) {
+  /* 2.4e12 parameters (9.6 TB): refused from the plan, nothing allocated (else this aborts) */
+  const char *huge = "mlp(1500000,1600000)";
+  for (int flat = 0; flat <= 1; flat++) {
+    write_bad_model(at("huge.kdpm"), huge, flat);
+    kdp_modelfile mf;
+    kdp_error err = {{0}};
+    ck_assert_int_eq(kdp_modelfile_read(&mf, at("huge.kdpm"), 256, &err), KDP_EFORMAT);
+    assert_has(err.msg, flat ? "holds 16 parameters, its arch 'mlp(1500000,1600000)' has"
+                             : "holds 16 tensor values");
+    ck_assert_ptr_null(mf.m);
+  }
+  /* a small mismatch is refused the same way, with the count the arch needs */
+  write_bad_model(at("small.kdpm"), "seq:dense(1)", 1); /* dense(1) + dense(10): 785 + 20 */
+  kdp_modelfile mf;
+  kdp_error err = {{0}};
+  ck_assert_int_eq(kdp_modelfile_read(&mf, at("small.kdpm"), 4, &err), KDP_EFORMAT);
+  assert_has(err.msg, "its arch 'seq:dense(1)' has 805");
 }
 END_TEST
 
@@ -400,11 +608,15 @@ static Suite *formats_suite(void) {
   tcase_add_test(core, test_npy_header_grammar);
   tcase_add_test(core, test_folder_classes);
   tcase_add_test(core, test_folder_colour);
+  tcase_add_test(core, test_png_alpha_on_black);
+  tcase_add_test(core, test_class_names);
+  tcase_add_test(core, test_predict_npy_inputs);
   suite_add_tcase(s, core);
   TCase *lim = tcase_create("limits");
   tcase_add_checked_fixture(lim, setup, teardown);
   tcase_add_test(lim, test_npy_bad_inputs);
   tcase_add_test(lim, test_folder_bad_inputs);
+  tcase_add_test(lim, test_modelfile_plan_check);
   suite_add_tcase(s, lim);
   return s;
 }
