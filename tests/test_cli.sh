@@ -184,6 +184,16 @@ if [ -x "$mkdata" ]; then
   "$exe" predict "$tmp/fold.kdpm" "$tmp/npy/tx.npy" >"$tmp/pred2"
   expect "folder: predict also takes a .npy of images: one line per image with name and 3 probabilities" \
     test "$(awk 'NF == 6 && $3 ~ /^(t-shirt|trouser|pullover)$/' "$tmp/pred2" | wc -l)" = 2000
+  "$exe" predict "$tmp/fold.kdpm" "$tmp/npy/txf.npy" >"$tmp/pred3"
+  expect "folder: the float32 .npy of the same images (pixel / 255) predicts exactly the same" \
+    cmp -s "$tmp/pred2" "$tmp/pred3"
+  "$exe" predict "$tmp/fold.kdpm" "$tmp/npy/tx.npy" "$tmp/npy/txf.npy" >/dev/null 2>"$tmp/e"
+  rc=$?
+  expect "predict: uint8 and float32 inputs in one call are refused with why (exit $rc)" \
+    bash -c "test $rc = 1 && grep -q 'cannot be mixed' '$tmp/e'"
+  "$exe" predict "$tmp/fold.kdpm" "$tmp/fold/test/trouser/$first" --json >"$tmp/pred.json"
+  expect "folder: --json names the class too" \
+    bash -c "jq -e '.label == 2 and .class == \"trouser\" and (.probs | length) == 3' '$tmp/pred.json' >/dev/null"
 else
   bad "kdp-mkdata (second argument) is missing: the npy and folder tests did not run"
 fi

@@ -35,6 +35,13 @@ expect "kdpeers-predict links libopenblas, libpng, libmsgpackc and zlib" \
 expect "kdpeers-predict links no MPI, libuv, http-parser, json-c, protobuf-c or inih ($(awk '{print $1}' <<<"$libs" | tr '\n' ' '))" \
   bash -c "! grep -E -q 'libmpi|libopen-|libuv|http_parser|json-c|protobuf|inih|libpmix|libevent' <<<'$libs'"
 expect "kdpeers (the trainer) does link MPI (so the check above can fail)" bash -c "ldd '$exe' | grep -q libmpi"
+"$pred" --version >"$tmp/pv"
+expect "kdpeers-predict --version names the version and OpenBLAS" \
+  bash -c "grep -q '^kdpeers-predict [0-9.]* (git ' '$tmp/pv' && grep -qE '^OpenBLAS [0-9]+\.[0-9]+' '$tmp/pv'"
+if head=$(git -C "$src" rev-parse --short=12 HEAD 2>/dev/null); then
+  expect "kdpeers-predict --version names the git commit it was built from ($head)" \
+    grep -q "^kdpeers-predict [0-9.]* (git $head" "$tmp/pv"
+fi
 
 # ---------- format 1 files (kdpeers 0.1.0) still load ----------
 zcat "$t10k" | tail -c +17 | head -c $((784 * 1000)) >"$tmp/t1000.raw"
@@ -62,6 +69,17 @@ expect "5 PNG files predict as their raw pixels" \
 expect "the JSON lines name each PNG as its source" \
   test "$(jq -r .source "$tmp/png.jsonl" | head -2 | tail -1)" = "$tmp/img-001.png"
 "$pred" "$tmp/v2.kdpm" "$t10k" --top | head -100 >"$tmp/idx.top"
+# npy_u8 RAW N H W OUT: a NumPy .npy (format 1.0, |u1, shape (N, H, W)) of raw pixels, as np.save
+npy_u8() {
+  local d="{'descr': '|u1', 'fortran_order': False, 'shape': ($2, $3, $4), }" hl
+  hl=$(( (10 + ${#d} + 1 + 63) / 64 * 64 - 10 ))
+  { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((hl & 255)))\\x$(printf %02x $((hl >> 8)))"
+    printf '%s%*s\n' "$d" $((hl - ${#d} - 1)) ""; cat "$1"; } >"$5"
+}
+npy_u8 "$tmp/t100.raw" 100 28 28 "$tmp/t100.npy"
+"$pred" "$tmp/v2.kdpm" "$tmp/t100.npy" >"$tmp/npy.pred"
+expect "a .npy of the same images predicts exactly what the format-1 file's kdpeers printed" \
+  cmp -s "$tmp/npy.pred" "$src/tests/data/student-v1.pred"
 expect "an IDX .gz file predicts as its raw pixels" \
   bash -c "diff <(cut -d' ' -f1,2 '$tmp/idx.top') <(cut -d' ' -f1,2 '$src/tests/data/student-v1.pred')"
 expect "raw input of a partial image is refused" \

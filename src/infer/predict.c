@@ -12,6 +12,7 @@ static void usage(FILE *f, const char *prog) {
   fprintf(f,
           "usage: %s MODEL.kdpm [INPUT...] [--json] [--top] [--batch N] [--threads N]\n"
           "       %s MODEL.kdpm [INPUT...] --bench REPS [--batch N]\n"
+          "       %s --version\n"
           "INPUT: an IDX image file (raw or .gz), a NumPy .npy image array (uint8 or float32), a\n"
           "PNG, a file of raw uint8 pixels (H x W x C per image), or '-' for raw pixels on\n"
           "standard input (the default). One line per image:\n"
@@ -20,7 +21,7 @@ static void usage(FILE *f, const char *prog) {
           "  --json: {\"index\":0,\"source\":\"FILE\",\"label\":9,\"class\":\"...\",\"probs\":[...]}\n"
           "--bench REPS: no output per image; times REPS predictions of the first N images\n"
           "(normalisation, forward, softmax) and prints one JSON line.\n",
-          prog, prog);
+          prog, prog, prog);
 }
 
 static void json_str(const char *s) {
@@ -116,6 +117,13 @@ int kdp_predict_main(int argc, char **argv) {
       else reps = v;
     } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
       usage(stdout, prog);
+      free(inputs);
+      return 0;
+    } else if (strcmp(a, "-V") == 0 || strcmp(a, "--version") == 0) {
+      /* the same version line as kdpeers --version (the runtime has no MPI to name) */
+      const char *name = strrchr(prog, '/');
+      printf("%s %s (git %s)\n%s\n", name ? name + 1 : prog, KDP_VERSION, kdp_git_hash(),
+             openblas_get_config());
       free(inputs);
       return 0;
     } else if (a[0] == '-' && a[1]) {
