@@ -159,6 +159,14 @@ if [ -x "$mkdata" ]; then
     expect "npy $kind: the run exits 0 ($(tail -n 1 "$tmp/e"))" test -s "$tmp/npy-$kind/metrics.jsonl"
     expect "npy $kind: the same eval lines as the IDX run of the same examples" \
       cmp -s <(grep '"event":"eval"' "$m") <(grep '"event":"eval"' "$tmp/npy-$kind/metrics.jsonl")
+    # kdpeers eval reads the .npy test set (float32 too) through the model files' predict path
+    "$exe" eval "$tmp/npy-$kind" -s data.format=npy -s data.train_images="$tmp/npy/$x" \
+      -s data.train_labels="$tmp/npy/y.npy" -s data.test_images="$tmp/npy/$tx" \
+      -s data.test_labels="$tmp/npy/ty.npy" >"$tmp/ev" 2>&1
+    acc=$(awk '$1 == "peer0" && $2 ~ /%/ { sub("%", "", $2); print $2 }' "$tmp/ev")
+    last=$(grep '"event":"eval".*"model":"peer0"' "$tmp/npy-$kind/metrics.jsonl" | tail -n 1 | sed 's/.*"acc":\([0-9.]*\).*/\1/')
+    expect "npy $kind: kdpeers eval of the run ($acc%) equals its own last evaluation ($last)" \
+      awk -v a="$acc" -v b="$last" 'BEGIN { d = a / 100 - b; exit !(a != "" && d < 1e-4 && d > -1e-4) }'
   done
   "$exe" -s data.format=npy -s data.train_images="$tmp/npy/x.npy" -s data.train_labels="$tmp/npy/ty.npy" \
     -s data.test_images="$tmp/npy/tx.npy" -s data.test_labels="$tmp/npy/ty.npy" \
