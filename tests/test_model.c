@@ -607,6 +607,22 @@ START_TEST(test_plan_large) {
   /* mlp(64,32) at batch 16 by hand: activations 64, 64, 32, 32, 10 (val + grad) + scratch 1 */
   ck_assert_int_eq(kdp_model_plan("mlp(64,32)", FMNIST, 16, &mem, &err), 0);
   ck_assert_double_eq(mem.activation_bytes, 4.0 * (16.0 * 2 * (64 + 64 + 32 + 32 + 10) + 1));
+  /* eval-only (kdp_model_plan_infer counts what kdp_model_create_infer allocates): no gradients;
+     activations share memory once dead: dense1's and relu1's 64-wide buffers serve the rest
+     (dense2 and the logits take the first, relu2, the features, the second) */
+  ck_assert_int_eq(kdp_model_plan_infer("mlp(64,32)", FMNIST, 16, &mem, &err), 0);
+  ck_assert_uint_eq(mem.n_buffers, 0);
+  ck_assert_double_eq(mem.params_bytes, 4.0 * ((double)mem.n_params + 1));
+  ck_assert_double_eq(mem.activation_bytes, 4.0 * (16.0 * (64 + 64) + 1));
+  kdp_model_memory train;
+  ck_assert_int_eq(kdp_model_plan("cnn", FMNIST, 64, &train, &err), 0);
+  ck_assert_int_eq(kdp_model_plan_infer("cnn", FMNIST, 64, &mem, &err), 0);
+  ck_assert_uint_eq(mem.n_params, train.n_params);
+  ck_assert_uint_eq(mem.n_buffers, train.n_buffers);
+  ck_assert_double_eq(train.params_bytes - mem.params_bytes, 4.0 * (double)train.n_params);
+  /* (the conv scratch, shared by both, is most of the cnn's activation memory) */
+  ck_assert_msg(mem.activation_bytes < train.activation_bytes, "eval-only %g vs %g bytes",
+                mem.activation_bytes, train.activation_bytes);
 }
 END_TEST
 
