@@ -285,7 +285,7 @@ static int serve_main(int argc, char **argv) {
     kdp_train_install_signals();
     rc = kdp_train_run(&cfg, &d, &o, &err);
     if (rc != 0 && rc != KDP_ESTOPPED) fprintf(stderr, "kdpeers serve: rank %d: %s\n", rank, err.msg);
-    rc = (rc == 0 || rc == KDP_ESTOPPED) ? 0 : 1;
+    rc = (rc == 0 || rc == KDP_ESTOPPED) ? 0 : rc == KDP_EINVAL ? EXIT_USAGE : 1;
   }
   kdp_dist_free(&d);
   kdp_dist_finalize();
@@ -362,6 +362,6 @@ int main(int argc, char **argv) {
   kdp_dist_free(&d);
   kdp_dist_finalize();
   if (rc == KDP_ESTOPPED) return KDP_EXIT_PREEMPTED;
-  if (rc == KDP_EINVAL) return EXIT_USAGE;
+  if (rc == KDP_EINVAL || rc == KDP_EBUSY) return EXIT_USAGE;
   return rc == 0 ? 0 : 1;
 }

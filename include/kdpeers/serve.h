@@ -66,6 +66,10 @@ void kdp_server_stop(kdp_server *s);
 const char *kdp_server_address(const kdp_server *s);
 int kdp_server_port(const kdp_server *s);
 
+/* The check kdp_server_start makes of its address before binding (a numeric address; a
+   non-loopback one needs a token), so that a run can refuse before it writes anything. */
+int kdp_server_check_listen(const char *listen, const char *token, kdp_error *err);
+
 /* Replaces the published snapshot (both strings are copied; a NULL one keeps its old value).
    metrics_text must be Prometheus text format 0.0.4 ending in a newline. */
 void kdp_server_publish(kdp_server *s, const char *metrics_text, const char *status_json);

@@ -85,6 +85,11 @@ static const key_def keys[] = {
      .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},
     {"run", "timeline", KT_BOOL, AT(timeline), .def = "false",
      .help = "write run.dir/timeline-rankNNN.json, a Chrome trace of compute and communication"},
+    {"run", "stall_warn_seconds", KT_DOUBLE, AT(stall_warn_seconds), ATLEAST(0), .def = "60",
+     .help = "warn, set kdpeers_stalled and answer /healthz 503 when ranks are this late at a step "
+             "(0 = off)"},
+    {"run", "stall_abort_seconds", KT_DOUBLE, AT(stall_abort_seconds), ATLEAST(0), .def = "600",
+     .help = "end the job (exit 1) when ranks are this late at a step (0 = wait forever)"},
     /* [data] */
     {"data", "format", KT_ENUM, AT(format), .choices = format_choices, .def = "idx",
      .help = "dataset file format: idx (MNIST/Fashion-MNIST, .gz ok) or CIFAR binary batches"},
@@ -174,6 +179,8 @@ static const key_def keys[] = {
     {"checkpoint", "rollback_lr_scale", KT_DOUBLE, AT(ckpt_rollback_lr_scale),
      .lo = 0, .hi = 1, .flags = R_LO | R_LO_EXCL | R_HI, .def = "0.5",
      .help = "lr factor applied at each rollback"},
+    {"checkpoint", "max_rollbacks", KT_INT, AT(ckpt_max_rollbacks), RANGE(0, 1000), .def = "3",
+     .help = "rollbacks in a run before a divergence stops it (on_divergence = rollback)"},
     /* [server] */
     {"server", "enabled", KT_BOOL, AT(server_enabled), .def = "true",
      .help = "run the HTTP server on rank 0"},
@@ -1011,6 +1018,12 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
     return kdp_fail(err, KDP_EINVAL,
                     "config optim.schedule = multistep needs optim.milestones, e.g. "
                     "-s optim.milestones=150,225");
+  if (c->stall_warn_seconds > 0 && c->stall_abort_seconds > 0 &&
+      c->stall_abort_seconds < c->stall_warn_seconds)
+    return kdp_fail(err, KDP_EINVAL,
+                    "config run.stall_abort_seconds = %g is below run.stall_warn_seconds = %g: "
+                    "the job would end before the warning (set it to 0 or >= the warning)",
+                    c->stall_abort_seconds, c->stall_warn_seconds);
   if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
                     c->leader, KDP_MAX_PEERS - 1);

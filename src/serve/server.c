@@ -368,6 +368,24 @@ static int resolve_listen(const char *listen, int port, struct sockaddr_storage 
                   listen);
 }
 
+/* resolve_listen, and a non-loopback address needs a token */
+static int check_listen(const char *listen, int port, const char *token,
+                        struct sockaddr_storage *ss, kdp_error *err) {
+  int loopback = 0;
+  int rc = resolve_listen(listen, port, ss, &loopback, err);
+  if (rc == 0 && !loopback && !(token && token[0]))
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "refusing to listen on non-loopback address %s without server.token: anyone "
+                  "who reaches it could stop the run; set server.token or use 127.0.0.1",
+                  listen);
+  return rc;
+}
+
+int kdp_server_check_listen(const char *listen, const char *token, kdp_error *err) {
+  struct sockaddr_storage ss;
+  return check_listen(listen && listen[0] ? listen : "127.0.0.1", 0, token, &ss, err);
+}
+
 static int write_addr_file(const char *path, const char *address, kdp_error *err) {
   char tmp[4096];
   if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
@@ -417,13 +435,7 @@ int kdp_server_start(kdp_server **out, const kdp_server_options *o, kdp_error *e
     return kdp_fail(err, KDP_EINVAL, "server.port %d is out of range (0..65535, 0 = any)", o->port);
   kdp_srv_core *core = kdp_core_new(o);
   struct sockaddr_storage ss;
-  int loopback = 0;
-  int rc = resolve_listen(core->opt.listen, o->port, &ss, &loopback, err);
-  if (rc == 0 && !loopback && !core->token)
-    rc = kdp_fail(err, KDP_EINVAL,
-                  "refusing to listen on non-loopback address %s without server.token: anyone "
-                  "who reaches it could stop the run; set server.token or use 127.0.0.1",
-                  core->opt.listen);
+  int rc = check_listen(core->opt.listen, o->port, core->token, &ss, err);
   if (rc != 0) {
     kdp_core_free(core);
     return rc;

@@ -121,6 +121,13 @@ int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error 
 /* --fresh: removes run.dir/checkpoints (rank 0) and truncates metrics.jsonl. */
 int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 
+/* rundir.c: before anything is written (collective): rank 0 checks server.listen, creates
+   run.dir and, unless serve_only, locks it (KDP_EBUSY naming the holder when another run has
+   it). The lock is released when the process ends; kdp_rundir_release_now also empties the lock
+   file (a clean end; async-signal-safe). */
+int kdp_rundir_open(const kdp_config *cfg, kdp_dist *d, int serve_only, kdp_error *err);
+void kdp_rundir_release_now(void);
+
 /* live.c (the rank-0 server's trainer side) */
 int kdp_live_start(kdp_trainer *t, kdp_error *err);
 void kdp_live_stop(kdp_trainer *t);
