@@ -236,8 +236,9 @@ static char *render_status(kdp_trainer *t) {
   fputs(",\"eta_seconds\":", f);
   kdp_json_num(f, eta);
   fprintf(f, ",\"train_seconds\":%.3f,\"paused\":%s,\"lr_scale\":%.9g,\"temperature\":%.9g,"
-             "\"kd_weight\":%.9g},\"peers\":[",
-          t->train_time, t->paused ? "true" : "false", t->lr_scale, t->temperature, t->kd_weight);
+             "\"kd_weight\":%.9g,\"metrics_lines_lost\":%llu},\"peers\":[",
+          t->train_time, t->paused ? "true" : "false", t->lr_scale, t->temperature, t->kd_weight,
+          (unsigned long long)kdp_metrics_lost(t));
   for (int p = 0; p < t->P; p++) {
     fprintf(f, "%s{\"peer\":%d,\"ce\":", p ? "," : "", p);
     kdp_json_num(f, lv->peer_ce[p]);

@@ -333,6 +333,9 @@ void kdp_train_install_signals(void) {
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGUSR1, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
+  /* a file-size limit (ulimit -f) then fails a write with EFBIG, which is handled, instead of
+     killing the process */
+  signal(SIGXFSZ, SIG_IGN);
 }
 
 int kdp_train_signal_count(void) { return (int)g_signals; }
@@ -835,7 +838,6 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
       /* the learning curves, next to the metrics */
       char svg[KDP_PATH + 32], why[512];
       snprintf(svg, sizeof svg, "%s/curves.svg", cfg->dir);
-      fflush(t->metrics);
       if (kdp_plot_run(cfg->dir, svg, why, sizeof why) != 0)
         fprintf(stderr, "kdpeers: warning: no learning curves: %s\n", why);
     }

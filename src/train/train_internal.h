@@ -23,6 +23,7 @@ typedef struct kdp_summary {
 typedef struct kdp_trainer kdp_trainer;
 typedef struct kdp_live kdp_live;
 typedef struct kdp_trace kdp_trace;
+typedef struct kdp_metrics_file kdp_metrics_file;
 
 /* the per-step agreement point's flags (element-wise MAX over the world) */
 enum {
@@ -71,7 +72,7 @@ struct kdp_trainer {
   int paused;
   int64_t step0; /* the step this process started at */
   /* output (metrics.c) */
-  FILE *metrics;
+  kdp_metrics_file *metrics; /* run.dir/metrics.jsonl (rank 0), NULL when not open */
   int tty;
   double t_start, last_print;
   double last_acc[4];
@@ -160,14 +161,18 @@ int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int
 /* {"event":"control",...}; NaN values are left out */
 void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double lr_scale,
                          double temperature, double kd_weight);
-/* opens run.dir/metrics.jsonl for appending; truncate_at >= 0 first cuts it there (resume) */
+/* opens run.dir/metrics.jsonl for appending; truncate_at >= 0 first cuts it there (resume). Every
+   line is written whole with one write(2); a write that fails is counted and warned about once,
+   and training goes on. */
 int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err);
 /* {"event":NAME,"step":S,"value":V} */
 void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value);
 void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
                                const char *new_value);
-/* current byte offset of metrics.jsonl (flushed), for checkpoints */
+/* current byte offset of metrics.jsonl (synced to disk), for checkpoints */
 int64_t kdp_metrics_offset(kdp_trainer *t);
+/* lines of metrics.jsonl that could not be written (a full disk, ...) */
+uint64_t kdp_metrics_lost(const kdp_trainer *t);
 void kdp_metrics_close(kdp_trainer *t);
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss);
