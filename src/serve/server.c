@@ -508,6 +508,16 @@ void kdp_server_publish(kdp_server *s, const char *metrics_text, const char *sta
   kdp_core_publish(s->core, metrics_text, status_json);
 }
 
+void kdp_server_set_health(kdp_server *s, const char *reason) {
+  pthread_mutex_lock(&s->core->mu);
+  /* the reason goes into a JSON string as it is: keep it plain text */
+  size_t n = 0;
+  for (const char *p = reason ? reason : ""; *p && n + 1 < sizeof s->core->unhealthy; p++)
+    s->core->unhealthy[n++] = *p == '"' || *p == '\\' || (unsigned char)*p < 0x20 ? ' ' : *p;
+  s->core->unhealthy[n] = 0;
+  pthread_mutex_unlock(&s->core->mu);
+}
+
 int kdp_server_poll_command(kdp_server *s, kdp_command *out) {
   return kdp_core_poll_command(s->core, out);
 }

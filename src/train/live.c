@@ -279,6 +279,11 @@ void kdp_live_publish(kdp_trainer *t, int force) {
   free(s);
 }
 
+void kdp_live_stalled(kdp_trainer *t, const char *reason) {
+  kdp_live *lv = t->live;
+  if (lv && lv->srv) kdp_server_set_health(lv->srv, reason);
+}
+
 /* ---- commands and predictions at the agreement point ---- */
 
 /* 1 if some pixel value of req is not a whole number (they are all in [0, 255]) */

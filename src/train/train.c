@@ -370,6 +370,26 @@ static int pause_loop(kdp_trainer *t, int *want, int *want_stop, kdp_error *err)
 
 /* ---------------- the run ---------------- */
 
+/* Fault injection for the tests (docs/testing.md): rank 0 signals itself at step signal_at
+   (KDP_FAULT_SIGNAL_AT_STEP=N) and makes a logit NaN at step nan_at (KDP_FAULT_NAN_AT_STEP=N);
+   rank R stops itself (SIGSTOP) before the agreement point of step stop_at
+   (KDP_FAULT_STOP_AT_STEP=N:R). -1 = never. */
+typedef struct faults {
+  int64_t signal_at, nan_at, stop_at;
+} faults;
+
+static void faults_init(const kdp_trainer *t, faults *f) {
+  const char *sig = getenv("KDP_FAULT_SIGNAL_AT_STEP"), *nan = getenv("KDP_FAULT_NAN_AT_STEP");
+  const char *stop = getenv("KDP_FAULT_STOP_AT_STEP");
+  f->signal_at = sig && t->is_root ? atoll(sig) : -1;
+  f->nan_at = nan && t->is_root ? atoll(nan) : -1;
+  long long at = -1;
+  int rank = -1;
+  f->stop_at = stop && sscanf(stop, "%lld:%d", &at, &rank) == 2 && rank == t->d->world_rank
+                   ? at
+                   : -1;
+}
+
 /* Divergence with checkpoint.on_divergence = rollback: back to the newest checkpoint, lr scaled.
    The rollback count and the lr scale belong to this run, not to the checkpoint: they are kept
    across the restore (else every rollback would be the first, at the same scale). */
@@ -603,6 +623,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
     goto done;
   }
+  kdp_stall_start(t);
   t->step0 = t->step;
   kdp_trace_start(t);
   if (t->is_root && t->step >= total && t->tty >= 0 && !t->serve_only)
@@ -628,13 +649,10 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   divergence pending_div = {0};
   int stopped = 0;
   int predicting = 0; /* a prediction was answered at the last step boundary */
-  /* fault injection for the tests: rank 0 signals itself at this step */
-  const char *fault = getenv("KDP_FAULT_SIGNAL_AT_STEP");
-  int64_t fault_step = fault && t->is_root ? atoll(fault) : -1;
-  const char *fault_nan = getenv("KDP_FAULT_NAN_AT_STEP");
-  int64_t fault_nan_step = fault_nan && t->is_root ? atoll(fault_nan) : -1;
+  faults fault;
+  faults_init(t, &fault);
   for (int64_t step = t->step; step < total; step++) {
-    if (step == fault_step) raise(SIGUSR1);
+    if (step == fault.signal_at) raise(SIGUSR1);
     double t0 = kdp_now();
     size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
     kdp_trace_mark(t, "data", t0, kdp_now());
@@ -651,9 +669,13 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     const float *z = bl ? kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng) : t->dlogits;
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "forward", tc0, kdp_now());
-    if (step == fault_nan_step) {
+    if (step == fault.nan_at) {
       ((float *)z)[0] = NAN; /* fault injection for the tests, once per process */
-      fault_nan_step = -1;
+      fault.nan_at = -1;
+    }
+    if (step == fault.stop_at) {
+      fault.stop_at = -1;
+      raise(SIGSTOP); /* a stalled rank, until someone sends SIGCONT */
     }
     /* the step's agreement point, before the exchange: divergence now; a prediction is answered
        here; stop, checkpoint and control requests take effect at the end of this step, on every
@@ -813,9 +835,12 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     }
   }
   if (rc == 0 && stopped) {
-    if (t->is_root)
+    if (t->is_root) {
       fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "
                       "same command to resume\n", (long long)t->step);
+      /* the last line of the log says so too (batch scripts read it when mpirun hides the 75) */
+      kdp_metrics_event(t, "stop", t->step, (double)kdp_train_signal_count());
+    }
     rc = kdp_fail(err, KDP_ESTOPPED, "stopped after step %lld", (long long)t->step);
   }
   if (rc == 0) {
@@ -848,6 +873,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   }
 done:
   kdp_trace_finish(t, NULL);
+  kdp_stall_stop(t);
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_method_free(t);

@@ -129,12 +129,20 @@ int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 int kdp_rundir_open(const kdp_config *cfg, kdp_dist *d, int serve_only, kdp_error *err);
 void kdp_rundir_release_now(void);
 
+/* stall.c: the stall check (run.stall_warn_seconds, run.stall_abort_seconds): a watchdog thread
+   and t->d's wait hook at the agreement point; kdp_stall_stop ends both. */
+void kdp_stall_start(kdp_trainer *t);
+void kdp_stall_stop(kdp_trainer *t);
+
 /* live.c (the rank-0 server's trainer side) */
 int kdp_live_start(kdp_trainer *t, kdp_error *err);
 void kdp_live_stop(kdp_trainer *t);
 void kdp_live_step_time(kdp_trainer *t, double seconds);
 void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc);
 void kdp_live_checkpointed(kdp_trainer *t);
+/* /healthz answers 503 with this reason and kdpeers_stalled is 1 (NULL: healthy again). Safe
+   from any thread (the stall check's watchdog calls it). */
+void kdp_live_stalled(kdp_trainer *t, const char *reason);
 void kdp_live_publish(kdp_trainer *t, int force);
 void kdp_live_poll(kdp_trainer *t, int32_t *flags);
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
