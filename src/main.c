@@ -42,8 +42,10 @@ static void usage(FILE *f) {
           "                                        file, '-' reads raw uint8 pixels from stdin\n"
           "\n"
           "Environment: KDP_<SECTION>_<KEY> sets a key (the command line wins).\n"
-          "Exit status: 0 done, 1 run failed, 2 bad usage or config, 75 stopped by a signal\n"
-          "after a checkpoint (rerun to resume), 143 a second signal.\n"
+          "Exit status: 0 done, 1 run failed, 2 bad usage or config or run.dir in use by\n"
+          "another run, 75 stopped by a signal after a checkpoint (rerun to resume), 143 a\n"
+          "second signal. Under mpirun, stop a run with SIGUSR1 (mpirun does not forward\n"
+          "SIGTERM or SIGINT) or use launch/kdpeers-local.\n"
           "\n");
 }
 
