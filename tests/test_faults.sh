@@ -47,7 +47,8 @@ holds_lock() { # rank 0 of the job that writes RUN_DIR has written its name into
   [ -n "$p" ] && grep -qx "pid=$p" "$1/kdpeers.lock" 2>/dev/null
 }
 logged() { grep -q "$2" "$1/metrics.jsonl" 2>/dev/null; }
-code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+code() { curl -s -m 5 -o /dev/null -w '%{http_code}' "$@"; }
+healthz_is() { [ "$(code "$addr/healthz")" = "$1" ]; } # evaluated at each try of wait_for
 flip_byte() { # flip_byte FILE OFFSET: one bit of one byte
   local b
   b=$(od -An -tu1 -j "$2" -N 1 "$1" | tr -d ' ')
@@ -111,20 +112,20 @@ wait_for 600 holds_lock "$l" || bad "lock: the restarted run does not hold the l
 victim=$(rank_pid "$l" 0)
 kill -9 "$victim"
 wait "$pid"
-run1 "${small[@]}" -s run.epochs=200 -s run.max_steps=60 -s run.dir="$l" >"$l.out4" 2>&1
+run 2 "${small[@]}" -s run.epochs=200 -s run.max_steps=60 -s run.dir="$l" >"$l.out4" 2>&1
 rc=$?
 expect "lock: after kill -9 of the holder the next run starts (exit $rc)" test "$rc" = 0
 expect "  ...warning that it takes over the stale lock of pid $victim" \
   grep -q "taking over the stale lock of run.dir $l: it names pid $victim on host $(hostname), .*, which is no longer running" "$l.out4"
 printf 'pid=4242\nhost=elsewhere.example\nstarted=2020-01-01 00:00:00 +0000\n' >"$l/kdpeers.lock"
-run1 "${small[@]}" -s run.epochs=200 -s run.max_steps=70 -s run.dir="$l" >"$l.out5" 2>&1
+run 2 "${small[@]}" -s run.epochs=200 -s run.max_steps=70 -s run.dir="$l" >"$l.out5" 2>&1
 rc=$?
 expect "lock: a lock file from another host whose lock is free is taken over (exit $rc)" test "$rc" = 0
 expect "  ...with a warning naming that host" grep -q "pid 4242 on host elsewhere.example, .*runs on another host and no longer holds the lock" "$l.out5"
 # a process of this host named in the file that still runs (a file system without working locks)
 printf 'pid=%s\nhost=%s\nstarted=then\nboot_id=%s\nproc_start=%s\n' "$$" "$(hostname)" \
   "$(cat /proc/sys/kernel/random/boot_id)" "$(awk '{ print $22 }' "/proc/$$/stat")" >"$l/kdpeers.lock"
-run1 "${small[@]}" -s run.epochs=200 -s run.max_steps=80 -s run.dir="$l" >"$l.out6" 2>&1
+run 2 "${small[@]}" -s run.epochs=200 -s run.max_steps=80 -s run.dir="$l" >"$l.out6" 2>&1
 rc=$?
 expect "lock: a named holder that still runs on this host is respected even without its lock (exit $rc)" test "$rc" = 2
 expect "  ...saying so" grep -q "pid $$ on host $(hostname), started then, still running" "$l.out6"
@@ -148,7 +149,7 @@ m="$tmp/full"
 KDP_FAULT_METRICS_FULL=10-20 run1 "${small[@]}" -s run.log_every=1 -s run.dir="$m" >"$m.out" 2>&1
 rc=$?
 expect "disk full: metrics lines that cannot be written do not stop the run (exit $rc)" test "$rc" = 0
-expect "  ...every line left is whole JSON (no spliced lines)" jq -e -c . "$m/metrics.jsonl" >/dev/null
+expect "  ...every line left is whole JSON (no spliced lines)" bash -c "jq -e -c . '$m/metrics.jsonl' >/dev/null"
 trains=$(grep '"event":"train"' "$m/metrics.jsonl" | sed 's/.*"step":\([0-9]*\),.*/\1/' | tr '\n' ' ')
 expect "  ...the train lines of steps 10-19 are lost, 9 and 20 are there" \
   bash -c "[[ ' $trains' == *' 9 20 '* ]]"
@@ -214,9 +215,10 @@ stopped() { [ "$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" = T ]; }
 r2=""
 for _ in $(seq 300); do r2=$(rank_pid "$st" 2); [ -n "$r2" ] && stopped "$r2" && break; sleep 0.1; done
 addr=$(cat "$st/server.addr" 2>/dev/null)
-wait_for 100 test "$(code "$addr/healthz")" = 503
+wait_for 100 healthz_is 503
 expect "stall: /healthz answers 503 while rank 2 is stopped" test "$(code "$addr/healthz")" = 503
-expect "  ...naming rank 2 as the late one" bash -c "curl -s '$addr/healthz' | jq -e '.reason | test(\"^rank 2 has not reached the agreement point of step 31\")' >/dev/null"
+reason=$(curl -s "$addr/healthz" | jq -r .reason 2>/dev/null)
+expect "  ...naming rank 2 as the late one ($reason)" grep -q "^rank 2 has not reached the agreement point of step 31 " <<<"$reason"
 expect "  ...kdpeers_stalled is 1" bash -c "curl -s '$addr/metrics' | grep -qx 'kdpeers_stalled 1'"
 expect "  ...the warning on stderr names rank 2 only" grep -q "WARNING: rank 2 has not reached the agreement point of step 31 after 1 s" "$st.out"
 r0=$(rank_pid "$st" 0)
@@ -225,7 +227,7 @@ sleep 2
 c1=$(awk '{ print $14 + $15 }' "/proc/$r0/stat")
 expect "  ...rank 0 waits without spinning ($((c1 - c0)) CPU ticks in 2 s, < 60)" test $((c1 - c0)) -lt 60
 kill -CONT "$r2"
-wait_for 100 test "$(code "$addr/healthz")" = 200
+wait_for 100 healthz_is 200
 expect "  ...after SIGCONT /healthz is 200 again" test "$(code "$addr/healthz")" = 200
 expect "  ...kdpeers_stalled is 0" bash -c "curl -s '$addr/metrics' | grep -qx 'kdpeers_stalled 0'"
 expect "  ...and the log says training goes on" grep -q "the late ranks caught up after" "$st.out"
@@ -250,7 +252,7 @@ pid=$!
 wait_for 600 logged "$sr" '"event":"train"' || bad "stall-any: no train line"
 addr=$(cat "$sr/server.addr")
 kill -STOP "$(rank_pid "$sr" 1)"
-wait_for 90 test "$(code "$addr/healthz")" = 503
+wait_for 90 healthz_is 503
 expect "stall: SIGSTOP of rank 1 at any moment: /healthz answers 503" test "$(code "$addr/healthz")" = 503
 wait "$pid"
 rc=$?

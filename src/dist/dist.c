@@ -219,7 +219,8 @@ void kdp_dist_report_waiting(kdp_dist *d) {
   if (r) KDP_CHECK_MPI(MPI_Wait(r, MPI_STATUS_IGNORE)); /* the last one: sent long ago */
   else d->report_req = r = kdp_xmalloc(sizeof *r);
   d->report_seq = d->sync_seq;
-  KDP_CHECK_MPI(MPI_Isend(&d->report_seq, 1, MPI_UINT64_T, 0, TAG_WAITING, COMM(d->report_comm), r));
+  KDP_CHECK_MPI(
+      MPI_Isend(&d->report_seq, 1, MPI_UINT64_T, 0, TAG_WAITING, COMM(d->report_comm), r));
 }
 
 int kdp_dist_waiting_ranks(kdp_dist *d, unsigned char *arrived) {
@@ -239,7 +240,8 @@ void kdp_dist_abort(kdp_dist *d, int status) {
 
 void kdp_dist_free(kdp_dist *d) {
   if (d->report_req) MPI_Wait((MPI_Request *)d->report_req, MPI_STATUS_IGNORE);
-  if (d->reported) drain_reports(d); /* reports sent as the wait ended */
+  /* reports of waits that ended before rank 0 looked (they are 8 bytes each) */
+  if (d->world_rank == 0 && d->world_size > 1 && d->report_comm) drain_reports(d);
   if (d->report_comm) MPI_Comm_free(&COMM(d->report_comm));
   free(d->report_comm);
   free(d->report_req);
@@ -291,22 +293,22 @@ int kdp_dist_all_ok(kdp_dist *d, int ok) {
   return out;
 }
 
-static void allreduce_f(kdp_dist *d, void *comm, float *buf, size_t n) {
-  if (n == 0) return;
-  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(comm)));
-}
 
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->ranks_per_peer <= 1) return;
   double t0 = kdp_now();
-  allreduce_f(d, d->peer_comm, buf, n);
+  if (n)
+    KDP_WAIT_MPI(d,
+                 MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(d->peer_comm)));
   d->t_allreduce += kdp_now() - t0;
 }
 
 void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->n_peers <= 1) return;
   double t0 = kdp_now();
-  allreduce_f(d, d->cohort_comm, buf, n);
+  if (n)
+    KDP_WAIT_MPI(
+        d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
   d->t_exchange += kdp_now() - t0;
   d->bytes_exchanged += (double)n * sizeof(float);
 }
@@ -314,7 +316,8 @@ void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
 void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
   if (d->n_peers <= 1 || n == 0) return;
   if (d->uniform) {
-    KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
+    KDP_WAIT_MPI(
+        d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
     return;
   }
   /* per-peer layout: over the world, each peer counted once (its slice-0 rank) */
@@ -324,7 +327,8 @@ void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
 
 void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
   if (d->ranks_per_peer <= 1 || n == 0) return;
-  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->peer_comm)));
+  KDP_WAIT_MPI(d,
+               MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->peer_comm)));
 }
 
 void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t n) {
@@ -353,7 +357,8 @@ void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *o
   if (P <= 1)
     memcpy(out + displs[0], in, n * sizeof(float));
   else
-    KDP_WAIT_MPI(d, MPI_Allgatherv(in, (int)n, MPI_FLOAT, out, c, ds, MPI_FLOAT, COMM(d->cohort_comm)));
+    KDP_WAIT_MPI(
+        d, MPI_Allgatherv(in, (int)n, MPI_FLOAT, out, c, ds, MPI_FLOAT, COMM(d->cohort_comm)));
   d->bytes_exchanged += (total - (double)n) * sizeof(float);
   free(c);
   free(ds);
