@@ -8,7 +8,6 @@
    is taken over with a warning. */
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
@@ -57,7 +56,8 @@ static void read_line_file(const char *path, char *out, size_t n) {
   fclose(f);
 }
 
-/* start time of process pid in clock ticks after boot, 0 if it does not exist */
+/* start time of process pid in clock ticks after boot; 0 if it does not exist or has ended (a
+   zombie, or dead) */
 static unsigned long long proc_start_of(long pid) {
   char path[64], buf[1024];
   snprintf(path, sizeof path, "/proc/%ld/stat", pid);
@@ -65,11 +65,12 @@ static unsigned long long proc_start_of(long pid) {
   const char *p = strrchr(buf, ')'); /* the command name may hold spaces */
   if (!p) return 0;
   unsigned long long v = 0;
+  char state = 0;
   /* after ") ": field 3 (state) ... field 22 (starttime) */
-  if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d "
-                    "%llu", &v) != 1)
+  if (sscanf(p + 2, "%c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d "
+                    "%llu", &state, &v) != 2)
     return 0;
-  return v;
+  return state == 'Z' || state == 'X' ? 0 : v;
 }
 
 static void me(holder *h) {
@@ -115,8 +116,18 @@ static void describe(const holder *h, char *out, size_t n) {
 /* The holder is this machine's process that wrote the file, and it still runs. */
 static int alive_here(const holder *h, const holder *self) {
   if (strcmp(h->host, self->host) != 0 || strcmp(h->boot_id, self->boot_id) != 0) return 0;
-  if (kill((pid_t)h->pid, 0) != 0 && errno == ESRCH) return 0;
-  return h->proc_start == 0 || proc_start_of(h->pid) == h->proc_start;
+  unsigned long long start = proc_start_of(h->pid);
+  return start != 0 && (h->proc_start == 0 || start == h->proc_start);
+}
+
+/* The named holder still runs on this host although its lock is free: it may be ending right
+   now (the kernel drops its locks before the process is gone). Waits up to 3 s for that. */
+static int still_alive_here(const holder *h, const holder *self) {
+  for (int i = 0; i < 60; i++) {
+    if (!alive_here(h, self)) return 0;
+    usleep(50000);
+  }
+  return 1;
 }
 
 static int write_holder(int fd, const holder *h, kdp_error *err, const char *path) {
@@ -140,7 +151,14 @@ static int lock_dir(const char *dir, kdp_error *err) {
     return kdp_fail(err, KDP_EIO, "cannot open the lock file %s: %s", path, strerror(errno));
   holder self, h;
   me(&self);
-  int locked = flock(fd, LOCK_EX | LOCK_NB) == 0, why = errno;
+  /* a holder that is ending (killed a moment ago) still holds it: give it up to 3 s */
+  int locked = 0, why = 0;
+  for (int i = 0; i < 60; i++) {
+    locked = flock(fd, LOCK_EX | LOCK_NB) == 0;
+    why = errno;
+    if (locked || (why != EWOULDBLOCK && why != EINTR)) break;
+    usleep(50000);
+  }
   if (!locked && (why == EWOULDBLOCK || why == EINTR)) {
     /* the holder writes its name right after it locks: give it a moment */
     for (int i = 0; i < 50 && !parse_holder(fd, &h); i++) usleep(10000);
@@ -156,7 +174,7 @@ static int lock_dir(const char *dir, kdp_error *err) {
   }
   int named = parse_holder(fd, &h);
   if (named) describe(&h, who, sizeof who);
-  if (named && alive_here(&h, &self) && h.pid != self.pid) {
+  if (named && h.pid != self.pid && still_alive_here(&h, &self)) {
     /* it runs, yet its lock is free: this file system does not lock (or not between mounts) */
     close(fd);
     return kdp_fail(err, KDP_EBUSY,
