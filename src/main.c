@@ -49,8 +49,10 @@ static void usage(FILE *f) {
           "                                        .npy or PNG files, raw pixels, '-' = stdin\n"
           "\n"
           "Environment: KDP_<SECTION>_<KEY> sets a key (the command line wins).\n"
-          "Exit status: 0 done, 1 run failed, 2 bad usage or config, 75 stopped by a signal\n"
-          "after a checkpoint (rerun to resume), 143 a second signal.\n"
+          "Exit status: 0 done, 1 run failed, 2 bad usage or config or run.dir in use by\n"
+          "another run, 75 stopped by a signal after a checkpoint (rerun to resume), 143 a\n"
+          "second signal. Under mpirun, stop a run with SIGUSR1 (mpirun does not forward\n"
+          "SIGTERM or SIGINT) or use launch/kdpeers-local.\n"
           "\n");
 }
 
@@ -329,7 +331,7 @@ static int serve_main(int argc, char **argv) {
     kdp_train_install_signals();
     rc = kdp_train_run(&cfg, &d, &o, &err);
     if (rc != 0 && rc != KDP_ESTOPPED) fprintf(stderr, "kdpeers serve: rank %d: %s\n", rank, err.msg);
-    rc = (rc == 0 || rc == KDP_ESTOPPED) ? 0 : 1;
+    rc = (rc == 0 || rc == KDP_ESTOPPED) ? 0 : rc == KDP_EINVAL ? EXIT_USAGE : 1;
   }
   kdp_dist_free(&d);
   kdp_dist_finalize();
@@ -409,6 +411,6 @@ int main(int argc, char **argv) {
   kdp_dist_free(&d);
   kdp_dist_finalize();
   if (rc == KDP_ESTOPPED) return KDP_EXIT_PREEMPTED;
-  if (rc == KDP_EINVAL) return EXIT_USAGE;
+  if (rc == KDP_EINVAL || rc == KDP_EBUSY) return EXIT_USAGE;
   return rc == 0 ? 0 : 1;
 }

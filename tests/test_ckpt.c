@@ -493,6 +493,40 @@ static int step_exists(const char *run, int64_t step) {
   return exists(d);
 }
 
+/* Completed checkpoints that all fail verification are an error, not "no checkpoint" (a fresh
+   start there would append to the old metrics and let retention delete the step directories),
+   and retention deletes none of them. */
+START_TEST(test_find_latest_none_usable) {
+  char *run = kdp_test_tmpdir();
+  kdp_error err = {{0}};
+  int64_t step = -1;
+  write_step(run, 300, 2, 0); /* no manifest: an interrupted first write is "none" */
+  ck_assert_int_eq(kdp_ckpt_find_latest(run, &step, &err), 0);
+  write_step(run, 100, 2, 1);
+  char p[4096];
+  kdp_ckpt_peer_path(run, 100, 1, p, sizeof p);
+  flip_byte(p, 40, 0x04);
+  ck_assert_int_eq(kdp_ckpt_find_latest(run, &step, &err), KDP_EFORMAT);
+  ck_assert_msg(strstr(err.msg, "1 completed checkpoint but none is usable") != NULL, "%s",
+                err.msg);
+  ck_assert_msg(strstr(err.msg, "step 100") && strstr(err.msg, "checksum mismatch"), "%s",
+                err.msg);
+  ck_assert_msg(strstr(err.msg, "nothing was deleted") != NULL, "%s", err.msg);
+  write_step(run, 200, 1, 1);
+  kdp_ckpt_manifest_path(run, 200, p, sizeof p);
+  ck_assert(truncate(p, file_size(p) - 3) == 0);
+  ck_assert_int_eq(kdp_ckpt_find_latest(run, &step, &err), KDP_EFORMAT);
+  ck_assert_msg(strstr(err.msg, "2 completed checkpoints") && strstr(err.msg, "step 200"), "%s",
+                err.msg);
+  CK_OK(kdp_ckpt_prune(run, 1, &err));
+  ck_assert(step_exists(run, 100) && step_exists(run, 200) && step_exists(run, 300));
+  kdp_ckpt_peer_path(run, 100, 0, p, sizeof p);
+  ck_assert(exists(p)); /* the intact file of the corrupt step is still there */
+  rm_rf(run);
+  free(run);
+}
+END_TEST
+
 START_TEST(test_prune) {
   char *run = kdp_test_tmpdir();
   kdp_error err = {{0}};
@@ -914,6 +948,7 @@ static Suite *ckpt_suite(void) {
   tcase_add_test(core, test_step_paths);
   tcase_add_test(core, test_manifest_contents);
   tcase_add_test(core, test_find_latest);
+  tcase_add_test(core, test_find_latest_none_usable);
   tcase_add_test(core, test_prune);
   tcase_add_test(core, test_describe);
   tcase_add_test(core, test_many_entries);

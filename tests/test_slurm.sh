@@ -2,8 +2,8 @@
 # kdpeers under a real (one-node, throw-away) Slurm cluster: launch/kdpeers.sbatch runs 2 peers by
 # srun --mpi=pmix; a USR1 to the batch shell checkpoints, exits 75, requeues the job and the
 # requeued job resumes and finishes; the same with launch/kdpeers-mpirun.sbatch; without requeue the
-# printed sbatch command resumes; a plain scancel stops it for good; srun without an MPI plugin (or no launcher at all) fails with an
-# explanation. Needs root and Debian's slurm-wlm + munge (installed if missing); exits 77 (skip)
+# printed sbatch command resumes; a plain scancel stops it for good, also under mpirun with a slow
+# checkpoint; srun without an MPI plugin (or no launcher at all) fails with an explanation. Needs root and Debian's slurm-wlm + munge (installed if missing); exits 77 (skip)
 # only if they cannot be installed or started.   Usage: tests/test_slurm.sh PATH/TO/kdpeers
 set -uo pipefail
 # shellcheck source=tests/lib.sh
@@ -263,6 +263,21 @@ expect "(j) run again: nothing is submitted, the finished runs are kept" \
   bash -c "grep -q '2 finished runs kept' '$tmp/cmp2.err' && ! grep -q submitting '$tmp/cmp2.err'"
 expect "(j) ...and the same table" test "$(grep '^| `' "$tmp/cmp2.out")" = "$(grep '^| `' <<<"$cmp_out")"
 echo "# (j) $((SECONDS - tj)) s"
+# (e2) the same under kdpeers-mpirun.sbatch, with a stop checkpoint (4 s) longer than the ~2 s
+# mpirun leaves the ranks after Slurm's SIGTERM by default: the script's kill delay lets it finish
+th=$SECONDS
+h="$tmp/run-h"
+id=$(KDP_FAULT_CKPT_SLEEP_MS=4000 sbatch --parsable --ntasks=2 --time=10 --job-name=cancelmpi \
+  "$src/launch/kdpeers-mpirun.sbatch" "${long[@]}" -s run.dir="$h")
+wait_for 120 training "$h" "$id" || bad "(e2) no train line (state $(state "$id"))"
+scancel "$id"
+st=$(wait_done "$id" 90)
+log="cancelmpi_$id.out"
+expect "(e2) mpirun: scancel ends the job CANCELLED (state $st)" test "$st" = CANCELLED
+ck=$(first_ckpt "$h")
+expect "(e2) ...after the 4 s stop checkpoint completed (${ck##*/}/MANIFEST.kdpc)" test -f "$ck/MANIFEST.kdpc"
+expect "(e2) ...and the script reports kdpeers' 75 although mpirun exited 1" grep -q 'kdpeers stopped after a checkpoint (exit 75)' "$log"
+echo "# (e2) $((SECONDS - th)) s"
 
 # (f) the silent singleton: tasks that are not wired into one MPI world must not train alone
 out=$(timeout 60 srun --mpi=none -n 2 "$exe" "${small[@]}" -s run.epochs=1 -s run.dir="$tmp/run-e1" 2>&1)

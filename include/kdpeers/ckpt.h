@@ -156,7 +156,9 @@ int kdp_ckpt_write_manifest(const char *run_dir, int64_t step, int n_peers, cons
 int kdp_ckpt_verify_step(const char *run_dir, int64_t step, int *n_peers, kdp_error *err);
 /* Highest complete step: returns 1 and sets *step, 0 if there is none, negative on an error
    listing the directory. Newer incomplete or corrupt steps are skipped with a warning line on
-   stderr ("kdpeers: warning: skipping checkpoint ...: why"). */
+   stderr ("kdpeers: warning: skipping checkpoint ...: why"). When checkpoints were completed (a
+   step directory has a manifest) but none verifies, returns KDP_EFORMAT saying so: that is not
+   "no checkpoint" (a step directory without a manifest is an interrupted first write). */
 int kdp_ckpt_find_latest(const char *run_dir, int64_t *step, kdp_error *err);
 /* keep >= 1. Removes every complete checkpoint but the newest `keep`, every incomplete step
    directory older than the newest complete one, and stray "*.tmp.*" files in the checkpoints

@@ -20,7 +20,8 @@ enum kdp_err {
   KDP_EMPI = -5,
   KDP_EMISMATCH = -6, /* ranks or files disagree */
   KDP_EDIVERGED = -7, /* NaN or Inf in a loss or the parameters */
-  KDP_ESTOPPED = -8   /* stopped on request (signal): not an error, exits KDP_EXIT_PREEMPTED */
+  KDP_ESTOPPED = -8,  /* stopped on request (signal): not an error, exits KDP_EXIT_PREEMPTED */
+  KDP_EBUSY = -9      /* run.dir is in use by another run (exits 2, like a usage error) */
 };
 
 /* Error message buffer: the first failing function fills it; callers print it. */

@@ -26,6 +26,8 @@ typedef struct kdp_config {
   char progress[16];       /* auto | bar | plain | none */
   int timeline;            /* write run.dir/timeline-rankNNN.json (Chrome trace) */
   char max_memory[32];     /* bytes the ranks of a node may use, "16G"; "0" = physical memory */
+  double stall_warn_seconds;  /* a rank this late at a step: warn, /healthz 503; 0 = off */
+  double stall_abort_seconds; /* ...end the job; 0 = never */
   /* [data] */
   char format[16];         /* idx | cifar10 | cifar100 | npy | folder */
   char train_images[KDP_PATH]; /* for cifar: comma-separated list of batch files */
@@ -72,6 +74,7 @@ typedef struct kdp_config {
   int ckpt_keep;
   char ckpt_on_divergence[16]; /* stop | rollback */
   double ckpt_rollback_lr_scale;
+  int ckpt_max_rollbacks;      /* rollbacks per run before a divergence stops it */
   /* [server] */
   int server_enabled;
   char server_listen[KDP_STR];

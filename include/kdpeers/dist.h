@@ -2,6 +2,8 @@
 #ifndef KDPEERS_DIST_H
 #define KDPEERS_DIST_H
 
+#include <stdatomic.h>
+
 #include "kdpeers/common.h"
 
 /*
@@ -17,6 +19,13 @@
  * per peer, cohort rank == peer) and is MPI_COMM_NULL on the others.
  */
 #define KDP_DIST_MAX_PEERS 64
+struct kdp_dist;
+/* Called while this rank waits at the agreement point (kdp_dist_step_sync), about every
+   KDP_DIST_WAIT_PERIOD seconds once it has waited that long, with the seconds waited so far
+   (a stop of this process itself, e.g. SIGSTOP of every rank, is not counted as waiting), and
+   once more with done = 1 when the agreement point completes after such a call. */
+typedef void (*kdp_dist_wait_fn)(void *ctx, struct kdp_dist *d, double waited, int done);
+#define KDP_DIST_WAIT_PERIOD 0.1
 typedef struct kdp_dist {
   int world_rank, world_size;
   int local_rank, local_size; /* on this node, from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) */
@@ -27,7 +36,19 @@ typedef struct kdp_dist {
   void *world, *peer_comm, *cohort_comm, *node_comm; /* MPI_Comm, opaque outside src/dist */
   double t_exchange, t_allreduce, t_wait; /* seconds spent, accumulated */
   double bytes_exchanged;
+  /* the agreement point: its count (the same on every rank), the wait hook, and for the stall
+     check the ranks' reports of waiting (kdp_dist_report_waiting / kdp_dist_waiting_ranks) */
+  uint64_t sync_seq;
+  kdp_dist_wait_fn on_wait;
+  void *wait_ctx;
+  void *report_comm, *report_req; /* MPI_Comm, MPI_Request */
+  uint64_t report_seq, *reported;  /* this rank's last report; rank 0: each rank's last one */
+  /* the collective this rank waits in now (a function name, KDP_DIST_AGREEMENT, NULL: none) and
+     how many it has waited in: read by the stall check's watchdog thread */
+  _Atomic(const char *) waiting_in;
+  atomic_uint_fast64_t waits;
 } kdp_dist;
+#define KDP_DIST_AGREEMENT "the step's agreement point"
 
 /* MPI_Init_thread (FUNNELED) unless already initialised. Safe to call once per process. */
 int kdp_dist_init_mpi(int *argc, char ***argv, kdp_error *err);
@@ -100,8 +121,18 @@ double kdp_dist_sum(kdp_dist *d, double v);
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes);
 /* The per-step agreement point: element-wise MAX of n ints over the world, in place. The time
    spent here is the wait for the slowest rank (counted in t_wait), so the exchange that follows
-   measures transfer only. */
+   measures transfer only. A non-blocking allreduce, tested in a loop: a short spin, then short
+   sleeps (a long wait costs little CPU), calling d->on_wait meanwhile. */
 void kdp_dist_step_sync(kdp_dist *d, int32_t *flags, size_t n);
+/* Tells rank 0 that this rank waits at the current agreement point (once per agreement point;
+   nothing on rank 0). */
+void kdp_dist_report_waiting(kdp_dist *d);
+/* Rank 0, while it waits at an agreement point: arrived[r] = 1 for the ranks known to have
+   reached it (itself, and those that reported waiting there), 0 for the others; returns how
+   many have not. */
+int kdp_dist_waiting_ranks(kdp_dist *d, unsigned char *arrived);
+/* Ends every rank of the job (MPI_Abort) with this exit status. */
+void kdp_dist_abort(kdp_dist *d, int status);
 /* Max over world of a double (e.g. slowest rank's time). */
 double kdp_dist_max(kdp_dist *d, double v);
 void kdp_dist_barrier(kdp_dist *d);

@@ -17,7 +17,8 @@
  * Endpoints:
  *   GET  /metrics  Prometheus text 0.0.4: the trainer's last published text + the server's own.
  *   GET  /status   the trainer's last published status JSON ({} before the first publish).
- *   GET  /healthz  {"status":"ok","last_publish_age_seconds":S|null} while the loop runs.
+ *   GET  /healthz  {"status":"ok","last_publish_age_seconds":S|null} while the loop runs;
+ *                  503 {"status":"unhealthy","reason":...} while kdp_server_set_health says so.
  *   POST /control  {"action":"checkpoint"|"stop"|"pause"|"resume"} and/or any of
  *                  {"lr_scale":x,"temperature":x,"kd_weight":x} (finite, > 0) -> 202
  *                  {"accepted":true,"id":N}; the trainer polls kdp_server_poll_command.
@@ -69,6 +70,10 @@ int kdp_server_port(const kdp_server *s);
 /* Replaces the published snapshot (both strings are copied; a NULL one keeps its old value).
    metrics_text must be Prometheus text format 0.0.4 ending in a newline. */
 void kdp_server_publish(kdp_server *s, const char *metrics_text, const char *status_json);
+
+/* reason != NULL and not "": /healthz answers 503 {"status":"unhealthy","reason":REASON} until it
+   is called again with NULL (e.g. while ranks of the job are stalled). */
+void kdp_server_set_health(kdp_server *s, const char *reason);
 
 /* Control commands, in arrival order. */
 typedef enum kdp_action {

@@ -1187,19 +1187,32 @@ int kdp_ckpt_find_latest(const char *run_dir, int64_t *step, kdp_error *err) {
   size_t n;
   int rc = list_steps(run_dir, &steps, &n, err);
   if (rc) return rc;
-  int found = 0;
+  int found = 0, unusable = 0; /* unusable: published (a manifest) but failing verification */
+  int64_t newest_bad = -1;
+  kdp_error newest_why = {{0}};
   for (size_t i = 0; i < n && !found; i++) {
     kdp_error why = {{0}};
     if (kdp_ckpt_verify_step(run_dir, steps[i], NULL, &why) == 0) {
       if (step) *step = steps[i];
       found = 1;
     } else {
-      char dir[4096];
+      char dir[4096], mpath[4096];
+      struct stat st;
       kdp_ckpt_step_dir(run_dir, steps[i], dir, sizeof dir);
+      kdp_ckpt_manifest_path(run_dir, steps[i], mpath, sizeof mpath);
+      if (stat(mpath, &st) == 0 && unusable++ == 0) {
+        newest_bad = steps[i];
+        newest_why = why;
+      }
       fprintf(stderr, "kdpeers: warning: skipping checkpoint %s: %s\n", dir, why.msg);
     }
   }
   free(steps);
+  if (!found && unusable)
+    return kdp_fail(err, KDP_EFORMAT,
+                    "%s/checkpoints holds %d completed checkpoint%s but none is usable (the "
+                    "newest, step %" PRId64 ": %s); nothing was deleted",
+                    run_dir, unusable, unusable == 1 ? "" : "s", newest_bad, newest_why.msg);
   return found;
 }
 

@@ -92,6 +92,11 @@ static const key_def keys[] = {
     {"run", "max_memory", KT_STRING, AT(max_memory), .check = check_bytes, .def = "0",
      .help = "memory the ranks of one node may use, e.g. 16G or 512M (0 = the node's physical "
              "memory); a model estimated to need more is refused before anything is written"},
+    {"run", "stall_warn_seconds", KT_DOUBLE, AT(stall_warn_seconds), ATLEAST(0), .def = "60",
+     .help = "warn, set kdpeers_stalled and answer /healthz 503 when ranks are this late at a step "
+             "(0 = off)"},
+    {"run", "stall_abort_seconds", KT_DOUBLE, AT(stall_abort_seconds), ATLEAST(0), .def = "600",
+     .help = "end the job (exit 1) when ranks are this late at a step (0 = wait forever)"},
     /* [data] */
     {"data", "format", KT_ENUM, AT(format), .choices = format_choices, .def = "idx",
      .help = "dataset format: idx (MNIST/Fashion-MNIST, .gz ok), CIFAR binary batches, npy "
@@ -184,6 +189,8 @@ static const key_def keys[] = {
     {"checkpoint", "rollback_lr_scale", KT_DOUBLE, AT(ckpt_rollback_lr_scale),
      .lo = 0, .hi = 1, .flags = R_LO | R_LO_EXCL | R_HI, .def = "0.5",
      .help = "lr factor applied at each rollback"},
+    {"checkpoint", "max_rollbacks", KT_INT, AT(ckpt_max_rollbacks), RANGE(0, 1000), .def = "3",
+     .help = "rollbacks in a run before a divergence stops it (on_divergence = rollback)"},
     /* [server] */
     {"server", "enabled", KT_BOOL, AT(server_enabled), .def = "true",
      .help = "run the HTTP server on rank 0"},
@@ -241,6 +248,10 @@ static const char *type_name(const key_def *k) {
 
 /* Shortest "%.*g" that reads back to exactly v. */
 static void fmt_double(double v, char *buf, size_t n) {
+  if (v == floor(v) && fabs(v) < 1e15) { /* whole numbers as written: 60, not 6e+01 */
+    snprintf(buf, n, "%.0f", v);
+    return;
+  }
   for (int p = 1; p <= 17; p++) {
     snprintf(buf, n, "%.*g", p, v);
     if (strtod(buf, NULL) == v) return;
@@ -248,17 +259,11 @@ static void fmt_double(double v, char *buf, size_t n) {
 }
 
 /* Human range text: "[1, 100000]", "(0, 100]", ">= 0", "> 0", or "" if unbounded. */
-static void fmt_bound(double v, char *buf, size_t n) {
-  if (v == floor(v) && fabs(v) < 1e15)
-    snprintf(buf, n, "%.0f", v);
-  else
-    fmt_double(v, buf, n);
-}
 
 static void range_text(const key_def *k, char *buf, size_t n) {
   char a[32], b[32];
-  fmt_bound(k->lo, a, sizeof a);
-  fmt_bound(k->hi, b, sizeof b);
+  fmt_double(k->lo, a, sizeof a);
+  fmt_double(k->hi, b, sizeof b);
   if ((k->flags & R_LO) && (k->flags & R_HI))
     snprintf(buf, n, "%c%s, %s%c", (k->flags & R_LO_EXCL) ? '(' : '[', a, b,
              (k->flags & R_HI_EXCL) ? ')' : ']');
@@ -999,13 +1004,14 @@ extern char **environ;
 const char *const kdp_config_other_env[] = {
     /* the launch scripts */
     "KDP_ROOT", "KDP_LAUNCHER", "KDP_SRUN_MPI", "KDP_SRUN_ARGS", "KDP_MPIRUN_ARGS",
-    "KDP_ARRAY_SETTINGS", "KDP_TTY_COLUMNS",
+    "KDP_ARRAY_SETTINGS", "KDP_TTY_COLUMNS", "KDP_MPIRUN_KILL_DELAY", "KDP_BUILD",
     /* the test suites */
     "KDP_SOURCE_ROOT", "KDP_BUILD_ROOT", "KDP_TEST_VERBOSE", "KDP_FUZZ_TARGETS", "KDP_NETNS_HOSTS",
     "KDP_NETNS_LOG", "KDP_NETNS_SUBNET", "KDP_AGENT_HOSTNAME", "KDP_AGENT_CMD",
     "KDP_SLURM_CRED_EXPIRE",
     /* fault injection (tests) */
-    "KDP_FAULT_SIGNAL_AT_STEP", "KDP_FAULT_NAN_AT_STEP", "KDP_FAULT_CKPT_SLEEP_MS", NULL};
+    "KDP_FAULT_SIGNAL_AT_STEP", "KDP_FAULT_NAN_AT_STEP", "KDP_FAULT_CKPT_SLEEP_MS",
+    "KDP_FAULT_METRICS_FULL", "KDP_FAULT_STOP_AT_STEP", NULL};
 
 /* 1 if the variable NAME (up to '=') is a config key's: KDP_<SECTION>_<KEY>, KDP_PEER_<N>_<KEY> */
 static int env_is_key(const char *name, size_t len) {
@@ -1191,6 +1197,12 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
                     "server.token=... or KDP_SERVER_TOKEN); or listen on 127.0.0.1, or set "
                     "server.enabled = false",
                     c->server_listen);
+  if (c->stall_warn_seconds > 0 && c->stall_abort_seconds > 0 &&
+      c->stall_abort_seconds < c->stall_warn_seconds)
+    return kdp_fail(err, KDP_EINVAL,
+                    "config run.stall_abort_seconds = %g is below run.stall_warn_seconds = %g: "
+                    "the job would end before the warning (set it to 0 or >= the warning)",
+                    c->stall_abort_seconds, c->stall_warn_seconds);
   if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
                     c->leader, KDP_MAX_PEERS - 1);

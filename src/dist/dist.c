@@ -2,8 +2,10 @@
 #include "kdpeers/dist.h"
 
 #include <mpi.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define KDP_CHECK_MPI(call)                                                                    \
   do {                                                                                         \
@@ -19,6 +21,16 @@
   } while (0)
 
 #define COMM(p) (*(MPI_Comm *)(p))
+
+/* A blocking collective: while it runs, d says so (for the stall check's watchdog thread, which
+   reads it without MPI): two atomic stores, nothing else. */
+#define KDP_WAIT_MPI(d, call)                                                                  \
+  do {                                                                                         \
+    atomic_fetch_add_explicit(&(d)->waits, 1, memory_order_relaxed);                           \
+    atomic_store_explicit(&(d)->waiting_in, __func__, memory_order_release);                  \
+    KDP_CHECK_MPI(call);                                                                       \
+    atomic_store_explicit(&(d)->waiting_in, NULL, memory_order_release);                      \
+  } while (0)
 
 static MPI_Comm *comm_box(MPI_Comm c) {
   MPI_Comm *p = kdp_xmalloc(sizeof *p);
@@ -77,6 +89,9 @@ static void make_comms(kdp_dist *d, int cohort_color) {
       MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank, MPI_INFO_NULL, &node));
   KDP_CHECK_MPI(MPI_Comm_rank(node, &d->local_rank));
   KDP_CHECK_MPI(MPI_Comm_size(node, &d->local_size));
+  MPI_Comm report;
+  KDP_CHECK_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &report));
+  d->report_comm = comm_box(report);
   d->world = comm_box(MPI_COMM_WORLD);
   d->peer_comm = comm_box(peer);
   d->cohort_comm = comm_box(cohort);
@@ -192,7 +207,56 @@ void kdp_dist_rank_rows(const kdp_dist *d, int p, int s, size_t B, size_t *lo, s
   *hi = B * (size_t)(s + 1) / k;
 }
 
+#define TAG_WAITING 1
+
+/* Rank 0: takes every report of waiting that has arrived. */
+static void drain_reports(kdp_dist *d) {
+  if (!d->reported) d->reported = kdp_xcalloc((size_t)d->world_size, sizeof *d->reported);
+  for (;;) {
+    int any = 0;
+    MPI_Status st;
+    KDP_CHECK_MPI(MPI_Iprobe(MPI_ANY_SOURCE, TAG_WAITING, COMM(d->report_comm), &any, &st));
+    if (!any) return;
+    uint64_t seq = 0;
+    KDP_CHECK_MPI(MPI_Recv(&seq, 1, MPI_UINT64_T, st.MPI_SOURCE, TAG_WAITING, COMM(d->report_comm),
+                           MPI_STATUS_IGNORE));
+    d->reported[st.MPI_SOURCE] = seq;
+  }
+}
+
+void kdp_dist_report_waiting(kdp_dist *d) {
+  if (d->world_rank == 0 || d->world_size <= 1 || d->report_seq == d->sync_seq) return;
+  MPI_Request *r = d->report_req;
+  if (r) KDP_CHECK_MPI(MPI_Wait(r, MPI_STATUS_IGNORE)); /* the last one: sent long ago */
+  else d->report_req = r = kdp_xmalloc(sizeof *r);
+  d->report_seq = d->sync_seq;
+  KDP_CHECK_MPI(
+      MPI_Isend(&d->report_seq, 1, MPI_UINT64_T, 0, TAG_WAITING, COMM(d->report_comm), r));
+}
+
+int kdp_dist_waiting_ranks(kdp_dist *d, unsigned char *arrived) {
+  drain_reports(d);
+  int missing = 0;
+  for (int r = 0; r < d->world_size; r++) {
+    arrived[r] = r == d->world_rank || d->reported[r] == d->sync_seq;
+    missing += !arrived[r];
+  }
+  return missing;
+}
+
+void kdp_dist_abort(kdp_dist *d, int status) {
+  (void)d;
+  MPI_Abort(MPI_COMM_WORLD, status);
+}
+
 void kdp_dist_free(kdp_dist *d) {
+  if (d->report_req) MPI_Wait((MPI_Request *)d->report_req, MPI_STATUS_IGNORE);
+  /* reports of waits that ended before rank 0 looked (they are 8 bytes each) */
+  if (d->world_rank == 0 && d->world_size > 1 && d->report_comm) drain_reports(d);
+  if (d->report_comm) MPI_Comm_free(&COMM(d->report_comm));
+  free(d->report_comm);
+  free(d->report_req);
+  free(d->reported);
   if (d->peer_comm) MPI_Comm_free(&COMM(d->peer_comm));
   if (d->cohort_comm && COMM(d->cohort_comm) != MPI_COMM_NULL) MPI_Comm_free(&COMM(d->cohort_comm));
   if (d->node_comm) MPI_Comm_free(&COMM(d->node_comm));
@@ -207,7 +271,7 @@ int kdp_dist_agree(kdp_dist *d, const void *buf, size_t n, const char *what, kdp
   /* compare against rank 0's bytes */
   unsigned char *ref = kdp_xmalloc(n ? n : 1);
   if (d->world_rank == 0) memcpy(ref, buf, n);
-  KDP_CHECK_MPI(MPI_Bcast(ref, (int)n, MPI_BYTE, 0, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Bcast(ref, (int)n, MPI_BYTE, 0, MPI_COMM_WORLD));
   long first = -1;
   for (size_t i = 0; i < n; i++)
     if (ref[i] != ((const unsigned char *)buf)[i]) {
@@ -222,11 +286,11 @@ int kdp_dist_agree(kdp_dist *d, const void *buf, size_t n, const char *what, kdp
     long v;
     int r;
   } in = {mine[0], d->world_rank}, out;
-  KDP_CHECK_MPI(MPI_Allreduce(&in, &out, 1, MPI_LONG_INT, MPI_MINLOC, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Allreduce(&in, &out, 1, MPI_LONG_INT, MPI_MINLOC, MPI_COMM_WORLD));
   if (out.v >= d->world_size) return 0;
   all[0] = out.v;
   all[1] = first;
-  KDP_CHECK_MPI(MPI_Bcast(&all[1], 1, MPI_LONG, out.r, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Bcast(&all[1], 1, MPI_LONG, out.r, MPI_COMM_WORLD));
   return kdp_fail(err, KDP_EMISMATCH,
                   "ranks disagree on the %s: rank %ld differs from rank 0 (first difference at "
                   "byte %ld of %zu). Every rank must be started with the same arguments, config "
@@ -236,27 +300,26 @@ int kdp_dist_agree(kdp_dist *d, const void *buf, size_t n, const char *what, kdp
 
 int kdp_dist_all_ok(kdp_dist *d, int ok) {
   int in = ok ? 1 : 0, out = 0;
-  (void)d;
-  KDP_CHECK_MPI(MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD));
   return out;
 }
 
-static void allreduce_f(void *comm, float *buf, size_t n) {
-  if (n == 0) return;
-  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(comm)));
-}
 
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->ranks_per_peer <= 1) return;
   double t0 = kdp_now();
-  allreduce_f(d->peer_comm, buf, n);
+  if (n)
+    KDP_WAIT_MPI(d,
+                 MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(d->peer_comm)));
   d->t_allreduce += kdp_now() - t0;
 }
 
 void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->n_peers <= 1) return;
   double t0 = kdp_now();
-  allreduce_f(d->cohort_comm, buf, n);
+  if (n)
+    KDP_WAIT_MPI(
+        d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
   d->t_exchange += kdp_now() - t0;
   d->bytes_exchanged += (double)n * sizeof(float);
 }
@@ -264,18 +327,19 @@ void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
 void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
   if (d->n_peers <= 1 || n == 0) return;
   if (d->uniform) {
-    KDP_CHECK_MPI(
-        MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
+    KDP_WAIT_MPI(
+        d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->cohort_comm)));
     return;
   }
   /* per-peer layout: over the world, each peer counted once (its slice-0 rank) */
   if (d->slice != 0) memset(buf, 0, n * sizeof(double));
-  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
 
 void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
   if (d->ranks_per_peer <= 1 || n == 0) return;
-  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->peer_comm)));
+  KDP_WAIT_MPI(d,
+               MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, COMM(d->peer_comm)));
 }
 
 void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t n) {
@@ -283,7 +347,7 @@ void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t 
   if (d->n_peers <= 1) {
     memcpy(out, in, n * sizeof(float));
   } else {
-    KDP_CHECK_MPI(MPI_Allgather(in, (int)n, MPI_FLOAT, out, (int)n, MPI_FLOAT,
+    KDP_WAIT_MPI(d, MPI_Allgather(in, (int)n, MPI_FLOAT, out, (int)n, MPI_FLOAT,
                                 COMM(d->cohort_comm)));
     d->bytes_exchanged += (double)n * sizeof(float) * (double)(d->n_peers - 1);
   }
@@ -304,8 +368,8 @@ void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *o
   if (P <= 1)
     memcpy(out + displs[0], in, n * sizeof(float));
   else
-    KDP_CHECK_MPI(
-        MPI_Allgatherv(in, (int)n, MPI_FLOAT, out, c, ds, MPI_FLOAT, COMM(d->cohort_comm)));
+    KDP_WAIT_MPI(
+        d, MPI_Allgatherv(in, (int)n, MPI_FLOAT, out, c, ds, MPI_FLOAT, COMM(d->cohort_comm)));
   d->bytes_exchanged += (total - (double)n) * sizeof(float);
   free(c);
   free(ds);
@@ -317,7 +381,7 @@ void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, si
   if (d->n_peers <= 1) {
     memcpy(out, in, n * sizeof(float));
   } else {
-    KDP_CHECK_MPI(MPI_Reduce_scatter_block(in, out, (int)n, MPI_FLOAT, MPI_SUM,
+    KDP_WAIT_MPI(d, MPI_Reduce_scatter_block(in, out, (int)n, MPI_FLOAT, MPI_SUM,
                                            COMM(d->cohort_comm)));
     d->bytes_exchanged += (double)n * sizeof(float) * (double)(d->n_peers - 1);
   }
@@ -337,8 +401,7 @@ void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
       c[i] = (int)counts[i];
       total += (double)counts[i];
     }
-    KDP_CHECK_MPI(
-        MPI_Reduce_scatter(in, out, c, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
+    KDP_WAIT_MPI(d, MPI_Reduce_scatter(in, out, c, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
     d->bytes_exchanged += (total - (double)counts[d->peer]) * sizeof(float);
     free(c);
   }
@@ -362,7 +425,7 @@ void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const siz
     }
   static float dummy;
   int mine = c[d->world_rank];
-  KDP_CHECK_MPI(MPI_Allgatherv(mine ? in : &dummy, mine, MPI_FLOAT, out, c, ds, MPI_FLOAT,
+  KDP_WAIT_MPI(d, MPI_Allgatherv(mine ? in : &dummy, mine, MPI_FLOAT, out, c, ds, MPI_FLOAT,
                                MPI_COMM_WORLD));
   d->bytes_exchanged += (total - (double)mine) * sizeof(float);
   free(c);
@@ -373,20 +436,19 @@ void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const siz
 void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n) {
   if (d->world_size <= 1 || n == 0) return;
   double t0 = kdp_now();
-  KDP_CHECK_MPI(MPI_Bcast(buf, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Bcast(buf, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD));
   d->t_allreduce += kdp_now() - t0;
 }
 
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->world_size <= 1 || n == 0) return;
   double t0 = kdp_now();
-  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
   d->t_allreduce += kdp_now() - t0;
 }
 
 void kdp_dist_gather_u32(kdp_dist *d, uint32_t v, uint32_t *out) {
-  (void)d;
-  KDP_CHECK_MPI(MPI_Gather(&v, 1, MPI_UINT32_T, out, 1, MPI_UINT32_T, 0, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Gather(&v, 1, MPI_UINT32_T, out, 1, MPI_UINT32_T, 0, MPI_COMM_WORLD));
 }
 
 void *kdp_dist_node_shared(kdp_dist *d, size_t bytes, void **win) {
@@ -408,38 +470,67 @@ void kdp_dist_node_shared_free(void *win) {
 }
 
 void kdp_dist_node_bcast(kdp_dist *d, void *buf, size_t bytes) {
-  KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, COMM(d->node_comm)));
+  KDP_WAIT_MPI(d, MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, COMM(d->node_comm)));
 }
 
-void kdp_dist_node_barrier(kdp_dist *d) { KDP_CHECK_MPI(MPI_Barrier(COMM(d->node_comm))); }
+void kdp_dist_node_barrier(kdp_dist *d) { KDP_WAIT_MPI(d, MPI_Barrier(COMM(d->node_comm))); }
 
 double kdp_dist_sum(kdp_dist *d, double v) {
   double out = v;
-  (void)d;
-  KDP_CHECK_MPI(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
   return out;
 }
 
 void kdp_dist_bcast(kdp_dist *d, void *buf, size_t bytes) {
-  (void)d;
-  KDP_CHECK_MPI(MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD));
+}
+
+/* How long to sleep between tests of an agreement point waited at for `waited` seconds: spin
+   while the others are about to arrive (a sleep there would delay the step), then back off. */
+static useconds_t backoff_us(double waited) {
+  if (waited < 0.002) return 0;
+  if (waited < 0.05) return 50;
+  if (waited < 1.0) return 200;
+  return 1000;
 }
 
 void kdp_dist_step_sync(kdp_dist *d, int32_t *flags, size_t n) {
   if (d->world_size <= 1) return;
   double t0 = kdp_now();
-  KDP_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, flags, (int)n, MPI_INT32_T, MPI_MAX, MPI_COMM_WORLD));
+  d->sync_seq++;
+  atomic_fetch_add_explicit(&d->waits, 1, memory_order_relaxed);
+  atomic_store_explicit(&d->waiting_in, KDP_DIST_AGREEMENT, memory_order_release);
+  MPI_Request req;
+  KDP_CHECK_MPI(
+      MPI_Iallreduce(MPI_IN_PLACE, flags, (int)n, MPI_INT32_T, MPI_MAX, MPI_COMM_WORLD, &req));
+  int done = 0, hooked = 0;
+  double last = t0, waited = 0, next_hook = KDP_DIST_WAIT_PERIOD;
+  KDP_CHECK_MPI(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+  while (!done) {
+    useconds_t us = backoff_us(waited);
+    if (us) usleep(us);
+    KDP_CHECK_MPI(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+    double now = kdp_now(), dt = now - last;
+    last = now;
+    /* a longer gap is this process not running (stopped, suspended): not the others' lateness */
+    waited += dt < 0.5 ? dt : 0.5;
+    if (!done && d->on_wait && waited >= next_hook) {
+      d->on_wait(d->wait_ctx, d, waited, 0);
+      hooked = 1;
+      next_hook = waited + KDP_DIST_WAIT_PERIOD;
+    }
+  }
+  atomic_store_explicit(&d->waiting_in, NULL, memory_order_release);
+  if (hooked) d->on_wait(d->wait_ctx, d, waited, 1);
   d->t_wait += kdp_now() - t0;
 }
 
 double kdp_dist_max(kdp_dist *d, double v) {
   double out = v;
-  (void)d;
-  KDP_CHECK_MPI(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
   return out;
 }
 
 void kdp_dist_barrier(kdp_dist *d) {
-  (void)d;
-  KDP_CHECK_MPI(MPI_Barrier(MPI_COMM_WORLD));
+  KDP_WAIT_MPI(d, MPI_Barrier(MPI_COMM_WORLD));
 }

@@ -45,6 +45,7 @@ static void route_metrics(kdp_http_conn *c) {
   memcpy(by_path, core->by_path, sizeof core->by_path);
   int cmds = core->cmd_count, preds = core->pending_predicts;
   double pub = core->publish_time;
+  int stalled = core->unhealthy[0] != 0;
   pthread_mutex_unlock(&core->mu);
   if (b.len && b.p[b.len - 1] != '\n') kdp_buf_put(&b, "\n", 1);
 
@@ -56,6 +57,9 @@ static void route_metrics(kdp_http_conn *c) {
         kdp_buf_printf(&b, "kdpeers_http_requests_total{path=\"%s\",code=\"%d\"} %llu\n",
                        kdp_path_names[p], code, (unsigned long long)by_path[p][code]);
   free(by_path);
+  metric_head(&b, "kdpeers_stalled", "gauge",
+              "1 while ranks of the job are late by run.stall_warn_seconds (/healthz says which).");
+  kdp_buf_printf(&b, "kdpeers_stalled %d\n", stalled);
   metric_head(&b, "kdpeers_server_connections_open", "gauge", "HTTP connections open now.");
   kdp_buf_printf(&b, "kdpeers_server_connections_open %d\n", st.connections_open);
   metric_head(&b, "kdpeers_server_connections_total", "counter", "HTTP connections accepted.");
@@ -107,10 +111,18 @@ static void route_status(kdp_http_conn *c) {
 }
 
 static void route_healthz(kdp_http_conn *c) {
+  char why[sizeof c->core->unhealthy];
   pthread_mutex_lock(&c->core->mu);
   double pub = c->core->publish_time;
+  memcpy(why, c->core->unhealthy, sizeof why);
   pthread_mutex_unlock(&c->core->mu);
   kdp_buf b = {0};
+  if (why[0]) { /* the trainer says it is stuck (kdp_server_set_health) */
+    kdp_buf_printf(&b, "{\"status\":\"unhealthy\",\"reason\":\"%s\"}\n", why);
+    kdp_http_respond(c, 503, "application/json", b.p, b.len, NULL, 0);
+    kdp_buf_free(&b);
+    return;
+  }
   if (pub > 0)
     kdp_buf_printf(&b, "{\"status\":\"ok\",\"last_publish_age_seconds\":%.3f}\n", kdp_now() - pub);
   else

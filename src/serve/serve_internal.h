@@ -54,6 +54,7 @@ typedef struct kdp_srv_core {
   char *metrics; /* last published snapshot */
   char *status;
   double publish_time; /* kdp_now() of the last publish, 0 = never */
+  char unhealthy[256]; /* why /healthz answers 503 ("" = healthy; kdp_server_set_health) */
   kdp_command *cmds;   /* ring of opt.max_commands */
   int cmd_head, cmd_count;
   uint64_t next_id;

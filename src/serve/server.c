@@ -368,6 +368,19 @@ static int resolve_listen(const char *listen, int port, struct sockaddr_storage 
                   listen);
 }
 
+/* resolve_listen, and a non-loopback address needs a token */
+static int check_listen(const char *listen, int port, const char *token,
+                        struct sockaddr_storage *ss, kdp_error *err) {
+  int loopback = 0;
+  int rc = resolve_listen(listen, port, ss, &loopback, err);
+  if (rc == 0 && !loopback && !(token && token[0]))
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "refusing to listen on non-loopback address %s without server.token: anyone "
+                  "who reaches it could stop the run; set server.token or use 127.0.0.1",
+                  listen);
+  return rc;
+}
+
 static int write_addr_file(const char *path, const char *address, kdp_error *err) {
   char tmp[4096];
   if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
@@ -417,13 +430,7 @@ int kdp_server_start(kdp_server **out, const kdp_server_options *o, kdp_error *e
     return kdp_fail(err, KDP_EINVAL, "server.port %d is out of range (0..65535, 0 = any)", o->port);
   kdp_srv_core *core = kdp_core_new(o);
   struct sockaddr_storage ss;
-  int loopback = 0;
-  int rc = resolve_listen(core->opt.listen, o->port, &ss, &loopback, err);
-  if (rc == 0 && !loopback && !core->token)
-    rc = kdp_fail(err, KDP_EINVAL,
-                  "refusing to listen on non-loopback address %s without server.token: anyone "
-                  "who reaches it could stop the run; set server.token or use 127.0.0.1",
-                  core->opt.listen);
+  int rc = check_listen(core->opt.listen, o->port, core->token, &ss, err);
   if (rc != 0) {
     kdp_core_free(core);
     return rc;
@@ -494,6 +501,16 @@ int kdp_server_port(const kdp_server *s) { return s ? s->port : 0; }
 
 void kdp_server_publish(kdp_server *s, const char *metrics_text, const char *status_json) {
   kdp_core_publish(s->core, metrics_text, status_json);
+}
+
+void kdp_server_set_health(kdp_server *s, const char *reason) {
+  pthread_mutex_lock(&s->core->mu);
+  /* the reason goes into a JSON string as it is: keep it plain text */
+  size_t n = 0;
+  for (const char *p = reason ? reason : ""; *p && n + 1 < sizeof s->core->unhealthy; p++)
+    s->core->unhealthy[n++] = *p == '"' || *p == '\\' || (unsigned char)*p < 0x20 ? ' ' : *p;
+  s->core->unhealthy[n] = 0;
+  pthread_mutex_unlock(&s->core->mu);
 }
 
 int kdp_server_poll_command(kdp_server *s, kdp_command *out) {

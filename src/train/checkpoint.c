@@ -117,12 +117,13 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
 /* ---- resume checks: compare the saved config with this run's, key by key ---- */
 
 /* keys that may change between a checkpoint and its resume without a flag: they do not change
-   what is computed */
+   what is computed (run.dir: a moved run directory resumes as it is) */
 static int operational_key(const char *k) {
-  static const char *const ok[] = {"run.progress", "run.threads", "run.log_every",
+  static const char *const ok[] = {"run.dir", "run.progress", "run.threads", "run.log_every",
                                    "run.max_steps", "run.eval_every", "checkpoint.every_steps",
                                    "checkpoint.every_minutes", "checkpoint.keep",
-                                   "run.max_memory", NULL};
+                                   "run.max_memory", "checkpoint.max_rollbacks",
+                                   "run.stall_warn_seconds", "run.stall_abort_seconds", NULL};
   if (strncmp(k, "server.", 7) == 0) return 1;
   for (int i = 0; ok[i]; i++)
     if (strcmp(k, ok[i]) == 0) return 1;
@@ -290,20 +291,26 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
 }
 
 int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error *err) {
-  int64_t step = -1;
-  int found = 0;
+  int64_t found[2] = {0, -1}; /* rank 0's find_latest result, the step */
   if (t->is_root) {
-    found = kdp_ckpt_find_latest(t->cfg->dir, &step, err);
-    if (found < 0) step = -2;
-    else if (found == 0) step = -1;
+    found[0] = kdp_ckpt_find_latest(t->cfg->dir, &found[1], err);
+    if (found[0] == KDP_EFORMAT && !t->serve_only) {
+      kdp_error e2 = *err;
+      kdp_fail(err, KDP_EFORMAT,
+               "%s. Stopping instead of starting over: --fresh would delete %s/checkpoints and "
+               "empty metrics.jsonl, then train from step 0 (copy the checkpoints elsewhere "
+               "first to keep them)",
+               e2.msg, t->cfg->dir);
+    }
   }
-  kdp_dist_bcast(t->d, &step, sizeof step);
-  if (step == -2) {
+  kdp_dist_bcast(t->d, found, sizeof found);
+  if (found[0] < 0) {
     if (!t->is_root)
-      kdp_fail(err, KDP_EIO, "rank 0 could not list the checkpoints (see its message)");
-    return KDP_EIO;
+      kdp_fail(err, (int)found[0], "rank 0 found no usable checkpoint (see its message)");
+    return (int)found[0];
   }
-  if (step < 0) return 0;
+  if (found[0] == 0) return 0;
+  int64_t step = found[1];
   int rc = restore_step(t, step, metrics_offset, err);
   if (rc != 0) return rc;
   if (t->is_root)

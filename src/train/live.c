@@ -236,8 +236,9 @@ static char *render_status(kdp_trainer *t) {
   fputs(",\"eta_seconds\":", f);
   kdp_json_num(f, eta);
   fprintf(f, ",\"train_seconds\":%.3f,\"paused\":%s,\"lr_scale\":%.9g,\"temperature\":%.9g,"
-             "\"kd_weight\":%.9g},\"peers\":[",
-          t->train_time, t->paused ? "true" : "false", t->lr_scale, t->temperature, t->kd_weight);
+             "\"kd_weight\":%.9g,\"metrics_lines_lost\":%llu},\"peers\":[",
+          t->train_time, t->paused ? "true" : "false", t->lr_scale, t->temperature, t->kd_weight,
+          (unsigned long long)kdp_metrics_lost(t));
   for (int p = 0; p < t->P; p++) {
     fprintf(f, "%s{\"peer\":%d,\"ce\":", p ? "," : "", p);
     kdp_json_num(f, lv->peer_ce[p]);
@@ -276,6 +277,11 @@ void kdp_live_publish(kdp_trainer *t, int force) {
   if (m && s) kdp_server_publish(lv->srv, m, s);
   free(m);
   free(s);
+}
+
+void kdp_live_stalled(kdp_trainer *t, const char *reason) {
+  kdp_live *lv = t->live;
+  if (lv && lv->srv) kdp_server_set_health(lv->srv, reason);
 }
 
 /* ---- commands and predictions at the agreement point ---- */

@@ -1,9 +1,12 @@
 /* metrics.c: metrics.jsonl lines, the terminal progress line, log lines and the summary table. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -63,82 +66,231 @@ void kdp_json_num(FILE *f, double v) {
     fputs("null", f);
 }
 
-int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
+/* ---- the file: whole lines, each with one write(2) ---- */
+
+struct kdp_metrics_file {
+  int fd;
+  int64_t off;    /* its size: the end of the last whole line */
+  uint64_t lost;  /* lines that could not be written */
+  int torn;       /* a partial line could not be cut off: start the next one on a new line */
+  int warned;
+  char first_error[160];
   char path[KDP_PATH + 32];
-  snprintf(path, sizeof path, "%s/%s", t->cfg->dir, t->serve_only ? "serve.jsonl" : "metrics.jsonl");
-  /* resume: drop what was logged after the checkpoint, so the file reads as one run */
-  if (truncate_at >= 0 && truncate(path, (off_t)truncate_at) != 0 && errno != ENOENT)
+  int64_t fault_from, fault_to; /* KDP_FAULT_METRICS_FULL (tests): a full disk for these steps */
+};
+
+static void warn_once(kdp_metrics_file *m, const char *what, int e) {
+  if (m->first_error[0] == 0)
+    snprintf(m->first_error, sizeof m->first_error, "%s: %s", what, strerror(e));
+  if (m->warned++) return;
+  fprintf(stderr,
+          "\nkdpeers: WARNING: %s %s: %s. Training goes on; metrics lines that cannot be "
+          "written are counted (metrics_lines_lost in the summary and in /status). This warning "
+          "is printed once.\n",
+          what, m->path, strerror(e));
+}
+
+/* Test hook: from step fault_from to fault_to the file may not grow more than 20 bytes past its
+   end (RLIMIT_FSIZE, with SIGXFSZ ignored): the kernel writes part of a line, then fails with
+   EFBIG, as a disk that fills up does. */
+static int fault_window(const kdp_trainer *t, struct rlimit *saved) {
+  const kdp_metrics_file *m = t->metrics;
+  if (t->step < m->fault_from || t->step >= m->fault_to) return 0;
+  struct rlimit lim;
+  if (getrlimit(RLIMIT_FSIZE, saved) != 0) return 0;
+  lim = *saved;
+  lim.rlim_cur = (rlim_t)m->off + 20;
+  return setrlimit(RLIMIT_FSIZE, &lim) == 0;
+}
+
+/* Appends one whole line (s ends with a newline) with as few writes as the kernel allows; a line
+   that cannot be written whole is cut off again, so a later line never continues it. */
+static void write_line(kdp_trainer *t, const char *s, size_t n) {
+  kdp_metrics_file *m = t->metrics;
+  struct rlimit saved;
+  int fault = fault_window(t, &saved);
+  if (m->torn && write(m->fd, "\n", 1) == 1) {
+    m->off++;
+    m->torn = 0;
+  }
+  size_t done = 0;
+  int e = 0;
+  while (done < n) {
+    ssize_t w = write(m->fd, s + done, n - done);
+    if (w > 0) {
+      done += (size_t)w;
+    } else if (w < 0 && errno == EINTR) {
+      continue;
+    } else {
+      e = w < 0 ? errno : ENOSPC;
+      break;
+    }
+  }
+  if (fault) setrlimit(RLIMIT_FSIZE, &saved);
+  if (done == n) {
+    m->off += (int64_t)n;
+    return;
+  }
+  m->lost++;
+  if (done > 0 && ftruncate(m->fd, (off_t)m->off) != 0) {
+    m->off += (int64_t)done;
+    m->torn = 1;
+  }
+  warn_once(m, "cannot write", e);
+}
+
+/* A line is built in memory (the JSON helpers write to a FILE), then written whole. */
+typedef struct line {
+  FILE *f;
+  char *buf;
+  size_t len;
+} line;
+
+static int line_begin(kdp_trainer *t, line *l) {
+  if (!t->metrics) return 0;
+  l->buf = NULL;
+  l->len = 0;
+  l->f = open_memstream(&l->buf, &l->len);
+  if (!l->f) {
+    t->metrics->lost++;
+    warn_once(t->metrics, "out of memory formatting a line of", ENOMEM);
+  }
+  return l->f != NULL;
+}
+
+static void line_end(kdp_trainer *t, line *l) {
+  if (fclose(l->f) == 0 && l->len > 0) write_line(t, l->buf, l->len);
+  free(l->buf);
+}
+
+/* Resume: cut what was logged after the checkpoint, so the file reads as one run. A file shorter
+   than the checkpoint's offset lost lines before it: keep what is there (truncate(2) would pad it
+   with NUL bytes). */
+static int cut_at(const char *path, int64_t at, kdp_error *err) {
+  struct stat st;
+  int64_t size = stat(path, &st) == 0 ? (int64_t)st.st_size : 0;
+  if (size < at) {
+    fprintf(stderr,
+            "kdpeers: warning: %s holds %lld bytes, fewer than the %lld the checkpoint recorded: "
+            "lines logged before the checkpoint are missing (a full disk, or the file was "
+            "edited); keeping what is there and appending\n",
+            path, (long long)size, (long long)at);
+    return 0;
+  }
+  if (truncate(path, (off_t)at) != 0 && errno != ENOENT)
     return kdp_fail(err, KDP_EIO, "cannot truncate '%s' to the checkpoint's offset: %s", path,
                     strerror(errno));
-  t->metrics = fopen(path, "a");
-  if (!t->metrics)
-    return kdp_fail(err, KDP_EIO, "cannot open '%s' for appending: %s", path, strerror(errno));
+  return 0;
+}
+
+int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
+  kdp_metrics_file *m = kdp_xcalloc(1, sizeof *m);
+  snprintf(m->path, sizeof m->path, "%s/%s", t->cfg->dir,
+           t->serve_only ? "serve.jsonl" : "metrics.jsonl");
+  int rc = truncate_at >= 0 ? cut_at(m->path, truncate_at, err) : 0;
+  m->fd = rc == 0 ? open(m->path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0644) : -1;
+  if (rc == 0 && m->fd < 0)
+    rc = kdp_fail(err, KDP_EIO, "cannot open '%s' for appending: %s", m->path, strerror(errno));
+  if (rc != 0) {
+    free(m);
+    return rc;
+  }
+  struct stat st;
+  m->off = fstat(m->fd, &st) == 0 ? (int64_t)st.st_size : 0;
+  char last = '\n';
+  if (m->off > 0 && pread(m->fd, &last, 1, (off_t)m->off - 1) == 1 && last != '\n')
+    m->torn = 1; /* a line cut short by an earlier run: ours start on a line of their own */
+  const char *fault = getenv("KDP_FAULT_METRICS_FULL");
+  m->fault_from = m->fault_to = -1;
+  if (fault) {
+    long long a = -1, b = -1;
+    if (sscanf(fault, "%lld-%lld", &a, &b) == 2) {
+      m->fault_from = a;
+      m->fault_to = b;
+    }
+  }
+  t->metrics = m;
   const char *mode = t->cfg->progress;
   if (strcmp(mode, "auto") == 0)
     t->tty = isatty(STDERR_FILENO) || kdp_progress_launcher_tty();
   else
     t->tty = strcmp(mode, "bar") == 0 ? 1 : strcmp(mode, "plain") == 0 ? 0 : -1;
   g_nrows = 0;
-  fprintf(t->metrics, "{\"event\":\"start\",\"peers\":%d,\"ranks\":%d,\"method\":", t->P,
+  line l;
+  if (!line_begin(t, &l)) return 0;
+  fprintf(l.f, "{\"event\":\"start\",\"peers\":%d,\"ranks\":%d,\"method\":", t->P,
           t->d->world_size);
-  kdp_json_str(t->metrics, t->P > 1 ? t->cfg->method : "independent");
-  fputs(",\"arch\":", t->metrics);
-  kdp_json_str(t->metrics, t->cfg->arch);
-  fprintf(t->metrics,
+  kdp_json_str(l.f, t->P > 1 ? t->cfg->method : "independent");
+  fputs(",\"arch\":", l.f);
+  kdp_json_str(l.f, t->cfg->arch);
+  fprintf(l.f,
           ",\"params\":%zu,\"steps\":%lld,\"steps_per_epoch\":%lld,\"seed\":%llu,"
           "\"resumed_at\":%lld}\n",
           kdp_model_n_params(t->model), (long long)t->total_steps,
           (long long)t->steps_per_epoch, (unsigned long long)t->cfg->seed, (long long)t->step);
-  fflush(t->metrics);
+  line_end(t, &l);
   return 0;
 }
 
+uint64_t kdp_metrics_lost(const kdp_trainer *t) { return t->metrics ? t->metrics->lost : 0; }
+
 void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value) {
-  if (!t->metrics) return;
-  fputs("{\"event\":", t->metrics);
-  kdp_json_str(t->metrics, name);
-  fprintf(t->metrics, ",\"step\":%lld,\"value\":", (long long)step);
-  kdp_json_num(t->metrics, value);
-  fputs("}\n", t->metrics);
-  fflush(t->metrics);
+  line l;
+  if (!line_begin(t, &l)) return;
+  fputs("{\"event\":", l.f);
+  kdp_json_str(l.f, name);
+  fprintf(l.f, ",\"step\":%lld,\"value\":", (long long)step);
+  kdp_json_num(l.f, value);
+  fputs("}\n", l.f);
+  line_end(t, &l);
 }
 
 void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
                                const char *new_value) {
-  if (!t->metrics) return;
-  fputs("{\"event\":\"config_change\",\"key\":", t->metrics);
-  kdp_json_str(t->metrics, key);
-  fputs(",\"old\":", t->metrics);
-  kdp_json_str(t->metrics, old_value);
-  fputs(",\"new\":", t->metrics);
-  kdp_json_str(t->metrics, new_value);
-  fprintf(t->metrics, ",\"step\":%lld}\n", (long long)t->step);
-  fflush(t->metrics);
+  line l;
+  if (!line_begin(t, &l)) return;
+  fputs("{\"event\":\"config_change\",\"key\":", l.f);
+  kdp_json_str(l.f, key);
+  fputs(",\"old\":", l.f);
+  kdp_json_str(l.f, old_value);
+  fputs(",\"new\":", l.f);
+  kdp_json_str(l.f, new_value);
+  fprintf(l.f, ",\"step\":%lld}\n", (long long)t->step);
+  line_end(t, &l);
 }
 
 int64_t kdp_metrics_offset(kdp_trainer *t) {
-  if (!t->metrics) return -1;
-  fflush(t->metrics);
-  return (int64_t)ftello(t->metrics);
+  kdp_metrics_file *m = t->metrics;
+  if (!m) return -1;
+  /* the checkpoint records this offset: what lies before it should be on disk */
+  if (fsync(m->fd) != 0 && errno != EINVAL) warn_once(m, "cannot sync", errno);
+  return m->off;
 }
 
 void kdp_metrics_close(kdp_trainer *t) {
-  if (t->metrics) fclose(t->metrics);
+  kdp_metrics_file *m = t->metrics;
+  if (!m) return;
+  if (close(m->fd) != 0) warn_once(m, "cannot close", errno);
+  if (m->lost)
+    fprintf(stderr, "kdpeers: WARNING: %llu line%s of %s could not be written (first error: %s)\n",
+            (unsigned long long)m->lost, m->lost == 1 ? "" : "s", m->path, m->first_error);
+  free(m);
   t->metrics = NULL;
 }
 
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss) {
-  if (t->metrics) {
-    fprintf(t->metrics, "{\"event\":\"eval\",\"epoch\":%.4g,\"step\":%lld,\"model\":", epoch,
+  line l;
+  if (line_begin(t, &l)) {
+    fprintf(l.f, "{\"event\":\"eval\",\"epoch\":%.4g,\"step\":%lld,\"model\":", epoch,
             (long long)step);
-    kdp_json_str(t->metrics, model);
-    fputs(",\"acc\":", t->metrics);
-    kdp_json_num(t->metrics, acc);
-    fputs(",\"loss\":", t->metrics);
-    kdp_json_num(t->metrics, loss);
-    fputs("}\n", t->metrics);
-    fflush(t->metrics);
+    kdp_json_str(l.f, model);
+    fputs(",\"acc\":", l.f);
+    kdp_json_num(l.f, acc);
+    fputs(",\"loss\":", l.f);
+    kdp_json_num(l.f, loss);
+    fputs("}\n", l.f);
+    line_end(t, &l);
   }
   int i;
   for (i = 0; i < g_nrows; i++)
@@ -220,15 +372,17 @@ void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss
                          double acc, double train_seconds, double lr) {
   double sps = train_seconds > 0 ? (double)step * (double)t->Bg / train_seconds : 0;
   double eta = step > 0 ? train_seconds / (double)step * (double)(t->total_steps - step) : -1;
-  if (t->metrics) {
-    fprintf(t->metrics, "{\"event\":\"train\",\"epoch\":%.4g,\"step\":%lld,\"loss\":", epoch,
+  line l;
+  if (line_begin(t, &l)) {
+    fprintf(l.f, "{\"event\":\"train\",\"epoch\":%.4g,\"step\":%lld,\"loss\":", epoch,
             (long long)step);
-    kdp_json_num(t->metrics, loss);
-    fputs(",\"kd\":", t->metrics);
-    kdp_json_num(t->metrics, kd);
-    fputs(",\"acc\":", t->metrics);
-    kdp_json_num(t->metrics, acc);
-    fprintf(t->metrics, ",\"lr\":%.6g,\"samples_per_second\":%.1f}\n", lr, sps);
+    kdp_json_num(l.f, loss);
+    fputs(",\"kd\":", l.f);
+    kdp_json_num(l.f, kd);
+    fputs(",\"acc\":", l.f);
+    kdp_json_num(l.f, acc);
+    fprintf(l.f, ",\"lr\":%.6g,\"samples_per_second\":%.1f}\n", lr, sps);
+    line_end(t, &l);
   }
   if (t->tty < 0) return;
   char etas[32];
@@ -249,26 +403,27 @@ void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss
 
 void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
   double sps = s->train_seconds > 0 ? (double)s->steps / s->train_seconds : 0;
-  if (t->metrics) {
-    fprintf(t->metrics,
+  line l;
+  if (line_begin(t, &l)) {
+    fprintf(l.f,
             "{\"event\":\"summary\",\"steps\":%lld,\"train_seconds\":%.4f,\"steps_per_second\":%.4f,"
             "\"steps_this_run\":%lld,\"samples_per_second\":%.1f,\"compute_seconds\":%.4f,\"exchange_seconds\":%.4f,"
             "\"allreduce_seconds\":%.4f,\"wait_seconds\":%.4f,\"bytes_per_step\":%.0f,"
             "\"peak_rss_mb\":%.1f,\"rss_mb_mean\":%.1f,\"pss_mb_total\":%.1f,"
-            "\"peers\":%d,\"ranks\":%d",
+            "\"peers\":%d,\"ranks\":%d,\"metrics_lines_lost\":%llu",
             (long long)s->steps, s->train_seconds, sps, (long long)s->steps_this_run,
             sps * (double)t->Bg, s->compute_seconds,
             s->exchange_seconds, s->allreduce_seconds, s->wait_seconds, s->bytes_per_step,
             s->peak_rss_mb, s->rss_mb_mean, s->pss_mb_total, t->P,
-            t->d->world_size);
+            t->d->world_size, (unsigned long long)t->metrics->lost);
     for (int i = 0; i < g_nrows; i++) {
-      fputs(",\"acc_", t->metrics);
-      fputs(g_rows[i].name, t->metrics);
-      fputs("\":", t->metrics);
-      kdp_json_num(t->metrics, g_rows[i].acc);
+      fputs(",\"acc_", l.f);
+      fputs(g_rows[i].name, l.f);
+      fputs("\":", l.f);
+      kdp_json_num(l.f, g_rows[i].acc);
     }
-    fputs("}\n", t->metrics);
-    fflush(t->metrics);
+    fputs("}\n", l.f);
+    line_end(t, &l);
   }
   if (t->tty < 0) return;
   fprintf(stderr, "\n  %-10s %9s %9s\n", "model", "test acc", "loss");
@@ -295,13 +450,14 @@ int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int
 
 void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double lr_scale,
                          double temperature, double kd_weight) {
-  if (!t->metrics) return;
-  fprintf(t->metrics, "{\"event\":\"control\",\"id\":%llu,\"step\":%lld,\"action\":",
+  line l;
+  if (!line_begin(t, &l)) return;
+  fprintf(l.f, "{\"event\":\"control\",\"id\":%llu,\"step\":%lld,\"action\":",
           (unsigned long long)id, (long long)t->step);
-  kdp_json_str(t->metrics, action);
-  if (!isnan(lr_scale)) fprintf(t->metrics, ",\"lr_scale\":%.9g", lr_scale);
-  if (!isnan(temperature)) fprintf(t->metrics, ",\"temperature\":%.9g", temperature);
-  if (!isnan(kd_weight)) fprintf(t->metrics, ",\"kd_weight\":%.9g", kd_weight);
-  fputs("}\n", t->metrics);
-  fflush(t->metrics);
+  kdp_json_str(l.f, action);
+  if (!isnan(lr_scale)) fprintf(l.f, ",\"lr_scale\":%.9g", lr_scale);
+  if (!isnan(temperature)) fprintf(l.f, ",\"temperature\":%.9g", temperature);
+  if (!isnan(kd_weight)) fprintf(l.f, ",\"kd_weight\":%.9g", kd_weight);
+  fputs("}\n", l.f);
+  line_end(t, &l);
 }

@@ -28,25 +28,6 @@ int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d) {
   return t < 1 ? 1 : t;
 }
 
-static int mkdir_p(const char *path, kdp_error *err) {
-  char buf[KDP_PATH];
-  snprintf(buf, sizeof buf, "%s", path);
-  for (char *p = buf + 1; *p; p++) {
-    if (*p != '/') continue;
-    *p = 0;
-    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-      return kdp_fail(err, KDP_EIO, "cannot create directory '%s': %s", buf, strerror(errno));
-    *p = '/';
-  }
-  if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-    return kdp_fail(err, KDP_EIO, "cannot create run.dir '%s': %s (set run.dir to a writable folder)",
-                    buf, strerror(errno));
-  struct stat st;
-  if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode))
-    return kdp_fail(err, KDP_EIO, "run.dir '%s' exists but is not a directory", buf);
-  return 0;
-}
-
 int kdp_train_load_data(const kdp_config *cfg, kdp_dataset *train, kdp_dataset *test,
                         kdp_error *err) {
   int rc = kdp_dataset_load(train, cfg->format, cfg->train_images, cfg->train_labels, NULL, err);
@@ -307,18 +288,19 @@ static void note_divergence(divergence *dv, int peer, int64_t step, const char *
   dv->value = v;
 }
 
-static int divergence_error(const divergence *dv, kdp_dist *d, int peer, kdp_error *err) {
+/* The divergence error on this rank (the rank of the diverged peer names the step and term),
+   ending with what to do about it. */
+static int divergence_error(const divergence *dv, kdp_dist *d, int peer, const char *advice,
+                            kdp_error *err) {
   if (dv->peer_plus1)
-    return kdp_fail(err, KDP_EDIVERGED,
-                    "divergence: peer %d, step %lld: the %s %s %g. Lower optim.lr or kd.weight, "
-                    "or set checkpoint.on_divergence = rollback",
+    return kdp_fail(err, KDP_EDIVERGED, "divergence: peer %d, step %lld: the %s %s %g%s",
                     d->peer, (long long)dv->step, dv->term,
                     strcmp(dv->term, "parameters") == 0 || strcmp(dv->term, "logits") == 0
                         ? "contain"
                         : "is",
-                    dv->value);
-  return kdp_fail(err, KDP_EDIVERGED, "divergence in peer %d (its rank reports the step and term)",
-                  peer);
+                    dv->value, advice);
+  return kdp_fail(err, KDP_EDIVERGED,
+                  "divergence in peer %d (its rank reports the step and term)%s", peer, advice);
 }
 
 static volatile sig_atomic_t g_signals;
@@ -330,6 +312,7 @@ static void on_signal(int sig) {
     static const char msg[] = "kdpeers: second signal, exiting now\n";
     ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
     (void)w;
+    kdp_rundir_release_now();
     _exit(KDP_EXIT_SIGNAL_NOW);
   }
 }
@@ -342,6 +325,9 @@ void kdp_train_install_signals(void) {
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGUSR1, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
+  /* a file-size limit (ulimit -f) then fails a write with EFBIG, which is handled, instead of
+     killing the process */
+  signal(SIGXFSZ, SIG_IGN);
 }
 
 int kdp_train_signal_count(void) { return (int)g_signals; }
@@ -376,23 +362,92 @@ static int pause_loop(kdp_trainer *t, int *want, int *want_stop, kdp_error *err)
 
 /* ---------------- the run ---------------- */
 
-/* Divergence with checkpoint.on_divergence = rollback: back to the newest checkpoint, lr scaled. */
+/* Fault injection for the tests (docs/testing.md): rank 0 signals itself at step signal_at
+   (KDP_FAULT_SIGNAL_AT_STEP=N) and makes a logit NaN at step nan_at (KDP_FAULT_NAN_AT_STEP=N);
+   rank R stops itself (SIGSTOP) before the agreement point of step stop_at
+   (KDP_FAULT_STOP_AT_STEP=N:R). -1 = never. */
+typedef struct faults {
+  int64_t signal_at, nan_at, stop_at;
+} faults;
+
+static void faults_init(const kdp_trainer *t, faults *f) {
+  const char *sig = getenv("KDP_FAULT_SIGNAL_AT_STEP"), *nan = getenv("KDP_FAULT_NAN_AT_STEP");
+  const char *stop = getenv("KDP_FAULT_STOP_AT_STEP");
+  f->signal_at = sig && t->is_root ? atoll(sig) : -1;
+  f->nan_at = nan && t->is_root ? atoll(nan) : -1;
+  long long at = -1;
+  int rank = -1;
+  f->stop_at = stop && sscanf(stop, "%lld:%d", &at, &rank) == 2 && rank == t->d->world_rank
+                   ? at
+                   : -1;
+}
+
+/* Divergence with checkpoint.on_divergence = rollback: back to the newest checkpoint, lr scaled.
+   The rollback count and the lr scale belong to this run, not to the checkpoint: they are kept
+   across the restore (else every rollback would be the first, at the same scale). */
 static int rollback(kdp_trainer *t, kdp_error *err) {
+  int n = t->n_rollbacks;
+  double scale = t->lr_scale;
   kdp_error e2;
-  int64_t off = -1;
-  int r = kdp_train_restore_latest(t, &off, &e2);
-  if (r <= 0) return r < 0 ? r : KDP_EDIVERGED; /* no checkpoint: stop with the divergence */
-  t->n_rollbacks++;
-  t->lr_scale *= t->cfg->ckpt_rollback_lr_scale;
+  int r = kdp_train_restore_latest(t, NULL, &e2);
+  if (r < 0) {
+    *err = e2;
+    return r;
+  }
+  if (r == 0) {
+    kdp_error e3 = *err;
+    return kdp_fail(err, KDP_EDIVERGED,
+                    "%s. There is no checkpoint to roll back to yet: checkpoint earlier "
+                    "(checkpoint.every_steps), or lower optim.lr or kd.weight",
+                    e3.msg);
+  }
+  t->n_rollbacks = n + 1;
+  t->lr_scale = scale * t->cfg->ckpt_rollback_lr_scale;
   if (t->is_root) {
-    fprintf(stderr, "kdpeers: %s\nkdpeers: rolled back to step %lld with lr scale %g (rollback %d of 3)\n",
-            err->msg, (long long)t->step, t->lr_scale, t->n_rollbacks);
+    fprintf(stderr,
+            "kdpeers: %s\nkdpeers: rolled back to step %lld with lr scale %g (rollback %d of "
+            "%d)\n",
+            err->msg, (long long)t->step, t->lr_scale, t->n_rollbacks,
+            t->cfg->ckpt_max_rollbacks);
     kdp_metrics_event(t, "rollback", t->step, t->lr_scale);
   }
   return 0;
 }
 
-int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
+/* A divergence agreed at the step's agreement point (peer dpeer diverged; stop: a signal was
+   agreed there too). Returns 0 after a rollback (t->step is the restored step), else the error
+   the run stops with: the divergence, or KDP_ESTOPPED when a signal came first. */
+static int on_divergence(kdp_trainer *t, const divergence *dv, int dpeer, int stop,
+                         kdp_error *err) {
+  const kdp_config *cfg = t->cfg;
+  if (strcmp(cfg->ckpt_on_divergence, "rollback") != 0)
+    return divergence_error(dv, t->d, dpeer,
+                            ". Lower optim.lr or kd.weight, or set checkpoint.on_divergence = "
+                            "rollback",
+                            err);
+  if (stop) {
+    divergence_error(dv, t->d, dpeer, "", err);
+    if (t->is_root)
+      fprintf(stderr,
+              "kdpeers: %s\nkdpeers: stopping on the signal without rolling back (rollback %d "
+              "of %d so far): rerunning resumes from the newest checkpoint\n",
+              err->msg, t->n_rollbacks, cfg->ckpt_max_rollbacks);
+    return kdp_fail(err, KDP_ESTOPPED, "stopped on a signal after a divergence");
+  }
+  if (t->n_rollbacks >= cfg->ckpt_max_rollbacks) {
+    char advice[256];
+    snprintf(advice, sizeof advice,
+             ", after %d rollback%s (checkpoint.max_rollbacks = %d, lr scale %g). Lower "
+             "optim.lr or kd.weight, or raise checkpoint.max_rollbacks",
+             t->n_rollbacks, t->n_rollbacks == 1 ? "" : "s", cfg->ckpt_max_rollbacks,
+             t->lr_scale);
+    return divergence_error(dv, t->d, dpeer, advice, err);
+  }
+  divergence_error(dv, t->d, dpeer, "", err);
+  return rollback(t, err);
+}
+
+static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
   kdp_trainer T;
   kdp_trainer *t = &T;
   memset(t, 0, sizeof *t);
@@ -533,12 +588,9 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   t->dlogits = kdp_falloc(t->Bl * t->C);
   t->dfeat = kdp_falloc(t->Bl * kdp_model_feature_dim(t->model));
 
-  if (t->is_root) {
-    rc = mkdir_p(cfg->dir, err);
-    if (rc == 0 && opts && opts->fresh) rc = kdp_train_forget_checkpoints(cfg->dir, err);
-  }
+  if (t->is_root && opts && opts->fresh) rc = kdp_train_forget_checkpoints(cfg->dir, err);
   if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not prepare run.dir");
+    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not start over in run.dir");
     goto done;
   }
   t->allow_change = opts ? opts->allow_change : 0;
@@ -576,6 +628,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
     goto done;
   }
+  kdp_stall_start(t);
   t->step0 = t->step;
   kdp_trace_start(t);
   if (t->is_root && t->step >= total && t->tty >= 0 && !t->serve_only)
@@ -601,13 +654,10 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   divergence pending_div = {0};
   int stopped = 0;
   int predicting = 0; /* a prediction was answered at the last step boundary */
-  /* fault injection for the tests: rank 0 signals itself at this step */
-  const char *fault = getenv("KDP_FAULT_SIGNAL_AT_STEP");
-  int64_t fault_step = fault && t->is_root ? atoll(fault) : -1;
-  const char *fault_nan = getenv("KDP_FAULT_NAN_AT_STEP");
-  int64_t fault_nan_step = fault_nan && t->is_root ? atoll(fault_nan) : -1;
+  faults fault;
+  faults_init(t, &fault);
   for (int64_t step = t->step; step < total; step++) {
-    if (step == fault_step) raise(SIGUSR1);
+    if (step == fault.signal_at) raise(SIGUSR1);
     double t0 = kdp_now();
     size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
     kdp_trace_mark(t, "data", t0, kdp_now());
@@ -624,9 +674,13 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     const float *z = bl ? kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng) : t->dlogits;
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "forward", tc0, kdp_now());
-    if (step == fault_nan_step) {
+    if (step == fault.nan_at) {
       ((float *)z)[0] = NAN; /* fault injection for the tests, once per process */
-      fault_nan_step = -1;
+      fault.nan_at = -1;
+    }
+    if (step == fault.stop_at) {
+      fault.stop_at = -1;
+      raise(SIGSTOP); /* a stalled rank, until someone sends SIGCONT */
     }
     /* the step's agreement point, before the exchange: divergence now; a prediction is answered
        here; stop, checkpoint and control requests take effect at the end of this step, on every
@@ -650,19 +704,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     kdp_dist_step_sync(d, flags, KDP_SYNC_N);
     kdp_trace_mark(t, "wait", ts0, kdp_now());
     if (flags[KDP_SYNC_DIVERGED]) {
-      int dpeer = flags[KDP_SYNC_DIVERGED] - 1;
-      rc = divergence_error(&pending_div, d, dpeer, err);
-      if (strcmp(cfg->ckpt_on_divergence, "rollback") == 0 && t->n_rollbacks < 3) {
-        int r = rollback(t, err);
-        if (r == 0) {
-          rc = 0;
-          memset(&pending_div, 0, sizeof pending_div);
-          step = t->step - 1; /* the loop's ++ resumes at the restored step */
-          continue;
-        }
-        if (r != KDP_EDIVERGED) rc = r;
-      }
-      break;
+      rc = on_divergence(t, &pending_div, flags[KDP_SYNC_DIVERGED] - 1, flags[KDP_SYNC_STOP],
+                         err);
+      if (rc != 0) break;
+      memset(&pending_div, 0, sizeof pending_div);
+      step = t->step - 1; /* the loop's ++ resumes at the restored step */
+      continue;
     }
     if (flags[KDP_SYNC_PREDICT]) {
       /* a prediction is answered as soon as it is agreed, by the weights this step's forward
@@ -793,9 +840,12 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
     }
   }
   if (rc == 0 && stopped) {
-    if (t->is_root)
+    if (t->is_root) {
       fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "
                       "same command to resume\n", (long long)t->step);
+      /* the last line of the log says so too (batch scripts read it when mpirun hides the 75) */
+      kdp_metrics_event(t, "stop", t->step, (double)kdp_train_signal_count());
+    }
     rc = kdp_fail(err, KDP_ESTOPPED, "stopped after step %lld", (long long)t->step);
   }
   if (rc == 0) {
@@ -818,7 +868,6 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
       /* the learning curves, next to the metrics */
       char svg[KDP_PATH + 32], why[512];
       snprintf(svg, sizeof svg, "%s/curves.svg", cfg->dir);
-      fflush(t->metrics);
       if (kdp_plot_run(cfg->dir, svg, why, sizeof why) != 0)
         fprintf(stderr, "kdpeers: warning: no learning curves: %s\n", why);
     }
@@ -829,6 +878,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   }
 done:
   kdp_trace_finish(t, NULL);
+  kdp_stall_stop(t);
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_method_free(t);
@@ -842,5 +892,13 @@ done:
   free(t->ybuf);
   free(t->dlogits);
   free(t->dfeat);
+  return rc;
+}
+
+int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
+  int rc = kdp_rundir_open(cfg, d, opts && opts->serve_only, err);
+  if (rc != 0) return rc;
+  rc = run(cfg, d, opts, err);
+  kdp_rundir_release_now();
   return rc;
 }

@@ -23,6 +23,7 @@ typedef struct kdp_summary {
 typedef struct kdp_trainer kdp_trainer;
 typedef struct kdp_live kdp_live;
 typedef struct kdp_trace kdp_trace;
+typedef struct kdp_metrics_file kdp_metrics_file;
 
 /* the per-step agreement point's flags (element-wise MAX over the world) */
 enum {
@@ -71,7 +72,7 @@ struct kdp_trainer {
   int paused;
   int64_t step0; /* the step this process started at */
   /* output (metrics.c) */
-  FILE *metrics;
+  kdp_metrics_file *metrics; /* run.dir/metrics.jsonl (rank 0), NULL when not open */
   int tty;
   double t_start, last_print;
   double last_acc[4];
@@ -121,12 +122,27 @@ int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error 
 /* --fresh: removes run.dir/checkpoints (rank 0) and truncates metrics.jsonl. */
 int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 
+/* rundir.c: before anything is written (collective): rank 0 checks server.listen, creates
+   run.dir and, unless serve_only, locks it (KDP_EBUSY naming the holder when another run has
+   it). The lock is released when the process ends; kdp_rundir_release_now also empties the lock
+   file (a clean end; async-signal-safe). */
+int kdp_rundir_open(const kdp_config *cfg, kdp_dist *d, int serve_only, kdp_error *err);
+void kdp_rundir_release_now(void);
+
+/* stall.c: the stall check (run.stall_warn_seconds, run.stall_abort_seconds): a watchdog thread
+   and t->d's wait hook at the agreement point; kdp_stall_stop ends both. */
+void kdp_stall_start(kdp_trainer *t);
+void kdp_stall_stop(kdp_trainer *t);
+
 /* live.c (the rank-0 server's trainer side) */
 int kdp_live_start(kdp_trainer *t, kdp_error *err);
 void kdp_live_stop(kdp_trainer *t);
 void kdp_live_step_time(kdp_trainer *t, double seconds);
 void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc);
 void kdp_live_checkpointed(kdp_trainer *t);
+/* /healthz answers 503 with this reason and kdpeers_stalled is 1 (NULL: healthy again). Safe
+   from any thread (the stall check's watchdog calls it). */
+void kdp_live_stalled(kdp_trainer *t, const char *reason);
 void kdp_live_publish(kdp_trainer *t, int force);
 void kdp_live_poll(kdp_trainer *t, int32_t *flags);
 void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop);
@@ -153,14 +169,18 @@ int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int
 /* {"event":"control",...}; NaN values are left out */
 void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double lr_scale,
                          double temperature, double kd_weight);
-/* opens run.dir/metrics.jsonl for appending; truncate_at >= 0 first cuts it there (resume) */
+/* opens run.dir/metrics.jsonl for appending; truncate_at >= 0 first cuts it there (resume). Every
+   line is written whole with one write(2); a write that fails is counted and warned about once,
+   and training goes on. */
 int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err);
 /* {"event":NAME,"step":S,"value":V} */
 void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value);
 void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
                                const char *new_value);
-/* current byte offset of metrics.jsonl (flushed), for checkpoints */
+/* current byte offset of metrics.jsonl (synced to disk), for checkpoints */
 int64_t kdp_metrics_offset(kdp_trainer *t);
+/* lines of metrics.jsonl that could not be written (a full disk, ...) */
+uint64_t kdp_metrics_lost(const kdp_trainer *t);
 void kdp_metrics_close(kdp_trainer *t);
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss);
