@@ -487,8 +487,11 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   rc = kdp_train_memory_estimate(cfg, d, &t->train, &t->test, mem, err);
   if (rc == 0) rc = kdp_train_memory_check(mem, err);
   free(mem);
-  if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "the run does not fit the memory of another node");
+  if (!kdp_dist_all_ok(d, rc == 0) && rc == 0)
+    rc = kdp_fail(err, KDP_EINVAL, "the run does not fit the memory of another node");
+  /* only now is run.dir created and locked: every refusal above wrote nothing */
+  if (rc == 0) rc = kdp_rundir_open(cfg, d, opts && opts->serve_only, err);
+  if (rc != 0) {
     kdp_dataset_free(&t->train);
     kdp_dataset_free(&t->test);
     kdp_dist_node_shared_free(t->data_win);
@@ -896,9 +899,7 @@ done:
 }
 
 int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
-  int rc = kdp_rundir_open(cfg, d, opts && opts->serve_only, err);
-  if (rc != 0) return rc;
-  rc = run(cfg, d, opts, err);
+  int rc = run(cfg, d, opts, err);
   kdp_rundir_release_now();
   return rc;
 }
