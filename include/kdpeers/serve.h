@@ -52,7 +52,18 @@ typedef struct kdp_server_options {
   int max_predict;         /* inputs per predict request; default 256 */
   int max_commands;        /* queued control commands; default 64 */
   int quiet;               /* 1 = no log lines on stderr */
+  size_t max_body_total;   /* request body bytes buffered by all connections; default 64 MiB */
+  double header_timeout;   /* seconds to send a request line and headers; default 10 */
+  double min_rate;         /* bytes/s a request must average once header_timeout has passed
+                              (default 65536; < 0 = no minimum) */
+  /* Bounds of the /control values (KDP_CONTROL_*), e.g. the config ranges of kd.temperature;
+     flags = 0: any finite value > 0. note (may be NULL) ends the error message. */
+  kdp_range control_range[3];
+  const char *control_note[3];
 } kdp_server_options;
+
+/* The /control values, in the order of control_range. */
+enum { KDP_CONTROL_LR_SCALE, KDP_CONTROL_TEMPERATURE, KDP_CONTROL_KD_WEIGHT, KDP_NCONTROLS };
 
 void kdp_server_options_defaults(kdp_server_options *o);
 
@@ -108,6 +119,8 @@ typedef struct kdp_predict_result {
   const char *teacher_name;  /* NULL if no teacher */
 } kdp_predict_result;
 
+/* Predictions waiting for kdp_server_take_predict. */
+int kdp_server_predict_waiting(kdp_server *s);
 /* Next pending prediction (NULL if none). Must be answered (or failed) exactly once. */
 kdp_predict_req *kdp_server_take_predict(kdp_server *s);
 /* Copies r, then the loop formats and sends the reply; req is invalid after the call. Returns
@@ -126,6 +139,9 @@ typedef struct kdp_server_stats {
   uint64_t connections_total;   /* accepted, including rejected ones */
   uint64_t connections_rejected;/* 503 over max_connections */
   uint64_t timeouts;            /* connections closed by the idle/slow-client timer */
+  uint64_t connections_evicted; /* closed to make room for a new one (pool full) */
+  uint64_t bodies_refused;      /* 503: buffered bodies would exceed max_body_total */
+  size_t body_bytes;            /* request body bytes buffered now (all connections) */
   uint64_t auth_failures;       /* 401 */
   uint64_t bytes_sent;
   uint64_t predict_queued;

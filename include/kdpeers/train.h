@@ -34,4 +34,14 @@ int kdp_train_signal_count(void);
 
 int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d);
 
+/* The rank-0 server's options from cfg's server.* keys, with the /control bounds taken from the
+   config ranges of optim.lr, kd.temperature and kd.weight. o's strings point into str. */
+typedef struct kdp_server_strings {
+  char addr_file[KDP_PATH + 32];
+  char note[3][256];
+} kdp_server_strings;
+struct kdp_server_options;
+void kdp_train_server_options(const kdp_config *cfg, struct kdp_server_options *o,
+                              kdp_server_strings *str);
+
 #endif

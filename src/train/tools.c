@@ -373,6 +373,11 @@ int kdp_tool_predict(const char *model_path, const char *input, int top_only) {
           for (size_t k = 0; k < C; k++) printf(" %.5f", (double)row[k]);
         putchar('\n');
       }
+      if (fflush(stdout) != 0) { /* e.g. | head: stop (SIGPIPE is ignored, see main) */
+        fprintf(stderr, "kdpeers predict: writing the output: %s\n", strerror(errno));
+        rc = 1;
+        break;
+      }
     }
     free(ds.labels);
     free(x);
@@ -407,16 +412,10 @@ int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
   }
   size_t isz = lm[0].in.H * lm[0].in.W * lm[0].in.C, C = lm[0].in.n_classes;
   kdp_server_options o;
-  kdp_server_options_defaults(&o);
-  char addr_file[KDP_PATH + 32];
-  snprintf(addr_file, sizeof addr_file, "%s/server.addr", run_dir);
-  o.listen = cfg->server_listen;
-  o.port = cfg->server_port;
-  o.token = cfg->server_token[0] ? cfg->server_token : NULL;
-  o.addr_file = addr_file;
-  o.max_body = (size_t)cfg->server_max_body;
-  o.max_connections = cfg->server_max_connections;
-  o.idle_timeout = cfg->server_idle_timeout;
+  kdp_server_strings str;
+  kdp_config c2 = *cfg;
+  snprintf(c2.dir, sizeof c2.dir, "%s", run_dir); /* server.addr goes to the served run */
+  kdp_train_server_options(&c2, &o, &str);
   o.input_dim = (int)isz;
   kdp_server *srv = NULL;
   if (kdp_server_start(&srv, &o, &err) != 0) {
