@@ -100,11 +100,19 @@ done
 wait "${flood[@]}" 2>/dev/null
 hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$p0/status")
 rm -f "$tmp/zeros"
-expect "60 x 15.9 MiB bodies: rank 0 grew by $(((hwm - rss0) / 1024)) MiB at most (< 200 MiB; max_body_total 64 MiB)" test $((hwm - rss0)) -lt 204800
+if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
+  expect "60 x 15.9 MiB bodies: rank 0 grew by $(((hwm - rss0) / 1024)) MiB at most (< 200 MiB; max_body_total 64 MiB)" test $((hwm - rss0)) -lt 204800
+else # the sanitizers' allocators keep freed memory in quarantine: RSS says nothing here
+  ok "60 x 15.9 MiB bodies: rank 0 grew by $(((hwm - rss0) / 1024)) MiB (not checked under $KDP_SANITIZER_RUN)"
+fi
 expect "  ...the bodies over the cap were refused" test "$(metric kdpeers_server_bodies_refused_total)" -gt 0
 expect "  ...and the run goes on" test "$(code "$addr/healthz")" = 200
 # 4 clients posting 256 images each, one request after another: predictions take at most
-# server.predict_share (default 0.25) of the training loop's time
+# server.predict_share (default 0.25) of the training loop's time. Over a window of W seconds the
+# budget allows share x W, plus what it saved up (share x 1 s), plus the request that starts with
+# budget left and runs into debt; /metrics is published every 0.5 s, which blurs each end of
+# the window by up to 0.5 s of predicting at the budget's rate:
+#   bound = (share x (W + 1 + 2 x 0.5) + mean request time) / W
 json_images 256 "$tmp/p256.json"
 loaders=()
 for _ in 1 2 3 4; do
@@ -117,10 +125,14 @@ sleep 4
 ps2=$(metric kdpeers_predict_seconds_total) n2=$(metric kdpeers_predictions_total) w2=$(date +%s.%N)
 kill "${loaders[@]}" 2>/dev/null
 wait "${loaders[@]}" 2>/dev/null
-share=$(awk -v a="$ps1" -v b="$ps2" -v s="$w1" -v e="$w2" 'BEGIN { printf "%.3f", (b - a) / (e - s) }')
-expect "4 clients x 256 images: predictions took $share of the wall time (<= 0.35; predict_share 0.25)" awk -v x="$share" 'BEGIN { exit !(x <= 0.35) }'
+read -r share bound < <(awk -v a="$ps1" -v b="$ps2" -v s="$w1" -v e="$w2" -v n1="$n1" -v n2="$n2" \
+  'BEGIN { w = e - s; m = n2 > n1 ? (b - a) / (n2 - n1) : 0; printf "%.3f %.3f", (b - a) / w, (0.25 * (w + 2) + m) / w }')
+expect "4 clients x 256 images: predictions took $share of the wall time (bound $bound for predict_share 0.25)" \
+  awk -v x="$share" -v b="$bound" 'BEGIN { exit !(x <= b) }'
 expect "  ...and were answered ($((n2 - n1)) in 4 s)" test $((n2 - n1)) -gt 0
-expect "  ...the budget deferred some" test "$(metric kdpeers_predict_deferred_total)" -gt 0
+deferred=$(metric kdpeers_predict_deferred_total)
+expect "  ...the budget deferred some ($deferred), or the load never reached it" \
+  awk -v d="$deferred" -v x="$share" 'BEGIN { exit !(d > 0 || x < 0.2) }'
 
 # pause, then predictions are served by the paused peers
 expect "POST /control pause is accepted (202)" test "$(code -X POST "$addr/control" -d '{"action":"pause"}')" = 202
