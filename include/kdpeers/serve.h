@@ -15,11 +15,13 @@
  * waits, boundedly, for the loop thread).
  *
  * Endpoints:
+ * GET routes answer HEAD too (the same headers, no body).
  *   GET  /metrics  Prometheus text 0.0.4: the trainer's last published text + the server's own.
  *   GET  /status   the trainer's last published status JSON ({} before the first publish).
  *   GET  /healthz  {"status":"ok","last_publish_age_seconds":S|null} while the loop runs.
  *   POST /control  {"action":"checkpoint"|"stop"|"pause"|"resume"} and/or any of
- *                  {"lr_scale":x,"temperature":x,"kd_weight":x} (finite, > 0) -> 202
+ *                  {"lr_scale":x,"temperature":x,"kd_weight":x} (finite, > 0, and within
+ *                  options.control_range) -> 202
  *                  {"accepted":true,"id":N}; the trainer polls kdp_server_poll_command.
  *   POST /predict  JSON {"inputs":[[v,...],...]} or {"input":[v,...]}, or msgpack
  *                  (Content-Type: application/msgpack) map {"inputs": [array of numbers | bin]}.
@@ -31,9 +33,16 @@
  *                   "teacher":{"name":S,"probs":[[p..]..]}|null,
  *                   "labels":{"ensemble":[k..],"teacher":[k..]}}  ("teacher" label only with one)
  * With a token set, /control and /predict need "Authorization: Bearer TOKEN" (401 otherwise).
- * Errors: 400 malformed, 401, 404 unknown path, 405 wrong method, 413 body > max_body, 431
- * headers > max_header, 503 over max_connections / queue full / server stopping, 504 prediction
- * not answered within predict_timeout. Error bodies are {"error":"message"}.
+ * Errors: 400 malformed or out of range, 401, 404 unknown path, 405 wrong method, 413 body >
+ * max_body, 431 headers > max_header, 503 (with Retry-After) bodies buffered > max_body_total /
+ * predictions holding all but the reserved connections / queue full / server stopping / every
+ * connection busy, 504 prediction not answered within predict_timeout. Error bodies are
+ * {"error":"message"}.
+ * Limits: a full pool (max_connections) closes the connection that made progress least recently
+ * (not one waiting for a prediction) to admit a new one; a request must arrive within
+ * header_timeout and then at min_rate bytes/s on average, or it is closed; predictions may hold
+ * at most max_connections - max(1, max_connections / 8) connections. A client that closes early
+ * never raises SIGPIPE: the loop thread blocks it (writes fail with EPIPE).
  */
 
 typedef struct kdp_server kdp_server;
@@ -137,7 +146,7 @@ int kdp_server_wait_delivered(kdp_server *s, double max_seconds);
 typedef struct kdp_server_stats {
   uint64_t requests;            /* complete requests answered, any status */
   uint64_t connections_total;   /* accepted, including rejected ones */
-  uint64_t connections_rejected;/* 503 over max_connections */
+  uint64_t connections_rejected;/* 503: pool full, every connection waiting for a prediction */
   uint64_t timeouts;            /* connections closed by the idle/slow-client timer */
   uint64_t connections_evicted; /* closed to make room for a new one (pool full) */
   uint64_t bodies_refused;      /* 503: buffered bodies would exceed max_body_total */

@@ -75,7 +75,7 @@ static void route_metrics(kdp_http_conn *c) {
   metric(&b, "kdpeers_server_connections_total", "counter", "HTTP connections accepted.",
          "%llu", (unsigned long long)st.connections_total);
   metric(&b, "kdpeers_server_connections_rejected_total", "counter",
-         "Connections refused with 503 over server.max_connections.",
+         "Connections refused with 503: the pool was full and none could be closed.",
          "%llu", (unsigned long long)st.connections_rejected);
   metric(&b, "kdpeers_server_timeouts_total", "counter",
          "Connections closed because the client was idle or too slow.",
