@@ -87,3 +87,41 @@ double kdp_now(void) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+int kdp_range_contains(const kdp_range *r, double v) {
+  if (v != v) return 0;
+  if (r->flags & KDP_RANGE_LO) {
+    if ((r->flags & KDP_RANGE_LO_EXCL) ? !(v > r->lo) : !(v >= r->lo)) return 0;
+  }
+  if (r->flags & KDP_RANGE_HI) {
+    if ((r->flags & KDP_RANGE_HI_EXCL) ? !(v < r->hi) : !(v <= r->hi)) return 0;
+  }
+  return 1;
+}
+
+void kdp_fmt_double(double v, char *buf, size_t n) {
+  if (v == floor(v) && fabs(v) < 1e15) { /* whole numbers as written: 60, not 6e+01 */
+    snprintf(buf, n, "%.0f", v);
+    return;
+  }
+  for (int p = 1; p <= 17; p++) {
+    snprintf(buf, n, "%.*g", p, v);
+    if (strtod(buf, NULL) == v) return;
+  }
+}
+
+void kdp_range_text(const kdp_range *r, char *buf, size_t n) {
+  char a[32], b[32];
+  kdp_fmt_double(r->lo, a, sizeof a);
+  kdp_fmt_double(r->hi, b, sizeof b);
+  unsigned f = r->flags;
+  if ((f & KDP_RANGE_LO) && (f & KDP_RANGE_HI))
+    snprintf(buf, n, "%c%s, %s%c", (f & KDP_RANGE_LO_EXCL) ? '(' : '[', a, b,
+             (f & KDP_RANGE_HI_EXCL) ? ')' : ']');
+  else if (f & KDP_RANGE_LO)
+    snprintf(buf, n, "%s %s", (f & KDP_RANGE_LO_EXCL) ? ">" : ">=", a);
+  else if (f & KDP_RANGE_HI)
+    snprintf(buf, n, "%s %s", (f & KDP_RANGE_HI_EXCL) ? "<" : "<=", b);
+  else if (n)
+    buf[0] = 0;
+}

@@ -1,5 +1,6 @@
 /* main.c: the command line: parses options, builds the config, starts MPI and runs the job. */
 #include <cblas.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -339,6 +340,10 @@ static int serve_main(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+  /* A client that closes its connection early must never end the run: socket writes fail with
+     EPIPE instead (the server's thread blocks SIGPIPE as well, for library use). A write to a
+     closed stdout pipe fails the same way: kdpeers predict stops on it. */
+  signal(SIGPIPE, SIG_IGN);
   if (argc >= 2 && strcmp(argv[1], "serve") == 0) return serve_main(argc, argv);
   if (argc >= 2 && argv[1][0] != '-') {
     int rc = run_tool(argc, argv);

@@ -22,6 +22,13 @@ expect() { # expect DESC CMD...: CMD succeeds
   shift
   if "$@"; then ok "$d"; else bad "$d"; fi
 }
+# Under launch/test's sanitizer builds (KDP_SANITIZER_RUN=asan|tsan) the scripts skip the runs
+# that only repeat a code path for a comparison (determinism, a reference run): the sanitizers
+# look for memory errors and races, which the first run of each path shows.
+sanitizer_skip() { # sanitizer_skip DESC: true (and says so) when the part is skipped
+  [ -n "${KDP_SANITIZER_RUN:-}" ] || return 1
+  echo "skip - $1 (a comparison run; skipped under $KDP_SANITIZER_RUN)"
+}
 finish() {
   echo "$1: $pass passed, $fail failed"
   [ "$fail" = 0 ]

@@ -67,4 +67,16 @@ enum kdp_stream {
 /* Monotonic wall clock in seconds. */
 double kdp_now(void);
 
+/* A numeric range, as config validation checks a key (kdp_config_range gives a key's). */
+enum { KDP_RANGE_LO = 1, KDP_RANGE_HI = 2, KDP_RANGE_LO_EXCL = 4, KDP_RANGE_HI_EXCL = 8 };
+typedef struct kdp_range {
+  double lo, hi;
+  unsigned flags; /* KDP_RANGE_*: which bounds apply, and whether they are excluded */
+} kdp_range;
+int kdp_range_contains(const kdp_range *r, double v); /* 1 if v is in r (NaN never is) */
+/* "[1, 100000]", "(0, 100]", ">= 0", "> 0", or "" if unbounded. */
+void kdp_range_text(const kdp_range *r, char *buf, size_t n);
+/* Shortest "%.*g" that reads back to exactly v. */
+void kdp_fmt_double(double v, char *buf, size_t n);
+
 #endif

@@ -83,6 +83,10 @@ typedef struct kdp_config {
   int64_t server_max_body;    /* bytes */
   int server_max_connections;
   double server_idle_timeout; /* seconds */
+  int64_t server_max_body_total; /* bytes buffered by all connections together */
+  double server_header_timeout;  /* seconds to send a request line and headers */
+  int64_t server_min_rate;       /* bytes/s a request must average after header_timeout */
+  double server_predict_share;   /* share of the training loop's time /predict may take */
   /* [peer.N] overrides */
   char peer_arch[KDP_MAX_PEERS][KDP_STR]; /* "" = use model.arch */
   int peer_ranks_per_peer[KDP_MAX_PEERS]; /* 0 = use run.ranks_per_peer */
@@ -106,6 +110,9 @@ void kdp_config_print_keys(FILE *f);
    (the table of docs/config.md) or KDP_KEYS_INI (annotated defaults, configs/default.ini). */
 enum { KDP_KEYS_TEXT = 0, KDP_KEYS_MARKDOWN = 1, KDP_KEYS_INI = 2 };
 void kdp_config_print_keys_fmt(FILE *f, int fmt);
+/* The range validation accepts for a numeric key (e.g. "kd", "temperature"); KDP_EINVAL if
+   there is no such numeric key. */
+int kdp_config_range(const char *section, const char *key, kdp_range *out);
 /* arch for peer i */
 const char *kdp_config_peer_arch(const kdp_config *c, int peer);
 /* MPI ranks of peer i: peer.i.ranks_per_peer when set, else run.ranks_per_peer */

@@ -15,12 +15,14 @@
  * waits, boundedly, for the loop thread).
  *
  * Endpoints:
+ * GET routes answer HEAD too (the same headers, no body).
  *   GET  /metrics  Prometheus text 0.0.4: the trainer's last published text + the server's own.
  *   GET  /status   the trainer's last published status JSON ({} before the first publish).
  *   GET  /healthz  {"status":"ok","last_publish_age_seconds":S|null} while the loop runs;
  *                  503 {"status":"unhealthy","reason":...} while kdp_server_set_health says so.
  *   POST /control  {"action":"checkpoint"|"stop"|"pause"|"resume"} and/or any of
- *                  {"lr_scale":x,"temperature":x,"kd_weight":x} (finite, > 0) -> 202
+ *                  {"lr_scale":x,"temperature":x,"kd_weight":x} (finite, > 0, and within
+ *                  options.control_range) -> 202
  *                  {"accepted":true,"id":N}; the trainer polls kdp_server_poll_command.
  *   POST /predict  JSON {"inputs":[[v,...],...]} or {"input":[v,...]}, or msgpack
  *                  (Content-Type: application/msgpack) map {"inputs": [array of numbers | bin]}.
@@ -32,9 +34,16 @@
  *                   "teacher":{"name":S,"probs":[[p..]..]}|null,
  *                   "labels":{"ensemble":[k..],"teacher":[k..]}}  ("teacher" label only with one)
  * With a token set, /control and /predict need "Authorization: Bearer TOKEN" (401 otherwise).
- * Errors: 400 malformed, 401, 404 unknown path, 405 wrong method, 413 body > max_body, 431
- * headers > max_header, 503 over max_connections / queue full / server stopping, 504 prediction
- * not answered within predict_timeout. Error bodies are {"error":"message"}.
+ * Errors: 400 malformed or out of range, 401, 404 unknown path, 405 wrong method, 413 body >
+ * max_body, 431 headers > max_header, 503 (with Retry-After) bodies buffered > max_body_total /
+ * predictions holding all but the reserved connections / queue full / server stopping / every
+ * connection busy, 504 prediction not answered within predict_timeout. Error bodies are
+ * {"error":"message"}.
+ * Limits: a full pool (max_connections) closes the connection that made progress least recently
+ * (not one waiting for a prediction) to admit a new one; a request must arrive within
+ * header_timeout and then at min_rate bytes/s on average, or it is closed; predictions may hold
+ * at most max_connections - max(1, max_connections / 8) connections. A client that closes early
+ * never raises SIGPIPE: the loop thread blocks it (writes fail with EPIPE).
  */
 
 typedef struct kdp_server kdp_server;
@@ -53,7 +62,18 @@ typedef struct kdp_server_options {
   int max_predict;         /* inputs per predict request; default 256 */
   int max_commands;        /* queued control commands; default 64 */
   int quiet;               /* 1 = no log lines on stderr */
+  size_t max_body_total;   /* request body bytes buffered by all connections; default 64 MiB */
+  double header_timeout;   /* seconds to send a request line and headers; default 10 */
+  double min_rate;         /* bytes/s a request must average once header_timeout has passed
+                              (default 65536; < 0 = no minimum) */
+  /* Bounds of the /control values (KDP_CONTROL_*), e.g. the config ranges of kd.temperature;
+     flags = 0: any finite value > 0. note (may be NULL) ends the error message. */
+  kdp_range control_range[3];
+  const char *control_note[3];
 } kdp_server_options;
+
+/* The /control values, in the order of control_range. */
+enum { KDP_CONTROL_LR_SCALE, KDP_CONTROL_TEMPERATURE, KDP_CONTROL_KD_WEIGHT, KDP_NCONTROLS };
 
 void kdp_server_options_defaults(kdp_server_options *o);
 
@@ -113,6 +133,8 @@ typedef struct kdp_predict_result {
   const char *teacher_name;  /* NULL if no teacher */
 } kdp_predict_result;
 
+/* Predictions waiting for kdp_server_take_predict. */
+int kdp_server_predict_waiting(kdp_server *s);
 /* Next pending prediction (NULL if none). Must be answered (or failed) exactly once. */
 kdp_predict_req *kdp_server_take_predict(kdp_server *s);
 /* Copies r, then the loop formats and sends the reply; req is invalid after the call. Returns
@@ -129,8 +151,11 @@ int kdp_server_wait_delivered(kdp_server *s, double max_seconds);
 typedef struct kdp_server_stats {
   uint64_t requests;            /* complete requests answered, any status */
   uint64_t connections_total;   /* accepted, including rejected ones */
-  uint64_t connections_rejected;/* 503 over max_connections */
+  uint64_t connections_rejected;/* 503: pool full, every connection waiting for a prediction */
   uint64_t timeouts;            /* connections closed by the idle/slow-client timer */
+  uint64_t connections_evicted; /* closed to make room for a new one (pool full) */
+  uint64_t bodies_refused;      /* 503: buffered bodies would exceed max_body_total */
+  size_t body_bytes;            /* request body bytes buffered now (all connections) */
   uint64_t auth_failures;       /* 401 */
   uint64_t bytes_sent;
   uint64_t predict_queued;

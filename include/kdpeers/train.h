@@ -57,4 +57,14 @@ int kdp_train_memory_estimate(const kdp_config *cfg, const kdp_dist *d,
 int kdp_train_memory_check(const kdp_memory_estimate *est, kdp_error *err);
 void kdp_train_memory_print(const kdp_memory_estimate *est, FILE *f);
 
+/* The rank-0 server's options from cfg's server.* keys, with the /control bounds taken from the
+   config ranges of optim.lr, kd.temperature and kd.weight. o's strings point into str. */
+typedef struct kdp_server_strings {
+  char addr_file[KDP_PATH + 32];
+  char note[3][256];
+} kdp_server_strings;
+struct kdp_server_options;
+void kdp_train_server_options(const kdp_config *cfg, struct kdp_server_options *o,
+                              kdp_server_strings *str);
+
 #endif

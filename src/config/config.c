@@ -27,7 +27,8 @@ typedef enum key_type {
   KT_DOUBLE3  /* double[3], "a" or "a,b,c" */
 } key_type;
 
-enum { R_LO = 1, R_HI = 2, R_LO_EXCL = 4, R_HI_EXCL = 8 };
+enum { R_LO = KDP_RANGE_LO, R_HI = KDP_RANGE_HI, R_LO_EXCL = KDP_RANGE_LO_EXCL,
+       R_HI_EXCL = KDP_RANGE_HI_EXCL };
 
 /* Extra check for string values (e.g. milestones); writes a reason into why on failure. */
 typedef int (*key_check)(const char *value, char *why, size_t n);
@@ -158,7 +159,7 @@ static const key_def keys[] = {
      .help = "online distillation method (independent = no distillation)"},
     {"kd", "temperature", KT_DOUBLE, AT(temperature), .lo = 0, .hi = 100,
      .flags = R_LO | R_LO_EXCL | R_HI, .def = "3", .help = "softmax temperature of the KD terms"},
-    {"kd", "weight", KT_DOUBLE, AT(weight), ATLEAST(0), .def = "1",
+    {"kd", "weight", KT_DOUBLE, AT(weight), RANGE(0, 1000), .def = "1",
      .help = "weight of the distillation loss relative to cross-entropy"},
     {"kd", "rampup_epochs", KT_DOUBLE, AT(rampup_epochs), ATLEAST(0), .def = "0",
      .help = "ramp the KD weight up from 0 over this many epochs"},
@@ -204,10 +205,22 @@ static const key_def keys[] = {
     {"server", "max_body", KT_INT64, AT(server_max_body), RANGE(1024, 1073741824),
      .def = "16777216", .help = "largest request body in bytes (413 beyond)"},
     {"server", "max_connections", KT_INT, AT(server_max_connections), RANGE(1, 10000),
-     .def = "64", .help = "concurrent connections; more are refused"},
+     .def = "64",
+     .help = "concurrent connections; a newcomer past it closes the least recently active one"},
     {"server", "idle_timeout", KT_DOUBLE, AT(server_idle_timeout), .lo = 0, .hi = 3600,
      .flags = R_LO | R_LO_EXCL | R_HI, .def = "30",
      .help = "seconds before an idle or slow connection is closed"},
+    {"server", "max_body_total", KT_INT64, AT(server_max_body_total), RANGE(1024, 17179869184),
+     .def = "67108864",
+     .help = "request body bytes all connections together may hold (503 beyond)"},
+    {"server", "header_timeout", KT_DOUBLE, AT(server_header_timeout), .lo = 0, .hi = 3600,
+     .flags = R_LO | R_LO_EXCL | R_HI, .def = "10",
+     .help = "seconds a client has to send a request's line and headers (at most idle_timeout)"},
+    {"server", "min_rate", KT_INT64, AT(server_min_rate), RANGE(0, 1073741824), .def = "65536",
+     .help = "bytes/s a request must average after header_timeout, or it is closed (0 = off)"},
+    {"server", "predict_share", KT_DOUBLE, AT(server_predict_share), .lo = 0, .hi = 1,
+     .flags = R_LO | R_LO_EXCL | R_HI, .def = "0.25",
+     .help = "share of the training loop's wall time /predict may take (1 = no limit)"},
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
@@ -246,33 +259,14 @@ static const char *type_name(const key_def *k) {
   return "?";
 }
 
-/* Shortest "%.*g" that reads back to exactly v. */
-static void fmt_double(double v, char *buf, size_t n) {
-  if (v == floor(v) && fabs(v) < 1e15) { /* whole numbers as written: 60, not 6e+01 */
-    snprintf(buf, n, "%.0f", v);
-    return;
-  }
-  for (int p = 1; p <= 17; p++) {
-    snprintf(buf, n, "%.*g", p, v);
-    if (strtod(buf, NULL) == v) return;
-  }
+static kdp_range key_range_of(const key_def *k) {
+  kdp_range r = {k->lo, k->hi, k->flags};
+  return r;
 }
 
-/* Human range text: "[1, 100000]", "(0, 100]", ">= 0", "> 0", or "" if unbounded. */
-
 static void range_text(const key_def *k, char *buf, size_t n) {
-  char a[32], b[32];
-  fmt_double(k->lo, a, sizeof a);
-  fmt_double(k->hi, b, sizeof b);
-  if ((k->flags & R_LO) && (k->flags & R_HI))
-    snprintf(buf, n, "%c%s, %s%c", (k->flags & R_LO_EXCL) ? '(' : '[', a, b,
-             (k->flags & R_HI_EXCL) ? ')' : ']');
-  else if (k->flags & R_LO)
-    snprintf(buf, n, "%s %s", (k->flags & R_LO_EXCL) ? ">" : ">=", a);
-  else if (k->flags & R_HI)
-    snprintf(buf, n, "%s %s", (k->flags & R_HI_EXCL) ? "<" : "<=", b);
-  else
-    buf[0] = 0;
+  kdp_range r = key_range_of(k);
+  kdp_range_text(&r, buf, n);
 }
 
 static void choices_text(const key_def *k, char *buf, size_t n) {
@@ -286,13 +280,8 @@ static void choices_text(const key_def *k, char *buf, size_t n) {
 }
 
 static bool in_range(const key_def *k, double v) {
-  if (k->flags & R_LO) {
-    if ((k->flags & R_LO_EXCL) ? !(v > k->lo) : !(v >= k->lo)) return false;
-  }
-  if (k->flags & R_HI) {
-    if ((k->flags & R_HI_EXCL) ? !(v < k->hi) : !(v <= k->hi)) return false;
-  }
-  return true;
+  kdp_range r = key_range_of(k);
+  return kdp_range_contains(&r, v);
 }
 
 static int why_range_as(const key_def *k, const char *what, char *why, size_t n) {
@@ -500,7 +489,7 @@ static int parse_milestones(const char *s, double *out, int max, char *why, size
     }
     if (!(v > 0) || (count > 0 && !(v > prev))) {
       char a[32];
-      fmt_double(v, a, sizeof a);
+      kdp_fmt_double(v, a, sizeof a);
       snprintf(why, n,
                "entry %d (%s) is not %s: expected increasing positive numbers separated by "
                "commas, e.g. 150,225",
@@ -709,6 +698,13 @@ static const key_def *find_key(const char *section, const char *key) {
   for (size_t i = 0; i < N_KEYS; i++)
     if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].key, key) == 0) return &keys[i];
   return NULL;
+}
+
+int kdp_config_range(const char *section, const char *key, kdp_range *out) {
+  const key_def *k = find_key(section, key);
+  if (!k || (k->type != KT_INT && k->type != KT_INT64 && k->type != KT_DOUBLE)) return KDP_EINVAL;
+  *out = key_range_of(k);
+  return 0;
 }
 
 /* Parses "peer.N"; returns 1 and sets *idx if section is a peer section (even a bad one: then
@@ -1006,7 +1002,7 @@ const char *const kdp_config_other_env[] = {
     "KDP_ROOT", "KDP_LAUNCHER", "KDP_SRUN_MPI", "KDP_SRUN_ARGS", "KDP_MPIRUN_ARGS",
     "KDP_ARRAY_SETTINGS", "KDP_TTY_COLUMNS", "KDP_MPIRUN_KILL_DELAY", "KDP_BUILD",
     /* the test suites */
-    "KDP_SOURCE_ROOT", "KDP_BUILD_ROOT", "KDP_TEST_VERBOSE", "KDP_FUZZ_TARGETS", "KDP_NETNS_HOSTS",
+    "KDP_SOURCE_ROOT", "KDP_BUILD_ROOT", "KDP_TEST_VERBOSE", "KDP_SANITIZERS", "KDP_SANITIZER_RUN", "KDP_FUZZ_TARGETS", "KDP_NETNS_HOSTS",
     "KDP_NETNS_LOG", "KDP_NETNS_SUBNET", "KDP_AGENT_HOSTNAME", "KDP_AGENT_CMD",
     "KDP_SLURM_CRED_EXPIRE",
     /* fault injection (tests) */
@@ -1203,6 +1199,11 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
                     "config run.stall_abort_seconds = %g is below run.stall_warn_seconds = %g: "
                     "the job would end before the warning (set it to 0 or >= the warning)",
                     c->stall_abort_seconds, c->stall_warn_seconds);
+  if (c->server_max_body_total < c->server_max_body)
+    return kdp_fail(err, KDP_EINVAL,
+                    "config server.max_body_total = %lld is smaller than server.max_body = %lld: "
+                    "no request of the largest size could ever be buffered",
+                    (long long)c->server_max_body_total, (long long)c->server_max_body);
   if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
                     c->leader, KDP_MAX_PEERS - 1);
@@ -1239,14 +1240,14 @@ static void format_value(const kdp_config *c, const key_def *k, size_t extra, ch
   case KT_DOUBLE: {
     double v;
     memcpy(&v, field, sizeof v);
-    fmt_double(v, buf, n);
+    kdp_fmt_double(v, buf, n);
     return;
   }
   case KT_DOUBLE3: {
     double v[3];
     memcpy(v, field, sizeof v);
     char a[3][32];
-    for (int i = 0; i < 3; i++) fmt_double(v[i], a[i], sizeof a[i]);
+    for (int i = 0; i < 3; i++) kdp_fmt_double(v[i], a[i], sizeof a[i]);
     if (memcmp(&v[0], &v[1], sizeof v[0]) == 0 && memcmp(&v[0], &v[2], sizeof v[0]) == 0)
       snprintf(buf, n, "%s", a[0]);
     else

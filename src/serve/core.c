@@ -12,17 +12,22 @@ const char *const kdp_path_names[KDP_NPATHS] = {"/metrics", "/status", "/healthz
 
 /* ---- buffers ---- */
 
+void kdp_buf_reserve(kdp_buf *b, size_t cap) {
+  if (cap <= b->cap) return;
+  char *p = realloc(b->p, cap);
+  if (!p) {
+    fprintf(stderr, "kdpeers: server out of memory (%zu bytes)\n", cap);
+    abort();
+  }
+  b->p = p;
+  b->cap = cap;
+}
+
 void kdp_buf_put(kdp_buf *b, const void *d, size_t n) {
   if (b->len + n + 1 > b->cap) {
     size_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + n + 1) cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) {
-      fprintf(stderr, "kdpeers: server out of memory (%zu bytes)\n", cap);
-      abort();
-    }
-    b->p = p;
-    b->cap = cap;
+    kdp_buf_reserve(b, cap);
   }
   if (n) memcpy(b->p + b->len, d, n);
   b->len += n;
@@ -89,6 +94,9 @@ void kdp_server_options_defaults(kdp_server_options *o) {
   o->predict_timeout = 30;
   o->max_predict = 256;
   o->max_commands = 64;
+  o->max_body_total = 64u << 20;
+  o->header_timeout = 10;
+  o->min_rate = 65536;
 }
 
 kdp_srv_core *kdp_core_new(const kdp_server_options *o) {
@@ -105,6 +113,15 @@ kdp_srv_core *kdp_core_new(const kdp_server_options *o) {
   if (o->max_predict <= 0) core->opt.max_predict = d.max_predict;
   if (o->max_commands <= 0) core->opt.max_commands = d.max_commands;
   if (o->input_dim < 0) core->opt.input_dim = 0;
+  if (!o->max_body_total) core->opt.max_body_total = d.max_body_total;
+  if (core->opt.max_body_total < core->opt.max_body) core->opt.max_body_total = core->opt.max_body;
+  if (!(o->header_timeout > 0)) core->opt.header_timeout = d.header_timeout;
+  if (o->min_rate == 0) core->opt.min_rate = d.min_rate;
+  for (int i = 0; i < KDP_NCONTROLS; i++) {
+    core->control_note[i] = (o->control_note[i] && o->control_note[i][0])
+                                ? dup_or_null(o->control_note[i]) : NULL;
+    core->opt.control_note[i] = core->control_note[i];
+  }
   core->listen = dup_or_null(core->opt.listen);
   core->token = (o->token && o->token[0]) ? dup_or_null(o->token) : NULL;
   core->addr_file = (o->addr_file && o->addr_file[0]) ? dup_or_null(o->addr_file) : NULL;
@@ -157,6 +174,7 @@ void kdp_core_free(kdp_srv_core *core) {
   free(core->token);
   free(core->listen);
   free(core->addr_file);
+  for (int i = 0; i < KDP_NCONTROLS; i++) free(core->control_note[i]);
   free(core);
 }
 

@@ -8,6 +8,8 @@
 
 /* Past this many unsent bytes a connection stops parsing new requests until they drain. */
 #define KDP_MAX_BACKLOG (1u << 20)
+/* A body buffer larger than this is freed after its request (smaller ones are reused). */
+#define KDP_KEEP_BODY (4u << 10)
 
 static const char *reason(int status) {
   switch (status) {
@@ -40,7 +42,8 @@ void kdp_http_respond(kdp_http_conn *c, int status, const char *ctype, const cha
                  "Connection: %s\r\n%s\r\n",
                  status, reason(status), ctype, body_len, close ? "close" : "keep-alive",
                  extra_headers ? extra_headers : "");
-  kdp_buf_put(&out, body, body_len);
+  /* HEAD: the headers GET would send (Content-Length included), without the body */
+  if (c->parser.method != HTTP_HEAD) kdp_buf_put(&out, body, body_len);
   size_t len = out.len;
   kdp_core_count(c->core, c->path, status, len);
   c->io->write(c, out.p, len);
@@ -65,8 +68,9 @@ void kdp_http_error(kdp_http_conn *c, int status, int close, const char *fmt, ..
   if (status == 401) extra = "WWW-Authenticate: Bearer realm=\"kdpeers\"\r\n";
   if (status == 405) {
     extra = (c->path == KDP_PATH_CONTROL || c->path == KDP_PATH_PREDICT) ? "Allow: POST\r\n"
-                                                                           : "Allow: GET\r\n";
+                                                                           : "Allow: GET, HEAD\r\n";
   }
+  if (status == 503) extra = "Retry-After: 1\r\n";
   kdp_http_respond(c, status, "application/json", b.p, b.len, extra, close);
   kdp_buf_free(&b);
 }
@@ -85,8 +89,21 @@ static int over_header_limit(kdp_http_conn *c, size_t n) {
   return 0;
 }
 
+/* Seconds left before the request being read misses its deadline: it must arrive at an average
+   of at least min_rate bytes/s once the grace (header_timeout, at most idle_timeout) has
+   passed. The deadline only moves later as bytes arrive. */
+static double request_time_left(const kdp_http_conn *c) {
+  const kdp_server_options *o = &c->core->opt;
+  double grace = o->header_timeout < o->idle_timeout ? o->header_timeout : o->idle_timeout;
+  double deadline = c->req_start + grace;
+  if (o->min_rate > 0) deadline += (double)(c->header_bytes + c->body.len) / o->min_rate;
+  return deadline - kdp_now();
+}
+
 static int on_message_begin(http_parser *p) {
   kdp_http_conn *c = conn_of(p);
+  c->req_start = kdp_now();
+  c->io->arm_timer(c, request_time_left(c));
   c->url_len = 0;
   c->url_overflow = 0;
   c->header_bytes = 0;
@@ -186,11 +203,52 @@ static int on_headers_complete(http_parser *p) {
   return 0;
 }
 
+/* Grows c's body buffer to hold n more bytes, within the server-wide max_body_total (the sum
+   of every connection's body buffer); 0, or -1 if that would exceed it. */
+static int body_reserve(kdp_http_conn *c, size_t n) {
+  kdp_buf *b = &c->body;
+  size_t need = b->len + n + 1;
+  if (need <= b->cap) return 0;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < need) cap *= 2;
+  /* no more than a declared Content-Length needs (http-parser has already taken this chunk off
+     content_length: it holds what is still to come) */
+  if (c->parser.flags & F_CONTENTLENGTH) {
+    uint64_t total = (uint64_t)need + c->parser.content_length;
+    if (total < cap) cap = (size_t)total;
+  }
+  kdp_srv_core *core = c->core;
+  pthread_mutex_lock(&core->mu);
+  int ok = core->st.body_bytes - b->cap + cap <= core->opt.max_body_total;
+  if (ok) core->st.body_bytes = core->st.body_bytes - b->cap + cap;
+  else core->st.bodies_refused++;
+  pthread_mutex_unlock(&core->mu);
+  if (!ok) return -1;
+  kdp_buf_reserve(b, cap);
+  return 0;
+}
+
+/* Frees c's body buffer and gives its bytes back to max_body_total. */
+static void body_release(kdp_http_conn *c) {
+  if (c->body.cap) {
+    pthread_mutex_lock(&c->core->mu);
+    c->core->st.body_bytes -= c->body.cap;
+    pthread_mutex_unlock(&c->core->mu);
+  }
+  kdp_buf_free(&c->body);
+}
+
 static int on_body(http_parser *p, const char *at, size_t n) {
   kdp_http_conn *c = conn_of(p);
   if (c->body.len + n > c->core->opt.max_body) {
     c->error_status = 413;
     c->error_msg = "request body exceeds the server's max_body";
+    return 1;
+  }
+  if (body_reserve(c, n) != 0) {
+    c->error_status = 503;
+    c->error_msg = "server busy: the request bodies being received exceed server.max_body_total; "
+                   "retry later";
     return 1;
   }
   kdp_buf_put(&c->body, at, n);
@@ -199,6 +257,7 @@ static int on_body(http_parser *p, const char *at, size_t n) {
 
 static int on_message_complete(http_parser *p) {
   kdp_http_conn *c = conn_of(p);
+  c->req_start = 0;
   c->keep_alive = http_should_keep_alive(p) && !p->upgrade;
   if (p->method == HTTP_CONNECT) c->keep_alive = 0;
   http_parser_pause(p, 1); /* kdp_http_conn_feed routes it, then resumes */
@@ -216,6 +275,11 @@ static const http_parser_settings settings = {
 };
 
 /* ---- connection ---- */
+
+void kdp_http_conn_set_pending(kdp_http_conn *c, kdp_predict_priv *p) {
+  c->core->predicting += (p != NULL) - (c->pending != NULL);
+  c->pending = p;
+}
 
 void kdp_http_conn_init(kdp_http_conn *c, kdp_srv_core *core, const kdp_http_io *io, void *user) {
   memset(c, 0, sizeof *c);
@@ -239,6 +303,7 @@ static void hold(kdp_http_conn *c, const char *data, size_t len) {
 
 static void parse_failed(kdp_http_conn *c, enum http_errno e) {
   c->keep_alive = 0;
+  body_release(c); /* the connection only lingers now */
   if (c->error_status) {
     kdp_http_error(c, c->error_status, 1, "%s", c->error_msg ? c->error_msg : "bad request");
   } else if (e == HPE_HEADER_OVERFLOW) {
@@ -262,6 +327,7 @@ void kdp_http_conn_feed(kdp_http_conn *c, const char *data, size_t len) {
       data += n;
       len -= n;
       kdp_route(c);
+      if (c->body.cap > KDP_KEEP_BODY) body_release(c); /* routes are done with it */
       if (c->closing) return;
       if (!c->paused && c->io->backlog(c) > KDP_MAX_BACKLOG) {
         c->paused = 1; /* resumed by kdp_http_conn_drained */
@@ -296,15 +362,23 @@ static void resume(kdp_http_conn *c) {
 
 void kdp_http_conn_drained(kdp_http_conn *c) {
   if (c->closing || c->pending) return; /* a pending prediction keeps its own deadline */
-  c->io->arm_timer(c, c->core->opt.idle_timeout);
+  double left = c->req_start > 0 ? request_time_left(c) : c->core->opt.idle_timeout;
+  c->io->arm_timer(c, left > 0.001 ? left : 0.001);
   if (c->paused) resume(c);
 }
 
 void kdp_http_conn_timeout(kdp_http_conn *c) {
   if (c->closing) return;
+  if (!c->pending && c->req_start > 0) {
+    double left = request_time_left(c); /* bytes arrived since the timer was armed */
+    if (left > 0) {
+      c->io->arm_timer(c, left);
+      return;
+    }
+  }
   if (c->pending) {
     kdp_core_cancel_predict(c->core, c->pending);
-    c->pending = NULL;
+    kdp_http_conn_set_pending(c, NULL);
     c->path = KDP_PATH_PREDICT;
     kdp_http_error(c, 504, 1, "the trainer did not answer within %g s",
                    c->core->opt.predict_timeout);
@@ -321,7 +395,7 @@ void kdp_http_conn_shutdown(kdp_http_conn *c) {
   if (c->closing) return;
   if (c->pending) {
     kdp_core_cancel_predict(c->core, c->pending);
-    c->pending = NULL;
+    kdp_http_conn_set_pending(c, NULL);
     c->path = KDP_PATH_PREDICT;
     kdp_http_error(c, 503, 1, "server stopping: the trainer has ended");
     return;
@@ -334,9 +408,9 @@ void kdp_http_conn_release(kdp_http_conn *c) {
   c->closing = 1;
   if (c->pending) {
     kdp_core_cancel_predict(c->core, c->pending);
-    c->pending = NULL;
+    kdp_http_conn_set_pending(c, NULL);
   }
-  kdp_buf_free(&c->body);
+  body_release(c);
   free(c->held);
   c->held = NULL;
   c->held_len = 0;
@@ -344,7 +418,7 @@ void kdp_http_conn_release(kdp_http_conn *c) {
 
 void kdp_http_conn_predict_done(kdp_http_conn *c, kdp_predict_priv *p) {
   if (c->pending != p || c->closing) return;
-  c->pending = NULL;
+  kdp_http_conn_set_pending(c, NULL);
   c->path = KDP_PATH_PREDICT;
   if (p->status != 200) {
     kdp_http_error(c, p->status, 0, "%s", p->errmsg);

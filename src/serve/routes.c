@@ -34,6 +34,20 @@ static void metric_head(kdp_buf *b, const char *name, const char *type, const ch
   kdp_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* One unlabelled sample with its HELP and TYPE lines; fmt formats the value. */
+static void metric(kdp_buf *b, const char *name, const char *type, const char *help,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void metric(kdp_buf *b, const char *name, const char *type, const char *help,
+                   const char *fmt, ...) {
+  metric_head(b, name, type, help);
+  char v[64];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(v, sizeof v, fmt, ap);
+  va_end(ap);
+  kdp_buf_printf(b, "%s %s\n", name, v);
+}
+
 static void route_metrics(kdp_http_conn *c) {
   kdp_srv_core *core = c->core;
   kdp_buf b = {0};
@@ -57,44 +71,48 @@ static void route_metrics(kdp_http_conn *c) {
         kdp_buf_printf(&b, "kdpeers_http_requests_total{path=\"%s\",code=\"%d\"} %llu\n",
                        kdp_path_names[p], code, (unsigned long long)by_path[p][code]);
   free(by_path);
-  metric_head(&b, "kdpeers_stalled", "gauge",
-              "1 while ranks of the job are late by run.stall_warn_seconds (/healthz says which).");
-  kdp_buf_printf(&b, "kdpeers_stalled %d\n", stalled);
-  metric_head(&b, "kdpeers_server_connections_open", "gauge", "HTTP connections open now.");
-  kdp_buf_printf(&b, "kdpeers_server_connections_open %d\n", st.connections_open);
-  metric_head(&b, "kdpeers_server_connections_total", "counter", "HTTP connections accepted.");
-  kdp_buf_printf(&b, "kdpeers_server_connections_total %llu\n",
-                 (unsigned long long)st.connections_total);
-  metric_head(&b, "kdpeers_server_connections_rejected_total", "counter",
-              "Connections refused with 503 over server.max_connections.");
-  kdp_buf_printf(&b, "kdpeers_server_connections_rejected_total %llu\n",
-                 (unsigned long long)st.connections_rejected);
-  metric_head(&b, "kdpeers_server_timeouts_total", "counter",
-              "Connections closed because the client was idle or too slow.");
-  kdp_buf_printf(&b, "kdpeers_server_timeouts_total %llu\n", (unsigned long long)st.timeouts);
-  metric_head(&b, "kdpeers_server_sent_bytes_total", "counter",
-              "Response bytes queued for sending (headers and bodies).");
-  kdp_buf_printf(&b, "kdpeers_server_sent_bytes_total %llu\n", (unsigned long long)st.bytes_sent);
-  metric_head(&b, "kdpeers_server_loop_lag_seconds", "gauge",
-              "How late the server loop's 100 ms timer last fired.");
-  kdp_buf_printf(&b, "kdpeers_server_loop_lag_seconds %.6f\n", st.loop_lag_seconds);
-  metric_head(&b, "kdpeers_server_loop_lag_max_seconds", "gauge",
-              "Largest lateness of the server loop's 100 ms timer so far.");
-  kdp_buf_printf(&b, "kdpeers_server_loop_lag_max_seconds %.6f\n", st.loop_lag_max_seconds);
-  metric_head(&b, "kdpeers_server_commands_pending", "gauge",
-              "Control commands queued for the trainer.");
-  kdp_buf_printf(&b, "kdpeers_server_commands_pending %d\n", cmds);
-  metric_head(&b, "kdpeers_server_predict_pending", "gauge",
-              "Prediction requests waiting for the trainer.");
-  kdp_buf_printf(&b, "kdpeers_server_predict_pending %d\n", preds);
-  metric_head(&b, "kdpeers_server_predict_requests_total", "counter",
-              "Prediction requests handed to the trainer.");
-  kdp_buf_printf(&b, "kdpeers_server_predict_requests_total %llu\n",
-                 (unsigned long long)st.predict_queued);
-  metric_head(&b, "kdpeers_server_last_publish_age_seconds", "gauge",
-              "Seconds since the trainer last published metrics (-1 = never).");
-  kdp_buf_printf(&b, "kdpeers_server_last_publish_age_seconds %.3f\n",
-                 pub > 0 ? kdp_now() - pub : -1.0);
+  metric(&b, "kdpeers_stalled", "gauge",
+         "1 while ranks of the job are late by run.stall_warn_seconds (/healthz says which).",
+         "%d", stalled);
+  metric(&b, "kdpeers_server_connections_open", "gauge", "HTTP connections open now.",
+         "%d", st.connections_open);
+  metric(&b, "kdpeers_server_connections_total", "counter", "HTTP connections accepted.",
+         "%llu", (unsigned long long)st.connections_total);
+  metric(&b, "kdpeers_server_connections_rejected_total", "counter",
+         "Connections refused with 503: the pool was full and none could be closed.",
+         "%llu", (unsigned long long)st.connections_rejected);
+  metric(&b, "kdpeers_server_timeouts_total", "counter",
+         "Connections closed because the client was idle or too slow.",
+         "%llu", (unsigned long long)st.timeouts);
+  metric(&b, "kdpeers_server_connections_evicted_total", "counter",
+         "Connections closed to make room for a new one (the least recently active first).",
+         "%llu", (unsigned long long)st.connections_evicted);
+  metric(&b, "kdpeers_server_body_bytes", "gauge",
+         "Request body bytes buffered now, all connections together.",
+         "%zu", st.body_bytes);
+  metric(&b, "kdpeers_server_bodies_refused_total", "counter",
+         "Requests refused with 503 because buffered bodies would exceed max_body_total.",
+         "%llu", (unsigned long long)st.bodies_refused);
+  metric(&b, "kdpeers_server_sent_bytes_total", "counter",
+         "Response bytes queued for sending (headers and bodies).",
+         "%llu", (unsigned long long)st.bytes_sent);
+  metric(&b, "kdpeers_server_loop_lag_seconds", "gauge",
+         "How late the server loop's 100 ms timer last fired.",
+         "%.6f", st.loop_lag_seconds);
+  metric(&b, "kdpeers_server_loop_lag_max_seconds", "gauge",
+         "Largest lateness of the server loop's 100 ms timer so far.",
+         "%.6f", st.loop_lag_max_seconds);
+  metric(&b, "kdpeers_server_commands_pending", "gauge", "Control commands queued for the trainer.",
+         "%d", cmds);
+  metric(&b, "kdpeers_server_predict_pending", "gauge",
+         "Prediction requests waiting for the trainer.",
+         "%d", preds);
+  metric(&b, "kdpeers_server_predict_requests_total", "counter",
+         "Prediction requests handed to the trainer.",
+         "%llu", (unsigned long long)st.predict_queued);
+  metric(&b, "kdpeers_server_last_publish_age_seconds", "gauge",
+         "Seconds since the trainer last published metrics (-1 = never).",
+         "%.3f", pub > 0 ? kdp_now() - pub : -1.0);
   kdp_http_respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len, NULL, 0);
   kdp_buf_free(&b);
 }
@@ -215,6 +233,21 @@ static void route_control(kdp_http_conn *c) {
     double x;
     if (!json_number(v, &x) || !isfinite(x) || x <= 0) {
       kdp_http_error(c, 400, 0, "\"%s\" must be a finite number > 0", k);
+      json_object_put(obj);
+      return;
+    }
+    int ci = dst == &cmd.lr_scale      ? KDP_CONTROL_LR_SCALE
+             : dst == &cmd.temperature ? KDP_CONTROL_TEMPERATURE
+                                       : KDP_CONTROL_KD_WEIGHT;
+    const kdp_range *r = &c->core->opt.control_range[ci];
+    if (r->flags && !kdp_range_contains(r, x)) {
+      char rt[96], xs[32];
+      kdp_range_text(r, rt, sizeof rt);
+      kdp_fmt_double(x, xs, sizeof xs);
+      const char *note = c->core->opt.control_note[ci];
+      kdp_http_error(c, 400, 0, "\"%s\" = %s is out of range: expected a value %s%s%s%s%s", k, xs,
+                     (r->flags & KDP_RANGE_LO) && (r->flags & KDP_RANGE_HI) ? "in " : "", rt,
+                     note ? " (" : "", note ? note : "", note ? ")" : "");
       json_object_put(obj);
       return;
     }
@@ -496,6 +529,14 @@ static void route_predict(kdp_http_conn *c) {
     kdp_http_error(c, 503, 0, "predictions are not available in this run");
     return;
   }
+  /* a share of the connections is kept for everything else (/healthz above all) */
+  int reserve = o->max_connections / 8 > 1 ? o->max_connections / 8 : 1;
+  if (c->core->predicting >= o->max_connections - reserve) {
+    kdp_http_error(c, 503, 0, "%d predictions are waiting already (server.max_connections = %d "
+                              "keeps %d connections for other requests); retry later",
+                   c->core->predicting, o->max_connections, reserve);
+    return;
+  }
   char err[PRED_ERR_LEN] = "";
   const char *ct = c->hdr[KDP_HDR_CTYPE];
   int is_mp = c->hdr_len[KDP_HDR_CTYPE] && (strncasecmp(ct, "application/msgpack", 19) == 0 ||
@@ -512,7 +553,7 @@ static void route_predict(kdp_http_conn *c) {
     return;
   }
   p->conn = c;
-  c->pending = p;
+  kdp_http_conn_set_pending(c, p);
   c->paused = 1; /* later requests on this connection wait for the answer */
   c->io->pause_input(c, 1);
   c->io->arm_timer(c, o->predict_timeout);
@@ -524,8 +565,8 @@ void kdp_route(kdp_http_conn *c) {
   case KDP_PATH_METRICS:
   case KDP_PATH_STATUS:
   case KDP_PATH_HEALTHZ:
-    if (m != HTTP_GET) {
-      kdp_http_error(c, 405, 0, "%s only answers GET", kdp_path_names[c->path]);
+    if (m != HTTP_GET && m != HTTP_HEAD) {
+      kdp_http_error(c, 405, 0, "%s only answers GET and HEAD", kdp_path_names[c->path]);
       return;
     }
     if (c->path == KDP_PATH_METRICS) route_metrics(c);

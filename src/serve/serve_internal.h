@@ -19,6 +19,7 @@ void kdp_buf_put(kdp_buf *b, const void *d, size_t n);
 void kdp_buf_printf(kdp_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void kdp_buf_json_str(kdp_buf *b, const char *s); /* quoted, escaped JSON string */
 void kdp_buf_free(kdp_buf *b);
+void kdp_buf_reserve(kdp_buf *b, size_t cap); /* capacity at least cap (exactly, if it grows) */
 
 /* Paths, for the per-path request counters. */
 enum { KDP_PATH_METRICS, KDP_PATH_STATUS, KDP_PATH_HEALTHZ, KDP_PATH_CONTROL, KDP_PATH_PREDICT,
@@ -47,7 +48,7 @@ typedef struct kdp_predict_priv {
 /* State shared by the loop thread and the training thread. */
 typedef struct kdp_srv_core {
   kdp_server_options opt; /* string members point at the copies below */
-  char *listen, *token, *addr_file;
+  char *listen, *token, *addr_file, *control_note[KDP_NCONTROLS];
   size_t token_len;
   pthread_mutex_t mu;
   /* --- guarded by mu --- */
@@ -67,6 +68,8 @@ typedef struct kdp_srv_core {
   int stopping;
   kdp_server_stats st;
   uint64_t by_path[KDP_NPATHS][600];
+  /* --- loop thread only --- */
+  int predicting; /* connections waiting for a prediction */
   /* --- set before the loop starts --- */
   void (*wake)(void *arg); /* asks the loop to run kdp_core_drain_done (may be NULL) */
   void *wake_arg;
@@ -129,6 +132,7 @@ struct kdp_http_conn {
   const char *error_msg;
   int keep_alive;
   int path; /* KDP_PATH_* */
+  double req_start; /* kdp_now() at the request's first byte; 0 between requests */
   /* connection state */
   int closing;
   int paused;   /* input held: waiting for a prediction or for writes to drain */
@@ -148,6 +152,8 @@ void kdp_http_conn_timeout(kdp_http_conn *c);
 void kdp_http_conn_shutdown(kdp_http_conn *c);
 /* The transport is closing: drop pending work and buffers. */
 void kdp_http_conn_release(kdp_http_conn *c);
+/* Sets (p) or clears (NULL) the prediction this connection waits for (counts core->predicting). */
+void kdp_http_conn_set_pending(kdp_http_conn *c, kdp_predict_priv *p);
 /* A prediction for this connection is answered (called by kdp_core_drain_done). */
 void kdp_http_conn_predict_done(kdp_http_conn *c, kdp_predict_priv *p);
 /* Sends a complete response (close=1 adds Connection: close and closes after it). */

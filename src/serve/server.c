@@ -1,6 +1,7 @@
 /* server.c: the libuv side of the server: the loop thread, listening socket, per-connection
    sockets and timers, the wake-up from the training thread, loop-lag probe, start and stop. */
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -28,6 +29,7 @@ typedef struct srv_conn {
   int shutting;       /* FIN sent, lingering */
   int reading;
   int counted;        /* counts towards connections_open */
+  double since;       /* kdp_now() of the last progress: accepted, or a reply fully sent */
   size_t writes, backlog;
   char rbuf[64 * 1024];
 } srv_conn;
@@ -107,6 +109,7 @@ static void on_write(uv_write_t *req, int status) {
     conn_close_now(c);
     return;
   }
+  c->since = kdp_now();
   if (c->writes == 0) {
     if (c->draining) begin_shutdown(c);
     else kdp_http_conn_drained(&c->http);
@@ -207,6 +210,18 @@ static size_t io_backlog(kdp_http_conn *h) { return ((srv_conn *)h->user)->backl
 
 static const kdp_http_io srv_io = {io_write, io_close, io_arm_timer, io_pause_input, io_backlog};
 
+/* The counted connection to close for a newcomer: one already closing its side first, else the
+   least recently active; none waiting for a prediction (NULL if every one is). */
+static srv_conn *pick_victim(kdp_server *s, const srv_conn *newcomer) {
+  srv_conn *best = NULL;
+  for (srv_conn *c = s->conns; c; c = c->next) {
+    if (c == newcomer || c->closing || !c->counted || c->http.pending) continue;
+    if (c->shutting || c->draining) return c;
+    if (!best || c->since < best->since) best = c;
+  }
+  return best;
+}
+
 static void on_connection(uv_stream_t *server, int status) {
   kdp_server *s = server->data;
   if (status < 0) {
@@ -241,7 +256,20 @@ static void on_connection(uv_stream_t *server, int status) {
     return;
   }
   (void)uv_tcp_nodelay(&c->tcp, 1); /* latency only; failure is harmless */
+  c->since = kdp_now();
   kdp_srv_core *core = s->core;
+  pthread_mutex_lock(&core->mu);
+  int full = core->st.connections_open >= core->opt.max_connections;
+  pthread_mutex_unlock(&core->mu);
+  /* A full pool makes room by closing the connection that made progress least recently and is
+     not waiting for a prediction: a slow or idle client, never the newcomer. */
+  srv_conn *victim = full ? pick_victim(s, c) : NULL;
+  if (victim) {
+    conn_close_now(victim);
+    pthread_mutex_lock(&core->mu);
+    core->st.connections_evicted++;
+    pthread_mutex_unlock(&core->mu);
+  }
   pthread_mutex_lock(&core->mu);
   core->st.connections_total++;
   int over = core->st.connections_open >= core->opt.max_connections;
@@ -328,6 +356,13 @@ static void short_time_slice(void) {
 
 static void loop_main(void *arg) {
   kdp_server *s = arg;
+  /* A write to a socket the client has closed raises SIGPIPE in the writing thread, and libuv
+     writes with plain write(2): blocked here, the signal stays pending on this thread and the
+     write fails with EPIPE instead of killing the process (main() also ignores SIGPIPE). */
+  sigset_t pipe;
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe, NULL);
 #ifdef PR_SET_NAME
   (void)prctl(PR_SET_NAME, "kdp-server", 0, 0, 0); /* in top -H and /proc/PID/task/TID/comm */
 #endif
@@ -518,6 +553,13 @@ int kdp_server_poll_command(kdp_server *s, kdp_command *out) {
 }
 
 kdp_predict_req *kdp_server_take_predict(kdp_server *s) { return kdp_core_take_predict(s->core); }
+
+int kdp_server_predict_waiting(kdp_server *s) {
+  pthread_mutex_lock(&s->core->mu);
+  int n = s->core->pending_predicts;
+  pthread_mutex_unlock(&s->core->mu);
+  return n;
+}
 
 int kdp_server_answer_predict(kdp_server *s, kdp_predict_req *req, const kdp_predict_result *r) {
   return kdp_core_answer_predict(s->core, req, r);

@@ -8,6 +8,7 @@
 
 #include "kdpeers/kd.h"
 #include "kdpeers/serve.h"
+#include "kdpeers/train.h"
 #include "train_internal.h"
 
 /* step-time histogram buckets (seconds) */
@@ -28,26 +29,69 @@ struct kdp_live {
   double last_ckpt_wall;
   uint64_t commands, predictions, predict_inputs;
   double predict_seconds;
+  /* rank 0, server.predict_share < 1: a token bucket of prediction seconds, refilled at
+     predict_share seconds per second of wall time while training (not while paused) */
+  double budget, budget_time;
+  uint64_t predict_deferred; /* polls that left a waiting prediction for later (budget) */
   kdp_model *imodel; /* inference model for mid-step predictions (slice 0 ranks) */
   float *ix;         /* its normalised inputs, LIVE_CHUNK rows */
 };
+
+/* The most prediction time the budget saves up while no prediction waits (seconds of wall time
+   at predict_share): a burst after a quiet spell is answered at once. */
+#define LIVE_BUDGET_WINDOW 1.0
+
+void kdp_train_server_options(const kdp_config *cfg, kdp_server_options *o,
+                              kdp_server_strings *str) {
+  kdp_server_options_defaults(o);
+  snprintf(str->addr_file, sizeof str->addr_file, "%s/server.addr", cfg->dir);
+  o->listen = cfg->server_listen;
+  o->port = cfg->server_port;
+  o->token = cfg->server_token[0] ? cfg->server_token : NULL;
+  o->addr_file = str->addr_file;
+  o->max_body = (size_t)cfg->server_max_body;
+  o->max_body_total = (size_t)cfg->server_max_body_total;
+  o->max_connections = cfg->server_max_connections;
+  o->idle_timeout = cfg->server_idle_timeout;
+  o->header_timeout = cfg->server_header_timeout;
+  o->min_rate = cfg->server_min_rate > 0 ? (double)cfg->server_min_rate : -1;
+  /* /control values within the ranges config validation accepts: temperature and kd_weight
+     those of kd.temperature and kd.weight, lr_scale such that optim.lr x lr_scale stays within
+     optim.lr's (and > 0: a scale of 0 is a pause, which has its own action) */
+  static const char *const keys[KDP_NCONTROLS][2] = {
+      {"optim", "lr"}, {"kd", "temperature"}, {"kd", "weight"}};
+  for (int i = 0; i < KDP_NCONTROLS; i++) {
+    kdp_range r;
+    if (kdp_config_range(keys[i][0], keys[i][1], &r) != 0) continue; /* no such key: a bug */
+    char rt[96];
+    kdp_range_text(&r, rt, sizeof rt);
+    if (i == KDP_CONTROL_LR_SCALE) {
+      char lr[32];
+      kdp_fmt_double(cfg->lr, lr, sizeof lr);
+      snprintf(str->note[i], sizeof str->note[i],
+               "optim.lr x lr_scale must stay within optim.lr's range %s; optim.lr = %s", rt, lr);
+      if (!(cfg->lr > 0)) continue; /* any scale of a zero lr is zero */
+      r.lo = (r.flags & KDP_RANGE_LO) ? r.lo / cfg->lr : 0;
+      r.hi /= cfg->lr;
+      if (!(r.lo > 0)) r.lo = 0, r.flags |= KDP_RANGE_LO | KDP_RANGE_LO_EXCL;
+    } else {
+      snprintf(str->note[i], sizeof str->note[i], "the range of %s.%s", keys[i][0], keys[i][1]);
+    }
+    o->control_range[i] = r;
+    o->control_note[i] = str->note[i];
+  }
+}
 
 int kdp_live_start(kdp_trainer *t, kdp_error *err) {
   kdp_live *lv = kdp_xcalloc(1, sizeof *lv);
   t->live = lv;
   lv->last_ckpt_step = -1;
+  lv->budget = t->cfg->server_predict_share * LIVE_BUDGET_WINDOW;
+  lv->budget_time = kdp_now();
   if (!t->is_root || !t->cfg->server_enabled) return 0;
   kdp_server_options o;
-  kdp_server_options_defaults(&o);
-  char addr_file[KDP_PATH + 32];
-  snprintf(addr_file, sizeof addr_file, "%s/server.addr", t->cfg->dir);
-  o.listen = t->cfg->server_listen;
-  o.port = t->cfg->server_port;
-  o.token = t->cfg->server_token[0] ? t->cfg->server_token : NULL;
-  o.addr_file = addr_file;
-  o.max_body = (size_t)t->cfg->server_max_body;
-  o.max_connections = t->cfg->server_max_connections;
-  o.idle_timeout = t->cfg->server_idle_timeout;
+  kdp_server_strings str;
+  kdp_train_server_options(t->cfg, &o, &str);
   o.input_dim = (int)(t->train.H * t->train.W * t->train.C);
   o.quiet = t->tty < 0;
   int rc = kdp_server_start(&lv->srv, &o, err);
@@ -194,6 +238,10 @@ static char *render_metrics(kdp_trainer *t) {
   prom_header(f, "kdpeers_predict_seconds_total", "counter",
               "Seconds the training loop spent answering predictions.");
   fprintf(f, "kdpeers_predict_seconds_total %.9g\n", lv->predict_seconds);
+  prom_header(f, "kdpeers_predict_deferred_total", "counter",
+              "Step agreement points that left a waiting prediction for later "
+              "(server.predict_share spent).");
+  fprintf(f, "kdpeers_predict_deferred_total %llu\n", (unsigned long long)lv->predict_deferred);
   fclose(f);
   return buf;
 }
@@ -294,10 +342,26 @@ static int needs_floats(const kdp_predict_req *req) {
   return 0;
 }
 
+/* Rank 0: 1 if the prediction budget lets training stop for a prediction now. While paused (or
+   serving only) predictions are all there is to do: no budget. */
+static int budget_allows(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  double share = t->cfg->server_predict_share;
+  double now = kdp_now();
+  lv->budget += (now - lv->budget_time) * share;
+  lv->budget_time = now;
+  if (lv->budget > share * LIVE_BUDGET_WINDOW) lv->budget = share * LIVE_BUDGET_WINDOW;
+  return t->paused || share >= 1 || lv->budget > 0;
+}
+
 void kdp_live_poll_predict(kdp_trainer *t, int32_t pf[2]) {
   kdp_live *lv = t->live;
   pf[0] = pf[1] = 0;
   if (!lv || !lv->srv) return;
+  if (!lv->req && !budget_allows(t)) {
+    lv->predict_deferred += kdp_server_predict_waiting(lv->srv) > 0;
+    return;
+  }
   if (!lv->req) lv->req = kdp_server_take_predict(lv->srv);
   if (!lv->req) return;
   pf[0] = lv->req->n;
@@ -460,5 +524,6 @@ double kdp_live_predict(kdp_trainer *t, int n, int float_inputs, int mid_step) {
   if (t->is_root && kdp_server_wait_delivered(lv->srv, LIVE_DELIVER_WAIT)) sched_yield();
   double dt = kdp_now() - t0;
   lv->predict_seconds += dt;
+  if (!t->paused) lv->budget -= dt; /* in debt past zero: the next waits until it is paid */
   return dt;
 }

@@ -295,17 +295,12 @@ int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
   }
   size_t isz = lm[0].in.H * lm[0].in.W * lm[0].in.C, C = lm[0].in.n_classes;
   kdp_server_options o;
-  kdp_server_options_defaults(&o);
-  /* a run directory's server.addr, or MODEL.addr beside a model file */
-  char addr_file[KDP_PATH + 32];
-  snprintf(addr_file, sizeof addr_file, is_dir(run_dir) ? "%s/server.addr" : "%s.addr", run_dir);
-  o.listen = cfg->server_listen;
-  o.port = cfg->server_port;
-  o.token = cfg->server_token[0] ? cfg->server_token : NULL;
-  o.addr_file = addr_file;
-  o.max_body = (size_t)cfg->server_max_body;
-  o.max_connections = cfg->server_max_connections;
-  o.idle_timeout = cfg->server_idle_timeout;
+  kdp_server_strings str;
+  kdp_config c2 = *cfg;
+  /* server.addr goes to the served run, or MODEL.kdpm.addr beside a model file */
+  snprintf(c2.dir, sizeof c2.dir, "%s", run_dir);
+  kdp_train_server_options(&c2, &o, &str);
+  if (!is_dir(run_dir)) snprintf(str.addr_file, sizeof str.addr_file, "%s.addr", run_dir);
   o.input_dim = (int)isz;
   kdp_server *srv = NULL;
   if (kdp_server_start(&srv, &o, &err) != 0) {

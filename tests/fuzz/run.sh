@@ -2,27 +2,35 @@
 # Builds every libFuzzer target with clang (ASan + UBSan) and runs each for a bounded time on a
 # scratch copy of its committed seed corpus. Fails if any target crashes, leaks or trips a
 # sanitizer. Usage: tests/fuzz/run.sh [SECONDS per target, default 20] [BUILD_DIR]
+# A missing toolchain skips (exit 77) on a workstation; with CI=true in the environment it fails:
+# CI must never go green without having fuzzed.
 set -uo pipefail
 secs="${1:-20}"
 src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}"
 out="${2:-$src/build/fuzz}"
 cd "$src" || exit 1
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
-if ! command -v clang >/dev/null; then
-  echo "fuzz: clang is missing (launch/setup installs it): skipped"
+skip() {
+  if [ "${CI:-}" = true ]; then
+    echo "FAIL - fuzz: $1, and CI=true: a fuzz skip in CI is a failure (run launch/setup)"
+    exit 1
+  fi
+  echo "fuzz: $1: skipped"
   exit 77
+}
+if ! command -v clang >/dev/null; then
+  skip "clang is missing (launch/setup installs it)"
 fi
 probe=$(mktemp -d)
 trap 'rm -rf "$probe"' EXIT
 printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' >"$probe/p.c"
-if ! clang -fsanitize=fuzzer "$probe/p.c" -o "$probe/p" 2>/dev/null; then
-  echo "fuzz: clang's libFuzzer runtime is missing (Debian: libclang-rt-14-dev): skipped"
-  exit 77
+if ! clang -fsanitize=fuzzer,address,undefined "$probe/p.c" -o "$probe/p" 2>/dev/null; then
+  skip "clang's libFuzzer or sanitizer runtime is missing (Debian: libclang-rt-14-dev)"
 fi
 mkdir -p "$out"
 cflags=(-g -O1 "-fsanitize=fuzzer,address,undefined" -fno-sanitize-recover=undefined -D_GNU_SOURCE
   -Iinclude -Itests/fuzz -Isrc/serve)
-libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas)
+libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas libuv)
 core=(src/common.c)
 declare -A srcs=(
   [config]="src/config/config.c"
@@ -32,6 +40,7 @@ declare -A srcs=(
   [ckpt]="src/ckpt/ckpt.c"
   [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
   [http]="src/serve/core.c src/serve/http.c src/serve/routes.c"
+  [socket]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/server.c"
 )
 # Tokens of the arch-string grammar for fuzz_model (libFuzzer splices them into the "arch" entry)
 cat >"$out/model.dict" <<'EOF'
@@ -55,7 +64,7 @@ EOF
 pass=0
 fail=0
 # KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
-for t in ${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http}; do
+for t in ${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http socket}; do
   exe="$out/fuzz_$t"
   # shellcheck disable=SC2086
   if ! clang "${cflags[@]}" "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm \
