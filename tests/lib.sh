@@ -29,6 +29,21 @@ sanitizer_skip() { # sanitizer_skip DESC: true (and says so) when the part is sk
   [ -n "${KDP_SANITIZER_RUN:-}" ] || return 1
   echo "skip - $1 (a comparison run; skipped under $KDP_SANITIZER_RUN)"
 }
+# serve_bg DIR CMD...: runs CMD (a training run or kdpeers serve with run.dir DIR) in the
+# background, its output in DIR.out, and waits up to 30 s for DIR/server.addr; sets $last_pid
+# and $addr ("" if the address never came)
+serve_bg() {
+  local dir="$1"
+  shift
+  "$@" >"$dir.out" 2>&1 &
+  pids+=($!)
+  last_pid=$!
+  addr=""
+  for _ in $(seq 1 300); do
+    [ -s "$dir/server.addr" ] && addr=$(cat "$dir/server.addr") && break
+    sleep 0.1
+  done
+}
 finish() {
   echo "$1: $pass passed, $fail failed"
   [ "$fail" = 0 ]

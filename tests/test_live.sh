@@ -11,16 +11,9 @@ for tool in curl jq; do
 done
 start() { # start DIR ARGS...: a long run in the background; sets $addr
   local dir="$1"; shift
-  timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" -s run.progress=plain \
-    -s run.dir="$dir" -s run.epochs=200 -s data.subset=4096 -s data.test_subset=500 \
-    -s "model.arch=mlp(64)" -s run.log_every=10 "$@" >"$dir.out" 2>&1 &
-  pids+=($!)
-  last_pid=$!
-  addr=""
-  for _ in $(seq 1 150); do
-    [ -s "$dir/server.addr" ] && addr=$(cat "$dir/server.addr") && break
-    sleep 0.1
-  done
+  serve_bg "$dir" timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" \
+    -s run.progress=plain -s run.dir="$dir" -s run.epochs=200 -s data.subset=4096 \
+    -s data.test_subset=500 -s "model.arch=mlp(64)" -s run.log_every=10 "$@"
 }
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 status_field() { curl -s "$addr/status" | jq -r "$1"; }

@@ -33,7 +33,15 @@
  *                  {"n":N,"classes":C,"peers":[[[p..]..]..],"ensemble":[[p..]..],
  *                   "teacher":{"name":S,"probs":[[p..]..]}|null,
  *                   "labels":{"ensemble":[k..],"teacher":[k..]}}  ("teacher" label only with one)
- * With a token set, /control and /predict need "Authorization: Bearer TOKEN" (401 otherwise).
+ *   GET  /         the dashboard page (HTML; its script and style under /assets/, and Chart.js
+ *                  from Debian's libjs-chart.js as /assets/chart.js), embedded at build time.
+ *   GET  /history  ?since=SEQ: {"run_id":S,"seq":N,"charts":[{"id","title","unit","stacked"}..],
+ *                  "series":[{"chart","name","x":[..],"y":[..]}..] (points newer than SEQ),
+ *                  "events":[{"seq","x","unix_time","kind","text"}..],"status":{/status},
+ *                  "health":{"status":"ok"|"unhealthy","reason":S}}; see kdp_server_history_*.
+ * With a token set, /control, /predict, /status and /history need "Authorization: Bearer TOKEN"
+ * (401 otherwise); /metrics, /healthz, / and /assets/ never do (the page holds no data: it asks
+ * for the token and sends it in that header).
  * Errors: 400 malformed or out of range, 401, 404 unknown path, 405 wrong method, 413 body >
  * max_body, 431 headers > max_header, 503 (with Retry-After) bodies buffered > max_body_total /
  * predictions holding all but the reserved connections / queue full / server stopping / every
@@ -70,7 +78,11 @@ typedef struct kdp_server_options {
      flags = 0: any finite value > 0. note (may be NULL) ends the error message. */
   kdp_range control_range[3];
   const char *control_note[3];
+  int history_points;      /* points kept per /history series; default 2048 */
 } kdp_server_options;
+
+/* Longest chart id, chart title or series name of the history (with the NUL). */
+#define KDP_HIST_NAME 48
 
 /* The /control values, in the order of control_range. */
 enum { KDP_CONTROL_LR_SCALE, KDP_CONTROL_TEMPERATURE, KDP_CONTROL_KD_WEIGHT, KDP_NCONTROLS };
@@ -94,6 +106,24 @@ void kdp_server_publish(kdp_server *s, const char *metrics_text, const char *sta
 /* reason != NULL and not "": /healthz answers 503 {"status":"unhealthy","reason":REASON} until it
    is called again with NULL (e.g. while ranks of the job are stalled). */
 void kdp_server_set_health(kdp_server *s, const char *reason);
+
+/* The dashboard's history (GET /history). A chart is a group of series drawn together: id, title
+   (shown above it), unit ("ratio": shown as %, "share": stacked fractions of 1, else free text
+   for the axis) and stacked. Charts appear on the page in the order declared; a series whose
+   chart was never declared gets a chart of its own, titled by its id, after them. Series are
+   created on their first point (at most 256 series; names are cut at KDP_HIST_NAME - 1 bytes).
+   x is the step; y may be NaN or Inf (a gap). Events (checkpoint, control, rollback, ...) are
+   listed on the page and marked on the charts at their x. */
+void kdp_server_history_chart(kdp_server *s, const char *id, const char *title, const char *unit,
+                              int stacked);
+void kdp_server_history_add(kdp_server *s, const char *chart, const char *name, double x,
+                            double y);
+void kdp_server_history_event(kdp_server *s, const char *kind, double x, const char *text);
+
+/* Writes v escaped for a Prometheus label value (to go between double quotes: backslash, double
+   quote and newline escaped as the text format 0.0.4 asks) into out, NUL-terminated, cut to fit
+   n bytes but never inside an escape or a UTF-8 character. Returns the length written. */
+size_t kdp_prom_label_value(char *out, size_t n, const char *v);
 
 /* Control commands, in arrival order. */
 typedef enum kdp_action {

@@ -7,8 +7,8 @@
 
 #include "serve_internal.h"
 
-const char *const kdp_path_names[KDP_NPATHS] = {"/metrics", "/status", "/healthz",
-                                                 "/control", "/predict", "other"};
+const char *const kdp_path_names[KDP_NPATHS] = {
+    "/metrics", "/status", "/healthz", "/control", "/predict", "/", "/history", "/assets/", "other"};
 
 /* ---- buffers ---- */
 
@@ -97,6 +97,7 @@ void kdp_server_options_defaults(kdp_server_options *o) {
   o->max_body_total = 64u << 20;
   o->header_timeout = 10;
   o->min_rate = 65536;
+  o->history_points = 2048;
 }
 
 kdp_srv_core *kdp_core_new(const kdp_server_options *o) {
@@ -117,6 +118,7 @@ kdp_srv_core *kdp_core_new(const kdp_server_options *o) {
   if (core->opt.max_body_total < core->opt.max_body) core->opt.max_body_total = core->opt.max_body;
   if (!(o->header_timeout > 0)) core->opt.header_timeout = d.header_timeout;
   if (o->min_rate == 0) core->opt.min_rate = d.min_rate;
+  if (o->history_points <= 0) core->opt.history_points = d.history_points;
   for (int i = 0; i < KDP_NCONTROLS; i++) {
     core->control_note[i] = (o->control_note[i] && o->control_note[i][0])
                                 ? dup_or_null(o->control_note[i]) : NULL;
@@ -137,6 +139,7 @@ kdp_srv_core *kdp_core_new(const kdp_server_options *o) {
   pthread_condattr_destroy(&ca);
   core->cmds = kdp_xcalloc((size_t)core->opt.max_commands, sizeof *core->cmds);
   core->next_id = 1;
+  kdp_core_hist_init(core);
   return core;
 }
 
@@ -165,6 +168,7 @@ void kdp_core_free(kdp_srv_core *core) {
     predict_free(p);
     p = n;
   }
+  kdp_core_hist_free(core);
   pthread_mutex_destroy(&core->mu);
   pthread_cond_destroy(&core->delivered_cv);
   free(core->metrics);
@@ -390,4 +394,25 @@ int kdp_server_secret_equal(const char *given, size_t given_len, const char *exp
     diff |= (unsigned char)(g ^ (unsigned char)expected[i]);
   }
   return diff == 0;
+}
+
+size_t kdp_prom_label_value(char *out, size_t n, const char *v) {
+  if (n == 0) return 0;
+  size_t k = 0;
+  for (const char *p = v ? v : ""; *p; p++) {
+    char e = *p == '\\' ? '\\' : *p == '"' ? '"' : *p == '\n' ? 'n' : 0;
+    size_t need = e ? 2 : 1;
+    if (k + need >= n) { /* cut, but not inside a UTF-8 character (its bytes are copied 1:1) */
+      while (k > 0 && ((unsigned char)*p & 0xC0) == 0x80) p--, k--;
+      break;
+    }
+    if (e) {
+      out[k++] = '\\';
+      out[k++] = e;
+    } else {
+      out[k++] = *p;
+    }
+  }
+  out[k] = 0;
+  return k;
 }

@@ -180,7 +180,10 @@ static int path_index(const char *url, size_t len) {
   size_t n = 0;
   while (n < len && url[n] != '?' && url[n] != '#') n++;
   for (int i = 0; i < KDP_PATH_OTHER; i++) {
-    if (n == strlen(kdp_path_names[i]) && memcmp(url, kdp_path_names[i], n) == 0) return i;
+    const char *name = kdp_path_names[i];
+    size_t k = strlen(name);
+    int prefix = k > 1 && name[k - 1] == '/'; /* "/assets/": the files below it */
+    if ((prefix ? n > k : n == k) && memcmp(url, name, k) == 0) return i;
   }
   return KDP_PATH_OTHER;
 }

@@ -1,5 +1,6 @@
 /* routes.c: the endpoints: /metrics, /status, /healthz, /control and /predict (JSON via json-c,
-   msgpack via msgpack-c), token check, and the prediction reply formats. */
+   msgpack via msgpack-c), the dashboard (/, /assets/, /history), token check, and the prediction
+   reply formats. */
 #include <json-c/json.h>
 #include <math.h>
 #include <msgpack.h>
@@ -145,6 +146,67 @@ static void route_healthz(kdp_http_conn *c) {
     kdp_buf_printf(&b, "{\"status\":\"ok\",\"last_publish_age_seconds\":%.3f}\n", kdp_now() - pub);
   else
     kdp_buf_printf(&b, "{\"status\":\"ok\",\"last_publish_age_seconds\":null}\n");
+  kdp_http_respond(c, 200, "application/json", b.p, b.len, NULL, 0);
+  kdp_buf_free(&b);
+}
+
+/* ---- the dashboard ---- */
+
+/* The page loads only its own files and talks only to this server; nothing inline runs. */
+#define PAGE_HEADERS                                                                              \
+  "Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; "            \
+  "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "              \
+  "frame-ancestors 'none'\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n" \
+  "X-Frame-Options: DENY\r\n"
+
+static size_t url_path_len(const kdp_http_conn *c) {
+  size_t n = 0;
+  while (n < c->url_len && c->url[n] != '?' && c->url[n] != '#') n++;
+  return n;
+}
+
+static void route_asset(kdp_http_conn *c) {
+  const kdp_asset *a = kdp_asset_find(c->url, url_path_len(c));
+  if (!a) {
+    kdp_http_error(c, 404, 0, "no such file (the dashboard is at /)");
+    return;
+  }
+  kdp_http_respond(c, 200, a->ctype, (const char *)a->data, a->len, PAGE_HEADERS, 0);
+}
+
+/* The value of query parameter name ("since") as a whole number: 1 and *out if present and
+   valid, 0 if absent, -1 if malformed. */
+static int query_u64(const kdp_http_conn *c, const char *name, uint64_t *out) {
+  size_t i = url_path_len(c), k = strlen(name);
+  if (i >= c->url_len || c->url[i] != '?') return 0;
+  i++;
+  while (i < c->url_len && c->url[i] != '#') {
+    size_t end = i;
+    while (end < c->url_len && c->url[end] != '&' && c->url[end] != '#') end++;
+    if (end - i > k && memcmp(c->url + i, name, k) == 0 && c->url[i + k] == '=') {
+      uint64_t v = 0;
+      size_t j = i + k + 1;
+      if (j == end || end - j > 19) return -1;
+      for (; j < end; j++) {
+        if (c->url[j] < '0' || c->url[j] > '9') return -1;
+        v = v * 10 + (uint64_t)(c->url[j] - '0');
+      }
+      *out = v;
+      return 1;
+    }
+    i = end < c->url_len && c->url[end] == '&' ? end + 1 : end;
+  }
+  return 0;
+}
+
+static void route_history(kdp_http_conn *c) {
+  uint64_t since = 0;
+  if (query_u64(c, "since", &since) < 0) {
+    kdp_http_error(c, 400, 0, "since must be a whole number (the \"seq\" of the last reply)");
+    return;
+  }
+  kdp_buf b = {0};
+  kdp_core_hist_render(c->core, since, &b);
   kdp_http_respond(c, 200, "application/json", b.p, b.len, NULL, 0);
   kdp_buf_free(&b);
 }
@@ -565,13 +627,23 @@ void kdp_route(kdp_http_conn *c) {
   case KDP_PATH_METRICS:
   case KDP_PATH_STATUS:
   case KDP_PATH_HEALTHZ:
+  case KDP_PATH_HISTORY:
+  case KDP_PATH_ROOT:
+  case KDP_PATH_ASSETS:
     if (m != HTTP_GET && m != HTTP_HEAD) {
       kdp_http_error(c, 405, 0, "%s only answers GET and HEAD", kdp_path_names[c->path]);
       return;
     }
+    /* the run's details need the token; the probes, the scrape target and the page do not */
+    if ((c->path == KDP_PATH_STATUS || c->path == KDP_PATH_HISTORY) && !authorized(c)) {
+      kdp_http_error(c, 401, 0, "missing or wrong \"Authorization: Bearer\" token");
+      return;
+    }
     if (c->path == KDP_PATH_METRICS) route_metrics(c);
     else if (c->path == KDP_PATH_STATUS) route_status(c);
-    else route_healthz(c);
+    else if (c->path == KDP_PATH_HEALTHZ) route_healthz(c);
+    else if (c->path == KDP_PATH_HISTORY) route_history(c);
+    else route_asset(c);
     return;
   case KDP_PATH_CONTROL:
   case KDP_PATH_PREDICT:
@@ -587,8 +659,8 @@ void kdp_route(kdp_http_conn *c) {
     else route_predict(c);
     return;
   default:
-    kdp_http_error(c, 404, 0, "no such endpoint (try /metrics, /status, /healthz, /control, "
-                              "/predict)");
+    kdp_http_error(c, 404, 0, "no such endpoint (try /, /metrics, /status, /history, /healthz, "
+                              "/control, /predict)");
   }
 }
 

@@ -578,3 +578,17 @@ void kdp_server_get_stats(kdp_server *s, kdp_server_stats *out) {
   *out = s->core->st;
   pthread_mutex_unlock(&s->core->mu);
 }
+
+void kdp_server_history_chart(kdp_server *s, const char *id, const char *title, const char *unit,
+                              int stacked) {
+  kdp_core_hist_chart(s->core, id, title, unit, stacked);
+}
+
+void kdp_server_history_add(kdp_server *s, const char *chart, const char *name, double x,
+                            double y) {
+  kdp_core_hist_add(s->core, chart, name, x, y);
+}
+
+void kdp_server_history_event(kdp_server *s, const char *kind, double x, const char *text) {
+  kdp_core_hist_event(s->core, kind, x, text);
+}

@@ -1,11 +1,17 @@
-/* live.c: the trainer's side of the rank-0 server: publishes metrics and status, applies control
-   commands at step boundaries on every rank, and answers predictions with the live peers. */
+/* live.c: the trainer's side of the rank-0 server: publishes metrics and status, feeds the
+   dashboard's history, writes the Prometheus file-discovery target, applies control commands at
+   step boundaries on every rank, and answers predictions with the live peers. */
+#include <cblas.h>
+#include <errno.h>
 #include <math.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "kdpeers/ckpt.h"
 #include "kdpeers/kd.h"
 #include "kdpeers/serve.h"
 #include "kdpeers/train.h"
@@ -26,7 +32,14 @@ struct kdp_live {
   double peer_ce[KDP_MAX_PEERS], peer_kd[KDP_MAX_PEERS], peer_acc[KDP_MAX_PEERS];
   double last_publish;
   int64_t last_ckpt_step;
-  double last_ckpt_wall;
+  double last_ckpt_unix; /* Unix time of the last checkpoint (0: none) */
+  double lr;             /* the learning rate of the last logged step (NaN: none yet) */
+  /* the dashboard's per-window figures: rank 0's counters at the last log line (the
+     communication ones re-based after an evaluation and at resume, whose collectives are not
+     training steps) */
+  int64_t win_step;
+  double win_train, win_ex, win_ar, win_wait;
+  char sd_file[KDP_PATH + 32]; /* run.dir/prometheus.json while the server runs */
   uint64_t commands, predictions, predict_inputs;
   double predict_seconds;
   /* rank 0, server.predict_share < 1: a token bucket of prediction seconds, refilled at
@@ -82,13 +95,99 @@ void kdp_train_server_options(const kdp_config *cfg, kdp_server_options *o,
   }
 }
 
+static double unix_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void rebase_comm(kdp_live *lv, const kdp_dist *d) {
+  lv->win_ex = d->t_exchange;
+  lv->win_ar = d->t_allreduce;
+  lv->win_wait = d->t_wait;
+}
+
+/* The charts of the dashboard, in the order the page shows them (see kdp_server_history_chart;
+   a series of an undeclared chart id gets a chart of its own after these). */
+static void declare_charts(kdp_trainer *t) {
+  static const struct {
+    const char *id, *title, *unit;
+    int stacked;
+  } charts[] = {
+      {"test_accuracy", "Test accuracy (peers, ensemble, teacher)", "ratio", 0},
+      {"train_loss", "Training loss (cross-entropy, per peer)", "", 0},
+      {"kd_loss", "Distillation loss (weighted, per peer)", "", 0},
+      {"test_loss", "Test loss", "", 0},
+      {"train_accuracy", "Training accuracy (per peer)", "ratio", 0},
+      {"learning_rate", "Learning rate", "", 0},
+      {"throughput", "Training steps per second", "steps/s", 0},
+      {"time_split", "Where rank 0's step time goes", "share", 1},
+  };
+  for (size_t i = 0; i < sizeof charts / sizeof charts[0]; i++)
+    kdp_server_history_chart(t->live->srv, charts[i].id, charts[i].title, charts[i].unit,
+                             charts[i].stacked);
+}
+
+/* run.dir/prometheus.json: a Prometheus file_sd target for this server, with the run's labels;
+   written next to server.addr (atomically) and removed with it */
+static void write_sd_file(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  const char *addr = kdp_server_address(lv->srv);
+  const char *hp = strstr(addr, "://");
+  hp = hp ? hp + 3 : addr;
+  char host[256];
+  snprintf(host, sizeof host, "%s", hp);
+  char *colon = strrchr(host, ':');
+  if (!colon) return;
+  *colon = 0;
+  /* a wildcard address is no place to scrape: name this node instead */
+  if (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0) {
+    if (gethostname(host, sizeof host - 1) != 0) snprintf(host, sizeof host, "localhost");
+    host[sizeof host - 1] = 0;
+  }
+  snprintf(lv->sd_file, sizeof lv->sd_file, "%s/prometheus.json", t->cfg->dir);
+  char tmp[sizeof lv->sd_file + 8];
+  snprintf(tmp, sizeof tmp, "%s.tmp", lv->sd_file);
+  FILE *f = fopen(tmp, "w");
+  int ok = f != NULL;
+  if (f) {
+    char target[300];
+    snprintf(target, sizeof target, "%s:%d", host, kdp_server_port(lv->srv));
+    fputs("[{\"targets\":[", f);
+    kdp_json_str(f, target);
+    fputs("],\"labels\":{\"run_dir\":", f);
+    kdp_json_str(f, t->cfg->dir);
+    fputs(",\"method\":", f);
+    kdp_json_str(f, t->P > 1 ? t->cfg->method : "independent");
+    fputs("}}]\n", f);
+    ok = fclose(f) == 0 && ok;
+  }
+  if (!ok || rename(tmp, lv->sd_file) != 0) {
+    fprintf(stderr, "kdpeers: warning: cannot write %s: %s\n", lv->sd_file, strerror(errno));
+    remove(tmp);
+    lv->sd_file[0] = 0;
+  }
+}
+
 int kdp_live_start(kdp_trainer *t, kdp_error *err) {
   kdp_live *lv = kdp_xcalloc(1, sizeof *lv);
   t->live = lv;
   lv->last_ckpt_step = -1;
+  lv->lr = NAN;
   lv->budget = t->cfg->server_predict_share * LIVE_BUDGET_WINDOW;
   lv->budget_time = kdp_now();
+  lv->win_step = t->step;
+  lv->win_train = t->train_time;
+  rebase_comm(lv, t->d);
   if (!t->is_root || !t->cfg->server_enabled) return 0;
+  /* resumed (or serving) from a checkpoint: that one is the last checkpoint */
+  char manifest[KDP_PATH + 64];
+  struct stat st;
+  if (t->step > 0 && kdp_ckpt_manifest_path(t->cfg->dir, t->step, manifest, sizeof manifest) == 0 &&
+      stat(manifest, &st) == 0) {
+    lv->last_ckpt_step = t->step;
+    lv->last_ckpt_unix = (double)st.st_mtim.tv_sec + (double)st.st_mtim.tv_nsec * 1e-9;
+  }
   kdp_server_options o;
   kdp_server_strings str;
   kdp_train_server_options(t->cfg, &o, &str);
@@ -96,7 +195,16 @@ int kdp_live_start(kdp_trainer *t, kdp_error *err) {
   o.quiet = t->tty < 0;
   int rc = kdp_server_start(&lv->srv, &o, err);
   if (rc != 0) return rc;
-  if (t->tty >= 0) fprintf(stderr, "kdpeers: serving on %s\n", kdp_server_address(lv->srv));
+  declare_charts(t);
+  if (t->step > 0) {
+    char text[64];
+    snprintf(text, sizeof text, "%s at step %lld", t->serve_only ? "serving" : "resumed",
+             (long long)t->step);
+    kdp_server_history_event(lv->srv, t->serve_only ? "serve" : "resume", (double)t->step, text);
+  }
+  write_sd_file(t);
+  if (t->tty >= 0) fprintf(stderr, "kdpeers: serving on %s (dashboard at %s/)\n",
+                           kdp_server_address(lv->srv), kdp_server_address(lv->srv));
   return 0;
 }
 
@@ -104,6 +212,7 @@ void kdp_live_stop(kdp_trainer *t) {
   kdp_live *lv = t->live;
   if (!lv) return;
   if (lv->req) kdp_server_fail_predict(lv->srv, lv->req, 503, "the run is ending");
+  if (lv->sd_file[0]) remove(lv->sd_file);
   if (lv->srv) kdp_server_stop(lv->srv);
   kdp_model_free(lv->imodel);
   free(lv->ix);
@@ -124,18 +233,73 @@ void kdp_live_step_time(kdp_trainer *t, double seconds) {
 void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc) {
   kdp_live *lv = t->live;
   if (!lv) return;
+  int kd_series = kdp_metrics_distils(t);
   for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
     lv->peer_ce[p] = ce[p];
     lv->peer_kd[p] = kd[p];
     lv->peer_acc[p] = acc[p];
+    if (!lv->srv) continue;
+    char name[16];
+    snprintf(name, sizeof name, "peer%d", p);
+    kdp_server_history_add(lv->srv, "train_loss", name, (double)t->step, ce[p]);
+    if (kd_series) kdp_server_history_add(lv->srv, "kd_loss", name, (double)t->step, kd[p]);
+    kdp_server_history_add(lv->srv, "train_accuracy", name, (double)t->step, acc[p]);
   }
+}
+
+void kdp_live_series(kdp_trainer *t, const char *chart, const char *name, int64_t step,
+                     double value) {
+  kdp_live *lv = t->live;
+  if (lv && lv->srv) kdp_server_history_add(lv->srv, chart, name, (double)step, value);
+}
+
+void kdp_live_progress(kdp_trainer *t, int64_t step, double lr) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  lv->lr = lr;
+  const kdp_dist *d = t->d;
+  double dt = t->train_time - lv->win_train;
+  int64_t ds = step - lv->win_step;
+  if (lv->srv) {
+    double x = (double)step;
+    kdp_server_history_add(lv->srv, "learning_rate", "lr", x, lr);
+    if (ds > 0 && dt > 0) {
+      kdp_server_history_add(lv->srv, "throughput", "steps/s", x, (double)ds / dt);
+      /* shares of the training time since the last log line; compute is the rest of the step
+         (data, forward, losses, backward, optimizer) */
+      double ex = d->t_exchange - lv->win_ex, ar = d->t_allreduce - lv->win_ar,
+             wait = d->t_wait - lv->win_wait;
+      double comp = dt - ex - ar - wait;
+      kdp_server_history_add(lv->srv, "time_split", "compute", x, comp > 0 ? comp / dt : 0);
+      kdp_server_history_add(lv->srv, "time_split", "exchange", x, ex / dt);
+      kdp_server_history_add(lv->srv, "time_split", "allreduce", x, ar / dt);
+      kdp_server_history_add(lv->srv, "time_split", "wait", x, wait / dt);
+    }
+  }
+  lv->win_step = step;
+  lv->win_train = t->train_time;
+  rebase_comm(lv, d);
+}
+
+void kdp_live_eval(kdp_trainer *t, int64_t step, const char *model, double acc, double loss) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  rebase_comm(lv, t->d); /* the evaluation's collectives are no training step's */
+  if (!lv->srv) return;
+  kdp_server_history_add(lv->srv, "test_accuracy", model, (double)step, acc);
+  kdp_server_history_add(lv->srv, "test_loss", model, (double)step, loss);
+}
+
+void kdp_live_event(kdp_trainer *t, const char *kind, int64_t step, const char *text) {
+  kdp_live *lv = t->live;
+  if (lv && lv->srv) kdp_server_history_event(lv->srv, kind, (double)step, text);
 }
 
 void kdp_live_checkpointed(kdp_trainer *t) {
   kdp_live *lv = t->live;
   if (!lv) return;
   lv->last_ckpt_step = t->step;
-  lv->last_ckpt_wall = kdp_now();
+  lv->last_ckpt_unix = unix_now();
 }
 
 /* ---- rendering (rank 0) ---- */
@@ -149,6 +313,73 @@ static void num(FILE *f, double v) {
     fprintf(f, "%.9g\n", v);
   else
     fputs(isnan(v) ? "NaN\n" : v > 0 ? "+Inf\n" : "-Inf\n", f);
+}
+
+/* Training samples each peer has drawn in its first `step` steps (a partial last batch of an
+   epoch counts what it holds; drop_last skips it). */
+static double samples_at(const kdp_trainer *t, int64_t step) {
+  const kdp_batcher *b = &t->batcher;
+  int64_t spe = t->steps_per_epoch;
+  if (spe <= 0 || step <= 0) return 0;
+  double per_epoch = b->drop_last ? (double)spe * (double)b->batch : (double)(b->hi - b->lo);
+  double in_epoch = (double)(step % spe) * (double)b->batch;
+  return (double)(step / spe) * per_epoch + (in_epoch < per_epoch ? in_epoch : per_epoch);
+}
+
+/* name="value" (escaped), preceded by a comma unless first */
+static void prom_label(FILE *f, const char *name, const char *value, int first) {
+  char esc[2 * KDP_PATH + 16];
+  kdp_prom_label_value(esc, sizeof esc, value);
+  fprintf(f, "%s%s=\"%s\"", first ? "" : ",", name, esc);
+}
+
+/* kdpeers_build_info and kdpeers_run_info: constant 1, the facts in their labels */
+static void render_info(FILE *f, const kdp_trainer *t) {
+  const kdp_config *c = t->cfg;
+  char mpi[512];
+  kdp_dist_library_version(mpi, sizeof mpi);
+  mpi[strcspn(mpi, ",")] = 0; /* "Open MPI v4.1.4" of "Open MPI v4.1.4, package: ..., ident: ..." */
+  prom_header(f, "kdpeers_build_info", "gauge",
+              "Always 1: the kdpeers build (version, git commit, MPI library, OpenBLAS).");
+  fputs("kdpeers_build_info{", f);
+  prom_label(f, "version", KDP_VERSION, 1);
+  prom_label(f, "git_hash", kdp_git_hash(), 0);
+  prom_label(f, "mpi", mpi, 0);
+  prom_label(f, "openblas", openblas_get_config(), 0);
+  fputs("} 1\n", f);
+  char archs[KDP_PATH] = "";
+  size_t used = 0;
+  for (int p = 0; p < t->P && used < sizeof archs; p++)
+    used += (size_t)snprintf(archs + used, sizeof archs - used, "%s%s", p ? " " : "",
+                             kdp_config_peer_arch(c, p));
+  char num_s[3][24];
+  snprintf(num_s[0], sizeof num_s[0], "%d", t->P);
+  snprintf(num_s[1], sizeof num_s[1], "%d", t->d->world_size);
+  snprintf(num_s[2], sizeof num_s[2], "%llu", (unsigned long long)c->seed);
+  prom_header(f, "kdpeers_run_info", "gauge",
+              "Always 1: the run (its directory, method, model architecture, each peer's "
+              "architecture, peers, ranks, seed).");
+  fputs("kdpeers_run_info{", f);
+  prom_label(f, "run_dir", c->dir, 1);
+  prom_label(f, "method", t->P > 1 ? c->method : "independent", 0);
+  prom_label(f, "arch", c->arch, 0);
+  prom_label(f, "peer_archs", archs, 0);
+  prom_label(f, "peers", num_s[0], 0);
+  prom_label(f, "ranks", num_s[1], 0);
+  prom_label(f, "seed", num_s[2], 0);
+  fputs("} 1\n", f);
+}
+
+/* a labelled family: NAME{LABEL="i or names[i]"} values[i] */
+static void prom_family(FILE *f, const char *name, const char *type, const char *help,
+                        const char *label, const char *const *names, const double *values,
+                        int n) {
+  prom_header(f, name, type, help);
+  for (int i = 0; i < n; i++) {
+    if (names) fprintf(f, "%s{%s=\"%s\"} ", name, label, names[i]);
+    else fprintf(f, "%s{%s=\"%d\"} ", name, label, i);
+    num(f, values[i]);
+  }
 }
 
 static char *render_metrics(kdp_trainer *t) {
@@ -168,35 +399,43 @@ static char *render_metrics(kdp_trainer *t) {
   num(f, t->steps_per_epoch ? (double)t->step / (double)t->steps_per_epoch : 0);
   prom_header(f, "kdpeers_peers", "gauge", "Peers (students) in the cohort.");
   fprintf(f, "kdpeers_peers %d\n", t->P);
-  prom_header(f, "kdpeers_loss_ce", "gauge", "Cross-entropy loss of each peer, last log window.");
-  for (int p = 0; p < t->P; p++) {
-    fprintf(f, "kdpeers_loss_ce{peer=\"%d\"} ", p);
-    num(f, lv->peer_ce[p]);
+  prom_header(f, "kdpeers_steps_total", "counter",
+              "Optimizer steps taken by this process (from 0 at start and at each resume; "
+              "kdpeers_step is the run's position).");
+  fprintf(f, "kdpeers_steps_total %lld\n", (long long)(t->step - t->step0));
+  prom_header(f, "kdpeers_samples_total", "counter",
+              "Training samples each peer trained on in this process (from 0 at start and at "
+              "each resume).");
+  fprintf(f, "kdpeers_samples_total %.0f\n", samples_at(t, t->step) - samples_at(t, t->step0));
+  if (!isnan(lv->lr)) {
+    prom_header(f, "kdpeers_learning_rate", "gauge",
+                "Learning rate of the last logged step (the schedule's value x lr_scale).");
+    fprintf(f, "kdpeers_learning_rate ");
+    num(f, lv->lr);
   }
-  prom_header(f, "kdpeers_loss_kd", "gauge", "Weighted distillation loss of each peer, last log window.");
-  for (int p = 0; p < t->P; p++) {
-    fprintf(f, "kdpeers_loss_kd{peer=\"%d\"} ", p);
-    num(f, lv->peer_kd[p]);
-  }
-  prom_header(f, "kdpeers_train_accuracy", "gauge", "Training accuracy of each peer, last log window.");
-  for (int p = 0; p < t->P; p++) {
-    fprintf(f, "kdpeers_train_accuracy{peer=\"%d\"} ", p);
-    num(f, lv->peer_acc[p]);
-  }
+  int P = t->P < KDP_MAX_PEERS ? t->P : KDP_MAX_PEERS;
+  prom_family(f, "kdpeers_loss_ce", "gauge", "Cross-entropy loss of each peer, last log window.",
+              "peer", NULL, lv->peer_ce, P);
+  prom_family(f, "kdpeers_loss_kd", "gauge",
+              "Weighted distillation loss of each peer, last log window.", "peer", NULL,
+              lv->peer_kd, P);
+  prom_family(f, "kdpeers_train_accuracy_ratio", "gauge",
+              "Training accuracy of each peer (0..1), last log window.", "peer", NULL,
+              lv->peer_acc, P);
+  prom_family(f, "kdpeers_train_accuracy", "gauge",
+              "Deprecated (removed after 0.2): kdpeers_train_accuracy_ratio.", "peer", NULL,
+              lv->peer_acc, P);
   const char *names[80];
   double accs[80], losses[80];
   int n = kdp_metrics_last_evals(names, accs, losses, 80);
-  prom_header(f, "kdpeers_test_accuracy", "gauge",
-              "Test accuracy at the last evaluation, per peer, ensemble and teacher.");
-  for (int i = 0; i < n; i++) {
-    fprintf(f, "kdpeers_test_accuracy{model=\"%s\"} ", names[i]);
-    num(f, accs[i]);
-  }
-  prom_header(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.");
-  for (int i = 0; i < n; i++) {
-    fprintf(f, "kdpeers_test_loss{model=\"%s\"} ", names[i]);
-    num(f, losses[i]);
-  }
+  prom_family(f, "kdpeers_test_accuracy_ratio", "gauge",
+              "Test accuracy (0..1) at the last evaluation, per peer, ensemble and teacher.",
+              "model", names, accs, n);
+  prom_family(f, "kdpeers_test_accuracy", "gauge",
+              "Deprecated (removed after 0.2): kdpeers_test_accuracy_ratio.", "model", names, accs,
+              n);
+  prom_family(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.", "model", names,
+              losses, n);
   prom_header(f, "kdpeers_step_duration_seconds", "histogram", "Wall time of a training step on rank 0.");
   uint64_t cum = 0;
   for (size_t b = 0; b < N_BUCKETS; b++) {
@@ -231,6 +470,10 @@ static char *render_metrics(kdp_trainer *t) {
   fprintf(f, "kdpeers_paused %d\n", t->paused);
   prom_header(f, "kdpeers_checkpoint_step", "gauge", "Step of the last checkpoint written (-1: none).");
   fprintf(f, "kdpeers_checkpoint_step %lld\n", (long long)lv->last_ckpt_step);
+  prom_header(f, "kdpeers_last_checkpoint_timestamp_seconds", "gauge",
+              "Unix time of the last checkpoint (written by this process, or the one it resumed "
+              "from; 0: none).");
+  fprintf(f, "kdpeers_last_checkpoint_timestamp_seconds %.3f\n", lv->last_ckpt_unix);
   prom_header(f, "kdpeers_commands_total", "counter", "Control commands applied.");
   fprintf(f, "kdpeers_commands_total %llu\n", (unsigned long long)lv->commands);
   prom_header(f, "kdpeers_predictions_total", "counter", "Prediction requests answered.");
@@ -242,6 +485,7 @@ static char *render_metrics(kdp_trainer *t) {
               "Step agreement points that left a waiting prediction for later "
               "(server.predict_share spent).");
   fprintf(f, "kdpeers_predict_deferred_total %llu\n", (unsigned long long)lv->predict_deferred);
+  render_info(f, t);
   fclose(f);
   return buf;
 }
@@ -308,7 +552,7 @@ static char *render_status(kdp_trainer *t) {
     fputc('}', f);
   }
   fprintf(f, "},\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);
-  kdp_json_num(f, lv->last_ckpt_step >= 0 ? kdp_now() - lv->last_ckpt_wall : -1);
+  kdp_json_num(f, lv->last_ckpt_step >= 0 ? unix_now() - lv->last_ckpt_unix : -1);
   fprintf(f, ",\"every_steps\":%lld,\"every_minutes\":%.9g,\"keep\":%d}}", (long long)c->ckpt_every_steps,
           c->ckpt_every_minutes, c->ckpt_keep);
   fclose(f);
@@ -402,6 +646,7 @@ void kdp_live_command(kdp_trainer *t, int *want_ckpt, int *want_stop) {
       break;
     case KDP_ACTION_RESUME:
       t->paused = 0;
+      rebase_comm(lv, t->d); /* the pause's agreement points are no training step's */
       what = "resume";
       break;
     default:

@@ -235,6 +235,12 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
 uint64_t kdp_metrics_lost(const kdp_trainer *t) { return t->metrics ? t->metrics->lost : 0; }
 
 void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value) {
+  char text[96];
+  if (strcmp(name, "checkpoint") == 0) snprintf(text, sizeof text, "written in %.2f s", value);
+  else if (strcmp(name, "rollback") == 0) snprintf(text, sizeof text, "lr scale now %g", value);
+  else if (strcmp(name, "stop") == 0) snprintf(text, sizeof text, "checkpointed and stopped");
+  else snprintf(text, sizeof text, "%g", value);
+  kdp_live_event(t, name, step, text);
   line l;
   if (!line_begin(t, &l)) return;
   fputs("{\"event\":", l.f);
@@ -292,6 +298,7 @@ void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *mo
     fputs("}\n", l.f);
     line_end(t, &l);
   }
+  kdp_live_eval(t, step, model, acc, loss);
   int i;
   for (i = 0; i < g_nrows; i++)
     if (strcmp(g_rows[i].name, model) == 0) break;
@@ -358,7 +365,7 @@ static void progress_bar(kdp_trainer *t, int64_t step, double epoch, double loss
     for (int i = 0; i < width; i++) bar[1 + i] = i < fill ? '#' : '.';
     memcpy(bar + 1 + width, "] ", 3);
   }
-  if (t->P > 1 && strcmp(t->cfg->method, "independent") != 0) snprintf(kds, sizeof kds, " kd %.4f", kd);
+  if (kdp_metrics_distils(t)) snprintf(kds, sizeof kds, " kd %.4f", kd);
   int n = snprintf(line, sizeof line,
                    "epoch %.2f %sstep %lld/%lld loss %.4f%s acc %.1f%% lr %.4g %.0f samples/s ETA %s",
                    epoch, bar, (long long)step, (long long)t->total_steps, loss, kds, 100.0 * acc,
@@ -368,8 +375,13 @@ static void progress_bar(kdp_trainer *t, int64_t step, double epoch, double loss
   if (step == t->total_steps) fputc('\n', stderr);
 }
 
+int kdp_metrics_distils(const kdp_trainer *t) {
+  return t->P > 1 && strcmp(t->cfg->method, "independent") != 0;
+}
+
 void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss, double kd,
                          double acc, double train_seconds, double lr) {
+  kdp_live_progress(t, step, lr);
   double sps = train_seconds > 0 ? (double)step * (double)t->Bg / train_seconds : 0;
   double eta = step > 0 ? train_seconds / (double)step * (double)(t->total_steps - step) : -1;
   line l;
@@ -450,6 +462,13 @@ int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int
 
 void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double lr_scale,
                          double temperature, double kd_weight) {
+  char text[160];
+  int n = snprintf(text, sizeof text, "%s", action);
+  if (!isnan(lr_scale)) n += snprintf(text + n, sizeof text - (size_t)n, ", lr scale %g", lr_scale);
+  if (!isnan(temperature))
+    n += snprintf(text + n, sizeof text - (size_t)n, ", T %g", temperature);
+  if (!isnan(kd_weight)) snprintf(text + n, sizeof text - (size_t)n, ", kd weight %g", kd_weight);
+  kdp_live_event(t, "control", t->step, text);
   line l;
   if (!line_begin(t, &l)) return;
   fprintf(l.f, "{\"event\":\"control\",\"id\":%llu,\"step\":%lld,\"action\":",

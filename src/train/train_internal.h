@@ -140,6 +140,16 @@ void kdp_live_stop(kdp_trainer *t);
 void kdp_live_step_time(kdp_trainer *t, double seconds);
 void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc);
 void kdp_live_checkpointed(kdp_trainer *t);
+/* The dashboard's history (rank 0; no-ops elsewhere or without a server). kdp_live_series adds
+   one point to any series: a new chart id or series name shows on the page as it is (e.g.
+   kdp_live_series(t, "diversity", "disagreement", step, v), or "test_accuracy", "peer0.ema").
+   The others are called by metrics.c: a log line (learning rate, steps/s, the time split), an
+   evaluation's figures, and events (checkpoint, control, rollback, stop, ...). */
+void kdp_live_series(kdp_trainer *t, const char *chart, const char *name, int64_t step,
+                     double value);
+void kdp_live_progress(kdp_trainer *t, int64_t step, double lr);
+void kdp_live_eval(kdp_trainer *t, int64_t step, const char *model, double acc, double loss);
+void kdp_live_event(kdp_trainer *t, const char *kind, int64_t step, const char *text);
 /* /healthz answers 503 with this reason and kdpeers_stalled is 1 (NULL: healthy again). Safe
    from any thread (the stall check's watchdog calls it). */
 void kdp_live_stalled(kdp_trainer *t, const char *reason);
@@ -164,6 +174,8 @@ int kdp_trace_finish(kdp_trainer *t, kdp_error *err);
 /* a JSON string (escaped) / number (null for NaN and Inf) */
 void kdp_json_str(FILE *f, const char *s);
 void kdp_json_num(FILE *f, double v);
+/* 1 if the run has a distillation loss (more than one peer, a method other than independent) */
+int kdp_metrics_distils(const kdp_trainer *t);
 /* the last evaluation's figures, by model name; returns the count */
 int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int max);
 /* {"event":"control",...}; NaN values are left out */
