@@ -40,16 +40,7 @@ static long long file_size(const char *p) {
 }
 
 static uint8_t *slurp(const char *p, size_t *len) {
-  FILE *f = fopen(p, "rb");
-  ck_assert_msg(f != NULL, "open %s", p);
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  uint8_t *b = malloc((size_t)n + 1);
-  ck_assert(fread(b, 1, (size_t)n, f) == (size_t)n);
-  fclose(f);
-  *len = (size_t)n;
-  return b;
+  return (uint8_t *)kdp_test_read_file(p, len);
 }
 
 static void spit(const char *p, const void *b, size_t n) {

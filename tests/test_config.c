@@ -60,18 +60,7 @@ static char *keys_to_string(int fmt) {
   return buf;
 }
 
-static char *read_whole(const char *path) {
-  FILE *f = fopen(path, "rb");
-  ck_assert_msg(f != NULL, "cannot open %s (set KDP_SOURCE_ROOT)", path);
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *s = malloc((size_t)n + 1);
-  ck_assert_int_eq(fread(s, 1, (size_t)n, f), (size_t)n);
-  s[n] = 0;
-  fclose(f);
-  return s;
-}
+static char *read_whole(const char *path) { return kdp_test_read_file(path, NULL); }
 
 #define assert_has(msg, needle)                                                                  \
   ck_assert_msg(strstr((msg), (needle)) != NULL, "message \"%s\" lacks \"%s\"", (msg), (needle))

@@ -56,6 +56,46 @@ if command -v promtool >/dev/null; then
 else
   bad "promtool is missing (launch/setup installs Debian's prometheus package)"
 fi
+# Prometheus conventions: counters for what accumulates, _ratio accuracies, info metrics
+for m in kdpeers_steps_total kdpeers_samples_total; do
+  expect "GET /metrics: $m is a counter" grep -q "^# TYPE $m counter\$" "$tmp/metrics.txt"
+done
+for m in kdpeers_learning_rate kdpeers_train_accuracy_ratio kdpeers_test_accuracy_ratio kdpeers_last_checkpoint_timestamp_seconds; do
+  expect "GET /metrics: $m is a gauge" grep -q "^# TYPE $m gauge\$" "$tmp/metrics.txt"
+done
+expect "GET /metrics: the old accuracy names stay for one release, marked deprecated" \
+  grep -q '^# HELP kdpeers_test_accuracy Deprecated (removed after 0.2): kdpeers_test_accuracy_ratio' "$tmp/metrics.txt"
+read -r version git_hash < <("$exe" --version | sed -n '1s/^kdpeers \([^ ]*\) (git \(.*\))$/\1 \2/p')
+expect "kdpeers_build_info names the version and git commit of kdpeers --version ($version, $git_hash)" \
+  grep -qF "kdpeers_build_info{version=\"$version\",git_hash=\"$git_hash\",mpi=\"Open MPI" "$tmp/metrics.txt"
+expect "kdpeers_run_info names run.dir, method and architectures" \
+  grep -qF "kdpeers_run_info{run_dir=\"$r\",method=\"one\",arch=\"mlp(64)\",peer_archs=\"mlp(64) mlp(64)\",peers=\"2\",ranks=\"2\"" "$tmp/metrics.txt"
+s1=$(metric kdpeers_steps_total); sleep 1.2; s2=$(metric kdpeers_steps_total)
+expect "kdpeers_steps_total grows while training ($s1 -> $s2)" test "$s2" -gt "$s1"
+# run.dir/prometheus.json: a file_sd target next to server.addr
+sd="$r/prometheus.json"
+expect "run.dir/prometheus.json names this server as a Prometheus target" \
+  test "$(jq -r '.[0].targets[0]' "$sd" 2>/dev/null)" = "${addr#http://}"
+expect "  ...with the run's labels" \
+  test "$(jq -r '.[0].labels | [.run_dir, .method] | @tsv' "$sd")" = "$(printf '%s\tone' "$r")"
+# the dashboard: the page, and its data
+expect "GET / is the dashboard page" bash -c "curl -s '$addr/' | grep -q '<script src=\"/assets/dashboard.js\"'"
+curl -s "$addr/history" >"$tmp/h0.json"
+expect "GET /history declares the page's charts in order" \
+  test "$(jq -c '[.charts[].id]' "$tmp/h0.json")" = '["test_accuracy","train_loss","kd_loss","test_loss","train_accuracy","learning_rate","throughput","time_split"]'
+expect "  ...and holds both peers' training losses" \
+  test "$(jq '[.series[] | select(.chart == "train_loss") | .name] | sort == ["peer0","peer1"]' "$tmp/h0.json")" = true
+expect "  ...the learning rate, steps/s and the time split" \
+  test "$(jq -c '[.series[] | select(.chart == "learning_rate" or .chart == "throughput" or .chart == "time_split") | .name] | sort' "$tmp/h0.json")" = '["allreduce","compute","exchange","lr","steps/s","wait"]'
+expect "  ...each step's shares of the time split summing to 1" \
+  jq -e '[.series[] | select(.chart == "time_split") | .y] | transpose | all(add > 0.999 and add < 1.001)' "$tmp/h0.json" >/dev/null
+seq0=$(jq .seq "$tmp/h0.json")
+sleep 1
+curl -s "$addr/history?since=$seq0" >"$tmp/h1.json"
+expect "GET /history?since=SEQ answers only newer points" \
+  jq -e --argjson s "$seq0" '.seq > $s and (.series | length > 0)' "$tmp/h1.json" >/dev/null
+expect "  ...none already sent (every x is past the last reply's)" \
+  jq -e --slurpfile a "$tmp/h0.json" '[.series[] | select(.chart == "train_loss" and .name == "peer0") | .x[0]][0] > ([$a[0].series[] | select(.chart == "train_loss" and .name == "peer0") | .x[-1]][0])' "$tmp/h1.json" >/dev/null
 curl -s -I "$addr/metrics" | tr -d '\r' >"$tmp/head.txt"
 expect "HEAD /metrics is 200 like GET (not 405)" grep -q '^HTTP/1.1 200 ' "$tmp/head.txt"
 expect "  ...with GET's headers (Content-Length of the text)" grep -qiE '^content-length: [0-9]{4,}$' "$tmp/head.txt"
@@ -133,6 +173,20 @@ for _ in $(seq 1 100); do [ "$(status_field .progress.paused)" = true ] && break
 expect "/status says paused" test "$(status_field .progress.paused)" = true
 s1=$(status_field .progress.step); sleep 0.5; s2=$(status_field .progress.step)
 expect "no steps while paused ($s1 = $s2)" test "$s1" = "$s2"
+curl -s "$addr/metrics" >"$tmp/paused.txt"
+pm() { awk -v k="$1" '$1 == k { print $2 }' "$tmp/paused.txt"; }
+expect "kdpeers_samples_total = kdpeers_steps_total x batch 128 ($(pm kdpeers_samples_total))" \
+  test "$(pm kdpeers_samples_total)" = $(($(pm kdpeers_steps_total) * 128))
+lr_log=$(jq -r 'select(.event == "train") | .lr' "$r/metrics.jsonl" | tail -1)
+expect "kdpeers_learning_rate ($(pm kdpeers_learning_rate)) is the last logged step's lr ($lr_log)" \
+  awk -v a="$(pm kdpeers_learning_rate)" -v b="$lr_log" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(b > 0 && d <= 1e-5 * b) }'
+acc_log=$(jq -r 'select(.event == "eval" and .model == "peer0") | .acc' "$r/metrics.jsonl" | tail -1)
+expect "kdpeers_test_accuracy_ratio of peer0 is the last evaluation's ($acc_log)" \
+  awk -v a="$(pm 'kdpeers_test_accuracy_ratio{model="peer0"}')" -v b="$acc_log" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-6) }'
+expect "  ...and the deprecated kdpeers_test_accuracy says the same" \
+  test "$(pm 'kdpeers_test_accuracy{model="peer0"}')" = "$(pm 'kdpeers_test_accuracy_ratio{model="peer0"}')"
+expect "kdpeers_last_checkpoint_timestamp_seconds is 0 before any checkpoint" test "$(pm kdpeers_last_checkpoint_timestamp_seconds)" = 0.000
+t_before=$(date +%s.%N)
 n=4
 { printf '\x00\x00\x08\x03\x00\x00\x00\x04\x00\x00\x00\x1c\x00\x00\x00\x1c'
   gzip -dc /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz | tail -c +17 | head -c $((n * 784)); } >"$tmp/imgs.idx"
@@ -150,6 +204,12 @@ expect "predict: a bad input shape is 400" test "$(code -X POST "$addr/predict" 
 expect "POST /control checkpoint while paused is accepted" test "$(code -X POST "$addr/control" -d '{"action":"checkpoint"}')" = 202
 for _ in $(seq 1 100); do [ "$(status_field .checkpoint.last_step)" = "$s1" ] && break; sleep 0.05; done
 expect "the checkpoint is written at the paused step" test "$(status_field .checkpoint.last_step)" = "$s1"
+sleep 0.6 # the next publish
+ts=$(metric kdpeers_last_checkpoint_timestamp_seconds)
+expect "kdpeers_last_checkpoint_timestamp_seconds is the checkpoint's Unix time ($ts, asked at $t_before)" \
+  awk -v t="$ts" -v a="$t_before" -v b="$(date +%s.%N)" 'BEGIN { exit !(t >= a - 0.01 && t <= b) }'
+expect "/history lists the checkpoint and the pause as events" \
+  test "$(curl -s "$addr/history" | jq -c '[.events[].kind] | map(select(. == "checkpoint" or . == "control")) | unique')" = '["checkpoint","control"]'
 # offline: export the checkpointed peers and predict the same images
 for p in 0 1; do
   "$exe" export "$r" --peer "$p" -o "$tmp/p$p.kdpm" >/dev/null
@@ -178,6 +238,8 @@ expect "POST /control stop" test "$(code -X POST "$addr/control" -d '{"action":"
 wait "$last_pid"
 rc=$?
 expect "stop checkpoints and exits 75 (got $rc)" test "$rc" = 75
+expect "run.dir/prometheus.json is removed when the server stops (with server.addr)" \
+  test ! -e "$r/prometheus.json" -a ! -e "$r/server.addr"
 for a in pause checkpoint resume stop; do
   expect "metrics.jsonl logs the $a command" grep -q "\"event\":\"control\".*\"action\":\"$a\"" "$r/metrics.jsonl"
 done
@@ -261,6 +323,10 @@ same() { jq -c 'select(.event == "train" or .event == "eval") | del(.samples_per
 r2="$tmp/tok"
 KDP_SERVER_TOKEN=s3cret start "$r2" -s kd.method=dml
 expect "token run: /metrics stays public" test "$(code "$addr/metrics")" = 200
+expect "token run: /healthz and the page stay public" test "$(code "$addr/healthz") $(code "$addr/")" = "200 200"
+expect "no token: /status and /history are 401" test "$(code "$addr/status") $(code "$addr/history")" = "401 401"
+expect "right token: /status and /history are 200" \
+  test "$(code -H 'Authorization: Bearer s3cret' "$addr/status") $(code -H 'Authorization: Bearer s3cret' "$addr/history")" = "200 200"
 expect "no token: /control is 401" test "$(code -X POST "$addr/control" -d '{"action":"pause"}')" = 401
 expect "wrong token: /control is 401" test "$(code -X POST -H 'Authorization: Bearer s3creT' "$addr/control" -d '{"action":"pause"}')" = 401
 expect "no token: /predict is 401" test "$(code -X POST "$addr/predict" --data @"$tmp/pred.json")" = 401
@@ -272,5 +338,63 @@ expect "the token run stops with 75" test $? = 75
 rc=$?
 expect "binding 0.0.0.0 without a token is refused (exit $rc)" test "$rc" != 0
 expect "  ...with a message about the token" grep -qi "token" "$tmp/open.out"
+
+# ---------- Prometheus scrapes the run through run.dir/prometheus.json; the Grafana panels ----------
+g="$src/launch/grafana-dashboard.json"
+expect "launch/grafana-dashboard.json is JSON with panels, each with a query" \
+  jq -e '(.panels | length) >= 10 and all(.panels[]; (.targets | length) >= 1 and all(.targets[]; (.expr | length) > 0) and .gridPos.w > 0)' "$g" >/dev/null
+expect "  ...on the Prometheus data source chosen at import" \
+  jq -e 'all(.panels[]; .datasource.uid == "${datasource}") and (.__inputs[0].pluginId == "prometheus")' "$g" >/dev/null
+if command -v prometheus >/dev/null && [ -z "${KDP_SANITIZER_RUN:-}" ]; then
+  odd="$tmp/odd \"dir\\ x" # a quote and a backslash: label values must be escaped
+  mkdir -p "$tmp/sd"
+  start "$odd" -s kd.method=dml -s run.eval_every=1 -s checkpoint.every_steps=50 -s server.sd_dir="$tmp/sd"
+  sdf=$(ls "$tmp/sd"/kdpeers-odd__dir__x-*.json 2>/dev/null)
+  expect "server.sd_dir gets the run's target too, named after run.dir ($(basename "${sdf:-none}"))" \
+    cmp -s "$odd/prometheus.json" "$sdf"
+  # Prometheus globs file names only: the shared directory is what a scrape config names once
+  printf '%s\n' 'global: {scrape_interval: 1s, evaluation_interval: 1s}' 'scrape_configs:' \
+    '  - job_name: kdpeers' "    file_sd_configs: [{files: ['$tmp/sd/*.json'], refresh_interval: 1s}]" \
+    >"$tmp/prom.yml"
+  promtool check config "$tmp/prom.yml" >"$tmp/promcfg.out" 2>&1
+  expect "promtool check config accepts a file_sd scrape of server.sd_dir/*.json" test $? = 0
+  for _ in 1 2 3 4 5; do # a free port
+    pport=$((20000 + RANDOM % 30000))
+    prometheus --config.file="$tmp/prom.yml" --storage.tsdb.path="$tmp/prom-data" \
+      --web.listen-address="127.0.0.1:$pport" >"$tmp/prom.out" 2>&1 &
+    prom_pid=$!
+    pids+=("$prom_pid")
+    for _ in $(seq 1 50); do curl -s "127.0.0.1:$pport/-/ready" >/dev/null && break; sleep 0.2; done
+    kill -0 "$prom_pid" 2>/dev/null && break
+  done
+  q() { curl -s --get "127.0.0.1:$pport/api/v1/query" --data-urlencode "query=$1"; }
+  for _ in $(seq 1 100); do [ "$(q 'up{job="kdpeers"}' | jq -r '.data.result[0].value[1]')" = 1 ] && break; sleep 0.2; done
+  expect "Prometheus finds the run through its prometheus.json and scrapes it (up = 1)" \
+    test "$(q 'up{job="kdpeers"}' | jq -r '.data.result[0].value[1]')" = 1
+  sleep 5 # a few scrapes, and an evaluation: every panel has data
+  expect "  ...run_dir with a quote and a backslash comes back whole from kdpeers_run_info's label" \
+    test "$(q kdpeers_run_info | jq -r '.data.result[0].metric.run_dir')" = "$odd"
+  expect "  ...and from the target's own label" test "$(q kdpeers_steps_total | jq -r '.data.result[0].metric.run_dir')" = "$odd"
+  rate=$(q 'rate(kdpeers_steps_total[4s])' | jq -r '.data.result[0].value[1]')
+  expect "  ...rate(kdpeers_steps_total[4s]) is a positive steps/s ($rate)" awk -v r="$rate" 'BEGIN { exit !(r > 0) }'
+  jq -r '.panels[] | .title as $t | .targets[] | [$t, .expr] | @tsv' "$g" >"$tmp/panels.tsv"
+  empty=""
+  while IFS=$'\t' read -r title expr; do
+    e=${expr//\$__rate_interval/4s}
+    e=${e//\$instance/.*}
+    n=$(q "$e" | jq -r 'if .status == "success" then (.data.result | length) else "error: \(.error)" end')
+    [ "$n" -ge 1 ] 2>/dev/null || empty+="[$title: $n] "
+  done <"$tmp/panels.tsv"
+  expect "every Grafana panel's query returns data from the live run ($(wc -l <"$tmp/panels.tsv") queries)${empty:+; not: $empty}" test -z "$empty"
+  kill "$prom_pid" 2>/dev/null
+  wait "$prom_pid" 2>/dev/null
+  curl -s -o /dev/null -X POST "$addr/control" -d '{"action":"stop"}'
+  wait "$last_pid"
+  expect "the server.sd_dir target is removed when the run ends" test -z "$(ls "$tmp/sd")"
+elif [ -n "${KDP_SANITIZER_RUN:-}" ]; then
+  echo "skip - Prometheus scraping the run (a Prometheus round trip; skipped under $KDP_SANITIZER_RUN)"
+else
+  bad "prometheus is missing (launch/setup installs Debian's prometheus package)"
+fi
 
 finish live

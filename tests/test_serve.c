@@ -138,6 +138,34 @@ static int get(int port, const char *path, resp *r) {
   return req1(port, raw, (size_t)n, r);
 }
 
+/* GET (or HEAD: method) with an optional Authorization header value */
+static int get_as(int port, const char *method, const char *path, const char *auth, resp *r) {
+  char raw[1024];
+  int n = snprintf(raw, sizeof raw, "%s %s HTTP/1.1\r\nHost: t\r\n%s%s%s\r\n", method, path,
+                   auth ? "Authorization: " : "", auth ? auth : "", auth ? "\r\n" : "");
+  if (strcmp(method, "HEAD") != 0) return req1(port, raw, (size_t)n, r);
+  /* HEAD: the headers alone (their Content-Length is GET's) */
+  client *c = cl_open(port);
+  ck_assert_int_eq(cl_send(c, raw, (size_t)n), 0);
+  memset(r, 0, sizeof *r);
+  char *end = NULL;
+  int rc = 0;
+  while (!(end = memmem(c->buf, c->len, "\r\n\r\n", 4)))
+    if (cl_fill(c) <= 0) {
+      rc = -1;
+      break;
+    }
+  if (rc == 0) {
+    size_t hlen = (size_t)(end - c->buf) + 4;
+    ck_assert_uint_lt(hlen, sizeof r->head);
+    memcpy(r->head, c->buf, hlen);
+    ck_assert_int_eq(sscanf(r->head, "HTTP/1.1 %d", &r->status), 1);
+    ck_assert_uint_eq(c->len, hlen); /* no body after the headers */
+  }
+  cl_close(c);
+  return rc;
+}
+
 static int post(int port, const char *path, const char *auth, const char *ctype, const void *body,
                 size_t len, resp *r) {
   char raw[8192];
@@ -458,13 +486,36 @@ START_TEST(test_token) {
   ck_assert_int_eq(post(port, "/control", "bearer  t0ken-XYZ", NULL, body, strlen(body), &r), 0);
   ck_assert_int_eq(r.status, 202);
   resp_free(&r);
-  ck_assert_int_eq(get(port, "/metrics", &r), 0); /* read-only endpoints stay open */
+  ck_assert_int_eq(get(port, "/metrics", &r), 0); /* the scrape target stays open */
   ck_assert_int_eq(r.status, 200);
   ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/control\",code=\"401\"} 6\n"));
   resp_free(&r);
+  /* the run's details need the token; the probe and the dashboard's files do not */
+  const char *open_paths[] = {"/healthz", "/", "/assets/chart.js", "/assets/dashboard.js"};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(get(port, open_paths[i], &r), 0);
+    ck_assert_msg(r.status == 200, "%s without a token -> %d", open_paths[i], r.status);
+    resp_free(&r);
+  }
+  const char *closed[] = {"/status", "/history", "/history?since=3"};
+  for (int i = 0; i < 3; i++) {
+    ck_assert_int_eq(get(port, closed[i], &r), 0);
+    ck_assert_msg(r.status == 401, "%s without a token -> %d", closed[i], r.status);
+    ck_assert_ptr_nonnull(strcasestr(r.head, "WWW-Authenticate: Bearer"));
+    resp_free(&r);
+    ck_assert_int_eq(get_as(port, "GET", closed[i], "Bearer t0ken-XYz", &r), 0);
+    ck_assert_msg(r.status == 401, "%s with a wrong token -> %d", closed[i], r.status);
+    resp_free(&r);
+    ck_assert_int_eq(get_as(port, "GET", closed[i], "Bearer t0ken-XYZ", &r), 0);
+    ck_assert_msg(r.status == 200, "%s with the token -> %d", closed[i], r.status);
+    resp_free(&r);
+    ck_assert_int_eq(get_as(port, "HEAD", closed[i], NULL, &r), 0);
+    ck_assert_msg(r.status == 401, "HEAD %s without a token -> %d", closed[i], r.status);
+    resp_free(&r);
+  }
   kdp_server_stats st;
   kdp_server_get_stats(s, &st);
-  ck_assert_uint_eq(st.auth_failures, 7);
+  ck_assert_uint_eq(st.auth_failures, 7 + 3 * 3);
   kdp_command cmd;
   ck_assert_int_eq(kdp_server_poll_command(s, &cmd), 1);
   ck_assert_int_eq(kdp_server_poll_command(s, &cmd), 1);
@@ -1525,6 +1576,267 @@ START_TEST(test_listen_rules) {
 }
 END_TEST
 
+/* ---- the dashboard ---- */
+
+START_TEST(test_dashboard_files) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  resp r;
+  ck_assert_int_eq(get(port, "/", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: text/html; charset=utf-8"));
+  /* nothing inline runs, and the page talks to this server only */
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Security-Policy: default-src 'none'; script-src 'self'"));
+  ck_assert_ptr_nonnull(strcasestr(r.head, "connect-src 'self'"));
+  ck_assert_ptr_nonnull(strcasestr(r.head, "X-Content-Type-Options: nosniff"));
+  ck_assert_ptr_nonnull(strstr(r.body, "<script src=\"/assets/chart.js\""));
+  ck_assert_ptr_nonnull(strstr(r.body, "<script src=\"/assets/dashboard.js\""));
+  ck_assert_ptr_null(strstr(r.body, "<script>")); /* no inline script the policy would block */
+  ck_assert_ptr_null(strstr(r.body, "style=\""));
+  resp_free(&r);
+  /* /assets/chart.js is the file Debian's libjs-chart.js installs, byte for byte */
+  const char *chartjs = getenv("KDP_CHARTJS");
+  ck_assert_msg(chartjs != NULL, "KDP_CHARTJS (set by meson test) names the embedded Chart.js");
+  size_t n;
+  char *want = kdp_test_read_file(chartjs, &n);
+  ck_assert_int_eq(get(port, "/assets/chart.js", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: text/javascript"));
+  ck_assert_uint_eq(r.body_len, n);
+  ck_assert_int_eq(memcmp(r.body, want, n), 0);
+  ck_assert_ptr_nonnull(strstr(r.body, "Chart.js v"));
+  resp_free(&r);
+  free(want);
+  ck_assert_int_eq(get_as(port, "HEAD", "/assets/chart.js", NULL, &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_uint_eq(strtoul(strcasestr(r.head, "\r\nContent-Length:") + 17, NULL, 10), n);
+  ck_assert_uint_eq(r.body_len, 0);
+  resp_free(&r);
+  const struct {
+    const char *path, *ctype;
+  } files[] = {{"/assets/dashboard.js", "text/javascript"}, {"/assets/dashboard.css", "text/css"},
+               {"/?x=1", "text/html"}};
+  for (int i = 0; i < 3; i++) {
+    ck_assert_int_eq(get(port, files[i].path, &r), 0);
+    ck_assert_msg(r.status == 200 && strcasestr(r.head, files[i].ctype) && r.body_len > 100,
+                  "%s: %d", files[i].path, r.status);
+    resp_free(&r);
+  }
+  const char *missing[] = {"/assets/", "/assets/nope.js", "/assets/chart.js/x", "/index.htm"};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(get(port, missing[i], &r), 0);
+    ck_assert_msg(r.status == 404, "%s -> %d", missing[i], r.status);
+    resp_free(&r);
+  }
+  ck_assert_int_eq(post(port, "/", NULL, NULL, "x", 1, &r), 0);
+  ck_assert_int_eq(r.status, 405);
+  resp_free(&r);
+  ck_assert_int_eq(get(port, "/metrics", &r), 0);
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/\",code=\"200\"} 2\n"));
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/assets/\",code=\"200\"} 4\n"));
+  ck_assert_ptr_nonnull(strstr(r.body, "kdpeers_http_requests_total{path=\"/assets/\",code=\"404\"} 2\n"));
+  resp_free(&r);
+  kdp_server_stop(s);
+}
+END_TEST
+
+/* GET /history?since=SEQ as parsed JSON (the test fails on a status other than 200) */
+static json_object *history(int port, uint64_t since) {
+  char path[64];
+  snprintf(path, sizeof path, "/history?since=%llu", (unsigned long long)since);
+  resp r;
+  ck_assert_int_eq(get(port, path, &r), 0);
+  ck_assert_msg(r.status == 200, "%s -> %d", path, r.status);
+  ck_assert_ptr_nonnull(strcasestr(r.head, "Content-Type: application/json"));
+  json_object *o = json_tokener_parse(r.body);
+  ck_assert_msg(o != NULL, "not JSON: %.300s", r.body);
+  resp_free(&r);
+  return o;
+}
+
+static json_object *jget(json_object *o, const char *key) {
+  json_object *v = NULL;
+  ck_assert_msg(json_object_object_get_ex(o, key, &v), "no \"%s\"", key);
+  return v;
+}
+
+/* the series (chart, name) of a /history reply, or NULL */
+static json_object *hseries(json_object *h, const char *chart, const char *name) {
+  json_object *a = jget(h, "series");
+  for (size_t i = 0; i < json_object_array_length(a); i++) {
+    json_object *s = json_object_array_get_idx(a, i);
+    if (strcmp(json_object_get_string(jget(s, "chart")), chart) == 0 &&
+        strcmp(json_object_get_string(jget(s, "name")), name) == 0)
+      return s;
+  }
+  return NULL;
+}
+
+START_TEST(test_history) {
+  kdp_server_options o;
+  opts(&o);
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  json_object *h = history(port, 0);
+  ck_assert_int_eq(json_object_get_int64(jget(h, "seq")), 0);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "series")), 0);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "events")), 0);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "charts")), 0);
+  ck_assert_str_eq(json_object_get_string(jget(jget(h, "health"), "status")), "ok");
+  ck_assert_int_eq(json_object_object_length(jget(h, "status")), 0);
+  const char *run_id = json_object_get_string(jget(h, "run_id"));
+  ck_assert_uint_gt(strlen(run_id), 5);
+  char run_id0[64];
+  snprintf(run_id0, sizeof run_id0, "%s", run_id);
+  json_object_put(h);
+
+  kdp_server_history_chart(s, "acc", "Test \"accuracy\"", "ratio", 0);
+  kdp_server_history_chart(s, "split", "Split", "share", 1);
+  kdp_server_history_chart(s, "acc", "Test accuracy", "ratio", 0); /* again: retitled, not added */
+  kdp_server_history_add(s, "acc", "peer0", 1, 0.5);
+  kdp_server_history_add(s, "acc", "peer0", 2, 0.625);
+  kdp_server_history_add(s, "acc", "peer0", 3, NAN);                 /* seq 3 */
+  kdp_server_history_add(s, "later", "a\"b\\c", 12345678901.0, -1e-9); /* seq 4: undeclared */
+  kdp_server_history_event(s, "checkpoint", 3, "written in \"0.1\" s");  /* seq 5 */
+  kdp_server_publish(s, "x 1\n", "{\"progress\":{\"step\":3}}");
+  kdp_server_set_health(s, "rank 1 is late");
+  h = history(port, 0);
+  ck_assert_int_eq(json_object_get_int64(jget(h, "seq")), 5);
+  json_object *charts = jget(h, "charts");
+  ck_assert_uint_eq(json_object_array_length(charts), 2);
+  json_object *c0 = json_object_array_get_idx(charts, 0);
+  ck_assert_str_eq(json_object_get_string(jget(c0, "id")), "acc");
+  ck_assert_str_eq(json_object_get_string(jget(c0, "title")), "Test accuracy");
+  ck_assert_str_eq(json_object_get_string(jget(c0, "unit")), "ratio");
+  ck_assert_int_eq(json_object_get_boolean(jget(json_object_array_get_idx(charts, 1), "stacked")), 1);
+  json_object *p0 = hseries(h, "acc", "peer0");
+  ck_assert_ptr_nonnull(p0);
+  json_object *x = jget(p0, "x"), *y = jget(p0, "y");
+  ck_assert_uint_eq(json_object_array_length(x), 3);
+  ck_assert_int_eq(json_object_get_int(json_object_array_get_idx(x, 2)), 3);
+  ck_assert_double_eq(json_object_get_double(json_object_array_get_idx(y, 1)), 0.625);
+  ck_assert(json_object_array_get_idx(y, 2) == NULL); /* NaN is null: a gap */
+  json_object *l = hseries(h, "later", "a\"b\\c");
+  ck_assert_ptr_nonnull(l);
+  /* a step needs every digit, not 7 */
+  ck_assert_int_eq(json_object_get_int64(json_object_array_get_idx(jget(l, "x"), 0)), 12345678901LL);
+  ck_assert_double_eq_tol(json_object_get_double(json_object_array_get_idx(jget(l, "y"), 0)), -1e-9, 1e-16);
+  json_object *ev = jget(h, "events");
+  ck_assert_uint_eq(json_object_array_length(ev), 1);
+  json_object *e0 = json_object_array_get_idx(ev, 0);
+  ck_assert_str_eq(json_object_get_string(jget(e0, "kind")), "checkpoint");
+  ck_assert_str_eq(json_object_get_string(jget(e0, "text")), "written in \"0.1\" s");
+  ck_assert_int_eq(json_object_get_int(jget(e0, "x")), 3);
+  ck_assert_double_gt(json_object_get_double(jget(e0, "unix_time")), 1.6e9);
+  ck_assert_int_eq(json_object_get_int(jget(jget(jget(h, "status"), "progress"), "step")), 3);
+  json_object *hl = jget(h, "health");
+  ck_assert_str_eq(json_object_get_string(jget(hl, "status")), "unhealthy");
+  ck_assert_str_eq(json_object_get_string(jget(hl, "reason")), "rank 1 is late");
+  ck_assert_str_eq(json_object_get_string(jget(h, "run_id")), run_id0);
+  json_object_put(h);
+
+  /* only what is newer than since */
+  h = history(port, 3);
+  ck_assert_ptr_null(hseries(h, "acc", "peer0"));
+  ck_assert_ptr_nonnull(hseries(h, "later", "a\"b\\c"));
+  ck_assert_uint_eq(json_object_array_length(jget(h, "events")), 1);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "charts")), 2); /* always: they are small */
+  json_object_put(h);
+  h = history(port, 2);
+  json_object *p = hseries(h, "acc", "peer0");
+  ck_assert_ptr_nonnull(p);
+  ck_assert_uint_eq(json_object_array_length(jget(p, "x")), 1);
+  json_object_put(h);
+  h = history(port, 5);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "series")), 0);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "events")), 0);
+  json_object_put(h);
+
+  resp r;
+  const char *bad[] = {"/history?since=x", "/history?since=", "/history?since=-1",
+                       "/history?since=123456789012345678901"};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(get(port, bad[i], &r), 0);
+    ck_assert_msg(r.status == 400, "%s -> %d", bad[i], r.status);
+    resp_free(&r);
+  }
+  ck_assert_int_eq(get(port, "/history?x=1&since=4&y", &r), 0);
+  ck_assert_int_eq(r.status, 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"since\":4,"));
+  resp_free(&r);
+  kdp_server_stop(s);
+
+  /* another server: another run_id (the page starts over) */
+  s = start(&o);
+  h = history(kdp_server_port(s), 0);
+  ck_assert_str_ne(json_object_get_string(jget(h, "run_id")), run_id0);
+  json_object_put(h);
+  kdp_server_stop(s);
+}
+END_TEST
+
+/* A full series keeps its first and newest points and at most history_points; names are cut
+   without splitting a UTF-8 character; past 256 series points are counted, not kept. */
+START_TEST(test_history_limits) {
+  kdp_server_options o;
+  opts(&o);
+  o.history_points = 8;
+  kdp_server *s = start(&o);
+  int port = kdp_server_port(s);
+  for (int i = 1; i <= 1000; i++) kdp_server_history_add(s, "c", "s", i, i * 0.5);
+  json_object *h = history(port, 0);
+  json_object *x = jget(hseries(h, "c", "s"), "x");
+  size_t n = json_object_array_length(x);
+  ck_assert_uint_le(n, 8);
+  ck_assert_uint_ge(n, 4);
+  ck_assert_int_eq(json_object_get_int(json_object_array_get_idx(x, 0)), 1);
+  ck_assert_int_eq(json_object_get_int(json_object_array_get_idx(x, n - 1)), 1000);
+  for (size_t i = 1; i < n; i++)
+    ck_assert_int_lt(json_object_get_int(json_object_array_get_idx(x, i - 1)),
+                     json_object_get_int(json_object_array_get_idx(x, i)));
+  json_object_put(h);
+  /* a 60-byte name of 2-byte characters: cut to whole characters within 47 bytes */
+  char longname[128] = "";
+  for (int i = 0; i < 30; i++) strcat(longname, "\xc3\xa9");
+  kdp_server_history_add(s, "c", longname, 1, 1);
+  h = history(port, 1000);
+  json_object *a = jget(h, "series");
+  ck_assert_uint_eq(json_object_array_length(a), 1);
+  const char *cut = json_object_get_string(jget(json_object_array_get_idx(a, 0), "name"));
+  ck_assert_uint_eq(strlen(cut), 46);
+  ck_assert_int_eq(memcmp(cut, longname, 46), 0);
+  json_object_put(h);
+  for (int i = 0; i < 300; i++) {
+    char name[16];
+    snprintf(name, sizeof name, "s%d", i);
+    kdp_server_history_add(s, "many", name, 1, i);
+  }
+  h = history(port, 0);
+  ck_assert_uint_eq(json_object_array_length(jget(h, "series")), 256);
+  ck_assert_int_eq(json_object_get_int(jget(h, "dropped_points")), 300 - 254);
+  json_object_put(h);
+  kdp_server_stop(s);
+}
+END_TEST
+
+START_TEST(test_prom_label_value) {
+  char out[64];
+  ck_assert_uint_eq(kdp_prom_label_value(out, sizeof out, "a\"b\\c\nd/e f"), 14);
+  ck_assert_str_eq(out, "a\\\"b\\\\c\\nd/e f");
+  /* cut to fit, never inside an escape or a UTF-8 character */
+  ck_assert_uint_eq(kdp_prom_label_value(out, 4, "ab\"c"), 2);
+  ck_assert_str_eq(out, "ab");
+  ck_assert_uint_eq(kdp_prom_label_value(out, 4, "a\xc3\xa9\xc3\xa9"), 3);
+  ck_assert_str_eq(out, "a\xc3\xa9");
+  ck_assert_uint_eq(kdp_prom_label_value(out, 3, "a\xc3\xa9"), 1);
+  ck_assert_str_eq(out, "a");
+  ck_assert_uint_eq(kdp_prom_label_value(out, sizeof out, NULL), 0);
+  ck_assert_str_eq(out, "");
+}
+END_TEST
+
 static Suite *serve_suite(void) {
   Suite *s = suite_create("serve");
   TCase *core = tcase_create("core");
@@ -1551,6 +1863,10 @@ static Suite *serve_suite(void) {
   tcase_add_test(lim, test_sigpipe);
   tcase_add_test(lim, test_predict_reserve);
   tcase_add_test(core, test_head);
+  tcase_add_test(core, test_dashboard_files);
+  tcase_add_test(core, test_history);
+  tcase_add_test(core, test_history_limits);
+  tcase_add_test(core, test_prom_label_value);
   tcase_add_test(core, test_control_bounds);
   tcase_add_test(lim, test_idle_timeout);
   tcase_add_test(lim, test_slowloris);

@@ -101,3 +101,17 @@ char *kdp_test_tmpdir(void) {
   ck_assert_msg(mkdtemp(p) != NULL, "mkdtemp failed");
   return p;
 }
+
+char *kdp_test_read_file(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  ck_assert_msg(f != NULL, "cannot open %s (set KDP_SOURCE_ROOT?)", path);
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *b = malloc((size_t)n + 1);
+  ck_assert_msg(b && fread(b, 1, (size_t)n, f) == (size_t)n, "cannot read %s", path);
+  b[n] = 0;
+  fclose(f);
+  if (len) *len = (size_t)n;
+  return b;
+}

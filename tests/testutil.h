@@ -41,5 +41,8 @@ void kdp_test_assert_close(const char *what, const float *a, const float *b, siz
 char *kdp_test_tmpdir(void);
 /* Path under $KDP_SOURCE_ROOT. Static buffer. */
 const char *kdp_test_src_path(const char *rel);
+/* A whole file, malloc'd and NUL-terminated; its length in *len (may be NULL). Fails the test
+   if it cannot be read. */
+char *kdp_test_read_file(const char *path, size_t *len);
 
 #endif

@@ -87,6 +87,7 @@ typedef struct kdp_config {
   double server_header_timeout;  /* seconds to send a request line and headers */
   int64_t server_min_rate;       /* bytes/s a request must average after header_timeout */
   double server_predict_share;   /* share of the training loop's time /predict may take */
+  char server_sd_dir[KDP_PATH];  /* "" or a directory for Prometheus file_sd targets */
   /* [peer.N] overrides */
   char peer_arch[KDP_MAX_PEERS][KDP_STR]; /* "" = use model.arch */
   int peer_ranks_per_peer[KDP_MAX_PEERS]; /* 0 = use run.ranks_per_peer */

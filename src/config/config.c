@@ -201,7 +201,7 @@ static const key_def keys[] = {
     {"server", "port", KT_INT, AT(server_port), RANGE(0, 65535), .def = "0",
      .help = "TCP port (0 = any free port; see run.dir/server.addr)"},
     {"server", "token", KT_STRING, AT(server_token), .def = "", .flags = 0,
-     .help = "bearer token for /control and /predict (never printed)"},
+     .help = "bearer token for /control, /predict, /status and /history (never printed)"},
     {"server", "max_body", KT_INT64, AT(server_max_body), RANGE(1024, 1073741824),
      .def = "16777216", .help = "largest request body in bytes (413 beyond)"},
     {"server", "max_connections", KT_INT, AT(server_max_connections), RANGE(1, 10000),
@@ -221,6 +221,9 @@ static const key_def keys[] = {
     {"server", "predict_share", KT_DOUBLE, AT(server_predict_share), .lo = 0, .hi = 1,
      .flags = R_LO | R_LO_EXCL | R_HI, .def = "0.25",
      .help = "share of the training loop's wall time /predict may take (1 = no limit)"},
+    {"server", "sd_dir", KT_STRING, AT(server_sd_dir), .def = "",
+     .help = "directory that also gets this run's Prometheus file_sd target (kdpeers-NAME-HASH.json, "
+             "removed at the end; scrape DIR/*.json)"},
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
@@ -1002,7 +1005,7 @@ const char *const kdp_config_other_env[] = {
     "KDP_ROOT", "KDP_LAUNCHER", "KDP_SRUN_MPI", "KDP_SRUN_ARGS", "KDP_MPIRUN_ARGS",
     "KDP_ARRAY_SETTINGS", "KDP_TTY_COLUMNS", "KDP_MPIRUN_KILL_DELAY", "KDP_BUILD",
     /* the test suites */
-    "KDP_SOURCE_ROOT", "KDP_BUILD_ROOT", "KDP_TEST_VERBOSE", "KDP_SANITIZERS", "KDP_SANITIZER_RUN", "KDP_FUZZ_TARGETS", "KDP_NETNS_HOSTS",
+    "KDP_SOURCE_ROOT", "KDP_BUILD_ROOT", "KDP_TEST_VERBOSE", "KDP_SANITIZERS", "KDP_SANITIZER_RUN", "KDP_FUZZ_TARGETS", "KDP_NETNS_HOSTS", "KDP_CHARTJS",
     "KDP_NETNS_LOG", "KDP_NETNS_SUBNET", "KDP_AGENT_HOSTNAME", "KDP_AGENT_CMD",
     "KDP_SLURM_CRED_EXPIRE",
     /* fault injection (tests) */

@@ -2,7 +2,9 @@
    dashboard's history, writes the Prometheus file-discovery target, applies control commands at
    step boundaries on every rank, and answers predictions with the live peers. */
 #include <cblas.h>
+#include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -39,7 +41,7 @@ struct kdp_live {
      training steps) */
   int64_t win_step;
   double win_train, win_ex, win_ar, win_wait;
-  char sd_file[KDP_PATH + 32]; /* run.dir/prometheus.json while the server runs */
+  char sd_file[2][KDP_PATH + 96]; /* run.dir/prometheus.json and server.sd_dir's (or "") */
   uint64_t commands, predictions, predict_inputs;
   double predict_seconds;
   /* rank 0, server.predict_share < 1: a token bucket of prediction seconds, refilled at
@@ -128,31 +130,13 @@ static void declare_charts(kdp_trainer *t) {
                              charts[i].stacked);
 }
 
-/* run.dir/prometheus.json: a Prometheus file_sd target for this server, with the run's labels;
-   written next to server.addr (atomically) and removed with it */
-static void write_sd_file(kdp_trainer *t) {
-  kdp_live *lv = t->live;
-  const char *addr = kdp_server_address(lv->srv);
-  const char *hp = strstr(addr, "://");
-  hp = hp ? hp + 3 : addr;
-  char host[256];
-  snprintf(host, sizeof host, "%s", hp);
-  char *colon = strrchr(host, ':');
-  if (!colon) return;
-  *colon = 0;
-  /* a wildcard address is no place to scrape: name this node instead */
-  if (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0) {
-    if (gethostname(host, sizeof host - 1) != 0) snprintf(host, sizeof host, "localhost");
-    host[sizeof host - 1] = 0;
-  }
-  snprintf(lv->sd_file, sizeof lv->sd_file, "%s/prometheus.json", t->cfg->dir);
-  char tmp[sizeof lv->sd_file + 8];
-  snprintf(tmp, sizeof tmp, "%s.tmp", lv->sd_file);
+/* Writes the file_sd target list (one target, the run's labels) to path, atomically; 0 or -1. */
+static int write_target_file(const char *path, const char *target, const kdp_trainer *t) {
+  char tmp[KDP_PATH + 104];
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
   FILE *f = fopen(tmp, "w");
   int ok = f != NULL;
   if (f) {
-    char target[300];
-    snprintf(target, sizeof target, "%s:%d", host, kdp_server_port(lv->srv));
     fputs("[{\"targets\":[", f);
     kdp_json_str(f, target);
     fputs("],\"labels\":{\"run_dir\":", f);
@@ -162,11 +146,52 @@ static void write_sd_file(kdp_trainer *t) {
     fputs("}}]\n", f);
     ok = fclose(f) == 0 && ok;
   }
-  if (!ok || rename(tmp, lv->sd_file) != 0) {
-    fprintf(stderr, "kdpeers: warning: cannot write %s: %s\n", lv->sd_file, strerror(errno));
+  if (!ok || rename(tmp, path) != 0) {
+    fprintf(stderr, "kdpeers: warning: cannot write the Prometheus target %s: %s\n", path,
+            strerror(errno));
     remove(tmp);
-    lv->sd_file[0] = 0;
+    return -1;
   }
+  return 0;
+}
+
+/* run.dir/prometheus.json: a Prometheus file_sd target for this server, written next to
+   server.addr and removed with it; with server.sd_dir also DIR/kdpeers-NAME-HASH.json (Prometheus
+   globs only a file name, never a directory: a shared directory of targets is what a scrape
+   config can name once for every run) */
+static void write_sd_files(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  const char *addr = kdp_server_address(lv->srv);
+  const char *hp = strstr(addr, "://");
+  char host[256];
+  snprintf(host, sizeof host, "%s", hp ? hp + 3 : addr);
+  char *colon = strrchr(host, ':');
+  if (!colon) return;
+  *colon = 0;
+  /* a wildcard address is no place to scrape: name this node instead */
+  if (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0) {
+    if (gethostname(host, sizeof host - 1) != 0) snprintf(host, sizeof host, "localhost");
+    host[sizeof host - 1] = 0;
+  }
+  char target[300];
+  snprintf(target, sizeof target, "%s:%d", host, kdp_server_port(lv->srv));
+  snprintf(lv->sd_file[0], sizeof lv->sd_file[0], "%s/prometheus.json", t->cfg->dir);
+  if (write_target_file(lv->sd_file[0], target, t) != 0) lv->sd_file[0][0] = 0;
+  if (!t->cfg->server_sd_dir[0]) return;
+  /* a name per run: its directory's last component, and a hash of its absolute path */
+  char abs[PATH_MAX], name[64];
+  if (!realpath(t->cfg->dir, abs)) snprintf(abs, sizeof abs, "%s", t->cfg->dir);
+  uint32_t h = 2166136261u; /* FNV-1a */
+  for (const char *p = abs; *p; p++) h = (h ^ (unsigned char)*p) * 16777619u;
+  const char *base = strrchr(abs, '/');
+  base = base && base[1] ? base + 1 : abs;
+  size_t n = 0;
+  for (; *base && n < 40; base++)
+    name[n++] = isalnum((unsigned char)*base) || *base == '-' || *base == '.' ? *base : '_';
+  name[n] = 0;
+  snprintf(lv->sd_file[1], sizeof lv->sd_file[1], "%s/kdpeers-%s-%08x.json",
+           t->cfg->server_sd_dir, name, h);
+  if (write_target_file(lv->sd_file[1], target, t) != 0) lv->sd_file[1][0] = 0;
 }
 
 int kdp_live_start(kdp_trainer *t, kdp_error *err) {
@@ -202,7 +227,7 @@ int kdp_live_start(kdp_trainer *t, kdp_error *err) {
              (long long)t->step);
     kdp_server_history_event(lv->srv, t->serve_only ? "serve" : "resume", (double)t->step, text);
   }
-  write_sd_file(t);
+  write_sd_files(t);
   if (t->tty >= 0) fprintf(stderr, "kdpeers: serving on %s (dashboard at %s/)\n",
                            kdp_server_address(lv->srv), kdp_server_address(lv->srv));
   return 0;
@@ -212,7 +237,8 @@ void kdp_live_stop(kdp_trainer *t) {
   kdp_live *lv = t->live;
   if (!lv) return;
   if (lv->req) kdp_server_fail_predict(lv->srv, lv->req, 503, "the run is ending");
-  if (lv->sd_file[0]) remove(lv->sd_file);
+  for (int i = 0; i < 2; i++)
+    if (lv->sd_file[i][0]) remove(lv->sd_file[i]);
   if (lv->srv) kdp_server_stop(lv->srv);
   kdp_model_free(lv->imodel);
   free(lv->ix);

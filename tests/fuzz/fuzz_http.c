@@ -3,9 +3,11 @@
    fake trainer answers predictions, and every reply is checked to be a framed HTTP response.
    Build (the lead wires it into meson):
      clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Iinclude -Isrc/serve \
-       tests/fuzz/fuzz_http.c src/serve/core.c src/serve/http.c src/serve/routes.c src/common.c \
+       tests/fuzz/fuzz_http.c src/serve/core.c src/serve/http.c src/serve/routes.c \
+       src/serve/history.c build/kdp_assets.c src/common.c \
        -o fuzz_http -lhttp_parser -ljson-c -lmsgpackc -lpthread -lm
      ./fuzz_http -max_total_time=30 tests/fuzz/corpus/http */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,8 +77,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     o.input_dim = 4;
     o.max_predict = 3;
     o.max_commands = 4;
+    o.history_points = 8; /* decimation happens within a few inputs */
     core = kdp_core_new(&o);
+    kdp_core_hist_chart(core, "test_accuracy", "Test \"accuracy\"", "ratio", 0);
+    kdp_core_hist_event(core, "control", 3, "pause \\ \x01");
   }
+  /* the trainer adds to the history between requests: GET /history renders it */
+  kdp_core_hist_add(core, size & 1 ? "train_loss" : "x\"y", size & 2 ? "peer0" : "\xc3\xa9", (double)size,
+                    size & 4 ? 0.5 : (double)NAN);
   if (size == 0) return 0;
   /* First byte: chunk size (so resumption across reads is exercised), write backpressure,
      trainer behaviour, timeout at the end. */

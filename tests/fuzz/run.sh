@@ -32,6 +32,8 @@ cflags=(-g -O1 "-fsanitize=fuzzer,address,undefined" -fno-sanitize-recover=undef
   -Iinclude -Itests/fuzz -Isrc/serve)
 libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas libuv)
 core=(src/common.c)
+# the dashboard's files, embedded by the meson build (kdp-embed) into BUILD_DIR/kdp_assets.c
+assets="$(dirname "$out")/kdp_assets.c"
 declare -A srcs=(
   [config]="src/config/config.c"
   [idx]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
@@ -39,8 +41,8 @@ declare -A srcs=(
   [npy]="src/data/npy.c src/data/idx.c src/data/batcher.c"
   [ckpt]="src/ckpt/ckpt.c"
   [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
-  [http]="src/serve/core.c src/serve/http.c src/serve/routes.c"
-  [socket]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/server.c"
+  [http]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/history.c $assets"
+  [socket]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/history.c src/serve/server.c $assets"
 )
 # Tokens of the arch-string grammar for fuzz_model (libFuzzer splices them into the "arch" entry)
 cat >"$out/model.dict" <<'EOF'
