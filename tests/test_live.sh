@@ -283,6 +283,14 @@ expect "serve (mpirun -np 2): clients closing before reading, it lives" kill -0 
 expect "serve (mpirun -np 2): answers with the gate teacher" test "$(jq -r .teacher.name "$tmp/serve2.json")" = gate
 expect "serve (mpirun -np 2): peers agree with the alone server" \
   test "$(jq -c .peers "$tmp/serve2.json")" = "$(jq -c .peers "$tmp/serve1.json")"
+curl -s "$addr/history" >"$tmp/serve-h.json"
+n_eval=$(jq -r 'select(.event == "eval" and .model == "peer0") | .step' "$r/metrics.jsonl" | wc -l)
+n_hist=$(jq '[.series[] | select(.chart == "test_accuracy" and .name == "peer0") | .x[]] | length' "$tmp/serve-h.json")
+expect "serve (mpirun): /history starts with the run's evaluations from metrics.jsonl ($n_hist of $n_eval of peer0)" \
+  test "$n_hist" = "$n_eval"
+kinds=$(jq -c '[.events[].kind] | unique' "$tmp/serve-h.json")
+expect "  ...and its events: the commands, the checkpoints, the stop, the serve ($kinds)" \
+  test "$kinds" = '["checkpoint","control","serve","stop"]'
 curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
 wait "$spid"
 expect "serve (mpirun) stops on the stop command (exit $?)" test $? = 0

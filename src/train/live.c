@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <ctype.h>
 #include <errno.h>
+#include <json-c/json.h>
 #include <limits.h>
 #include <math.h>
 #include <sched.h>
@@ -194,6 +195,47 @@ static void write_sd_files(kdp_trainer *t) {
   if (write_target_file(lv->sd_file[1], target, t) != 0) lv->sd_file[1][0] = 0;
 }
 
+/* A resumed run (or kdpeers serve) starts its history with what metrics.jsonl holds up to the
+   checkpoint: every evaluation, the logged learning rate and the events; the per-peer training
+   curves (only rank 0's peer is in the file) start at the resume. */
+static void seed_history(kdp_trainer *t) {
+  kdp_live *lv = t->live;
+  char path[KDP_PATH + 32];
+  snprintf(path, sizeof path, "%s/metrics.jsonl", t->cfg->dir);
+  FILE *f = fopen(path, "r");
+  if (!f) return;
+  char *ln = NULL;
+  size_t cap = 0;
+  while (getline(&ln, &cap, f) > 0) {
+    json_object *o = json_tokener_parse(ln), *ev, *v;
+    if (!o || !json_object_object_get_ex(o, "event", &ev) ||
+        !json_object_object_get_ex(o, "step", &v)) {
+      json_object_put(o);
+      continue;
+    }
+    const char *kind = json_object_get_string(ev);
+    double x = json_object_get_double(v);
+    json_object *a, *b;
+    if (strcmp(kind, "eval") == 0 && json_object_object_get_ex(o, "model", &v) &&
+        json_object_object_get_ex(o, "acc", &a) && json_object_object_get_ex(o, "loss", &b)) {
+      kdp_server_history_add(lv->srv, "test_accuracy", json_object_get_string(v), x,
+                             json_object_get_double(a));
+      kdp_server_history_add(lv->srv, "test_loss", json_object_get_string(v), x,
+                             json_object_get_double(b));
+    } else if (strcmp(kind, "train") == 0 && json_object_object_get_ex(o, "lr", &a)) {
+      kdp_server_history_add(lv->srv, "learning_rate", "lr", x, json_object_get_double(a));
+    } else if (strcmp(kind, "control") == 0 && json_object_object_get_ex(o, "action", &a)) {
+      kdp_server_history_event(lv->srv, kind, x, json_object_get_string(a));
+    } else if (strcmp(kind, "checkpoint") == 0 || strcmp(kind, "rollback") == 0 ||
+               strcmp(kind, "stop") == 0) {
+      kdp_server_history_event(lv->srv, kind, x, "");
+    }
+    json_object_put(o);
+  }
+  free(ln);
+  fclose(f);
+}
+
 int kdp_live_start(kdp_trainer *t, kdp_error *err) {
   kdp_live *lv = kdp_xcalloc(1, sizeof *lv);
   t->live = lv;
@@ -222,6 +264,7 @@ int kdp_live_start(kdp_trainer *t, kdp_error *err) {
   if (rc != 0) return rc;
   declare_charts(t);
   if (t->step > 0) {
+    seed_history(t);
     char text[64];
     snprintf(text, sizeof text, "%s at step %lld", t->serve_only ? "serving" : "resumed",
              (long long)t->step);

@@ -192,10 +192,12 @@
   }
 
   function figure(dl, label, value) {
-    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    const div = document.createElement("div"), dt = document.createElement("dt"),
+          dd = document.createElement("dd");
     dt.textContent = label;
     dd.textContent = value;
-    dl.append(dt, dd);
+    div.append(dt, dd);
+    dl.append(div);
   }
 
   function lastY(chartId, name) {
@@ -204,6 +206,11 @@
   }
 
   function showStatus(st, health) {
+    if (st && st.mode === "serve") { /* kdpeers serve alone: predictions only, no training */
+      $("run-title").textContent = "serving " + (st.run_dir || st.model || "");
+      setState("serving", "done");
+      return;
+    }
     if (!st || !st.progress) return;
     const cfg = st.config || {}, pr = st.progress, ck = st.checkpoint || {};
     const peers = cfg.peers ?? "?", rpp = cfg.ranks_per_peer ?? 1;
