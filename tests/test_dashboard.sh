@@ -5,8 +5,8 @@
 # with the run paused, plot exactly what /status says; it takes a screenshot. Without a token the
 # curves show at once. A missing browser or Playwright skips (77) on a workstation and fails with
 # CI=true.
-# Usage: tests/test_dashboard.sh PATH/TO/kdpeers [SCREENSHOT.png]   (launch/dashboard-screenshot
-#        passes docs/dashboard.png)
+# Usage: tests/test_dashboard.sh PATH/TO/kdpeers [SCREENSHOT.png]
+#   (tests/test_dashboard.sh build/kdpeers docs/dashboard.png refreshes the README's screenshot)
 set -uo pipefail
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
