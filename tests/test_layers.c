@@ -135,7 +135,7 @@ START_TEST(test_dense_naive_vs_blas) {
 END_TEST
 
 /* Compares BLAS and naive conv: forward and din, dw, db (accumulating onto the same random
-   start). Returns the number of samples per chunk the BLAS path used. */
+   start). Returns the number of batch chunks the BLAS path used. */
 static size_t check_conv_shape(kdp_conv_shape s, int with_bias, uint64_t seed) {
   kdp_conv_shape_init(&s);
   kdp_rng r;
@@ -181,11 +181,10 @@ static size_t check_conv_shape(kdp_conv_shape s, int with_bias, uint64_t seed) {
   snprintf(what, sizeof what, "conv dw (din NULL) " SHAPE_FMT, SHAPE_ARGS);
   kdp_test_assert_close(what, dw3, dw4, nw, 1e-4, 1e-4);
 
-  size_t per = s.OH * s.OW * s.K * s.K * s.Cin;
-  size_t chunk = (ns && per) ? ns / (2 * per) : s.B;
+  size_t chunks = kdp_conv_chunks(&s);
   free(in), free(w), free(b), free(dout), free(scratch), free(o1), free(o2);
   free(di1), free(dw1), free(db1), free(di2), free(dw2), free(db2), free(dw3), free(dw4);
-  return chunk;
+  return chunks;
 }
 
 START_TEST(test_conv_naive_vs_blas) {
@@ -205,17 +204,17 @@ START_TEST(test_conv_naive_vs_blas) {
 }
 END_TEST
 
-/* Batches that are not a multiple of the chunk size (the last chunk is short). */
+/* Batches in several chunks of unequal size (B not a multiple of the chunk count). */
 START_TEST(test_conv_chunked) {
   kdp_conv_shape a = {.B = 5, .H = 28, .W = 28, .Cin = 16, .Cout = 8, .K = 3, .stride = 1,
                       .pad = 1};
   size_t ca = check_conv_shape(a, 1, 7);
-  ck_assert_msg(ca > 1 && ca < a.B && a.B % ca != 0, "shape a: chunk %zu of B=%zu", ca, a.B);
+  ck_assert_msg(ca > 1 && ca < a.B && a.B % ca != 0, "shape a: %zu chunks of B=%zu", ca, a.B);
   /* the CNN's second conv */
   kdp_conv_shape c = {.B = 11, .H = 14, .W = 14, .Cin = 32, .Cout = 64, .K = 3, .stride = 1,
                       .pad = 1};
   size_t cc = check_conv_shape(c, 0, 8);
-  ck_assert_msg(cc > 1 && cc < c.B && c.B % cc != 0, "shape c: chunk %zu of B=%zu", cc, c.B);
+  ck_assert_msg(cc > 1 && cc < c.B && c.B % cc != 0, "shape c: %zu chunks of B=%zu", cc, c.B);
   /* stride 2, pad 2, K=5 */
   kdp_conv_shape d = {.B = 7, .H = 30, .W = 29, .Cin = 3, .Cout = 5, .K = 5, .stride = 2,
                       .pad = 2};
@@ -338,7 +337,7 @@ START_TEST(test_fd_maxpool) {
     fill_distinct(&r, c.in, nin); /* gaps of 0.05 > 2 * step: the argmax never changes */
     fill_uniform(&r, rr, c.n_out, -1, 1);
     fw_maxpool(&c);
-    kdp_maxpool_backward(din, rr, c.am, c.n_out);
+    kdp_maxpool_backward(din, rr, c.am, c.B, c.n_out);
     fd_check("fd maxpool din", fw_maxpool, &c, c.in, nin, din, rr, 1e-2f, 1e-4, 1e-4);
     free(c.in), free(c.out), free(c.am), free(rr), free(din);
   }
@@ -569,9 +568,9 @@ START_TEST(test_accumulate) {
     kdp_maxpool_forward(out, am, x, B, H, W, C, 2, 2, 0);
     RESET();
     size_t no = B * 3 * 3 * C;
-    kdp_maxpool_backward(a1, g, am, no);
-    kdp_maxpool_backward(a2, g, am, no);
-    kdp_maxpool_backward(a2, g, am, no);
+    kdp_maxpool_backward(a1, g, am, B, no);
+    kdp_maxpool_backward(a2, g, am, B, no);
+    kdp_maxpool_backward(a2, g, am, B, no);
     assert_doubled("maxpool din", a1, a2, n);
     free(am);
   }
@@ -963,7 +962,7 @@ static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
   float *di2 = fdup(di1, nin), *dw2 = fdup(dw1, nw), *db2 = fdup(db1, C), *dg2 = fdup(dg1, C);
   float *dbt2 = fdup(dbt1, C);
   kdp_relu_backward(dp, dout, out1, np);
-  kdp_maxpool_backward(dbn, dp, am, np);
+  kdp_maxpool_backward(dbn, dp, am, s.B, np);
   kdp_bn_backward(dy, dg1, dbt1, dbn, xhat, inv1, g, N, C);
   kdp_conv2d_backward(di1, dw1, db1, dy, in, w, scratch, &s);
   kdp_conv_bn_pool_relu_backward(di2, 0, dw2, db2, dg2, dbt2, dout, out2, win, xwin, y2, mean,

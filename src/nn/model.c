@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kdpeers/nn.h"
+#include "par.h"
 
 #define MAX_OPS 512
 #define MAX_ACTS 513
@@ -476,6 +477,25 @@ static int fusable_block(const kdp_model *m, int i) {
   return 1;
 }
 
+/* Sizes the conv scratch for max_batch and the current thread count (it holds one slice per
+   thread), growing it when the thread count went up since the last call. */
+static void model_scratch(kdp_model *m) {
+  size_t need = 0;
+  for (int i = 0; i < m->n_ops; i++) {
+    const op *o = &m->ops[i];
+    if (o->fused < 0 || (o->fused == 0 && o->kind != KDP_OP_CONV)) continue;
+    kdp_conv_shape cs = o->cs;
+    cs.B = m->max_batch;
+    size_t s = o->fused > 0 ? kdp_conv_bn_pool_relu_scratch_floats(&cs)
+                            : kdp_conv_scratch_floats(&cs);
+    if (s > need) need = s;
+  }
+  if (m->scratch && need <= m->scratch_floats) return;
+  free(m->scratch);
+  m->scratch_floats = need;
+  m->scratch = kdp_falloc(need ? need : 1);
+}
+
 static void model_alloc(kdp_model *m) {
   size_t Bm = m->max_batch;
   m->params = kdp_falloc(m->n_params);
@@ -499,7 +519,6 @@ static void model_alloc(kdp_model *m) {
     a->grad = skip[i] < 1 ? kdp_falloc(n) : NULL;
   }
   free(skip);
-  m->scratch_floats = 0;
   for (int i = 0; i < m->n_ops; i++) {
     op *o = &m->ops[i];
     act *in = &m->acts[o->in];
@@ -512,21 +531,10 @@ static void model_alloc(kdp_model *m) {
       o->xwin = kdp_falloc(n_pool);
       o->mean = kdp_falloc(y->C);
       o->invstd = kdp_falloc(y->C);
-      kdp_conv_shape cs = o->cs;
-      cs.B = Bm;
-      size_t s = kdp_conv_bn_pool_relu_scratch_floats(&cs);
-      if (s > m->scratch_floats) m->scratch_floats = s;
       continue;
     }
     if (o->fused < 0) continue;
     switch (o->kind) {
-      case KDP_OP_CONV: {
-        kdp_conv_shape cs = o->cs;
-        cs.B = Bm;
-        size_t s = kdp_conv_scratch_floats(&cs);
-        if (s > m->scratch_floats) m->scratch_floats = s;
-        break;
-      }
       case KDP_OP_BN:
         o->xhat = kdp_falloc(n_in);
         o->invstd = kdp_falloc(in->C);
@@ -541,7 +549,7 @@ static void model_alloc(kdp_model *m) {
         break;
     }
   }
-  m->scratch = kdp_falloc(m->scratch_floats ? m->scratch_floats : 1);
+  model_scratch(m);
 }
 
 int kdp_model_create(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
@@ -749,6 +757,7 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
   }
   m->B = B;
   m->last_train = train;
+  model_scratch(m);
   m->acts[0].val = (float *)x;
   const float bn_eps = 1e-5f, bn_mom = 0.1f;
   for (int i = 0; i < m->n_ops; i++) {
@@ -823,7 +832,14 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
 
 const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_act].val; }
 
-void kdp_model_zero_grad(kdp_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
+void kdp_model_zero_grad(kdp_model *m) {
+  const size_t n = m->n_params, blk = 16384;
+  const int nt = kdp_par_team(n);
+  double t0 = kdp_par_tic();
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (size_t i = 0; i < n; i += blk) memset(m->grads + i, 0, (n - i < blk ? n - i : blk) * sizeof(float));
+  kdp_par_toc(t0, n);
+}
 
 /* Zeroes the input gradient of op i if op i is the last reader of that activation (the first
    to write its gradient in backward order), unless that op overwrites it (*set = 1). */
@@ -847,6 +863,7 @@ static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
 
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
   size_t B = m->B;
+  model_scratch(m);
   size_t nl = act_n(m, m->logits_act, B);
   memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));
   for (int i = m->n_ops - 1; i >= 0; i--) {
@@ -902,7 +919,7 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
         if (din) kdp_relu_backward(din, dout, m->acts[o->out].val, n_in);
         break;
       case KDP_OP_MAXPOOL:
-        if (din) kdp_maxpool_backward(din, dout, o->argmax, act_n(m, o->out, B));
+        if (din) kdp_maxpool_backward(din, dout, o->argmax, B, act_n(m, o->out, B));
         break;
       case KDP_OP_AVGPOOL:
         if (din) kdp_avgpool_backward(din, dout, B, a->H, a->W, a->C, o->K, o->stride, o->pad);

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "kdpeers/nn.h"
+#include "par.h"
 
 void kdp_sgd_init(kdp_sgd *o, size_t n, float momentum, float weight_decay, int nesterov) {
   memset(o, 0, sizeof *o);
@@ -19,20 +20,27 @@ void kdp_sgd_free(kdp_sgd *o) {
   o->buf = NULL;
 }
 
+/* element-wise, on the team of threads (par.h) */
 void kdp_sgd_step(kdp_sgd *o, float *restrict p, const float *restrict g, float lr) {
   const float mu = o->momentum, wd = o->weight_decay;
   float *restrict buf = o->buf;
   const size_t n = o->n;
+  const int nesterov = o->nesterov, first = o->n_steps == 0;
+  const int nt = kdp_par_team(n);
+  double t0 = kdp_par_tic();
   if (mu == 0.0f) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (size_t i = 0; i < n; i++) p[i] -= lr * (g[i] + wd * p[i]);
-  } else if (o->n_steps == 0) {
+  } else if (first) {
     /* PyTorch: the momentum buffer starts as a copy of the first gradient */
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (size_t i = 0; i < n; i++) {
       float d = g[i] + wd * p[i];
       buf[i] = d;
-      p[i] -= lr * (o->nesterov ? d + mu * d : d);
+      p[i] -= lr * (nesterov ? d + mu * d : d);
     }
-  } else if (o->nesterov) {
+  } else if (nesterov) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (size_t i = 0; i < n; i++) {
       float d = g[i] + wd * p[i];
       float b = mu * buf[i] + d;
@@ -40,6 +48,7 @@ void kdp_sgd_step(kdp_sgd *o, float *restrict p, const float *restrict g, float 
       p[i] -= lr * (d + mu * b);
     }
   } else {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (size_t i = 0; i < n; i++) {
       float d = g[i] + wd * p[i];
       float b = mu * buf[i] + d;
@@ -47,6 +56,7 @@ void kdp_sgd_step(kdp_sgd *o, float *restrict p, const float *restrict g, float 
       p[i] -= lr * b;
     }
   }
+  kdp_par_toc(t0, n);
   o->n_steps++;
 }
 

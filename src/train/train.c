@@ -408,7 +408,7 @@ int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, 
   t->d = d;
   t->P = d->n_peers;
   t->is_root = d->world_rank == 0;
-  openblas_set_num_threads(kdp_train_blas_threads(cfg, d));
+  kdp_nn_set_threads(kdp_train_blas_threads(cfg, d)); /* the whole step's threads */
 
   int rc = 0;
   int k = d->ranks_per_peer;

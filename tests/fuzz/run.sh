@@ -29,7 +29,7 @@ declare -A srcs=(
   [idx]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [ckpt]="src/ckpt/ckpt.c"
-  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
+  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c src/nn/par.c"
   [http]="src/serve/core.c src/serve/http.c src/serve/routes.c"
 )
 # Tokens of the arch-string grammar for fuzz_model (libFuzzer splices them into the "arch" entry)
