@@ -103,21 +103,36 @@ def build_model(arch):
 
 
 def cmd_train(a):
+    # OpenBLAS (PyTorch's BLAS here: libblas.so.3 -> OpenBLAS) reads its thread count when torch
+    # loads it, so it is set before the import
+    if a.blas_threads is not None:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(a.blas_threads)
     import torch
 
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
+    if a.mkldnn == "off":
+        torch.backends.mkldnn.enabled = False
+    if a.flush_denormal:
+        torch.set_flush_denormal(True)
     t_load = time.perf_counter()
     x = read_idx_gz(os.path.join(a.data_dir, "train-images-idx3-ubyte.gz"))
     y = read_idx_gz(os.path.join(a.data_dir, "train-labels-idx1-ubyte.gz"))
     if len(x) != len(y):
         raise SystemExit(f"bench_torch: {len(x)} images but {len(y)} labels in {a.data_dir}")
     X = ((torch.from_numpy(x.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
+    if a.flat_input:  # (N, 784): the MLP's input without a view
+        X = X.reshape(len(X), -1).contiguous()
     Y = torch.from_numpy(y.astype("int64"))
     load_seconds = time.perf_counter() - t_load
 
     model = build_model(a.model)
+    if a.flat_input and isinstance(model[0], torch.nn.Flatten):
+        model = torch.nn.Sequential(*list(model)[1:])
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        X = X.contiguous(memory_format=torch.channels_last)
     total = a.warmup + a.steps
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=True,
                           weight_decay=a.weight_decay)
@@ -126,38 +141,51 @@ def cmd_train(a):
     model.train()
     n, pos, perm = len(X), len(X), None
     loss = None
-    t0 = None
+    t0 = c0 = None
     for step in range(total):
         if step == a.warmup:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         if pos + a.batch > n:  # new epoch: reshuffle, drop the last partial batch
             perm, pos = torch.randperm(n), 0
         idx = perm[pos:pos + a.batch]
         pos += a.batch
         xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=a.zero_grad == "none")
         loss = loss_fn(model(xb), yb)
         loss.backward()
         opt.step()
         sched.step()
     train_seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     step_flops, fwd_flops = flops_per_step(a.model, a.batch)
     res = {
         "event": "summary", "impl": "pytorch", "arch": canonical_arch(a.model),
         "batch": a.batch, "steps": a.steps, "warmup_steps": a.warmup,
         "train_seconds": train_seconds, "steps_per_second": a.steps / train_seconds,
+        "cpu_seconds": cpu_seconds, "cores_busy": cpu_seconds / train_seconds,
         "load_seconds": load_seconds, "final_loss": float(loss.item()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "n_params": sum(p.numel() for p in model.parameters()),
         "flops_per_step": step_flops, "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "config": torch_config_name(a),
+        "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
     }
     line = json.dumps(res)
     print(line)
     if a.out:
         with open(a.out, "w") as f:
             f.write(line + "\n")
+
+
+def torch_config_name(a):
+    """Short name of a PyTorch configuration: torch threads, OpenBLAS threads, options."""
+    parts = [f"torch{a.threads}", f"blas{a.blas_threads if a.blas_threads is not None else '?'}"]
+    parts += [k for k, on in (("channels_last", a.channels_last), ("mkldnn_off", a.mkldnn == "off"),
+                              ("set_to_none", a.zero_grad == "none"), ("flat", a.flat_input),
+                              ("ftz", a.flush_denormal)) if on]
+    return "/".join(parts)
 
 
 # ----------------------------------------------------------------------------- report
@@ -338,7 +366,17 @@ def main():
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    t.add_argument("--blas-threads", type=int, help="OPENBLAS_NUM_THREADS for PyTorch's OpenBLAS "
+                   "(default: the environment's)")
+    t.add_argument("--channels-last", action="store_true", help="model and data channels-last")
+    t.add_argument("--mkldnn", choices=("on", "off"), default="on",
+                   help="torch.backends.mkldnn.enabled (oneDNN convolutions)")
+    t.add_argument("--zero-grad", choices=("zero", "none"), default="zero",
+                   help="opt.zero_grad(set_to_none=False) (zero) or True (none)")
+    t.add_argument("--flat-input", action="store_true",
+                   help="mlp: the data as (N, 784) and no nn.Flatten")
+    t.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data-dir", default=DATA_DIR)
     t.add_argument("--out", help="also write the JSON line here")

@@ -10,22 +10,26 @@
    Normalize. NULL mean/std mean 0 and 1. */
 typedef struct norm_lut {
   float v[3][256];
+  float m[3], s[3]; /* the mean and std each table was built from */
 } norm_lut;
 
 static void build_lut(norm_lut *t, const float *mean, const float *std, size_t C) {
   for (size_t c = 0; c < C && c < 3; c++) {
     float m = mean ? mean[c] : 0.0f, s = std ? std[c] : 1.0f;
+    t->m[c] = m;
+    t->s[c] = s;
     for (int u = 0; u < 256; u++) t->v[c][u] = ((float)u / 255.0f - m) / s;
   }
 }
 
-/* Plain conversion of one HxWxC image. */
+/* Plain conversion of one HxWxC image. One channel: the lookup table's own expression per
+   pixel, which vectorises (a table lookup does not) and gives the same floats. */
 static void convert_plain(float *restrict dst, const uint8_t *restrict src, size_t HW, size_t C,
                           const norm_lut *t) {
   const float(*lut)[256] = t->v;
   if (C == 1) {
-    const float *l0 = lut[0];
-    for (size_t p = 0; p < HW; p++) dst[p] = l0[src[p]];
+    const float m = t->m[0], s = t->s[0];
+    for (size_t p = 0; p < HW; p++) dst[p] = ((float)src[p] / 255.0f - m) / s;
   } else if (C == 3) {
     const float *l0 = lut[0], *l1 = lut[1], *l2 = lut[2];
     for (size_t p = 0; p < HW; p++) {

@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 #include <errno.h>
+#include <sched.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,11 @@
 int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d) {
   if (cfg->threads > 0) return cfg->threads;
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  /* bound by the launcher to fewer cores (mpirun --map-by slot:PE=N, srun --cpus-per-task): its
+     share of the node */
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof mask, &mask) == 0 && CPU_COUNT(&mask) < cores)
+    return CPU_COUNT(&mask);
   int local = d->local_size > 0 ? d->local_size : 1;
   int t = (int)(cores / local);
   return t < 1 ? 1 : t;
