@@ -125,6 +125,62 @@ static void check_dense_shape(size_t B, size_t I, size_t O, uint64_t seed) {
   free(di1), free(dw1), free(db1), free(di2), free(dw2), free(db2);
 }
 
+/* dense + relu: the fused kernel equals the BLAS dense followed by the relu layers (same GEMM
+   tiles: bit for bit), and its naive twin within the dense tolerance */
+static void check_dense_relu_shape(size_t B, size_t I, size_t O, uint64_t seed) {
+  kdp_rng r;
+  kdp_rng_seed(&r, seed, 0);
+  float *in = kdp_falloc(B * I), *w = kdp_falloc(O * I), *b = kdp_falloc(O);
+  float *dout = kdp_falloc(B * O);
+  fill_uniform(&r, in, B * I, -1, 1);
+  fill_uniform(&r, w, O * I, -1, 1);
+  fill_uniform(&r, b, O, -1, 1);
+  fill_uniform(&r, dout, B * O, -1, 1);
+  float *pre = kdp_falloc(B * O), *o1 = kdp_falloc(B * O), *o2 = kdp_falloc(B * O);
+  float *o3 = kdp_falloc(B * O);
+  kdp_dense_forward(pre, in, w, b, B, I, O);
+  kdp_relu_forward(o1, pre, B * O);
+  kdp_dense_relu_forward(o2, in, w, b, B, I, O);
+  kdp_dense_relu_forward_naive(o3, in, w, b, B, I, O);
+  char what[128];
+  snprintf(what, sizeof what, "dense+relu out B=%zu I=%zu O=%zu", B, I, O);
+  assert_exact(what, o2, o1, B * O);
+  kdp_test_assert_close(what, o3, o1, B * O, 1e-4, 1e-4);
+  size_t pos = 0;
+  for (size_t i = 0; i < B * O; i++) pos += o1[i] > 0.0f;
+  ck_assert_msg(pos > 0 && pos < B * O, "%s: the relu must cut some and pass some", what);
+  /* backward: the unfused relu then dense, against the fused (dout masked in place) */
+  float *di1 = kdp_falloc(B * I), *dw1 = kdp_falloc(O * I), *db1 = kdp_falloc(O);
+  float *dpre = kdp_falloc(B * O);
+  fill_uniform(&r, di1, B * I, -1, 1);
+  fill_uniform(&r, dw1, O * I, -1, 1);
+  fill_uniform(&r, db1, O, -1, 1);
+  float *di2 = fdup(di1, B * I), *dw2 = fdup(dw1, O * I), *db2 = fdup(db1, O);
+  float *di3 = fdup(di1, B * I), *dw3 = fdup(dw1, O * I), *db3 = fdup(db1, O);
+  float *g2 = fdup(dout, B * O), *g3 = fdup(dout, B * O);
+  kdp_relu_backward(dpre, dout, o1, B * O);
+  kdp_dense_backward(di1, dw1, db1, dpre, in, w, B, I, O);
+  kdp_dense_relu_backward(di2, dw2, db2, g2, o2, in, w, B, I, O);
+  kdp_dense_relu_backward_naive(di3, dw3, db3, g3, o3, in, w, B, I, O);
+  snprintf(what, sizeof what, "dense+relu grads B=%zu I=%zu O=%zu", B, I, O);
+  assert_exact(what, di2, di1, B * I);
+  assert_exact(what, dw2, dw1, O * I);
+  assert_exact(what, db2, db1, O);
+  kdp_test_assert_close(what, di3, di1, B * I, 1e-4, 1e-4);
+  kdp_test_assert_close(what, dw3, dw1, O * I, 1e-4, 1e-4);
+  kdp_test_assert_close(what, db3, db1, O, 1e-4, 1e-4);
+  free(in), free(w), free(b), free(dout), free(pre), free(o1), free(o2), free(o3);
+  free(di1), free(dw1), free(db1), free(dpre), free(di2), free(dw2), free(db2);
+  free(di3), free(dw3), free(db3), free(g2), free(g3);
+}
+
+START_TEST(test_dense_relu) {
+  check_dense_relu_shape(128, 784, 512, 11); /* the mlp's first layer: several GEMM tiles */
+  check_dense_relu_shape(7, 13, 5, 12);
+  check_dense_relu_shape(3, 2, 2, 13);
+}
+END_TEST
+
 START_TEST(test_dense_naive_vs_blas) {
   check_dense_shape(1, 1, 1, 1);
   check_dense_shape(7, 13, 5, 2);
@@ -1021,6 +1077,7 @@ static Suite *layers_suite(void) {
   TCase *core = tcase_create("core");
   tcase_set_timeout(core, 60);
   tcase_add_test(core, test_dense_naive_vs_blas);
+  tcase_add_test(core, test_dense_relu);
   tcase_add_test(core, test_bn_backward_set);
   tcase_add_test(core, test_conv_naive_vs_blas);
   tcase_add_test(core, test_conv_chunked);

@@ -45,6 +45,20 @@ void kdp_dense_forward_naive(float *out, const float *in, const float *w, const 
 void kdp_dense_backward_naive(float *din, float *dw, float *db, const float *dout,
                               const float *in, const float *w, size_t B, size_t in_dim, size_t out_dim);
 
+/* ---- dense + relu: out = relu(in . w^T + b), the relu applied to each GEMM tile in cache ----
+   backward: dout (B x out_dim) is MASKED IN PLACE (zeroed where out <= 0), then the dense
+   backward runs on it (accumulating as kdp_dense_backward) */
+void kdp_dense_relu_forward(float *out, const float *in, const float *w, const float *b,
+                            size_t B, size_t in_dim, size_t out_dim);
+void kdp_dense_relu_backward(float *din, float *dw, float *db, float *dout, const float *out,
+                             const float *in, const float *w, size_t B, size_t in_dim,
+                             size_t out_dim);
+void kdp_dense_relu_forward_naive(float *out, const float *in, const float *w, const float *b,
+                                  size_t B, size_t in_dim, size_t out_dim);
+void kdp_dense_relu_backward_naive(float *din, float *dw, float *db, float *dout,
+                                   const float *out, const float *in, const float *w, size_t B,
+                                   size_t in_dim, size_t out_dim);
+
 /* ---- conv2d, NHWC, square kernel K, stride, zero padding pad ---- */
 typedef struct kdp_conv_shape {
   size_t B, H, W, Cin, Cout, K, stride, pad;

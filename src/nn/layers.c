@@ -15,27 +15,34 @@
 
 /* ================= dense ================= */
 
-/* tile t of out = in . w^T + b: the tile's part of out starts as the bias rows and the GEMM adds
-   onto it (beta = 1), which saves OpenBLAS's zeroing pass and a bias pass */
-static void dense_fwd_tile(const kdp_gemm *g, const float *b, size_t t) {
-  if (b) {
-    size_t lo, hi;
-    kdp_gemm_tile_range(g, t, &lo, &hi);
-    size_t r0 = g->split_n ? 0 : lo, r1 = g->split_n ? g->M : hi;
-    size_t c0 = g->split_n ? lo : 0, c1 = g->split_n ? hi : g->N;
+/* tile t of out = in . w^T + b (then relu'd when `relu`): the tile's part of out starts as the
+   bias rows and the GEMM adds onto it (beta = 1), which saves OpenBLAS's zeroing pass and a bias
+   pass; the relu runs on the tile while it is in cache */
+static void dense_fwd_tile(const kdp_gemm *g, const float *b, int relu, size_t t) {
+  size_t lo, hi;
+  kdp_gemm_tile_range(g, t, &lo, &hi);
+  const size_t r0 = g->split_n ? 0 : lo, r1 = g->split_n ? g->M : hi;
+  const size_t c0 = g->split_n ? lo : 0, c1 = g->split_n ? hi : g->N;
+  if (b)
     for (size_t r = r0; r < r1; r++)
       memcpy(g->C + r * g->ldc + c0, b + c0, (c1 - c0) * sizeof(float));
-  }
   kdp_gemm_tile(g, t);
+  if (relu)
+    for (size_t r = r0; r < r1; r++) {
+      float *o = g->C + r * g->ldc;
+      for (size_t c = c0; c < c1; c++) o[c] = o[c] > 0.0f ? o[c] : 0.0f;
+    }
 }
 
-/* out (B x O) = in (B x I) . w^T (w: O x I) + b */
-void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
-                       size_t I, size_t O) {
+static void dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
+                          size_t I, size_t O, int relu) {
   if (B == 0 || O == 0) return;
   if (I == 0) {
     for (size_t r = 0; r < B; r++)
-      for (size_t o = 0; o < O; o++) out[r * O + o] = b ? b[o] : 0.0f;
+      for (size_t o = 0; o < O; o++) {
+        float v = b ? b[o] : 0.0f;
+        out[r * O + o] = relu && !(v > 0.0f) ? 0.0f : v;
+      }
     return;
   }
   kdp_gemm g = {.ta = 0, .tb = 1, .M = B, .N = O, .K = I, .lda = I, .ldb = I, .ldc = O,
@@ -44,14 +51,40 @@ void kdp_dense_forward(float *out, const float *in, const float *w, const float 
   const int nt = kdp_par_team_tasks(g.tiles);
   double t0 = kdp_par_tic();
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t t = 0; t < g.tiles; t++) dense_fwd_tile(&g, b, t);
+  for (size_t t = 0; t < g.tiles; t++) dense_fwd_tile(&g, b, relu, t);
   kdp_par_toc(t0, g.tiles);
+}
+
+/* out (B x O) = in (B x I) . w^T (w: O x I) + b */
+void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
+                       size_t I, size_t O) {
+  dense_forward(out, in, w, b, B, I, O, 0);
+}
+
+void kdp_dense_relu_forward(float *out, const float *in, const float *w, const float *b,
+                            size_t B, size_t I, size_t O) {
+  dense_forward(out, in, w, b, B, I, O, 1);
 }
 
 /* db (C) += column sums of g (rows x C), row after row */
 static void col_sums(float *restrict db, const float *restrict g, size_t rows, size_t C) {
   for (size_t r = 0; r < rows; r++)
     for (size_t c = 0; c < C; c++) db[c] += g[r * C + c];
+}
+
+/* dout (n) = 0 where out <= 0: the relu's backward, in place */
+static void relu_mask(float *restrict dout, const float *restrict out, size_t n) {
+  const int nt = kdp_par_team(n);
+  double t0 = kdp_par_tic();
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (size_t i = 0; i < n; i++) dout[i] = out[i] > 0.0f ? dout[i] : 0.0f;
+  kdp_par_toc(t0, n);
+}
+
+void kdp_dense_relu_backward(float *din, float *dw, float *db, float *dout, const float *out,
+                             const float *in, const float *w, size_t B, size_t I, size_t O) {
+  relu_mask(dout, out, B * O);
+  kdp_dense_backward(din, dw, db, dout, in, w, B, I, O);
 }
 
 /* din (B x I) += dout . w; dw (O x I) += dout^T . in; db (O) += column sums of dout. One parallel

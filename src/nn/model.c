@@ -477,13 +477,23 @@ static int fusable_block(const kdp_model *m, int i) {
   return 1;
 }
 
+/* dense -> relu whose pre-activation nothing else reads: one kdp_dense_relu_* call (the relu
+   runs on the GEMM tiles in cache, the pre-activation is never stored) */
+static int fusable_dense_relu(const kdp_model *m, int i) {
+  if (i + 1 >= m->n_ops) return 0;
+  const op *d = &m->ops[i], *r = &m->ops[i + 1];
+  if (d->kind != KDP_OP_DENSE || r->kind != KDP_OP_RELU || r->in != d->out) return 0;
+  int a = d->out;
+  return m->acts[a].last_reader == i + 1 && a != m->feature_act && a != m->logits_act;
+}
+
 /* Sizes the conv scratch for max_batch and the current thread count (it holds one slice per
    thread), growing it when the thread count went up since the last call. */
 static void model_scratch(kdp_model *m) {
   size_t need = 0;
   for (int i = 0; i < m->n_ops; i++) {
     const op *o = &m->ops[i];
-    if (o->fused < 0 || (o->fused == 0 && o->kind != KDP_OP_CONV)) continue;
+    if (o->fused < 0 || o->kind != KDP_OP_CONV) continue;
     kdp_conv_shape cs = o->cs;
     cs.B = m->max_batch;
     size_t s = o->fused > 0 ? kdp_conv_bn_pool_relu_scratch_floats(&cs)
@@ -511,6 +521,11 @@ static void model_alloc(kdp_model *m) {
       skip[m->ops[i].out] = 1;
       skip[m->ops[i + 1].out] = skip[m->ops[i + 2].out] = 2;
       i += 3;
+    } else if (fusable_dense_relu(m, i)) {
+      m->ops[i].fused = 2;
+      m->ops[i + 1].fused = -1;
+      skip[m->ops[i].out] = 2; /* the pre-activation */
+      i += 1;
     }
   for (int i = 1; i < m->n_acts; i++) {
     act *a = &m->acts[i];
@@ -524,7 +539,7 @@ static void model_alloc(kdp_model *m) {
     act *in = &m->acts[o->in];
     size_t n_in = Bm * in->H * in->W * in->C;
     size_t n_out = Bm * m->acts[o->out].H * m->acts[o->out].W * m->acts[o->out].C;
-    if (o->fused > 0) {
+    if (o->fused > 0 && o->kind == KDP_OP_CONV) {
       const act *y = &m->acts[o->out], *po = &m->acts[m->ops[i + 2].out];
       size_t n_pool = Bm * po->H * po->W * po->C;
       o->win = kdp_xcalloc(n_pool ? n_pool : 1, 1);
@@ -533,7 +548,7 @@ static void model_alloc(kdp_model *m) {
       o->invstd = kdp_falloc(y->C);
       continue;
     }
-    if (o->fused < 0) continue;
+    if (o->fused != 0) continue;
     switch (o->kind) {
       case KDP_OP_BN:
         o->xhat = kdp_falloc(n_in);
@@ -749,6 +764,24 @@ static void block_backward(kdp_model *m, int i, float *din, int set) {
                                    m->scratch, &c->cs);
 }
 
+/* the fused dense -> relu starting at op i */
+static void dense_relu_forward(kdp_model *m, int i, size_t B) {
+  const op *d = &m->ops[i];
+  const act *a = &m->acts[d->in];
+  float *out = m->acts[m->ops[i + 1].out].val;
+  const size_t nI = a->H * a->W * a->C, nO = m->acts[d->out].C;
+  (m->naive ? kdp_dense_relu_forward_naive : kdp_dense_relu_forward)(
+      out, a->val, m->params + d->w, m->params + d->b, B, nI, nO);
+}
+
+static void dense_relu_backward(kdp_model *m, int i, float *din, size_t B) {
+  const op *d = &m->ops[i];
+  const act *a = &m->acts[d->in], *r = &m->acts[m->ops[i + 1].out];
+  const size_t nI = a->H * a->W * a->C, nO = m->acts[d->out].C;
+  (m->naive ? kdp_dense_relu_backward_naive : kdp_dense_relu_backward)(
+      din, m->grads + d->w, m->grads + d->b, r->grad, r->val, a->val, m->params + d->w, B, nI, nO);
+}
+
 const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng) {
   if (B > m->max_batch) {
     fprintf(stderr, "kdpeers: internal error: batch %zu > max_batch %zu for model %s\n", B,
@@ -764,7 +797,10 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
     op *o = &m->ops[i];
     if (o->fused < 0) continue;
     if (o->fused > 0) {
-      block_forward(m, i, B, train, bn_mom, bn_eps);
+      if (o->kind == KDP_OP_DENSE)
+        dense_relu_forward(m, i, B);
+      else
+        block_forward(m, i, B, train, bn_mom, bn_eps);
       continue;
     }
     act *a = &m->acts[o->in];
@@ -880,11 +916,13 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
     }
     /* batchnorm and fused blocks write their input gradient outright when they are the first
        to produce it */
-    int set = 0;
-    float *din =
-        din_for_set(m, i, o->in, B, o->kind == KDP_OP_BN || o->fused > 0 ? &set : NULL);
+    int set = 0, can_set = o->kind == KDP_OP_BN || (o->fused > 0 && o->kind == KDP_OP_CONV);
+    float *din = din_for_set(m, i, o->in, B, can_set ? &set : NULL);
     if (o->fused > 0) {
-      block_backward(m, i, din, set);
+      if (o->kind == KDP_OP_DENSE)
+        dense_relu_backward(m, i, din, B);
+      else
+        block_backward(m, i, din, set);
       continue;
     }
     const float *in = a->val;
