@@ -91,15 +91,21 @@ static void fd_check(const char *what, fwd_fn f, ctx *c, float *param, size_t n,
 
 /* ------------------------------------------------------------------ naive vs BLAS */
 
+/* random input (B x I), weights (O x I), bias (O) and output gradient (B x O) in [-1, 1) */
+static void dense_inputs(kdp_rng *r, uint64_t seed, size_t B, size_t I, size_t O, float **in,
+                         float **w, float **b, float **dout) {
+  kdp_rng_seed(r, seed, 0);
+  *in = kdp_falloc(B * I), *w = kdp_falloc(O * I), *b = kdp_falloc(O), *dout = kdp_falloc(B * O);
+  fill_uniform(r, *in, B * I, -1, 1);
+  fill_uniform(r, *w, O * I, -1, 1);
+  fill_uniform(r, *b, O, -1, 1);
+  fill_uniform(r, *dout, B * O, -1, 1);
+}
+
 static void check_dense_shape(size_t B, size_t I, size_t O, uint64_t seed) {
   kdp_rng r;
-  kdp_rng_seed(&r, seed, 0);
-  float *in = kdp_falloc(B * I), *w = kdp_falloc(O * I), *b = kdp_falloc(O);
-  float *dout = kdp_falloc(B * O);
-  fill_uniform(&r, in, B * I, -1, 1);
-  fill_uniform(&r, w, O * I, -1, 1);
-  fill_uniform(&r, b, O, -1, 1);
-  fill_uniform(&r, dout, B * O, -1, 1);
+  float *in, *w, *b, *dout;
+  dense_inputs(&r, seed, B, I, O, &in, &w, &b, &dout);
   float *o1 = kdp_falloc(B * O), *o2 = kdp_falloc(B * O);
   kdp_dense_forward(o1, in, w, b, B, I, O);
   kdp_dense_forward_naive(o2, in, w, b, B, I, O);
@@ -129,13 +135,8 @@ static void check_dense_shape(size_t B, size_t I, size_t O, uint64_t seed) {
    tiles: bit for bit), and its naive twin within the dense tolerance */
 static void check_dense_relu_shape(size_t B, size_t I, size_t O, uint64_t seed) {
   kdp_rng r;
-  kdp_rng_seed(&r, seed, 0);
-  float *in = kdp_falloc(B * I), *w = kdp_falloc(O * I), *b = kdp_falloc(O);
-  float *dout = kdp_falloc(B * O);
-  fill_uniform(&r, in, B * I, -1, 1);
-  fill_uniform(&r, w, O * I, -1, 1);
-  fill_uniform(&r, b, O, -1, 1);
-  fill_uniform(&r, dout, B * O, -1, 1);
+  float *in, *w, *b, *dout;
+  dense_inputs(&r, seed, B, I, O, &in, &w, &b, &dout);
   float *pre = kdp_falloc(B * O), *o1 = kdp_falloc(B * O), *o2 = kdp_falloc(B * O);
   float *o3 = kdp_falloc(B * O);
   kdp_dense_forward(pre, in, w, b, B, I, O);
