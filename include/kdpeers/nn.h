@@ -15,7 +15,8 @@
  */
 
 /* ---- threads ----
-   Every kernel below runs on a team of n threads (OpenMP), and OpenBLAS is set to one thread:
+   Every kernel below runs on a team of n threads (kdpeers' pool, or OpenMP when built with
+   -Dthreads=openmp), and OpenBLAS is set to one thread:
    kdpeers splits the GEMMs into tiles itself. Every parallel loop runs a fixed list of tasks
    (GEMM tiles, batch chunks, row blocks) whose boundaries depend on the shapes only, and partial
    sums are added in task order, so results are bitwise the same for every n (docs/threads.md).

@@ -13,6 +13,16 @@
 
 #include "par.h"
 
+/* The arguments of one parallel loop body (par.h: fn(ctx, lo, hi)); each body uses the fields it
+   needs. */
+typedef struct la {
+  float *out, *out2;
+  const float *in, *in2, *g;
+  const int32_t *am;
+  size_t B, H, W, C, C2, K, stride, pad, OH, OW, n;
+  float f;
+} la;
+
 /* ================= dense ================= */
 
 /* tile t of out = in . w^T + b (then relu'd when `relu`): the tile's part of out starts as the
@@ -34,6 +44,17 @@ static void dense_fwd_tile(const kdp_gemm *g, const float *b, int relu, size_t t
     }
 }
 
+typedef struct dense_fwd_ctx {
+  kdp_gemm g;
+  const float *b;
+  int relu;
+} dense_fwd_ctx;
+
+static void dense_fwd_tiles(void *ctx, size_t lo, size_t hi) {
+  const dense_fwd_ctx *c = ctx;
+  for (size_t t = lo; t < hi; t++) dense_fwd_tile(&c->g, c->b, c->relu, t);
+}
+
 static void dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
                           size_t I, size_t O, int relu) {
   if (B == 0 || O == 0) return;
@@ -45,14 +66,11 @@ static void dense_forward(float *out, const float *in, const float *w, const flo
       }
     return;
   }
-  kdp_gemm g = {.ta = 0, .tb = 1, .M = B, .N = O, .K = I, .lda = I, .ldb = I, .ldc = O,
-                .A = in, .B = w, .C = out, .beta = b ? 1.0f : 0.0f};
-  kdp_gemm_plan(&g);
-  const int nt = kdp_par_team_tasks(g.tiles);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t t = 0; t < g.tiles; t++) dense_fwd_tile(&g, b, relu, t);
-  kdp_par_toc(t0, g.tiles);
+  dense_fwd_ctx c = {.g = {.ta = 0, .tb = 1, .M = B, .N = O, .K = I, .lda = I, .ldb = I,
+                           .ldc = O, .A = in, .B = w, .C = out, .beta = b ? 1.0f : 0.0f},
+                     .b = b, .relu = relu};
+  kdp_gemm_plan(&c.g);
+  kdp_par_tasks(c.g.tiles, dense_fwd_tiles, &c);
 }
 
 /* out (B x O) = in (B x I) . w^T (w: O x I) + b */
@@ -73,18 +91,42 @@ static void col_sums(float *restrict db, const float *restrict g, size_t rows, s
 }
 
 /* dout (n) = 0 where out <= 0: the relu's backward, in place */
-static void relu_mask(float *restrict dout, const float *restrict out, size_t n) {
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i++) dout[i] = out[i] > 0.0f ? dout[i] : 0.0f;
-  kdp_par_toc(t0, n);
+static void relu_mask_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  float *restrict d = a->out;
+  const float *restrict o = a->in;
+  for (size_t i = lo; i < hi; i++) d[i] = o[i] > 0.0f ? d[i] : 0.0f;
+}
+
+static void relu_mask(float *dout, const float *out, size_t n) {
+  la a = {.out = dout, .in = out};
+  kdp_par_elems(n, n, relu_mask_range, &a);
 }
 
 void kdp_dense_relu_backward(float *din, float *dw, float *db, float *dout, const float *out,
                              const float *in, const float *w, size_t B, size_t I, size_t O) {
   relu_mask(dout, out, B * O);
   kdp_dense_backward(din, dw, db, dout, in, w, B, I, O);
+}
+
+typedef struct dense_bwd_ctx {
+  const kdp_gemm *gw, *gx;
+  size_t nw, nx;
+  float *db;
+  const float *dout;
+  size_t B, O;
+} dense_bwd_ctx;
+
+static void dense_bwd_tasks(void *ctx, size_t lo, size_t hi) {
+  const dense_bwd_ctx *c = ctx;
+  for (size_t t = lo; t < hi; t++) {
+    if (t < c->nw)
+      kdp_gemm_tile(c->gw, t);
+    else if (t < c->nw + c->nx)
+      kdp_gemm_tile(c->gx, t - c->nw);
+    else
+      col_sums(c->db, c->dout, c->B, c->O);
+  }
 }
 
 /* din (B x I) += dout . w; dw (O x I) += dout^T . in; db (O) += column sums of dout. One parallel
@@ -99,19 +141,8 @@ void kdp_dense_backward(float *din, float *dw, float *db, const float *dout, con
   size_t nw = 0, nx = 0;
   if (dw && I) kdp_gemm_plan(&gw), nw = gw.tiles;
   if (din && I) kdp_gemm_plan(&gx), nx = gx.tiles;
-  const size_t n = nw + nx + (db ? 1 : 0);
-  const int nt = kdp_par_team_tasks(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t t = 0; t < n; t++) {
-    if (t < nw)
-      kdp_gemm_tile(&gw, t);
-    else if (t < nw + nx)
-      kdp_gemm_tile(&gx, t - nw);
-    else
-      col_sums(db, dout, B, O);
-  }
-  kdp_par_toc(t0, n);
+  dense_bwd_ctx c = {&gw, &gx, nw, nx, db, dout, B, O};
+  kdp_par_tasks(nw + nx + (db ? 1 : 0), dense_bwd_tasks, &c);
 }
 
 /* ================= conv2d (NHWC, im2col + GEMM) ================= */
@@ -310,21 +341,47 @@ static void conv_forward_chunk(float *out, const float *in, const float *w, cons
               x, (int)kkc, w, (int)kkc, b ? 1.0f : 0.0f, o, (int)Cout);
 }
 
+/* The chunk loops of the convolutions (and of the fused block): the arguments of every kernel
+   of this section, chunk c's samples, and the thread's scratch. */
+typedef struct conv_ctx {
+  const kdp_conv_shape *s;
+  size_t n;         /* chunks */
+  float *thr;       /* per-thread scratch slices of tf floats */
+  size_t tf, dy_floats;
+  float *out, *y, *din;
+  const float *in, *w, *b, *dout, *gamma, *beta, *k1, *k2, *k3;
+  float *mean, *invstd;
+  const float *scale, *shift;
+  uint8_t *win;
+  const uint8_t *cwin;
+  float *xwin;
+  double *st;       /* fused forward: per chunk the statistics */
+  size_t *cnt;
+  int train, din_set;
+  struct conv_grads *cg;
+} conv_ctx;
+
+static float *conv_thread_scratch(const conv_ctx *c) {
+  return c->thr ? c->thr + (size_t)kdp_par_tid() * c->tf : NULL;
+}
+
+static void conv_fwd_chunks(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const size_t B = c->s->B;
+  for (size_t k = lo; k < hi; k++) {
+    size_t b0 = kdp_chunk_lo(k, B, c->n), b1 = kdp_chunk_lo(k + 1, B, c->n);
+    conv_forward_chunk(c->out, c->in, c->w, c->b, conv_thread_scratch(c), b0, b1 - b0, c->s);
+  }
+}
+
 void kdp_conv2d_forward(float *out, const float *in, const float *w, const float *b,
                         float *scratch, const kdp_conv_shape *s) {
   const size_t B = s->B, ohw = s->OH * s->OW;
   if (B == 0 || ohw == 0 || s->Cout == 0) return;
-  const size_t n = conv_n_chunks(s), tf = conv_thread_floats(s, 0);
-  float *thr = scratch ? scratch + conv_partial_floats(s) : NULL;
-  const int nt = kdp_par_team_tasks(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t c = 0; c < n; c++) {
-    size_t b0 = kdp_chunk_lo(c, B, n), b1 = kdp_chunk_lo(c + 1, B, n);
-    conv_forward_chunk(out, in, w, b, thr ? thr + (size_t)kdp_par_tid() * tf : NULL, b0, b1 - b0,
-                       s);
-  }
-  kdp_par_toc(t0, n);
+  conv_ctx c = {.s = s, .n = conv_n_chunks(s), .tf = conv_thread_floats(s, 0), .out = out,
+                .in = in, .w = w, .b = b};
+  c.thr = scratch ? scratch + conv_partial_floats(s) : NULL;
+  kdp_par_tasks(c.n, conv_fwd_chunks, &c);
 }
 
 /* The input and weight gradients of one chunk from its output gradient g (n * OH * OW x Cout):
@@ -363,19 +420,21 @@ static void conv_backward_chunk(float *din, int din_set, float *dw, int first, c
 
 /* dw += sum over groups of the partials (group order), likewise db; part holds per group
    nw weight floats then C bias floats */
+static void add_partials_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx; /* out: dw; in: the partials, n groups of stride C floats */
+  for (size_t i = lo; i < hi; i++) {
+    float v = a->in[i];
+    for (size_t g = 1; g < a->n; g++) v += a->in[g * a->C + i];
+    a->out[i] += v;
+  }
+}
+
 static void conv_add_partials(float *dw, float *db, const float *part, size_t groups, size_t nw,
                               size_t C) {
   const size_t stride = nw + C;
   if (dw) {
-    const int nt = kdp_par_team(nw * groups);
-    double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (size_t i = 0; i < nw; i++) {
-      float v = part[i];
-      for (size_t g = 1; g < groups; g++) v += part[g * stride + i];
-      dw[i] += v;
-    }
-    kdp_par_toc(t0, nw);
+    la a = {.out = dw, .in = part, .n = groups, .C = stride};
+    kdp_par_elems(nw, nw * groups, add_partials_range, &a);
   }
   if (db)
     for (size_t c = 0; c < C; c++) {
@@ -433,32 +492,37 @@ static void conv_grads_finish(const conv_grads *cg, size_t C) {
   if (cg->part) conv_add_partials(cg->dw, cg->db, cg->part, cg->groups, cg->nw, C);
 }
 
+/* groups [lo, hi) of the conv backward: each group's chunks in order */
+static void conv_bwd_groups(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const kdp_conv_shape *s = c->s;
+  const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW, n = c->n, G = c->cg->groups;
+  float *col = conv_thread_scratch(c);
+  for (size_t gi = lo; gi < hi; gi++)
+    for (size_t k = gi * n / G; k < (gi + 1) * n / G; k++) {
+      size_t b0 = kdp_chunk_lo(k, B, n), nb = kdp_chunk_lo(k + 1, B, n) - b0;
+      const float *g = c->dout + b0 * ohw * C;
+      float *gdw, *gdb;
+      int first;
+      conv_grads_at(c->cg, gi, k == gi * n / G, &gdw, &gdb, &first, C);
+      if (gdb) col_sums4(gdb, g, nb * ohw, C);
+      conv_backward_chunk(c->din, 0, gdw, first, g, c->in, c->w, col, col ? col + c->tf / 2 : NULL,
+                          b0, nb, s);
+    }
+}
+
 void kdp_conv2d_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                          const float *w, float *scratch, const kdp_conv_shape *s) {
   const size_t B = s->B, C = s->Cout, kkc = s->K * s->K * s->Cin, ohw = s->OH * s->OW;
   if (B == 0 || ohw == 0 || C == 0) return;
   if (kkc == 0) dw = din = NULL;
   if (!dw && !din && !db) return;
-  const size_t n = conv_n_chunks(s), tf = conv_thread_floats(s, 0), half = tf / 2;
   conv_grads cg;
-  conv_grads_init(&cg, dw, db, scratch, s, n);
-  float *thr = scratch ? scratch + conv_partial_floats(s) : NULL;
-  const int nt = kdp_par_team_tasks(cg.groups);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t gi = 0; gi < cg.groups; gi++) {
-    float *col = thr ? thr + (size_t)kdp_par_tid() * tf : NULL;
-    for (size_t c = gi * n / cg.groups; c < (gi + 1) * n / cg.groups; c++) {
-      size_t b0 = kdp_chunk_lo(c, B, n), nb = kdp_chunk_lo(c + 1, B, n) - b0;
-      const float *g = dout + b0 * ohw * C;
-      float *gdw, *gdb;
-      int first;
-      conv_grads_at(&cg, gi, c == gi * n / cg.groups, &gdw, &gdb, &first, C);
-      if (gdb) col_sums4(gdb, g, nb * ohw, C);
-      conv_backward_chunk(din, 0, gdw, first, g, in, w, col, col ? col + half : NULL, b0, nb, s);
-    }
-  }
-  kdp_par_toc(t0, cg.groups);
+  conv_ctx c = {.s = s, .n = conv_n_chunks(s), .tf = conv_thread_floats(s, 0), .din = din,
+                .in = in, .w = w, .dout = dout, .cg = &cg};
+  conv_grads_init(&cg, dw, db, scratch, s, c.n);
+  c.thr = scratch ? scratch + conv_partial_floats(s) : NULL;
+  kdp_par_tasks(cg.groups, conv_bwd_groups, &c);
   conv_grads_finish(&cg, C);
 }
 
@@ -523,16 +587,26 @@ static void maxpool_row(float *out, int32_t *argmax, const float *in, size_t b, 
   }
 }
 
+static void maxpool_rows(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  for (size_t q = lo; q < hi; q++)
+    maxpool_row(a->out, (int32_t *)a->am, a->in, q / a->OH, q % a->OH, a->H, a->W, a->C, a->K,
+                a->stride, a->pad, a->OH, a->OW);
+}
+
 void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B, size_t H,
                          size_t W, size_t C, size_t K, size_t stride, size_t pad) {
   const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
-  const size_t rows = B * OH;
-  const int nt = kdp_par_team(rows * OW * C * K * K);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t q = 0; q < rows; q++)
-    maxpool_row(out, argmax, in, q / OH, q % OH, H, W, C, K, stride, pad, OH, OW);
-  kdp_par_toc(t0, rows);
+  la a = {.out = out, .am = argmax, .in = in, .H = H, .W = W, .C = C, .K = K, .stride = stride,
+          .pad = pad, .OH = OH, .OW = OW};
+  kdp_par_elems(B * OH, B * OH * OW * C * K * K, maxpool_rows, &a);
+}
+
+static void maxpool_bwd_samples(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx; /* n: outputs in all */
+  for (size_t b = lo; b < hi; b++)
+    for (size_t i = b * a->n / a->B; i < (b + 1) * a->n / a->B; i++)
+      if (a->am[i] >= 0) a->out[a->am[i]] += a->g[i];
 }
 
 /* sample by sample: overlapping windows send several outputs of one sample to one input, and
@@ -540,124 +614,149 @@ void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B,
 void kdp_maxpool_backward(float *din, const float *dout, const int32_t *argmax, size_t B,
                           size_t n_out) {
   if (!din || B == 0) return;
-  const int nt = kdp_par_team(n_out);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++)
-    for (size_t i = b * n_out / B; i < (b + 1) * n_out / B; i++)
-      if (argmax[i] >= 0) din[argmax[i]] += dout[i];
-  kdp_par_toc(t0, B);
+  la a = {.out = din, .g = dout, .am = argmax, .B = B, .n = n_out};
+  kdp_par_elems(B, n_out, maxpool_bwd_samples, &a);
 }
 
-void kdp_avgpool_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C,
-                         size_t K, size_t stride, size_t pad) {
-  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
-  const float inv = K ? 1.0f / (float)(K * K) : 0.0f;
-  const int nt = kdp_par_team(B * OH * OW * C * K * K);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t q = 0; q < B * OH; q++) {
-    const size_t b = q / OH, oh = q % OH;
-    size_t h0, h1;
-    pool_window(oh, K, stride, pad, H, &h0, &h1);
-    for (size_t ow = 0; ow < OW; ow++) {
-      size_t w0, w1;
-      pool_window(ow, K, stride, pad, W, &w0, &w1);
-      float *o = out + ((b * OH + oh) * OW + ow) * C;
-      for (size_t c = 0; c < C; c++) o[c] = 0.0f;
-      for (size_t h = h0; h < h1; h++)
-        for (size_t w = w0; w < w1; w++) {
-          const float *x = in + ((b * H + h) * W + w) * C;
-          for (size_t c = 0; c < C; c++) o[c] += x[c];
-        }
-      for (size_t c = 0; c < C; c++) o[c] *= inv;
-    }
-  }
-  kdp_par_toc(t0, B * OH);
-}
-
-/* sample by sample (overlapping windows add into the same inputs in a fixed order) */
-void kdp_avgpool_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C,
-                          size_t K, size_t stride, size_t pad) {
-  if (!din) return;
-  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
-  const float inv = K ? 1.0f / (float)(K * K) : 0.0f;
-  const int nt = kdp_par_team(B * OH * OW * C * K * K);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++) {
+/* average pool over samples [lo, hi): forward (a->out = out) or backward (a->out = din,
+   a->g = dout; sample by sample, so overlapping windows add into an input in a fixed order) */
+static void avgpool_samples(void *ctx, size_t lo, size_t hi, int backward) {
+  const la *a = ctx;
+  const size_t H = a->H, W = a->W, C = a->C, K = a->K, stride = a->stride, pad = a->pad;
+  const size_t OH = a->OH, OW = a->OW;
+  const float inv = a->f;
+  for (size_t b = lo; b < hi; b++)
     for (size_t oh = 0; oh < OH; oh++) {
       size_t h0, h1;
       pool_window(oh, K, stride, pad, H, &h0, &h1);
       for (size_t ow = 0; ow < OW; ow++) {
         size_t w0, w1;
         pool_window(ow, K, stride, pad, W, &w0, &w1);
-        const float *g = dout + ((b * OH + oh) * OW + ow) * C;
+        const size_t po = ((b * OH + oh) * OW + ow) * C;
+        float *o = a->out + po;
+        if (!backward)
+          for (size_t c = 0; c < C; c++) o[c] = 0.0f;
         for (size_t h = h0; h < h1; h++)
           for (size_t w = w0; w < w1; w++) {
-            float *d = din + ((b * H + h) * W + w) * C;
-            for (size_t c = 0; c < C; c++) d[c] += g[c] * inv;
+            const size_t pi = ((b * H + h) * W + w) * C;
+            if (backward)
+              for (size_t c = 0; c < C; c++) a->out[pi + c] += a->g[po + c] * inv;
+            else
+              for (size_t c = 0; c < C; c++) o[c] += a->in[pi + c];
           }
+        if (!backward)
+          for (size_t c = 0; c < C; c++) o[c] *= inv;
       }
     }
-  }
-  kdp_par_toc(t0, B);
 }
 
-void kdp_gap_forward(float *out, const float *in, size_t B, size_t HW, size_t C) {
-  const float inv = HW ? 1.0f / (float)HW : 0.0f;
-  const int nt = kdp_par_team(B * HW * C);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++) {
-    float *o = out + b * C;
-    const float *x = in + b * HW * C;
+static void avgpool_fwd(void *ctx, size_t lo, size_t hi) { avgpool_samples(ctx, lo, hi, 0); }
+static void avgpool_bwd(void *ctx, size_t lo, size_t hi) { avgpool_samples(ctx, lo, hi, 1); }
+
+void kdp_avgpool_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C,
+                         size_t K, size_t stride, size_t pad) {
+  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
+  la a = {.out = out, .in = in, .H = H, .W = W, .C = C, .K = K, .stride = stride, .pad = pad,
+          .OH = OH, .OW = OW, .f = K ? 1.0f / (float)(K * K) : 0.0f};
+  kdp_par_elems(B, B * OH * OW * C * K * K, avgpool_fwd, &a);
+}
+
+void kdp_avgpool_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C,
+                          size_t K, size_t stride, size_t pad) {
+  if (!din) return;
+  const size_t OH = pool_out(H, K, stride, pad), OW = pool_out(W, K, stride, pad);
+  la a = {.out = din, .g = dout, .H = H, .W = W, .C = C, .K = K, .stride = stride, .pad = pad,
+          .OH = OH, .OW = OW, .f = K ? 1.0f / (float)(K * K) : 0.0f};
+  kdp_par_elems(B, B * OH * OW * C * K * K, avgpool_bwd, &a);
+}
+
+static void gap_fwd_samples(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx; /* n: HW */
+  const size_t HW = a->n, C = a->C;
+  for (size_t b = lo; b < hi; b++) {
+    float *o = a->out + b * C;
+    const float *x = a->in + b * HW * C;
     for (size_t c = 0; c < C; c++) o[c] = 0.0f;
     for (size_t p = 0; p < HW; p++)
       for (size_t c = 0; c < C; c++) o[c] += x[p * C + c];
-    for (size_t c = 0; c < C; c++) o[c] *= inv;
+    for (size_t c = 0; c < C; c++) o[c] *= a->f;
   }
-  kdp_par_toc(t0, B);
+}
+
+void kdp_gap_forward(float *out, const float *in, size_t B, size_t HW, size_t C) {
+  la a = {.out = out, .in = in, .n = HW, .C = C, .f = HW ? 1.0f / (float)HW : 0.0f};
+  kdp_par_elems(B, B * HW * C, gap_fwd_samples, &a);
+}
+
+static void gap_bwd_samples(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  const size_t HW = a->n, C = a->C;
+  for (size_t b = lo; b < hi; b++) {
+    const float *g = a->g + b * C;
+    float *d = a->out + b * HW * C;
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++) d[p * C + c] += g[c] * a->f;
+  }
 }
 
 void kdp_gap_backward(float *din, const float *dout, size_t B, size_t HW, size_t C) {
   if (!din) return;
-  const float inv = HW ? 1.0f / (float)HW : 0.0f;
-  const int nt = kdp_par_team(B * HW * C);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++) {
-    const float *g = dout + b * C;
-    float *d = din + b * HW * C;
-    for (size_t p = 0; p < HW; p++)
-      for (size_t c = 0; c < C; c++) d[p * C + c] += g[c] * inv;
-  }
-  kdp_par_toc(t0, B);
+  la a = {.out = din, .g = dout, .n = HW, .C = C, .f = HW ? 1.0f / (float)HW : 0.0f};
+  kdp_par_elems(B, B * HW * C, gap_bwd_samples, &a);
 }
 
 /* ================= element-wise ================= */
 
+static void relu_fwd_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  float *restrict o = a->out;
+  const float *restrict x = a->in;
+  for (size_t i = lo; i < hi; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
 void kdp_relu_forward(float *out, const float *in, size_t n) {
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i++) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
-  kdp_par_toc(t0, n);
+  la a = {.out = out, .in = in};
+  kdp_par_elems(n, n, relu_fwd_range, &a);
+}
+
+static void relu_bwd_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  float *restrict d = a->out;
+  const float *restrict g = a->g, *restrict o = a->in;
+  for (size_t i = lo; i < hi; i++) d[i] += o[i] > 0.0f ? g[i] : 0.0f;
 }
 
 void kdp_relu_backward(float *din, const float *dout, const float *out, size_t n) {
   if (!din) return;
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i++) din[i] += out[i] > 0.0f ? dout[i] : 0.0f;
-  kdp_par_toc(t0, n);
+  la a = {.out = din, .g = dout, .in = out};
+  kdp_par_elems(n, n, relu_bwd_range, &a);
 }
 
 /* The mask is drawn in blocks of KDP_DROPOUT_BLOCK elements; block k starts from the stream
    jumped ahead by k * KDP_DROPOUT_BLOCK draws (kdp_rng_advance), which is exactly where the
    serial loop would be: the mask is the same for every thread count. */
 #define KDP_DROPOUT_BLOCK 4096
+typedef struct dropout_ctx {
+  float *out, *mask;
+  const float *in;
+  size_t n;
+  float p, keep;
+  kdp_rng start;
+} dropout_ctx;
+
+static void dropout_blocks(void *ctx, size_t lo, size_t hi) {
+  const dropout_ctx *c = ctx;
+  for (size_t k = lo; k < hi; k++) {
+    kdp_rng r = c->start;
+    kdp_rng_advance(&r, (uint64_t)k * KDP_DROPOUT_BLOCK);
+    size_t end = (k + 1) * KDP_DROPOUT_BLOCK < c->n ? (k + 1) * KDP_DROPOUT_BLOCK : c->n;
+    for (size_t i = k * KDP_DROPOUT_BLOCK; i < end; i++) {
+      c->mask[i] = kdp_rng_uniform(&r) < c->p ? 0.0f : c->keep;
+      c->out[i] = c->in[i] * c->mask[i];
+    }
+  }
+}
+
 void kdp_dropout_forward(float *out, float *mask, const float *in, size_t n, float p,
                          kdp_rng *rng) {
   if (p <= 0.0f || !rng) {
@@ -671,84 +770,81 @@ void kdp_dropout_forward(float *out, float *mask, const float *in, size_t n, flo
     for (size_t i = 0; i < n; i++) mask[i] = out[i] = 0.0f;
     return;
   }
-  const float keep = 1.0f / (1.0f - p);
-  const size_t nblk = (n + KDP_DROPOUT_BLOCK - 1) / KDP_DROPOUT_BLOCK;
-  const kdp_rng start = *rng;
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t k = 0; k < nblk; k++) {
-    kdp_rng r = start;
-    kdp_rng_advance(&r, (uint64_t)k * KDP_DROPOUT_BLOCK);
-    size_t hi = (k + 1) * KDP_DROPOUT_BLOCK < n ? (k + 1) * KDP_DROPOUT_BLOCK : n;
-    for (size_t i = k * KDP_DROPOUT_BLOCK; i < hi; i++) {
-      mask[i] = kdp_rng_uniform(&r) < p ? 0.0f : keep;
-      out[i] = in[i] * mask[i];
-    }
-  }
-  kdp_par_toc(t0, nblk);
+  dropout_ctx c = {out, mask, in, n, p, 1.0f / (1.0f - p), *rng};
+  kdp_par_elems((n + KDP_DROPOUT_BLOCK - 1) / KDP_DROPOUT_BLOCK, n, dropout_blocks, &c);
   kdp_rng_advance(rng, n);
+}
+
+static void dropout_bwd_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  float *restrict d = a->out;
+  const float *restrict g = a->g, *restrict m = a->in;
+  for (size_t i = lo; i < hi; i++) d[i] += g[i] * m[i];
 }
 
 void kdp_dropout_backward(float *din, const float *dout, const float *mask, size_t n) {
   if (!din) return;
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i++) din[i] += dout[i] * mask[i];
-  kdp_par_toc(t0, n);
+  la a = {.out = din, .g = dout, .in = mask};
+  kdp_par_elems(n, n, dropout_bwd_range, &a);
 }
 
 /* NHWC (HW x C per sample) -> NCHW (C x HW), i.e. a transpose per sample. */
-void kdp_flatten_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C) {
-  const size_t HW = H * W;
-  const int nt = kdp_par_team(B * HW * C);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++) {
-    const float *x = in + b * HW * C;
-    float *o = out + b * HW * C;
+static void flatten_fwd_samples(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx; /* n: HW */
+  const size_t HW = a->n, C = a->C;
+  for (size_t b = lo; b < hi; b++) {
+    const float *x = a->in + b * HW * C;
+    float *o = a->out + b * HW * C;
     for (size_t p = 0; p < HW; p++)
       for (size_t c = 0; c < C; c++) o[c * HW + p] = x[p * C + c];
   }
-  kdp_par_toc(t0, B);
+}
+
+void kdp_flatten_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C) {
+  la a = {.out = out, .in = in, .n = H * W, .C = C};
+  kdp_par_elems(B, B * H * W * C, flatten_fwd_samples, &a);
+}
+
+static void flatten_bwd_samples(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  const size_t HW = a->n, C = a->C;
+  for (size_t b = lo; b < hi; b++) {
+    const float *g = a->g + b * HW * C;
+    float *d = a->out + b * HW * C;
+    for (size_t p = 0; p < HW; p++)
+      for (size_t c = 0; c < C; c++) d[p * C + c] += g[c * HW + p];
+  }
 }
 
 void kdp_flatten_backward(float *din, const float *dout, size_t B, size_t H, size_t W, size_t C) {
   if (!din) return;
-  const size_t HW = H * W;
-  const int nt = kdp_par_team(B * HW * C);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++) {
-    const float *g = dout + b * HW * C;
-    float *d = din + b * HW * C;
-    for (size_t p = 0; p < HW; p++)
-      for (size_t c = 0; c < C; c++) d[p * C + c] += g[c * HW + p];
-  }
-  kdp_par_toc(t0, B);
+  la a = {.out = din, .g = dout, .n = H * W, .C = C};
+  kdp_par_elems(B, B * H * W * C, flatten_bwd_samples, &a);
+}
+
+static void add_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  float *restrict o = a->out;
+  const float *restrict x = a->in, *restrict y = a->in2;
+  for (size_t i = lo; i < hi; i++) o[i] = x[i] + y[i];
 }
 
 void kdp_add_forward(float *out, const float *a, const float *b, size_t n) {
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-  kdp_par_toc(t0, n);
+  la c = {.out = out, .in = a, .in2 = b};
+  kdp_par_elems(n, n, add_range, &c);
 }
 
-/* a += g over n floats on the team */
-static void add_into(float *restrict a, const float *restrict g, size_t n) {
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i++) a[i] += g[i];
-  kdp_par_toc(t0, n);
+static void add_into_range(void *ctx, size_t lo, size_t hi) {
+  const la *a = ctx;
+  float *restrict o = a->out;
+  const float *restrict g = a->g;
+  for (size_t i = lo; i < hi; i++) o[i] += g[i];
 }
 
 void kdp_add_backward(float *da, float *db, const float *dout, size_t n) {
-  if (da) add_into(da, dout, n);
-  if (db) add_into(db, dout, n);
+  la a = {.out = da, .g = dout}, b = {.out = db, .g = dout};
+  if (da) kdp_par_elems(n, n, add_into_range, &a);
+  if (db) kdp_par_elems(n, n, add_into_range, &b);
 }
 
 /* Output spatial size of x[:, ::stride, ::stride]: ceil(H / stride). */
@@ -757,43 +853,42 @@ static size_t sub_size(size_t H, size_t stride) {
   return H ? (H - 1) / st + 1 : 0;
 }
 
-void kdp_shortcut_a_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t Cin,
-                            size_t Cout, size_t stride) {
-  const size_t OH = sub_size(H, stride), OW = sub_size(W, stride), st = stride ? stride : 1;
-  const size_t lo = Cout > Cin ? (Cout - Cin) / 2 : 0;
-  const size_t nc = Cin < Cout - lo ? Cin : Cout - lo;
-  const int nt = kdp_par_team(B * OH * OW * Cout);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++)
+/* option-A shortcut, forward (a->out set) or backward (a->out = din, a->g = dout) */
+static void shortcut_samples(void *ctx, size_t lo, size_t hi, int backward) {
+  const la *a = ctx; /* C: Cin, C2: Cout */
+  const size_t H = a->H, W = a->W, Cin = a->C, Cout = a->C2, st = a->stride ? a->stride : 1;
+  const size_t OH = sub_size(H, a->stride), OW = sub_size(W, a->stride);
+  const size_t pl = Cout > Cin ? (Cout - Cin) / 2 : 0;
+  const size_t nc = Cin < Cout - pl ? Cin : Cout - pl;
+  for (size_t b = lo; b < hi; b++)
     for (size_t oh = 0; oh < OH; oh++)
       for (size_t ow = 0; ow < OW; ow++) {
-        float *o = out + ((b * OH + oh) * OW + ow) * Cout;
-        const float *x = in + ((b * H + oh * st) * W + ow * st) * Cin;
-        for (size_t c = 0; c < lo; c++) o[c] = 0.0f;
-        for (size_t c = 0; c < nc; c++) o[lo + c] = x[c];
-        for (size_t c = lo + nc; c < Cout; c++) o[c] = 0.0f;
+        const size_t o = ((b * OH + oh) * OW + ow) * Cout;
+        const size_t x = ((b * H + oh * st) * W + ow * st) * Cin;
+        if (backward) {
+          for (size_t c = 0; c < nc; c++) a->out[x + c] += a->g[o + pl + c];
+          continue;
+        }
+        for (size_t c = 0; c < pl; c++) a->out[o + c] = 0.0f;
+        for (size_t c = 0; c < nc; c++) a->out[o + pl + c] = a->in[x + c];
+        for (size_t c = pl + nc; c < Cout; c++) a->out[o + c] = 0.0f;
       }
-  kdp_par_toc(t0, B);
+}
+
+static void shortcut_fwd(void *ctx, size_t lo, size_t hi) { shortcut_samples(ctx, lo, hi, 0); }
+static void shortcut_bwd(void *ctx, size_t lo, size_t hi) { shortcut_samples(ctx, lo, hi, 1); }
+
+void kdp_shortcut_a_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t Cin,
+                            size_t Cout, size_t stride) {
+  la a = {.out = out, .in = in, .H = H, .W = W, .C = Cin, .C2 = Cout, .stride = stride};
+  kdp_par_elems(B, B * H * W * Cout / (stride ? stride * stride : 1), shortcut_fwd, &a);
 }
 
 void kdp_shortcut_a_backward(float *din, const float *dout, size_t B, size_t H, size_t W,
                              size_t Cin, size_t Cout, size_t stride) {
   if (!din) return;
-  const size_t OH = sub_size(H, stride), OW = sub_size(W, stride), st = stride ? stride : 1;
-  const size_t lo = Cout > Cin ? (Cout - Cin) / 2 : 0;
-  const size_t nc = Cin < Cout - lo ? Cin : Cout - lo;
-  const int nt = kdp_par_team(B * OH * OW * Cout);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t b = 0; b < B; b++)
-    for (size_t oh = 0; oh < OH; oh++)
-      for (size_t ow = 0; ow < OW; ow++) {
-        const float *g = dout + ((b * OH + oh) * OW + ow) * Cout + lo;
-        float *d = din + ((b * H + oh * st) * W + ow * st) * Cin;
-        for (size_t c = 0; c < nc; c++) d[c] += g[c];
-      }
-  kdp_par_toc(t0, B);
+  la a = {.out = din, .g = dout, .H = H, .W = W, .C = Cin, .C2 = Cout, .stride = stride};
+  kdp_par_elems(B, B * H * W * Cout / (stride ? stride * stride : 1), shortcut_bwd, &a);
 }
 
 /* ================= batchnorm ================= */
@@ -828,13 +923,23 @@ static void bn_stats_rows(double *restrict sum, double *restrict sq, const float
    (par.h), on the team */
 typedef void (*rows_fn)(const void *ctx, size_t k, size_t r0, size_t nr);
 
+typedef struct rows_ctx {
+  rows_fn fn;
+  const void *ctx;
+  size_t N, rows;
+} rows_ctx;
+
+static void rows_blocks(void *ctx, size_t lo, size_t hi) {
+  const rows_ctx *c = ctx;
+  for (size_t k = lo; k < hi; k++)
+    c->fn(c->ctx, k, k * c->rows, c->N - k * c->rows < c->rows ? c->N - k * c->rows : c->rows);
+}
+
 static void rows_parallel(size_t N, size_t C, rows_fn fn, const void *ctx) {
-  const size_t rows = kdp_row_block_rows(N, C), nblk = (N + rows - 1) / rows;
-  const int nt = kdp_par_team_tasks(N * C >= KDP_PAR_MIN_WORK ? nblk : 1);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t k = 0; k < nblk; k++) fn(ctx, k, k * rows, N - k * rows < rows ? N - k * rows : rows);
-  kdp_par_toc(t0, nblk);
+  rows_ctx c = {fn, ctx, N, kdp_row_block_rows(N, C)};
+  const size_t nblk = (N + c.rows - 1) / c.rows;
+  kdp_par_for(nblk, nblk, kdp_par_team_tasks(N * C >= KDP_PAR_MIN_WORK ? nblk : 1), rows_blocks,
+              &c);
 }
 
 /* Mean and sum of squared deviations (m2) per channel of one block of rows (x: rows x C), from
@@ -1210,6 +1315,33 @@ static void cbpr_pool_eval(float *restrict out, const float *restrict y,
   }
 }
 
+static void cbpr_fwd_chunks(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const size_t B = c->s->B, C = c->s->Cout, ohw = c->s->OH * c->s->OW;
+  for (size_t k = lo; k < hi; k++) {
+    size_t b0 = kdp_chunk_lo(k, B, c->n), nb = kdp_chunk_lo(k + 1, B, c->n) - b0;
+    conv_forward_chunk(c->y, c->in, c->w, c->b, conv_thread_scratch(c) + c->dy_floats, b0, nb,
+                       c->s);
+    c->cnt[k] = nb * ohw;
+    /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache */
+    if (c->train)
+      stats_block(c->st + k * 2 * C, c->st + k * 2 * C + C, c->y + b0 * ohw * C, c->cnt[k], C);
+  }
+}
+
+/* pooled rows q = (b, ph) in [lo, hi) */
+static void cbpr_pool_rows(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const size_t PH = c->s->OH / 2, OH = c->s->OH, OW = c->s->OW, C = c->s->Cout;
+  for (size_t q = lo; q < hi; q++) {
+    if (c->train)
+      cbpr_pool_train(c->out, c->win, c->xwin, c->y, c->mean, c->invstd, c->gamma, c->beta, q / PH,
+                      q % PH, OH, OW, C);
+    else
+      cbpr_pool_eval(c->out, c->y, c->scale, c->shift, q / PH, q % PH, OH, OW, C);
+  }
+}
+
 void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float *y, float *mean,
                                    float *invstd, float *run_mean, float *run_var,
                                    const float *in, const float *w, const float *b,
@@ -1218,22 +1350,15 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
                                    float eps) {
   const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW, PH = s->OH / 2;
   if (B == 0 || ohw == 0 || C == 0) return;
-  const size_t n = conv_n_chunks(s), tf = conv_thread_floats(s, C);
-  const size_t dy_floats = conv_chunk(s) * ohw * C; /* the backward's part of a thread's scratch */
-  float *thr = scratch + conv_partial_floats(s);
-  double *st = kdp_xmalloc((n + 1) * 2 * C * sizeof(double)); /* per chunk: mean, m2 */
-  size_t *cnt = kdp_xmalloc(n * sizeof(size_t));
-  int nt = kdp_par_team_tasks(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t c = 0; c < n; c++) {
-    size_t b0 = kdp_chunk_lo(c, B, n), nb = kdp_chunk_lo(c + 1, B, n) - b0;
-    conv_forward_chunk(y, in, w, b, thr + (size_t)kdp_par_tid() * tf + dy_floats, b0, nb, s);
-    cnt[c] = nb * ohw;
-    /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache */
-    if (train) stats_block(st + c * 2 * C, st + c * 2 * C + C, y + b0 * ohw * C, cnt[c], C);
-  }
-  kdp_par_toc(t0, n);
+  const size_t n = conv_n_chunks(s);
+  conv_ctx c = {.s = s, .n = n, .tf = conv_thread_floats(s, C), .y = y, .in = in, .w = w, .b = b,
+                .train = train, .out = out, .win = win, .xwin = xwin, .mean = mean,
+                .invstd = invstd, .gamma = gamma, .beta = beta};
+  c.dy_floats = conv_chunk(s) * ohw * C; /* the backward's part of a thread's scratch */
+  c.thr = scratch + conv_partial_floats(s);
+  double *st = c.st = kdp_xmalloc((n + 1) * 2 * C * sizeof(double)); /* per chunk: mean, m2 */
+  size_t *cnt = c.cnt = kdp_xmalloc(n * sizeof(size_t));
+  kdp_par_tasks(n, cbpr_fwd_chunks, &c);
   float *scale = NULL, *shift = NULL;
   if (train) {
     double *mu = st + n * 2 * C;
@@ -1244,17 +1369,9 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
     shift = scale + C;
     bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, C, eps);
   }
-  nt = kdp_par_team(B * ohw * C);
-  t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t q = 0; q < B * PH; q++) {
-    if (train)
-      cbpr_pool_train(out, win, xwin, y, mean, invstd, gamma, beta, q / PH, q % PH, s->OH, s->OW,
-                      C);
-    else
-      cbpr_pool_eval(out, y, scale, shift, q / PH, q % PH, s->OH, s->OW, C);
-  }
-  kdp_par_toc(t0, B * PH);
+  c.scale = scale;
+  c.shift = shift;
+  kdp_par_elems(B * PH, B * ohw * C, cbpr_pool_rows, &c);
   free(scale);
   free(cnt);
   free(st);
@@ -1319,6 +1436,27 @@ static void cbpr_dy(float *restrict dy, const float *restrict y, const float *re
       }
 }
 
+/* groups [lo, hi) of the fused backward: each group's chunks in order */
+static void cbpr_bwd_groups(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const kdp_conv_shape *s = c->s;
+  const size_t B = s->B, C = s->Cout, OH = s->OH, OW = s->OW, ohw = OH * OW;
+  const size_t pp = (OH / 2) * (OW / 2), n = c->n, G = c->cg->groups;
+  float *dy = conv_thread_scratch(c), *col = dy + c->dy_floats;
+  float *dcol = col + (c->tf - c->dy_floats) / 2;
+  for (size_t gi = lo; gi < hi; gi++)
+    for (size_t k = gi * n / G; k < (gi + 1) * n / G; k++) {
+      size_t b0 = kdp_chunk_lo(k, B, n), nb = kdp_chunk_lo(k + 1, B, n) - b0;
+      cbpr_dy(dy, c->y + b0 * ohw * C, c->dout + b0 * pp * C, c->cwin + b0 * pp * C, c->k1, c->k2,
+              c->k3, c->mean, c->invstd, nb, OH, OW, C);
+      float *gdw, *gdb;
+      int first;
+      conv_grads_at(c->cg, gi, k == gi * n / G, &gdw, &gdb, &first, C);
+      if (gdb) col_sums4(gdb, dy, nb * ohw, C);
+      conv_backward_chunk(c->din, c->din_set, gdw, first, dy, c->in, c->w, col, dcol, b0, nb, s);
+    }
+}
+
 void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *db, float *dgamma,
                                     float *dbeta, const float *dout, const float *out,
                                     const uint8_t *win, const float *xwin, const float *y,
@@ -1340,28 +1478,15 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   float *k1 = k, *k2 = k + C, *k3 = k + 2 * C;
   bn_bwd_coefs(k1, k2, k3, sg, sb, invstd, gamma, B * ohw, C);
   if (kkc == 0) dw = din = NULL;
-  const size_t n = conv_n_chunks(s), tf = conv_thread_floats(s, C);
-  const size_t dy_floats = conv_chunk(s) * ohw * C, half = (tf - dy_floats) / 2;
   conv_grads cg;
-  conv_grads_init(&cg, dw, db, scratch, s, n);
-  float *thr = scratch + conv_partial_floats(s);
-  const int nt = kdp_par_team_tasks(cg.groups);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-  for (size_t gi = 0; gi < cg.groups; gi++) {
-    float *dy = thr + (size_t)kdp_par_tid() * tf, *col = dy + dy_floats, *dcol = col + half;
-    for (size_t c = gi * n / cg.groups; c < (gi + 1) * n / cg.groups; c++) {
-      size_t b0 = kdp_chunk_lo(c, B, n), nb = kdp_chunk_lo(c + 1, B, n) - b0;
-      cbpr_dy(dy, y + b0 * ohw * C, dout + b0 * pp * C, win + b0 * pp * C, k1, k2, k3, mean,
-              invstd, nb, OH, OW, C);
-      float *gdw, *gdb;
-      int first;
-      conv_grads_at(&cg, gi, c == gi * n / cg.groups, &gdw, &gdb, &first, C);
-      if (gdb) col_sums4(gdb, dy, nb * ohw, C);
-      conv_backward_chunk(din, din_set, gdw, first, dy, in, w, col, dcol, b0, nb, s);
-    }
-  }
-  kdp_par_toc(t0, cg.groups);
+  conv_ctx c = {.s = s, .n = conv_n_chunks(s), .tf = conv_thread_floats(s, C), .din = din,
+                .din_set = din_set, .y = (float *)y, .dout = dout, .cwin = win, .k1 = k1,
+                .k2 = k2, .k3 = k3, .mean = (float *)mean, .invstd = (float *)invstd, .in = in,
+                .w = w, .cg = &cg};
+  c.dy_floats = conv_chunk(s) * ohw * C;
+  conv_grads_init(&cg, dw, db, scratch, s, c.n);
+  c.thr = scratch + conv_partial_floats(s);
+  kdp_par_tasks(cg.groups, cbpr_bwd_groups, &c);
   conv_grads_finish(&cg, C);
   free(k);
   free(sg);

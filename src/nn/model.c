@@ -868,13 +868,12 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
 
 const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_act].val; }
 
+static void zero_range(void *ctx, size_t lo, size_t hi) {
+  memset((float *)ctx + lo, 0, (hi - lo) * sizeof(float));
+}
+
 void kdp_model_zero_grad(kdp_model *m) {
-  const size_t n = m->n_params, blk = 16384;
-  const int nt = kdp_par_team(n);
-  double t0 = kdp_par_tic();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (size_t i = 0; i < n; i += blk) memset(m->grads + i, 0, (n - i < blk ? n - i : blk) * sizeof(float));
-  kdp_par_toc(t0, n);
+  kdp_par_elems(m->n_params, m->n_params, zero_range, m->grads);
 }
 
 /* Zeroes the input gradient of op i if op i is the last reader of that activation (the first

@@ -1,42 +1,40 @@
-/* par.h (internal to src/nn): the step's threads. Every parallel loop of the nn kernels is an
-   OpenMP loop over a FIXED list of tasks (GEMM tiles, batch chunks, row blocks, elements) whose
-   boundaries depend only on the shapes, never on the thread count; a task writes its own outputs
-   or its own partial sums, and partial sums are added in task order on one thread. So a run with
-   1 thread and a run with N threads execute the same floating-point operations in the same order:
-   their results are bitwise equal (tests/test_threads.c). OpenBLAS is always called with one
-   thread, from inside these loops (kdp_nn_set_threads). */
+/* par.h (internal to src/nn): the step's threads. Every parallel loop of the nn kernels runs a
+   FIXED list of items (GEMM tiles, batch chunks, row blocks, elements) whose boundaries depend only
+   on the shapes, never on the thread count; an item writes its own outputs or its own partial sums,
+   and partial sums are added in item order on one thread. So a run with 1 thread and a run with N
+   threads execute the same floating-point operations in the same order: their results are bitwise
+   equal (tests/test_threads.c). OpenBLAS is always called with one thread, from inside these loops
+   (kdp_nn_set_threads). The loops run on kdpeers' own pool of threads (spin, yield, then sleep:
+   robust when the cores are shared) or, with -Dthreads=openmp, on OpenMP (docs/threads.md). */
 #ifndef KDPEERS_NN_PAR_H
 #define KDPEERS_NN_PAR_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 /* the team size set by kdp_nn_set_threads (1 before any call) */
 int kdp_par_threads(void);
 
-/* Team for a loop over `work` cheap elements: 1 below KDP_PAR_MIN_WORK (the fork and join of a
-   team, ~1-3 us, would cost more than the loop), 1 inside another parallel loop, else the team. */
+/* Team for a loop over `work` cheap elements: 1 below KDP_PAR_MIN_WORK (waking the team, ~1-3 us,
+   would cost more than the loop), 1 inside another parallel loop, else the team. */
 #define KDP_PAR_MIN_WORK 32768
 int kdp_par_team(size_t work);
 /* Team for `n` coarse tasks (tiles, chunks): min(n, threads), 1 inside a parallel loop. */
 int kdp_par_team_tasks(size_t n);
 
-static inline int kdp_par_tid(void) {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
+/* The thread running the current item: 0 (the caller) .. team - 1. For per-thread scratch. */
+int kdp_par_tid(void);
 
-/* Profiling of the parallel loops, for the Amdahl model (launch/stepmodel.c): with profiling on,
-   every loop adds its wall time and its task count; kdp_par_tic returns 0 when it is off. */
-double kdp_par_tic(void);
-void kdp_par_toc(double t0, size_t n_tasks);
+/* fn(ctx, lo, hi) over the items [0, n), cut into `pieces` contiguous pieces of about equal size
+   (piece k = [k n / pieces, (k + 1) n / pieces)) that the `team` threads take in any order; returns
+   when all are done. team 1 runs the pieces in order on the caller. Loops over independent
+   elements use pieces = team; loops over tasks use pieces = n. Profiled (kdp_nn_profile) as n
+   items of equal cost. */
+typedef void (*kdp_par_fn)(void *ctx, size_t lo, size_t hi);
+void kdp_par_for(size_t n, size_t pieces, int team, kdp_par_fn fn, void *ctx);
+/* the common cases: n tasks on kdp_par_team_tasks(n) threads; n elements on kdp_par_team(work) */
+void kdp_par_tasks(size_t n, kdp_par_fn fn, void *ctx);
+void kdp_par_elems(size_t n, size_t work, kdp_par_fn fn, void *ctx);
 
 /* ---- fixed row blocks for reductions over N rows of C columns ----
    Blocks of about KDP_ROW_BLOCK_FLOATS floats, a multiple of 4 rows (the sums take rows four at a
@@ -70,9 +68,6 @@ void kdp_gemm_plan(kdp_gemm *g);
 void kdp_gemm_tile(const kdp_gemm *g, size_t t);
 /* the rows [*lo, *hi) or columns of C that tile t covers */
 void kdp_gemm_tile_range(const kdp_gemm *g, size_t t, size_t *lo, size_t *hi);
-/* plans and runs every tile on the team */
-void kdp_gemm_run(int ta, int tb, size_t M, size_t N, size_t K, const float *A, size_t lda,
-                  const float *B, size_t ldb, float beta, float *C, size_t ldc);
 
 /* ---- batch chunks of the convolutions ----
    n chunks of balanced size (sizes differ by at most one sample) of at most `max_per_chunk`
