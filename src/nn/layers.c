@@ -1419,13 +1419,17 @@ static void cbpr_dy(float *restrict dy, const float *restrict y, const float *re
         const size_t r = ((b * H + h) * W + w) * C;
         if (h / 2 < PH && w / 2 < PW) {
           const size_t po = ((b * PH + h / 2) * PW + w / 2) * C;
-          const int k = (int)((h & 1) * 2 + (w & 1));
+          const int32_t want = (int32_t)((h & 1) * 2 + (w & 1)) | KDP_WIN_RELU;
           for (size_t c = 0; c < C; c++) {
             float xh = (y[r + c] - mean[c]) * invstd[c];
-            float gv = k1[c] * dout[po + c]; /* unconditional loads: the loop vectorises */
-            int hit = (int)win[po + c] == (k | KDP_WIN_RELU);
-            float t = hit ? gv : 0.0f;
-            dy[r + c] = t - k2[c] - k3[c] * xh;
+            /* gv where this position won its window and passed the relu, else +0: the select as
+               a bit mask, which gcc vectorises without AVX-512 (a ?: here it does not) */
+            union {
+              float f;
+              int32_t i;
+            } gv = {k1[c] * dout[po + c]};
+            gv.i &= -(int32_t)((int32_t)win[po + c] == want);
+            dy[r + c] = gv.f - k2[c] - k3[c] * xh;
           }
         } else {
           for (size_t c = 0; c < C; c++) {
