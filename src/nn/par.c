@@ -26,6 +26,10 @@
 #include "kdpeers/nn.h"
 
 static int g_threads = 1;
+/* the thread that set the team up: the only one whose loops use the pool (any other thread runs
+   its loops itself, in item order: the same results) */
+static pthread_t g_owner;
+static int g_owned = 0;
 /* KDP_GEMM_MODE=openblas: whole GEMMs threaded by OpenBLAS instead of fixed tiles (results then
    depend on the thread count; only for the measurements of docs/threads.md) */
 static int g_blas_threaded = 0;
@@ -235,6 +239,8 @@ static void pool_run(size_t n, size_t pieces, int team, kdp_par_fn fn, void *ctx
 void kdp_nn_set_threads(int n) {
   if (n < 1) n = 1;
   g_threads = n;
+  g_owner = pthread_self();
+  g_owned = 1;
   const char *mode = getenv("KDP_GEMM_MODE");
   g_blas_threaded = mode && strcmp(mode, "openblas") == 0;
   pool_resize(n);
@@ -246,13 +252,16 @@ void kdp_nn_set_threads(int n) {
 int kdp_nn_threads(void) { return g_threads; }
 int kdp_par_threads(void) { return g_threads; }
 
+static int pool_usable(void) {
+  return g_threads > 1 && !tls_in_loop && g_owned && pthread_equal(pthread_self(), g_owner);
+}
+
 int kdp_par_team(size_t work) {
-  if (g_threads <= 1 || work < KDP_PAR_MIN_WORK || tls_in_loop) return 1;
-  return g_threads;
+  return work >= KDP_PAR_MIN_WORK && pool_usable() ? g_threads : 1;
 }
 
 int kdp_par_team_tasks(size_t n) {
-  if (g_threads <= 1 || n <= 1 || g_blas_threaded || tls_in_loop) return 1;
+  if (n <= 1 || g_blas_threaded || !pool_usable()) return 1;
   return n < (size_t)g_threads ? (int)n : g_threads;
 }
 
@@ -288,9 +297,10 @@ void kdp_par_for(size_t n, size_t pieces, int team, kdp_par_fn fn, void *ctx) {
   if (n == 0) return;
   if (pieces < 1) pieces = 1;
   if (pieces > n) pieces = n;
-  const int outer = !tls_in_loop;
+  /* profiled: the owner's outermost loops */
+  const int outer = !tls_in_loop && (!g_owned || pthread_equal(pthread_self(), g_owner));
   double t0 = g_prof.on && outer ? kdp_now() : 0.0;
-  if (team <= 1 || pieces == 1 || tls_in_loop) {
+  if (team <= 1 || pieces == 1 || !pool_usable()) {
     int was = tls_in_loop;
     tls_in_loop = 1; /* loops inside run serially too */
     for (size_t k = 0; k < pieces; k++) run_pieces(n, pieces, fn, ctx, k);
