@@ -111,8 +111,9 @@ def cmd_train(a):
         os.environ["OPENBLAS_NUM_THREADS"] = str(a.blas_threads)
     import torch
 
-    torch.set_num_threads(a.threads)
-    torch.set_num_interop_threads(1)
+    if a.threads > 0:  # 0: PyTorch's default (as many threads as cores)
+        torch.set_num_threads(a.threads)
+        torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
     if a.mkldnn == "off":
         torch.backends.mkldnn.enabled = False
@@ -415,7 +416,8 @@ def main():
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (0: not called, PyTorch's default)")
     t.add_argument("--blas-threads", type=int, help="OPENBLAS_NUM_THREADS for PyTorch's OpenBLAS "
                    "(default: the environment's)")
     t.add_argument("--channels-last", action="store_true", help="model and data channels-last")
