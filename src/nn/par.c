@@ -346,9 +346,12 @@ void kdp_gemm_plan(kdp_gemm *g) {
   size_t dim = g->split_n ? g->N : g->M;
   double flops = 2.0 * (double)g->M * (double)g->N * (double)g->K;
   size_t t = 1;
-  if (!g_blas_threaded)
-    while (2 * t * KDP_GEMM_TILE_MIN <= dim && flops / (double)(2 * t) >= KDP_GEMM_TILE_FLOPS)
+  if (!g_blas_threaded && 2 * KDP_GEMM_TILE_MIN <= dim) {
+    while (4 * t * KDP_GEMM_TILE_MIN <= dim && flops / (double)(2 * t) >= KDP_GEMM_TILE_FLOPS)
       t *= 2;
+    /* two threads get a share of every GEMM worth splitting */
+    if (t == 1 && flops >= 0.5 * KDP_GEMM_TILE_FLOPS) t = 2;
+  }
   g->tiles = t;
 }
 
