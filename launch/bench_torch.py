@@ -8,8 +8,10 @@
       steps are run first and excluded from the timing.
 
   bench_torch.py report --dir DIR --json FILE --model ARCH... --steps N --repeat N
-      Reads the per-run files bench-speed wrote into DIR (roofline.rR.json, kdpeers.mI.rR.jsonl,
-      torch.mI.rR.json, commands.txt, loadavg.*) and prints the comparison table.
+                        [--threads LIST] [--native PATH]
+      Reads the per-run files bench-speed wrote into DIR (roofline.rR.json,
+      kdpeers.mI.tT.rR.jsonl, native.mI.tT.rR.jsonl, torch.mI.tT.CONFIG.rR.json,
+      stepprof.mI.json, commands.txt, loadavg.*) and prints the comparison tables.
 
 Run with Debian's /usr/bin/python3 (python3-torch 1.13).
 """
@@ -80,7 +82,9 @@ def read_idx_gz(path):
     return data.reshape(dims)
 
 
-def build_model(arch):
+def build_model(arch, pool_first=False):
+    """pool_first (cnn): max-pool before an in-place ReLU, the same function (relu and max
+    commute), with the ReLU on a 4x smaller map; kdpeers' cnn runs that order too."""
     import torch.nn as nn
 
     arch = canonical_arch(arch)
@@ -95,6 +99,11 @@ def build_model(arch):
     if arch == "cnn":
         # as build_cnn in src/nn/model.c: conv(32,3,1,1)+bias bn relu maxpool2,
         # conv(64,3,1,1)+bias bn relu maxpool2, flatten, fc128 relu, fc10
+        if pool_first:
+            return nn.Sequential(
+                nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU(True),
+                nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.MaxPool2d(2), nn.ReLU(True),
+                nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(True), nn.Linear(128, N_CLASSES))
         return nn.Sequential(
             nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
@@ -103,21 +112,37 @@ def build_model(arch):
 
 
 def cmd_train(a):
+    # OpenBLAS (PyTorch's BLAS here: libblas.so.3 -> OpenBLAS) reads its thread count when torch
+    # loads it, so it is set before the import
+    if a.blas_threads is not None:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(a.blas_threads)
     import torch
 
-    torch.set_num_threads(a.threads)
-    torch.set_num_interop_threads(1)
+    if a.threads > 0:  # 0: PyTorch's default (as many threads as cores)
+        torch.set_num_threads(a.threads)
+        torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
+    if a.mkldnn == "off":
+        torch.backends.mkldnn.enabled = False
+    if a.flush_denormal:
+        torch.set_flush_denormal(True)
     t_load = time.perf_counter()
     x = read_idx_gz(os.path.join(a.data_dir, "train-images-idx3-ubyte.gz"))
     y = read_idx_gz(os.path.join(a.data_dir, "train-labels-idx1-ubyte.gz"))
     if len(x) != len(y):
         raise SystemExit(f"bench_torch: {len(x)} images but {len(y)} labels in {a.data_dir}")
     X = ((torch.from_numpy(x.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
+    if a.flat_input:  # (N, 784): the MLP's input without a view
+        X = X.reshape(len(X), -1).contiguous()
     Y = torch.from_numpy(y.astype("int64"))
     load_seconds = time.perf_counter() - t_load
 
-    model = build_model(a.model)
+    model = build_model(a.model, pool_first=a.pool_first)
+    if a.flat_input and isinstance(model[0], torch.nn.Flatten):
+        model = torch.nn.Sequential(*list(model)[1:])
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        X = X.contiguous(memory_format=torch.channels_last)
     total = a.warmup + a.steps
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=True,
                           weight_decay=a.weight_decay)
@@ -126,38 +151,52 @@ def cmd_train(a):
     model.train()
     n, pos, perm = len(X), len(X), None
     loss = None
-    t0 = None
+    t0 = c0 = None
     for step in range(total):
         if step == a.warmup:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         if pos + a.batch > n:  # new epoch: reshuffle, drop the last partial batch
             perm, pos = torch.randperm(n), 0
         idx = perm[pos:pos + a.batch]
         pos += a.batch
         xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=a.zero_grad == "none")
         loss = loss_fn(model(xb), yb)
         loss.backward()
         opt.step()
         sched.step()
     train_seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     step_flops, fwd_flops = flops_per_step(a.model, a.batch)
     res = {
         "event": "summary", "impl": "pytorch", "arch": canonical_arch(a.model),
         "batch": a.batch, "steps": a.steps, "warmup_steps": a.warmup,
         "train_seconds": train_seconds, "steps_per_second": a.steps / train_seconds,
+        "cpu_seconds": cpu_seconds, "cores_busy": cpu_seconds / train_seconds,
         "load_seconds": load_seconds, "final_loss": float(loss.item()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "n_params": sum(p.numel() for p in model.parameters()),
         "flops_per_step": step_flops, "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "config": torch_config_name(a),
+        "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
     }
     line = json.dumps(res)
     print(line)
     if a.out:
         with open(a.out, "w") as f:
             f.write(line + "\n")
+
+
+def torch_config_name(a):
+    """Short name of a PyTorch configuration: torch threads, OpenBLAS threads, options."""
+    parts = [f"torch{a.threads}", f"blas{a.blas_threads if a.blas_threads is not None else '?'}"]
+    parts += [k for k, on in (("channels_last", a.channels_last), ("mkldnn_off", a.mkldnn == "off"),
+                              ("set_to_none", a.zero_grad == "none"), ("flat", a.flat_input),
+                              ("pool_first", a.pool_first),
+                              ("ftz", a.flush_denormal)) if on]
+    return "/".join(parts)
 
 
 # ----------------------------------------------------------------------------- report
@@ -191,11 +230,24 @@ def spread(st):
     return 100.0 * (st["max"] - st["min"]) / 2.0 / st["median"] if st["median"] else 0.0
 
 
+def sps_runs(pattern):
+    """steps/s stats and peak RSS of the runs matching a glob (kdpeers summaries or torch JSON)."""
+    runs = []
+    for p in sorted(glob.glob(pattern)):
+        runs.append(last_summary(p) if p.endswith(".jsonl") else load_json(p))
+    if not runs:
+        return None
+    return {"steps_per_second": stats([r["steps_per_second"] for r in runs]),
+            "peak_rss_mb": stats([r["peak_rss_mb"] for r in runs]), "steps": runs[0].get("steps"),
+            "runs": runs}
+
+
 def cmd_report(a):
-    meta = {"models": [canonical_arch(m) for m in a.model], "batch": a.batch, "steps": a.steps,
-            "repeat": a.repeat,
-            "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                                   "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}}
+    threads = [int(t) for t in a.threads.split(",")]
+    meta = {"models": [canonical_arch(m) for m in a.model], "threads": threads, "batch": a.batch,
+            "steps": a.steps, "repeat": a.repeat, "native": a.native,
+            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                   "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
     for key, name in (("load_before", "loadavg.before"), ("load_after", "loadavg.after")):
         path = os.path.join(a.dir, name)
         if os.path.exists(path):
@@ -213,15 +265,9 @@ def cmd_report(a):
            "openblas_config": rooflines[0]["openblas_config"],
            "openblas_corename": rooflines[0]["openblas_corename"],
            "square_peak_gflops": sq, "models": []}
-    rows = []
+    med = lambda r: r["steps_per_second"]["median"] if r else None  # noqa: E731
     for i, arch in enumerate(meta["models"]):
         tag = f"m{i}"
-        kd = [last_summary(p) for p in sorted(glob.glob(os.path.join(a.dir, f"kdpeers.{tag}.r*.jsonl")))]
-        th = [load_json(p) for p in sorted(glob.glob(os.path.join(a.dir, f"torch.{tag}.r*.json")))]
-        for r in kd:
-            if r.get("steps") != meta["steps"]:
-                print(f"bench_torch report: WARNING: a kdpeers {arch} run took {r.get('steps')} "
-                      f"steps, not the {meta['steps']} asked for", file=sys.stderr)
         rl = [m for r in rooflines for m in r["models"]
               if m["arch"] == arch and m["conv_chunk_floats"] == 0]
         rl_chunk = [m for r in rooflines for m in r["models"]
@@ -232,33 +278,54 @@ def cmd_report(a):
         if rl[0]["flops_per_step"] != step_flops:
             raise SystemExit(f"bench_torch report: roofline counts {rl[0]['flops_per_step']} FLOPs "
                              f"per step for {arch}, the formula {step_flops}")
-        rl_sec = stats([m["roofline_seconds_per_step"] for m in rl])
-        rl_chunk_sec = stats([m["roofline_seconds_per_step"] for m in rl_chunk])
         m = {"arch": arch, "batch": meta["batch"], "flops_per_step": step_flops,
              "flops_per_step_pytorch_convention_3x_forward": 3 * fwd_flops,
-             "forward_flops_per_step": fwd_flops, "roofline_seconds_per_step": rl_sec,
-             "roofline_shape_gflops": stats([m["roofline_gflops"] for m in rl]),
-             "roofline_chunked_seconds_per_step": rl_chunk_sec,
+             "roofline_seconds_per_step": stats([m["roofline_seconds_per_step"] for m in rl]),
+             "roofline_chunked_seconds_per_step":
+                 stats([m["roofline_seconds_per_step"] for m in rl_chunk]),
              "roofline_chunked_conv_chunk_floats": rl_chunk[0]["conv_chunk_floats"],
-             "gemms": rl[0]["gemms"], "gemms_chunked": rl_chunk[0]["gemms"]}
-        for name, runs in (("kdpeers", kd), ("pytorch", th)):
-            if not runs:
-                m[name] = None
-                continue
-            sps = stats([r["steps_per_second"] for r in runs])
-            m[name] = {"steps_per_second": sps,
-                       "peak_rss_mb": stats([r["peak_rss_mb"] for r in runs]),
-                       "steps": runs[0].get("steps"),
-                       "gflops": step_flops * sps["median"] / 1e9,
-                       "percent_of_square_peak": 100.0 * step_flops * sps["median"] / 1e9 / sq["median"],
-                       "ms_per_step": 1e3 / sps["median"],
-                       "x_shape_roofline_time": 1.0 / sps["median"] / rl_sec["median"],
-                       "x_chunked_roofline_time": 1.0 / sps["median"] / rl_chunk_sec["median"]}
-        if m["kdpeers"] and m["pytorch"]:
-            m["kdpeers_over_pytorch"] = (m["kdpeers"]["steps_per_second"]["median"]
-                                         / m["pytorch"]["steps_per_second"]["median"])
+             "gemms": rl[0]["gemms"], "gemms_chunked": rl_chunk[0]["gemms"], "by_threads": []}
+        for t in threads:
+            row = {"threads": t,
+                   "kdpeers": sps_runs(os.path.join(a.dir, f"kdpeers.{tag}.t{t}.r*.jsonl")),
+                   "kdpeers_native": sps_runs(os.path.join(a.dir, f"native.{tag}.t{t}.r*.jsonl")),
+                   "pytorch_configs": {}}
+            for p in sorted(glob.glob(os.path.join(a.dir, f"torch.{tag}.t{t}.*.r*.json"))):
+                name = os.path.basename(p)[len(f"torch.{tag}.t{t}."):].rsplit(".r", 1)[0]
+                row["pytorch_configs"].setdefault(name, None)
+            for name in row["pytorch_configs"]:
+                row["pytorch_configs"][name] = sps_runs(
+                    os.path.join(a.dir, f"torch.{tag}.t{t}.{name}.r*.json"))
+            cfgs = {k: v for k, v in row["pytorch_configs"].items() if v}
+            if cfgs:
+                best = max(cfgs, key=lambda k: med(cfgs[k]))
+                row["pytorch_best_config"] = best
+                row["pytorch"] = cfgs[best]
+            else:
+                row["pytorch"] = None
+            k = row["kdpeers"]
+            if k and row["pytorch"]:
+                row["kdpeers_over_pytorch"] = med(k) / med(row["pytorch"])
+            if k and row["kdpeers_native"]:
+                row["native_over_portable"] = med(row["kdpeers_native"]) / med(k)
+            if k and t == 1:
+                kd = med(k)
+                row["kdpeers_gflops"] = step_flops * kd / 1e9
+                row["kdpeers_percent_of_square_peak"] = 100.0 * step_flops * kd / 1e9 / sq["median"]
+                row["kdpeers_x_shape_roofline_time"] = 1.0 / kd / m["roofline_seconds_per_step"]["median"]
+                row["kdpeers_x_chunked_roofline_time"] = (
+                    1.0 / kd / m["roofline_chunked_seconds_per_step"]["median"])
+                row["roofline_ratio_percent"] = 100.0 / row["kdpeers_x_chunked_roofline_time"]
+            m["by_threads"].append(row)
+        base = m["by_threads"][0]
+        for row in m["by_threads"][1:]:
+            for name in ("kdpeers", "pytorch"):
+                if row.get(name) and base.get(name):
+                    row[f"{name}_speedup_over_{base['threads']}"] = med(row[name]) / med(base[name])
+        sp = os.path.join(a.dir, f"stepprof.{tag}.json")
+        if os.path.exists(sp):
+            m["stepprof"] = load_json(sp)
         out["models"].append(m)
-        rows.append(m)
 
     def f_sps(r):
         if not r:
@@ -273,53 +340,72 @@ def cmd_report(a):
             print("  ".join(c.rjust(w) if i else c.ljust(w)
                             for i, (c, w) in enumerate(zip(r, widths))))
 
-    def opt(r, fmt, key):
-        return fmt.format(r[key]) if r else "-"
-
-    t1, t2 = [], []
-    for m in rows:
-        k, t = m["kdpeers"], m["pytorch"]
-        t1.append([
-            m["arch"], f_sps(k), f_sps(t),
-            f"{m['kdpeers_over_pytorch']:.2f}" if "kdpeers_over_pytorch" in m else "-",
-            f"{k['peak_rss_mb']['median']:.0f}" if k else "-",
-            f"{t['peak_rss_mb']['median']:.0f}" if t else "-"])
-        t2.append([
-            m["arch"], opt(k, "{:.1f}", "gflops"), opt(t, "{:.1f}", "gflops"),
-            f"{sq['median']:.1f}", opt(k, "{:.1f}%", "percent_of_square_peak"),
-            opt(k, "{:.2f}", "ms_per_step"),
-            f"{1e3 * m['roofline_seconds_per_step']['median']:.2f}",
-            opt(k, "{:.2f}x", "x_shape_roofline_time"),
-            f"{1e3 * m['roofline_chunked_seconds_per_step']['median']:.2f}",
-            opt(k, "{:.2f}x", "x_chunked_roofline_time"),
-            opt(t, "{:.2f}", "ms_per_step")])
-    show(["model", "kdpeers steps/s", "PyTorch steps/s", "kdpeers/PyTorch", "kdpeers RSS MB",
-          "PyTorch RSS MB"], t1)
-    show(["model", "kdp GF/s", "torch GF/s", "2048² GF/s", "kdp %2048²", "kdp ms/step",
-          "roofline ms", "kdp/roofline", "chunked roofl ms", "kdp/chunked", "torch ms/step"], t2)
-    print()
-    print(f"steps/s: median of {meta['repeat']} interleaved runs, ± = half the min-max range "
-          f"relative to the median; batch {meta['batch']}, {meta['steps']} timed steps, 1 thread.")
-    print("FLOPs: 2*M*N*K per GEMM; per layer forward + weight-gradient + input-gradient GEMMs, "
-          "except the first layer's input gradient (not needed). Non-GEMM work (bias, BN, ReLU, "
-          "pooling, im2col, optimizer) is not counted.")
-    for m in rows:
-        print(f"  {m['arch']}: {m['flops_per_step'] / 1e6:.1f} MFLOP/step "
-              f"(PyTorch convention 3x forward: "
-              f"{m['flops_per_step_pytorch_convention_3x_forward'] / 1e6:.1f} MFLOP/step)")
-    print(f"2048² GF/s: single-core cblas_sgemm peak (best sample, median over runs); "
-          f"OpenBLAS: {out['openblas_config']}; kernel {out['openblas_corename']}.")
-    print("roofline ms: the step time if every GEMM ran at its measured shape speed and nothing "
-          "else cost anything (kdp-roofline, whole-batch im2col GEMMs); kdp/roofline = kdpeers "
-          "time / that. chunked roofl ms: the same with the conv GEMMs split into the batch "
-          "chunks src/nn/layers.c uses (the shapes kdpeers actually runs).")
-    print("RSS: peak resident set of the whole process (PyTorch's includes the torch libraries "
-          "and the float32 dataset).")
+    t1, t2, t3, t4 = [], [], [], []
+    for m in out["models"]:
+        for row in m["by_threads"]:
+            t = row["threads"]
+            sp_k = row.get(f"kdpeers_speedup_over_{threads[0]}")
+            sp_t = row.get(f"pytorch_speedup_over_{threads[0]}")
+            t1.append([m["arch"], str(t), f_sps(row["kdpeers"]), f_sps(row["pytorch"]),
+                       row.get("pytorch_best_config", "-"),
+                       f"{row['kdpeers_over_pytorch']:.2f}x" if "kdpeers_over_pytorch" in row else "-",
+                       f"{sp_k:.2f}x" if sp_k else "", f"{sp_t:.2f}x" if sp_t else "",
+                       f_sps(row["kdpeers_native"]),
+                       f"{row['native_over_portable']:.3f}" if "native_over_portable" in row else "-"])
+            for name, r in sorted(row["pytorch_configs"].items()):
+                t2.append([m["arch"], str(t), name, f_sps(r)])
+            if t == 1 and "kdpeers_gflops" in row:
+                t3.append([m["arch"], f"{row['kdpeers_gflops']:.1f}", f"{sq['median']:.1f}",
+                           f"{row['kdpeers_percent_of_square_peak']:.1f}%",
+                           f"{1e3 / med(row['kdpeers']):.2f}",
+                           f"{1e3 * m['roofline_seconds_per_step']['median']:.2f}",
+                           f"{row['kdpeers_x_shape_roofline_time']:.2f}x",
+                           f"{1e3 * m['roofline_chunked_seconds_per_step']['median']:.2f}",
+                           f"{row['kdpeers_x_chunked_roofline_time']:.2f}x",
+                           f"{row['roofline_ratio_percent']:.1f}%"])
+        st = m.get("stepprof")
+        if st:
+            p = st["profile_1_thread"]
+            mod = {e["threads"]: e for e in p["modelled"]}
+            k1 = med(m["by_threads"][0]["kdpeers"]) if m["by_threads"][0]["kdpeers"] else None
+            row = [m["arch"], f"{100 * p['serial_share']:.1f}%"]
+            for n in (2, 16, 32, 64):
+                e = mod[n]
+                row.append(f"{e['amdahl_speedup']:.1f}x / {e['task_speedup']:.1f}x")
+            row.append(f"{k1 * mod[64]['amdahl_speedup']:.0f}" if k1 else "-")
+            t4.append(row)
+    show(["model", "threads", "kdpeers steps/s", "PyTorch steps/s", "PyTorch config",
+          "kdpeers/PyTorch", "kdpeers speed-up", "PyTorch speed-up", "native steps/s",
+          "native/portable"], t1)
+    print(f"\nsteps/s: median of {meta['repeat']} interleaved runs, ± = half the min-max range "
+          f"relative to the median; batch {meta['batch']}, {meta['steps']} timed steps. PyTorch: "
+          "the fastest configuration at that thread count (all of them below). Speed-ups: over "
+          f"{threads[0]} thread(s), each against its own.")
+    show(["model", "threads", "PyTorch configuration", "steps/s"], t2)
+    print("\nPyTorch configurations: torchN = torch.set_num_threads(N); blasN = OPENBLAS_NUM_THREADS "
+          "of PyTorch's OpenBLAS; zero/none = opt.zero_grad(set_to_none=False/True).")
+    if t3:
+        show(["model", "kdp GF/s", "2048² GF/s", "kdp %2048²", "kdp ms/step", "roofline ms",
+              "kdp/roofline", "chunked roofl ms", "kdp/chunked", "roofline ratio"], t3)
+        print("\n1 thread. FLOPs: 2*M*N*K per GEMM; per layer forward + weight-gradient + "
+              "input-gradient GEMMs, except the first layer's input gradient. roofline ms: the step "
+              "if every GEMM ran at its measured single-core speed at its shape and nothing else "
+              "cost anything; chunked: with the conv GEMMs split into the batch chunks of "
+              "src/nn. roofline ratio = chunked roofline time / kdpeers time.")
+        for m in out["models"]:
+            print(f"  {m['arch']}: {m['flops_per_step'] / 1e6:.1f} MFLOP/step")
+    if t4:
+        show(["model", "serial share", "2 threads", "16 threads", "32 threads", "64 threads",
+              "steps/s at 64 (Amdahl)"], t4)
+        print("\nkdp-stepprof at 1 thread: serial share = the step's time outside the parallel "
+              "loops of src/nn (data, loss, loop set-up). Speed-ups: Amdahl from the serial share "
+              "/ the same with each parallel loop limited by its task count (GEMM tiles, chunks).")
     env = meta.get("env", {})
     print("env: " + " ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env.items()))
+    print(f"OpenBLAS: {out['openblas_config']}; kernel {out['openblas_corename']}")
     if meta.get("load_before"):
         print(f"load average (1/5/15 min) before: {meta['load_before']}, after: "
-              f"{meta.get('load_after', '?')} (2 shared cores; other jobs compete for them)")
+              f"{meta.get('load_after', '?')} ({os.cpu_count()} cores, shared)")
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
@@ -338,7 +424,20 @@ def main():
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (0: not called, PyTorch's default)")
+    t.add_argument("--blas-threads", type=int, help="OPENBLAS_NUM_THREADS for PyTorch's OpenBLAS "
+                   "(default: the environment's)")
+    t.add_argument("--channels-last", action="store_true", help="model and data channels-last")
+    t.add_argument("--mkldnn", choices=("on", "off"), default="on",
+                   help="torch.backends.mkldnn.enabled (oneDNN convolutions)")
+    t.add_argument("--zero-grad", choices=("zero", "none"), default="zero",
+                   help="opt.zero_grad(set_to_none=False) (zero) or True (none)")
+    t.add_argument("--flat-input", action="store_true",
+                   help="mlp: the data as (N, 784) and no nn.Flatten")
+    t.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    t.add_argument("--pool-first", action="store_true",
+                   help="cnn: max-pool before an in-place ReLU (the same function, less work)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data-dir", default=DATA_DIR)
     t.add_argument("--out", help="also write the JSON line here")
@@ -350,6 +449,8 @@ def main():
     r.add_argument("--batch", type=int, default=128)
     r.add_argument("--steps", type=int, required=True)
     r.add_argument("--repeat", type=int, required=True)
+    r.add_argument("--threads", default="1", help="comma-separated thread counts")
+    r.add_argument("--native", help="the second (native) kdpeers binary, if any")
     a = p.parse_args()
     if a.cmd == "train":
         if a.steps < 1 or a.warmup < 0 or a.batch < 1:

@@ -113,8 +113,8 @@ static int add_conv_part(model *m, const char *layer, size_t nb, size_t P1, size
 }
 
 /* 'same' conv, stride 1, kernel k, on an H x W x cin input. With m->conv_chunk_floats > 0 the
-   batch is split like src/nn/layers.c does: chunks of max(1, target / (H*W*max(k*k*cin, cout)))
-   samples (the im2col matrix or the output, whichever is larger). */
+   batch is split like src/nn/layers.c does: chunks of at most max(1, target / (H*W*max(k*k*cin,
+   cout))) samples (the im2col matrix or the output, whichever is larger), balanced. */
 static int add_conv(model *m, const char *layer, size_t B, size_t H, size_t W, size_t cin,
                     size_t cout, size_t k, int first) {
   size_t P1 = H * W, Q = k * k * cin;
@@ -123,8 +123,14 @@ static int add_conv(model *m, const char *layer, size_t B, size_t H, size_t W, s
   size_t nb = m->conv_chunk_floats / (P1 * (Q > cout ? Q : cout));
   if (nb < 1) nb = 1;
   if (nb > B) nb = B;
-  if (add_conv_part(m, layer, nb, P1, Q, cout, first, B / nb, "")) return -1;
-  if (B % nb) return add_conv_part(m, layer, B % nb, P1, Q, cout, first, 1, ".rest");
+  /* as src/nn/par.c kdp_chunk_count: ceil(B / nb) chunks rounded up to a multiple of 4, of
+     balanced sizes (B / n and B / n + 1 samples) */
+  size_t n = (B + nb - 1) / nb;
+  if (n > 1) n = (n + 3) & ~(size_t)3;
+  if (n > B) n = B;
+  size_t small = B / n, big = B % n;
+  if (add_conv_part(m, layer, small, P1, Q, cout, first, n - big, "")) return -1;
+  if (big) return add_conv_part(m, layer, small + 1, P1, Q, cout, first, big, ".big");
   return 0;
 }
 

@@ -73,6 +73,21 @@ uint32_t kdp_rng_below(kdp_rng *r, uint32_t n) {
   }
 }
 
+void kdp_rng_advance(kdp_rng *r, uint64_t delta) {
+  /* state' = mult^delta * state + inc * (mult^(delta-1) + ... + 1), by squaring */
+  uint64_t mult = 6364136223846793005ULL, plus = r->inc, acc_mult = 1, acc_plus = 0;
+  while (delta > 0) {
+    if (delta & 1) {
+      acc_mult *= mult;
+      acc_plus = acc_plus * mult + plus;
+    }
+    plus = (mult + 1) * plus;
+    mult *= mult;
+    delta >>= 1;
+  }
+  r->state = acc_mult * r->state + acc_plus;
+}
+
 float kdp_rng_uniform(kdp_rng *r) { return (float)(kdp_rng_u32(r) >> 8) * (1.0f / 16777216.0f); }
 
 float kdp_rng_normal(kdp_rng *r) {

@@ -781,6 +781,46 @@ START_TEST(test_batcher_seek) {
 }
 END_TEST
 
+/* one channel: every pixel value gives torchvision's float32 (u / 255 - mean) / std exactly (the
+   batcher computes it per pixel instead of from the table the other paths use) */
+START_TEST(test_normalise_gray) {
+  const size_t n = 4, H = 8, W = 8, isz = H * W;
+  kdp_dataset ds = synth(n, H, W, 1, 10, 3);
+  for (size_t i = 0; i < n * isz; i++) ds.images[i] = (uint8_t)(i & 255);
+  const float mean = 0.2860f, sd = 0.3530f;
+  float *x = calloc(n * isz, sizeof(float)), *xa = calloc(n * isz, sizeof(float));
+  int32_t y[4];
+  kdp_dataset_get(&ds, 0, n, &mean, &sd, x, y);
+  for (size_t i = 0; i < n * isz; i++) {
+    float want = ((float)ds.images[i] / 255.0f - mean) / sd;
+    ck_assert_msg(memcmp(&x[i], &want, sizeof want) == 0, "pixel %u: %.9g, float32 gives %.9g",
+                  ds.images[i], (double)x[i], (double)want);
+  }
+  /* the augmenting path (table lookups) agrees bitwise where it copies (flip only, no crop) */
+  kdp_batcher b;
+  kdp_batcher_init(&b, &ds, n, 1, 0, 0);
+  b.mean[0] = mean;
+  b.std[0] = sd;
+  b.augment = 1;
+  b.flip = 1;
+  b.crop_pad = 0;
+  ck_assert_uint_eq(kdp_batcher_next(&b, xa, y), n);
+  for (size_t i = 0; i < n; i++)
+    for (size_t r = 0; r < H; r++)
+      for (size_t c = 0; c < W; c++) {
+        const float *row = x + i * isz + r * W;
+        float a = xa[i * isz + r * W + c];
+        ck_assert_msg(a == row[c] || a == row[W - 1 - c],
+                      "image %zu (%zu, %zu): %g is neither the pixel nor its mirror", i, r, c,
+                      (double)a);
+      }
+  kdp_batcher_free(&b);
+  free(x);
+  free(xa);
+  kdp_dataset_free(&ds);
+}
+END_TEST
+
 START_TEST(test_normalise) {
   const size_t n = 7, H = 3, W = 5, C = 3, isz = H * W * C;
   kdp_dataset ds = synth(n, H, W, C, 10, 9);
@@ -1051,6 +1091,7 @@ static Suite *data_suite(void) {
   tcase_add_test(core, test_batcher_shard);
   tcase_add_test(core, test_batcher_seek);
   tcase_add_test(core, test_normalise);
+  tcase_add_test(core, test_normalise_gray);
   tcase_add_test(core, test_aug_flip);
   tcase_add_test(core, test_aug_crop);
   tcase_add_test(core, test_aug_known);

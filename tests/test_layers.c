@@ -91,15 +91,21 @@ static void fd_check(const char *what, fwd_fn f, ctx *c, float *param, size_t n,
 
 /* ------------------------------------------------------------------ naive vs BLAS */
 
+/* random input (B x I), weights (O x I), bias (O) and output gradient (B x O) in [-1, 1) */
+static void dense_inputs(kdp_rng *r, uint64_t seed, size_t B, size_t I, size_t O, float **in,
+                         float **w, float **b, float **dout) {
+  kdp_rng_seed(r, seed, 0);
+  *in = kdp_falloc(B * I), *w = kdp_falloc(O * I), *b = kdp_falloc(O), *dout = kdp_falloc(B * O);
+  fill_uniform(r, *in, B * I, -1, 1);
+  fill_uniform(r, *w, O * I, -1, 1);
+  fill_uniform(r, *b, O, -1, 1);
+  fill_uniform(r, *dout, B * O, -1, 1);
+}
+
 static void check_dense_shape(size_t B, size_t I, size_t O, uint64_t seed) {
   kdp_rng r;
-  kdp_rng_seed(&r, seed, 0);
-  float *in = kdp_falloc(B * I), *w = kdp_falloc(O * I), *b = kdp_falloc(O);
-  float *dout = kdp_falloc(B * O);
-  fill_uniform(&r, in, B * I, -1, 1);
-  fill_uniform(&r, w, O * I, -1, 1);
-  fill_uniform(&r, b, O, -1, 1);
-  fill_uniform(&r, dout, B * O, -1, 1);
+  float *in, *w, *b, *dout;
+  dense_inputs(&r, seed, B, I, O, &in, &w, &b, &dout);
   float *o1 = kdp_falloc(B * O), *o2 = kdp_falloc(B * O);
   kdp_dense_forward(o1, in, w, b, B, I, O);
   kdp_dense_forward_naive(o2, in, w, b, B, I, O);
@@ -125,6 +131,57 @@ static void check_dense_shape(size_t B, size_t I, size_t O, uint64_t seed) {
   free(di1), free(dw1), free(db1), free(di2), free(dw2), free(db2);
 }
 
+/* dense + relu: the fused kernel equals the BLAS dense followed by the relu layers (same GEMM
+   tiles: bit for bit), and its naive twin within the dense tolerance */
+static void check_dense_relu_shape(size_t B, size_t I, size_t O, uint64_t seed) {
+  kdp_rng r;
+  float *in, *w, *b, *dout;
+  dense_inputs(&r, seed, B, I, O, &in, &w, &b, &dout);
+  float *pre = kdp_falloc(B * O), *o1 = kdp_falloc(B * O), *o2 = kdp_falloc(B * O);
+  float *o3 = kdp_falloc(B * O);
+  kdp_dense_forward(pre, in, w, b, B, I, O);
+  kdp_relu_forward(o1, pre, B * O);
+  kdp_dense_relu_forward(o2, in, w, b, B, I, O);
+  kdp_dense_relu_forward_naive(o3, in, w, b, B, I, O);
+  char what[128];
+  snprintf(what, sizeof what, "dense+relu out B=%zu I=%zu O=%zu", B, I, O);
+  assert_exact(what, o2, o1, B * O);
+  kdp_test_assert_close(what, o3, o1, B * O, 1e-4, 1e-4);
+  size_t pos = 0;
+  for (size_t i = 0; i < B * O; i++) pos += o1[i] > 0.0f;
+  ck_assert_msg(pos > 0 && pos < B * O, "%s: the relu must cut some and pass some", what);
+  /* backward: the unfused relu then dense, against the fused (dout masked in place) */
+  float *di1 = kdp_falloc(B * I), *dw1 = kdp_falloc(O * I), *db1 = kdp_falloc(O);
+  float *dpre = kdp_falloc(B * O);
+  fill_uniform(&r, di1, B * I, -1, 1);
+  fill_uniform(&r, dw1, O * I, -1, 1);
+  fill_uniform(&r, db1, O, -1, 1);
+  float *di2 = fdup(di1, B * I), *dw2 = fdup(dw1, O * I), *db2 = fdup(db1, O);
+  float *di3 = fdup(di1, B * I), *dw3 = fdup(dw1, O * I), *db3 = fdup(db1, O);
+  float *g2 = fdup(dout, B * O), *g3 = fdup(dout, B * O);
+  kdp_relu_backward(dpre, dout, o1, B * O);
+  kdp_dense_backward(di1, dw1, db1, dpre, in, w, B, I, O);
+  kdp_dense_relu_backward(di2, dw2, db2, g2, o2, in, w, B, I, O);
+  kdp_dense_relu_backward_naive(di3, dw3, db3, g3, o3, in, w, B, I, O);
+  snprintf(what, sizeof what, "dense+relu grads B=%zu I=%zu O=%zu", B, I, O);
+  assert_exact(what, di2, di1, B * I);
+  assert_exact(what, dw2, dw1, O * I);
+  assert_exact(what, db2, db1, O);
+  kdp_test_assert_close(what, di3, di1, B * I, 1e-4, 1e-4);
+  kdp_test_assert_close(what, dw3, dw1, O * I, 1e-4, 1e-4);
+  kdp_test_assert_close(what, db3, db1, O, 1e-4, 1e-4);
+  free(in), free(w), free(b), free(dout), free(pre), free(o1), free(o2), free(o3);
+  free(di1), free(dw1), free(db1), free(dpre), free(di2), free(dw2), free(db2);
+  free(di3), free(dw3), free(db3), free(g2), free(g3);
+}
+
+START_TEST(test_dense_relu) {
+  check_dense_relu_shape(128, 784, 512, 11); /* the mlp's first layer: several GEMM tiles */
+  check_dense_relu_shape(7, 13, 5, 12);
+  check_dense_relu_shape(3, 2, 2, 13);
+}
+END_TEST
+
 START_TEST(test_dense_naive_vs_blas) {
   check_dense_shape(1, 1, 1, 1);
   check_dense_shape(7, 13, 5, 2);
@@ -135,7 +192,7 @@ START_TEST(test_dense_naive_vs_blas) {
 END_TEST
 
 /* Compares BLAS and naive conv: forward and din, dw, db (accumulating onto the same random
-   start). Returns the number of samples per chunk the BLAS path used. */
+   start). Returns the number of batch chunks the BLAS path used. */
 static size_t check_conv_shape(kdp_conv_shape s, int with_bias, uint64_t seed) {
   kdp_conv_shape_init(&s);
   kdp_rng r;
@@ -181,11 +238,10 @@ static size_t check_conv_shape(kdp_conv_shape s, int with_bias, uint64_t seed) {
   snprintf(what, sizeof what, "conv dw (din NULL) " SHAPE_FMT, SHAPE_ARGS);
   kdp_test_assert_close(what, dw3, dw4, nw, 1e-4, 1e-4);
 
-  size_t per = s.OH * s.OW * s.K * s.K * s.Cin;
-  size_t chunk = (ns && per) ? ns / (2 * per) : s.B;
+  size_t chunks = kdp_conv_chunks(&s);
   free(in), free(w), free(b), free(dout), free(scratch), free(o1), free(o2);
   free(di1), free(dw1), free(db1), free(di2), free(dw2), free(db2), free(dw3), free(dw4);
-  return chunk;
+  return chunks;
 }
 
 START_TEST(test_conv_naive_vs_blas) {
@@ -205,17 +261,17 @@ START_TEST(test_conv_naive_vs_blas) {
 }
 END_TEST
 
-/* Batches that are not a multiple of the chunk size (the last chunk is short). */
+/* Batches in several chunks of unequal size (B not a multiple of the chunk count). */
 START_TEST(test_conv_chunked) {
   kdp_conv_shape a = {.B = 5, .H = 28, .W = 28, .Cin = 16, .Cout = 8, .K = 3, .stride = 1,
                       .pad = 1};
   size_t ca = check_conv_shape(a, 1, 7);
-  ck_assert_msg(ca > 1 && ca < a.B && a.B % ca != 0, "shape a: chunk %zu of B=%zu", ca, a.B);
+  ck_assert_msg(ca > 1 && ca < a.B && a.B % ca != 0, "shape a: %zu chunks of B=%zu", ca, a.B);
   /* the CNN's second conv */
   kdp_conv_shape c = {.B = 11, .H = 14, .W = 14, .Cin = 32, .Cout = 64, .K = 3, .stride = 1,
                       .pad = 1};
   size_t cc = check_conv_shape(c, 0, 8);
-  ck_assert_msg(cc > 1 && cc < c.B && c.B % cc != 0, "shape c: chunk %zu of B=%zu", cc, c.B);
+  ck_assert_msg(cc > 1 && cc < c.B && c.B % cc != 0, "shape c: %zu chunks of B=%zu", cc, c.B);
   /* stride 2, pad 2, K=5 */
   kdp_conv_shape d = {.B = 7, .H = 30, .W = 29, .Cin = 3, .Cout = 5, .K = 5, .stride = 2,
                       .pad = 2};
@@ -338,7 +394,7 @@ START_TEST(test_fd_maxpool) {
     fill_distinct(&r, c.in, nin); /* gaps of 0.05 > 2 * step: the argmax never changes */
     fill_uniform(&r, rr, c.n_out, -1, 1);
     fw_maxpool(&c);
-    kdp_maxpool_backward(din, rr, c.am, c.n_out);
+    kdp_maxpool_backward(din, rr, c.am, c.B, c.n_out);
     fd_check("fd maxpool din", fw_maxpool, &c, c.in, nin, din, rr, 1e-2f, 1e-4, 1e-4);
     free(c.in), free(c.out), free(c.am), free(rr), free(din);
   }
@@ -569,9 +625,9 @@ START_TEST(test_accumulate) {
     kdp_maxpool_forward(out, am, x, B, H, W, C, 2, 2, 0);
     RESET();
     size_t no = B * 3 * 3 * C;
-    kdp_maxpool_backward(a1, g, am, no);
-    kdp_maxpool_backward(a2, g, am, no);
-    kdp_maxpool_backward(a2, g, am, no);
+    kdp_maxpool_backward(a1, g, am, B, no);
+    kdp_maxpool_backward(a2, g, am, B, no);
+    kdp_maxpool_backward(a2, g, am, B, no);
     assert_doubled("maxpool din", a1, a2, n);
     free(am);
   }
@@ -963,7 +1019,7 @@ static void check_cbpr_shape(kdp_conv_shape s, uint64_t seed) {
   float *di2 = fdup(di1, nin), *dw2 = fdup(dw1, nw), *db2 = fdup(db1, C), *dg2 = fdup(dg1, C);
   float *dbt2 = fdup(dbt1, C);
   kdp_relu_backward(dp, dout, out1, np);
-  kdp_maxpool_backward(dbn, dp, am, np);
+  kdp_maxpool_backward(dbn, dp, am, s.B, np);
   kdp_bn_backward(dy, dg1, dbt1, dbn, xhat, inv1, g, N, C);
   kdp_conv2d_backward(di1, dw1, db1, dy, in, w, scratch, &s);
   kdp_conv_bn_pool_relu_backward(di2, 0, dw2, db2, dg2, dbt2, dout, out2, win, xwin, y2, mean,
@@ -1022,6 +1078,7 @@ static Suite *layers_suite(void) {
   TCase *core = tcase_create("core");
   tcase_set_timeout(core, 60);
   tcase_add_test(core, test_dense_naive_vs_blas);
+  tcase_add_test(core, test_dense_relu);
   tcase_add_test(core, test_bn_backward_set);
   tcase_add_test(core, test_conv_naive_vs_blas);
   tcase_add_test(core, test_conv_chunked);

@@ -53,6 +53,9 @@ uint32_t kdp_rng_u32(kdp_rng *r);
 uint32_t kdp_rng_below(kdp_rng *r, uint32_t n);  /* uniform in [0, n), unbiased */
 float kdp_rng_uniform(kdp_rng *r);                /* uniform in [0, 1) */
 float kdp_rng_normal(kdp_rng *r);                 /* standard normal */
+/* Jumps the stream ahead by delta draws of kdp_rng_u32 in O(log delta) steps (Brown's LCG
+   skip-ahead): the same state as delta calls, so blocks of a sequence can be drawn in parallel. */
+void kdp_rng_advance(kdp_rng *r, uint64_t delta);
 
 /* Stream ids, so every consumer of randomness has its own reproducible stream. */
 enum kdp_stream {

@@ -19,7 +19,7 @@ typedef struct kdp_config {
   int64_t max_steps;       /* 0 = off */
   uint64_t seed;
   char dir[KDP_PATH];
-  int threads;             /* BLAS threads per rank; 0 = 1 per rank when ranks fill the cores */
+  int threads;             /* threads of each rank's step; 0 = its cores (kdp_train_blas_threads) */
   int eval_every;          /* evaluate every N epochs (and at the end) */
   int log_every;           /* steps between log lines / progress refreshes */
   int ranks_per_peer;

@@ -14,6 +14,27 @@
  * - Every BLAS path has a *_naive twin (plain loops) used by the tests.
  */
 
+/* ---- threads ----
+   Every kernel below runs on a team of n threads (kdpeers' pool, or OpenMP when built with
+   -Dthreads=openmp), and OpenBLAS is set to one thread:
+   kdpeers splits the GEMMs into tiles itself. Every parallel loop runs a fixed list of tasks
+   (GEMM tiles, batch chunks, row blocks) whose boundaries depend on the shapes only, and partial
+   sums are added in task order, so results are bitwise the same for every n (docs/threads.md).
+   n < 1 means 1. Scratch sizes (kdp_conv_scratch_floats, ...) are for the current n. */
+void kdp_nn_set_threads(int n);
+int kdp_nn_threads(void);
+/* Profile of the parallel loops: wall time inside them, and the same loops modelled at
+   1, 2, 4, ..., 64 threads from their task counts (n equal tasks on p threads take ceil(n/p)
+   task times). Collect it at 1 thread; time outside the loops is the serial part. */
+#define KDP_NN_PROFILE_WIDTHS 7
+typedef struct kdp_nn_profile {
+  uint64_t loops;
+  double parallel_seconds;
+  double modelled_seconds[KDP_NN_PROFILE_WIDTHS];
+} kdp_nn_profile;
+void kdp_nn_profile_start(void);
+void kdp_nn_profile_stop(kdp_nn_profile *out);
+
 /* ---- dense: out (B x out_dim) = in (B x in_dim) . w^T + b; w (out_dim x in_dim), b or NULL ---- */
 /* (no parameter is named I: complex.h, pulled in by cblas.h, defines I as a macro) */
 void kdp_dense_forward(float *out, const float *in, const float *w, const float *b, size_t B,
@@ -25,14 +46,31 @@ void kdp_dense_forward_naive(float *out, const float *in, const float *w, const 
 void kdp_dense_backward_naive(float *din, float *dw, float *db, const float *dout,
                               const float *in, const float *w, size_t B, size_t in_dim, size_t out_dim);
 
+/* ---- dense + relu: out = relu(in . w^T + b), the relu applied to each GEMM tile in cache ----
+   backward: dout (B x out_dim) is MASKED IN PLACE (zeroed where out <= 0), then the dense
+   backward runs on it (accumulating as kdp_dense_backward) */
+void kdp_dense_relu_forward(float *out, const float *in, const float *w, const float *b,
+                            size_t B, size_t in_dim, size_t out_dim);
+void kdp_dense_relu_backward(float *din, float *dw, float *db, float *dout, const float *out,
+                             const float *in, const float *w, size_t B, size_t in_dim,
+                             size_t out_dim);
+void kdp_dense_relu_forward_naive(float *out, const float *in, const float *w, const float *b,
+                                  size_t B, size_t in_dim, size_t out_dim);
+void kdp_dense_relu_backward_naive(float *din, float *dw, float *db, float *dout,
+                                   const float *out, const float *in, const float *w, size_t B,
+                                   size_t in_dim, size_t out_dim);
+
 /* ---- conv2d, NHWC, square kernel K, stride, zero padding pad ---- */
 typedef struct kdp_conv_shape {
   size_t B, H, W, Cin, Cout, K, stride, pad;
   size_t OH, OW; /* filled by kdp_conv_shape_init */
 } kdp_conv_shape;
 void kdp_conv_shape_init(kdp_conv_shape *s);
-/* floats of scratch the BLAS conv needs (im2col of a chunk of the batch, and its gradient) */
+/* floats of scratch the BLAS conv needs: per thread the im2col of a chunk of the batch and its
+   gradient, and the weight-gradient partials of the chunks (for the current kdp_nn_threads) */
 size_t kdp_conv_scratch_floats(const kdp_conv_shape *s);
+/* the number of batch chunks the conv loops run as tasks (depends on the shape only) */
+size_t kdp_conv_chunks(const kdp_conv_shape *s);
 /* in (B x H x W x Cin), w (Cout x K x K x Cin), b (Cout) or NULL, out (B x OH x OW x Cout) */
 void kdp_conv2d_forward(float *out, const float *in, const float *w, const float *b,
                         float *scratch, const kdp_conv_shape *s);
@@ -48,7 +86,9 @@ void kdp_conv2d_backward_naive(float *din, float *dw, float *db, const float *do
    padded positions never win */
 void kdp_maxpool_forward(float *out, int32_t *argmax, const float *in, size_t B, size_t H,
                          size_t W, size_t C, size_t K, size_t stride, size_t pad);
-void kdp_maxpool_backward(float *din, const float *dout, const int32_t *argmax, size_t n_out);
+/* n_out outputs in all, B samples (an output's window lies in its own sample) */
+void kdp_maxpool_backward(float *din, const float *dout, const int32_t *argmax, size_t B,
+                          size_t n_out);
 /* average pool, count_include_pad = true (PyTorch's default) */
 void kdp_avgpool_forward(float *out, const float *in, size_t B, size_t H, size_t W, size_t C,
                          size_t K, size_t stride, size_t pad);

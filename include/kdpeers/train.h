@@ -16,7 +16,8 @@ typedef struct kdp_run_opts {
 } kdp_run_opts;
 int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err);
 
-/* BLAS threads for this rank: cfg->threads, or cores / ranks on this node (at least 1). */
+/* Threads of this rank's step (kdp_nn_set_threads): cfg->threads, else the cores this process
+   is bound to when that is fewer than the node's, else cores / ranks on this node (at least 1). */
 /* Loads the train and test sets named by data.*, then applies subset, test_subset and label
    noise. */
 struct kdp_dataset;

@@ -79,7 +79,7 @@ static const key_def keys[] = {
     {"run", "dir", KT_STRING, AT(dir), .def = "runs/default",
      .help = "output directory for logs, metrics and checkpoints"},
     {"run", "threads", KT_INT, AT(threads), RANGE(0, 256), .def = "0",
-     .help = "BLAS threads per rank (0 = 1 per rank when ranks fill the cores)"},
+     .help = "threads of each rank's whole step (0 = the cores it is bound to, else cores / ranks)"},
     {"run", "eval_every", KT_INT, AT(eval_every), ATLEAST(1), .def = "1",
      .help = "evaluate on the test set every N epochs (and at the end)"},
     {"run", "log_every", KT_INT, AT(log_every), ATLEAST(1), .def = "50",

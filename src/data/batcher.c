@@ -30,7 +30,9 @@ static inline float f32_at(const uint8_t *p, size_t i) {
   return v;
 }
 
-/* Plain conversion of one HxWxC image; elem 4: float32 values */
+/* Plain conversion of one HxWxC image; elem 4: float32 values. One uint8 channel: the lookup
+   table's own expression per pixel, which vectorises (a table lookup does not) and gives the
+   same floats. */
 static void convert_plain(float *restrict dst, const uint8_t *restrict src, size_t HW, size_t C,
                           const norm_lut *t, size_t elem) {
   const float(*lut)[256] = t->v;
@@ -39,8 +41,8 @@ static void convert_plain(float *restrict dst, const uint8_t *restrict src, size
       for (size_t c = 0; c < C; c++)
         dst[p * C + c] = (f32_at(src, p * C + c) - t->mean[c]) / t->std[c];
   } else if (C == 1) {
-    const float *l0 = lut[0];
-    for (size_t p = 0; p < HW; p++) dst[p] = l0[src[p]];
+    const float m = t->mean[0], s = t->std[0];
+    for (size_t p = 0; p < HW; p++) dst[p] = ((float)src[p] / 255.0f - m) / s;
   } else if (C == 3) {
     const float *l0 = lut[0], *l1 = lut[1], *l2 = lut[2];
     for (size_t p = 0; p < HW; p++) {

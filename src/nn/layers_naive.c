@@ -28,6 +28,20 @@ void kdp_dense_backward_naive(float *din, float *dw, float *db, const float *dou
     }
 }
 
+void kdp_dense_relu_forward_naive(float *out, const float *in, const float *w, const float *b,
+                                  size_t B, size_t I, size_t O) {
+  kdp_dense_forward_naive(out, in, w, b, B, I, O);
+  for (size_t i = 0; i < B * O; i++) out[i] = out[i] > 0.0f ? out[i] : 0.0f;
+}
+
+void kdp_dense_relu_backward_naive(float *din, float *dw, float *db, float *dout,
+                                   const float *out, const float *in, const float *w, size_t B,
+                                   size_t I, size_t O) {
+  for (size_t i = 0; i < B * O; i++)
+    if (!(out[i] > 0.0f)) dout[i] = 0.0f;
+  kdp_dense_backward_naive(din, dw, db, dout, in, w, B, I, O);
+}
+
 /* Input index for output (b, oh, ow) and tap (kh, kw), or -1 if it falls in the padding. */
 static long conv_in_pos(const kdp_conv_shape *s, size_t b, size_t oh, size_t ow, size_t kh,
                         size_t kw) {

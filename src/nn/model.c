@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kdpeers/nn.h"
+#include "par.h"
 
 #define MAX_OPS 512
 #define MAX_ACTS 513
@@ -561,8 +562,12 @@ static void infer_alloc_acts(kdp_model *m, int dry, double *bytes) {
   for (int i = 0; i < m->n_ops; i++) {
     const op *o = &m->ops[i];
     int last = i, reads[3] = {o->in, o->in2, -1};
-    infer_take(m, o->out, slots, &n_slots, owner, dry, bytes);
-    if (o->fused > 0) {
+    if (o->fused != 2) infer_take(m, o->out, slots, &n_slots, owner, dry, bytes);
+    if (o->fused == 2) {
+      /* dense -> relu: the pre-activation is never stored */
+      last = i + 1;
+      infer_take(m, m->ops[last].out, slots, &n_slots, owner, dry, bytes);
+    } else if (o->fused > 0) {
       /* the block writes its conv output (scratch, free afterwards) and its relu output */
       last = i + o->fused - 1;
       infer_take(m, m->ops[last].out, slots, &n_slots, owner, dry, bytes);
@@ -578,6 +583,40 @@ static void infer_alloc_acts(kdp_model *m, int dry, double *bytes) {
   }
   free(owner);
   free(slots);
+}
+
+/* dense -> relu whose pre-activation nothing else reads: one kdp_dense_relu_* call (the relu
+   runs on the GEMM tiles in cache, the pre-activation is never stored) */
+static int fusable_dense_relu(const kdp_model *m, int i) {
+  if (i + 1 >= m->n_ops) return 0;
+  const op *d = &m->ops[i], *r = &m->ops[i + 1];
+  if (d->kind != KDP_OP_DENSE || r->kind != KDP_OP_RELU || r->in != d->out) return 0;
+  int a = d->out;
+  return m->acts[a].last_reader == i + 1 && a != m->feature_act && a != m->logits_act;
+}
+
+/* Sizes the conv scratch for max_batch and the current thread count (it holds one slice per
+   thread), growing it when the thread count went up since the last call. */
+static size_t scratch_need(const kdp_model *m) {
+  size_t need = 0;
+  for (int i = 0; i < m->n_ops; i++) {
+    const op *o = &m->ops[i];
+    if (o->fused < 0 || o->kind != KDP_OP_CONV) continue;
+    kdp_conv_shape cs = o->cs;
+    cs.B = m->max_batch;
+    size_t s = o->fused > 0 ? kdp_conv_bn_pool_relu_scratch_floats(&cs)
+                            : kdp_conv_scratch_floats(&cs);
+    if (s > need) need = s;
+  }
+  return need;
+}
+
+static void model_scratch(kdp_model *m) {
+  size_t need = scratch_need(m);
+  if (m->scratch && need <= m->scratch_floats) return;
+  free(m->scratch);
+  m->scratch_floats = need;
+  m->scratch = kdp_falloc(need ? need : 1);
 }
 
 /* Allocates every buffer of a built model, or only counts their bytes (dry): parameters and
@@ -600,6 +639,11 @@ static void model_alloc(kdp_model *m, int dry, kdp_model_memory *mem) {
       skip[m->ops[i].out] = 1;
       skip[m->ops[i + 1].out] = skip[m->ops[i + 2].out] = 2;
       i += 3;
+    } else if (fusable_dense_relu(m, i)) {
+      m->ops[i].fused = 2;
+      m->ops[i + 1].fused = -1;
+      skip[m->ops[i].out] = 2; /* the pre-activation */
+      i += 1;
     }
   if (m->infer)
     infer_alloc_acts(m, dry, &ab);
@@ -611,34 +655,22 @@ static void model_alloc(kdp_model *m, int dry, kdp_model_memory *mem) {
       a->grad = skip[i] < 1 ? plan_floats(n, dry, &ab) : NULL;
     }
   free(skip);
-  m->scratch_floats = 0;
   for (int i = 0; i < m->n_ops; i++) {
     op *o = &m->ops[i];
     act *in = &m->acts[o->in];
     size_t n_in = Bm * in->H * in->W * in->C;
     size_t n_out = Bm * m->acts[o->out].H * m->acts[o->out].W * m->acts[o->out].C;
-    if (o->fused > 0) {
+    if (o->fused > 0 && o->kind == KDP_OP_CONV) {
       const act *y = &m->acts[o->out], *po = &m->acts[m->ops[i + 2].out];
       size_t n_pool = Bm * po->H * po->W * po->C;
       o->win = plan_bytes(n_pool ? n_pool : 1, 1, dry, &ab);
       o->xwin = plan_floats(n_pool, dry, &ab);
       o->mean = plan_floats(y->C, dry, &ab);
       o->invstd = plan_floats(y->C, dry, &ab);
-      kdp_conv_shape cs = o->cs;
-      cs.B = Bm;
-      size_t s = kdp_conv_bn_pool_relu_scratch_floats(&cs);
-      if (s > m->scratch_floats) m->scratch_floats = s;
       continue;
     }
-    if (o->fused < 0) continue;
+    if (o->fused != 0) continue;
     switch (o->kind) {
-      case KDP_OP_CONV: {
-        kdp_conv_shape cs = o->cs;
-        cs.B = Bm;
-        size_t s = kdp_conv_scratch_floats(&cs);
-        if (s > m->scratch_floats) m->scratch_floats = s;
-        break;
-      }
       case KDP_OP_BN:
         if (m->infer) break;
         o->xhat = plan_floats(n_in, dry, &ab);
@@ -654,7 +686,11 @@ static void model_alloc(kdp_model *m, int dry, kdp_model_memory *mem) {
         break;
     }
   }
-  m->scratch = plan_floats(m->scratch_floats ? m->scratch_floats : 1, dry, &ab);
+  /* the conv scratch holds one slice per thread: sized for the current thread count */
+  if (dry)
+    ab += (double)(scratch_need(m) ? scratch_need(m) : 1) * sizeof(float);
+  else
+    model_scratch(m);
   if (mem) {
     mem->n_params = m->n_params;
     mem->params_bytes = pb;
@@ -990,6 +1026,24 @@ static void block_backward(kdp_model *m, int i, float *din, int set) {
                                    m->scratch, &c->cs);
 }
 
+/* the fused dense -> relu starting at op i */
+static void dense_relu_forward(kdp_model *m, int i, size_t B) {
+  const op *d = &m->ops[i];
+  const act *a = &m->acts[d->in];
+  float *out = m->acts[m->ops[i + 1].out].val;
+  const size_t nI = a->H * a->W * a->C, nO = m->acts[d->out].C;
+  (m->naive ? kdp_dense_relu_forward_naive : kdp_dense_relu_forward)(
+      out, a->val, m->params + d->w, m->params + d->b, B, nI, nO);
+}
+
+static void dense_relu_backward(kdp_model *m, int i, float *din, size_t B) {
+  const op *d = &m->ops[i];
+  const act *a = &m->acts[d->in], *r = &m->acts[m->ops[i + 1].out];
+  const size_t nI = a->H * a->W * a->C, nO = m->acts[d->out].C;
+  (m->naive ? kdp_dense_relu_backward_naive : kdp_dense_relu_backward)(
+      din, m->grads + d->w, m->grads + d->b, r->grad, r->val, a->val, m->params + d->w, B, nI, nO);
+}
+
 const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng) {
   if (B > m->max_batch) {
     fprintf(stderr, "kdpeers: internal error: batch %zu > max_batch %zu for model %s\n", B,
@@ -1003,13 +1057,17 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
   }
   m->B = B;
   m->last_train = train;
+  model_scratch(m);
   m->acts[0].val = (float *)x;
   const float bn_eps = 1e-5f, bn_mom = 0.1f;
   for (int i = 0; i < m->n_ops; i++) {
     op *o = &m->ops[i];
     if (o->fused < 0) continue;
     if (o->fused > 0) {
-      block_forward(m, i, B, train, bn_mom, bn_eps);
+      if (o->kind == KDP_OP_DENSE)
+        dense_relu_forward(m, i, B);
+      else
+        block_forward(m, i, B, train, bn_mom, bn_eps);
       continue;
     }
     act *a = &m->acts[o->in];
@@ -1077,8 +1135,13 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
 
 const float *kdp_model_features(const kdp_model *m) { return m->acts[m->feature_act].val; }
 
+static void zero_range(void *ctx, size_t lo, size_t hi) {
+  memset((float *)ctx + lo, 0, (hi - lo) * sizeof(float));
+}
+
 void kdp_model_zero_grad(kdp_model *m) {
-  if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+  if (!m->grads) return;
+  kdp_par_elems(m->n_params, m->n_params, zero_range, m->grads);
 }
 
 /* Zeroes the input gradient of op i if op i is the last reader of that activation (the first
@@ -1107,6 +1170,7 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
     abort();
   }
   size_t B = m->B;
+  model_scratch(m);
   size_t nl = act_n(m, m->logits_act, B);
   memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));
   for (int i = m->n_ops - 1; i >= 0; i--) {
@@ -1123,11 +1187,13 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
     }
     /* batchnorm and fused blocks write their input gradient outright when they are the first
        to produce it */
-    int set = 0;
-    float *din =
-        din_for_set(m, i, o->in, B, o->kind == KDP_OP_BN || o->fused > 0 ? &set : NULL);
+    int set = 0, can_set = o->kind == KDP_OP_BN || (o->fused > 0 && o->kind == KDP_OP_CONV);
+    float *din = din_for_set(m, i, o->in, B, can_set ? &set : NULL);
     if (o->fused > 0) {
-      block_backward(m, i, din, set);
+      if (o->kind == KDP_OP_DENSE)
+        dense_relu_backward(m, i, din, B);
+      else
+        block_backward(m, i, din, set);
       continue;
     }
     const float *in = a->val;
@@ -1162,7 +1228,7 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
         if (din) kdp_relu_backward(din, dout, m->acts[o->out].val, n_in);
         break;
       case KDP_OP_MAXPOOL:
-        if (din) kdp_maxpool_backward(din, dout, o->argmax, act_n(m, o->out, B));
+        if (din) kdp_maxpool_backward(din, dout, o->argmax, B, act_n(m, o->out, B));
         break;
       case KDP_OP_AVGPOOL:
         if (din) kdp_avgpool_backward(din, dout, B, a->H, a->W, a->C, o->K, o->stride, o->pad);

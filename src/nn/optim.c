@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "kdpeers/nn.h"
+#include "par.h"
 
 void kdp_sgd_init(kdp_sgd *o, size_t n, float momentum, float weight_decay, int nesterov) {
   memset(o, 0, sizeof *o);
@@ -19,34 +20,48 @@ void kdp_sgd_free(kdp_sgd *o) {
   o->buf = NULL;
 }
 
-void kdp_sgd_step(kdp_sgd *o, float *restrict p, const float *restrict g, float lr) {
-  const float mu = o->momentum, wd = o->weight_decay;
-  float *restrict buf = o->buf;
-  const size_t n = o->n;
+typedef struct sgd_ctx {
+  const kdp_sgd *o;
+  float *p;
+  const float *g;
+  float lr;
+} sgd_ctx;
+
+static void sgd_range(void *ctx, size_t lo, size_t hi) {
+  const sgd_ctx *c = ctx;
+  const float mu = c->o->momentum, wd = c->o->weight_decay, lr = c->lr;
+  float *restrict p = c->p, *restrict buf = c->o->buf;
+  const float *restrict g = c->g;
   if (mu == 0.0f) {
-    for (size_t i = 0; i < n; i++) p[i] -= lr * (g[i] + wd * p[i]);
-  } else if (o->n_steps == 0) {
+    for (size_t i = lo; i < hi; i++) p[i] -= lr * (g[i] + wd * p[i]);
+  } else if (c->o->n_steps == 0) {
     /* PyTorch: the momentum buffer starts as a copy of the first gradient */
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
       float d = g[i] + wd * p[i];
       buf[i] = d;
-      p[i] -= lr * (o->nesterov ? d + mu * d : d);
+      p[i] -= lr * (c->o->nesterov ? d + mu * d : d);
     }
-  } else if (o->nesterov) {
-    for (size_t i = 0; i < n; i++) {
+  } else if (c->o->nesterov) {
+    for (size_t i = lo; i < hi; i++) {
       float d = g[i] + wd * p[i];
       float b = mu * buf[i] + d;
       buf[i] = b;
       p[i] -= lr * (d + mu * b);
     }
   } else {
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
       float d = g[i] + wd * p[i];
       float b = mu * buf[i] + d;
       buf[i] = b;
       p[i] -= lr * b;
     }
   }
+}
+
+/* element-wise, on the team of threads (par.h) */
+void kdp_sgd_step(kdp_sgd *o, float *p, const float *g, float lr) {
+  sgd_ctx c = {o, p, g, lr};
+  kdp_par_elems(o->n, o->n, sgd_range, &c);
   o->n_steps++;
 }
 

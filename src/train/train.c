@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 #include <errno.h>
+#include <sched.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,11 @@
 int kdp_train_blas_threads(const kdp_config *cfg, const kdp_dist *d) {
   if (cfg->threads > 0) return cfg->threads;
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  /* bound by the launcher to fewer cores (mpirun --map-by slot:PE=N, srun --cpus-per-task): its
+     share of the node */
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof mask, &mask) == 0 && CPU_COUNT(&mask) < cores)
+    return CPU_COUNT(&mask);
   int local = d->local_size > 0 ? d->local_size : 1;
   int t = (int)(cores / local);
   return t < 1 ? 1 : t;
@@ -455,7 +461,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   t->d = d;
   t->P = d->n_peers;
   t->is_root = d->world_rank == 0;
-  openblas_set_num_threads(kdp_train_blas_threads(cfg, d));
+  kdp_nn_set_threads(kdp_train_blas_threads(cfg, d)); /* the whole step's threads */
 
   int rc = 0;
   int k = d->ranks_per_peer;

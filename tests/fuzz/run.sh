@@ -40,7 +40,7 @@ declare -A srcs=(
   [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [npy]="src/data/npy.c src/data/idx.c src/data/batcher.c"
   [ckpt]="src/ckpt/ckpt.c"
-  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c"
+  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c src/nn/par.c"
   [http]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/history.c $assets"
   [socket]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/history.c src/serve/server.c $assets"
 )
