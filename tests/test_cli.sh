@@ -63,7 +63,7 @@ refused huge-conv "activations for a batch of 500" -s 'model.arch=seq:conv(10000
 expect "huge-conv: the estimate is in the message (GiB)" grep -q "would need about [0-9.]* GiB" "$tmp/e"
 refused huge-mlp "more than the physical memory" -s 'model.arch=mlp(3000000)'
 expect "huge-mlp: not refused as a parse error" bash -c "! grep -q 'expected a list of positive' '$tmp/e'"
-refused max-memory "run.max_memory of 64 MiB" -s run.max_memory=64M
+refused max-memory "run.max_memory of 56 MiB" -s run.max_memory=56M
 # the estimate (--print-model) against the peak resident memory of the same run
 arch='seq:conv(32,3),relu,conv(32,3),relu,gap'
 "$exe" --print-model -s "model.arch=$arch" -s data.subset=1000 -s data.test_subset=500 >"$tmp/pm" 2>&1

@@ -48,14 +48,21 @@ zcat "$t10k" | tail -c +17 | head -c $((784 * 1000)) >"$tmp/t1000.raw"
 head -c $((784 * 100)) "$tmp/t1000.raw" >"$tmp/t100.raw"
 v1="$src/tests/data/student-v1.kdpm"
 "$pred" "$v1" "$tmp/t100.raw" >"$tmp/v1.pred"
-expect "a format-1 model file predicts exactly what the kdpeers that wrote it printed" \
-  cmp -s "$tmp/v1.pred" "$src/tests/data/student-v1.pred"
+# kdpeers 0.1.0 summed its GEMMs in another order than today's tiled, threaded kernels, so a
+# probability on a rounding boundary may print one unit of the 5th decimal apart (2 of these
+# 1,000 do); a misread weight would move labels and probabilities far more than that. Every
+# comparison with today's binary below is exact.
+expect "a format-1 model file predicts what the kdpeers that wrote it printed (same labels, probabilities within one printed unit, 1e-5)" \
+  awk 'NR == FNR { a[FNR] = $0; n = FNR; next }
+       { m = FNR; split(a[FNR], x, " "); if (NF != 12 || x[1] != $1 || x[2] != $2) exit 1
+         for (i = 3; i <= NF; i++) { d = x[i] - $i; if (d > 1.0001e-5 || d < -1.0001e-5) exit 1 } }
+       END { if (m != n || n != 100) exit 1 }' "$src/tests/data/student-v1.pred" "$tmp/v1.pred"
 "$exe" export "$v1" -o "$tmp/v2.kdpm" >/dev/null
 "$exe" inspect "$tmp/v2.kdpm" >"$tmp/v2.inspect"
 expect "exporting it writes format 2 with PyTorch's names and shapes (0.weight [4,1,3,3])" \
   bash -c "grep -Eq 'model_format +u64 +scalar +8 +2' '$tmp/v2.inspect' && grep -Eq '^  0.weight +f32 +\[4,1,3,3\]' '$tmp/v2.inspect' && grep -Eq '^  1.running_var +f32 +\[4\]' '$tmp/v2.inspect' && ! grep -Eq '^  params ' '$tmp/v2.inspect'"
 "$exe" predict "$tmp/v2.kdpm" - <"$tmp/t100.raw" >"$tmp/v2.pred"
-expect "... and predicts the same (kdpeers predict = kdpeers-predict)" cmp -s "$tmp/v2.pred" "$src/tests/data/student-v1.pred"
+expect "... and predicts the same (kdpeers predict = kdpeers-predict)" cmp -s "$tmp/v2.pred" "$tmp/v1.pred"
 printf 'KDPCKPT junk' >"$tmp/bad.kdpm"
 expect "a damaged model file is refused with a message" \
   bash -c "'$pred' '$tmp/bad.kdpm' '$tmp/t100.raw' 2>&1 >/dev/null | grep -q 'not a kdpeers checkpoint'"
@@ -78,10 +85,10 @@ npy_u8() {
 }
 npy_u8 "$tmp/t100.raw" 100 28 28 "$tmp/t100.npy"
 "$pred" "$tmp/v2.kdpm" "$tmp/t100.npy" >"$tmp/npy.pred"
-expect "a .npy of the same images predicts exactly what the format-1 file's kdpeers printed" \
-  cmp -s "$tmp/npy.pred" "$src/tests/data/student-v1.pred"
+expect "a .npy of the same images predicts exactly what the raw pixels do" \
+  cmp -s "$tmp/npy.pred" "$tmp/v1.pred"
 expect "an IDX .gz file predicts as its raw pixels" \
-  bash -c "diff <(cut -d' ' -f1,2 '$tmp/idx.top') <(cut -d' ' -f1,2 '$src/tests/data/student-v1.pred')"
+  bash -c "diff <(cut -d' ' -f1,2 '$tmp/idx.top') <(cut -d' ' -f1,2 '$tmp/v1.pred')"
 expect "raw input of a partial image is refused" \
   bash -c "head -c 1000 '$tmp/t100.raw' | '$pred' '$tmp/v2.kdpm' 2>&1 >/dev/null | grep -q 'not a whole number of images'"
 
@@ -204,7 +211,7 @@ for _ in $(seq 1 100); do [ -s "$tmp/v2.kdpm.addr" ] && break; sleep 0.05; done
 addr=$(cat "$tmp/v2.kdpm.addr" 2>/dev/null)
 body=$(head -c 784 "$tmp/t100.raw" | od -An -v -tu1 | tr -s ' \n' ',' | sed 's/^,//; s/,$//')
 curl -s -X POST "$addr/predict" -d "{\"inputs\": [[${body}]]}" >"$tmp/served.json"
-want=$(head -1 "$src/tests/data/student-v1.pred" | cut -d' ' -f3-)
+want=$(head -1 "$tmp/v1.pred" | cut -d' ' -f3-)
 got=$(jq -r '.peers[0][0] | map(. * 100000 | round / 100000) | map(tostring) | join(" ")' "$tmp/served.json" 2>/dev/null)
 expect "kdpeers serve MODEL.kdpm answers /predict with the model's probabilities" \
   awk -v a="$want" -v b="$got" 'BEGIN { n = split(a, x, " "); split(b, y, " "); if (n != 10) exit 1; for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d > 2e-5 || d < -2e-5) exit 1 } }'
