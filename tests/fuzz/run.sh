@@ -63,25 +63,26 @@ cat >"$out/model.dict" <<'EOF'
 "),"
 ",3,1,1)"
 EOF
-pass=0
-fail=0
-# KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
-for t in ${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http socket}; do
-  exe="$out/fuzz_$t"
-  # shellcheck disable=SC2086
+# Each target is built and fuzzed in its own job, KDP_FUZZ_JOBS (default: the cores, at most 2)
+# at a time: the same seconds of fuzzing per target in a fraction of the wall time. A job writes
+# its result lines to $out/result_T and ok or fail to $out/status_T.
+fuzz_one() {
+  local t="$1" exe="$out/fuzz_$1" rc execs
+  exec >"$out/result_$t" 2>&1
+  echo fail >"$out/status_$t"
+  # shellcheck disable=SC2086  # srcs and libs are word lists
   if ! clang "${cflags[@]}" "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm \
     >"$out/build_$t.log" 2>&1; then
     echo "FAIL - fuzz_$t does not build:"
     sed 's/^/    /' "$out/build_$t.log" | head -20
-    fail=$((fail + 1))
-    continue
+    return
   fi
   rm -f "$out"/crash_"${t}"_*
-  corpus="$out/corpus_$t"
+  local corpus="$out/corpus_$t"
   rm -rf "$corpus"
   mkdir -p "$corpus"
   cp -r "tests/fuzz/corpus/$t/." "$corpus/" 2>/dev/null || true
-  dict=()
+  local dict=()
   [ -f "$out/$t.dict" ] && dict=("-dict=$out/$t.dict")
   (cd "$out" && UBSAN_OPTIONS=halt_on_error=1 "$exe" -max_total_time="$secs" -rss_limit_mb=2048 \
     -max_len=65536 -print_final_stats=1 "${dict[@]}" -artifact_prefix="$out/crash_${t}_" "$corpus" \
@@ -90,13 +91,37 @@ for t in ${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http socket}; do
   execs=$(grep -m1 'stat::number_of_executed_units' "$out/run_$t.log" | awk '{ print $2 }')
   if [ "$rc" = 0 ]; then
     echo "ok   - fuzz_$t: ${execs:-?} inputs in ${secs}s, no crash, leak or sanitizer report"
-    pass=$((pass + 1))
+    echo ok >"$out/status_$t"
   else
     echo "FAIL - fuzz_$t (exit $rc):"
     grep -E 'ERROR|SUMMARY|runtime error|leak' "$out/run_$t.log" | head -10 | sed 's/^/    /'
     for a in "$out"/crash_"${t}"_*; do
       [ -e "$a" ] && echo "    artifact: $a"
     done
+  fi
+}
+cores=$(nproc)
+jobs_max="${KDP_FUZZ_JOBS:-$((cores < 2 ? 1 : 2))}"
+# KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
+read -r -a targets <<<"${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http socket}"
+running=0
+for t in "${targets[@]}"; do
+  rm -f "$out/status_$t" "$out/result_$t"
+  if [ "$running" -ge "$jobs_max" ]; then
+    wait -n
+    running=$((running - 1))
+  fi
+  fuzz_one "$t" &
+  running=$((running + 1))
+done
+wait
+pass=0
+fail=0
+for t in "${targets[@]}"; do
+  cat "$out/result_$t" 2>/dev/null
+  if [ "$(cat "$out/status_$t" 2>/dev/null)" = ok ]; then
+    pass=$((pass + 1))
+  else
     fail=$((fail + 1))
   fi
 done
