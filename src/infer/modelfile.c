@@ -131,6 +131,7 @@ int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *p
     kdp_modelfile_free(mf);
     return prefixed(err, rc, path);
   }
+  kdp_model_freeze(mf->m, 1); /* the weights are final: packed once (AVX-512 CPUs) */
   return 0;
 }
 

@@ -1510,3 +1510,198 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   free(k);
   free(sg);
 }
+
+/* ================= eval-only models: packed weights, batchnorm folded ================= */
+
+/* An eval-only model's weights are final once loaded, so they are laid out once for the kernel
+   below (as ONNX Runtime's MLAS pre-packs constant weights at session creation): W (N x K,
+   row-major: dense [out, in], conv [Cout, kh, kw, Cin]) as panels of KDP_PACK_NR output columns,
+   panel p holding W[p * NR + j][k] at [k][j] (zero past N). The kernel keeps PK_MR rows x NR
+   columns of the output in 16-float AVX-512 registers across the whole of K and reads the input
+   rows in place (no packing of the activations). Every output element is the same chain of
+   fused multiply-adds (bias, then k = 0 .. K-1) whichever thread or tile computes it, so results
+   do not depend on the thread count. Only on CPUs with AVX-512 (kdp_packed_available); elsewhere
+   models keep the OpenBLAS path. */
+#define PK_MR 8
+
+int kdp_packed_available(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return 0;
+#endif
+}
+
+size_t kdp_pack_floats(size_t N, size_t K) {
+  return (N + KDP_PACK_NR - 1) / KDP_PACK_NR * KDP_PACK_NR * K;
+}
+
+void kdp_pack_weights(float *P, const float *W, const float *scale, size_t N, size_t K) {
+  const size_t panels = (N + KDP_PACK_NR - 1) / KDP_PACK_NR;
+  for (size_t p = 0; p < panels; p++)
+    for (size_t j = 0; j < KDP_PACK_NR; j++) {
+      const size_t n = p * KDP_PACK_NR + j;
+      float *dst = P + p * K * KDP_PACK_NR + j;
+      for (size_t k = 0; k < K; k++)
+        dst[k * KDP_PACK_NR] = n >= N ? 0.0f : scale ? W[n * K + k] * scale[n] : W[n * K + k];
+    }
+}
+
+void kdp_bn_fold_pack(float *P, float *bias, const float *w, const float *b, const float *gamma,
+                      const float *beta, const float *run_mean, const float *run_var, size_t N,
+                      size_t K, float eps) {
+  float *scale = kdp_xmalloc(2 * (N ? N : 1) * sizeof(float)), *shift = scale + N;
+  bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, N, eps);
+  kdp_pack_weights(P, w, scale, N, K);
+  for (size_t n = 0; n < N; n++) bias[n] = (b ? b[n] : 0.0f) * scale[n] + shift[n];
+  free(scale);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* mr (<= PK_MR) rows of one panel: C[r][0..ncols) = bias + sum_k A[r][k] P[k][.], relu'd */
+__attribute__((target("avx512f"), always_inline)) static inline void pk_rows(
+    float *C, size_t ldc, const float *A, size_t lda, const float *P, size_t K, const float *bias,
+    int relu, __mmask16 m0, __mmask16 m1, const int mr) {
+  __m512 c0[PK_MR], c1[PK_MR];
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < mr; r++) {
+    c0[r] = b0;
+    c1[r] = b1;
+  }
+  for (size_t k = 0; k < K; k++) {
+    const __m512 w0 = _mm512_load_ps(P + k * KDP_PACK_NR);
+    const __m512 w1 = _mm512_load_ps(P + k * KDP_PACK_NR + 16);
+    for (int r = 0; r < mr; r++) {
+      const __m512 a = _mm512_set1_ps(A[(size_t)r * lda + k]);
+      c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
+    }
+  }
+  const __m512 z = _mm512_setzero_ps();
+  for (int r = 0; r < mr; r++) {
+    /* max(x, 0) returns 0 for NaN, as the relu layer's x > 0 ? x : 0 */
+    if (relu) {
+      c0[r] = _mm512_max_ps(c0[r], z);
+      c1[r] = _mm512_max_ps(c1[r], z);
+    }
+    _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, c0[r]);
+    _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, c1[r]);
+  }
+}
+
+/* all M rows of one panel of ncols (<= NR) output columns */
+__attribute__((target("avx512f"))) static void pk_panel(float *C, size_t ldc, const float *A,
+                                                        size_t lda, size_t M, const float *P,
+                                                        size_t K, const float *bias, int relu,
+                                                        size_t ncols) {
+  const __mmask16 m0 = ncols >= 16 ? 0xffff : (__mmask16)((1u << ncols) - 1);
+  const __mmask16 m1 = ncols >= 32 ? 0xffff : ncols > 16 ? (__mmask16)((1u << (ncols - 16)) - 1) : 0;
+  size_t r = 0;
+  for (; r + PK_MR <= M; r += PK_MR)
+    pk_rows(C + r * ldc, ldc, A + r * lda, lda, P, K, bias, relu, m0, m1, PK_MR);
+  C += r * ldc;
+  A += r * lda;
+  switch (M - r) {
+    case 7: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 7); break;
+    case 6: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 6); break;
+    case 5: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 5); break;
+    case 4: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 4); break;
+    case 3: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 3); break;
+    case 2: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 2); break;
+    case 1: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 1); break;
+    default: break;
+  }
+}
+#else
+static void pk_panel(float *C, size_t ldc, const float *A, size_t lda, size_t M, const float *P,
+                     size_t K, const float *bias, int relu, size_t ncols) {
+  (void)C, (void)ldc, (void)A, (void)lda, (void)M, (void)P, (void)K, (void)bias, (void)relu;
+  (void)ncols;
+  abort(); /* kdp_packed_available() is 0: never called */
+}
+#endif
+
+/* panels [p0, p1) of out (M x N, ldc) = A (M x K, lda) . W^T + bias, relu'd when relu */
+static void packed_gemm(float *out, size_t ldc, const float *A, size_t lda, size_t M,
+                        const float *P, size_t N, size_t K, const float *bias, int relu,
+                        size_t p0, size_t p1) {
+  for (size_t p = p0; p < p1; p++) {
+    const size_t c0 = p * KDP_PACK_NR, nc = N - c0 < KDP_PACK_NR ? N - c0 : KDP_PACK_NR;
+    pk_panel(out + c0, ldc, A, lda, M, P + p * K * KDP_PACK_NR, K, bias ? bias + c0 : NULL, relu,
+             nc);
+  }
+}
+
+typedef struct packed_ctx {
+  float *out;
+  const float *in, *P, *bias;
+  size_t B, I, O;
+  int relu;
+} packed_ctx;
+
+static void dense_packed_panels(void *ctx, size_t lo, size_t hi) {
+  const packed_ctx *c = ctx;
+  packed_gemm(c->out, c->O, c->in, c->I, c->B, c->P, c->O, c->I, c->bias, c->relu, lo, hi);
+}
+
+void kdp_dense_forward_packed(float *out, const float *in, const float *P, const float *b,
+                              size_t B, size_t I, size_t O, int relu) {
+  if (B == 0 || O == 0) return;
+  packed_ctx c = {out, in, P, b, B, I, O, relu};
+  kdp_par_tasks((O + KDP_PACK_NR - 1) / KDP_PACK_NR, dense_packed_panels, &c);
+}
+
+/* one sample's pooled, relu'd rows from its conv output y (OH x OW x C, batchnorm folded in):
+   kdp_maxpool_forward's scan (strictly larger or NaN wins), then the relu */
+static void pool_relu_sample(float *restrict out, const float *restrict y, size_t OH, size_t OW,
+                             size_t C) {
+  const size_t PH = OH / 2, PW = OW / 2;
+  for (size_t ph = 0; ph < PH; ph++)
+    for (size_t pw = 0; pw < PW; pw++) {
+      const float *y0 = y + (2 * ph * OW + 2 * pw) * C;
+      const float *y1 = y0 + C, *y2 = y0 + OW * C, *y3 = y2 + C;
+      float *o = out + (ph * PW + pw) * C;
+      for (size_t c = 0; c < C; c++) {
+        float m = y0[c];
+        m = (y1[c] > m) | (y1[c] != y1[c]) ? y1[c] : m;
+        m = (y2[c] > m) | (y2[c] != y2[c]) ? y2[c] : m;
+        m = (y3[c] > m) | (y3[c] != y3[c]) ? y3[c] : m;
+        o[c] = m > 0.0f ? m : 0.0f;
+      }
+    }
+}
+
+/* the samples of chunks [lo, hi), one at a time: im2col, the packed GEMM into the thread's
+   scratch, pool and relu while that sample's conv output is in cache */
+static void cpr_packed_chunks(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const kdp_conv_shape *s = c->s;
+  const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW, kkc = s->K * s->K * s->Cin;
+  const size_t in_per = s->H * s->W * s->Cin, out_per = (s->OH / 2) * (s->OW / 2) * C;
+  float *y = conv_thread_scratch(c), *col = y + ohw * C;
+  for (size_t k = lo; k < hi; k++)
+    for (size_t b = kdp_chunk_lo(k, B, c->n); b < kdp_chunk_lo(k + 1, B, c->n); b++) {
+      const float *x = c->in + b * in_per;
+      if (!conv_is_pointwise(s)) {
+        im2col(col, x, 1, s);
+        x = col;
+      }
+      packed_gemm(y, C, x, kkc, ohw, c->w, C, kkc, c->b, 0, 0,
+                  (C + KDP_PACK_NR - 1) / KDP_PACK_NR);
+      pool_relu_sample(c->out + b * out_per, y, s->OH, s->OW, C);
+    }
+}
+
+void kdp_conv_pool_relu_forward_packed(float *out, const float *in, const float *P,
+                                       const float *bias, float *scratch,
+                                       const kdp_conv_shape *s) {
+  if (s->B == 0 || s->OH * s->OW == 0 || s->Cout == 0) return;
+  conv_ctx c = {.s = s, .n = conv_n_chunks(s), .tf = conv_thread_floats(s, s->Cout), .out = out,
+                .in = in, .w = P, .b = bias};
+  c.thr = scratch + conv_partial_floats(s);
+  kdp_par_tasks(c.n, cpr_packed_chunks, &c);
+}
