@@ -242,6 +242,8 @@ void kdp_dense_forward_packed(float *out, const float *in, const float *P, const
 void kdp_conv_pool_relu_forward_packed(float *out, const float *in, const float *P,
                                        const float *bias, float *scratch,
                                        const kdp_conv_shape *s);
+/* whether the scratch holds what kdp_conv_pool_relu_forward_packed needs for shape s */
+int kdp_conv_packed_fits(const kdp_conv_shape *s);
 
 int kdp_model_plan(const char *arch, kdp_input_shape in, size_t max_batch, kdp_model_memory *mem,
                    kdp_error *err);

@@ -1558,28 +1558,49 @@ void kdp_bn_fold_pack(float *P, float *bias, const float *w, const float *b, con
   free(scale);
 }
 
+/* Where the kernel reads row q of A (the GEMM's M x K left operand): A(q, ko * run + j) =
+   base[(q / ow) * sh + (q % ow) * sw + ko * ks + j], ko < nko, j < run. A dense layer's input is
+   rows of K (ow 1, sh lda, nko 1, run K); a convolution reads its (zero-padded) input image in
+   place, an implicit im2col: output pixel (oh, ow)'s window is K rows of K * Cin floats, ks apart. */
+typedef struct pk_a {
+  const float *base;
+  size_t ow, sh, sw, nko, run, ks;
+} pk_a;
+
+static inline const float *pk_row(const pk_a *a, size_t q) {
+  return a->base + (q / a->ow) * a->sh + (q % a->ow) * a->sw;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-/* mr (<= PK_MR) rows of one panel: C[r][0..ncols) = bias + sum_k A[r][k] P[k][.], relu'd */
+/* mr (<= PK_MR) rows q0.. of one panel: C[r][0..ncols) = bias + sum_k A[q0 + r][k] P[k][.],
+   relu'd */
 __attribute__((target("avx512f"), always_inline)) static inline void pk_rows(
-    float *C, size_t ldc, const float *A, size_t lda, const float *P, size_t K, const float *bias,
-    int relu, __mmask16 m0, __mmask16 m1, const int mr) {
+    float *C, size_t ldc, const pk_a *A, size_t q0, const float *P, const float *bias, int relu,
+    __mmask16 m0, __mmask16 m1, const int mr) {
   __m512 c0[PK_MR], c1[PK_MR];
+  const float *row[PK_MR];
   const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
   const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
   for (int r = 0; r < mr; r++) {
     c0[r] = b0;
     c1[r] = b1;
+    row[r] = pk_row(A, q0 + (size_t)r);
   }
-  for (size_t k = 0; k < K; k++) {
-    const __m512 w0 = _mm512_load_ps(P + k * KDP_PACK_NR);
-    const __m512 w1 = _mm512_load_ps(P + k * KDP_PACK_NR + 16);
-    for (int r = 0; r < mr; r++) {
-      const __m512 a = _mm512_set1_ps(A[(size_t)r * lda + k]);
-      c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
-      c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
+  const size_t run = A->run;
+  for (size_t ko = 0; ko < A->nko; ko++) {
+    const float *Pk = P + ko * run * KDP_PACK_NR;
+    for (size_t j = 0; j < run; j++) {
+      const __m512 w0 = _mm512_load_ps(Pk + j * KDP_PACK_NR);
+      const __m512 w1 = _mm512_load_ps(Pk + j * KDP_PACK_NR + 16);
+      for (int r = 0; r < mr; r++) {
+        const __m512 a = _mm512_set1_ps(row[r][j]);
+        c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
+        c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
+      }
     }
+    for (int r = 0; r < mr; r++) row[r] += A->ks;
   }
   const __m512 z = _mm512_setzero_ps();
   for (int r = 0; r < mr; r++) {
@@ -1594,65 +1615,63 @@ __attribute__((target("avx512f"), always_inline)) static inline void pk_rows(
 }
 
 /* all M rows of one panel of ncols (<= NR) output columns */
-__attribute__((target("avx512f"))) static void pk_panel(float *C, size_t ldc, const float *A,
-                                                        size_t lda, size_t M, const float *P,
-                                                        size_t K, const float *bias, int relu,
+__attribute__((target("avx512f"))) static void pk_panel(float *C, size_t ldc, const pk_a *A,
+                                                        size_t M, const float *P,
+                                                        const float *bias, int relu,
                                                         size_t ncols) {
   const __mmask16 m0 = ncols >= 16 ? 0xffff : (__mmask16)((1u << ncols) - 1);
   const __mmask16 m1 = ncols >= 32 ? 0xffff : ncols > 16 ? (__mmask16)((1u << (ncols - 16)) - 1) : 0;
-  size_t r = 0;
-  for (; r + PK_MR <= M; r += PK_MR)
-    pk_rows(C + r * ldc, ldc, A + r * lda, lda, P, K, bias, relu, m0, m1, PK_MR);
-  C += r * ldc;
-  A += r * lda;
-  switch (M - r) {
-    case 7: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 7); break;
-    case 6: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 6); break;
-    case 5: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 5); break;
-    case 4: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 4); break;
-    case 3: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 3); break;
-    case 2: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 2); break;
-    case 1: pk_rows(C, ldc, A, lda, P, K, bias, relu, m0, m1, 1); break;
+  size_t q = 0;
+  for (; q + PK_MR <= M; q += PK_MR) pk_rows(C + q * ldc, ldc, A, q, P, bias, relu, m0, m1, PK_MR);
+  C += q * ldc;
+  switch (M - q) {
+    case 7: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 7); break;
+    case 6: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 6); break;
+    case 5: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 5); break;
+    case 4: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 4); break;
+    case 3: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 3); break;
+    case 2: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 2); break;
+    case 1: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 1); break;
     default: break;
   }
 }
 #else
-static void pk_panel(float *C, size_t ldc, const float *A, size_t lda, size_t M, const float *P,
-                     size_t K, const float *bias, int relu, size_t ncols) {
-  (void)C, (void)ldc, (void)A, (void)lda, (void)M, (void)P, (void)K, (void)bias, (void)relu;
-  (void)ncols;
+static void pk_panel(float *C, size_t ldc, const pk_a *A, size_t M, const float *P,
+                     const float *bias, int relu, size_t ncols) {
+  (void)C, (void)ldc, (void)A, (void)M, (void)P, (void)bias, (void)relu, (void)ncols;
   abort(); /* kdp_packed_available() is 0: never called */
 }
 #endif
 
-/* panels [p0, p1) of out (M x N, ldc) = A (M x K, lda) . W^T + bias, relu'd when relu */
-static void packed_gemm(float *out, size_t ldc, const float *A, size_t lda, size_t M,
-                        const float *P, size_t N, size_t K, const float *bias, int relu,
-                        size_t p0, size_t p1) {
+/* panels [p0, p1) of out (M x N, ldc) = A (M x K) . W^T + bias, relu'd when relu */
+static void packed_gemm(float *out, size_t ldc, const pk_a *A, size_t M, const float *P,
+                        size_t N, const float *bias, int relu, size_t p0, size_t p1) {
+  const size_t K = A->nko * A->run;
   for (size_t p = p0; p < p1; p++) {
     const size_t c0 = p * KDP_PACK_NR, nc = N - c0 < KDP_PACK_NR ? N - c0 : KDP_PACK_NR;
-    pk_panel(out + c0, ldc, A, lda, M, P + p * K * KDP_PACK_NR, K, bias ? bias + c0 : NULL, relu,
-             nc);
+    pk_panel(out + c0, ldc, A, M, P + p * K * KDP_PACK_NR, bias ? bias + c0 : NULL, relu, nc);
   }
 }
 
 typedef struct packed_ctx {
   float *out;
-  const float *in, *P, *bias;
-  size_t B, I, O;
+  const float *P, *bias;
+  pk_a a;
+  size_t B, O;
   int relu;
 } packed_ctx;
 
 static void dense_packed_panels(void *ctx, size_t lo, size_t hi) {
   const packed_ctx *c = ctx;
-  packed_gemm(c->out, c->O, c->in, c->I, c->B, c->P, c->O, c->I, c->bias, c->relu, lo, hi);
+  packed_gemm(c->out, c->O, &c->a, c->B, c->P, c->O, c->bias, c->relu, lo, hi);
 }
 
 void kdp_dense_forward_packed(float *out, const float *in, const float *P, const float *b,
-                              size_t B, size_t I, size_t O, int relu) {
-  if (B == 0 || O == 0) return;
-  packed_ctx c = {out, in, P, b, B, I, O, relu};
-  kdp_par_tasks((O + KDP_PACK_NR - 1) / KDP_PACK_NR, dense_packed_panels, &c);
+                              size_t B, size_t n_in, size_t n_out, int relu) {
+  if (B == 0 || n_out == 0) return;
+  packed_ctx c = {.out = out, .P = P, .bias = b, .B = B, .O = n_out, .relu = relu,
+                  .a = {.base = in, .ow = 1, .sh = n_in, .sw = 0, .nko = 1, .run = n_in}};
+  kdp_par_tasks((n_out + KDP_PACK_NR - 1) / KDP_PACK_NR, dense_packed_panels, &c);
 }
 
 /* one sample's pooled, relu'd rows from its conv output y (OH x OW x C, batchnorm folded in):
@@ -1675,23 +1694,43 @@ static void pool_relu_sample(float *restrict out, const float *restrict y, size_
     }
 }
 
-/* the samples of chunks [lo, hi), one at a time: im2col, the packed GEMM into the thread's
-   scratch, pool and relu while that sample's conv output is in cache */
+/* floats of one sample's zero-padded input image (none without padding: read in place) */
+static size_t padded_floats(const kdp_conv_shape *s) {
+  return s->pad ? (s->H + 2 * s->pad) * (s->W + 2 * s->pad) * s->Cin : 0;
+}
+
+/* A thread's scratch slice (conv_thread_floats(s, Cout), sized for the train forward) must hold a
+   sample's conv output and padded image; it has rows * (2 K K Cin + Cout) floats, rows >= OH OW
+   (1 sample per chunk at least: checked for B = 1, the smallest). */
+int kdp_conv_packed_fits(const kdp_conv_shape *s) {
+  kdp_conv_shape one = *s;
+  one.B = 1;
+  return s->OH * s->OW * s->Cout + padded_floats(s) <= conv_thread_floats(&one, s->Cout);
+}
+
+/* the samples of chunks [lo, hi), one at a time: the packed GEMM straight from the sample's
+   zero-padded image (an implicit im2col) into the thread's scratch, then pool and relu while that
+   sample's conv output is in cache */
 static void cpr_packed_chunks(void *ctx, size_t lo, size_t hi) {
   const conv_ctx *c = ctx;
   const kdp_conv_shape *s = c->s;
-  const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW, kkc = s->K * s->K * s->Cin;
-  const size_t in_per = s->H * s->W * s->Cin, out_per = (s->OH / 2) * (s->OW / 2) * C;
-  float *y = conv_thread_scratch(c), *col = y + ohw * C;
+  const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW, Ci = s->Cin, pad = s->pad;
+  const size_t Wp = s->W + 2 * pad, in_per = s->H * s->W * Ci;
+  const size_t out_per = (s->OH / 2) * (s->OW / 2) * C;
+  float *y = conv_thread_scratch(c), *xp = y + ohw * C;
+  pk_a a = {.base = xp, .ow = s->OW, .sh = s->stride * Wp * Ci, .sw = s->stride * Ci,
+            .nko = s->K, .run = s->K * Ci, .ks = Wp * Ci};
   for (size_t k = lo; k < hi; k++)
     for (size_t b = kdp_chunk_lo(k, B, c->n); b < kdp_chunk_lo(k + 1, B, c->n); b++) {
       const float *x = c->in + b * in_per;
-      if (!conv_is_pointwise(s)) {
-        im2col(col, x, 1, s);
-        x = col;
+      if (pad == 0) {
+        a.base = x;
+      } else {
+        /* the padding rows and columns stay zero: only the interior is written per sample */
+        for (size_t h = 0; h < s->H; h++)
+          memcpy(xp + ((h + pad) * Wp + pad) * Ci, x + h * s->W * Ci, s->W * Ci * sizeof(float));
       }
-      packed_gemm(y, C, x, kkc, ohw, c->w, C, kkc, c->b, 0, 0,
-                  (C + KDP_PACK_NR - 1) / KDP_PACK_NR);
+      packed_gemm(y, C, &a, ohw, c->w, C, c->b, 0, 0, (C + KDP_PACK_NR - 1) / KDP_PACK_NR);
       pool_relu_sample(c->out + b * out_per, y, s->OH, s->OW, C);
     }
 }
@@ -1702,6 +1741,11 @@ void kdp_conv_pool_relu_forward_packed(float *out, const float *in, const float 
   if (s->B == 0 || s->OH * s->OW == 0 || s->Cout == 0) return;
   conv_ctx c = {.s = s, .n = conv_n_chunks(s), .tf = conv_thread_floats(s, s->Cout), .out = out,
                 .in = in, .w = P, .b = bias};
+  if (!kdp_conv_packed_fits(s)) abort(); /* kdp_model_freeze packs only blocks that fit */
   c.thr = scratch + conv_partial_floats(s);
+  /* the padding of every thread's image is zeroed once per call */
+  for (int t = 0; t < kdp_par_threads(); t++)
+    memset(c.thr + (size_t)t * c.tf + s->OH * s->OW * s->Cout, 0,
+           padded_floats(s) * sizeof(float));
   kdp_par_tasks(c.n, cpr_packed_chunks, &c);
 }

@@ -1014,7 +1014,7 @@ static void block_forward(kdp_model *m, int i, size_t B, int train, float mom, f
   const float *gamma = m->params + n->w, *beta = m->params + n->b;
   float *rm = m->buffers + n->rm, *rv = m->buffers + n->rv;
   c->cs.B = B;
-  if (m->frozen && !train)
+  if (m->frozen && !train && c->pack)
     kdp_conv_pool_relu_forward_packed(out, in, c->pack, c->pbias, m->scratch, &c->cs);
   else if (m->naive)
     kdp_conv_bn_pool_relu_forward_naive(out, c->win, c->xwin, y, c->mean, c->invstd, rm, rv, in,
@@ -1054,7 +1054,7 @@ int kdp_model_freeze(kdp_model *m, int on) {
       const size_t nI = a->H * a->W * a->C, nO = m->acts[o->out].C;
       if (!o->pack) o->pack = kdp_falloc(kdp_pack_floats(nO, nI));
       kdp_pack_weights(o->pack, m->params + o->w, NULL, nO, nI);
-    } else if (o->kind == KDP_OP_CONV && o->fused > 0) {
+    } else if (o->kind == KDP_OP_CONV && o->fused > 0 && kdp_conv_packed_fits(&o->cs)) {
       const op *n = &m->ops[i + 1];
       const size_t C = o->cs.Cout, kkc = o->cs.K * o->cs.K * o->cs.Cin;
       if (!o->pack) o->pack = kdp_falloc(kdp_pack_floats(C, kkc));
