@@ -82,6 +82,11 @@ printf 'KDPCKPT junk' >"$tmp/bad.kdpm"
 expect "a damaged model file is refused with a message" \
   bash -c "'$pred' '$tmp/bad.kdpm' '$tmp/t100.raw' 2>&1 >/dev/null | grep -q 'not a kdpeers checkpoint'"
 
+# (found by fuzz_model: a 6.6 KB format-2 file, a wide 1x1 conv on a damaged 4096 x 4096 input
+# shape, made the reader ask for 4 TiB and abort)
+expect "a model file whose activations would not fit in memory is refused with a message" \
+  bash -c "'$pred' '$src/tests/fuzz/corpus/model/v2_huge_activations.kdpm' '$tmp/t100.raw' 2>&1 >/dev/null | grep -q 'GiB of memory here'"
+
 # ---------- inputs: PNG, IDX, raw and stdin agree ----------
 "$tool" png "$tmp/t100.raw" 28 28 1 5 "$tmp/img"
 "$pred" "$tmp/v2.kdpm" "$tmp"/img-00{0,1,2,3,4}.png --json >"$tmp/png.jsonl"
