@@ -1332,29 +1332,30 @@ static void cbpr_pool_eval(float *restrict out, const float *restrict y,
 
 static void cbpr_fwd_chunks(void *ctx, size_t lo, size_t hi) {
   const conv_ctx *c = ctx;
-  const size_t B = c->s->B, C = c->s->Cout, ohw = c->s->OH * c->s->OW;
+  const size_t B = c->s->B, C = c->s->Cout, ohw = c->s->OH * c->s->OW, PH = c->s->OH / 2;
   for (size_t k = lo; k < hi; k++) {
     size_t b0 = kdp_chunk_lo(k, B, c->n), nb = kdp_chunk_lo(k + 1, B, c->n) - b0;
     conv_forward_chunk(c->y, c->in, c->w, c->b, conv_thread_scratch(c) + c->dy_floats, b0, nb,
                        c->s);
     c->cnt[k] = nb * ohw;
-    /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache */
+    /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache; in eval mode
+       (running statistics, known before the conv) the chunk is normalised, pooled and relu'd
+       right away instead */
     if (c->train)
       stats_block(c->st + k * 2 * C, c->st + k * 2 * C + C, c->y + b0 * ohw * C, c->cnt[k], C);
+    else
+      for (size_t q = b0 * PH; q < (b0 + nb) * PH; q++)
+        cbpr_pool_eval(c->out, c->y, c->scale, c->shift, q / PH, q % PH, c->s->OH, c->s->OW, C);
   }
 }
 
-/* pooled rows q = (b, ph) in [lo, hi) */
+/* pooled rows q = (b, ph) in [lo, hi) of the train forward (after the batch statistics) */
 static void cbpr_pool_rows(void *ctx, size_t lo, size_t hi) {
   const conv_ctx *c = ctx;
   const size_t PH = c->s->OH / 2, OH = c->s->OH, OW = c->s->OW, C = c->s->Cout;
-  for (size_t q = lo; q < hi; q++) {
-    if (c->train)
-      cbpr_pool_train(c->out, c->win, c->xwin, c->y, c->mean, c->invstd, c->gamma, c->beta, q / PH,
-                      q % PH, OH, OW, C);
-    else
-      cbpr_pool_eval(c->out, c->y, c->scale, c->shift, q / PH, q % PH, OH, OW, C);
-  }
+  for (size_t q = lo; q < hi; q++)
+    cbpr_pool_train(c->out, c->win, c->xwin, c->y, c->mean, c->invstd, c->gamma, c->beta, q / PH,
+                    q % PH, OH, OW, C);
 }
 
 void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float *y, float *mean,
@@ -1373,20 +1374,20 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
   c.thr = scratch + conv_partial_floats(s);
   double *st = c.st = kdp_xmalloc((n + 1) * 2 * C * sizeof(double)); /* per chunk: mean, m2 */
   size_t *cnt = c.cnt = kdp_xmalloc(n * sizeof(size_t));
+  float *scale = NULL;
+  if (!train) {
+    scale = kdp_xmalloc(2 * C * sizeof(float));
+    bn_eval_coefs(scale, scale + C, gamma, beta, run_mean, run_var, C, eps);
+    c.scale = scale;
+    c.shift = scale + C;
+  }
   kdp_par_tasks(n, cbpr_fwd_chunks, &c);
-  float *scale = NULL, *shift = NULL;
   if (train) {
     double *mu = st + n * 2 * C;
     stats_merge_all(mu, mu + C, st, n, cnt, C);
     bn_finish_stats(mean, invstd, run_mean, run_var, mu, mu + C, B * ohw, C, momentum, eps);
-  } else {
-    scale = kdp_xmalloc(2 * C * sizeof(float));
-    shift = scale + C;
-    bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, C, eps);
+    kdp_par_elems(B * PH, B * ohw * C, cbpr_pool_rows, &c);
   }
-  c.scale = scale;
-  c.shift = shift;
-  kdp_par_elems(B * PH, B * ohw * C, cbpr_pool_rows, &c);
   free(scale);
   free(cnt);
   free(st);
