@@ -34,8 +34,11 @@ static void read_and_predict(const kdp_ckpt *ck) {
   kdp_error err;
   if (kdp_modelfile_from_ckpt(&mf, ck, "fuzz", MAX_BATCH, &err) != 0) {
     if (!memchr(err.msg, 0, sizeof err.msg) || !err.msg[0]) abort(); /* a message, terminated */
+    if (getenv("KDP_FUZZ_VERBOSE")) fprintf(stderr, "fuzz_model: refused: %s\n", err.msg);
     return;
   }
+  if (getenv("KDP_FUZZ_VERBOSE"))
+    fprintf(stderr, "fuzz_model: loaded %s (format %d)\n", kdp_model_arch(mf.m), mf.format);
   if (!mf.m || mf.in.n_classes < 2) abort();
   size_t isz = mf.in.H * mf.in.W * mf.in.C, C = mf.in.n_classes;
   uint8_t *pix = malloc(MAX_BATCH * isz);
@@ -272,6 +275,9 @@ static void field_input(const uint8_t *data, size_t size) {
     kdp_ckpt_free(back);
   } else if (!err.msg[0]) {
     abort();
+  } else if (getenv("KDP_FUZZ_VERBOSE")) {
+    fprintf(stderr, "fuzz_model: field mutation %d of entry %zu: refused: %s\n", how, victim,
+            err.msg);
   }
   unlink(path);
 }
