@@ -68,15 +68,6 @@ static int check_plan(const kdp_ckpt *ck, const char *arch, kdp_input_shape in, 
   kdp_model_memory plan;
   int rc = kdp_model_plan_infer(arch, in, max_batch, &plan, err);
   if (rc != 0) return rc;
-  /* parameters (and their packed copy), activations, the normalised input batch */
-  double need = 2.0 * plan.params_bytes + plan.activation_bytes +
-                4.0 * (double)max_batch * (double)(in.H * in.W * in.C);
-  if (need > memory_limit())
-    return kdp_fail(err, KDP_EFORMAT,
-                    "arch '%s' on %zux%zux%zu images needs %.3g GiB at batches of %zu images, "
-                    "more than the %.3g GiB of memory here (a damaged file, or a smaller --batch)",
-                    arch, in.H, in.W, in.C, need / 1073741824.0, max_batch,
-                    memory_limit() / 1073741824.0);
   size_t have = 0, want = plan.n_params;
   if (kdp_ckpt_has(ck, "params")) {
     kdp_ckpt_info info;
@@ -95,6 +86,15 @@ static int check_plan(const kdp_ckpt *ck, const char *arch, kdp_input_shape in, 
                     kdp_ckpt_has(ck, "params") ? "parameters" : "tensor values (parameters and "
                                                                 "batchnorm statistics)",
                     arch, want);
+  /* parameters (and their packed copy), activations, the normalised input batch */
+  double need = 2.0 * plan.params_bytes + plan.activation_bytes +
+                4.0 * (double)max_batch * (double)(in.H * in.W * in.C);
+  if (need > memory_limit())
+    return kdp_fail(err, KDP_EFORMAT,
+                    "arch '%s' on %zux%zux%zu images needs %.3g GiB at batches of %zu images, "
+                    "more than the %.3g GiB of memory here (a damaged file, or a smaller --batch)",
+                    arch, in.H, in.W, in.C, need / 1073741824.0, max_batch,
+                    memory_limit() / 1073741824.0);
   return 0;
 }
 
@@ -153,7 +153,6 @@ int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *p
     kdp_modelfile_free(mf);
     return prefixed(err, rc, path);
   }
-  kdp_model_freeze(mf->m, 1); /* the weights are final: packed once (AVX-512 CPUs) */
   return 0;
 }
 

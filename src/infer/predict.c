@@ -159,7 +159,10 @@ int kdp_predict_main(int argc, char **argv) {
     free(inputs);
     return 1;
   }
-  if (no_pack) kdp_model_freeze(mf.m, 0);
+  /* the weights are final: packed once for the AVX-512 kernels (when the CPU has them). Only
+     here: kdpeers eval and serve keep the training kernels, whose results equal the run's own
+     evaluations and predictions bit for bit. */
+  if (!no_pack) kdp_model_freeze(mf.m, 1);
   kdp_images imgs = {.H = mf.in.H, .W = mf.in.W, .C = mf.in.C};
   int rc = 0;
   for (size_t i = 0; i < n_inputs && rc == 0; i++)

@@ -46,6 +46,9 @@ static void read_and_predict(const kdp_ckpt *ck) {
   if (!pix || !p) abort();
   for (size_t i = 0; i < MAX_BATCH * isz; i++) pix[i] = (uint8_t)(i * 37);
   kdp_modelfile_predict(&mf, pix, 1, MAX_BATCH, p);
+  /* and through the packed kernels (kdpeers-predict's default; a no-op without AVX-512) */
+  kdp_model_freeze(mf.m, 1);
+  kdp_modelfile_predict(&mf, pix, 1, MAX_BATCH, p);
   volatile float sink = p[0] + p[MAX_BATCH * C - 1];
   (void)sink;
   if (mf.class_names)
