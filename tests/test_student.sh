@@ -43,29 +43,49 @@ if head=$(git -C "$src" rev-parse --short=12 HEAD 2>/dev/null); then
     grep -q "^kdpeers-predict [0-9.]* (git $head" "$tmp/pv"
 fi
 
+if grep -qw avx512f /proc/cpuinfo; then
+  expect "kdpeers-predict --version: this CPU has AVX-512, so the packed kernels run" \
+    grep -q '^packed kernels: AVX-512' "$tmp/pv"
+fi
+# same_text A B: two text prediction files (index label p0 p1 ...): the same lines and labels,
+# every printed probability within one unit of its last digit (1e-5)
+same_text() {
+  awk 'NR == FNR { a[FNR] = $0; n = FNR; next }
+       { split(a[FNR], x, " "); if (NF != split(a[FNR], x, " ") || $1 != x[1] || $2 != x[2]) exit 1
+         for (i = 3; i <= NF; i++) { d = $i - x[i]; if (d > 1.000001e-5 || d < -1.000001e-5) exit 1 } }
+       END { if (FNR != n) exit 1 }' "$1" "$2"
+}
+
 # ---------- format 1 files (kdpeers 0.1.0) still load ----------
 zcat "$t10k" | tail -c +17 | head -c $((784 * 1000)) >"$tmp/t1000.raw"
 head -c $((784 * 100)) "$tmp/t1000.raw" >"$tmp/t100.raw"
 v1="$src/tests/data/student-v1.kdpm"
 "$pred" "$v1" "$tmp/t100.raw" >"$tmp/v1.pred"
-# kdpeers 0.1.0 summed its GEMMs in another order than today's tiled, threaded kernels, so a
-# probability on a rounding boundary may print one unit of the 5th decimal apart (2 of these
-# 1,000 do); a misread weight would move labels and probabilities far more than that. Every
-# comparison with today's binary below is exact.
-expect "a format-1 model file predicts what the kdpeers that wrote it printed (same labels, probabilities within one printed unit, 1e-5)" \
-  awk 'NR == FNR { a[FNR] = $0; n = FNR; next }
-       { m = FNR; split(a[FNR], x, " "); if (NF != 12 || x[1] != $1 || x[2] != $2) exit 1
-         for (i = 3; i <= NF; i++) { d = x[i] - $i; if (d > 1.0001e-5 || d < -1.0001e-5) exit 1 } }
-       END { if (m != n || n != 100) exit 1 }' "$src/tests/data/student-v1.pred" "$tmp/v1.pred"
+"$pred" "$v1" "$tmp/t100.raw" --no-pack >"$tmp/v1-blas.pred"
+# (not byte for byte any more: the tiled dense layer, bias first, already moved 2 of its 1,000
+# printed probabilities by one unit in the last digit; the packed kernels sum in another order too)
+expect "a format-1 model file predicts what the kdpeers that wrote it printed (labels; probabilities to the last printed digit)" \
+  same_text "$tmp/v1.pred" "$src/tests/data/student-v1.pred"
+expect "... also through OpenBLAS for every layer (--no-pack)" \
+  same_text "$tmp/v1-blas.pred" "$src/tests/data/student-v1.pred"
+expect "same_text fails on a changed label (so the checks above can fail)" \
+  bash -c "! same_text <(sed '1s/^0 9 /0 8 /' '$tmp/v1.pred') '$tmp/v1.pred'"
+expect "same_text fails on a probability 2e-5 off" \
+  bash -c "! same_text <(sed '1s/0.94073/0.94075/' '$src/tests/data/student-v1.pred') '$src/tests/data/student-v1.pred'"
 "$exe" export "$v1" -o "$tmp/v2.kdpm" >/dev/null
 "$exe" inspect "$tmp/v2.kdpm" >"$tmp/v2.inspect"
 expect "exporting it writes format 2 with PyTorch's names and shapes (0.weight [4,1,3,3])" \
   bash -c "grep -Eq 'model_format +u64 +scalar +8 +2' '$tmp/v2.inspect' && grep -Eq '^  0.weight +f32 +\[4,1,3,3\]' '$tmp/v2.inspect' && grep -Eq '^  1.running_var +f32 +\[4\]' '$tmp/v2.inspect' && ! grep -Eq '^  params ' '$tmp/v2.inspect'"
 "$exe" predict "$tmp/v2.kdpm" - <"$tmp/t100.raw" >"$tmp/v2.pred"
-expect "... and predicts the same (kdpeers predict = kdpeers-predict)" cmp -s "$tmp/v2.pred" "$tmp/v1.pred"
+expect "... and predicts the same, byte for byte (kdpeers predict on format 2 = kdpeers-predict on format 1)" cmp -s "$tmp/v2.pred" "$tmp/v1.pred"
 printf 'KDPCKPT junk' >"$tmp/bad.kdpm"
 expect "a damaged model file is refused with a message" \
   bash -c "'$pred' '$tmp/bad.kdpm' '$tmp/t100.raw' 2>&1 >/dev/null | grep -q 'not a kdpeers checkpoint'"
+
+# (found by fuzz_model: a 6.6 KB format-2 file, a wide 1x1 conv on a damaged 4096 x 4096 input
+# shape, made the reader ask for 4 TiB and abort)
+expect "a model file whose activations would not fit in memory is refused with a message" \
+  bash -c "'$pred' '$src/tests/fuzz/corpus/model/v2_huge_activations.kdpm' '$tmp/t100.raw' 2>&1 >/dev/null | grep -q 'GiB of memory here'"
 
 # ---------- inputs: PNG, IDX, raw and stdin agree ----------
 "$tool" png "$tmp/t100.raw" 28 28 1 5 "$tmp/img"
@@ -85,7 +105,7 @@ npy_u8() {
 }
 npy_u8 "$tmp/t100.raw" 100 28 28 "$tmp/t100.npy"
 "$pred" "$tmp/v2.kdpm" "$tmp/t100.npy" >"$tmp/npy.pred"
-expect "a .npy of the same images predicts exactly what the raw pixels do" \
+expect "a .npy of the same images predicts exactly as the raw pixels" \
   cmp -s "$tmp/npy.pred" "$tmp/v1.pred"
 expect "an IDX .gz file predicts as its raw pixels" \
   bash -c "diff <(cut -d' ' -f1,2 '$tmp/idx.top') <(cut -d' ' -f1,2 '$tmp/v1.pred')"
@@ -132,6 +152,7 @@ archs=(
   "32 32 3 7 seq:conv(8,3),bn,relu,maxpool(2),conv(12,3,2,1),bn,relu,avgpool(3,2,1),dropout(0.3),flatten,dense(24),bn,relu,dense(7)"
   "28 28 1 10 seq:conv(6,5,1,0),relu,gap,dense(10)"
   "28 28 1 5 seq:dense(32),dropout(0.5),relu"
+  "32 32 3 7 seq:conv(40,3,1,0),bn,maxpool(2),relu,conv(5,1,1,0),bn,maxpool(2),relu,flatten,dense(33),relu,dense(7)"
 )
 i=0
 onnx_files=() torch_gray=() torch_rgb=()
@@ -172,6 +193,10 @@ if [ "$have_torch" = 1 ]; then
   done
 fi
 
+# (the last seq model: the packed kernels' edges: fused conv -> bn -> pool -> relu blocks of 40
+# channels (a part panel), 900 output rows per image (not a multiple of 8), a pointwise unpadded
+# conv, odd pooled maps, dense widths 33 and 7)
+
 # ---------- trained students: mlp and cnn, 1,000 test images ----------
 for arch in "mlp(128)" cnn; do
   r="$tmp/run-${arch%%(*}"
@@ -182,6 +207,12 @@ for arch in "mlp(128)" cnn; do
   expect "$arch (trained): the run's class names (Fashion-MNIST) go into the model file and ONNX" \
     bash -c "'$pred' '$r.kdpm' '$tmp/t100.raw' --top --json | head -1 | jq -e '.class | length > 0' >/dev/null && grep -q 'Ankle boot' '$r.model'"
   "$pred" "$r.kdpm" "$tmp/t1000.raw" --json >"$r.kdp.jsonl"
+  "$pred" "$r.kdpm" "$tmp/t1000.raw" --json --no-pack >"$r.blas.jsonl"
+  "$pred" "$r.kdpm" "$tmp/t1000.raw" --json --threads 2 --batch 100 >"$r.t2.jsonl"
+  "$pred" "$r.kdpm" "$tmp/t1000.raw" --json --threads 1 --batch 100 >"$r.t1.jsonl"
+  expect_out "$arch (trained): the packed kernels = OpenBLAS for every layer (--no-pack)" \
+    $py "$check" compare "$r.kdp.jsonl" "$r.blas.jsonl" 1e-5
+  expect "$arch (trained): 2 threads predict byte for byte as 1" cmp -s "$r.t1.jsonl" "$r.t2.jsonl"
   if [ "$have_ort" = 1 ]; then
     node "$src/launch/ort_run.js" predict "$r.model" "$tmp/t1000.raw" 28 28 1 >"$r.ort.jsonl"
     expect_out "$arch (trained): ONNX Runtime = kdpeers-predict on 1,000 test images" \

@@ -34,6 +34,9 @@ int kdp_modelfile_from_ckpt(kdp_modelfile *mf, const kdp_ckpt *ck, const char *p
 int kdp_modelfile_write(const kdp_modelfile *mf, const char *path, const char *source,
                         int64_t source_peer, kdp_error *err);
 void kdp_modelfile_free(kdp_modelfile *mf);
+/* Readers refuse a model whose plan at max_batch (parameters, activations, input) needs more than
+   this many bytes; default (0) the machine's physical memory. */
+void kdp_modelfile_set_memory_limit(double bytes);
 /* Class names from a list separated by sep: '\n' for the `class_names` entry of model files and
    checkpoints (one name per line, the last line's newline optional), ',' for --classes. Exactly
    in.n_classes names, each a valid class name (kdp_class_name_ok); replaces any names mf had. */

@@ -222,11 +222,42 @@ typedef struct kdp_model_memory {
   double params_bytes;     /* parameters, gradients and buffers (BN running statistics) */
   double activation_bytes; /* activations, their gradients, layer caches and scratch */
 } kdp_model_memory;
+/* ---- eval-only models: weights packed once for an AVX-512 kernel (src/nn/layers.c) ----
+   kdp_packed_available: the CPU has AVX-512 (else the packed kernels must not be called).
+   kdp_pack_weights packs W (N x K row-major, row n scaled by scale[n] when scale) into
+   kdp_pack_floats(N, K) floats (64-byte aligned); kdp_bn_fold_pack packs a conv's weights with the
+   following eval-mode batchnorm folded in (bias: N floats, b may be NULL). */
+#define KDP_PACK_NR 32
+int kdp_packed_available(void);
+size_t kdp_pack_floats(size_t N, size_t K);
+void kdp_pack_weights(float *P, const float *W, const float *scale, size_t N, size_t K);
+void kdp_bn_fold_pack(float *P, float *bias, const float *w, const float *b, const float *gamma,
+                      const float *beta, const float *run_mean, const float *run_var, size_t N,
+                      size_t K, float eps);
+/* out (B x n_out) = in (B x n_in) . W^T + b (relu'd when relu), W packed */
+void kdp_dense_forward_packed(float *out, const float *in, const float *P, const float *b,
+                              size_t B, size_t n_in, size_t n_out, int relu);
+/* the fused block in eval mode with the batchnorm folded into P and bias (kdp_bn_fold_pack):
+   out = relu(maxpool(conv(in))); scratch as kdp_conv_bn_pool_relu_scratch_floats */
+void kdp_conv_pool_relu_forward_packed(float *out, const float *in, const float *P,
+                                       const float *bias, float *scratch,
+                                       const kdp_conv_shape *s);
+/* whether the scratch holds what kdp_conv_pool_relu_forward_packed needs for shape s */
+int kdp_conv_packed_fits(const kdp_conv_shape *s);
+
 int kdp_model_plan(const char *arch, kdp_input_shape in, size_t max_batch, kdp_model_memory *mem,
                    kdp_error *err);
 /* The same for kdp_model_create_infer (no gradients or caches, shared activation memory). */
 int kdp_model_plan_infer(const char *arch, kdp_input_shape in, size_t max_batch,
                          kdp_model_memory *mem, kdp_error *err);
+
+/* Eval-only models (kdp_model_create_infer) whose parameters and buffers are loaded: packs the
+   dense and fused-block weights once (batchnorm folded into the convs) for the AVX-512 kernels,
+   which later forwards use. Returns 1 when packed, 0 when not (a training model, or no AVX-512:
+   forwards keep the OpenBLAS path); on = 0 goes back to the OpenBLAS path. kdp_model_params,
+   kdp_model_buffers and kdp_model_tensor_from_torch drop the packs (the weights may change):
+   freeze again after. */
+int kdp_model_freeze(kdp_model *m, int on);
 
 /* PyTorch default init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BN gamma=1, beta=0,
    running mean 0, var 1. */

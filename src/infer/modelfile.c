@@ -2,6 +2,7 @@
    and written through the checkpoint container, and predictions on raw pixels. */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kdpeers/data.h"
 #include "kdpeers/infer.h"
@@ -47,9 +48,21 @@ static int read_named(kdp_modelfile *mf, const kdp_ckpt *ck, kdp_error *err) {
   return rc;
 }
 
+static double g_memory_limit = 0; /* bytes; 0: the machine's physical memory */
+
+void kdp_modelfile_set_memory_limit(double bytes) { g_memory_limit = bytes; }
+
+static double memory_limit(void) {
+  if (g_memory_limit > 0) return g_memory_limit;
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? (double)pages * (double)page : 1e300;
+}
+
 /* The file's weights must fit the architecture before anything is allocated for it (a damaged
    arch string could otherwise ask for terabytes): the flat "params" vector, or the sum of the
-   named f32 tensors of format 2, against the model's plan. */
+   named f32 tensors of format 2, against the model's plan. And the model must fit in memory at
+   max_batch: a few weights can still ask for terabytes of activations (a damaged input shape, a
+   wide conv on a 4096 x 4096 image), which kdp_falloc would answer by aborting. */
 static int check_plan(const kdp_ckpt *ck, const char *arch, kdp_input_shape in, size_t max_batch,
                       kdp_error *err) {
   kdp_model_memory plan;
@@ -73,6 +86,15 @@ static int check_plan(const kdp_ckpt *ck, const char *arch, kdp_input_shape in, 
                     kdp_ckpt_has(ck, "params") ? "parameters" : "tensor values (parameters and "
                                                                 "batchnorm statistics)",
                     arch, want);
+  /* parameters (and their packed copy), activations, the normalised input batch */
+  double need = 2.0 * plan.params_bytes + plan.activation_bytes +
+                4.0 * (double)max_batch * (double)(in.H * in.W * in.C);
+  if (need > memory_limit())
+    return kdp_fail(err, KDP_EFORMAT,
+                    "arch '%s' on %zux%zux%zu images needs %.3g GiB at batches of %zu images, "
+                    "more than the %.3g GiB of memory here (a damaged file, or a smaller --batch)",
+                    arch, in.H, in.W, in.C, need / 1073741824.0, max_batch,
+                    memory_limit() / 1073741824.0);
   return 0;
 }
 

@@ -10,8 +10,8 @@
 
 static void usage(FILE *f, const char *prog) {
   fprintf(f,
-          "usage: %s MODEL.kdpm [INPUT...] [--json] [--top] [--batch N] [--threads N]\n"
-          "       %s MODEL.kdpm [INPUT...] --bench REPS [--batch N]\n"
+          "usage: %s MODEL.kdpm [INPUT...] [--json] [--top] [--batch N] [--threads N] [--no-pack]\n"
+          "       %s MODEL.kdpm [INPUT...] --bench REPS [--batch N] [--threads N] [--no-pack]\n"
           "       %s --version\n"
           "INPUT: an IDX image file (raw or .gz), a NumPy .npy image array (uint8 or float32), a\n"
           "PNG, a file of raw uint8 pixels (H x W x C per image), or '-' for raw pixels on\n"
@@ -20,7 +20,11 @@ static void usage(FILE *f, const char *prog) {
           "        carries class names; --top: index label [class])\n"
           "  --json: {\"index\":0,\"source\":\"FILE\",\"label\":9,\"class\":\"...\",\"probs\":[...]}\n"
           "--bench REPS: no output per image; times REPS predictions of the first N images\n"
-          "(normalisation, forward, softmax) and prints one JSON line.\n",
+          "(normalisation, forward, softmax) and prints one JSON line.\n"
+          "--threads N: kdpeers' threads (results do not depend on N; default 1).\n"
+          "--no-pack: OpenBLAS for every layer, as training and kdpeers before the packed\n"
+          "AVX-512 kernels (default on CPUs with AVX-512: weights packed once at load time,\n"
+          "batchnorm folded into the convolutions; predictions agree within 1e-5).\n",
           prog, prog, prog);
 }
 
@@ -95,7 +99,7 @@ int kdp_predict_main(int argc, char **argv) {
   const char *prog = argv[0], *model = NULL;
   const char **inputs = kdp_xcalloc((size_t)argc + 1, sizeof *inputs);
   size_t n_inputs = 0, batch = DEFAULT_BATCH;
-  int json = 0, top = 0, threads = 0;
+  int json = 0, top = 0, threads = 0, no_pack = 0;
   long reps = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -104,6 +108,8 @@ int kdp_predict_main(int argc, char **argv) {
       json = 1;
     } else if (strcmp(a, "--top") == 0) {
       top = 1;
+    } else if (strcmp(a, "--no-pack") == 0) {
+      no_pack = 1;
     } else if ((strcmp(a, "--batch") == 0 || strcmp(a, "--threads") == 0 ||
                 strcmp(a, "--bench") == 0) && i + 1 < argc) {
       long v = strtol(argv[++i], &end, 10);
@@ -122,8 +128,10 @@ int kdp_predict_main(int argc, char **argv) {
     } else if (strcmp(a, "-V") == 0 || strcmp(a, "--version") == 0) {
       /* the same version line as kdpeers --version (the runtime has no MPI to name) */
       const char *name = strrchr(prog, '/');
-      printf("%s %s (git %s)\n%s\n", name ? name + 1 : prog, KDP_VERSION, kdp_git_hash(),
-             openblas_get_config());
+      printf("%s %s (git %s)\n%s\n%s\n", name ? name + 1 : prog, KDP_VERSION, kdp_git_hash(),
+             openblas_get_config(),
+             kdp_packed_available() ? "packed kernels: AVX-512 (weights packed at load)"
+                                    : "packed kernels: none (no AVX-512; OpenBLAS for every layer)");
       free(inputs);
       return 0;
     } else if (a[0] == '-' && a[1]) {
@@ -142,7 +150,8 @@ int kdp_predict_main(int argc, char **argv) {
     return 2;
   }
   if (n_inputs == 0) inputs[n_inputs++] = "-";
-  if (threads) openblas_set_num_threads(threads);
+  /* kdpeers' own threads (fixed tiles, results independent of the count), OpenBLAS at 1 */
+  kdp_nn_set_threads(threads ? threads : 1);
   kdp_error err;
   kdp_modelfile mf;
   if (kdp_modelfile_read(&mf, model, batch, &err) != 0) {
@@ -150,6 +159,10 @@ int kdp_predict_main(int argc, char **argv) {
     free(inputs);
     return 1;
   }
+  /* the weights are final: packed once for the AVX-512 kernels (when the CPU has them). Only
+     here: kdpeers eval and serve keep the training kernels, whose results equal the run's own
+     evaluations and predictions bit for bit. */
+  if (!no_pack) kdp_model_freeze(mf.m, 1);
   kdp_images imgs = {.H = mf.in.H, .W = mf.in.W, .C = mf.in.C};
   int rc = 0;
   for (size_t i = 0; i < n_inputs && rc == 0; i++)

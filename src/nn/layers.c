@@ -1332,29 +1332,30 @@ static void cbpr_pool_eval(float *restrict out, const float *restrict y,
 
 static void cbpr_fwd_chunks(void *ctx, size_t lo, size_t hi) {
   const conv_ctx *c = ctx;
-  const size_t B = c->s->B, C = c->s->Cout, ohw = c->s->OH * c->s->OW;
+  const size_t B = c->s->B, C = c->s->Cout, ohw = c->s->OH * c->s->OW, PH = c->s->OH / 2;
   for (size_t k = lo; k < hi; k++) {
     size_t b0 = kdp_chunk_lo(k, B, c->n), nb = kdp_chunk_lo(k + 1, B, c->n) - b0;
     conv_forward_chunk(c->y, c->in, c->w, c->b, conv_thread_scratch(c) + c->dy_floats, b0, nb,
                        c->s);
     c->cnt[k] = nb * ohw;
-    /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache */
+    /* the statistics of kdp_bn_forward_train, summed while the chunk is in cache; in eval mode
+       (running statistics, known before the conv) the chunk is normalised, pooled and relu'd
+       right away instead */
     if (c->train)
       stats_block(c->st + k * 2 * C, c->st + k * 2 * C + C, c->y + b0 * ohw * C, c->cnt[k], C);
+    else
+      for (size_t q = b0 * PH; q < (b0 + nb) * PH; q++)
+        cbpr_pool_eval(c->out, c->y, c->scale, c->shift, q / PH, q % PH, c->s->OH, c->s->OW, C);
   }
 }
 
-/* pooled rows q = (b, ph) in [lo, hi) */
+/* pooled rows q = (b, ph) in [lo, hi) of the train forward (after the batch statistics) */
 static void cbpr_pool_rows(void *ctx, size_t lo, size_t hi) {
   const conv_ctx *c = ctx;
   const size_t PH = c->s->OH / 2, OH = c->s->OH, OW = c->s->OW, C = c->s->Cout;
-  for (size_t q = lo; q < hi; q++) {
-    if (c->train)
-      cbpr_pool_train(c->out, c->win, c->xwin, c->y, c->mean, c->invstd, c->gamma, c->beta, q / PH,
-                      q % PH, OH, OW, C);
-    else
-      cbpr_pool_eval(c->out, c->y, c->scale, c->shift, q / PH, q % PH, OH, OW, C);
-  }
+  for (size_t q = lo; q < hi; q++)
+    cbpr_pool_train(c->out, c->win, c->xwin, c->y, c->mean, c->invstd, c->gamma, c->beta, q / PH,
+                    q % PH, OH, OW, C);
 }
 
 void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float *y, float *mean,
@@ -1373,20 +1374,20 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
   c.thr = scratch + conv_partial_floats(s);
   double *st = c.st = kdp_xmalloc((n + 1) * 2 * C * sizeof(double)); /* per chunk: mean, m2 */
   size_t *cnt = c.cnt = kdp_xmalloc(n * sizeof(size_t));
+  float *scale = NULL;
+  if (!train) {
+    scale = kdp_xmalloc(2 * C * sizeof(float));
+    bn_eval_coefs(scale, scale + C, gamma, beta, run_mean, run_var, C, eps);
+    c.scale = scale;
+    c.shift = scale + C;
+  }
   kdp_par_tasks(n, cbpr_fwd_chunks, &c);
-  float *scale = NULL, *shift = NULL;
   if (train) {
     double *mu = st + n * 2 * C;
     stats_merge_all(mu, mu + C, st, n, cnt, C);
     bn_finish_stats(mean, invstd, run_mean, run_var, mu, mu + C, B * ohw, C, momentum, eps);
-  } else {
-    scale = kdp_xmalloc(2 * C * sizeof(float));
-    shift = scale + C;
-    bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, C, eps);
+    kdp_par_elems(B * PH, B * ohw * C, cbpr_pool_rows, &c);
   }
-  c.scale = scale;
-  c.shift = shift;
-  kdp_par_elems(B * PH, B * ohw * C, cbpr_pool_rows, &c);
   free(scale);
   free(cnt);
   free(st);
@@ -1509,4 +1510,243 @@ void kdp_conv_bn_pool_relu_backward(float *din, int din_set, float *dw, float *d
   conv_grads_finish(&cg, C);
   free(k);
   free(sg);
+}
+
+/* ================= eval-only models: packed weights, batchnorm folded ================= */
+
+/* An eval-only model's weights are final once loaded, so they are laid out once for the kernel
+   below (as ONNX Runtime's MLAS pre-packs constant weights at session creation): W (N x K,
+   row-major: dense [out, in], conv [Cout, kh, kw, Cin]) as panels of KDP_PACK_NR output columns,
+   panel p holding W[p * NR + j][k] at [k][j] (zero past N). The kernel keeps PK_MR rows x NR
+   columns of the output in 16-float AVX-512 registers across the whole of K and reads the input
+   rows in place (no packing of the activations). Every output element is the same chain of
+   fused multiply-adds (bias, then k = 0 .. K-1) whichever thread or tile computes it, so results
+   do not depend on the thread count. Only on CPUs with AVX-512 (kdp_packed_available); elsewhere
+   models keep the OpenBLAS path. */
+#define PK_MR 8
+
+int kdp_packed_available(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return 0;
+#endif
+}
+
+size_t kdp_pack_floats(size_t N, size_t K) {
+  return (N + KDP_PACK_NR - 1) / KDP_PACK_NR * KDP_PACK_NR * K;
+}
+
+void kdp_pack_weights(float *P, const float *W, const float *scale, size_t N, size_t K) {
+  const size_t panels = (N + KDP_PACK_NR - 1) / KDP_PACK_NR;
+  for (size_t p = 0; p < panels; p++)
+    for (size_t j = 0; j < KDP_PACK_NR; j++) {
+      const size_t n = p * KDP_PACK_NR + j;
+      float *dst = P + p * K * KDP_PACK_NR + j;
+      for (size_t k = 0; k < K; k++)
+        dst[k * KDP_PACK_NR] = n >= N ? 0.0f : scale ? W[n * K + k] * scale[n] : W[n * K + k];
+    }
+}
+
+void kdp_bn_fold_pack(float *P, float *bias, const float *w, const float *b, const float *gamma,
+                      const float *beta, const float *run_mean, const float *run_var, size_t N,
+                      size_t K, float eps) {
+  float *scale = kdp_xmalloc(2 * (N ? N : 1) * sizeof(float)), *shift = scale + N;
+  bn_eval_coefs(scale, shift, gamma, beta, run_mean, run_var, N, eps);
+  kdp_pack_weights(P, w, scale, N, K);
+  for (size_t n = 0; n < N; n++) bias[n] = (b ? b[n] : 0.0f) * scale[n] + shift[n];
+  free(scale);
+}
+
+/* Where the kernel reads row q of A (the GEMM's M x K left operand): A(q, ko * run + j) =
+   base[(q / ow) * sh + (q % ow) * sw + ko * ks + j], ko < nko, j < run. A dense layer's input is
+   rows of K (ow 1, sh lda, nko 1, run K); a convolution reads its (zero-padded) input image in
+   place, an implicit im2col: output pixel (oh, ow)'s window is K rows of K * Cin floats, ks apart. */
+typedef struct pk_a {
+  const float *base;
+  size_t ow, sh, sw, nko, run, ks;
+} pk_a;
+
+static inline const float *pk_row(const pk_a *a, size_t q) {
+  return a->base + (q / a->ow) * a->sh + (q % a->ow) * a->sw;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* mr (<= PK_MR) rows q0.. of one panel: C[r][0..ncols) = bias + sum_k A[q0 + r][k] P[k][.],
+   relu'd */
+__attribute__((target("avx512f"), always_inline)) static inline void pk_rows(
+    float *C, size_t ldc, const pk_a *A, size_t q0, const float *P, const float *bias, int relu,
+    __mmask16 m0, __mmask16 m1, const int mr) {
+  __m512 c0[PK_MR], c1[PK_MR];
+  const float *row[PK_MR];
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < mr; r++) {
+    c0[r] = b0;
+    c1[r] = b1;
+    row[r] = pk_row(A, q0 + (size_t)r);
+  }
+  const size_t run = A->run;
+  for (size_t ko = 0; ko < A->nko; ko++) {
+    const float *Pk = P + ko * run * KDP_PACK_NR;
+    for (size_t j = 0; j < run; j++) {
+      const __m512 w0 = _mm512_load_ps(Pk + j * KDP_PACK_NR);
+      const __m512 w1 = _mm512_load_ps(Pk + j * KDP_PACK_NR + 16);
+      for (int r = 0; r < mr; r++) {
+        const __m512 a = _mm512_set1_ps(row[r][j]);
+        c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
+        c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
+      }
+    }
+    for (int r = 0; r < mr; r++) row[r] += A->ks;
+  }
+  const __m512 z = _mm512_setzero_ps();
+  for (int r = 0; r < mr; r++) {
+    /* max(x, 0) returns 0 for NaN, as the relu layer's x > 0 ? x : 0 */
+    if (relu) {
+      c0[r] = _mm512_max_ps(c0[r], z);
+      c1[r] = _mm512_max_ps(c1[r], z);
+    }
+    _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, c0[r]);
+    _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, c1[r]);
+  }
+}
+
+/* all M rows of one panel of ncols (<= NR) output columns */
+__attribute__((target("avx512f"))) static void pk_panel(float *C, size_t ldc, const pk_a *A,
+                                                        size_t M, const float *P,
+                                                        const float *bias, int relu,
+                                                        size_t ncols) {
+  const __mmask16 m0 = ncols >= 16 ? 0xffff : (__mmask16)((1u << ncols) - 1);
+  const __mmask16 m1 = ncols >= 32 ? 0xffff : ncols > 16 ? (__mmask16)((1u << (ncols - 16)) - 1) : 0;
+  size_t q = 0;
+  for (; q + PK_MR <= M; q += PK_MR) pk_rows(C + q * ldc, ldc, A, q, P, bias, relu, m0, m1, PK_MR);
+  C += q * ldc;
+  switch (M - q) {
+    case 7: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 7); break;
+    case 6: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 6); break;
+    case 5: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 5); break;
+    case 4: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 4); break;
+    case 3: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 3); break;
+    case 2: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 2); break;
+    case 1: pk_rows(C, ldc, A, q, P, bias, relu, m0, m1, 1); break;
+    default: break;
+  }
+}
+#else
+static void pk_panel(float *C, size_t ldc, const pk_a *A, size_t M, const float *P,
+                     const float *bias, int relu, size_t ncols) {
+  (void)C, (void)ldc, (void)A, (void)M, (void)P, (void)bias, (void)relu, (void)ncols;
+  abort(); /* kdp_packed_available() is 0: never called */
+}
+#endif
+
+/* panels [p0, p1) of out (M x N, ldc) = A (M x K) . W^T + bias, relu'd when relu */
+static void packed_gemm(float *out, size_t ldc, const pk_a *A, size_t M, const float *P,
+                        size_t N, const float *bias, int relu, size_t p0, size_t p1) {
+  const size_t K = A->nko * A->run;
+  for (size_t p = p0; p < p1; p++) {
+    const size_t c0 = p * KDP_PACK_NR, nc = N - c0 < KDP_PACK_NR ? N - c0 : KDP_PACK_NR;
+    pk_panel(out + c0, ldc, A, M, P + p * K * KDP_PACK_NR, bias ? bias + c0 : NULL, relu, nc);
+  }
+}
+
+typedef struct packed_ctx {
+  float *out;
+  const float *P, *bias;
+  pk_a a;
+  size_t B, O;
+  int relu;
+} packed_ctx;
+
+static void dense_packed_panels(void *ctx, size_t lo, size_t hi) {
+  const packed_ctx *c = ctx;
+  packed_gemm(c->out, c->O, &c->a, c->B, c->P, c->O, c->bias, c->relu, lo, hi);
+}
+
+void kdp_dense_forward_packed(float *out, const float *in, const float *P, const float *b,
+                              size_t B, size_t n_in, size_t n_out, int relu) {
+  if (B == 0 || n_out == 0) return;
+  packed_ctx c = {.out = out, .P = P, .bias = b, .B = B, .O = n_out, .relu = relu,
+                  .a = {.base = in, .ow = 1, .sh = n_in, .sw = 0, .nko = 1, .run = n_in}};
+  kdp_par_tasks((n_out + KDP_PACK_NR - 1) / KDP_PACK_NR, dense_packed_panels, &c);
+}
+
+/* one sample's pooled, relu'd rows from its conv output y (OH x OW x C, batchnorm folded in):
+   kdp_maxpool_forward's scan (strictly larger or NaN wins), then the relu */
+static void pool_relu_sample(float *restrict out, const float *restrict y, size_t OH, size_t OW,
+                             size_t C) {
+  const size_t PH = OH / 2, PW = OW / 2;
+  for (size_t ph = 0; ph < PH; ph++)
+    for (size_t pw = 0; pw < PW; pw++) {
+      const float *y0 = y + (2 * ph * OW + 2 * pw) * C;
+      const float *y1 = y0 + C, *y2 = y0 + OW * C, *y3 = y2 + C;
+      float *o = out + (ph * PW + pw) * C;
+      for (size_t c = 0; c < C; c++) {
+        float m = y0[c];
+        m = (y1[c] > m) | (y1[c] != y1[c]) ? y1[c] : m;
+        m = (y2[c] > m) | (y2[c] != y2[c]) ? y2[c] : m;
+        m = (y3[c] > m) | (y3[c] != y3[c]) ? y3[c] : m;
+        o[c] = m > 0.0f ? m : 0.0f;
+      }
+    }
+}
+
+/* floats of one sample's zero-padded input image (none without padding: read in place) */
+static size_t padded_floats(const kdp_conv_shape *s) {
+  return s->pad ? (s->H + 2 * s->pad) * (s->W + 2 * s->pad) * s->Cin : 0;
+}
+
+/* A thread's scratch slice (conv_thread_floats(s, Cout), sized for the train forward) must hold a
+   sample's conv output and padded image; it has rows * (2 K K Cin + Cout) floats, rows >= OH OW
+   (1 sample per chunk at least: checked for B = 1, the smallest). */
+int kdp_conv_packed_fits(const kdp_conv_shape *s) {
+  kdp_conv_shape one = *s;
+  one.B = 1;
+  return s->OH * s->OW * s->Cout + padded_floats(s) <= conv_thread_floats(&one, s->Cout);
+}
+
+/* the samples of chunks [lo, hi), one at a time: the packed GEMM straight from the sample's
+   zero-padded image (an implicit im2col) into the thread's scratch, then pool and relu while that
+   sample's conv output is in cache */
+static void cpr_packed_chunks(void *ctx, size_t lo, size_t hi) {
+  const conv_ctx *c = ctx;
+  const kdp_conv_shape *s = c->s;
+  const size_t B = s->B, C = s->Cout, ohw = s->OH * s->OW, Ci = s->Cin, pad = s->pad;
+  const size_t Wp = s->W + 2 * pad, in_per = s->H * s->W * Ci;
+  const size_t out_per = (s->OH / 2) * (s->OW / 2) * C;
+  float *y = conv_thread_scratch(c), *xp = y + ohw * C;
+  pk_a a = {.base = xp, .ow = s->OW, .sh = s->stride * Wp * Ci, .sw = s->stride * Ci,
+            .nko = s->K, .run = s->K * Ci, .ks = Wp * Ci};
+  for (size_t k = lo; k < hi; k++)
+    for (size_t b = kdp_chunk_lo(k, B, c->n); b < kdp_chunk_lo(k + 1, B, c->n); b++) {
+      const float *x = c->in + b * in_per;
+      if (pad == 0) {
+        a.base = x;
+      } else {
+        /* the padding rows and columns stay zero: only the interior is written per sample */
+        for (size_t h = 0; h < s->H; h++)
+          memcpy(xp + ((h + pad) * Wp + pad) * Ci, x + h * s->W * Ci, s->W * Ci * sizeof(float));
+      }
+      packed_gemm(y, C, &a, ohw, c->w, C, c->b, 0, 0, (C + KDP_PACK_NR - 1) / KDP_PACK_NR);
+      pool_relu_sample(c->out + b * out_per, y, s->OH, s->OW, C);
+    }
+}
+
+void kdp_conv_pool_relu_forward_packed(float *out, const float *in, const float *P,
+                                       const float *bias, float *scratch,
+                                       const kdp_conv_shape *s) {
+  if (s->B == 0 || s->OH * s->OW == 0 || s->Cout == 0) return;
+  conv_ctx c = {.s = s, .n = conv_n_chunks(s), .tf = conv_thread_floats(s, s->Cout), .out = out,
+                .in = in, .w = P, .b = bias};
+  if (!kdp_conv_packed_fits(s)) abort(); /* kdp_model_freeze packs only blocks that fit */
+  c.thr = scratch + conv_partial_floats(s);
+  /* the padding of every thread's image is zeroed once per call */
+  for (int t = 0; t < kdp_par_threads(); t++)
+    memset(c.thr + (size_t)t * c.tf + s->OH * s->OW * s->Cout, 0,
+           padded_floats(s) * sizeof(float));
+  kdp_par_tasks(c.n, cpr_packed_chunks, &c);
 }

@@ -37,6 +37,7 @@ typedef struct op {
   int fused;            /* > 0: first op of a fused block of that many ops; -1: inside one */
   uint8_t *win;         /* fused block: max-pool winners, their xhat, the batch mean */
   float *xwin, *mean;
+  float *pack, *pbias;  /* frozen eval-only models: packed weights, folded bias (fused blocks) */
 } op;
 
 typedef struct tensor {
@@ -64,6 +65,7 @@ struct kdp_model {
   int feature_act, logits_act;
   int naive, last_train;
   int infer;                  /* built by kdp_model_create_infer: eval forward only */
+  int frozen;                 /* kdp_model_freeze: the ops' packs are current */
   double flops;
   int build_failed;
 };
@@ -817,6 +819,8 @@ void kdp_model_free(kdp_model *m) {
     free(m->ops[i].win);
     free(m->ops[i].xwin);
     free(m->ops[i].mean);
+    free(m->ops[i].pack);
+    free(m->ops[i].pbias);
   }
   free(m->params);
   free(m->grads);
@@ -851,10 +855,16 @@ void kdp_model_init(kdp_model *m, kdp_rng *rng) {
 }
 
 size_t kdp_model_n_params(const kdp_model *m) { return m->n_params; }
-float *kdp_model_params(kdp_model *m) { return m->params; }
+float *kdp_model_params(kdp_model *m) {
+  m->frozen = 0; /* the caller may change the weights */
+  return m->params;
+}
 float *kdp_model_grads(kdp_model *m) { return m->grads; }
 size_t kdp_model_n_buffers(const kdp_model *m) { return m->n_buffers; }
-float *kdp_model_buffers(kdp_model *m) { return m->buffers; }
+float *kdp_model_buffers(kdp_model *m) {
+  m->frozen = 0;
+  return m->buffers;
+}
 size_t kdp_model_n_tensors(const kdp_model *m) { return m->n_tensors; }
 const char *kdp_model_tensor_name(const kdp_model *m, size_t i) { return m->tensors[i].name; }
 size_t kdp_model_tensor_offset(const kdp_model *m, size_t i) { return m->tensors[i].off; }
@@ -869,7 +879,10 @@ size_t kdp_model_feature_dim(const kdp_model *m) {
 size_t kdp_model_n_classes(const kdp_model *m) { return m->in.n_classes; }
 double kdp_model_flops_per_sample(const kdp_model *m) { return m->flops; }
 const char *kdp_model_arch(const kdp_model *m) { return m->arch; }
-void kdp_model_set_naive(kdp_model *m, int naive) { m->naive = naive; }
+void kdp_model_set_naive(kdp_model *m, int naive) {
+  m->naive = naive;
+  if (naive) m->frozen = 0; /* the naive kernels are the reference: no packs */
+}
 
 size_t kdp_model_tensor_shape(const kdp_model *m, size_t i, size_t dims[4]) {
   const tensor *t = &m->tensors[i];
@@ -908,6 +921,7 @@ void kdp_model_tensor_to_torch(const kdp_model *m, size_t i, float *dst) {
 
 void kdp_model_tensor_from_torch(kdp_model *m, size_t i, const float *src) {
   const tensor *t = &m->tensors[i];
+  m->frozen = 0;
   tensor_permute(t, m->params + t->off, src, 0);
 }
 
@@ -1000,7 +1014,9 @@ static void block_forward(kdp_model *m, int i, size_t B, int train, float mom, f
   const float *gamma = m->params + n->w, *beta = m->params + n->b;
   float *rm = m->buffers + n->rm, *rv = m->buffers + n->rv;
   c->cs.B = B;
-  if (m->naive)
+  if (m->frozen && !train && c->pack)
+    kdp_conv_pool_relu_forward_packed(out, in, c->pack, c->pbias, m->scratch, &c->cs);
+  else if (m->naive)
     kdp_conv_bn_pool_relu_forward_naive(out, c->win, c->xwin, y, c->mean, c->invstd, rm, rv, in,
                                         w, bias, gamma, beta, &c->cs, train, mom, eps);
   else
@@ -1026,14 +1042,43 @@ static void block_backward(kdp_model *m, int i, float *din, int set) {
                                    m->scratch, &c->cs);
 }
 
+int kdp_model_freeze(kdp_model *m, int on) {
+  m->frozen = 0;
+  if (!on || !m->infer || m->naive || !kdp_packed_available()) return 0;
+  const float bn_eps = 1e-5f; /* kdp_model_forward's */
+  for (int i = 0; i < m->n_ops; i++) {
+    op *o = &m->ops[i];
+    if (o->fused < 0) continue;
+    if (o->kind == KDP_OP_DENSE) {
+      const act *a = &m->acts[o->in];
+      const size_t nI = a->H * a->W * a->C, nO = m->acts[o->out].C;
+      if (!o->pack) o->pack = kdp_falloc(kdp_pack_floats(nO, nI));
+      kdp_pack_weights(o->pack, m->params + o->w, NULL, nO, nI);
+    } else if (o->kind == KDP_OP_CONV && o->fused > 0 && kdp_conv_packed_fits(&o->cs)) {
+      const op *n = &m->ops[i + 1];
+      const size_t C = o->cs.Cout, kkc = o->cs.K * o->cs.K * o->cs.Cin;
+      if (!o->pack) o->pack = kdp_falloc(kdp_pack_floats(C, kkc));
+      if (!o->pbias) o->pbias = kdp_falloc(C);
+      kdp_bn_fold_pack(o->pack, o->pbias, m->params + o->w,
+                       o->b != NONE ? m->params + o->b : NULL, m->params + n->w,
+                       m->params + n->b, m->buffers + n->rm, m->buffers + n->rv, C, kkc, bn_eps);
+    }
+  }
+  m->frozen = 1;
+  return 1;
+}
+
 /* the fused dense -> relu starting at op i */
 static void dense_relu_forward(kdp_model *m, int i, size_t B) {
   const op *d = &m->ops[i];
   const act *a = &m->acts[d->in];
   float *out = m->acts[m->ops[i + 1].out].val;
   const size_t nI = a->H * a->W * a->C, nO = m->acts[d->out].C;
-  (m->naive ? kdp_dense_relu_forward_naive : kdp_dense_relu_forward)(
-      out, a->val, m->params + d->w, m->params + d->b, B, nI, nO);
+  if (m->frozen)
+    kdp_dense_forward_packed(out, a->val, d->pack, m->params + d->b, B, nI, nO, 1);
+  else
+    (m->naive ? kdp_dense_relu_forward_naive : kdp_dense_relu_forward)(
+        out, a->val, m->params + d->w, m->params + d->b, B, nI, nO);
 }
 
 static void dense_relu_backward(kdp_model *m, int i, float *din, size_t B) {
@@ -1077,7 +1122,9 @@ const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train
     switch (o->kind) {
       case KDP_OP_DENSE: {
         size_t nI = a->H * a->W * a->C, nO = m->acts[o->out].C;
-        if (m->naive)
+        if (m->frozen)
+          kdp_dense_forward_packed(out, in, o->pack, m->params + o->b, B, nI, nO, 0);
+        else if (m->naive)
           kdp_dense_forward_naive(out, in, m->params + o->w, m->params + o->b, B, nI, nO);
         else
           kdp_dense_forward(out, in, m->params + o->w, m->params + o->b, B, nI, nO);

@@ -30,7 +30,7 @@ fi
 mkdir -p "$out"
 cflags=(-g -O1 "-fsanitize=fuzzer,address,undefined" -fno-sanitize-recover=undefined -D_GNU_SOURCE
   -Iinclude -Itests/fuzz -Isrc/serve)
-libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas libuv)
+libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas libuv libpng)
 core=(src/common.c)
 # the dashboard's files, embedded by the meson build (kdp-embed) into BUILD_DIR/kdp_assets.c
 assets="$(dirname "$out")/kdp_assets.c"
@@ -40,7 +40,7 @@ declare -A srcs=(
   [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [npy]="src/data/npy.c src/data/idx.c src/data/batcher.c"
   [ckpt]="src/ckpt/ckpt.c"
-  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c src/nn/par.c"
+  [model]="src/ckpt/ckpt.c src/nn/model.c src/nn/layers.c src/nn/layers_naive.c src/nn/optim.c src/nn/par.c src/infer/modelfile.c src/data/batcher.c src/data/folder.c src/data/idx.c src/data/npy.c src/kd/losses.c"
   [http]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/history.c $assets"
   [socket]="src/serve/core.c src/serve/http.c src/serve/routes.c src/serve/history.c src/serve/server.c $assets"
 )
