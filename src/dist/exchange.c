@@ -29,11 +29,11 @@ int kdp_exchange_create(kdp_exchange **out, kdp_dist *d, kdp_cohort *c, size_t C
   x->max_b = max_b;
   x->P = sp->P;
   x->me = (size_t)d->peer;
-  x->uses_feat = kdp_method_uses_features(sp->method);
+  const kdp_method_ops *o = kdp_cohort_ops(c);
+  x->uses_feat = ((o->peer_reads | o->module_reads) & KDP_READS_FEATURES) != 0;
   x->feat_grads = kdp_cohort_feature_grads(c);
   /* gradients reach other peers' logits through the gate/fusion losses and okddip's attention */
-  x->cross_grads = sp->method == KDP_METHOD_ONE || sp->method == KDP_METHOD_FFL ||
-                   (sp->method == KDP_METHOD_OKDDIP && !sp->detach);
+  x->cross_grads = (o->module_reads && !o->teacher_per_peer) || kdp_cohort_teacher_grad(c);
   size_t dme = sp->dims[x->me];
   x->z_all = kdp_falloc(x->P * max_b * C);
   x->dz_all = kdp_falloc(x->P * max_b * C);

@@ -720,6 +720,40 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
   bn_backward(din, dgamma, dbeta, dout, xhat, invstd, gamma, N, C, 1);
 }
 
+/* batchnorm in pieces: the helpers above, for rows spread over processes */
+void kdp_bn_stats_rows(double *sum, double *sq, const float *in, const double *shift, size_t N,
+                       size_t C) {
+  bn_stats_rows(sum, sq, in, shift, N, C);
+}
+
+void kdp_bn_stats_finish(float *mean, float *invstd, float *run_mean, float *run_var,
+                         const double *sum, const double *sq, const double *shift, size_t total,
+                         size_t C, float momentum, float eps) {
+  bn_finish_stats(mean, invstd, run_mean, run_var, sum, sq, shift, total ? total : 1, C, momentum,
+                  eps);
+}
+
+void kdp_bn_normalize(float *out, float *xhat, const float *in, const float *mean,
+                      const float *invstd, const float *gamma, const float *beta, size_t N,
+                      size_t C) {
+  bn_norm_rows(out, xhat, in, mean, invstd, gamma, beta, N, C);
+}
+
+void kdp_bn_backward_sums(double *sg, double *sb, const float *dout, const float *xhat, size_t N,
+                          size_t C) {
+  bn_bwd_sums(sg, sb, dout, xhat, N, C);
+}
+
+void kdp_bn_backward_rows(float *din, const float *dout, const float *xhat, const double *sg,
+                          const double *sb, const float *invstd, const float *gamma,
+                          size_t total, size_t N, size_t C) {
+  if (C == 0 || N == 0) return;
+  float *k = kdp_xmalloc(3 * C * sizeof(float));
+  bn_bwd_coefs(k, k + C, k + 2 * C, sg, sb, invstd, gamma, total, C);
+  bn_bwd_din(din, dout, xhat, k, k + C, k + 2 * C, N, C);
+  free(k);
+}
+
 /* ================= fused conv -> batchnorm -> 2x2 max-pool -> relu ================= */
 
 /* One sweep over the conv output per direction instead of five: batch statistics are summed
