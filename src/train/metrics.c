@@ -210,11 +210,12 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
     }
   }
   t->metrics = m;
-  const char *mode = t->cfg->progress;
-  if (strcmp(mode, "auto") == 0)
-    t->tty = isatty(STDERR_FILENO) || kdp_progress_launcher_tty();
-  else
-    t->tty = strcmp(mode, "bar") == 0 ? 1 : strcmp(mode, "plain") == 0 ? 0 : -1;
+  switch ((kdp_progress_mode)t->cfg->progress_id) {
+  case KDP_PROGRESS_AUTO: t->tty = isatty(STDERR_FILENO) || kdp_progress_launcher_tty(); break;
+  case KDP_PROGRESS_BAR: t->tty = 1; break;
+  case KDP_PROGRESS_PLAIN: t->tty = 0; break;
+  default: t->tty = -1; break;
+  }
   g_nrows = 0;
   line l;
   if (!line_begin(t, &l)) return 0;
@@ -358,7 +359,7 @@ static void progress_bar(kdp_trainer *t, int64_t step, double epoch, double loss
     for (int i = 0; i < width; i++) bar[1 + i] = i < fill ? '#' : '.';
     memcpy(bar + 1 + width, "] ", 3);
   }
-  if (t->P > 1 && strcmp(t->cfg->method, "independent") != 0) snprintf(kds, sizeof kds, " kd %.4f", kd);
+  if (t->ops != kdp_method_ops_of(KDP_METHOD_INDEPENDENT)) snprintf(kds, sizeof kds, " kd %.4f", kd);
   int n = snprintf(line, sizeof line,
                    "epoch %.2f %sstep %lld/%lld loss %.4f%s acc %.1f%% lr %.4g %.0f samples/s ETA %s",
                    epoch, bar, (long long)step, (long long)t->total_steps, loss, kds, 100.0 * acc,

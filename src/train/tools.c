@@ -126,7 +126,7 @@ static void run_class_names(const char *run_dir, char *out, size_t n) {
   int rc = kdp_config_load_file(&cfg, ini, &err);
   unlink(ini);
   if (rc != 0) return;
-  if (strcmp(cfg.format, "idx") == 0) {
+  if (cfg.format_id == KDP_FORMAT_IDX) {
     if (strstr(cfg.train_images, "fashion-mnist/")) snprintf(out, n, "%s", FASHION_NAMES);
     return;
   }
@@ -136,7 +136,7 @@ static void run_class_names(const char *run_dir, char *out, size_t n) {
   if (comma) *comma = 0;
   char *slash = strrchr(dir, '/');
   if (slash) slash[1] = 0; else dir[0] = 0;
-  strcat(dir, strcmp(cfg.format, "cifar100") == 0 ? "fine_label_names.txt" : "batches.meta.txt");
+  strcat(dir, cfg.format_id == KDP_FORMAT_CIFAR100 ? "fine_label_names.txt" : "batches.meta.txt");
   FILE *f = fopen(dir, "r");
   if (!f) return;
   size_t len = fread(out, 1, n - 1, f);
