@@ -326,8 +326,9 @@ typedef struct kdp_kd_batch {
 int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float *dh,
                          float *teacher, kdp_kd_losses *per_peer, double *total, kdp_error *err);
 
-/* Transitional (removed with dist/exchange.c): this rank's share of J over the whole batch,
-   J_i = L_i + L_module / P, for peer i: the old per-rank exchange's decomposition. */
+/* One peer's share of J over the whole batch, J_i = L_i + L_module / P (the module's terms
+   scaled by 1/P), so that the sum over i of the shares is kdp_cohort_objective: the per-peer
+   decomposition the golden tests check (tests/gen_kd_golden.py). The trainer does not use it. */
 int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, float *dh,
                     float *teacher, kdp_kd_losses *out, kdp_error *err);
 

@@ -237,20 +237,14 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
         kdp_modelfile_predict(&lm[i], test.images + first * isz, elem, b, p);
         for (size_t r = 0; r < b; r++) {
           const float *row = p + r * C;
-          size_t am = 0;
-          for (size_t k = 1; k < C; k++)
-            if (row[k] > row[am]) am = k;
-          hits[i] += am == (size_t)y[r];
+          hits[i] += kdp_argmax(row, C) == (size_t)y[r];
           loss[i] -= log(fmax(row[y[r]], 1e-30));
           for (size_t k = 0; k < C; k++) ens[r * C + k] += row[k] / (float)n;
         }
       }
       for (size_t r = 0; r < b; r++) {
         const float *row = ens + r * C;
-        size_t am = 0;
-        for (size_t k = 1; k < C; k++)
-          if (row[k] > row[am]) am = k;
-        hits[n] += am == (size_t)y[r];
+        hits[n] += kdp_argmax(row, C) == (size_t)y[r];
         loss[n] -= log(fmax(row[y[r]], 1e-30));
       }
     }
