@@ -12,6 +12,8 @@
  *   --classes  C (default 10)
  *   --reps     timed steps per configuration (default 200; the median is reported)
  *   --json     append one JSON line per configuration
+ *   --replicated 1: time the whole batch on every rank instead (the module before it was sharded
+ *              by rows), for comparison
  * Not timed: the batchnorm sums' allreduce (2 d_f + 1 doubles per step) and the exchanges (see
  * bench/cost-model.md). Also printed: the module's FLOPs per rank per step from its shapes
  * (forward + backward = 3 x the forward's matrix products), so the time can be read per FLOP.
@@ -53,7 +55,7 @@ static size_t parse_list(const char *s, size_t *out, size_t max) {
 int main(int argc, char **argv) {
   const char *methods = "one,ffl,okddip", *peers = "2,4,8,16,64", *json = NULL;
   size_t B = 128, d = 256, C = 10;
-  int reps = 200;
+  int reps = 200, replicated = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!v) {
@@ -67,6 +69,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--classes")) C = strtoul(v, NULL, 10);
     else if (!strcmp(a, "--reps")) reps = atoi(v);
     else if (!strcmp(a, "--json")) json = v;
+    else if (!strcmp(a, "--replicated")) replicated = atoi(v);
     else {
       fprintf(stderr, "kdp-modulebench: unknown option %s\n", a);
       return 2;
@@ -110,7 +113,7 @@ int main(int argc, char **argv) {
       kdp_rng_seed(&rng, 1, KDP_STREAM_MODULE);
       kdp_cohort_module_init(c, &rng);
       /* row block r of the batch on rank r: B / P rows (the largest block, rounded up) */
-      size_t rows = (B + P - 1) / P;
+      size_t rows = replicated ? B : (B + P - 1) / P;
       float *z = kdp_falloc(P * rows * C), *h = kdp_falloc(kdp_cohort_feature_floats(c, rows));
       float *t = kdp_falloc(P * rows * C), *dt = kdp_falloc(P * rows * C);
       float *dz = kdp_falloc(P * rows * C), *dh = kdp_falloc(kdp_cohort_feature_floats(c, rows));
@@ -142,9 +145,9 @@ int main(int argc, char **argv) {
              fl / 1e6, fl / (med * 1e-3) / 1e9);
       if (jf)
         fprintf(jf,
-                "{\"method\":\"%s\",\"P\":%zu,\"B\":%zu,\"d\":%zu,\"C\":%zu,\"rows\":%zu,"
+                "{\"method\":\"%s\",\"replicated\":%d,\"P\":%zu,\"B\":%zu,\"d\":%zu,\"C\":%zu,\"rows\":%zu,"
                 "\"ms_median\":%.6f,\"ms_best\":%.6f,\"mflop\":%.4f,\"reps\":%d}\n",
-                name, P, B, d, C, rows, med, ms[0], fl / 1e6, reps);
+                name, replicated, P, B, d, C, rows, med, ms[0], fl / 1e6, reps);
       free(ms);
       free(y);
       float *bufs[] = {z, h, t, dt, dz, dh};
