@@ -33,7 +33,7 @@ cflags=(-g -O1 "-fsanitize=fuzzer,address,undefined" -fno-sanitize-recover=undef
 libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas libuv)
 core=(src/common.c)
 declare -A srcs=(
-  [config]="src/config/config.c"
+  [config]="src/config/config.c $(echo src/kd/*.c) src/nn/layers.c src/nn/layers_naive.c"
   [idx]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [npy]="src/data/npy.c src/data/idx.c src/data/batcher.c"
