@@ -507,22 +507,23 @@ void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
   }
 }
 
-void kdp_dist_group_sum_f64(kdp_dist *d, kdp_group g, double *buf, size_t n) {
+/* in-place allreduce of n values over group g */
+static void group_allreduce(kdp_dist *d, kdp_group g, void *buf, size_t n, MPI_Datatype type,
+                            MPI_Op op) {
   int size, me;
   MPI_Comm comm = group_comm(d, g, &size, &me);
   if (size <= 1 || n == 0) return;
   double t0 = kdp_now();
-  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, comm));
+  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, type, op, comm));
   d->t_exchange += kdp_now() - t0;
 }
 
+void kdp_dist_group_sum_f64(kdp_dist *d, kdp_group g, double *buf, size_t n) {
+  group_allreduce(d, g, buf, n, MPI_DOUBLE, MPI_SUM);
+}
+
 void kdp_dist_group_min(kdp_dist *d, kdp_group g, float *buf, size_t n) {
-  int size, me;
-  MPI_Comm comm = group_comm(d, g, &size, &me);
-  if (size <= 1 || n == 0) return;
-  double t0 = kdp_now();
-  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_MIN, comm));
-  d->t_exchange += kdp_now() - t0;
+  group_allreduce(d, g, buf, n, MPI_FLOAT, MPI_MIN);
 }
 
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {

@@ -312,10 +312,9 @@ int kdp_cohort_teacher_eval(kdp_cohort *c, const float *z, const float *h, size_
 
 /* ---------------------------------------------------------------- the reference */
 
-int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float *dh,
-                         float *teacher, kdp_kd_losses *per_peer, double *total,
-                         kdp_error *err) {
-  const char *fn = "kdp_cohort_objective";
+/* a whole batch of the cohort and the gradient buffers it accumulates into */
+static int check_batch(const kdp_cohort *c, const kdp_kd_batch *in, const float *dz,
+                       const float *dh, const char *fn, kdp_error *err) {
   const kdp_method_ops *o = c->ops;
   if (!in || !in->z || !in->y)
     return kdp_fail(err, KDP_EINVAL, "%s: batch, logits z and labels y are required", fn);
@@ -329,6 +328,31 @@ int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float
   if (kdp_cohort_feature_grads(c) && !dh)
     return kdp_fail(err, KDP_EINVAL, "%s: method %s returns feature gradients; dh is required",
                     fn, o->name);
+  return 0;
+}
+
+/* The method's teacher on a whole batch after its module's forward (c->tch): the shared module
+   teacher, else ops->teacher_eval, else the probability-mean ensemble; returns its hits. */
+static size_t batch_teacher(kdp_cohort *c, const kdp_kd_rows *blk, const kdp_kd_batch *in,
+                            float *teacher) {
+  const kdp_method_ops *o = c->ops;
+  const size_t B = in->B, C = c->s.C;
+  if (o->module_reads && !o->teacher_per_peer)
+    memcpy(teacher, c->tch, B * C * sizeof(float));
+  else if (o->teacher_eval)
+    o->teacher_eval(c, blk, teacher);
+  else
+    kdp_ensemble_logprob(teacher, in->z, c->s.P, B, C);
+  return kdp_count_hits(teacher, in->y, B, C);
+}
+
+int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float *dh,
+                         float *teacher, kdp_kd_losses *per_peer, double *total,
+                         kdp_error *err) {
+  const char *fn = "kdp_cohort_objective";
+  const kdp_method_ops *o = c->ops;
+  int rc = check_batch(c, in, dz, dh, fn, err);
+  if (rc) return rc;
   const size_t P = c->s.P, B = in->B, C = c->s.C, n = B * C;
   const int tgrad = kdp_cohort_teacher_grad(c);
   kdp_kd_rows blk = {.z = in->z, .h = in->h, .y = in->y, .n = B, .T = in->T,
@@ -356,17 +380,7 @@ int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float
   }
   double Lm = o->module_reads ? o->backward(c, &blk, tgrad ? c->dtch : NULL, NULL, dz, dh) : 0.0;
   J += Lm;
-  float *t = teacher ? teacher : NULL;
-  size_t th = 0;
-  if (t) {
-    if (o->module_reads && !o->teacher_per_peer)
-      memcpy(t, c->tch, n * sizeof(float));
-    else if (o->teacher_eval)
-      o->teacher_eval(c, &blk, t);
-    else
-      kdp_ensemble_logprob(t, in->z, P, B, C);
-    th = kdp_count_hits(t, in->y, B, C);
-  }
+  size_t th = teacher ? batch_teacher(c, &blk, in, teacher) : 0;
   for (size_t i = 0; i < P; i++) {
     L[i].module_loss = Lm;
     L[i].teacher_correct = th;
@@ -380,18 +394,8 @@ int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, 
                     float *teacher, kdp_kd_losses *out, kdp_error *err) {
   const char *fn = "kdp_cohort_step";
   const kdp_method_ops *o = c->ops;
-  if (!in || !in->z || !in->y)
-    return kdp_fail(err, KDP_EINVAL, "%s: batch, logits z and labels y are required", fn);
-  if (in->B < 1)
-    return kdp_fail(err, KDP_EINVAL, "%s: batch %zu outside 1..%zu", fn, in->B, c->maxB);
-  int rc = check_rows(c, 1, in->z, in->y, in->B, in->T, in->weight, fn, err);
+  int rc = check_batch(c, in, dz, dh, fn, err);
   if (rc) return rc;
-  if (!dz) return kdp_fail(err, KDP_EINVAL, "%s: dz (P x B x C) is required", fn);
-  if ((o->module_reads & KDP_READS_FEATURES) && !in->h)
-    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs the peers' features h", fn, o->name);
-  if (kdp_cohort_feature_grads(c) && !dh)
-    return kdp_fail(err, KDP_EINVAL, "%s: method %s returns feature gradients; dh is required",
-                    fn, o->name);
   if (i >= c->s.P)
     return kdp_fail(err, KDP_EINVAL, "%s: peer %zu outside 0..%zu", fn, i, c->s.P - 1);
   const size_t P = c->s.P, B = in->B, C = c->s.C, n = B * C;
@@ -411,15 +415,7 @@ int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, 
   o->peer_loss(c, i, &pin, dz + i * n, tgrad ? c->dtch + ti : NULL, &L);
   double Lm = o->module_reads ? o->backward(c, &blk, tgrad ? c->dtch : NULL, NULL, dz, dh) : 0.0;
   L.module_loss = Lm * (double)P;
-  if (teacher) {
-    if (o->module_reads && !o->teacher_per_peer)
-      memcpy(teacher, c->tch, n * sizeof(float));
-    else if (o->teacher_eval)
-      o->teacher_eval(c, &blk, teacher);
-    else
-      kdp_ensemble_logprob(teacher, in->z, P, B, C);
-    L.teacher_correct = kdp_count_hits(teacher, in->y, B, C);
-  }
+  if (teacher) L.teacher_correct = batch_teacher(c, &blk, in, teacher);
   if (out) *out = L;
   return 0;
 }
