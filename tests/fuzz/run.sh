@@ -35,7 +35,7 @@ core=(src/common.c)
 # the dashboard's files, embedded by the meson build (kdp-embed) into BUILD_DIR/kdp_assets.c
 assets="$(dirname "$out")/kdp_assets.c"
 declare -A srcs=(
-  [config]="src/config/config.c"
+  [config]="src/config/config.c $(echo src/kd/*.c) src/nn/layers.c src/nn/layers_naive.c src/nn/par.c"
   [idx]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [cifar]="src/data/idx.c src/data/cifar.c src/data/batcher.c"
   [npy]="src/data/npy.c src/data/idx.c src/data/batcher.c"
