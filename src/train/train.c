@@ -660,6 +660,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   int64_t step0 = t->step;
   float *params = kdp_model_params(t->model), *grads = kdp_model_grads(t->model);
   size_t np = kdp_model_n_params(t->model);
+  kdp_buckets *buckets = kdp_buckets_for_model(d, t->model, (size_t)cfg->bucket_kb);
   divergence pending_div = {0};
   int stopped = 0;
   int predicting = 0; /* a prediction was answered at the last step boundary */
@@ -752,7 +753,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     t_compute += kdp_now() - tc0;
     kdp_trace_mark(t, "backward", tc0, kdp_now());
     double ta0 = kdp_now();
-    kdp_dist_peer_allreduce(d, grads, np);
+    kdp_buckets_finish(buckets); /* the peer's gradient allreduce, started during backward */
     kdp_method_after_backward(t);
     kdp_trace_mark(t, "allreduce", ta0, kdp_now());
     double lr = kdp_schedule_lr(&sch, step) * t->lr_scale;
@@ -848,6 +849,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
       break;
     }
   }
+  kdp_buckets_free(buckets);
   if (rc == 0 && stopped) {
     if (t->is_root) {
       fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "
