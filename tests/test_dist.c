@@ -329,6 +329,169 @@ START_TEST(test_agree_detects_difference) {
 }
 END_TEST
 
+
+/* Gradient buckets (src/dist/buckets.c) over a peer of all the world's ranks. On 2 ranks the
+   bucketed sums equal one MPI_Allreduce of the whole vector (kdp_dist_peer_allreduce) bitwise:
+   a + b = b + a in IEEE arithmetic, whichever algorithm Open MPI picks. On more ranks the order
+   of the additions is the algorithm's, and Open MPI 4.1's blocking allreduce picks its algorithm
+   by message size (on 3 ranks, vectors of 24 to 128 KB are summed in another order than smaller
+   and larger ones), so bucket sizes can change the last bits there: the sums are checked against
+   the exact sum (in double) within the bound of any order of W - 1 float additions, and the
+   bitwise differences from the blocking allreduce are printed. */
+static void rank_values(float *g, size_t n, int r, int salt) {
+  kdp_rng rng;
+  kdp_rng_seed(&rng, 1000u + (unsigned)salt, (uint64_t)r);
+  for (size_t k = 0; k < n; k++) g[k] = kdp_rng_normal(&rng) * (k % 7 == 0 ? 100.0f : 0.01f);
+}
+
+static size_t bitwise_mismatches(const float *a, const float *b, size_t n) {
+  size_t bad = 0;
+  for (size_t k = 0; k < n; k++) bad += memcmp(&a[k], &b[k], sizeof(float)) != 0;
+  return bad;
+}
+
+/* elements of g (the sum over W ranks of parts[r * n + k]) outside the error bound of any order
+   of W - 1 float additions: |g - exact| <= (W - 1) u sum |x| (u = 2^-24), to first order */
+static size_t beyond_sum_bound(const float *g, const float *parts, size_t n, int W) {
+  size_t bad = 0;
+  for (size_t k = 0; k < n; k++) {
+    double exact = 0, mag = 0;
+    for (int r = 0; r < W; r++) {
+      exact += parts[(size_t)r * n + k];
+      mag += fabs(parts[(size_t)r * n + k]);
+    }
+    bad += fabs((double)g[k] - exact) > (W - 1) * 0x1p-24 * mag * 1.001;
+  }
+  return bad;
+}
+
+/* sums of W - 1 additions: bitwise equal to the blocking allreduce on 2 ranks, within the bound
+   on any number; counts into bad[0] (bitwise, asserted for W = 2 only) and bad[1] (bound) */
+static void check_bucketed(const float *g, const float *blocking, const float *parts, size_t n,
+                           int W, size_t bad[2]) {
+  bad[0] += bitwise_mismatches(g, blocking, n);
+  bad[1] += beyond_sum_bound(g, parts, n, W);
+}
+
+START_TEST(test_buckets_sum) {
+  kdp_dist peer;
+  kdp_error err;
+  int W = D.world_size;
+  ck_assert_msg(kdp_dist_setup(&peer, W, &err) == 0, "%s", err.msg);
+  /* vector sizes across Open MPI's algorithm switch points (14858 floats: in the 3-rank window
+     above); bucket sizes from one layer per bucket to one bucket for everything */
+  static const size_t sizes[] = {1, 1000, 14858, 70001, 535818};
+  static const size_t bucket_floats[] = {1, 3000, 65536, 1u << 20};
+  size_t bad[2] = {0, 0}, checked = 0;
+  for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+    size_t n = sizes[si];
+    /* layer marks: decreasing, uneven layers, ending at 0 */
+    size_t marks[64], nm = 0, at = n;
+    while (at > 0 && nm < 63) {
+      size_t layer = 1 + (at * 3) / 11 + (nm % 3) * 17;
+      at = layer >= at ? 0 : at - layer;
+      marks[nm++] = at;
+    }
+    if (at) marks[nm++] = 0;
+    float *g = kdp_xmalloc(n * sizeof *g), *ref = kdp_xmalloc(n * sizeof *ref);
+    float *parts = kdp_xmalloc((size_t)W * n * sizeof *parts);
+    rank_values(ref, n, peer.slice, (int)si);
+    kdp_dist_peer_allreduce(&peer, ref, n);
+    for (int r = 0; r < W; r++) rank_values(parts + (size_t)r * n, n, r, (int)si);
+    for (size_t bi = 0; bi < sizeof bucket_floats / sizeof *bucket_floats; bi++) {
+      kdp_buckets *b = kdp_buckets_create(&peer, g, n, marks, nm, bucket_floats[bi]);
+      /* the buckets tile [0, n) from the end, each cut at a mark */
+      size_t nb = kdp_buckets_count(b), top = n;
+      ck_assert(nb >= 1);
+      for (size_t i = 0; i < nb; i++) {
+        size_t lo, hi;
+        kdp_buckets_range(b, i, &lo, &hi);
+        ck_assert(hi == top && lo < hi);
+        ck_assert(i + 1 == nb || hi - lo >= bucket_floats[bi]);
+        top = lo;
+      }
+      ck_assert(top == 0);
+      /* twice (finish leaves it ready for the next step), then finish alone (a rank with no
+         rows runs no backward pass) */
+      for (int step = 0; step < 3; step++) {
+        rank_values(g, n, peer.slice, (int)si);
+        for (size_t m = 0; step < 2 && m < nm; m++) kdp_buckets_ready(b, marks[m]);
+        kdp_buckets_finish(b);
+        check_bucketed(g, ref, parts, n, W, bad);
+        checked += n;
+      }
+      kdp_buckets_free(b);
+    }
+    free(g);
+    free(ref);
+    free(parts);
+  }
+  if (D.world_rank == 0)
+    fprintf(stderr, "buckets on %d ranks: %zu of %zu sums differ bitwise from one blocking "
+                    "allreduce of the whole vector, %zu beyond the summation bound\n",
+            W, bad[0], checked, bad[1]);
+  kdp_dist_free(&peer);
+  ck_assert_msg(bad[1] == 0, "%zu of %zu bucketed sums beyond the summation bound", bad[1],
+                checked);
+  if (W == 2)
+    ck_assert_msg(bad[0] == 0, "%zu of %zu bucketed sums differ from the blocking allreduce",
+                  bad[0], checked);
+}
+END_TEST
+
+/* The model's backward hook starts every bucket during the backward pass (only the wait is left
+   for finish), and the bucketed gradients are the peer's sum (as above). */
+START_TEST(test_buckets_model_hook) {
+  kdp_dist peer;
+  kdp_error err;
+  int W = D.world_size;
+  ck_assert_msg(kdp_dist_setup(&peer, W, &err) == 0, "%s", err.msg);
+  kdp_input_shape ish = {8, 8, 1, 10};
+  kdp_model *m = NULL;
+  ck_assert_msg(kdp_model_create(&m, "mlp(96,64,32)", ish, 16, &err) == 0, "%s", err.msg);
+  kdp_rng rng;
+  kdp_rng_seed(&rng, 5, KDP_STREAM_INIT);
+  kdp_model_init(m, &rng);
+  size_t np = kdp_model_n_params(m), nm = kdp_model_grad_marks(m, NULL, 0);
+  ck_assert_uint_eq(nm, 4); /* one mark per dense layer, the last one 0 */
+  size_t marks[4];
+  kdp_model_grad_marks(m, marks, 4);
+  ck_assert_uint_eq(marks[3], 0);
+  float x[16 * 64], dz[16 * 10];
+  rank_values(x, 16 * 64, peer.slice, 7);
+  rank_values(dz, 16 * 10, peer.slice, 8);
+  /* this rank's own gradients, every rank's, and their blocking allreduce */
+  kdp_rng drop;
+  kdp_rng_seed(&drop, 1, KDP_STREAM_DROPOUT);
+  kdp_model_zero_grad(m);
+  kdp_model_forward(m, x, 16, 1, &drop);
+  kdp_model_backward(m, dz, NULL);
+  float *parts = kdp_xmalloc((size_t)W * np * sizeof(float));
+  float *blocking = kdp_xmalloc(np * sizeof(float));
+  kdp_dist_cohort_allgather(&D, kdp_model_grads(m), parts, np);
+  memcpy(blocking, kdp_model_grads(m), np * sizeof(float));
+  kdp_dist_peer_allreduce(&peer, blocking, np);
+  /* 1 KiB buckets: one per layer */
+  kdp_buckets *b = kdp_buckets_for_model(&peer, m, 1);
+  ck_assert_uint_eq(kdp_buckets_count(b), 4);
+  kdp_model_zero_grad(m);
+  kdp_model_forward(m, x, 16, 1, &drop);
+  kdp_model_backward(m, dz, NULL);
+  ck_assert_uint_eq(kdp_buckets_started(b), kdp_buckets_count(b));
+  kdp_buckets_finish(b);
+  ck_assert_uint_eq(kdp_buckets_started(b), 0);
+  kdp_buckets_free(b);
+  size_t bad[2] = {0, 0};
+  check_bucketed(kdp_model_grads(m), blocking, parts, np, W, bad);
+  free(parts);
+  free(blocking);
+  kdp_model_free(m);
+  kdp_dist_free(&peer);
+  ck_assert_msg(bad[1] == 0, "%zu of %zu gradients beyond the summation bound", bad[1], np);
+  if (W == 2) ck_assert_msg(bad[0] == 0, "%zu of %zu gradients differ", bad[0], np);
+}
+END_TEST
+
 int main(int argc, char **argv) {
   kdp_error err;
   if (kdp_dist_init_mpi(&argc, &argv, &err) != 0 || kdp_dist_setup(&D, 1, &err) != 0) {
@@ -342,6 +505,8 @@ int main(int argc, char **argv) {
   tcase_add_test(tc, test_replicas_bitwise);
   tcase_add_test(tc, test_collectives);
   tcase_add_test(tc, test_agree_detects_difference);
+  tcase_add_test(tc, test_buckets_sum);
+  tcase_add_test(tc, test_buckets_model_hook);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_set_fork_status(sr, CK_NOFORK); /* MPI cannot survive fork */

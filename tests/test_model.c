@@ -630,6 +630,89 @@ START_TEST(test_plan_large) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ backward hook */
+
+/* The hook's promise (kdp_model_set_backward_hook): once it reports ready, grads[ready, n) do not
+   change for the rest of the pass. Each newly final range is copied when reported; at the end the
+   copy must equal the gradients. ready never grows, ends at 0, and takes the values of
+   kdp_model_grad_marks. */
+typedef struct hook_rec {
+  const float *g;
+  float *snap;
+  size_t last, calls, n_ready, ready[1024];
+  int grew;
+} hook_rec;
+
+static void rec_hook(void *ctx, size_t ready) {
+  hook_rec *h = ctx;
+  h->calls++;
+  if (ready > h->last) h->grew = 1;
+  if (ready >= h->last) return;
+  memcpy(h->snap + ready, h->g + ready, (h->last - ready) * sizeof(float));
+  if (h->n_ready < 1024) h->ready[h->n_ready++] = ready;
+  h->last = ready;
+}
+
+static const struct {
+  const char *arch;
+  kdp_input_shape in;
+} HOOKED[] = {
+    {"mlp(64,32)", {28, 28, 1, 10}},
+    {"cnn", {28, 28, 1, 10}},
+    {"resnet20", {32, 32, 3, 10}},
+    {"wrn10_2", {16, 16, 3, 10}},
+    {"seq:conv(8,3),bn,relu,avgpool(3,2,1),dropout(0.25),conv(16,1),bn,relu,maxpool(3,2),"
+     "dropout(0.5),gap,dense(10)",
+     {20, 20, 3, 10}},
+};
+
+START_TEST(test_backward_hook) {
+  const size_t B = 4;
+  kdp_model *m = make(HOOKED[_i].arch, HOOKED[_i].in, B);
+  kdp_rng rng;
+  kdp_rng_seed(&rng, 3, KDP_STREAM_INIT);
+  kdp_model_init(m, &rng);
+  kdp_input_shape in = HOOKED[_i].in;
+  size_t nx = B * in.H * in.W * in.C, nz = B * in.n_classes, nf = B * kdp_model_feature_dim(m);
+  size_t np = kdp_model_n_params(m);
+  float *x = kdp_xmalloc(nx * sizeof *x), *dz = kdp_xmalloc(nz * sizeof *dz);
+  float *df = kdp_xmalloc(nf * sizeof *df);
+  fill_uniform(x, nx, &rng, -1, 1);
+  fill_uniform(dz, nz, &rng, -1, 1);
+  fill_uniform(df, nf, &rng, -1, 1);
+  hook_rec *h = kdp_xcalloc(1, sizeof *h);
+  h->g = kdp_model_grads(m);
+  h->snap = kdp_xcalloc(np, sizeof(float));
+  h->last = np;
+  kdp_model_set_backward_hook(m, rec_hook, h);
+  kdp_rng drop;
+  kdp_rng_seed(&drop, 9, KDP_STREAM_DROPOUT);
+  kdp_model_zero_grad(m);
+  kdp_model_forward(m, x, B, 1, &drop);
+  kdp_model_backward(m, dz, df);
+  ck_assert_msg(!h->grew, "%s: ready grew", HOOKED[_i].arch);
+  ck_assert_uint_eq(h->last, 0);
+  ck_assert_msg(memcmp(h->snap, h->g, np * sizeof(float)) == 0,
+                "%s: gradients changed after the hook reported them final", HOOKED[_i].arch);
+  size_t marks[1024], nm = kdp_model_grad_marks(m, marks, 1024);
+  ck_assert_uint_eq(nm, h->n_ready);
+  for (size_t k = 0; k < nm; k++) ck_assert_uint_eq(marks[k], h->ready[k]);
+  ck_assert_msg(h->calls >= nm, "one call per layer at least");
+  /* removed: the next pass calls nothing */
+  size_t calls = h->calls;
+  kdp_model_set_backward_hook(m, NULL, NULL);
+  kdp_model_forward(m, x, B, 1, &drop);
+  kdp_model_backward(m, dz, df);
+  ck_assert_uint_eq(h->calls, calls);
+  free(h->snap);
+  free(h);
+  free(x);
+  free(dz);
+  free(df);
+  kdp_model_free(m);
+}
+END_TEST
+
 static Suite *model_suite(void) {
   Suite *s = suite_create("model");
   TCase *core = tcase_create("core");
@@ -647,6 +730,7 @@ static Suite *model_suite(void) {
   tcase_add_test(core, test_deterministic_steps);
   tcase_add_test(core, test_eval_mode);
   tcase_add_test(core, test_describe);
+  tcase_add_loop_test(core, test_backward_hook, 0, (int)(sizeof HOOKED / sizeof HOOKED[0]));
   suite_add_tcase(s, core);
   TCase *lim = tcase_create("limits");
   tcase_add_loop_test(lim, test_bad_arch, 0, (int)(sizeof BAD_ARCH / sizeof BAD_ARCH[0]));

@@ -40,6 +40,23 @@ for method in dml one; do
   expect "$method: retention keeps checkpoint.keep = 2" test "$(ls -d "$b"/checkpoints/step-* | wc -l)" = 2
 done
 
+# one peer on 2 ranks with the gradient allreduce in 1 KiB buckets: stopped and resumed, it ends
+# bitwise where the uninterrupted run does
+a="$tmp/bk-a" b="$tmp/bk-b"
+bkargs=(-s run.ranks_per_peer=2 -s run.bucket_kb=1 -s kd.method=independent)
+run 2 "${base[@]}" "${bkargs[@]}" -s run.dir="$a" >"$a.out" 2>&1
+expect "buckets: uninterrupted run on 2 ranks exits 0" test $? = 0
+KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "${base[@]}" "${bkargs[@]}" -s run.dir="$b" >"$b.out1" 2>&1
+expect "buckets: a signal stops the run with exit 75" test $? = 75
+run 2 "${base[@]}" "${bkargs[@]}" -s run.dir="$b" >"$b.out2" 2>&1
+expect "buckets: the resumed run finishes" test $? = 0
+fa=$(final_dir "$a") fb=$(final_dir "$b")
+for r in 0 1; do
+  expect "buckets: rank $r final weights and momentum bitwise identical after the resume" \
+    cmp -s <(digests "$fa/peer-00$r.kdpc") <(digests "$fb/peer-00$r.kdpc")
+done
+expect "buckets: identical metrics after the resume" cmp -s <(evals "$a") <(evals "$b")
+
 # a real signal sent to mpirun (as Slurm's --signal=B:USR1 would, via the batch script)
 c="$tmp/sig"
 run 2 "${base[@]}" -s run.epochs=200 -s run.dir="$c" >"$c.out" 2>&1 &

@@ -34,6 +34,7 @@ typedef struct kdp_config {
   int eval_every;          /* evaluate every N epochs (and at the end) */
   int log_every;           /* steps between log lines / progress refreshes */
   int ranks_per_peer;
+  int bucket_kb;            /* gradient allreduce buckets (KiB) when ranks_per_peer > 1; 0 = off */
   char progress[16];       /* auto | bar | plain | none */
   int progress_id;         /* kdp_progress_mode */
   int timeline;            /* write run.dir/timeline-rankNNN.json (Chrome trace) */

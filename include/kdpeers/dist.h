@@ -79,6 +79,34 @@ int kdp_dist_all_ok(kdp_dist *d, int ok);
 
 /* Sum-allreduce in place over the peer communicator (data parallelism inside a peer). */
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n);
+/* Gradient buckets (src/dist/buckets.c): the peer allreduce of a flat gradient vector in
+   pieces, each started (MPI_Iallreduce in place over the peer communicator) as soon as the
+   backward pass has finished the layers that write it, as PyTorch DDP does. A bucket is a
+   contiguous range of grads cut at layer marks (kdp_model_grad_marks: decreasing offsets where a
+   layer's gradients begin), at least bucket_floats long except the last, from the end of the
+   vector: the first bucket holds the last layers. bucket_floats = 0 turns buckets off: finish is
+   then kdp_dist_peer_allreduce, one blocking allreduce after the backward pass. With one rank per
+   peer every call does nothing. Every rank of a peer must pass the same n, marks and size. */
+typedef struct kdp_buckets kdp_buckets;
+kdp_buckets *kdp_buckets_create(kdp_dist *d, float *grads, size_t n, const size_t *marks,
+                                size_t n_marks, size_t bucket_floats);
+/* grads[ready, n) are final for this step: starts the buckets inside that range, and calls
+   MPI_Test on the running ones so that they progress (Open MPI moves a non-blocking collective
+   only inside MPI calls). Shaped as a kdp_backward_hook (ctx = the kdp_buckets). */
+void kdp_buckets_ready(void *b, size_t ready);
+/* Starts the buckets not started yet (all of them when no backward pass ran) and waits for
+   every one: grads then holds the sum over the peer's ranks. Ready for the next step. */
+void kdp_buckets_finish(kdp_buckets *b);
+/* Buckets of bucket_kb KiB over model m's gradients (src/nn's kdp_model, its layer marks), set as
+   m's backward hook; kdp_buckets_free removes the hook. */
+struct kdp_model;
+kdp_buckets *kdp_buckets_for_model(kdp_dist *d, struct kdp_model *m, size_t bucket_kb);
+size_t kdp_buckets_count(const kdp_buckets *b);
+/* buckets started in this step so far (for tests) */
+size_t kdp_buckets_started(const kdp_buckets *b);
+/* [lo, hi) of bucket i (bucket 0 ends at n) */
+void kdp_buckets_range(const kdp_buckets *b, size_t i, size_t *lo, size_t *hi);
+void kdp_buckets_free(kdp_buckets *b);
 /* Sum over the peers, each peer counted once (a peer's ranks must pass the same values); every
    rank receives it. Uniform layouts: over the cohort; per-peer layouts: over the world, with the
    slice-0 ranks contributing. */

@@ -348,6 +348,16 @@ const float *kdp_model_features(const kdp_model *m);
    for the last forward (which must have been train mode). ACCUMULATES into the grads. */
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures);
 void kdp_model_zero_grad(kdp_model *m);
+/* Called by kdp_model_backward on the calling thread after each layer (an op, or a fused block),
+   in backward order, with `ready`: grads[ready, n_params) are final for this pass (no later
+   layer writes them). ready never grows within a pass and is 0 after the layer holding the
+   first tensor. For overlapping the gradient allreduce with the backward pass (src/dist's
+   buckets); NULL removes the hook. */
+typedef void (*kdp_backward_hook)(void *ctx, size_t ready);
+void kdp_model_set_backward_hook(kdp_model *m, kdp_backward_hook fn, void *ctx);
+/* The distinct values of ready in a backward pass, decreasing (the offsets where a layer's
+   gradients begin); writes at most max, returns how many there are. */
+size_t kdp_model_grad_marks(const kdp_model *m, size_t *marks, size_t max);
 
 /* ================= optimizer ================= */
 

@@ -90,6 +90,10 @@ static const key_def keys[] = {
      .help = "steps between log lines / progress refreshes"},
     {"run", "ranks_per_peer", KT_INT, AT(ranks_per_peer), RANGE(1, 64), .def = "1",
      .help = "MPI ranks training each peer (data parallel within a peer)"},
+    {"run", "bucket_kb", KT_INT, AT(bucket_kb), RANGE(0, 1048576), .def = "256",
+     .help = "ranks_per_peer > 1: the gradient allreduce runs in buckets of at least this many KiB, "
+             "each started as soon as the backward pass has written it (0 = one allreduce after "
+             "the backward pass)"},
     {"run", "progress", KT_ENUM, AT(progress), .choices = progress_choices, ENUM_AT(progress_id),
      .def = "auto",
      .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},

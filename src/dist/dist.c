@@ -1,4 +1,4 @@
-/* dist.c: communicators, start-up agreement and collectives. The only file that calls MPI. */
+/* dist.c: communicators, start-up agreement and collectives. Only src/dist calls MPI. */
 #include "kdpeers/dist.h"
 
 #include <mpi.h>
@@ -7,30 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define KDP_CHECK_MPI(call)                                                                    \
-  do {                                                                                         \
-    int rc_ = (call);                                                                          \
-    if (rc_ != MPI_SUCCESS) {                                                                  \
-      char s_[MPI_MAX_ERROR_STRING];                                                           \
-      int l_ = 0;                                                                              \
-      MPI_Error_string(rc_, s_, &l_);                                                          \
-      fprintf(stderr, "kdpeers: MPI call failed at %s:%d: %s: %s\n", __FILE__, __LINE__, #call, \
-              s_);                                                                             \
-      MPI_Abort(MPI_COMM_WORLD, 3);                                                            \
-    }                                                                                          \
-  } while (0)
-
-#define COMM(p) (*(MPI_Comm *)(p))
-
-/* A blocking collective: while it runs, d says so (for the stall check's watchdog thread, which
-   reads it without MPI): two atomic stores, nothing else. */
-#define KDP_WAIT_MPI(d, call)                                                                  \
-  do {                                                                                         \
-    atomic_fetch_add_explicit(&(d)->waits, 1, memory_order_relaxed);                           \
-    atomic_store_explicit(&(d)->waiting_in, __func__, memory_order_release);                  \
-    KDP_CHECK_MPI(call);                                                                       \
-    atomic_store_explicit(&(d)->waiting_in, NULL, memory_order_release);                      \
-  } while (0)
+#include "dist_mpi.h"
 
 static MPI_Comm *comm_box(MPI_Comm c) {
   MPI_Comm *p = kdp_xmalloc(sizeof *p);

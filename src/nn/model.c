@@ -68,6 +68,11 @@ struct kdp_model {
   int frozen;                 /* kdp_model_freeze: the ops' packs are current */
   double flops;
   int build_failed;
+  /* backward: after op i (a fused block: its first op), grads[grad_ready[i], n_params) are final
+     for the pass; the hook hears of it (kdp_model_set_backward_hook) */
+  size_t grad_ready[MAX_OPS];
+  kdp_backward_hook hook;
+  void *hook_ctx;
 };
 
 /* ---------------- building ---------------- */
@@ -700,6 +705,44 @@ static void model_alloc(kdp_model *m, int dry, kdp_model_memory *mem) {
   }
 }
 
+/* grad_ready[i]: the lowest offset from which every parameter tensor belongs to an op >= i
+   (written by the backward pass before it leaves op i) or to no op (its gradient stays as
+   kdp_model_zero_grad left it). Tensors are laid out in build order, so this is usually op i's
+   first tensor; the suffix walk also holds for a layout that is not monotonic. */
+static void grad_ready_plan(kdp_model *m) {
+  size_t nt = m->n_tensors;
+  int *owner = kdp_xmalloc((nt ? nt : 1) * sizeof *owner);
+  for (size_t t = 0; t < nt; t++) owner[t] = MAX_OPS; /* no op writes it */
+  for (int i = 0; i < m->n_ops; i++) {
+    size_t offs[2] = {m->ops[i].w, m->ops[i].b};
+    for (int k = 0; k < 2; k++)
+      for (size_t t = 0; offs[k] != NONE && t < nt; t++)
+        if (m->tensors[t].off == offs[k]) owner[t] = i;
+  }
+  for (int i = 0; i < m->n_ops; i++) {
+    size_t t = nt;
+    while (t > 0 && owner[t - 1] >= i) t--;
+    m->grad_ready[i] = t < nt ? m->tensors[t].off : m->n_params;
+  }
+  free(owner);
+}
+
+void kdp_model_set_backward_hook(kdp_model *m, kdp_backward_hook fn, void *ctx) {
+  m->hook = fn;
+  m->hook_ctx = ctx;
+}
+
+size_t kdp_model_grad_marks(const kdp_model *m, size_t *marks, size_t max) {
+  size_t n = 0, last = m->n_params;
+  for (int i = m->n_ops - 1; i >= 0; i--) {
+    if (m->ops[i].fused < 0 || m->grad_ready[i] >= last) continue;
+    last = m->grad_ready[i];
+    if (n < max) marks[n] = last;
+    n++;
+  }
+  return n;
+}
+
 /* Builds the graph of arch (no buffers yet); infer: an eval-only model. */
 static int model_build(kdp_model **out, const char *arch, kdp_input_shape in, size_t max_batch,
                        int infer, kdp_error *err) {
@@ -764,6 +807,7 @@ static int model_build(kdp_model **out, const char *arch, kdp_input_shape in, si
     free(m);
     return rc;
   }
+  grad_ready_plan(m);
   *out = m;
   return 0;
 }
@@ -1237,6 +1281,7 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
         dense_relu_backward(m, i, din, B);
       else
         block_backward(m, i, din, set);
+      if (m->hook) m->hook(m->hook_ctx, m->grad_ready[i]);
       continue;
     }
     const float *in = a->val;
@@ -1299,5 +1344,6 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
           kdp_shortcut_a_backward(din, dout, B, a->H, a->W, a->C, m->acts[o->out].C, o->stride);
         break;
     }
+    if (m->hook) m->hook(m->hook_ctx, m->grad_ready[i]);
   }
 }

@@ -214,8 +214,9 @@ int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h,
 /* ---------------------------------------------------------------- the training step */
 
 void kdp_train_allreduce(kdp_trainer *t) {
-  /* the peer's gradient arena, summed over its ranks (data parallelism within a peer) */
-  kdp_dist_peer_allreduce(t->d, kdp_model_grads(t->model), kdp_model_n_params(t->model));
+  /* the peer's gradient arena, summed over its ranks (data parallelism within a peer): the
+     buckets the backward pass started, the rest now, then waits for all */
+  kdp_buckets_finish(t->buckets);
   /* the replicated module's, summed over every rank's row blocks */
   kdp_pipeline_module_allreduce(t->pipe);
 }

@@ -501,7 +501,10 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     kdp_loop_init(t, &L);
     double base[3] = {d->t_exchange, d->t_allreduce, d->t_wait};
     int stopped = 0;
+    t->buckets = kdp_buckets_for_model(t->d, t->model, (size_t)cfg->bucket_kb);
     rc = loop(t, &L, &stopped, err);
+    kdp_buckets_free(t->buckets);
+    t->buckets = NULL;
     if (rc == 0 && stopped) {
       if (t->is_root) {
         fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "

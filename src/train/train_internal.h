@@ -59,6 +59,7 @@ struct kdp_trainer {
   const struct kdp_method_ops *ops;
   struct kdp_cohort *cohort;
   kdp_pipeline *pipe;
+  kdp_buckets *buckets; /* the peer's gradient allreduce in buckets (run.bucket_kb) */
   kdp_sgd mopt;
   struct kdp_stale *stale;
   const char *teacher_name; /* the method's own teacher, NULL without one */
@@ -122,7 +123,8 @@ void kdp_loop_diverged(kdp_loop *L, int peer, int64_t step, const char *term, do
 int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r,
                    kdp_error *err);
 /* The gradients' allreduce of a step: the peer's gradient arena within the peer (data
-   parallelism), the replicated module's over the world. */
+   parallelism; in buckets started during the backward pass, t->buckets), the replicated
+   module's over the world. */
 void kdp_train_allreduce(kdp_trainer *t);
 /* The method's own state (replicated module, its optimizer, stale peer copies) into / out of
    this rank's checkpoint file. */
