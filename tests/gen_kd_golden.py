@@ -153,6 +153,16 @@ def forward(method, z, hs, ps, bufs, leader, detach, burn_in, train=True):
     return ces, kds, Ls, Lm, teacher
 
 
+def grads(obj, z, hs, ps):
+    """d obj / d (z, the features concatenated, the module params concatenated or None)."""
+    gs = torch.autograd.grad(obj, [z] + hs + ps, allow_unused=True)
+    gs = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, [z] + hs + ps)]
+    dz = gs[0]
+    dh = torch.cat([g.reshape(-1) for g in gs[1:1 + P]])
+    dp = torch.cat([g.reshape(-1) for g in gs[1 + P:]]) if ps else None
+    return dz, dh, dp
+
+
 def case(name, method, leader=-1, detach=0, burn_in=0):
     lead = P - 1 if leader < 0 else leader
     ps32 = make_params(method, lead, 7 + METHOD_ID[method] * 31 + lead)
@@ -171,14 +181,6 @@ def case(name, method, leader=-1, detach=0, burn_in=0):
         hs = [h.double().clone().requires_grad_(True) for h in H32]
         ps = [p.double().clone().requires_grad_(True) for p in ps32]
         return z, hs, ps
-
-    def grads(obj, z, hs, ps):
-        gs = torch.autograd.grad(obj, [z] + hs + ps, allow_unused=True)
-        gs = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, [z] + hs + ps)]
-        dz = gs[0]
-        dh = torch.cat([g.reshape(-1) for g in gs[1:1 + P]])
-        dp = torch.cat([g.reshape(-1) for g in gs[1 + P:]]) if ps else None
-        return dz, dh, dp
 
     # total objective
     z, hs, ps = leaves()
@@ -214,6 +216,119 @@ def case(name, method, leader=-1, detach=0, burn_in=0):
             rec("%s.rank%d.dparams" % (name, i), dp)
 
 
+# ===================================================================== the second generation
+# Issue 12's methods, from the section "The second generation" of /work/shared/kd-methods.md (and
+# the decisions in docs/kd-methods-gen2.md). Their own inputs, prefix "g2.": P = 3 peers with
+# feature dims (16, 24, 8), B = 8 (label 4 occurs once: an anchor without a positive), C = 5.
+# Records of a case "<case>." as above (config, ce, kd, loss, module_loss, total, dz, dh, teacher,
+# teacher_eval, params, dparams) plus what the method adds (listed at each case).
+
+G2B = 8
+G2Y = torch.tensor([1, 2, 3, 1, 3, 2, 4, 1])
+KDCL_ID = {"naive": 0, "minlogit": 1, "general": 2}
+
+
+class G2:
+    pass
+
+
+def g2_inputs():
+    torch.manual_seed(20261207)
+    g = G2()
+    g.z = (torch.randn(P, G2B, C) * 2.0).float()
+    g.h = [torch.randn(G2B, d).float() for d in DIMS]
+    g.z_ema = (torch.randn(P, G2B, C) * 2.0).float()
+    # validation logits for kdcl general: peer 0 good, peer 1 fair, peer 2 a noisy copy of peer 1
+    # (its weight comes out negative and is clipped)
+    N = 40
+    g.yval = torch.randint(0, C, (N,))
+    onehot = F.one_hot(g.yval, C).float()
+    base = torch.randn(N, C)
+    zv0 = 2.5 * onehot + torch.randn(N, C)
+    zv1 = 1.5 * onehot + base
+    zv2 = 1.2 * onehot + base + 0.3 * torch.randn(N, C)
+    g.zval = torch.stack([zv0, zv1, zv2]).float()
+    rec("g2.z", g.z)
+    rec("g2.h", torch.cat([h.reshape(-1) for h in g.h]))
+    rec("g2.y", G2Y.float())
+    rec("g2.z_ema", g.z_ema)
+    rec("g2.zval", g.zval)
+    rec("g2.yval", g.yval.float())
+    return g
+
+
+def g2_leaves(g, params32):
+    z = g.z.double().clone().requires_grad_(True)
+    hs = [h.double().clone().requires_grad_(True) for h in g.h]
+    ps = [p.double().clone().requires_grad_(True) for p in params32]
+    return z, hs, ps
+
+
+def g2_std(name, config, ces, kds, Ls, Lm, J, dz, dh, teacher, teacher_eval, ps32=None, dp=None):
+    rec(name + ".config", config)
+    rec(name + ".ce", torch.stack(ces))
+    rec(name + ".kd", torch.stack(kds))
+    rec(name + ".loss", torch.stack(Ls))
+    rec(name + ".module_loss", Lm)
+    rec(name + ".total", J)
+    rec(name + ".dz", dz)
+    rec(name + ".dh", dh)
+    rec(name + ".teacher", teacher)
+    rec(name + ".teacher_eval", teacher_eval)
+    if ps32:
+        rec(name + ".params", torch.cat([p.reshape(-1) for p in ps32]))
+        rec(name + ".dparams", dp)
+
+
+def kdcl_general_weights(zval, yval):
+    e = F.softmax(zval.double(), 2) - F.one_hot(yval, C).double()
+    n = zval.shape[1]
+    Q = torch.einsum("jnc,knc->jk", e, e) / n + 1e-6 * torch.eye(zval.shape[0], dtype=torch.float64)
+    x = torch.linalg.solve(Q, torch.ones(zval.shape[0], dtype=torch.float64))
+    w = x / x.sum()
+    w = w.clamp(min=0)
+    return w / w.sum(), x / x.sum()
+
+
+def kdcl_teacher(z, ens, w):
+    if ens == "naive":
+        return z.mean(0)
+    if ens == "minlogit":
+        zy = z.gather(2, G2Y.view(1, -1, 1).expand(z.shape[0], -1, 1))
+        return (z - zy).min(0).values
+    return sum(w[j] * z[j] for j in range(z.shape[0]))
+
+
+def g2_kdcl(g, ens):
+    """kdcl: config [ensemble]; zt = the training teacher (minlogit reads the label)."""
+    name = "kdcl_" + ens
+    w, _ = kdcl_general_weights(g.zval, g.yval)
+    w32 = w.float()
+    z, hs, _ = g2_leaves(g, [])
+    zt = kdcl_teacher(z, ens, w32.double())
+    ces = [F.cross_entropy(z[i], G2Y) for i in range(P)]
+    kds = [kl_logits(zt.detach(), z[i]) for i in range(P)]
+    Ls = [ces[i] + W * kds[i] for i in range(P)]
+    J = sum(Ls)
+    dz, dh, _ = grads(J, z, hs, [])
+    with torch.no_grad():
+        if ens == "minlogit":
+            tev = torch.log(torch.stack([F.softmax(z[j], 1) for j in range(P)]).mean(0))
+        else:
+            tev = kdcl_teacher(z, ens, w32.double())
+    g2_std(name, [KDCL_ID[ens]], ces, kds, Ls, torch.zeros(()), J, dz, dh, tev, tev)
+    rec(name + ".zt", zt)
+
+
+def gen2():
+    g = g2_inputs()
+    w, x = kdcl_general_weights(g.zval, g.yval)
+    assert (x < 0).any(), "the golden's general weights should exercise the clipping: %s" % x
+    rec("g2.kdcl_w", w)
+    for ens in ("naive", "minlogit", "general"):
+        g2_kdcl(g, ens)
+
+
 def main():
     rec("z", Z32)
     rec("h", torch.cat([h.reshape(-1) for h in H32]))
@@ -230,6 +345,7 @@ def main():
     case("okddip", "okddip")
     case("okddip_detach", "okddip", detach=1)
     case("okddip_leader0", "okddip", leader=0)
+    gen2()
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_kd.bin")
     write(out)
     print("wrote %s: %d records" % (out, len(records)))

@@ -1,0 +1,275 @@
+/* test_kd_gen2.c: the "kd_gen2" suite: issue 12's methods (kdcl, pcl, mcl, switokd) and the
+   cohort's diversity against PyTorch (the "g2." records of tests/golden_kd.bin, written by
+   gen_kd_golden.py), plus the properties the trainer will rely on when it wires them (one
+   allreduce for kdcl's teacher, reverse-collective sums for mcl, rank-identical modes). */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kdpeers/kd.h"
+#include "testutil.h"
+
+/* float32 C code vs float64 PyTorch on the same float32 inputs (as test_kd.c) */
+#define LOSS_ATOL 2e-6
+#define LOSS_RTOL 2e-5
+#define GRAD_ATOL 2e-6
+#define GRAD_RTOL 1e-4
+
+typedef struct g2in {
+  size_t P, B, C, nh;
+  float T, W;
+  const float *z, *h, *z_ema;
+  int32_t y[64];
+  size_t dims[KDP_KD_MAX_PEERS];
+} g2in;
+
+static const float *gget(const kdp_golden *g, const char *cs, const char *what, size_t n) {
+  char name[128];
+  snprintf(name, sizeof name, "%s%s%s", cs, *cs ? "." : "", what);
+  const kdp_golden_rec *r = kdp_golden_get(g, name);
+  ck_assert_msg(r->n == n, "golden %s has %zu values, expected %zu", name, r->n, n);
+  return r->data;
+}
+
+static void g2_load(g2in *in, const kdp_golden *g) {
+  const kdp_golden_rec *z = kdp_golden_get(g, "g2.z");
+  in->P = z->dims[0];
+  in->B = z->dims[1];
+  in->C = z->dims[2];
+  in->z = z->data;
+  in->h = kdp_golden_get(g, "g2.h")->data;
+  in->nh = kdp_golden_get(g, "g2.h")->n;
+  in->z_ema = gget(g, "g2", "z_ema", in->P * in->B * in->C);
+  const float *y = gget(g, "g2", "y", in->B), *dims = gget(g, "", "dims", in->P);
+  for (size_t b = 0; b < in->B; b++) in->y[b] = (int32_t)y[b];
+  for (size_t j = 0; j < in->P; j++) in->dims[j] = (size_t)dims[j];
+  in->T = kdp_golden_get(g, "hyper")->data[0];
+  in->W = kdp_golden_get(g, "hyper")->data[1];
+}
+
+static void spec_of(kdp_kd_spec *s, const g2in *in, const char *method) {
+  memset(s, 0, sizeof *s);
+  ck_assert_msg(kdp_method_parse_staged(method, &s->method, NULL) == 0, "%s", method);
+  s->P = in->P;
+  s->C = in->C;
+  s->leader = -1;
+  for (size_t j = 0; j < in->P; j++) s->dims[j] = in->dims[j];
+}
+
+static kdp_cohort *make(const kdp_kd_spec *s, size_t maxB) {
+  kdp_cohort *c = NULL;
+  kdp_error err = {{0}};
+  ck_assert_msg(kdp_cohort_create(&c, s, maxB, &err) == 0, "%s", err.msg);
+  return c;
+}
+
+static void cmp(const char *cs, const char *what, const float *got, const float *want, size_t n,
+                double atol, double rtol) {
+  char label[160];
+  snprintf(label, sizeof label, "%s.%s", cs, what);
+  kdp_test_assert_close(label, got, want, n, atol, rtol);
+}
+
+/* What every case records: the objective's losses, dJ/dz, dJ/dh, the teacher, the module. */
+typedef struct g2out {
+  float *dz, *dh, *teacher;
+  kdp_kd_losses per[KDP_KD_MAX_PEERS];
+  double J;
+} g2out;
+
+static void run_objective(kdp_cohort *c, const g2in *in, kdp_kd_batch *b, g2out *o) {
+  o->dz = calloc(in->P * in->B * in->C, sizeof(float));
+  o->dh = calloc(in->nh, sizeof(float));
+  o->teacher = calloc(in->B * in->C, sizeof(float));
+  kdp_error err = {{0}};
+  kdp_cohort_module_zero_grad(c);
+  ck_assert_msg(kdp_cohort_objective(c, b, o->dz, o->dh, o->teacher, o->per, &o->J, &err) == 0,
+                "%s", err.msg);
+}
+
+static void g2out_free(g2out *o) {
+  free(o->dz);
+  free(o->dh);
+  free(o->teacher);
+}
+
+static void check_std(const kdp_golden *g, const char *cs, kdp_cohort *c, const g2in *in,
+                      const g2out *o, int check_dh) {
+  const size_t P = in->P, B = in->B, C = in->C;
+  float ce[KDP_KD_MAX_PEERS], kd[KDP_KD_MAX_PEERS], loss[KDP_KD_MAX_PEERS];
+  float jf = (float)o->J, lm = (float)o->per[0].module_loss;
+  for (size_t i = 0; i < P; i++) {
+    ce[i] = (float)o->per[i].ce;
+    kd[i] = (float)o->per[i].kd;
+    loss[i] = (float)o->per[i].loss;
+  }
+  cmp(cs, "ce", ce, gget(g, cs, "ce", P), P, LOSS_ATOL, LOSS_RTOL);
+  cmp(cs, "kd", kd, gget(g, cs, "kd", P), P, LOSS_ATOL, LOSS_RTOL);
+  cmp(cs, "loss", loss, gget(g, cs, "loss", P), P, LOSS_ATOL, LOSS_RTOL);
+  cmp(cs, "module_loss", &lm, gget(g, cs, "module_loss", 1), 1, LOSS_ATOL, LOSS_RTOL);
+  cmp(cs, "total", &jf, gget(g, cs, "total", 1), 1, LOSS_ATOL, LOSS_RTOL);
+  cmp(cs, "dz", o->dz, gget(g, cs, "dz", P * B * C), P * B * C, GRAD_ATOL, GRAD_RTOL);
+  if (check_dh) cmp(cs, "dh", o->dh, gget(g, cs, "dh", in->nh), in->nh, GRAD_ATOL, GRAD_RTOL);
+  cmp(cs, "teacher", o->teacher, gget(g, cs, "teacher", B * C), B * C, 1e-5, 1e-5);
+  size_t np = kdp_cohort_module_n_params(c);
+  if (np)
+    cmp(cs, "dparams", kdp_cohort_module_grads(c), gget(g, cs, "dparams", np), np, GRAD_ATOL,
+        GRAD_RTOL);
+  float *tev = calloc(B * C, sizeof(float));
+  kdp_error err = {{0}};
+  ck_assert_msg(kdp_cohort_teacher_eval(c, in->z, in->h, B, tev, &err) == 0, "%s", err.msg);
+  cmp(cs, "teacher_eval", tev, gget(g, cs, "teacher_eval", B * C), B * C, 1e-5, 1e-5);
+  free(tev);
+}
+
+/* ---------------------------------------------------------------- staging */
+
+START_TEST(test_staged_methods) {
+  /* the trainer's parser does not accept a method it cannot run yet; the tests' parser does */
+  const char *staged[] = {"kdcl"};
+  for (size_t k = 0; k < sizeof staged / sizeof staged[0]; k++) {
+    kdp_method m;
+    kdp_error err = {{0}};
+    ck_assert_int_eq(kdp_method_parse(staged[k], &m, &err), KDP_EINVAL);
+    ck_assert_msg(!strstr(err.msg, staged[k]) || strstr(err.msg, "unknown"), "%s", err.msg);
+    ck_assert_int_eq(kdp_method_parse_staged(staged[k], &m, NULL), 0);
+    ck_assert((int)m > KDP_METHOD_COUNT && m < KDP_METHOD_END);
+    ck_assert_str_eq(kdp_method_name(m), staged[k]);
+    for (size_t i = 0; kdp_method_at(i); i++) ck_assert_str_ne(kdp_method_at(i), staged[k]);
+  }
+  ck_assert(kdp_method_ops_of(KDP_METHOD_COUNT) == NULL);
+  kdp_method m;
+  ck_assert_int_eq(kdp_method_parse_staged("dml", &m, NULL), 0);
+  ck_assert_int_eq((int)m, KDP_METHOD_DML);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- kdcl */
+
+START_TEST(test_kdcl_general_weights) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  const kdp_golden_rec *zv = kdp_golden_get(g, "g2.zval");
+  const size_t P = zv->dims[0], N = zv->dims[1], C = zv->dims[2];
+  const float *yf = gget(g, "g2", "yval", N), *wg = gget(g, "g2", "kdcl_w", P);
+  int32_t *y = calloc(N, sizeof(int32_t));
+  for (size_t b = 0; b < N; b++) y[b] = (int32_t)yf[b];
+  float w[KDP_KD_MAX_PEERS], w2[KDP_KD_MAX_PEERS];
+  kdp_error err = {{0}};
+  ck_assert_msg(kdp_kdcl_general_weights(w, zv->data, y, P, N, C, &err) == 0, "%s", err.msg);
+  kdp_test_assert_close("kdcl general weights", w, wg, P, 1e-5, 1e-4);
+  /* the golden's third peer is a noisy copy of the second: clipped to exactly 0 */
+  double sum = 0;
+  size_t zeros = 0;
+  for (size_t j = 0; j < P; j++) {
+    sum += w[j];
+    zeros += w[j] == 0.0f;
+  }
+  ck_assert_msg(zeros == 1 && fabs(sum - 1.0) < 1e-6, "zeros %zu sum %g", zeros, sum);
+  /* deterministic: the same bits again (every rank computes them) */
+  ck_assert(kdp_kdcl_general_weights(w2, zv->data, y, P, N, C, NULL) == 0);
+  ck_assert(memcmp(w, w2, P * sizeof(float)) == 0);
+  /* identical peers: equal weights (the ridge keeps the singular system solvable) */
+  float *same = calloc(P * N * C, sizeof(float));
+  for (size_t j = 0; j < P; j++) memcpy(same + j * N * C, zv->data, N * C * sizeof(float));
+  ck_assert(kdp_kdcl_general_weights(w2, same, y, P, N, C, &err) == 0);
+  for (size_t j = 0; j < P; j++) ck_assert_msg(fabsf(w2[j] - 1.0f / (float)P) < 1e-4, "%g", w2[j]);
+  y[3] = (int32_t)C;
+  ck_assert_int_eq(kdp_kdcl_general_weights(w2, zv->data, y, P, N, C, &err), KDP_EINVAL);
+  ck_assert_msg(strstr(err.msg, "y[3]"), "%s", err.msg);
+  free(same);
+  free(y);
+  kdp_golden_free(g);
+}
+END_TEST
+
+START_TEST(test_kdcl_golden) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  g2in in;
+  g2_load(&in, g);
+  const size_t P = in.P, B = in.B, C = in.C, n = B * C;
+  const char *names[] = {"naive", "minlogit", "general"};
+  for (int e = 0; e < 3; e++) {
+    char cs[32];
+    snprintf(cs, sizeof cs, "kdcl_%s", names[e]);
+    kdp_kd_spec s;
+    spec_of(&s, &in, "kdcl");
+    s.ensemble = (kdp_kdcl_ensemble)(int)gget(g, cs, "config", 1)[0];
+    ck_assert_int_eq((int)s.ensemble, e);
+    kdp_cohort *c = make(&s, B);
+    kdp_error err = {{0}};
+    if (e == KDP_KDCL_GENERAL) {
+      /* 1/P until the first evaluation, in the module buffers (checkpointed) */
+      ck_assert_uint_eq(kdp_cohort_module_n_buffers(c), P);
+      ck_assert(kdp_cohort_module_buffers(c)[0] == 1.0f / (float)P);
+      ck_assert_msg(kdp_kdcl_set_weights(c, gget(g, "g2", "kdcl_w", P), &err) == 0, "%s", err.msg);
+      float bad[3] = {0.5f, 0.6f, 0.0f};
+      ck_assert_int_eq(kdp_kdcl_set_weights(c, bad, &err), KDP_EINVAL);
+    } else {
+      ck_assert_uint_eq(kdp_cohort_module_n_buffers(c), 0);
+      ck_assert_int_eq(kdp_kdcl_set_weights(c, gget(g, "g2", "kdcl_w", P), &err), KDP_EINVAL);
+    }
+    ck_assert_int_eq(kdp_cohort_teacher_reduce_op(c),
+                     e == KDP_KDCL_MINLOGIT ? KDP_REDUCE_MIN : KDP_REDUCE_SUM);
+    kdp_kd_batch b = {.z = in.z, .y = in.y, .B = B, .T = in.T, .weight = in.W};
+    g2out o;
+    run_objective(c, &in, &b, &o);
+    check_std(g, cs, c, &in, &o, 1);
+
+    /* the teacher as the trainer builds it: each peer's contribution, one allreduce */
+    float *zt = calloc(n, sizeof(float)), *red = calloc(n, sizeof(float));
+    float *part = calloc(n, sizeof(float));
+    ck_assert(kdp_cohort_reduced_teacher(c, in.z, in.y, B, zt, &err) == 0);
+    cmp(cs, "zt", zt, gget(g, cs, "zt", n), n, 1e-6, 1e-6);
+    for (size_t j = 0; j < P; j++) {
+      ck_assert(kdp_cohort_teacher_contribution(c, j, in.z + j * n, in.y, B, part, &err) == 0);
+      for (size_t k = 0; k < n; k++)
+        red[k] = j == 0 ? part[k]
+                 : e == KDP_KDCL_MINLOGIT ? fminf(red[k], part[k])
+                                          : red[k] + part[k];
+    }
+    ck_assert_msg(memcmp(red, zt, n * sizeof(float)) == 0, "%s: allreduce != reference", cs);
+    if (e == KDP_KDCL_MINLOGIT) /* every true-class entry is 0: each peer's shifted logit is */
+      for (size_t r = 0; r < B; r++) ck_assert(zt[r * C + in.y[r]] == 0.0f);
+    /* the peer term from the reduced teacher alone (no allgather of z) */
+    for (size_t i = 0; i < P; i++) {
+      float *dz = calloc(n, sizeof(float));
+      kdp_kd_peer_in pin = {.z = in.z + i * n, .teacher = red, .y = in.y, .n = B, .T = in.T,
+                            .weight = in.W, .scale = 1.0f};
+      kdp_kd_losses L;
+      ck_assert_msg(kdp_cohort_peer_loss(c, i, &pin, dz, NULL, &L, &err) == 0, "%s", err.msg);
+      ck_assert(fabs(L.loss - o.per[i].loss) < 1e-9);
+      ck_assert(memcmp(dz, o.dz + i * n, n * sizeof(float)) == 0);
+      pin.teacher = NULL;
+      ck_assert_int_eq(kdp_cohort_peer_loss(c, i, &pin, dz, NULL, &L, &err), KDP_EINVAL);
+      free(dz);
+    }
+    free(zt);
+    free(red);
+    free(part);
+    g2out_free(&o);
+    kdp_cohort_free(c);
+  }
+  kdp_golden_free(g);
+}
+END_TEST
+
+static Suite *gen2_suite(void) {
+  Suite *s = suite_create("kd_gen2");
+  TCase *t = tcase_create("core");
+  tcase_set_timeout(t, 60);
+  tcase_add_test(t, test_staged_methods);
+  tcase_add_test(t, test_kdcl_general_weights);
+  tcase_add_test(t, test_kdcl_golden);
+  suite_add_tcase(s, t);
+  return s;
+}
+
+int main(void) {
+  SRunner *sr = srunner_create(gen2_suite());
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed ? 1 : 0;
+}
