@@ -320,6 +320,59 @@ def g2_kdcl(g, ens):
     rec(name + ".zt", zt)
 
 
+def g2_pcl(g):
+    """pcl: the ensemble teacher linear(concat h) (not detached), the mean teachers' logits g2.z_ema;
+    rank<i>.{dz,dh,dparams}: gradients of L_i + L_e / P."""
+    torch.manual_seed(4242)
+    lin = torch.nn.Linear(D, C)
+    ps32 = [lin.weight.data.clone().float(), lin.bias.data.clone().float()]
+
+    def objective(z, hs, ps):
+        ze = F.linear(torch.cat(hs, 1), ps[0], ps[1])
+        zema = g.z_ema.double()
+        ces = [F.cross_entropy(z[i], G2Y) for i in range(P)]
+        kds = [kl_logits(ze.detach(), z[i]) +
+               sum(kl_logits(zema[j], z[i]) for j in range(P) if j != i) / (P - 1)
+               for i in range(P)]
+        Ls = [ces[i] + W * kds[i] for i in range(P)]
+        return ces, kds, Ls, F.cross_entropy(ze, G2Y), ze
+
+    z, hs, ps = g2_leaves(g, ps32)
+    ces, kds, Ls, Le, ze = objective(z, hs, ps)
+    J = sum(Ls) + Le
+    dz, dh, dp = grads(J, z, hs, ps)
+    g2_std("pcl", [0], ces, kds, Ls, Le, J, dz, dh, ze, ze, ps32, dp)
+    for i in range(P):
+        z, hs, ps = g2_leaves(g, ps32)
+        _, _, Ls, Le, _ = objective(z, hs, ps)
+        dz, dh, dp = grads(Ls[i] + Le / P, z, hs, ps)
+        rec("pcl.rank%d.dz" % i, dz)
+        rec("pcl.rank%d.dh" % i, dh)
+        rec("pcl.rank%d.dparams" % i, dp)
+
+
+def g2_ema():
+    """The temporal mean as PCL's code updates it, in float32: after optimizer step t (t = 1, 2,
+    ...), a = min(1 - 1/(t + 1), decay), ema.mul_(a).add_(theta_t, alpha=1 - a), ema_0 = theta_0.
+    Records ema.thetas (N+1 x n), ema.decays, ema.d<k>.traj (N x n): the mean after every step."""
+    torch.manual_seed(777)
+    N, n = 40, 64
+    thetas = [torch.randn(n)]
+    for _ in range(N):
+        thetas.append(thetas[-1] - 0.05 * torch.randn(n) + 0.01)
+    rec("ema.thetas", torch.stack(thetas))
+    decays = [0.9, 0.999]
+    rec("ema.decays", torch.tensor(decays))
+    for k, decay in enumerate(decays):
+        ema = thetas[0].clone()
+        traj = []
+        for t in range(1, N + 1):
+            a = min(1.0 - 1.0 / (t + 1), decay)
+            ema.mul_(a).add_(thetas[t], alpha=1 - a)
+            traj.append(ema.clone())
+        rec("ema.d%d.traj" % k, torch.stack(traj))
+
+
 def gen2():
     g = g2_inputs()
     w, x = kdcl_general_weights(g.zval, g.yval)
@@ -327,6 +380,8 @@ def gen2():
     rec("g2.kdcl_w", w)
     for ens in ("naive", "minlogit", "general"):
         g2_kdcl(g, ens)
+    g2_pcl(g)
+    g2_ema()
 
 
 def main():

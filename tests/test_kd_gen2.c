@@ -128,7 +128,7 @@ static void check_std(const kdp_golden *g, const char *cs, kdp_cohort *c, const 
 
 START_TEST(test_staged_methods) {
   /* the trainer's parser does not accept a method it cannot run yet; the tests' parser does */
-  const char *staged[] = {"kdcl"};
+  const char *staged[] = {"kdcl", "pcl"};
   for (size_t k = 0; k < sizeof staged / sizeof staged[0]; k++) {
     kdp_method m;
     kdp_error err = {{0}};
@@ -255,6 +255,124 @@ START_TEST(test_kdcl_golden) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- pcl and the EMA */
+
+START_TEST(test_pcl_golden) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  g2in in;
+  g2_load(&in, g);
+  const size_t P = in.P, B = in.B, C = in.C, n = B * C;
+  kdp_kd_spec s;
+  spec_of(&s, &in, "pcl");
+  kdp_cohort *c = make(&s, B);
+  const size_t np = kdp_cohort_module_n_params(c);
+  ck_assert_uint_eq(np, C * 48 + C);
+  memcpy(kdp_cohort_module_params(c), gget(g, "pcl", "params", np), np * sizeof(float));
+  ck_assert(kdp_cohort_feature_grads(c));
+  kdp_kd_batch b = {.z = in.z, .h = in.h, .y = in.y, .B = B, .T = in.T, .weight = in.W,
+                    .z_ema = in.z_ema};
+  g2out o;
+  run_objective(c, &in, &b, &o);
+  check_std(g, "pcl", c, &in, &o, 1);
+  kdp_error err = {{0}};
+  /* without the mean teachers' logits the call fails */
+  kdp_kd_batch nb = b;
+  nb.z_ema = NULL;
+  ck_assert_int_eq(kdp_cohort_objective(c, &nb, o.dz, o.dh, NULL, NULL, NULL, &err), KDP_EINVAL);
+  ck_assert_msg(strstr(err.msg, "z_ema"), "%s", err.msg);
+
+  /* each rank's share L_i + L_e / P */
+  float *dz = calloc(P * n, sizeof(float)), *dh = calloc(in.nh, sizeof(float));
+  for (size_t i = 0; i < P; i++) {
+    char what[48];
+    memset(dz, 0, P * n * sizeof(float));
+    memset(dh, 0, in.nh * sizeof(float));
+    kdp_cohort_module_zero_grad(c);
+    ck_assert_msg(kdp_cohort_step(c, i, &b, dz, dh, NULL, NULL, &err) == 0, "%s", err.msg);
+    snprintf(what, sizeof what, "rank%zu.dz", i);
+    cmp("pcl", what, dz, gget(g, "pcl", what, P * n), P * n, GRAD_ATOL, GRAD_RTOL);
+    snprintf(what, sizeof what, "rank%zu.dh", i);
+    cmp("pcl", what, dh, gget(g, "pcl", what, in.nh), in.nh, GRAD_ATOL, GRAD_RTOL);
+    snprintf(what, sizeof what, "rank%zu.dparams", i);
+    cmp("pcl", what, kdp_cohort_module_grads(c), gget(g, "pcl", what, np), np, GRAD_ATOL,
+        GRAD_RTOL);
+  }
+
+  /* row-sharded as the trainer runs it: the module on row blocks [0, 3) and [3, B), each peer's
+     term on its block's rows with scale n/B; the sums are the whole batch's gradients */
+  memset(dz, 0, P * n * sizeof(float));
+  memset(dh, 0, in.nh * sizeof(float));
+  kdp_cohort_module_zero_grad(c);
+  const size_t cut[3] = {0, 3, B};
+  for (int k = 0; k < 2; k++) {
+    size_t r0 = cut[k], m = cut[k + 1] - r0;
+    float scale = (float)m / (float)B;
+    float *zb = calloc(P * m * C, sizeof(float)), *eb = calloc(P * m * C, sizeof(float));
+    float *hb = calloc(in.nh, sizeof(float)), *dzb = calloc(P * m * C, sizeof(float));
+    float *dhb = calloc(in.nh, sizeof(float)), *t = calloc(m * C, sizeof(float));
+    for (size_t j = 0; j < P; j++) {
+      memcpy(zb + j * m * C, in.z + (j * B + r0) * C, m * C * sizeof(float));
+      memcpy(eb + j * m * C, in.z_ema + (j * B + r0) * C, m * C * sizeof(float));
+      size_t d = in.dims[j], ob = kdp_cohort_feature_offset(c, j, m);
+      memcpy(hb + ob, in.h + kdp_cohort_feature_offset(c, j, B) + r0 * d, m * d * sizeof(float));
+    }
+    kdp_kd_rows blk = {.z = zb, .h = hb, .y = in.y + r0, .n = m, .T = in.T, .weight = in.W,
+                       .scale = scale};
+    ck_assert(kdp_cohort_module_forward(c, &blk, NULL, t, &err) == 0);
+    for (size_t i = 0; i < P; i++) {
+      kdp_kd_peer_in pin = {.z = zb + i * m * C, .teacher = t, .y = in.y + r0, .n = m, .T = in.T,
+                            .weight = in.W, .scale = scale, .z_ema = eb};
+      ck_assert_msg(kdp_cohort_peer_loss(c, i, &pin, dzb + i * m * C, NULL, NULL, &err) == 0, "%s",
+                    err.msg);
+    }
+    ck_assert(kdp_cohort_module_backward(c, &blk, NULL, NULL, dzb, dhb, NULL, &err) == 0);
+    for (size_t j = 0; j < P; j++) {
+      for (size_t q = 0; q < m * C; q++) dz[(j * B + r0) * C + q] += dzb[j * m * C + q];
+      size_t d = in.dims[j], ob = kdp_cohort_feature_offset(c, j, m);
+      for (size_t q = 0; q < m * d; q++)
+        dh[kdp_cohort_feature_offset(c, j, B) + r0 * d + q] += dhb[ob + q];
+    }
+    free(zb); free(eb); free(hb); free(dzb); free(dhb); free(t);
+  }
+  cmp("pcl", "row blocks dz", dz, gget(g, "pcl", "dz", P * n), P * n, GRAD_ATOL, GRAD_RTOL);
+  cmp("pcl", "row blocks dh", dh, gget(g, "pcl", "dh", in.nh), in.nh, GRAD_ATOL, GRAD_RTOL);
+  cmp("pcl", "row blocks dparams", kdp_cohort_module_grads(c), gget(g, "pcl", "dparams", np), np,
+      GRAD_ATOL, GRAD_RTOL);
+  free(dz);
+  free(dh);
+  g2out_free(&o);
+  kdp_cohort_free(c);
+  kdp_golden_free(g);
+}
+END_TEST
+
+START_TEST(test_ema_golden) {
+  ck_assert(kdp_ema_rate(0.999, 1) == 0.5); /* the first update averages */
+  ck_assert(fabs(kdp_ema_rate(0.999, 3) - 0.75) < 1e-15);
+  ck_assert(kdp_ema_rate(0.9, 9) == 0.9 && kdp_ema_rate(0.9, 1000) == 0.9);
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  const kdp_golden_rec *th = kdp_golden_get(g, "ema.thetas");
+  const size_t N = th->dims[0] - 1, n = th->dims[1];
+  const float *decays = gget(g, "ema", "decays", 2);
+  float *ema = calloc(n, sizeof(float));
+  for (int k = 0; k < 2; k++) {
+    char what[32];
+    snprintf(what, sizeof what, "d%d.traj", k);
+    const float *traj = gget(g, "ema", what, N * n);
+    memcpy(ema, th->data, n * sizeof(float));
+    for (size_t t = 1; t <= N; t++) {
+      kdp_ema_update(ema, th->data + t * n, n, (double)decays[k], (int64_t)t);
+      char lab[64];
+      snprintf(lab, sizeof lab, "ema decay %g after step %zu", (double)decays[k], t);
+      /* float rounding: a few ulps of values of order 1 */
+      kdp_test_assert_close(lab, ema, traj + (t - 1) * n, n, 3e-7, 1e-6);
+    }
+  }
+  free(ema);
+  kdp_golden_free(g);
+}
+END_TEST
+
 static Suite *gen2_suite(void) {
   Suite *s = suite_create("kd_gen2");
   TCase *t = tcase_create("core");
@@ -262,6 +380,8 @@ static Suite *gen2_suite(void) {
   tcase_add_test(t, test_staged_methods);
   tcase_add_test(t, test_kdcl_general_weights);
   tcase_add_test(t, test_kdcl_golden);
+  tcase_add_test(t, test_pcl_golden);
+  tcase_add_test(t, test_ema_golden);
   suite_add_tcase(s, t);
   return s;
 }
