@@ -373,6 +373,81 @@ def g2_ema():
         rec("ema.d%d.traj" % k, torch.stack(traj))
 
 
+MCL_HID, MCL_E, MCL_TAU, MCL_LC = 10, 8, 0.07, 0.8
+
+
+def sup_contrast(S):
+    """SC(S): anchors with a positive (same label, m != n); the denominator leaves out the diagonal."""
+    n = S.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    pos = (G2Y.view(-1, 1) == G2Y.view(1, -1)) & ~eye
+    lse = torch.logsumexp(S.masked_fill(eye, float("-inf")), 1)
+    npos = pos.sum(1)
+    valid = npos > 0
+    per = ((S - lse[:, None]) * pos).sum(1)[valid] / npos[valid]
+    return -per.mean()
+
+
+def mcl_from_v(z, vs):
+    """ce, dml kd, contrastive bracket, L_i for embeddings vs (list of B x E)."""
+    def S(a, b):
+        return vs[a] @ vs[b].T / MCL_TAU
+    ces = [F.cross_entropy(z[i], G2Y) for i in range(P)]
+    kds = [sum(kl_logits(z[j].detach(), z[i]) for j in range(P) if j != i) / (P - 1)
+           for i in range(P)]
+    cons = []
+    for i in range(P):
+        con = sup_contrast(S(i, i))
+        for j in range(P):
+            if j != i:
+                con = con + (sup_contrast(S(i, j)) + kl_logits(S(j, i).detach(), S(i, j)) +
+                             kl_logits(S(j, j).detach(), S(i, i))) / (P - 1)
+        cons.append(con)
+    Ls = [ces[i] + W * kds[i] + MCL_LC * cons[i] for i in range(P)]
+    return ces, kds, cons, Ls
+
+
+def g2_mcl(g):
+    """mcl: config [hidden, E, tau, contrast_weight]; params = the 3 heads (fc1.weight, fc1.bias,
+    fc2.weight, fc2.bias each, peer order); v = the heads' outputs (float32); the objective on those
+    float32 v: dv = dJ/dv; dh, dparams = dJ/dh and dJ/dheads through the heads;
+    rank<i>.{dz,dv}: dL_i/dz, dL_i/dv (what rank i sends in the reduce-scatter)."""
+    torch.manual_seed(5150)
+    heads32 = []
+    for d in DIMS:
+        l1, l2 = torch.nn.Linear(d, MCL_HID), torch.nn.Linear(MCL_HID, MCL_E)
+        heads32 += [l1.weight.data.clone(), l1.bias.data.clone(), l2.weight.data.clone(),
+                    l2.bias.data.clone()]
+    z, hs, ps = g2_leaves(g, heads32)
+    v64 = []
+    for j in range(P):
+        x = F.relu(F.linear(hs[j], ps[4 * j], ps[4 * j + 1]))
+        x = F.linear(x, ps[4 * j + 2], ps[4 * j + 3])
+        v64.append(x / x.norm(dim=1, keepdim=True))
+    v32 = torch.stack([v.detach() for v in v64]).float()
+    vl = v32.double().clone().requires_grad_(True)
+    ces, kds, cons, Ls = mcl_from_v(z, [vl[j] for j in range(P)])
+    J = sum(Ls)
+    dz, dv = torch.autograd.grad(J, [z, vl])
+    gh = torch.autograd.grad(v64, hs + ps, grad_outputs=[dv[j] for j in range(P)])
+    dh = torch.cat([x.reshape(-1) for x in gh[:P]])
+    dp = torch.cat([x.reshape(-1) for x in gh[P:]])
+    with torch.no_grad():
+        ens = torch.log(torch.stack([F.softmax(z[j], 1) for j in range(P)]).mean(0))
+    g2_std("mcl", [MCL_HID, MCL_E, MCL_TAU, MCL_LC], ces, kds, Ls, torch.zeros(()), J, dz, dh,
+           ens, ens, heads32, dp)
+    rec("mcl.contrast", torch.stack(cons))
+    rec("mcl.v", v32)
+    rec("mcl.dv", dv)
+    for i in range(P):
+        zz = g.z.double().clone().requires_grad_(True)
+        vv = v32.double().clone().requires_grad_(True)
+        _, _, _, Ls = mcl_from_v(zz, [vv[j] for j in range(P)])
+        gz, gv = torch.autograd.grad(Ls[i], [zz, vv])
+        rec("mcl.rank%d.dz" % i, gz)
+        rec("mcl.rank%d.dv" % i, gv)
+
+
 def gen2():
     g = g2_inputs()
     w, x = kdcl_general_weights(g.zval, g.yval)
@@ -382,6 +457,7 @@ def gen2():
         g2_kdcl(g, ens)
     g2_pcl(g)
     g2_ema()
+    g2_mcl(g)
 
 
 def main():

@@ -128,7 +128,7 @@ static void check_std(const kdp_golden *g, const char *cs, kdp_cohort *c, const 
 
 START_TEST(test_staged_methods) {
   /* the trainer's parser does not accept a method it cannot run yet; the tests' parser does */
-  const char *staged[] = {"kdcl", "pcl"};
+  const char *staged[] = {"kdcl", "pcl", "mcl"};
   for (size_t k = 0; k < sizeof staged / sizeof staged[0]; k++) {
     kdp_method m;
     kdp_error err = {{0}};
@@ -373,6 +373,133 @@ START_TEST(test_ema_golden) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- mcl */
+
+START_TEST(test_mcl_golden) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  g2in in;
+  g2_load(&in, g);
+  const size_t P = in.P, B = in.B, C = in.C, n = B * C;
+  const float *cfg = gget(g, "mcl", "config", 4);
+  const size_t HID = (size_t)cfg[0], E = (size_t)cfg[1], nv = P * B * E;
+  kdp_kd_spec s;
+  spec_of(&s, &in, "mcl");
+  s.embed_hidden = HID;
+  s.embed_dim = E;
+  s.tau = cfg[2];
+  s.contrast_weight = cfg[3];
+  kdp_cohort *c = make(&s, B);
+  ck_assert_uint_eq(kdp_cohort_embed_dim(c), E);
+  ck_assert_uint_eq(kdp_cohort_module_n_params(c), 0); /* the heads are the peers' own */
+  kdp_error err = {{0}};
+
+  /* each peer's head: forward to v */
+  kdp_embed_head *hd[KDP_KD_MAX_PEERS];
+  size_t hoff[KDP_KD_MAX_PEERS + 1] = {0};
+  for (size_t j = 0; j < P; j++) {
+    ck_assert_msg(kdp_embed_head_create(&hd[j], in.dims[j], HID, E, B, &err) == 0, "%s", err.msg);
+    hoff[j + 1] = hoff[j] + kdp_embed_head_n_params(hd[j]);
+  }
+  const float *heads = gget(g, "mcl", "params", hoff[P]);
+  float *v = calloc(nv, sizeof(float)), *dv = calloc(nv, sizeof(float));
+  for (size_t j = 0, fo = 0; j < P; fo += B * in.dims[j], j++)
+    kdp_embed_head_forward(hd[j], heads + hoff[j], in.h + fo, B, v + j * B * E);
+  const float *vg = gget(g, "mcl", "v", nv);
+  kdp_test_assert_close("mcl.v", v, vg, nv, 1e-6, 1e-5);
+
+  /* the objective on the golden's float32 v */
+  kdp_kd_batch b = {.z = in.z, .y = in.y, .B = B, .T = in.T, .weight = in.W, .v = vg, .dv = dv};
+  g2out o;
+  run_objective(c, &in, &b, &o);
+  check_std(g, "mcl", c, &in, &o, 0);
+  float con[KDP_KD_MAX_PEERS];
+  for (size_t i = 0; i < P; i++) con[i] = (float)o.per[i].contrast;
+  cmp("mcl", "contrast", con, gget(g, "mcl", "contrast", P), P, LOSS_ATOL, LOSS_RTOL);
+  cmp("mcl", "dv", dv, gget(g, "mcl", "dv", nv), nv, GRAD_ATOL, GRAD_RTOL);
+
+  /* through the heads: dJ/dh and dJ/dheads */
+  float *dh = calloc(in.nh, sizeof(float)), *dp = calloc(hoff[P], sizeof(float));
+  size_t fo = 0;
+  for (size_t j = 0; j < P; j++) {
+    kdp_embed_head_forward(hd[j], heads + hoff[j], in.h + fo, B, v + j * B * E);
+    kdp_embed_head_backward(hd[j], heads + hoff[j], in.h + fo, B, dv + j * B * E, dp + hoff[j],
+                            dh + fo);
+    fo += B * in.dims[j];
+  }
+  cmp("mcl", "dh", dh, gget(g, "mcl", "dh", in.nh), in.nh, GRAD_ATOL, GRAD_RTOL);
+  cmp("mcl", "dparams", dp, gget(g, "mcl", "dparams", hoff[P]), hoff[P], GRAD_ATOL, GRAD_RTOL);
+
+  /* each rank's dL_i/dv_j for every j (what it sends), and the reverse collective's sum */
+  float *dvi = calloc(nv, sizeof(float)), *sum = calloc(nv, sizeof(float));
+  float *dz = calloc(P * n, sizeof(float));
+  for (size_t i = 0; i < P; i++) {
+    char what[48];
+    memset(dvi, 0, nv * sizeof(float));
+    memset(dz, 0, P * n * sizeof(float));
+    kdp_kd_batch bi = b;
+    bi.dv = dvi;
+    ck_assert_msg(kdp_cohort_step(c, i, &bi, dz, NULL, NULL, NULL, &err) == 0, "%s", err.msg);
+    snprintf(what, sizeof what, "rank%zu.dv", i);
+    cmp("mcl", what, dvi, gget(g, "mcl", what, nv), nv, GRAD_ATOL, GRAD_RTOL);
+    snprintf(what, sizeof what, "rank%zu.dz", i);
+    cmp("mcl", what, dz, gget(g, "mcl", what, P * n), P * n, GRAD_ATOL, GRAD_RTOL);
+    /* rank i's term reaches every peer's embeddings, not only its own */
+    for (size_t j = 0; j < P; j++) {
+      double a = 0;
+      for (size_t k = 0; k < B * E; k++) a += fabs(dvi[j * B * E + k]);
+      ck_assert_msg(a > 1e-6, "rank %zu: dL/dv_%zu is zero", i, j);
+    }
+    for (size_t k = 0; k < nv; k++) sum[k] += dvi[k];
+  }
+  kdp_test_assert_close("mcl: sum over ranks of dL_i/dv", sum, dv, nv, 1e-6, 1e-5);
+  /* without the embeddings or their gradient buffer the call fails */
+  kdp_kd_batch nb = b;
+  nb.dv = NULL;
+  ck_assert_int_eq(kdp_cohort_objective(c, &nb, dz, NULL, NULL, NULL, NULL, &err), KDP_EINVAL);
+  free(dvi);
+  free(sum);
+  free(dz);
+  free(dh);
+  free(dp);
+  free(v);
+  free(dv);
+  for (size_t j = 0; j < P; j++) kdp_embed_head_free(hd[j]);
+  g2out_free(&o);
+  kdp_cohort_free(c);
+  kdp_golden_free(g);
+}
+END_TEST
+
+/* An anchor whose class occurs once has no positive: it is left out of SC's mean (PyTorch's
+   official code gives NaN); with no positive at all the term is 0, never NaN. */
+START_TEST(test_mcl_no_positive) {
+  enum { P = 2, B = 4, C = 4, E = 6 };
+  kdp_kd_spec s;
+  memset(&s, 0, sizeof s);
+  ck_assert(kdp_method_parse_staged("mcl", &s.method, NULL) == 0);
+  s.P = P;
+  s.C = C;
+  s.embed_dim = E;
+  s.contrast_weight = 1.0f;
+  kdp_cohort *c = make(&s, B);
+  kdp_rng r;
+  kdp_rng_seed(&r, 5, 0);
+  float z[P * B * C], v[P * B * E], dv[P * B * E] = {0}, dz[P * B * C] = {0};
+  for (size_t k = 0; k < P * B * C; k++) z[k] = kdp_rng_normal(&r);
+  for (size_t k = 0; k < P * B * E; k++) v[k] = 0.4f * kdp_rng_normal(&r);
+  int32_t y[B] = {0, 1, 2, 3};
+  kdp_kd_batch b = {.z = z, .y = y, .B = B, .T = 2.0f, .weight = 0.5f, .v = v, .dv = dv};
+  kdp_kd_losses per[P];
+  double J;
+  ck_assert(kdp_cohort_objective(c, &b, dz, NULL, NULL, per, &J, NULL) == 0);
+  ck_assert(isfinite(J));
+  for (size_t k = 0; k < P * B * E; k++) ck_assert(isfinite(dv[k]));
+  /* only the soft terms remain: 2 x T^2 KL rows per peer, >= 0 */
+  ck_assert(per[0].contrast >= 0.0 && per[1].contrast >= 0.0);
+  kdp_cohort_free(c);
+}
+END_TEST
+
 static Suite *gen2_suite(void) {
   Suite *s = suite_create("kd_gen2");
   TCase *t = tcase_create("core");
@@ -382,6 +509,8 @@ static Suite *gen2_suite(void) {
   tcase_add_test(t, test_kdcl_golden);
   tcase_add_test(t, test_pcl_golden);
   tcase_add_test(t, test_ema_golden);
+  tcase_add_test(t, test_mcl_golden);
+  tcase_add_test(t, test_mcl_no_positive);
   suite_add_tcase(s, t);
   return s;
 }

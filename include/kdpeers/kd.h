@@ -171,7 +171,10 @@ typedef struct kdp_kd_losses {
   double ce;              /* CE(z_i, y) */
   double kd;              /* the unweighted distillation term: T^2 KL(...) (mean over j != i for
                              dml) */
-  double loss;            /* L_i = ce + w_eff * kd, w_eff = weight (0: independent, burn-in) */
+  double contrast;        /* mcl: the unweighted contrastive bracket (times kd.contrast_weight in
+                             loss); else 0 */
+  double loss;            /* L_i = ce + w_eff * kd (+ lam_c * contrast), w_eff = weight (0:
+                             independent, burn-in) */
   double module_loss;     /* the module's own loss (one: L_gate, ffl: L_f), whole batch; else 0 */
   size_t n_correct;       /* argmax(z_i) == y */
   size_t teacher_correct; /* argmax(teacher) == y (kdp_cohort_objective) */
