@@ -17,6 +17,7 @@ Records (format of tests/testutil.h):
     teacher, teacher_eval    teacher logits in train mode / eval mode after that forward
     rank<i>.dz, rank<i>.dh, rank<i>.dparams   gradients of rank i's share J_i = L_i + L_module / P
 """
+import math
 import os
 import struct
 
@@ -448,6 +449,96 @@ def g2_mcl(g):
         rec("mcl.rank%d.dv" % i, gv)
 
 
+def switokd_gaps(z, y, t):
+    """[s, g_t, G, eps, delta, expert] of one step, float64 from the float32 logits z (P x n x C)."""
+    z = z.double()
+    zs = torch.stack([z[j] for j in range(z.shape[0]) if j != t]).mean(0)
+    oh = F.one_hot(y, z.shape[2]).double()
+    ps, pt = F.softmax(zs, 1), F.softmax(z[t], 1)
+    s_ = (ps - oh).abs().sum(1).mean().item()
+    gt = (pt - oh).abs().sum(1).mean().item()
+    G = (pt - ps).abs().sum(1).mean().item()
+    eps = math.exp(-gt / (gt + s_))
+    delta = s_ - eps * gt
+    return [s_, gt, G, eps, delta, 1.0 if (G > delta and gt < s_) else 0.0]
+
+
+def switokd_losses(z, y, t, expert):
+    """ce, kd, L per peer; the teacher in expert mode reports its CE and passes no gradient."""
+    zs = torch.stack([z[j] for j in range(P) if j != t]).mean(0)
+    ces = [F.cross_entropy(z[i], y) for i in range(P)]
+    kds, Ls = [], []
+    for i in range(P):
+        if i != t:
+            kds.append(kl_logits(z[t].detach(), z[i]))
+        elif expert:
+            ces[i] = ces[i].detach()
+            kds.append(torch.zeros((), dtype=z.dtype))
+        else:
+            kds.append(kl_logits(zs.detach(), z[i]))
+        Ls.append(ces[i] + W * kds[i])
+    return ces, kds, Ls
+
+
+def g2_switokd(g, name, t, expert):
+    """switokd: config [teacher_peer, expert]; gaps = switokd_gaps of g2.z (the mode the inputs
+    give; the case forces `expert` so that both modes' gradients are tested)."""
+    z, hs, _ = g2_leaves(g, [])
+    ces, kds, Ls = switokd_losses(z, G2Y, t, expert)
+    J = sum(Ls)
+    dz, dh, _ = grads(J, z, hs, [])
+    with torch.no_grad():
+        ens = torch.log(torch.stack([F.softmax(z[j], 1) for j in range(P)]).mean(0))
+    g2_std(name, [t, expert], ces, kds, Ls, torch.zeros(()), J, dz, dh, ens, ens)
+    rec(name + ".gaps", torch.tensor(switokd_gaps(g.z, G2Y, t), dtype=torch.float64))
+
+
+def g2_switokd_sequence(steps=200, B=12, Cs=5, din=20):
+    """200 training steps of a heterogeneous cohort in float32: teacher (peer 0) an MLP
+    din -> 64 -> C, students linear din -> C, SGD; each step the mode is decided from the step's
+    logits before any update, and the teacher does not step in expert mode.
+    Records switokd_seq.z (steps x P x B x C), .y (steps x B), .modes (steps), .gaps (steps x 5),
+    .margin (steps): min(|G - delta|, |g_t - s|), how far each decision is from its threshold."""
+    torch.manual_seed(31337)
+    w_true = torch.randn(din, Cs)
+    X = torch.randn(steps * B, din)
+    Yall = (X @ w_true + 0.8 * torch.randn(steps * B, Cs)).argmax(1)
+    teacher = torch.nn.Sequential(torch.nn.Linear(din, 64), torch.nn.ReLU(), torch.nn.Linear(64, Cs))
+    students = [torch.nn.Linear(din, Cs) for _ in range(P - 1)]
+    nets = [teacher] + students
+    opts = [torch.optim.SGD(teacher.parameters(), lr=0.2, momentum=0.9)] + \
+           [torch.optim.SGD(m.parameters(), lr=0.005, momentum=0.9) for m in students]
+    zs_, ys_, modes, gaps, margins = [], [], [], [], []
+    for k in range(steps):
+        x, y = X[k * B:(k + 1) * B], Yall[k * B:(k + 1) * B]
+        z = torch.stack([m(x) for m in nets])
+        gp = switokd_gaps(z.detach(), y, 0)
+        expert = gp[5] > 0.5
+        ces, kds, Ls = switokd_losses(z, y, 0, expert)
+        for o in opts:
+            o.zero_grad()
+        sum(Ls).backward()
+        for i, o in enumerate(opts):
+            if i == 0 and expert:
+                continue
+            o.step()
+        zs_.append(z.detach())
+        ys_.append(y)
+        modes.append(1.0 if expert else 0.0)
+        gaps.append(gp[:5])
+        margins.append(min(abs(gp[2] - gp[4]), abs(gp[1] - gp[0])))
+    n_exp = int(sum(modes))
+    assert 10 <= n_exp <= steps - 10, "the sequence should mix both modes: %d expert" % n_exp
+    assert min(margins) > 1e-9, "a decision sits on its threshold: %g" % min(margins)
+    rec("switokd_seq.z", torch.stack(zs_))
+    rec("switokd_seq.y", torch.stack(ys_).float())
+    rec("switokd_seq.modes", torch.tensor(modes))
+    rec("switokd_seq.gaps", torch.tensor(gaps, dtype=torch.float64))
+    rec("switokd_seq.margin", torch.tensor(margins, dtype=torch.float64))
+    print("switokd sequence: %d of %d steps in expert mode, smallest margin %.3g"
+          % (n_exp, steps, min(margins)))
+
+
 def gen2():
     g = g2_inputs()
     w, x = kdcl_general_weights(g.zval, g.yval)
@@ -458,6 +549,10 @@ def gen2():
     g2_pcl(g)
     g2_ema()
     g2_mcl(g)
+    g2_switokd(g, "switokd_learning", 0, 0)
+    g2_switokd(g, "switokd_expert", 0, 1)
+    g2_switokd(g, "switokd_t2", 2, 0)
+    g2_switokd_sequence()
 
 
 def main():

@@ -128,7 +128,7 @@ static void check_std(const kdp_golden *g, const char *cs, kdp_cohort *c, const 
 
 START_TEST(test_staged_methods) {
   /* the trainer's parser does not accept a method it cannot run yet; the tests' parser does */
-  const char *staged[] = {"kdcl", "pcl", "mcl"};
+  const char *staged[] = {"kdcl", "pcl", "mcl", "switokd"};
   for (size_t k = 0; k < sizeof staged / sizeof staged[0]; k++) {
     kdp_method m;
     kdp_error err = {{0}};
@@ -500,6 +500,92 @@ START_TEST(test_mcl_no_positive) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- switokd */
+
+static void cmp_gaps(const char *what, const kdp_switokd_gaps *gp, const float *want) {
+  const double got[5] = {gp->s, gp->g_t, gp->G, gp->eps, gp->delta};
+  for (int k = 0; k < 5; k++)
+    ck_assert_msg(fabs(got[k] - want[k]) < 1e-6, "%s: gap %d = %.9g, PyTorch %.9g", what, k, got[k],
+                  (double)want[k]);
+}
+
+START_TEST(test_switokd_golden) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  g2in in;
+  g2_load(&in, g);
+  const size_t P = in.P, B = in.B, C = in.C, n = B * C;
+  const char *cases[] = {"switokd_learning", "switokd_expert", "switokd_t2"};
+  for (int k = 0; k < 3; k++) {
+    const char *cs = cases[k];
+    const float *cfg = gget(g, cs, "config", 2);
+    kdp_kd_spec s;
+    spec_of(&s, &in, "switokd");
+    s.teacher_peer = (int)cfg[0];
+    int expert = (int)cfg[1];
+    kdp_cohort *c = make(&s, B);
+    kdp_kd_batch b = {.z = in.z, .y = in.y, .B = B, .T = in.T, .weight = in.W, .expert = expert};
+    g2out o;
+    run_objective(c, &in, &b, &o);
+    check_std(g, cs, c, &in, &o, 1);
+    if (expert) /* the teacher does not move at all */
+      for (size_t q = 0; q < n; q++) ck_assert(o.dz[(size_t)s.teacher_peer * n + q] == 0.0f);
+    kdp_switokd_gaps gp;
+    const float *want = gget(g, cs, "gaps", 6);
+    int mode = kdp_switokd_mode(in.z, in.y, P, B, C, (size_t)s.teacher_peer, &gp);
+    cmp_gaps(cs, &gp, want);
+    ck_assert_int_eq(mode, (int)want[5]);
+    ck_assert_int_eq(gp.expert, mode);
+    g2out_free(&o);
+    kdp_cohort_free(c);
+  }
+  kdp_kd_spec s;
+  spec_of(&s, &in, "switokd");
+  s.teacher_peer = 3;
+  kdp_cohort *c = NULL;
+  kdp_error err = {{0}};
+  ck_assert_int_eq(kdp_cohort_create(&c, &s, B, &err), KDP_EINVAL);
+  ck_assert_msg(strstr(err.msg, "teacher_peer"), "%s", err.msg);
+  kdp_golden_free(g);
+}
+END_TEST
+
+/* The modes of 200 steps of a heterogeneous cohort trained in PyTorch (an MLP teacher, linear
+   students; the teacher pauses in expert mode), recomputed from the logged logits. */
+START_TEST(test_switokd_sequence) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  const kdp_golden_rec *z = kdp_golden_get(g, "switokd_seq.z");
+  const size_t steps = z->dims[0], P = z->dims[1], B = z->dims[2], C = z->dims[3];
+  const float *yf = gget(g, "switokd_seq", "y", steps * B);
+  const float *want = gget(g, "switokd_seq", "modes", steps);
+  const float *gaps = gget(g, "switokd_seq", "gaps", steps * 5);
+  int32_t *y = calloc(steps * B, sizeof(int32_t));
+  int *modes = calloc(steps, sizeof(int));
+  for (size_t k = 0; k < steps * B; k++) y[k] = (int32_t)yf[k];
+  kdp_switokd_modes(modes, z->data, y, steps, P, B, C, 0);
+  char seq[512] = "", ref[512] = "";
+  size_t n_expert = 0;
+  for (size_t k = 0; k < steps && k + 1 < sizeof seq; k++) {
+    seq[k] = modes[k] ? 'E' : 'l';
+    ref[k] = want[k] > 0.5f ? 'E' : 'l';
+    n_expert += modes[k] != 0;
+  }
+  fprintf(stderr, "switokd modes (E expert, l learning), %zu of %zu expert:\n  kdpeers %s\n  PyTorch %s\n",
+          n_expert, steps, seq, ref);
+  ck_assert_msg(strcmp(seq, ref) == 0, "mode sequences differ:\n%s\n%s", seq, ref);
+  ck_assert(n_expert > 0 && n_expert < steps);
+  for (size_t k = 0; k < steps; k++) {
+    kdp_switokd_gaps gp;
+    kdp_switokd_mode(z->data + k * P * B * C, y + k * B, P, B, C, 0, &gp);
+    char what[32];
+    snprintf(what, sizeof what, "step %zu", k);
+    cmp_gaps(what, &gp, gaps + k * 5);
+  }
+  free(y);
+  free(modes);
+  kdp_golden_free(g);
+}
+END_TEST
+
 static Suite *gen2_suite(void) {
   Suite *s = suite_create("kd_gen2");
   TCase *t = tcase_create("core");
@@ -511,6 +597,8 @@ static Suite *gen2_suite(void) {
   tcase_add_test(t, test_ema_golden);
   tcase_add_test(t, test_mcl_golden);
   tcase_add_test(t, test_mcl_no_positive);
+  tcase_add_test(t, test_switokd_golden);
+  tcase_add_test(t, test_switokd_sequence);
   suite_add_tcase(s, t);
   return s;
 }
