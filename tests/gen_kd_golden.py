@@ -539,6 +539,31 @@ def g2_switokd_sequence(steps=200, B=12, Cs=5, din=20):
           % (n_exp, steps, min(margins)))
 
 
+def g2_diversity():
+    """Diversity of a cohort at T = 1 on N examples: div.z and div.zprev (P x N x C, this and the
+    previous evaluation); div.kl = mean over examples and ordered pairs i != j of KL(p_i || p_j);
+    div.disagreement = mean over examples and unordered pairs of [argmax p_i != argmax p_j];
+    div.churn (P) = fraction of examples whose label changed since zprev."""
+    torch.manual_seed(8080)
+    N = 50
+    base = torch.randn(N, C) * 2.0
+    z = torch.stack([base + 1.2 * torch.randn(N, C) for _ in range(P)]).float()
+    zprev = (z + 1.0 * torch.randn(P, N, C)).float()
+    lp = F.log_softmax(z.double(), 2)
+    kl = sum((lp[i].exp() * (lp[i] - lp[j])).sum(1).mean()
+             for i in range(P) for j in range(P) if i != j) / (P * (P - 1))
+    lab, labp = z.argmax(2), zprev.argmax(2)
+    dis = sum((lab[i] != lab[j]).double().mean()
+              for i in range(P) for j in range(i + 1, P)) / (P * (P - 1) / 2)
+    churn = torch.stack([(lab[i] != labp[i]).double().mean() for i in range(P)])
+    assert 0 < dis < 1 and (churn > 0).all()
+    rec("div.z", z)
+    rec("div.zprev", zprev)
+    rec("div.kl", kl)
+    rec("div.disagreement", dis)
+    rec("div.churn", churn)
+
+
 def gen2():
     g = g2_inputs()
     w, x = kdcl_general_weights(g.zval, g.yval)
@@ -553,6 +578,7 @@ def gen2():
     g2_switokd(g, "switokd_expert", 0, 1)
     g2_switokd(g, "switokd_t2", 2, 0)
     g2_switokd_sequence()
+    g2_diversity()
 
 
 def main():

@@ -586,6 +586,52 @@ START_TEST(test_switokd_sequence) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- diversity */
+
+START_TEST(test_diversity_golden) {
+  kdp_golden *g = kdp_golden_load("golden_kd.bin");
+  const kdp_golden_rec *z = kdp_golden_get(g, "div.z");
+  const size_t P = z->dims[0], N = z->dims[1], C = z->dims[2];
+  const float *zprev = gget(g, "div", "zprev", P * N * C);
+  /* added in two evaluation batches, [0, 20) and [20, N), as the trainer would */
+  kdp_diversity d;
+  kdp_diversity_init(&d, P);
+  const size_t cut = 20, rest = N - cut;
+  float *blk = calloc(P * N * C, sizeof(float));
+  for (size_t j = 0; j < P; j++) memcpy(blk + j * cut * C, z->data + j * N * C, cut * C * 4);
+  kdp_diversity_add(&d, blk, cut, C);
+  for (size_t j = 0; j < P; j++)
+    memcpy(blk + j * rest * C, z->data + (j * N + cut) * C, rest * C * 4);
+  kdp_diversity_add(&d, blk, rest, C);
+  ck_assert_uint_eq(d.n, N);
+  float kl = (float)kdp_diversity_kl(&d), dis = (float)kdp_diversity_disagreement(&d);
+  cmp("div", "kl", &kl, gget(g, "div", "kl", 1), 1, 1e-6, 1e-5);
+  cmp("div", "disagreement", &dis, gget(g, "div", "disagreement", 1), 1, 1e-7, 1e-6);
+  float churn[KDP_KD_MAX_PEERS];
+  int32_t *cur = calloc(N, sizeof(int32_t)), *prev = calloc(N, sizeof(int32_t));
+  for (size_t j = 0; j < P; j++) {
+    kdp_predicted_labels(cur, z->data + j * N * C, N, C);
+    kdp_predicted_labels(prev, zprev + j * N * C, N, C);
+    churn[j] = (float)kdp_churn(prev, cur, N);
+    ck_assert(kdp_churn(cur, cur, N) == 0.0);
+  }
+  cmp("div", "churn", churn, gget(g, "div", "churn", P), P, 1e-7, 1e-6);
+  /* identical peers: no diversity at all; one peer: 0, not NaN */
+  for (size_t j = 1; j < P; j++) memcpy(blk + j * N * C, z->data, N * C * 4);
+  memcpy(blk, z->data, N * C * 4);
+  kdp_diversity_init(&d, P);
+  kdp_diversity_add(&d, blk, N, C);
+  ck_assert(fabs(kdp_diversity_kl(&d)) < 1e-12 && kdp_diversity_disagreement(&d) == 0.0);
+  kdp_diversity_init(&d, 1);
+  kdp_diversity_add(&d, blk, N, C);
+  ck_assert(kdp_diversity_kl(&d) == 0.0 && kdp_diversity_disagreement(&d) == 0.0);
+  free(blk);
+  free(cur);
+  free(prev);
+  kdp_golden_free(g);
+}
+END_TEST
+
 static Suite *gen2_suite(void) {
   Suite *s = suite_create("kd_gen2");
   TCase *t = tcase_create("core");
@@ -599,6 +645,7 @@ static Suite *gen2_suite(void) {
   tcase_add_test(t, test_mcl_no_positive);
   tcase_add_test(t, test_switokd_golden);
   tcase_add_test(t, test_switokd_sequence);
+  tcase_add_test(t, test_diversity_golden);
   suite_add_tcase(s, t);
   return s;
 }
