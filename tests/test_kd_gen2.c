@@ -632,6 +632,209 @@ START_TEST(test_diversity_golden) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- limits and finite differences */
+
+/* a cohort of a staged method with random inputs (every input any of them reads) */
+typedef struct scase {
+  kdp_cohort *c;
+  size_t P, B, C, E, nh;
+  float *z, *h, *ze, *v, *dv, *dz, *dh;
+  int32_t *y;
+  kdp_kd_batch b;
+} scase;
+
+static void scase_make(scase *k, const char *method, size_t P, size_t B, size_t C, float zs,
+                       uint64_t seed) {
+  const size_t dims[] = {6, 9, 4, 7};
+  kdp_kd_spec s;
+  memset(&s, 0, sizeof s);
+  ck_assert(kdp_method_parse_staged(method, &s.method, NULL) == 0);
+  s.P = P;
+  s.C = C;
+  s.leader = -1;
+  s.ensemble = KDP_KDCL_GENERAL;
+  s.embed_dim = 5;
+  s.embed_hidden = 7;
+  s.contrast_weight = 1.0f;
+  s.teacher_peer = 1;
+  for (size_t j = 0; j < P; j++) s.dims[j] = dims[j];
+  memset(k, 0, sizeof *k);
+  k->c = make(&s, B);
+  kdp_rng r;
+  kdp_rng_seed(&r, seed, KDP_STREAM_MODULE);
+  kdp_cohort_module_init(k->c, &r);
+  k->P = P;
+  k->B = B;
+  k->C = C;
+  k->E = 5;
+  k->nh = kdp_cohort_feature_floats(k->c, B);
+  k->z = calloc(P * B * C, 4);
+  k->ze = calloc(P * B * C, 4);
+  k->dz = calloc(P * B * C, 4);
+  k->h = calloc(k->nh + 1, 4);
+  k->dh = calloc(k->nh + 1, 4);
+  k->v = calloc(P * B * k->E, 4);
+  k->dv = calloc(P * B * k->E, 4);
+  k->y = calloc(B, sizeof(int32_t));
+  for (size_t q = 0; q < P * B * C; q++) {
+    k->z[q] = zs * kdp_rng_normal(&r);
+    k->ze[q] = zs * kdp_rng_normal(&r);
+  }
+  for (size_t q = 0; q < k->nh; q++) k->h[q] = kdp_rng_normal(&r);
+  for (size_t b = 0; b < P * B; b++) { /* unit rows, as the heads give */
+    double ss = 0;
+    for (size_t e = 0; e < k->E; e++) {
+      k->v[b * k->E + e] = kdp_rng_normal(&r);
+      ss += (double)k->v[b * k->E + e] * k->v[b * k->E + e];
+    }
+    for (size_t e = 0; e < k->E; e++) k->v[b * k->E + e] /= (float)sqrt(ss);
+  }
+  for (size_t b = 0; b < B; b++) k->y[b] = (int32_t)kdp_rng_below(&r, (uint32_t)C);
+  kdp_kd_batch bt = {.z = k->z, .h = k->h, .y = k->y, .B = B, .T = 3.0f, .weight = 0.7f,
+                     .z_ema = k->ze, .v = k->v, .dv = k->dv};
+  k->b = bt;
+}
+
+static void scase_free(scase *k) {
+  kdp_cohort_free(k->c);
+  free(k->z); free(k->ze); free(k->dz); free(k->h); free(k->dh); free(k->v); free(k->dv);
+  free(k->y);
+}
+
+static const char *const staged_all[] = {"kdcl", "pcl", "mcl", "switokd"};
+
+START_TEST(test_staged_extreme_logits) {
+  for (size_t m = 0; m < 4; m++)
+    for (int expert = 0; expert < 2; expert++) {
+      scase k;
+      scase_make(&k, staged_all[m], 3, 5, 6, 1.0f, 31);
+      for (size_t q = 0; q < 3 * 5 * 6; q++) {
+        k.z[q] = k.z[q] > 0 ? 80.0f : -80.0f;
+        k.ze[q] = k.ze[q] > 0 ? 80.0f : -80.0f;
+      }
+      k.b.expert = expert;
+      kdp_kd_losses per[3];
+      double J = 0;
+      float t[30];
+      kdp_error err = {{0}};
+      ck_assert_msg(kdp_cohort_objective(k.c, &k.b, k.dz, k.dh, t, per, &J, &err) == 0, "%s",
+                    err.msg);
+      ck_assert_msg(isfinite(J), "%s: J = %g", staged_all[m], J);
+      for (size_t q = 0; q < 90; q++) ck_assert(isfinite(k.dz[q]));
+      for (size_t q = 0; q < k.nh; q++) ck_assert(isfinite(k.dh[q]));
+      for (size_t q = 0; q < 3 * 5 * k.E; q++) ck_assert(isfinite(k.dv[q]));
+      for (size_t q = 0; q < 30; q++) ck_assert(isfinite(t[q]));
+      ck_assert(kdp_cohort_teacher_eval(k.c, k.z, k.h, 5, t, &err) == 0);
+      for (size_t q = 0; q < 30; q++) ck_assert(isfinite(t[q]));
+      scase_free(&k);
+    }
+}
+END_TEST
+
+/* One class: CE and every logit KD term are 0 and so are the logits' gradients. */
+START_TEST(test_staged_one_class) {
+  for (size_t m = 0; m < 4; m++) {
+    scase k;
+    scase_make(&k, staged_all[m], 3, 4, 1, 3.0f, 21);
+    kdp_kd_losses per[3];
+    double J = 0;
+    kdp_error err = {{0}};
+    ck_assert_msg(kdp_cohort_objective(k.c, &k.b, k.dz, k.dh, NULL, per, &J, &err) == 0, "%s",
+                  err.msg);
+    for (size_t i = 0; i < 3; i++)
+      ck_assert_msg(fabs(per[i].ce) < 1e-6 && fabs(per[i].kd) < 1e-6, "%s C=1: ce %g kd %g",
+                    staged_all[m], per[i].ce, per[i].kd);
+    for (size_t q = 0; q < 12; q++) ck_assert(fabsf(k.dz[q]) < 1e-6f);
+    scase_free(&k);
+  }
+}
+END_TEST
+
+/* pcl's module loss L_e against finite differences (its peers' terms use sg(z_e), so the module's
+   parameters and the features get gradients from L_e alone). */
+START_TEST(test_pcl_fd) {
+  scase k;
+  scase_make(&k, "pcl", 3, 6, 4, 1.5f, 300);
+  kdp_error err = {{0}};
+  const size_t np = kdp_cohort_module_n_params(k.c);
+  kdp_kd_losses per[3];
+  kdp_cohort_module_zero_grad(k.c);
+  ck_assert(kdp_cohort_objective(k.c, &k.b, k.dz, k.dh, NULL, per, NULL, &err) == 0);
+  float *dp = calloc(np, 4), *sz = calloc(3 * 6 * 4, 4), *sh = calloc(k.nh, 4);
+  memcpy(dp, kdp_cohort_module_grads(k.c), np * 4);
+  struct { float *x, *g; size_t n; const char *what; } pr[] = {
+      {k.h, k.dh, k.nh, "dh"}, {kdp_cohort_module_params(k.c), dp, np, "dparams"}};
+  const float eps = 3e-3f;
+  for (int p = 0; p < 2; p++)
+    for (size_t q = 0; q < pr[p].n; q += 3) {
+      float save = pr[p].x[q];
+      double Lp, Lm;
+      pr[p].x[q] = save + eps;
+      ck_assert(kdp_cohort_objective(k.c, &k.b, sz, sh, NULL, per, NULL, &err) == 0);
+      Lp = per[0].module_loss;
+      pr[p].x[q] = save - eps;
+      ck_assert(kdp_cohort_objective(k.c, &k.b, sz, sh, NULL, per, NULL, &err) == 0);
+      Lm = per[0].module_loss;
+      pr[p].x[q] = save;
+      double fd = (Lp - Lm) / (2.0 * eps), an = pr[p].g[q];
+      ck_assert_msg(fabs(fd - an) < 2e-3 + 2e-2 * fabs(fd), "pcl %s[%zu]: fd %g analytic %g",
+                    pr[p].what, q, fd, an);
+    }
+  free(dp);
+  free(sz);
+  free(sh);
+  scase_free(&k);
+}
+END_TEST
+
+/* The embedding head's backward against finite differences of <v, r> for a fixed r. */
+START_TEST(test_embed_head_fd) {
+  enum { n = 5, d = 7, H = 6, E = 4 };
+  kdp_embed_head *hd = NULL;
+  kdp_error err = {{0}};
+  ck_assert_int_eq(kdp_embed_head_create(&hd, d, 0, E, n, &err), KDP_EINVAL);
+  ck_assert(hd == NULL && strstr(err.msg, "hidden"));
+  ck_assert(kdp_embed_head_create(&hd, d, H, E, n, &err) == 0);
+  const size_t np = kdp_embed_head_n_params(hd);
+  ck_assert_uint_eq(np, H * d + H + E * H + E);
+  kdp_rng r;
+  kdp_rng_seed(&r, 17, 0);
+  float *p = calloc(np, 4), *dp = calloc(np, 4), x[n * d], dx[n * d] = {0}, v[n * E], rr[n * E];
+  kdp_embed_head_init(hd, p, &r);
+  for (size_t q = 0; q < n * d; q++) x[q] = kdp_rng_normal(&r);
+  for (size_t q = 0; q < n * E; q++) rr[q] = kdp_rng_normal(&r);
+  kdp_embed_head_forward(hd, p, x, n, v);
+  for (size_t b = 0; b < n; b++) {
+    double ss = 0;
+    for (size_t e = 0; e < E; e++) ss += (double)v[b * E + e] * v[b * E + e];
+    ck_assert_msg(fabs(ss - 1.0) < 1e-5, "row %zu has norm^2 %g", b, ss);
+  }
+  kdp_embed_head_backward(hd, p, x, n, rr, dp, dx);
+  struct { float *x, *g; size_t n; const char *what; } pr[] = {{x, dx, n * d, "dx"},
+                                                               {p, dp, np, "dparams"}};
+  const float eps = 1e-3f;
+  for (int k = 0; k < 2; k++)
+    for (size_t q = 0; q < pr[k].n; q++) {
+      float save = pr[k].x[q];
+      double f[2];
+      for (int sgn = 0; sgn < 2; sgn++) {
+        pr[k].x[q] = save + (sgn ? -eps : eps);
+        kdp_embed_head_forward(hd, p, x, n, v);
+        double acc = 0;
+        for (size_t e = 0; e < n * E; e++) acc += (double)v[e] * rr[e];
+        f[sgn] = acc;
+      }
+      pr[k].x[q] = save;
+      double fd = (f[0] - f[1]) / (2.0 * eps), an = pr[k].g[q];
+      ck_assert_msg(fabs(fd - an) < 2e-3 + 2e-2 * fabs(fd), "head %s[%zu]: fd %g analytic %g",
+                    pr[k].what, q, fd, an);
+    }
+  free(p);
+  free(dp);
+  kdp_embed_head_free(hd);
+}
+END_TEST
+
 static Suite *gen2_suite(void) {
   Suite *s = suite_create("kd_gen2");
   TCase *t = tcase_create("core");
@@ -646,6 +849,10 @@ static Suite *gen2_suite(void) {
   tcase_add_test(t, test_switokd_golden);
   tcase_add_test(t, test_switokd_sequence);
   tcase_add_test(t, test_diversity_golden);
+  tcase_add_test(t, test_staged_extreme_logits);
+  tcase_add_test(t, test_staged_one_class);
+  tcase_add_test(t, test_pcl_fd);
+  tcase_add_test(t, test_embed_head_fd);
   suite_add_tcase(s, t);
   return s;
 }
