@@ -573,13 +573,27 @@ START_TEST(test_switokd_sequence) {
           n_expert, steps, seq, ref);
   ck_assert_msg(strcmp(seq, ref) == 0, "mode sequences differ:\n%s\n%s", seq, ref);
   ck_assert(n_expert > 0 && n_expert < steps);
+  float *half = calloc(P * B * C, sizeof(float));
   for (size_t k = 0; k < steps; k++) {
-    kdp_switokd_gaps gp;
-    kdp_switokd_mode(z->data + k * P * B * C, y + k * B, P, B, C, 0, &gp);
+    kdp_switokd_gaps gp, gh;
+    const float *zk = z->data + k * P * B * C;
+    kdp_switokd_mode(zk, y + k * B, P, B, C, 0, &gp);
     char what[32];
     snprintf(what, sizeof what, "step %zu", k);
     cmp_gaps(what, &gp, gaps + k * 5);
+    /* the batch's rows on two ranks: sums of each half, added, decide the same mode */
+    double s1[3], s2[3];
+    const size_t r = B / 3;
+    for (size_t j = 0; j < P; j++) memcpy(half + j * r * C, zk + j * B * C, r * C * 4);
+    kdp_switokd_sums(half, y + k * B, P, r, C, 0, s1);
+    for (size_t j = 0; j < P; j++)
+      memcpy(half + j * (B - r) * C, zk + (j * B + r) * C, (B - r) * C * 4);
+    kdp_switokd_sums(half, y + k * B + r, P, B - r, C, 0, s2);
+    for (int q = 0; q < 3; q++) s1[q] += s2[q];
+    ck_assert_int_eq(kdp_switokd_decide(s1, B, &gh), modes[k]);
+    ck_assert(fabs(gh.G - gp.G) < 1e-12 && fabs(gh.delta - gp.delta) < 1e-12);
   }
+  free(half);
   free(y);
   free(modes);
   kdp_golden_free(g);

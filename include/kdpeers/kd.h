@@ -457,6 +457,14 @@ typedef struct kdp_switokd_gaps {
    that holds the same logits. out may be NULL. */
 int kdp_switokd_mode(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
                      size_t teacher, kdp_switokd_gaps *out);
+/* The same in two halves, for a batch whose rows are spread over ranks (ranks_per_peer > 1):
+   sums (3) = the row sums of ||softmax(z_s) - onehot||_1, ||softmax(z_t) - onehot||_1 and
+   ||softmax(z_t) - softmax(z_s)||_1 over this rank's n rows; add them over the rows' ranks (one
+   allreduce of 3 doubles, or gather them and add in a fixed order for bitwise agreement), then
+   decide from the batch's sums and its row count. kdp_switokd_mode = sums + decide. */
+void kdp_switokd_sums(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
+                      size_t teacher, double sums[3]);
+int kdp_switokd_decide(const double sums[3], size_t n, kdp_switokd_gaps *out);
 /* modes[k] for each of `steps` batches: z_seq (steps x P x n x C), y_seq (steps x n). */
 void kdp_switokd_modes(int *modes, const float *z_seq, const int32_t *y_seq, size_t steps,
                        size_t P, size_t n, size_t C, size_t teacher);

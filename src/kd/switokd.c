@@ -46,35 +46,47 @@ static void softmax_d(double *p, const double *z, size_t C) {
   for (size_t k = 0; k < C; k++) p[k] /= s;
 }
 
-int kdp_switokd_mode(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
-                     size_t teacher, kdp_switokd_gaps *out) {
+void kdp_switokd_sums(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
+                      size_t teacher, double sums[3]) {
+  sums[0] = sums[1] = sums[2] = 0.0;
+  if (P < 2 || !n || !C || teacher >= P) return;
+  double *buf = kdp_xmalloc(4 * C * sizeof(double));
+  double *zs = buf, *zt = buf + C, *ps = buf + 2 * C, *pt = buf + 3 * C;
+  for (size_t b = 0; b < n; b++) {
+    students_mean(zs, z_all, P, n, C, teacher, b);
+    for (size_t k = 0; k < C; k++) zt[k] = z_all[(teacher * n + b) * C + k];
+    softmax_d(ps, zs, C);
+    softmax_d(pt, zt, C);
+    for (size_t k = 0; k < C; k++) {
+      double oh = (int32_t)k == y[b] ? 1.0 : 0.0;
+      sums[0] += fabs(ps[k] - oh);
+      sums[1] += fabs(pt[k] - oh);
+      sums[2] += fabs(pt[k] - ps[k]);
+    }
+  }
+  free(buf);
+}
+
+int kdp_switokd_decide(const double sums[3], size_t n, kdp_switokd_gaps *out) {
   kdp_switokd_gaps g;
   memset(&g, 0, sizeof g);
-  if (P >= 2 && n && C && teacher < P) {
-    double *buf = kdp_xmalloc(4 * C * sizeof(double));
-    double *zs = buf, *zt = buf + C, *ps = buf + 2 * C, *pt = buf + 3 * C;
-    for (size_t b = 0; b < n; b++) {
-      students_mean(zs, z_all, P, n, C, teacher, b);
-      for (size_t k = 0; k < C; k++) zt[k] = z_all[(teacher * n + b) * C + k];
-      softmax_d(ps, zs, C);
-      softmax_d(pt, zt, C);
-      for (size_t k = 0; k < C; k++) {
-        double oh = (int32_t)k == y[b] ? 1.0 : 0.0;
-        g.s += fabs(ps[k] - oh);
-        g.g_t += fabs(pt[k] - oh);
-        g.G += fabs(pt[k] - ps[k]);
-      }
-    }
-    free(buf);
-    g.s /= (double)n;
-    g.g_t /= (double)n;
-    g.G /= (double)n;
-    g.eps = exp(-g.g_t / (g.g_t + g.s));
+  if (n) {
+    g.s = sums[0] / (double)n;
+    g.g_t = sums[1] / (double)n;
+    g.G = sums[2] / (double)n;
+    g.eps = g.g_t + g.s > 0.0 ? exp(-g.g_t / (g.g_t + g.s)) : 1.0;
     g.delta = g.s - g.eps * g.g_t;
     g.expert = g.G > g.delta && g.g_t < g.s;
   }
   if (out) *out = g;
   return g.expert;
+}
+
+int kdp_switokd_mode(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
+                     size_t teacher, kdp_switokd_gaps *out) {
+  double sums[3];
+  kdp_switokd_sums(z_all, y, P, n, C, teacher, sums);
+  return kdp_switokd_decide(sums, P >= 2 && teacher < P ? n : 0, out);
 }
 
 void kdp_switokd_modes(int *modes, const float *z_seq, const int32_t *y_seq, size_t steps,
