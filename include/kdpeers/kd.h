@@ -71,20 +71,43 @@ typedef enum kdp_method {
   KDP_METHOD_ONE,
   KDP_METHOD_FFL,
   KDP_METHOD_OKDDIP,
-  KDP_METHOD_COUNT
+  KDP_METHOD_COUNT, /* the end of the methods kd.method accepts (kdp_method_parse/_at) */
+  /* Staged (issue 12): the math, the ops and the golden tests are in src/kd, but the trainer does
+     not run them yet, so kdp_method_parse refuses them and kdp_method_at does not list them;
+     kdp_method_parse_staged (tests) accepts them. Wiring one in = moving it above
+     KDP_METHOD_COUNT. */
+  KDP_METHOD_KDCL,
+  KDP_METHOD_PCL,
+  KDP_METHOD_MCL,
+  KDP_METHOD_SWITOKD,
+  KDP_METHOD_END /* one past the last entry of the table */
 } kdp_method;
 
 /* What a method reads of every peer (bits of kdp_method_ops.peer_reads and .module_reads). */
 enum {
   KDP_READS_LOGITS = 1u << 0,   /* z_j (B x C) */
   KDP_READS_FEATURES = 1u << 1, /* h_j (B x d_j): pooled penultimate features */
+  KDP_READS_EMA_LOGITS = 1u << 2, /* z'_j (B x C): the logits of peer j's temporal mean (pcl) */
+  KDP_READS_EMBEDDINGS = 1u << 3, /* v_j (B x E): peer j's embedding head's output (mcl) */
 };
 
 /* What a method differentiates besides each peer's own logits (kdp_method_ops.grads). */
 enum {
   KDP_GRAD_TEACHER = 1u << 0,  /* the peers' teachers, back into the module */
   KDP_GRAD_FEATURES = 1u << 1, /* the peers' features h */
+  KDP_GRAD_EMBEDDINGS = 1u << 2, /* every peer's embeddings v_j, from each peer term (mcl) */
 };
+
+/* How the contributions of the peers to a reduced teacher are combined (kdcl): the op of the one
+   MPI_Allreduce the trainer runs (MPI_SUM / MPI_MIN). */
+typedef enum kdp_reduce_op { KDP_REDUCE_SUM = 0, KDP_REDUCE_MIN } kdp_reduce_op;
+
+/* kdcl's ensemble teacher (kd.ensemble). */
+typedef enum kdp_kdcl_ensemble {
+  KDP_KDCL_NAIVE = 0, /* z_t = mean_j z_j */
+  KDP_KDCL_MINLOGIT,  /* z_t[c] = min_j (z_j[c] - z_j[y]) */
+  KDP_KDCL_GENERAL,   /* z_t = sum_j w_j z_j, w from the validation split (kdp_kdcl_general_weights) */
+} kdp_kdcl_ensemble;
 
 /* The weight decay of a module's parameters. */
 typedef enum kdp_module_decay {
@@ -102,6 +125,12 @@ typedef struct kdp_kd_spec {
   int detach;                     /* okddip: 1 = stop-gradient through both teachers */
   size_t fusion_dim;              /* ffl: d_f; 0 = mean of the d_j (at least 1) */
   size_t proj_dim;                /* okddip: attention rank r; 0 = max(1, min_aux d_j / 8) */
+  kdp_kdcl_ensemble ensemble;     /* kdcl: kd.ensemble */
+  size_t embed_dim;               /* mcl: E, the embeddings' width; 0 = 128 */
+  size_t embed_hidden;            /* mcl: the embedding heads' hidden width; 0 = 128 */
+  float tau;                      /* mcl: contrastive temperature kd.tau; 0 = 0.07 */
+  float contrast_weight;          /* mcl: lam_c = kd.contrast_weight, as given (0 is 0) */
+  int teacher_peer;               /* switokd: the teacher peer kd.teacher_peer (0..P-1) */
 } kdp_kd_spec;
 
 typedef struct kdp_cohort kdp_cohort;
@@ -128,6 +157,13 @@ typedef struct kdp_kd_peer_in {
   size_t n;
   float T, weight, scale; /* as in kdp_kd_rows */
   int burn_in;            /* codistill: nonzero while step < kd.burn_in_steps (weight 0) */
+  const float *z_ema;     /* peer_reads & KDP_READS_EMA_LOGITS: every peer's temporal mean's
+                             logits on these rows (P x n x C); else NULL */
+  const float *v_all;     /* peer_reads & KDP_READS_EMBEDDINGS: every peer's embeddings
+                             (P x n x E); else NULL */
+  float *dv_all;          /* OUTPUT when KDP_GRAD_EMBEDDINGS: += scale * dL_i/dv_j for every peer j
+                             (P x n x E) */
+  int expert;             /* switokd: nonzero in expert mode (kdp_switokd_mode of this step) */
 } kdp_kd_peer_in;
 
 /* Loss terms (means over the rows of the call). */
@@ -135,7 +171,10 @@ typedef struct kdp_kd_losses {
   double ce;              /* CE(z_i, y) */
   double kd;              /* the unweighted distillation term: T^2 KL(...) (mean over j != i for
                              dml) */
-  double loss;            /* L_i = ce + w_eff * kd, w_eff = weight (0: independent, burn-in) */
+  double contrast;        /* mcl: the unweighted contrastive bracket (times kd.contrast_weight in
+                             loss); else 0 */
+  double loss;            /* L_i = ce + w_eff * kd (+ lam_c * contrast), w_eff = weight (0:
+                             independent, burn-in) */
   double module_loss;     /* the module's own loss (one: L_gate, ffl: L_f), whole batch; else 0 */
   size_t n_correct;       /* argmax(z_i) == y */
   size_t teacher_correct; /* argmax(teacher) == y (kdp_cohort_objective) */
@@ -168,6 +207,13 @@ typedef struct kdp_method_ops {
   kdp_module_decay module_decay;
   int stale_ok;         /* the peer term reads only the peers' logits, so they may come from stale
                            local copies of the peers (kd.exchange = weights) */
+  /* A teacher reduced over the peers (kdcl; NULL otherwise): peer j contributes
+     contribute(c, j, z_j, y, n, out) (n x C; y may be NULL at evaluation), the trainer combines
+     the contributions with one allreduce of reduce_op(c) and peer_loss reads the result as
+     in->teacher. kdp_cohort_reduced_teacher is the same combination in one process. */
+  void (*contribute)(const kdp_cohort *c, size_t j, const float *z, const int32_t *y, size_t n,
+                     float *out);
+  kdp_reduce_op (*reduce_op)(const kdp_cohort *c);
   /* Resolves the spec's defaults and declares the module: kdp_cohort_add_tensor /
      kdp_cohort_add_buffers in layout order, scratch from kdp_cohort_alloc (rows up to max_batch).
      Called once by kdp_cohort_create. */
@@ -207,6 +253,8 @@ const char *kdp_method_at(size_t i);
 /* "independent", "dml", ... (config kd.method). Unknown names fail with the list of known ones. */
 int kdp_method_parse(const char *name, kdp_method *out, kdp_error *err);
 const char *kdp_method_name(kdp_method m);
+/* As kdp_method_parse, staged methods included (tests; the trainer does not run them yet). */
+int kdp_method_parse_staged(const char *name, kdp_method *out, kdp_error *err);
 
 /* ---------------------------------------------------------------- the cohort */
 
@@ -312,6 +360,10 @@ typedef struct kdp_kd_batch {
   float T;            /* temperature > 0 */
   float weight;       /* effective KD weight lam * w(e) >= 0 */
   int burn_in;        /* codistill: nonzero while step < burn_in_steps (KD weight forced to 0) */
+  const float *z_ema; /* pcl: every peer's temporal mean's logits (P x B x C) */
+  const float *v;     /* mcl: every peer's embeddings (P x B x E) */
+  float *dv;          /* mcl, OUTPUT: += dJ/dv (P x B x E) */
+  int expert;         /* switokd: the step's mode (kdp_switokd_mode) */
 } kdp_kd_batch;
 
 /*
@@ -336,5 +388,105 @@ int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, 
    module reads features). */
 int kdp_cohort_teacher_eval(kdp_cohort *c, const float *z, const float *h, size_t B,
                             float *teacher, kdp_error *err);
+
+/* ===================================================================== the second generation
+ * (issue 12; docs/kd-methods-gen2.md). Pure functions the trainer calls around the ops. */
+
+/* ---- a teacher reduced over the peers (kdcl) ---- */
+
+/* The allreduce op that combines the contributions (KDP_REDUCE_SUM for methods without any). */
+kdp_reduce_op kdp_cohort_teacher_reduce_op(const kdp_cohort *c);
+/* Peer j's contribution to the reduced teacher on n rows, out (n x C) from its logits z (n x C):
+   kdcl naive z_j / P, general w_j z_j, minlogit z_j - z_j[y] (per row). y may be NULL except for
+   minlogit. Fails for a method without a reduced teacher. */
+int kdp_cohort_teacher_contribution(const kdp_cohort *c, size_t j, const float *z,
+                                    const int32_t *y, size_t n, float *out, kdp_error *err);
+/* The same reduction in one process, in peer order: out (n x C) from z_all (P x n x C). */
+int kdp_cohort_reduced_teacher(const kdp_cohort *c, const float *z_all, const int32_t *y,
+                               size_t n, float *out, kdp_error *err);
+
+/* kdcl general: the ensemble weights w (P) from the peers' logits on the validation split, z_val
+   (P x N x C), labels y (N): Q_jk = mean_n <e_j, e_k> with e_j = softmax(z_j) - onehot(y);
+   x = (Q + 1e-6 I)^-1 1; w = x / sum(x); negative weights clipped to 0, the rest renormalised.
+   Deterministic (double, fixed order): every rank that calls it on the same logits gets the same
+   bits. */
+int kdp_kdcl_general_weights(float *w, const float *z_val, const int32_t *y, size_t P, size_t N,
+                             size_t C, kdp_error *err);
+/* Installs w (P, >= 0, summing to 1) as the general teacher's weights. They live in the cohort's
+   module buffers (1/P until the first evaluation), so checkpoints carry them. */
+int kdp_kdcl_set_weights(kdp_cohort *c, const float *w, kdp_error *err);
+
+/* ---- the temporal mean (pcl's peer mean teacher; run.ema_decay for any method) ---- */
+
+/* a_t = min(1 - 1/(t + 1), decay); t >= 1 counts the optimizer steps done, this one included. */
+double kdp_ema_rate(double decay, int64_t t);
+/* ema = a_t ema + (1 - a_t) theta over n floats, after optimizer step t (parameters and batchnorm
+   running statistics alike), in float as PyTorch's ema.mul_(a).add_(theta, alpha = 1 - a). */
+void kdp_ema_update(float *ema, const float *theta, size_t n, double decay, int64_t t);
+
+/* ---- mcl's embedding head, owned by one peer (its parameters are the peer's, not replicated):
+   v = l2normalize(fc2(relu(fc1(x)))), x (n x d) the peer's features. Parameter layout:
+   fc1.weight (hidden x d), fc1.bias (hidden), fc2.weight (E x hidden), fc2.bias (E). */
+typedef struct kdp_embed_head kdp_embed_head;
+int kdp_embed_head_create(kdp_embed_head **out, size_t d, size_t hidden, size_t E, size_t max_n,
+                          kdp_error *err);
+void kdp_embed_head_free(kdp_embed_head *h);
+size_t kdp_embed_head_n_params(const kdp_embed_head *h);
+/* PyTorch's default Linear init from rng. */
+void kdp_embed_head_init(const kdp_embed_head *h, float *params, kdp_rng *rng);
+/* v (n x E); keeps what backward needs (the last forward's rows). */
+void kdp_embed_head_forward(kdp_embed_head *h, const float *params, const float *x, size_t n,
+                            float *v);
+/* From dv (n x E): dparams += and, when dx != NULL, dx (n x d) +=. */
+void kdp_embed_head_backward(kdp_embed_head *h, const float *params, const float *x, size_t n,
+                             const float *dv, float *dparams, float *dx);
+/* E of an mcl cohort (spec.embed_dim resolved); 0 for other methods. */
+size_t kdp_cohort_embed_dim(const kdp_cohort *c);
+
+/* ---- switokd's mode ---- */
+
+typedef struct kdp_switokd_gaps {
+  double s;      /* mean_b ||softmax(z_s) - onehot(y)||_1, z_s the students' mean logits */
+  double g_t;    /* mean_b ||softmax(z_t) - onehot(y)||_1 */
+  double G;      /* mean_b ||softmax(z_t) - softmax(z_s)||_1 */
+  double eps;    /* exp(-g_t / (g_t + s)) */
+  double delta;  /* s - eps g_t */
+  int expert;    /* G > delta and g_t < s */
+} kdp_switokd_gaps;
+/* The mode of a step from every peer's train-mode logits on the whole batch, z_all (P x n x C),
+   teacher = kd.teacher_peer: 1 expert, 0 learning. Double, fixed order: identical on every rank
+   that holds the same logits. out may be NULL. */
+int kdp_switokd_mode(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
+                     size_t teacher, kdp_switokd_gaps *out);
+/* The same in two halves, for a batch whose rows are spread over ranks (ranks_per_peer > 1):
+   sums (3) = the row sums of ||softmax(z_s) - onehot||_1, ||softmax(z_t) - onehot||_1 and
+   ||softmax(z_t) - softmax(z_s)||_1 over this rank's n rows; add them over the rows' ranks (one
+   allreduce of 3 doubles, or gather them and add in a fixed order for bitwise agreement), then
+   decide from the batch's sums and its row count. kdp_switokd_mode = sums + decide. */
+void kdp_switokd_sums(const float *z_all, const int32_t *y, size_t P, size_t n, size_t C,
+                      size_t teacher, double sums[3]);
+int kdp_switokd_decide(const double sums[3], size_t n, kdp_switokd_gaps *out);
+/* modes[k] for each of `steps` batches: z_seq (steps x P x n x C), y_seq (steps x n). */
+void kdp_switokd_modes(int *modes, const float *z_seq, const int32_t *y_seq, size_t steps,
+                       size_t P, size_t n, size_t C, size_t teacher);
+
+/* ---- diversity of a cohort at an evaluation (T = 1), summed over evaluation batches ---- */
+
+typedef struct kdp_diversity {
+  size_t P, n;         /* peers, examples added */
+  double kl_sum;       /* sum over examples and ordered pairs i != j of KL(p_i || p_j) */
+  double disagree_sum; /* sum over examples and unordered pairs of [argmax p_i != argmax p_j] */
+} kdp_diversity;
+void kdp_diversity_init(kdp_diversity *d, size_t P);
+/* Adds n examples: every peer's logits z_all (P x n x C). */
+void kdp_diversity_add(kdp_diversity *d, const float *z_all, size_t n, size_t C);
+/* Mean pairwise KL: mean over the examples and the P(P-1) ordered pairs (0 when P < 2 or empty). */
+double kdp_diversity_kl(const kdp_diversity *d);
+/* Disagreement: mean over the examples and the P(P-1)/2 pairs of the labels differing. */
+double kdp_diversity_disagreement(const kdp_diversity *d);
+/* Predicted labels (kdp_argmax per row) of n rows; churn: the fraction of the n examples whose
+   label differs between two evaluations of one peer (0 when n is 0). */
+void kdp_predicted_labels(int32_t *out, const float *z, size_t n, size_t C);
+double kdp_churn(const int32_t *prev, const int32_t *cur, size_t n);
 
 #endif

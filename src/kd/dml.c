@@ -24,15 +24,9 @@ static void peer_loss(kdp_cohort *c, size_t i, const kdp_kd_peer_in *in, float *
   const size_t P = c->s.P, n = in->n, C = c->s.C;
   const float *zi = in->z;
   float w = in->weight;
-  double kd = 0.0;
   memset(st->g, 0, n * C * sizeof(float));
   out->ce = kdp_ce_loss(zi, in->y, n, C, st->g, 1.0f, &out->n_correct);
-  if (P > 1) {
-    for (size_t j = 0; j < P; j++)
-      if (j != i) kd += kdp_kl_logits(in->z_all + j * n * C, zi, n, C, in->T, NULL, st->g,
-                                      w / (float)(P - 1));
-    kd /= (double)(P - 1);
-  }
+  double kd = kd_mean_kl_others(in->z_all, zi, i, P, n, C, in->T, w, st->g);
   kd_peer_done(dz, st->g, C, in, w, kd, out);
 }
 

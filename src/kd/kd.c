@@ -8,7 +8,7 @@
 
 /* ---------------------------------------------------------------- the table */
 
-static const kdp_method_ops *const table[KDP_METHOD_COUNT] = {
+static const kdp_method_ops *const table[KDP_METHOD_END] = {
     [KDP_METHOD_INDEPENDENT] = &kdp_independent_ops,
     [KDP_METHOD_DML] = &kdp_dml_ops,
     [KDP_METHOD_CODISTILL] = &kdp_codistill_ops,
@@ -16,10 +16,15 @@ static const kdp_method_ops *const table[KDP_METHOD_COUNT] = {
     [KDP_METHOD_ONE] = &kdp_one_ops,
     [KDP_METHOD_FFL] = &kdp_ffl_ops,
     [KDP_METHOD_OKDDIP] = &kdp_okddip_ops,
+    /* staged: not run by the trainer yet (kd.h) */
+    [KDP_METHOD_KDCL] = &kdp_kdcl_ops,
+    [KDP_METHOD_PCL] = &kdp_pcl_ops,
+    [KDP_METHOD_MCL] = &kdp_mcl_ops,
+    [KDP_METHOD_SWITOKD] = &kdp_switokd_ops,
 };
 
 const kdp_method_ops *kdp_method_ops_of(kdp_method m) {
-  return (int)m >= 0 && m < KDP_METHOD_COUNT ? table[m] : NULL;
+  return (int)m >= 0 && m < KDP_METHOD_END ? table[m] : NULL;
 }
 
 const char *kdp_method_at(size_t i) { return i < KDP_METHOD_COUNT ? table[i]->name : NULL; }
@@ -29,10 +34,12 @@ const char *kdp_method_name(kdp_method m) {
   return o ? o->name : "unknown";
 }
 
-int kdp_method_parse(const char *name, kdp_method *out, kdp_error *err) {
+/* name among the table's first `end` entries */
+static int parse_upto(int end, const char *name, kdp_method *out, kdp_error *err) {
   char list[256] = "";
   size_t used = 0;
-  for (int k = 0; k < KDP_METHOD_COUNT; k++) {
+  for (int k = 0; k < end; k++) {
+    if (!table[k]) continue;
     if (name && strcmp(name, table[k]->name) == 0) {
       *out = (kdp_method)k;
       return 0;
@@ -42,6 +49,14 @@ int kdp_method_parse(const char *name, kdp_method *out, kdp_error *err) {
   }
   return kdp_fail(err, KDP_EINVAL, "kd.method: unknown method '%s'; expected one of %s",
                   name ? name : "(null)", list);
+}
+
+int kdp_method_parse(const char *name, kdp_method *out, kdp_error *err) {
+  return parse_upto(KDP_METHOD_COUNT, name, out, err);
+}
+
+int kdp_method_parse_staged(const char *name, kdp_method *out, kdp_error *err) {
+  return parse_upto(KDP_METHOD_END, name, out, err);
 }
 
 /* ---------------------------------------------------------------- the cohort */
@@ -140,7 +155,7 @@ int kdp_cohort_create(kdp_cohort **out, const kdp_kd_spec *spec, size_t max_batc
   c->buffers = kdp_falloc(c->n_buffers);
   for (size_t r = 0; r < c->n_binit; r++)
     for (size_t k = 0; k < c->binit[r].n; k++) c->buffers[c->binit[r].off + k] = c->binit[r].value;
-  if (ops->module_reads) {
+  if (ops->module_reads || ops->contribute) {
     c->tch = kdp_cohort_falloc(c, s.P * max_batch * s.C);
     c->dtch = kdp_cohort_falloc(c, s.P * max_batch * s.C);
     c->pq = kdp_cohort_falloc(c, max_batch * s.C);
@@ -186,6 +201,9 @@ size_t kdp_cohort_feature_offset(const kdp_cohort *c, size_t j, size_t n) {
   return n * c->hoff[j < c->s.P ? j : c->s.P];
 }
 size_t kdp_cohort_feature_floats(const kdp_cohort *c, size_t n) { return n * c->D; }
+size_t kdp_cohort_embed_dim(const kdp_cohort *c) {
+  return (c->ops->peer_reads & KDP_READS_EMBEDDINGS) ? c->s.embed_dim : 0;
+}
 static unsigned grads_of(const kdp_cohort *c) { return c->ops->grads ? c->ops->grads(c) : 0; }
 int kdp_cohort_teacher_grad(const kdp_cohort *c) { return (grads_of(c) & KDP_GRAD_TEACHER) != 0; }
 int kdp_cohort_feature_grads(const kdp_cohort *c) { return (grads_of(c) & KDP_GRAD_FEATURES) != 0; }
@@ -254,9 +272,15 @@ int kdp_cohort_peer_loss(kdp_cohort *c, size_t i, const kdp_kd_peer_in *in, floa
   if (in->n && (c->ops->peer_reads & KDP_READS_LOGITS) && !in->z_all)
     return kdp_fail(err, KDP_EINVAL, "%s: method %s needs every peer's logits (z_all)", fn,
                     c->ops->name);
-  if (in->n && c->ops->module_reads && !in->teacher)
-    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs its module's teacher", fn,
+  if (in->n && (c->ops->module_reads || c->ops->contribute) && !in->teacher)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs its teacher (in->teacher)", fn,
                     c->ops->name);
+  if (in->n && (c->ops->peer_reads & KDP_READS_EMA_LOGITS) && !in->z_ema)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs every peer's mean teacher's logits "
+                    "(z_ema)", fn, c->ops->name);
+  if (in->n && (c->ops->peer_reads & KDP_READS_EMBEDDINGS) && (!in->v_all || !in->dv_all))
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs every peer's embeddings (v_all) and "
+                    "their gradients (dv_all)", fn, c->ops->name);
   if (in->n && kdp_cohort_teacher_grad(c) && !dteacher)
     return kdp_fail(err, KDP_EINVAL,
                     "%s: method %s returns teacher gradients; dteacher is required", fn,
@@ -310,9 +334,53 @@ int kdp_cohort_teacher_eval(kdp_cohort *c, const float *z, const float *h, size_
   return kdp_cohort_teacher_eval_rows(c, &blk, teacher, err);
 }
 
+/* ---------------------------------------------------------------- reduced teachers */
+
+kdp_reduce_op kdp_cohort_teacher_reduce_op(const kdp_cohort *c) {
+  return c->ops->reduce_op ? c->ops->reduce_op(c) : KDP_REDUCE_SUM;
+}
+
+int kdp_cohort_teacher_contribution(const kdp_cohort *c, size_t j, const float *z,
+                                    const int32_t *y, size_t n, float *out, kdp_error *err) {
+  const char *fn = "kdp_cohort_teacher_contribution";
+  if (!c->ops->contribute)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s has no reduced teacher", fn, c->ops->name);
+  if (j >= c->s.P)
+    return kdp_fail(err, KDP_EINVAL, "%s: peer %zu outside 0..%zu", fn, j, c->s.P - 1);
+  if (n && (!z || !out))
+    return kdp_fail(err, KDP_EINVAL, "%s: z and out (n x C) are required", fn);
+  c->ops->contribute(c, j, z, y, n, out);
+  return 0;
+}
+
+/* the contributions combined in peer order; tmp (n x C) is scratch */
+static void reduce_teacher(const kdp_cohort *c, const float *z_all, const int32_t *y, size_t n,
+                           float *out, float *tmp) {
+  const size_t C = c->s.C, m = n * C;
+  const int mn = kdp_cohort_teacher_reduce_op(c) == KDP_REDUCE_MIN;
+  c->ops->contribute(c, 0, z_all, y, n, out);
+  for (size_t j = 1; j < c->s.P; j++) {
+    c->ops->contribute(c, j, z_all + j * m, y, n, tmp);
+    for (size_t k = 0; k < m; k++)
+      out[k] = mn ? (tmp[k] < out[k] ? tmp[k] : out[k]) : out[k] + tmp[k];
+  }
+}
+
+int kdp_cohort_reduced_teacher(const kdp_cohort *c, const float *z_all, const int32_t *y,
+                               size_t n, float *out, kdp_error *err) {
+  const char *fn = "kdp_cohort_reduced_teacher";
+  if (!c->ops->contribute)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s has no reduced teacher", fn, c->ops->name);
+  if (n > c->maxB) return kdp_fail(err, KDP_EINVAL, "%s: %zu rows > max_batch %zu", fn, n, c->maxB);
+  if (n && (!z_all || !out))
+    return kdp_fail(err, KDP_EINVAL, "%s: z_all and out are required", fn);
+  if (n) reduce_teacher(c, z_all, y, n, out, c->pg);
+  return 0;
+}
+
 /* ---------------------------------------------------------------- the reference */
 
-/* a whole batch of the cohort and the gradient buffers it accumulates into */
+/* the whole-batch input of kdp_cohort_objective / kdp_cohort_step */
 static int check_batch(const kdp_cohort *c, const kdp_kd_batch *in, const float *dz,
                        const float *dh, const char *fn, kdp_error *err) {
   const kdp_method_ops *o = c->ops;
@@ -328,59 +396,82 @@ static int check_batch(const kdp_cohort *c, const kdp_kd_batch *in, const float 
   if (kdp_cohort_feature_grads(c) && !dh)
     return kdp_fail(err, KDP_EINVAL, "%s: method %s returns feature gradients; dh is required",
                     fn, o->name);
+  if ((o->peer_reads & KDP_READS_EMA_LOGITS) && !in->z_ema)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs the mean teachers' logits z_ema", fn,
+                    o->name);
+  if ((o->peer_reads & KDP_READS_EMBEDDINGS) && (!in->v || !in->dv))
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s needs the embeddings v and their gradient dv",
+                    fn, o->name);
   return 0;
 }
 
-/* The method's teacher on a whole batch after its module's forward (c->tch): the shared module
-   teacher, else ops->teacher_eval, else the probability-mean ensemble; returns its hits. */
-static size_t batch_teacher(kdp_cohort *c, const kdp_kd_rows *blk, const kdp_kd_batch *in,
-                            float *teacher) {
+/* the module's forward on the whole batch (train mode) or the reduced teacher, into c->tch */
+static void batch_teachers(kdp_cohort *c, const kdp_kd_batch *in, const kdp_kd_rows *blk) {
+  const kdp_method_ops *o = c->ops;
+  if (o->module_reads) {
+    o->forward(c, blk, 1, NULL, c->tch);
+    memset(c->dtch, 0, c->s.P * in->B * c->s.C * sizeof(float));
+  } else if (o->contribute) {
+    reduce_teacher(c, in->z, in->y, in->B, c->tch, c->pg);
+  }
+}
+
+/* peer i's term on the whole batch */
+static void batch_peer_loss(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz,
+                            kdp_kd_losses *L) {
+  const kdp_method_ops *o = c->ops;
+  const size_t n = in->B * c->s.C, ti = o->teacher_per_peer ? i * n : 0;
+  kdp_kd_peer_in pin = {.z = in->z + i * n,
+                        .z_all = in->z,
+                        .teacher = (o->module_reads || o->contribute) ? c->tch + ti : NULL,
+                        .y = in->y,
+                        .n = in->B,
+                        .T = in->T,
+                        .weight = in->weight,
+                        .scale = 1.0f,
+                        .burn_in = in->burn_in,
+                        .z_ema = in->z_ema,
+                        .v_all = in->v,
+                        .dv_all = in->dv,
+                        .expert = in->expert};
+  memset(L, 0, sizeof *L);
+  o->peer_loss(c, i, &pin, dz + i * n, kdp_cohort_teacher_grad(c) ? c->dtch + ti : NULL, L);
+}
+
+/* the method's teacher on the whole batch after batch_teachers */
+static size_t batch_teacher_out(kdp_cohort *c, const kdp_kd_batch *in, const kdp_kd_rows *blk,
+                                float *t) {
   const kdp_method_ops *o = c->ops;
   const size_t B = in->B, C = c->s.C;
   if (o->module_reads && !o->teacher_per_peer)
-    memcpy(teacher, c->tch, B * C * sizeof(float));
+    memcpy(t, c->tch, B * C * sizeof(float));
   else if (o->teacher_eval)
-    o->teacher_eval(c, blk, teacher);
+    o->teacher_eval(c, blk, t);
   else
-    kdp_ensemble_logprob(teacher, in->z, c->s.P, B, C);
-  return kdp_count_hits(teacher, in->y, B, C);
+    kdp_ensemble_logprob(t, in->z, c->s.P, B, C);
+  return kdp_count_hits(t, in->y, B, C);
 }
 
 int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float *dh,
                          float *teacher, kdp_kd_losses *per_peer, double *total,
                          kdp_error *err) {
-  const char *fn = "kdp_cohort_objective";
-  const kdp_method_ops *o = c->ops;
-  int rc = check_batch(c, in, dz, dh, fn, err);
+  int rc = check_batch(c, in, dz, dh, "kdp_cohort_objective", err);
   if (rc) return rc;
-  const size_t P = c->s.P, B = in->B, C = c->s.C, n = B * C;
+  const kdp_method_ops *o = c->ops;
+  const size_t P = c->s.P;
   const int tgrad = kdp_cohort_teacher_grad(c);
-  kdp_kd_rows blk = {.z = in->z, .h = in->h, .y = in->y, .n = B, .T = in->T,
+  kdp_kd_rows blk = {.z = in->z, .h = in->h, .y = in->y, .n = in->B, .T = in->T,
                      .weight = in->weight, .scale = 1.0f};
-  if (o->module_reads) {
-    o->forward(c, &blk, 1, NULL, c->tch);
-    memset(c->dtch, 0, P * n * sizeof(float));
-  }
+  batch_teachers(c, in, &blk);
   kdp_kd_losses L[KDP_KD_MAX_PEERS];
-  memset(L, 0, sizeof L);
   double J = 0.0;
   for (size_t i = 0; i < P; i++) {
-    size_t ti = o->teacher_per_peer ? i * n : 0;
-    kdp_kd_peer_in pin = {.z = in->z + i * n,
-                          .z_all = in->z,
-                          .teacher = o->module_reads ? c->tch + ti : NULL,
-                          .y = in->y,
-                          .n = B,
-                          .T = in->T,
-                          .weight = in->weight,
-                          .scale = 1.0f,
-                          .burn_in = in->burn_in};
-    o->peer_loss(c, i, &pin, dz + i * n, tgrad ? c->dtch + ti : NULL, &L[i]);
+    batch_peer_loss(c, i, in, dz, &L[i]);
     J += L[i].loss;
   }
   double Lm = o->module_reads ? o->backward(c, &blk, tgrad ? c->dtch : NULL, NULL, dz, dh) : 0.0;
   J += Lm;
-  size_t th = teacher ? batch_teacher(c, &blk, in, teacher) : 0;
+  size_t th = teacher ? batch_teacher_out(c, in, &blk, teacher) : 0;
   for (size_t i = 0; i < P; i++) {
     L[i].module_loss = Lm;
     L[i].teacher_correct = th;
@@ -393,29 +484,21 @@ int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float
 int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, float *dh,
                     float *teacher, kdp_kd_losses *out, kdp_error *err) {
   const char *fn = "kdp_cohort_step";
-  const kdp_method_ops *o = c->ops;
   int rc = check_batch(c, in, dz, dh, fn, err);
   if (rc) return rc;
   if (i >= c->s.P)
     return kdp_fail(err, KDP_EINVAL, "%s: peer %zu outside 0..%zu", fn, i, c->s.P - 1);
-  const size_t P = c->s.P, B = in->B, C = c->s.C, n = B * C;
+  const kdp_method_ops *o = c->ops;
+  const size_t P = c->s.P;
   const int tgrad = kdp_cohort_teacher_grad(c);
-  kdp_kd_rows blk = {.z = in->z, .h = in->h, .y = in->y, .n = B, .T = in->T,
+  kdp_kd_rows blk = {.z = in->z, .h = in->h, .y = in->y, .n = in->B, .T = in->T,
                      .weight = in->weight, .scale = 1.0f / (float)P};
-  if (o->module_reads) {
-    o->forward(c, &blk, 1, NULL, c->tch);
-    memset(c->dtch, 0, P * n * sizeof(float));
-  }
-  size_t ti = o->teacher_per_peer ? i * n : 0;
-  kdp_kd_peer_in pin = {.z = in->z + i * n, .z_all = in->z,
-                        .teacher = o->module_reads ? c->tch + ti : NULL, .y = in->y, .n = B,
-                        .T = in->T, .weight = in->weight, .scale = 1.0f, .burn_in = in->burn_in};
+  batch_teachers(c, in, &blk);
   kdp_kd_losses L;
-  memset(&L, 0, sizeof L);
-  o->peer_loss(c, i, &pin, dz + i * n, tgrad ? c->dtch + ti : NULL, &L);
+  batch_peer_loss(c, i, in, dz, &L);
   double Lm = o->module_reads ? o->backward(c, &blk, tgrad ? c->dtch : NULL, NULL, dz, dh) : 0.0;
   L.module_loss = Lm * (double)P;
-  if (teacher) L.teacher_correct = batch_teacher(c, &blk, in, teacher);
+  if (teacher) L.teacher_correct = batch_teacher_out(c, in, &blk, teacher);
   if (out) *out = L;
   return 0;
 }

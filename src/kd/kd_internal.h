@@ -28,7 +28,9 @@ struct kdp_cohort {
 
 /* the ops of each method (one file each) */
 extern const kdp_method_ops kdp_independent_ops, kdp_dml_ops, kdp_codistill_ops, kdp_avg_ops,
-    kdp_one_ops, kdp_ffl_ops, kdp_okddip_ops;
+    kdp_one_ops, kdp_ffl_ops, kdp_okddip_ops,
+    /* staged (kd.h) */
+    kdp_kdcl_ops, kdp_pcl_ops, kdp_mcl_ops, kdp_switokd_ops;
 
 /* ---- module.c ---- */
 
@@ -77,6 +79,12 @@ void kd_peer_done(float *dz, const float *g, size_t C, const kdp_kd_peer_in *in,
    scratch that receives every peer's s_T(z_j) */
 void kd_mean_probs(float *q, float *probs, const float *z_all, size_t P, size_t n, size_t C,
                    float T, long skip);
+
+/* mean over j != i of T^2 KL(sg s_T(t_j) || s_T(z_i)), t_all (P x n x C) every peer's teacher
+   logits (dml: the peers' logits; pcl: their temporal means'); g (n x C) += w * its gradient with
+   respect to z_i. 0 when P < 2. */
+double kd_mean_kl_others(const float *t_all, const float *zi, size_t i, size_t P, size_t n,
+                         size_t C, float T, float w, float *g);
 
 /* The peer term against the mean of the peers' probabilities, q = mean_{j != skip} s_T(z_j)
    (codistill: skip = i; avg: skip = -1): L_i = CE(z_i, y) + w T^2 KL(sg q || s_T(z_i)).

@@ -29,6 +29,15 @@ void kd_mean_probs(float *q, float *probs, const float *z_all, size_t P, size_t 
   }
 }
 
+double kd_mean_kl_others(const float *t_all, const float *zi, size_t i, size_t P, size_t n,
+                         size_t C, float T, float w, float *g) {
+  if (P < 2) return 0.0;
+  double kd = 0.0;
+  for (size_t j = 0; j < P; j++)
+    if (j != i) kd += kdp_kl_logits(t_all + j * n * C, zi, n, C, T, NULL, g, w / (float)(P - 1));
+  return kd / (double)(P - 1);
+}
+
 typedef struct mean_state {
   float *g, *probs, *q; /* maxB x C, P x maxB x C, maxB x C */
 } mean_state;
