@@ -30,6 +30,10 @@ expect "dml: KL >= 0, 0 <= disagreement <= 1, churn in [0, 1]" \
     ((.churn // []) | all(. >= 0 and . <= 1)))')" = true
 expect "dml: peers that start apart disagree (disagreement > 0 and KL > 0 at step 8)" \
   test "$(div "$d" | jq -s '.[0].kl > 0 and .[0].disagreement > 0')" = true
+expect "dml: curves.svg draws KL, disagreement and the mean churn in a diversity panel" \
+  test "$(grep -c '<polyline class="diversity"' "$d/curves.svg")" = 3
+expect "  ...with 3 points on KL's curve" \
+  test "$(grep '<polyline class="diversity" data-series="diversity KL"' "$d/curves.svg" | sed 's/.*points="\([^"]*\)".*/\1/' | wc -w)" = 3
 
 # --- identical peers (independent, every peer from peer 0's weights): diversity exactly 0 ---
 d="$tmp/same"
