@@ -82,7 +82,7 @@ expect "  ...with the run's labels" \
 expect "GET / is the dashboard page" bash -c "curl -s '$addr/' | grep -q '<script src=\"/assets/dashboard.js\"'"
 curl -s "$addr/history" >"$tmp/h0.json"
 expect "GET /history declares the page's charts in order" \
-  test "$(jq -c '[.charts[].id]' "$tmp/h0.json")" = '["test_accuracy","train_loss","kd_loss","test_loss","train_accuracy","learning_rate","throughput","time_split"]'
+  test "$(jq -c '[.charts[].id]' "$tmp/h0.json")" = '["test_accuracy","train_loss","kd_loss","test_loss","train_accuracy","learning_rate","throughput","time_split","diversity"]'
 expect "  ...and holds both peers' training losses" \
   test "$(jq '[.series[] | select(.chart == "train_loss") | .name] | sort == ["peer0","peer1"]' "$tmp/h0.json")" = true
 expect "  ...the learning rate, steps/s and the time split" \

@@ -199,8 +199,12 @@ cmp_args=(-s data.subset=1024 -s data.test_subset=500 -s run.epochs=1 -s "model.
 expect "launch/compare writes a row per method" test "$(grep -c '^| `' "$tmp/cmp.md")" = 2
 expect "launch/compare: rows in the order asked (dml, independent)" \
   test "$(grep -o '^| `[a-z]*`' "$tmp/cmp.md" | tr -d '|` ' | tr '\n' ,)" = "dml,independent,"
-expect "launch/compare: seeds, mean peer, gain against independent, ensemble (mean +- std)" \
-  grep -qE '^\| `dml` \| 2 \| [0-9.]+ \+- [0-9.]+ \| [+-][0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| - \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| [0-9]+\.[0-9] \|$' "$tmp/cmp.md"
+expect "launch/compare: seeds, mean peer, gain against independent, ensemble, KL, disagreement (mean +- std), no churn after one evaluation" \
+  grep -qE '^\| `dml` \| 2 \| [0-9.]+ \+- [0-9.]+ \| [+-][0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| - \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| [0-9.]+ \+- [0-9.]+ \| - \| [0-9]+\.[0-9] \|$' "$tmp/cmp.md"
+# dml's KL: the mean over seeds of the runs' own last diversity line
+want=$(for s in 1 2; do grep '"event":"diversity"' "$tmp/cmp/dml-s$s/metrics.jsonl" | tail -n 1; done | jq -s '[.[].kl] | add / length')
+got=$(sed -n 's/^| `dml` | 2 |\( [^|]* |\)\{6\} \([0-9.]*\) +-.*/\2/p' "$tmp/cmp.md")
+expect "launch/compare: dml's KL ($got) is the runs' own ($want)" awk -v a="$got" -v b="$want" 'BEGIN { exit !(a != "" && a - b < 0.00006 && b - a < 0.00006) }'
 expect "launch/compare: independent has no gain against itself" grep -qE '^\| `independent` \| 2 \| [0-9.]+ \+- [0-9.]+ \| - \|' "$tmp/cmp.md"
 # the mean peer of dml = the mean over seeds of (peer0 + peer1) / 2, from the runs' own metrics
 want=$(for s in 1 2; do grep '"event":"eval"' "$tmp/cmp/dml-s$s/metrics.jsonl" | grep -E '"model":"peer[01]"' | tail -n 2; done |

@@ -4,6 +4,7 @@
 
 #include "kdpeers/config.h"
 #include "kdpeers/dist.h"
+#include "kdpeers/kd.h"
 
 /* Runs the job described by cfg on the layout d (kdp_dist_setup done). Rank 0 prints progress and
    writes run.dir/metrics.jsonl. Returns 0 or a negative code with err set (same on all ranks
@@ -50,9 +51,17 @@ void kdp_pipeline_module_allreduce(kdp_pipeline *p);
 /* Evaluation of one batch of B rows (collective over the world), added to s: this peer on its
    own rows (z, h: its rows of the peer's eval-mode outputs); the ensemble (mean of the peers'
    probabilities) and the method's teacher on this rank's block of the batch, so that summed
-   over the world every row counts once. Losses are sums over rows. */
+   over the world every row counts once. Losses are sums over rows.
+   With P >= 2 it also adds the cohort's diversity on this rank's block (div: mean pairwise KL
+   and disagreement sums, kdp_diversity_init'ed by the caller) and, when labels is not NULL,
+   writes every peer j's predicted labels of the block rows to labels[j * labels_stride +
+   labels_n ...] and advances labels_n by the block's rows (the churn's labels: the same rows
+   in the same order at every evaluation). */
 typedef struct kdp_eval_sums {
   double peer_loss, peer_hits, ens_loss, ens_hits, teacher_loss, teacher_hits;
+  kdp_diversity div;
+  int32_t *labels;
+  size_t labels_stride, labels_n;
 } kdp_eval_sums;
 int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *z,
                       const float *h, kdp_eval_sums *s, kdp_error *err);

@@ -83,6 +83,15 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_i64(w, "rollbacks", t->n_rollbacks, err));
     PUT(kdp_ckpt_put_i64(w, "metrics_offset", moff, err));
     PUT(kdp_distill_save(t, w, err));
+    /* churn's previous labels: this rank's block rows of every peer, peer after peer */
+    PUT(kdp_ckpt_put_i64(w, "diversity.step", t->div_step, err));
+    if (t->div_step >= 0)
+      for (int j = 0; j < t->P && rc == 0; j++) {
+        char key[48];
+        snprintf(key, sizeof key, "diversity.labels%d", j);
+        rc = kdp_ckpt_put_bin(w, key, t->div_labels + (size_t)j * t->test.n,
+                              t->div_rows * sizeof(int32_t), err);
+      }
 #undef PUT
   }
   uint32_t crc = 0;
@@ -220,6 +229,33 @@ static int compare_configs(kdp_trainer *t, const char *saved, const char *now, k
   return rc;
 }
 
+/* churn's previous labels (a checkpoint without them: churn starts again at the next evaluation) */
+static int restore_diversity(kdp_trainer *t, const kdp_ckpt *ck, kdp_error *err) {
+  t->div_step = -1;
+  if (!kdp_ckpt_has(ck, "diversity.step")) return 0;
+  int64_t step = -1;
+  int rc = kdp_ckpt_get_i64(ck, "diversity.step", &step, err);
+  if (rc != 0 || step < 0 || t->P < 2) return rc;
+  const size_t n = t->test.n, P = (size_t)t->P;
+  if (!t->div_labels) t->div_labels = kdp_xmalloc(P * n * sizeof(int32_t));
+  size_t rows = 0;
+  for (size_t j = 0; j < P; j++) {
+    char key[48];
+    const void *data = NULL;
+    size_t len = 0;
+    snprintf(key, sizeof key, "diversity.labels%zu", j);
+    rc = kdp_ckpt_get_bin(ck, key, &data, &len, err);
+    if (rc != 0) return rc;
+    if (len % sizeof(int32_t) || len / sizeof(int32_t) > n || (j && len / sizeof(int32_t) != rows))
+      return kdp_fail(err, KDP_EFORMAT, "%s holds %zu bytes, not the test set's labels", key, len);
+    rows = len / sizeof(int32_t);
+    if (len) memcpy(t->div_labels + j * n, data, len);
+  }
+  t->div_rows = rows;
+  t->div_step = step;
+  return 0;
+}
+
 static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, kdp_error *err) {
   kdp_dist *d = t->d;
   char path[KDP_PATH + 128];
@@ -276,6 +312,7 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   if (rc == 0) t->n_rollbacks = (int)i64;
   GET(kdp_ckpt_get_i64(ck, "metrics_offset", &moff, err));
   GET(kdp_distill_load(t, ck, err));
+  GET(restore_diversity(t, ck, err));
 #undef GET
   if (rc != 0 && rc != KDP_EMISMATCH && reading) {
     kdp_error e2 = *err;

@@ -125,10 +125,13 @@ static void declare_charts(kdp_trainer *t) {
       {"learning_rate", "Learning rate", "", 0},
       {"throughput", "Training steps per second", "steps/s", 0},
       {"time_split", "Where rank 0's step time goes", "share", 1},
+      {"diversity", "Diversity of the cohort (mean pairwise KL, disagreement, churn per peer)", "",
+       0},
   };
   for (size_t i = 0; i < sizeof charts / sizeof charts[0]; i++)
-    kdp_server_history_chart(t->live->srv, charts[i].id, charts[i].title, charts[i].unit,
-                             charts[i].stacked);
+    if (t->P > 1 || strcmp(charts[i].id, "diversity") != 0) /* a lone peer has no diversity */
+      kdp_server_history_chart(t->live->srv, charts[i].id, charts[i].title, charts[i].unit,
+                               charts[i].stacked);
 }
 
 /* Writes the file_sd target list (one target, the run's labels) to path, atomically; 0 or -1. */
@@ -222,6 +225,17 @@ static void seed_history(kdp_trainer *t) {
                              json_object_get_double(a));
       kdp_server_history_add(lv->srv, "test_loss", json_object_get_string(v), x,
                              json_object_get_double(b));
+    } else if (strcmp(kind, "diversity") == 0 && json_object_object_get_ex(o, "kl", &a) &&
+               json_object_object_get_ex(o, "disagreement", &b)) {
+      kdp_server_history_add(lv->srv, "diversity", "kl", x, json_object_get_double(a));
+      kdp_server_history_add(lv->srv, "diversity", "disagreement", x, json_object_get_double(b));
+      if (json_object_object_get_ex(o, "churn", &a) && json_object_is_type(a, json_type_array))
+        for (size_t p = 0; p < json_object_array_length(a); p++) {
+          char name[32];
+          snprintf(name, sizeof name, "churn.peer%zu", p);
+          kdp_server_history_add(lv->srv, "diversity", name, x,
+                                 json_object_get_double(json_object_array_get_idx(a, p)));
+        }
     } else if (strcmp(kind, "train") == 0 && json_object_object_get_ex(o, "lr", &a)) {
       kdp_server_history_add(lv->srv, "learning_rate", "lr", x, json_object_get_double(a));
     } else if (strcmp(kind, "control") == 0 && json_object_object_get_ex(o, "action", &a)) {
@@ -505,6 +519,24 @@ static char *render_metrics(kdp_trainer *t) {
               n);
   prom_family(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.", "model", names,
               losses, n);
+  double dkl, ddis, churn[KDP_MAX_PEERS];
+  int nch = 0;
+  if (kdp_metrics_last_diversity(&dkl, &ddis, churn, &nch)) {
+    prom_header(f, "kdpeers_diversity_kl", "gauge",
+                "Mean pairwise KL between the peers' test-set predictions (T = 1), last evaluation.");
+    fprintf(f, "kdpeers_diversity_kl ");
+    num(f, dkl);
+    prom_header(f, "kdpeers_diversity_disagreement", "gauge",
+                "Fraction of test examples two peers label differently, averaged over pairs, last "
+                "evaluation.");
+    fprintf(f, "kdpeers_diversity_disagreement ");
+    num(f, ddis);
+    if (nch)
+      prom_family(f, "kdpeers_churn_ratio", "gauge",
+                  "Fraction of test examples whose label each peer changed since the previous "
+                  "evaluation.",
+                  "peer", NULL, churn, nch);
+  }
   prom_header(f, "kdpeers_step_duration_seconds", "histogram", "Wall time of a training step on rank 0.");
   uint64_t cum = 0;
   for (size_t b = 0; b < N_BUCKETS; b++) {
@@ -620,7 +652,21 @@ static char *render_status(kdp_trainer *t) {
     kdp_json_num(f, losses[i]);
     fputc('}', f);
   }
-  fprintf(f, "},\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);
+  fputc('}', f);
+  double dkl, ddis, churn[KDP_MAX_PEERS];
+  int nch = 0;
+  if (kdp_metrics_last_diversity(&dkl, &ddis, churn, &nch)) {
+    fputs(",\"diversity\":{\"kl\":", f);
+    kdp_json_num(f, dkl);
+    fputs(",\"disagreement\":", f);
+    kdp_json_num(f, ddis);
+    if (nch) {
+      fputs(",\"churn\":", f);
+      kdp_json_nums(f, churn, nch);
+    }
+    fputc('}', f);
+  }
+  fprintf(f, ",\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);
   kdp_json_num(f, lv->last_ckpt_step >= 0 ? unix_now() - lv->last_ckpt_unix : -1);
   fprintf(f, ",\"every_steps\":%lld,\"every_minutes\":%.9g,\"keep\":%d}}", (long long)c->ckpt_every_steps,
           c->ckpt_every_minutes, c->ckpt_keep);

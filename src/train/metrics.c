@@ -79,6 +79,15 @@ struct kdp_metrics_file {
   int64_t fault_from, fault_to; /* KDP_FAULT_METRICS_FULL (tests): a full disk for these steps */
 };
 
+void kdp_json_nums(FILE *f, const double *v, int n) {
+  fputc('[', f);
+  for (int i = 0; i < n; i++) {
+    if (i) fputc(',', f);
+    kdp_json_num(f, v[i]);
+  }
+  fputc(']', f);
+}
+
 static void warn_once(kdp_metrics_file *m, const char *what, int e) {
   if (m->first_error[0] == 0)
     snprintf(m->first_error, sizeof m->first_error, "%s: %s", what, strerror(e));
@@ -315,6 +324,51 @@ void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *mo
   timestamp(ts, sizeof ts);
   fprintf(stderr, "%s%seval epoch %.3g step %lld %-9s acc %.2f%% loss %.4f\n", t->tty ? "" : ts,
           t->tty ? "" : " ", epoch, (long long)step, model, 100.0 * acc, loss);
+}
+
+/* the last evaluation's diversity, for /metrics and /status */
+static struct {
+  int have, n_churn;
+  double kl, disagreement, churn[KDP_MAX_PEERS];
+} g_div;
+
+void kdp_metrics_diversity(kdp_trainer *t, int64_t step, double epoch, double kl,
+                           double disagreement, const double *churn, int P) {
+  line l;
+  if (line_begin(t, &l)) {
+    fprintf(l.f, "{\"event\":\"diversity\",\"epoch\":%.4g,\"step\":%lld,\"kl\":", epoch,
+            (long long)step);
+    kdp_json_num(l.f, kl);
+    fputs(",\"disagreement\":", l.f);
+    kdp_json_num(l.f, disagreement);
+    if (churn) {
+      fputs(",\"churn\":", l.f);
+      kdp_json_nums(l.f, churn, P);
+    }
+    fputs("}\n", l.f);
+    line_end(t, &l);
+  }
+  kdp_live_series(t, "diversity", "kl", step, kl);
+  kdp_live_series(t, "diversity", "disagreement", step, disagreement);
+  g_div.have = 1;
+  g_div.kl = kl;
+  g_div.disagreement = disagreement;
+  g_div.n_churn = churn ? (P < KDP_MAX_PEERS ? P : KDP_MAX_PEERS) : 0;
+  for (int p = 0; p < g_div.n_churn; p++) {
+    char name[32];
+    snprintf(name, sizeof name, "churn.peer%d", p);
+    kdp_live_series(t, "diversity", name, step, churn[p]);
+    g_div.churn[p] = churn[p];
+  }
+}
+
+int kdp_metrics_last_diversity(double *kl, double *disagreement, double *churn, int *n_churn) {
+  if (!g_div.have) return 0;
+  *kl = g_div.kl;
+  *disagreement = g_div.disagreement;
+  *n_churn = g_div.n_churn;
+  for (int p = 0; p < g_div.n_churn; p++) churn[p] = g_div.churn[p];
+  return 1;
 }
 
 void kdp_progress_start(kdp_trainer *t, double load_seconds) {

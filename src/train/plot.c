@@ -1,6 +1,7 @@
 /* plot.c: learning curves: reads run.dir/metrics.jsonl (json-c) of one or several runs and writes
    an SVG of test accuracy and of test and training loss against epoch for every peer, the
-   ensemble and the teacher, with round tick labels. */
+   ensemble and the teacher, with round tick labels; below them, when the runs have a cohort, its
+   diversity (mean pairwise KL, disagreement, mean churn over the peers). */
 #include <errno.h>
 #include <json-c/json.h>
 #include <math.h>
@@ -11,14 +12,14 @@
 
 #define MAX_SERIES 96
 
-typedef enum { S_EVAL, S_TRAIN } series_kind;
+typedef enum { S_EVAL, S_TRAIN, S_DIV } series_kind;
 
 typedef struct series {
   char name[64];  /* "peer0", "ensemble", "train peer0"; prefixed by the run label if several */
   int run;        /* index of the run it comes from */
   series_kind kind;
   size_t n, cap;
-  double *epoch, *acc, *loss; /* acc unused for S_TRAIN */
+  double *epoch, *acc, *loss; /* acc unused for S_TRAIN and S_DIV (its value in loss) */
 } series;
 
 typedef struct plot {
@@ -30,8 +31,8 @@ typedef struct plot {
 static series *find_series(plot *p, int run, series_kind kind, const char *label,
                            const char *name) {
   char full[64];
-  snprintf(full, sizeof full, "%s%s%s%s", label, label[0] ? " " : "", kind == S_TRAIN ? "train " : "",
-           name);
+  snprintf(full, sizeof full, "%s%s%s%s", label, label[0] ? " " : "",
+           kind == S_TRAIN ? "train " : kind == S_DIV ? "diversity " : "", name);
   for (size_t i = 0; i < p->ns; i++)
     if (p->s[i].run == run && strcmp(p->s[i].name, full) == 0) return &p->s[i];
   if (p->ns == MAX_SERIES) return NULL;
@@ -76,6 +77,7 @@ static const char *colour(const series *x, size_t i) {
                               "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a"};
   const char *base = strrchr(x->name, ' ');
   base = base ? base + 1 : x->name;
+  if (x->kind == S_DIV) return pal[(i + 2) % (sizeof pal / sizeof pal[0])];
   if (x->run == 0 && strcmp(base, "ensemble") == 0) return "#000000";
   if (x->run == 0 && strncmp(base, "peer", 4) != 0) return "#d62728";
   return pal[i % (sizeof pal / sizeof pal[0])];
@@ -140,12 +142,19 @@ static double value(const series *x, size_t k, int which) {
   return which ? x->loss[k] : 100.0 * x->acc[k];
 }
 
-/* one panel: x = epoch, y = test accuracy in % (which 0) or loss (which 1: test and train) */
+/* the series panel `which` draws: 0 accuracy (evaluations), 1 loss (evaluations and training),
+   2 diversity */
+static int in_panel(const series *x, int which) {
+  return which == 2 ? x->kind == S_DIV : x->kind == S_EVAL || (which == 1 && x->kind == S_TRAIN);
+}
+
+/* one panel: x = epoch, y = test accuracy in % (which 0), loss (which 1: test and train) or the
+   diversity figures (which 2) */
 static void panel(FILE *f, const plot *p, int which, double x0, double y0, double w, double h,
                   axis ax, const char *title) {
   double lo = INFINITY, hi = -INFINITY;
   for (size_t i = 0; i < p->ns; i++) {
-    if (p->s[i].kind == S_TRAIN && !which) continue;
+    if (!in_panel(&p->s[i], which)) continue;
     for (size_t k = 0; k < p->s[i].n; k++) {
       double v = value(&p->s[i], k, which);
       if (!isfinite(v)) continue;
@@ -161,7 +170,7 @@ static void panel(FILE *f, const plot *p, int which, double x0, double y0, doubl
   fputs("</text>\n", f);
   fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#444\"/>\n",
           x0, y0, w, h);
-  const char *pname = which ? "loss" : "acc";
+  const char *pname = which == 2 ? "diversity" : which ? "loss" : "acc";
   for (double v = ay.lo; v <= ay.hi + ay.step * 1e-6; v += ay.step) { /* y grid and labels */
     double y = y0 + h - h * (v - ay.lo) / (ay.hi - ay.lo);
     fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", x0, y,
@@ -178,12 +187,12 @@ static void panel(FILE *f, const plot *p, int which, double x0, double y0, doubl
           y0 + h + 34);
   for (size_t i = 0; i < p->ns; i++) {
     const series *x = &p->s[i];
-    if (x->kind == S_TRAIN && !which) continue;
+    if (!in_panel(x, which)) continue;
     const char *c = colour(x, i);
     const char *base = strrchr(x->name, ' ');
     base = base ? base + 1 : x->name;
     int bold = x->kind == S_EVAL && strncmp(base, "peer", 4) != 0;
-    const char *cls = x->kind == S_TRAIN ? "train-loss" : which ? "eval-loss" : "eval-acc";
+    const char *cls = x->kind == S_TRAIN ? "train-loss" : x->kind == S_DIV ? "diversity" : which ? "eval-loss" : "eval-acc";
     fprintf(f, "<polyline class=\"%s\" data-series=\"", cls);
     escape(f, x->name);
     fprintf(f, "\" fill=\"none\" stroke=\"%s\" stroke-width=\"%s\"%s points=\"", c,
@@ -245,6 +254,21 @@ static int read_run(plot *p, int run, const char *run_dir, const char *label, ch
         series *x = find_series(p, run, S_EVAL, label, json_object_get_string(model));
         if (ok && x) series_add(x, ep, acc, loss);
         evals++;
+      } else if (strcmp(e, "diversity") == 0) {
+        int ok = 1;
+        double ep = jnum(o, "epoch", &ok), kl = jnum(o, "kl", &ok), dis = jnum(o, "disagreement", &ok);
+        series *x = find_series(p, run, S_DIV, label, "KL");
+        if (ok && x) series_add(x, ep, 0, kl);
+        x = find_series(p, run, S_DIV, label, "disagreement");
+        if (ok && x) series_add(x, ep, 0, dis);
+        json_object *ch;
+        size_t np = 0;
+        double sum = 0;
+        if (ok && json_object_object_get_ex(o, "churn", &ch) && json_object_is_type(ch, json_type_array))
+          for (np = 0; np < json_object_array_length(ch); np++)
+            sum += json_object_get_double(json_object_array_get_idx(ch, np));
+        x = np ? find_series(p, run, S_DIV, label, "churn (mean)") : NULL;
+        if (x) series_add(x, ep, 0, sum / (double)np);
       } else if (strcmp(e, "train") == 0) {
         /* the training loss of peer 0 over each log window (rank 0 logs its own peer) */
         int ok = 1;
@@ -295,7 +319,9 @@ int kdp_plot_runs(const char *const *run_dirs, int n_runs, const char *out_path,
         if (p->s[i].epoch[k] > emax) emax = p->s[i].epoch[k];
     axis ax = nice_axis(0, emax > 0 ? emax : 1, 6);
     size_t legend = p->ns;
-    double W = 1180, H = 395; /* taller when the legend needs it */
+    int div = 0;
+    for (size_t i = 0; i < p->ns; i++) div |= p->s[i].kind == S_DIV;
+    double W = 1180, H = div ? 755 : 395; /* taller when the legend needs it */
     if (80 + 18.0 * (double)legend > H) H = 80 + 18.0 * (double)legend;
     fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
@@ -306,6 +332,8 @@ int kdp_plot_runs(const char *const *run_dirs, int n_runs, const char *out_path,
     fputs("</text>\n", f);
     panel(f, p, 0, 70, 60, 340, 280, ax, "test accuracy (%)");
     panel(f, p, 1, 500, 60, 340, 280, ax, "loss: test (solid), training (dashed)");
+    if (div)
+      panel(f, p, 2, 70, 420, 770, 280, ax, "diversity of the cohort: KL, disagreement, churn");
     for (size_t i = 0; i < p->ns; i++) { /* legend */
       const series *x = &p->s[i];
       double y = 70 + 18.0 * (double)i;
@@ -313,7 +341,9 @@ int kdp_plot_runs(const char *const *run_dirs, int n_runs, const char *out_path,
               y, y, colour(x, i), x->kind == S_TRAIN ? " stroke-dasharray=\"4 2\"" : "");
       fprintf(f, "<text class=\"legend\" x=\"902\" y=\"%.1f\" font-family=\"sans-serif\" font-size=\"12\">", y + 4);
       escape(f, x->name);
-      if (x->n && x->kind == S_EVAL)
+      if (x->n && x->kind == S_DIV)
+        fprintf(f, " %.4f", x->loss[x->n - 1]);
+      else if (x->n && x->kind == S_EVAL)
         fprintf(f, " %.2f%%", 100.0 * x->acc[x->n - 1]);
       else if (x->n)
         fprintf(f, " loss %.4f", x->loss[x->n - 1]);

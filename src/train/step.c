@@ -178,6 +178,12 @@ int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *
   if (teach && (p->ops->module_reads & KDP_READS_FEATURES))
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, h, p->hb);
   if (!m) return 0;
+  kdp_diversity_add(&s->div, p->zb, m, C);
+  if (s->labels) {
+    for (size_t j = 0; j < P; j++)
+      kdp_predicted_labels(s->labels + j * s->labels_stride + s->labels_n, p->zb + j * m * C, m, C);
+    s->labels_n += m;
+  }
   memset(p->ens, 0, m * C * sizeof(float));
   for (size_t j = 0; j < P; j++) {
     kdp_softmax_t(p->t_own, p->zb + j * m * C, m, C, 1.0f);

@@ -270,7 +270,11 @@ static int setup_model(kdp_trainer *t, kdp_error *err) {
     return drop_data(t, rc);
   }
   kdp_rng init_rng;
-  kdp_rng_seed(&init_rng, cfg->seed, KDP_STREAM_INIT + 16 * (uint64_t)d->peer);
+  /* for the tests: KDP_TEST_SAME_INIT=1 starts every peer from peer 0's weights (a cohort of
+     identical peers, whose diversity must be 0) */
+  const char *same = getenv("KDP_TEST_SAME_INIT");
+  uint64_t init_peer = same && strcmp(same, "1") == 0 ? 0 : (uint64_t)d->peer;
+  kdp_rng_seed(&init_rng, cfg->seed, KDP_STREAM_INIT + 16 * init_peer);
   kdp_model_init(t->model, &init_rng);
   kdp_rng_seed(&t->dropout_rng, cfg->seed, KDP_STREAM_DROPOUT + 16 * (uint64_t)d->world_rank);
   kdp_sgd_init(&t->opt, kdp_model_n_params(t->model), (float)cfg->momentum,
@@ -286,6 +290,7 @@ static int setup_model(kdp_trainer *t, kdp_error *err) {
   size_t isz = t->train.H * t->train.W * t->train.C, rows = t->Bg > EVAL_BATCH ? t->Bg : EVAL_BATCH;
   t->xbuf = kdp_falloc(rows * isz);
   t->ybuf = kdp_xcalloc(rows, sizeof(int32_t));
+  t->div_step = -1;
   t->dlogits = kdp_falloc(t->Bl * t->C);
   t->dfeat = kdp_falloc(t->Bl * kdp_model_feature_dim(t->model));
   rc = kdp_distill_init(t, err);
@@ -471,6 +476,8 @@ static void release(kdp_trainer *t) {
   kdp_dist_node_shared_free(t->data_win);
   free(t->xbuf);
   free(t->ybuf);
+  free(t->div_labels);
+  free(t->div_cur);
   free(t->dlogits);
   free(t->dfeat);
 }

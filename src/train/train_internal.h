@@ -63,6 +63,12 @@ struct kdp_trainer {
   kdp_sgd mopt;
   struct kdp_stale *stale;
   const char *teacher_name; /* the method's own teacher, NULL without one */
+  /* churn (eval.c, P >= 2): every peer's predicted labels on this rank's block rows of the test
+     set at the evaluation of step div_step (-1: none yet), peer j's at div_labels[j * test.n ...],
+     div_rows of them per peer; checkpointed */
+  int32_t *div_labels, *div_cur;
+  size_t div_rows;
+  int64_t div_step;
   /* the teacher's logits for b eval-mode rows with logits z and pooled features h of a model
      built like t->model (collective over the cohort); 0 on success */
   int (*teacher_logits)(kdp_trainer *t, const float *z, const float *h, size_t b, float *out);
@@ -225,6 +231,8 @@ int kdp_trace_finish(kdp_trainer *t, kdp_error *err);
 /* a JSON string (escaped) / number (null for NaN and Inf) */
 void kdp_json_str(FILE *f, const char *s);
 void kdp_json_num(FILE *f, double v);
+/* a JSON array of n numbers (as kdp_json_num) */
+void kdp_json_nums(FILE *f, const double *v, int n);
 /* 1 if the run has a distillation loss (more than one peer, a method other than independent) */
 int kdp_metrics_distils(const kdp_trainer *t);
 /* the last evaluation's figures, by model name; returns the count */
@@ -247,6 +255,13 @@ uint64_t kdp_metrics_lost(const kdp_trainer *t);
 void kdp_metrics_close(kdp_trainer *t);
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss);
+/* {"event":"diversity","epoch":E,"step":S,"kl":K,"disagreement":D[,"churn":[c0,...]]} (churn left
+   out when NULL: the first evaluation), the dashboard's "diversity" chart, and the figures
+   /metrics and /status show (kdp_metrics_last_diversity: 0 before the first evaluation, else
+   the churn count, which may be 0, and the figures) */
+void kdp_metrics_diversity(kdp_trainer *t, int64_t step, double epoch, double kl,
+                           double disagreement, const double *churn, int P);
+int kdp_metrics_last_diversity(double *kl, double *disagreement, double *churn, int *n_churn);
 void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s);
 void kdp_progress_start(kdp_trainer *t, double load_seconds);
 /* 1 when the launcher's stderr is a terminal (KDP_TTY_COLUMNS, set by launch/kdpeers-local):
