@@ -1,6 +1,7 @@
 /* pingpong.c: kdp-pingpong, the latency-bandwidth constants of the MPI operations kdpeers uses.
- * Times MPI_Allgather, MPI_Allreduce (float sum), MPI_Reduce_scatter_block (float sum) and a
- * point-to-point ping-pong (ranks 0 and 1) over message sizes, then fits t = alpha + beta * bytes
+ * Times MPI_Allgather, MPI_Allreduce (float sum), MPI_Reduce_scatter_block (float sum),
+ * MPI_Alltoall (the row exchanges of kdpeers' pipeline are all-to-alls) and a point-to-point
+ * ping-pong (ranks 0 and 1) over message sizes, then fits t = alpha + beta * bytes
  * by least squares over the sizes.
  *
  * Usage: mpirun -np P kdp-pingpong [--min BYTES] [--max BYTES] [--factor F] [--reps R]
@@ -10,7 +11,8 @@
  *   --reps R     timed batches per size (default 7); the batch time is the slowest rank's
  *   --seconds S  target duration of one batch (default 0.02) at 2 us + 1 ns/B per operation
  *                (at least 3 operations per batch)
- *   --ops LIST   comma-separated subset of allgather,allreduce,reduce_scatter,pingpong (default all)
+ *   --ops LIST   comma-separated subset of allgather,allreduce,reduce_scatter,alltoall,pingpong
+ *                (default all)
  *   --json FILE  append one JSON object (every point and the fits) to FILE
  *   --label TEXT free text stored in the JSON (e.g. the transport)
  *
@@ -18,6 +20,8 @@
  *   allgather       bytes each rank contributes (it receives (P-1) times that)
  *   allreduce       size of the vector being reduced (floats * 4)
  *   reduce_scatter  size of the whole input vector (P blocks; each rank keeps one block)
+ *   alltoall        size of the whole send vector (P blocks; block j goes to rank j, so each
+ *                   rank sends (P-1)/P of it and receives as much)
  *   pingpong        one message; the time is half a round trip
  * Fits: "ols" minimises the absolute squared error (dominated by the large sizes, so alpha can
  * come out poor or even negative); "rel" minimises the relative squared error ((fit - t) / t)^2,
@@ -29,11 +33,11 @@
 #include <string.h>
 
 #define MAX_SIZES 64
-#define N_OPS 4
+#define N_OPS 5
 
-enum { OP_ALLGATHER, OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_PINGPONG };
+enum { OP_ALLGATHER, OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLTOALL, OP_PINGPONG };
 static const char *const op_names[N_OPS] = {"allgather", "allreduce", "reduce_scatter",
-                                            "pingpong"};
+                                            "alltoall", "pingpong"};
 
 typedef struct point {
   size_t bytes;
@@ -56,7 +60,7 @@ static void die(const char *msg) {
 /* Actual bytes moved for a requested size (rounded to whole floats / whole blocks). */
 static size_t op_bytes(int op, size_t want) {
   if (op == OP_ALLREDUCE) return want < 4 ? 4 : want / 4 * 4;
-  if (op == OP_REDUCE_SCATTER) {
+  if (op == OP_REDUCE_SCATTER || op == OP_ALLTOALL) {
     size_t per = want / 4 / (size_t)nranks;
     if (per < 1) per = 1;
     return per * 4 * (size_t)nranks;
@@ -76,6 +80,10 @@ static void run_op(int op, size_t bytes, long iters, char *a, char *b) {
     case OP_REDUCE_SCATTER:
       MPI_Reduce_scatter_block(a, b, (int)(bytes / 4 / (size_t)nranks), MPI_FLOAT, MPI_SUM,
                                MPI_COMM_WORLD);
+      break;
+    case OP_ALLTOALL:
+      MPI_Alltoall(a, (int)(bytes / (size_t)nranks), MPI_BYTE, b, (int)(bytes / (size_t)nranks),
+                   MPI_BYTE, MPI_COMM_WORLD);
       break;
     case OP_PINGPONG:
       if (rank == 0) {
@@ -164,14 +172,14 @@ int main(int argc, char **argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &nranks);
   size_t lo = 8, hi = 16u << 20;
   double factor = 4, seconds = 0.02;
-  int reps = 7, want[N_OPS] = {1, 1, 1, 1};
+  int reps = 7, want[N_OPS] = {1, 1, 1, 1, 1};
   const char *json = NULL, *label = "";
   for (int i = 1; i < argc; i++) {
     const char *o = argv[i];
     if (strcmp(o, "-h") == 0 || strcmp(o, "--help") == 0) {
       if (rank == 0)
         printf("usage: mpirun -np P kdp-pingpong [--min BYTES] [--max BYTES] [--factor F] "
-               "[--reps R] [--seconds S] [--ops allgather,allreduce,reduce_scatter,pingpong] "
+               "[--reps R] [--seconds S] [--ops allgather,allreduce,reduce_scatter,alltoall,pingpong] "
                "[--json FILE] [--label TEXT]\n");
       MPI_Finalize();
       return 0;
@@ -199,7 +207,7 @@ int main(int argc, char **argv) {
         int found = 0;
         for (int k = 0; k < N_OPS; k++)
           if (strcmp(tok, op_names[k]) == 0) want[k] = found = 1;
-        if (!found) die("--ops: unknown operation (allgather, allreduce, reduce_scatter, pingpong)");
+        if (!found) die("--ops: unknown operation (allgather, allreduce, reduce_scatter, alltoall, pingpong)");
       }
     } else if (strcmp(o, "--json") == 0) {
       json = v;

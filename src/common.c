@@ -18,11 +18,34 @@ int kdp_fail(kdp_error *err, int code, const char *fmt, ...) {
   return code;
 }
 
+static int g_die_peer = -1;
+static int64_t g_die_step = -1;
+
+void kdp_die_context(int peer, int64_t step) {
+  g_die_peer = peer;
+  g_die_step = step;
+}
+
+void kdp_die(const char *fmt, ...) {
+  char msg[KDP_ERRLEN];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  if (g_die_peer >= 0 && g_die_step >= 0)
+    fprintf(stderr, "kdpeers: peer %d, step %lld: %s\n", g_die_peer, (long long)g_die_step, msg);
+  else if (g_die_peer >= 0)
+    fprintf(stderr, "kdpeers: peer %d: %s\n", g_die_peer, msg);
+  else
+    fprintf(stderr, "kdpeers: %s\n", msg);
+  fflush(stderr);
+  exit(1);
+}
+
 void *kdp_xmalloc_impl(size_t n, const char *file, int line) {
   void *p = malloc(n ? n : 1);
   if (!p) {
-    fprintf(stderr, "kdpeers: out of memory allocating %zu bytes at %s:%d\n", n, file, line);
-    abort();
+    kdp_die("out of memory allocating %zu bytes at %s:%d", n, file, line);
   }
   return p;
 }
@@ -30,19 +53,29 @@ void *kdp_xmalloc_impl(size_t n, const char *file, int line) {
 void *kdp_xcalloc_impl(size_t n, size_t sz, const char *file, int line) {
   void *p = calloc(n ? n : 1, sz ? sz : 1);
   if (!p) {
-    fprintf(stderr, "kdpeers: out of memory allocating %zu x %zu bytes at %s:%d\n", n, sz, file,
-            line);
-    abort();
+    kdp_die("out of memory allocating %zu x %zu bytes at %s:%d", n, sz, file, line);
   }
   return p;
+}
+
+void *kdp_xrealloc_impl(void *p, size_t n, const char *file, int line) {
+  void *q = realloc(p, n ? n : 1);
+  if (!q) kdp_die("out of memory reallocating %zu bytes at %s:%d", n, file, line);
+  return q;
+}
+
+char *kdp_xstrdup_impl(const char *s, const char *file, int line) {
+  size_t n = strlen(s) + 1;
+  char *c = kdp_xmalloc_impl(n, file, line);
+  memcpy(c, s, n);
+  return c;
 }
 
 float *kdp_falloc(size_t n) {
   size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
   void *p = NULL;
   if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
-    fprintf(stderr, "kdpeers: out of memory allocating %zu floats\n", n);
-    abort();
+    kdp_die("out of memory allocating %zu floats", n);
   }
   memset(p, 0, bytes ? bytes : 64);
   return p;

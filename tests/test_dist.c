@@ -1,5 +1,8 @@
-/* test_dist.c: under mpirun (-np 2, 3, 4): the distributed exchange feeds every method the same
-   numbers as the single-process reference, and replicated modules stay bitwise identical. */
+/* test_dist.c: under mpirun (-np 2, 3, 4): the pipeline (gather -> compute -> scatter, the
+   module sharded by row blocks) gives every method the numbers of the single-process reference
+   on every layout (one rank per peer, ranks_per_peer = 2, a per-peer layout), on batches whose
+   row blocks are unequal or empty; replicated modules stay bitwise identical; the row
+   exchanges move the right rows. */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -8,6 +11,7 @@
 #include "kdpeers/dist.h"
 #include "kdpeers/kd.h"
 #include "kdpeers/nn.h"
+#include "kdpeers/train.h"
 #include "testutil.h"
 
 static kdp_dist D;
@@ -55,10 +59,24 @@ static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
   return c;
 }
 
-/* Distributed step on this rank vs the single-process objective, for one method. */
-static void check_method(kdp_method m, int detach, int burn_in) {
-  size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
-  if (m == KDP_METHOD_OKDDIP && P < 3) return;
+/* This rank's rows of a B-row batch of the whole cohort (z, h as the reference's input): its
+   peer's logits and features on its own rows. */
+static void own_rows(kdp_dist *L, const kdp_cohort *ref, size_t B, const float *z, const float *h,
+                     const float **zo, const float **ho, size_t *lo, size_t *hi) {
+  size_t p = (size_t)L->peer;
+  kdp_dist_rows(L, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, lo, hi);
+  *zo = z + (p * B + *lo) * NC;
+  *ho = kdp_cohort_feature_floats(ref, B) ? h + kdp_cohort_feature_offset(ref, p, B) + *lo * dim_of(p)
+                                          : NULL;
+}
+
+/* The pipeline's step on the layout L vs the single-process objective, for one method on a
+   B-row batch: this rank's rows of dJ/dz and dJ/dh, its peer's loss (its ranks' rows summed),
+   the module's gradient. */
+static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m, int detach,
+                         int burn_in) {
+  size_t P = (size_t)L->n_peers, me = (size_t)L->peer;
+  if ((int)P < kdp_method_ops_of(m)->min_peers) return;
   kdp_cohort *dist = make_cohort(m, P, detach), *ref = make_cohort(m, P, detach);
   size_t nh = kdp_cohort_feature_floats(ref, NB);
   float *z = kdp_falloc(P * NB * NC), *h = kdp_falloc(nh);
@@ -66,67 +84,125 @@ static void check_method(kdp_method m, int detach, int burn_in) {
   kdp_rng r;
   kdp_rng_seed(&r, 1234 + (uint64_t)m, 99);
   make_batch(&r, P, z, h, nh, y);
+  nh = kdp_cohort_feature_floats(ref, B); /* the first B rows of each block, repacked */
+  float *hb = kdp_falloc(nh);
+  for (size_t j = 0; nh && j < P; j++)
+    memcpy(hb + kdp_cohort_feature_offset(ref, j, B), h + kdp_cohort_feature_offset(ref, j, NB),
+           B * dim_of(j) * sizeof(float));
+  float *zb = kdp_falloc(P * B * NC);
+  for (size_t j = 0; j < P; j++) memcpy(zb + j * B * NC, z + j * NB * NC, B * NC * sizeof(float));
   /* reference: the total objective's gradients, in one process */
-  float *rdz = kdp_falloc(P * NB * NC), *rdh = kdp_falloc(nh), *teach = kdp_falloc(NB * NC);
+  float *rdz = kdp_falloc(P * B * NC), *rdh = kdp_falloc(nh), *teach = kdp_falloc(B * NC);
   kdp_kd_losses per[KDP_KD_MAX_PEERS];
   double total = 0;
   kdp_error err;
-  kdp_kd_batch in = {.z = z, .h = h, .y = y, .B = NB, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in};
+  kdp_kd_batch in = {.z = zb, .h = hb, .y = y, .B = B, .T = 3.0f, .weight = 0.7f,
+                     .burn_in = burn_in};
   kdp_cohort_module_zero_grad(ref);
   ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, teach, per, &total, &err) == 0, "%s",
                 err.msg);
-  /* distributed: this rank only passes its own peer's logits and features */
-  kdp_exchange *x = NULL;
-  ck_assert(kdp_exchange_create(&x, &D, dist, NC, NB, &err) == 0);
+  /* distributed: this rank only passes its own rows of its peer's logits and features */
+  kdp_pipeline *pl = NULL;
+  ck_assert_msg(kdp_pipeline_create(&pl, L, dist, NB, &err) == 0, "%s", err.msg);
   float *dz = kdp_falloc(NB * NC), *dh = kdp_falloc(NB * dim_of(me));
-  kdp_exchange_args a = {.y = y, .b = NB, .T = 3.0f, .weight = 0.7f, .burn_in = burn_in,
-                         .scale = 1.0f};
-  kdp_kd_losses L;
-  size_t hoff = kdp_cohort_feature_offset(ref, me, NB);
-  ck_assert_msg(kdp_exchange_step(x, z + me * NB * NC, h + hoff, &a, dz, dh, &L, &err) == 0, "%s",
-                err.msg);
-  kdp_exchange_module_allreduce(x);
-  char what[96];
+  const float *zo, *ho;
+  size_t lo, hi;
+  own_rows(L, ref, B, zb, hb, &zo, &ho, &lo, &hi);
+  kdp_step_in si = {.B = B, .y = y, .z = zo, .h = ho, .T = 3.0f, .weight = 0.7f,
+                    .burn_in = burn_in};
+  kdp_kd_losses Lo;
+  ck_assert_msg(kdp_pipeline_step(pl, &si, dz, dh, &Lo, &err) == 0, "%s", err.msg);
+  kdp_pipeline_module_allreduce(pl);
+  char what[128];
   const char *name = kdp_method_name(m);
-  snprintf(what, sizeof what, "%s%s: loss of peer %zu", name, detach ? "(detach)" : "", me);
-  if (!(fabs(L.loss - per[me].loss) <= 1e-5 * (1 + fabs(per[me].loss)))) {
-    fprintf(stderr, "rank %d: %s: %.9g vs reference %.9g\n", D.world_rank, what, L.loss,
+  /* the peer's loss over the batch: its ranks' own-row means, weighted by their rows */
+  double loss = Lo.loss * (double)(hi - lo) / (double)B;
+  kdp_dist_peer_allreduce_f64(L, &loss, 1);
+  snprintf(what, sizeof what, "%s %s%s B=%zu: loss of peer %zu", layout, name,
+           detach ? "(detach)" : "", B, me);
+  if (!(fabs(loss - per[me].loss) <= 1e-5 * (1 + fabs(per[me].loss)))) {
+    fprintf(stderr, "rank %d: %s: %.9g vs reference %.9g\n", D.world_rank, what, loss,
             per[me].loss);
     g_fail++;
   }
-  snprintf(what, sizeof what, "%s%s: dL/dz of peer %zu", name, detach ? "(detach)" : "", me);
-  near(what, dz, rdz + me * NB * NC, NB * NC, 1e-6, 1e-4);
+  snprintf(what, sizeof what, "%s %s%s B=%zu: dL/dz of peer %zu", layout, name,
+           detach ? "(detach)" : "", B, me);
+  near(what, dz, rdz + (me * B + lo) * NC, (hi - lo) * NC, 1e-6, 1e-4);
   if (kdp_cohort_feature_grads(ref)) {
-    snprintf(what, sizeof what, "%s%s: dL/dh of peer %zu", name, detach ? "(detach)" : "", me);
-    near(what, dh, rdh + hoff, NB * dim_of(me), 1e-6, 1e-4);
+    snprintf(what, sizeof what, "%s %s%s B=%zu: dL/dh of peer %zu", layout, name,
+             detach ? "(detach)" : "", B, me);
+    near(what, dh, rdh + kdp_cohort_feature_offset(ref, me, B) + lo * dim_of(me),
+         (hi - lo) * dim_of(me), 1e-6, 1e-4);
   }
   size_t nm = kdp_cohort_module_n_params(ref);
   if (nm) {
-    snprintf(what, sizeof what, "%s%s: module gradient", name, detach ? "(detach)" : "");
-    near(what, kdp_cohort_module_grads(dist), kdp_cohort_module_grads(ref), nm,
-                          1e-6, 1e-4);
+    snprintf(what, sizeof what, "%s %s%s B=%zu: module gradient", layout, name,
+             detach ? "(detach)" : "", B);
+    near(what, kdp_cohort_module_grads(dist), kdp_cohort_module_grads(ref), nm, 1e-6, 1e-4);
   }
-  kdp_exchange_free(x);
+  size_t nb = kdp_cohort_module_n_buffers(ref);
+  if (nb) {
+    snprintf(what, sizeof what, "%s %s B=%zu: module running statistics", layout, name, B);
+    near(what, kdp_cohort_module_buffers(dist), kdp_cohort_module_buffers(ref), nb, 1e-6, 1e-4);
+  }
+  /* evaluation: the method's teacher and the ensemble over the whole batch, summed over ranks */
+  kdp_eval_sums es;
+  memset(&es, 0, sizeof es);
+  ck_assert_msg(kdp_pipeline_eval(pl, B, y, zo, ho, &es, &err) == 0, "%s", err.msg);
+  double ev[2] = {es.teacher_hits, es.ens_hits};
+  kdp_dist_group_sum_f64(L, KDP_GROUP_WORLD, ev, 2);
+  if (kdp_method_ops_of(m)->teacher) {
+    float *tev = kdp_falloc(B * NC);
+    ck_assert(kdp_cohort_teacher_eval(ref, zb, hb, B, tev, &err) == 0);
+    double want = (double)kdp_count_hits(tev, y, B, NC);
+    if (ev[0] != want) {
+      fprintf(stderr, "rank %d: %s %s B=%zu: teacher hits %g, reference %g\n", D.world_rank,
+              layout, name, B, ev[0], want);
+      g_fail++;
+    }
+    free(tev);
+  }
+  kdp_pipeline_free(pl);
   kdp_cohort_free(dist);
   kdp_cohort_free(ref);
-  free(z);
-  free(h);
-  free(rdz);
-  free(rdh);
-  free(teach);
-  free(dz);
-  free(dh);
+  float *bufs[] = {z, h, zb, hb, rdz, rdh, teach, dz, dh};
+  for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
+}
+
+/* every method, on a full and on a small batch (row blocks of unequal size, some empty) */
+static void check_layout(kdp_dist *L, const char *layout) {
+  const size_t Bs[] = {NB, 3};
+  for (size_t b = 0; b < 2; b++) {
+    check_method(L, layout, Bs[b], KDP_METHOD_INDEPENDENT, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_DML, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_CODISTILL, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_CODISTILL, 0, 1);
+    check_method(L, layout, Bs[b], KDP_METHOD_AVG, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_ONE, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_FFL, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_OKDDIP, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_OKDDIP, 1, 0);
+  }
 }
 
 START_TEST(test_methods_match_reference) {
-  check_method(KDP_METHOD_DML, 0, 0);
-  check_method(KDP_METHOD_CODISTILL, 0, 0);
-  check_method(KDP_METHOD_CODISTILL, 0, 1);
-  check_method(KDP_METHOD_AVG, 0, 0);
-  check_method(KDP_METHOD_ONE, 0, 0);
-  check_method(KDP_METHOD_FFL, 0, 0);
-  check_method(KDP_METHOD_OKDDIP, 0, 0);
-  check_method(KDP_METHOD_OKDDIP, 1, 0);
+  /* one rank per peer */
+  check_layout(&D, "k=1");
+  /* ranks_per_peer = 2 (even world sizes) and a per-peer layout (peer 0 on 2 ranks) */
+  kdp_error err;
+  if (D.world_size % 2 == 0) {
+    kdp_dist L2;
+    ck_assert_msg(kdp_dist_setup(&L2, 2, &err) == 0, "%s", err.msg);
+    check_layout(&L2, "k=2");
+    kdp_dist_free(&L2);
+  }
+  if (D.world_size >= 3) {
+    kdp_dist L3;
+    int pk[1] = {2};
+    ck_assert_msg(kdp_dist_setup_layout(&L3, 1, pk, 1, &err) == 0, "%s", err.msg);
+    check_layout(&L3, "peer0-k=2");
+    kdp_dist_free(&L3);
+  }
   ck_assert_msg(g_fail == 0, "%d mismatches against the single-process reference", g_fail);
 }
 END_TEST
@@ -137,9 +213,9 @@ static void check_replicas(kdp_method m) {
   if (m == KDP_METHOD_OKDDIP && P < 3) return;
   kdp_cohort *c = make_cohort(m, P, 0);
   size_t nh = kdp_cohort_feature_floats(c, NB), nm = kdp_cohort_module_n_params(c);
-  kdp_exchange *x = NULL;
+  kdp_pipeline *pl = NULL;
   kdp_error err;
-  ck_assert(kdp_exchange_create(&x, &D, c, NC, NB, &err) == 0);
+  ck_assert(kdp_pipeline_create(&pl, &D, c, NB, &err) == 0);
   kdp_sgd opt;
   kdp_sgd_init(&opt, nm, 0.9f, 1e-4f, 1);
   float *z = kdp_falloc(P * NB * NC), *h = kdp_falloc(nh), *dz = kdp_falloc(NB * NC);
@@ -150,11 +226,11 @@ static void check_replicas(kdp_method m) {
   kdp_rng_seed(&r, 77, 1000 + me);
   for (int step = 0; step < 100; step++) {
     make_batch(&r, P, z, h, nh, y);
-    kdp_exchange_args a = {.y = y, .b = NB, .T = 3.0f, .weight = 1.0f, .scale = 1.0f};
+    kdp_step_in si = {.B = NB, .y = y, .z = z + me * NB * NC,
+                      .h = h + kdp_cohort_feature_offset(c, me, NB), .T = 3.0f, .weight = 1.0f};
     kdp_kd_losses L;
-    size_t hoff = kdp_cohort_feature_offset(c, me, NB);
-    ck_assert(kdp_exchange_step(x, z + me * NB * NC, h + hoff, &a, dz, dh, &L, &err) == 0);
-    kdp_exchange_module_allreduce(x);
+    ck_assert(kdp_pipeline_step(pl, &si, dz, dh, &L, &err) == 0);
+    kdp_pipeline_module_allreduce(pl);
     kdp_sgd_step(&opt, kdp_cohort_module_params(c), kdp_cohort_module_grads(c), 0.05f);
   }
   int rc = kdp_dist_agree(&D, kdp_cohort_module_params(c), nm * sizeof(float),
@@ -167,7 +243,7 @@ static void check_replicas(kdp_method m) {
     ck_assert_msg(rc == 0, "%s after 100 steps: %s", kdp_method_name(m), err.msg);
   }
   kdp_sgd_free(&opt);
-  kdp_exchange_free(x);
+  kdp_pipeline_free(pl);
   kdp_cohort_free(c);
   free(z);
   free(h);
@@ -182,25 +258,59 @@ START_TEST(test_replicas_bitwise) {
 }
 END_TEST
 
-START_TEST(test_collectives) {
-  /* allgatherv and reduce-scatterv with unequal blocks */
-  size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
-  size_t counts[KDP_KD_MAX_PEERS] = {0}, displs[KDP_KD_MAX_PEERS] = {0}, tot = 0;
-  for (size_t j = 0; j < P; j++) {
-    counts[j] = j + 1;
-    displs[j] = tot;
-    tot += counts[j];
+/* the row exchanges on a layout: gather to row blocks and to every row, scatter back */
+static void check_rows(kdp_dist *L, size_t B) {
+  size_t P = (size_t)L->n_peers, p = (size_t)L->peer, width[KDP_DIST_MAX_PEERS], lo, hi, tl, th;
+  for (size_t j = 0; j < P; j++) width[j] = j + 1;
+  kdp_dist_rows(L, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
+  float mine[64], out[64 * 64], back[64];
+  for (size_t r = lo; r < hi; r++)
+    for (size_t c = 0; c < width[p]; c++) mine[(r - lo) * width[p] + c] = (float)(1000 * p + 10 * r + c);
+  const kdp_rows targets[] = {KDP_ROWS_BLOCK, KDP_ROWS_ALL, KDP_ROWS_OWN};
+  for (size_t t = 0; t < 3; t++) {
+    kdp_dist_rows(L, KDP_GROUP_WORLD, targets[t], B, &tl, &th);
+    size_t nt = th - tl, off = 0;
+    kdp_dist_gather_rows(L, KDP_GROUP_WORLD, targets[t], B, width, hi > lo ? mine : NULL, out);
+    for (size_t j = 0; j < P; j++) {
+      for (size_t r = tl; r < th; r++)
+        for (size_t c = 0; c < width[j]; c++)
+          ck_assert_msg(out[off + (r - tl) * width[j] + c] == (float)(1000 * j + 10 * r + c),
+                        "gather: target %zu, peer %zu, row %zu", t, j, r);
+      off += nt * width[j];
+    }
+    /* scatter ones back: each own row receives one per rank whose target holds it */
+    double held[64] = {0};
+    for (size_t r = tl; r < th; r++) held[r] = 1;
+    kdp_dist_group_sum_f64(L, KDP_GROUP_WORLD, held, B);
+    for (size_t k = 0; k < off; k++) out[k] = 1.0f;
+    memset(back, 0, sizeof back);
+    kdp_dist_scatter_rows(L, KDP_GROUP_WORLD, targets[t], B, width, 0, out, back);
+    for (size_t k = 0; k < (hi - lo) * width[p]; k++) {
+      double want = held[lo + k / width[p]];
+      ck_assert_msg(back[k] == (float)want, "scatter: target %zu: %g, want %g", t,
+                    (double)back[k], want);
+    }
+    if (targets[t] == KDP_ROWS_BLOCK)
+      for (size_t r = 0; r < B; r++) ck_assert(held[r] == 1); /* every row in one block */
   }
-  float mine[KDP_KD_MAX_PEERS] = {0}, all[KDP_KD_MAX_PEERS * KDP_KD_MAX_PEERS];
-  for (size_t k = 0; k < counts[me]; k++) mine[k] = (float)(100 * me + k);
-  kdp_dist_cohort_allgatherv(&D, mine, counts[me], all, counts, displs);
-  for (size_t j = 0; j < P; j++)
-    for (size_t k = 0; k < counts[j]; k++) ck_assert(all[displs[j] + k] == (float)(100 * j + k));
-  /* every rank sends 1 to each element: peer me receives P in each of its counts[me] slots */
-  for (size_t k = 0; k < tot; k++) all[k] = 1.0f;
-  float out[KDP_KD_MAX_PEERS];
-  kdp_dist_cohort_reduce_scatterv(&D, all, out, counts);
-  for (size_t k = 0; k < counts[me]; k++) ck_assert(out[k] == (float)P);
+}
+
+START_TEST(test_collectives) {
+  check_rows(&D, 7);
+  check_rows(&D, 2); /* fewer rows than ranks at 3 and 4: empty blocks */
+  kdp_error err;
+  if (D.world_size >= 3) {
+    kdp_dist L3;
+    int pk[1] = {2};
+    ck_assert_msg(kdp_dist_setup_layout(&L3, 1, pk, 1, &err) == 0, "%s", err.msg);
+    check_rows(&L3, 7);
+    check_rows(&L3, 3);
+    kdp_dist_free(&L3);
+  }
+  /* min over the group */
+  float v[2] = {(float)D.world_rank, -(float)D.world_rank};
+  kdp_dist_group_min(&D, KDP_GROUP_WORLD, v, 2);
+  ck_assert(v[0] == 0.0f && v[1] == -(float)(D.world_size - 1));
 }
 END_TEST
 

@@ -163,6 +163,11 @@ START_TEST(test_rampup_values) {
 }
 END_TEST
 
+static int reads_features(kdp_method m) {
+  const kdp_method_ops *o = kdp_method_ops_of(m);
+  return ((o->peer_reads | o->module_reads) & KDP_READS_FEATURES) != 0;
+}
+
 START_TEST(test_method_names) {
   for (int m = 0; m < KDP_METHOD_COUNT; m++) {
     kdp_method out = KDP_METHOD_COUNT;
@@ -173,8 +178,9 @@ START_TEST(test_method_names) {
   kdp_method out;
   ck_assert_int_eq(kdp_method_parse("dmll", &out, &err), KDP_EINVAL);
   ck_assert_msg(strstr(err.msg, "dmll") && strstr(err.msg, "okddip"), "message: %s", err.msg);
-  ck_assert(kdp_method_uses_features(KDP_METHOD_ONE) && kdp_method_uses_features(KDP_METHOD_FFL) &&
-            kdp_method_uses_features(KDP_METHOD_OKDDIP) && !kdp_method_uses_features(KDP_METHOD_DML));
+  ck_assert(reads_features(KDP_METHOD_ONE) && reads_features(KDP_METHOD_FFL) &&
+            reads_features(KDP_METHOD_OKDDIP) && !reads_features(KDP_METHOD_DML));
+  ck_assert(kdp_method_ops_of(KDP_METHOD_COUNT) == NULL && kdp_method_at(KDP_METHOD_COUNT) == NULL);
 }
 END_TEST
 
@@ -251,7 +257,7 @@ START_TEST(test_golden_methods) {
     kdp_cohort *c = NULL;
     ck_assert_msg(kdp_cohort_create(&c, &in.spec, B, &err) == 0, "%s: %s", cs, err.msg);
     ck_assert_uint_eq(kdp_cohort_feature_floats(c, B),
-                      kdp_method_uses_features(in.spec.method) ? in.nh : 0);
+                      reads_features(in.spec.method) ? in.nh : 0);
     size_t np = kdp_cohort_module_n_params(c), nb = kdp_cohort_module_n_buffers(c);
     float *p0 = NULL;
     if (np) {
@@ -366,9 +372,9 @@ static void rcase_make(rcase *rc, kdp_method m, size_t P, size_t B, size_t C, co
   /* move BN affine params off 1/0 so their role is exercised */
   size_t nt = kdp_cohort_module_n_tensors(rc->c);
   for (size_t t = 0; t < nt; t++)
-    if (strstr(kdp_cohort_module_tensor_name(rc->c, t), "bn.")) {
-      float *p = kdp_cohort_module_params(rc->c) + kdp_cohort_module_tensor_offset(rc->c, t);
-      for (size_t k = 0; k < kdp_cohort_module_tensor_size(rc->c, t); k++)
+    if (strstr(kdp_cohort_module_tensor(rc->c, t)->name, "bn.")) {
+      float *p = kdp_cohort_module_params(rc->c) + kdp_cohort_module_tensor(rc->c, t)->off;
+      for (size_t k = 0; k < kdp_cohort_module_tensor(rc->c, t)->size; k++)
         p[k] += 0.2f * kdp_rng_normal(&r);
     }
   rc->P = P;
@@ -515,8 +521,8 @@ START_TEST(test_module_init_layout) {
     kdp_cohort_module_init(a.c, &r);
     const float *p = kdp_cohort_module_params(a.c);
     for (size_t t = 0; t < kdp_cohort_module_n_tensors(a.c); t++) {
-      const char *nm = kdp_cohort_module_tensor_name(a.c, t);
-      size_t off = kdp_cohort_module_tensor_offset(a.c, t), n = kdp_cohort_module_tensor_size(a.c, t);
+      const char *nm = kdp_cohort_module_tensor(a.c, t)->name;
+      size_t off = kdp_cohort_module_tensor(a.c, t)->off, n = kdp_cohort_module_tensor(a.c, t)->size;
       ck_assert_uint_eq(off, sum);
       sum += n;
       if (strstr(nm, "bn.weight")) {

@@ -34,11 +34,24 @@ typedef struct kdp_error {
 int kdp_fail(kdp_error *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Allocation that aborts with file:line on failure (out of memory is not recoverable here). */
+/* A failure the process cannot recover from (out of memory, a broken invariant): prints
+   "kdpeers: peer P, step S: <message>" (the context the trainer set, when it did) and exits with
+   status 1, which ends an MPI job (mpirun stops the other ranks). Never abort(): no core dump,
+   and a message a user can act on. */
+void kdp_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+/* The peer and step kdp_die names (-1: none); the trainer sets them at every step. */
+void kdp_die_context(int peer, int64_t step);
+
+/* Allocation that exits through kdp_die with file:line on failure (out of memory is not
+   recoverable here). */
 void *kdp_xmalloc_impl(size_t n, const char *file, int line);
 void *kdp_xcalloc_impl(size_t n, size_t sz, const char *file, int line);
 #define kdp_xmalloc(n) kdp_xmalloc_impl((n), __FILE__, __LINE__)
 #define kdp_xcalloc(n, sz) kdp_xcalloc_impl((n), (sz), __FILE__, __LINE__)
+void *kdp_xrealloc_impl(void *p, size_t n, const char *file, int line);
+char *kdp_xstrdup_impl(const char *s, const char *file, int line);
+#define kdp_xrealloc(p, n) kdp_xrealloc_impl((p), (n), __FILE__, __LINE__)
+#define kdp_xstrdup(s) kdp_xstrdup_impl((s), __FILE__, __LINE__)
 /* 64-byte aligned float buffer, zeroed. Free with free(). */
 float *kdp_falloc(size_t n);
 

@@ -8,6 +8,17 @@
 #define KDP_STR 256
 #define KDP_PATH 1024
 
+/* The values of the enum keys, in the order of their choices (config validation sets the *_id
+   field of each with its string; consumers read the enums, never the strings). kd.method's
+   values are kdp_method (kd.h), the order of the methods' ops table. */
+typedef enum { KDP_PROGRESS_AUTO, KDP_PROGRESS_BAR, KDP_PROGRESS_PLAIN,
+               KDP_PROGRESS_NONE } kdp_progress_mode;
+typedef enum { KDP_FORMAT_IDX, KDP_FORMAT_CIFAR10, KDP_FORMAT_CIFAR100, KDP_FORMAT_NPY,
+               KDP_FORMAT_FOLDER } kdp_data_format;
+typedef enum { KDP_LR_CONSTANT, KDP_LR_COSINE, KDP_LR_MULTISTEP } kdp_lr_schedule;
+typedef enum { KDP_EXCHANGE_LOGITS, KDP_EXCHANGE_WEIGHTS } kdp_exchange_mode;
+typedef enum { KDP_ON_DIVERGENCE_STOP, KDP_ON_DIVERGENCE_ROLLBACK } kdp_on_divergence;
+
 /*
  * The whole configuration is one flat struct with no pointers, so ranks can broadcast it and
  * compare it byte for byte. Every field has a key "section.key"; the table in config.c is the
@@ -24,12 +35,14 @@ typedef struct kdp_config {
   int log_every;           /* steps between log lines / progress refreshes */
   int ranks_per_peer;
   char progress[16];       /* auto | bar | plain | none */
+  int progress_id;         /* kdp_progress_mode */
   int timeline;            /* write run.dir/timeline-rankNNN.json (Chrome trace) */
   char max_memory[32];     /* bytes the ranks of a node may use, "16G"; "0" = physical memory */
   double stall_warn_seconds;  /* a rank this late at a step: warn, /healthz 503; 0 = off */
   double stall_abort_seconds; /* ...end the job; 0 = never */
   /* [data] */
   char format[16];         /* idx | cifar10 | cifar100 | npy | folder */
+  int format_id;           /* kdp_data_format */
   char train_images[KDP_PATH]; /* for cifar: comma-separated list of batch files */
   char train_labels[KDP_PATH];
   char test_images[KDP_PATH];
@@ -53,16 +66,19 @@ typedef struct kdp_config {
   double weight_decay;
   int batch_size;
   char schedule[16];       /* constant | cosine | multistep */
+  int schedule_id;         /* kdp_lr_schedule */
   char milestones[KDP_STR];/* comma-separated epochs, e.g. "150,225" */
   double gamma;
   double warmup_epochs;
   /* [kd] */
-  char method[16];         /* independent | dml | codistill | avg | one | ffl | okddip */
+  char method[16];         /* kd.method: a name of the methods' ops table (kd.h) */
+  int method_id;           /* kdp_method */
   double temperature;
   double weight;
   double rampup_epochs;
   int64_t burn_in_steps;
   char exchange[16];       /* codistill: logits | weights */
+  int exchange_id;         /* kdp_exchange_mode */
   int exchange_every;      /* codistill weights mode: k */
   int leader;              /* okddip leader cohort rank; -1 = last */
   int detach;              /* okddip: detach the attention teacher */
@@ -73,6 +89,7 @@ typedef struct kdp_config {
   double ckpt_every_minutes;  /* 0 = off */
   int ckpt_keep;
   char ckpt_on_divergence[16]; /* stop | rollback */
+  int on_divergence_id;        /* kdp_on_divergence */
   double ckpt_rollback_lr_scale;
   int ckpt_max_rollbacks;      /* rollbacks per run before a divergence stops it */
   /* [server] */

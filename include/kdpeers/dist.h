@@ -14,9 +14,9 @@
  *
  * Per-peer layout (uniform = 0, peer.N.ranks_per_peer): peer p has k_p ranks, world size =
  * sum_p k_p, peer p's ranks are world ranks peer_first[p] .. peer_first[p] + k_p - 1 and slice s
- * of them holds rows [B s / k_p, B (s + 1) / k_p) of each B-row batch. The exchanges go over the
- * world (kdp_dist_layout_allgather); the cohort communicator joins only the slice-0 ranks (one
- * per peer, cohort rank == peer) and is MPI_COMM_NULL on the others.
+ * of them holds rows [B s / k_p, B (s + 1) / k_p) of each B-row batch. The cohort communicator
+ * joins only the slice-0 ranks (one per peer, cohort rank == peer) and is MPI_COMM_NULL on the
+ * others. The row exchanges below treat both layouts alike.
  */
 #define KDP_DIST_MAX_PEERS 64
 struct kdp_dist;
@@ -36,6 +36,10 @@ typedef struct kdp_dist {
   void *world, *peer_comm, *cohort_comm, *node_comm; /* MPI_Comm, opaque outside src/dist */
   double t_exchange, t_allreduce, t_wait; /* seconds spent, accumulated */
   double bytes_exchanged;
+  /* the row exchanges' scratch (counts and displacements per world rank, received rows) */
+  int *xcounts;
+  float *xbuf;
+  size_t xcap;
   /* the agreement point: its count (the same on every rank), the wait hook, and for the stall
      check the ranks' reports of waiting (kdp_dist_report_waiting / kdp_dist_waiting_ranks) */
   uint64_t sync_seq;
@@ -65,8 +69,6 @@ int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err);
    this is kdp_dist_setup(k_p). Fails clearly, naming the numbers, when no peer count fits the
    world size or an override names a peer beyond the last. */
 int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_error *err);
-/* Rows [lo, hi) of a B-row batch that world rank r (peer p, slice s) holds. */
-void kdp_dist_rank_rows(const kdp_dist *d, int p, int s, size_t B, size_t *lo, size_t *hi);
 void kdp_dist_free(kdp_dist *d);
 
 /* Every rank passes its bytes; fails on every rank (with the first differing rank and byte
@@ -77,8 +79,6 @@ int kdp_dist_all_ok(kdp_dist *d, int ok);
 
 /* Sum-allreduce in place over the peer communicator (data parallelism inside a peer). */
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n);
-/* Sum-allreduce in place over the cohort (replicated modules, ensemble probabilities). */
-void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Sum over the peers, each peer counted once (a peer's ranks must pass the same values); every
    rank receives it. Uniform layouts: over the cohort; per-peer layouts: over the world, with the
    slice-0 ranks contributing. */
@@ -86,23 +86,38 @@ void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n);
 void kdp_dist_peer_allreduce_f64(kdp_dist *d, double *buf, size_t n);
 /* Allgather n floats per cohort member into out (n_peers x n), cohort order. */
 void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t n);
-/* Allgatherv: counts[i] floats from member i, placed at displs[i]. */
-void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *out,
-                                const size_t *counts, const size_t *displs);
-/* Reduce-scatter over the cohort: in holds n_peers blocks of n floats (block j addressed to peer
-   j); out receives the sum over members of the block addressed to this peer. */
-void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, size_t n);
-/* Reduce-scatter with per-member block sizes: in holds the blocks back to back (block j has
-   counts[j] floats); out receives counts[peer] floats. */
-void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
-                                     const size_t *counts);
-/* Per-peer layout: every rank passes its rows [lo, hi) of a B-row batch (kdp_dist_rank_rows);
-   peer p's block of out starts at offset[p] and has width[p] floats per row. Afterwards every
-   rank holds every peer's whole block (MPI_Allgatherv over the world). */
-void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const size_t *width,
-                               const size_t *offset, float *out);
-/* Broadcast of n floats from world rank 0 (exactly replicated module gradients). */
-void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n);
+
+/* ---- rows of a batch: who holds which, and the exchanges between them ----
+ * A group of ranks holds a batch of B rows, each rank the rows of one peer:
+ *   KDP_GROUP_WORLD: every rank; peer p's rows are split over its k_p ranks by slice, rows
+ *     [B s / k_p, B (s + 1) / k_p) on slice s (the uniform layout is the case k_p = k);
+ *   KDP_GROUP_COHORT: the cohort communicator's ranks, each holding all B rows of its peer (the
+ *     ranks of one slice of a uniform layout, or the slice-0 ranks: call it only there).
+ * A rank works on target rows: its own rows (KDP_ROWS_OWN), its block of the batch
+ * (KDP_ROWS_BLOCK: rows [B m / M, B (m + 1) / M) on member m of M, so every row is worked on by
+ * exactly one rank) or every row (KDP_ROWS_ALL). The exchanges move rows of per-peer tensors
+ * (row width width[p] floats for peer p) between the rows a rank holds and the rows it works on:
+ * one MPI_Alltoallv over the group, each pair of ranks sending the rows in the intersection. */
+typedef enum kdp_group { KDP_GROUP_WORLD = 0, KDP_GROUP_COHORT } kdp_group;
+typedef enum kdp_rows { KDP_ROWS_OWN = 0, KDP_ROWS_BLOCK, KDP_ROWS_ALL } kdp_rows;
+/* Rows [lo, hi) of a B-row batch that this rank works on (which = OWN: holds). */
+void kdp_dist_rows(const kdp_dist *d, kdp_group g, kdp_rows which, size_t B, size_t *lo,
+                   size_t *hi);
+/* gather: every rank passes its own rows (n_own x width[its peer]) and receives, for its target
+   rows (n_t of them), every peer's rows: out = P blocks (n_t x width[p]) back to back, cohort
+   order. */
+void kdp_dist_gather_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                          const size_t *width, const float *in, float *out);
+/* scatter, the reverse: every rank passes, for its target rows, rows of every peer: in = P
+   blocks (n_t x width[p]), or with shared = 1 one block (n_t x width[0]) that every peer
+   receives (every width equal); each rank ADDS into out (n_own x width[its peer]) the rows of
+   its own it receives, summed in rank order (a reduce-scatter where target rows overlap). */
+void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                           const size_t *width, int shared, const float *in, float *out);
+/* Sum / min of n values over the group's ranks, in place (every rank receives the result). */
+void kdp_dist_group_sum_f64(kdp_dist *d, kdp_group g, double *buf, size_t n);
+void kdp_dist_group_min(kdp_dist *d, kdp_group g, float *buf, size_t n);
+
 /* Sum-allreduce over the whole world (replicated modules under hybrid parallelism). */
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
 /* Gathers one uint32 per world rank at rank 0 (out: world_size values, only read on rank 0). */
@@ -136,63 +151,5 @@ void kdp_dist_abort(kdp_dist *d, int status);
 /* Max over world of a double (e.g. slowest rank's time). */
 double kdp_dist_max(kdp_dist *d, double v);
 void kdp_dist_barrier(kdp_dist *d);
-
-/* ---- exchanges: the distillation step of one rank, fed by collectives ---- */
-
-struct kdp_cohort;
-typedef struct kdp_exchange kdp_exchange;
-
-/* Buffers for exchanging batches of up to max_b rows of C logits (and the cohort's features). */
-int kdp_exchange_create(kdp_exchange **out, kdp_dist *d, struct kdp_cohort *c, size_t C,
-                        size_t max_b, kdp_error *err);
-void kdp_exchange_free(kdp_exchange *x);
-
-/* Settings of one step (everything kdp_kd_batch holds except the gathered tensors). */
-typedef struct kdp_exchange_args {
-  const int32_t *y; /* b labels of this rank's slice */
-  size_t b;
-  float T, weight;  /* weight = lam * w(e) */
-  int burn_in;
-  float scale;      /* multiplies every gradient handed back (hybrid: b / global batch) */
-} kdp_exchange_args;
-
-/*
- * One distillation step for this rank's peer: allgathers z (b x C) and, when the method reads
- * them, h (b x d_peer) over the cohort; computes this rank's share of the objective
- * (kdp_cohort_step); reduce-scatters the gradients that reach other peers' logits and features.
- * ACCUMULATES scale * dJ/dz into dz (b x C) and, when kdp_cohort_feature_grads, into dh
- * (b x d_peer). The module's grads are left scaled in the cohort (not yet summed over ranks: call
- * kdp_exchange_module_allreduce). Returns 0 or KDP_EINVAL.
- */
-struct kdp_kd_losses;
-int kdp_exchange_step(kdp_exchange *x, const float *z, const float *h,
-                      const kdp_exchange_args *a, float *dz, float *dh,
-                      struct kdp_kd_losses *out, kdp_error *err);
-/*
- * Per-peer layout (d->uniform = 0): one distillation step over the whole global batch. a->y holds
- * all a->b labels of the global batch; this rank passes its rows [lo, hi) of its peer's logits z
- * ((hi - lo) x C) and, when the method reads them, features h. The rows of every rank are
- * allgathered over the world, every rank computes the whole cohort objective
- * (kdp_cohort_objective: J = sum_i L_i + L_module, means over the b rows) and ACCUMULATES its own
- * rows of dJ/dz into dz and, when kdp_cohort_feature_grads, of dJ/dh into dh (a->scale is not
- * used: the peer allreduce of the parameter gradients sums the rows of the peer's ranks into the
- * gradient of the global-batch mean). The module's grads are the whole dJ/dtheta on every rank
- * (kdp_exchange_module_allreduce then only makes the replicas bit-identical). out receives this
- * rank's peer's losses over the whole global batch.
- */
-int kdp_exchange_step_layout(kdp_exchange *x, const float *z, const float *h,
-                             const kdp_exchange_args *a, size_t lo, size_t hi, float *dz,
-                             float *dh, struct kdp_kd_losses *out, kdp_error *err);
-/* Per-peer layout, evaluation (collective over the world): gathers every rank's rows of a B-row
-   eval batch as above and returns every peer's logits (P x B x C, valid until the next call);
-   when teacher != NULL, also the method's teacher logits (B x C, eval mode). */
-const float *kdp_exchange_eval_layout(kdp_exchange *x, const float *z, const float *h, size_t B,
-                                      float *teacher, kdp_error *err);
-/* Sums the replicated module's gradients over every rank (world), so the replicas step alike;
-   per-peer layout: every rank already holds the whole gradient, rank 0's is broadcast. */
-void kdp_exchange_module_allreduce(kdp_exchange *x);
-/* Teacher logits (b x C) in eval mode for an eval batch (collective over the cohort). */
-int kdp_exchange_teacher_eval(kdp_exchange *x, const float *z, const float *h, size_t b,
-                              float *teacher, kdp_error *err);
 
 #endif

@@ -1,8 +1,11 @@
-/* kd.h: the loss math of every distillation method, on plain buffers (no MPI). */
+/* kd.h: the distillation math of every method on plain row buffers, behind one ops table (no MPI:
+   the trainer feeds it with dist's collectives). The math: docs/kd-methods.md. */
 #ifndef KDPEERS_KD_H
 #define KDPEERS_KD_H
 
 #include "kdpeers/common.h"
+
+/* ===================================================================== losses (losses.c) */
 
 /* Row-wise softmax of z / T: out, z (B x C). */
 void kdp_softmax_t(float *out, const float *z, size_t B, size_t C, float T);
@@ -19,27 +22,51 @@ double kdp_ce_loss(const float *z, const int32_t *y, size_t B, size_t C, float *
 double kdp_kl_loss(const float *z, const float *q, size_t B, size_t C, float T, float *dz,
                    float scale);
 
+/* T^2 KL(s_T(t) || s_T(z)) between two logit matrices (B x C), batchmean, with the gradients with
+   respect to both (either may be NULL): dz += scale T (p - q) / B, dt += scale T q (l - k) / B,
+   where q = s_T(t), p = s_T(z), l_c = log q_c - log p_c and k = the row's KL. */
+double kdp_kl_logits(const float *t, const float *z, size_t B, size_t C, float T, float *dt,
+                     float *dz, float scale);
+
 /* Ramp-up weight w(e) = exp(-5 (1 - min(e / R, 1))^2), R <= 0 gives 1. */
 double kdp_rampup(double epoch, double R);
 
-/* ---- numerical notes on the four functions above ----
+/* Index of the first maximal entry of v[0..n) (0 when n is 0). The one argmax of kdpeers:
+   accuracies, predicted labels and the CE's hit count all use it. */
+size_t kdp_argmax(const float *v, size_t n);
+/* Rows of z (B x C) whose argmax equals y. */
+size_t kdp_count_hits(const float *z, const int32_t *y, size_t B, size_t C);
+
+/* Probability-mean ensemble: out (B x C) = log(mean_j softmax(z_j)), z (P x B x C). */
+void kdp_ensemble_logprob(float *out, const float *z, size_t P, size_t B, size_t C);
+
+/* ---- numerical notes on the losses ----
  * All of them subtract the row max before exponentiating and accumulate in double, so logits of
  * +-80 (or more) stay finite. kdp_ce_loss returns NAN if a label is outside [0, C); the argmax
- * used for n_correct is the first maximal entry. kdp_kl_loss treats 0 log 0 as 0. */
+ * used for n_correct is kdp_argmax. kdp_kl_loss treats 0 log 0 as 0. */
 
-/* =====================================================================================
- * Cohort API: everything one rank needs to compute an online-distillation method for a
- * cohort of P peers (see /work/shared/kd-methods.md for the math). MPI-free: the dist code
- * allgathers the peers' logits/features, calls kdp_cohort_step, reduce-scatters the
- * gradients it returns and sum-allreduces the module gradients.
+/* ===================================================================== the method surface
+ *
+ * A step of every method, on one rank, is three parts (src/train/step.c runs them):
+ *   1. gather (dist): the rows the method reads of every peer:
+ *        - the peer term's rows: every peer's logits on this rank's own rows (peer_reads);
+ *        - the module's rows: every peer's logits/features on this rank's row block of the batch
+ *          (module_reads), row block w of a B-row batch on rank w of the module group;
+ *   2. compute (kd, this file): ops->forward on the row block (the module's teachers), the peer
+ *      term ops->peer_loss on the own rows, ops->backward on the row block;
+ *   3. scatter (dist): every peer's rows of the module's gradients back to the ranks that hold
+ *      them (and the teachers to their peers in between).
+ * Losses are means over the whole B-row batch: a call on n rows multiplies every gradient by its
+ * rows' share `scale` = n / B, so the sum over the calls is the whole batch's gradient.
  * ===================================================================================== */
 
 #define KDP_KD_MAX_PEERS 64
 
+/* The methods, in the order of the ops table (kd.c). */
 typedef enum kdp_method {
   KDP_METHOD_INDEPENDENT = 0,
   KDP_METHOD_DML,
-  KDP_METHOD_CODISTILL, /* logits mode; weights mode reuses it with locally computed logits */
+  KDP_METHOD_CODISTILL,
   KDP_METHOD_AVG,
   KDP_METHOD_ONE,
   KDP_METHOD_FFL,
@@ -47,74 +74,239 @@ typedef enum kdp_method {
   KDP_METHOD_COUNT
 } kdp_method;
 
-/* "independent", "dml", ... (config kd.method). Unknown names fail with the list of known ones. */
-int kdp_method_parse(const char *name, kdp_method *out, kdp_error *err);
-const char *kdp_method_name(kdp_method m);
-/* 1 if the method reads the peers' pooled features h (one, ffl, okddip). */
-int kdp_method_uses_features(kdp_method m);
+/* What a method reads of every peer (bits of kdp_method_ops.peer_reads and .module_reads). */
+enum {
+  KDP_READS_LOGITS = 1u << 0,   /* z_j (B x C) */
+  KDP_READS_FEATURES = 1u << 1, /* h_j (B x d_j): pooled penultimate features */
+};
+
+/* What a method differentiates besides each peer's own logits (kdp_method_ops.grads). */
+enum {
+  KDP_GRAD_TEACHER = 1u << 0,  /* the peers' teachers, back into the module */
+  KDP_GRAD_FEATURES = 1u << 1, /* the peers' features h */
+};
+
+/* The weight decay of a module's parameters. */
+typedef enum kdp_module_decay {
+  KDP_DECAY_PEERS = 0, /* optim.weight_decay, as the peers */
+  KDP_DECAY_MODULE,    /* kd.fusion_weight_decay (FFL gives its fusion module its own) */
+} kdp_module_decay;
 
 /* Static description of a cohort. */
 typedef struct kdp_kd_spec {
   kdp_method method;
   size_t P;                       /* peers, 1..KDP_KD_MAX_PEERS */
   size_t C;                       /* classes */
-  size_t dims[KDP_KD_MAX_PEERS];  /* d_j: feature dim of peer j (only read by one/ffl/okddip) */
+  size_t dims[KDP_KD_MAX_PEERS];  /* d_j: feature dim of peer j (read when a method reads h) */
   int leader;                     /* okddip: leader peer; -1 = last (resolved to P-1) */
   int detach;                     /* okddip: 1 = stop-gradient through both teachers */
   size_t fusion_dim;              /* ffl: d_f; 0 = mean of the d_j (at least 1) */
   size_t proj_dim;                /* okddip: attention rank r; 0 = max(1, min_aux d_j / 8) */
 } kdp_kd_spec;
 
-/*
- * Context for one cohort: the spec (defaults resolved), the replicated module (gate for one,
- * fusion head for ffl, attention projections for okddip; empty for the other methods) and
- * scratch for batches up to max_batch. No allocation happens per step.
- *
- * Module layouts (one contiguous param arena, grads in the same layout; D = sum_j d_j):
- *   one:    gate.weight (P x D), gate.bias (P), gate_bn.weight (P), gate_bn.bias (P)
- *           buffers: gate_bn.running_mean (P), gate_bn.running_var (P)
- *   ffl:    fusion.fc1.weight (d_f x D), fusion.fc1.bias (d_f), fusion.bn.weight (d_f),
- *           fusion.bn.bias (d_f), fusion.fc2.weight (C x d_f), fusion.fc2.bias (C)
- *           buffers: fusion.bn.running_mean (d_f), fusion.bn.running_var (d_f)
- *   okddip: for each auxiliary peer j in cohort order (leader skipped):
- *           att.<j>.query.weight (r x d_j) = W_L^j, att.<j>.key.weight (r x d_j) = W_E^j; no bias
- * BN: momentum 0.1, eps 1e-5 (PyTorch defaults). The gate/fusion input u (B x D) is
- * concat_j h_j per sample, in cohort order.
- */
 typedef struct kdp_cohort kdp_cohort;
 
+/* n rows of a B-row batch, for every peer in cohort order (what the gather delivers). */
+typedef struct kdp_kd_rows {
+  const float *z;   /* P x n x C logits, peer j at z + j n C; NULL when not read */
+  const float *h;   /* P blocks (n x d_j) concatenated (kdp_cohort_feature_offset); NULL when
+                       not read */
+  const int32_t *y; /* n labels in [0, C) */
+  size_t n;         /* rows; 0 is allowed (a rank whose row block is empty) */
+  float T;          /* temperature > 0 */
+  float weight;     /* effective KD weight lam * w(e) >= 0 */
+  float scale;      /* the rows' share of the batch mean, n / B: multiplies every gradient */
+} kdp_kd_rows;
+
+/* The peer term's input: peer i's own n rows. */
+typedef struct kdp_kd_peer_in {
+  const float *z;       /* peer i's logits (n x C) */
+  const float *z_all;   /* peer_reads & KDP_READS_LOGITS: every peer's logits on these rows
+                           (P x n x C, peer i's among them); else NULL */
+  const float *teacher; /* a module's teacher for peer i on these rows (n x C); else NULL */
+  const int32_t *y;
+  size_t n;
+  float T, weight, scale; /* as in kdp_kd_rows */
+  int burn_in;            /* codistill: nonzero while step < kd.burn_in_steps (weight 0) */
+} kdp_kd_peer_in;
+
+/* Loss terms (means over the rows of the call). */
+typedef struct kdp_kd_losses {
+  double ce;              /* CE(z_i, y) */
+  double kd;              /* the unweighted distillation term: T^2 KL(...) (mean over j != i for
+                             dml) */
+  double loss;            /* L_i = ce + w_eff * kd, w_eff = weight (0: independent, burn-in) */
+  double module_loss;     /* the module's own loss (one: L_gate, ffl: L_f), whole batch; else 0 */
+  size_t n_correct;       /* argmax(z_i) == y */
+  size_t teacher_correct; /* argmax(teacher) == y (kdp_cohort_objective) */
+} kdp_kd_losses;
+
+/* Sums n doubles over the ranks that hold the row blocks of one batch (a module's batchnorm
+   statistics): every rank passes its blocks' sums and receives the batch's. NULL: the rows are
+   the whole batch (one process). */
+typedef struct kdp_kd_reduce {
+  void (*sum)(void *ctx, double *buf, size_t n);
+  void *ctx;
+} kdp_kd_reduce;
+
+/*
+ * The ops table: everything kdpeers knows of a method. Adding a method is one file in src/kd,
+ * one entry in the table (kd.c), its section in docs/kd-methods.md, its golden case and its
+ * preset in configs/. The functions are called by kd.c's entry points below, which check their
+ * inputs; a method without a module leaves setup ... teacher_eval NULL.
+ */
+typedef struct kdp_method_ops {
+  const char *name;     /* kd.method */
+  const char *teacher;  /* the method's own teacher in eval lines and /predict ("gate", "fused",
+                           "leader"); NULL: none (the ensemble is reported for every method) */
+  int min_peers;        /* the smallest cohort the method is defined for */
+  unsigned peer_reads;  /* KDP_READS_*: what the peer term reads of every peer on its own rows */
+  unsigned module_reads;/* KDP_READS_*: what the replicated module reads of every peer on its row
+                           block; 0 = no module */
+  int teacher_per_peer; /* module: 1 = a teacher per peer (P x n x C, sent back by all-to-all),
+                           0 = one teacher for all (n x C, allgathered) */
+  kdp_module_decay module_decay;
+  int stale_ok;         /* the peer term reads only the peers' logits, so they may come from stale
+                           local copies of the peers (kd.exchange = weights) */
+  /* Resolves the spec's defaults and declares the module: kdp_cohort_add_tensor /
+     kdp_cohort_add_buffers in layout order, scratch from kdp_cohort_alloc (rows up to max_batch).
+     Called once by kdp_cohort_create. */
+  int (*setup)(kdp_cohort *c, kdp_kd_spec *s, kdp_error *err);
+  /* PyTorch's default init of the module from rng (the same on every rank). */
+  void (*init)(kdp_cohort *c, kdp_rng *rng);
+  /* What the method differentiates besides each peer's own logits, KDP_GRAD_* bits (NULL:
+     nothing): KDP_GRAD_TEACHER, the peers' teachers (okddip without detach: the peers' teacher
+     gradients go back to the module's row blocks); KDP_GRAD_FEATURES, the peers' features (the
+     module's input is not detached: ffl, okddip without detach). */
+  unsigned (*grads)(const kdp_cohort *c);
+  /* Forward of the module on a row block: the teachers of its rows (teacher_per_peer:
+     P x n x C, else n x C). train = 1: batch statistics summed over the blocks with red, running
+     statistics updated once per call (identically on every rank); 0: eval mode (running
+     statistics, red unused). */
+  void (*forward)(kdp_cohort *c, const kdp_kd_rows *blk, int train, const kdp_kd_reduce *red,
+                  float *teacher);
+  /* The peer term L_i on peer i's own rows: dz (n x C) += scale * dL_i/dz_i and, when
+     KDP_GRAD_TEACHER, dteacher (n x C) += scale * dL_i/dteacher. Required. */
+  void (*peer_loss)(kdp_cohort *c, size_t i, const kdp_kd_peer_in *in, float *dz,
+                    float *dteacher, kdp_kd_losses *out);
+  /* Backward of the module on the row block of the last forward: the module's own loss (its
+     gradients times blk->scale) and, when KDP_GRAD_TEACHER, the peers' dteacher (P x n x C, already
+     scaled) into dz (P x n x C), dh (as blk->h) and the module's gradients, ACCUMULATED. Returns
+     the module loss times blk->scale. */
+  double (*backward)(kdp_cohort *c, const kdp_kd_rows *blk, const float *dteacher,
+                     const kdp_kd_reduce *red, float *dz, float *dh);
+  /* The method's own teacher in eval mode on n rows: out (n x C). NULL: the module's shared
+     teacher, forward in eval mode. */
+  void (*teacher_eval)(kdp_cohort *c, const kdp_kd_rows *blk, float *out);
+} kdp_method_ops;
+
+/* The table: the ops of method m (NULL outside the table); kdp_method_at(i) for i = 0, 1, ...
+   until NULL (the config's list of kd.method values). */
+const kdp_method_ops *kdp_method_ops_of(kdp_method m);
+const char *kdp_method_at(size_t i);
+/* "independent", "dml", ... (config kd.method). Unknown names fail with the list of known ones. */
+int kdp_method_parse(const char *name, kdp_method *out, kdp_error *err);
+const char *kdp_method_name(kdp_method m);
+
+/* ---------------------------------------------------------------- the cohort */
+
+/*
+ * Context for one cohort: the spec (defaults resolved), the method's ops, its replicated module
+ * (one contiguous parameter arena, gradients in the same layout, non-trained buffers such as
+ * running statistics) and scratch for calls of up to max_batch rows. No allocation per step.
+ * Module layouts (D = sum_j d_j; BN momentum 0.1, eps 1e-5 as PyTorch):
+ *   one:    gate.weight (P x D), gate.bias (P), gate_bn.weight (P), gate_bn.bias (P);
+ *           buffers gate_bn.running_mean (P), gate_bn.running_var (P)
+ *   ffl:    fusion.fc1.weight (d_f x D), fusion.fc1.bias (d_f), fusion.bn.weight (d_f),
+ *           fusion.bn.bias (d_f), fusion.fc2.weight (C x d_f), fusion.fc2.bias (C);
+ *           buffers fusion.bn.running_mean (d_f), fusion.bn.running_var (d_f)
+ *   okddip: for each auxiliary peer j in cohort order (leader skipped):
+ *           att.<j>.query.weight (r x d_j) = W_L^j, att.<j>.key.weight (r x d_j) = W_E^j
+ * A module's input u (n x D) is concat_j h_j per row, in cohort order.
+ */
 int kdp_cohort_create(kdp_cohort **out, const kdp_kd_spec *spec, size_t max_batch,
                       kdp_error *err);
 void kdp_cohort_free(kdp_cohort *c);
 const kdp_kd_spec *kdp_cohort_spec(const kdp_cohort *c); /* with defaults resolved */
+const kdp_method_ops *kdp_cohort_ops(const kdp_cohort *c);
+size_t kdp_cohort_max_batch(const kdp_cohort *c);
+
+/* How a module tensor's entries belong to the peers (for remapping a module to another cohort). */
+typedef enum kdp_split {
+  KDP_SPLIT_NONE = 0, /* not by peer */
+  KDP_SPLIT_PEERS,    /* one entry per peer, cohort order (the gate's outputs) */
+  KDP_SPLIT_FEATURES, /* one block of d_j per peer, cohort order (a module's input columns) */
+} kdp_split;
+typedef struct kdp_kd_tensor {
+  char name[48];
+  size_t off, size, rows, cols; /* row-major rows x cols at params + off */
+  int owner;                    /* the peer the whole tensor belongs to, -1 = every peer */
+  kdp_split row_split, col_split;
+} kdp_kd_tensor;
 
 /* PyTorch default init from rng: linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-   BN gamma 1, beta 0, running mean 0, var 1. Every rank must use the same seed and stream
+   BN gamma 1, beta 0, running mean 0, var 1. Every rank uses the same seed and stream
    (KDP_STREAM_MODULE) so the replicas start identical. */
 void kdp_cohort_module_init(kdp_cohort *c, kdp_rng *rng);
 size_t kdp_cohort_module_n_params(const kdp_cohort *c); /* 0 for methods without a module */
 float *kdp_cohort_module_params(kdp_cohort *c);
 float *kdp_cohort_module_grads(kdp_cohort *c);
 void kdp_cohort_module_zero_grad(kdp_cohort *c);
-size_t kdp_cohort_module_n_buffers(const kdp_cohort *c); /* BN running stats (one, ffl) */
+size_t kdp_cohort_module_n_buffers(const kdp_cohort *c);
 float *kdp_cohort_module_buffers(kdp_cohort *c);
-size_t kdp_cohort_module_n_tensors(const kdp_cohort *c);  /* params only, layout order */
-const char *kdp_cohort_module_tensor_name(const kdp_cohort *c, size_t i);
-size_t kdp_cohort_module_tensor_offset(const kdp_cohort *c, size_t i);
-size_t kdp_cohort_module_tensor_size(const kdp_cohort *c, size_t i);
+size_t kdp_cohort_module_n_tensors(const kdp_cohort *c); /* params only, layout order */
+const kdp_kd_tensor *kdp_cohort_module_tensor(const kdp_cohort *c, size_t i); /* NULL past end */
 
-/* Offset (in floats) of peer j's features inside the concatenated h for batch B:
-   B * sum_{k<j} d_k. kdp_cohort_feature_floats gives the total B * sum_j d_j. */
-size_t kdp_cohort_feature_offset(const kdp_cohort *c, size_t j, size_t B);
-size_t kdp_cohort_feature_floats(const kdp_cohort *c, size_t B);
-/* 1 if kdp_cohort_step can write nonzero dL/dh (ffl; okddip without detach), so the dist code
-   must reduce-scatter dh. */
+/* Offset (in floats) of peer j's features inside the concatenated h of n rows: n * sum_{k<j} d_k;
+   kdp_cohort_feature_floats: n * sum_j d_j (0 when the method reads no features). */
+size_t kdp_cohort_feature_offset(const kdp_cohort *c, size_t j, size_t n);
+size_t kdp_cohort_feature_floats(const kdp_cohort *c, size_t n);
+/* 1 if the method writes nonzero dL/dh (ops->grads & KDP_GRAD_FEATURES: ffl; okddip without
+   detach). */
 int kdp_cohort_feature_grads(const kdp_cohort *c);
+/* 1 if the peers' teachers are differentiated (ops->grads & KDP_GRAD_TEACHER). */
+int kdp_cohort_teacher_grad(const kdp_cohort *c);
+/* Floats of the module's teachers for n rows: P n C (teacher_per_peer), n C, 0 without module. */
+size_t kdp_cohort_teacher_floats(const kdp_cohort *c, size_t n);
 
-/* One step's inputs, all in cohort order. */
+/* Functions a method's file uses in ops->setup: declare the module in layout order, and scratch
+   that lives as long as the cohort. kdp_cohort_add_tensor returns the tensor's offset. */
+size_t kdp_cohort_add_tensor(kdp_cohort *c, const char *name, size_t rows, size_t cols, int owner,
+                             kdp_split row_split, kdp_split col_split);
+size_t kdp_cohort_add_buffers(kdp_cohort *c, size_t n, float value); /* value: at creation */
+void *kdp_cohort_alloc(kdp_cohort *c, size_t bytes); /* zeroed, 64-byte aligned */
+float *kdp_cohort_falloc(kdp_cohort *c, size_t n);
+void *kdp_cohort_state(kdp_cohort *c);               /* the method's own state */
+void kdp_cohort_set_state(kdp_cohort *c, void *state);
+
+/* ---------------------------------------------------------------- entry points (checked) */
+
+/* ops->forward on a row block (blk->n may be 0; every rank of the module group calls it).
+   teacher: kdp_cohort_teacher_floats(c, blk->n) floats. */
+int kdp_cohort_module_forward(kdp_cohort *c, const kdp_kd_rows *blk, const kdp_kd_reduce *red,
+                              float *teacher, kdp_error *err);
+/* ops->peer_loss: peer i's term on its own rows. dteacher may be NULL unless
+   kdp_cohort_teacher_grad. out may be NULL. */
+int kdp_cohort_peer_loss(kdp_cohort *c, size_t i, const kdp_kd_peer_in *in, float *dz,
+                         float *dteacher, kdp_kd_losses *out, kdp_error *err);
+/* ops->backward after kdp_cohort_module_forward on the same block. dteacher: the peers' teacher
+   gradients (P x n x C) when kdp_cohort_teacher_grad, else NULL; dh may be NULL unless
+   kdp_cohort_feature_grads. *module_loss (may be NULL) receives the block's share. */
+int kdp_cohort_module_backward(kdp_cohort *c, const kdp_kd_rows *blk, const float *dteacher,
+                               const kdp_kd_reduce *red, float *dz, float *dh, double *module_loss,
+                               kdp_error *err);
+/* The method's reported teacher in eval mode on n rows: ops->teacher_eval, or for methods
+   without a teacher the probability-mean ensemble log(mean_j softmax(z_j)). blk->z is required;
+   blk->h when the module reads features. */
+int kdp_cohort_teacher_eval_rows(kdp_cohort *c, const kdp_kd_rows *blk, float *teacher,
+                                 kdp_error *err);
+
+/* ---------------------------------------------------------------- the whole batch, one process */
+
+/* One batch of B rows of the whole cohort (the single-process reference's input). */
 typedef struct kdp_kd_batch {
   const float *z;     /* P x B x C logits, peer j at z + j*B*C */
-  const float *h;     /* P blocks (B x d_j) concatenated; NULL unless the method uses features */
+  const float *h;     /* P blocks (B x d_j) concatenated; NULL unless the method reads features */
   const int32_t *y;   /* B labels in [0, C) */
   size_t B;           /* 1..max_batch */
   float T;            /* temperature > 0 */
@@ -122,59 +314,27 @@ typedef struct kdp_kd_batch {
   int burn_in;        /* codistill: nonzero while step < burn_in_steps (KD weight forced to 0) */
 } kdp_kd_batch;
 
-/* Loss terms (all means over the batch). */
-typedef struct kdp_kd_losses {
-  double ce;            /* CE(z_i, y) */
-  double kd;            /* the unweighted distillation term: T^2 KL(...) (mean over j != i for dml) */
-  double loss;          /* L_i = ce + w_eff * kd, w_eff = weight (0 for independent, codistill burn-in) */
-  double module_loss;   /* one: L_gate = CE(z_e, y); ffl: L_f (with its weighted KL); else 0 */
-  size_t n_correct;     /* argmax(z_i) == y */
-  size_t teacher_correct; /* argmax(teacher) == y */
-} kdp_kd_losses;
-
 /*
- * This rank's share of the global objective  J = sum_i L_i + L_module  (L_module = L_gate for one,
- * L_f for ffl, else 0), for peer i. Runs the module forward in TRAIN mode (batch statistics;
- * updates the BN running stats once per call: every replica sees the same allgathered input, so
- * the replicas' running stats stay identical).
- *
- * The share is  J_i = L_i + L_module / P : every rank computes L_module identically and
- * contributes 1/P of its gradients. Therefore, summed over the P ranks:
- *   - dz (P x B x C), ACCUMULATED: dJ_i/dz_j for every peer j. The reduce-scatter (sum) of block j
- *     over ranks gives peer j its true gradient dJ/dz_j.
- *   - dh (kdp_cohort_feature_floats floats, same layout as h), ACCUMULATED: dJ_i/dh_j. May be NULL
- *     unless kdp_cohort_feature_grads(c). Reduce-scatter (sum) likewise.
- *   - module grads (kdp_cohort_module_grads), ACCUMULATED: dJ_i/dtheta. They must be SUMMED over
- *     the cohort (not averaged): for okddip each rank holds only its own loss's contribution, for
- *     one/ffl each rank holds 1/P of the module loss's gradient.
- * teacher (B x C) may be NULL (then out->teacher_correct is 0 and no teacher is computed: the
- * probability-mean ensemble costs P*C exps per row); it receives the method's teacher logits:
- *   one: z_e (gated ensemble), ffl: z_f (fused head), okddip: z_leader,
- *   others: log(mean_j softmax(z_j)) (the probability-mean ensemble, T = 1).
- * out may be NULL. Returns 0 or KDP_EINVAL (bad i, B, T, weight, missing h or dh).
- * Stop-gradients follow kd-methods.md: dml/codistill/avg/one/ffl peer teachers are sg; the gate
- * input is sg(h); the fusion input is not; okddip detaches nothing unless spec.detach.
- */
-int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, float *dh,
-                    float *teacher, kdp_kd_losses *out, kdp_error *err);
-
-/*
- * Reference (single process): the total J = sum_i L_i + L_module and its full gradients, ACCUMULATED
- * into dz, dh (may be NULL when no feature grads) and the module grads. per_peer (P entries) may be
- * NULL; total receives J. Runs the module forward in train mode once (updates running stats).
+ * Reference (single process, the whole batch as one block): the total J = sum_i L_i + L_module
+ * and its full gradients, ACCUMULATED into dz (P x B x C), dh (may be NULL when the method has no
+ * feature gradients) and the module grads. per_peer (P entries) and total may be NULL. Runs the
+ * module forward in train mode once (updates running stats). teacher (B x C, may be NULL)
+ * receives the method's teacher: a shared module teacher from this forward (one: z_e, ffl: z_f),
+ * else ops->teacher_eval (okddip: z_leader), else the probability-mean ensemble.
+ * Stop-gradients follow docs/kd-methods.md.
  */
 int kdp_cohort_objective(kdp_cohort *c, const kdp_kd_batch *in, float *dz, float *dh,
                          float *teacher, kdp_kd_losses *per_peer, double *total, kdp_error *err);
 
-/*
- * Evaluation: the method's teacher logits (B x C) in EVAL mode (BN running stats), same choice as
- * kdp_cohort_step's teacher. z (P x B x C), h as in kdp_kd_batch (NULL unless one/ffl).
- * B may be at most max_batch.
- */
+/* One peer's share of J over the whole batch, J_i = L_i + L_module / P (the module's terms
+   scaled by 1/P), so that the sum over i of the shares is kdp_cohort_objective: the per-peer
+   decomposition the golden tests check (tests/gen_kd_golden.py). The trainer does not use it. */
+int kdp_cohort_step(kdp_cohort *c, size_t i, const kdp_kd_batch *in, float *dz, float *dh,
+                    float *teacher, kdp_kd_losses *out, kdp_error *err);
+
+/* Evaluation on a whole batch: kdp_cohort_teacher_eval_rows on B rows (h may be NULL unless the
+   module reads features). */
 int kdp_cohort_teacher_eval(kdp_cohort *c, const float *z, const float *h, size_t B,
                             float *teacher, kdp_error *err);
-
-/* Probability-mean ensemble: out (B x C) = log(mean_j softmax(z_j)), z (P x B x C). */
-void kdp_ensemble_logprob(float *out, const float *z, size_t P, size_t B, size_t C);
 
 #endif

@@ -136,6 +136,27 @@ void kdp_bn_backward(float *din, float *dgamma, float *dbeta, const float *dout,
 void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *dout,
                          const float *xhat, const float *invstd, const float *gamma, size_t N,
                          size_t C);
+/* The same batchnorm in pieces, for rows spread over several processes (kd's replicated modules
+   shard their batch by rows): the sums of each piece are added up by the caller before they are
+   finished. Sums are ACCUMULATED, in double, of (x - shift) per channel; shift (C) must be the
+   same everywhere (e.g. the running mean). Total is the row count of the whole batch. */
+void kdp_bn_stats_rows(double *sum, double *sq, const float *in, const double *shift, size_t N,
+                       size_t C);
+/* mean, invstd (C) of the whole batch from its sums; updates the running stats like PyTorch */
+void kdp_bn_stats_finish(float *mean, float *invstd, float *run_mean, float *run_var,
+                         const double *sum, const double *sq, const double *shift, size_t total,
+                         size_t C, float momentum, float eps);
+/* out = gamma * xhat + beta, xhat = (in - mean) * invstd, for N rows */
+void kdp_bn_normalize(float *out, float *xhat, const float *in, const float *mean,
+                      const float *invstd, const float *gamma, const float *beta, size_t N,
+                      size_t C);
+/* backward: sg += sum dout*xhat, sb += sum dout over N rows (the whole batch's sums are
+   dgamma and dbeta); then din += gamma*invstd/total * (total*dout - sb - xhat*sg) */
+void kdp_bn_backward_sums(double *sg, double *sb, const float *dout, const float *xhat, size_t N,
+                          size_t C);
+void kdp_bn_backward_rows(float *din, const float *dout, const float *xhat, const double *sg,
+                          const double *sb, const float *invstd, const float *gamma,
+                          size_t total, size_t N, size_t C);
 
 /* ---- fused conv -> batchnorm -> max-pool 2x2 stride 2 -> relu (the cnn's blocks) ----
    y (B x OH x OW x Cout) receives the conv output (bias added) and is kept for backward;

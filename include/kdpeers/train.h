@@ -16,6 +16,51 @@ typedef struct kdp_run_opts {
 } kdp_run_opts;
 int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err);
 
+/* ---- the distillation part of one step (step.c): gather (dist) -> compute (kd) -> scatter ---- */
+struct kdp_cohort;
+struct kdp_kd_losses;
+typedef struct kdp_pipeline kdp_pipeline;
+/* For global batches of up to max_batch rows of the cohort c on the layout d. */
+int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, struct kdp_cohort *c, size_t max_batch,
+                        kdp_error *err);
+void kdp_pipeline_free(kdp_pipeline *p);
+struct kdp_cohort *kdp_pipeline_cohort(kdp_pipeline *p);
+
+/* One step's input on this rank: the global batch's labels and this rank's own rows of its
+   peer's outputs (rows kdp_dist_rows(d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B)). */
+typedef struct kdp_step_in {
+  size_t B;            /* rows of the global batch */
+  const int32_t *y;    /* its B labels */
+  const float *z, *h;  /* own rows (n x C) of the peer's logits, (n x d) of its features */
+  const float *z_all;  /* NULL: the peers' logits are gathered; else every peer's logits on the
+                          own rows (P x n x C), computed here (codistill's stale copies) */
+  float T, weight;     /* temperature; effective KD weight lam * w(e) */
+  int burn_in;         /* codistill: step < kd.burn_in_steps */
+} kdp_step_in;
+
+/* The distillation part of a step (collective over the world): ADDS this rank's rows of dJ/dz
+   into dz (n x C) and, when the method has feature gradients, of dJ/dh into dh; leaves this
+   rank's share of the module's gradient in the cohort (kdp_pipeline_module_allreduce sums it).
+   out: the peer's losses on its own rows (means over them). Losses are means over the B rows. */
+int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
+                      struct kdp_kd_losses *out, kdp_error *err);
+/* Sums the replicated module's gradient over every rank (the replicas then step alike). */
+void kdp_pipeline_module_allreduce(kdp_pipeline *p);
+
+/* Evaluation of one batch of B rows (collective over the world), added to s: this peer on its
+   own rows (z, h: its rows of the peer's eval-mode outputs); the ensemble (mean of the peers'
+   probabilities) and the method's teacher on this rank's block of the batch, so that summed
+   over the world every row counts once. Losses are sums over rows. */
+typedef struct kdp_eval_sums {
+  double peer_loss, peer_hits, ens_loss, ens_hits, teacher_loss, teacher_hits;
+} kdp_eval_sums;
+int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *z,
+                      const float *h, kdp_eval_sums *s, kdp_error *err);
+/* The method's teacher (n x C, eval mode) over the cohort communicator, where every member
+   holds all n rows of its peer (z: n x C, h: n x d): the /predict teacher. */
+int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h, size_t n,
+                                float *out, kdp_error *err);
+
 /* Threads of this rank's step (kdp_nn_set_threads): cfg->threads, else the cores this process
    is bound to when that is fewer than the node's, else cores / ranks on this node (at least 1). */
 /* Loads the train and test sets named by data.*, then applies subset, test_subset and label

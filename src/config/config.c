@@ -1,6 +1,7 @@
 /* config.c: the run configuration. One static key table drives defaults, INI files (inih),
    -s overrides, KDP_* environment variables, validation, printing and the docs. */
 #include "kdpeers/config.h"
+#include "kdpeers/kd.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -42,6 +43,8 @@ typedef struct key_def {
   double lo, hi;
   unsigned flags;
   const char *const *choices; /* KT_ENUM, NULL-terminated */
+  const char *(*choice_at)(size_t i); /* KT_ENUM: the i-th choice or NULL (instead of choices) */
+  size_t eoff;                 /* KT_ENUM: 1 + offsetof the int that receives the choice's index */
   key_check check;
   const char *def; /* default, parsed through the same setter */
   const char *help;
@@ -49,6 +52,9 @@ typedef struct key_def {
 } key_def;
 
 #define AT(field) .off = offsetof(kdp_config, field), .size = sizeof(((kdp_config *)0)->field)
+/* KT_ENUM: the int field that receives the index of the choice (consumers read it, not the
+   string) */
+#define ENUM_AT(field) .eoff = 1 + offsetof(kdp_config, field)
 #define RANGE(a, b) .lo = (a), .hi = (b), .flags = R_LO | R_HI
 #define ATLEAST(a) .lo = (a), .flags = R_LO
 #define ABOVE(a) .lo = (a), .flags = R_LO | R_LO_EXCL
@@ -57,8 +63,6 @@ static const char *const progress_choices[] = {"auto", "bar", "plain", "none", N
 static const char *const format_choices[] = {"idx", "cifar10", "cifar100", "npy", "folder",
                                              NULL};
 static const char *const schedule_choices[] = {"constant", "cosine", "multistep", NULL};
-static const char *const method_choices[] = {"independent", "dml", "codistill", "avg",
-                                             "one",         "ffl", "okddip",    NULL};
 static const char *const exchange_choices[] = {"logits", "weights", NULL};
 static const char *const divergence_choices[] = {"stop", "rollback", NULL};
 
@@ -86,7 +90,8 @@ static const key_def keys[] = {
      .help = "steps between log lines / progress refreshes"},
     {"run", "ranks_per_peer", KT_INT, AT(ranks_per_peer), RANGE(1, 64), .def = "1",
      .help = "MPI ranks training each peer (data parallel within a peer)"},
-    {"run", "progress", KT_ENUM, AT(progress), .choices = progress_choices, .def = "auto",
+    {"run", "progress", KT_ENUM, AT(progress), .choices = progress_choices, ENUM_AT(progress_id),
+     .def = "auto",
      .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},
     {"run", "timeline", KT_BOOL, AT(timeline), .def = "false",
      .help = "write run.dir/timeline-rankNNN.json, a Chrome trace of compute and communication"},
@@ -99,7 +104,8 @@ static const key_def keys[] = {
     {"run", "stall_abort_seconds", KT_DOUBLE, AT(stall_abort_seconds), ATLEAST(0), .def = "600",
      .help = "end the job (exit 1) when ranks are this late at a step (0 = wait forever)"},
     /* [data] */
-    {"data", "format", KT_ENUM, AT(format), .choices = format_choices, .def = "idx",
+    {"data", "format", KT_ENUM, AT(format), .choices = format_choices, ENUM_AT(format_id),
+     .def = "idx",
      .help = "dataset format: idx (MNIST/Fashion-MNIST, .gz ok), CIFAR binary batches, npy "
              "(NumPy arrays) or folder (CLASS/IMAGE.png); see docs/data.md"},
     {"data", "train_images", KT_STRING, AT(train_images),
@@ -146,7 +152,8 @@ static const key_def keys[] = {
      .help = "L2 weight decay (coupled, added to the gradient)"},
     {"optim", "batch_size", KT_INT, AT(batch_size), RANGE(1, 65536), .def = "128",
      .help = "mini-batch size per peer"},
-    {"optim", "schedule", KT_ENUM, AT(schedule), .choices = schedule_choices, .def = "cosine",
+    {"optim", "schedule", KT_ENUM, AT(schedule), .choices = schedule_choices,
+     ENUM_AT(schedule_id), .def = "cosine",
      .help = "learning-rate schedule after warm-up"},
     {"optim", "milestones", KT_STRING, AT(milestones), .check = check_milestones, .def = "",
      .help = "multistep: increasing epochs at which lr is multiplied by gamma, e.g. 150,225"},
@@ -155,7 +162,8 @@ static const key_def keys[] = {
     {"optim", "warmup_epochs", KT_DOUBLE, AT(warmup_epochs), ATLEAST(0), .def = "0",
      .help = "linear lr warm-up from 0, in epochs (fractions allowed)"},
     /* [kd] */
-    {"kd", "method", KT_ENUM, AT(method), .choices = method_choices, .def = "dml",
+    {"kd", "method", KT_ENUM, AT(method), .choice_at = kdp_method_at, ENUM_AT(method_id),
+     .def = "dml",
      .help = "online distillation method (independent = no distillation)"},
     {"kd", "temperature", KT_DOUBLE, AT(temperature), .lo = 0, .hi = 100,
      .flags = R_LO | R_LO_EXCL | R_HI, .def = "3", .help = "softmax temperature of the KD terms"},
@@ -165,7 +173,8 @@ static const key_def keys[] = {
      .help = "ramp the KD weight up from 0 over this many epochs"},
     {"kd", "burn_in_steps", KT_INT64, AT(burn_in_steps), ATLEAST(0), .def = "0",
      .help = "steps of plain cross-entropy before distillation starts"},
-    {"kd", "exchange", KT_ENUM, AT(exchange), .choices = exchange_choices, .def = "logits",
+    {"kd", "exchange", KT_ENUM, AT(exchange), .choices = exchange_choices, ENUM_AT(exchange_id),
+     .def = "logits",
      .help = "codistill: exchange logits every step, or weights every kd.exchange_every steps"},
     {"kd", "exchange_every", KT_INT, AT(exchange_every), ATLEAST(1), .def = "50",
      .help = "codistill weights mode: steps between weight exchanges"},
@@ -185,7 +194,7 @@ static const key_def keys[] = {
     {"checkpoint", "keep", KT_INT, AT(ckpt_keep), RANGE(1, 1000), .def = "2",
      .help = "complete checkpoints kept in run.dir/checkpoints"},
     {"checkpoint", "on_divergence", KT_ENUM, AT(ckpt_on_divergence),
-     .choices = divergence_choices, .def = "stop",
+     .choices = divergence_choices, ENUM_AT(on_divergence_id), .def = "stop",
      .help = "NaN/Inf: stop, or roll back to the last checkpoint with a smaller lr"},
     {"checkpoint", "rollback_lr_scale", KT_DOUBLE, AT(ckpt_rollback_lr_scale),
      .lo = 0, .hi = 1, .flags = R_LO | R_LO_EXCL | R_HI, .def = "0.5",
@@ -272,11 +281,17 @@ static void range_text(const key_def *k, char *buf, size_t n) {
   kdp_range_text(&r, buf, n);
 }
 
+/* the i-th choice of a KT_ENUM key, NULL past the last */
+static const char *choice(const key_def *k, size_t i) {
+  if (k->choice_at) return k->choice_at(i);
+  return k->choices ? k->choices[i] : NULL;
+}
+
 static void choices_text(const key_def *k, char *buf, size_t n) {
   size_t used = 0;
   buf[0] = 0;
-  for (const char *const *c = k->choices; c && *c; c++) {
-    int w = snprintf(buf + used, n - used, "%s%s", c == k->choices ? "" : ", ", *c);
+  for (size_t i = 0; choice(k, i); i++) {
+    int w = snprintf(buf + used, n - used, "%s%s", i ? ", " : "", choice(k, i));
     if (w < 0 || (size_t)w >= n - used) break;
     used += (size_t)w;
   }
@@ -669,10 +684,15 @@ static int set_value(kdp_config *c, const key_def *k, size_t extra, const char *
     return 0;
   }
   case KT_ENUM: {
-    for (const char *const *ch = k->choices; *ch; ch++) {
-      if (strcmp(value, *ch) == 0) {
+    for (size_t i = 0; choice(k, i); i++) {
+      const char *ch = choice(k, i);
+      if (strcmp(value, ch) == 0) {
         memset(field, 0, k->size);
-        memcpy(field, *ch, strlen(*ch));
+        memcpy(field, ch, strlen(ch));
+        if (k->eoff) {
+          int id = (int)i;
+          memcpy((char *)field - k->off + (k->eoff - 1), &id, sizeof id);
+        }
         return 0;
       }
     }
@@ -850,9 +870,8 @@ void kdp_config_defaults(kdp_config *c) {
   for (size_t i = 0; i < N_KEYS; i++) {
     if (set_value(c, &keys[i], 0, keys[i].def, why, sizeof why) != 0) {
       /* A bad built-in default is a programming error: fail loudly at once. */
-      fprintf(stderr, "kdpeers: bad built-in default %s.%s = '%s': %s\n", keys[i].section,
+      kdp_die("internal error: bad built-in default %s.%s = '%s': %s", keys[i].section,
               keys[i].key, keys[i].def, why);
-      abort();
     }
   }
   /* peer_arch stays all zero: "" = use model.arch. */
@@ -1074,8 +1093,7 @@ int kdp_config_apply_env(kdp_config *c, kdp_error *err) {
     env_name(keys[i].section, keys[i].key, name, sizeof name);
     const char *v = getenv(name);
     if (!v) continue;
-    char *copy = strdup(v);
-    if (!copy) abort();
+    char *copy = kdp_xstrdup(v);
     if (set_value(tmp, &keys[i], 0, trim(copy), why, sizeof why) != 0)
       code = kdp_fail(err, KDP_EINVAL, "environment variable %s='%s' (%s.%s): %s", name,
                       shorten(v, vbuf, sizeof vbuf), keys[i].section, keys[i].key, why);
@@ -1087,8 +1105,7 @@ int kdp_config_apply_env(kdp_config *c, kdp_error *err) {
       for (char *q = name; *q; q++) *q = (char)toupper((unsigned char)*q);
       const char *v = getenv(name);
       if (!v) continue;
-      char *copy = strdup(v);
-      if (!copy) abort();
+      char *copy = kdp_xstrdup(v);
       if (set_value(tmp, &peer_keys[i], (size_t)p * peer_keys[i].size, trim(copy), why,
                     sizeof why) != 0)
         code = kdp_fail(err, KDP_EINVAL, "environment variable %s='%s' (peer.%d.%s): %s", name,
@@ -1153,8 +1170,14 @@ static int check_field(const kdp_config *c, const key_def *k, size_t extra, char
       return KDP_EINVAL;
     }
     if (k->type == KT_STRING) return k->check ? k->check(field, why, n) : 0;
-    for (const char *const *ch = k->choices; *ch; ch++)
-      if (strcmp(field, *ch) == 0) return 0;
+    for (size_t i = 0; choice(k, i); i++) {
+      if (strcmp(field, choice(k, i)) != 0) continue;
+      int id = (int)i;
+      if (k->eoff) memcpy(&id, (const char *)c + k->eoff - 1, sizeof id);
+      if (id == (int)i) return 0;
+      snprintf(why, n, "'%.32s' is choice %zu but its enum holds %d", field, i, id);
+      return KDP_EINVAL;
+    }
     char list[256];
     choices_text(k, list, sizeof list);
     snprintf(why, n, "'%.32s' is not one of: %s", field, list);
@@ -1182,7 +1205,7 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
   int nm = parse_milestones(c->milestones, NULL, 0, why, sizeof why);
   if (nm < 0) return kdp_fail(err, KDP_EINVAL, "config optim.milestones = '%s': %s",
                               c->milestones, why);
-  if (strcmp(c->schedule, "multistep") == 0 && nm == 0)
+  if (c->schedule_id == KDP_LR_MULTISTEP && nm == 0)
     return kdp_fail(err, KDP_EINVAL,
                     "config optim.schedule = multistep needs optim.milestones, e.g. "
                     "-s optim.milestones=150,225");

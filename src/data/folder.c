@@ -21,11 +21,9 @@ typedef struct name_list {
 static void list_add(name_list *l, const char *s) {
   if (l->n == l->cap) {
     l->cap = l->cap ? 2 * l->cap : 64;
-    l->v = realloc(l->v, l->cap * sizeof *l->v);
-    if (!l->v) abort();
+    l->v = kdp_xrealloc(l->v, l->cap * sizeof *l->v);
   }
-  l->v[l->n] = strdup(s);
-  if (!l->v[l->n]) abort();
+  l->v[l->n] = kdp_xstrdup(s);
   l->n++;
 }
 
@@ -193,13 +191,11 @@ int kdp_folder_load(kdp_dataset *ds, const char *root, const char *classes, kdp_
     for (size_t i = 0; rc == 0 && i < files.n; i++) {
       if (n == cap) {
         cap = cap ? 2 * cap : 1024;
-        items = realloc(items, cap * sizeof *items);
-        if (!items) abort();
+        items = kdp_xrealloc(items, cap * sizeof *items);
       }
       char fp[8192];
       snprintf(fp, sizeof fp, "%s/%s", path, files.v[i]);
-      items[n].path = strdup(fp);
-      if (!items[n].path) abort();
+      items[n].path = kdp_xstrdup(fp);
       items[n++].label = (uint8_t)label;
     }
     list_free(&files);

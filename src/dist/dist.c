@@ -201,12 +201,6 @@ int kdp_dist_setup_layout(kdp_dist *d, int k, const int *peer_k, int n, kdp_erro
   return 0;
 }
 
-void kdp_dist_rank_rows(const kdp_dist *d, int p, int s, size_t B, size_t *lo, size_t *hi) {
-  size_t k = (size_t)d->peer_k[p];
-  *lo = B * (size_t)s / k;
-  *hi = B * (size_t)(s + 1) / k;
-}
-
 #define TAG_WAITING 1
 
 /* Rank 0: takes every report of waiting that has arrived. */
@@ -260,6 +254,8 @@ void kdp_dist_free(kdp_dist *d) {
   if (d->peer_comm) MPI_Comm_free(&COMM(d->peer_comm));
   if (d->cohort_comm && COMM(d->cohort_comm) != MPI_COMM_NULL) MPI_Comm_free(&COMM(d->cohort_comm));
   if (d->node_comm) MPI_Comm_free(&COMM(d->node_comm));
+  free(d->xcounts);
+  free(d->xbuf);
   free(d->world);
   free(d->peer_comm);
   free(d->cohort_comm);
@@ -314,16 +310,6 @@ void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n) {
   d->t_allreduce += kdp_now() - t0;
 }
 
-void kdp_dist_cohort_allreduce(kdp_dist *d, float *buf, size_t n) {
-  if (d->n_peers <= 1) return;
-  double t0 = kdp_now();
-  if (n)
-    KDP_WAIT_MPI(
-        d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
-  d->t_exchange += kdp_now() - t0;
-  d->bytes_exchanged += (double)n * sizeof(float);
-}
-
 void kdp_dist_cohort_allreduce_f64(kdp_dist *d, double *buf, size_t n) {
   if (d->n_peers <= 1 || n == 0) return;
   if (d->uniform) {
@@ -354,90 +340,189 @@ void kdp_dist_cohort_allgather(kdp_dist *d, const float *in, float *out, size_t 
   d->t_exchange += kdp_now() - t0;
 }
 
-void kdp_dist_cohort_allgatherv(kdp_dist *d, const float *in, size_t n, float *out,
-                                const size_t *counts, const size_t *displs) {
-  double t0 = kdp_now();
-  int P = d->n_peers;
-  int *c = kdp_xmalloc(sizeof(int) * (size_t)P), *ds = kdp_xmalloc(sizeof(int) * (size_t)P);
-  double total = 0;
-  for (int i = 0; i < P; i++) {
-    c[i] = (int)counts[i];
-    ds[i] = (int)displs[i];
-    total += (double)counts[i];
+/* ---------------------------------------------------------------- rows of a batch */
+
+/* the group's communicator and size; this rank's member index */
+static MPI_Comm group_comm(const kdp_dist *d, kdp_group g, int *size, int *me) {
+  if (g == KDP_GROUP_COHORT) {
+    *size = d->n_peers;
+    *me = d->peer;
+    return COMM(d->cohort_comm);
   }
-  if (P <= 1)
-    memcpy(out + displs[0], in, n * sizeof(float));
-  else
-    KDP_WAIT_MPI(
-        d, MPI_Allgatherv(in, (int)n, MPI_FLOAT, out, c, ds, MPI_FLOAT, COMM(d->cohort_comm)));
-  d->bytes_exchanged += (total - (double)n) * sizeof(float);
-  free(c);
-  free(ds);
-  d->t_exchange += kdp_now() - t0;
+  *size = d->world_size;
+  *me = d->world_rank;
+  return MPI_COMM_WORLD;
 }
 
-void kdp_dist_cohort_reduce_scatter(kdp_dist *d, const float *in, float *out, size_t n) {
-  double t0 = kdp_now();
-  if (d->n_peers <= 1) {
-    memcpy(out, in, n * sizeof(float));
+/* member m of group g: its peer and its own rows of a B-row batch */
+static int member_rows(const kdp_dist *d, kdp_group g, int m, size_t B, size_t *lo, size_t *hi) {
+  if (g == KDP_GROUP_COHORT) {
+    *lo = 0;
+    *hi = B;
+    return m;
+  }
+  int p = 0;
+  while (p + 1 < d->n_peers && m >= d->peer_first[p + 1]) p++;
+  size_t k = (size_t)d->peer_k[p], s = (size_t)(m - d->peer_first[p]);
+  *lo = B * s / k;
+  *hi = B * (s + 1) / k;
+  return p;
+}
+
+/* member m's target rows */
+static void target_rows(const kdp_dist *d, kdp_group g, kdp_rows which, int m, size_t B,
+                        size_t *lo, size_t *hi) {
+  int size, me;
+  (void)group_comm(d, g, &size, &me);
+  if (which == KDP_ROWS_OWN) {
+    member_rows(d, g, m, B, lo, hi);
+  } else if (which == KDP_ROWS_BLOCK) {
+    *lo = B * (size_t)m / (size_t)size;
+    *hi = B * (size_t)(m + 1) / (size_t)size;
   } else {
-    KDP_WAIT_MPI(d, MPI_Reduce_scatter_block(in, out, (int)n, MPI_FLOAT, MPI_SUM,
-                                           COMM(d->cohort_comm)));
-    d->bytes_exchanged += (double)n * sizeof(float) * (double)(d->n_peers - 1);
+    *lo = 0;
+    *hi = B;
   }
-  d->t_exchange += kdp_now() - t0;
 }
 
-void kdp_dist_cohort_reduce_scatterv(kdp_dist *d, const float *in, float *out,
-                                     const size_t *counts) {
-  double t0 = kdp_now();
-  int P = d->n_peers;
-  if (P <= 1) {
-    memcpy(out, in, counts[0] * sizeof(float));
-  } else {
-    int *c = kdp_xmalloc(sizeof(int) * (size_t)P);
-    double total = 0;
-    for (int i = 0; i < P; i++) {
-      c[i] = (int)counts[i];
-      total += (double)counts[i];
-    }
-    KDP_WAIT_MPI(d, MPI_Reduce_scatter(in, out, c, MPI_FLOAT, MPI_SUM, COMM(d->cohort_comm)));
-    d->bytes_exchanged += (total - (double)counts[d->peer]) * sizeof(float);
-    free(c);
-  }
-  d->t_exchange += kdp_now() - t0;
+void kdp_dist_rows(const kdp_dist *d, kdp_group g, kdp_rows which, size_t B, size_t *lo,
+                   size_t *hi) {
+  int size, me;
+  (void)group_comm(d, g, &size, &me);
+  target_rows(d, g, which, me, B, lo, hi);
 }
 
-void kdp_dist_layout_allgather(kdp_dist *d, const float *in, size_t B, const size_t *width,
-                               const size_t *offset, float *out) {
-  double t0 = kdp_now();
-  int W = d->world_size;
-  int *c = kdp_xmalloc(sizeof(int) * (size_t)W), *ds = kdp_xmalloc(sizeof(int) * (size_t)W);
-  double total = 0;
-  for (int p = 0; p < d->n_peers; p++)
-    for (int s = 0; s < d->peer_k[p]; s++) {
-      int r = d->peer_first[p] + s;
-      size_t lo, hi;
-      kdp_dist_rank_rows(d, p, s, B, &lo, &hi);
-      c[r] = (int)((hi - lo) * width[p]);
-      ds[r] = (int)(offset[p] + lo * width[p]);
-      total += (double)c[r];
-    }
+static size_t overlap(size_t alo, size_t ahi, size_t blo, size_t bhi, size_t *lo) {
+  *lo = alo > blo ? alo : blo;
+  size_t hi = ahi < bhi ? ahi : bhi;
+  return hi > *lo ? hi - *lo : 0;
+}
+
+/* counts and displacements (4 arrays of the group's size) and a receive buffer of n floats */
+static int *xcounts(kdp_dist *d) {
+  if (!d->xcounts) d->xcounts = kdp_xmalloc(4 * sizeof(int) * (size_t)(d->world_size + 1));
+  return d->xcounts;
+}
+static float *xbuf(kdp_dist *d, size_t n) {
+  if (n > d->xcap) {
+    free(d->xbuf);
+    d->xcap = n + n / 4;
+    d->xbuf = kdp_falloc(d->xcap);
+  }
+  return d->xbuf;
+}
+
+/* Prefix sums of the widths: peer p's block of n rows starts at n * woff[p]. */
+static void width_offsets(const kdp_dist *d, const size_t *width, size_t *woff) {
+  woff[0] = 0;
+  for (int p = 0; p < d->n_peers; p++) woff[p + 1] = woff[p] + width[p];
+}
+
+static void rows_alltoallv(kdp_dist *d, MPI_Comm comm, const float *in, const int *sc,
+                           const int *sd, float *out, const int *rc, const int *rd, int size,
+                           int me) {
+  double t0 = kdp_now(), sent = 0;
+  for (int m = 0; m < size; m++)
+    if (m != me) sent += (double)sc[m];
   static float dummy;
-  int mine = c[d->world_rank];
-  KDP_WAIT_MPI(d, MPI_Allgatherv(mine ? in : &dummy, mine, MPI_FLOAT, out, c, ds, MPI_FLOAT,
-                               MPI_COMM_WORLD));
-  d->bytes_exchanged += (total - (double)mine) * sizeof(float);
-  free(c);
-  free(ds);
+  KDP_WAIT_MPI(d, MPI_Alltoallv(in ? in : &dummy, sc, sd, MPI_FLOAT, out ? out : &dummy, rc, rd,
+                                MPI_FLOAT, comm));
+  d->bytes_exchanged += sent * sizeof(float);
   d->t_exchange += kdp_now() - t0;
 }
 
-void kdp_dist_world_bcast_f(kdp_dist *d, float *buf, size_t n) {
-  if (d->world_size <= 1 || n == 0) return;
+/* What both row exchanges start from: the group, this member's own and target rows, the
+   counts and displacements to fill, the widths' prefix sums. */
+typedef struct rows_plan {
+  MPI_Comm comm;
+  int size, me, mp; /* group size, this member, its peer */
+  int *sc, *sd, *rc, *rd;
+  size_t olo, ohi, tlo, thi;
+  size_t woff[KDP_DIST_MAX_PEERS + 1];
+} rows_plan;
+
+static void plan_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B, const size_t *width,
+                      rows_plan *x) {
+  x->comm = group_comm(d, g, &x->size, &x->me);
+  x->sc = xcounts(d);
+  x->sd = x->sc + x->size;
+  x->rc = x->sd + x->size;
+  x->rd = x->rc + x->size;
+  width_offsets(d, width, x->woff);
+  x->mp = member_rows(d, g, x->me, B, &x->olo, &x->ohi);
+  target_rows(d, g, target, x->me, B, &x->tlo, &x->thi);
+}
+
+void kdp_dist_gather_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                          const size_t *width, const float *in, float *out) {
+  rows_plan x;
+  plan_rows(d, g, target, B, width, &x);
+  const size_t nt = x.thi - x.tlo;
+  for (int m = 0; m < x.size; m++) {
+    size_t lo, mlo, mhi, tl, th;
+    /* to m: my own rows within m's target rows */
+    target_rows(d, g, target, m, B, &tl, &th);
+    size_t n = overlap(x.olo, x.ohi, tl, th, &lo);
+    x.sc[m] = (int)(n * width[x.mp]);
+    x.sd[m] = n ? (int)((lo - x.olo) * width[x.mp]) : 0;
+    /* from m: m's own rows within my target rows, into its peer's block */
+    int p = member_rows(d, g, m, B, &mlo, &mhi);
+    n = overlap(mlo, mhi, x.tlo, x.thi, &lo);
+    x.rc[m] = (int)(n * width[p]);
+    x.rd[m] = n ? (int)(nt * x.woff[p] + (lo - x.tlo) * width[p]) : 0;
+  }
+  rows_alltoallv(d, x.comm, in, x.sc, x.sd, out, x.rc, x.rd, x.size, x.me);
+}
+
+void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                           const size_t *width, int shared, const float *in, float *out) {
+  rows_plan x;
+  plan_rows(d, g, target, B, width, &x);
+  const size_t nt = x.thi - x.tlo, w = width[x.mp];
+  size_t total = 0;
+  for (int m = 0; m < x.size; m++) {
+    size_t lo, mlo, mhi, tl, th;
+    /* to m: m's own rows within my target rows, from the block of m's peer */
+    int p = member_rows(d, g, m, B, &mlo, &mhi);
+    size_t n = overlap(mlo, mhi, x.tlo, x.thi, &lo);
+    x.sc[m] = (int)(n * width[p]);
+    x.sd[m] = n ? (int)((shared ? 0 : nt * x.woff[p]) + (lo - x.tlo) * width[p]) : 0;
+    /* from m: my own rows within m's target rows, one after the other */
+    target_rows(d, g, target, m, B, &tl, &th);
+    n = overlap(x.olo, x.ohi, tl, th, &lo);
+    x.rc[m] = (int)(n * w);
+    x.rd[m] = (int)total;
+    total += n * w;
+  }
+  float *recv = xbuf(d, total ? total : 1);
+  rows_alltoallv(d, x.comm, in, x.sc, x.sd, recv, x.rc, x.rd, x.size, x.me);
+  /* add each sender's rows into mine, in rank order */
+  for (int m = 0; m < x.size; m++) {
+    size_t lo, tl, th;
+    target_rows(d, g, target, m, B, &tl, &th);
+    size_t n = overlap(x.olo, x.ohi, tl, th, &lo);
+    float *o = out + (lo - x.olo) * w;
+    const float *r = recv + x.rd[m];
+    for (size_t k = 0; k < n * w; k++) o[k] += r[k];
+  }
+}
+
+void kdp_dist_group_sum_f64(kdp_dist *d, kdp_group g, double *buf, size_t n) {
+  int size, me;
+  MPI_Comm comm = group_comm(d, g, &size, &me);
+  if (size <= 1 || n == 0) return;
   double t0 = kdp_now();
-  KDP_WAIT_MPI(d, MPI_Bcast(buf, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD));
-  d->t_allreduce += kdp_now() - t0;
+  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, comm));
+  d->t_exchange += kdp_now() - t0;
+}
+
+void kdp_dist_group_min(kdp_dist *d, kdp_group g, float *buf, size_t n) {
+  int size, me;
+  MPI_Comm comm = group_comm(d, g, &size, &me);
+  if (size <= 1 || n == 0) return;
+  double t0 = kdp_now();
+  KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_MIN, comm));
+  d->t_exchange += kdp_now() - t0;
 }
 
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {

@@ -20,8 +20,7 @@ typedef struct pool {
 static void *palloc(pool *pl, size_t n) {
   if (pl->n == pl->cap) {
     pl->cap = pl->cap ? 2 * pl->cap : 256;
-    pl->p = realloc(pl->p, pl->cap * sizeof *pl->p);
-    if (!pl->p) abort();
+    pl->p = kdp_xrealloc(pl->p, pl->cap * sizeof *pl->p);
   }
   void *q = kdp_xcalloc(1, n ? n : 1);
   pl->p[pl->n++] = q;

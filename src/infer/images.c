@@ -21,10 +21,9 @@ static int push(kdp_images *imgs, const char *path, const uint8_t *pix, size_t n
                     kdp_images_elem(imgs) == 4 ? "float32" : "uint8");
   imgs->elem = elem;
   size_t isz = imgs->H * imgs->W * imgs->C * elem;
-  imgs->pix = realloc(imgs->pix, (imgs->n + n) * isz + 1);
-  imgs->source_of = realloc(imgs->source_of, (imgs->n + n) * sizeof(size_t) + 1);
-  imgs->sources = realloc(imgs->sources, (imgs->n_sources + 1) * sizeof(char *));
-  if (!imgs->pix || !imgs->source_of || !imgs->sources) abort();
+  imgs->pix = kdp_xrealloc(imgs->pix, (imgs->n + n) * isz + 1);
+  imgs->source_of = kdp_xrealloc(imgs->source_of, (imgs->n + n) * sizeof(size_t) + 1);
+  imgs->sources = kdp_xrealloc(imgs->sources, (imgs->n_sources + 1) * sizeof(char *));
   memcpy(imgs->pix + imgs->n * isz, pix, n * isz);
   for (size_t i = 0; i < n; i++) imgs->source_of[imgs->n + i] = imgs->n_sources;
   imgs->sources[imgs->n_sources++] = strdup(path);
@@ -40,8 +39,7 @@ static uint8_t *slurp(FILE *f, size_t *len) {
     if (n == cap) {
       if (cap >= MAX_INPUT_BYTES) break;
       cap *= 2;
-      buf = realloc(buf, cap);
-      if (!buf) abort();
+      buf = kdp_xrealloc(buf, cap);
     }
     size_t got = fread(buf + n, 1, cap - n, f);
     if (got == 0) break;

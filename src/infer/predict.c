@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kdpeers/kd.h"
+
 #include "kdpeers/infer.h"
 
 #define DEFAULT_BATCH 256
@@ -40,9 +42,7 @@ static void json_str(const char *s) {
 
 static void print_line(const kdp_modelfile *mf, const kdp_images *imgs, size_t i, const float *p,
                        int json, int top) {
-  size_t C = mf->in.n_classes, am = 0;
-  for (size_t k = 1; k < C; k++)
-    if (p[k] > p[am]) am = k;
+  size_t C = mf->in.n_classes, am = kdp_argmax(p, C);
   const char *name = mf->class_names ? mf->class_names[am] : NULL;
   if (json) {
     printf("{\"index\":%zu,\"source\":", i);

@@ -1259,6 +1259,72 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
   bn_backward(din, dgamma, dbeta, dout, xhat, invstd, gamma, N, C, 1);
 }
 
+/* batchnorm in pieces, for rows spread over processes (the kd modules): sums shifted by a
+   per-channel value (the first row of the batch) are added over the blocks and the processes,
+   then finished once, which keeps the sum-of-squares cancellation small */
+void kdp_bn_stats_rows(double *sum, double *sq, const float *in, const double *shift, size_t N,
+                       size_t C) {
+  size_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const float *x0 = in + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+    for (size_t c = 0; c < C; c++) {
+      double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
+      double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
+      sum[c] += (d0 + d1) + (d2 + d3);
+      sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; n < N; n++) {
+    const float *x = in + n * C;
+    for (size_t c = 0; c < C; c++) {
+      double d = (double)x[c] - shift[c];
+      sum[c] += d;
+      sq[c] += d * d;
+    }
+  }
+}
+
+void kdp_bn_stats_finish(float *mean, float *invstd, float *run_mean, float *run_var,
+                         const double *sum, const double *sq, const double *shift, size_t total,
+                         size_t C, float momentum, float eps) {
+  const size_t N = total ? total : 1;
+  const double invN = 1.0 / (double)N;
+  for (size_t c = 0; c < C; c++) {
+    double m = sum[c] * invN;
+    double var = sq[c] * invN - m * m;
+    if (var < 0) var = 0;
+    double mu = shift[c] + m;
+    mean[c] = (float)mu;
+    invstd[c] = (float)(1.0 / sqrt(var + (double)eps));
+    if (run_mean) run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (float)mu;
+    if (run_var) {
+      double unb = N > 1 ? var * (double)N / (double)(N - 1) : var;
+      run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (float)unb;
+    }
+  }
+}
+
+void kdp_bn_normalize(float *out, float *xhat, const float *in, const float *mean,
+                      const float *invstd, const float *gamma, const float *beta, size_t N,
+                      size_t C) {
+  bn_norm_rows(out, xhat, in, mean, invstd, gamma, beta, N, C);
+}
+
+void kdp_bn_backward_sums(double *sg, double *sb, const float *dout, const float *xhat, size_t N,
+                          size_t C) {
+  bn_bwd_sums(sg, sb, dout, xhat, N, C);
+}
+
+void kdp_bn_backward_rows(float *din, const float *dout, const float *xhat, const double *sg,
+                          const double *sb, const float *invstd, const float *gamma,
+                          size_t total, size_t N, size_t C) {
+  if (C == 0 || N == 0) return;
+  float *k = kdp_xmalloc(3 * C * sizeof(float));
+  bn_bwd_coefs(k, k + C, k + 2 * C, sg, sb, invstd, gamma, total, C);
+  bn_bwd_din(din, dout, xhat, k, k + C, k + 2 * C, N, C, 0);
+  free(k);
+}
+
 /* ================= fused conv -> batchnorm -> 2x2 max-pool -> relu ================= */
 
 /* One sweep over the conv output per direction instead of five: batch statistics are summed

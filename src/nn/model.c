@@ -1046,14 +1046,11 @@ static void dense_relu_backward(kdp_model *m, int i, float *din, size_t B) {
 
 const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng) {
   if (B > m->max_batch) {
-    fprintf(stderr, "kdpeers: internal error: batch %zu > max_batch %zu for model %s\n", B,
-            m->max_batch, m->arch);
-    abort();
+    kdp_die("internal error: a forward pass of %zu rows, but model %s takes at most %zu", B,
+            m->arch, m->max_batch);
   }
   if (train && m->infer) {
-    fprintf(stderr, "kdpeers: internal error: train-mode forward on the eval-only model %s\n",
-            m->arch);
-    abort();
+    kdp_die("internal error: train-mode forward pass on the eval-only model %s", m->arch);
   }
   m->B = B;
   m->last_train = train;
@@ -1166,8 +1163,7 @@ static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
 
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
   if (m->infer) {
-    fprintf(stderr, "kdpeers: internal error: backward on the eval-only model %s\n", m->arch);
-    abort();
+    kdp_die("internal error: backward pass on the eval-only model %s", m->arch);
   }
   size_t B = m->B;
   model_scratch(m);

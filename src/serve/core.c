@@ -16,8 +16,7 @@ void kdp_buf_reserve(kdp_buf *b, size_t cap) {
   if (cap <= b->cap) return;
   char *p = realloc(b->p, cap);
   if (!p) {
-    fprintf(stderr, "kdpeers: server out of memory (%zu bytes)\n", cap);
-    abort();
+    kdp_die("server out of memory (%zu bytes)", cap);
   }
   b->p = p;
   b->cap = cap;

@@ -297,8 +297,7 @@ void kdp_http_conn_init(kdp_http_conn *c, kdp_srv_core *core, const kdp_http_io 
 
 static void hold(kdp_http_conn *c, const char *data, size_t len) {
   if (!len) return;
-  char *h = realloc(c->held, c->held_len + len);
-  if (!h) abort();
+  char *h = kdp_xrealloc(c->held, c->held_len + len);
   memcpy(h + c->held_len, data, len);
   c->held = h;
   c->held_len += len;

@@ -82,7 +82,7 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_f64(w, "kd_weight", t->kd_weight, err));
     PUT(kdp_ckpt_put_i64(w, "rollbacks", t->n_rollbacks, err));
     PUT(kdp_ckpt_put_i64(w, "metrics_offset", moff, err));
-    PUT(kdp_method_save(t, w, err));
+    PUT(kdp_distill_save(t, w, err));
 #undef PUT
   }
   uint32_t crc = 0;
@@ -242,6 +242,8 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     if (rc == 0) rc = compare_configs(t, saved, now ? now : "", err);
     free(now);
   }
+  /* the state read out of the file from here on: its errors name a key, not the file */
+  const int reading = rc == 0;
   size_t np = kdp_model_n_params(t->model), nb = kdp_model_n_buffers(t->model);
   int64_t i64 = 0, epoch = 0, moff = -1;
   uint64_t pos = 0;
@@ -273,9 +275,9 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   GET(kdp_ckpt_get_i64(ck, "rollbacks", &i64, err));
   if (rc == 0) t->n_rollbacks = (int)i64;
   GET(kdp_ckpt_get_i64(ck, "metrics_offset", &moff, err));
-  GET(kdp_method_load(t, ck, err));
+  GET(kdp_distill_load(t, ck, err));
 #undef GET
-  if (rc != 0 && rc != KDP_EMISMATCH && strstr(err->msg, "checkpoint") == NULL) {
+  if (rc != 0 && rc != KDP_EMISMATCH && reading) {
     kdp_error e2 = *err;
     kdp_fail(err, rc, "cannot resume from %s: %s", path, e2.msg);
   }

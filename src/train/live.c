@@ -751,8 +751,7 @@ static kdp_model *inference_model(kdp_trainer *t) {
     kdp_error err;
     if (kdp_model_create(&lv->imodel, kdp_model_arch(t->model), ish, LIVE_CHUNK, &err) != 0) {
       /* t->model was built from the same architecture string: only a bug gets here */
-      fprintf(stderr, "kdpeers: internal error building the inference model: %s\n", err.msg);
-      abort();
+      kdp_die("internal error building the inference model: %s", err.msg);
     }
     lv->ix = kdp_falloc((size_t)LIVE_CHUNK * t->train.H * t->train.W * t->train.C);
   }

@@ -210,11 +210,12 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
     }
   }
   t->metrics = m;
-  const char *mode = t->cfg->progress;
-  if (strcmp(mode, "auto") == 0)
-    t->tty = isatty(STDERR_FILENO) || kdp_progress_launcher_tty();
-  else
-    t->tty = strcmp(mode, "bar") == 0 ? 1 : strcmp(mode, "plain") == 0 ? 0 : -1;
+  switch ((kdp_progress_mode)t->cfg->progress_id) {
+  case KDP_PROGRESS_AUTO: t->tty = isatty(STDERR_FILENO) || kdp_progress_launcher_tty(); break;
+  case KDP_PROGRESS_BAR: t->tty = 1; break;
+  case KDP_PROGRESS_PLAIN: t->tty = 0; break;
+  default: t->tty = -1; break;
+  }
   g_nrows = 0;
   line l;
   if (!line_begin(t, &l)) return 0;
@@ -376,7 +377,7 @@ static void progress_bar(kdp_trainer *t, int64_t step, double epoch, double loss
 }
 
 int kdp_metrics_distils(const kdp_trainer *t) {
-  return t->P > 1 && strcmp(t->cfg->method, "independent") != 0;
+  return t->P > 1 && t->ops != kdp_method_ops_of(KDP_METHOD_INDEPENDENT);
 }
 
 void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss, double kd,

@@ -49,10 +49,9 @@ static void series_add(series *x, double epoch, double acc, double loss) {
   if (x->n > 0 && fabs(x->epoch[x->n - 1] - epoch) < 1e-9) x->n--;
   if (x->n == x->cap) {
     x->cap = x->cap ? 2 * x->cap : 64;
-    x->epoch = realloc(x->epoch, x->cap * sizeof(double));
-    x->acc = realloc(x->acc, x->cap * sizeof(double));
-    x->loss = realloc(x->loss, x->cap * sizeof(double));
-    if (!x->epoch || !x->acc || !x->loss) abort();
+    x->epoch = kdp_xrealloc(x->epoch, x->cap * sizeof(double));
+    x->acc = kdp_xrealloc(x->acc, x->cap * sizeof(double));
+    x->loss = kdp_xrealloc(x->loss, x->cap * sizeof(double));
   }
   x->epoch[x->n] = epoch;
   x->acc[x->n] = acc;
@@ -277,8 +276,7 @@ static void run_label(const char *dir, char *out, size_t n) {
 
 int kdp_plot_runs(const char *const *run_dirs, int n_runs, const char *out_path, char *why,
                   size_t why_len) {
-  plot *p = calloc(1, sizeof *p);
-  if (!p) abort();
+  plot *p = kdp_xcalloc(1, sizeof *p);
   int rc = 0;
   for (int r = 0; r < n_runs && rc == 0; r++) {
     char label[64] = "";

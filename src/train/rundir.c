@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kdpeers/ckpt.h"
 #include "kdpeers/serve.h"
 #include "train_internal.h"
 
@@ -22,22 +23,12 @@
 
 static volatile int g_lock_fd = -1; /* read by kdp_rundir_release_now in a signal handler */
 
+/* run.dir and its parents (the one mkdir -p of kdpeers, kdp_ckpt_mkdirs) */
 static int mkdir_p(const char *path, kdp_error *err) {
-  char buf[KDP_PATH];
-  snprintf(buf, sizeof buf, "%s", path);
-  for (char *p = buf + 1; *p; p++) {
-    if (*p != '/') continue;
-    *p = 0;
-    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-      return kdp_fail(err, KDP_EIO, "cannot create directory '%s': %s", buf, strerror(errno));
-    *p = '/';
-  }
-  if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-    return kdp_fail(err, KDP_EIO, "cannot create run.dir '%s': %s (set run.dir to a writable folder)",
-                    buf, strerror(errno));
-  struct stat st;
-  if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode))
-    return kdp_fail(err, KDP_EIO, "run.dir '%s' exists but is not a directory", buf);
+  kdp_error e;
+  if (kdp_ckpt_mkdirs(path, &e) != 0)
+    return kdp_fail(err, KDP_EIO, "run.dir '%s': %s (set run.dir to a writable folder)", path,
+                    e.msg);
   return 0;
 }
 

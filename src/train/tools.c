@@ -126,7 +126,7 @@ static void run_class_names(const char *run_dir, char *out, size_t n) {
   int rc = kdp_config_load_file(&cfg, ini, &err);
   unlink(ini);
   if (rc != 0) return;
-  if (strcmp(cfg.format, "idx") == 0) {
+  if (cfg.format_id == KDP_FORMAT_IDX) {
     if (strstr(cfg.train_images, "fashion-mnist/")) snprintf(out, n, "%s", FASHION_NAMES);
     return;
   }
@@ -136,7 +136,7 @@ static void run_class_names(const char *run_dir, char *out, size_t n) {
   if (comma) *comma = 0;
   char *slash = strrchr(dir, '/');
   if (slash) slash[1] = 0; else dir[0] = 0;
-  strcat(dir, strcmp(cfg.format, "cifar100") == 0 ? "fine_label_names.txt" : "batches.meta.txt");
+  strcat(dir, cfg.format_id == KDP_FORMAT_CIFAR100 ? "fine_label_names.txt" : "batches.meta.txt");
   FILE *f = fopen(dir, "r");
   if (!f) return;
   size_t len = fread(out, 1, n - 1, f);
@@ -237,20 +237,14 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
         kdp_modelfile_predict(&lm[i], test.images + first * isz, elem, b, p);
         for (size_t r = 0; r < b; r++) {
           const float *row = p + r * C;
-          size_t am = 0;
-          for (size_t k = 1; k < C; k++)
-            if (row[k] > row[am]) am = k;
-          hits[i] += am == (size_t)y[r];
+          hits[i] += kdp_argmax(row, C) == (size_t)y[r];
           loss[i] -= log(fmax(row[y[r]], 1e-30));
           for (size_t k = 0; k < C; k++) ens[r * C + k] += row[k] / (float)n;
         }
       }
       for (size_t r = 0; r < b; r++) {
         const float *row = ens + r * C;
-        size_t am = 0;
-        for (size_t k = 1; k < C; k++)
-          if (row[k] > row[am]) am = k;
-        hits[n] += am == (size_t)y[r];
+        hits[n] += kdp_argmax(row, C) == (size_t)y[r];
         loss[n] -= log(fmax(row[y[r]], 1e-30));
       }
     }

@@ -1,4 +1,5 @@
-/* train.c: the step loop: batches, forward, distillation loss, backward, allreduce, SGD, eval. */
+/* train.c: a run: setup (data, model, distillation, resume), the loop of steps (step.c), their
+   log, evaluation (eval.c) and boundary (boundary.c), and the finish (summary, release). */
 #include "kdpeers/train.h"
 
 #include <cblas.h>
@@ -132,182 +133,7 @@ static void memory_now(double *rss_mb, double *pss_mb) {
   }
   fclose(f);
 }
-
-/* ---------------- evaluation ---------------- */
-
-/* Per-peer layout: the test set in chunks of EVAL_BATCH rows; each rank computes its rows of a
-   chunk, the rows are allgathered over the world, and rank 0 scores every peer, the ensemble and
-   the teacher on the whole chunk. */
-static void evaluate_layout(kdp_trainer *t, int64_t step, double epoch) {
-  const kdp_dataset *ds = &t->test;
-  kdp_dist *d = t->d;
-  size_t C = t->C, n = ds->n, P = (size_t)t->P, isz = ds->H * ds->W * ds->C;
-  /* [2p] loss and [2p+1] hits of peer p, then ensemble, then teacher */
-  double *s = kdp_xcalloc(2 * P + 4, sizeof(double));
-  float *prob = kdp_falloc(EVAL_BATCH * C), *ens = kdp_falloc(EVAL_BATCH * C);
-  float *teacher = t->is_root && t->teacher_eval ? kdp_falloc(EVAL_BATCH * C) : NULL;
-  for (size_t first = 0; first < n; first += EVAL_BATCH) {
-    size_t B = n - first < EVAL_BATCH ? n - first : EVAL_BATCH, lo, hi;
-    kdp_dist_rank_rows(d, d->peer, d->slice, B, &lo, &hi);
-    kdp_dataset_get(ds, first, B, t->mean, t->std, t->xbuf, t->ybuf);
-    const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf + lo * isz, hi - lo, 0, NULL)
-                             : NULL;
-    int has_teacher = 0;
-    const float *all = kdp_method_eval_layout(t, z, B, teacher, &has_teacher);
-    if (!t->is_root || !all) continue;
-    memset(ens, 0, B * C * sizeof(float));
-    for (size_t p = 0; p < P; p++) {
-      size_t correct = 0;
-      const float *zp = all + p * B * C;
-      s[2 * p] += kdp_ce_loss(zp, t->ybuf, B, C, NULL, 0, &correct) * (double)B;
-      s[2 * p + 1] += (double)correct;
-      kdp_softmax_t(prob, zp, B, C, 1.0f);
-      for (size_t k = 0; k < B * C; k++) ens[k] += prob[k];
-    }
-    for (size_t i = 0; i < B; i++) {
-      const float *pr = ens + i * C;
-      size_t am = 0;
-      for (size_t k = 1; k < C; k++)
-        if (pr[k] > pr[am]) am = k;
-      s[2 * P + 1] += am == (size_t)t->ybuf[i];
-      double q = pr[t->ybuf[i]] / (double)P;
-      s[2 * P] -= log(q > 1e-30 ? q : 1e-30);
-    }
-    if (has_teacher) {
-      size_t tc = 0;
-      s[2 * P + 2] += kdp_ce_loss(teacher, t->ybuf, B, C, NULL, 0, &tc) * (double)B;
-      s[2 * P + 3] += (double)tc;
-    }
-  }
-  if (t->is_root) {
-    char name[32];
-    for (size_t p = 0; p < P; p++) {
-      snprintf(name, sizeof name, "peer%zu", p);
-      kdp_metrics_eval(t, step, epoch, name, s[2 * p + 1] / (double)n, s[2 * p] / (double)n);
-    }
-    kdp_metrics_eval(t, step, epoch, "ensemble", s[2 * P + 1] / (double)n, s[2 * P] / (double)n);
-    if (t->teacher_eval)
-      kdp_metrics_eval(t, step, epoch, t->teacher_name, s[2 * P + 3] / (double)n,
-                       s[2 * P + 2] / (double)n);
-  }
-  free(s);
-  free(prob);
-  free(ens);
-  free(teacher);
-}
-
-/* Evaluates every peer on the test set (split over the ranks of a peer), the mean-of-probabilities
-   ensemble over the cohort, and the method's teacher when it has one. */
-static void evaluate(kdp_trainer *t, int64_t step, double epoch) {
-  const kdp_dataset *ds = &t->test;
-  kdp_dist *d = t->d;
-  if (!d->uniform) {
-    evaluate_layout(t, step, epoch);
-    return;
-  }
-  size_t C = t->C;
-  size_t n = ds->n;
-  /* this rank's share of the test set */
-  size_t lo = n * (size_t)d->slice / (size_t)d->ranks_per_peer;
-  size_t hi = n * (size_t)(d->slice + 1) / (size_t)d->ranks_per_peer;
-  /* sums: [0] peer loss, [1] peer correct, [2] ens loss, [3] ens correct, [4] teacher loss,
-     [5] teacher correct */
-  double s[6] = {0, 0, 0, 0, 0, 0};
-  float *prob = kdp_falloc(EVAL_BATCH * C);
-  float *ens = kdp_falloc(EVAL_BATCH * C);
-  for (size_t first = lo; first < hi; first += EVAL_BATCH) {
-    size_t b = hi - first < EVAL_BATCH ? hi - first : EVAL_BATCH;
-    /* every cohort member must take part in each allreduce: pad to the cohort's batch count */
-    kdp_dataset_get(ds, first, b, t->mean, t->std, t->xbuf, t->ybuf);
-    const float *z = kdp_model_forward(t->model, t->xbuf, b, 0, NULL);
-    size_t correct = 0;
-    s[0] += kdp_ce_loss(z, t->ybuf, b, C, NULL, 0, &correct) * (double)b;
-    s[1] += (double)correct;
-    kdp_softmax_t(prob, z, b, C, 1.0f);
-    if (t->P > 1) {
-      memcpy(ens, prob, b * C * sizeof(float));
-      kdp_dist_cohort_allreduce(d, ens, b * C);
-      double l = 0;
-      size_t c = 0;
-      for (size_t i = 0; i < b; i++) {
-        const float *p = ens + i * C;
-        size_t am = 0;
-        for (size_t k = 1; k < C; k++)
-          if (p[k] > p[am]) am = k;
-        c += am == (size_t)t->ybuf[i];
-        double q = p[t->ybuf[i]] / (double)t->P;
-        l -= log(q > 1e-30 ? q : 1e-30);
-      }
-      s[2] += l;
-      s[3] += (double)c;
-    }
-    if (t->teacher_eval) {
-      double tl = 0;
-      size_t tc = 0;
-      t->teacher_eval(t, z, b, &tl, &tc);
-      s[4] += tl;
-      s[5] += (double)tc;
-    }
-  }
-  free(prob);
-  free(ens);
-  kdp_dist_peer_allreduce_f64(d, s, 6);
-  /* gather every peer's (loss, acc) on the cohort */
-  double *all = kdp_xcalloc((size_t)t->P * 2, sizeof(double));
-  all[2 * d->peer] = s[0] / (double)n;
-  all[2 * d->peer + 1] = s[1] / (double)n;
-  kdp_dist_cohort_allreduce_f64(d, all, (size_t)t->P * 2);
-  if (t->is_root) {
-    char name[32];
-    for (int p = 0; p < t->P; p++) {
-      snprintf(name, sizeof name, "peer%d", p);
-      kdp_metrics_eval(t, step, epoch, name, all[2 * p + 1], all[2 * p]);
-    }
-    if (t->P > 1) kdp_metrics_eval(t, step, epoch, "ensemble", s[3] / (double)n, s[2] / (double)n);
-    if (t->teacher_eval)
-      kdp_metrics_eval(t, step, epoch, t->teacher_name, s[5] / (double)n, s[4] / (double)n);
-  }
-  free(all);
-}
-
-/* ---------------- divergence and signals ---------------- */
-
-
-typedef struct divergence {
-  int peer_plus1;
-  int64_t step;
-  const char *term;
-  double value;
-} divergence;
-
-static int all_finite(const float *v, size_t n) {
-  float acc = 0.0f;
-  for (size_t i = 0; i < n; i++) acc += v[i] * 0.0f; /* NaN or Inf make the sum NaN */
-  return acc == 0.0f;
-}
-
-static void note_divergence(divergence *dv, int peer, int64_t step, const char *term, double v) {
-  if (dv->peer_plus1) return; /* keep the first */
-  dv->peer_plus1 = peer + 1;
-  dv->step = step;
-  dv->term = term;
-  dv->value = v;
-}
-
-/* The divergence error on this rank (the rank of the diverged peer names the step and term),
-   ending with what to do about it. */
-static int divergence_error(const divergence *dv, kdp_dist *d, int peer, const char *advice,
-                            kdp_error *err) {
-  if (dv->peer_plus1)
-    return kdp_fail(err, KDP_EDIVERGED, "divergence: peer %d, step %lld: the %s %s %g%s",
-                    d->peer, (long long)dv->step, dv->term,
-                    strcmp(dv->term, "parameters") == 0 || strcmp(dv->term, "logits") == 0
-                        ? "contain"
-                        : "is",
-                    dv->value, advice);
-  return kdp_fail(err, KDP_EDIVERGED,
-                  "divergence in peer %d (its rank reports the step and term)%s", peer, advice);
-}
+/* ---------------- signals ---------------- */
 
 static volatile sig_atomic_t g_signals;
 
@@ -338,145 +164,35 @@ void kdp_train_install_signals(void) {
 
 int kdp_train_signal_count(void) { return (int)g_signals; }
 
-/* While paused (or serving only): answer commands and predictions at ~50 agreement points a
-   second, honour signals, and write a checkpoint asked for meanwhile. Collective. */
-static int pause_loop(kdp_trainer *t, int *want, int *want_stop, kdp_error *err) {
-  kdp_dist *d = t->d;
-  int rc = 0;
-  while (t->paused && !*want_stop) {
-    /* paused: keep answering commands and predictions, and honour signals */
-    usleep(20000);
-    int32_t pf[KDP_SYNC_N] = {0};
-    pf[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
-    if (t->is_root) kdp_live_poll(t, pf);
-    kdp_dist_step_sync(d, pf, KDP_SYNC_N);
-    if (pf[KDP_SYNC_CMD]) kdp_live_command(t, want, want_stop);
-    if (pf[KDP_SYNC_PREDICT]) kdp_live_predict(t, pf[KDP_SYNC_PREDICT], pf[KDP_SYNC_PREDICT_FLOAT], 0);
-    if (pf[KDP_SYNC_STOP]) *want = *want_stop = 1;
-    if (*want && !*want_stop) {
-      /* a checkpoint asked for while paused is written now */
-      rc = kdp_train_save(t, err);
-      if (rc != 0) break;
-      t->last_ckpt_time = kdp_now();
-      kdp_live_checkpointed(t);
-      *want = 0;
-    }
-    if (t->is_root) kdp_live_publish(t, 1);
-  }
+
+/* ---------------- setup ---------------- */
+
+/* Frees the data of a setup that stopped before the model existed. */
+static int drop_data(kdp_trainer *t, int rc) {
+  kdp_dataset_free(&t->train);
+  kdp_dataset_free(&t->test);
+  kdp_dist_node_shared_free(t->data_win);
   return rc;
 }
 
-/* ---------------- the run ---------------- */
-
-/* Fault injection for the tests (docs/testing.md): rank 0 signals itself at step signal_at
-   (KDP_FAULT_SIGNAL_AT_STEP=N) and makes a logit NaN at step nan_at (KDP_FAULT_NAN_AT_STEP=N);
-   rank R stops itself (SIGSTOP) before the agreement point of step stop_at
-   (KDP_FAULT_STOP_AT_STEP=N:R). -1 = never. */
-typedef struct faults {
-  int64_t signal_at, nan_at, stop_at;
-} faults;
-
-static void faults_init(const kdp_trainer *t, faults *f) {
-  const char *sig = getenv("KDP_FAULT_SIGNAL_AT_STEP"), *nan = getenv("KDP_FAULT_NAN_AT_STEP");
-  const char *stop = getenv("KDP_FAULT_STOP_AT_STEP");
-  f->signal_at = sig && t->is_root ? atoll(sig) : -1;
-  f->nan_at = nan && t->is_root ? atoll(nan) : -1;
-  long long at = -1;
-  int rank = -1;
-  f->stop_at = stop && sscanf(stop, "%lld:%d", &at, &rank) == 2 && rank == t->d->world_rank
-                   ? at
-                   : -1;
-}
-
-/* Divergence with checkpoint.on_divergence = rollback: back to the newest checkpoint, lr scaled.
-   The rollback count and the lr scale belong to this run, not to the checkpoint: they are kept
-   across the restore (else every rollback would be the first, at the same scale). */
-static int rollback(kdp_trainer *t, kdp_error *err) {
-  int n = t->n_rollbacks;
-  double scale = t->lr_scale;
-  kdp_error e2;
-  int r = kdp_train_restore_latest(t, NULL, &e2);
-  if (r < 0) {
-    *err = e2;
-    return r;
-  }
-  if (r == 0) {
-    kdp_error e3 = *err;
-    return kdp_fail(err, KDP_EDIVERGED,
-                    "%s. There is no checkpoint to roll back to yet: checkpoint earlier "
-                    "(checkpoint.every_steps), or lower optim.lr or kd.weight",
-                    e3.msg);
-  }
-  t->n_rollbacks = n + 1;
-  t->lr_scale = scale * t->cfg->ckpt_rollback_lr_scale;
-  if (t->is_root) {
-    fprintf(stderr,
-            "kdpeers: %s\nkdpeers: rolled back to step %lld with lr scale %g (rollback %d of "
-            "%d)\n",
-            err->msg, (long long)t->step, t->lr_scale, t->n_rollbacks,
-            t->cfg->ckpt_max_rollbacks);
-    kdp_metrics_event(t, "rollback", t->step, t->lr_scale);
-  }
-  return 0;
-}
-
-/* A divergence agreed at the step's agreement point (peer dpeer diverged; stop: a signal was
-   agreed there too). Returns 0 after a rollback (t->step is the restored step), else the error
-   the run stops with: the divergence, or KDP_ESTOPPED when a signal came first. */
-static int on_divergence(kdp_trainer *t, const divergence *dv, int dpeer, int stop,
-                         kdp_error *err) {
+/* The batch layout, the data, the memory check, run.dir and the start-up agreement (config,
+   dataset). Nothing is allocated or written unless every check passed. */
+static int setup_data(kdp_trainer *t, const kdp_run_opts *opts, double *t_load, kdp_error *err) {
   const kdp_config *cfg = t->cfg;
-  if (strcmp(cfg->ckpt_on_divergence, "rollback") != 0)
-    return divergence_error(dv, t->d, dpeer,
-                            ". Lower optim.lr or kd.weight, or set checkpoint.on_divergence = "
-                            "rollback",
-                            err);
-  if (stop) {
-    divergence_error(dv, t->d, dpeer, "", err);
-    if (t->is_root)
-      fprintf(stderr,
-              "kdpeers: %s\nkdpeers: stopping on the signal without rolling back (rollback %d "
-              "of %d so far): rerunning resumes from the newest checkpoint\n",
-              err->msg, t->n_rollbacks, cfg->ckpt_max_rollbacks);
-    return kdp_fail(err, KDP_ESTOPPED, "stopped on a signal after a divergence");
-  }
-  if (t->n_rollbacks >= cfg->ckpt_max_rollbacks) {
-    char advice[256];
-    snprintf(advice, sizeof advice,
-             ", after %d rollback%s (checkpoint.max_rollbacks = %d, lr scale %g). Lower "
-             "optim.lr or kd.weight, or raise checkpoint.max_rollbacks",
-             t->n_rollbacks, t->n_rollbacks == 1 ? "" : "s", cfg->ckpt_max_rollbacks,
-             t->lr_scale);
-    return divergence_error(dv, t->d, dpeer, advice, err);
-  }
-  divergence_error(dv, t->d, dpeer, "", err);
-  return rollback(t, err);
-}
-
-static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
-  kdp_trainer T;
-  kdp_trainer *t = &T;
-  memset(t, 0, sizeof *t);
-  t->cfg = cfg;
-  t->d = d;
-  t->P = d->n_peers;
-  t->is_root = d->world_rank == 0;
-  kdp_nn_set_threads(kdp_train_blas_threads(cfg, d)); /* the whole step's threads */
-
+  kdp_dist *d = t->d;
   int rc = 0;
-  int k = d->ranks_per_peer;
-  if (d->uniform && cfg->batch_size % k != 0)
-    rc = kdp_fail(err, KDP_EINVAL,
-                  "optim.batch_size = %d is not divisible by run.ranks_per_peer = %d: each rank "
-                  "of a peer takes an equal slice of the batch",
-                  cfg->batch_size, k);
-  for (int p = 0; !d->uniform && rc == 0 && p < d->n_peers; p++)
+  for (int p = 0; rc == 0 && p < d->n_peers; p++)
     if (cfg->batch_size % d->peer_k[p] != 0)
-      rc = kdp_fail(err, KDP_EINVAL,
-                    "optim.batch_size = %d is not divisible by peer %d's ranks_per_peer = %d: "
-                    "each rank of a peer takes an equal slice of the batch",
-                    cfg->batch_size, p, d->peer_k[p]);
-  double t_load = kdp_now();
+      rc = d->uniform
+               ? kdp_fail(err, KDP_EINVAL,
+                          "optim.batch_size = %d is not divisible by run.ranks_per_peer = %d: "
+                          "each rank of a peer takes an equal slice of the batch",
+                          cfg->batch_size, d->peer_k[p])
+               : kdp_fail(err, KDP_EINVAL,
+                          "optim.batch_size = %d is not divisible by peer %d's ranks_per_peer = "
+                          "%d: each rank of a peer takes an equal slice of the batch",
+                          cfg->batch_size, p, d->peer_k[p]);
+  *t_load = kdp_now();
   if (rc == 0) {
     if (cfg->shared && d->local_size > 1)
       rc = load_data_shared(t, err);
@@ -487,7 +203,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     if (rc == 0) rc = kdp_fail(err, KDP_EIO, "another rank failed to load the data (see its message)");
     return rc;
   }
-  t_load = kdp_now() - t_load;
+  *t_load = kdp_now() - *t_load;
   /* refuse a run that cannot fit before anything is allocated or written */
   kdp_memory_estimate *mem = kdp_xmalloc(sizeof *mem);
   rc = kdp_train_memory_estimate(cfg, d, &t->train, &t->test, mem, err);
@@ -497,12 +213,7 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     rc = kdp_fail(err, KDP_EINVAL, "the run does not fit the memory of another node");
   /* only now is run.dir created and locked: every refusal above wrote nothing */
   if (rc == 0) rc = kdp_rundir_open(cfg, d, opts && opts->serve_only, err);
-  if (rc != 0) {
-    kdp_dataset_free(&t->train);
-    kdp_dataset_free(&t->test);
-    kdp_dist_node_shared_free(t->data_win);
-    return rc;
-  }
+  if (rc != 0) return drop_data(t, rc);
   /* start-up agreement: config, dataset and layout */
   rc = kdp_dist_agree(d, cfg, sizeof *cfg, "configuration", err);
   if (rc == 0) {
@@ -514,13 +225,34 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
       sig[5] = sig[5] * 131 + t->train.images[i];
     rc = kdp_dist_agree(d, sig, sizeof sig, "dataset (sizes, labels or pixels)", err);
   }
-  if (rc != 0) {
-    kdp_dataset_free(&t->train);
-    kdp_dataset_free(&t->test);
-    kdp_dist_node_shared_free(t->data_win);
-    return rc;
-  }
+  return rc != 0 ? drop_data(t, rc) : 0;
+}
 
+/* The learning-rate schedule of cfg over steps_per_epoch-step epochs. */
+static void setup_schedule(kdp_trainer *t) {
+  const kdp_config *cfg = t->cfg;
+  kdp_schedule *s = &t->sched;
+  memset(s, 0, sizeof *s);
+  s->kind = cfg->schedule_id == KDP_LR_COSINE      ? KDP_SCHEDULE_COSINE
+            : cfg->schedule_id == KDP_LR_MULTISTEP ? KDP_SCHEDULE_MULTISTEP
+                                                   : KDP_SCHEDULE_CONSTANT;
+  s->base_lr = cfg->lr;
+  /* the schedule spans the configured epochs; run.max_steps only stops early, so a short run
+     trains exactly like the start of the full one */
+  s->total_steps = (int64_t)cfg->epochs * t->steps_per_epoch;
+  s->steps_per_epoch = t->steps_per_epoch;
+  s->warmup_epochs = cfg->warmup_epochs;
+  s->gamma = cfg->gamma;
+  int nm = kdp_config_milestones(cfg, s->milestones, 16, NULL);
+  s->n_milestones = nm > 0 ? nm : 0;
+}
+
+/* The peer's model and optimizer, the batcher, the distillation (kd.method), the schedule and
+   the step's buffers. 0, or an error agreed over the world. */
+static int setup_model(kdp_trainer *t, kdp_error *err) {
+  const kdp_config *cfg = t->cfg;
+  kdp_dist *d = t->d;
+  int k = d->ranks_per_peer;
   t->C = t->train.n_classes;
   t->Bg = (size_t)cfg->batch_size;
   t->Bl = t->Bg / (size_t)k;
@@ -530,14 +262,12 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   }
   kdp_input_shape ish = {t->train.H, t->train.W, t->train.C, t->C};
   size_t maxb = t->Bl > EVAL_BATCH ? t->Bl : EVAL_BATCH;
-  const char *arch = kdp_config_peer_arch(cfg, d->peer);
-  rc = kdp_model_create(&t->model, arch, ish, maxb, err);
+  int rc = kdp_model_create(&t->model, kdp_config_peer_arch(cfg, d->peer), ish, maxb, err);
   if (!kdp_dist_all_ok(d, rc == 0)) {
     if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank could not build its model");
-    kdp_dataset_free(&t->train);
-    kdp_dataset_free(&t->test);
-    kdp_dist_node_shared_free(t->data_win);
-    return rc;
+    kdp_model_free(t->model);
+    t->model = NULL;
+    return drop_data(t, rc);
   }
   kdp_rng init_rng;
   kdp_rng_seed(&init_rng, cfg->seed, KDP_STREAM_INIT + 16 * (uint64_t)d->peer);
@@ -545,7 +275,6 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
   kdp_rng_seed(&t->dropout_rng, cfg->seed, KDP_STREAM_DROPOUT + 16 * (uint64_t)d->world_rank);
   kdp_sgd_init(&t->opt, kdp_model_n_params(t->model), (float)cfg->momentum,
                (float)cfg->weight_decay, cfg->nesterov);
-
   kdp_batcher_init(&t->batcher, &t->train, t->Bg, cfg->seed, 1, 0);
   t->batcher.augment = cfg->augment;
   t->batcher.crop_pad = (size_t)cfg->crop_pad;
@@ -554,70 +283,51 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     t->batcher.mean[c] = t->mean[c];
     t->batcher.std[c] = t->std[c];
   }
-  rc = kdp_method_init(t, err);
-  if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank failed to set up the method");
-    goto done;
-  }
-
+  size_t isz = t->train.H * t->train.W * t->train.C, rows = t->Bg > EVAL_BATCH ? t->Bg : EVAL_BATCH;
+  t->xbuf = kdp_falloc(rows * isz);
+  t->ybuf = kdp_xcalloc(rows, sizeof(int32_t));
+  t->dlogits = kdp_falloc(t->Bl * t->C);
+  t->dfeat = kdp_falloc(t->Bl * kdp_model_feature_dim(t->model));
+  rc = kdp_distill_init(t, err);
+  if (!kdp_dist_all_ok(d, rc == 0))
+    return rc != 0 ? rc : kdp_fail(err, KDP_EINVAL, "another rank failed to set up the method");
   /* uniform layout: every rank of a peer needs a row of every batch, the epoch's last included */
   size_t tail = (t->batcher.hi - t->batcher.lo) % t->Bg;
-  if (rc == 0 && d->uniform && k > 1 && tail > 0 && tail < (size_t)k)
+  if (d->uniform && k > 1 && tail > 0 && tail < (size_t)k)
     rc = kdp_fail(err, KDP_EINVAL,
                   "the last batch of an epoch holds %zu example%s (%zu training examples, "
                   "optim.batch_size = %zu), fewer than run.ranks_per_peer = %d: every rank of a "
                   "peer needs at least one row; change data.subset or optim.batch_size",
                   tail, tail == 1 ? "" : "s", t->batcher.hi - t->batcher.lo, t->Bg, k);
-  if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank refused the batch layout");
-    goto done;
-  }
-  size_t spe = kdp_batcher_n_batches(&t->batcher);
-  t->steps_per_epoch = (int64_t)spe;
-  int64_t total = (int64_t)cfg->epochs * (int64_t)spe;
+  if (!kdp_dist_all_ok(d, rc == 0))
+    return rc != 0 ? rc : kdp_fail(err, KDP_EINVAL, "another rank refused the batch layout");
+  t->steps_per_epoch = (int64_t)kdp_batcher_n_batches(&t->batcher);
+  int64_t total = (int64_t)cfg->epochs * t->steps_per_epoch;
   if (cfg->max_steps > 0 && cfg->max_steps < total) total = cfg->max_steps;
   t->total_steps = total;
-  kdp_schedule sch = {0};
-  sch.kind = strcmp(cfg->schedule, "cosine") == 0      ? KDP_SCHEDULE_COSINE
-             : strcmp(cfg->schedule, "multistep") == 0 ? KDP_SCHEDULE_MULTISTEP
-                                                       : KDP_SCHEDULE_CONSTANT;
-  sch.base_lr = cfg->lr;
-  /* the schedule spans the configured epochs; run.max_steps only stops early, so a short run
-     trains exactly like the start of the full one */
-  sch.total_steps = (int64_t)cfg->epochs * (int64_t)spe;
-  sch.steps_per_epoch = (int64_t)spe;
-  sch.warmup_epochs = cfg->warmup_epochs;
-  sch.gamma = cfg->gamma;
-  int nm = kdp_config_milestones(cfg, sch.milestones, 16, err);
-  sch.n_milestones = nm > 0 ? nm : 0;
+  setup_schedule(t);
+  return 0;
+}
 
-  size_t isz = t->train.H * t->train.W * t->train.C;
-  t->xbuf = kdp_falloc((t->Bg > EVAL_BATCH ? t->Bg : EVAL_BATCH) * isz);
-  t->ybuf = kdp_xcalloc(t->Bg > EVAL_BATCH ? t->Bg : EVAL_BATCH, sizeof(int32_t));
-  t->dlogits = kdp_falloc(t->Bl * t->C);
-  t->dfeat = kdp_falloc(t->Bl * kdp_model_feature_dim(t->model));
-
+/* --fresh or resume, the metrics file, the server, the stall check, the timeline. */
+static int start(kdp_trainer *t, const kdp_run_opts *opts, double t_load, kdp_error *err) {
+  const kdp_config *cfg = t->cfg;
+  kdp_dist *d = t->d;
+  int rc = 0;
   if (t->is_root && opts && opts->fresh) rc = kdp_train_forget_checkpoints(cfg->dir, err);
-  if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not start over in run.dir");
-    goto done;
-  }
+  if (!kdp_dist_all_ok(d, rc == 0))
+    return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not start over in run.dir");
   t->allow_change = opts ? opts->allow_change : 0;
   t->serve_only = opts ? opts->serve_only : 0;
   /* resume from the newest complete checkpoint, unless --fresh */
   int64_t metrics_offset = -1;
   if (!(opts && opts->fresh)) {
     int r = kdp_train_restore_latest(t, &metrics_offset, err);
-    if (r < 0) {
-      rc = r;
-      goto done;
-    }
+    if (r < 0) return r;
     if (t->serve_only) {
       metrics_offset = -1; /* serving never rewrites the run's own log */
-      if (r == 0) {
-        rc = kdp_fail(err, KDP_EIO, "kdpeers serve: %s holds no complete checkpoint", cfg->dir);
-        goto done;
-      }
+      if (r == 0) return kdp_fail(err, KDP_EIO, "kdpeers serve: %s holds no complete checkpoint",
+                                  cfg->dir);
     }
   }
   if (t->is_root) {
@@ -627,270 +337,132 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
                                 t->changes[i].new_value);
     if (rc == 0) kdp_progress_start(t, t_load);
   }
-  if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not open the metrics file");
-    goto done;
-  }
+  if (!kdp_dist_all_ok(d, rc == 0))
+    return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not open the metrics file");
   t->last_ckpt_time = kdp_now();
   rc = kdp_live_start(t, err);
-  if (!kdp_dist_all_ok(d, rc == 0)) {
-    if (rc == 0) rc = kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
-    goto done;
-  }
+  if (!kdp_dist_all_ok(d, rc == 0))
+    return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
   kdp_stall_start(t);
   t->step0 = t->step;
   kdp_trace_start(t);
-  if (t->is_root && t->step >= total && t->tty >= 0 && !t->serve_only)
+  if (t->is_root && t->step >= t->total_steps && t->tty >= 0 && !t->serve_only)
     fprintf(stderr,
             "kdpeers: %s already holds a finished run (step %lld of %lld): nothing to train. Use "
             "--fresh to start over, another run.dir, or raise run.epochs with --allow-config-change to continue\n",
-            cfg->dir, (long long)t->step, (long long)total);
+            cfg->dir, (long long)t->step, (long long)t->total_steps);
+  return 0;
+}
 
-  if (t->serve_only) {
-    /* kdpeers serve: the restored peers answer until a stop command or a signal */
-    int want = 0, want_stop = 0;
-    t->paused = 1;
-    kdp_live_publish(t, 1);
-    rc = pause_loop(t, &want, &want_stop, err);
-    goto done;
+/* ---------------- the loop ---------------- */
+
+/* The step's figures into the log window; at its end, every peer's figures for /metrics and
+   the progress line. */
+static void log_step(kdp_trainer *t, int64_t step, const kdp_step_result *r) {
+  const kdp_config *cfg = t->cfg;
+  kdp_dist *d = t->d;
+  const int k = d->ranks_per_peer;
+  t->run_loss += r->loss.ce;
+  t->run_kd += r->loss.kd;
+  t->run_correct += r->loss.correct;
+  t->run_n += r->rows;
+  t->log_window++;
+  int last = step + 1 == t->total_steps, end_of_epoch = (step + 1) % t->steps_per_epoch == 0;
+  if (!((step + 1) % cfg->log_every == 0 || last || end_of_epoch)) return;
+  double sums[4] = {t->run_loss, t->run_kd, (double)t->run_correct, (double)t->run_n};
+  kdp_dist_peer_allreduce_f64(d, sums, 4);
+  /* every peer's window figures, for /metrics and /status */
+  int64_t w = t->log_window > 0 ? t->log_window : 1;
+  double *pl = kdp_xcalloc((size_t)t->P * 3, sizeof(double));
+  pl[3 * d->peer] = sums[0] / (double)w / (double)k;
+  pl[3 * d->peer + 1] = sums[1] / (double)w / (double)k;
+  pl[3 * d->peer + 2] = sums[3] > 0 ? sums[2] / sums[3] : 0;
+  kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
+  double ce[KDP_MAX_PEERS], kdv[KDP_MAX_PEERS], ac[KDP_MAX_PEERS];
+  for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
+    ce[p] = pl[3 * p];
+    kdv[p] = pl[3 * p + 1];
+    ac[p] = pl[3 * p + 2];
   }
+  kdp_live_peer_losses(t, ce, kdv, ac);
+  free(pl);
+  if (t->is_root) {
+    int64_t in_window = (step + 1) % cfg->log_every;
+    if (in_window == 0 || end_of_epoch || last) in_window = t->log_window;
+    kdp_progress_update(t, step + 1, r->epoch + 1.0 / (double)t->steps_per_epoch,
+                        sums[0] / (double)in_window / (double)k,
+                        sums[1] / (double)in_window / (double)k,
+                        sums[3] > 0 ? sums[2] / sums[3] : 0, t->train_time, r->lr);
+  }
+  t->run_loss = t->run_kd = 0;
+  t->run_correct = t->run_n = 0;
+  t->log_window = 0;
+}
 
-  double t_compute = 0;
-  double ex0 = d->t_exchange, ar0 = d->t_allreduce, wt0 = d->t_wait;
-  int64_t step0 = t->step;
-  float *params = kdp_model_params(t->model), *grads = kdp_model_grads(t->model);
-  size_t np = kdp_model_n_params(t->model);
-  divergence pending_div = {0};
-  int stopped = 0;
-  int predicting = 0; /* a prediction was answered at the last step boundary */
-  faults fault;
-  faults_init(t, &fault);
-  for (int64_t step = t->step; step < total; step++) {
-    if (step == fault.signal_at) raise(SIGUSR1);
-    double t0 = kdp_now();
-    size_t bg = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf);
-    kdp_trace_mark(t, "data", t0, kdp_now());
-    /* this rank's slice of the global batch */
-    size_t lo = bg * (size_t)d->slice / (size_t)k, hi = bg * (size_t)(d->slice + 1) / (size_t)k;
-    size_t bl = hi - lo;
-    const float *x = t->xbuf + lo * isz;
-    const int32_t *y = t->ybuf + lo;
-    double epoch_f = (double)step / (double)spe;
-    kdp_model_zero_grad(t->model);
-    double tc0 = kdp_now();
-    /* a rank can hold no rows of a final partial batch smaller than its peer's k: it then only
-       takes part in the collectives, with zero gradients */
-    const float *z = bl ? kdp_model_forward(t->model, x, bl, 1, &t->dropout_rng) : t->dlogits;
-    t_compute += kdp_now() - tc0;
-    kdp_trace_mark(t, "forward", tc0, kdp_now());
-    if (step == fault.nan_at) {
-      ((float *)z)[0] = NAN; /* fault injection for the tests, once per process */
-      fault.nan_at = -1;
-    }
-    if (step == fault.stop_at) {
-      fault.stop_at = -1;
-      raise(SIGSTOP); /* a stalled rank, until someone sends SIGCONT */
-    }
-    /* the step's agreement point, before the exchange: divergence now; a prediction is answered
-       here; stop, checkpoint and control requests take effect at the end of this step, on every
-       rank */
-    int32_t flags[KDP_SYNC_N] = {0};
-    if (pending_div.peer_plus1) flags[KDP_SYNC_DIVERGED] = pending_div.peer_plus1;
-    if (!all_finite(z, bl * t->C)) {
-      note_divergence(&pending_div, d->peer, step, "logits", NAN);
-      flags[KDP_SYNC_DIVERGED] = d->peer + 1;
-    }
-    if ((step + 1) % cfg->log_every == 0 && !all_finite(params, np)) {
-      note_divergence(&pending_div, d->peer, step, "parameters", NAN);
-      flags[KDP_SYNC_DIVERGED] = d->peer + 1;
-    }
-    flags[KDP_SYNC_STOP] = kdp_train_signal_count() > 0;
-    if (t->is_root && cfg->ckpt_every_minutes > 0 &&
-        kdp_now() - t->last_ckpt_time >= 60.0 * cfg->ckpt_every_minutes)
-      flags[KDP_SYNC_CKPT] = 1;
-    if (t->is_root) kdp_live_poll(t, flags);
-    double ts0 = kdp_now();
-    kdp_dist_step_sync(d, flags, KDP_SYNC_N);
-    kdp_trace_mark(t, "wait", ts0, kdp_now());
-    if (flags[KDP_SYNC_DIVERGED]) {
-      rc = on_divergence(t, &pending_div, flags[KDP_SYNC_DIVERGED] - 1, flags[KDP_SYNC_STOP],
-                         err);
-      if (rc != 0) break;
-      memset(&pending_div, 0, sizeof pending_div);
-      step = t->step - 1; /* the loop's ++ resumes at the restored step */
+/* The steps from t->step to t->total_steps: step, log, evaluation, boundary. *stopped = 1 when
+   a signal or a command stopped the run. */
+static int loop(kdp_trainer *t, kdp_loop *L, int *stopped, kdp_error *err) {
+  const kdp_config *cfg = t->cfg;
+  const int64_t spe = t->steps_per_epoch;
+  int rc = 0;
+  for (int64_t step = t->step; step < t->total_steps; step++) {
+    kdp_step_result r;
+    rc = kdp_train_step(t, L, step, &r, err);
+    if (rc == 1) { /* rolled back: the loop's ++ resumes at the restored step */
+      step = t->step - 1;
+      rc = 0;
       continue;
     }
-    if (flags[KDP_SYNC_PREDICT]) {
-      /* a prediction is answered as soon as it is agreed, by the weights this step's forward
-         pass used (an inference copy: the step's activations stay for its backward pass); the
-         time is left out of the step's training time */
-      double tp0 = kdp_now();
-      t0 += kdp_live_predict(t, flags[KDP_SYNC_PREDICT], flags[KDP_SYNC_PREDICT_FLOAT], 1);
-      kdp_trace_mark(t, "predict", tp0, kdp_now());
-    }
-    kdp_step_loss sl;
-    memset(t->dlogits, 0, bl * t->C * sizeof(float));
-    int need_feat = t->uses_features_grad;
-    if (need_feat) memset(t->dfeat, 0, bl * kdp_model_feature_dim(t->model) * sizeof(float));
-    /* hybrid: each rank's CE is the mean over its slice; scale by bl/bg so that the allreduced sum
-       is the mean over the global batch */
-    float scale = (float)bl / (float)bg;
-    t->cur_x = x;
-    t->cur_yg = t->ybuf;
-    t->cur_bg = bg;
-    t->cur_lo = lo;
-    t->cur_hi = hi;
-    double tx0 = kdp_now();
-    kdp_method_step(t, z, y, bl, step, epoch_f, scale, &sl);
-    kdp_trace_mark(t, "exchange+kd", tx0, kdp_now());
-    if (!isfinite(sl.ce))
-      note_divergence(&pending_div, d->peer, step, "cross-entropy loss", sl.ce);
-    else if (!isfinite(sl.kd))
-      note_divergence(&pending_div, d->peer, step, "distillation loss", sl.kd);
-    tc0 = kdp_now();
-    if (bl) kdp_model_backward(t->model, t->dlogits, need_feat ? t->dfeat : NULL);
-    t_compute += kdp_now() - tc0;
-    kdp_trace_mark(t, "backward", tc0, kdp_now());
-    double ta0 = kdp_now();
-    kdp_dist_peer_allreduce(d, grads, np);
-    kdp_method_after_backward(t);
-    kdp_trace_mark(t, "allreduce", ta0, kdp_now());
-    double lr = kdp_schedule_lr(&sch, step) * t->lr_scale;
-    tc0 = kdp_now();
-    kdp_sgd_step(&t->opt, params, grads, (float)lr);
-    kdp_method_opt_step(t, (float)lr);
-    t_compute += kdp_now() - tc0;
-    kdp_trace_mark(t, "optimizer", tc0, kdp_now());
-    t->train_time += kdp_now() - t0;
-    kdp_live_step_time(t, kdp_now() - t0);
-    t->step = step + 1;
-
-    t->run_loss += sl.ce;
-    t->run_kd += sl.kd;
-    t->run_correct += sl.correct;
-    t->run_n += bl;
-    t->log_window++;
-    int end_of_epoch = (step + 1) % (int64_t)spe == 0;
-    int last = step + 1 == total;
-    if ((step + 1) % cfg->log_every == 0 || last || end_of_epoch) {
-      double sums[4] = {t->run_loss, t->run_kd, (double)t->run_correct, (double)t->run_n};
-      kdp_dist_peer_allreduce_f64(d, sums, 4);
-      {
-        /* every peer's window figures, for /metrics and /status */
-        int64_t w = t->log_window > 0 ? t->log_window : 1;
-        double *pl = kdp_xcalloc((size_t)t->P * 3, sizeof(double));
-        pl[3 * d->peer] = sums[0] / (double)w / (double)k;
-        pl[3 * d->peer + 1] = sums[1] / (double)w / (double)k;
-        pl[3 * d->peer + 2] = sums[3] > 0 ? sums[2] / sums[3] : 0;
-        kdp_dist_cohort_allreduce_f64(d, pl, (size_t)t->P * 3);
-        double ce[KDP_MAX_PEERS], kdv[KDP_MAX_PEERS], ac[KDP_MAX_PEERS];
-        for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
-          ce[p] = pl[3 * p];
-          kdv[p] = pl[3 * p + 1];
-          ac[p] = pl[3 * p + 2];
-        }
-        kdp_live_peer_losses(t, ce, kdv, ac);
-        free(pl);
-      }
-      if (t->is_root) {
-        int64_t in_window = (step + 1) % cfg->log_every;
-        if (in_window == 0 || end_of_epoch || last) in_window = t->log_window;
-        kdp_progress_update(t, step + 1, epoch_f + 1.0 / (double)spe,
-                            sums[0] / (double)in_window / (double)k,
-                            sums[1] / (double)in_window / (double)k,
-                            sums[3] > 0 ? sums[2] / sums[3] : 0, t->train_time, lr);
-      }
-      t->run_loss = t->run_kd = 0;
-      t->run_correct = t->run_n = 0;
-      t->log_window = 0;
-    }
-    int64_t ep_done = (step + 1) / (int64_t)spe;
-    if ((end_of_epoch && ep_done % cfg->eval_every == 0) || last) {
-      double te0 = kdp_now();
-      evaluate(t, step + 1, (double)(step + 1) / (double)spe);
-      kdp_trace_mark(t, "eval", te0, kdp_now());
-    }
-    int want = flags[KDP_SYNC_CKPT] || flags[KDP_SYNC_STOP] || last ||
-               (cfg->ckpt_every_steps > 0 && (step + 1) % cfg->ckpt_every_steps == 0);
-    /* control commands, at the step boundary, on every rank */
-    int want_stop = flags[KDP_SYNC_STOP];
-    if (flags[KDP_SYNC_CMD]) kdp_live_command(t, &want, &want_stop);
-    /* While a client keeps sending predictions (one was answered in this step or at the last
-       boundary), a prediction-only agreement point here as well: its next request, sent once
-       the last reply arrived, need not wait for the next step's agreement point. Steps without
-       predictions around skip it, so they cost what they did. */
-    if (flags[KDP_SYNC_PREDICT] || predicting) {
-      int32_t pf[2] = {0, 0};
-      if (t->is_root) kdp_live_poll_predict(t, pf);
-      kdp_dist_step_sync(d, pf, 2);
-      if (pf[0]) {
-        double tp0 = kdp_now();
-        kdp_live_predict(t, pf[0], pf[1], 0);
-        kdp_trace_mark(t, "predict", tp0, kdp_now());
-      }
-      predicting = pf[0] > 0;
-    }
-    rc = pause_loop(t, &want, &want_stop, err);
     if (rc != 0) break;
-    if (t->is_root) kdp_live_publish(t, last);
-    /* never checkpoint a diverged state: the next step's agreement point reports it */
-    if (want && !kdp_dist_all_ok(d, !pending_div.peer_plus1 && all_finite(params, np))) want = 0;
-    if (want) {
-      double tk0 = kdp_now();
-      rc = kdp_train_save(t, err);
-      kdp_trace_mark(t, "checkpoint", tk0, kdp_now());
+    log_step(t, step, &r);
+    int last = step + 1 == t->total_steps, end_of_epoch = (step + 1) % spe == 0;
+    if ((end_of_epoch && ((step + 1) / spe) % cfg->eval_every == 0) || last) {
+      double te0 = kdp_now();
+      rc = kdp_train_evaluate(t, step + 1, (double)(step + 1) / (double)spe, err);
+      kdp_trace_mark(t, "eval", te0, kdp_now());
       if (rc != 0) break;
-      t->last_ckpt_time = kdp_now();
-      kdp_live_checkpointed(t);
     }
-    if (want_stop) {
-      stopped = 1;
-      break;
-    }
+    rc = kdp_boundary_end(t, L, step, &r, stopped, err);
+    if (rc != 0 || *stopped) break;
   }
-  if (rc == 0 && stopped) {
-    if (t->is_root) {
-      fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "
-                      "same command to resume\n", (long long)t->step);
-      /* the last line of the log says so too (batch scripts read it when mpirun hides the 75) */
-      kdp_metrics_event(t, "stop", t->step, (double)kdp_train_signal_count());
-    }
-    rc = kdp_fail(err, KDP_ESTOPPED, "stopped after step %lld", (long long)t->step);
+  return rc;
+}
+
+/* ---------------- finish ---------------- */
+
+/* The run's summary line and the learning curves (rank 0). */
+static void summary(kdp_trainer *t, const kdp_loop *L, const double *base) {
+  kdp_dist *d = t->d;
+  kdp_summary sm = {0};
+  sm.steps = t->step;
+  sm.steps_this_run = t->step - t->step0;
+  sm.train_seconds = kdp_dist_max(d, t->train_time);
+  sm.compute_seconds = L->t_compute;
+  sm.exchange_seconds = d->t_exchange - base[0];
+  sm.allreduce_seconds = d->t_allreduce - base[1];
+  sm.wait_seconds = d->t_wait - base[2];
+  sm.peak_rss_mb = kdp_dist_max(d, peak_rss_mb());
+  double rss = 0, pss = 0;
+  memory_now(&rss, &pss);
+  sm.rss_mb_mean = kdp_dist_sum(d, rss) / (double)d->world_size;
+  sm.pss_mb_total = kdp_dist_sum(d, pss);
+  sm.bytes_per_step = t->step > t->step0 ? d->bytes_exchanged / (double)(t->step - t->step0) : 0;
+  if (t->is_root) {
+    kdp_metrics_summary(t, &sm);
+    /* the learning curves, next to the metrics */
+    char svg[KDP_PATH + 32], why[512];
+    snprintf(svg, sizeof svg, "%s/curves.svg", t->cfg->dir);
+    if (kdp_plot_run(t->cfg->dir, svg, why, sizeof why) != 0)
+      fprintf(stderr, "kdpeers: warning: no learning curves: %s\n", why);
   }
-  if (rc == 0) {
-    kdp_summary sm = {0};
-    sm.steps = t->step;
-    sm.steps_this_run = t->step - step0;
-    sm.train_seconds = kdp_dist_max(d, t->train_time);
-    sm.compute_seconds = t_compute;
-    sm.exchange_seconds = d->t_exchange - ex0;
-    sm.allreduce_seconds = d->t_allreduce - ar0;
-    sm.wait_seconds = d->t_wait - wt0;
-    sm.peak_rss_mb = kdp_dist_max(d, peak_rss_mb());
-    double rss = 0, pss = 0;
-    memory_now(&rss, &pss);
-    sm.rss_mb_mean = kdp_dist_sum(d, rss) / (double)d->world_size;
-    sm.pss_mb_total = kdp_dist_sum(d, pss);
-    sm.bytes_per_step = t->step > step0 ? d->bytes_exchanged / (double)(t->step - step0) : 0;
-    if (t->is_root) {
-      kdp_metrics_summary(t, &sm);
-      /* the learning curves, next to the metrics */
-      char svg[KDP_PATH + 32], why[512];
-      snprintf(svg, sizeof svg, "%s/curves.svg", cfg->dir);
-      if (kdp_plot_run(cfg->dir, svg, why, sizeof why) != 0)
-        fprintf(stderr, "kdpeers: warning: no learning curves: %s\n", why);
-    }
-  }
-  if (rc == 0 || rc == KDP_ESTOPPED) {
-    kdp_error terr;
-    if (kdp_trace_finish(t, &terr) != 0) fprintf(stderr, "kdpeers: %s\n", terr.msg);
-  }
-done:
+}
+
+static void release(kdp_trainer *t) {
   kdp_trace_finish(t, NULL);
   kdp_stall_stop(t);
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
-  kdp_method_free(t);
+  kdp_distill_free(t);
   kdp_sgd_free(&t->opt);
   kdp_batcher_free(&t->batcher);
   kdp_model_free(t->model);
@@ -901,6 +473,51 @@ done:
   free(t->ybuf);
   free(t->dlogits);
   free(t->dfeat);
+}
+
+static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err) {
+  kdp_trainer T;
+  kdp_trainer *t = &T;
+  memset(t, 0, sizeof *t);
+  t->cfg = cfg;
+  t->d = d;
+  t->P = d->n_peers;
+  t->is_root = d->world_rank == 0;
+  kdp_nn_set_threads(kdp_train_blas_threads(cfg, d)); /* the whole step's threads */
+  double t_load = 0;
+  int rc = setup_data(t, opts, &t_load, err);
+  if (rc != 0) return rc;
+  rc = setup_model(t, err);
+  if (rc != 0 && !t->model) return rc;
+  if (rc == 0) rc = start(t, opts, t_load, err);
+  if (rc == 0 && t->serve_only) {
+    /* kdpeers serve: the restored peers answer until a stop command or a signal */
+    int want = 0, want_stop = 0;
+    t->paused = 1;
+    kdp_live_publish(t, 1);
+    rc = kdp_boundary_pause(t, &want, &want_stop, err);
+  } else if (rc == 0) {
+    kdp_loop L;
+    kdp_loop_init(t, &L);
+    double base[3] = {d->t_exchange, d->t_allreduce, d->t_wait};
+    int stopped = 0;
+    rc = loop(t, &L, &stopped, err);
+    if (rc == 0 && stopped) {
+      if (t->is_root) {
+        fprintf(stderr, "kdpeers: stopped after step %lld; checkpoint written, rerun the "
+                        "same command to resume\n", (long long)t->step);
+        /* the last line of the log says so too (batch scripts read it when mpirun hides the 75) */
+        kdp_metrics_event(t, "stop", t->step, (double)kdp_train_signal_count());
+      }
+      rc = kdp_fail(err, KDP_ESTOPPED, "stopped after step %lld", (long long)t->step);
+    }
+    if (rc == 0) summary(t, &L, base);
+    if (rc == 0 || rc == KDP_ESTOPPED) {
+      kdp_error terr;
+      if (kdp_trace_finish(t, &terr) != 0) fprintf(stderr, "kdpeers: %s\n", terr.msg);
+    }
+  }
+  release(t);
   return rc;
 }
 

@@ -8,6 +8,7 @@
 #include "kdpeers/data.h"
 #include "kdpeers/dist.h"
 #include "kdpeers/nn.h"
+#include "kdpeers/train.h"
 
 typedef struct kdp_step_loss {
   double ce, kd;  /* this rank's CE and distillation terms (mean over its slice) */
@@ -49,20 +50,18 @@ struct kdp_trainer {
   float *xbuf;
   int32_t *ybuf;
   float *dlogits, *dfeat;
-  const float *cur_x;     /* this rank's slice of the current batch (codistill weights mode) */
-  /* per-peer layout: the current global batch (all cur_bg labels) and this rank's rows of it */
-  const int32_t *cur_yg;
-  size_t cur_bg, cur_lo, cur_hi;
-  int uses_features_grad;
   double lr_scale;
   double temperature, kd_weight; /* start as kd.temperature / kd.weight; /control can change them */
   int64_t step, total_steps, steps_per_epoch;
-  /* method state (methods.c) */
-  void *method;
-  const char *teacher_name;
-  /* evaluates the method's teacher on an eval batch whose peer logits are z (collective over the
-     cohort); adds the summed loss and the hit count */
-  void (*teacher_eval)(kdp_trainer *t, const float *z, size_t b, double *loss, size_t *correct);
+  kdp_schedule sched;
+  /* distillation (distill.c, step.c): kd.method's ops (independent when P = 1), its cohort and replicated
+     module, the module's optimizer, the pipeline that feeds it, codistill's stale copies */
+  const struct kdp_method_ops *ops;
+  struct kdp_cohort *cohort;
+  kdp_pipeline *pipe;
+  kdp_sgd mopt;
+  struct kdp_stale *stale;
+  const char *teacher_name; /* the method's own teacher, NULL without one */
   /* the teacher's logits for b eval-mode rows with logits z and pooled features h of a model
      built like t->model (collective over the cohort); 0 on success */
   int (*teacher_logits)(kdp_trainer *t, const float *z, const float *h, size_t b, float *out);
@@ -91,27 +90,77 @@ struct kdp_trainer {
   double last_ckpt_time;
 };
 
-/* methods.c */
-int kdp_method_init(kdp_trainer *t, kdp_error *err);
-/* Computes this rank's loss for the batch slice (z: this peer's logits, y its labels) and writes
-   t->dlogits (and t->dfeat when uses_features_grad) scaled by `scale`. */
-void kdp_method_step(kdp_trainer *t, const float *z, const int32_t *y, size_t b, int64_t step,
-                     double epoch, float scale, kdp_step_loss *out);
-void kdp_method_after_backward(kdp_trainer *t);
-void kdp_method_opt_step(kdp_trainer *t, float lr);
-void kdp_method_free(kdp_trainer *t);
-/* Per-peer layout, evaluation (collective over the world): this rank's eval logits z are its rows
-   of a B-row eval batch; returns every peer's logits for all B rows (P x B x C) and, when teacher
-   is not NULL and the method has a teacher, its logits (*has_teacher = 1). NULL on failure. */
-const float *kdp_method_eval_layout(kdp_trainer *t, const float *z, size_t B, float *teacher,
-                                    int *has_teacher);
+/* distill.c: the distillation state (kd.method's ops, cohort, module optimizer, pipeline,
+   stale copies) and its part of the checkpoint */
+int kdp_distill_init(kdp_trainer *t, kdp_error *err);
+void kdp_distill_free(kdp_trainer *t);
+/* What a step left for the log and the step boundary. */
+typedef struct kdp_step_result {
+  kdp_step_loss loss;
+  int32_t flags[KDP_SYNC_N]; /* the step's agreement point */
+  size_t rows;               /* this rank's rows of the batch */
+  double epoch, lr, t0;      /* fractional epoch; the lr used; when the step began */
+} kdp_step_result;
+/* The step's state that outlives it: the first divergence not yet agreed, fault injection. */
+typedef struct kdp_loop {
+  struct {
+    int peer_plus1;
+    int64_t step;
+    const char *term;
+    double value;
+  } div;
+  int64_t signal_at, nan_at, stop_at; /* fault injection (docs/testing.md), -1 = never */
+  int predicting;                     /* a prediction was answered at the last boundary */
+  double t_compute;
+} kdp_loop;
+/* step.c: one training step */
+/* Notes the first divergence of this rank (reported at the next agreement point). */
+void kdp_loop_diverged(kdp_loop *L, int peer, int64_t step, const char *term, double value);
+/* One optimizer step (collective): batch, forward, the agreement point (kdp_boundary_agree),
+   distillation, backward, gradient allreduce, SGD. Returns 0, 1 when the agreement point rolled
+   the run back (t->step is the restored step) or a negative error. */
+int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r,
+                   kdp_error *err);
+/* The gradients' allreduce of a step: the peer's gradient arena within the peer (data
+   parallelism), the replicated module's over the world. */
+void kdp_train_allreduce(kdp_trainer *t);
 /* The method's own state (replicated module, its optimizer, stale peer copies) into / out of
    this rank's checkpoint file. */
 struct kdp_ckpt_writer;
 struct kdp_ckpt;
-int kdp_method_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
-int kdp_method_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
-/* the current teacher temperature and KD weight (they can be changed while running) */
+int kdp_distill_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
+int kdp_distill_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
+
+/* stale.c: codistill's weights mode (kd.exchange = weights): each peer trains on its own shard
+   and computes the other peers' logits from stale copies of them, refreshed every
+   kd.exchange_every steps by a gather of every peer's parameters. */
+typedef struct kdp_stale kdp_stale;
+int kdp_stale_create(kdp_stale **out, kdp_trainer *t, kdp_error *err);
+void kdp_stale_free(kdp_stale *s);
+/* every peer's logits on this rank's rows x (n rows): P x n x C, peer me's are z */
+const float *kdp_stale_logits(kdp_stale *s, kdp_trainer *t, int64_t step, const float *x,
+                              const float *z, size_t n);
+int kdp_stale_save(kdp_stale *s, struct kdp_ckpt_writer *w, kdp_error *err);
+int kdp_stale_load(kdp_stale *s, const struct kdp_ckpt *ck, kdp_error *err);
+
+/* eval.c: evaluates every peer, the ensemble and the method's teacher on the test set and
+   writes their eval lines (collective) */
+int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *err);
+
+/* boundary.c: the step boundary */
+/* The step's agreement point (collective): this rank's flags (divergence of the logits z of its
+   n rows or of its parameters, a signal, rank 0's checkpoint timer, control and prediction
+   requests) are MAXed over the world into r->flags; an agreed prediction is answered. Returns
+   1 after a rollback, 0, or a negative error. */
+int kdp_boundary_agree(kdp_trainer *t, kdp_loop *L, int64_t step, const float *z, size_t n,
+                       kdp_step_result *r, kdp_error *err);
+/* After the step's log and evaluation: control commands, predictions, the pause loop, the
+   checkpoint. *stop = 1 when the run stops after this step. */
+int kdp_boundary_end(kdp_trainer *t, kdp_loop *L, int64_t step, const kdp_step_result *r,
+                     int *stop, kdp_error *err);
+/* While paused or serving only: commands, predictions and signals (collective). */
+int kdp_boundary_pause(kdp_trainer *t, int *want_ckpt, int *want_stop, kdp_error *err);
+void kdp_loop_init(const kdp_trainer *t, kdp_loop *L);
 
 /* checkpoint.c */
 /* Writes a checkpoint of the state after t->step steps (collective). */

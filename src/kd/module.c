@@ -1,0 +1,154 @@
+/* module.c: what the replicated modules share: their input rows (the peers' features side by
+   side), and linear -> batchnorm -> relu with the whole batch's statistics when the batch's rows
+   are spread over row blocks. */
+#include <math.h>
+#include <string.h>
+
+#include "kd_internal.h"
+#include "kdpeers/nn.h"
+
+void kd_fill_uniform(float *p, size_t n, size_t fan_in, kdp_rng *rng) {
+  float bound = 1.0f / sqrtf((float)(fan_in ? fan_in : 1));
+  for (size_t k = 0; k < n; k++) p[k] = (2.0f * kdp_rng_uniform(rng) - 1.0f) * bound;
+}
+
+void kd_concat_features(const kdp_cohort *c, float *u, const float *h, size_t n) {
+  for (size_t j = 0; j < c->s.P; j++) {
+    size_t d = c->s.dims[j];
+    const float *hj = h + n * c->hoff[j];
+    for (size_t b = 0; b < n; b++) memcpy(u + b * c->D + c->hoff[j], hj + b * d, d * sizeof(float));
+  }
+}
+
+void kd_split_features(const kdp_cohort *c, float *dh, const float *du, size_t n) {
+  for (size_t j = 0; j < c->s.P; j++) {
+    size_t d = c->s.dims[j];
+    float *hj = dh + n * c->hoff[j];
+    for (size_t b = 0; b < n; b++) {
+      const float *src = du + b * c->D + c->hoff[j];
+      for (size_t k = 0; k < d; k++) hj[b * d + k] += src[k];
+    }
+  }
+}
+
+void kd_hidden_setup(kdp_cohort *c, kd_hidden *L, const char *lin, const char *bn, size_t D,
+                     size_t H, kdp_split out_split) {
+  char name[48];
+  L->D = D;
+  L->H = H;
+  snprintf(name, sizeof name, "%s.weight", lin);
+  L->o_w = kdp_cohort_add_tensor(c, name, H, D, -1, out_split, KDP_SPLIT_FEATURES);
+  snprintf(name, sizeof name, "%s.bias", lin);
+  L->o_b = kdp_cohort_add_tensor(c, name, H, 1, -1, out_split, KDP_SPLIT_NONE);
+  snprintf(name, sizeof name, "%s.weight", bn);
+  L->o_gamma = kdp_cohort_add_tensor(c, name, H, 1, -1, out_split, KDP_SPLIT_NONE);
+  snprintf(name, sizeof name, "%s.bias", bn);
+  L->o_beta = kdp_cohort_add_tensor(c, name, H, 1, -1, out_split, KDP_SPLIT_NONE);
+  L->o_mean = kdp_cohort_add_buffers(c, H, 0.0f);
+  L->o_var = kdp_cohort_add_buffers(c, H, 1.0f);
+  size_t n = c->maxB * H;
+  L->a1 = kdp_cohort_falloc(c, n);
+  L->xhat = kdp_cohort_falloc(c, n);
+  L->bno = kdp_cohort_falloc(c, n);
+  L->act = kdp_cohort_falloc(c, n);
+  L->dact = kdp_cohort_falloc(c, n);
+  L->dbno = kdp_cohort_falloc(c, n);
+  L->da1 = kdp_cohort_falloc(c, n);
+  L->mean = kdp_cohort_falloc(c, H);
+  L->invstd = kdp_cohort_falloc(c, H);
+  L->sums = kdp_cohort_alloc(c, (2 * H + 1) * sizeof(double));
+  L->shift = kdp_cohort_alloc(c, H * sizeof(double));
+}
+
+void kd_hidden_init(kdp_cohort *c, const kd_hidden *L, kdp_rng *rng) {
+  kd_fill_uniform(c->params + L->o_w, L->H * L->D, L->D, rng);
+  kd_fill_uniform(c->params + L->o_b, L->H, L->D, rng);
+  for (size_t k = 0; k < L->H; k++) {
+    c->params[L->o_gamma + k] = 1.0f;
+    c->params[L->o_beta + k] = 0.0f;
+    c->buffers[L->o_mean + k] = 0.0f;
+    c->buffers[L->o_var + k] = 1.0f;
+  }
+}
+
+static void reduce(const kdp_kd_reduce *red, double *buf, size_t n) {
+  if (red && red->sum) red->sum(red->ctx, buf, n);
+}
+
+void kd_hidden_forward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, int train,
+                       const kdp_kd_reduce *red) {
+  const size_t H = L->H;
+  const float *p = c->params;
+  float *rm = c->buffers + L->o_mean, *rv = c->buffers + L->o_var;
+  if (n) kdp_dense_forward(L->a1, u, p + L->o_w, p + L->o_b, n, L->D, H);
+  if (!train) {
+    kdp_bn_forward_eval(L->bno, L->a1, p + L->o_gamma, p + L->o_beta, rm, rv, n, H, KD_BN_EPS);
+  } else {
+    /* sums of (x - running mean) over this block's rows, then over the batch's blocks: the
+       running mean is the same on every replica and close to the batch mean */
+    double *sum = L->sums, *sq = sum + H;
+    memset(L->sums, 0, (2 * H + 1) * sizeof(double));
+    for (size_t k = 0; k < H; k++) L->shift[k] = (double)rm[k];
+    kdp_bn_stats_rows(sum, sq, L->a1, L->shift, n, H);
+    L->sums[2 * H] = (double)n;
+    reduce(red, L->sums, 2 * H + 1);
+    L->total = (size_t)L->sums[2 * H];
+    kdp_bn_stats_finish(L->mean, L->invstd, rm, rv, sum, sq, L->shift, L->total, H, KD_BN_MOMENTUM,
+                        KD_BN_EPS);
+    kdp_bn_normalize(L->bno, L->xhat, L->a1, L->mean, L->invstd, p + L->o_gamma, p + L->o_beta, n,
+                     H);
+  }
+  kdp_relu_forward(L->act, L->bno, n * H);
+}
+
+void kd_hidden_backward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, float *du,
+                        const kdp_kd_reduce *red) {
+  const size_t H = L->H;
+  const float *p = c->params;
+  float *gp = c->grads;
+  double *sg = L->sums, *sb = sg + H;
+  memset(L->sums, 0, 2 * H * sizeof(double));
+  memset(L->dbno, 0, n * H * sizeof(float));
+  kdp_relu_backward(L->dbno, L->dact, L->act, n * H);
+  kdp_bn_backward_sums(sg, sb, L->dbno, L->xhat, n, H);
+  /* this block's share of dgamma and dbeta: the module's gradient is summed over the blocks */
+  for (size_t k = 0; k < H; k++) {
+    gp[L->o_gamma + k] += (float)sg[k];
+    gp[L->o_beta + k] += (float)sb[k];
+  }
+  reduce(red, L->sums, 2 * H);
+  if (!n) return;
+  memset(L->da1, 0, n * H * sizeof(float));
+  kdp_bn_backward_rows(L->da1, L->dbno, L->xhat, sg, sb, L->invstd, p + L->o_gamma, L->total, n,
+                       H);
+  kdp_dense_backward(du, gp + L->o_w, gp + L->o_b, L->da1, u, p + L->o_w, n, L->D, H);
+}
+
+void kd_softmax_mix(const double *e, size_t m, const float *const *z, size_t C, float *a,
+                    float *t) {
+  double mx = -INFINITY, s = 0.0;
+  for (size_t j = 0; j < m; j++)
+    if (e[j] > mx) mx = e[j];
+  for (size_t j = 0; j < m; j++) s += exp(e[j] - mx);
+  for (size_t j = 0; j < m; j++) a[j] = (float)(exp(e[j] - mx) / s);
+  for (size_t k = 0; k < C; k++) {
+    double acc = 0.0;
+    for (size_t j = 0; j < m; j++) acc += (double)a[j] * z[j][k];
+    t[k] = (float)acc;
+  }
+}
+
+void kd_softmax_mix_backward(const float *a, size_t m, const float *const *z, float *const *dz,
+                             const float *dt, size_t C, float *de) {
+  double da[KDP_KD_MAX_PEERS], dot = 0.0;
+  for (size_t j = 0; j < m; j++) {
+    double acc = 0.0;
+    for (size_t k = 0; k < C; k++) {
+      acc += (double)dt[k] * z[j][k];
+      dz[j][k] += a[j] * dt[k];
+    }
+    da[j] = acc;
+    dot += (double)a[j] * acc;
+  }
+  for (size_t j = 0; j < m; j++) de[j] = (float)((double)a[j] * (da[j] - dot));
+}

@@ -1,0 +1,51 @@
+/* eval.c: every peer, the ensemble (mean of the peers' probabilities) and the method's teacher
+   on the test set, in eval batches of the whole cohort (the pipeline's evaluation: each rank
+   scores its peer on its own rows, and the ensemble and the teacher on its block of rows). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "train_internal.h"
+
+#define EVAL_BATCH KDP_TRAIN_EVAL_BATCH
+
+int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *err) {
+  const kdp_dataset *ds = &t->test;
+  kdp_dist *d = t->d;
+  const size_t n = ds->n, P = (size_t)t->P;
+  kdp_eval_sums s;
+  memset(&s, 0, sizeof s);
+  int rc = 0;
+  for (size_t first = 0; first < n && rc == 0; first += EVAL_BATCH) {
+    size_t B = n - first < EVAL_BATCH ? n - first : EVAL_BATCH, lo, hi;
+    kdp_dist_rows(d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
+    /* this rank's rows, and the labels of the whole eval batch */
+    kdp_dataset_get(ds, first + lo, hi - lo, t->mean, t->std, t->xbuf, t->ybuf + lo);
+    for (size_t i = 0; i < B; i++)
+      if (i < lo || i >= hi) t->ybuf[i] = (int32_t)ds->labels[first + i];
+    const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf, hi - lo, 0, NULL) : NULL;
+    rc = kdp_pipeline_eval(t->pipe, B, t->ybuf, z, kdp_model_features(t->model), &s, err);
+  }
+  if (rc != 0) return rc;
+  /* summed over the world: [2p], [2p + 1] loss and hits of peer p (its ranks' rows), then the
+     ensemble's and the teacher's (every rank's block) */
+  double *v = kdp_xcalloc(2 * P + 4, sizeof(double));
+  v[2 * (size_t)d->peer] = s.peer_loss;
+  v[2 * (size_t)d->peer + 1] = s.peer_hits;
+  double rest[4] = {s.ens_loss, s.ens_hits, s.teacher_loss, s.teacher_hits};
+  memcpy(v + 2 * P, rest, sizeof rest);
+  kdp_dist_group_sum_f64(d, KDP_GROUP_WORLD, v, 2 * P + 4);
+  if (t->is_root) {
+    char name[32];
+    for (size_t p = 0; p < P; p++) {
+      snprintf(name, sizeof name, "peer%zu", p);
+      kdp_metrics_eval(t, step, epoch, name, v[2 * p + 1] / (double)n, v[2 * p] / (double)n);
+    }
+    if (P > 1)
+      kdp_metrics_eval(t, step, epoch, "ensemble", v[2 * P + 1] / (double)n, v[2 * P] / (double)n);
+    if (t->teacher_name)
+      kdp_metrics_eval(t, step, epoch, t->teacher_name, v[2 * P + 3] / (double)n,
+                       v[2 * P + 2] / (double)n);
+  }
+  free(v);
+  return 0;
+}

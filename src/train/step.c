@@ -1,0 +1,309 @@
+/* step.c: one training step on one rank, read top to bottom: kdp_train_step (batch, forward,
+   agreement point, distillation, backward, allreduce, SGD) and its distillation part,
+   kdp_pipeline_step: gather the rows the method reads (dist), compute its losses and gradients
+   (kd), scatter every peer's gradients back (dist). The same path for every layout and method;
+   evaluation and the /predict teacher reuse its gathers. */
+#include <math.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kdpeers/kd.h"
+#include "kdpeers/train.h"
+#include "train_internal.h"
+
+struct kdp_pipeline {
+  kdp_dist *d;
+  kdp_cohort *c;
+  const kdp_method_ops *ops;
+  size_t P, C, me, maxB;
+  int tgrad, fgrad;                    /* teacher and feature gradients */
+  size_t wz[KDP_KD_MAX_PEERS];         /* row widths: logits (C) */
+  size_t wh[KDP_KD_MAX_PEERS];         /* features (d_j) */
+  float *z_all;                        /* P x maxB x C: every peer's logits on gathered rows */
+  float *zb, *hb;                      /* the row block of every peer's logits / features */
+  float *tb, *dtb;                     /* the module's teachers of the block, their gradients */
+  float *t_own, *dt_own;               /* this peer's teacher on its own rows, its gradient */
+  float *dzb, *dhb;                    /* the module's gradients of every peer's block rows */
+  float *ens;                          /* maxB x C: evaluation scratch */
+  kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
+};
+
+static void sum_world(void *ctx, double *buf, size_t n) {
+  kdp_dist_group_sum_f64(ctx, KDP_GROUP_WORLD, buf, n);
+}
+
+int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t max_batch,
+                        kdp_error *err) {
+  const kdp_kd_spec *s = kdp_cohort_spec(c);
+  *out = NULL;
+  if (s->P != (size_t)d->n_peers)
+    return kdp_fail(err, KDP_EINVAL, "a cohort of %zu peers on a layout of %d peers", s->P,
+                    d->n_peers);
+  if (max_batch > kdp_cohort_max_batch(c))
+    return kdp_fail(err, KDP_EINVAL, "batches of %zu rows, but the cohort takes at most %zu",
+                    max_batch, kdp_cohort_max_batch(c));
+  kdp_pipeline *p = kdp_xcalloc(1, sizeof *p);
+  p->d = d;
+  p->c = c;
+  p->ops = kdp_cohort_ops(c);
+  p->P = s->P;
+  p->C = s->C;
+  p->me = (size_t)d->peer;
+  p->maxB = max_batch;
+  p->tgrad = kdp_cohort_teacher_grad(c);
+  p->fgrad = kdp_cohort_feature_grads(c);
+  for (size_t j = 0; j < p->P; j++) {
+    p->wz[j] = s->C;
+    p->wh[j] = s->dims[j];
+  }
+  const size_t nz = p->P * max_batch * s->C, nh = kdp_cohort_feature_floats(c, max_batch);
+  p->z_all = kdp_falloc(nz);
+  p->zb = kdp_falloc(nz);
+  p->hb = kdp_falloc(nh ? nh : 1);
+  p->tb = kdp_falloc(nz);
+  p->dtb = kdp_falloc(nz);
+  p->dzb = kdp_falloc(nz);
+  p->dhb = kdp_falloc(nh ? nh : 1);
+  p->t_own = kdp_falloc(max_batch * s->C);
+  p->dt_own = kdp_falloc(max_batch * s->C);
+  p->ens = kdp_falloc(max_batch * s->C);
+  p->red = (kdp_kd_reduce){.sum = sum_world, .ctx = d};
+  *out = p;
+  return 0;
+}
+
+void kdp_pipeline_free(kdp_pipeline *p) {
+  if (!p) return;
+  float *bufs[] = {p->z_all, p->zb, p->hb, p->tb, p->dtb, p->dzb, p->dhb, p->t_own, p->dt_own,
+                   p->ens};
+  for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
+  free(p);
+}
+
+kdp_cohort *kdp_pipeline_cohort(kdp_pipeline *p) { return p->c; }
+
+/* rows [lo, hi) of a B-row batch, checked against the buffers */
+static int rows(kdp_pipeline *p, kdp_rows which, size_t B, size_t *lo, size_t *hi,
+                kdp_error *err) {
+  if (B > p->maxB)
+    return kdp_fail(err, KDP_EINVAL, "a batch of %zu rows; the pipeline takes at most %zu", B,
+                    p->maxB);
+  kdp_dist_rows(p->d, KDP_GROUP_WORLD, which, B, lo, hi);
+  return 0;
+}
+
+int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
+                      kdp_kd_losses *out, kdp_error *err) {
+  const kdp_method_ops *o = p->ops;
+  const size_t B = in->B, C = p->C;
+  size_t olo, ohi, blo = 0, bhi = 0;
+  int rc = rows(p, KDP_ROWS_OWN, B, &olo, &ohi, err);
+  if (rc) return rc;
+  if (o->module_reads) kdp_dist_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, &blo, &bhi);
+  const size_t n = ohi - olo, m = bhi - blo;
+  if (o->module_reads) kdp_cohort_module_zero_grad(p->c);
+
+  /* 1. gather: every peer's logits on my own rows; every peer's block rows for the module */
+  const float *z_all = in->z_all;
+  if (!z_all && (o->peer_reads & KDP_READS_LOGITS)) {
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, p->wz, in->z, p->z_all);
+    z_all = p->z_all;
+  }
+  if (o->module_reads & KDP_READS_LOGITS)
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, in->z, p->zb);
+  if (o->module_reads & KDP_READS_FEATURES)
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, in->h, p->hb);
+
+  /* 2. compute: the module's teachers on the block, sent to their peers' rows; my peer term */
+  kdp_kd_rows blk = {.z = p->zb, .h = p->hb, .y = in->y + blo, .n = m, .T = in->T,
+                     .weight = in->weight, .scale = (float)m / (float)B};
+  if (o->module_reads) {
+    rc = kdp_cohort_module_forward(p->c, &blk, &p->red, p->tb, err);
+    if (rc) return rc;
+    memset(p->t_own, 0, n * C * sizeof(float));
+    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, !o->teacher_per_peer,
+                          p->tb, p->t_own);
+  }
+  if (p->tgrad) memset(p->dt_own, 0, n * C * sizeof(float));
+  kdp_kd_peer_in pin = {.z = in->z, .z_all = z_all, .teacher = p->t_own, .y = in->y + olo,
+                        .n = n, .T = in->T, .weight = in->weight,
+                        .scale = (float)n / (float)B, .burn_in = in->burn_in};
+  rc = kdp_cohort_peer_loss(p->c, p->me, &pin, dz, p->tgrad ? p->dt_own : NULL, out, err);
+  if (rc) return rc;
+  if (!o->module_reads) return 0;
+
+  /* the module's backward on the block, with the peers' teacher gradients gathered to it */
+  if (p->tgrad)
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, p->dt_own, p->dtb);
+  memset(p->dzb, 0, p->P * m * C * sizeof(float));
+  if (p->fgrad) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
+  rc = kdp_cohort_module_backward(p->c, &blk, p->tgrad ? p->dtb : NULL, &p->red, p->dzb,
+                                  p->fgrad ? p->dhb : NULL, NULL, err);
+  if (rc) return rc;
+
+  /* 3. scatter: every peer's block rows of the module's gradients back to its ranks */
+  kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
+  if (p->fgrad)
+    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, 0, p->dhb, dh);
+  return 0;
+}
+
+void kdp_pipeline_module_allreduce(kdp_pipeline *p) {
+  size_t nm = kdp_cohort_module_n_params(p->c);
+  if (nm) kdp_dist_world_allreduce(p->d, kdp_cohort_module_grads(p->c), nm);
+}
+
+/* ---------------------------------------------------------------- evaluation */
+
+int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *z,
+                      const float *h, kdp_eval_sums *s, kdp_error *err) {
+  const size_t P = p->P, C = p->C;
+  size_t olo, ohi, blo, bhi;
+  int rc = rows(p, KDP_ROWS_OWN, B, &olo, &ohi, err);
+  if (rc) return rc;
+  /* this peer on its own rows */
+  if (ohi > olo) {
+    size_t hits = 0;
+    s->peer_loss += kdp_ce_loss(z, y + olo, ohi - olo, C, NULL, 0, &hits) * (double)(ohi - olo);
+    s->peer_hits += (double)hits;
+  }
+  if (P < 2) return 0;
+  /* the ensemble and the method's teacher on my block of the batch: every row once */
+  const int teach = p->ops->teacher != NULL;
+  kdp_dist_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, &blo, &bhi);
+  const size_t m = bhi - blo;
+  const int32_t *yb = y + blo;
+  kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, z, p->zb);
+  if (teach && (p->ops->module_reads & KDP_READS_FEATURES))
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, h, p->hb);
+  if (!m) return 0;
+  memset(p->ens, 0, m * C * sizeof(float));
+  for (size_t j = 0; j < P; j++) {
+    kdp_softmax_t(p->t_own, p->zb + j * m * C, m, C, 1.0f);
+    for (size_t k = 0; k < m * C; k++) p->ens[k] += p->t_own[k];
+  }
+  for (size_t b = 0; b < m; b++) {
+    const float *pr = p->ens + b * C;
+    s->ens_hits += (double)(kdp_argmax(pr, C) == (size_t)yb[b]);
+    double q = pr[yb[b]] / (double)P;
+    s->ens_loss -= log(q > 1e-30 ? q : 1e-30);
+  }
+  if (!teach) return 0;
+  kdp_kd_rows blk = {.z = p->zb, .h = p->hb, .y = yb, .n = m, .T = 1.0f, .scale = 1.0f};
+  rc = kdp_cohort_teacher_eval_rows(p->c, &blk, p->ens, err);
+  if (rc) return rc;
+  size_t th = 0;
+  s->teacher_loss += kdp_ce_loss(p->ens, yb, m, C, NULL, 0, &th) * (double)m;
+  s->teacher_hits += (double)th;
+  return 0;
+}
+
+int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h, size_t n,
+                                float *out, kdp_error *err) {
+  if (!p->ops->teacher) return kdp_fail(err, KDP_EINVAL, "method %s has no teacher", p->ops->name);
+  if (n > p->maxB)
+    return kdp_fail(err, KDP_EINVAL, "%zu rows; the pipeline takes at most %zu", n, p->maxB);
+  kdp_dist_gather_rows(p->d, KDP_GROUP_COHORT, KDP_ROWS_ALL, n, p->wz, z, p->z_all);
+  if (p->ops->module_reads & KDP_READS_FEATURES)
+    kdp_dist_gather_rows(p->d, KDP_GROUP_COHORT, KDP_ROWS_ALL, n, p->wh, h, p->hb);
+  kdp_kd_rows blk = {.z = p->z_all, .h = p->hb, .n = n, .T = 1.0f, .scale = 1.0f};
+  return kdp_cohort_teacher_eval_rows(p->c, &blk, out, err);
+}
+
+/* ---------------------------------------------------------------- the training step */
+
+void kdp_train_allreduce(kdp_trainer *t) {
+  /* the peer's gradient arena, summed over its ranks (data parallelism within a peer) */
+  kdp_dist_peer_allreduce(t->d, kdp_model_grads(t->model), kdp_model_n_params(t->model));
+  /* the replicated module's, summed over every rank's row blocks */
+  kdp_pipeline_module_allreduce(t->pipe);
+}
+
+/* the distillation part of the step on this rank's n own rows x (logits z) of a B-row batch */
+static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const float *x,
+                    const float *z, size_t n, kdp_step_result *r) {
+  const kdp_config *cfg = t->cfg;
+  memset(t->dlogits, 0, n * t->C * sizeof(float));
+  if (kdp_cohort_feature_grads(t->cohort))
+    memset(t->dfeat, 0, n * kdp_model_feature_dim(t->model) * sizeof(float));
+  kdp_step_in in = {
+      .B = B,
+      .y = t->ybuf,
+      .z = z,
+      .h = kdp_model_features(t->model),
+      .T = (float)t->temperature,
+      .weight = (float)(t->kd_weight * kdp_rampup(r->epoch, cfg->rampup_epochs)),
+      .burn_in = step < cfg->burn_in_steps,
+  };
+  if (t->stale) in.z_all = kdp_stale_logits(t->stale, t, step, x, z, n);
+  kdp_kd_losses kl;
+  kdp_error err;
+  if (kdp_pipeline_step(t->pipe, &in, t->dlogits, t->dfeat, &kl, &err) != 0)
+    kdp_die("the distillation step failed on rank %d: %s", t->d->world_rank, err.msg);
+  r->loss.ce = kl.ce;
+  r->loss.kd = kl.loss - kl.ce;
+  r->loss.correct = kl.n_correct;
+  if (!isfinite(r->loss.ce))
+    kdp_loop_diverged(L, t->d->peer, step, "cross-entropy loss", r->loss.ce);
+  else if (!isfinite(r->loss.kd))
+    kdp_loop_diverged(L, t->d->peer, step, "distillation loss", r->loss.kd);
+}
+
+int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r,
+                   kdp_error *err) {
+  const size_t isz = t->train.H * t->train.W * t->train.C;
+  memset(r, 0, sizeof *r);
+  kdp_die_context(t->d->peer, step); /* what a fatal error names */
+  if (step == L->signal_at) raise(SIGUSR1);
+  r->t0 = kdp_now();
+  r->epoch = (double)step / (double)t->steps_per_epoch;
+
+  /* the global batch; this rank's rows of it */
+  size_t B = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf), lo, hi;
+  kdp_trace_mark(t, "data", r->t0, kdp_now());
+  kdp_dist_rows(t->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
+  const size_t n = hi - lo;
+  const float *x = t->xbuf + lo * isz;
+  r->rows = n;
+
+  /* forward (a rank can hold no rows of a final partial batch: it then only takes part in the
+     collectives, with zero gradients) */
+  kdp_model_zero_grad(t->model);
+  double tc0 = kdp_now();
+  const float *z = n ? kdp_model_forward(t->model, x, n, 1, &t->dropout_rng) : t->dlogits;
+  L->t_compute += kdp_now() - tc0;
+  kdp_trace_mark(t, "forward", tc0, kdp_now());
+
+  /* the agreement point, before the exchange */
+  int rc = kdp_boundary_agree(t, L, step, z, n, r, err);
+  if (rc != 0) return rc;
+
+  /* gather -> compute -> scatter */
+  double tx0 = kdp_now();
+  distill(t, L, step, B, x, z, n, r);
+  kdp_trace_mark(t, "exchange+kd", tx0, kdp_now());
+
+  /* backward, allreduce, SGD */
+  tc0 = kdp_now();
+  if (n)
+    kdp_model_backward(t->model, t->dlogits,
+                       kdp_cohort_feature_grads(t->cohort) ? t->dfeat : NULL);
+  L->t_compute += kdp_now() - tc0;
+  kdp_trace_mark(t, "backward", tc0, kdp_now());
+  double ta0 = kdp_now();
+  kdp_train_allreduce(t);
+  kdp_trace_mark(t, "allreduce", ta0, kdp_now());
+  r->lr = kdp_schedule_lr(&t->sched, step) * t->lr_scale;
+  tc0 = kdp_now();
+  kdp_sgd_step(&t->opt, kdp_model_params(t->model), kdp_model_grads(t->model), (float)r->lr);
+  if (kdp_cohort_module_n_params(t->cohort))
+    kdp_sgd_step(&t->mopt, kdp_cohort_module_params(t->cohort),
+                 kdp_cohort_module_grads(t->cohort), (float)r->lr);
+  L->t_compute += kdp_now() - tc0;
+  kdp_trace_mark(t, "optimizer", tc0, kdp_now());
+  t->train_time += kdp_now() - r->t0;
+  kdp_live_step_time(t, kdp_now() - r->t0);
+  t->step = step + 1;
+  return 0;
+}
