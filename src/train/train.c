@@ -318,12 +318,14 @@ static int start(kdp_trainer *t, const kdp_run_opts *opts, double t_load, kdp_er
   if (!kdp_dist_all_ok(d, rc == 0))
     return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not start over in run.dir");
   t->allow_change = opts ? opts->allow_change : 0;
+  t->elastic = opts && opts->elastic && opts->elastic->step >= 0 ? opts->elastic : NULL;
   t->serve_only = opts ? opts->serve_only : 0;
   /* resume from the newest complete checkpoint, unless --fresh */
   int64_t metrics_offset = -1;
   if (!(opts && opts->fresh)) {
     int r = kdp_train_restore_latest(t, &metrics_offset, err);
     if (r < 0) return r;
+    if (r == 1 && t->elastic && t->elastic->resized) kdp_elastic_record(t, t->elastic);
     if (t->serve_only) {
       metrics_offset = -1; /* serving never rewrites the run's own log */
       if (r == 0) return kdp_fail(err, KDP_EIO, "kdpeers serve: %s holds no complete checkpoint",
@@ -343,6 +345,7 @@ static int start(kdp_trainer *t, const kdp_run_opts *opts, double t_load, kdp_er
   rc = kdp_live_start(t, err);
   if (!kdp_dist_all_ok(d, rc == 0))
     return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
+  if (t->is_root && t->elastic && t->elastic->resized) kdp_elastic_announce(t, t->elastic);
   kdp_stall_start(t);
   t->step0 = t->step;
   kdp_trace_start(t);
@@ -463,6 +466,8 @@ static void release(kdp_trainer *t) {
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_distill_free(t);
+  free(t->resizes);
+  t->resizes = NULL;
   kdp_sgd_free(&t->opt);
   kdp_batcher_free(&t->batcher);
   kdp_model_free(t->model);
