@@ -34,7 +34,8 @@ static void usage(FILE *f) {
           "      --allow-config-change  resume although settings such as optim.lr changed\n"
           "                        (each change is logged); model, method and layout cannot\n"
           "      --resume-as P     resume the newest checkpoint with a cohort of P peers\n"
-          "                        (docs/checkpoints.md, elastic resume); when shrinking,\n"
+          "                        (auto: the cohort that fits the ranks; docs/checkpoints.md,\n"
+          "                        elastic resume); when shrinking,\n"
           "      --keep I,J,...    the peers to keep (default the first P); when growing,\n"
           "      --clone-from N    new peers copy peer N's state, perturbed by\n"
           "      --clone-seed S    (default run.seed); else they start from their own seeds\n"
@@ -108,10 +109,14 @@ static int parse_elastic(cli *c, const char *a, const char *v) {
     e->clone_seed = s;
     return 0;
   }
+  if (strcmp(a, "--resume-as") == 0 && strcmp(v, "auto") == 0) {
+    e->P = -1; /* the cohort that fits the ranks (kdp_elastic_plan) */
+    return 0;
+  }
   long n = opt_count(v);
   if (n < 0 || (strcmp(a, "--resume-as") == 0 && n < 1)) {
     fprintf(stderr, "kdpeers: %s takes a %s (got '%s')\n", a,
-            a[2] == 'r' ? "peer count of at least 1" : "peer index", v);
+            a[2] == 'r' ? "peer count of at least 1, or auto" : "peer index", v);
     return -1;
   }
   if (a[2] == 'r')
@@ -458,6 +463,7 @@ int main(int argc, char **argv) {
   }
   /* --resume-as: the new cohort's per-peer settings and layout, from the checkpoint */
   if (c.elastic.P) {
+    c.elastic.world = kdp_dist_world_size();
     int er = kdp_elastic_plan(&cfg, &c.elastic, &err);
     if (er != 0) {
       if (rank == 0) fprintf(stderr, "kdpeers: %s\n", err.msg);

@@ -62,6 +62,21 @@ run 2 "${base[@]}" -s kd.method=independent -s run.dir="$c" --resume-as 2 >"$c.o
 expect "--resume-as 2 without --keep keeps peers 0 and 1 (bitwise peer 1)" \
   cmp -s <(digests "$(step_dir "$a" 8)/peer-001.kdpc") <(digests "$(step_dir "$c" 8)/peer-001.kdpc")
 
+# per-peer layouts and architectures carry over: peer 2 on 2 ranks with its own arch (4 ranks)
+a="$tmp/lay" b="$tmp/lay-shrunk"
+lay=(-s kd.method=independent -s peer.2.ranks_per_peer=2 -s "peer.2.arch=mlp(16)")
+run 4 "${base[@]}" "${lay[@]}" -s run.dir="$a" >"$a.out" 2>&1
+copy_at "$a" "$b" 4
+run 3 "${base[@]}" "${lay[@]}" -s run.dir="$b" --resume-as 2 --keep 0,2 >"$b.out" 2>&1
+rc=$?
+expect "layout 1+1+2 -> 1+2 (--keep 0,2 on 3 ranks) finishes (exit $rc)" test "$rc" = 0
+for s in 0 1; do
+  expect "  ...peer 2's slice $s (mlp(16), 2 ranks) continues bitwise as new peer 1's" \
+    cmp -s <(digests "$(step_dir "$a" 8)/peer-00$((2 + s)).kdpc") <(digests "$(step_dir "$b" 8)/peer-00$((1 + s)).kdpc")
+done
+run 2 "${base[@]}" "${lay[@]}" -s run.dir="$b" --resume-as 2 >"$b.out2" 2>&1
+expect "  ...a rerun on 2 ranks is refused: the kept peer needs its 2 ranks (-np 3)" grep -qi "with -np 3" "$b.out2"
+
 # ---- grow 2 -> 3: the kept peers bitwise, the new one from its own seed or a perturbed copy
 a="$tmp/ind2" b="$tmp/ind2-grown" c="$tmp/ind2-clone"
 run 2 "${base[@]}" -s kd.method=independent -s run.dir="$a" >"$a.out" 2>&1
@@ -109,6 +124,27 @@ run 4 "${base[@]}" -s kd.method=one -s run.dir="$b" --resume-as 4 >"$b.out" 2>&1
 rc=$?
 expect "one: 3 -> 4 finishes (exit $rc)" test "$rc" = 0
 expect "one: ...the new peer's gate blocks are fresh" grep -q "gate.weight peer blocks kept (" "$b.out"
+
+# ---- --resume-as auto: the cohort that fits the ranks (what launch/kdpeers.sbatch passes)
+r="$tmp/auto-shrink"
+copy_at "$tmp/ind3" "$r" 4
+run 2 "${base[@]}" -s kd.method=independent -s run.dir="$r" --resume-as auto >"$r.out" 2>&1
+expect "--resume-as auto on 2 ranks from 3 peers keeps the first 2 (exit $?)" \
+  grep -q '"event":"resize","step":4,"from":3,"to":2,"kept":\[0,1\]' "$r/metrics.jsonl"
+r="$tmp/auto-grow"
+copy_at "$tmp/ind2" "$r" 4
+run 3 "${base[@]}" -s kd.method=independent -s run.dir="$r" --resume-as auto >"$r.out" 2>&1
+expect "--resume-as auto on 3 ranks from 2 peers grows to 3 (exit $?)" \
+  grep -q '"event":"resize","step":4,"from":2,"to":3,"kept":\[0,1\],"new":\[2\]' "$r/metrics.jsonl"
+r="$tmp/auto-lay"
+copy_at "$tmp/lay" "$r" 4
+run 3 "${base[@]}" "${lay[@]}" -s run.dir="$r" --resume-as auto >"$r.out" 2>&1
+rc=$?
+expect "--resume-as auto: 1+1+2 ranks cannot be cut to 3 in order: exit 2 (got $rc)" test "$rc" = 2
+expect "  ...saying so" grep -q "no cohort of the checkpoint's peers in order" "$r.out"
+r="$tmp/auto-new"
+run 2 "${base[@]}" -s kd.method=independent -s run.max_steps=2 -s run.dir="$r" --resume-as auto >"$r.out" 2>&1
+expect "--resume-as auto without a checkpoint starts the config's run (exit $?)" test -f "$r/metrics.jsonl"
 
 # ---- the same P through --resume-as: bitwise the same as an uninterrupted run
 a="$tmp/same-a" b="$tmp/same-b"

@@ -12,6 +12,7 @@
 typedef struct kdp_elastic {
   /* the request (command line) */
   int P;                     /* --resume-as: peers of the resumed cohort (0: not elastic) */
+  int world;                 /* --resume-as auto: this run's ranks (P follows, see the plan) */
   int keep[KDP_MAX_PEERS];   /* --keep: the checkpoint's peers to keep when shrinking */
   int n_keep;                /* 0: the first P */
   int clone_from;            /* --clone-from: grown peers copy this peer (-1: own seeds) */
@@ -33,7 +34,10 @@ typedef struct kdp_elastic {
    alike): checks e's request against the checkpoint's cohort and rewrites cfg's per-peer
    settings (peer.N.arch, peer.N.ranks_per_peer) for the new cohort: a kept peer takes its old
    peer's, a new one its own peer.N.* (a clone: its source's arch). KDP_EINVAL with a message
-   for an inconsistent request; 0 and e->step = -1 when there is no checkpoint. */
+   for an inconsistent request; 0 and e->step = -1 when there is no checkpoint.
+   --resume-as auto (e->P = -1, e->world = the ranks): the cohort that fits the ranks, keeping the
+   peers in order: the first peers whose ranks_per_peer add up to the ranks (fewer ranks), every
+   peer plus new ones with their peer.N.ranks_per_peer / run.ranks_per_peer (more ranks). */
 int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err);
 /* After the layout is set up: KDP_EINVAL unless d has e->P peers. */
 int kdp_elastic_check_layout(const kdp_elastic *e, const kdp_config *cfg, const kdp_dist *d,

@@ -226,7 +226,9 @@ static int compare_configs(kdp_trainer *t, const char *saved, const char *now, k
 
 static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, kdp_error *err) {
   kdp_dist *d = t->d;
-  const kdp_elastic *e = t->elastic;
+  /* --resume-as applies to the checkpoint it planned from (also when a rollback returns to it);
+     a later checkpoint is the new cohort's own */
+  const kdp_elastic *e = t->elastic && step == t->elastic->step ? t->elastic : NULL;
   char path[KDP_PATH + 128];
   int n_files = 0;
   int rc = kdp_ckpt_verify_step(t->cfg->dir, step, &n_files, err);
@@ -246,19 +248,20 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     kdp_ckpt_peer_path(t->cfg->dir, step, src, path, sizeof path);
     rc = kdp_ckpt_read(path, KDP_CKPT_DEFAULT_MAX_BYTES, &ck, err);
   }
-  if (rc == 0 && own) {
-    const char *arch = NULL;
-    rc = kdp_ckpt_get_str(ck, "arch", &arch, err);
-    if (rc == 0 && strcmp(arch, kdp_model_arch(t->model)) != 0)
-      rc = kdp_fail(err, KDP_EMISMATCH, "%s holds a peer of arch '%s'; this rank's peer is '%s'",
-                    path, arch, kdp_model_arch(t->model));
-  }
   if (rc == 0) {
     const char *saved = NULL;
     char *now = config_text(t->cfg);
     rc = kdp_ckpt_get_str(ck, "config", &saved, err);
     if (rc == 0) rc = compare_configs(t, saved, now ? now : "", err);
     free(now);
+  }
+  /* --resume-as: the per-peer settings came from the checkpoint; a peer's file must hold it */
+  if (rc == 0 && e && own) {
+    const char *arch = NULL;
+    rc = kdp_ckpt_get_str(ck, "arch", &arch, err);
+    if (rc == 0 && strcmp(arch, kdp_model_arch(t->model)) != 0)
+      rc = kdp_fail(err, KDP_EMISMATCH, "%s holds a peer of arch '%s'; this rank's peer is '%s'",
+                    path, arch, kdp_model_arch(t->model));
   }
   /* the state read out of the file from here on: its errors name a key, not the file */
   const int reading = rc == 0;
@@ -298,14 +301,15 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   GET(kdp_ckpt_get_i64(ck, "rollbacks", &i64, err));
   if (rc == 0) t->n_rollbacks = (int)i64;
   GET(kdp_ckpt_get_i64(ck, "metrics_offset", &moff, err));
+  /* the run's history of resizes, as of this checkpoint */
+  free(t->resizes);
+  t->resizes = NULL;
   if (rc == 0 && kdp_ckpt_has(ck, "resizes")) {
     const char *h = NULL;
     GET(kdp_ckpt_get_str(ck, "resizes", &h, err));
-    if (rc == 0) {
-      free(t->resizes);
-      t->resizes = kdp_xstrdup(h);
-    }
+    if (rc == 0) t->resizes = kdp_xstrdup(h);
   }
+  if (rc == 0 && e && e->resized) kdp_elastic_record(t, e);
   if (rc == 0)
     rc = e && e->resized ? kdp_elastic_load_module(t, e, ck, err) : kdp_distill_load(t, ck, err);
 #undef GET

@@ -20,9 +20,30 @@ static void list_text(const int *v, int n, char *buf, size_t len) {
     used += (size_t)snprintf(buf + used, len - used, "%s%d", i ? "," : "", v[i]);
 }
 
+/* --resume-as auto: the cohort of the checkpoint's peers (in order) and new ones that takes
+   exactly the run's ranks */
+static int auto_size(const kdp_config *cfg, const kdp_elastic *e, kdp_error *err) {
+  int sum = 0, P = 0;
+  while (sum < e->world && P < KDP_MAX_PEERS) {
+    sum += P < e->old_P ? e->old_k[P] : kdp_config_peer_ranks(cfg, P);
+    P++;
+  }
+  if (sum != e->world)
+    return kdp_fail(err, KDP_EINVAL,
+                    "--resume-as auto: no cohort of the checkpoint's peers in order (and new ones) "
+                    "takes exactly the %d MPI ranks of this run (%d peers take %d); name one with "
+                    "--resume-as P --keep ...",
+                    e->world, P, sum);
+  return P;
+}
+
 int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
   e->step = -1;
-  if (e->P < 1 || e->P > KDP_MAX_PEERS)
+  if (e->P < 0 && (e->n_keep || e->clone_from >= 0))
+    return kdp_fail(err, KDP_EINVAL,
+                    "--resume-as auto keeps the first peers and grows from seeds; --keep and "
+                    "--clone-from need a peer count");
+  if (e->P != -1 && (e->P < 1 || e->P > KDP_MAX_PEERS))
     return kdp_fail(err, KDP_EINVAL, "--resume-as %d: expected 1..%d peers", e->P, KDP_MAX_PEERS);
   if (cfg->exchange_id == KDP_EXCHANGE_WEIGHTS)
     return kdp_fail(err, KDP_EINVAL,
@@ -38,7 +59,7 @@ int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
                       "--resume-as: %s holds no complete checkpoint, so there are no peers to "
                       "--keep or --clone-from",
                       cfg->dir);
-    return 0; /* a new run: --resume-as P' just starts P' peers */
+    return 0; /* a new run: --resume-as P' just starts P' peers (auto: the config's layout) */
   }
   int n_ranks = 0;
   int rc = kdp_tool_saved_config(cfg->dir, ini, sizeof ini, &n_ranks, err);
@@ -69,6 +90,14 @@ int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
   e->step = step;
   e->old_P = oldP;
   e->old_world = n_ranks;
+  if (e->P < 0) {
+    int p = auto_size(cfg, e, err);
+    if (p < 0) {
+      free(old);
+      return p;
+    }
+    e->P = p;
+  }
   const int P = e->P;
   /* which old peer each new peer continues */
   if (e->n_keep) {
@@ -139,7 +168,7 @@ int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
 
 int kdp_elastic_check_layout(const kdp_elastic *e, const kdp_config *cfg, const kdp_dist *d,
                              kdp_error *err) {
-  if (d->n_peers == e->P) return 0;
+  if (d->n_peers == e->P || e->P < 0) return 0;
   char ks[512];
   size_t used = 0;
   int sum = 0;
@@ -372,7 +401,7 @@ static void entry(const kdp_trainer *t, const kdp_elastic *e, char *buf, size_t 
   snprintf(buf, n,
            "{\"step\":%lld,\"from\":%d,\"to\":%d,\"kept\":[%s],\"new\":[%s],\"clone_from\":%d,"
            "\"ranks\":%d}",
-           (long long)t->step, e->old_P, e->P, a, b, e->clone_from, t->d->world_size);
+           (long long)e->step, e->old_P, e->P, a, b, e->clone_from, t->d->world_size);
 }
 
 void kdp_elastic_record(kdp_trainer *t, const kdp_elastic *e) {
@@ -404,5 +433,5 @@ void kdp_elastic_announce(kdp_trainer *t, const kdp_elastic *e) {
   snprintf(text, sizeof text, "%d -> %d peers (kept %s%s)", e->old_P, e->P, a,
            e->P > e->old_P ? (e->clone_from >= 0 ? ", new ones cloned" : ", new ones from their seeds")
                            : "");
-  kdp_live_event(t, "resize", t->step, text);
+  kdp_live_event(t, "resize", e->step, text);
 }

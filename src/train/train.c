@@ -325,7 +325,6 @@ static int start(kdp_trainer *t, const kdp_run_opts *opts, double t_load, kdp_er
   if (!(opts && opts->fresh)) {
     int r = kdp_train_restore_latest(t, &metrics_offset, err);
     if (r < 0) return r;
-    if (r == 1 && t->elastic && t->elastic->resized) kdp_elastic_record(t, t->elastic);
     if (t->serve_only) {
       metrics_offset = -1; /* serving never rewrites the run's own log */
       if (r == 0) return kdp_fail(err, KDP_EIO, "kdpeers serve: %s holds no complete checkpoint",
