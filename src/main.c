@@ -33,6 +33,12 @@ static void usage(FILE *f) {
           "      --fresh           start over: delete run.dir/checkpoints, truncate metrics.jsonl\n"
           "      --allow-config-change  resume although settings such as optim.lr changed\n"
           "                        (each change is logged); model, method and layout cannot\n"
+          "      --resume-as P     resume the newest checkpoint with a cohort of P peers\n"
+          "                        (auto: the cohort that fits the ranks; docs/checkpoints.md,\n"
+          "                        elastic resume); when shrinking,\n"
+          "      --keep I,J,...    the peers to keep (default the first P); when growing,\n"
+          "      --clone-from N    new peers copy peer N's state, perturbed by\n"
+          "      --clone-seed S    (default run.seed); else they start from their own seeds\n"
           "  -h, --help            this help, with every config key\n"
           "  -V, --version         version, git commit, MPI and OpenBLAS libraries\n"
           "\n"
@@ -64,13 +70,75 @@ typedef struct cli {
   int n_sets;
   int print_config, print_model, help, version;
   kdp_run_opts opts;
+  kdp_elastic elastic; /* --resume-as, --keep, --clone-from, --clone-seed */
 } cli;
+
+/* a non-negative integer option's value; -1 if it is not one */
+static long opt_count(const char *s) {
+  char *end;
+  long v = strtol(s, &end, 10);
+  return *s && !*end && v >= 0 && v < (1L << 30) ? v : -1;
+}
+
+static int parse_elastic(cli *c, const char *a, const char *v) {
+  kdp_elastic *e = &c->elastic;
+  if (strcmp(a, "--keep") == 0) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", v);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+      long k = opt_count(tok);
+      if (k < 0 || e->n_keep >= KDP_MAX_PEERS) {
+        fprintf(stderr, "kdpeers: --keep takes peer indices such as 0,2 (got '%s')\n", v);
+        return -1;
+      }
+      e->keep[e->n_keep++] = (int)k;
+    }
+    if (e->n_keep == 0) {
+      fprintf(stderr, "kdpeers: --keep takes peer indices such as 0,2\n");
+      return -1;
+    }
+    return 0;
+  }
+  if (strcmp(a, "--clone-seed") == 0) {
+    char *end;
+    unsigned long long s = strtoull(v, &end, 10);
+    if (!*v || *end || s == 0) {
+      fprintf(stderr, "kdpeers: --clone-seed takes a positive integer (got '%s')\n", v);
+      return -1;
+    }
+    e->clone_seed = s;
+    return 0;
+  }
+  if (strcmp(a, "--resume-as") == 0 && strcmp(v, "auto") == 0) {
+    e->P = -1; /* the cohort that fits the ranks (kdp_elastic_plan) */
+    return 0;
+  }
+  long n = opt_count(v);
+  if (n < 0 || (strcmp(a, "--resume-as") == 0 && n < 1)) {
+    fprintf(stderr, "kdpeers: %s takes a %s (got '%s')\n", a,
+            a[2] == 'r' ? "peer count of at least 1, or auto" : "peer index", v);
+    return -1;
+  }
+  if (a[2] == 'r')
+    e->P = (int)n;
+  else
+    e->clone_from = (int)n;
+  return 0;
+}
 
 static int parse_cli(int argc, char **argv, cli *c) {
   memset(c, 0, sizeof *c);
+  c->elastic.clone_from = -1;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
-    if (strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0 || strcmp(a, "-s") == 0 ||
+    if (strcmp(a, "--resume-as") == 0 || strcmp(a, "--keep") == 0 ||
+        strcmp(a, "--clone-from") == 0 || strcmp(a, "--clone-seed") == 0) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "kdpeers: %s needs an argument (see --help)\n", a);
+        return -1;
+      }
+      if (parse_elastic(c, a, argv[++i]) != 0) return -1;
+    } else if (strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0 || strcmp(a, "-s") == 0 ||
         strcmp(a, "--set") == 0) {
       if (i + 1 >= argc) {
         fprintf(stderr, "kdpeers: %s needs an argument (see --help)\n", a);
@@ -109,6 +177,14 @@ static int parse_cli(int argc, char **argv, cli *c) {
       fprintf(stderr, "kdpeers: unknown argument '%s' (see --help)\n", a);
       return -1;
     }
+  }
+  if (!c->elastic.P && (c->elastic.n_keep || c->elastic.clone_from >= 0 || c->elastic.clone_seed)) {
+    fprintf(stderr, "kdpeers: --keep, --clone-from and --clone-seed go with --resume-as P\n");
+    return -1;
+  }
+  if (c->elastic.P && c->opts.fresh) {
+    fprintf(stderr, "kdpeers: --resume-as continues a checkpoint; --fresh starts over\n");
+    return -1;
   }
   return 0;
 }
@@ -385,10 +461,27 @@ int main(int argc, char **argv) {
     kdp_dist_finalize();
     return EXIT_USAGE;
   }
+  /* --resume-as: the new cohort's per-peer settings and layout, from the checkpoint */
+  if (c.elastic.P) {
+    c.elastic.world = kdp_dist_world_size();
+    int er = kdp_elastic_plan(&cfg, &c.elastic, &err);
+    if (er != 0) {
+      if (rank == 0) fprintf(stderr, "kdpeers: %s\n", err.msg);
+      kdp_dist_finalize();
+      return er == KDP_EINVAL ? EXIT_USAGE : 1;
+    }
+    c.opts.elastic = &c.elastic;
+  }
   kdp_dist d;
   if (kdp_dist_setup_layout(&d, cfg.ranks_per_peer, cfg.peer_ranks_per_peer, KDP_MAX_PEERS,
                             &err) != 0) {
     if (rank == 0) fprintf(stderr, "kdpeers: %s\n", err.msg);
+    kdp_dist_finalize();
+    return EXIT_USAGE;
+  }
+  if (c.elastic.P && kdp_elastic_check_layout(&c.elastic, &cfg, &d, &err) != 0) {
+    if (rank == 0) fprintf(stderr, "kdpeers: %s\n", err.msg);
+    kdp_dist_free(&d);
     kdp_dist_finalize();
     return EXIT_USAGE;
   }

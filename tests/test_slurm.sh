@@ -137,6 +137,27 @@ expect "(b) ...at step 2000" test -d "$b/checkpoints/step-000000002000"
 expect "(b) one start line per run, the second resumed at $step" grep -q "\"resumed_at\":$step}" "$b/metrics.jsonl"
 echo "# (b) $((SECONDS - tb)) s"
 
+# (k) elastic: a 3-task job (KDP_ELASTIC=1), preempted, requeued with 2 tasks (as Slurm may do
+# with --ntasks or --nodes=MIN-MAX): the restart resumes with the 2 first peers (--resume-as auto)
+tk=$SECONDS
+k="$tmp/run-k"
+id=$(KDP_ELASTIC=1 sbatch --parsable --overcommit --ntasks=3 --time=10 --job-name=elastic \
+  "$src/launch/kdpeers.sbatch" "${long[@]}" -s kd.method=dml -s run.dir="$k")
+if wait_for 120 training "$k" "$id"; then ok "(k) the 3-task job is training"; else bad "(k) no train line (state $(state "$id"))"; fi
+scancel --signal=USR1 --batch "$id"
+if wait_for 60 restarted "$id"; then ok "(k) requeued after USR1"; else bad "(k) not requeued (state $(state "$id"))"; fi
+scontrol update JobId="$id" NumTasks=2
+expect "(k) the requeued job now asks for 2 tasks" test "$(field "$id" NumTasks)" = 2
+st=$(wait_done "$id" 150)
+log="elastic_$id.out"
+expect "(k) the requeued job completes (state $st)" test "$st" = COMPLETED
+expect "(k) the first start had 3 peers" grep -q '"event":"start","peers":3,"ranks":3' "$k/metrics.jsonl"
+expect "(k) the restart ran 2 tasks with --resume-as auto" grep -q "restart 1 on .*: 2 tasks" "$log"
+expect "(k) ...and resized the cohort 3 -> 2, keeping peers 0 and 1" \
+  grep -q '"event":"resize","step":[0-9]*,"from":3,"to":2,"kept":\[0,1\]' "$k/metrics.jsonl"
+expect "(k) ...and finished on 2 ranks" test -f "$k/checkpoints/step-000000002000/peer-001.kdpc" -a ! -f "$k/checkpoints/step-000000002000/peer-002.kdpc"
+echo "# (k) $((SECONDS - tk)) s"
+
 # (c) the same cycle with launch/kdpeers-mpirun.sbatch (mpirun inside the allocation)
 tc=$SECONDS
 c="$tmp/run-c"

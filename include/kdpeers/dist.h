@@ -62,6 +62,8 @@ void kdp_dist_finalize(void);
 void kdp_dist_library_version(char *buf, size_t n);
 /* Rank of this process in MPI_COMM_WORLD (0 when MPI is not initialised). */
 int kdp_dist_world_rank(void);
+/* MPI_COMM_WORLD's size (1 before MPI_Init) */
+int kdp_dist_world_size(void);
 /* Builds the communicators; fails clearly when world size is not divisible by ranks_per_peer. */
 int kdp_dist_setup(kdp_dist *d, int ranks_per_peer, kdp_error *err);
 /* The layout from run.ranks_per_peer (k) and the per-peer overrides peer_k[0..n) (0 = k): P is

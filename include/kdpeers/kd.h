@@ -304,6 +304,12 @@ size_t kdp_cohort_module_n_buffers(const kdp_cohort *c);
 float *kdp_cohort_module_buffers(kdp_cohort *c);
 size_t kdp_cohort_module_n_tensors(const kdp_cohort *c); /* params only, layout order */
 const kdp_kd_tensor *kdp_cohort_module_tensor(const kdp_cohort *c, size_t i); /* NULL past end */
+/* The module's buffer ranges (running statistics), layout order: offset, length and how the
+   entries belong to the peers (a range is 1-d: KDP_SPLIT_PEERS = one entry per peer). -1 past
+   the end. */
+size_t kdp_cohort_module_n_buffer_ranges(const kdp_cohort *c);
+int kdp_cohort_module_buffer_range(const kdp_cohort *c, size_t i, size_t *off, size_t *n,
+                                   kdp_split *split);
 
 /* Offset (in floats) of peer j's features inside the concatenated h of n rows: n * sum_{k<j} d_k;
    kdp_cohort_feature_floats: n * sum_j d_j (0 when the method reads no features). */
@@ -322,6 +328,8 @@ size_t kdp_cohort_teacher_floats(const kdp_cohort *c, size_t n);
 size_t kdp_cohort_add_tensor(kdp_cohort *c, const char *name, size_t rows, size_t cols, int owner,
                              kdp_split row_split, kdp_split col_split);
 size_t kdp_cohort_add_buffers(kdp_cohort *c, size_t n, float value); /* value: at creation */
+/* ... whose entries belong to the peers as split says (KDP_SPLIT_PEERS: one per peer) */
+size_t kdp_cohort_add_buffers_split(kdp_cohort *c, size_t n, float value, kdp_split split);
 void *kdp_cohort_alloc(kdp_cohort *c, size_t bytes); /* zeroed, 64-byte aligned */
 float *kdp_cohort_falloc(kdp_cohort *c, size_t n);
 void *kdp_cohort_state(kdp_cohort *c);               /* the method's own state */

@@ -9,11 +9,58 @@
 /* Runs the job described by cfg on the layout d (kdp_dist_setup done). Rank 0 prints progress and
    writes run.dir/metrics.jsonl. Returns 0 or a negative code with err set (same on all ranks
    where the failure is collective). */
+/* ---- elastic resume (elastic.c): --resume-as P' [--keep i,j,...] [--clone-from N] ---- */
+typedef struct kdp_elastic {
+  /* the request (command line) */
+  int P;                     /* --resume-as: peers of the resumed cohort (0: not elastic) */
+  int world;                 /* --resume-as auto: this run's ranks (P follows, see the plan) */
+  int keep[KDP_MAX_PEERS];   /* --keep: the checkpoint's peers to keep when shrinking */
+  int n_keep;                /* 0: the first P */
+  int clone_from;            /* --clone-from: grown peers copy this peer (-1: own seeds) */
+  uint64_t clone_seed;       /* --clone-seed: the copies' perturbation (0: run.seed) */
+  /* the plan (kdp_elastic_plan) */
+  int64_t step;              /* the checkpoint resumed from */
+  int old_P, old_world;      /* its cohort and world size */
+  int old_first[KDP_MAX_PEERS], old_k[KDP_MAX_PEERS]; /* its layout: first rank, ranks */
+  char old_arch[KDP_MAX_PEERS][KDP_STR];              /* its peers' architectures */
+  int map[KDP_MAX_PEERS];    /* new peer i continues old peer map[i]; -1: a new peer */
+  int resized;               /* the cohort changes (else a plain resume) */
+} kdp_elastic;
+
+/* The relative size of the perturbation of a --clone-from copy: each parameter p becomes
+   p (1 + eps u), u uniform in [-1, 1] from --clone-seed. */
+#define KDP_CLONE_NOISE 0.01
+
+/* Plans an elastic resume from run.dir's newest complete checkpoint (no MPI, every rank
+   alike): checks e's request against the checkpoint's cohort and rewrites cfg's per-peer
+   settings (peer.N.arch, peer.N.ranks_per_peer) for the new cohort: a kept peer takes its old
+   peer's, a new one its own peer.N.* (a clone: its source's arch). KDP_EINVAL with a message
+   for an inconsistent request; 0 and e->step = -1 when there is no checkpoint.
+   --resume-as auto (e->P = -1, e->world = the ranks): the cohort that fits the ranks, keeping the
+   peers in order: the first peers whose ranks_per_peer add up to the ranks (fewer ranks), every
+   peer plus new ones with their peer.N.ranks_per_peer / run.ranks_per_peer (more ranks). */
+int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err);
+/* After the layout is set up: KDP_EINVAL unless d has e->P peers. */
+int kdp_elastic_check_layout(const kdp_elastic *e, const kdp_config *cfg, const kdp_dist *d,
+                             kdp_error *err);
+
+/* Remaps a replicated module's values from the cohort oldc to newc: new peer i's entries (rows
+   of a KDP_SPLIT_PEERS tensor, column blocks of a KDP_SPLIT_FEATURES one, tensors owned by it)
+   take old peer map[i]'s; entries of new peers (map[i] < 0) and tensors whose shape changed
+   keep what dst held (a fresh module's values). src/dst: params, buffers or momentum (what:
+   0 params, 1 buffers; momentum is laid out as params). Writes a summary to log. Returns the
+   count of floats carried over. */
+struct kdp_cohort;
+size_t kdp_elastic_remap(const struct kdp_cohort *oldc, const float *src,
+                         const struct kdp_cohort *newc, float *dst, const int *map, int what,
+                         char *log, size_t log_n);
+
 typedef struct kdp_run_opts {
   int fresh;        /* --fresh: ignore and delete old checkpoints, truncate metrics.jsonl */
   int allow_change; /* --allow-config-change: resume although non-structural keys changed */
   int serve_only;   /* kdpeers serve: restore the newest checkpoint and only serve (no steps);
                        control and prediction logs go to run.dir/serve.jsonl */
+  const kdp_elastic *elastic; /* --resume-as (planned), or NULL */
 } kdp_run_opts;
 int kdp_train_run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp_error *err);
 

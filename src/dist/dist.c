@@ -56,6 +56,13 @@ int kdp_dist_world_rank(void) {
   return r;
 }
 
+int kdp_dist_world_size(void) {
+  int inited = 0, n = 1;
+  MPI_Initialized(&inited);
+  if (inited) MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
 /* The peer communicator (ranks of one peer, by slice), the cohort communicator (split by
    cohort_color: MPI_UNDEFINED leaves a rank out) and the node communicator. */
 static void make_comms(kdp_dist *d, int cohort_color) {

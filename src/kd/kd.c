@@ -80,6 +80,17 @@ float *kdp_cohort_falloc(kdp_cohort *c, size_t n) { return kdp_cohort_alloc(c, n
 void *kdp_cohort_state(kdp_cohort *c) { return c->state; }
 void kdp_cohort_set_state(kdp_cohort *c, void *state) { c->state = state; }
 
+size_t kdp_cohort_module_n_buffer_ranges(const kdp_cohort *c) { return c->n_binit; }
+
+int kdp_cohort_module_buffer_range(const kdp_cohort *c, size_t i, size_t *off, size_t *n,
+                                   kdp_split *split) {
+  if (i >= c->n_binit) return -1;
+  *off = c->binit[i].off;
+  *n = c->binit[i].n;
+  *split = c->binit[i].split;
+  return 0;
+}
+
 size_t kdp_cohort_add_tensor(kdp_cohort *c, const char *name, size_t rows, size_t cols, int owner,
                              kdp_split row_split, kdp_split col_split) {
   if (c->n_tensors == c->cap_tensors) {
@@ -106,6 +117,10 @@ size_t kdp_cohort_add_tensor(kdp_cohort *c, const char *name, size_t rows, size_
 }
 
 size_t kdp_cohort_add_buffers(kdp_cohort *c, size_t n, float value) {
+  return kdp_cohort_add_buffers_split(c, n, value, KDP_SPLIT_NONE);
+}
+
+size_t kdp_cohort_add_buffers_split(kdp_cohort *c, size_t n, float value, kdp_split split) {
   size_t off = c->n_buffers;
   c->n_buffers += n;
   if (c->n_binit == sizeof c->binit / sizeof c->binit[0]) {
@@ -113,7 +128,7 @@ size_t kdp_cohort_add_buffers(kdp_cohort *c, size_t n, float value) {
             sizeof c->binit / sizeof c->binit[0]);
     exit(1);
   }
-  c->binit[c->n_binit++] = (struct buffer_init){off, n, value};
+  c->binit[c->n_binit++] = (struct buffer_init){off, n, value, split};
   return off;
 }
 

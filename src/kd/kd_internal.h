@@ -15,7 +15,7 @@ struct kdp_cohort {
   size_t n_params, n_buffers, n_tensors, cap_tensors;
   float *params, *grads, *buffers;
   kdp_kd_tensor *tensors;
-  struct buffer_init { size_t off, n; float value; } binit[8];
+  struct buffer_init { size_t off, n; float value; kdp_split split; } binit[8];
   size_t n_binit;
   /* memory that lives as long as the cohort (kdp_cohort_alloc) */
   void **allocs;

@@ -44,8 +44,8 @@ void kd_hidden_setup(kdp_cohort *c, kd_hidden *L, const char *lin, const char *b
   L->o_gamma = kdp_cohort_add_tensor(c, name, H, 1, -1, out_split, KDP_SPLIT_NONE);
   snprintf(name, sizeof name, "%s.bias", bn);
   L->o_beta = kdp_cohort_add_tensor(c, name, H, 1, -1, out_split, KDP_SPLIT_NONE);
-  L->o_mean = kdp_cohort_add_buffers(c, H, 0.0f);
-  L->o_var = kdp_cohort_add_buffers(c, H, 1.0f);
+  L->o_mean = kdp_cohort_add_buffers_split(c, H, 0.0f, out_split);
+  L->o_var = kdp_cohort_add_buffers_split(c, H, 1.0f, out_split);
   size_t n = c->maxB * H;
   L->a1 = kdp_cohort_falloc(c, n);
   L->xhat = kdp_cohort_falloc(c, n);

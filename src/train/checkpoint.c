@@ -82,6 +82,7 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_f64(w, "kd_weight", t->kd_weight, err));
     PUT(kdp_ckpt_put_i64(w, "rollbacks", t->n_rollbacks, err));
     PUT(kdp_ckpt_put_i64(w, "metrics_offset", moff, err));
+    if (t->resizes) PUT(kdp_ckpt_put_str(w, "resizes", t->resizes, err));
     PUT(kdp_distill_save(t, w, err));
     /* churn's previous labels: this rank's block rows of every peer, peer after peer */
     PUT(kdp_ckpt_put_i64(w, "diversity.step", t->div_step, err));
@@ -191,6 +192,9 @@ static const char *ini_find(const ini_pair *v, size_t n, const char *key) {
 static int compare_key(kdp_trainer *t, const char *key, const char *va, const char *vb,
                        kdp_error *err) {
   if (strcmp(va, vb) == 0 || operational_key(key)) return 0;
+  /* --resume-as rewrote the per-peer settings from the checkpoint's (kdp_elastic_plan); each
+     peer's architecture is checked against its file */
+  if (t->elastic && strncmp(key, "peer.", 5) == 0) return 0;
   if (structural_key(key))
     return kdp_fail(err, KDP_EMISMATCH,
                     "the checkpoint in %s/checkpoints does not match this run: %s was '%s', now "
@@ -258,17 +262,26 @@ static int restore_diversity(kdp_trainer *t, const kdp_ckpt *ck, kdp_error *err)
 
 static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, kdp_error *err) {
   kdp_dist *d = t->d;
+  /* --resume-as applies to the checkpoint it planned from (also when a rollback returns to it);
+     a later checkpoint is the new cohort's own */
+  const kdp_elastic *e = t->elastic && step == t->elastic->step ? t->elastic : NULL;
   char path[KDP_PATH + 128];
   int n_files = 0;
   int rc = kdp_ckpt_verify_step(t->cfg->dir, step, &n_files, err);
-  if (rc == 0 && n_files != d->world_size)
+  int want = e ? e->old_world : d->world_size;
+  if (rc == 0 && n_files != want)
     rc = kdp_fail(err, KDP_EMISMATCH,
                   "the checkpoint at step %lld in %s/checkpoints was written by %d ranks; this run "
-                  "has %d. Start it with -np %d, use another run.dir, or --fresh",
+                  "has %d. Start it with -np %d, resume with another cohort (--resume-as P), use "
+                  "another run.dir, or --fresh",
                   (long long)step, t->cfg->dir, n_files, d->world_size, n_files);
+  /* the file this rank resumes from: its own, or under --resume-as its old peer's */
+  int role = KDP_ELASTIC_KEPT, src = d->world_rank;
+  if (e) src = kdp_elastic_source(e, d->peer, d->slice, &role);
+  const int own = role != KDP_ELASTIC_NEW;
   kdp_ckpt *ck = NULL;
   if (rc == 0) {
-    kdp_ckpt_peer_path(t->cfg->dir, step, d->world_rank, path, sizeof path);
+    kdp_ckpt_peer_path(t->cfg->dir, step, src, path, sizeof path);
     rc = kdp_ckpt_read(path, KDP_CKPT_DEFAULT_MAX_BYTES, &ck, err);
   }
   if (rc == 0) {
@@ -277,6 +290,14 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     rc = kdp_ckpt_get_str(ck, "config", &saved, err);
     if (rc == 0) rc = compare_configs(t, saved, now ? now : "", err);
     free(now);
+  }
+  /* --resume-as: the per-peer settings came from the checkpoint; a peer's file must hold it */
+  if (rc == 0 && e && own) {
+    const char *arch = NULL;
+    rc = kdp_ckpt_get_str(ck, "arch", &arch, err);
+    if (rc == 0 && strcmp(arch, kdp_model_arch(t->model)) != 0)
+      rc = kdp_fail(err, KDP_EMISMATCH, "%s holds a peer of arch '%s'; this rank's peer is '%s'",
+                    path, arch, kdp_model_arch(t->model));
   }
   /* the state read out of the file from here on: its errors name a key, not the file */
   const int reading = rc == 0;
@@ -289,16 +310,21 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   if (rc == 0 && i64 != step)
     rc = kdp_fail(err, KDP_EFORMAT, "%s holds step %lld, its manifest says %lld", path,
                   (long long)i64, (long long)step);
-  GET(kdp_ckpt_get_f32(ck, "params", kdp_model_params(t->model), np, err));
-  GET(kdp_ckpt_get_f32(ck, "momentum", t->opt.buf, np, err));
-  GET(kdp_ckpt_get_i64(ck, "opt_steps", &t->opt.n_steps, err));
-  GET(kdp_ckpt_get_f32(ck, "buffers", kdp_model_buffers(t->model), nb, err));
+  /* a new peer of a grown cohort keeps its fresh weights and optimizer */
+  if (own) {
+    GET(kdp_ckpt_get_f32(ck, "params", kdp_model_params(t->model), np, err));
+    GET(kdp_ckpt_get_f32(ck, "momentum", t->opt.buf, np, err));
+    GET(kdp_ckpt_get_i64(ck, "opt_steps", &t->opt.n_steps, err));
+    GET(kdp_ckpt_get_f32(ck, "buffers", kdp_model_buffers(t->model), nb, err));
+  }
   GET(kdp_ckpt_get_i64(ck, "batcher.epoch", &epoch, err));
   GET(kdp_ckpt_get_u64(ck, "batcher.pos", &pos, err));
   GET(kdp_ckpt_get_u64(ck, "rng.augment.state", &t->batcher.aug_rng.state, err));
   GET(kdp_ckpt_get_u64(ck, "rng.augment.inc", &t->batcher.aug_rng.inc, err));
-  GET(kdp_ckpt_get_u64(ck, "rng.dropout.state", &t->dropout_rng.state, err));
-  GET(kdp_ckpt_get_u64(ck, "rng.dropout.inc", &t->dropout_rng.inc, err));
+  if (role == KDP_ELASTIC_KEPT) {
+    GET(kdp_ckpt_get_u64(ck, "rng.dropout.state", &t->dropout_rng.state, err));
+    GET(kdp_ckpt_get_u64(ck, "rng.dropout.inc", &t->dropout_rng.inc, err));
+  }
   GET(kdp_ckpt_get_f64(ck, "log.loss", &t->run_loss, err));
   GET(kdp_ckpt_get_f64(ck, "log.kd", &t->run_kd, err));
   GET(kdp_ckpt_get_u64(ck, "log.correct", &t->run_correct, err));
@@ -311,9 +337,29 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   GET(kdp_ckpt_get_i64(ck, "rollbacks", &i64, err));
   if (rc == 0) t->n_rollbacks = (int)i64;
   GET(kdp_ckpt_get_i64(ck, "metrics_offset", &moff, err));
-  GET(kdp_distill_load(t, ck, err));
-  GET(restore_diversity(t, ck, err));
+  /* the run's history of resizes, as of this checkpoint */
+  free(t->resizes);
+  t->resizes = NULL;
+  if (rc == 0 && kdp_ckpt_has(ck, "resizes")) {
+    const char *h = NULL;
+    GET(kdp_ckpt_get_str(ck, "resizes", &h, err));
+    if (rc == 0) t->resizes = kdp_xstrdup(h);
+  }
+  if (rc == 0 && e && e->resized) kdp_elastic_record(t, e);
+  if (rc == 0)
+    rc = e && e->resized ? kdp_elastic_load_module(t, e, ck, err) : kdp_distill_load(t, ck, err);
+  /* churn's previous labels belong to the old cohort after a resize: churn starts over */
+  if (!(e && e->resized)) GET(restore_diversity(t, ck, err));
 #undef GET
+  /* metrics.jsonl's offset is in the old rank 0's file */
+  if (rc == 0 && e && t->is_root && src != 0) {
+    kdp_ckpt *c0 = NULL;
+    kdp_ckpt_peer_path(t->cfg->dir, step, 0, path, sizeof path);
+    rc = kdp_ckpt_read(path, KDP_CKPT_DEFAULT_MAX_BYTES, &c0, err);
+    if (rc == 0) rc = kdp_ckpt_get_i64(c0, "metrics_offset", &moff, err);
+    kdp_ckpt_free(c0);
+  }
+  if (rc == 0 && role == KDP_ELASTIC_CLONE) kdp_elastic_perturb(t, e);
   if (rc != 0 && rc != KDP_EMISMATCH && reading) {
     kdp_error e2 = *err;
     kdp_fail(err, rc, "cannot resume from %s: %s", path, e2.msg);

@@ -240,6 +240,11 @@ static void seed_history(kdp_trainer *t) {
       kdp_server_history_add(lv->srv, "learning_rate", "lr", x, json_object_get_double(a));
     } else if (strcmp(kind, "control") == 0 && json_object_object_get_ex(o, "action", &a)) {
       kdp_server_history_event(lv->srv, kind, x, json_object_get_string(a));
+    } else if (strcmp(kind, "resize") == 0 && json_object_object_get_ex(o, "from", &a) &&
+               json_object_object_get_ex(o, "to", &b)) {
+      char text[64];
+      snprintf(text, sizeof text, "%d -> %d peers", json_object_get_int(a), json_object_get_int(b));
+      kdp_server_history_event(lv->srv, kind, x, text);
     } else if (strcmp(kind, "checkpoint") == 0 || strcmp(kind, "rollback") == 0 ||
                strcmp(kind, "stop") == 0) {
       kdp_server_history_event(lv->srv, kind, x, "");
@@ -668,8 +673,9 @@ static char *render_status(kdp_trainer *t) {
   }
   fprintf(f, ",\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);
   kdp_json_num(f, lv->last_ckpt_step >= 0 ? unix_now() - lv->last_ckpt_unix : -1);
-  fprintf(f, ",\"every_steps\":%lld,\"every_minutes\":%.9g,\"keep\":%d}}", (long long)c->ckpt_every_steps,
-          c->ckpt_every_minutes, c->ckpt_keep);
+  fprintf(f, ",\"every_steps\":%lld,\"every_minutes\":%.9g,\"keep\":%d},\"resizes\":%s}",
+          (long long)c->ckpt_every_steps, c->ckpt_every_minutes, c->ckpt_keep,
+          t->resizes ? t->resizes : "[]");
   fclose(f);
   return buf;
 }

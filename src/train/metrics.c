@@ -261,6 +261,13 @@ void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double va
   line_end(t, &l);
 }
 
+void kdp_metrics_line(kdp_trainer *t, const char *json) {
+  line l;
+  if (!line_begin(t, &l)) return;
+  fputs(json, l.f);
+  line_end(t, &l);
+}
+
 void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
                                const char *new_value) {
   line l;

@@ -323,6 +323,7 @@ static int start(kdp_trainer *t, const kdp_run_opts *opts, double t_load, kdp_er
   if (!kdp_dist_all_ok(d, rc == 0))
     return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not start over in run.dir");
   t->allow_change = opts ? opts->allow_change : 0;
+  t->elastic = opts && opts->elastic && opts->elastic->step >= 0 ? opts->elastic : NULL;
   t->serve_only = opts ? opts->serve_only : 0;
   /* resume from the newest complete checkpoint, unless --fresh */
   int64_t metrics_offset = -1;
@@ -348,6 +349,7 @@ static int start(kdp_trainer *t, const kdp_run_opts *opts, double t_load, kdp_er
   rc = kdp_live_start(t, err);
   if (!kdp_dist_all_ok(d, rc == 0))
     return rc != 0 ? rc : kdp_fail(err, KDP_EIO, "rank 0 could not start the server");
+  if (t->is_root && t->elastic && t->elastic->resized) kdp_elastic_announce(t, t->elastic);
   kdp_stall_start(t);
   t->step0 = t->step;
   kdp_trace_start(t);
@@ -468,6 +470,8 @@ static void release(kdp_trainer *t) {
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_distill_free(t);
+  free(t->resizes);
+  t->resizes = NULL;
   kdp_sgd_free(&t->opt);
   kdp_batcher_free(&t->batcher);
   kdp_model_free(t->model);

@@ -95,6 +95,10 @@ struct kdp_trainer {
   } changes[KDP_MAX_CHANGES]; /* config changes accepted at resume, logged once metrics open */
   size_t n_changes;
   double last_ckpt_time;
+  /* elastic resume (elastic.c): --resume-as's plan, and the run's resizes so far (a JSON array,
+     kept in every checkpoint; NULL = none) */
+  const kdp_elastic *elastic;
+  char *resizes;
 };
 
 /* distill.c: the distillation state (kd.method's ops, cohort, module optimizer, pipeline,
@@ -179,6 +183,21 @@ int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error 
 /* --fresh: removes run.dir/checkpoints (rank 0) and truncates metrics.jsonl. */
 int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 
+/* elastic.c: --resume-as */
+enum { KDP_ELASTIC_KEPT, KDP_ELASTIC_NEW, KDP_ELASTIC_CLONE };
+/* The old world rank whose checkpoint file this rank (peer, slice) resumes from, and its role:
+   a kept peer's own state, a new peer's (only the shared state: data position, module), a
+   clone's (its source's weights, then kdp_elastic_perturb). */
+int kdp_elastic_source(const kdp_elastic *e, int peer, int slice, int *role);
+void kdp_elastic_perturb(kdp_trainer *t, const kdp_elastic *e);
+/* The replicated module from the old cohort's checkpoint, remapped to this one (logged). */
+int kdp_elastic_load_module(kdp_trainer *t, const kdp_elastic *e, const struct kdp_ckpt *ck,
+                            kdp_error *err);
+/* Appends this resize to t->resizes (the checkpoint's history). */
+void kdp_elastic_record(kdp_trainer *t, const kdp_elastic *e);
+/* {"event":"resize",...} in metrics.jsonl and the dashboard's history (rank 0, metrics open). */
+void kdp_elastic_announce(kdp_trainer *t, const kdp_elastic *e);
+
 /* rundir.c: before anything is written (collective): rank 0 checks server.listen, creates
    run.dir and, unless serve_only, locks it (KDP_EBUSY naming the holder when another run has
    it). The lock is released when the process ends; kdp_rundir_release_now also empties the lock
@@ -244,6 +263,8 @@ void kdp_metrics_control(kdp_trainer *t, uint64_t id, const char *action, double
    line is written whole with one write(2); a write that fails is counted and warned about once,
    and training goes on. */
 int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err);
+/* one whole line of JSON (with its newline), as it is */
+void kdp_metrics_line(kdp_trainer *t, const char *json);
 /* {"event":NAME,"step":S,"value":V} */
 void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double value);
 void kdp_metrics_config_change(kdp_trainer *t, const char *key, const char *old_value,
