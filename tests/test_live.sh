@@ -9,10 +9,13 @@ set -uo pipefail
 for tool in curl jq; do
   command -v "$tool" >/dev/null || { echo "test_live: $tool is missing (launch/setup installs it)"; exit 77; }
 done
+# A started run must outlast every check made against it (each is ended by a stop command):
+# 200 epochs of this model took about 10 s on a quiet machine, shorter than the checks before the
+# first pause, so the run had ended when the test paused it; 5,000 epochs train for minutes.
 start() { # start DIR ARGS...: a long run in the background; sets $addr
   local dir="$1"; shift
   serve_bg "$dir" timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" \
-    -s run.progress=plain -s run.dir="$dir" -s run.epochs=200 -s data.subset=4096 \
+    -s run.progress=plain -s run.dir="$dir" -s run.epochs=5000 -s data.subset=4096 \
     -s data.test_subset=500 -s "model.arch=mlp(64)" -s run.log_every=10 "$@"
 }
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
