@@ -67,11 +67,14 @@ expect "  ...and the evaluation at step 16 has churn" \
 # --- live: /metrics gauges, /status, the dashboard's diversity chart ---
 d="$tmp/live"
 serve_bg "$d" timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" -s run.progress=plain \
-  -s run.dir="$d" -s run.epochs=500 -s data.subset=256 -s data.test_subset=200 \
+  -s run.dir="$d" -s run.epochs=5000 -s data.subset=256 -s data.test_subset=200 \
   -s optim.batch_size=64 -s "model.arch=mlp(16)" -s kd.method=dml
 expect "live: the server started" test -n "$addr"
-for _ in $(seq 1 200); do
-  [ "$(curl -s "$addr/status" | jq '.diversity.churn | length' 2>/dev/null)" = 2 ] && break
+# /status and /metrics are separate snapshots, each refreshed on its own: wait for both to carry
+# the second evaluation's churn
+for _ in $(seq 1 300); do
+  [ "$(curl -s "$addr/status" | jq '.diversity.churn | length' 2>/dev/null)" = 2 ] &&
+    curl -s "$addr/metrics" | grep -q '^kdpeers_churn_ratio{peer="1"}' && break
   sleep 0.1
 done
 curl -s "$addr/status" >"$tmp/status.json"
