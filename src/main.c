@@ -235,6 +235,17 @@ static int run_tool(int argc, char **argv) {
     }
     return kdp_tool_inspect(argv[2]);
   }
+  if (strcmp(cmd, "keys") == 0) { /* regenerates configs/default.ini and docs/config.md's table */
+    int fmt = KDP_KEYS_TEXT;
+    if (argc == 3 && strcmp(argv[2], "ini") == 0) fmt = KDP_KEYS_INI;
+    else if (argc == 3 && strcmp(argv[2], "markdown") == 0) fmt = KDP_KEYS_MARKDOWN;
+    else if (argc != 2 && !(argc == 3 && strcmp(argv[2], "text") == 0)) {
+      fprintf(stderr, "usage: kdpeers keys [text|ini|markdown]\n");
+      return EXIT_USAGE;
+    }
+    kdp_config_print_keys_fmt(stdout, fmt);
+    return 0;
+  }
   if (strcmp(cmd, "export") == 0) {
     kdp_export_opts o = {.pick = KDP_PICK_PEER};
     const char *fmt = NULL;
