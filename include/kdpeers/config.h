@@ -41,6 +41,7 @@ typedef struct kdp_config {
   char max_memory[32];     /* bytes the ranks of a node may use, "16G"; "0" = physical memory */
   double stall_warn_seconds;  /* a rank this late at a step: warn, /healthz 503; 0 = off */
   double stall_abort_seconds; /* ...end the job; 0 = never */
+  double ema_decay;        /* every peer's temporal mean (EMA) of its weights; 0 = off (pcl: 0.999) */
   /* [data] */
   char format[16];         /* idx | cifar10 | cifar100 | npy | folder */
   int format_id;           /* kdp_data_format */

@@ -71,13 +71,13 @@ typedef enum kdp_method {
   KDP_METHOD_ONE,
   KDP_METHOD_FFL,
   KDP_METHOD_OKDDIP,
+  KDP_METHOD_PCL, /* issue 12: wired (run.ema_decay's copies are its mean teachers) */
   KDP_METHOD_COUNT, /* the end of the methods kd.method accepts (kdp_method_parse/_at) */
   /* Staged (issue 12): the math, the ops and the golden tests are in src/kd, but the trainer does
      not run them yet, so kdp_method_parse refuses them and kdp_method_at does not list them;
      kdp_method_parse_staged (tests) accepts them. Wiring one in = moving it above
      KDP_METHOD_COUNT. */
   KDP_METHOD_KDCL,
-  KDP_METHOD_PCL,
   KDP_METHOD_MCL,
   KDP_METHOD_SWITOKD,
   KDP_METHOD_END /* one past the last entry of the table */
@@ -431,6 +431,8 @@ double kdp_ema_rate(double decay, int64_t t);
 /* ema = a_t ema + (1 - a_t) theta over n floats, after optimizer step t (parameters and batchnorm
    running statistics alike), in float as PyTorch's ema.mul_(a).add_(theta, alpha = 1 - a). */
 void kdp_ema_update(float *ema, const float *theta, size_t n, double decay, int64_t t);
+/* pcl's decay when run.ema_decay is 0 (unset): the paper's 0.999 */
+#define KDP_PCL_EMA_DECAY 0.999
 
 /* ---- mcl's embedding head, owned by one peer (its parameters are the peer's, not replicated):
    v = l2normalize(fc2(relu(fc1(x)))), x (n x d) the peer's features. Parameter layout:

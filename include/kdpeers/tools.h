@@ -12,7 +12,7 @@ int kdp_tool_inspect(const char *path);
 /* kdpeers export: which model of the source to export, and as what. */
 typedef enum kdp_export_pick {
   KDP_PICK_PEER, /* --peer N (default 0) */
-  KDP_PICK_EMA,  /* --ema: the PCL mean teacher, once kdpeers keeps EMA copies (not yet: exit 2) */
+  KDP_PICK_EMA,  /* --ema: peer N's EMA copy (run.ema_decay; pcl's mean teacher), from a run dir */
   KDP_PICK_BEST  /* --best: the peer with the best validation accuracy, once a validation split
                     exists (not yet: exit 2) */
 } kdp_export_pick;

@@ -84,6 +84,8 @@ typedef struct kdp_step_in {
                           own rows (P x n x C), computed here (codistill's stale copies) */
   float T, weight;     /* temperature; effective KD weight lam * w(e) */
   int burn_in;         /* codistill: step < kd.burn_in_steps */
+  const float *z_ema;  /* pcl (KDP_READS_EMA_LOGITS): own rows (n x C) of the peer's mean
+                          teacher's logits; gathered like z */
 } kdp_step_in;
 
 /* The distillation part of a step (collective over the world): ADDS this rank's rows of dJ/dz

@@ -107,6 +107,10 @@ static const key_def keys[] = {
              "(0 = off)"},
     {"run", "stall_abort_seconds", KT_DOUBLE, AT(stall_abort_seconds), ATLEAST(0), .def = "600",
      .help = "end the job (exit 1) when ranks are this late at a step (0 = wait forever)"},
+    {"run", "ema_decay", KT_DOUBLE, AT(ema_decay), .lo = 0, .hi = 1,
+     .flags = R_LO | R_HI | R_HI_EXCL, .def = "0",
+     .help = "every peer keeps a temporal mean (EMA) of its weights with this decay, evaluated "
+             "as peerN.ema (0 = off; kd.method = pcl: 0 means 0.999)"},
     /* [data] */
     {"data", "format", KT_ENUM, AT(format), .choices = format_choices, ENUM_AT(format_id),
      .def = "idx",

@@ -28,9 +28,9 @@ struct kdp_cohort {
 
 /* the ops of each method (one file each) */
 extern const kdp_method_ops kdp_independent_ops, kdp_dml_ops, kdp_codistill_ops, kdp_avg_ops,
-    kdp_one_ops, kdp_ffl_ops, kdp_okddip_ops,
+    kdp_one_ops, kdp_ffl_ops, kdp_okddip_ops, kdp_pcl_ops,
     /* staged (kd.h) */
-    kdp_kdcl_ops, kdp_pcl_ops, kdp_mcl_ops, kdp_switokd_ops;
+    kdp_kdcl_ops, kdp_mcl_ops, kdp_switokd_ops;
 
 /* ---- module.c ---- */
 

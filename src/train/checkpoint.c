@@ -84,6 +84,7 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_i64(w, "metrics_offset", moff, err));
     if (t->resizes) PUT(kdp_ckpt_put_str(w, "resizes", t->resizes, err));
     PUT(kdp_distill_save(t, w, err));
+    PUT(kdp_train_ema_save(t, w, err));
     /* churn's previous labels: this rank's block rows of every peer, peer after peer */
     PUT(kdp_ckpt_put_i64(w, "diversity.step", t->div_step, err));
     if (t->div_step >= 0)
@@ -360,6 +361,8 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     kdp_ckpt_free(c0);
   }
   if (rc == 0 && role == KDP_ELASTIC_CLONE) kdp_elastic_perturb(t, e);
+  /* the EMA copy: a kept peer's own; a new peer's (or a clone's) starts from its weights */
+  if (rc == 0) rc = kdp_train_ema_load(t, ck, role != KDP_ELASTIC_KEPT, err);
   if (rc != 0 && rc != KDP_EMISMATCH && reading) {
     kdp_error e2 = *err;
     kdp_fail(err, rc, "cannot resume from %s: %s", path, e2.msg);

@@ -25,6 +25,7 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
     s.labels_stride = n;
   }
   int rc = 0;
+  double ema_loss = 0, ema_hits = 0; /* run.ema_decay: this rank's EMA copy on its own rows */
   for (size_t first = 0; first < n && rc == 0; first += EVAL_BATCH) {
     size_t B = n - first < EVAL_BATCH ? n - first : EVAL_BATCH, lo, hi;
     kdp_dist_rows(d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
@@ -34,15 +35,23 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
       if (i < lo || i >= hi) t->ybuf[i] = (int32_t)ds->labels[first + i];
     const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf, hi - lo, 0, NULL) : NULL;
     rc = kdp_pipeline_eval(t->pipe, B, t->ybuf, z, kdp_model_features(t->model), &s, err);
+    if (t->ema && hi > lo) {
+      size_t hits = 0;
+      const float *ze = kdp_model_forward(t->ema, t->xbuf, hi - lo, 0, NULL);
+      ema_loss += kdp_ce_loss(ze, t->ybuf + lo, hi - lo, t->C, NULL, 0, &hits) * (double)(hi - lo);
+      ema_hits += (double)hits;
+    }
   }
   if (rc != 0) return rc;
   /* summed over the world: [2p], [2p + 1] loss and hits of peer p (its ranks' rows), then the
      ensemble's and the teacher's (every rank's block), the diversity sums (every rank's block)
      and each peer's changed labels since the last evaluation (every rank's block) */
-  const size_t nv = 2 * P + 7 + P;
+  const size_t nv = 2 * P + 7 + P + 2 * P, ve = 3 * P + 7; /* v[ve + 2p]: peer p's EMA */
   double *v = kdp_xcalloc(nv, sizeof(double));
   v[2 * (size_t)d->peer] = s.peer_loss;
   v[2 * (size_t)d->peer + 1] = s.peer_hits;
+  v[ve + 2 * (size_t)d->peer] = ema_loss;
+  v[ve + 2 * (size_t)d->peer + 1] = ema_hits;
   double rest[7] = {s.ens_loss, s.ens_hits, s.teacher_loss, s.teacher_hits,
                     s.div.kl_sum, s.div.disagree_sum, (double)s.div.n};
   memcpy(v + 2 * P, rest, sizeof rest);
@@ -65,6 +74,11 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
     for (size_t p = 0; p < P; p++) {
       snprintf(name, sizeof name, "peer%zu", p);
       kdp_metrics_eval(t, step, epoch, name, v[2 * p + 1] / (double)n, v[2 * p] / (double)n);
+      if (t->ema) {
+        snprintf(name, sizeof name, "peer%zu.ema", p);
+        kdp_metrics_eval(t, step, epoch, name, v[ve + 2 * p + 1] / (double)n,
+                         v[ve + 2 * p] / (double)n);
+      }
     }
     if (P > 1)
       kdp_metrics_eval(t, step, epoch, "ensemble", v[2 * P + 1] / (double)n, v[2 * P] / (double)n);

@@ -7,6 +7,7 @@
 #include "kdpeers/data.h"
 #include "kdpeers/nn.h"
 #include "kdpeers/train.h"
+#include "train_internal.h"
 
 #define GIB (1024.0 * 1024.0 * 1024.0)
 
@@ -58,6 +59,11 @@ int kdp_train_memory_estimate(const kdp_config *cfg, const kdp_dist *d,
     pm->buffers = (double)Be * (double)isz * 4.0 +
                   4.0 * (double)Be * (double)C * (double)(d->n_peers + 2) +
                   2.0 * (double)Bl * (double)mm.feature_dim * 4.0;
+    /* run.ema_decay's copy; pcl runs it forward in train mode (its activations too) */
+    if (kdp_ema_decay_of(cfg, d->n_peers) > 0) {
+      pm->model += mm.params_bytes;
+      if (d->n_peers > 1 && cfg->method_id == KDP_METHOD_PCL) pm->activations *= 2.0;
+    }
     pm->per_rank = pm->model + pm->optimizer + pm->activations + pm->buffers;
     pm->ranks = k;
     pm->batch = maxb;

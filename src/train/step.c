@@ -26,6 +26,7 @@ struct kdp_pipeline {
   float *t_own, *dt_own;               /* this peer's teacher on its own rows, its gradient */
   float *dzb, *dhb;                    /* the module's gradients of every peer's block rows */
   float *ens;                          /* maxB x C: evaluation scratch */
+  float *ze_all;                       /* P x maxB x C: every peer's mean teacher (pcl) */
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
 };
 
@@ -68,6 +69,7 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
   p->t_own = kdp_falloc(max_batch * s->C);
   p->dt_own = kdp_falloc(max_batch * s->C);
   p->ens = kdp_falloc(max_batch * s->C);
+  p->ze_all = kdp_falloc(p->ops->peer_reads & KDP_READS_EMA_LOGITS ? nz : 1);
   p->red = (kdp_kd_reduce){.sum = sum_world, .ctx = d};
   *out = p;
   return 0;
@@ -76,7 +78,7 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
 void kdp_pipeline_free(kdp_pipeline *p) {
   if (!p) return;
   float *bufs[] = {p->z_all, p->zb, p->hb, p->tb, p->dtb, p->dzb, p->dhb, p->t_own, p->dt_own,
-                   p->ens};
+                   p->ens, p->ze_all};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
   free(p);
 }
@@ -110,6 +112,8 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, p->wz, in->z, p->z_all);
     z_all = p->z_all;
   }
+  if (o->peer_reads & KDP_READS_EMA_LOGITS)
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, p->wz, in->z_ema, p->ze_all);
   if (o->module_reads & KDP_READS_LOGITS)
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, in->z, p->zb);
   if (o->module_reads & KDP_READS_FEATURES)
@@ -128,7 +132,8 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (p->tgrad) memset(p->dt_own, 0, n * C * sizeof(float));
   kdp_kd_peer_in pin = {.z = in->z, .z_all = z_all, .teacher = p->t_own, .y = in->y + olo,
                         .n = n, .T = in->T, .weight = in->weight,
-                        .scale = (float)n / (float)B, .burn_in = in->burn_in};
+                        .scale = (float)n / (float)B, .burn_in = in->burn_in,
+                        .z_ema = o->peer_reads & KDP_READS_EMA_LOGITS ? p->ze_all : NULL};
   rc = kdp_cohort_peer_loss(p->c, p->me, &pin, dz, p->tgrad ? p->dt_own : NULL, out, err);
   if (rc) return rc;
   if (!o->module_reads) return 0;
@@ -229,7 +234,7 @@ void kdp_train_allreduce(kdp_trainer *t) {
 
 /* the distillation part of the step on this rank's n own rows x (logits z) of a B-row batch */
 static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const float *x,
-                    const float *z, size_t n, kdp_step_result *r) {
+                    const float *z, const float *z_ema, size_t n, kdp_step_result *r) {
   const kdp_config *cfg = t->cfg;
   memset(t->dlogits, 0, n * t->C * sizeof(float));
   if (kdp_cohort_feature_grads(t->cohort))
@@ -242,6 +247,7 @@ static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const f
       .T = (float)t->temperature,
       .weight = (float)(t->kd_weight * kdp_rampup(r->epoch, cfg->rampup_epochs)),
       .burn_in = step < cfg->burn_in_steps,
+      .z_ema = z_ema,
   };
   if (t->stale) in.z_all = kdp_stale_logits(t->stale, t, step, x, z, n);
   kdp_kd_losses kl;
@@ -286,9 +292,18 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   int rc = kdp_boundary_agree(t, L, step, z, n, r, err);
   if (rc != 0) return rc;
 
+  /* pcl: the mean teacher's train-mode logits on the same rows */
+  const float *z_ema = NULL;
+  if (t->ops->peer_reads & KDP_READS_EMA_LOGITS) {
+    tc0 = kdp_now();
+    z_ema = n ? kdp_train_ema_forward(t, x, n) : t->dlogits;
+    L->t_compute += kdp_now() - tc0;
+    kdp_trace_mark(t, "ema forward", tc0, kdp_now());
+  }
+
   /* gather -> compute -> scatter */
   double tx0 = kdp_now();
-  distill(t, L, step, B, x, z, n, r);
+  distill(t, L, step, B, x, z, z_ema, n, r);
   kdp_trace_mark(t, "exchange+kd", tx0, kdp_now());
 
   /* backward, allreduce, SGD */
@@ -307,6 +322,7 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   if (kdp_cohort_module_n_params(t->cohort))
     kdp_sgd_step(&t->mopt, kdp_cohort_module_params(t->cohort),
                  kdp_cohort_module_grads(t->cohort), (float)r->lr);
+  kdp_train_ema_update(t); /* run.ema_decay: the temporal mean follows every step */
   L->t_compute += kdp_now() - tc0;
   kdp_trace_mark(t, "optimizer", tc0, kdp_now());
   t->train_time += kdp_now() - r->t0;

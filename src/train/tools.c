@@ -28,11 +28,30 @@ static int is_dir(const char *p) {
   return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-/* Loads the models of a run's newest checkpoint (one per peer: slice 0's file), or one model
-   file. Returns the count (>= 1) or a negative code. */
-static int load_models(const char *path, int only_peer, loaded_model *out, int max,
+/* A peer's EMA copy (run.ema_decay, pcl's mean teacher) from its checkpoint file, over the
+   peer's weights in mf. */
+static int load_ema(loaded_model *mf, const kdp_ckpt *ck, const char *path, kdp_error *err) {
+  if (!kdp_ckpt_has(ck, "ema.params"))
+    return kdp_fail(err, KDP_EINVAL,
+                    "%s holds no EMA copy: --ema needs a run trained with run.ema_decay > 0 or "
+                    "kd.method = pcl",
+                    path);
+  int rc = kdp_ckpt_get_f32(ck, "ema.params", kdp_model_params(mf->m), kdp_model_n_params(mf->m),
+                            err);
+  if (rc == 0)
+    rc = kdp_ckpt_get_f32(ck, "ema.buffers", kdp_model_buffers(mf->m),
+                          kdp_model_n_buffers(mf->m), err);
+  return rc;
+}
+
+/* Loads the models of a run's newest checkpoint (one per peer: slice 0's file; ema: the peers'
+   EMA copies instead), or one model file. Returns the count (>= 1) or a negative code. */
+static int load_models(const char *path, int only_peer, int ema, loaded_model *out, int max,
                        kdp_error *err) {
   if (!is_dir(path)) {
+    if (ema)
+      return kdp_fail(err, KDP_EINVAL, "--ema reads a run directory's checkpoint, not a model "
+                                       "file (%s)", path);
     int rc = kdp_modelfile_read(&out[0], path, TOOL_BATCH, err);
     return rc == 0 ? 1 : rc;
   }
@@ -58,7 +77,10 @@ static int load_models(const char *path, int only_peer, loaded_model *out, int m
     if (rc == 0) rc = kdp_ckpt_get_i64(ck, "slice", &slice, err);
     if (rc == 0 && slice == 0 && (only_peer < 0 || peer == only_peer)) {
       rc = kdp_modelfile_from_ckpt(&out[n], ck, fp, TOOL_BATCH, err);
-      if (rc == 0) snprintf(out[n++].label, sizeof out[0].label, "peer%lld", (long long)peer);
+      if (rc == 0 && ema && (rc = load_ema(&out[n], ck, fp, err)) != 0) loaded_free(&out[n]);
+      if (rc == 0)
+        snprintf(out[n++].label, sizeof out[0].label, "peer%lld%s", (long long)peer,
+                 ema ? ".ema" : "");
     }
     kdp_ckpt_free(ck);
     if (rc != 0) break;
@@ -150,11 +172,6 @@ static const char *const FORMAT_NAMES[] = {"kdpm", "onnx"};
 
 int kdp_tool_export(const kdp_export_opts *o) {
   kdp_error err;
-  if (o->pick == KDP_PICK_EMA) {
-    fprintf(stderr, "kdpeers export: --ema exports the PCL mean teacher (the EMA copy of the "
-                    "peers), which kdpeers does not keep yet; export a peer with --peer N\n");
-    return 2;
-  }
   if (o->pick == KDP_PICK_BEST) {
     fprintf(stderr, "kdpeers export: --best picks the peer with the best validation accuracy, "
                     "which needs a validation split kdpeers does not have yet; export a peer with "
@@ -162,7 +179,7 @@ int kdp_tool_export(const kdp_export_opts *o) {
     return 2;
   }
   loaded_model lm;
-  int n = load_models(o->src, o->peer, &lm, 1, &err);
+  int n = load_models(o->src, o->peer, o->pick == KDP_PICK_EMA, &lm, 1, &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers export: %s\n", err.msg);
     return 1;
@@ -185,7 +202,9 @@ int kdp_tool_export(const kdp_export_opts *o) {
     fprintf(stderr, "kdpeers export: %s\n", err.msg);
   } else {
     char what[64] = "the model";
-    if (is_dir(o->src)) snprintf(what, sizeof what, "peer %d", o->peer);
+    if (is_dir(o->src))
+      snprintf(what, sizeof what, "peer %d%s", o->peer,
+               o->pick == KDP_PICK_EMA ? "'s EMA copy" : "");
     printf("exported %s of %s (%s, %zu params) as %s to %s in %.3f s\n", what, o->src,
            kdp_model_arch(lm.m), kdp_model_n_params(lm.m), FORMAT_NAMES[o->format], o->out,
            kdp_now() - t0);
@@ -197,7 +216,7 @@ int kdp_tool_export(const kdp_export_opts *o) {
 int kdp_tool_eval(const char *path, const kdp_config *cfg) {
   kdp_error err;
   loaded_model lm[KDP_MAX_PEERS];
-  int n = load_models(path, -1, lm, KDP_MAX_PEERS, &err);
+  int n = load_models(path, -1, 0, lm, KDP_MAX_PEERS, &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers eval: %s\n", err.msg);
     return 1;
@@ -282,7 +301,7 @@ static void serve_on_signal(int sig) {
 int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
   kdp_error err;
   loaded_model lm[KDP_MAX_PEERS];
-  int n = load_models(run_dir, -1, lm, KDP_MAX_PEERS, &err);
+  int n = load_models(run_dir, -1, 0, lm, KDP_MAX_PEERS, &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers serve: %s\n", err.msg);
     return 1;

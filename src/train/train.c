@@ -294,6 +294,7 @@ static int setup_model(kdp_trainer *t, kdp_error *err) {
   t->dlogits = kdp_falloc(t->Bl * t->C);
   t->dfeat = kdp_falloc(t->Bl * kdp_model_feature_dim(t->model));
   rc = kdp_distill_init(t, err);
+  if (rc == 0) rc = kdp_train_ema_init(t, err);
   if (!kdp_dist_all_ok(d, rc == 0))
     return rc != 0 ? rc : kdp_fail(err, KDP_EINVAL, "another rank failed to set up the method");
   /* uniform layout: every rank of a peer needs a row of every batch, the epoch's last included */
@@ -470,6 +471,7 @@ static void release(kdp_trainer *t) {
   kdp_live_stop(t);
   if (t->is_root) kdp_metrics_close(t);
   kdp_distill_free(t);
+  kdp_train_ema_free(t);
   free(t->resizes);
   t->resizes = NULL;
   kdp_sgd_free(&t->opt);

@@ -99,6 +99,13 @@ struct kdp_trainer {
      kept in every checkpoint; NULL = none) */
   const kdp_elastic *elastic;
   char *resizes;
+  /* run.ema_decay (ema.c): this rank's temporal mean of its peer (parameters and batchnorm
+     running statistics) in a model of the peer's arch, NULL when off; pcl's mean teacher */
+  kdp_model *ema;
+  double ema_decay;
+  int64_t ema_steps; /* updates so far (t of kdp_ema_update) */
+  float *ema_save;   /* pcl: the EMA's running statistics around its train-mode forward */
+  kdp_rng ema_rng;   /* pcl: the dropout of that forward */
 };
 
 /* distill.c: the distillation state (kd.method's ops, cohort, module optimizer, pipeline,
@@ -158,6 +165,24 @@ int kdp_stale_load(kdp_stale *s, const struct kdp_ckpt *ck, kdp_error *err);
 /* eval.c: evaluates every peer, the ensemble and the method's teacher on the test set and
    writes their eval lines (collective) */
 int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *err);
+
+/* ema.c: run.ema_decay's temporal mean of each peer (pcl's mean teacher) */
+/* The decay in effect: run.ema_decay, or KDP_PCL_EMA_DECAY for pcl when it is 0; 0 = off. */
+double kdp_ema_decay_of(const kdp_config *cfg, int P);
+/* Builds t->ema as a copy of the peer (after its init); nothing when the decay is 0. */
+int kdp_train_ema_init(kdp_trainer *t, kdp_error *err);
+void kdp_train_ema_free(kdp_trainer *t);
+/* The EMA restarts as a copy of the peer's weights and running statistics (t = 0). */
+void kdp_train_ema_reset(kdp_trainer *t);
+/* After an optimizer step: one kdp_ema_update of the parameters and of the running statistics. */
+void kdp_train_ema_update(kdp_trainer *t);
+/* pcl: the mean teacher's train-mode logits on n rows x (batch statistics; its running
+   statistics are left as they were). Valid until the next call. */
+const float *kdp_train_ema_forward(kdp_trainer *t, const float *x, size_t n);
+/* ema.params, ema.buffers, ema.steps (and pcl's rng.ema) into / out of this rank's checkpoint.
+   load: fresh = 1 (a new peer of an elastic resume, or a checkpoint without them) resets. */
+int kdp_train_ema_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
+int kdp_train_ema_load(kdp_trainer *t, const struct kdp_ckpt *ck, int fresh, kdp_error *err);
 
 /* boundary.c: the step boundary */
 /* The step's agreement point (collective): this rank's flags (divergence of the logits z of its
