@@ -44,6 +44,15 @@ serve_bg() {
     sleep 0.1
   done
 }
+# mpi_run NP ARGS...: kdpeers under mpirun (the timeout guards against a hang in a collective)
+mpi_run() {
+  local np="$1"
+  shift
+  timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
+}
+# ckpt_digests FILE: the crc32 of every tensor of a checkpoint file (weights, momentum, BN stats,
+# modules, EMA copies)
+ckpt_digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }
 finish() {
   echo "$1: $pass passed, $fail failed"
   [ "$fail" = 0 ]

@@ -668,6 +668,7 @@ START_TEST(test_file_errors) {
                     "expected one of: independent, dml, codistill, avg, one, ffl, okddip",
                     KDP_EINVAL);
   expect_file_error("[run]\nprogress = fancy\n", 2, "auto, bar, plain, none", KDP_EINVAL);
+  expect_file_error("[run]\nema_decay = 1\n", 2, "[0, 1)", KDP_EINVAL);
   expect_file_error("[data]\naugment = maybe\n", 2, "true/false, 1/0, yes/no or on/off",
                     KDP_EINVAL);
   expect_file_error("[optim]\nmilestones = 150,100\n", 2, "increasing positive numbers",

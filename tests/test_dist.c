@@ -91,13 +91,19 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
            B * dim_of(j) * sizeof(float));
   float *zb = kdp_falloc(P * B * NC);
   for (size_t j = 0; j < P; j++) memcpy(zb + j * B * NC, z + j * NB * NC, B * NC * sizeof(float));
+  /* pcl: the peers' mean teachers' logits (P x B x C), drawn from their own stream */
+  const int reads_ema = (kdp_method_ops_of(m)->peer_reads & KDP_READS_EMA_LOGITS) != 0;
+  float *zeb = kdp_falloc(P * B * NC);
+  kdp_rng re;
+  kdp_rng_seed(&re, 4321 + (uint64_t)m, 98);
+  for (size_t k = 0; k < P * B * NC; k++) zeb[k] = 2.0f * kdp_rng_normal(&re);
   /* reference: the total objective's gradients, in one process */
   float *rdz = kdp_falloc(P * B * NC), *rdh = kdp_falloc(nh), *teach = kdp_falloc(B * NC);
   kdp_kd_losses per[KDP_KD_MAX_PEERS];
   double total = 0;
   kdp_error err;
   kdp_kd_batch in = {.z = zb, .h = hb, .y = y, .B = B, .T = 3.0f, .weight = 0.7f,
-                     .burn_in = burn_in};
+                     .burn_in = burn_in, .z_ema = reads_ema ? zeb : NULL};
   kdp_cohort_module_zero_grad(ref);
   ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, teach, per, &total, &err) == 0, "%s",
                 err.msg);
@@ -109,7 +115,7 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   size_t lo, hi;
   own_rows(L, ref, B, zb, hb, &zo, &ho, &lo, &hi);
   kdp_step_in si = {.B = B, .y = y, .z = zo, .h = ho, .T = 3.0f, .weight = 0.7f,
-                    .burn_in = burn_in};
+                    .burn_in = burn_in, .z_ema = zeb + (me * B + lo) * NC};
   kdp_kd_losses Lo;
   ck_assert_msg(kdp_pipeline_step(pl, &si, dz, dh, &Lo, &err) == 0, "%s", err.msg);
   kdp_pipeline_module_allreduce(pl);
@@ -165,7 +171,7 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   kdp_pipeline_free(pl);
   kdp_cohort_free(dist);
   kdp_cohort_free(ref);
-  float *bufs[] = {z, h, zb, hb, rdz, rdh, teach, dz, dh};
+  float *bufs[] = {z, h, zb, hb, rdz, rdh, teach, dz, dh, zeb};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
 }
 
@@ -182,6 +188,7 @@ static void check_layout(kdp_dist *L, const char *layout) {
     check_method(L, layout, Bs[b], KDP_METHOD_FFL, 0, 0);
     check_method(L, layout, Bs[b], KDP_METHOD_OKDDIP, 0, 0);
     check_method(L, layout, Bs[b], KDP_METHOD_OKDDIP, 1, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_PCL, 0, 0);
   }
 }
 
@@ -219,15 +226,17 @@ static void check_replicas(kdp_method m) {
   kdp_sgd opt;
   kdp_sgd_init(&opt, nm, 0.9f, 1e-4f, 1);
   float *z = kdp_falloc(P * NB * NC), *h = kdp_falloc(nh), *dz = kdp_falloc(NB * NC);
-  float *dh = kdp_falloc(NB * dim_of(me));
+  float *dh = kdp_falloc(NB * dim_of(me)), *ze = kdp_falloc(NB * NC);
   int32_t y[NB];
   kdp_rng r;
   /* each rank draws different data: only the allreduce keeps the replicas equal */
   kdp_rng_seed(&r, 77, 1000 + me);
   for (int step = 0; step < 100; step++) {
     make_batch(&r, P, z, h, nh, y);
+    for (size_t k = 0; k < NB * NC; k++) ze[k] = z[me * NB * NC + k] * 0.5f; /* pcl */
     kdp_step_in si = {.B = NB, .y = y, .z = z + me * NB * NC,
-                      .h = h + kdp_cohort_feature_offset(c, me, NB), .T = 3.0f, .weight = 1.0f};
+                      .h = h + kdp_cohort_feature_offset(c, me, NB), .T = 3.0f, .weight = 1.0f,
+                      .z_ema = ze};
     kdp_kd_losses L;
     ck_assert(kdp_pipeline_step(pl, &si, dz, dh, &L, &err) == 0);
     kdp_pipeline_module_allreduce(pl);
@@ -249,12 +258,14 @@ static void check_replicas(kdp_method m) {
   free(h);
   free(dz);
   free(dh);
+  free(ze);
 }
 
 START_TEST(test_replicas_bitwise) {
   check_replicas(KDP_METHOD_ONE);
   check_replicas(KDP_METHOD_FFL);
   check_replicas(KDP_METHOD_OKDDIP);
+  check_replicas(KDP_METHOD_PCL);
 }
 END_TEST
 

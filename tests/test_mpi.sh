@@ -13,7 +13,7 @@ run() { # run NP ARGS... (timeout guards against a hang in a collective)
 small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
 
 # --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
-for method in independent dml codistill avg one ffl okddip; do
+for method in independent dml codistill avg one ffl okddip pcl; do
   d="$tmp/m-$method"
   run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
     -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" -s run.dir="$d" >"$d.out" 2>&1
@@ -27,6 +27,8 @@ for method in independent dml codistill avg one ffl okddip; do
     one) expect "one: gate eval line" grep -q '"model":"gate"' "$d/metrics.jsonl" ;;
     ffl) expect "ffl: fused eval line" grep -q '"model":"fused"' "$d/metrics.jsonl" ;;
     okddip) expect "okddip: leader eval line" grep -q '"model":"leader"' "$d/metrics.jsonl" ;;
+    pcl) expect "pcl: its teacher's eval line and every peer's mean teacher (peerN.ema)" \
+      bash -c "grep -q '\"model\":\"pcl\"' '$d/metrics.jsonl' && test \$(grep -c '\"model\":\"peer[012].ema\"' '$d/metrics.jsonl') = 3" ;;
   esac
   [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
 done
@@ -66,7 +68,7 @@ relmax() { # relmax A B: max relative difference of the numeric columns of two a
         d = abs($i - $(i + h)) / (1e-6 + abs($i)); if (d > m) m = d } else if ($i != $(i + h)) m = 1e9 }
     END { printf "%g", m + 0 }'
 }
-for method in dml ffl; do
+for method in dml ffl pcl; do
   u="$tmp/h1"
   if [ "$method" != dml ]; then
     u="$tmp/u-$method"
@@ -84,7 +86,7 @@ for method in dml ffl; do
   expect "$method: per-peer k = (2,1) equals k = (1,1) over 20 steps (max relative loss difference $md < 1e-4)" \
     awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
   ue=$(evals "$u/metrics.jsonl") ne=$(evals "$n/metrics.jsonl")
-  expect "$method: the same eval lines (peers, ensemble$([ "$method" = ffl ] && echo ", fused"))" \
+  expect "$method: the same eval lines (peers, ensemble$([ "$method" = ffl ] && echo ", fused")$([ "$method" = pcl ] && echo ", pcl, peerN.ema"))" \
     test "$(echo "$ue" | cut -d' ' -f1 | tr '\n' ' ')" = "$(echo "$ne" | cut -d' ' -f1 | tr '\n' ' ')" -a -n "$ue"
   md=$(relmax "$ue" "$ne")
   expect "$method: per-peer k = (2,1) evaluates like k = (1,1) (max relative difference $md < 1e-4)" \

@@ -5,7 +5,8 @@
 # and that ONNX Runtime runs to the same labels and probabilities (within 1e-5) as kdpeers-predict;
 # a trained mlp and cnn agree on 1,000 test images; launch/kdpm2torch.py loads the model files
 # into PyTorch's reference models with the same predictions; PNG inputs; kdpeers serve MODEL.kdpm;
-# export's --ema/--best refuse until their features exist.
+# export --ema writes a peer's EMA copy (run.ema_decay) as .kdpm and ONNX, which score what the run
+# reported as peer0.ema; --best refuses until its feature exists.
 # Usage: tests/test_student.sh PATH/TO/kdpeers (kdpeers-predict and student_tool beside it, or in
 # KDP_BUILD_ROOT). ONNX Runtime comes from launch/setup-onnxruntime: without it the ONNX Runtime
 # checks skip with the reason, except under CI=true, where they fail.
@@ -200,8 +201,10 @@ fi
 # ---------- trained students: mlp and cnn, 1,000 test images ----------
 for arch in "mlp(128)" cnn; do
   r="$tmp/run-${arch%%(*}"
+  ema=0 # the cnn (batchnorm) also keeps an EMA copy, for export --ema below
+  [ "$arch" = cnn ] && ema=0.9
   "$exe" -s run.dir="$r" -s model.arch="$arch" -s run.max_steps=25 -s checkpoint.every_steps=25 \
-    -s run.progress=none -s data.test_subset=500 >"$r.log" 2>&1 || bad "training $arch: $(tail -2 "$r.log")"
+    -s run.ema_decay=$ema -s run.progress=none -s data.test_subset=500 >"$r.log" 2>&1 || bad "training $arch: $(tail -2 "$r.log")"
   "$exe" export "$r" --peer 0 -o "$r.kdpm" >/dev/null
   "$exe" export "$r" --peer 0 --format onnx -o "$r.model" >/dev/null
   expect "$arch (trained): the run's class names (Fashion-MNIST) go into the model file and ONNX" \
@@ -222,9 +225,25 @@ done
 
 # ---------- export options ----------
 r="$tmp/run-cnn"
-"$exe" export "$r" --ema -o "$tmp/x.kdpm" 2>"$tmp/ema.err"
-expect "export --ema refuses (exit 2) until kdpeers keeps the PCL mean teacher" \
-  bash -c "'$exe' export '$r' --ema -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2 && grep -q 'mean teacher' '$tmp/ema.err' && test ! -e '$tmp/x.kdpm'"
+"$exe" export "$tmp/run-mlp" --ema -o "$tmp/x.kdpm" 2>"$tmp/ema.err"
+expect "export --ema of a run without EMA copies fails (exit 1) naming run.ema_decay" \
+  bash -c "'$exe' export '$tmp/run-mlp' --ema -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 1 && grep -q 'run.ema_decay' '$tmp/ema.err' && test ! -e '$tmp/x.kdpm'"
+"$exe" export "$r" --ema -o "$tmp/ema.kdpm" >/dev/null
+"$exe" export "$r" --peer 0 --ema --format onnx -o "$tmp/ema.model" >/dev/null
+"$exe" eval "$tmp/ema.kdpm" -s data.test_subset=500 >"$tmp/ema.ev" 2>&1
+acc=$(awk '$1 == "model" && $2 ~ /%/ { sub("%", "", $2); print $2 }' "$tmp/ema.ev")
+last=$(grep '"model":"peer0.ema"' "$r/metrics.jsonl" | tail -n 1 | sed 's/.*"acc":\([0-9.]*\).*/\1/')
+peer=$(grep '"model":"peer0"' "$r/metrics.jsonl" | tail -n 1 | sed 's/.*"loss":\([0-9.]*\).*/\1/')
+expect "export --ema: the EMA copy scores the run's own last peer0.ema ($acc% vs $last)" \
+  awk -v a="$acc" -v b="$last" 'BEGIN { d = a / 100 - b; exit !(b != "" && d < 1e-4 && d > -1e-4) }'
+expect "  ...and it is not the peer itself (EMA loss $(awk '$1 == "model" && $2 ~ /%/ { print $3 }' "$tmp/ema.ev"), peer $peer)" \
+  awk -v a="$(awk '$1 == "model" && $2 ~ /%/ { print $3 }' "$tmp/ema.ev")" -v b="$peer" 'BEGIN { d = a - b; exit !(d > 1e-3 || d < -1e-3) }'
+if [ "$have_ort" = 1 ]; then
+  "$pred" "$tmp/ema.kdpm" "$tmp/t1000.raw" --json >"$tmp/ema.kdp.jsonl"
+  node "$src/launch/ort_run.js" predict "$tmp/ema.model" "$tmp/t1000.raw" 28 28 1 >"$tmp/ema.ort.jsonl"
+  expect_out "export --ema --format onnx: ONNX Runtime = kdpeers-predict of the EMA copy" \
+    $py "$check" compare "$tmp/ema.kdp.jsonl" "$tmp/ema.ort.jsonl" 1e-5
+fi
 expect "export --best refuses (exit 2) until there is a validation split" \
   bash -c "'$exe' export '$r' --best -o '$tmp/x.kdpm' 2>&1 | grep -q 'validation split'; '$exe' export '$r' --best -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2"
 expect "export --classes with the wrong count fails" \
