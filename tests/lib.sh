@@ -53,6 +53,14 @@ mpi_run() {
 # ckpt_digests FILE: the crc32 of every tensor of a checkpoint file (weights, momentum, BN stats,
 # modules, EMA copies)
 ckpt_digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }
+# live_snapshot: saves $addr's /status, /metrics and /history to $tmp/status.json, metrics.txt and
+# history.json, then stops the run with a control command
+live_snapshot() {
+  curl -s "$addr/status" >"$tmp/status.json"
+  curl -s "$addr/metrics" >"$tmp/metrics.txt"
+  curl -s "$addr/history" >"$tmp/history.json"
+  curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+}
 finish() {
   echo "$1: $pass passed, $fail failed"
   [ "$fail" = 0 ]

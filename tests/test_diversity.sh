@@ -77,10 +77,7 @@ for _ in $(seq 1 300); do
     curl -s "$addr/metrics" | grep -q '^kdpeers_churn_ratio{peer="1"}' && break
   sleep 0.1
 done
-curl -s "$addr/status" >"$tmp/status.json"
-curl -s "$addr/metrics" >"$tmp/metrics.txt"
-curl -s "$addr/history" >"$tmp/history.json"
-curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+live_snapshot
 expect "live: /status has diversity {kl, disagreement, churn[2]} in range" \
   jq -e '.diversity | .kl >= 0 and .disagreement >= 0 and .disagreement <= 1 and
     (.churn | length == 2 and all(. >= 0 and . <= 1))' "$tmp/status.json"

@@ -138,21 +138,24 @@ START_TEST(test_identity) {
 }
 END_TEST
 
-START_TEST(test_ffl_columns) {
-  /* ffl's fusion head: fc1's input columns are the peers' feature blocks; its outputs (fixed
-     kd.fusion_dim) and fc2 do not depend on the peers and are kept whole */
+/* A module whose input columns are the peers' feature blocks (ffl's fusion head, pcl's ensemble
+   teacher): weight (rows x D) keeps the kept peers' column blocks in their new places, a new
+   peer's are a fresh module's; the tensor `whole` does not depend on the peers and is kept. */
+static void check_columns(kdp_method m, const char *weight, size_t rows, size_t fusion,
+                          const char *whole) {
   size_t od[] = {4, 6, 5}, nd[] = {5, 4, 7};
   int map[] = {2, 0, -1};
-  kdp_cohort *oc = make(KDP_METHOD_FFL, 3, od, 8, 7), *nc = make(KDP_METHOD_FFL, 3, nd, 8, 9),
-             *fresh = make(KDP_METHOD_FFL, 3, nd, 8, 9);
+  kdp_cohort *oc = make(m, 3, od, fusion, 7), *nc = make(m, 3, nd, fusion, 9),
+             *fresh = make(m, 3, nd, fusion, 9);
   number(oc);
   kdp_elastic_remap(oc, kdp_cohort_module_params(oc), nc, kdp_cohort_module_params(nc), map, 0,
                     NULL, 0);
   const float *op = kdp_cohort_module_params(oc), *np = kdp_cohort_module_params(nc),
               *fp = kdp_cohort_module_params(fresh);
-  const kdp_kd_tensor *ow = tensor(oc, "fusion.fc1.weight"), *nw = tensor(nc, "fusion.fc1.weight");
+  const kdp_kd_tensor *ow = tensor(oc, weight), *nw = tensor(nc, weight);
+  ck_assert_ptr_nonnull(nw);
   size_t oD = 15, nD = 16;
-  for (size_t h = 0; h < 8; h++)
+  for (size_t h = 0; h < rows; h++)
     for (size_t j = 0; j < 3; j++)
       for (size_t c = 0; c < nd[j]; c++) {
         size_t at = nw->off + h * nD + feat_off(nd, j) + c;
@@ -161,11 +164,25 @@ START_TEST(test_ffl_columns) {
         else
           ck_assert(np[at] == fp[at]);
       }
-  const kdp_kd_tensor *o2 = tensor(oc, "fusion.fc2.weight"), *n2 = tensor(nc, "fusion.fc2.weight");
+  const kdp_kd_tensor *o2 = tensor(oc, whole), *n2 = tensor(nc, whole);
+  ck_assert_ptr_nonnull(n2);
   ck_assert(memcmp(op + o2->off, np + n2->off, n2->size * sizeof(float)) == 0);
   kdp_cohort_free(oc);
   kdp_cohort_free(nc);
   kdp_cohort_free(fresh);
+}
+
+START_TEST(test_ffl_columns) {
+  /* ffl's fusion head: fc1's input columns are the peers' feature blocks; its outputs (fixed
+     kd.fusion_dim) and fc2 do not depend on the peers and are kept whole */
+  check_columns(KDP_METHOD_FFL, "fusion.fc1.weight", 8, 8, "fusion.fc2.weight");
+}
+END_TEST
+
+START_TEST(test_pcl_columns) {
+  /* pcl's ensemble teacher: ens.weight's input columns are the peers' feature blocks, one row per
+     class; ens.bias is kept whole */
+  check_columns(KDP_METHOD_PCL, "ens.weight", 5, 0, "ens.bias");
 }
 END_TEST
 
@@ -202,6 +219,7 @@ static Suite *suite(void) {
   tcase_add_test(tc, test_identity);
   tcase_add_test(tc, test_ffl_columns);
   tcase_add_test(tc, test_okddip_owned);
+  tcase_add_test(tc, test_pcl_columns);
   suite_add_tcase(s, tc);
   return s;
 }
