@@ -17,11 +17,17 @@ pipeline tests: they are not accuracy figures.
 """
 import json
 import os
+import re
 import statistics
 import sys
 import time
 
-TEACHERS = ("gate", "fused", "leader")
+TEACHERS = ("gate", "fused", "leader", "pcl")
+
+
+def is_peer(m):
+    """peerN (not peerN.ema, the EMA copy run.ema_decay and pcl add)"""
+    return re.fullmatch(r"peer[0-9]+", m) is not None
 TARGETS = {"mlp(512,256)": 89.5, "cnn": 92.3}  # issue 2, percent, single peer 10 epochs
 
 
@@ -92,7 +98,7 @@ def cmd_record(argv):
             last_step[m] = s
             final[m] = r.get("acc")
             final_loss[m] = r.get("loss")
-    peers = sorted((m for m in final if m.startswith("peer")), key=lambda m: int(m[4:]))
+    peers = sorted((m for m in final if is_peer(m)), key=lambda m: int(m[4:]))
     if not peers:
         problems.append("no peer eval lines")
     P = rec.get("peers")
@@ -102,13 +108,15 @@ def cmd_record(argv):
     rec["final_loss"] = final_loss
     rec["mean_peer"] = sum(final[m] for m in peers) / len(peers) if peers else None
     rec["ensemble"] = final.get("ensemble")
+    emas = [final[m] for m in final if re.fullmatch(r"peer[0-9]+\.ema", m)]
+    rec["mean_ema"] = sum(emas) / len(emas) if emas else None
     tm = next((m for m in TEACHERS if m in final), None)
     rec["teacher_model"] = tm
     rec["teacher"] = final.get(tm) if tm else None
     curve = []
     for s in sorted(by_step):
         row = by_step[s]
-        pk = [row[m]["acc"] for m in row if m.startswith("peer")]
+        pk = [row[m]["acc"] for m in row if is_peer(m)]
         any_row = next(iter(row.values()))
         c = {"epoch": any_row.get("epoch"), "step": s,
              "mean_peer": sum(pk) / len(pk) if pk else None}
@@ -151,6 +159,8 @@ def cmd_brief(_argv):
     r = json.loads(sys.stdin.read())
     t = f" {r['teacher_model']} {pct(r['teacher'])}" if r.get("teacher_model") else ""
     e = f" ensemble {pct(r['ensemble'])}" if r.get("ensemble") is not None else ""
+    if r.get("mean_ema") is not None:
+        e += f" mean EMA {pct(r['mean_ema'])}"
     sps = r.get("steps_per_second")
     print(f"  {r.get('run_id')}: mean peer {pct(r.get('mean_peer'))}{e}{t}; "
           f"{r.get('steps')} steps, {sps if sps is not None else '-'} steps/s, "
@@ -218,7 +228,7 @@ def methods_table(recs, lines):
     kd = [r for r in recs if r.get("source") == "kdpeers"]
     pt = [r for r in recs if r.get("source") == "pytorch"]
     archs = sorted({r.get("arch") for r in recs})
-    order = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip"]
+    order = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip", "pcl"]
     methods = sorted({r["method"] for r in recs},
                      key=lambda m: order.index(m) if m in order else len(order))
     lines.append(f"Model: {', '.join(archs)}. Accuracies in %, mean +- sample std over seeds; "
@@ -243,7 +253,11 @@ def methods_table(recs, lines):
         row.append(fmt(stats([r.get("ensemble") for r in rs])))
         tms = sorted({r["teacher_model"] for r in rs if r.get("teacher_model")})
         tst = stats([r.get("teacher") for r in rs])
-        row.append(f"{fmt(tst)} ({', '.join(tms)})" if tst else "-")
+        cell = f"{fmt(tst)} ({', '.join(tms)})" if tst else "-"
+        est = stats([r.get("mean_ema") for r in rs])
+        if est:  # run.ema_decay / pcl: the mean of the peers' EMA copies
+            cell = (cell + "; " if tst else "") + f"mean EMA {fmt(est)}"
+        row.append(cell)
         if has_pt:
             row.append(fmt(stats([r["mean_peer"] for r in ps])) + (f" (n={len(ps)})" if len(ps) > 1 else ""))
             pg = gain(ps, pt_ind, lambda r: r["mean_peer"])[0] if ps and pt_ind and m != "independent" else None
@@ -291,7 +305,7 @@ def hetero_table(recs, all_recs, lines):
                  float(r.get("label_noise") or 0)) == cfg)
 
     def peers_of(r, want_cnn):
-        return [v for k, v in r["final"].items() if k.startswith("peer") and
+        return [v for k, v in r["final"].items() if is_peer(k) and
                 ((k == "peer0") == want_cnn)] if r.get("study") == "hetero" else None
 
     def baseline(arch):
