@@ -348,7 +348,7 @@ END_TEST
 typedef struct rcase {
   kdp_cohort *c;
   size_t P, B, C, nh;
-  float *z, *h;
+  float *z, *h, *ze; /* ze: pcl's mean teachers' logits (P x B x C) */
   int32_t *y;
   kdp_kd_batch b;
 } rcase;
@@ -387,7 +387,11 @@ static void rcase_make(rcase *rc, kdp_method m, size_t P, size_t B, size_t C, co
   fill_normal(rc->z, P * B * C, zscale, &r);
   fill_normal(rc->h, rc->nh, 1.0f, &r);
   for (size_t b = 0; b < B; b++) rc->y[b] = (int32_t)kdp_rng_below(&r, (uint32_t)C);
-  kdp_kd_batch b = {.z = rc->z, .h = rc->h, .y = rc->y, .B = B, .T = 3.0f, .weight = 0.7f};
+  rc->ze = calloc(P * B * C, sizeof(float));
+  const int reads_ema = (kdp_method_ops_of(m)->peer_reads & KDP_READS_EMA_LOGITS) != 0;
+  if (reads_ema) fill_normal(rc->ze, P * B * C, zscale, &r);
+  kdp_kd_batch b = {.z = rc->z, .h = rc->h, .y = rc->y, .B = B, .T = 3.0f, .weight = 0.7f,
+                    .z_ema = reads_ema ? rc->ze : NULL};
   rc->b = b;
 }
 
@@ -395,6 +399,7 @@ static void rcase_free(rcase *rc) {
   kdp_cohort_free(rc->c);
   free(rc->z);
   free(rc->h);
+  free(rc->ze);
   free(rc->y);
 }
 
