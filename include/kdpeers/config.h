@@ -49,6 +49,8 @@ typedef struct kdp_config {
   char test_images[KDP_PATH];
   char test_labels[KDP_PATH];
   int64_t subset;          /* 0 = all */
+  int64_t val_size;        /* the last N training examples (after subset) held out; 0 = none */
+  int augment_per_peer;    /* data.augment draws per peer (KDP_STREAM_AUGMENT + peer) */
   double label_noise;      /* [0, 1] */
   uint64_t noise_seed;
   int augment;             /* random crop (pad data.crop_pad) + horizontal flip */

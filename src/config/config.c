@@ -125,6 +125,11 @@ static const key_def keys[] = {
      .help = "test labels (unused for cifar and folder)"},
     {"data", "subset", KT_INT64, AT(subset), ATLEAST(0), .def = "0",
      .help = "train on the first N training examples (0 = all)"},
+    {"data", "val_size", KT_INT64, AT(val_size), ATLEAST(0), .def = "0",
+     .help = "hold out the last N training examples (after data.subset) as a validation split, "
+             "never trained on; every evaluation then reports validation accuracy (0 = none)"},
+    {"data", "augment_per_peer", KT_BOOL, AT(augment_per_peer), .def = "false",
+     .help = "with data.augment: every peer draws its own crops and flips of the same batch"},
     {"data", "label_noise", KT_DOUBLE, AT(label_noise), RANGE(0, 1), .def = "0",
      .help = "fraction of training labels replaced by a random other class"},
     {"data", "noise_seed", KT_UINT64, AT(noise_seed), .def = "1",

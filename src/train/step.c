@@ -178,6 +178,9 @@ int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *
   if (teach && (p->ops->module_reads & KDP_READS_FEATURES))
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, h, p->hb);
   if (!m) return 0;
+  for (size_t j = 0; s->logits && j < P; j++)
+    memcpy(s->logits + (j * s->logits_stride + s->first + blo) * C, p->zb + j * m * C,
+           m * C * sizeof(float));
   kdp_diversity_add(&s->div, p->zb, m, C);
   if (s->labels) {
     for (size_t j = 0; j < P; j++)
