@@ -5,7 +5,7 @@
 # and that ONNX Runtime runs to the same labels and probabilities (within 1e-5) as kdpeers-predict;
 # a trained mlp and cnn agree on 1,000 test images; launch/kdpm2torch.py loads the model files
 # into PyTorch's reference models with the same predictions; PNG inputs; kdpeers serve MODEL.kdpm;
-# export's --ema/--best refuse until their features exist.
+# export's --ema refuses until EMA copies exist, --best a run without a validation split.
 # Usage: tests/test_student.sh PATH/TO/kdpeers (kdpeers-predict and student_tool beside it, or in
 # KDP_BUILD_ROOT). ONNX Runtime comes from launch/setup-onnxruntime: without it the ONNX Runtime
 # checks skip with the reason, except under CI=true, where they fail.
@@ -225,7 +225,7 @@ r="$tmp/run-cnn"
 "$exe" export "$r" --ema -o "$tmp/x.kdpm" 2>"$tmp/ema.err"
 expect "export --ema refuses (exit 2) until kdpeers keeps the PCL mean teacher" \
   bash -c "'$exe' export '$r' --ema -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2 && grep -q 'mean teacher' '$tmp/ema.err' && test ! -e '$tmp/x.kdpm'"
-expect "export --best refuses (exit 2) until there is a validation split" \
+expect "export --best refuses (exit 2) for a run without a validation split (data.val_size)" \
   bash -c "'$exe' export '$r' --best -o '$tmp/x.kdpm' 2>&1 | grep -q 'validation split'; '$exe' export '$r' --best -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2"
 expect "export --classes with the wrong count fails" \
   bash -c "'$exe' export '$r' --classes a,b -o '$tmp/x.kdpm' 2>&1 | grep -q '2 class names for 10 classes' && test ! -e '$tmp/x.kdpm'"

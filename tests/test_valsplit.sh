@@ -52,6 +52,19 @@ if ! sanitizer_skip "ranks_per_peer = 2 vs 1"; then
         ((.[0].val_loss - .[1].val_loss) | fabs) < 1e-5)')" = true
 fi
 
+# --- export --best: the peer with the best val_acc of the last evaluation (the first of equals) ---
+want=$(evals "$v" | jq -rs '[.[] | select(.model | test("^peer[0-9]+$"))] | max_by(.val_acc) as $m |
+  map(select(.val_acc == $m.val_acc))[0].model | ltrimstr("peer")')
+"$exe" export "$v" --best -o "$tmp/best.kdpm" >"$tmp/best.out" 2>&1
+expect "export --best exits 0" test $? = 0
+expect "  ...names peer $want, the best by validation accuracy" grep -q "peer $want has the best validation accuracy at step 13" "$tmp/best.out"
+"$exe" export "$v" --peer "$want" -o "$tmp/want.kdpm" >/dev/null 2>&1
+expect "  ...and writes the same file as export --peer $want" cmp -s "$tmp/best.kdpm" "$tmp/want.kdpm"
+"$exe" export "$r" --best -o "$tmp/nobest.kdpm" >"$tmp/nobest.out" 2>&1
+expect "export --best of a run without a split: exit 2" test $? = 2
+expect "  ...saying the run had no validation split" grep -q "had no validation split" "$tmp/nobest.out"
+expect "  ...and writing nothing" test ! -e "$tmp/nobest.kdpm"
+
 # --- a split that leaves nothing to train on is refused before anything is written ---
 run 1 -s data.subset=100 -s data.val_size=100 -s run.dir="$tmp/none" >"$tmp/none.out" 2>&1
 expect "val_size >= the training set: exit 2" test $? = 2
