@@ -13,7 +13,7 @@ run() { # run NP ARGS... (timeout guards against a hang in a collective)
 small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
 
 # --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
-for method in independent dml codistill avg one ffl okddip; do
+for method in independent dml codistill avg one ffl okddip kdcl; do
   d="$tmp/m-$method"
   run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
     -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" -s run.dir="$d" >"$d.out" 2>&1
@@ -27,6 +27,7 @@ for method in independent dml codistill avg one ffl okddip; do
     one) expect "one: gate eval line" grep -q '"model":"gate"' "$d/metrics.jsonl" ;;
     ffl) expect "ffl: fused eval line" grep -q '"model":"fused"' "$d/metrics.jsonl" ;;
     okddip) expect "okddip: leader eval line" grep -q '"model":"leader"' "$d/metrics.jsonl" ;;
+    kdcl) expect "kdcl: kdcl (teacher) eval line" grep -q '"model":"kdcl"' "$d/metrics.jsonl" ;;
   esac
   [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
 done

@@ -65,6 +65,35 @@ expect "export --best of a run without a split: exit 2" test $? = 2
 expect "  ...saying the run had no validation split" grep -q "had no validation split" "$tmp/nobest.out"
 expect "  ...and writing nothing" test ! -e "$tmp/nobest.kdpm"
 
+# --- kdcl general: weights refitted on the split at every evaluation, carried by the checkpoint
+# (a run stopped after the first evaluation and resumed ends bitwise like an uninterrupted one) ---
+kargs=(-s data.subset=1100 -s data.val_size=300 -s data.test_subset=500 -s run.epochs=2
+  -s optim.batch_size=64 -s "model.arch=mlp(32)" -s run.log_every=1 -s kd.method=kdcl
+  -s kd.ensemble=general -s checkpoint.every_steps=100)
+a="$tmp/kga" b="$tmp/kgb"
+run 2 "${kargs[@]}" -s run.dir="$a" >"$a.out" 2>&1
+expect "kdcl general: the run exits 0" test $? = 0
+expect "kdcl general: a kdcl_weights line per evaluation (steps 13 and 26), weights >= 0 summing to 1"   test "$(grep '"event":"kdcl_weights"' "$a/metrics.jsonl" | jq -s '[.[].step] == [13, 26] and
+    all(.weights | length == 2 and all(. >= 0) and ((add - 1) | fabs) < 1e-5)')" = true
+expect "kdcl general: the kdcl teacher is evaluated on test and validation"   test "$(evals "$a" | jq -s '[.[] | select(.model == "kdcl" and has("val_acc"))] | length')" = 2
+if ! sanitizer_skip "kdcl general resume"; then
+  KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "${kargs[@]}" -s run.dir="$b" >"$b.out1" 2>&1
+  expect "kdcl general: a signal after the first evaluation stops the run (exit 75)" test $? = 75
+  run 2 "${kargs[@]}" -s run.dir="$b" >"$b.out2" 2>&1
+  expect "kdcl general: the resumed run finishes" test $? = 0
+  expect "kdcl general: resumed training lines equal the uninterrupted run's"     test "$(trainlines "$b" | md5sum)" = "$(trainlines "$a" | md5sum)"
+  digests() { for f in "$1"/checkpoints/step-000000000026/peer-*.kdpc; do "$exe" inspect "$f" | grep " floats)"; done; }
+  expect "kdcl general: the final checkpoints are bitwise equal (weights, module buffers: $(digests "$a" | wc -l) tensors)"     test "$(digests "$a" | md5sum)" = "$(digests "$b" | md5sum)"
+  expect "kdcl general: the second evaluation's weights are the same after the resume"     test "$(grep kdcl_weights "$b/metrics.jsonl" | tail -n 1)" = "$(grep kdcl_weights "$a/metrics.jsonl" | tail -n 1)"
+fi
+run 2 -s kd.method=kdcl -s kd.ensemble=general -s run.dir="$tmp/kgn" >"$tmp/kgn.out" 2>&1
+expect "kdcl general without data.val_size is refused (exit 2)" test $? = 2
+expect "  ...naming data.val_size" grep -q "data.val_size is 0" "$tmp/kgn.out"
+# minlogit, 2 ranks per peer: the MPI_MIN allreduce over each slice's cohort
+m="$tmp/kmin"
+run 4 -s data.subset=512 -s data.test_subset=500 -s run.epochs=1 -s optim.batch_size=64   -s "model.arch=mlp(32)" -s kd.method=kdcl -s kd.ensemble=minlogit -s run.ranks_per_peer=2   -s run.dir="$m" >"$m.out" 2>&1
+expect "kdcl minlogit with ranks_per_peer = 2 trains (exit $?) and reports the kdcl teacher"   grep -q '"model":"kdcl"' "$m/metrics.jsonl"
+
 # --- a split that leaves nothing to train on is refused before anything is written ---
 run 1 -s data.subset=100 -s data.val_size=100 -s run.dir="$tmp/none" >"$tmp/none.out" 2>&1
 expect "val_size >= the training set: exit 2" test $? = 2

@@ -87,6 +87,8 @@ typedef struct kdp_config {
   int detach;              /* okddip: detach the attention teacher */
   int fusion_dim;          /* ffl: d_f; 0 = mean of the peers' feature dims */
   double fusion_weight_decay;
+  char ensemble[16];       /* kdcl: naive | minlogit | general */
+  int ensemble_id;         /* kdp_kdcl_ensemble */
   /* [checkpoint] */
   int64_t ckpt_every_steps;   /* 0 = off */
   double ckpt_every_minutes;  /* 0 = off */

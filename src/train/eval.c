@@ -64,6 +64,15 @@ static int eval_val(kdp_trainer *t, double *out, kdp_error *err) {
     float w[KDP_KD_MAX_PEERS];
     rc = kdp_kdcl_general_weights(w, s.logits, y, P, N, C, err);
     if (rc == 0) rc = kdp_kdcl_set_weights(t->cohort, w, err);
+    if (rc == 0 && t->is_root) { /* {"event":"kdcl_weights","step":S,"weights":[...]} */
+      char line[64 + 24 * KDP_KD_MAX_PEERS];
+      int k = snprintf(line, sizeof line, "{\"event\":\"kdcl_weights\",\"step\":%lld,\"weights\":[",
+                       (long long)t->step);
+      for (size_t j = 0; j < P; j++)
+        k += snprintf(line + k, sizeof line - (size_t)k, "%s%.9g", j ? "," : "", (double)w[j]);
+      snprintf(line + k, sizeof line - (size_t)k, "]}\n");
+      kdp_metrics_line(t, line);
+    }
     free(y);
   }
   free(s.logits);
