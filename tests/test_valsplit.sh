@@ -19,6 +19,11 @@ small=(-s data.test_subset=500 -s run.epochs=1 -s optim.batch_size=64 -s "model.
   -s run.log_every=1 -s data.label_noise=0.4 -s kd.method=dml)
 trainlines() { grep '"event":"train"' "$1/metrics.jsonl" | jq -c '[.step, .loss, .kd]'; }
 evals() { grep '"event":"eval"' "$1/metrics.jsonl"; }
+digests() { # digests DIR STEP: every tensor's crc32 in the checkpoint of STEP, peer by peer
+  for f in "$1/checkpoints/step-$(printf %012d "$2")"/peer-*.kdpc; do
+    "$exe" inspect "$f" | grep " floats)"
+  done
+}
 
 # --- held out: subset 1100 with 300 held out trains exactly like subset 800 ---
 v="$tmp/val" r="$tmp/ref"
@@ -73,26 +78,73 @@ kargs=(-s data.subset=1100 -s data.val_size=300 -s data.test_subset=500 -s run.e
 a="$tmp/kga" b="$tmp/kgb"
 run 2 "${kargs[@]}" -s run.dir="$a" >"$a.out" 2>&1
 expect "kdcl general: the run exits 0" test $? = 0
-expect "kdcl general: a kdcl_weights line per evaluation (steps 13 and 26), weights >= 0 summing to 1"   test "$(grep '"event":"kdcl_weights"' "$a/metrics.jsonl" | jq -s '[.[].step] == [13, 26] and
+expect "kdcl general: a kdcl_weights line per evaluation (steps 13 and 26), weights >= 0 summing to 1" \
+  test "$(grep '"event":"kdcl_weights"' "$a/metrics.jsonl" | jq -s '[.[].step] == [13, 26] and
     all(.weights | length == 2 and all(. >= 0) and ((add - 1) | fabs) < 1e-5)')" = true
-expect "kdcl general: the kdcl teacher is evaluated on test and validation"   test "$(evals "$a" | jq -s '[.[] | select(.model == "kdcl" and has("val_acc"))] | length')" = 2
+expect "kdcl general: the kdcl teacher is evaluated on test and validation" \
+  test "$(evals "$a" | jq -s '[.[] | select(.model == "kdcl" and has("val_acc"))] | length')" = 2
 if ! sanitizer_skip "kdcl general resume"; then
   KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "${kargs[@]}" -s run.dir="$b" >"$b.out1" 2>&1
   expect "kdcl general: a signal after the first evaluation stops the run (exit 75)" test $? = 75
   run 2 "${kargs[@]}" -s run.dir="$b" >"$b.out2" 2>&1
   expect "kdcl general: the resumed run finishes" test $? = 0
-  expect "kdcl general: resumed training lines equal the uninterrupted run's"     test "$(trainlines "$b" | md5sum)" = "$(trainlines "$a" | md5sum)"
-  digests() { for f in "$1"/checkpoints/step-000000000026/peer-*.kdpc; do "$exe" inspect "$f" | grep " floats)"; done; }
-  expect "kdcl general: the final checkpoints are bitwise equal (weights, module buffers: $(digests "$a" | wc -l) tensors)"     test "$(digests "$a" | md5sum)" = "$(digests "$b" | md5sum)"
-  expect "kdcl general: the second evaluation's weights are the same after the resume"     test "$(grep kdcl_weights "$b/metrics.jsonl" | tail -n 1)" = "$(grep kdcl_weights "$a/metrics.jsonl" | tail -n 1)"
+  expect "kdcl general: resumed training lines equal the uninterrupted run's" \
+    test "$(trainlines "$b" | md5sum)" = "$(trainlines "$a" | md5sum)"
+  expect "kdcl general: the final checkpoints are bitwise equal (weights, module buffers: $(digests "$a" 26 | wc -l) tensors)" \
+    test "$(digests "$a" 26 | md5sum)" = "$(digests "$b" 26 | md5sum)"
+  expect "kdcl general: the second evaluation's weights are the same after the resume" \
+    test "$(grep kdcl_weights "$b/metrics.jsonl" | tail -n 1)" = "$(grep kdcl_weights "$a/metrics.jsonl" | tail -n 1)"
 fi
 run 2 -s kd.method=kdcl -s kd.ensemble=general -s run.dir="$tmp/kgn" >"$tmp/kgn.out" 2>&1
 expect "kdcl general without data.val_size is refused (exit 2)" test $? = 2
 expect "  ...naming data.val_size" grep -q "data.val_size is 0" "$tmp/kgn.out"
 # minlogit, 2 ranks per peer: the MPI_MIN allreduce over each slice's cohort
 m="$tmp/kmin"
-run 4 -s data.subset=512 -s data.test_subset=500 -s run.epochs=1 -s optim.batch_size=64   -s "model.arch=mlp(32)" -s kd.method=kdcl -s kd.ensemble=minlogit -s run.ranks_per_peer=2   -s run.dir="$m" >"$m.out" 2>&1
-expect "kdcl minlogit with ranks_per_peer = 2 trains (exit $?) and reports the kdcl teacher"   grep -q '"model":"kdcl"' "$m/metrics.jsonl"
+run 4 -s data.subset=512 -s data.test_subset=500 -s run.epochs=1 -s optim.batch_size=64 \
+  -s "model.arch=mlp(32)" -s kd.method=kdcl -s kd.ensemble=minlogit -s run.ranks_per_peer=2 \
+  -s run.dir="$m" >"$m.out" 2>&1
+expect "kdcl minlogit with ranks_per_peer = 2 trains (exit $?) and reports the kdcl teacher" \
+  grep -q '"model":"kdcl"' "$m/metrics.jsonl"
+
+# --- data.augment_per_peer: peers that start equal (KDP_TEST_SAME_INIT) and train on the same
+# batches stay equal under a shared augmentation and part under per-peer draws; peer 0 keeps the
+# shared stream; ranks_per_peer = 2 draws alike on a peer's ranks; a resume is bitwise ---
+aargs=(-s data.subset=512 -s data.test_subset=500 -s run.epochs=2 -s optim.batch_size=64
+  -s "model.arch=mlp(32)" -s run.log_every=1 -s kd.method=independent -s data.augment=true
+  -s checkpoint.every_steps=100)
+pe() { evals "$1" | jq -c 'select(.model | test("^peer")) | [.step, .acc, .loss]'; }
+peer_evals() { evals "$1" | jq -c --arg p "$2" 'select(.model == $p) | [.step, .acc, .loss]'; }
+s1="$tmp/aug-shared" s2="$tmp/aug-peer"
+KDP_TEST_SAME_INIT=1 run 2 "${aargs[@]}" -s run.dir="$s1" >"$s1.out" 2>&1
+expect "augment shared: the run exits 0" test $? = 0
+KDP_TEST_SAME_INIT=1 run 2 "${aargs[@]}" -s data.augment_per_peer=true -s run.dir="$s2" >"$s2.out" 2>&1
+expect "augment_per_peer: the run exits 0" test $? = 0
+expect "shared augmentation: equal peers stay equal (peer0's eval lines = peer1's)" \
+  test "$(peer_evals "$s1" peer0)" = "$(peer_evals "$s1" peer1)"
+expect "augment_per_peer: the same peers, the same batches, other crops and flips: they part" \
+  test "$(peer_evals "$s2" peer0)" != "$(peer_evals "$s2" peer1)"
+expect "augment_per_peer: peer 0 draws the shared stream (its train lines equal the shared run's)" \
+  test "$(trainlines "$s2" | md5sum)" = "$(trainlines "$s1" | md5sum)"
+if ! sanitizer_skip "augment_per_peer comparisons"; then
+  s3="$tmp/aug-k2" s4="$tmp/aug-resume"
+  KDP_TEST_SAME_INIT=1 run 4 "${aargs[@]}" -s data.augment_per_peer=true -s run.ranks_per_peer=2 \
+    -s run.dir="$s3" >"$s3.out" 2>&1
+  expect "augment_per_peer, ranks_per_peer = 2: the run exits 0" test $? = 0
+  expect " \
+    ...every peer's evaluation within 1e-5 of one rank per peer (a peer's ranks draw alike)" \
+    test "$(jq -n --slurpfile a <(evals "$s2") --slurpfile b <(evals "$s3") \
+    '[$a, $b] | transpose | length == 6 and all(.[0].acc == .[1].acc and
+        ((.[0].loss - .[1].loss) | fabs) < 1e-5)')" = true
+  KDP_TEST_SAME_INIT=1 KDP_FAULT_SIGNAL_AT_STEP=5 run 2 "${aargs[@]}" -s data.augment_per_peer=true \
+    -s run.dir="$s4" >"$s4.out1" 2>&1
+  expect "augment_per_peer: a signal stops the run (exit 75)" test $? = 75
+  KDP_TEST_SAME_INIT=1 run 2 "${aargs[@]}" -s data.augment_per_peer=true -s run.dir="$s4" >"$s4.out2" 2>&1
+  expect "augment_per_peer: the resumed run finishes" test $? = 0
+  expect "augment_per_peer: resumed, the peers' evaluations equal the uninterrupted run's" \
+    test "$(pe "$s4")" = "$(pe "$s2")"
+  expect "augment_per_peer: the final checkpoints are bitwise equal" \
+    test "$(digests "$s4" 16 | md5sum)" = "$(digests "$s2" 16 | md5sum)"
+fi
 
 # --- a split that leaves nothing to train on is refused before anything is written ---
 run 1 -s data.subset=100 -s data.val_size=100 -s run.dir="$tmp/none" >"$tmp/none.out" 2>&1
