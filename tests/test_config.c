@@ -462,6 +462,17 @@ START_TEST(test_validate) {
   c.arch[0] = 0;
   ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
   assert_has(err.msg, "model.arch");
+  /* kdcl general fits its weights on the validation split: refused without one */
+  kdp_config_defaults(&c);
+  set_ok(&c, "kd.method=kdcl");
+  set_ok(&c, "kd.ensemble=general");
+  ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
+  assert_has(err.msg, "data.val_size");
+  set_ok(&c, "data.val_size=500");
+  ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s", err.msg);
+  set_ok(&c, "data.val_size=0");
+  set_ok(&c, "kd.ensemble=minlogit");
+  ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s", err.msg);
 }
 END_TEST
 

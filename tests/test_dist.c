@@ -41,10 +41,13 @@ static void make_batch(kdp_rng *r, size_t P, float *z, float *h, size_t nh, int3
   for (size_t k = 0; k < NB; k++) y[k] = (int32_t)kdp_rng_below(r, NC);
 }
 
+static kdp_kdcl_ensemble g_ensemble; /* kdcl's kd.ensemble for make_cohort */
+
 static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
   kdp_kd_spec sp;
   memset(&sp, 0, sizeof sp);
   sp.method = m;
+  sp.ensemble = g_ensemble;
   sp.P = P;
   sp.C = NC;
   for (size_t j = 0; j < P; j++) sp.dims[j] = dim_of(j);
@@ -56,6 +59,11 @@ static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
   kdp_rng r;
   kdp_rng_seed(&r, 11, KDP_STREAM_MODULE);
   kdp_cohort_module_init(c, &r);
+  if (m == KDP_METHOD_KDCL && g_ensemble == KDP_KDCL_GENERAL) { /* unequal weights, sum 1 */
+    float w[KDP_KD_MAX_PEERS];
+    for (size_t j = 0; j < P; j++) w[j] = (float)(j + 1) / (float)(P * (P + 1) / 2);
+    ck_assert_msg(kdp_kdcl_set_weights(c, w, &err) == 0, "%s", err.msg);
+  }
   return c;
 }
 
@@ -189,6 +197,12 @@ static void check_layout(kdp_dist *L, const char *layout) {
     check_method(L, layout, Bs[b], KDP_METHOD_OKDDIP, 0, 0);
     check_method(L, layout, Bs[b], KDP_METHOD_OKDDIP, 1, 0);
     check_method(L, layout, Bs[b], KDP_METHOD_PCL, 0, 0);
+    /* kdcl: the teacher reduced over the peers by one allreduce (sum, or min for minlogit) */
+    for (int e = KDP_KDCL_NAIVE; e <= KDP_KDCL_GENERAL; e++) {
+      g_ensemble = (kdp_kdcl_ensemble)e;
+      check_method(L, layout, Bs[b], KDP_METHOD_KDCL, 0, 0);
+    }
+    g_ensemble = KDP_KDCL_NAIVE;
   }
 }
 

@@ -13,7 +13,7 @@ run() { # run NP ARGS... (timeout guards against a hang in a collective)
 small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
 
 # --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
-for method in independent dml codistill avg one ffl okddip pcl; do
+for method in independent dml codistill avg one ffl okddip kdcl pcl; do
   d="$tmp/m-$method"
   run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
     -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" -s run.dir="$d" >"$d.out" 2>&1
@@ -29,6 +29,7 @@ for method in independent dml codistill avg one ffl okddip pcl; do
     okddip) expect "okddip: leader eval line" grep -q '"model":"leader"' "$d/metrics.jsonl" ;;
     pcl) expect "pcl: its teacher's eval line and every peer's mean teacher (peerN.ema)" \
       bash -c "grep -q '\"model\":\"pcl\"' '$d/metrics.jsonl' && test \$(grep -c '\"model\":\"peer[012].ema\"' '$d/metrics.jsonl') = 3" ;;
+    kdcl) expect "kdcl: kdcl (teacher) eval line" grep -q '"model":"kdcl"' "$d/metrics.jsonl" ;;
   esac
   [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
 done

@@ -6,7 +6,7 @@
 # a trained mlp and cnn agree on 1,000 test images; launch/kdpm2torch.py loads the model files
 # into PyTorch's reference models with the same predictions; PNG inputs; kdpeers serve MODEL.kdpm;
 # export --ema writes a peer's EMA copy (run.ema_decay) as .kdpm and ONNX, which score what the run
-# reported as peer0.ema; --best refuses until its feature exists.
+# reported as peer0.ema; --best refuses a run without a validation split.
 # Usage: tests/test_student.sh PATH/TO/kdpeers (kdpeers-predict and student_tool beside it, or in
 # KDP_BUILD_ROOT). ONNX Runtime comes from launch/setup-onnxruntime: without it the ONNX Runtime
 # checks skip with the reason, except under CI=true, where they fail.
@@ -244,7 +244,7 @@ if [ "$have_ort" = 1 ]; then
   expect_out "export --ema --format onnx: ONNX Runtime = kdpeers-predict of the EMA copy" \
     $py "$check" compare "$tmp/ema.kdp.jsonl" "$tmp/ema.ort.jsonl" 1e-5
 fi
-expect "export --best refuses (exit 2) until there is a validation split" \
+expect "export --best refuses (exit 2) for a run without a validation split (data.val_size)" \
   bash -c "'$exe' export '$r' --best -o '$tmp/x.kdpm' 2>&1 | grep -q 'validation split'; '$exe' export '$r' --best -o '$tmp/x.kdpm' 2>/dev/null; test \$? = 2"
 expect "export --classes with the wrong count fails" \
   bash -c "'$exe' export '$r' --classes a,b -o '$tmp/x.kdpm' 2>&1 | grep -q '2 class names for 10 classes' && test ! -e '$tmp/x.kdpm'"

@@ -50,6 +50,8 @@ typedef struct kdp_config {
   char test_images[KDP_PATH];
   char test_labels[KDP_PATH];
   int64_t subset;          /* 0 = all */
+  int64_t val_size;        /* the last N training examples (after subset) held out; 0 = none */
+  int augment_per_peer;    /* data.augment draws per peer (KDP_STREAM_AUGMENT + peer) */
   double label_noise;      /* [0, 1] */
   uint64_t noise_seed;
   int augment;             /* random crop (pad data.crop_pad) + horizontal flip */
@@ -86,6 +88,8 @@ typedef struct kdp_config {
   int detach;              /* okddip: detach the attention teacher */
   int fusion_dim;          /* ffl: d_f; 0 = mean of the peers' feature dims */
   double fusion_weight_decay;
+  char ensemble[16];       /* kdcl: naive | minlogit | general */
+  int ensemble_id;         /* kdp_kdcl_ensemble */
   /* [checkpoint] */
   int64_t ckpt_every_steps;   /* 0 = off */
   double ckpt_every_minutes;  /* 0 = off */

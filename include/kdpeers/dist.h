@@ -144,6 +144,13 @@ void kdp_dist_gather_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
    its own it receives, summed in rank order (a reduce-scatter where target rows overlap). */
 void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
                            const size_t *width, int shared, const float *in, float *out);
+/* Reduces rows across the peers: every rank passes its own rows of a B-row batch (n_own x width,
+   in place) and receives on them the element-wise sum (or min) over the peers of the same rows,
+   every peer counted once. One MPI_Allreduce: over the cohort communicator when the layout is
+   uniform (its ranks hold the same rows); else over the world, of the whole B x width with the
+   rows a rank does not hold set to the op's identity (0, +inf). */
+typedef enum kdp_dist_op { KDP_DIST_SUM = 0, KDP_DIST_MIN } kdp_dist_op;
+void kdp_dist_reduce_rows(kdp_dist *d, size_t B, size_t width, kdp_dist_op op, float *rows);
 /* Sum / min of n values over the group's ranks, in place (every rank receives the result). */
 void kdp_dist_group_sum_f64(kdp_dist *d, kdp_group g, double *buf, size_t n);
 void kdp_dist_group_min(kdp_dist *d, kdp_group g, float *buf, size_t n);

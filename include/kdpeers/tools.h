@@ -13,8 +13,8 @@ int kdp_tool_inspect(const char *path);
 typedef enum kdp_export_pick {
   KDP_PICK_PEER, /* --peer N (default 0) */
   KDP_PICK_EMA,  /* --ema: peer N's EMA copy (run.ema_decay; pcl's mean teacher), from a run dir */
-  KDP_PICK_BEST  /* --best: the peer with the best validation accuracy, once a validation split
-                    exists (not yet: exit 2) */
+  KDP_PICK_BEST  /* --best: the peer (or EMA copy) with the best validation accuracy at the run's
+                    last evaluation (data.val_size; a run without a split: exit 2) */
 } kdp_export_pick;
 typedef enum kdp_export_format { KDP_EXPORT_KDPM = 0, KDP_EXPORT_ONNX = 1 } kdp_export_format;
 typedef struct kdp_export_opts {

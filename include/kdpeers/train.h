@@ -111,6 +111,12 @@ typedef struct kdp_eval_sums {
   kdp_diversity div;
   int32_t *labels;
   size_t labels_stride, labels_n;
+  /* when logits is not NULL: every peer j's logits of the block rows into
+     logits[(j * logits_stride + first + row) * C ...], row the batch row, first set by the caller
+     to the batch's first example (kdcl general's validation logits; summed over the world every
+     row is written once) */
+  float *logits;
+  size_t logits_stride, first;
 } kdp_eval_sums;
 int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *z,
                       const float *h, kdp_eval_sums *s, kdp_error *err);
@@ -121,11 +127,15 @@ int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h,
 
 /* Threads of this rank's step (kdp_nn_set_threads): cfg->threads, else the cores this process
    is bound to when that is fewer than the node's, else cores / ranks on this node (at least 1). */
-/* Loads the train and test sets named by data.*, then applies subset, test_subset and label
-   noise. */
+/* Loads the train and test sets named by data.*, then applies subset, test_subset, the
+   validation split (data.val_size: the last examples leave train->n) and label noise (the
+   training part only). */
 struct kdp_dataset;
 int kdp_train_load_data(const kdp_config *cfg, struct kdp_dataset *train,
                         struct kdp_dataset *test, kdp_error *err);
+/* The validation split (data.val_size = n > 0) of a training set loaded by kdp_train_load_data:
+   a view (owns nothing) of the n examples that follow train->n in its buffers. */
+void kdp_train_val_view(const struct kdp_dataset *train, size_t n, struct kdp_dataset *val);
 
 /* Exit statuses batch scripts rely on (see README): */
 #define KDP_EXIT_PREEMPTED 75   /* a signal: checkpointed at a step boundary; requeue and rerun */

@@ -65,6 +65,7 @@ static const char *const format_choices[] = {"idx", "cifar10", "cifar100", "npy"
 static const char *const schedule_choices[] = {"constant", "cosine", "multistep", NULL};
 static const char *const exchange_choices[] = {"logits", "weights", NULL};
 static const char *const divergence_choices[] = {"stop", "rollback", NULL};
+static const char *const ensemble_choices[] = {"naive", "minlogit", "general", NULL};
 
 static int check_milestones(const char *value, char *why, size_t n);
 static int check_listen(const char *value, char *why, size_t n);
@@ -129,6 +130,11 @@ static const key_def keys[] = {
      .help = "test labels (unused for cifar and folder)"},
     {"data", "subset", KT_INT64, AT(subset), ATLEAST(0), .def = "0",
      .help = "train on the first N training examples (0 = all)"},
+    {"data", "val_size", KT_INT64, AT(val_size), ATLEAST(0), .def = "0",
+     .help = "hold out the last N training examples (after data.subset) as a validation split, "
+             "never trained on; every evaluation then reports validation accuracy (0 = none)"},
+    {"data", "augment_per_peer", KT_BOOL, AT(augment_per_peer), .def = "false",
+     .help = "with data.augment: every peer draws its own crops and flips of the same batch"},
     {"data", "label_noise", KT_DOUBLE, AT(label_noise), RANGE(0, 1), .def = "0",
      .help = "fraction of training labels replaced by a random other class"},
     {"data", "noise_seed", KT_UINT64, AT(noise_seed), .def = "1",
@@ -194,6 +200,10 @@ static const key_def keys[] = {
      .help = "ffl: fusion feature dim d_f (0 = mean of the peers' feature dims)"},
     {"kd", "fusion_weight_decay", KT_DOUBLE, AT(fusion_weight_decay), ATLEAST(0), .def = "1e-05",
      .help = "ffl: weight decay of the fusion module"},
+    {"kd", "ensemble", KT_ENUM, AT(ensemble), .choices = ensemble_choices, ENUM_AT(ensemble_id),
+     .def = "naive",
+     .help = "kdcl: the ensemble teacher: naive (mean logits), minlogit (per-class min of "
+             "z - z_y) or general (weights from the validation split; needs data.val_size)"},
     /* [checkpoint] */
     {"checkpoint", "every_steps", KT_INT64, AT(ckpt_every_steps), ATLEAST(0), .def = "0",
      .help = "checkpoint every N steps (0 = off)"},
@@ -1238,6 +1248,11 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
                     "config server.max_body_total = %lld is smaller than server.max_body = %lld: "
                     "no request of the largest size could ever be buffered",
                     (long long)c->server_max_body_total, (long long)c->server_max_body);
+  if (c->method_id == KDP_METHOD_KDCL && c->ensemble_id == KDP_KDCL_GENERAL && c->val_size <= 0)
+    return kdp_fail(err, KDP_EINVAL,
+                    "config kd.ensemble = general: kdcl's general ensemble fits its weights on a "
+                    "validation split, and data.val_size is 0; hold out examples with -s "
+                    "data.val_size=N (e.g. 5000), or use kd.ensemble = naive or minlogit");
   if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
                     c->leader, KDP_MAX_PEERS - 1);

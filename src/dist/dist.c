@@ -3,6 +3,7 @@
 
 #include <mpi.h>
 #include <stdatomic.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -508,6 +509,22 @@ void kdp_dist_group_sum_f64(kdp_dist *d, kdp_group g, double *buf, size_t n) {
 
 void kdp_dist_group_min(kdp_dist *d, kdp_group g, float *buf, size_t n) {
   group_allreduce(d, g, buf, n, MPI_FLOAT, MPI_MIN);
+}
+
+void kdp_dist_reduce_rows(kdp_dist *d, size_t B, size_t width, kdp_dist_op op, float *rows) {
+  const MPI_Op mop = op == KDP_DIST_MIN ? MPI_MIN : MPI_SUM;
+  size_t lo, hi;
+  kdp_dist_rows(d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
+  if (d->uniform) {
+    group_allreduce(d, KDP_GROUP_COHORT, rows, (hi - lo) * width, MPI_FLOAT, mop);
+    return;
+  }
+  float *all = xbuf(d, B * width + 1);
+  const float id = op == KDP_DIST_MIN ? INFINITY : 0.0f;
+  for (size_t k = 0; k < B * width; k++) all[k] = id;
+  if (hi > lo) memcpy(all + lo * width, rows, (hi - lo) * width * sizeof(float));
+  group_allreduce(d, KDP_GROUP_WORLD, all, B * width, MPI_FLOAT, mop);
+  if (hi > lo) memcpy(rows, all + lo * width, (hi - lo) * width * sizeof(float));
 }
 
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {

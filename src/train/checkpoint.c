@@ -83,6 +83,11 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_i64(w, "rollbacks", t->n_rollbacks, err));
     PUT(kdp_ckpt_put_i64(w, "metrics_offset", moff, err));
     if (t->resizes) PUT(kdp_ckpt_put_str(w, "resizes", t->resizes, err));
+    /* the last evaluation's validation accuracies (rank 0): what export --best picks from */
+    if (t->val_table) {
+      PUT(kdp_ckpt_put_str(w, "val.table", t->val_table, err));
+      PUT(kdp_ckpt_put_i64(w, "val.step", t->val_step, err));
+    }
     PUT(kdp_distill_save(t, w, err));
     PUT(kdp_train_ema_save(t, w, err));
     /* churn's previous labels: this rank's block rows of every peer, peer after peer */
@@ -345,6 +350,15 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     const char *h = NULL;
     GET(kdp_ckpt_get_str(ck, "resizes", &h, err));
     if (rc == 0) t->resizes = kdp_xstrdup(h);
+  }
+  /* export --best's table of validation accuracies (rank 0's file) */
+  free(t->val_table);
+  t->val_table = NULL;
+  if (rc == 0 && kdp_ckpt_has(ck, "val.table")) {
+    const char *vt = NULL;
+    GET(kdp_ckpt_get_str(ck, "val.table", &vt, err));
+    GET(kdp_ckpt_get_i64(ck, "val.step", &t->val_step, err));
+    if (rc == 0) t->val_table = kdp_xstrdup(vt);
   }
   if (rc == 0 && e && e->resized) kdp_elastic_record(t, e);
   if (rc == 0)

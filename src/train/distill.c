@@ -54,6 +54,7 @@ int kdp_distill_init(kdp_trainer *t, kdp_error *err) {
   spec.leader = cfg->leader;
   spec.detach = cfg->detach;
   spec.fusion_dim = (size_t)cfg->fusion_dim;
+  spec.ensemble = (kdp_kdcl_ensemble)cfg->ensemble_id;
   /* a step gathers rows of the global batch; an evaluation, of an eval batch */
   size_t max_b = t->Bg > KDP_TRAIN_EVAL_BATCH ? t->Bg : KDP_TRAIN_EVAL_BATCH;
   int rc = kdp_cohort_create(&t->cohort, &spec, max_b, err);
@@ -95,10 +96,10 @@ int kdp_distill_save(kdp_trainer *t, kdp_ckpt_writer *w, kdp_error *err) {
     rc = kdp_ckpt_put_f32(w, "module.params", kdp_cohort_module_params(t->cohort), 1, &n, err);
     if (rc == 0) rc = kdp_ckpt_put_f32(w, "module.momentum", t->mopt.buf, 1, &n, err);
     if (rc == 0) rc = kdp_ckpt_put_i64(w, "module.opt_steps", t->mopt.n_steps, err);
-    if (rc == 0 && nb)
-      rc = kdp_ckpt_put_f32(w, "module.buffers", kdp_cohort_module_buffers(t->cohort), 1, &nb,
-                            err);
   }
+  /* buffers without parameters too (kdcl general's ensemble weights) */
+  if (rc == 0 && nb)
+    rc = kdp_ckpt_put_f32(w, "module.buffers", kdp_cohort_module_buffers(t->cohort), 1, &nb, err);
   if (rc == 0 && t->stale) rc = kdp_stale_save(t->stale, w, err);
   return rc;
 }
@@ -112,9 +113,9 @@ int kdp_distill_load(kdp_trainer *t, const kdp_ckpt *ck, kdp_error *err) {
     if (rc == 0) rc = kdp_ckpt_get_f32(ck, "module.momentum", t->mopt.buf, n, err);
     if (rc == 0) rc = kdp_ckpt_get_i64(ck, "module.opt_steps", &steps, err);
     t->mopt.n_steps = steps;
-    if (rc == 0 && nb)
-      rc = kdp_ckpt_get_f32(ck, "module.buffers", kdp_cohort_module_buffers(t->cohort), nb, err);
   }
+  if (rc == 0 && nb)
+    rc = kdp_ckpt_get_f32(ck, "module.buffers", kdp_cohort_module_buffers(t->cohort), nb, err);
   if (rc == 0 && t->stale) rc = kdp_stale_load(t->stale, ck, err);
   return rc;
 }

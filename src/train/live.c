@@ -524,6 +524,14 @@ static char *render_metrics(kdp_trainer *t) {
               n);
   prom_family(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.", "model", names,
               losses, n);
+  n = kdp_metrics_last_val(names, accs, losses, 80);
+  if (n) {
+    prom_family(f, "kdpeers_val_accuracy_ratio", "gauge",
+                "Validation accuracy (0..1, data.val_size) at the last evaluation, per peer, "
+                "ensemble and teacher.", "model", names, accs, n);
+    prom_family(f, "kdpeers_val_loss", "gauge", "Validation loss at the last evaluation.",
+                "model", names, losses, n);
+  }
   double dkl, ddis, churn[KDP_MAX_PEERS];
   int nch = 0;
   if (kdp_metrics_last_diversity(&dkl, &ddis, churn, &nch)) {
@@ -601,6 +609,21 @@ static void json_kv_str(FILE *f, const char *k, const char *v, int comma) {
   kdp_json_str(f, v);
 }
 
+
+/* ,"KEY":{"MODEL":{"acc":A,"loss":L},...} of /status */
+static void status_models(FILE *f, const char *key, const char **names, const double *accs,
+                          const double *losses, int n) {
+  fprintf(f, ",\"%s\":{", key);
+  for (int i = 0; i < n; i++) {
+    fprintf(f, "%s\"%s\":{\"acc\":", i ? "," : "", names[i]);
+    kdp_json_num(f, accs[i]);
+    fputs(",\"loss\":", f);
+    kdp_json_num(f, losses[i]);
+    fputc('}', f);
+  }
+  fputc('}', f);
+}
+
 static char *render_status(kdp_trainer *t) {
   kdp_live *lv = t->live;
   char *buf = NULL;
@@ -646,18 +669,13 @@ static char *render_status(kdp_trainer *t) {
     kdp_json_num(f, lv->peer_acc[p]);
     fputc('}', f);
   }
-  fputs("],\"eval\":{", f);
+  fputs("]", f);
   const char *names[80];
   double accs[80], losses[80];
   int n = kdp_metrics_last_evals(names, accs, losses, 80);
-  for (int i = 0; i < n; i++) {
-    fprintf(f, "%s\"%s\":{\"acc\":", i ? "," : "", names[i]);
-    kdp_json_num(f, accs[i]);
-    fputs(",\"loss\":", f);
-    kdp_json_num(f, losses[i]);
-    fputc('}', f);
-  }
-  fputc('}', f);
+  status_models(f, "eval", names, accs, losses, n);
+  n = kdp_metrics_last_val(names, accs, losses, 80);
+  if (n) status_models(f, "val", names, accs, losses, n); /* data.val_size */
   double dkl, ddis, churn[KDP_MAX_PEERS];
   int nch = 0;
   if (kdp_metrics_last_diversity(&dkl, &ddis, churn, &nch)) {

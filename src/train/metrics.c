@@ -19,6 +19,7 @@
 static struct {
   char name[32];
   double acc, loss;
+  double val_acc, val_loss; /* data.val_size; NaN without */
 } g_rows[MAX_EVAL_ROWS];
 static int g_nrows;
 
@@ -303,6 +304,24 @@ void kdp_metrics_close(kdp_trainer *t) {
 
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss) {
+  kdp_metrics_eval_val(t, step, epoch, model, acc, loss, NAN, NAN);
+}
+
+/* the model's validation accuracy into t->val_table, which a new evaluation step starts over */
+static void val_record(kdp_trainer *t, int64_t step, const char *model, double acc) {
+  if (!t->val_table || t->val_step != step) {
+    free(t->val_table);
+    t->val_table = kdp_xcalloc(1, 1);
+    t->val_step = step;
+  }
+  size_t n = strlen(t->val_table), add = strlen(model) + 32;
+  t->val_table = kdp_xrealloc(t->val_table, n + add);
+  snprintf(t->val_table + n, add, "%s %.9g\n", model, acc);
+}
+
+void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char *model,
+                          double acc, double loss, double val_acc, double val_loss) {
+  const int has_val = !isnan(val_acc);
   line l;
   if (line_begin(t, &l)) {
     fprintf(l.f, "{\"event\":\"eval\",\"epoch\":%.4g,\"step\":%lld,\"model\":", epoch,
@@ -312,10 +331,20 @@ void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *mo
     kdp_json_num(l.f, acc);
     fputs(",\"loss\":", l.f);
     kdp_json_num(l.f, loss);
+    if (has_val) {
+      fputs(",\"val_acc\":", l.f);
+      kdp_json_num(l.f, val_acc);
+      fputs(",\"val_loss\":", l.f);
+      kdp_json_num(l.f, val_loss);
+    }
     fputs("}\n", l.f);
     line_end(t, &l);
   }
   kdp_live_eval(t, step, model, acc, loss);
+  if (has_val) {
+    kdp_live_series(t, "val_accuracy", model, step, val_acc);
+    val_record(t, step, model, val_acc);
+  }
   int i;
   for (i = 0; i < g_nrows; i++)
     if (strcmp(g_rows[i].name, model) == 0) break;
@@ -324,13 +353,17 @@ void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *mo
     snprintf(g_rows[i].name, sizeof g_rows[i].name, "%s", model);
     g_rows[i].acc = acc;
     g_rows[i].loss = loss;
+    g_rows[i].val_acc = val_acc;
+    g_rows[i].val_loss = val_loss;
   }
   if (t->tty < 0) return;
   if (t->tty) fputs("\r\033[K", stderr);
   char ts[32];
   timestamp(ts, sizeof ts);
-  fprintf(stderr, "%s%seval epoch %.3g step %lld %-9s acc %.2f%% loss %.4f\n", t->tty ? "" : ts,
-          t->tty ? "" : " ", epoch, (long long)step, model, 100.0 * acc, loss);
+  char vs[48] = "";
+  if (has_val) snprintf(vs, sizeof vs, " val acc %.2f%%", 100.0 * val_acc);
+  fprintf(stderr, "%s%seval epoch %.3g step %lld %-9s acc %.2f%% loss %.4f%s\n", t->tty ? "" : ts,
+          t->tty ? "" : " ", epoch, (long long)step, model, 100.0 * acc, loss, vs);
 }
 
 /* the last evaluation's diversity, for /metrics and /status */
@@ -519,6 +552,17 @@ int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int
     accs[i] = g_rows[i].acc;
     losses[i] = g_rows[i].loss;
   }
+  return n;
+}
+
+int kdp_metrics_last_val(const char **names, double *accs, double *losses, int max) {
+  int n = 0;
+  for (int i = 0; i < g_nrows && n < max; i++)
+    if (!isnan(g_rows[i].val_acc)) {
+      names[n] = g_rows[i].name;
+      accs[n] = g_rows[i].val_acc;
+      losses[n++] = g_rows[i].val_loss;
+    }
   return n;
 }
 

@@ -129,6 +129,14 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
     kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, !o->teacher_per_peer,
                           p->tb, p->t_own);
   }
+  if (o->contribute) { /* a teacher reduced over the peers (kdcl): one allreduce of my rows */
+    rc = kdp_cohort_teacher_contribution(p->c, p->me, in->z, in->y + olo, n, p->t_own, err);
+    if (rc) return rc;
+    kdp_dist_reduce_rows(p->d, B, C,
+                         kdp_cohort_teacher_reduce_op(p->c) == KDP_REDUCE_MIN ? KDP_DIST_MIN
+                                                                               : KDP_DIST_SUM,
+                         p->t_own);
+  }
   if (p->tgrad) memset(p->dt_own, 0, n * C * sizeof(float));
   kdp_kd_peer_in pin = {.z = in->z, .z_all = z_all, .teacher = p->t_own, .y = in->y + olo,
                         .n = n, .T = in->T, .weight = in->weight,
@@ -183,6 +191,9 @@ int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *
   if (teach && (p->ops->module_reads & KDP_READS_FEATURES))
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, h, p->hb);
   if (!m) return 0;
+  for (size_t j = 0; s->logits && j < P; j++)
+    memcpy(s->logits + (j * s->logits_stride + s->first + blo) * C, p->zb + j * m * C,
+           m * C * sizeof(float));
   kdp_diversity_add(&s->div, p->zb, m, C);
   if (s->labels) {
     for (size_t j = 0; j < P; j++)

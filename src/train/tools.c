@@ -170,14 +170,93 @@ static void run_class_names(const char *run_dir, char *out, size_t n) {
 
 static const char *const FORMAT_NAMES[] = {"kdpm", "onnx"};
 
-int kdp_tool_export(const kdp_export_opts *o) {
+/* export --best's candidates: the models of the last evaluation's validation table (the run's
+   checkpoint, "MODEL ACC" lines) named "peer<N><suffix>", each exported as `pick` of peer N:
+   the peers, and their EMA copies (peerN.ema) when the run kept them (run.ema_decay, pcl). */
+static const struct {
+  const char *suffix;
+  kdp_export_pick pick;
+} BEST_CANDIDATES[] = {
+    {"", KDP_PICK_PEER},
+    {".ema", KDP_PICK_EMA},
+};
+
+/* The candidate of the validation table with the best accuracy (the first of equals, in the
+   table's order); 0, or 2 (usage: no directory, no split) / 1 (unreadable) with a message. */
+static int pick_best(const char *run_dir, kdp_export_opts *best) {
   kdp_error err;
-  if (o->pick == KDP_PICK_BEST) {
-    fprintf(stderr, "kdpeers export: --best picks the peer with the best validation accuracy, "
-                    "which needs a validation split kdpeers does not have yet; export a peer with "
-                    "--peer N (kdpeers eval RUN_DIR compares them on the test set)\n");
+  if (!is_dir(run_dir)) {
+    fprintf(stderr, "kdpeers export: --best picks from a run directory's validation accuracies; "
+                    "%s is a model file\n", run_dir);
     return 2;
   }
+  int64_t step = 0;
+  int found = kdp_ckpt_find_latest(run_dir, &step, &err);
+  if (found <= 0) {
+    fprintf(stderr, "kdpeers export: %s\n",
+            found < 0 ? err.msg : "the run directory holds no complete checkpoint");
+    return 1;
+  }
+  char fp[4096];
+  kdp_ckpt_peer_path(run_dir, step, 0, fp, sizeof fp);
+  kdp_ckpt *ck = NULL;
+  if (kdp_ckpt_read(fp, KDP_CKPT_DEFAULT_MAX_BYTES, &ck, &err) != 0) {
+    fprintf(stderr, "kdpeers export: %s\n", err.msg);
+    return 1;
+  }
+  const char *table = NULL;
+  int64_t vstep = -1;
+  if (!kdp_ckpt_has(ck, "val.table") || kdp_ckpt_get_str(ck, "val.table", &table, &err) != 0 ||
+      kdp_ckpt_get_i64(ck, "val.step", &vstep, &err) != 0) {
+    kdp_ckpt_free(ck);
+    fprintf(stderr, "kdpeers export: --best needs validation accuracies, and the run %s had no "
+                    "validation split (or no evaluation yet): train with -s data.val_size=N to "
+                    "hold out the last N training examples, or export a peer with --peer N\n",
+                    run_dir);
+    return 2;
+  }
+  double best_acc = -1;
+  char line[96], seen[1024] = "";
+  for (const char *p = table; *p;) {
+    size_t len = strcspn(p, "\n");
+    snprintf(line, sizeof line, "%.*s", (int)(len < sizeof line ? len : sizeof line - 1), p);
+    p += len + (p[len] == '\n');
+    char name[64], rest[64];
+    double acc;
+    int peer, used = 0;
+    if (sscanf(line, "%63s %lf", name, &acc) != 2 || sscanf(name, "peer%d%n", &peer, &used) != 1)
+      continue;
+    for (size_t c = 0; c < sizeof BEST_CANDIDATES / sizeof BEST_CANDIDATES[0]; c++) {
+      snprintf(rest, sizeof rest, "%s", name + used);
+      if (strcmp(rest, BEST_CANDIDATES[c].suffix) != 0) continue;
+      size_t sl = strlen(seen);
+      snprintf(seen + sl, sizeof seen - sl, "%s%s %.2f%%", sl ? ", " : "", name, 100 * acc);
+      if (acc > best_acc) {
+        best_acc = acc;
+        best->pick = BEST_CANDIDATES[c].pick;
+        best->peer = peer;
+      }
+    }
+  }
+  kdp_ckpt_free(ck);
+  if (best_acc < 0) {
+    fprintf(stderr, "kdpeers export: the run's validation table names no peer\n");
+    return 1;
+  }
+  printf("export --best: peer %d%s has the best validation accuracy at step %lld (%s)\n",
+         best->peer, best->pick == KDP_PICK_PEER ? "" : " (EMA)", (long long)vstep, seen);
+  return 0;
+}
+
+static int export_best(const kdp_export_opts *o) {
+  kdp_export_opts best = *o;
+  int rc = pick_best(o->src, &best);
+  return rc != 0 ? rc : kdp_tool_export(&best);
+}
+
+int kdp_tool_export(const kdp_export_opts *o) {
+  kdp_error err;
+  if (o->pick == KDP_PICK_BEST) return export_best(o);
   loaded_model lm;
   int n = load_models(o->src, o->peer, o->pick == KDP_PICK_EMA, &lm, 1, &err);
   if (n < 0) {

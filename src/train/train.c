@@ -61,8 +61,28 @@ int kdp_train_load_data(const kdp_config *cfg, kdp_dataset *train, kdp_dataset *
   test->n_classes = train->n_classes;
   if (cfg->subset > 0) kdp_dataset_subset(train, (size_t)cfg->subset);
   if (cfg->test_subset > 0) kdp_dataset_subset(test, (size_t)cfg->test_subset);
+  /* the validation split: the last data.val_size examples leave the training set (they stay in
+     its buffer, right after train->n: kdp_train_val_view); label noise then touches only the
+     training part, so the validation labels are the dataset's own */
+  if (cfg->val_size > 0 && (size_t)cfg->val_size >= train->n) {
+    int rc2 = kdp_fail(err, KDP_EINVAL,
+                       "data.val_size = %lld leaves no training examples: the training set has "
+                       "%zu (after data.subset)",
+                       (long long)cfg->val_size, train->n);
+    kdp_dataset_free(train);
+    kdp_dataset_free(test);
+    return rc2;
+  }
+  if (cfg->val_size > 0) train->n -= (size_t)cfg->val_size;
   if (cfg->label_noise > 0) kdp_dataset_label_noise(train, cfg->label_noise, cfg->noise_seed);
   return 0;
+}
+
+void kdp_train_val_view(const kdp_dataset *train, size_t n, kdp_dataset *val) {
+  const size_t isz = train->H * train->W * train->C * kdp_dataset_elem(train);
+  *val = (kdp_dataset){.n = n, .H = train->H, .W = train->W, .C = train->C,
+                       .n_classes = train->n_classes, .images = train->images + train->n * isz,
+                       .labels = train->labels + train->n, .owns = 0, .elem = train->elem};
 }
 
 static double peak_rss_mb(void) {
@@ -97,15 +117,17 @@ static int load_data_shared(kdp_trainer *t, kdp_error *err) {
   char *names = meta[12] ? kdp_xcalloc(meta[12], 1) : NULL;
   if (names && d->local_rank == 0) memcpy(names, tr.class_names, meta[12]);
   if (names) kdp_dist_node_bcast(d, names, meta[12]);
-  size_t tr_img = meta[0] * meta[1] * meta[2] * meta[3] * meta[10],
+  /* the training images and labels are followed by the validation split's (data.val_size) */
+  const size_t n_tr = meta[0] + (size_t)t->cfg->val_size;
+  size_t tr_img = n_tr * meta[1] * meta[2] * meta[3] * meta[10],
          te_img = meta[5] * meta[6] * meta[7] * meta[8] * meta[10];
-  size_t total = tr_img + meta[0] + te_img + meta[5];
+  size_t total = tr_img + n_tr + te_img + meta[5];
   uint8_t *base = kdp_dist_node_shared(d, total, &t->data_win);
   if (d->local_rank == 0) {
     memcpy(base, tr.images, tr_img);
-    memcpy(base + tr_img, tr.labels, meta[0]);
-    memcpy(base + tr_img + meta[0], te.images, te_img);
-    memcpy(base + tr_img + meta[0] + te_img, te.labels, meta[5]);
+    memcpy(base + tr_img, tr.labels, n_tr);
+    memcpy(base + tr_img + n_tr, te.images, te_img);
+    memcpy(base + tr_img + n_tr + te_img, te.labels, meta[5]);
     kdp_dataset_free(&tr);
     kdp_dataset_free(&te);
   }
@@ -114,8 +136,8 @@ static int load_data_shared(kdp_trainer *t, kdp_error *err) {
                            .n_classes = meta[4], .images = base, .labels = base + tr_img, .owns = 0,
                            .elem = meta[10], .class_names = names};
   t->test = (kdp_dataset){.n = meta[5], .H = meta[6], .W = meta[7], .C = meta[8],
-                          .n_classes = meta[9], .images = base + tr_img + meta[0],
-                          .labels = base + tr_img + meta[0] + te_img, .owns = 0,
+                          .n_classes = meta[9], .images = base + tr_img + n_tr,
+                          .labels = base + tr_img + n_tr + te_img, .owns = 0,
                           .elem = meta[10]};
   return 0;
 }
@@ -204,6 +226,7 @@ static int setup_data(kdp_trainer *t, const kdp_run_opts *opts, double *t_load, 
     return rc;
   }
   *t_load = kdp_now() - *t_load;
+  if (cfg->val_size > 0) kdp_train_val_view(&t->train, (size_t)cfg->val_size, &t->val);
   /* refuse a run that cannot fit before anything is allocated or written */
   kdp_memory_estimate *mem = kdp_xmalloc(sizeof *mem);
   rc = kdp_train_memory_estimate(cfg, d, &t->train, &t->test, mem, err);
@@ -281,6 +304,9 @@ static int setup_model(kdp_trainer *t, kdp_error *err) {
                (float)cfg->weight_decay, cfg->nesterov);
   kdp_batcher_init(&t->batcher, &t->train, t->Bg, cfg->seed, 1, 0);
   t->batcher.augment = cfg->augment;
+  /* data.augment_per_peer: each peer its own crop and flip stream (peer 0's is the shared one) */
+  if (cfg->augment_per_peer)
+    kdp_rng_seed(&t->batcher.aug_rng, cfg->seed, KDP_STREAM_AUGMENT + 16 * (uint64_t)d->peer);
   t->batcher.crop_pad = (size_t)cfg->crop_pad;
   t->batcher.flip = cfg->flip;
   for (int c = 0; c < 3; c++) {
@@ -484,6 +510,7 @@ static void release(kdp_trainer *t) {
   free(t->ybuf);
   free(t->div_labels);
   free(t->div_cur);
+  free(t->val_table);
   free(t->dlogits);
   free(t->dfeat);
 }

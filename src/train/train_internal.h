@@ -43,6 +43,7 @@ struct kdp_trainer {
   size_t C, Bg, Bl;
   float mean[3], std[3];
   kdp_dataset train, test;
+  kdp_dataset val; /* data.val_size: a view of the held-out tail of train's buffers (n = 0: none) */
   kdp_batcher batcher;
   kdp_model *model;
   kdp_sgd opt;
@@ -106,6 +107,10 @@ struct kdp_trainer {
   int64_t ema_steps; /* updates so far (t of kdp_ema_update) */
   float *ema_save;   /* pcl: the EMA's running statistics around its train-mode forward */
   kdp_rng ema_rng;   /* pcl: the dropout of that forward */
+  /* the last evaluation's validation accuracies (rank 0, data.val_size): "MODEL ACC\n" per model
+     reported with one (kdp_metrics_eval_val), at step val_step; checkpointed for export --best */
+  char *val_table;
+  int64_t val_step;
 };
 
 /* distill.c: the distillation state (kd.method's ops, cohort, module optimizer, pipeline,
@@ -301,6 +306,13 @@ uint64_t kdp_metrics_lost(const kdp_trainer *t);
 void kdp_metrics_close(kdp_trainer *t);
 void kdp_metrics_eval(kdp_trainer *t, int64_t step, double epoch, const char *model, double acc,
                       double loss);
+/* The same with the model's validation accuracy and loss (data.val_size; NaN: none, as
+   kdp_metrics_eval): the eval line gains "val_acc" and "val_loss", /metrics and /status show
+   them, and the model joins t->val_table (export --best's candidates). */
+void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char *model,
+                          double acc, double loss, double val_acc, double val_loss);
+/* the last evaluation's validation figures, by model name (models without any left out) */
+int kdp_metrics_last_val(const char **names, double *accs, double *losses, int max);
 /* {"event":"diversity","epoch":E,"step":S,"kl":K,"disagreement":D[,"churn":[c0,...]]} (churn left
    out when NULL: the first evaluation), the dashboard's "diversity" chart, and the figures
    /metrics and /status show (kdp_metrics_last_diversity: 0 before the first evaluation, else
