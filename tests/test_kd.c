@@ -348,7 +348,7 @@ END_TEST
 typedef struct rcase {
   kdp_cohort *c;
   size_t P, B, C, nh;
-  float *z, *h;
+  float *z, *h, *v, *dv; /* v, dv: mcl's embeddings (P x B x E), unit rows, and their gradients */
   int32_t *y;
   kdp_kd_batch b;
 } rcase;
@@ -387,7 +387,17 @@ static void rcase_make(rcase *rc, kdp_method m, size_t P, size_t B, size_t C, co
   fill_normal(rc->z, P * B * C, zscale, &r);
   fill_normal(rc->h, rc->nh, 1.0f, &r);
   for (size_t b = 0; b < B; b++) rc->y[b] = (int32_t)kdp_rng_below(&r, (uint32_t)C);
-  kdp_kd_batch b = {.z = rc->z, .h = rc->h, .y = rc->y, .B = B, .T = 3.0f, .weight = 0.7f};
+  const size_t E = kdp_cohort_embed_dim(rc->c);
+  rc->v = calloc(P * B * E + 1, sizeof(float));
+  rc->dv = calloc(P * B * E + 1, sizeof(float));
+  fill_normal(rc->v, P * B * E, 1.0f, &r);
+  for (size_t k = 0; E && k < P * B; k++) {
+    double ss = 0;
+    for (size_t e = 0; e < E; e++) ss += (double)rc->v[k * E + e] * rc->v[k * E + e];
+    for (size_t e = 0; e < E; e++) rc->v[k * E + e] /= (float)sqrt(ss);
+  }
+  kdp_kd_batch b = {.z = rc->z, .h = rc->h, .y = rc->y, .B = B, .T = 3.0f, .weight = 0.7f,
+                    .v = E ? rc->v : NULL, .dv = E ? rc->dv : NULL};
   rc->b = b;
 }
 
@@ -395,6 +405,8 @@ static void rcase_free(rcase *rc) {
   kdp_cohort_free(rc->c);
   free(rc->z);
   free(rc->h);
+  free(rc->v);
+  free(rc->dv);
   free(rc->y);
 }
 

@@ -85,6 +85,10 @@ typedef struct kdp_config {
   int detach;              /* okddip: detach the attention teacher */
   int fusion_dim;          /* ffl: d_f; 0 = mean of the peers' feature dims */
   double fusion_weight_decay;
+  double tau;              /* mcl: contrastive temperature */
+  double contrast_weight;  /* mcl: lam_c, weight of the contrastive bracket */
+  int embed_dim;           /* mcl: embedding width E */
+  int embed_hidden;        /* mcl: the embedding heads' hidden width */
   /* [checkpoint] */
   int64_t ckpt_every_steps;   /* 0 = off */
   double ckpt_every_minutes;  /* 0 = off */

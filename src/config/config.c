@@ -190,6 +190,15 @@ static const key_def keys[] = {
      .help = "ffl: fusion feature dim d_f (0 = mean of the peers' feature dims)"},
     {"kd", "fusion_weight_decay", KT_DOUBLE, AT(fusion_weight_decay), ATLEAST(0), .def = "1e-05",
      .help = "ffl: weight decay of the fusion module"},
+    {"kd", "tau", KT_DOUBLE, AT(tau), .lo = 0, .hi = 100, .flags = R_LO | R_LO_EXCL | R_HI,
+     .def = "0.07", .help = "mcl: temperature of the contrastive similarities v_a v_b / tau"},
+    {"kd", "contrast_weight", KT_DOUBLE, AT(contrast_weight), RANGE(0, 1000), .def = "0.1",
+     .help = "mcl: weight lam_c of the contrastive terms (not ramped; the official code's "
+             "weight of its hard terms)"},
+    {"kd", "embed_dim", KT_INT, AT(embed_dim), RANGE(1, 65536), .def = "128",
+     .help = "mcl: width of the peers' embeddings (the heads' output)"},
+    {"kd", "embed_hidden", KT_INT, AT(embed_hidden), RANGE(1, 65536), .def = "128",
+     .help = "mcl: hidden width of the peers' embedding heads"},
     /* [checkpoint] */
     {"checkpoint", "every_steps", KT_INT64, AT(ckpt_every_steps), ATLEAST(0), .def = "0",
      .help = "checkpoint every N steps (0 = off)"},
