@@ -114,6 +114,7 @@ serve_predict() { # serve_predict OUT CMD... (serving $sdir): starts the server,
   for _ in $(seq 1 200); do [ -s "$sdir/server.addr" ] && break; sleep 0.05; done
   addr=$(cat "$sdir/server.addr" 2>/dev/null)
   curl -s -X POST "$addr/predict" --data @"$tmp/pp.json" >"$out"
+  curl -s "$addr/metrics" >"$out.metrics"
   curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
   wait "$spid"
 }
@@ -130,6 +131,10 @@ sdir="$tmp/n-mcl"
 serve_predict "$tmp/pm3.json" mpirun -np 3 --oversubscribe --bind-to none "$exe" serve "$tmp/n-mcl" -s run.progress=plain
 expect "serve of a 2+1 mcl run answers /predict: 2 peers, the ensemble (its teacher) for 3 inputs" \
   test "$(jq -r '[(.peers | length), (.ensemble | length), (.labels.ensemble | length), .teacher] | @csv' "$tmp/pm3.json" 2>/dev/null)" = "2,3,3,"
+expect "/metrics of an mcl run has the contrastive loss per peer beside kd" \
+  test "$(grep -c '^kdpeers_loss_contrast{peer="[01]"}' "$tmp/pm3.json.metrics")" = 2
+expect "/metrics of an ffl run has no contrastive loss" \
+  test "$(grep -c kdpeers_loss_contrast "$tmp/pp3.json.metrics")" = 0
 
 # --- gradient buckets (run.bucket_kb): on k = 2 ranks the bucketed allreduce, started during the
 # backward pass, gives bitwise the weights of one allreduce after it (a + b = b + a): mlp and the
