@@ -53,6 +53,8 @@ static kdp_cohort *make_cohort(kdp_method m, size_t P, int detach) {
   for (size_t j = 0; j < P; j++) sp.dims[j] = dim_of(j);
   sp.leader = -1;
   sp.detach = detach;
+  sp.contrast_weight = 0.5f; /* mcl: the contrastive terms count (kd.contrast_weight) */
+  sp.embed_dim = 16;
   kdp_cohort *c = NULL;
   kdp_error err;
   ck_assert_msg(kdp_cohort_create(&c, &sp, NB, &err) == 0, "cohort: %s", err.msg);
@@ -107,23 +109,33 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   for (size_t k = 0; k < P * B * NC; k++) zeb[k] = 2.0f * kdp_rng_normal(&re);
   /* reference: the total objective's gradients, in one process */
   float *rdz = kdp_falloc(P * B * NC), *rdh = kdp_falloc(nh), *teach = kdp_falloc(B * NC);
+  /* mcl: every peer's embeddings of the batch (unit rows) and the reference's dJ/dv */
+  const size_t E = kdp_cohort_embed_dim(ref);
+  float *vb = kdp_falloc(P * B * E + 1), *rdv = kdp_falloc(P * B * E + 1);
+  for (size_t k = 0; k < P * B; k++) {
+    double ss = 0;
+    for (size_t e = 0; e < E; e++) ss += pow(vb[k * E + e] = kdp_rng_normal(&r), 2);
+    for (size_t e = 0; e < E; e++) vb[k * E + e] /= (float)sqrt(ss);
+  }
   kdp_kd_losses per[KDP_KD_MAX_PEERS];
   double total = 0;
   kdp_error err;
   kdp_kd_batch in = {.z = zb, .h = hb, .y = y, .B = B, .T = 3.0f, .weight = 0.7f,
-                     .burn_in = burn_in, .z_ema = reads_ema ? zeb : NULL};
+                     .burn_in = burn_in, .z_ema = reads_ema ? zeb : NULL,
+                     .v = E ? vb : NULL, .dv = E ? rdv : NULL};
   kdp_cohort_module_zero_grad(ref);
   ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, teach, per, &total, &err) == 0, "%s",
                 err.msg);
   /* distributed: this rank only passes its own rows of its peer's logits and features */
   kdp_pipeline *pl = NULL;
   ck_assert_msg(kdp_pipeline_create(&pl, L, dist, NB, &err) == 0, "%s", err.msg);
-  float *dz = kdp_falloc(NB * NC), *dh = kdp_falloc(NB * dim_of(me));
+  float *dz = kdp_falloc(NB * NC), *dh = kdp_falloc(NB * dim_of(me)), *dv = kdp_falloc(NB * E + 1);
   const float *zo, *ho;
   size_t lo, hi;
   own_rows(L, ref, B, zb, hb, &zo, &ho, &lo, &hi);
   kdp_step_in si = {.B = B, .y = y, .z = zo, .h = ho, .T = 3.0f, .weight = 0.7f,
-                    .burn_in = burn_in, .z_ema = zeb + (me * B + lo) * NC};
+                    .burn_in = burn_in, .z_ema = zeb + (me * B + lo) * NC,
+                    .v = E ? vb + (me * B + lo) * E : NULL, .dv = E ? dv : NULL};
   kdp_kd_losses Lo;
   ck_assert_msg(kdp_pipeline_step(pl, &si, dz, dh, &Lo, &err) == 0, "%s", err.msg);
   kdp_pipeline_module_allreduce(pl);
@@ -147,6 +159,10 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
              detach ? "(detach)" : "", B, me);
     near(what, dh, rdh + kdp_cohort_feature_offset(ref, me, B) + lo * dim_of(me),
          (hi - lo) * dim_of(me), 1e-6, 1e-4);
+  }
+  if (E) { /* every peer's term's gradient through this rank's rows of its peer's embeddings */
+    snprintf(what, sizeof what, "%s %s B=%zu: dJ/dv of peer %zu", layout, name, B, me);
+    near(what, dv, rdv + (me * B + lo) * E, (hi - lo) * E, 1e-6, 1e-4);
   }
   size_t nm = kdp_cohort_module_n_params(ref);
   if (nm) {
@@ -179,7 +195,7 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   kdp_pipeline_free(pl);
   kdp_cohort_free(dist);
   kdp_cohort_free(ref);
-  float *bufs[] = {z, h, zb, hb, rdz, rdh, teach, dz, dh, zeb};
+  float *bufs[] = {z, h, zb, hb, rdz, rdh, teach, dz, dh, zeb, vb, rdv, dv};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
 }
 
@@ -203,6 +219,7 @@ static void check_layout(kdp_dist *L, const char *layout) {
       check_method(L, layout, Bs[b], KDP_METHOD_KDCL, 0, 0);
     }
     g_ensemble = KDP_KDCL_NAIVE;
+    check_method(L, layout, Bs[b], KDP_METHOD_MCL, 0, 0);
   }
 }
 

@@ -349,6 +349,7 @@ typedef struct rcase {
   kdp_cohort *c;
   size_t P, B, C, nh;
   float *z, *h, *ze; /* ze: pcl's mean teachers' logits (P x B x C) */
+  float *v, *dv;     /* v, dv: mcl's embeddings (P x B x E), unit rows, and their gradients */
   int32_t *y;
   kdp_kd_batch b;
 } rcase;
@@ -390,8 +391,18 @@ static void rcase_make(rcase *rc, kdp_method m, size_t P, size_t B, size_t C, co
   rc->ze = calloc(P * B * C, sizeof(float));
   const int reads_ema = (kdp_method_ops_of(m)->peer_reads & KDP_READS_EMA_LOGITS) != 0;
   if (reads_ema) fill_normal(rc->ze, P * B * C, zscale, &r);
+  const size_t E = kdp_cohort_embed_dim(rc->c);
+  rc->v = calloc(P * B * E + 1, sizeof(float));
+  rc->dv = calloc(P * B * E + 1, sizeof(float));
+  fill_normal(rc->v, P * B * E, 1.0f, &r);
+  for (size_t k = 0; E && k < P * B; k++) {
+    double ss = 0;
+    for (size_t e = 0; e < E; e++) ss += (double)rc->v[k * E + e] * rc->v[k * E + e];
+    for (size_t e = 0; e < E; e++) rc->v[k * E + e] /= (float)sqrt(ss);
+  }
   kdp_kd_batch b = {.z = rc->z, .h = rc->h, .y = rc->y, .B = B, .T = 3.0f, .weight = 0.7f,
-                    .z_ema = reads_ema ? rc->ze : NULL};
+                    .z_ema = reads_ema ? rc->ze : NULL,
+                    .v = E ? rc->v : NULL, .dv = E ? rc->dv : NULL};
   rc->b = b;
 }
 
@@ -400,6 +411,8 @@ static void rcase_free(rcase *rc) {
   free(rc->z);
   free(rc->h);
   free(rc->ze);
+  free(rc->v);
+  free(rc->dv);
   free(rc->y);
 }
 

@@ -13,7 +13,7 @@ run() { # run NP ARGS... (timeout guards against a hang in a collective)
 small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
 
 # --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
-for method in independent dml codistill avg one ffl okddip kdcl pcl; do
+for method in independent dml codistill avg one ffl okddip kdcl pcl mcl; do
   d="$tmp/m-$method"
   run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
     -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" -s run.dir="$d" >"$d.out" 2>&1
@@ -30,6 +30,10 @@ for method in independent dml codistill avg one ffl okddip kdcl pcl; do
     pcl) expect "pcl: its teacher's eval line and every peer's mean teacher (peerN.ema)" \
       bash -c "grep -q '\"model\":\"pcl\"' '$d/metrics.jsonl' && test \$(grep -c '\"model\":\"peer[012].ema\"' '$d/metrics.jsonl') = 3" ;;
     kdcl) expect "kdcl: kdcl (teacher) eval line" grep -q '"model":"kdcl"' "$d/metrics.jsonl" ;;
+    mcl) expect "mcl: train lines carry the contrastive loss next to kd" \
+      grep -q '"kd":[-0-9.e]*,"contrast":[0-9.e]' "$d/metrics.jsonl"
+      expect "mcl: the start line counts the embedding head in the peer's parameters" \
+        grep -q '"params":'"$(( $(grep -o '"params":[0-9]*' "$tmp/m-dml/metrics.jsonl" | cut -d: -f2) + 32 * 128 + 128 + 128 * 128 + 128 ))"',' "$d/metrics.jsonl" ;;
   esac
   [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
 done
@@ -69,7 +73,7 @@ relmax() { # relmax A B: max relative difference of the numeric columns of two a
         d = abs($i - $(i + h)) / (1e-6 + abs($i)); if (d > m) m = d } else if ($i != $(i + h)) m = 1e9 }
     END { printf "%g", m + 0 }'
 }
-for method in dml ffl pcl; do
+for method in dml ffl pcl mcl; do
   u="$tmp/h1"
   if [ "$method" != dml ]; then
     u="$tmp/u-$method"
@@ -105,17 +109,19 @@ expect "ffl 2+1: peer 0's two ranks hold the same parameters" \
 # kdpeers serve on the 2+1 run: alone and under mpirun -np 3 (slice-0 ranks answer), same peers
 awk 'BEGIN { srand(1); printf "{\"inputs\":["; for (i = 0; i < 3; i++) { printf "%s[", (i ? "," : "");
   for (j = 0; j < 784; j++) printf "%s%d", (j ? "," : ""), int(rand() * 256); printf "]" } printf "]}" }' >"$tmp/pp.json"
-serve_predict() { # serve_predict OUT CMD...: starts the server, asks one /predict, stops it
+serve_predict() { # serve_predict OUT CMD... (serving $sdir): starts the server, asks one /predict, stops it
   local out=$1; shift
-  rm -f "$tmp/n-ffl/server.addr"
+  rm -f "$sdir/server.addr"
   timeout 120 "$@" >"$out.log" 2>&1 &
   local spid=$! addr=""
-  for _ in $(seq 1 200); do [ -s "$tmp/n-ffl/server.addr" ] && break; sleep 0.05; done
-  addr=$(cat "$tmp/n-ffl/server.addr" 2>/dev/null)
+  for _ in $(seq 1 200); do [ -s "$sdir/server.addr" ] && break; sleep 0.05; done
+  addr=$(cat "$sdir/server.addr" 2>/dev/null)
   curl -s -X POST "$addr/predict" --data @"$tmp/pp.json" >"$out"
+  curl -s "$addr/metrics" >"$out.metrics"
   curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
   wait "$spid"
 }
+sdir="$tmp/n-ffl"
 serve_predict "$tmp/pp1.json" "$exe" serve "$tmp/n-ffl"
 serve_predict "$tmp/pp3.json" mpirun -np 3 --oversubscribe --bind-to none "$exe" serve "$tmp/n-ffl" -s run.progress=plain
 expect "serve (mpirun -np 3) of a 2+1 run answers with the fused teacher" \
@@ -123,6 +129,15 @@ expect "serve (mpirun -np 3) of a 2+1 run answers with the fused teacher" \
 expect "serve of a 2+1 run: the same peers alone and under mpirun -np 3" \
   test -n "$(jq -c .peers "$tmp/pp1.json" 2>/dev/null)" -a \
   "$(jq -c .peers "$tmp/pp1.json" 2>/dev/null)" = "$(jq -c .peers "$tmp/pp3.json" 2>/dev/null)"
+# an mcl run (its teacher is the probability-mean ensemble; the embedding heads play no part)
+sdir="$tmp/n-mcl"
+serve_predict "$tmp/pm3.json" mpirun -np 3 --oversubscribe --bind-to none "$exe" serve "$tmp/n-mcl" -s run.progress=plain
+expect "serve of a 2+1 mcl run answers /predict: 2 peers, the ensemble (its teacher) for 3 inputs" \
+  test "$(jq -r '[(.peers | length), (.ensemble | length), (.labels.ensemble | length), .teacher] | @csv' "$tmp/pm3.json" 2>/dev/null)" = "2,3,3,"
+expect "/metrics of an mcl run has the contrastive loss per peer beside kd" \
+  test "$(grep -c '^kdpeers_loss_contrast{peer="[01]"}' "$tmp/pm3.json.metrics")" = 2
+expect "/metrics of an ffl run has no contrastive loss" \
+  test "$(grep -c kdpeers_loss_contrast "$tmp/pp3.json.metrics")" = 0
 
 # --- gradient buckets (run.bucket_kb): on k = 2 ranks the bucketed allreduce, started during the
 # backward pass, gives bitwise the weights of one allreduce after it (a + b = b + a): mlp and the

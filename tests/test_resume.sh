@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checkpoints, exact resume and faults, under mpirun: an interrupted and resumed run finishes
-# bitwise identical to an uninterrupted one (dml and one); mismatches are refused; a crash in a
-# checkpoint write leaves the previous one; losing a rank ends the job; divergence is reported;
-# bad input gets clear messages.   Usage: tests/test_resume.sh PATH/TO/kdpeers
+# bitwise identical to an uninterrupted one (dml, one, mcl with its embedding heads); mismatches
+# are refused; a crash in a checkpoint write leaves the previous one; losing a rank ends the job;
+# divergence is reported; bad input gets clear messages.   Usage: tests/test_resume.sh PATH/TO/kdpeers
 set -uo pipefail
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -18,7 +18,7 @@ evals() { grep -E '"event":"(eval|train)"' "$1/metrics.jsonl" | sed 's/,"samples
 base=(-s data.subset=1536 -s data.test_subset=1000 -s run.epochs=2 -s "model.arch=mlp(64,32)"
   -s optim.batch_size=64 -s run.log_every=5 -s checkpoint.every_steps=10 -s checkpoint.keep=2)
 
-for method in dml one; do
+for method in dml one mcl; do
   a="$tmp/$method-a" b="$tmp/$method-b"
   run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$a" >"$a.out" 2>&1
   expect "$method: uninterrupted run exits 0" test $? = 0

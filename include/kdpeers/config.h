@@ -90,6 +90,10 @@ typedef struct kdp_config {
   double fusion_weight_decay;
   char ensemble[16];       /* kdcl: naive | minlogit | general */
   int ensemble_id;         /* kdp_kdcl_ensemble */
+  double tau;              /* mcl: contrastive temperature */
+  double contrast_weight;  /* mcl: lam_c, weight of the contrastive bracket */
+  int embed_dim;           /* mcl: embedding width E */
+  int embed_hidden;        /* mcl: the embedding heads' hidden width */
   /* [checkpoint] */
   int64_t ckpt_every_steps;   /* 0 = off */
   double ckpt_every_minutes;  /* 0 = off */

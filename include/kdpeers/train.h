@@ -86,12 +86,19 @@ typedef struct kdp_step_in {
   int burn_in;         /* codistill: step < kd.burn_in_steps */
   const float *z_ema;  /* pcl (KDP_READS_EMA_LOGITS): own rows (n x C) of the peer's mean
                           teacher's logits; gathered like z */
+  const float *v;      /* mcl: own rows (n x E) of the peer's embeddings; else NULL */
+  float *dv;           /* mcl, OUTPUT: += own rows (n x E) of dJ/dv, every peer's term summed */
 } kdp_step_in;
 
 /* The distillation part of a step (collective over the world): ADDS this rank's rows of dJ/dz
    into dz (n x C) and, when the method has feature gradients, of dJ/dh into dh; leaves this
    rank's share of the module's gradient in the cohort (kdp_pipeline_module_allreduce sums it).
-   out: the peer's losses on its own rows (means over them). Losses are means over the B rows. */
+   out: the peer's losses on its own rows (means over them). Losses are means over the B rows.
+   Methods that read embeddings (mcl) run the peer term on the whole batch instead: every rank
+   gathers every peer's logits and embeddings of all B rows, computes its peer's term (out: its
+   losses over the batch, n_correct over its own rows), keeps its rows of dz, and the slice-0 rank
+   of each peer sends its term's dL/dv of every peer back to the rows' owners (one reduce-scatter,
+   kdp_dist_scatter_rows), which add them into in->dv. */
 int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
                       struct kdp_kd_losses *out, kdp_error *err);
 /* Sums the replicated module's gradient over every rank (the replicas then step alike). */

@@ -204,6 +204,15 @@ static const key_def keys[] = {
      .def = "naive",
      .help = "kdcl: the ensemble teacher: naive (mean logits), minlogit (per-class min of "
              "z - z_y) or general (weights from the validation split; needs data.val_size)"},
+    {"kd", "tau", KT_DOUBLE, AT(tau), .lo = 0, .hi = 100, .flags = R_LO | R_LO_EXCL | R_HI,
+     .def = "0.07", .help = "mcl: temperature of the contrastive similarities v_a v_b / tau"},
+    {"kd", "contrast_weight", KT_DOUBLE, AT(contrast_weight), RANGE(0, 1000), .def = "0.1",
+     .help = "mcl: weight lam_c of the contrastive terms (not ramped; the official code's "
+             "weight of its hard terms)"},
+    {"kd", "embed_dim", KT_INT, AT(embed_dim), RANGE(1, 65536), .def = "128",
+     .help = "mcl: width of the peers' embeddings (the heads' output)"},
+    {"kd", "embed_hidden", KT_INT, AT(embed_hidden), RANGE(1, 65536), .def = "128",
+     .help = "mcl: hidden width of the peers' embedding heads"},
     /* [checkpoint] */
     {"checkpoint", "every_steps", KT_INT64, AT(ckpt_every_steps), ATLEAST(0), .def = "0",
      .help = "checkpoint every N steps (0 = off)"},

@@ -363,6 +363,8 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   if (rc == 0 && e && e->resized) kdp_elastic_record(t, e);
   if (rc == 0)
     rc = e && e->resized ? kdp_elastic_load_module(t, e, ck, err) : kdp_distill_load(t, ck, err);
+  /* mcl's embedding head travels with its peer (kept or cloned); a new peer keeps a fresh one */
+  if (rc == 0 && e && e->resized && own) rc = kdp_embed_load(t, ck, err);
   /* churn's previous labels belong to the old cohort after a resize: churn starts over */
   if (!(e && e->resized)) GET(restore_diversity(t, ck, err));
 #undef GET

@@ -55,6 +55,10 @@ int kdp_distill_init(kdp_trainer *t, kdp_error *err) {
   spec.detach = cfg->detach;
   spec.fusion_dim = (size_t)cfg->fusion_dim;
   spec.ensemble = (kdp_kdcl_ensemble)cfg->ensemble_id;
+  spec.tau = (float)cfg->tau;
+  spec.contrast_weight = (float)cfg->contrast_weight;
+  spec.embed_dim = (size_t)cfg->embed_dim;
+  spec.embed_hidden = (size_t)cfg->embed_hidden;
   /* a step gathers rows of the global batch; an evaluation, of an eval batch */
   size_t max_b = t->Bg > KDP_TRAIN_EVAL_BATCH ? t->Bg : KDP_TRAIN_EVAL_BATCH;
   int rc = kdp_cohort_create(&t->cohort, &spec, max_b, err);
@@ -69,6 +73,7 @@ int kdp_distill_init(kdp_trainer *t, kdp_error *err) {
                                                          : cfg->weight_decay;
     kdp_sgd_init(&t->mopt, nm, (float)cfg->momentum, (float)wd, cfg->nesterov);
   }
+  if ((rc = kdp_embed_create(t, err)) != 0) return rc;
   if (t->ops->stale_ok && cfg->exchange_id == KDP_EXCHANGE_WEIGHTS &&
       (rc = kdp_stale_create(&t->stale, t, err)) != 0)
     return rc;
@@ -82,6 +87,7 @@ int kdp_distill_init(kdp_trainer *t, kdp_error *err) {
 void kdp_distill_free(kdp_trainer *t) {
   if (t->cohort && kdp_cohort_module_n_params(t->cohort)) kdp_sgd_free(&t->mopt);
   kdp_stale_free(t->stale);
+  kdp_embed_free(t);
   kdp_pipeline_free(t->pipe);
   kdp_cohort_free(t->cohort);
   t->stale = NULL;
@@ -101,6 +107,7 @@ int kdp_distill_save(kdp_trainer *t, kdp_ckpt_writer *w, kdp_error *err) {
   if (rc == 0 && nb)
     rc = kdp_ckpt_put_f32(w, "module.buffers", kdp_cohort_module_buffers(t->cohort), 1, &nb, err);
   if (rc == 0 && t->stale) rc = kdp_stale_save(t->stale, w, err);
+  if (rc == 0) rc = kdp_embed_save(t, w, err);
   return rc;
 }
 
@@ -117,5 +124,6 @@ int kdp_distill_load(kdp_trainer *t, const kdp_ckpt *ck, kdp_error *err) {
   if (rc == 0 && nb)
     rc = kdp_ckpt_get_f32(ck, "module.buffers", kdp_cohort_module_buffers(t->cohort), nb, err);
   if (rc == 0 && t->stale) rc = kdp_stale_load(t->stale, ck, err);
+  if (rc == 0) rc = kdp_embed_load(t, ck, err);
   return rc;
 }

@@ -33,6 +33,7 @@ struct kdp_live {
   double hist_sum;
   uint64_t hist_count;
   double peer_ce[KDP_MAX_PEERS], peer_kd[KDP_MAX_PEERS], peer_acc[KDP_MAX_PEERS];
+  double peer_contrast[KDP_MAX_PEERS]; /* mcl */
   double last_publish;
   int64_t last_ckpt_step;
   double last_ckpt_unix; /* Unix time of the last checkpoint (0: none) */
@@ -335,6 +336,17 @@ void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, co
   }
 }
 
+void kdp_live_peer_contrast(kdp_trainer *t, const double *contrast) {
+  kdp_live *lv = t->live;
+  if (!lv) return;
+  for (int p = 0; p < t->P && p < KDP_MAX_PEERS; p++) {
+    lv->peer_contrast[p] = contrast[p];
+    char name[32];
+    snprintf(name, sizeof name, "peer%d.contrast", p);
+    if (lv->srv) kdp_server_history_add(lv->srv, "kd_loss", name, (double)t->step, contrast[p]);
+  }
+}
+
 void kdp_live_series(kdp_trainer *t, const char *chart, const char *name, int64_t step,
                      double value) {
   kdp_live *lv = t->live;
@@ -507,6 +519,10 @@ static char *render_metrics(kdp_trainer *t) {
   prom_family(f, "kdpeers_loss_kd", "gauge",
               "Weighted distillation loss of each peer, last log window.", "peer", NULL,
               lv->peer_kd, P);
+  if (t->embed)
+    prom_family(f, "kdpeers_loss_contrast", "gauge",
+                "mcl: weighted contrastive loss of each peer (kd.contrast_weight x the "
+                "contrastive terms), last log window.", "peer", NULL, lv->peer_contrast, P);
   prom_family(f, "kdpeers_train_accuracy_ratio", "gauge",
               "Training accuracy of each peer (0..1), last log window.", "peer", NULL,
               lv->peer_acc, P);
@@ -665,6 +681,10 @@ static char *render_status(kdp_trainer *t) {
     kdp_json_num(f, lv->peer_ce[p]);
     fputs(",\"kd\":", f);
     kdp_json_num(f, lv->peer_kd[p]);
+    if (t->embed) {
+      fputs(",\"contrast\":", f);
+      kdp_json_num(f, lv->peer_contrast[p]);
+    }
     fputs(",\"train_acc\":", f);
     kdp_json_num(f, lv->peer_acc[p]);
     fputc('}', f);

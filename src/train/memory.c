@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "kdpeers/data.h"
+#include "kdpeers/kd.h"
 #include "kdpeers/nn.h"
 #include "kdpeers/train.h"
 #include "train_internal.h"
@@ -63,6 +64,17 @@ int kdp_train_memory_estimate(const kdp_config *cfg, const kdp_dist *d,
     if (kdp_ema_decay_of(cfg, d->n_peers) > 0) {
       pm->model += mm.params_bytes;
       if (d->n_peers > 1 && cfg->method_id == KDP_METHOD_PCL) pm->activations *= 2.0;
+    }
+    if (cfg->method_id == KDP_METHOD_MCL && d->n_peers > 1) {
+      /* mcl: the peer's embedding head (parameters, gradient, momentum), its activations, and
+         the whole batch's embeddings and similarity matrices of the contrastive term */
+      double H = (double)cfg->embed_hidden, E = (double)cfg->embed_dim, b = (double)Bg;
+      double hp = H * (double)mm.feature_dim + H + E * H + E;
+      pm->params += hp * 4.0;
+      pm->model += 2.0 * hp * 4.0;
+      pm->optimizer += hp * 4.0;
+      pm->buffers += 4.0 * (b * (3.0 * H + 3.0 * E + 1.0) +
+                            2.0 * (double)d->n_peers * b * E + 6.0 * b * b + b * (double)C);
     }
     pm->per_rank = pm->model + pm->optimizer + pm->activations + pm->buffers;
     pm->ranks = k;

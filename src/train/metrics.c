@@ -237,7 +237,7 @@ int kdp_metrics_open(kdp_trainer *t, int64_t truncate_at, kdp_error *err) {
   fprintf(l.f,
           ",\"params\":%zu,\"steps\":%lld,\"steps_per_epoch\":%lld,\"seed\":%llu,"
           "\"resumed_at\":%lld}\n",
-          kdp_model_n_params(t->model), (long long)t->total_steps,
+          kdp_model_n_params(t->model) + kdp_embed_n_params(t), (long long)t->total_steps,
           (long long)t->steps_per_epoch, (unsigned long long)t->cfg->seed, (long long)t->step);
   line_end(t, &l);
   return 0;
@@ -420,7 +420,8 @@ void kdp_progress_start(kdp_trainer *t, double load_seconds) {
           "(%lld/epoch), batch %zu, data loaded in %.2fs\n",
           ts, KDP_VERSION, t->P, t->P == 1 ? "" : "s", t->d->ranks_per_peer,
           t->d->ranks_per_peer == 1 ? "" : "s", t->P > 1 ? t->cfg->method : "independent",
-          t->cfg->arch, kdp_model_n_params(t->model), (long long)t->total_steps,
+          t->cfg->arch, kdp_model_n_params(t->model) + kdp_embed_n_params(t),
+          (long long)t->total_steps,
           (long long)t->steps_per_epoch, t->Bg, load_seconds);
   if (!t->d->uniform) {
     char ks[256] = "";
@@ -486,6 +487,10 @@ void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss
     kdp_json_num(l.f, loss);
     fputs(",\"kd\":", l.f);
     kdp_json_num(l.f, kd);
+    if (t->embed) {
+      fputs(",\"contrast\":", l.f);
+      kdp_json_num(l.f, t->log_contrast);
+    }
     fputs(",\"acc\":", l.f);
     kdp_json_num(l.f, acc);
     fprintf(l.f, ",\"lr\":%.6g,\"samples_per_second\":%.1f}\n", lr, sps);

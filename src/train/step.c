@@ -27,6 +27,8 @@ struct kdp_pipeline {
   float *dzb, *dhb;                    /* the module's gradients of every peer's block rows */
   float *ens;                          /* maxB x C: evaluation scratch */
   float *ze_all;                       /* P x maxB x C: every peer's mean teacher (pcl) */
+  size_t E, we[KDP_KD_MAX_PEERS];      /* mcl: embedding width, row widths (E) */
+  float *vw, *dvw, *dzw;               /* mcl: P x maxB x E embeddings, their gradients; maxB x C */
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
 };
 
@@ -71,6 +73,13 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
   p->ens = kdp_falloc(max_batch * s->C);
   p->ze_all = kdp_falloc(p->ops->peer_reads & KDP_READS_EMA_LOGITS ? nz : 1);
   p->red = (kdp_kd_reduce){.sum = sum_world, .ctx = d};
+  p->E = kdp_cohort_embed_dim(c);
+  for (size_t j = 0; j < p->P; j++) p->we[j] = p->E;
+  if (p->E) {
+    p->vw = kdp_falloc(p->P * max_batch * p->E);
+    p->dvw = kdp_falloc(p->P * max_batch * p->E);
+    p->dzw = kdp_falloc(max_batch * s->C);
+  }
   *out = p;
   return 0;
 }
@@ -78,7 +87,7 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
 void kdp_pipeline_free(kdp_pipeline *p) {
   if (!p) return;
   float *bufs[] = {p->z_all, p->zb, p->hb, p->tb, p->dtb, p->dzb, p->dhb, p->t_own, p->dt_own,
-                   p->ens, p->ze_all};
+                   p->ens, p->ze_all, p->vw, p->dvw, p->dzw};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
   free(p);
 }
@@ -95,6 +104,34 @@ static int rows(kdp_pipeline *p, kdp_rows which, size_t B, size_t *lo, size_t *h
   return 0;
 }
 
+/* A peer term over the whole batch (mcl: the contrastive softmax couples every row): every rank
+   gathers all B rows of every peer's logits and embeddings and computes its peer's term; its rows
+   of dz are its own; dL_i/dv_j of every peer j go back to the rows' owners, summed over the
+   terms. A peer on k ranks computes its term k times (the same numbers) but only its slice-0
+   rank sends dL_i/dv: so dJ/dv sums exactly one term per peer, in peer order, whatever the
+   layout. */
+static int whole_batch_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, size_t olo,
+                            size_t ohi, kdp_kd_losses *out, kdp_error *err) {
+  const size_t B = in->B, C = p->C, E = p->E, n = ohi - olo;
+  if (!in->v || !in->dv)
+    return kdp_fail(err, KDP_EINVAL, "method %s: the step needs the embeddings (v, dv)",
+                    p->ops->name);
+  kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_ALL, B, p->wz, in->z, p->z_all);
+  kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_ALL, B, p->we, in->v, p->vw);
+  memset(p->dvw, 0, p->P * B * E * sizeof(float));
+  memset(p->dzw, 0, B * C * sizeof(float));
+  kdp_kd_peer_in pin = {.z = p->z_all + p->me * B * C, .z_all = p->z_all, .y = in->y, .n = B,
+                        .T = in->T, .weight = in->weight, .scale = 1.0f, .burn_in = in->burn_in,
+                        .v_all = p->vw, .dv_all = p->dvw};
+  int rc = kdp_cohort_peer_loss(p->c, p->me, &pin, p->dzw, NULL, out, err);
+  if (rc) return rc;
+  for (size_t k = 0; k < n * C; k++) dz[k] += p->dzw[olo * C + k];
+  out->n_correct = n ? kdp_count_hits(in->z, in->y + olo, n, C) : 0;
+  if (p->d->slice != 0) memset(p->dvw, 0, p->P * B * E * sizeof(float));
+  kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_ALL, B, p->we, 0, p->dvw, in->dv);
+  return 0;
+}
+
 int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
                       kdp_kd_losses *out, kdp_error *err) {
   const kdp_method_ops *o = p->ops;
@@ -103,6 +140,7 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   int rc = rows(p, KDP_ROWS_OWN, B, &olo, &ohi, err);
   if (rc) return rc;
   if (o->module_reads) kdp_dist_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, &blo, &bhi);
+  if (p->E) return whole_batch_step(p, in, dz, olo, ohi, out, err);
   const size_t n = ohi - olo, m = bhi - blo;
   if (o->module_reads) kdp_cohort_module_zero_grad(p->c);
 
@@ -239,8 +277,14 @@ void kdp_train_allreduce(kdp_trainer *t) {
   /* the peer's gradient arena, summed over its ranks (data parallelism within a peer): the
      buckets the backward pass started, the rest now, then waits for all */
   kdp_buckets_finish(t->buckets);
+  kdp_embed_allreduce(t); /* mcl's head is the peer's too */
   /* the replicated module's, summed over every rank's row blocks */
   kdp_pipeline_module_allreduce(t->pipe);
+}
+
+/* dJ/dh reaches the features: a module's input (ffl, okddip) or mcl's embedding heads */
+static int feature_grads(const kdp_trainer *t) {
+  return kdp_cohort_feature_grads(t->cohort) || t->embed;
 }
 
 /* the distillation part of the step on this rank's n own rows x (logits z) of a B-row batch */
@@ -248,7 +292,7 @@ static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const f
                     const float *z, const float *z_ema, size_t n, kdp_step_result *r) {
   const kdp_config *cfg = t->cfg;
   memset(t->dlogits, 0, n * t->C * sizeof(float));
-  if (kdp_cohort_feature_grads(t->cohort))
+  if (feature_grads(t))
     memset(t->dfeat, 0, n * kdp_model_feature_dim(t->model) * sizeof(float));
   kdp_step_in in = {
       .B = B,
@@ -261,12 +305,15 @@ static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const f
       .z_ema = z_ema,
   };
   if (t->stale) in.z_all = kdp_stale_logits(t->stale, t, step, x, z, n);
+  if (t->embed) kdp_embed_forward(t, n, &in.v, &in.dv);
   kdp_kd_losses kl;
   kdp_error err;
   if (kdp_pipeline_step(t->pipe, &in, t->dlogits, t->dfeat, &kl, &err) != 0)
     kdp_die("the distillation step failed on rank %d: %s", t->d->world_rank, err.msg);
+  if (t->embed) kdp_embed_backward(t, n, t->dfeat);
   r->loss.ce = kl.ce;
-  r->loss.kd = kl.loss - kl.ce;
+  r->loss.contrast = kdp_cohort_spec(t->cohort)->contrast_weight * kl.contrast;
+  r->loss.kd = kl.loss - kl.ce - r->loss.contrast;
   r->loss.correct = kl.n_correct;
   if (!isfinite(r->loss.ce))
     kdp_loop_diverged(L, t->d->peer, step, "cross-entropy loss", r->loss.ce);
@@ -321,7 +368,7 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   tc0 = kdp_now();
   if (n)
     kdp_model_backward(t->model, t->dlogits,
-                       kdp_cohort_feature_grads(t->cohort) ? t->dfeat : NULL);
+                       feature_grads(t) ? t->dfeat : NULL);
   L->t_compute += kdp_now() - tc0;
   kdp_trace_mark(t, "backward", tc0, kdp_now());
   double ta0 = kdp_now();
@@ -333,6 +380,7 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   if (kdp_cohort_module_n_params(t->cohort))
     kdp_sgd_step(&t->mopt, kdp_cohort_module_params(t->cohort),
                  kdp_cohort_module_grads(t->cohort), (float)r->lr);
+  kdp_embed_sgd(t, (float)r->lr);
   kdp_train_ema_update(t); /* run.ema_decay: the temporal mean follows every step */
   L->t_compute += kdp_now() - tc0;
   kdp_trace_mark(t, "optimizer", tc0, kdp_now());

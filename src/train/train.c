@@ -398,6 +398,7 @@ static void log_step(kdp_trainer *t, int64_t step, const kdp_step_result *r) {
   const int k = d->ranks_per_peer;
   t->run_loss += r->loss.ce;
   t->run_kd += r->loss.kd;
+  t->run_contrast += r->loss.contrast;
   t->run_correct += r->loss.correct;
   t->run_n += r->rows;
   t->log_window++;
@@ -420,6 +421,17 @@ static void log_step(kdp_trainer *t, int64_t step, const kdp_step_result *r) {
   }
   kdp_live_peer_losses(t, ce, kdv, ac);
   free(pl);
+  if (t->embed) { /* mcl's contrastive term, beside kd */
+    double con[KDP_MAX_PEERS] = {0}, mine = t->run_contrast;
+    kdp_dist_peer_allreduce_f64(d, &mine, 1);
+    t->log_contrast = mine / (double)w / (double)k;
+    if (t->P <= KDP_MAX_PEERS) {
+      con[d->peer] = t->log_contrast;
+      kdp_dist_cohort_allreduce_f64(d, con, (size_t)t->P);
+      kdp_live_peer_contrast(t, con);
+    }
+    t->run_contrast = 0;
+  }
   if (t->is_root) {
     int64_t in_window = (step + 1) % cfg->log_every;
     if (in_window == 0 || end_of_epoch || last) in_window = t->log_window;

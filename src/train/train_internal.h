@@ -12,6 +12,7 @@
 
 typedef struct kdp_step_loss {
   double ce, kd;  /* this rank's CE and distillation terms (mean over its slice) */
+  double contrast; /* mcl: kd.contrast_weight x the contrastive bracket (not in kd); else 0 */
   size_t correct; /* argmax hits in the slice */
 } kdp_step_loss;
 
@@ -64,6 +65,9 @@ struct kdp_trainer {
   kdp_sgd mopt;
   struct kdp_stale *stale;
   const char *teacher_name; /* the method's own teacher, NULL without one */
+  struct kdp_embed *embed;  /* mcl: this peer's embedding head (embedhead.c), else NULL */
+  double run_contrast;      /* mcl: the log window's contrastive term (checkpointed) */
+  double log_contrast;      /* mcl: its mean over the peer at the last log line */
   /* churn (eval.c, P >= 2): every peer's predicted labels on this rank's block rows of the test
      set at the evaluation of step div_step (-1: none yet), peer j's at div_labels[j * test.n ...],
      div_rows of them per peer; checkpointed */
@@ -155,6 +159,22 @@ struct kdp_ckpt;
 int kdp_distill_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
 int kdp_distill_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
 
+/* embedhead.c: mcl's embedding head of this rank's peer (its parameters, gradient, SGD and
+   checkpoint part; none for other methods). */
+typedef struct kdp_embed kdp_embed;
+int kdp_embed_create(kdp_trainer *t, kdp_error *err); /* after the cohort; nothing unless mcl */
+void kdp_embed_free(kdp_trainer *t);
+size_t kdp_embed_n_params(const kdp_trainer *t); /* 0 without a head */
+/* forward on this rank's n rows of the model's pooled features: *v (n x E) for the pipeline, *dv
+   zeroed for its dJ/dv; the head's gradient zeroed */
+void kdp_embed_forward(kdp_trainer *t, size_t n, const float **v, float **dv);
+/* backward from *dv: the head's gradient, and dJ/dh added into dfeat (n x d) */
+void kdp_embed_backward(kdp_trainer *t, size_t n, float *dfeat);
+void kdp_embed_allreduce(kdp_trainer *t); /* the head's gradient summed over the peer's ranks */
+void kdp_embed_sgd(kdp_trainer *t, float lr);
+int kdp_embed_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
+int kdp_embed_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
+
 /* stale.c: codistill's weights mode (kd.exchange = weights): each peer trains on its own shard
    and computes the other peers' logits from stale copies of them, refreshed every
    kd.exchange_every steps by a gather of every peer's parameters. */
@@ -245,6 +265,8 @@ int kdp_live_start(kdp_trainer *t, kdp_error *err);
 void kdp_live_stop(kdp_trainer *t);
 void kdp_live_step_time(kdp_trainer *t, double seconds);
 void kdp_live_peer_losses(kdp_trainer *t, const double *ce, const double *kd, const double *acc);
+/* mcl: every peer's weighted contrastive loss of the last log window (/metrics, /status) */
+void kdp_live_peer_contrast(kdp_trainer *t, const double *contrast);
 void kdp_live_checkpointed(kdp_trainer *t);
 /* The dashboard's history (rank 0; no-ops elsewhere or without a server). kdp_live_series adds
    one point to any series: a new chart id or series name shows on the page as it is (e.g.
