@@ -71,6 +71,7 @@ typedef enum kdp_method {
   KDP_METHOD_ONE,
   KDP_METHOD_FFL,
   KDP_METHOD_OKDDIP,
+  KDP_METHOD_SWITOKD, /* issue 12: wired (order when all are: kdcl, pcl, mcl, switokd) */
   KDP_METHOD_COUNT, /* the end of the methods kd.method accepts (kdp_method_parse/_at) */
   /* Staged (issue 12): the math, the ops and the golden tests are in src/kd, but the trainer does
      not run them yet, so kdp_method_parse refuses them and kdp_method_at does not list them;
@@ -79,7 +80,6 @@ typedef enum kdp_method {
   KDP_METHOD_KDCL,
   KDP_METHOD_PCL,
   KDP_METHOD_MCL,
-  KDP_METHOD_SWITOKD,
   KDP_METHOD_END /* one past the last entry of the table */
 } kdp_method;
 

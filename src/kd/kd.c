@@ -16,11 +16,11 @@ static const kdp_method_ops *const table[KDP_METHOD_END] = {
     [KDP_METHOD_ONE] = &kdp_one_ops,
     [KDP_METHOD_FFL] = &kdp_ffl_ops,
     [KDP_METHOD_OKDDIP] = &kdp_okddip_ops,
+    [KDP_METHOD_SWITOKD] = &kdp_switokd_ops,
     /* staged: not run by the trainer yet (kd.h) */
     [KDP_METHOD_KDCL] = &kdp_kdcl_ops,
     [KDP_METHOD_PCL] = &kdp_pcl_ops,
     [KDP_METHOD_MCL] = &kdp_mcl_ops,
-    [KDP_METHOD_SWITOKD] = &kdp_switokd_ops,
 };
 
 const kdp_method_ops *kdp_method_ops_of(kdp_method m) {
