@@ -91,7 +91,8 @@ for method in dml ffl switokd; do
     test "$(echo "$ue" | cut -d' ' -f1 | tr '\n' ' ')" = "$(echo "$ne" | cut -d' ' -f1 | tr '\n' ' ')" -a -n "$ue"
   md=$(relmax "$ue" "$ne")
   expect "$method: per-peer k = (2,1) evaluates like k = (1,1) (max relative difference $md < 1e-4)" \
-    awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'  [ "$method" = switokd ] && expect "switokd: per-peer k = (2,1) decides the modes of k = (1,1)" \
+    awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
+  [ "$method" = switokd ] && expect "switokd: per-peer k = (2,1) decides the modes of k = (1,1)" \
     cmp -s <(grep '"event":"switokd"' "$u/metrics.jsonl") <(grep '"event":"switokd"' "$n/metrics.jsonl")
 done
 # the 2+1 ffl run's checkpoint: the fusion module is bitwise identical on the 3 ranks (params,
