@@ -198,7 +198,8 @@ static int build_config(const cli *c, kdp_config *cfg, kdp_error *err) {
   if ((rc = kdp_config_apply_env(cfg, err)) != 0) return rc;
   for (int i = 0; i < c->n_sets; i++)
     if ((rc = kdp_config_set(cfg, c->sets[i], err)) != 0) return rc;
-  return kdp_config_validate(cfg, err);
+  if ((rc = kdp_config_validate(cfg, err)) != 0) return rc;
+  return kdp_frozen_resolve_arch(cfg, err); /* peer.N.teacher's arch from its file */
 }
 
 static int print_models(const kdp_config *cfg, const kdp_dist *d, kdp_error *err) {

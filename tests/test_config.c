@@ -730,6 +730,44 @@ START_TEST(test_missing_file) {
 }
 END_TEST
 
+/* a frozen peer (peer.N.teacher) only with methods whose peers take part through their logits */
+START_TEST(test_frozen_teacher_methods) {
+  const char *ok[] = {"independent", "dml", "codistill", "avg", "switokd"};
+  const char *refused[] = {"one", "ffl", "okddip"};
+  kdp_error err = {{0}};
+  for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+    kdp_config c;
+    kdp_config_defaults(&c);
+    char a[64];
+    snprintf(a, sizeof a, "kd.method=%s", ok[i]);
+    ck_assert_int_eq(kdp_config_set(&c, a, &err), 0);
+    ck_assert_int_eq(kdp_config_set(&c, "peer.1.teacher=t.kdpm", &err), 0);
+    ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s: %s", ok[i], err.msg);
+  }
+  for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+    kdp_config c;
+    kdp_config_defaults(&c);
+    char a[64];
+    snprintf(a, sizeof a, "kd.method=%s", refused[i]);
+    ck_assert_int_eq(kdp_config_set(&c, a, &err), 0);
+    ck_assert_int_eq(kdp_config_validate(&c, &err), 0); /* without a frozen peer: fine */
+    ck_assert_int_eq(kdp_config_set(&c, "peer.1.teacher=t.kdpm", &err), 0);
+    ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
+    assert_has(err.msg, "peer.1.teacher");
+    assert_has(err.msg, "methods that accept one: independent, dml, codistill, avg, switokd");
+  }
+  kdp_config c;
+  kdp_config_defaults(&c);
+  ck_assert_int_eq(kdp_config_set(&c, "kd.method=codistill", &err), 0);
+  ck_assert_int_eq(kdp_config_set(&c, "kd.exchange=weights", &err), 0);
+  ck_assert_int_eq(kdp_config_set(&c, "peer.0.teacher=t.kdpm", &err), 0);
+  ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
+  assert_has(err.msg, "kd.exchange = logits");
+  ck_assert_int_eq(c.teacher_peer, 0); /* kd.teacher_peer's default */
+  expect_set_error("kd.teacher_peer=64", "[0, 63]");
+}
+END_TEST
+
 START_TEST(test_set_errors) {
   expect_set_error("optim.lr", "missing '='");
   expect_set_error("optim.lr", "expected section.key=value");
@@ -782,6 +820,7 @@ static Suite *config_suite(void) {
   tcase_add_test(limits, test_file_errors);
   tcase_add_test(limits, test_missing_file);
   tcase_add_test(limits, test_set_errors);
+  tcase_add_test(limits, test_frozen_teacher_methods);
   tcase_add_test(limits, test_listen_and_token);
   tcase_add_test(limits, test_env_unknown_names);
   tcase_add_test(limits, test_sections_and_bytes);

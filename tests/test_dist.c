@@ -94,6 +94,12 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   kdp_rng r;
   kdp_rng_seed(&r, 1234 + (uint64_t)m, 99);
   make_batch(&r, P, z, h, nh, y);
+  /* switokd: detach = 1 puts the teacher (peer 0) near the labels, so the step is in expert
+     mode; 0 puts the students there, so it is in learning mode */
+  const int sw = m == KDP_METHOD_SWITOKD;
+  for (size_t j = 0; sw && j < P; j++)
+    if ((j == 0) == (detach != 0))
+      for (size_t b = 0; b < NB; b++) z[(j * NB + b) * NC + (size_t)y[b]] += 6.0f;
   nh = kdp_cohort_feature_floats(ref, B); /* the first B rows of each block, repacked */
   float *hb = kdp_falloc(nh);
   for (size_t j = 0; nh && j < P; j++)
@@ -123,6 +129,14 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   kdp_kd_batch in = {.z = zb, .h = hb, .y = y, .B = B, .T = 3.0f, .weight = 0.7f,
                      .burn_in = burn_in, .z_ema = reads_ema ? zeb : NULL,
                      .v = E ? vb : NULL, .dv = E ? rdv : NULL};
+  if (sw) {
+    in.expert = kdp_switokd_mode(zb, y, P, B, NC, 0, NULL);
+    if (in.expert != (detach != 0)) {
+      fprintf(stderr, "rank %d: %s switokd B=%zu: the reference's mode is %d, the case wants %d\n",
+              D.world_rank, layout, B, in.expert, detach != 0);
+      g_fail++;
+    }
+  }
   kdp_cohort_module_zero_grad(ref);
   ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, teach, per, &total, &err) == 0, "%s",
                 err.msg);
@@ -141,6 +155,11 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
   kdp_pipeline_module_allreduce(pl);
   char what[128];
   const char *name = kdp_method_name(m);
+  if (sw && kdp_pipeline_expert(pl, NULL) != in.expert) {
+    fprintf(stderr, "rank %d: %s switokd B=%zu: the pipeline decided mode %d, the reference %d\n",
+            D.world_rank, layout, B, kdp_pipeline_expert(pl, NULL), in.expert);
+    g_fail++;
+  }
   /* the peer's loss over the batch: its ranks' own-row means, weighted by their rows */
   double loss = Lo.loss * (double)(hi - lo) / (double)B;
   kdp_dist_peer_allreduce_f64(L, &loss, 1);
@@ -220,6 +239,8 @@ static void check_layout(kdp_dist *L, const char *layout) {
     }
     g_ensemble = KDP_KDCL_NAIVE;
     check_method(L, layout, Bs[b], KDP_METHOD_MCL, 0, 0);
+    check_method(L, layout, Bs[b], KDP_METHOD_SWITOKD, 0, 0); /* learning mode */
+    check_method(L, layout, Bs[b], KDP_METHOD_SWITOKD, 1, 0); /* expert mode */
   }
 }
 

@@ -13,10 +13,11 @@ run() { # run NP ARGS... (timeout guards against a hang in a collective)
 small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
 
 # --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
-for method in independent dml codistill avg one ffl okddip kdcl pcl mcl; do
-  d="$tmp/m-$method"
+for method in independent dml codistill avg one ffl okddip kdcl pcl mcl switokd; do
+  d="$tmp/m-$method" extra=()
+  [ "$method" = switokd ] && extra=(-s kd.teacher_peer=1) # the cnn teaches the mlps
   run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
-    -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" -s run.dir="$d" >"$d.out" 2>&1
+    -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" "${extra[@]}" -s run.dir="$d" >"$d.out" 2>&1
   rc=$?
   expect "$method: 3 heterogeneous peers train (exit $rc)" test "$rc" = 0
   for p in peer0 peer1 peer2; do
@@ -34,6 +35,8 @@ for method in independent dml codistill avg one ffl okddip kdcl pcl mcl; do
       grep -q '"kd":[-0-9.e]*,"contrast":[0-9.e]' "$d/metrics.jsonl"
       expect "mcl: the start line counts the embedding head in the peer's parameters" \
         grep -q '"params":'"$(( $(grep -o '"params":[0-9]*' "$tmp/m-dml/metrics.jsonl" | cut -d: -f2) + 32 * 128 + 128 + 128 * 128 + 128 ))"',' "$d/metrics.jsonl" ;;
+    switokd) expect "switokd: students' mean eval line" grep -q '"model":"students"' "$d/metrics.jsonl"
+      expect "switokd: expert-fraction line" grep -q '"event":"switokd"' "$d/metrics.jsonl" ;;
   esac
   [ "$rc" = 0 ] || sed 's/^/    /' "$d.out" | tail -n 20
 done
@@ -64,7 +67,7 @@ expect "ranks_per_peer=2 equals 1 over 20 steps (max relative loss difference $m
   awk -v m="$maxdiff" 'BEGIN { exit !(m < 1e-4) }'
 
 # --- per-peer ranks_per_peer: peer 0 on 2 ranks, peer 1 on 1 (3 ranks) equals 1 rank each, under
-# dml and under ffl (a replicated fusion module with batchnorm: every rank computes the whole
+# dml, switokd (the mode from row sums gathered over peer 0's ranks) and under ffl (a replicated fusion module with batchnorm: every rank computes the whole
 # cohort objective, so its batch statistics are the global batch's, as with 1 rank per peer) ---
 evals() { grep '"event":"eval"' "$1" | sed 's/.*"model":"\([^"]*\)","acc":\([^,]*\),"loss":\([^,}]*\).*/\1 \2 \3/'; }
 relmax() { # relmax A B: max relative difference of the numeric columns of two aligned listings
@@ -73,7 +76,7 @@ relmax() { # relmax A B: max relative difference of the numeric columns of two a
         d = abs($i - $(i + h)) / (1e-6 + abs($i)); if (d > m) m = d } else if ($i != $(i + h)) m = 1e9 }
     END { printf "%g", m + 0 }'
 }
-for method in dml ffl pcl mcl; do
+for method in dml ffl pcl mcl switokd; do
   u="$tmp/h1"
   if [ "$method" != dml ]; then
     u="$tmp/u-$method"
@@ -96,6 +99,8 @@ for method in dml ffl pcl mcl; do
   md=$(relmax "$ue" "$ne")
   expect "$method: per-peer k = (2,1) evaluates like k = (1,1) (max relative difference $md < 1e-4)" \
     awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
+  [ "$method" = switokd ] && expect "switokd: per-peer k = (2,1) decides the modes of k = (1,1)" \
+    cmp -s <(grep '"event":"switokd"' "$u/metrics.jsonl") <(grep '"event":"switokd"' "$n/metrics.jsonl")
 done
 # the 2+1 ffl run's checkpoint: the fusion module is bitwise identical on the 3 ranks (params,
 # momentum, batchnorm buffers), peer 0's 2 ranks hold the same weights

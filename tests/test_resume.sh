@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checkpoints, exact resume and faults, under mpirun: an interrupted and resumed run finishes
-# bitwise identical to an uninterrupted one (dml, one, mcl with its embedding heads); mismatches
-# are refused; a crash in a checkpoint write leaves the previous one; losing a rank ends the job;
-# divergence is reported; bad input gets clear messages.   Usage: tests/test_resume.sh PATH/TO/kdpeers
+# bitwise identical to an uninterrupted one (dml, one, mcl with its embedding heads, switokd with
+# its expert counts); mismatches are refused; a crash in a checkpoint write leaves the previous one;
+# losing a rank ends the job; divergence is reported; bad input gets clear messages.
+# Usage: tests/test_resume.sh PATH/TO/kdpeers
 set -uo pipefail
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -13,20 +14,23 @@ run() {
 # digests of every tensor of a checkpoint file (weights, momentum, BN stats, modules)
 digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }
 final_dir() { ls -d "$1"/checkpoints/step-* | tail -n 1; }
-evals() { grep -E '"event":"(eval|train)"' "$1/metrics.jsonl" | sed 's/,"samples_per_second".*//'; }
+evals() { grep -E '"event":"(eval|train|switokd)"' "$1/metrics.jsonl" | sed 's/,"samples_per_second".*//'; }
+entry() { "$exe" inspect "$1" | awk -v k="$2" '$1 == k { print $NF }'; } # entry FILE NAME: value
 
 base=(-s data.subset=1536 -s data.test_subset=1000 -s run.epochs=2 -s "model.arch=mlp(64,32)"
   -s optim.batch_size=64 -s run.log_every=5 -s checkpoint.every_steps=10 -s checkpoint.keep=2)
 
-for method in dml one mcl; do
-  a="$tmp/$method-a" b="$tmp/$method-b"
-  run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$a" >"$a.out" 2>&1
+# switokd: a stronger teacher (peer 0) than its student, so that some steps are in expert mode
+for method in dml one mcl switokd; do
+  a="$tmp/$method-a" b="$tmp/$method-b" m=(-s kd.method="$method")
+  [ "$method" = switokd ] && m+=(-s "model.arch=mlp(8)" -s "peer.0.arch=mlp(128)")
+  run 2 "${base[@]}" "${m[@]}" -s run.dir="$a" >"$a.out" 2>&1
   expect "$method: uninterrupted run exits 0" test $? = 0
-  KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$b" >"$b.out1" 2>&1
+  KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "${base[@]}" "${m[@]}" -s run.dir="$b" >"$b.out1" 2>&1
   rc=$?
   expect "$method: a signal stops the run with exit 75 (got $rc)" test "$rc" = 75
   expect "$method: the stop wrote a checkpoint at step 18" test -f "$b/checkpoints/step-000000000018/MANIFEST.kdpc"
-  run 2 "${base[@]}" -s kd.method="$method" -s run.dir="$b" >"$b.out2" 2>&1
+  run 2 "${base[@]}" "${m[@]}" -s run.dir="$b" >"$b.out2" 2>&1
   rc=$?
   expect "$method: rerunning the same command resumes and finishes (exit $rc)" test "$rc" = 0
   expect "$method: it says it resumed" grep -q "resumed from the checkpoint at step 18" "$b.out2"
@@ -38,6 +42,18 @@ for method in dml one mcl; do
   done
   expect "$method: identical metrics (train and eval lines)" cmp -s <(evals "$a") <(evals "$b")
   expect "$method: retention keeps checkpoint.keep = 2" test "$(ls -d "$b"/checkpoints/step-* | wc -l)" = 2
+  [ "$method" = switokd ] || continue
+  # the teacher pauses in expert mode: its optimizer steps = 48 - the expert steps
+  expect "switokd: one expert-fraction line per epoch" test "$(grep -c '"event":"switokd"' "$a/metrics.jsonl")" = 2
+  expert=$(jq -s '[.[] | select(.event == "switokd") | .expert_steps] | add' "$a/metrics.jsonl")
+  expect "switokd: expert mode happened ($expert of 48 steps) and not always" test "$expert" -gt 0 -a "$expert" -lt 48
+  expect "switokd: fractions are expert_steps / steps" \
+    jq -se '[.[] | select(.event == "switokd") | (.expert_fraction - .expert_steps / .steps) | . < 1e-5 and . > -1e-5] | all' "$a/metrics.jsonl"
+  ts=$(entry "$fa/peer-000.kdpc" opt_steps) ss=$(entry "$fa/peer-001.kdpc" opt_steps)
+  expect "switokd: the teacher stepped $ts times = 48 - $expert expert steps" test "$ts" = $((48 - expert))
+  expect "switokd: the student stepped every step ($ss)" test "$ss" = 48
+  expect "switokd: a students' mean eval line (= peer1 with one student)" test \
+    "$(jq -r 'select(.model == "students") | .acc' "$a/metrics.jsonl")" = "$(jq -r 'select(.model == "peer1") | .acc' "$a/metrics.jsonl")"
 done
 
 # one peer on 2 ranks with the gradient allreduce in 1 KiB buckets: stopped and resumed, it ends

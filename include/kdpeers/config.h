@@ -94,6 +94,7 @@ typedef struct kdp_config {
   double contrast_weight;  /* mcl: lam_c, weight of the contrastive bracket */
   int embed_dim;           /* mcl: embedding width E */
   int embed_hidden;        /* mcl: the embedding heads' hidden width */
+  int teacher_peer;        /* switokd: the teacher peer (cohort rank) */
   /* [checkpoint] */
   int64_t ckpt_every_steps;   /* 0 = off */
   double ckpt_every_minutes;  /* 0 = off */
@@ -118,6 +119,7 @@ typedef struct kdp_config {
   /* [peer.N] overrides */
   char peer_arch[KDP_MAX_PEERS][KDP_STR]; /* "" = use model.arch */
   int peer_ranks_per_peer[KDP_MAX_PEERS]; /* 0 = use run.ranks_per_peer */
+  char peer_teacher[KDP_MAX_PEERS][KDP_PATH]; /* "" or a .kdpm: peer N is that frozen model */
 } kdp_config;
 
 void kdp_config_defaults(kdp_config *c);
@@ -141,6 +143,8 @@ void kdp_config_print_keys_fmt(FILE *f, int fmt);
 /* The range validation accepts for a numeric key (e.g. "kd", "temperature"); KDP_EINVAL if
    there is no such numeric key. */
 int kdp_config_range(const char *section, const char *key, kdp_range *out);
+/* 1 if kd.method (and kd.exchange) accept a frozen peer (peer.N.teacher); else 0 and why */
+int kdp_frozen_peer_ok(const kdp_config *c, char *why, size_t n);
 /* arch for peer i */
 const char *kdp_config_peer_arch(const kdp_config *c, int peer);
 /* MPI ranks of peer i: peer.i.ranks_per_peer when set, else run.ranks_per_peer */

@@ -74,12 +74,11 @@ typedef enum kdp_method {
   KDP_METHOD_KDCL,
   KDP_METHOD_PCL, /* issue 12: wired (run.ema_decay's copies are its mean teachers) */
   KDP_METHOD_MCL,
-  KDP_METHOD_COUNT, /* the end of the methods kd.method accepts (kdp_method_parse/_at) */
-  /* Staged (issue 12): the math, the ops and the golden tests are in src/kd, but the trainer does
-     not run them yet, so kdp_method_parse refuses them and kdp_method_at does not list them;
-     kdp_method_parse_staged (tests) accepts them. Wiring one in = moving it above
-     KDP_METHOD_COUNT. */
   KDP_METHOD_SWITOKD,
+  KDP_METHOD_COUNT, /* the end of the methods kd.method accepts (kdp_method_parse/_at) */
+  /* Staged methods would sit here: their math, ops and golden tests in src/kd, but not run by the
+     trainer, so kdp_method_parse refuses them and only kdp_method_parse_staged (tests) accepts
+     them. Wiring one in = moving it above KDP_METHOD_COUNT. None is staged today. */
   KDP_METHOD_END /* one past the last entry of the table */
 } kdp_method;
 

@@ -101,6 +101,9 @@ typedef struct kdp_step_in {
    kdp_dist_scatter_rows), which add them into in->dv. */
 int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
                       struct kdp_kd_losses *out, kdp_error *err);
+/* switokd: 1 when the last kdp_pipeline_step decided expert mode (the same on every rank), and
+   its gaps (gaps may be NULL); 0 for other methods. */
+int kdp_pipeline_expert(const kdp_pipeline *p, kdp_switokd_gaps *gaps);
 /* Sums the replicated module's gradient over every rank (the replicas then step alike). */
 void kdp_pipeline_module_allreduce(kdp_pipeline *p);
 
@@ -187,5 +190,10 @@ typedef struct kdp_server_strings {
 struct kdp_server_options;
 void kdp_train_server_options(const kdp_config *cfg, struct kdp_server_options *o,
                               kdp_server_strings *str);
+
+/* Frozen peers (peer.N.teacher = FILE.kdpm): reads each file's architecture into peer.N.arch
+   when that is empty (so the layout, memory estimate, /status and checkpoints name it), and
+   refuses a file that is missing or not a model file, or a peer.N.arch that differs. */
+int kdp_frozen_resolve_arch(kdp_config *cfg, kdp_error *err);
 
 #endif

@@ -213,6 +213,8 @@ static const key_def keys[] = {
      .help = "mcl: width of the peers' embeddings (the heads' output)"},
     {"kd", "embed_hidden", KT_INT, AT(embed_hidden), RANGE(1, 65536), .def = "128",
      .help = "mcl: hidden width of the peers' embedding heads"},
+    {"kd", "teacher_peer", KT_INT, AT(teacher_peer), RANGE(0, KDP_MAX_PEERS - 1), .def = "0",
+     .help = "switokd: the teacher peer (the others are its students)"},
     /* [checkpoint] */
     {"checkpoint", "every_steps", KT_INT64, AT(ckpt_every_steps), ATLEAST(0), .def = "0",
      .help = "checkpoint every N steps (0 = off)"},
@@ -274,6 +276,11 @@ static const key_def peer_keys[] = {
      .help = "MPI ranks training peer N (0 = run.ranks_per_peer); the world size must be the sum "
              "over the peers",
      .example = "2"},
+    {"peer.N", "teacher", KT_STRING, .off = offsetof(kdp_config, peer_teacher),
+     .size = sizeof(((kdp_config *)0)->peer_teacher[0]), .def = "",
+     .help = "a model file (kdpeers export) that peer N is: frozen, forward only in eval mode, "
+             "never updated (empty = a trained peer)",
+     .example = "teacher.kdpm"},
 };
 #define N_PEER_KEYS (sizeof peer_keys / sizeof peer_keys[0])
 
@@ -1214,6 +1221,34 @@ static int check_field(const kdp_config *c, const key_def *k, size_t extra, char
   return 0;
 }
 
+/* A frozen peer (peer.N.teacher) takes part through its logits only: the methods whose peer term
+   reads the peers' logits and nothing else, with no replicated module (its gradients would reach
+   the frozen peer's features or teachers) and no stale weight copies. */
+static int frozen_method_ok(const kdp_method_ops *o, int exchange_id) {
+  return o && !o->module_reads && !(o->peer_reads & ~(unsigned)KDP_READS_LOGITS) &&
+         !(o->stale_ok && exchange_id == KDP_EXCHANGE_WEIGHTS);
+}
+
+int kdp_frozen_peer_ok(const kdp_config *c, char *why, size_t n) {
+  const kdp_method_ops *o = kdp_method_ops_of((kdp_method)c->method_id);
+  if (frozen_method_ok(o, c->exchange_id)) return 1;
+  char list[256] = "";
+  size_t used = 0;
+  for (size_t i = 0; kdp_method_at(i) && used < sizeof list; i++)
+    if (frozen_method_ok(kdp_method_ops_of((kdp_method)i), KDP_EXCHANGE_LOGITS))
+      used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", used ? ", " : "",
+                               kdp_method_at(i));
+  if (o && o->stale_ok)
+    snprintf(why, n, "a frozen peer has no stale copies to exchange: use kd.exchange = logits");
+  else
+    snprintf(why, n,
+             "kd.method = %s trains a module, heads or copies from every peer's features or "
+             "gradients, but a frozen peer takes part through its logits only (methods that "
+             "accept one: %s)",
+             o ? o->name : "?", list);
+  return 0;
+}
+
 int kdp_config_validate(const kdp_config *c, kdp_error *err) {
   if (!c) return kdp_fail(err, KDP_EINVAL, "kdp_config_validate: NULL config");
   char why[KDP_ERRLEN];
@@ -1265,6 +1300,10 @@ int kdp_config_validate(const kdp_config *c, kdp_error *err) {
   if (c->leader < -1 || c->leader >= KDP_MAX_PEERS)
     return kdp_fail(err, KDP_EINVAL, "config kd.leader = %d: expected -1 (last peer) or 0..%d",
                     c->leader, KDP_MAX_PEERS - 1);
+  for (int p = 0; p < KDP_MAX_PEERS; p++)
+    if (c->peer_teacher[p][0] && !kdp_frozen_peer_ok(c, why, sizeof why))
+      return kdp_fail(err, KDP_EINVAL, "config peer.%d.teacher = %s: %s", p, c->peer_teacher[p],
+                      why);
   return 0;
 }
 

@@ -19,7 +19,6 @@ static const kdp_method_ops *const table[KDP_METHOD_END] = {
     [KDP_METHOD_KDCL] = &kdp_kdcl_ops,
     [KDP_METHOD_PCL] = &kdp_pcl_ops,
     [KDP_METHOD_MCL] = &kdp_mcl_ops,
-    /* staged: not run by the trainer yet (kd.h) */
     [KDP_METHOD_SWITOKD] = &kdp_switokd_ops,
 };
 

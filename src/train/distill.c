@@ -31,6 +31,26 @@ static void feature_dims(kdp_trainer *t, size_t *dims) {
   for (int j = 0; j < t->P; j++) dims[j] = (size_t)v[j];
 }
 
+static int is_switokd(const kdp_trainer *t) {
+  return t->ops == kdp_method_ops_of(KDP_METHOD_SWITOKD);
+}
+
+int kdp_distill_is_teacher(const kdp_trainer *t, int p) {
+  return (is_switokd(t) && p == t->cfg->teacher_peer) ||
+         (p >= 0 && p < KDP_MAX_PEERS && t->cfg->peer_teacher[p][0]);
+}
+
+void kdp_distill_step_done(kdp_trainer *t, int64_t step) {
+  if (!is_switokd(t)) return;
+  t->sw_expert += kdp_pipeline_expert(t->pipe, NULL);
+  t->sw_steps++;
+  if ((step + 1) % t->steps_per_epoch != 0 && step + 1 != t->total_steps) return;
+  if (t->is_root)
+    kdp_metrics_switokd(t, step + 1, (double)(step + 1) / (double)t->steps_per_epoch,
+                        t->sw_expert, t->sw_steps);
+  t->sw_expert = t->sw_steps = 0;
+}
+
 int kdp_distill_init(kdp_trainer *t, kdp_error *err) {
   const kdp_config *cfg = t->cfg;
   t->lr_scale = 1.0;
@@ -59,6 +79,7 @@ int kdp_distill_init(kdp_trainer *t, kdp_error *err) {
   spec.contrast_weight = (float)cfg->contrast_weight;
   spec.embed_dim = (size_t)cfg->embed_dim;
   spec.embed_hidden = (size_t)cfg->embed_hidden;
+  spec.teacher_peer = cfg->teacher_peer;
   /* a step gathers rows of the global batch; an evaluation, of an eval batch */
   size_t max_b = t->Bg > KDP_TRAIN_EVAL_BATCH ? t->Bg : KDP_TRAIN_EVAL_BATCH;
   int rc = kdp_cohort_create(&t->cohort, &spec, max_b, err);
@@ -108,6 +129,9 @@ int kdp_distill_save(kdp_trainer *t, kdp_ckpt_writer *w, kdp_error *err) {
     rc = kdp_ckpt_put_f32(w, "module.buffers", kdp_cohort_module_buffers(t->cohort), 1, &nb, err);
   if (rc == 0 && t->stale) rc = kdp_stale_save(t->stale, w, err);
   if (rc == 0) rc = kdp_embed_save(t, w, err);
+  if (rc == 0 && is_switokd(t)) rc = kdp_ckpt_put_i64(w, "switokd.expert", t->sw_expert, err);
+  if (rc == 0 && is_switokd(t)) rc = kdp_ckpt_put_i64(w, "switokd.steps", t->sw_steps, err);
+  if (rc == 0) rc = kdp_frozen_save(t, w, err);
   return rc;
 }
 
@@ -125,5 +149,8 @@ int kdp_distill_load(kdp_trainer *t, const kdp_ckpt *ck, kdp_error *err) {
     rc = kdp_ckpt_get_f32(ck, "module.buffers", kdp_cohort_module_buffers(t->cohort), nb, err);
   if (rc == 0 && t->stale) rc = kdp_stale_load(t->stale, ck, err);
   if (rc == 0) rc = kdp_embed_load(t, ck, err);
+  if (rc == 0 && is_switokd(t)) rc = kdp_ckpt_get_i64(ck, "switokd.expert", &t->sw_expert, err);
+  if (rc == 0 && is_switokd(t)) rc = kdp_ckpt_get_i64(ck, "switokd.steps", &t->sw_steps, err);
+  if (rc == 0) rc = kdp_frozen_load(t, ck, err);
   return rc;
 }

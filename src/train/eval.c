@@ -160,6 +160,17 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
                              v[ve + 2 * p] / (double)n, VAL(P + 2 + p));
       }
     }
+    /* a cohort with a teacher peer (switokd's, or a frozen one): the students' mean */
+    double sacc = 0, sloss = 0;
+    size_t ns = 0;
+    for (size_t p = 0; p < P; p++)
+      if (!kdp_distill_is_teacher(t, (int)p)) {
+        sacc += v[2 * p + 1] / (double)n;
+        sloss += v[2 * p] / (double)n;
+        ns++;
+      }
+    if (ns > 0 && ns < P)
+      kdp_metrics_eval(t, step, epoch, "students", sacc / (double)ns, sloss / (double)ns);
     if (P > 1)
       kdp_metrics_eval_val(t, step, epoch, "ensemble", v[2 * P + 1] / (double)n,
                            v[2 * P] / (double)n, VAL(P));

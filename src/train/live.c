@@ -566,6 +566,14 @@ static char *render_metrics(kdp_trainer *t) {
                   "evaluation.",
                   "peer", NULL, churn, nch);
   }
+  double swf, swe;
+  if (kdp_metrics_last_switokd(&swf, &swe)) {
+    prom_header(f, "kdpeers_switokd_expert_ratio", "gauge",
+                "switokd: fraction of the last finished epoch's steps in expert mode (the teacher "
+                "paused).");
+    fprintf(f, "kdpeers_switokd_expert_ratio ");
+    num(f, swf);
+  }
   prom_header(f, "kdpeers_step_duration_seconds", "histogram", "Wall time of a training step on rank 0.");
   uint64_t cum = 0;
   for (size_t b = 0; b < N_BUCKETS; b++) {
@@ -707,6 +715,14 @@ static char *render_status(kdp_trainer *t) {
       fputs(",\"churn\":", f);
       kdp_json_nums(f, churn, nch);
     }
+    fputc('}', f);
+  }
+  double swf, swe;
+  if (kdp_metrics_last_switokd(&swf, &swe)) {
+    fputs(",\"switokd\":{\"epoch\":", f);
+    kdp_json_num(f, swe);
+    fputs(",\"expert_fraction\":", f);
+    kdp_json_num(f, swf);
     fputc('}', f);
   }
   fprintf(f, ",\"checkpoint\":{\"last_step\":%lld,\"age_seconds\":", (long long)lv->last_ckpt_step);

@@ -411,6 +411,38 @@ int kdp_metrics_last_diversity(double *kl, double *disagreement, double *churn, 
   return 1;
 }
 
+/* switokd's last finished epoch, for /metrics and /status */
+static struct {
+  int have;
+  double fraction, epoch;
+} g_sw;
+
+void kdp_metrics_switokd(kdp_trainer *t, int64_t step, double epoch, int64_t expert,
+                         int64_t steps) {
+  double f = steps > 0 ? (double)expert / (double)steps : 0.0;
+  line l;
+  if (line_begin(t, &l)) {
+    fprintf(l.f,
+            "{\"event\":\"switokd\",\"epoch\":%.4g,\"step\":%lld,\"expert_steps\":%lld,"
+            "\"steps\":%lld,\"expert_fraction\":",
+            epoch, (long long)step, (long long)expert, (long long)steps);
+    kdp_json_num(l.f, f);
+    fputs("}\n", l.f);
+    line_end(t, &l);
+  }
+  kdp_live_series(t, "switokd", "expert_fraction", step, f);
+  g_sw.have = 1;
+  g_sw.fraction = f;
+  g_sw.epoch = epoch;
+}
+
+int kdp_metrics_last_switokd(double *fraction, double *epoch) {
+  if (!g_sw.have) return 0;
+  *fraction = g_sw.fraction;
+  *epoch = g_sw.epoch;
+  return 1;
+}
+
 void kdp_progress_start(kdp_trainer *t, double load_seconds) {
   if (t->tty < 0) return;
   char ts[32];

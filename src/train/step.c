@@ -30,6 +30,8 @@ struct kdp_pipeline {
   size_t E, we[KDP_KD_MAX_PEERS];      /* mcl: embedding width, row widths (E) */
   float *vw, *dvw, *dzw;               /* mcl: P x maxB x E embeddings, their gradients; maxB x C */
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
+  int switokd, expert;                 /* switokd: the last step's mode (1 = expert) */
+  kdp_switokd_gaps gaps;
 };
 
 static void sum_world(void *ctx, double *buf, size_t n) {
@@ -80,6 +82,7 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
     p->dvw = kdp_falloc(p->P * max_batch * p->E);
     p->dzw = kdp_falloc(max_batch * s->C);
   }
+  p->switokd = s->method == KDP_METHOD_SWITOKD;
   *out = p;
   return 0;
 }
@@ -132,6 +135,35 @@ static int whole_batch_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, s
   return 0;
 }
 
+/* switokd's mode of a B-row batch from every peer's logits on this rank's n own rows z_all
+   (P x n x C), identical on every rank: the row sums of the rows (kdp_switokd_sums) of peer 0's
+   ranks, whose slices partition the batch, gathered to every rank (a world sum of one nonzero slot
+   per slice, exact) and added in slice order, then kdp_switokd_decide. With one rank per peer
+   every rank holds the whole batch and no exchange is needed. */
+static int switokd_mode(kdp_pipeline *p, const float *z_all, const int32_t *y, size_t n,
+                        size_t B) {
+  kdp_dist *d = p->d;
+  const size_t t = (size_t)kdp_cohort_spec(p->c)->teacher_peer;
+  double sums[3];
+  kdp_switokd_sums(z_all, y, p->P, n, p->C, t, sums);
+  if (d->world_size > (int)p->P) {
+    const size_t k0 = (size_t)d->peer_k[0];
+    double *v = kdp_xcalloc(3 * k0, sizeof(double));
+    if (d->peer == 0) memcpy(v + 3 * (size_t)d->slice, sums, sizeof sums);
+    kdp_dist_group_sum_f64(d, KDP_GROUP_WORLD, v, 3 * k0);
+    sums[0] = sums[1] = sums[2] = 0.0;
+    for (size_t s = 0; s < k0; s++)
+      for (size_t k = 0; k < 3; k++) sums[k] += v[3 * s + k];
+    free(v);
+  }
+  return kdp_switokd_decide(sums, p->P >= 2 ? B : 0, &p->gaps);
+}
+
+int kdp_pipeline_expert(const kdp_pipeline *p, kdp_switokd_gaps *gaps) {
+  if (gaps) *gaps = p->gaps;
+  return p->switokd && p->expert;
+}
+
 int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
                       kdp_kd_losses *out, kdp_error *err) {
   const kdp_method_ops *o = p->ops;
@@ -176,10 +208,12 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
                          p->t_own);
   }
   if (p->tgrad) memset(p->dt_own, 0, n * C * sizeof(float));
+  if (p->switokd) p->expert = switokd_mode(p, z_all, in->y + olo, n, B);
   kdp_kd_peer_in pin = {.z = in->z, .z_all = z_all, .teacher = p->t_own, .y = in->y + olo,
                         .n = n, .T = in->T, .weight = in->weight,
                         .scale = (float)n / (float)B, .burn_in = in->burn_in,
-                        .z_ema = o->peer_reads & KDP_READS_EMA_LOGITS ? p->ze_all : NULL};
+                        .z_ema = o->peer_reads & KDP_READS_EMA_LOGITS ? p->ze_all : NULL,
+                        .expert = p->switokd && p->expert};
   rc = kdp_cohort_peer_loss(p->c, p->me, &pin, dz, p->tgrad ? p->dt_own : NULL, out, err);
   if (rc) return rc;
   if (!o->module_reads) return 0;
@@ -315,6 +349,7 @@ static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const f
   r->loss.contrast = kdp_cohort_spec(t->cohort)->contrast_weight * kl.contrast;
   r->loss.kd = kl.loss - kl.ce - r->loss.contrast;
   r->loss.correct = kl.n_correct;
+  if (t->frozen) r->loss.kd = 0; /* it does not learn: its loss is its CE */
   if (!isfinite(r->loss.ce))
     kdp_loop_diverged(L, t->d->peer, step, "cross-entropy loss", r->loss.ce);
   else if (!isfinite(r->loss.kd))
@@ -342,7 +377,9 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
      collectives, with zero gradients) */
   kdp_model_zero_grad(t->model);
   double tc0 = kdp_now();
-  const float *z = n ? kdp_model_forward(t->model, x, n, 1, &t->dropout_rng) : t->dlogits;
+  const float *z = !n          ? t->dlogits
+                   : t->frozen ? kdp_model_forward(t->model, x, n, 0, NULL) /* eval mode */
+                               : kdp_model_forward(t->model, x, n, 1, &t->dropout_rng);
   L->t_compute += kdp_now() - tc0;
   kdp_trace_mark(t, "forward", tc0, kdp_now());
 
@@ -364,9 +401,14 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   distill(t, L, step, B, x, z, z_ema, n, r);
   kdp_trace_mark(t, "exchange+kd", tx0, kdp_now());
 
-  /* backward, allreduce, SGD */
+  /* backward, allreduce, SGD. A frozen peer never learns, and switokd's teacher pauses in expert
+     mode: no backward pass and no optimizer step (momentum and weight decay untouched; its
+     gradients stay zero through the peer's allreduce), while the lr schedule goes on with the
+     step count. */
+  const int still = t->frozen || (kdp_pipeline_expert(t->pipe, NULL) &&
+                                  t->d->peer == kdp_cohort_spec(t->cohort)->teacher_peer);
   tc0 = kdp_now();
-  if (n)
+  if (n && !still)
     kdp_model_backward(t->model, t->dlogits,
                        feature_grads(t) ? t->dfeat : NULL);
   L->t_compute += kdp_now() - tc0;
@@ -376,7 +418,8 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   kdp_trace_mark(t, "allreduce", ta0, kdp_now());
   r->lr = kdp_schedule_lr(&t->sched, step) * t->lr_scale;
   tc0 = kdp_now();
-  kdp_sgd_step(&t->opt, kdp_model_params(t->model), kdp_model_grads(t->model), (float)r->lr);
+  if (!still)
+    kdp_sgd_step(&t->opt, kdp_model_params(t->model), kdp_model_grads(t->model), (float)r->lr);
   if (kdp_cohort_module_n_params(t->cohort))
     kdp_sgd_step(&t->mopt, kdp_cohort_module_params(t->cohort),
                  kdp_cohort_module_grads(t->cohort), (float)r->lr);

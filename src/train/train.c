@@ -285,7 +285,11 @@ static int setup_model(kdp_trainer *t, kdp_error *err) {
   }
   kdp_input_shape ish = {t->train.H, t->train.W, t->train.C, t->C};
   size_t maxb = t->Bl > EVAL_BATCH ? t->Bl : EVAL_BATCH;
-  int rc = kdp_model_create(&t->model, kdp_config_peer_arch(cfg, d->peer), ish, maxb, err);
+  int rc = kdp_frozen_check_cohort(cfg, t->P, err);
+  if (rc == 0)
+    rc = d->peer < KDP_MAX_PEERS && cfg->peer_teacher[d->peer][0]
+             ? kdp_frozen_model(t, ish, maxb, err)
+             : kdp_model_create(&t->model, kdp_config_peer_arch(cfg, d->peer), ish, maxb, err);
   if (!kdp_dist_all_ok(d, rc == 0)) {
     if (rc == 0) rc = kdp_fail(err, KDP_EINVAL, "another rank could not build its model");
     kdp_model_free(t->model);
@@ -298,7 +302,7 @@ static int setup_model(kdp_trainer *t, kdp_error *err) {
   const char *same = getenv("KDP_TEST_SAME_INIT");
   uint64_t init_peer = same && strcmp(same, "1") == 0 ? 0 : (uint64_t)d->peer;
   kdp_rng_seed(&init_rng, cfg->seed, KDP_STREAM_INIT + 16 * init_peer);
-  kdp_model_init(t->model, &init_rng);
+  if (!t->frozen) kdp_model_init(t->model, &init_rng); /* a frozen peer keeps its file's */
   kdp_rng_seed(&t->dropout_rng, cfg->seed, KDP_STREAM_DROPOUT + 16 * (uint64_t)d->world_rank);
   kdp_sgd_init(&t->opt, kdp_model_n_params(t->model), (float)cfg->momentum,
                (float)cfg->weight_decay, cfg->nesterov);
@@ -461,6 +465,7 @@ static int loop(kdp_trainer *t, kdp_loop *L, int *stopped, kdp_error *err) {
     }
     if (rc != 0) break;
     log_step(t, step, &r);
+    kdp_distill_step_done(t, step);
     int last = step + 1 == t->total_steps, end_of_epoch = (step + 1) % spe == 0;
     if ((end_of_epoch && ((step + 1) / spe) % cfg->eval_every == 0) || last) {
       double te0 = kdp_now();

@@ -68,6 +68,11 @@ struct kdp_trainer {
   struct kdp_embed *embed;  /* mcl: this peer's embedding head (embedhead.c), else NULL */
   double run_contrast;      /* mcl: the log window's contrastive term (checkpointed) */
   double log_contrast;      /* mcl: its mean over the peer at the last log line */
+  /* switokd: expert-mode steps and steps of the current epoch (checkpointed) */
+  int64_t sw_expert, sw_steps;
+  /* frozen.c: this rank's peer is a frozen model file (peer.N.teacher), its crc32 */
+  int frozen;
+  char frozen_crc[16];
   /* churn (eval.c, P >= 2): every peer's predicted labels on this rank's block rows of the test
      set at the evaluation of step div_step (-1: none yet), peer j's at div_labels[j * test.n ...],
      div_rows of them per peer; checkpointed */
@@ -174,6 +179,22 @@ void kdp_embed_allreduce(kdp_trainer *t); /* the head's gradient summed over the
 void kdp_embed_sgd(kdp_trainer *t, float lr);
 int kdp_embed_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
 int kdp_embed_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
+/* 1 if peer p is a teacher rather than a student: switokd's kd.teacher_peer, or a frozen peer
+   (peer.N.teacher); the "students" eval line is the mean of the others */
+int kdp_distill_is_teacher(const kdp_trainer *t, int p);
+/* switokd: counts the step's mode (every rank); at the end of an epoch (or of the run) rank 0
+   writes the epoch's expert-mode fraction and the counts start over */
+void kdp_distill_step_done(kdp_trainer *t, int64_t step);
+
+/* frozen.c: a frozen peer (peer.N.teacher) */
+/* Builds t->model from the peer's model file (its arch and weights), checked against the data
+   (input shape, classes, normalisation) and peer.N.arch; sets t->frozen and the file's crc32. */
+int kdp_frozen_model(kdp_trainer *t, kdp_input_shape ish, size_t max_batch, kdp_error *err);
+/* peer.N.teacher only for peers of this cohort, and not for all of them */
+int kdp_frozen_check_cohort(const kdp_config *cfg, int P, kdp_error *err);
+/* "frozen.teacher" and "frozen.crc32" into the checkpoint; on resume the crc32 must match */
+int kdp_frozen_save(kdp_trainer *t, struct kdp_ckpt_writer *w, kdp_error *err);
+int kdp_frozen_load(kdp_trainer *t, const struct kdp_ckpt *ck, kdp_error *err);
 
 /* stale.c: codistill's weights mode (kd.exchange = weights): each peer trains on its own shard
    and computes the other peers' logits from stale copies of them, refreshed every
@@ -342,6 +363,12 @@ int kdp_metrics_last_val(const char **names, double *accs, double *losses, int m
 void kdp_metrics_diversity(kdp_trainer *t, int64_t step, double epoch, double kl,
                            double disagreement, const double *churn, int P);
 int kdp_metrics_last_diversity(double *kl, double *disagreement, double *churn, int *n_churn);
+/* switokd: {"event":"switokd","epoch":E,"step":S,"expert_steps":K,"steps":N,"expert_fraction":F}
+   at the end of each epoch, the dashboard's "switokd" chart, and the figure /metrics and /status
+   show (kdp_metrics_last_switokd: 0 before the first epoch's end) */
+void kdp_metrics_switokd(kdp_trainer *t, int64_t step, double epoch, int64_t expert,
+                         int64_t steps);
+int kdp_metrics_last_switokd(double *fraction, double *epoch);
 void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s);
 void kdp_progress_start(kdp_trainer *t, double load_seconds);
 /* 1 when the launcher's stderr is a terminal (KDP_TTY_COLUMNS, set by launch/kdpeers-local):
