@@ -732,8 +732,8 @@ END_TEST
 
 /* a frozen peer (peer.N.teacher) only with methods whose peers take part through their logits */
 START_TEST(test_frozen_teacher_methods) {
-  const char *ok[] = {"independent", "dml", "codistill", "avg", "switokd"};
-  const char *refused[] = {"one", "ffl", "okddip"};
+  const char *ok[] = {"independent", "dml", "codistill", "avg", "kdcl", "switokd"};
+  const char *refused[] = {"one", "ffl", "okddip", "pcl", "mcl"};
   kdp_error err = {{0}};
   for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
     kdp_config c;
@@ -754,7 +754,7 @@ START_TEST(test_frozen_teacher_methods) {
     ck_assert_int_eq(kdp_config_set(&c, "peer.1.teacher=t.kdpm", &err), 0);
     ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
     assert_has(err.msg, "peer.1.teacher");
-    assert_has(err.msg, "methods that accept one: independent, dml, codistill, avg, switokd");
+    assert_has(err.msg, "methods that accept one: independent, dml, codistill, avg, kdcl, switokd");
   }
   kdp_config c;
   kdp_config_defaults(&c);
