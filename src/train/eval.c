@@ -33,6 +33,7 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
     for (size_t i = 0; i < B; i++)
       if (i < lo || i >= hi) t->ybuf[i] = (int32_t)ds->labels[first + i];
     const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf, hi - lo, 0, NULL) : NULL;
+    if (first == 0) kdp_fault_stop(d, KDP_FAULT_STOP_EVAL, step); /* tests: a rank lost here */
     rc = kdp_pipeline_eval(t->pipe, B, t->ybuf, z, kdp_model_features(t->model), &s, err);
   }
   if (rc != 0) return rc;

@@ -243,6 +243,10 @@ static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const f
       .weight = (float)(t->kd_weight * kdp_rampup(r->epoch, cfg->rampup_epochs)),
       .burn_in = step < cfg->burn_in_steps,
   };
+  if (step == L->stop_exchange_at) {
+    L->stop_exchange_at = -1;
+    raise(SIGSTOP); /* fault injection: a rank lost inside the method's exchange */
+  }
   if (t->stale) in.z_all = kdp_stale_logits(t->stale, t, step, x, z, n);
   kdp_kd_losses kl;
   kdp_error err;
