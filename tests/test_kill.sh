@@ -60,7 +60,7 @@ kill_at() {
   fi
   alive=0
   for p in $job; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
-  echo "$rc $secs $caught $alive $(echo $job | wc -w)" >"$dir.res"
+  echo "$rc $secs $caught $alive $(wc -w <<<"$job")" >"$dir.res"
 }
 # ended DESC DIR RANK: the assertions every kill shares
 ended() {
@@ -104,7 +104,7 @@ expect "an uninterrupted dml run (P=2) to step 12 (exit $?)" test -f "$(step_dir
 kill_at "$c" 2 1 8:ckpt -s kd.method=dml
 ended "dml: kill -9 halfway through rank 1's file of the checkpoint at step 8" "$c" 1
 s8=$(step_dir "$c" 8) s4=$(step_dir "$c" 4)
-part=$(ls "$s8"/peer-001.kdpc.tmp.* 2>/dev/null | head -n 1)
+part=$(find "$s8" -name 'peer-001.kdpc.tmp.*' 2>/dev/null | head -n 1)
 expect "  ...which is left half written: rank 1's temp file (${part:+$(stat -c %s "$part")} bytes), no peer-001.kdpc, no manifest" \
   test -s "$part" -a ! -e "$s8/peer-001.kdpc" -a ! -e "$s8/MANIFEST.kdpc"
 expect "  ...(rank 0's file of step 8 is whole)" test -f "$s8/peer-000.kdpc"
