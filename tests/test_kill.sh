@@ -23,8 +23,8 @@ mkdata="${2:-}"
 "$mkdata" npy "$tmp/npy" 512 200 || exit 1
 data=(-s data.format=npy -s data.train_images="$tmp/npy/x.npy" -s data.train_labels="$tmp/npy/y.npy"
   -s data.test_images="$tmp/npy/tx.npy" -s data.test_labels="$tmp/npy/ty.npy")
-base=("${data[@]}" -s "model.arch=mlp(32)" -s optim.batch_size=64 -s run.log_every=4 -s checkpoint.every_steps=4 -s checkpoint.keep=5 -s run.epochs=2
-  -s run.max_steps=12)
+base=("${data[@]}" -s "model.arch=mlp(32)" -s optim.batch_size=64 -s run.log_every=4
+  -s checkpoint.every_steps=4 -s checkpoint.keep=5 -s run.epochs=2 -s run.max_steps=12)
 # 512 / 64 = 8 steps an epoch: checkpoints at steps 4, 8 and 12, evaluations at 8 and 12
 
 # kill_at DIR NP RANK STOP ARGS...: a run whose rank RANK stops itself at STOP (N:WHERE of
@@ -59,7 +59,9 @@ kill_at() {
     rc=$?
   fi
   alive=0
-  for p in $job; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+  for p in $job; do # a zombie has ended (this container's pid 1 may reap it late)
+    case "$(cut -d ' ' -f 3 "/proc/$p/stat" 2>/dev/null)" in "" | Z) ;; *) alive=$((alive + 1)) ;; esac
+  done
   echo "$rc $secs $caught $alive $(wc -w <<<"$job")" >"$dir.res"
 }
 # ended DESC DIR RANK: the assertions every kill shares
@@ -147,21 +149,27 @@ stale() { digests "$(step_dir "$1" 6)/peer-00$2.kdpc" codistill.stale; }
 copy_at() { # copy_at RUN NEW STEP: NEW, a run.dir holding RUN's checkpoint at STEP
   mkdir -p "$2/checkpoints" && cp -r "$(step_dir "$1" "$3")" "$2/checkpoints/" && cp "$1/metrics.jsonl" "$2/"
 }
+# (the two runs at once, then the two resumes at once)
+run 3 "${base[@]}" "${w[@]}" -s run.dir="$tmp/w3" >"$tmp/w3.out" 2>&1 &
+run 2 "${base[@]}" "${w[@]}" -s run.dir="$tmp/w2" >"$tmp/w2.out" 2>&1
+wait $!
 for np in 3 2; do
-  run "$np" "${base[@]}" "${w[@]}" -s run.dir="$tmp/w$np" >"$tmp/w$np.out" 2>&1
-  expect "codistill weights, P=$np, to step 6 (exit $?)" test -n "$(stale "$tmp/w$np" 0)"
+  expect "codistill weights, P=$np, to step 6" test -n "$(stale "$tmp/w$np" 0)"
 done
 copy_at "$tmp/w3" "$tmp/ws" 2
+copy_at "$tmp/w2" "$tmp/wg" 2
+run 3 "${base[@]}" "${w[@]}" -s run.dir="$tmp/wg" --resume-as 3 >"$tmp/wg.out" 2>&1 &
 run 2 "${base[@]}" "${w[@]}" -s run.dir="$tmp/ws" --resume-as 2 >"$tmp/ws.out" 2>&1
-expect "codistill weights: --resume-as 2 from P=3 finishes (exit $?)" test -f "$(step_dir "$tmp/ws" 6)/MANIFEST.kdpc"
+wait $!
+expect "codistill weights: --resume-as 2 from P=3 finishes" test -f "$(step_dir "$tmp/ws" 6)/MANIFEST.kdpc"
 expect "  ...logging what became of the stale copies" \
   grep -q "resize 3 -> 2 peers: codistill's stale copies .* of peers 0,1 kept as of the last exchange" "$tmp/ws.out"
 for r in 0 1; do
   expect "  ...rank $r's stale copies are the P=2 run's, bitwise" test "$(stale "$tmp/ws" $r)" = "$(stale "$tmp/w2" 0)"
 done
-copy_at "$tmp/w2" "$tmp/wg" 2
-run 3 "${base[@]}" "${w[@]}" -s run.dir="$tmp/wg" --resume-as 3 >"$tmp/wg.out" 2>&1
-expect "codistill weights: --resume-as 3 from P=2 finishes (exit $?)" test -f "$(step_dir "$tmp/wg" 6)/MANIFEST.kdpc"
+expect "codistill weights: --resume-as 3 from P=2 finishes" test -f "$(step_dir "$tmp/wg" 6)/MANIFEST.kdpc"
+expect "  ...the new peer's copy taken from its weights at the resume" \
+  grep -q "resize 2 -> 3 peers: .* of peers 0,1 kept as of the last exchange, of peer 2 taken from their weights now" "$tmp/wg.out"
 for r in 0 1 2; do
   expect "  ...rank $r's stale copies are the P=3 run's, bitwise" test "$(stale "$tmp/wg" $r)" = "$(stale "$tmp/w3" 0)"
 done
