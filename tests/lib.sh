@@ -60,6 +60,20 @@ live_snapshot() {
   curl -s "$addr/metrics" >"$tmp/metrics.txt"
   curl -s "$addr/history" >"$tmp/history.json"
   curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+# rank_pid RUN_DIR RANK: the pid of that rank of the job that writes RUN_DIR (-s run.dir=RUN_DIR)
+rank_pid() {
+  local p
+  for p in $(pgrep -x kdpeers); do
+    tr '\0' '\n' 2>/dev/null <"/proc/$p/cmdline" | grep -qx "run.dir=$1" || continue
+    tr '\0' '\n' 2>/dev/null <"/proc/$p/environ" | grep -qx "OMPI_COMM_WORLD_RANK=$2" && echo "$p"
+  done
+}
+left() { # left RUN_DIR: how many kdpeers processes of the job that writes RUN_DIR are left
+  local p n=0
+  for p in $(pgrep -x kdpeers); do
+    tr '\0' '\n' 2>/dev/null <"/proc/$p/cmdline" | grep -qx "run.dir=$1" && n=$((n + 1))
+  done
+  echo "$n"
 }
 finish() {
   echo "$1: $pass passed, $fail failed"

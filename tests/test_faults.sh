@@ -25,21 +25,6 @@ wait_for() {
   for _ in $(seq "$n"); do "$@" && return 0; sleep 0.1; done
   return 1
 }
-# rank_pid RUN_DIR RANK: that rank of the job that writes RUN_DIR (unique names below)
-rank_pid() {
-  local p
-  for p in $(pgrep -x kdpeers); do
-    tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null | grep -qx "run.dir=$1" || continue
-    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2" && echo "$p"
-  done
-}
-left() { # kdpeers processes of the job that writes RUN_DIR
-  local p n=0
-  for p in $(pgrep -x kdpeers); do
-    tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null | grep -qx "run.dir=$1" && n=$((n + 1))
-  done
-  echo "$n"
-}
 stop_mpirun() { pkill -USR1 -f "^mpirun .*run.dir=$1( |$)"; }
 holds_lock() { # rank 0 of the job that writes RUN_DIR has written its name into the lock file
   local p

@@ -23,21 +23,37 @@ void kdp_loop_diverged(kdp_loop *L, int peer, int64_t step, const char *term, do
   L->div.value = v;
 }
 
+/* KDP_FAULT_STOP_AT_STEP=N:R[:WHERE] (tests, docs/testing.md): the step at which rank R stops
+   itself (SIGSTOP) at WHERE on this rank, or -1. WHERE: agree (the default: before the
+   agreement point of loop step N), exchange (before the distillation exchange of loop step N),
+   ckpt (halfway through writing its file of the checkpoint at step N: the temp file flushed,
+   not renamed), eval (in the evaluation at step N, after its first batch's forward pass). */
+int64_t kdp_fault_stop_step(const kdp_dist *d, int where) {
+  static const char *const names[] = {"agree", "exchange", "ckpt", "eval"};
+  const char *stop = getenv("KDP_FAULT_STOP_AT_STEP");
+  long long at = -1;
+  int rank = -1;
+  char w[16] = "agree";
+  if (!stop || sscanf(stop, "%lld:%d:%15s", &at, &rank, w) < 2 || rank != d->world_rank)
+    return -1;
+  return strcmp(w, names[where]) == 0 ? at : -1;
+}
+
+void kdp_fault_stop(const kdp_dist *d, int where, int64_t step) {
+  if (step >= 0 && step == kdp_fault_stop_step(d, where)) raise(SIGSTOP);
+}
+
 /* Fault injection for the tests (docs/testing.md): rank 0 signals itself at step signal_at
    (KDP_FAULT_SIGNAL_AT_STEP=N) and makes a logit NaN at step nan_at (KDP_FAULT_NAN_AT_STEP=N);
-   rank R stops itself (SIGSTOP) before the agreement point of step stop_at
-   (KDP_FAULT_STOP_AT_STEP=N:R). -1 = never. */
+   rank R stops itself (SIGSTOP) before the agreement point or the exchange of step stop_at
+   (KDP_FAULT_STOP_AT_STEP=N:R[:exchange]). -1 = never. */
 void kdp_loop_init(const kdp_trainer *t, kdp_loop *L) {
   memset(L, 0, sizeof *L);
   const char *sig = getenv("KDP_FAULT_SIGNAL_AT_STEP"), *nan = getenv("KDP_FAULT_NAN_AT_STEP");
-  const char *stop = getenv("KDP_FAULT_STOP_AT_STEP");
   L->signal_at = sig && t->is_root ? atoll(sig) : -1;
   L->nan_at = nan && t->is_root ? atoll(nan) : -1;
-  long long at = -1;
-  int rank = -1;
-  L->stop_at = stop && sscanf(stop, "%lld:%d", &at, &rank) == 2 && rank == t->d->world_rank
-                   ? at
-                   : -1;
+  L->stop_at = kdp_fault_stop_step(t->d, KDP_FAULT_STOP_AGREE);
+  L->stop_exchange_at = kdp_fault_stop_step(t->d, KDP_FAULT_STOP_EXCHANGE);
 }
 
 /* The divergence error on this rank (the rank of the diverged peer names the step and term),

@@ -68,6 +68,10 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
     PUT(kdp_ckpt_put_u64(w, "rng.dropout.state", t->dropout_rng.state, err));
     PUT(kdp_ckpt_put_u64(w, "rng.dropout.inc", t->dropout_rng.inc, err));
     PUT(kdp_ckpt_put_f32(w, "params", kdp_model_params(t->model), 1, &np, err));
+    if (rc == 0 && kdp_fault_stop_step(d, KDP_FAULT_STOP_CKPT) == t->step) {
+      fflush(NULL); /* fault injection: a rank lost halfway through its temp file */
+      kdp_fault_stop(d, KDP_FAULT_STOP_CKPT, t->step);
+    }
     PUT(kdp_ckpt_put_f32(w, "momentum", t->opt.buf, 1, &np, err));
     PUT(kdp_ckpt_put_i64(w, "opt_steps", t->opt.n_steps, err));
     PUT(kdp_ckpt_put_f32(w, "buffers", kdp_model_buffers(t->model), 1, &nb, err));
@@ -365,6 +369,7 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     rc = e && e->resized ? kdp_elastic_load_module(t, e, ck, err) : kdp_distill_load(t, ck, err);
   /* mcl's embedding head travels with its peer (kept or cloned); a new peer keeps a fresh one */
   if (rc == 0 && e && e->resized && own) rc = kdp_embed_load(t, ck, err);
+  if (rc == 0 && e && e->resized && t->stale) rc = kdp_stale_load_resized(t->stale, t, e, ck, err);
   /* churn's previous labels belong to the old cohort after a resize: churn starts over */
   if (!(e && e->resized)) GET(restore_diversity(t, ck, err));
 #undef GET
@@ -388,6 +393,7 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     if (rc == 0) rc = kdp_fail(err, KDP_EMISMATCH, "another rank could not resume (see its message)");
     return rc;
   }
+  kdp_stale_resize_finish(t->stale, t); /* after a resize: new peers' copies (collective) */
   t->step = step;
   kdp_batcher_seek(&t->batcher, epoch, (size_t)pos);
   if (metrics_offset) *metrics_offset = moff;

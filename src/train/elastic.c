@@ -45,10 +45,6 @@ int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
                     "--clone-from need a peer count");
   if (e->P != -1 && (e->P < 1 || e->P > KDP_MAX_PEERS))
     return kdp_fail(err, KDP_EINVAL, "--resume-as %d: expected 1..%d peers", e->P, KDP_MAX_PEERS);
-  if (cfg->exchange_id == KDP_EXCHANGE_WEIGHTS)
-    return kdp_fail(err, KDP_EINVAL,
-                    "--resume-as: kd.exchange = weights (codistill's stale copies of every peer) "
-                    "cannot change its cohort yet; resume with the same -np instead");
   char ini[256] = "";
   int64_t step = 0;
   int found = kdp_ckpt_find_latest(cfg->dir, &step, err);

@@ -11,9 +11,11 @@
 #define EVAL_BATCH KDP_TRAIN_EVAL_BATCH
 
 /* One pass over a dataset in eval batches of the whole cohort, added to s; with run.ema_decay,
-   this rank's EMA copy on its own rows is added to ema[0] (loss sum) and ema[1] (hits). */
+   this rank's EMA copy on its own rows is added to ema[0] (loss sum) and ema[1] (hits).
+   fault_step >= 0: the test hook KDP_FAULT_STOP_AT_STEP=fault_step:R:eval may stop this rank after
+   the first batch's forward (a rank lost in the middle of an evaluation). */
 static int eval_pass(kdp_trainer *t, const kdp_dataset *ds, kdp_eval_sums *s, double ema[2],
-                     kdp_error *err) {
+                     int64_t fault_step, kdp_error *err) {
   kdp_dist *d = t->d;
   const size_t n = ds->n;
   int rc = 0;
@@ -25,6 +27,7 @@ static int eval_pass(kdp_trainer *t, const kdp_dataset *ds, kdp_eval_sums *s, do
     for (size_t i = 0; i < B; i++)
       if (i < lo || i >= hi) t->ybuf[i] = (int32_t)ds->labels[first + i];
     const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf, hi - lo, 0, NULL) : NULL;
+    if (first == 0 && fault_step >= 0) kdp_fault_stop(d, KDP_FAULT_STOP_EVAL, fault_step);
     s->first = first;
     rc = kdp_pipeline_eval(t->pipe, B, t->ybuf, z, kdp_model_features(t->model), s, err);
     if (t->ema && hi > lo) {
@@ -60,7 +63,7 @@ static int eval_val(kdp_trainer *t, double *out, kdp_error *err) {
     s.logits_stride = N;
   }
   double ema[2] = {0, 0};
-  int rc = eval_pass(t, &t->val, &s, ema, err);
+  int rc = eval_pass(t, &t->val, &s, ema, -1, err);
   memset(out, 0, (4 * P + 4) * sizeof(double));
   out[2 * (size_t)t->d->peer] = s.peer_loss;
   out[2 * (size_t)t->d->peer + 1] = s.peer_hits;
@@ -114,7 +117,7 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
     s.labels_stride = n;
   }
   double ema_sums[2] = {0, 0}; /* run.ema_decay: this rank's EMA copy on its own rows */
-  rc = eval_pass(t, ds, &s, ema_sums, err);
+  rc = eval_pass(t, ds, &s, ema_sums, step, err);
   if (rc != 0) {
     free(vv);
     return rc;

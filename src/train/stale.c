@@ -16,6 +16,8 @@ struct kdp_stale {
   size_t off[KDP_DIST_MAX_PEERS];
   float *mine, *all;                   /* this peer's vector; every peer's, back to back */
   float *z_all;                        /* P x Bl x C */
+  float *kept;  /* after a resize, until kdp_stale_resize_finish: the kept peers' old copies */
+  int keep[KDP_DIST_MAX_PEERS]; /* ...peer j's copy is in kept (1) or is its weights now (0) */
 };
 
 int kdp_stale_create(kdp_stale **out, kdp_trainer *t, kdp_error *err) {
@@ -53,6 +55,7 @@ void kdp_stale_free(kdp_stale *s) {
   free(s->mine);
   free(s->all);
   free(s->z_all);
+  free(s->kept);
   free(s);
 }
 
@@ -102,4 +105,68 @@ int kdp_stale_load(kdp_stale *s, const kdp_ckpt *ck, kdp_error *err) {
   int rc = kdp_ckpt_get_f32(ck, "codistill.stale", s->all, total(s), err);
   if (rc == 0) unpack(s);
   return rc;
+}
+
+/* ---- a resized cohort (--resume-as): the stale copies of the new cohort ----
+   A kept peer's copy is the one the old cohort held (all ranks held the same, taken at the
+   last exchange), so its staleness carries over; a new peer's (from its seed, or a clone) is
+   its weights at the resume, as if exchanged then. */
+int kdp_stale_load_resized(kdp_stale *s, kdp_trainer *t, const kdp_elastic *e,
+                           const kdp_ckpt *ck, kdp_error *err) {
+  kdp_input_shape ish = {t->train.H, t->train.W, t->train.C, t->C};
+  size_t ow[KDP_MAX_PEERS], ooff[KDP_MAX_PEERS], otot = 0;
+  for (int j = 0; j < e->old_P; j++) {
+    kdp_model *m = NULL;
+    int rc = kdp_model_create(&m, e->old_arch[j], ish, 1, err);
+    if (rc != 0) return rc;
+    ow[j] = kdp_model_n_params(m) + kdp_model_n_buffers(m);
+    kdp_model_free(m);
+    ooff[j] = otot;
+    otot += ow[j];
+  }
+  /* a checkpoint of one peer (independent) holds no copies: every peer's is its weights now */
+  int has = kdp_ckpt_has(ck, "codistill.stale");
+  float *old = kdp_falloc(otot);
+  int rc = has ? kdp_ckpt_get_f32(ck, "codistill.stale", old, otot, err) : 0;
+  free(s->kept);
+  s->kept = kdp_falloc(total(s));
+  for (size_t i = 0; i < s->P && rc == 0; i++) {
+    int o = e->map[i];
+    s->keep[i] = has && o >= 0;
+    if (!s->keep[i]) continue;
+    if (ow[o] != s->width[i]) {
+      rc = kdp_fail(err, KDP_EFORMAT,
+                    "codistill.stale: old peer %d's copy holds %zu values; new peer %zu has %zu",
+                    o, ow[o], i, s->width[i]);
+      break;
+    }
+    memcpy(s->kept + s->off[i], old + ooff[o], ow[o] * sizeof(float));
+  }
+  free(old);
+  if (rc == 0 && t->is_root) {
+    char kept[256] = "", fresh[256] = "";
+    for (size_t i = 0; i < s->P; i++) {
+      char *l = s->keep[i] ? kept : fresh;
+      size_t u = strlen(l);
+      if (u + 8 < sizeof kept) snprintf(l + u, sizeof kept - u, "%s%zu", u ? "," : "", i);
+    }
+    fprintf(stderr,
+            "kdpeers: resize %d -> %zu peers: codistill's stale copies (kd.exchange = weights) "
+            "of peer%s %s kept as of the last exchange, of peer%s %s taken from their weights "
+            "now; each peer's shard of the training set is recut for %zu peers\n",
+            e->old_P, s->P, strchr(kept, ',') ? "s" : "", kept[0] ? kept : "(none)",
+            strchr(fresh, ',') ? "s" : "", fresh[0] ? fresh : "(none)", s->P);
+  }
+  return rc;
+}
+
+void kdp_stale_resize_finish(kdp_stale *s, kdp_trainer *t) {
+  if (!s || !s->kept) return;
+  refresh(s, t); /* every peer's weights now (collective) */
+  for (size_t i = 0; i < s->P; i++)
+    if (s->keep[i])
+      memcpy(s->all + s->off[i], s->kept + s->off[i], s->width[i] * sizeof(float));
+  unpack(s);
+  free(s->kept);
+  s->kept = NULL;
 }

@@ -338,6 +338,10 @@ static void distill(kdp_trainer *t, kdp_loop *L, int64_t step, size_t B, const f
       .burn_in = step < cfg->burn_in_steps,
       .z_ema = z_ema,
   };
+  if (step == L->stop_exchange_at) {
+    L->stop_exchange_at = -1;
+    raise(SIGSTOP); /* fault injection: a rank lost inside the method's exchange */
+  }
   if (t->stale) in.z_all = kdp_stale_logits(t->stale, t, step, x, z, n);
   if (t->embed) kdp_embed_forward(t, n, &in.v, &in.dv);
   kdp_kd_losses kl;

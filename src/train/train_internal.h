@@ -142,6 +142,7 @@ typedef struct kdp_loop {
     double value;
   } div;
   int64_t signal_at, nan_at, stop_at; /* fault injection (docs/testing.md), -1 = never */
+  int64_t stop_exchange_at;
   int predicting;                     /* a prediction was answered at the last boundary */
   double t_compute;
 } kdp_loop;
@@ -207,6 +208,12 @@ const float *kdp_stale_logits(kdp_stale *s, kdp_trainer *t, int64_t step, const 
                               const float *z, size_t n);
 int kdp_stale_save(kdp_stale *s, struct kdp_ckpt_writer *w, kdp_error *err);
 int kdp_stale_load(kdp_stale *s, const struct kdp_ckpt *ck, kdp_error *err);
+/* --resume-as: the kept peers' stale copies from the old cohort's checkpoint (the new cohort's
+   order); then, once every rank has restored its state (collective), kdp_stale_resize_finish
+   makes a new peer's copy its weights now */
+int kdp_stale_load_resized(kdp_stale *s, kdp_trainer *t, const kdp_elastic *e,
+                           const struct kdp_ckpt *ck, kdp_error *err);
+void kdp_stale_resize_finish(kdp_stale *s, kdp_trainer *t);
 
 /* eval.c: evaluates every peer, the ensemble and the method's teacher on the test set and
    writes their eval lines (collective) */
@@ -244,6 +251,12 @@ int kdp_boundary_end(kdp_trainer *t, kdp_loop *L, int64_t step, const kdp_step_r
 /* While paused or serving only: commands, predictions and signals (collective). */
 int kdp_boundary_pause(kdp_trainer *t, int *want_ckpt, int *want_stop, kdp_error *err);
 void kdp_loop_init(const kdp_trainer *t, kdp_loop *L);
+/* KDP_FAULT_STOP_AT_STEP=N:R[:WHERE] (tests): where a rank stops itself with SIGSTOP */
+enum { KDP_FAULT_STOP_AGREE, KDP_FAULT_STOP_EXCHANGE, KDP_FAULT_STOP_CKPT, KDP_FAULT_STOP_EVAL };
+/* the step at which this rank stops at WHERE, or -1 */
+int64_t kdp_fault_stop_step(const kdp_dist *d, int where);
+/* raises SIGSTOP when this rank stops at WHERE at this step */
+void kdp_fault_stop(const kdp_dist *d, int where, int64_t step);
 
 /* checkpoint.c */
 /* Writes a checkpoint of the state after t->step steps (collective). */
