@@ -60,6 +60,7 @@ live_snapshot() {
   curl -s "$addr/metrics" >"$tmp/metrics.txt"
   curl -s "$addr/history" >"$tmp/history.json"
   curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+}
 # rank_pid RUN_DIR RANK: the pid of that rank of the job that writes RUN_DIR (-s run.dir=RUN_DIR)
 rank_pid() {
   local p
