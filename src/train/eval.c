@@ -24,6 +24,9 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
     s.labels = t->div_cur;
     s.labels_stride = n;
   }
+  /* tests: KDP_TEST_EVAL_FAIL=R fails world rank R's first evaluation (its teacher's) */
+  const char *fail = getenv("KDP_TEST_EVAL_FAIL");
+  const int inject = fail && *fail && atoi(fail) == d->world_rank;
   int rc = 0;
   for (size_t first = 0; first < n && rc == 0; first += EVAL_BATCH) {
     size_t B = n - first < EVAL_BATCH ? n - first : EVAL_BATCH, lo, hi;
@@ -34,6 +37,18 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
       if (i < lo || i >= hi) t->ybuf[i] = (int32_t)ds->labels[first + i];
     const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf, hi - lo, 0, NULL) : NULL;
     rc = kdp_pipeline_eval(t->pipe, B, t->ybuf, z, kdp_model_features(t->model), &s, err);
+    if (rc == 0 && inject)
+      rc = kdp_fail(err, KDP_EIO, "the %s's evaluation failed (injected by KDP_TEST_EVAL_FAIL)",
+                    t->teacher_name ? t->teacher_name : "ensemble");
+    if (rc != 0) {
+      char cause[KDP_ERRLEN];
+      snprintf(cause, sizeof cause, "%s", err->msg);
+      kdp_fail(err, rc, "peer %d, step %lld: evaluation failed: %s", d->peer, (long long)step,
+               cause);
+    }
+    /* a failure on one rank stops the evaluation of every rank here, with its message: the
+       others would wait for it in the next batch's gathers */
+    rc = kdp_dist_first_error(d, rc, err);
   }
   if (rc != 0) return rc;
   /* summed over the world: [2p], [2p + 1] loss and hits of peer p (its ranks' rows), then the
