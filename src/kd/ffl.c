@@ -33,11 +33,8 @@ static int setup(kdp_cohort *c, kdp_kd_spec *s, kdp_error *err) {
                                    KDP_SPLIT_NONE);
   st->o_b2 = kdp_cohort_add_tensor(c, "fusion.fc2.bias", s->C, 1, -1, KDP_SPLIT_NONE,
                                    KDP_SPLIT_NONE);
-  st->u = kdp_cohort_falloc(c, B * c->D);
-  st->du = kdp_cohort_falloc(c, B * c->D);
-  float **bufs[] = {&st->zf, &st->dzf, &st->zm, &st->qm};
-  for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++)
-    *bufs[k] = kdp_cohort_falloc(c, B * s->C);
+  kd_falloc_each(c, B * c->D, &st->u, &st->du, NULL);
+  kd_falloc_each(c, B * s->C, &st->zf, &st->dzf, &st->zm, &st->qm, NULL);
   kdp_cohort_set_state(c, st);
   return 0;
 }

@@ -37,6 +37,11 @@ extern const kdp_method_ops kdp_independent_ops, kdp_dml_ops, kdp_codistill_ops,
 #define KD_BN_MOMENTUM 0.1f
 #define KD_BN_EPS 1e-5f
 
+/* A method's scratch of n floats each, for the cohort's life: *p = kdp_cohort_falloc(c, n) for
+   every float **p of the NULL-terminated list (the per-peer projections' and the teachers'
+   buffers of a module). */
+void kd_falloc_each(kdp_cohort *c, size_t n, ...);
+
 /* u (n x D) = concat_j h_j per row, h as in kdp_kd_rows (P blocks of n x d_j) */
 void kd_concat_features(const kdp_cohort *c, float *u, const float *h, size_t n);
 /* dh_j += the columns of du (n x D) that belong to peer j */

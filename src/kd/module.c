@@ -3,6 +3,7 @@
    are spread over row blocks. */
 #include <cblas.h>
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include "kd_internal.h"
@@ -11,6 +12,13 @@
 void kd_fill_uniform(float *p, size_t n, size_t fan_in, kdp_rng *rng) {
   float bound = 1.0f / sqrtf((float)(fan_in ? fan_in : 1));
   for (size_t k = 0; k < n; k++) p[k] = (2.0f * kdp_rng_uniform(rng) - 1.0f) * bound;
+}
+
+void kd_falloc_each(kdp_cohort *c, size_t n, ...) {
+  va_list ap;
+  va_start(ap, n);
+  for (float **p = va_arg(ap, float **); p; p = va_arg(ap, float **)) *p = kdp_cohort_falloc(c, n);
+  va_end(ap);
 }
 
 void kd_concat_features(const kdp_cohort *c, float *u, const float *h, size_t n) {
