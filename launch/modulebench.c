@@ -14,7 +14,17 @@
  *   --json     append one JSON line per configuration
  *   --replicated 1: time the whole batch on every rank instead (the module before it was sharded
  *              by rows), for comparison
- * Not timed: the batchnorm sums' allreduce (2 d_f + 1 doubles per step) and the exchanges (see
+ *   --cols     1 (default): a module whose first layer is sharded by peer columns (ffl,
+ *              kdp_cohort_col_width) runs as the trainer does: this peer's partial product on its
+ *              B own rows (one rank per peer), the row block's sum of the P partials, its backward,
+ *              this peer's columns' backward; 0: rows only (the whole first layer on the block of
+ *              B/P rows, as before the column sharding), for comparison
+ * Also printed: the floats one rank exchanges per step for the module's features (the
+ * all-to-all of the block's inputs and of their gradients, received + sent; the logits' rows
+ * not counted) and the module gradient's allreduce length (floats), from the shapes.
+ * ms/step includes the zeroing of the module's gradient (every step does it; it is O(module
+ * size), printed alone as "zero ms"). Not timed: the batchnorm sums' allreduce (2 d_f + 1
+ * doubles per step) and the exchanges (see
  * bench/cost-model.md). Also printed: the module's FLOPs per rank per step from its shapes
  * (forward + backward = 3 x the forward's matrix products), so the time can be read per FLOP.
  */
@@ -29,12 +39,15 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* forward + backward matrix-product FLOPs of one rank's m rows */
-static double module_flops(kdp_method m, size_t P, size_t rows, size_t d, size_t C) {
+/* forward + backward matrix-product FLOPs of one rank's m rows (own: its peer's own rows when
+   the first layer is sharded by peer columns, else 0) */
+static double module_flops(kdp_method m, size_t P, size_t rows, size_t own, size_t d, size_t C) {
   double n = (double)rows, D = (double)(P * d), p = (double)P;
   switch (m) {
   case KDP_METHOD_ONE: return 6.0 * n * D * p + 6.0 * n * p * (double)C;  /* gate, mixture */
-  case KDP_METHOD_FFL: return 6.0 * n * D * (double)d + 6.0 * n * (double)d * (double)C;
+  case KDP_METHOD_FFL:
+    if (own) return 6.0 * (double)own * (double)d * (double)d + 6.0 * n * (double)d * (double)C;
+    return 6.0 * n * D * (double)d + 6.0 * n * (double)d * (double)C;
   case KDP_METHOD_OKDDIP: {
     double a = p - 1, r = (double)(d / 8 ? d / 8 : 1);
     return 6.0 * n * 2.0 * a * (double)d * r + 6.0 * n * a * a * (r + (double)C);
@@ -55,7 +68,7 @@ static size_t parse_list(const char *s, size_t *out, size_t max) {
 int main(int argc, char **argv) {
   const char *methods = "one,ffl,okddip", *peers = "2,4,8,16,64", *json = NULL;
   size_t B = 128, d = 256, C = 10;
-  int reps = 200, replicated = 0;
+  int reps = 200, replicated = 0, cols = 1;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!v) {
@@ -70,6 +83,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--reps")) reps = atoi(v);
     else if (!strcmp(a, "--json")) json = v;
     else if (!strcmp(a, "--replicated")) replicated = atoi(v);
+    else if (!strcmp(a, "--cols")) cols = atoi(v);
     else {
       fprintf(stderr, "kdp-modulebench: unknown option %s\n", a);
       return 2;
@@ -83,8 +97,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "kdp-modulebench: cannot open %s\n", json);
     return 1;
   }
-  printf("%-7s %4s %5s %10s %10s %9s %12s\n", "method", "P", "rows", "ms/step", "vs P=first",
-         "MFLOP", "GFLOP/s");
+  printf("%-7s %4s %5s %10s %10s %9s %12s %9s %10s %10s\n", "method", "P", "rows", "ms/step",
+         "vs P=first", "MFLOP", "GFLOP/s", "zero ms", "a2a float", "allreduce");
   char *mcopy = strdup(methods), *save = NULL;
   for (char *name = strtok_r(mcopy, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
     kdp_method m;
@@ -117,6 +131,13 @@ int main(int argc, char **argv) {
       float *z = kdp_falloc(P * rows * C), *h = kdp_falloc(kdp_cohort_feature_floats(c, rows));
       float *t = kdp_falloc(P * rows * C), *dt = kdp_falloc(P * rows * C);
       float *dz = kdp_falloc(P * rows * C), *dh = kdp_falloc(kdp_cohort_feature_floats(c, rows));
+      /* sharded by peer columns: this peer's partials on its B own rows, the block's P partials */
+      const size_t W = replicated || !cols ? 0 : kdp_cohort_col_width(c);
+      float *part = W ? kdp_falloc(B * W) : NULL, *dpart = W ? kdp_falloc(B * W) : NULL;
+      float *partb = W ? kdp_falloc(P * rows * W) : NULL, *dpartb = W ? kdp_falloc(rows * W) : NULL;
+      float *hown = W ? kdp_falloc(B * d) : NULL, *dhown = W ? kdp_falloc(B * d) : NULL;
+      for (size_t k = 0; W && k < B * d; k++) hown[k] = kdp_rng_normal(&rng);
+      for (size_t k = 0; W && k < P * rows * W; k++) partb[k] = kdp_rng_normal(&rng);
       int32_t *y = calloc(rows, sizeof *y);
       for (size_t k = 0; k < P * rows * C; k++) {
         z[k] = 2.0f * kdp_rng_normal(&rng);
@@ -125,33 +146,52 @@ int main(int argc, char **argv) {
       for (size_t k = 0; k < kdp_cohort_feature_floats(c, rows); k++) h[k] = kdp_rng_normal(&rng);
       for (size_t k = 0; k < rows; k++) y[k] = (int32_t)kdp_rng_below(&rng, (uint32_t)C);
       kdp_kd_rows blk = {.z = z, .h = h, .y = y, .n = rows, .T = 3.0f, .weight = 1.0f,
-                         .scale = (float)rows / (float)B};
+                         .scale = (float)rows / (float)B, .part = partb, .dpart = dpartb};
       int tgrad = kdp_cohort_teacher_grad(c);
-      double *ms = calloc((size_t)reps, sizeof *ms);
+      double *ms = calloc((size_t)reps, sizeof *ms), *zms = calloc((size_t)reps, sizeof *zms);
       for (int r = -5; r < reps; r++) {
         double t0 = kdp_now();
         kdp_cohort_module_zero_grad(c);
-        if (kdp_cohort_module_forward(c, &blk, NULL, t, &err) != 0 ||
-            kdp_cohort_module_backward(c, &blk, tgrad ? dt : NULL, NULL, dz, dh, NULL, &err) != 0) {
+        if (r >= 0) zms[r] = (kdp_now() - t0) * 1e3;
+        /* (with W: the all-to-all between col_forward and the block's forward, and between its
+           backward and col_backward, is not timed; the block's partials are random) */
+        if ((W && kdp_cohort_col_forward(c, 0, hown, B, part, &err) != 0) ||
+            kdp_cohort_module_forward(c, &blk, NULL, t, &err) != 0 ||
+            kdp_cohort_module_backward(c, &blk, tgrad ? dt : NULL, NULL, dz, dh, NULL, &err) != 0 ||
+            (W && kdp_cohort_col_backward(c, 0, hown, B, dpartb, dhown, &err) != 0)) {
           fprintf(stderr, "kdp-modulebench: %s\n", err.msg);
           return 1;
         }
         if (r >= 0) ms[r] = (kdp_now() - t0) * 1e3;
       }
       qsort(ms, (size_t)reps, sizeof *ms, cmp_double);
-      double med = ms[reps / 2], fl = module_flops(m, P, rows, d, C);
+      qsort(zms, (size_t)reps, sizeof *zms, cmp_double);
+      double med = ms[reps / 2], fl = module_flops(m, P, rows, W ? B : 0, d, C);
       if (first_ms == 0) first_ms = med;
-      printf("%-7s %4zu %5zu %10.4f %10.2f %9.2f %12.2f\n", name, P, rows, med, med / first_ms,
-             fl / 1e6, fl / (med * 1e-3) / 1e9);
+      /* the module's feature exchange of one rank (received + sent), floats: the block's inputs
+         from the P - 1 other peers and their gradients back (features d_j each, or W partials);
+         the logits' rows (the same either way) are not counted */
+      const kdp_method_ops *o = kdp_method_ops_of(m);
+      const size_t in_w = (o->module_reads & KDP_READS_FEATURES) ? (W ? W : d) : 0;
+      const size_t back_w = kdp_cohort_feature_grads(c) ? in_w : 0;
+      const double a2a = replicated ? 0 : 2.0 * (double)(P - 1) * (double)rows *
+                                              (double)(in_w + back_w);
+      const size_t nred = kdp_cohort_module_n_params(c);
+      printf("%-7s %4zu %5zu %10.4f %10.2f %9.2f %12.2f %9.4f %10.0f %10zu\n", name, P, rows, med,
+             med / first_ms, fl / 1e6, fl / (med * 1e-3) / 1e9, zms[reps / 2], a2a, nred);
       if (jf)
         fprintf(jf,
-                "{\"method\":\"%s\",\"replicated\":%d,\"P\":%zu,\"B\":%zu,\"d\":%zu,\"C\":%zu,\"rows\":%zu,"
-                "\"ms_median\":%.6f,\"ms_best\":%.6f,\"mflop\":%.4f,\"reps\":%d}\n",
-                name, replicated, P, B, d, C, rows, med, ms[0], fl / 1e6, reps);
+                "{\"method\":\"%s\",\"replicated\":%d,\"cols\":%d,\"P\":%zu,\"B\":%zu,\"d\":%zu,"
+                "\"C\":%zu,\"rows\":%zu,\"ms_median\":%.6f,\"ms_best\":%.6f,\"mflop\":%.4f,"
+                "\"zero_grad_ms_median\":%.6f,\"a2a_floats\":%.0f,\"allreduce_floats\":%zu,"
+                "\"reps\":%d}\n",
+                name, replicated, W ? 1 : 0, P, B, d, C, rows, med, ms[0], fl / 1e6,
+                zms[reps / 2], a2a, nred, reps);
       free(ms);
+      free(zms);
       free(y);
-      float *bufs[] = {z, h, t, dt, dz, dh};
-      for (size_t k = 0; k < 6; k++) free(bufs[k]);
+      float *bufs[] = {z, h, t, dt, dz, dh, part, dpart, partb, dpartb, hown, dhown};
+      for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
       kdp_cohort_free(c);
     }
   }

@@ -78,6 +78,10 @@ void kdp_dist_free(kdp_dist *d);
 int kdp_dist_agree(kdp_dist *d, const void *buf, size_t n, const char *what, kdp_error *err);
 /* Logical AND of ok over the world (for "did every rank succeed?"). */
 int kdp_dist_all_ok(kdp_dist *d, int ok);
+/* After a part that may fail on some ranks only (rc != 0 there, err set): 0 on every rank when
+   none failed; else every rank returns the code of the lowest failing world rank and receives
+   its message in err, prefixed with "rank R: " on the other ranks. */
+int kdp_dist_first_error(kdp_dist *d, int rc, kdp_error *err);
 
 /* Sum-allreduce in place over the peer communicator (data parallelism inside a peer). */
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n);

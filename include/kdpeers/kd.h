@@ -144,6 +144,13 @@ typedef struct kdp_kd_rows {
   float T;          /* temperature > 0 */
   float weight;     /* effective KD weight lam * w(e) >= 0 */
   float scale;      /* the rows' share of the batch mean, n / B: multiplies every gradient */
+  /* A module whose first layer is sharded by peer columns (kdp_cohort_col_width > 0): instead of
+     h, the P peers' partial products of that layer on these rows (P x n x W, peer j's at
+     part + j n W, from kdp_cohort_col_forward), summed by the module in peer order; backward
+     then writes dpart (n x W), the gradient of their sum, for kdp_cohort_col_backward, in place
+     of dh. NULL: the module reads h whole. */
+  const float *part;
+  float *dpart;
 } kdp_kd_rows;
 
 /* The peer term's input: peer i's own n rows. */
@@ -243,6 +250,16 @@ typedef struct kdp_method_ops {
   /* The method's own teacher in eval mode on n rows: out (n x C). NULL: the module's shared
      teacher, forward in eval mode. */
   void (*teacher_eval)(kdp_cohort *c, const kdp_kd_rows *blk, float *out);
+  /* Sharding of the module's first layer by peer columns (ffl's fusion fc1 over concat_j h_j;
+     NULL: not sharded). Its input's columns of peer j meet only peer j's features, so peer j
+     computes their partial product on its own rows, col_forward: part (n x col_width) from h
+     (n x d_j); the row block's owner sums the P partials (blk->part) and its backward returns
+     their gradient (blk->dpart), which every peer takes back on its own rows, col_backward:
+     peer j's columns of the weight's gradient += and dh (n x d_j) +=. */
+  size_t (*col_width)(const kdp_cohort *c);
+  void (*col_forward)(kdp_cohort *c, size_t j, const float *h, size_t n, float *part);
+  void (*col_backward)(kdp_cohort *c, size_t j, const float *h, size_t n, const float *dpart,
+                       float *dh);
 } kdp_method_ops;
 
 /* The table: the ops of method m (NULL outside the table); kdp_method_at(i) for i = 0, 1, ...
@@ -335,6 +352,16 @@ void *kdp_cohort_state(kdp_cohort *c);               /* the method's own state *
 void kdp_cohort_set_state(kdp_cohort *c, void *state);
 
 /* ---------------------------------------------------------------- entry points (checked) */
+
+/* The width W of the partial products of a module sharded by peer columns (ops->col_width); 0
+   when the module is not. kdp_cohort_col_forward: peer j's partial product on its n own rows,
+   part (n x W) from its features h (n x d_j); kdp_cohort_col_backward: from dpart (n x W) on
+   the same rows, peer j's weight columns' gradient += and dh (n x d_j) +=. */
+size_t kdp_cohort_col_width(const kdp_cohort *c);
+int kdp_cohort_col_forward(kdp_cohort *c, size_t j, const float *h, size_t n, float *part,
+                           kdp_error *err);
+int kdp_cohort_col_backward(kdp_cohort *c, size_t j, const float *h, size_t n, const float *dpart,
+                            float *dh, kdp_error *err);
 
 /* ops->forward on a row block (blk->n may be 0; every rank of the module group calls it).
    teacher: kdp_cohort_teacher_floats(c, blk->n) floats. */

@@ -1063,7 +1063,8 @@ const char *const kdp_config_other_env[] = {
     "KDP_SLURM_CRED_EXPIRE",
     /* fault injection (tests) */
     "KDP_FAULT_SIGNAL_AT_STEP", "KDP_FAULT_NAN_AT_STEP", "KDP_FAULT_CKPT_SLEEP_MS",
-    "KDP_FAULT_METRICS_FULL", "KDP_FAULT_STOP_AT_STEP", "KDP_TEST_SAME_INIT", NULL};
+    "KDP_FAULT_METRICS_FULL", "KDP_FAULT_STOP_AT_STEP", "KDP_TEST_SAME_INIT",
+    "KDP_TEST_EVAL_FAIL", NULL};
 
 /* 1 if the variable NAME (up to '=') is a config key's: KDP_<SECTION>_<KEY>, KDP_PEER_<N>_<KEY> */
 static int env_is_key(const char *name, size_t len) {

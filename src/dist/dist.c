@@ -285,6 +285,16 @@ int kdp_dist_all_ok(kdp_dist *d, int ok) {
   return out;
 }
 
+int kdp_dist_first_error(kdp_dist *d, int rc, kdp_error *err) {
+  int in = rc != 0 ? d->world_rank : d->world_size, root = 0;
+  KDP_WAIT_MPI(d, MPI_Allreduce(&in, &root, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  if (root == d->world_size) return 0;
+  struct { int code; char msg[KDP_ERRLEN]; } e = {rc, ""};
+  if (d->world_rank == root && err) snprintf(e.msg, sizeof e.msg, "%s", err->msg);
+  KDP_WAIT_MPI(d, MPI_Bcast(&e, (int)sizeof e, MPI_BYTE, root, MPI_COMM_WORLD));
+  if (d->world_rank != root) kdp_fail(err, e.code, "rank %d: %s", root, e.msg);
+  return e.code;
+}
 
 void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->ranks_per_peer <= 1) return;

@@ -3,7 +3,10 @@
    L_i = CE(z_i, y) + lam w T^2 KL(sg s_T(z_f) || s_T(z_i)); the fused head:
    L_f = CE(z_f, y) + lam w T^2 KL(sg s_T(mean_j z_j) || s_T(z_f)), which trains the head and
    reaches every peer's features. Its own weight decay (kd.fusion_weight_decay). Row-sharded:
-   each rank runs the head on its row block of the batch. */
+   each rank runs the head on its row block of the batch. Sharded by peer columns too: fc1's
+   columns of peer j meet only h_j, so each peer multiplies its own rows by its block of fc1
+   (col_forward) and the row block's owner sums the P partials (blk->part): the head's per-rank
+   work stays B d_f d_j as P grows, instead of (B/P) d_f sum_j d_j over a weight of P blocks. */
 #include <string.h>
 
 #include "kd_internal.h"
@@ -30,11 +33,8 @@ static int setup(kdp_cohort *c, kdp_kd_spec *s, kdp_error *err) {
                                    KDP_SPLIT_NONE);
   st->o_b2 = kdp_cohort_add_tensor(c, "fusion.fc2.bias", s->C, 1, -1, KDP_SPLIT_NONE,
                                    KDP_SPLIT_NONE);
-  st->u = kdp_cohort_falloc(c, B * c->D);
-  st->du = kdp_cohort_falloc(c, B * c->D);
-  float **bufs[] = {&st->zf, &st->dzf, &st->zm, &st->qm};
-  for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++)
-    *bufs[k] = kdp_cohort_falloc(c, B * s->C);
+  kd_falloc_each(c, B * c->D, &st->u, &st->du, NULL);
+  kd_falloc_each(c, B * s->C, &st->zf, &st->dzf, &st->zm, &st->qm, NULL);
   kdp_cohort_set_state(c, st);
   return 0;
 }
@@ -51,8 +51,12 @@ static void forward(kdp_cohort *c, const kdp_kd_rows *blk, int train, const kdp_
                     float *teacher) {
   ffl_state *st = kdp_cohort_state(c);
   const size_t n = blk->n, H = c->s.fusion_dim, C = c->s.C;
-  if (n) kd_concat_features(c, st->u, blk->h, n);
-  kd_hidden_forward(c, &st->fc1, st->u, n, train, red);
+  if (blk->part) {
+    kd_hidden_forward_parts(c, &st->fc1, blk->part, n, train, red);
+  } else {
+    if (n) kd_concat_features(c, st->u, blk->h, n);
+    kd_hidden_forward(c, &st->fc1, st->u, n, train, red);
+  }
   if (!n) return;
   kdp_dense_forward(st->zf, st->fc1.act, c->params + st->o_w2, c->params + st->o_b2, n, H, C);
   memcpy(teacher, st->zf, n * C * sizeof(float));
@@ -80,11 +84,30 @@ static double backward(kdp_cohort *c, const kdp_kd_rows *blk, const float *dteac
     memset(st->fc1.dact, 0, n * H * sizeof(float));
     kdp_dense_backward(st->fc1.dact, c->grads + st->o_w2, c->grads + st->o_b2, st->dzf,
                        st->fc1.act, c->params + st->o_w2, n, H, C);
-    memset(st->du, 0, n * c->D * sizeof(float));
+    if (!blk->part) memset(st->du, 0, n * c->D * sizeof(float));
   }
-  kd_hidden_backward(c, &st->fc1, st->u, n, st->du, red);
-  if (n) kd_split_features(c, dh, st->du, n);
+  if (blk->part) {
+    kd_hidden_backward_parts(c, &st->fc1, n, blk->dpart, red);
+  } else {
+    kd_hidden_backward(c, &st->fc1, st->u, n, st->du, red);
+    if (n) kd_split_features(c, dh, st->du, n);
+  }
   return L * (double)blk->scale;
+}
+
+/* fc1 sharded by peer columns: z_f's first layer reads concat_j h_j, so peer j's block of its
+   columns meets only h_j */
+static size_t col_width(const kdp_cohort *c) { return c->s.fusion_dim; }
+
+static void col_forward(kdp_cohort *c, size_t j, const float *h, size_t n, float *part) {
+  ffl_state *st = kdp_cohort_state(c);
+  kd_hidden_col_forward(c, &st->fc1, j, h, n, part);
+}
+
+static void col_backward(kdp_cohort *c, size_t j, const float *h, size_t n, const float *dpart,
+                         float *dh) {
+  ffl_state *st = kdp_cohort_state(c);
+  kd_hidden_col_backward(c, &st->fc1, j, h, n, dpart, dh);
 }
 
 static unsigned grads(const kdp_cohort *c) {
@@ -96,5 +119,6 @@ const kdp_method_ops kdp_ffl_ops = {
     .name = "ffl", .teacher = "fused", .min_peers = 2, .module_decay = KDP_DECAY_MODULE,
     .module_reads = KDP_READS_LOGITS | KDP_READS_FEATURES,
     .setup = setup, .init = init, .grads = grads, .forward = forward,
-    .peer_loss = kd_sg_teacher_loss, .backward = backward};
+    .peer_loss = kd_sg_teacher_loss, .backward = backward, .col_width = col_width,
+    .col_forward = col_forward, .col_backward = col_backward};
 

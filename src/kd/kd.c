@@ -256,10 +256,45 @@ static int check_block(const kdp_cohort *c, const kdp_kd_rows *blk, const char *
   int rc = check_rows(c, (r & KDP_READS_LOGITS) != 0, blk->z, blk->y, blk->n, blk->T,
                       blk->weight, fn, err);
   if (rc) return rc;
-  if (blk->n && (r & KDP_READS_FEATURES) && !blk->h)
+  if (blk->n && (r & KDP_READS_FEATURES) && !blk->h && !(blk->part && c->ops->col_width))
     return kdp_fail(err, KDP_EINVAL, "%s: method %s needs the peers' features h", fn,
                     c->ops->name);
+  if (blk->n && blk->part && !blk->dpart)
+    return kdp_fail(err, KDP_EINVAL, "%s: partial products (part) come with their gradient "
+                    "(dpart)", fn);
   return 0;
+}
+
+size_t kdp_cohort_col_width(const kdp_cohort *c) {
+  return c->ops->col_width ? c->ops->col_width(c) : 0;
+}
+
+static int check_col(const kdp_cohort *c, size_t j, const float *h, size_t n, const float *buf,
+                     const char *fn, kdp_error *err) {
+  if (!c->ops->col_width)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s has no module sharded by peer columns", fn,
+                    c->ops->name);
+  if (j >= c->s.P)
+    return kdp_fail(err, KDP_EINVAL, "%s: peer %zu outside 0..%zu", fn, j, c->s.P - 1);
+  if (n > c->maxB)
+    return kdp_fail(err, KDP_EINVAL, "%s: %zu rows outside 0..%zu", fn, n, c->maxB);
+  if (n && (!h || !buf)) return kdp_fail(err, KDP_EINVAL, "%s: h and the partials are required", fn);
+  return 0;
+}
+
+int kdp_cohort_col_forward(kdp_cohort *c, size_t j, const float *h, size_t n, float *part,
+                           kdp_error *err) {
+  int rc = check_col(c, j, h, n, part, "kdp_cohort_col_forward", err);
+  if (rc == 0 && n) c->ops->col_forward(c, j, h, n, part);
+  return rc;
+}
+
+int kdp_cohort_col_backward(kdp_cohort *c, size_t j, const float *h, size_t n, const float *dpart,
+                            float *dh, kdp_error *err) {
+  int rc = check_col(c, j, h, n, dpart, "kdp_cohort_col_backward", err);
+  if (rc == 0 && n && !dh) rc = kdp_fail(err, KDP_EINVAL, "kdp_cohort_col_backward: dh is required");
+  if (rc == 0 && n) c->ops->col_backward(c, j, h, n, dpart, dh);
+  return rc;
 }
 
 /* ---------------------------------------------------------------- entry points */
@@ -313,7 +348,7 @@ int kdp_cohort_module_backward(kdp_cohort *c, const kdp_kd_rows *blk, const floa
   int rc = check_block(c, blk, fn, err);
   if (rc) return rc;
   if (blk->n && !dz) return kdp_fail(err, KDP_EINVAL, "%s: dz (P x n x C) is required", fn);
-  if (blk->n && kdp_cohort_feature_grads(c) && !dh)
+  if (blk->n && kdp_cohort_feature_grads(c) && !dh && !blk->part)
     return kdp_fail(err, KDP_EINVAL, "%s: method %s returns feature gradients; dh is required",
                     fn, c->ops->name);
   if (blk->n && kdp_cohort_teacher_grad(c) && !dteacher)

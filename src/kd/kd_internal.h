@@ -37,6 +37,11 @@ extern const kdp_method_ops kdp_independent_ops, kdp_dml_ops, kdp_codistill_ops,
 #define KD_BN_MOMENTUM 0.1f
 #define KD_BN_EPS 1e-5f
 
+/* A method's scratch of n floats each, for the cohort's life: *p = kdp_cohort_falloc(c, n) for
+   every float **p of the NULL-terminated list (the per-peer projections' and the teachers'
+   buffers of a module). */
+void kd_falloc_each(kdp_cohort *c, size_t n, ...);
+
 /* u (n x D) = concat_j h_j per row, h as in kdp_kd_rows (P blocks of n x d_j) */
 void kd_concat_features(const kdp_cohort *c, float *u, const float *h, size_t n);
 /* dh_j += the columns of du (n x D) that belong to peer j */
@@ -64,6 +69,20 @@ void kd_hidden_forward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, in
 /* from L->dact: the layer's gradients and, when du != NULL, du (n x D, ACCUMULATED) */
 void kd_hidden_backward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, float *du,
                         const kdp_kd_reduce *red);
+/* The layer sharded by peer columns (its input u = concat_j h_j): peer j's partial product
+   part (n x H) = h_j W_j^T from its features h (n x d_j), W_j its columns of the weight; the
+   block's owner adds the bias and the P partials (P x n x H, peer order) and goes on through
+   batchnorm -> relu (kd_hidden_forward_parts); backward_parts: the bias's gradient and dpart
+   (n x H) = dL/da1 on the block; col_backward on peer j's rows: W_j's gradient += dpart^T h,
+   dh (n x d_j) += dpart W_j. Together: kd_hidden_forward / _backward, summed in another order. */
+void kd_hidden_col_forward(const kdp_cohort *c, const kd_hidden *L, size_t j, const float *h,
+                           size_t n, float *part);
+void kd_hidden_col_backward(kdp_cohort *c, const kd_hidden *L, size_t j, const float *h, size_t n,
+                            const float *dpart, float *dh);
+void kd_hidden_forward_parts(kdp_cohort *c, kd_hidden *L, const float *part, size_t n, int train,
+                             const kdp_kd_reduce *red);
+void kd_hidden_backward_parts(kdp_cohort *c, kd_hidden *L, size_t n, float *dpart,
+                              const kdp_kd_reduce *red);
 /* U(-1/sqrt(fan_in), 1/sqrt(fan_in)) */
 void kd_fill_uniform(float *p, size_t n, size_t fan_in, kdp_rng *rng);
 

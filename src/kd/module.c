@@ -1,7 +1,9 @@
 /* module.c: what the replicated modules share: their input rows (the peers' features side by
    side), and linear -> batchnorm -> relu with the whole batch's statistics when the batch's rows
    are spread over row blocks. */
+#include <cblas.h>
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include "kd_internal.h"
@@ -10,6 +12,13 @@
 void kd_fill_uniform(float *p, size_t n, size_t fan_in, kdp_rng *rng) {
   float bound = 1.0f / sqrtf((float)(fan_in ? fan_in : 1));
   for (size_t k = 0; k < n; k++) p[k] = (2.0f * kdp_rng_uniform(rng) - 1.0f) * bound;
+}
+
+void kd_falloc_each(kdp_cohort *c, size_t n, ...) {
+  va_list ap;
+  va_start(ap, n);
+  for (float **p = va_arg(ap, float **); p; p = va_arg(ap, float **)) *p = kdp_cohort_falloc(c, n);
+  va_end(ap);
 }
 
 void kd_concat_features(const kdp_cohort *c, float *u, const float *h, size_t n) {
@@ -75,12 +84,12 @@ static void reduce(const kdp_kd_reduce *red, double *buf, size_t n) {
   if (red && red->sum) red->sum(red->ctx, buf, n);
 }
 
-void kd_hidden_forward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, int train,
-                       const kdp_kd_reduce *red) {
+/* batchnorm -> relu of L->a1 (n x H) */
+static void hidden_bn_relu(kdp_cohort *c, kd_hidden *L, size_t n, int train,
+                           const kdp_kd_reduce *red) {
   const size_t H = L->H;
   const float *p = c->params;
   float *rm = c->buffers + L->o_mean, *rv = c->buffers + L->o_var;
-  if (n) kdp_dense_forward(L->a1, u, p + L->o_w, p + L->o_b, n, L->D, H);
   if (!train) {
     kdp_bn_forward_eval(L->bno, L->a1, p + L->o_gamma, p + L->o_beta, rm, rv, n, H, KD_BN_EPS);
   } else {
@@ -101,8 +110,46 @@ void kd_hidden_forward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, in
   kdp_relu_forward(L->act, L->bno, n * H);
 }
 
-void kd_hidden_backward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, float *du,
-                        const kdp_kd_reduce *red) {
+void kd_hidden_forward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, int train,
+                       const kdp_kd_reduce *red) {
+  const float *p = c->params;
+  if (n) kdp_dense_forward(L->a1, u, p + L->o_w, p + L->o_b, n, L->D, L->H);
+  hidden_bn_relu(c, L, n, train, red);
+}
+
+/* ---- the linear layer sharded by peer columns: its weight's columns [hoff_j, hoff_j + d_j) meet
+   only peer j's features, W_j (H x d_j, leading dimension D) ---- */
+
+void kd_hidden_col_forward(const kdp_cohort *c, const kd_hidden *L, size_t j, const float *h,
+                           size_t n, float *part) {
+  const size_t d = c->s.dims[j];
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)L->H, (int)d, 1.0f, h, (int)d,
+              c->params + L->o_w + c->hoff[j], (int)L->D, 0.0f, part, (int)L->H);
+}
+
+void kd_hidden_col_backward(kdp_cohort *c, const kd_hidden *L, size_t j, const float *h, size_t n,
+                            const float *dpart, float *dh) {
+  const size_t d = c->s.dims[j], H = L->H;
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)H, (int)d, (int)n, 1.0f, dpart,
+              (int)H, h, (int)d, 1.0f, c->grads + L->o_w + c->hoff[j], (int)L->D);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d, (int)H, 1.0f, dpart,
+              (int)H, c->params + L->o_w + c->hoff[j], (int)L->D, 1.0f, dh, (int)d);
+}
+
+void kd_hidden_forward_parts(kdp_cohort *c, kd_hidden *L, const float *part, size_t n, int train,
+                             const kdp_kd_reduce *red) {
+  const size_t H = L->H, P = c->s.P;
+  const float *bias = c->params + L->o_b;
+  for (size_t r = 0; r < n * H; r++) {
+    double acc = (double)bias[r % H];
+    for (size_t j = 0; j < P; j++) acc += (double)part[j * n * H + r];
+    L->a1[r] = (float)acc;
+  }
+  hidden_bn_relu(c, L, n, train, red);
+}
+
+/* from L->dact to L->da1 (n x H); the batchnorm's gradients. 0 when the block has no rows. */
+static int hidden_backward_da1(kdp_cohort *c, kd_hidden *L, size_t n, const kdp_kd_reduce *red) {
   const size_t H = L->H;
   const float *p = c->params;
   float *gp = c->grads;
@@ -117,11 +164,28 @@ void kd_hidden_backward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, f
     gp[L->o_beta + k] += (float)sb[k];
   }
   reduce(red, L->sums, 2 * H);
-  if (!n) return;
+  if (!n) return 0;
   memset(L->da1, 0, n * H * sizeof(float));
   kdp_bn_backward_rows(L->da1, L->dbno, L->xhat, sg, sb, L->invstd, p + L->o_gamma, L->total, n,
                        H);
-  kdp_dense_backward(du, gp + L->o_w, gp + L->o_b, L->da1, u, p + L->o_w, n, L->D, H);
+  return 1;
+}
+
+void kd_hidden_backward(kdp_cohort *c, kd_hidden *L, const float *u, size_t n, float *du,
+                        const kdp_kd_reduce *red) {
+  if (hidden_backward_da1(c, L, n, red))
+    kdp_dense_backward(du, c->grads + L->o_w, c->grads + L->o_b, L->da1, u, c->params + L->o_w, n,
+                       L->D, L->H);
+}
+
+void kd_hidden_backward_parts(kdp_cohort *c, kd_hidden *L, size_t n, float *dpart,
+                              const kdp_kd_reduce *red) {
+  if (!hidden_backward_da1(c, L, n, red)) return;
+  const size_t H = L->H;
+  float *db = c->grads + L->o_b;
+  for (size_t r = 0; r < n; r++)
+    for (size_t k = 0; k < H; k++) db[k] += L->da1[r * H + k];
+  memcpy(dpart, L->da1, n * H * sizeof(float));
 }
 
 void kd_softmax_mix(const double *e, size_t m, const float *const *z, size_t C, float *a,

@@ -56,13 +56,9 @@ static int setup(kdp_cohort *c, kdp_kd_spec *s, kdp_error *err) {
                                         KDP_SPLIT_NONE);
   }
   const size_t B = c->maxB, nq = (st->m ? st->m : 1) * B * st->r;
-  st->qv = kdp_cohort_falloc(c, nq);
-  st->kv = kdp_cohort_falloc(c, nq);
-  st->dqv = kdp_cohort_falloc(c, nq);
-  st->dkv = kdp_cohort_falloc(c, nq);
+  kd_falloc_each(c, nq, &st->qv, &st->kv, &st->dqv, &st->dkv, NULL);
   st->att = kdp_cohort_falloc(c, B * (st->m * st->m + 1));
-  st->g = kdp_cohort_falloc(c, B * s->C);
-  st->dt = kdp_cohort_falloc(c, B * s->C);
+  kd_falloc_each(c, B * s->C, &st->g, &st->dt, NULL);
   kdp_cohort_set_state(c, st);
   return 0;
 }

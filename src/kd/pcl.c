@@ -24,11 +24,8 @@ static int setup(kdp_cohort *c, kdp_kd_spec *s, kdp_error *err) {
   st->o_w = kdp_cohort_add_tensor(c, "ens.weight", s->C, c->D, -1, KDP_SPLIT_NONE,
                                   KDP_SPLIT_FEATURES);
   st->o_b = kdp_cohort_add_tensor(c, "ens.bias", s->C, 1, -1, KDP_SPLIT_NONE, KDP_SPLIT_NONE);
-  st->u = kdp_cohort_falloc(c, B * c->D);
-  st->du = kdp_cohort_falloc(c, B * c->D);
-  st->ze = kdp_cohort_falloc(c, B * s->C);
-  st->dze = kdp_cohort_falloc(c, B * s->C);
-  st->g = kdp_cohort_falloc(c, B * s->C);
+  kd_falloc_each(c, B * c->D, &st->u, &st->du, NULL);
+  kd_falloc_each(c, B * s->C, &st->ze, &st->dze, &st->g, NULL);
   kdp_cohort_set_state(c, st);
   return 0;
 }

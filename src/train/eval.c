@@ -11,13 +11,18 @@
 #define EVAL_BATCH KDP_TRAIN_EVAL_BATCH
 
 /* One pass over a dataset in eval batches of the whole cohort, added to s; with run.ema_decay,
-   this rank's EMA copy on its own rows is added to ema[0] (loss sum) and ema[1] (hits).
-   fault_step >= 0: the test hook KDP_FAULT_STOP_AT_STEP=fault_step:R:eval may stop this rank after
-   the first batch's forward (a rank lost in the middle of an evaluation). */
+   this rank's EMA copy on its own rows is added to ema[0] (loss sum) and ema[1] (hits). A failure
+   on one rank stops the pass on every rank after that batch, with its message (the others would
+   otherwise wait for it in the next batch's gathers). The test set's pass (test = 1) carries the
+   test hooks: KDP_FAULT_STOP_AT_STEP=step:R:eval stops rank R after the first batch's forward (a
+   rank lost in the middle of an evaluation), KDP_TEST_EVAL_FAIL=R fails world rank R's first
+   evaluation (its teacher's). */
 static int eval_pass(kdp_trainer *t, const kdp_dataset *ds, kdp_eval_sums *s, double ema[2],
-                     int64_t fault_step, kdp_error *err) {
+                     int64_t step, int test, kdp_error *err) {
   kdp_dist *d = t->d;
   const size_t n = ds->n;
+  const char *fail = getenv("KDP_TEST_EVAL_FAIL");
+  const int inject = fail && *fail && atoi(fail) == d->world_rank;
   int rc = 0;
   for (size_t first = 0; first < n && rc == 0; first += EVAL_BATCH) {
     size_t B = n - first < EVAL_BATCH ? n - first : EVAL_BATCH, lo, hi;
@@ -27,9 +32,19 @@ static int eval_pass(kdp_trainer *t, const kdp_dataset *ds, kdp_eval_sums *s, do
     for (size_t i = 0; i < B; i++)
       if (i < lo || i >= hi) t->ybuf[i] = (int32_t)ds->labels[first + i];
     const float *z = hi > lo ? kdp_model_forward(t->model, t->xbuf, hi - lo, 0, NULL) : NULL;
-    if (first == 0 && fault_step >= 0) kdp_fault_stop(d, KDP_FAULT_STOP_EVAL, fault_step);
+    if (first == 0 && test) kdp_fault_stop(d, KDP_FAULT_STOP_EVAL, step);
     s->first = first;
     rc = kdp_pipeline_eval(t->pipe, B, t->ybuf, z, kdp_model_features(t->model), s, err);
+    if (rc == 0 && test && inject)
+      rc = kdp_fail(err, KDP_EIO, "the %s's evaluation failed (injected by KDP_TEST_EVAL_FAIL)",
+                    t->teacher_name ? t->teacher_name : "ensemble");
+    if (rc != 0) {
+      char cause[KDP_ERRLEN];
+      snprintf(cause, sizeof cause, "%s", err->msg);
+      kdp_fail(err, rc, "peer %d, step %lld: evaluation failed: %s", d->peer, (long long)step,
+               cause);
+    }
+    rc = kdp_dist_first_error(d, rc, err);
     if (t->ema && hi > lo) {
       size_t hits = 0;
       const float *ze = kdp_model_forward(t->ema, t->xbuf, hi - lo, 0, NULL);
@@ -63,7 +78,7 @@ static int eval_val(kdp_trainer *t, double *out, kdp_error *err) {
     s.logits_stride = N;
   }
   double ema[2] = {0, 0};
-  int rc = eval_pass(t, &t->val, &s, ema, -1, err);
+  int rc = eval_pass(t, &t->val, &s, ema, t->step, 0, err);
   memset(out, 0, (4 * P + 4) * sizeof(double));
   out[2 * (size_t)t->d->peer] = s.peer_loss;
   out[2 * (size_t)t->d->peer + 1] = s.peer_hits;
@@ -117,7 +132,7 @@ int kdp_train_evaluate(kdp_trainer *t, int64_t step, double epoch, kdp_error *er
     s.labels_stride = n;
   }
   double ema_sums[2] = {0, 0}; /* run.ema_decay: this rank's EMA copy on its own rows */
-  rc = eval_pass(t, ds, &s, ema_sums, step, err);
+  rc = eval_pass(t, ds, &s, ema_sums, step, 1, err);
   if (rc != 0) {
     free(vv);
     return rc;

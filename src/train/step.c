@@ -29,6 +29,11 @@ struct kdp_pipeline {
   float *ze_all;                       /* P x maxB x C: every peer's mean teacher (pcl) */
   size_t E, we[KDP_KD_MAX_PEERS];      /* mcl: embedding width, row widths (E) */
   float *vw, *dvw, *dzw;               /* mcl: P x maxB x E embeddings, their gradients; maxB x C */
+  /* a module sharded by peer columns (kdp_cohort_col_width W > 0, ffl): my partial product on my
+     own rows and its gradient (maxB x W); every peer's partials on the block (P x maxB x W),
+     their sum's gradient (maxB x W) */
+  size_t W, wc[KDP_KD_MAX_PEERS];
+  float *part_own, *dpart_own, *partb, *dpartb;
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
   int switokd, expert;                 /* switokd: the last step's mode (1 = expert) */
   kdp_switokd_gaps gaps;
@@ -83,6 +88,14 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
     p->dzw = kdp_falloc(max_batch * s->C);
   }
   p->switokd = s->method == KDP_METHOD_SWITOKD;
+  p->W = kdp_cohort_col_width(c);
+  if (p->W) {
+    for (size_t j = 0; j < p->P; j++) p->wc[j] = p->W;
+    p->part_own = kdp_falloc(max_batch * p->W);
+    p->dpart_own = kdp_falloc(max_batch * p->W);
+    p->partb = kdp_falloc(p->P * max_batch * p->W);
+    p->dpartb = kdp_falloc(max_batch * p->W);
+  }
   *out = p;
   return 0;
 }
@@ -90,7 +103,8 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
 void kdp_pipeline_free(kdp_pipeline *p) {
   if (!p) return;
   float *bufs[] = {p->z_all, p->zb, p->hb, p->tb, p->dtb, p->dzb, p->dhb, p->t_own, p->dt_own,
-                   p->ens, p->ze_all, p->vw, p->dvw, p->dzw};
+                   p->ens, p->ze_all, p->vw, p->dvw, p->dzw, p->part_own, p->dpart_own,
+                   p->partb, p->dpartb};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
   free(p);
 }
@@ -186,12 +200,19 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, p->wz, in->z_ema, p->ze_all);
   if (o->module_reads & KDP_READS_LOGITS)
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, in->z, p->zb);
-  if (o->module_reads & KDP_READS_FEATURES)
+  if ((o->module_reads & KDP_READS_FEATURES) && p->W) {
+    /* sharded by peer columns: my columns' partial product on my rows, gathered to the block */
+    rc = kdp_cohort_col_forward(p->c, p->me, in->h, n, p->part_own, err);
+    if (rc) return rc;
+    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, p->part_own, p->partb);
+  } else if (o->module_reads & KDP_READS_FEATURES) {
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, in->h, p->hb);
+  }
 
   /* 2. compute: the module's teachers on the block, sent to their peers' rows; my peer term */
   kdp_kd_rows blk = {.z = p->zb, .h = p->hb, .y = in->y + blo, .n = m, .T = in->T,
-                     .weight = in->weight, .scale = (float)m / (float)B};
+                     .weight = in->weight, .scale = (float)m / (float)B,
+                     .part = p->W ? p->partb : NULL, .dpart = p->W ? p->dpartb : NULL};
   if (o->module_reads) {
     rc = kdp_cohort_module_forward(p->c, &blk, &p->red, p->tb, err);
     if (rc) return rc;
@@ -229,6 +250,13 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
 
   /* 3. scatter: every peer's block rows of the module's gradients back to its ranks */
   kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
+  if (p->fgrad && p->W) {
+    /* the partials' gradient to every peer's rows, then my columns' share of it */
+    memset(p->dpart_own, 0, n * p->W * sizeof(float));
+    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
+                          p->dpart_own);
+    return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
+  }
   if (p->fgrad)
     kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, 0, p->dhb, dh);
   return 0;
