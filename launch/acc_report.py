@@ -319,9 +319,10 @@ def by_seed(recs, key):
     return out
 
 
-def gain(recs, base, key):
-    """Paired (by seed) gain of recs over base when they share seeds, else difference of means."""
-    a, b = by_seed(recs, key), by_seed(base, key)
+def gain(recs, base, key, base_key=None):
+    """Paired (by seed) gain of recs over base when they share seeds, else difference of means;
+    base_key (default key) reads the base records."""
+    a, b = by_seed(recs, key), by_seed(base, base_key or key)
     common = sorted(set(a) & set(b))
     if common:
         return stats([a[s] - b[s] for s in common]), "paired"
@@ -388,7 +389,7 @@ def methods_table(recs, lines):
         pre = "PyTorch " if torch_side else ""
         g = gain(rs, base, lambda r: r["mean_peer"])[0] if base and v != "independent" else None
         ge = gain([r for r in rs if r.get("ema") is not None], base,
-                  lambda r: r.get("ema"))[0] if base else None
+                  lambda r: r.get("ema"), lambda r: r["mean_peer"])[0] if base else None
         out = [(pre + "mean peer", fmt(stats([r["mean_peer"] for r in rs]))),
                (pre + "gain", fmt(g, sign=True)),
                (pre + "ensemble", fmt(stats([r.get("ensemble") for r in rs]))),
