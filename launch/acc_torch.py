@@ -9,6 +9,16 @@ P peers are simulated in ONE process, following shared/kd-methods.md exactly:
   avg          L_i = CE + lam w T^2 KL(sg mean_j s_T(z_j) || s_T(z_i))          (mean includes i)
 KL is summed over classes and averaged over the batch ('batchmean'). Every peer sees the same
 shuffled batches; each peer has its own initialisation (PyTorch defaults).
+The second generation (docs/kd-methods-gen2.md; --methods takes specs NAME+KEY=VALUE, see
+launch/acc_report.py --help):
+  kdcl         L_i = CE + lam w T^2 KL(sg s_T(z_t) || s_T(z_i)), z_t naive (mean logits), minlogit
+               (min_j z_j - z_j[y]) or general (sum_j w_j z_j, w from the +val=N split)
+  pcl          EMA mean teachers z'_j and a linear head z_e = W concat(h_j) + b:
+               L_i = CE + lam w T^2 [KL(sg z_e || z_i) + mean_{j!=i} KL(sg z'_j || z_i)], + CE(z_e)
+  mcl          dml's term + kd.contrast_weight x the supervised contrastive terms of embedding
+               heads d -> 128 -> 128 (exact gradients of the cohort objective)
+  switokd      teacher peer and students, expert/learning mode per step (no teacher step in expert)
+  +ema=D       an EMA copy of every peer (peerN.ema); +aug / +augpp: crop + flip, shared / per peer
 
 Data: Fashion-MNIST IDX .gz files, normalised (x/255 - 0.2860)/0.3530, the first `subset` training
 examples, then symmetric label noise: round(frac*n) positions, seeded by --noise-seed, get labels
@@ -22,9 +32,9 @@ Output: one JSON line per finished (method, seed) run, appended to --out (stdout
 schema of bench-accuracy's results ("source": "pytorch"). Runs whose run_id is already in --out
 are skipped, so an interrupted study resumes.
 
-Usage: /usr/bin/python3 launch/acc_torch.py --regime noisy|full [--methods dml,independent]
+Usage: /usr/bin/python3 launch/acc_torch.py --regime noisy|full [--methods dml,pcl,kdcl+ensemble=minlogit]
          [--seeds 3 | --seed-list 1,2,3] [--peers 4] [--epochs E] [--subset N] [--label-noise F]
-         [--arch mlp|cnn] [--quick] [--out FILE] [--eval-every 1]
+         [--arch mlp|cnn|cnn,mlp,...] [--quick] [--out FILE] [--eval-every 1] [--crop-pad 4]
 """
 import argparse
 import copy
