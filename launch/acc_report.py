@@ -409,8 +409,7 @@ def methods_table(recs, lines):
         rs = [r for r in kd if variant(r) == v]
         ps = [r for r in pt if variant(r) == v]
         row = {"method": f"`{v}`",
-               "seeds": "/".join(str(len(x)) for x in (rs, ps) if x) if not (rs and ps)
-               else f"{len(rs)} / {len(ps)}"}
+               "seeds": f"{len(rs) or '-'} / {len(ps) or '-'}" if kd and pt else str(len(rs or ps))}
         row.update(cells(rs, kd_ind, v, False))
         row.update(cells(ps, pt_ind, v, True))
         sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
