@@ -8,6 +8,16 @@ Usage:
                                   exit 0: ok record, 3: a "failed" record, 2: no record
   acc_report.py done --run-id ID FILE    exit 0 if FILE holds an ok record of ID
   acc_report.py brief < RECORD           one-line summary of a record
+  acc_report.py spec [--kdpeers] SPEC    a method spec's canonical label (the run ids' method part),
+                                  or with --kdpeers its kdpeers config settings, one KEY=VALUE a line
+
+Method specs (bench-accuracy --methods, acc_torch.py --methods): NAME[+KEY[=VALUE]]..., e.g.
+`kdcl+ensemble=minlogit`, `independent+ema=0.999`, `pcl+aug`. Keys, and the kdpeers setting each
+one stands for: ensemble (kd.ensemble), ema (run.ema_decay), aug (data.augment), augpp
+(data.augment_per_peer, implies data.augment), val (data.val_size), teacher (kd.teacher_peer),
+tau (kd.tau), cw (kd.contrast_weight), embed (kd.embed_dim). When a key is given twice the first
+wins (so bench-accuracy appends its global options after a spec's own). The label is NAME followed
+by the options in the order above; a plain NAME is its own label, so older run ids are unchanged.
 
 Tables, per study and configuration: for each method, mean +- sample std over seeds of the mean
 peer accuracy, the ensemble accuracy and the method's teacher accuracy (gate, fused, leader), the
@@ -22,12 +32,104 @@ import statistics
 import sys
 import time
 
-TEACHERS = ("gate", "fused", "leader", "pcl")
+TEACHERS = ("gate", "fused", "leader", "kdcl", "pcl", "switokd")
+METHOD_ORDER = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip", "kdcl", "pcl",
+                "mcl", "switokd"]
+ENSEMBLES = ("naive", "minlogit", "general")
+# spec key -> (kdpeers config key, type); the order is the label's
+SPEC_KEYS = {"ensemble": ("kd.ensemble", str), "ema": ("run.ema_decay", float),
+             "aug": ("data.augment", bool), "augpp": ("data.augment_per_peer", bool),
+             "val": ("data.val_size", int), "teacher": ("kd.teacher_peer", int),
+             "tau": ("kd.tau", float), "cw": ("kd.contrast_weight", float),
+             "embed": ("kd.embed_dim", int)}
 
 
-def is_peer(m):
-    """peerN (not peerN.ema, the EMA copy run.ema_decay and pcl add)"""
-    return re.fullmatch(r"peer[0-9]+", m) is not None
+class SpecError(ValueError):
+    pass
+
+
+def parse_spec(spec):
+    """'kdcl+ensemble=minlogit+ema=0.999' -> ('kdcl', {'ensemble': 'minlogit', 'ema': 0.999}).
+    The first occurrence of a key wins. Raises SpecError on anything unknown."""
+    parts = spec.strip().split("+")
+    method = parts[0]
+    if method not in METHOD_ORDER:
+        raise SpecError(f"unknown method '{method}' in '{spec}' (expected one of: "
+                        f"{' '.join(METHOD_ORDER)})")
+    opts = {}
+    for p in parts[1:]:
+        key, eq, val = p.partition("=")
+        if key not in SPEC_KEYS:
+            raise SpecError(f"unknown option '{key}' in '{spec}' (expected: {' '.join(SPEC_KEYS)})")
+        if key in opts:
+            continue
+        typ = SPEC_KEYS[key][1]
+        try:
+            if typ is bool:
+                if eq and val not in ("true", "false", "1", "0"):
+                    raise ValueError(val)
+                v = not eq or val in ("true", "1")
+            elif not eq:
+                raise ValueError("needs a value")
+            else:
+                v = typ(val)
+        except ValueError as e:
+            raise SpecError(f"option '{p}' in '{spec}': {e}") from None
+        opts[key] = v
+    if method == "kdcl":
+        opts.setdefault("ensemble", "naive")
+    elif "ensemble" in opts:
+        raise SpecError(f"'{spec}': ensemble is a kdcl option")
+    if opts.get("ensemble", "naive") not in ENSEMBLES:
+        raise SpecError(f"'{spec}': ensemble must be one of {', '.join(ENSEMBLES)}")
+    if opts.get("ensemble") == "general" and not opts.get("val"):
+        raise SpecError(f"'{spec}': the general ensemble needs a validation split (+val=N)")
+    if "ema" in opts and not 0 < opts["ema"] < 1:
+        raise SpecError(f"'{spec}': ema must be in (0, 1)")
+    for k in ("val", "teacher", "embed"):
+        if k in opts and opts[k] < (1 if k != "teacher" else 0):
+            raise SpecError(f"'{spec}': {k} out of range")
+    if opts.get("augpp"):
+        opts.pop("aug", None)  # augpp implies aug
+    for k in [k for k, v in opts.items() if v is False]:
+        del opts[k]
+    return method, opts
+
+
+def spec_label(method, opts):
+    out = method
+    for k in SPEC_KEYS:
+        if k in opts:
+            v = opts[k]
+            out += f"+{k}" if v is True else f"+{k}={v:g}" if isinstance(v, float) else f"+{k}={v}"
+    return out
+
+
+def spec_kdpeers(method, opts):
+    """The kdpeers config settings of a spec (KEY=VALUE strings)."""
+    out = [f"kd.method={method}"]
+    for k in SPEC_KEYS:
+        if k not in opts:
+            continue
+        v = opts[k]
+        if k == "augpp":
+            out.append("data.augment=true")
+        out.append(f"{SPEC_KEYS[k][0]}=" + ("true" if v is True else f"{v:g}" if isinstance(v, float)
+                                            else str(v)))
+    return out
+
+
+def cmd_spec(argv):
+    kd = "--kdpeers" in argv
+    args = [a for a in argv if a != "--kdpeers"]
+    if len(args) != 1:
+        die("spec: usage: spec [--kdpeers] SPEC")
+    try:
+        m, o = parse_spec(args[0])
+    except SpecError as e:
+        die(f"spec: {e}")
+    print("\n".join(spec_kdpeers(m, o)) if kd else spec_label(m, o))
+
 TARGETS = {"mlp(512,256)": 89.5, "cnn": 92.3}  # issue 2, percent, single peer 10 epochs
 
 
@@ -83,7 +185,10 @@ def cmd_record(argv):
     lines = read_jsonl(metrics) if os.path.exists(metrics) else []
     if not os.path.exists(metrics):
         problems.append(f"{metrics} missing")
+    # test-set evaluations; with data.val_size every eval line also carries "val_acc" (the same
+    # model on the validation split), read as a validation line of its own
     evals = [r for r in lines if r.get("event") == "eval"]
+    vals = [dict(r, acc=r["val_acc"]) for r in evals if r.get("val_acc") is not None]
     summary = next((r for r in reversed(lines) if r.get("event") == "summary"), None)
     if summary is None:
         problems.append("no summary line")
@@ -108,8 +213,27 @@ def cmd_record(argv):
     rec["final_loss"] = final_loss
     rec["mean_peer"] = sum(final[m] for m in peers) / len(peers) if peers else None
     rec["ensemble"] = final.get("ensemble")
-    emas = [final[m] for m in final if re.fullmatch(r"peer[0-9]+\.ema", m)]
-    rec["mean_ema"] = sum(emas) / len(emas) if emas else None
+    emas = [m + ".ema" for m in peers if m + ".ema" in final]
+    if emas:
+        rec["ema"] = sum(final[m] for m in emas) / len(emas)
+        rec["ema_ensemble"] = final.get("ensemble.ema")
+    if vals:
+        fv, last = {}, {}
+        for r in vals:
+            m, st = r.get("model"), r.get("step", 0)
+            if m is not None and st >= last.get(m, -1):
+                last[m], fv[m] = st, r.get("acc")
+        rec["final_val"] = fv
+        vp = [fv[m] for m in peers if m in fv]
+        rec["val_mean_peer"] = sum(vp) / len(vp) if vp else None
+    if rec.get("method") == "switokd" and peers:
+        t = parse_spec(rec.get("variant") or "switokd")[1].get("teacher", 0)
+        rec["teacher_peer"] = t
+        st_ = [final[m] for m in peers if m != f"peer{t}"]
+        rec["students"] = sum(st_) / len(st_) if st_ else None
+    ef = [r["expert_fraction"] for r in lines if "expert_fraction" in r]
+    if ef:
+        rec["expert_fraction"] = ef
     tm = next((m for m in TEACHERS if m in final), None)
     rec["teacher_model"] = tm
     rec["teacher"] = final.get(tm) if tm else None
@@ -139,6 +263,11 @@ def cmd_record(argv):
     sys.exit(3 if problems else 0)
 
 
+def is_peer(model):
+    """peer0, peer1, ... (not peer0.ema)"""
+    return model.startswith("peer") and model[4:].isdigit()
+
+
 def cmd_done(argv):
     if len(argv) != 3 or argv[0] != "--run-id":
         die("done: usage: done --run-id ID FILE")
@@ -162,6 +291,7 @@ def cmd_brief(_argv):
     if r.get("mean_ema") is not None:
         e += f" mean EMA {pct(r['mean_ema'])}"
     sps = r.get("steps_per_second")
+    e += f" ema {pct(r['ema'])}" if r.get("ema") is not None else ""
     print(f"  {r.get('run_id')}: mean peer {pct(r.get('mean_peer'))}{e}{t}; "
           f"{r.get('steps')} steps, {sps if sps is not None else '-'} steps/s, "
           f"wall {r.get('wall_seconds')} s")
@@ -193,9 +323,10 @@ def by_seed(recs, key):
     return out
 
 
-def gain(recs, base, key):
-    """Paired (by seed) gain of recs over base when they share seeds, else difference of means."""
-    a, b = by_seed(recs, key), by_seed(base, key)
+def gain(recs, base, key, base_key=None):
+    """Paired (by seed) gain of recs over base when they share seeds, else difference of means;
+    base_key (default key) reads the base records."""
+    a, b = by_seed(recs, key), by_seed(base, base_key or key)
     common = sorted(set(a) & set(b))
     if common:
         return stats([a[s] - b[s] for s in common]), "paired"
@@ -223,49 +354,79 @@ def config_title(study, quick, epochs, subset, noise, peers, rampup=0.0):
     return t
 
 
+def variant(r):
+    return r.get("variant") or r["method"]
+
+
+def variant_key(v):
+    """Table order: the method order, then plain before its options, then the label."""
+    m = v.split("+")[0]
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), v != m, v)
+
+
 def methods_table(recs, lines):
-    """Method rows: kdpeers mean peer / ensemble / teacher, gain, PyTorch reference."""
+    """Method rows (one per variant: method and options): kdpeers mean peer / gain / ensemble /
+    teacher / students / EMA, and the PyTorch reference's; gains are against plain `independent`
+    of the same source, paired by seed. Columns nobody fills are left out."""
     kd = [r for r in recs if r.get("source") == "kdpeers"]
     pt = [r for r in recs if r.get("source") == "pytorch"]
     archs = sorted({r.get("arch") for r in recs})
-    order = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip", "pcl"]
-    methods = sorted({r["method"] for r in recs},
-                     key=lambda m: order.index(m) if m in order else len(order))
+    variants = sorted({variant(r) for r in recs}, key=variant_key)
     lines.append(f"Model: {', '.join(archs)}. Accuracies in %, mean +- sample std over seeds; "
-                 "gain = mean peer minus `independent` (paired by seed).")
+                 "gain = mean peer minus plain `independent`'s (paired by seed); EMA = mean of the "
+                 "peers' EMA copies (`peerN.ema`), EMA gain = EMA minus plain `independent`'s mean "
+                 "peer; students = switokd's peers other than the "
+                 "teacher.")
     lines.append("")
-    has_pt = bool(pt)
-    head = ["method", "seeds", "mean peer", "gain", "ensemble", "teacher"]
-    if has_pt:
-        head += ["PyTorch mean peer", "PyTorch gain", "PyTorch ensemble"]
-    head += ["steps/s"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    kd_ind = [r for r in kd if r["method"] == "independent"]
-    pt_ind = [r for r in pt if r["method"] == "independent"]
-    for m in methods:
-        rs = [r for r in kd if r["method"] == m]
-        ps = [r for r in pt if r["method"] == m]
-        row = [f"`{m}`", str(len(rs)) if rs else "-"]
-        row.append(fmt(stats([r["mean_peer"] for r in rs])))
-        g = gain(rs, kd_ind, lambda r: r["mean_peer"])[0] if rs and kd_ind and m != "independent" else None
-        row.append(fmt(g, sign=True))
-        row.append(fmt(stats([r.get("ensemble") for r in rs])))
+    kd_ind = [r for r in kd if variant(r) == "independent"]
+    pt_ind = [r for r in pt if variant(r) == "independent"]
+
+    def teacher_cell(rs):
         tms = sorted({r["teacher_model"] for r in rs if r.get("teacher_model")})
         tst = stats([r.get("teacher") for r in rs])
-        cell = f"{fmt(tst)} ({', '.join(tms)})" if tst else "-"
-        est = stats([r.get("mean_ema") for r in rs])
-        if est:  # run.ema_decay / pcl: the mean of the peers' EMA copies
-            cell = (cell + "; " if tst else "") + f"mean EMA {fmt(est)}"
-        row.append(cell)
-        if has_pt:
-            row.append(fmt(stats([r["mean_peer"] for r in ps])) + (f" (n={len(ps)})" if len(ps) > 1 else ""))
-            pg = gain(ps, pt_ind, lambda r: r["mean_peer"])[0] if ps and pt_ind and m != "independent" else None
-            row.append(fmt(pg, sign=True))
-            row.append(fmt(stats([r.get("ensemble") for r in ps])))
+        return f"{fmt(tst)} ({', '.join(tms)})" if tst else "-"
+
+    def cells(rs, base, v, torch_side):
+        """(name, cell) pairs of one source's figures for variant v."""
+        if not rs:
+            return []
+        pre = "PyTorch " if torch_side else ""
+        g = gain(rs, base, lambda r: r["mean_peer"])[0] if base and v != "independent" else None
+        ge = gain([r for r in rs if r.get("ema") is not None], base,
+                  lambda r: r.get("ema"), lambda r: r["mean_peer"])[0] if base else None
+        out = [(pre + "mean peer", fmt(stats([r["mean_peer"] for r in rs]))),
+               (pre + "gain", fmt(g, sign=True)),
+               (pre + "ensemble", fmt(stats([r.get("ensemble") for r in rs]))),
+               (pre + "teacher", teacher_cell(rs)),
+               (pre + "students", fmt(stats([r.get("students") for r in rs]))),
+               (pre + "EMA", fmt(stats([r.get("ema") for r in rs]))),
+               (pre + "EMA gain", fmt(ge, sign=True) if ge else "-")]
+        return out
+
+    head = ["method", "seeds"]
+    for side in ("", "PyTorch "):
+        head += [side + c for c in ("mean peer", "gain", "ensemble", "teacher", "students", "EMA",
+                                    "EMA gain")]
+    head += ["steps/s"]
+    rows = []
+    for v in variants:
+        rs = [r for r in kd if variant(r) == v]
+        ps = [r for r in pt if variant(r) == v]
+        row = {"method": f"`{v}`",
+               "seeds": f"{len(rs) or '-'} / {len(ps) or '-'}" if kd and pt else str(len(rs or ps))}
+        row.update(cells(rs, kd_ind, v, False))
+        row.update(cells(ps, pt_ind, v, True))
         sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
-        row.append(f"{statistics.mean(sps):.1f}" if sps else "-")
-        lines.append("| " + " | ".join(row) + " |")
+        row["steps/s"] = f"{statistics.mean(sps):.1f}" if sps else "-"
+        rows.append(row)
+    keep = [h for h in head if h in ("method", "seeds") or any(r.get(h, "-") != "-" for r in rows)]
+    if kd and pt:
+        lines.append("seeds: kdpeers / PyTorch; steps/s: kdpeers.")
+        lines.append("")
+    lines.append("| " + " | ".join(keep) + " |")
+    lines.append("|" + "---|" * len(keep))
+    for r in rows:
+        lines.append("| " + " | ".join(r.get(h, "-") for h in keep) + " |")
     lines.append("")
 
 
@@ -322,14 +483,15 @@ def hetero_table(recs, all_recs, lines):
     lines.append("Peer 0 is `cnn`, the others `mlp(512,256)`. Baselines: `independent` runs of the "
                  "same arch, epochs and data from the other studies (paired by seed).")
     lines.append("")
-    lines.append("| method | seeds | cnn peer | cnn alone | gain | mlp peers (mean) | mlp alone | "
-                 "gain | ensemble | steps/s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    for m in sorted({r["method"] for r in recs}):
-        rs = [r for r in recs if r["method"] == m]
+    lines.append("| method | source | seeds | cnn peer | cnn alone | gain | mlp peers (mean) | "
+                 "mlp alone | gain | ensemble | steps/s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for src, m in sorted({(r.get("source"), variant(r)) for r in recs},
+                         key=lambda k: (variant_key(k[1]), k[0] != "kdpeers")):
+        rs = [r for r in recs if variant(r) == m and r.get("source") == src]
         cnn = lambda r: r["final"].get("peer0")  # noqa: E731
         mlp = lambda r: statistics.mean(peers_of(r, False))  # noqa: E731
-        row = [f"`{m}`", str(len(rs)), fmt(stats([cnn(r) for r in rs])),
+        row = [f"`{m}`", src, str(len(rs)), fmt(stats([cnn(r) for r in rs])),
                fmt(stats([r["mean_peer"] for r in base_cnn]))]
         row.append(fmt(gain([dict(r, v=cnn(r)) for r in rs],
                             [dict(r, v=r["mean_peer"]) for r in base_cnn],
@@ -352,7 +514,7 @@ def summary_table(groups, lines):
                if k[0] in ("methods-full", "methods-noisy", "cnn") and not k[1]]
     if len(regimes) < 2:
         return
-    order = ["independent", "dml", "codistill", "avg", "one", "ffl", "okddip"]
+    order = sorted({variant(r) for _, rs in regimes for r in rs}, key=variant_key)
     lines.append("### Summary: mean peer accuracy (%), method x regime (kdpeers; PyTorch in "
                  "brackets)")
     lines.append("")
@@ -362,8 +524,8 @@ def summary_table(groups, lines):
     for m in order:
         cells, any_ = [], False
         for _, rs in regimes:
-            kd = [r["mean_peer"] for r in rs if r["method"] == m and r["source"] == "kdpeers"]
-            pt = [r["mean_peer"] for r in rs if r["method"] == m and r["source"] == "pytorch"]
+            kd = [r["mean_peer"] for r in rs if variant(r) == m and r["source"] == "kdpeers"]
+            pt = [r["mean_peer"] for r in rs if variant(r) == m and r["source"] == "pytorch"]
             c = fmt(stats(kd)) if kd else "-"
             if pt:
                 c += f" [{fmt(stats(pt))}]"
@@ -426,7 +588,7 @@ def main():
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
-    sub = {"record": cmd_record, "done": cmd_done, "brief": cmd_brief}.get(argv[0])
+    sub = {"record": cmd_record, "done": cmd_done, "brief": cmd_brief, "spec": cmd_spec}.get(argv[0])
     if sub:
         sub(argv[1:])
     else:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The accuracy study's tooling without running a study: method specs (launch/acc_report.py spec),
+# records made from a kdpeers metrics.jsonl with EMA copies and a validation split, the tables'
+# EMA / teacher / gain columns, and bench-accuracy --dry-run's commands for the new methods and
+# knobs. Standard-library Python only (no PyTorch). Usage: tests/test_acc_tools.sh PATH/TO/kdpeers
+set -uo pipefail
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+py=/usr/bin/python3
+rep="$src/launch/acc_report.py"
+
+# --- specs: canonical labels, kdpeers settings, errors ---
+expect "kdcl's label names its default ensemble" test "$("$py" "$rep" spec kdcl)" = "kdcl+ensemble=naive"
+expect "a plain method is its own label (old run ids unchanged)" test "$("$py" "$rep" spec dml)" = "dml"
+expect "options come in a fixed order, the first of a key wins" \
+  test "$("$py" "$rep" spec mcl+aug+ema=0.99+ema=0.5)" = "mcl+ema=0.99+aug"
+"$py" "$rep" spec --kdpeers kdcl+ensemble=minlogit+augpp+val=1000 >"$tmp/kv"
+expect "spec --kdpeers gives the config keys" grep -qx "kd.ensemble=minlogit" "$tmp/kv"
+expect "augpp turns data.augment on as well" grep -qx "data.augment=true" "$tmp/kv"
+expect "val is data.val_size" grep -qx "data.val_size=1000" "$tmp/kv"
+"$py" "$rep" spec kdcl+ensemble=general >/dev/null 2>"$tmp/e"
+expect "kdcl general without a validation split is refused" test $? = 2
+"$py" "$rep" spec dml+nope=1 >/dev/null 2>&1
+expect "an unknown option is refused" test $? = 2
+
+# --- a record from a metrics.jsonl with EMA copies, a method teacher and validation lines ---
+cat >"$tmp/m.jsonl" <<'J'
+{"event":"eval","step":10,"epoch":1,"model":"peer0","acc":0.5,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"peer1","acc":0.7,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"peer0.ema","acc":0.9,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"peer1.ema","acc":0.8,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"ensemble","acc":0.65,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"pcl","acc":0.75,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"peer0","acc":0.2,"loss":1,"split":"val"}
+{"event":"summary","steps":10}
+J
+"$py" "$rep" record --meta '{"source":"kdpeers","study":"t","run_id":"x","method":"pcl","variant":"pcl","peers":2,"seed":1,"rc":0}' \
+  "$tmp/m.jsonl" >"$tmp/rec"
+expect "the record is ok" test $? = 0
+chk() { "$py" -c "import json,sys; r=json.load(open('$tmp/rec')); sys.exit(0 if $1 else 1)"; }
+expect "mean peer leaves the EMA copies out" chk 'abs(r["mean_peer"] - 0.6) < 1e-12'
+expect "EMA = mean of peerN.ema" chk 'abs(r["ema"] - 0.85) < 1e-12'
+expect "pcl's teacher is recorded" chk 'r["teacher_model"] == "pcl" and r["teacher"] == 0.75'
+expect "validation lines stay out of the test figures" chk 'r["final"]["peer0"] == 0.5 and r["final_val"]["peer0"] == 0.2'
+
+# --- tables: EMA and gain columns, one row per variant ---
+{
+  for s in 1 2; do
+    printf '{"source":"pytorch","status":"ok","study":"methods-noisy","run_id":"i%s","method":"independent","variant":"independent","arch":"m","peers":2,"seed":%s,"epochs":3,"subset":100,"label_noise":0.4,"mean_peer":0.7%s,"ensemble":0.7}\n' "$s" "$s" "$s"
+    printf '{"source":"pytorch","status":"ok","study":"methods-noisy","run_id":"e%s","method":"independent","variant":"independent+ema=0.999","arch":"m","peers":2,"seed":%s,"epochs":3,"subset":100,"label_noise":0.4,"mean_peer":0.7%s,"ensemble":0.7,"ema":0.8%s}\n' "$s" "$s" "$s" "$s"
+  done
+} >"$tmp/r.jsonl"
+"$py" "$rep" "$tmp/r.jsonl" >"$tmp/t.md"
+expect "the table has PyTorch EMA and EMA gain columns" grep -q "PyTorch EMA | PyTorch EMA gain" "$tmp/t.md"
+expect "the EMA variant has its own row with its gain (+10.00, paired)" \
+  grep -qF '| `independent+ema=0.999` | 2 | 71.50 +- 0.71 | +0.00 +- 0.00 | 70.00 +- 0.00 | 81.50 +- 0.71 | +10.00 +- 0.00 |' "$tmp/t.md"
+
+# --- the driver's commands ---
+"$src/launch/bench-accuracy" --study methods-noisy --seeds 1 --torch --dry-run --ema-decay 0.999 \
+  --methods kdcl+ensemble=minlogit,switokd >"$tmp/d" 2>&1
+expect "kdpeers gets kd.ensemble and run.ema_decay" \
+  grep -q -- "-s kd.method=kdcl -s kd.ensemble=minlogit -s run.ema_decay=0.999" "$tmp/d"
+expect "the PyTorch reference gets the same specs" \
+  grep -qF -- 'kdcl+ensemble=minlogit+ema=0.999\,switokd+ema=0.999' "$tmp/d"
+"$src/launch/bench-accuracy" --study methods-noisy --seeds 1 --torch-only --dry-run --methods pcl >"$tmp/d2" 2>&1
+expect "--torch-only prints no kdpeers command" sh -c "! grep -q kdpeers-local '$tmp/d2' && grep -q acc_torch.py '$tmp/d2'"
+"$src/launch/bench-accuracy" --study methods-noisy --dry-run --methods nosuch >/dev/null 2>&1
+expect "an unknown method is refused" test $? = 2
+
+finish acc_tools
