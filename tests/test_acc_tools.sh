@@ -25,13 +25,12 @@ expect "an unknown option is refused" test $? = 2
 
 # --- a record from a metrics.jsonl with EMA copies, a method teacher and validation lines ---
 cat >"$tmp/m.jsonl" <<'J'
-{"event":"eval","step":10,"epoch":1,"model":"peer0","acc":0.5,"loss":1}
+{"event":"eval","step":10,"epoch":1,"model":"peer0","acc":0.5,"loss":1,"val_acc":0.2,"val_loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"peer1","acc":0.7,"loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"peer0.ema","acc":0.9,"loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"peer1.ema","acc":0.8,"loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"ensemble","acc":0.65,"loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"pcl","acc":0.75,"loss":1}
-{"event":"eval","step":10,"epoch":1,"model":"peer0","acc":0.2,"loss":1,"split":"val"}
 {"event":"summary","steps":10}
 J
 "$py" "$rep" record --meta '{"source":"kdpeers","study":"t","run_id":"x","method":"pcl","variant":"pcl","peers":2,"seed":1,"rc":0}' \
