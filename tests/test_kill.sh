@@ -69,8 +69,8 @@ ended() {
   read -r rc secs caught alive njob <"$2.res"
   expect "$1: rank $3 was caught stopped there and killed" test "$caught" = 1
   [ "$caught" = 1 ] || tail -n 3 "$2.out" # why the run ended first (a method's own requirement?)
-  expect "  ...the job ends within 10 s (took $secs s) with a non-zero status ($rc)" \
-    awk "BEGIN { exit !($secs >= 0 && $secs <= 10 && $rc != 0) }"
+  expect "  ...the job ends by itself within 10 s (took $secs s) with a non-zero status ($rc; 124 = the test's timeout)" \
+    awk "BEGIN { exit !($secs >= 0 && $secs <= 10 && $rc != 0 && $rc != 124) }"
   expect "  ...mpirun names the killed rank" grep -q "rank $3 .*signal 9" "$2.out"
   expect "  ...and none of its $njob processes (mpirun, the ranks) is left" test "$alive" = 0 -a "$njob" -ge 3
   times+=("$secs")
@@ -90,12 +90,13 @@ kill_method() { # kill_method METHOD: at P=2, or at the P the method says it nee
     kill_at "$k" "$need" 1 2:exchange -s kd.method="$1"
   fi
 }
-jobs_=()
+# three jobs at a time: eleven at once on a loaded 2-core machine took longer than the run's
+# timeout to reach the step where their rank is caught
 for m in $methods; do
+  while [ "$(jobs -rp | wc -l)" -ge 3 ]; do wait -n; done
   kill_method "$m" &
-  jobs_+=($!)
 done
-wait "${jobs_[@]}"
+wait
 for m in $methods; do
   ended "$m: kill -9 in the exchange of step 3" "$tmp/kill-$m" 1
 done
