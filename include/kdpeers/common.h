@@ -78,7 +78,7 @@ enum kdp_stream {
   KDP_STREAM_DROPOUT = 4,  /* + rank * 16 */
   KDP_STREAM_NOISE = 5,
   KDP_STREAM_MODULE = 6,   /* replicated modules (gate, fusion, attention) */
-  KDP_STREAM_EMBED = 7     /* mcl's embedding heads, + peer index * 16 */
+  KDP_STREAM_EMBED = 8     /* mcl's embedding heads, + peer index * 16 (7 is main's KDP_STREAM_EMA) */
 };
 
 /* Monotonic wall clock in seconds. */
