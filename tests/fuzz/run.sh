@@ -132,12 +132,15 @@ link() { # link T: BUILD_DIR/fuzz_T from its objects (kept when they have not ch
   done
   [ -x "$exe" ] && [ "$(cat "$exe.objs" 2>/dev/null)" = "${objs[$t]}" ] && return 0
   rm -f "$exe.objs"
+  # (via a temporary name: launch/test's background build may link the same target meanwhile)
   # shellcheck disable=SC2086  # objs and libs are word lists
-  if ! clang "${ldflags[@]}" ${objs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm >"$out/build_$t.log" 2>&1; then
+  if ! clang "${ldflags[@]}" ${objs[$t]} -o "$exe.tmp$$" $libs -lhttp_parser -lpthread -lm >"$out/build_$t.log" 2>&1; then
+    rm -f "$exe.tmp$$"
     echo "FAIL - fuzz_$t does not link:"
     sed 's/^/    /' "$out/build_$t.log" | head -20
     return 1
   fi
+  mv -f "$exe.tmp$$" "$exe"
   echo "${objs[$t]}" >"$exe.objs"
 }
 
