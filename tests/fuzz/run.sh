@@ -39,6 +39,7 @@ if ! clang -fsanitize=fuzzer,address,undefined "$probe/p.c" -o "$probe/p" 2>/dev
   skip "clang's libFuzzer or sanitizer runtime is missing (Debian: libclang-rt-14-dev)"
 fi
 mkdir -p "$out"
+out=$(cd "$out" && pwd) # one spelling of every path (the targets' object lists are compared)
 # objects get libFuzzer's coverage instrumentation (fuzzer-no-link); the link adds its main()
 cflags=(-g -O1 "-fsanitize=fuzzer-no-link,address,undefined" -fno-sanitize-recover=undefined -D_GNU_SOURCE
   -Iinclude -Itests/fuzz -Isrc/serve)
