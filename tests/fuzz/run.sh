@@ -2,9 +2,20 @@
 # Builds every libFuzzer target with clang (ASan + UBSan) and runs each for a bounded time on a
 # scratch copy of its committed seed corpus. Fails if any target crashes, leaks or trips a
 # sanitizer. Usage: tests/fuzz/run.sh [SECONDS per target, default 20] [BUILD_DIR]
+#        tests/fuzz/run.sh build [BUILD_DIR]   builds the targets only (launch/test does this
+#                                              beside other tests; the run then only fuzzes)
+# Every source is compiled once (objects in BUILD_DIR/obj, named by a digest of the source, the
+# headers, the flags and the compiler, so an object is reused only if it would come out the same),
+# then each target is linked from its objects.
 # A missing toolchain skips (exit 77) on a workstation; with CI=true in the environment it fails:
 # CI must never go green without having fuzzed.
 set -uo pipefail
+build_only=0
+if [ "${1:-}" = build ]; then
+  build_only=1
+  shift
+  set -- 0 "$@"
+fi
 secs="${1:-20}"
 src="${KDP_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}"
 out="${2:-$src/build/fuzz}"
@@ -28,9 +39,14 @@ if ! clang -fsanitize=fuzzer,address,undefined "$probe/p.c" -o "$probe/p" 2>/dev
   skip "clang's libFuzzer or sanitizer runtime is missing (Debian: libclang-rt-14-dev)"
 fi
 mkdir -p "$out"
-cflags=(-g -O1 "-fsanitize=fuzzer,address,undefined" -fno-sanitize-recover=undefined -D_GNU_SOURCE
+out=$(cd "$out" && pwd) # one spelling of every path (the targets' object lists are compared)
+# objects get libFuzzer's coverage instrumentation (fuzzer-no-link); the link adds its main()
+cflags=(-g -O1 "-fsanitize=fuzzer-no-link,address,undefined" -fno-sanitize-recover=undefined -D_GNU_SOURCE
   -Iinclude -Itests/fuzz -Isrc/serve)
-libs=$(pkg-config --cflags --libs inih zlib msgpack json-c openblas libuv libpng)
+ldflags=(-g "-fsanitize=fuzzer,address,undefined")
+pkgs=(inih zlib msgpack json-c openblas libuv libpng)
+incs=$(pkg-config --cflags "${pkgs[@]}")
+libs=$(pkg-config --libs "${pkgs[@]}")
 core=(src/common.c)
 # the dashboard's files, embedded by the meson build (kdp-embed) into BUILD_DIR/kdp_assets.c
 assets="$(dirname "$out")/kdp_assets.c"
@@ -63,20 +79,80 @@ cat >"$out/model.dict" <<'EOF'
 "),"
 ",3,1,1)"
 EOF
-# Each target is built and fuzzed in its own job, KDP_FUZZ_JOBS (default: the cores, at most 2)
-# at a time: the same seconds of fuzzing per target in a fraction of the wall time. A job writes
-# its result lines to $out/result_T and ok or fail to $out/status_T.
+cores=$(nproc)
+jobs_max="${KDP_FUZZ_JOBS:-$((cores < 2 ? 1 : 2))}"
+# KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
+read -r -a targets <<<"${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http socket}"
+
+# ---- build: each source once, jobs_max compilers at a time, then one link per target ----
+objdir="$out/obj"
+mkdir -p "$objdir"
+# what every object depends on besides its own source: compiler, flags, libraries, every header
+# of the project and of the fuzz targets
+common_key=$({ clang --version; printf '%s\n' "${cflags[@]}" "$incs" "$libs"
+  find include src tests/fuzz -name '*.h' | sort | xargs cat; } | sha1sum | cut -c1-16)
+obj_of() { # obj_of SRC: the object file SRC compiles to
+  echo "$objdir/$(basename "${1%.c}")-$({ echo "$common_key"; cat "$1"; } | sha1sum | cut -c1-16).o"
+}
+compile() { # compile SRC OBJ: writes OBJ (via a temporary name: an object exists only if complete)
+  # shellcheck disable=SC2086  # incs is a word list
+  if clang "${cflags[@]}" $incs -c "$1" -o "$2.tmp$$" >"$2.log" 2>&1; then
+    mv "$2.tmp$$" "$2" && rm -f "$2.log"
+  else
+    rm -f "$2.tmp$$"
+  fi
+}
+declare -A objs=() # target -> its object files
+declare -A todo=() # object -> source, for the objects not built yet
+for t in "${targets[@]}"; do
+  objs[$t]=""
+  for f in "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]}; do
+    o=$(obj_of "$f")
+    objs[$t]+="$o "
+    [ -f "$o" ] || todo[$o]="$f"
+  done
+done
+running=0
+for o in "${!todo[@]}"; do
+  if [ "$running" -ge "$jobs_max" ]; then
+    wait -n
+    running=$((running - 1))
+  fi
+  compile "${todo[$o]}" "$o" &
+  running=$((running + 1))
+done
+wait
+link() { # link T: BUILD_DIR/fuzz_T from its objects (kept when they have not changed)
+  local t="$1" exe="$out/fuzz_$1" o
+  for o in ${objs[$t]}; do
+    if [ ! -f "$o" ]; then
+      echo "FAIL - fuzz_$t does not build: ${todo[$o]:-$o}:"
+      sed 's/^/    /' "$o.log" 2>/dev/null | head -20
+      return 1
+    fi
+  done
+  [ -x "$exe" ] && [ "$(cat "$exe.objs" 2>/dev/null)" = "${objs[$t]}" ] && return 0
+  rm -f "$exe.objs"
+  # (via a temporary name: launch/test's background build may link the same target meanwhile)
+  # shellcheck disable=SC2086  # objs and libs are word lists
+  if ! clang "${ldflags[@]}" ${objs[$t]} -o "$exe.tmp$$" $libs -lhttp_parser -lpthread -lm >"$out/build_$t.log" 2>&1; then
+    rm -f "$exe.tmp$$"
+    echo "FAIL - fuzz_$t does not link:"
+    sed 's/^/    /' "$out/build_$t.log" | head -20
+    return 1
+  fi
+  mv -f "$exe.tmp$$" "$exe"
+  echo "${objs[$t]}" >"$exe.objs"
+}
+
+# Each target is fuzzed in its own job, KDP_FUZZ_JOBS (default: the cores, at most 2) at a time:
+# the same seconds of fuzzing per target in a fraction of the wall time. A job writes its result
+# lines to $out/result_T and ok or fail to $out/status_T.
 fuzz_one() {
   local t="$1" exe="$out/fuzz_$1" rc execs
   exec >"$out/result_$t" 2>&1
   echo fail >"$out/status_$t"
-  # shellcheck disable=SC2086  # srcs and libs are word lists
-  if ! clang "${cflags[@]}" "tests/fuzz/fuzz_$t.c" "${core[@]}" ${srcs[$t]} -o "$exe" $libs -lhttp_parser -lpthread -lm \
-    >"$out/build_$t.log" 2>&1; then
-    echo "FAIL - fuzz_$t does not build:"
-    sed 's/^/    /' "$out/build_$t.log" | head -20
-    return
-  fi
+  link "$t" || return
   rm -f "$out"/crash_"${t}"_*
   local corpus="$out/corpus_$t"
   rm -rf "$corpus"
@@ -100,10 +176,12 @@ fuzz_one() {
     done
   fi
 }
-cores=$(nproc)
-jobs_max="${KDP_FUZZ_JOBS:-$((cores < 2 ? 1 : 2))}"
-# KDP_FUZZ_TARGETS: a subset, e.g. "model idx" (default: every target)
-read -r -a targets <<<"${KDP_FUZZ_TARGETS:-config idx cifar npy ckpt model http socket}"
+if [ "$build_only" = 1 ]; then
+  bfail=0
+  for t in "${targets[@]}"; do link "$t" || bfail=1; done
+  echo "fuzz: built ${#targets[@]} targets in $out"
+  exit "$bfail"
+fi
 running=0
 for t in "${targets[@]}"; do
   rm -f "$out/status_$t" "$out/result_$t"
