@@ -172,7 +172,7 @@ expect "  ...the budget deferred some ($deferred), or the load never reached it"
 
 # pause, then predictions are served by the paused peers
 expect "POST /control pause is accepted (202)" test "$(code -X POST "$addr/control" -d '{"action":"pause"}')" = 202
-for _ in $(seq 1 100); do [ "$(status_field .progress.paused)" = true ] && break; sleep 0.05; done
+for _ in $(seq 1 600); do [ "$(status_field .progress.paused)" = true ] && break; sleep 0.05; done
 expect "/status says paused" test "$(status_field .progress.paused)" = true
 s1=$(status_field .progress.step); sleep 0.5; s2=$(status_field .progress.step)
 expect "no steps while paused ($s1 = $s2)" test "$s1" = "$s2"
@@ -205,7 +205,7 @@ expect "predict: fractional pixel values are answered (and nearly like the whole
   jq -e --slurpfile a "$tmp/pred.out" '[.peers[0][0], $a[0].peers[0][0]] | transpose | all((.[0] - .[1]) | fabs < 0.01)' "$tmp/predf.out"
 expect "predict: a bad input shape is 400" test "$(code -X POST "$addr/predict" -d '{"inputs":[[1,2,3]]}')" = 400
 expect "POST /control checkpoint while paused is accepted" test "$(code -X POST "$addr/control" -d '{"action":"checkpoint"}')" = 202
-for _ in $(seq 1 100); do [ "$(status_field .checkpoint.last_step)" = "$s1" ] && break; sleep 0.05; done
+for _ in $(seq 1 600); do [ "$(status_field .checkpoint.last_step)" = "$s1" ] && break; sleep 0.05; done
 expect "the checkpoint is written at the paused step" test "$(status_field .checkpoint.last_step)" = "$s1"
 sleep 0.6 # the next publish
 ts=$(metric kdpeers_last_checkpoint_timestamp_seconds)
@@ -225,9 +225,9 @@ for p in 0 1; do
 done
 expect "POST /control resume with lr_scale, temperature and kd_weight" \
   test "$(code -X POST "$addr/control" -d '{"action":"resume","lr_scale":0.5,"temperature":2,"kd_weight":0.25}')" = 202
-for _ in $(seq 1 100); do [ "$(status_field .progress.paused)" = false ] && break; sleep 0.05; done
+for _ in $(seq 1 600); do [ "$(status_field .progress.paused)" = false ] && break; sleep 0.05; done
 expect "/status shows the new values" test "$(status_field '[.progress.lr_scale, .progress.temperature, .progress.kd_weight] | @tsv')" = "$(printf '0.5\t2\t0.25')"
-for _ in $(seq 1 60); do [ "$(status_field .progress.step)" -gt "$s1" ] && break; sleep 0.05; done
+for _ in $(seq 1 600); do [ "$(status_field .progress.step)" -gt "$s1" ] && break; sleep 0.05; done
 expect "training goes on after resume" test "$(status_field .progress.step)" -gt "$s1"
 # malformed requests
 expect "unknown path is 404" test "$(code "$addr/nope")" = 404
@@ -258,7 +258,7 @@ before=$(md5sum <"$r/metrics.jsonl")
 "$exe" serve "$r" >"$tmp/serve1.out" 2>&1 &
 spid=$!
 pids+=("$spid")
-for _ in $(seq 1 100); do [ -s "$r/server.addr" ] && break; sleep 0.05; done
+for _ in $(seq 1 1200); do [ -s "$r/server.addr" ] && break; kill -0 "$spid" 2>/dev/null || break; sleep 0.05; done
 addr=$(cat "$r/server.addr" 2>/dev/null)
 curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve1.json"
 pipelined_close 100
@@ -277,7 +277,7 @@ rm -f "$r/server.addr"
 timeout 120 mpirun -np 2 --oversubscribe --bind-to none "$exe" serve "$r" -s run.progress=plain >"$tmp/serve2.out" 2>&1 &
 spid=$!
 pids+=("$spid")
-for _ in $(seq 1 100); do [ -s "$r/server.addr" ] && break; sleep 0.05; done
+for _ in $(seq 1 1200); do [ -s "$r/server.addr" ] && break; kill -0 "$spid" 2>/dev/null || break; sleep 0.05; done
 addr=$(cat "$r/server.addr" 2>/dev/null)
 curl -s -X POST "$addr/predict" --data @"$tmp/pred.json" >"$tmp/serve2.json"
 pipelined_close 50
