@@ -70,6 +70,26 @@ expect "export --best of a run without a split: exit 2" test $? = 2
 expect "  ...saying the run had no validation split" grep -q "had no validation split" "$tmp/nobest.out"
 expect "  ...and writing nothing" test ! -e "$tmp/nobest.kdpm"
 
+# --- export --best with EMA copies (run.ema_decay): peerN.ema is scored on the split and is a candidate ---
+e="$tmp/ema"
+run 2 "${small[@]}" -s data.subset=1100 -s data.val_size=300 -s run.ema_decay=0.5 -s run.dir="$e" >"$e.out" 2>&1
+expect "val_size with run.ema_decay: the run exits 0" test $? = 0
+expect "  ...both peerN.ema eval lines carry val_acc" \
+  test "$(evals "$e" | jq -s '[.[] | select(.model | test("^peer[0-9]+[.]ema$"))] | length == 2 and all(has("val_acc"))')" = true
+best=$(evals "$e" | jq -rs '[.[] | select(.model | test("^peer[0-9]+([.]ema)?$"))] | max_by(.val_acc) as $m |
+  map(select(.val_acc == $m.val_acc))[0].model')
+"$exe" export "$e" --best -o "$tmp/ebest.kdpm" >"$tmp/ebest.out" 2>&1
+expect "export --best over peers and EMA copies exits 0, listing peer0.ema and peer1.ema among the candidates" \
+  bash -c "grep -q 'peer0.ema' '$tmp/ebest.out' && grep -q 'peer1.ema' '$tmp/ebest.out'"
+n=${best#peer}; n=${n%.ema} flag=""
+if [ "$best" = "peer$n.ema" ]; then
+  flag=" --ema"
+  "$exe" export "$e" --peer "$n" --ema -o "$tmp/ewant.kdpm" >/dev/null 2>&1
+else
+  "$exe" export "$e" --peer "$n" -o "$tmp/ewant.kdpm" >/dev/null 2>&1
+fi
+expect "  ...and writes the best of them ($best) as export --peer $n$flag would" cmp -s "$tmp/ebest.kdpm" "$tmp/ewant.kdpm"
+
 # --- kdcl general: weights refitted on the split at every evaluation, carried by the checkpoint
 # (a run stopped after the first evaluation and resumed ends bitwise like an uninterrupted one) ---
 kargs=(-s data.subset=1100 -s data.val_size=300 -s data.test_subset=500 -s run.epochs=2
