@@ -151,6 +151,13 @@ btl_if=kdpnosuch0 limit=60 mpirun_mn 2 node "$exe" "${job[@]}" -s run.dir="$tmp/
 rc=$?
 expect "btl_tcp_if_include=kdpnosuch0 fails within the timeout (exit $rc after $((SECONDS - start)) s; 124 = hung)" \
   test "$rc" != 0 -a "$rc" != 124
+# Open MPI 4.1.4 sometimes crashes in this error path (SIGSEGV in 1 s, seen once in ~10 runs) before
+# it prints its message. The job still failed fast (checked above); for the message, one retry.
+if ! grep -q "unable to reach each other" "$tmp/bad.out" && [ "$rc" = 139 ]; then
+  echo "    note: Open MPI crashed (exit 139) before its message; retrying once"
+  btl_if=kdpnosuch0 limit=60 mpirun_mn 2 node "$exe" "${job[@]}" -s run.dir="$tmp/bad2" >"$tmp/bad.out" 2>&1
+  rc=$?
+fi
 expect "btl_tcp_if_include=kdpnosuch0: Open MPI says the ranks cannot reach each other" \
   grep -q "unable to reach each other" "$tmp/bad.out"
 if [ "$rc" = 0 ] || [ "$rc" = 124 ]; then tail -n 20 "$tmp/bad.out" | sed 's/^/    /'; fi
