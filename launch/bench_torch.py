@@ -247,7 +247,8 @@ def cmd_report(a):
     meta = {"models": [canonical_arch(m) for m in a.model], "threads": threads, "batch": a.batch,
             "steps": a.steps, "repeat": a.repeat, "native": a.native,
             "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                                   "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
+                                                   "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                   "GLIBC_TUNABLES")}}
     for key, name in (("load_before", "loadavg.before"), ("load_after", "loadavg.after")):
         path = os.path.join(a.dir, name)
         if os.path.exists(path):
