@@ -21,9 +21,14 @@
  *              B/P rows, as before the column sharding), for comparison
  * Also printed: the floats one rank exchanges per step for the module's features (the
  * all-to-all of the block's inputs and of their gradients, received + sent; the logits' rows
- * not counted) and the module gradient's allreduce length (floats), from the shapes.
- * ms/step includes the zeroing of the module's gradient (every step does it; it is O(module
- * size), printed alone as "zero ms"). Not timed: the batchnorm sums' allreduce (2 d_f + 1
+ * not counted) and the module gradient's allreduce length over the world (floats), from the
+ * shapes; with --cols 1 the own block's floats too (summed over the peer's ranks only, when a
+ * peer has several).
+ * ms/step includes the zeroing of the module's gradient (every step does it, printed alone as
+ * "zero ms"): with --cols 1 of the parts the rank keeps (kdp_cohort_module_zero_grad_of: the
+ * replicated tensors and its own column block of the sharded one), else all of it. "sgd ms":
+ * the module's SGD step (momentum 0.9, weight decay, as the trainer's) of the same parts, timed
+ * alone, not in ms/step. Not timed: the batchnorm sums' allreduce (2 d_f + 1
  * doubles per step) and the exchanges (see
  * bench/cost-model.md). Also printed: the module's FLOPs per rank per step from its shapes
  * (forward + backward = 3 x the forward's matrix products), so the time can be read per FLOP.
@@ -33,6 +38,7 @@
 #include <string.h>
 
 #include "kdpeers/kd.h"
+#include "kdpeers/nn.h"
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -97,8 +103,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "kdp-modulebench: cannot open %s\n", json);
     return 1;
   }
-  printf("%-7s %4s %5s %10s %10s %9s %12s %9s %10s %10s\n", "method", "P", "rows", "ms/step",
-         "vs P=first", "MFLOP", "GFLOP/s", "zero ms", "a2a float", "allreduce");
+  printf("%-7s %4s %5s %10s %10s %9s %12s %9s %9s %10s %10s %8s\n", "method", "P", "rows",
+         "ms/step", "vs P=first", "MFLOP", "GFLOP/s", "zero ms", "sgd ms", "a2a float",
+         "allreduce", "own");
   char *mcopy = strdup(methods), *save = NULL;
   for (char *name = strtok_r(mcopy, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
     kdp_method m;
@@ -148,10 +155,27 @@ int main(int argc, char **argv) {
       kdp_kd_rows blk = {.z = z, .h = h, .y = y, .n = rows, .T = 3.0f, .weight = 1.0f,
                          .scale = (float)rows / (float)B, .part = partb, .dpart = dpartb};
       int tgrad = kdp_cohort_teacher_grad(c);
+      /* the parts peer 0's rank keeps: its zeroing, its SGD step */
+      const size_t j0 = W ? 0 : P, nm = kdp_cohort_module_n_params(c);
+      size_t nsh = W ? kdp_cohort_module_ranges(c, KDP_PART_SHARED, 0, NULL, 0) : 1;
+      size_t nown = W ? kdp_cohort_module_ranges(c, KDP_PART_OWN, 0, NULL, 0) : 0;
+      size_t *rg = calloc(2 * (nsh + nown), sizeof *rg), shared_n = nm, own_n = 0;
+      if (W) {
+        kdp_cohort_module_ranges(c, KDP_PART_SHARED, 0, rg, nsh);
+        kdp_cohort_module_ranges(c, KDP_PART_OWN, 0, rg + 2 * nsh, nown);
+        shared_n = 0;
+        for (size_t k = 0; k < nsh + nown; k++)
+          *(k < nsh ? &shared_n : &own_n) += rg[2 * k + 1] - rg[2 * k];
+      } else {
+        rg[1] = nm;
+      }
+      kdp_sgd opt;
+      kdp_sgd_init(&opt, nm, 0.9f, 5e-4f, 0);
       double *ms = calloc((size_t)reps, sizeof *ms), *zms = calloc((size_t)reps, sizeof *zms);
+      double *sms = calloc((size_t)reps, sizeof *sms);
       for (int r = -5; r < reps; r++) {
         double t0 = kdp_now();
-        kdp_cohort_module_zero_grad(c);
+        kdp_cohort_module_zero_grad_of(c, j0);
         if (r >= 0) zms[r] = (kdp_now() - t0) * 1e3;
         /* (with W: the all-to-all between col_forward and the block's forward, and between its
            backward and col_backward, is not timed; the block's partials are random) */
@@ -163,9 +187,14 @@ int main(int argc, char **argv) {
           return 1;
         }
         if (r >= 0) ms[r] = (kdp_now() - t0) * 1e3;
+        t0 = kdp_now();
+        kdp_sgd_step_ranges(&opt, kdp_cohort_module_params(c), kdp_cohort_module_grads(c), 1e-6f,
+                            rg, nsh + nown);
+        if (r >= 0) sms[r] = (kdp_now() - t0) * 1e3;
       }
       qsort(ms, (size_t)reps, sizeof *ms, cmp_double);
       qsort(zms, (size_t)reps, sizeof *zms, cmp_double);
+      qsort(sms, (size_t)reps, sizeof *sms, cmp_double);
       double med = ms[reps / 2], fl = module_flops(m, P, rows, W ? B : 0, d, C);
       if (first_ms == 0) first_ms = med;
       /* the module's feature exchange of one rank (received + sent), floats: the block's inputs
@@ -176,19 +205,22 @@ int main(int argc, char **argv) {
       const size_t back_w = kdp_cohort_feature_grads(c) ? in_w : 0;
       const double a2a = replicated ? 0 : 2.0 * (double)(P - 1) * (double)rows *
                                               (double)(in_w + back_w);
-      const size_t nred = kdp_cohort_module_n_params(c);
-      printf("%-7s %4zu %5zu %10.4f %10.2f %9.2f %12.2f %9.4f %10.0f %10zu\n", name, P, rows, med,
-             med / first_ms, fl / 1e6, fl / (med * 1e-3) / 1e9, zms[reps / 2], a2a, nred);
+      printf("%-7s %4zu %5zu %10.4f %10.2f %9.2f %12.2f %9.4f %9.4f %10.0f %10zu %8zu\n", name, P,
+             rows, med, med / first_ms, fl / 1e6, fl / (med * 1e-3) / 1e9, zms[reps / 2],
+             sms[reps / 2], a2a, shared_n, own_n);
       if (jf)
         fprintf(jf,
                 "{\"method\":\"%s\",\"replicated\":%d,\"cols\":%d,\"P\":%zu,\"B\":%zu,\"d\":%zu,"
                 "\"C\":%zu,\"rows\":%zu,\"ms_median\":%.6f,\"ms_best\":%.6f,\"mflop\":%.4f,"
-                "\"zero_grad_ms_median\":%.6f,\"a2a_floats\":%.0f,\"allreduce_floats\":%zu,"
-                "\"reps\":%d}\n",
+                "\"zero_grad_ms_median\":%.6f,\"sgd_ms_median\":%.6f,\"a2a_floats\":%.0f,"
+                "\"allreduce_floats\":%zu,\"own_floats\":%zu,\"reps\":%d}\n",
                 name, replicated, W ? 1 : 0, P, B, d, C, rows, med, ms[0], fl / 1e6,
-                zms[reps / 2], a2a, nred, reps);
+                zms[reps / 2], sms[reps / 2], a2a, shared_n, own_n, reps);
+      kdp_sgd_free(&opt);
+      free(rg);
       free(ms);
       free(zms);
+      free(sms);
       free(y);
       float *bufs[] = {z, h, t, dt, dz, dh, part, dpart, partb, dpartb, hown, dhown};
       for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);

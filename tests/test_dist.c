@@ -1,8 +1,9 @@
 /* test_dist.c: under mpirun (-np 2, 3, 4): the pipeline (gather -> compute -> scatter, the
    module sharded by row blocks) gives every method the numbers of the single-process reference
    on every layout (one rank per peer, ranks_per_peer = 2, a per-peer layout), on batches whose
-   row blocks are unequal or empty; replicated modules stay bitwise identical; the row
-   exchanges move the right rows. */
+   row blocks are unequal or empty; replicated modules stay bitwise identical; a module whose
+   ranks step only their peer's columns (ffl) equals the reference over several steps, with
+   evaluations and checkpoints' gathers in between; the row exchanges move the right rows. */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -31,6 +32,17 @@ static void near(const char *what, const float *a, const float *b, size_t n, dou
 
 #define NB 6
 #define NC 5
+
+/* near over peer j's parts of a module (kdp_cohort_module_ranges part), laid out as the params */
+static void near_part(const char *what, const kdp_cohort *c, kdp_module_part part, size_t j,
+                      const float *a, const float *b) {
+  size_t n = kdp_cohort_module_ranges(c, part, j, NULL, 0);
+  size_t *rg = calloc(2 * n + 1, sizeof *rg);
+  kdp_cohort_module_ranges(c, part, j, rg, n);
+  for (size_t k = 0; k < n; k++)
+    near(what, a + rg[2 * k], b + rg[2 * k], rg[2 * k + 1] - rg[2 * k], 1e-6, 1e-4);
+  free(rg);
+}
 
 static size_t dim_of(size_t j) { return 8 + 4 * (j % 3); } /* heterogeneous feature dims */
 
@@ -184,10 +196,15 @@ static void check_method(kdp_dist *L, const char *layout, size_t B, kdp_method m
     near(what, dv, rdv + (me * B + lo) * E, (hi - lo) * E, 1e-6, 1e-4);
   }
   size_t nm = kdp_cohort_module_n_params(ref);
-  if (nm) {
+  if (nm) { /* the parts this rank keeps: the replicated ones and its peer's own block */
     snprintf(what, sizeof what, "%s %s%s B=%zu: module gradient", layout, name,
              detach ? "(detach)" : "", B);
-    near(what, kdp_cohort_module_grads(dist), kdp_cohort_module_grads(ref), nm, 1e-6, 1e-4);
+    near_part(what, ref, KDP_PART_SHARED, me, kdp_cohort_module_grads(dist),
+              kdp_cohort_module_grads(ref));
+    snprintf(what, sizeof what, "%s %s%s B=%zu: module gradient, peer %zu's own block", layout,
+             name, detach ? "(detach)" : "", B, me);
+    near_part(what, ref, KDP_PART_OWN, me, kdp_cohort_module_grads(dist),
+              kdp_cohort_module_grads(ref));
   }
   size_t nb = kdp_cohort_module_n_buffers(ref);
   if (nb) {
@@ -266,7 +283,9 @@ START_TEST(test_methods_match_reference) {
 }
 END_TEST
 
-/* 100 steps of module updates from distributed gradients: the replicas stay bitwise equal. */
+/* 100 steps of module updates from distributed gradients: the replicas stay bitwise equal once
+   every peer's blocks are gathered (kdp_pipeline_module_sync), params and momentum; before, a
+   module sharded by peer columns differs (each rank stepped only its own block). */
 static void check_replicas(kdp_method m) {
   size_t P = (size_t)D.n_peers, me = (size_t)D.peer;
   if (m == KDP_METHOD_OKDDIP && P < 3) return;
@@ -292,10 +311,20 @@ static void check_replicas(kdp_method m) {
     kdp_kd_losses L;
     ck_assert(kdp_pipeline_step(pl, &si, dz, dh, &L, &err) == 0);
     kdp_pipeline_module_allreduce(pl);
-    kdp_sgd_step(&opt, kdp_cohort_module_params(c), kdp_cohort_module_grads(c), 0.05f);
+    kdp_pipeline_module_sgd(pl, &opt, 0.05f);
   }
-  int rc = kdp_dist_agree(&D, kdp_cohort_module_params(c), nm * sizeof(float),
-                          "replicated module parameters", &err);
+  int rc;
+  if (kdp_cohort_col_width(c) && P > 1) {
+    rc = kdp_dist_agree(&D, kdp_cohort_module_params(c), nm * sizeof(float),
+                        "module parameters before the sync", &err);
+    ck_assert_msg(rc != 0, "%s: each rank steps only its own block, yet the replicas agree before "
+                  "the sync", kdp_method_name(m));
+  }
+  kdp_pipeline_module_sync(pl, opt.buf);
+  rc = kdp_dist_agree(&D, kdp_cohort_module_params(c), nm * sizeof(float),
+                      "replicated module parameters", &err);
+  ck_assert_msg(rc == 0, "%s after 100 steps: %s", kdp_method_name(m), err.msg);
+  rc = kdp_dist_agree(&D, opt.buf, nm * sizeof(float), "replicated module momentum", &err);
   ck_assert_msg(rc == 0, "%s after 100 steps: %s", kdp_method_name(m), err.msg);
   size_t nb = kdp_cohort_module_n_buffers(c);
   if (nb) {
@@ -357,6 +386,103 @@ static void check_rows(kdp_dist *L, size_t B) {
       for (size_t r = 0; r < B; r++) ck_assert(held[r] == 1); /* every row in one block */
   }
 }
+
+/* Several steps of the module trained from the pipeline (each rank steps its parts only) against
+   the single-process reference stepping the whole module, with an evaluation of the teacher and
+   a checkpoint's gathering (kdp_pipeline_module_sync of params and momentum) in between: a rank's
+   stale blocks of the other peers must not reach either. */
+static void check_trajectory(kdp_dist *L, const char *layout, kdp_method m) {
+  size_t P = (size_t)L->n_peers, me = (size_t)L->peer;
+  if ((int)P < kdp_method_ops_of(m)->min_peers) return;
+  kdp_cohort *dist = make_cohort(m, P, 0), *ref = make_cohort(m, P, 0);
+  const size_t nh = kdp_cohort_feature_floats(ref, NB), nm = kdp_cohort_module_n_params(ref);
+  const size_t nb = kdp_cohort_module_n_buffers(ref);
+  kdp_sgd ro, dopt;
+  kdp_sgd_init(&ro, nm, 0.9f, 5e-4f, 0);
+  kdp_sgd_init(&dopt, nm, 0.9f, 5e-4f, 0);
+  kdp_pipeline *pl = NULL;
+  kdp_error err;
+  ck_assert_msg(kdp_pipeline_create(&pl, L, dist, NB, &err) == 0, "%s", err.msg);
+  float *z = kdp_falloc(P * NB * NC), *h = kdp_falloc(nh), *rdz = kdp_falloc(P * NB * NC);
+  float *rdh = kdp_falloc(nh), *dz = kdp_falloc(NB * NC), *dh = kdp_falloc(NB * dim_of(me));
+  float *tev = kdp_falloc(NB * NC);
+  int32_t y[NB];
+  kdp_rng r;
+  kdp_rng_seed(&r, 555, 7); /* the same batches on every rank */
+  char what[128];
+  for (int step = 0; step < 6; step++) {
+    make_batch(&r, P, z, h, nh, y);
+    kdp_kd_batch in = {.z = z, .h = h, .y = y, .B = NB, .T = 3.0f, .weight = 0.7f};
+    kdp_cohort_module_zero_grad(ref);
+    ck_assert_msg(kdp_cohort_objective(ref, &in, rdz, rdh, NULL, NULL, NULL, &err) == 0, "%s",
+                  err.msg);
+    kdp_sgd_step(&ro, kdp_cohort_module_params(ref), kdp_cohort_module_grads(ref), 0.1f);
+    const float *zo, *ho;
+    size_t lo, hi;
+    own_rows(L, ref, NB, z, h, &zo, &ho, &lo, &hi);
+    kdp_step_in si = {.B = NB, .y = y, .z = zo, .h = ho, .T = 3.0f, .weight = 0.7f};
+    kdp_kd_losses Lo;
+    memset(dz, 0, NB * NC * sizeof(float));
+    memset(dh, 0, NB * dim_of(me) * sizeof(float));
+    ck_assert_msg(kdp_pipeline_step(pl, &si, dz, dh, &Lo, &err) == 0, "%s", err.msg);
+    kdp_pipeline_module_allreduce(pl);
+    kdp_pipeline_module_sgd(pl, &dopt, 0.1f);
+    if (step % 2 == 1) { /* an evaluation: the teacher's loss over the batch, summed over ranks */
+      kdp_eval_sums es;
+      memset(&es, 0, sizeof es);
+      ck_assert_msg(kdp_pipeline_eval(pl, NB, y, zo, ho, &es, &err) == 0, "%s", err.msg);
+      double ev[2] = {es.teacher_loss, es.teacher_hits};
+      kdp_dist_group_sum_f64(L, KDP_GROUP_WORLD, ev, 2);
+      ck_assert(kdp_cohort_teacher_eval(ref, z, h, NB, tev, &err) == 0);
+      size_t th = 0;
+      double want = kdp_ce_loss(tev, y, NB, NC, NULL, 0, &th) * (double)NB;
+      if (!(fabs(ev[0] - want) <= 1e-4 * (1 + fabs(want))) || ev[1] != (double)th) {
+        fprintf(stderr, "rank %d: %s %s step %d: teacher loss %.9g hits %g, reference %.9g %zu\n",
+                D.world_rank, layout, kdp_method_name(m), step, ev[0], ev[1], want, th);
+        g_fail++;
+      }
+    }
+    if (step % 3 == 2) { /* a checkpoint: the whole module and momentum, as every rank writes */
+      kdp_pipeline_module_sync(pl, dopt.buf);
+      snprintf(what, sizeof what, "%s %s step %d: checkpointed module params", layout,
+               kdp_method_name(m), step);
+      near(what, kdp_cohort_module_params(dist), kdp_cohort_module_params(ref), nm, 1e-6, 1e-4);
+      snprintf(what, sizeof what, "%s %s step %d: checkpointed module momentum", layout,
+               kdp_method_name(m), step);
+      near(what, dopt.buf, ro.buf, nm, 1e-6, 1e-4);
+      if (kdp_dist_agree(L, kdp_cohort_module_params(dist), nm * sizeof(float), what, &err) ||
+          kdp_dist_agree(L, dopt.buf, nm * sizeof(float), what, &err)) {
+        fprintf(stderr, "rank %d: %s\n", D.world_rank, err.msg);
+        g_fail++;
+      }
+    }
+  }
+  snprintf(what, sizeof what, "%s %s: module running statistics", layout, kdp_method_name(m));
+  if (nb)
+    near(what, kdp_cohort_module_buffers(dist), kdp_cohort_module_buffers(ref), nb, 1e-6, 1e-4);
+  kdp_sgd_free(&ro);
+  kdp_sgd_free(&dopt);
+  kdp_pipeline_free(pl);
+  kdp_cohort_free(dist);
+  kdp_cohort_free(ref);
+  float *bufs[] = {z, h, rdz, rdh, dz, dh, tev};
+  for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
+}
+
+START_TEST(test_module_trajectory) {
+  check_trajectory(&D, "k=1", KDP_METHOD_FFL);
+  check_trajectory(&D, "k=1", KDP_METHOD_ONE);
+  kdp_error err;
+  if (D.world_size >= 3) { /* peer 0 on 2 ranks: its block's gradient summed over them */
+    kdp_dist L3;
+    int pk[1] = {2};
+    ck_assert_msg(kdp_dist_setup_layout(&L3, 1, pk, 1, &err) == 0, "%s", err.msg);
+    check_trajectory(&L3, "peer0-k=2", KDP_METHOD_FFL);
+    kdp_dist_free(&L3);
+  }
+  ck_assert_msg(g_fail == 0, "%d mismatches against the single-process reference", g_fail);
+}
+END_TEST
 
 START_TEST(test_collectives) {
   check_rows(&D, 7);
@@ -566,6 +692,7 @@ int main(int argc, char **argv) {
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, test_methods_match_reference);
   tcase_add_test(tc, test_replicas_bitwise);
+  tcase_add_test(tc, test_module_trajectory);
   tcase_add_test(tc, test_collectives);
   tcase_add_test(tc, test_agree_detects_difference);
   tcase_add_test(tc, test_buckets_sum);

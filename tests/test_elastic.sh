@@ -3,7 +3,7 @@
 # grow 2 -> 3 carry the kept peers' weights, momentum, data position and RNG over bitwise (the
 # independent method, where a peer's trajectory does not depend on the others, so the resized run
 # must match the unresized one peer for peer); a grown peer from its seed or --clone-from;
-# dml and one resize (one's gate remapped); the same P through --resume-as stays bitwise; bad
+# dml, one and ffl resize (one's gate, ffl's fc1 columns remapped); the same P through --resume-as stays bitwise; bad
 # requests exit 2; the resize is in metrics.jsonl, the checkpoint and /status.   Usage: tests/test_elastic.sh PATH/TO/kdpeers
 set -uo pipefail
 # shellcheck source=tests/lib.sh
@@ -106,8 +106,9 @@ expect "  ...(lr = 0) the clone's file differs from peer 0's" test -s "$tmp/p0.k
 expect "  ...in at most the weights: same size" test "$(stat -c %s "$tmp/p0.kdpm")" = "$(stat -c %s "$tmp/p2.kdpm")"
 expect "  ...and not equal" test "$(cmp "$tmp/p0.kdpm" "$tmp/p2.kdpm" | wc -l)" = 1
 
-# ---- methods with interaction: dml shrinks, one's gate is remapped both ways
-for method in dml one; do
+# ---- methods with interaction: dml shrinks, one's gate is remapped both ways, ffl's fusion head
+# (each rank steps only its peer's columns of fc1; the checkpoint gathers them) shrinks
+for method in dml one ffl; do
   a="$tmp/$method-3" b="$tmp/$method-shrunk"
   run 3 "${base[@]}" -s kd.method="$method" -s run.max_steps=4 -s run.dir="$a" >"$a.out" 2>&1
   copy_at "$a" "$b" 4
@@ -117,6 +118,10 @@ for method in dml one; do
   expect "$method: ...and evaluates both peers" grep -q '"event":"eval".*"model":"peer1"' "$b/metrics.jsonl"
 done
 expect "one: the log says what of the gate was kept" grep -q "resize 3 -> 2 peers: one's module .* remapped.*gate.weight" "$tmp/one-shrunk.out"
+expect "ffl: the kept peers' columns of fc1 carried over" grep -q "resize 3 -> 2 peers: ffl's module .* remapped.*fusion.fc1.weight kept" "$tmp/ffl-shrunk.out"
+mdig() { "$exe" inspect "$(step_dir "$tmp/ffl-3" 4)/peer-00$1.kdpc" | sed -n '/tensor digests/,$p' | grep -E '^  module'; }
+expect "ffl: the 3 ranks' checkpoints hold the same whole module and momentum (every peer's columns gathered)" \
+  test "$(mdig 0 | wc -l)" -ge 3 -a "$(mdig 0)" = "$(mdig 1)" -a "$(mdig 0)" = "$(mdig 2)"
 b="$tmp/one-grown"
 copy_at "$tmp/one-3" "$b" 4
 run 4 "${base[@]}" -s kd.method=one -s run.dir="$b" --resume-as 4 >"$b.out" 2>&1

@@ -575,6 +575,86 @@ START_TEST(test_module_init_layout) {
 }
 END_TEST
 
+/* The module's parts per peer (kdp_cohort_module_ranges): for ffl, SHARED and the P OWN blocks
+   cover every parameter exactly once, OWN(j) is peer j's columns of fc1's weight, SHARDED is that
+   weight whole; zero_grad_of(j) zeroes SHARED and OWN(j) only. Methods not sharded by peer
+   columns: SHARED is the whole module. */
+static size_t mark_part(const kdp_cohort *c, kdp_module_part part, size_t j, int *seen) {
+  size_t n = kdp_cohort_module_ranges(c, part, j, NULL, 0), tot = 0;
+  size_t *rg = calloc(2 * n + 1, sizeof *rg);
+  ck_assert_uint_eq(kdp_cohort_module_ranges(c, part, j, rg, n), n);
+  for (size_t k = 0; k < n; k++) {
+    ck_assert(rg[2 * k] < rg[2 * k + 1]);
+    if (k) ck_assert(rg[2 * k] > rg[2 * k - 1]); /* ordered, adjacent ones merged */
+    for (size_t i = rg[2 * k]; i < rg[2 * k + 1]; i++) seen[i]++;
+    tot += rg[2 * k + 1] - rg[2 * k];
+  }
+  free(rg);
+  return tot;
+}
+
+START_TEST(test_module_parts) {
+  const size_t dims[] = {16, 24, 8}, D = 48;
+  for (int m = KDP_METHOD_ONE; m <= KDP_METHOD_OKDDIP; m++) {
+    rcase a;
+    rcase_make(&a, (kdp_method)m, 3, 4, 5, dims, 7, 0, 1.0f);
+    const kdp_cohort *c = a.c;
+    const size_t np = kdp_cohort_module_n_params(c);
+    int *seen = calloc(np, sizeof *seen);
+    size_t shared = mark_part(c, KDP_PART_SHARED, 0, seen);
+    if (m != KDP_METHOD_FFL) {
+      ck_assert_uint_eq(shared, np);
+      ck_assert_uint_eq(kdp_cohort_module_ranges(c, KDP_PART_SHARED, 1, NULL, 0), 1);
+      ck_assert_uint_eq(kdp_cohort_module_ranges(c, KDP_PART_OWN, 1, NULL, 0), 0);
+      ck_assert_uint_eq(kdp_cohort_module_ranges(c, KDP_PART_SHARDED, 1, NULL, 0), 0);
+    } else {
+      const kdp_kd_tensor *w1 = kdp_cohort_module_tensor(c, 0);
+      ck_assert_str_eq(w1->name, "fusion.fc1.weight");
+      const size_t H = w1->rows;
+      ck_assert_uint_eq(shared, np - H * D);
+      for (size_t j = 0; j < 3; j++) {
+        ck_assert_uint_eq(kdp_cohort_module_ranges(c, KDP_PART_OWN, j, NULL, 0), H);
+        int *mine = calloc(np, sizeof *mine);
+        ck_assert_uint_eq(mark_part(c, KDP_PART_OWN, j, mine), H * dims[j]);
+        size_t h0 = j == 0 ? 0 : j == 1 ? 16 : 40;
+        for (size_t i = 0; i < np; i++) {
+          seen[i] += mine[i];
+          int in_block = i < H * D && i % D >= h0 && i % D < h0 + dims[j];
+          ck_assert_int_eq(mine[i], in_block);
+        }
+        free(mine);
+        /* zero_grad_of(j): SHARED and OWN(j) zeroed, the rest untouched */
+        float *g = kdp_cohort_module_grads(a.c);
+        for (size_t i = 0; i < np; i++) g[i] = 1.0f;
+        kdp_cohort_module_zero_grad_of(a.c, j);
+        for (size_t i = 0; i < np; i++) {
+          int in_block = i < H * D && i % D >= h0 && i % D < h0 + dims[j];
+          ck_assert(g[i] == ((i >= H * D || in_block) ? 0.0f : 1.0f));
+        }
+      }
+      int *sh = calloc(np, sizeof *sh);
+      ck_assert_uint_eq(mark_part(c, KDP_PART_SHARDED, 0, sh), H * D);
+      ck_assert_uint_eq(kdp_cohort_module_ranges(c, KDP_PART_SHARDED, 0, NULL, 0), 1);
+      ck_assert_uint_eq(kdp_cohort_module_ranges(c, KDP_PART_OWN, 3, NULL, 0), 0);
+      free(sh);
+    }
+    for (size_t i = 0; i < np; i++)
+      ck_assert_msg(seen[i] == 1, "param %zu counted %d times", i, seen[i]);
+    /* a short list: the first pairs written, the count still the whole */
+    size_t two[4] = {0, 0, 0, 0};
+    size_t n = kdp_cohort_module_ranges(c, KDP_PART_OWN, 1, two, 1);
+    if (m == KDP_METHOD_FFL) {
+      ck_assert_uint_gt(n, 1);
+      ck_assert_uint_eq(two[0], 16);
+      ck_assert_uint_eq(two[1], 40);
+      ck_assert_uint_eq(two[2], 0);
+    }
+    free(seen);
+    rcase_free(&a);
+  }
+}
+END_TEST
+
 /* ---------------------------------------------------------------- limits */
 
 START_TEST(test_p1_is_independent) {
@@ -763,6 +843,7 @@ static Suite *kd_suite(void) {
   tcase_add_test(core, test_rank_sum_identity);
   tcase_add_test(core, test_objective_fd);
   tcase_add_test(core, test_module_init_layout);
+  tcase_add_test(core, test_module_parts);
   suite_add_tcase(s, core);
   TCase *lim = tcase_create("limits");
   tcase_add_test(lim, test_p1_is_independent);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checkpoints, exact resume and faults, under mpirun: an interrupted and resumed run finishes
-# bitwise identical to an uninterrupted one (dml, one, mcl with its embedding heads, switokd with
-# its expert counts); mismatches are refused; a crash in a checkpoint write leaves the previous one;
+# bitwise identical to an uninterrupted one (dml, one, ffl with its fusion head's first layer kept
+# per peer and gathered for checkpoints and evaluations, mcl with its embedding heads, switokd
+# with its expert counts); mismatches are refused; a crash in a checkpoint write leaves the previous one;
 # divergence is reported; bad input gets clear messages.
 # Usage: tests/test_resume.sh PATH/TO/kdpeers
 set -uo pipefail
@@ -21,7 +22,7 @@ base=(-s data.subset=1536 -s data.test_subset=1000 -s run.epochs=2 -s "model.arc
   -s optim.batch_size=64 -s run.log_every=5 -s checkpoint.every_steps=10 -s checkpoint.keep=2)
 
 # switokd: a stronger teacher (peer 0) than its student, so that some steps are in expert mode
-for method in dml one mcl switokd; do
+for method in dml one ffl mcl switokd; do
   a="$tmp/$method-a" b="$tmp/$method-b" m=(-s kd.method="$method")
   [ "$method" = switokd ] && m+=(-s "model.arch=mlp(8)" -s "peer.0.arch=mlp(128)")
   run 2 "${base[@]}" "${m[@]}" -s run.dir="$a" >"$a.out" 2>&1

@@ -316,6 +316,28 @@ size_t kdp_cohort_module_n_params(const kdp_cohort *c); /* 0 for methods without
 float *kdp_cohort_module_params(kdp_cohort *c);
 float *kdp_cohort_module_grads(kdp_cohort *c);
 void kdp_cohort_module_zero_grad(kdp_cohort *c);
+/* The parts of the module that a rank of peer j keeps current every step, as ranges [lo, hi) of
+   the params' layout. A module sharded by peer columns (kdp_cohort_col_width > 0: ffl) splits its
+   tensors of KDP_SPLIT_FEATURES columns (ffl's fc1 weight) by peer, since column block j meets only
+   peer j's features:
+     KDP_PART_SHARED:  every other tensor, replicated: its gradient is summed over every rank;
+     KDP_PART_OWN:     peer j's column block of each sharded tensor (one range of d_j floats per
+                       row): its gradient is complete on peer j's ranks, and only they update it;
+     KDP_PART_SHARDED: the sharded tensors whole (the blocks of the other peers go stale on a rank
+                       until they are gathered, kdp_pipeline_module_sync).
+   Without such a module, SHARED is [0, n_params) and OWN and SHARDED are empty; j >= P: OWN is
+   empty. Adjacent ranges are merged, in layout order. Writes at most max pairs (lo, hi) to lo_hi
+   and returns the count (max = 0 sizes lo_hi). */
+typedef enum kdp_module_part {
+  KDP_PART_SHARED = 0,
+  KDP_PART_OWN,
+  KDP_PART_SHARDED
+} kdp_module_part;
+size_t kdp_cohort_module_ranges(const kdp_cohort *c, kdp_module_part part, size_t j,
+                                size_t *lo_hi, size_t max);
+/* Zeroes the gradient of peer j's parts, SHARED and OWN (what its step writes); j >= P: the
+   whole gradient, as kdp_cohort_module_zero_grad. */
+void kdp_cohort_module_zero_grad_of(kdp_cohort *c, size_t j);
 size_t kdp_cohort_module_n_buffers(const kdp_cohort *c);
 float *kdp_cohort_module_buffers(kdp_cohort *c);
 size_t kdp_cohort_module_n_tensors(const kdp_cohort *c); /* params only, layout order */

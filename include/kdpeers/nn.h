@@ -373,6 +373,10 @@ typedef struct kdp_sgd {
 void kdp_sgd_init(kdp_sgd *o, size_t n, float momentum, float weight_decay, int nesterov);
 void kdp_sgd_free(kdp_sgd *o);
 void kdp_sgd_step(kdp_sgd *o, float *params, const float *grads, float lr);
+/* One step of the elements in n ranges [lo_hi[2k], lo_hi[2k + 1]) only (the rest of params and
+   buf untouched; counted as one step): the parts of a module a rank keeps current. */
+void kdp_sgd_step_ranges(kdp_sgd *o, float *params, const float *grads, float lr,
+                         const size_t *lo_hi, size_t n);
 
 /* Learning-rate schedule. */
 typedef enum kdp_schedule_kind {

@@ -104,8 +104,24 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
 /* switokd: 1 when the last kdp_pipeline_step decided expert mode (the same on every rank), and
    its gaps (gaps may be NULL); 0 for other methods. */
 int kdp_pipeline_expert(const kdp_pipeline *p, kdp_switokd_gaps *gaps);
-/* Sums the replicated module's gradient over every rank (the replicas then step alike). */
+/* Sums the module's gradient where it is partial: its replicated parts over every rank (the
+   replicas then step alike); the column block of a module sharded by peer columns that this peer
+   owns (kdp_cohort_module_ranges KDP_PART_OWN: ffl's fc1 columns of this peer) over the peer's
+   ranks only, since no other peer writes it. A rank touches only its peer's parts: the work does
+   not grow with the other peers' blocks. */
 void kdp_pipeline_module_allreduce(kdp_pipeline *p);
+struct kdp_sgd;
+/* The module's SGD step (opt: its optimizer, momentum laid out as the params) of this peer's parts
+   only, SHARED and OWN; the other peers' blocks of the params and the momentum then go stale on
+   this rank until kdp_pipeline_module_sync. */
+void kdp_pipeline_module_sgd(kdp_pipeline *p, struct kdp_sgd *opt, float lr);
+/* Brings the other peers' blocks up to date on every rank (collective over the world; nothing
+   when no step went by since the last call): the params, and the momentum when momentum is not
+   NULL. Whatever reads the whole module calls it first: kdp_pipeline_eval does, the checkpoint
+   (params and momentum) and the /predict teacher (kdp_pipeline_teacher_cohort, which cannot: it
+   runs on the cohort communicator) call it. Afterwards every rank holds the same whole module,
+   bitwise, as if every rank had stepped all of it. */
+void kdp_pipeline_module_sync(kdp_pipeline *p, float *momentum);
 
 /* Evaluation of one batch of B rows (collective over the world), added to s: this peer on its
    own rows (z, h: its rows of the peer's eval-mode outputs); the ensemble (mean of the peers'
@@ -131,7 +147,8 @@ typedef struct kdp_eval_sums {
 int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *z,
                       const float *h, kdp_eval_sums *s, kdp_error *err);
 /* The method's teacher (n x C, eval mode) over the cohort communicator, where every member
-   holds all n rows of its peer (z: n x C, h: n x d): the /predict teacher. */
+   holds all n rows of its peer (z: n x C, h: n x d): the /predict teacher. Call
+   kdp_pipeline_module_sync on every rank first. */
 int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h, size_t n,
                                 float *out, kdp_error *err);
 

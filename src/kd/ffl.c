@@ -6,7 +6,10 @@
    each rank runs the head on its row block of the batch. Sharded by peer columns too: fc1's
    columns of peer j meet only h_j, so each peer multiplies its own rows by its block of fc1
    (col_forward) and the row block's owner sums the P partials (blk->part): the head's per-rank
-   work stays B d_f d_j as P grows, instead of (B/P) d_f sum_j d_j over a weight of P blocks. */
+   work stays B d_f d_j as P grows, instead of (B/P) d_f sum_j d_j over a weight of P blocks.
+   fc1's weight keeps its layout (d_f x sum_j d_j) on every rank, but a rank steps only its
+   peer's block of it (kdp_cohort_module_ranges); the others are gathered where they are read
+   (kdp_pipeline_module_sync: evaluation, /predict, checkpoints). */
 #include <string.h>
 
 #include "kd_internal.h"

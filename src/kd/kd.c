@@ -204,6 +204,74 @@ float *kdp_cohort_module_grads(kdp_cohort *c) { return c->grads; }
 void kdp_cohort_module_zero_grad(kdp_cohort *c) {
   if (c->n_params) memset(c->grads, 0, c->n_params * sizeof(float));
 }
+
+/* ---- the module's parts per peer (kdp_cohort_module_ranges) ---- */
+
+/* a tensor of KDP_SPLIT_FEATURES columns of a module sharded by peer columns */
+static int col_sharded(const kdp_cohort *c, const kdp_kd_tensor *t) {
+  return c->ops->col_width && t->col_split == KDP_SPLIT_FEATURES && t->cols == c->D;
+}
+
+typedef void (*range_fn)(void *ctx, size_t lo, size_t hi);
+
+/* fn over part's ranges of peer j, layout order (not merged) */
+static void each_range(const kdp_cohort *c, kdp_module_part part, size_t j, range_fn fn,
+                       void *ctx) {
+  for (size_t i = 0; i < c->n_tensors; i++) {
+    const kdp_kd_tensor *t = &c->tensors[i];
+    if (!col_sharded(c, t)) {
+      if (part == KDP_PART_SHARED) fn(ctx, t->off, t->off + t->size);
+    } else if (part == KDP_PART_SHARDED) {
+      fn(ctx, t->off, t->off + t->size);
+    } else if (part == KDP_PART_OWN && j < c->s.P) {
+      for (size_t r = 0; r < t->rows; r++) {
+        size_t lo = t->off + r * t->cols + c->hoff[j];
+        fn(ctx, lo, lo + c->s.dims[j]);
+      }
+    }
+  }
+}
+
+typedef struct range_list {
+  size_t *out, max, n, last_hi;
+} range_list;
+
+static void range_add(void *ctx, size_t lo, size_t hi) {
+  range_list *r = ctx;
+  if (hi <= lo) return;
+  if (r->n && r->last_hi == lo) {
+    if (r->n <= r->max) r->out[2 * (r->n - 1) + 1] = hi;
+  } else {
+    if (r->n < r->max) {
+      r->out[2 * r->n] = lo;
+      r->out[2 * r->n + 1] = hi;
+    }
+    r->n++;
+  }
+  r->last_hi = hi;
+}
+
+size_t kdp_cohort_module_ranges(const kdp_cohort *c, kdp_module_part part, size_t j,
+                                size_t *lo_hi, size_t max) {
+  range_list r = {lo_hi, lo_hi ? max : 0, 0, 0};
+  each_range(c, part, j, range_add, &r);
+  return r.n;
+}
+
+static void range_zero(void *ctx, size_t lo, size_t hi) {
+  float *g = ctx;
+  memset(g + lo, 0, (hi - lo) * sizeof(float));
+}
+
+void kdp_cohort_module_zero_grad_of(kdp_cohort *c, size_t j) {
+  if (j >= c->s.P) {
+    kdp_cohort_module_zero_grad(c);
+    return;
+  }
+  each_range(c, KDP_PART_SHARED, j, range_zero, c->grads);
+  each_range(c, KDP_PART_OWN, j, range_zero, c->grads);
+}
+
 size_t kdp_cohort_module_n_buffers(const kdp_cohort *c) { return c->n_buffers; }
 float *kdp_cohort_module_buffers(kdp_cohort *c) { return c->buffers; }
 size_t kdp_cohort_module_n_tensors(const kdp_cohort *c) { return c->n_tensors; }

@@ -25,10 +25,13 @@ typedef struct sgd_ctx {
   float *p;
   const float *g;
   float lr;
+  size_t base; /* the range's first element */
 } sgd_ctx;
 
 static void sgd_range(void *ctx, size_t lo, size_t hi) {
   const sgd_ctx *c = ctx;
+  lo += c->base;
+  hi += c->base;
   const float mu = c->o->momentum, wd = c->o->weight_decay, lr = c->lr;
   float *restrict p = c->p, *restrict buf = c->o->buf;
   const float *restrict g = c->g;
@@ -59,10 +62,19 @@ static void sgd_range(void *ctx, size_t lo, size_t hi) {
 }
 
 /* element-wise, on the team of threads (par.h) */
-void kdp_sgd_step(kdp_sgd *o, float *p, const float *g, float lr) {
-  sgd_ctx c = {o, p, g, lr};
-  kdp_par_elems(o->n, o->n, sgd_range, &c);
+void kdp_sgd_step_ranges(kdp_sgd *o, float *p, const float *g, float lr, const size_t *lo_hi,
+                         size_t n) {
+  for (size_t k = 0; k < n; k++) {
+    sgd_ctx c = {o, p, g, lr, lo_hi[2 * k]};
+    size_t m = lo_hi[2 * k + 1] - lo_hi[2 * k];
+    kdp_par_elems(m, m, sgd_range, &c);
+  }
   o->n_steps++;
+}
+
+void kdp_sgd_step(kdp_sgd *o, float *p, const float *g, float lr) {
+  const size_t all[2] = {0, o->n};
+  kdp_sgd_step_ranges(o, p, g, lr, all, 1);
 }
 
 double kdp_schedule_lr(const kdp_schedule *s, int64_t step) {

@@ -27,6 +27,8 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
   char path[KDP_PATH + 128];
   double t0 = kdp_now();
   int rc = 0;
+  /* the whole module and its momentum, every peer's blocks current (collective) */
+  if (t->pipe) kdp_pipeline_module_sync(t->pipe, t->mopt.buf);
   kdp_ckpt_step_dir(dir, t->step, path, sizeof path);
   rc = kdp_ckpt_mkdirs(path, err);
   kdp_ckpt_writer *w = NULL;

@@ -891,6 +891,7 @@ double kdp_live_predict(kdp_trainer *t, int n, int float_inputs, int mid_step) {
   float *all = kdp_falloc(P * (size_t)n * C), *ens = kdp_falloc((size_t)n * C);
   float *teacher = kdp_falloc((size_t)n * C), *mine = kdp_falloc((size_t)n * C);
   int has_teacher = 0;
+  if (t->pipe) kdp_pipeline_module_sync(t->pipe, NULL); /* the teacher reads the whole module */
   if (d->slice == 0) { /* the cohort that holds rank 0 does the work */
     /* between steps t->model and t->xbuf are free; mid-step they hold the step's activations */
     kdp_model *m = mid_step ? inference_model(t) : t->model;

@@ -34,6 +34,12 @@ struct kdp_pipeline {
      their sum's gradient (maxB x W) */
   size_t W, wc[KDP_KD_MAX_PEERS];
   float *part_own, *dpart_own, *partb, *dpartb;
+  /* the module's parts (kdp_cohort_module_ranges of this peer): nsh SHARED ranges, then nown OWN,
+     then nshard SHARDED, as (lo, hi) pairs; the OWN block packed (own_n floats); stale: bit 0 the
+     other peers' blocks of the params, bit 1 of the momentum, are older than the last step */
+  size_t *rg, nsh, nown, nshard, own_n;
+  float *pack;
+  unsigned stale;
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
   int switokd, expert;                 /* switokd: the last step's mode (1 = expert) */
   kdp_switokd_gaps gaps;
@@ -96,6 +102,15 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
     p->partb = kdp_falloc(p->P * max_batch * p->W);
     p->dpartb = kdp_falloc(max_batch * p->W);
   }
+  p->nsh = kdp_cohort_module_ranges(c, KDP_PART_SHARED, p->me, NULL, 0);
+  p->nown = kdp_cohort_module_ranges(c, KDP_PART_OWN, p->me, NULL, 0);
+  p->nshard = kdp_cohort_module_ranges(c, KDP_PART_SHARDED, p->me, NULL, 0);
+  p->rg = kdp_xcalloc(2 * (p->nsh + p->nown + p->nshard) + 1, sizeof *p->rg);
+  kdp_cohort_module_ranges(c, KDP_PART_SHARED, p->me, p->rg, p->nsh);
+  kdp_cohort_module_ranges(c, KDP_PART_OWN, p->me, p->rg + 2 * p->nsh, p->nown);
+  kdp_cohort_module_ranges(c, KDP_PART_SHARDED, p->me, p->rg + 2 * (p->nsh + p->nown), p->nshard);
+  for (size_t k = p->nsh; k < p->nsh + p->nown; k++) p->own_n += p->rg[2 * k + 1] - p->rg[2 * k];
+  if (p->own_n) p->pack = kdp_falloc(p->own_n);
   *out = p;
   return 0;
 }
@@ -106,6 +121,8 @@ void kdp_pipeline_free(kdp_pipeline *p) {
                    p->ens, p->ze_all, p->vw, p->dvw, p->dzw, p->part_own, p->dpart_own,
                    p->partb, p->dpartb};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
+  free(p->rg);
+  free(p->pack);
   free(p);
 }
 
@@ -188,7 +205,7 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (o->module_reads) kdp_dist_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, &blo, &bhi);
   if (p->E) return whole_batch_step(p, in, dz, olo, ohi, out, err);
   const size_t n = ohi - olo, m = bhi - blo;
-  if (o->module_reads) kdp_cohort_module_zero_grad(p->c);
+  if (o->module_reads) kdp_cohort_module_zero_grad_of(p->c, p->me);
 
   /* 1. gather: every peer's logits on my own rows; every peer's block rows for the module */
   const float *z_all = in->z_all;
@@ -262,9 +279,57 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   return 0;
 }
 
+/* ---------------------------------------------------------------- the module's parts */
+
+/* this peer's OWN block of v (laid out as the params) to p->pack (out = 1), or back */
+static void own_block(kdp_pipeline *p, float *v, int out) {
+  const size_t *r = p->rg + 2 * p->nsh;
+  float *q = p->pack;
+  for (size_t k = 0; k < p->nown; k++) {
+    size_t n = r[2 * k + 1] - r[2 * k];
+    if (out)
+      memcpy(q, v + r[2 * k], n * sizeof(float));
+    else
+      memcpy(v + r[2 * k], q, n * sizeof(float));
+    q += n;
+  }
+}
+
 void kdp_pipeline_module_allreduce(kdp_pipeline *p) {
-  size_t nm = kdp_cohort_module_n_params(p->c);
-  if (nm) kdp_dist_world_allreduce(p->d, kdp_cohort_module_grads(p->c), nm);
+  float *g = kdp_cohort_module_grads(p->c);
+  for (size_t k = 0; k < p->nsh; k++)
+    kdp_dist_world_allreduce(p->d, g + p->rg[2 * k], p->rg[2 * k + 1] - p->rg[2 * k]);
+  /* the OWN block's gradient is complete on this peer's ranks: summed over them only */
+  if (p->own_n && p->d->ranks_per_peer > 1) {
+    own_block(p, g, 1);
+    kdp_dist_peer_allreduce(p->d, p->pack, p->own_n);
+    own_block(p, g, 0);
+  }
+}
+
+void kdp_pipeline_module_sgd(kdp_pipeline *p, kdp_sgd *opt, float lr) {
+  if (!kdp_cohort_module_n_params(p->c)) return;
+  kdp_sgd_step_ranges(opt, kdp_cohort_module_params(p->c), kdp_cohort_module_grads(p->c), lr,
+                      p->rg, p->nsh + p->nown);
+  if (p->nown) p->stale = 3;
+}
+
+/* every peer's block of the sharded tensors from its slice-0 rank to every rank: the others
+   contribute zeros to a world sum, which is then exact */
+static void sync_blocks(kdp_pipeline *p, float *v) {
+  const size_t *r = p->rg + 2 * (p->nsh + p->nown);
+  own_block(p, v, 1);
+  for (size_t k = 0; k < p->nshard; k++)
+    memset(v + r[2 * k], 0, (r[2 * k + 1] - r[2 * k]) * sizeof(float));
+  if (p->d->slice == 0) own_block(p, v, 0);
+  for (size_t k = 0; k < p->nshard; k++)
+    kdp_dist_world_allreduce(p->d, v + r[2 * k], r[2 * k + 1] - r[2 * k]);
+}
+
+void kdp_pipeline_module_sync(kdp_pipeline *p, float *momentum) {
+  if (p->stale & 1u) sync_blocks(p, kdp_cohort_module_params(p->c));
+  if ((p->stale & 2u) && momentum) sync_blocks(p, momentum);
+  p->stale &= momentum ? 0u : ~1u;
 }
 
 /* ---------------------------------------------------------------- evaluation */
@@ -275,6 +340,7 @@ int kdp_pipeline_eval(kdp_pipeline *p, size_t B, const int32_t *y, const float *
   size_t olo, ohi, blo, bhi;
   int rc = rows(p, KDP_ROWS_OWN, B, &olo, &ohi, err);
   if (rc) return rc;
+  kdp_pipeline_module_sync(p, NULL); /* the teacher reads every peer's block */
   /* this peer on its own rows */
   if (ohi > olo) {
     size_t hits = 0;
@@ -452,9 +518,7 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   tc0 = kdp_now();
   if (!still)
     kdp_sgd_step(&t->opt, kdp_model_params(t->model), kdp_model_grads(t->model), (float)r->lr);
-  if (kdp_cohort_module_n_params(t->cohort))
-    kdp_sgd_step(&t->mopt, kdp_cohort_module_params(t->cohort),
-                 kdp_cohort_module_grads(t->cohort), (float)r->lr);
+  kdp_pipeline_module_sgd(t->pipe, &t->mopt, (float)r->lr); /* its parts this rank keeps */
   kdp_embed_sgd(t, (float)r->lr);
   kdp_train_ema_update(t); /* run.ema_decay: the temporal mean follows every step */
   L->t_compute += kdp_now() - tc0;
