@@ -234,6 +234,9 @@ def cmd_record(argv):
     ef = [r["expert_fraction"] for r in lines if "expert_fraction" in r]
     if ef:
         rec["expert_fraction"] = ef
+    kw = [r["weights"] for r in lines if r.get("event") == "kdcl_weights" and "weights" in r]
+    if kw:
+        rec["kdcl_weights"] = kw[-1]  # kdcl general: the weights fitted at the last evaluation
     tm = next((m for m in TEACHERS if m in final), None)
     rec["teacher_model"] = tm
     rec["teacher"] = final.get(tm) if tm else None
@@ -375,11 +378,21 @@ def methods_table(recs, lines):
     lines.append(f"Model: {', '.join(archs)}. Accuracies in %, mean +- sample std over seeds; "
                  "gain = mean peer minus plain `independent`'s (paired by seed); EMA = mean of the "
                  "peers' EMA copies (`peerN.ema`), EMA gain = EMA minus plain `independent`'s mean "
-                 "peer; students = switokd's peers other than the "
-                 "teacher.")
+                 "peer; students = switokd's peers other than the teacher; expert = switokd's "
+                 "expert-mode fraction of the steps. A variant with a validation split (+val=N) "
+                 "trains on fewer examples: its gains are against `independent+val=N` when that "
+                 "is recorded.")
     lines.append("")
-    kd_ind = [r for r in kd if variant(r) == "independent"]
-    pt_ind = [r for r in pt if variant(r) == "independent"]
+    def base_of(rs, v):
+        """The `independent` runs a variant's gains are taken against: with a validation split
+        (+val=N) `independent+val=N` when recorded (same training examples and noisy labels),
+        else plain `independent`."""
+        val = parse_spec(v)[1].get("val") if v.split("+")[0] in METHOD_ORDER else None
+        if val and v != f"independent+val={val}":
+            b = [r for r in rs if variant(r) == f"independent+val={val}"]
+            if b:
+                return b
+        return [r for r in rs if variant(r) == "independent"]
 
     def teacher_cell(rs):
         tms = sorted({r["teacher_model"] for r in rs if r.get("teacher_model")})
@@ -391,7 +404,7 @@ def methods_table(recs, lines):
         if not rs:
             return []
         pre = "PyTorch " if torch_side else ""
-        g = gain(rs, base, lambda r: r["mean_peer"])[0] if base and v != "independent" else None
+        g = gain(rs, base, lambda r: r["mean_peer"])[0] if base and base[0] not in rs else None
         ge = gain([r for r in rs if r.get("ema") is not None], base,
                   lambda r: r.get("ema"), lambda r: r["mean_peer"])[0] if base else None
         out = [(pre + "mean peer", fmt(stats([r["mean_peer"] for r in rs]))),
@@ -400,13 +413,14 @@ def methods_table(recs, lines):
                (pre + "teacher", teacher_cell(rs)),
                (pre + "students", fmt(stats([r.get("students") for r in rs]))),
                (pre + "EMA", fmt(stats([r.get("ema") for r in rs]))),
-               (pre + "EMA gain", fmt(ge, sign=True) if ge else "-")]
+               (pre + "EMA gain", fmt(ge, sign=True) if ge else "-"),
+               (pre + "expert", fmt(expert_stat(rs)))]
         return out
 
     head = ["method", "seeds"]
     for side in ("", "PyTorch "):
         head += [side + c for c in ("mean peer", "gain", "ensemble", "teacher", "students", "EMA",
-                                    "EMA gain")]
+                                    "EMA gain", "expert")]
     head += ["steps/s"]
     rows = []
     for v in variants:
@@ -414,8 +428,8 @@ def methods_table(recs, lines):
         ps = [r for r in pt if variant(r) == v]
         row = {"method": f"`{v}`",
                "seeds": f"{len(rs) or '-'} / {len(ps) or '-'}" if kd and pt else str(len(rs or ps))}
-        row.update(cells(rs, kd_ind, v, False))
-        row.update(cells(ps, pt_ind, v, True))
+        row.update(cells(rs, base_of(kd, v), v, False))
+        row.update(cells(ps, base_of(pt, v), v, True))
         sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
         row["steps/s"] = f"{statistics.mean(sps):.1f}" if sps else "-"
         rows.append(row)
@@ -452,56 +466,65 @@ def single_table(recs, lines):
     lines.append("")
 
 
+def expert_stat(rs):
+    """switokd's expert-mode fraction of the steps: per run the mean over its epochs, then mean +-
+    std over runs (percent); None when no run recorded one."""
+    return stats([statistics.mean(r["expert_fraction"]) for r in rs if r.get("expert_fraction")])
+
+
 def hetero_table(recs, all_recs, lines):
-    """Per-model rows of the heterogeneous run, against independent baselines of the same arch
-    (single-peer cnn; methods-full independent mlp peers) with the same epochs and data."""
+    """Per-model rows of the heterogeneous run, against independent baselines of the same arch,
+    epochs, data and source (paired by seed): the hetero study's own `independent` cohort (its
+    peers do not interact) and the other studies' independent runs of that arch."""
     r0 = recs[0]
     cfg = (bool(r0.get("quick")), r0.get("epochs"), r0.get("subset"),
            float(r0.get("label_noise") or 0))
 
-    def same(r):
-        return (r.get("status") == "ok" and r.get("source") == "kdpeers" and
-                r.get("method") == "independent" and
+    def same(r, src):
+        return (r.get("status") == "ok" and r.get("source") == src and
+                r.get("method") == "independent" and variant(r) == "independent" and
                 (bool(r.get("quick")), r.get("epochs"), r.get("subset"),
                  float(r.get("label_noise") or 0)) == cfg)
 
     def peers_of(r, want_cnn):
-        return [v for k, v in r["final"].items() if is_peer(k) and
-                ((k == "peer0") == want_cnn)] if r.get("study") == "hetero" else None
+        return [v for k, v in r["final"].items() if is_peer(k) and ((k == "peer0") == want_cnn)]
 
-    def baseline(arch):
-        """One pseudo-record per seed: the mean peer accuracy of the matching independent runs
-        of that seed (single-peer and multi-peer runs alike)."""
+    def baseline(arch, src):
+        """One pseudo-record per seed: the mean accuracy of the `arch` peers of the matching
+        independent runs of that seed (hetero cohorts, single- and multi-peer runs alike)."""
         per = {}
         for r in all_recs:
-            if same(r) and r.get("arch") == arch and r.get("mean_peer") is not None:
+            if not same(r, src):
+                continue
+            if r.get("study") == "hetero":
+                per.setdefault(r["seed"], []).extend(peers_of(r, arch == "cnn"))
+            elif r.get("arch") == arch and r.get("mean_peer") is not None:
                 per.setdefault(r["seed"], []).append(r["mean_peer"])
-        return [{"seed": k, "mean_peer": statistics.mean(v)} for k, v in sorted(per.items())]
+        return [{"seed": k, "mean_peer": statistics.mean(v)} for k, v in sorted(per.items()) if v]
 
-    base_cnn = baseline("cnn")
-    base_mlp = baseline("mlp(512,256)")
-    lines.append("Peer 0 is `cnn`, the others `mlp(512,256)`. Baselines: `independent` runs of the "
-                 "same arch, epochs and data from the other studies (paired by seed).")
+    lines.append("Peer 0 is `cnn`, the others `mlp(512,256)`. Baselines (alone): `independent` "
+                 "runs of the same arch, epochs, data and source, this study's cohort included "
+                 "(its peers do not interact), paired by seed. switokd's teacher is peer 0 (the "
+                 "cnn); expert = its expert-mode fraction of the steps (mean over epochs).")
     lines.append("")
     lines.append("| method | source | seeds | cnn peer | cnn alone | gain | mlp peers (mean) | "
-                 "mlp alone | gain | ensemble | steps/s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "mlp alone | gain | ensemble | expert | steps/s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for src, m in sorted({(r.get("source"), variant(r)) for r in recs},
                          key=lambda k: (variant_key(k[1]), k[0] != "kdpeers")):
         rs = [r for r in recs if variant(r) == m and r.get("source") == src]
+        base_cnn, base_mlp = baseline("cnn", src), baseline("mlp(512,256)", src)
         cnn = lambda r: r["final"].get("peer0")  # noqa: E731
         mlp = lambda r: statistics.mean(peers_of(r, False))  # noqa: E731
-        row = [f"`{m}`", src, str(len(rs)), fmt(stats([cnn(r) for r in rs])),
-               fmt(stats([r["mean_peer"] for r in base_cnn]))]
-        row.append(fmt(gain([dict(r, v=cnn(r)) for r in rs],
-                            [dict(r, v=r["mean_peer"]) for r in base_cnn],
-                            lambda r: r["v"])[0], sign=True) if base_cnn else "-")
-        row.append(fmt(stats([mlp(r) for r in rs])))
-        row.append(fmt(stats([r["mean_peer"] for r in base_mlp])))
-        row.append(fmt(gain([dict(r, v=mlp(r)) for r in rs],
-                            [dict(r, v=r["mean_peer"]) for r in base_mlp],
-                            lambda r: r["v"])[0], sign=True) if base_mlp else "-")
+        row = [f"`{m}`", src, str(len(rs))]
+        for f, base in ((cnn, base_cnn), (mlp, base_mlp)):
+            row.append(fmt(stats([f(r) for r in rs])))
+            row.append(fmt(stats([r["mean_peer"] for r in base])))
+            row.append(fmt(gain([dict(r, v=f(r)) for r in rs], base, lambda r: r["v"],
+                                lambda r: r["mean_peer"])[0], sign=True)
+                       if base and m != "independent" else "-")
         row.append(fmt(stats([r.get("ensemble") for r in rs])))
+        row.append(fmt(expert_stat(rs)))
         sps = [r.get("steps_per_second") for r in rs if r.get("steps_per_second")]
         row.append(f"{statistics.mean(sps):.1f}" if sps else "-")
         lines.append("| " + " | ".join(row) + " |")

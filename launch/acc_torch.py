@@ -21,7 +21,8 @@ launch/acc_report.py --help):
   +ema=D       an EMA copy of every peer (peerN.ema); +aug / +augpp: crop + flip, shared / per peer
 
 Data: Fashion-MNIST IDX .gz files, normalised (x/255 - 0.2860)/0.3530, the first `subset` training
-examples, then symmetric label noise: round(frac*n) positions, seeded by --noise-seed, get labels
+examples, then (+val=N) the validation split, the last N of them with their clean labels, then
+symmetric label noise on the rest: round(frac*n) positions, seeded by --noise-seed, get labels
 drawn uniformly from all 10 classes (a drawn label may equal the old one). By default the draw
 replays kdpeers' own generator (PCG32 stream 5, partial Fisher-Yates, as kdp_dataset_label_noise),
 so both sides train on the very same noisy labels; --noise-rng numpy makes an independent draw.
@@ -121,13 +122,30 @@ def noise_kdpeers(y, k, noise_seed, n_classes=10):
     return changed
 
 
-def load_data(subset, label_noise, noise_seed, noise_rng="kdpeers"):
-    xtr = read_idx(os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz"))
-    ytr = read_idx(os.path.join(DATA_DIR, "train-labels-idx1-ubyte.gz")).astype(np.int64)
-    xte = read_idx(os.path.join(DATA_DIR, "t10k-images-idx3-ubyte.gz"))
-    yte = read_idx(os.path.join(DATA_DIR, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+def load_raw():
+    """The Fashion-MNIST files as uint8 images and int64 labels (train, test)."""
+    return (read_idx(os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz")),
+            read_idx(os.path.join(DATA_DIR, "train-labels-idx1-ubyte.gz")).astype(np.int64),
+            read_idx(os.path.join(DATA_DIR, "t10k-images-idx3-ubyte.gz")),
+            read_idx(os.path.join(DATA_DIR, "t10k-labels-idx1-ubyte.gz")).astype(np.int64))
+
+
+def load_data(raw, subset, label_noise, noise_seed, noise_rng="kdpeers", val=0):
+    """As kdpeers' kdp_train_load: the first `subset` training examples, then the validation split
+    (the last `val` of them, labels untouched), then the label noise on the training part only
+    (round(frac * (n - val)) draws over n - val examples). Returns (xtr, ytr, xte, yte, changed,
+    xval, yval); xval/yval are None without a split."""
+    xtr, ytr, xte, yte = raw
+    ytr = ytr.copy()
     if subset > 0:
-        xtr, ytr = xtr[:subset], ytr[:subset].copy()
+        xtr, ytr = xtr[:subset], ytr[:subset]
+    xval = yval = None
+    if val:
+        if val >= len(ytr):
+            raise SystemExit(f"acc_torch: val={val} leaves no training examples "
+                             f"(the training set has {len(ytr)})")
+        xval, yval = xtr[-val:], ytr[-val:].copy()
+        xtr, ytr = xtr[:-val], ytr[:-val]
     changed = 0
     if label_noise > 0:
         n = len(ytr)
@@ -145,7 +163,8 @@ def load_data(subset, label_noise, noise_seed, noise_rng="kdpeers"):
         t = torch.from_numpy(x.astype(np.float32)).div_(255.0).sub_(MEAN).div_(STD)
         return t.unsqueeze(1)  # N x 1 x 28 x 28
 
-    return norm(xtr), torch.from_numpy(ytr), norm(xte), torch.from_numpy(yte), changed
+    return (norm(xtr), torch.from_numpy(ytr), norm(xte), torch.from_numpy(yte), changed,
+            None if xval is None else norm(xval), None if yval is None else torch.from_numpy(yval))
 
 
 # ---------------------------------------------------------------- augmentation
@@ -435,16 +454,10 @@ def evaluate(models, x_all, y_all, teacher=None, emas=None, bs=1000, keep_logits
 # ---------------------------------------------------------------- one run
 def run(args, spec, seed, data, run_id):
     method, opts = spec
-    xtr, ytr, xte, yte, _ = data
+    xtr, ytr, xte, yte, _, xval, yval = data  # the split and the noise as kdpeers makes them
     P = args.peers
     archs = args.archs
-    xval = yval = None
     nval = opts.get("val", 0)
-    if nval:
-        if nval >= len(ytr):
-            raise SystemExit(f"acc_torch: val={nval} leaves no training examples")
-        xval, yval = xtr[-nval:], ytr[-nval:]
-        xtr, ytr = xtr[:-nval], ytr[:-nval]
     torch.manual_seed(seed)
     models = [make_model(archs[i]) for i in range(P)]  # same draws as before: peers first
     extra = []  # the method's own trained parameters (peers' weight decay)
@@ -681,9 +694,15 @@ def main():
     seeds = ([int(s) for s in args.seed_list.split(",") if s] if args.seed_list
              else list(range(1, args.seeds + 1)))
 
-    data = load_data(args.subset, args.label_noise, args.noise_seed, args.noise_rng)
-    print(f"acc_torch: {len(data[1])} training examples, {data[4]} labels changed by noise, "
-          f"{len(data[3])} test examples", file=sys.stderr, flush=True)
+    raw = load_raw()
+    datas = {}  # per validation-split size: the split comes off before the noise, as in kdpeers
+    for val in sorted({o.get("val", 0) for _, o in specs}):
+        datas[val] = load_data(raw, args.subset, args.label_noise, args.noise_seed,
+                               args.noise_rng, val)
+        d = datas[val]
+        print(f"acc_torch: {len(d[1])} training examples, {d[4]} labels changed by noise, "
+              + (f"{len(d[6])} validation examples (clean labels), " if val else "")
+              + f"{len(d[3])} test examples", file=sys.stderr, flush=True)
     done = done_ids(args.out)
     for seed in seeds:
         for spec in specs:
@@ -695,7 +714,7 @@ def main():
             if run_id in done:
                 print(f"acc_torch: skip {run_id} (already recorded)", file=sys.stderr)
                 continue
-            rec = run(args, spec, seed, data, run_id)
+            rec = run(args, spec, seed, datas[spec[1].get("val", 0)], run_id)
             line = json.dumps(rec, sort_keys=False)
             if args.out:
                 with open(args.out, "a") as f:

@@ -31,6 +31,8 @@ cat >"$tmp/m.jsonl" <<'J'
 {"event":"eval","step":10,"epoch":1,"model":"peer1.ema","acc":0.8,"loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"ensemble","acc":0.65,"loss":1}
 {"event":"eval","step":10,"epoch":1,"model":"pcl","acc":0.75,"loss":1}
+{"event":"kdcl_weights","step":5,"weights":[0.5,0.5]}
+{"event":"kdcl_weights","step":10,"weights":[0.25,0.75]}
 {"event":"summary","steps":10}
 J
 "$py" "$rep" record --meta '{"source":"kdpeers","study":"t","run_id":"x","method":"pcl","variant":"pcl","peers":2,"seed":1,"rc":0}' \
@@ -40,6 +42,7 @@ chk() { "$py" -c "import json,sys; r=json.load(open('$tmp/rec')); sys.exit(0 if 
 expect "mean peer leaves the EMA copies out" chk 'abs(r["mean_peer"] - 0.6) < 1e-12'
 expect "EMA = mean of peerN.ema" chk 'abs(r["ema"] - 0.85) < 1e-12'
 expect "pcl's teacher is recorded" chk 'r["teacher_model"] == "pcl" and r["teacher"] == 0.75'
+expect "kdcl general's last fitted weights are recorded" chk 'r["kdcl_weights"] == [0.25, 0.75]'
 expect "validation lines stay out of the test figures" chk 'r["final"]["peer0"] == 0.5 and r["final_val"]["peer0"] == 0.2'
 
 # --- tables: EMA and gain columns, one row per variant ---
@@ -53,6 +56,36 @@ expect "validation lines stay out of the test figures" chk 'r["final"]["peer0"] 
 expect "the table has PyTorch EMA and EMA gain columns" grep -q "PyTorch EMA | PyTorch EMA gain" "$tmp/t.md"
 expect "the EMA variant has its own row with its gain (+10.00, paired)" \
   grep -qF '| `independent+ema=0.999` | 2 | 71.50 +- 0.71 | +0.00 +- 0.00 | 70.00 +- 0.00 | 81.50 +- 0.71 | +10.00 +- 0.00 |' "$tmp/t.md"
+
+# --- a validation split's variants take their gains against independent+val=N ---
+{
+  for s in 1 2; do
+    for vm in "independent:independent:0.70" "independent:independent+val=100:0.68" \
+              "kdcl:kdcl+ensemble=general+val=100:0.71"; do
+      IFS=: read -r m v a <<<"$vm"
+      printf '{"source":"kdpeers","status":"ok","study":"methods-noisy","run_id":"%s%s","method":"%s","variant":"%s","arch":"m","peers":2,"seed":%s,"epochs":3,"subset":100,"label_noise":0.4,"mean_peer":%s,"ensemble":0.7}\n' "$v" "$s" "$m" "$v" "$s" "$a"
+    done
+  done
+} >"$tmp/v.jsonl"
+"$py" "$rep" "$tmp/v.jsonl" >"$tmp/v.md"
+expect "kdcl general with a split gains against independent with the same split (+3.00)" \
+  grep -qF '| `kdcl+ensemble=general+val=100` | 2 | 71.00 +- 0.00 | +3.00 +- 0.00 |' "$tmp/v.md"
+expect "independent with a split gains against plain independent (-2.00)" \
+  grep -qF '| `independent+val=100` | 2 | 68.00 +- 0.00 | -2.00 +- 0.00 |' "$tmp/v.md"
+
+# --- hetero: baselines of the same source (the study's own independent cohort), expert column ---
+{
+  for s in 1 2; do
+    printf '{"source":"kdpeers","status":"ok","study":"hetero","run_id":"hi%s","method":"independent","variant":"independent","arch":"h","peers":3,"seed":%s,"epochs":5,"subset":0,"label_noise":0,"mean_peer":0.8,"ensemble":0.8,"final":{"peer0":0.9,"peer1":0.8,"peer2":0.82}}\n' "$s" "$s"
+    printf '{"source":"kdpeers","status":"ok","study":"hetero","run_id":"hs%s","method":"switokd","variant":"switokd","arch":"h","peers":3,"seed":%s,"epochs":5,"subset":0,"label_noise":0,"mean_peer":0.87,"ensemble":0.9,"final":{"peer0":0.91,"peer1":0.85,"peer2":0.85},"expert_fraction":[0.5,0.3]}\n' "$s" "$s"
+    printf '{"source":"pytorch","status":"ok","study":"hetero","run_id":"ps%s","method":"switokd","variant":"switokd","arch":"h","peers":3,"seed":%s,"epochs":5,"subset":0,"label_noise":0,"mean_peer":0.87,"ensemble":0.9,"final":{"peer0":0.91,"peer1":0.85,"peer2":0.85},"expert_fraction":[0.1,0.3]}\n' "$s" "$s"
+  done
+} >"$tmp/h.jsonl"
+"$py" "$rep" "$tmp/h.jsonl" >"$tmp/h.md"
+expect "hetero switokd: gains against the study's independent cnn and mlp peers, expert 40%" \
+  grep -qF '| `switokd` | kdpeers | 2 | 91.00 +- 0.00 | 90.00 +- 0.00 | +1.00 +- 0.00 | 85.00 +- 0.00 | 81.00 +- 0.00 | +4.00 +- 0.00 | 90.00 +- 0.00 | 40.00 +- 0.00 |' "$tmp/h.md"
+expect "hetero: a PyTorch row has no kdpeers baseline" \
+  grep -qF '| `switokd` | pytorch | 2 | 91.00 +- 0.00 | - | - | 85.00 +- 0.00 | - | - | 90.00 +- 0.00 | 20.00 +- 0.00 |' "$tmp/h.md"
 
 # --- the driver's commands ---
 "$src/launch/bench-accuracy" --study methods-noisy --seeds 1 --torch --dry-run --ema-decay 0.999 \
