@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# tests/cputime.sh CMD...: runs CMD and, when KDP_CPU_LOG names a file, appends to it one JSON line
+# {"command": [CMD...], "cpu": S}, S the user + system seconds of CMD's whole process tree (every
+# descendant that was waited for: mpirun's ranks, a script's subprocesses). launch/test gives it
+# to meson test as --wrapper, so the slowest-tests list shows each test's CPU seconds beside its
+# wall time: on a shared machine the wall time is mostly the load's, the CPU seconds much less so
+# (docs/testing.md, Time budget). CMD's exit status is kept.
+"$@"
+rc=$?
+if [ -n "${KDP_CPU_LOG:-}" ]; then
+  # `times`: the shell's own user and system time, then its children's (XmY.YYYs each)
+  cpu=$(times | tail -n 1 | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); s += p[1] * 60 + p[2] } printf "%.1f", s }')
+  jq -nc --argjson cpu "$cpu" '{command: $ARGS.positional, cpu: $cpu}' --args "$@" >>"$KDP_CPU_LOG"
+fi
+exit "$rc"
