@@ -8,8 +8,12 @@
 "$@"
 rc=$?
 if [ -n "${KDP_CPU_LOG:-}" ]; then
-  # `times`: the shell's own user and system time, then its children's (XmY.YYYs each)
-  cpu=$(times | tail -n 1 | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); s += p[1] * 60 + p[2] } printf "%.1f", s }')
+  # `times`: the shell's own user and system time, then its children's (XmY.YYYs each); run by
+  # this shell itself (in a pipe or $(...) a subshell would report its own, empty, children)
+  t="$KDP_CPU_LOG.times.$$"
+  times >"$t"
+  cpu=$(tail -n 1 "$t" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); s += p[1] * 60 + p[2] } printf "%.1f", s }')
+  rm -f "$t"
   jq -nc --argjson cpu "$cpu" '{command: $ARGS.positional, cpu: $cpu}' --args "$@" >>"$KDP_CPU_LOG"
 fi
 exit "$rc"
