@@ -14,6 +14,7 @@ if [ -n "${KDP_CPU_LOG:-}" ]; then
   times >"$t"
   cpu=$(tail -n 1 "$t" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); s += p[1] * 60 + p[2] } printf "%.1f", s }')
   rm -f "$t"
-  jq -nc --argjson cpu "$cpu" '{command: $ARGS.positional, cpu: $cpu}' --args "$@" >>"$KDP_CPU_LOG"
+  # (the command's words through stdin: jq would take words such as --oversubscribe for options)
+  printf '%s\n' "$@" | jq -Rsc --argjson cpu "$cpu" '{command: (rtrimstr("\n") | split("\n")), cpu: $cpu}' >>"$KDP_CPU_LOG"
 fi
 exit "$rc"
