@@ -34,11 +34,13 @@ case_args() { # case_args CASE: the case's arguments beyond base
     *) echo "-s kd.method=$1" ;;
   esac
 }
-stop_and_resume() { # stop_and_resume DIR ARGS...: DIR.out1 and DIR.out2, exit statuses in .rc
+stop_and_resume() { # stop_and_resume DIR ARGS...: DIR.out1 and DIR.out2, exit statuses in .rc;
+  # DIR.stop lists the checkpoints the stop left (the resumed run's retention deletes them)
   local b="$1"
   shift
   KDP_FAULT_SIGNAL_AT_STEP=17 run 2 "$@" -s run.dir="$b" >"$b.out1" 2>&1
   echo $? >"$b.out1.rc"
+  (cd "$b/checkpoints" 2>/dev/null && ls -d step-*/MANIFEST.kdpc) >"$b.stop"
   run 2 "$@" -s run.dir="$b" >"$b.out2" 2>&1
   echo $? >"$b.out2.rc"
 }
@@ -65,7 +67,7 @@ for c in "${cases[@]}"; do
   [ "$compare" = 1 ] && expect "$method: uninterrupted run exits 0" test "$(rc_of "$a.out")" = 0
   rc=$(rc_of "$b.out1")
   expect "$method: a signal stops the run with exit 75 (got $rc)" test "$rc" = 75
-  expect "$method: the stop wrote a checkpoint at step 18" test -f "$b/checkpoints/step-000000000018/MANIFEST.kdpc"
+  expect "$method: the stop wrote a checkpoint at step 18" grep -qx step-000000000018/MANIFEST.kdpc "$b.stop"
   rc=$(rc_of "$b.out2")
   expect "$method: rerunning the same command resumes and finishes (exit $rc)" test "$rc" = 0
   expect "$method: it says it resumed" grep -q "resumed from the checkpoint at step 18" "$b.out2"
@@ -107,6 +109,7 @@ mismatches() {
     read -r -a a <<<"$args"
     run "${a[0]}" "${base[@]}" "${a[@]:1}" -s run.dir="$b" >"$tmp/mm$i" 2>&1
     echo $? >"$tmp/mm$i.rc"
+    cp "$b/metrics.jsonl" "$tmp/mm$i.metrics" # (the last one, --fresh, empties it)
     i=$((i + 1))
   done
 }
@@ -154,7 +157,7 @@ expect "a changed lr without the flag is refused (exit $rc)" test "$rc" != 0
 expect "  ...and the message names the flag" grep -q -- "--allow-config-change" "$tmp/mm4"
 rc=$(rc_of "$tmp/mm5")
 expect "with --allow-config-change it resumes (exit $rc)" test "$rc" = 0
-expect "  ...and logs the change" grep -q '"event":"config_change","key":"optim.lr"' "$b/metrics.jsonl"
+expect "  ...and logs the change" grep -q '"event":"config_change","key":"optim.lr"' "$tmp/mm5.metrics"
 expect "--fresh starts over with another method (exit $(rc_of "$tmp/mm6"))" test "$(rc_of "$tmp/mm6")" = 0
 expect "  ...and metrics.jsonl holds only the new run" test "$(grep -c '"event":"start"' "$b/metrics.jsonl")" = 1
 
