@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tests/cputime.sh CMD...: runs CMD and, when KDP_CPU_LOG names a file, appends to it one JSON line
-# {"command": [CMD...], "cpu": S}, S the user + system seconds of CMD's whole process tree (every
+# {"dir": DIR, "command": [CMD...], "cpu": S}, DIR the working directory (meson runs a test in
+# its build directory), S the user + system seconds of CMD's whole process tree (every
 # descendant that was waited for: mpirun's ranks, a script's subprocesses). launch/test gives it
 # to meson test as --wrapper, so the slowest-tests list shows each test's CPU seconds beside its
 # wall time: on a shared machine the wall time is mostly the load's, the CPU seconds much less so
@@ -15,6 +16,7 @@ if [ -n "${KDP_CPU_LOG:-}" ]; then
   cpu=$(tail -n 1 "$t" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); s += p[1] * 60 + p[2] } printf "%.1f", s }')
   rm -f "$t"
   # (the command's words through stdin: jq would take words such as --oversubscribe for options)
-  printf '%s\n' "$@" | jq -Rsc --argjson cpu "$cpu" '{command: (rtrimstr("\n") | split("\n")), cpu: $cpu}' >>"$KDP_CPU_LOG"
+  printf '%s\n' "$@" | jq -Rsc --argjson cpu "$cpu" '{dir: $dir, command: (rtrimstr("\n") | split("\n")), cpu: $cpu}' \
+    --arg dir "$PWD" >>"$KDP_CPU_LOG"
 fi
 exit "$rc"
