@@ -50,6 +50,71 @@ mpi_run() {
   shift
   timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
 }
+# Independent runs at once (their checks come after, as if they had run one after another): spawn
+# CMD... starts CMD in the background, at most $par_max at a time (KDP_TEST_JOBS, default 2: the
+# runs are short and spend much of their time starting up, loading data and waiting in
+# collectives); spawn_to OUT CMD... does the same with CMD's output in OUT and its exit status in
+# OUT.rc; settle waits for every spawned job. rc_of OUT prints OUT's exit status (127 if it never
+# ended).
+par_max="${KDP_TEST_JOBS:-2}"
+par_pids=()
+spawn() {
+  local live p
+  while :; do
+    live=0
+    for p in "${par_pids[@]}"; do kill -0 "$p" 2>/dev/null && live=$((live + 1)); done
+    [ "$live" -lt "$par_max" ] && break
+    wait -n 2>/dev/null || sleep 0.05
+  done
+  "$@" &
+  par_pids+=($!)
+  pids+=($!)
+}
+spawn_to() {
+  local out="$1"
+  shift
+  rm -f "$out.rc"
+  spawn _spawned_to "$out" "$@"
+}
+_spawned_to() {
+  local out="$1"
+  shift
+  "$@" >"$out" 2>&1
+  echo $? >"$out.rc"
+}
+settle() {
+  local p
+  for p in "${par_pids[@]}"; do wait "$p" 2>/dev/null; done
+  par_pids=()
+}
+rc_of() { cat "$1.rc" 2>/dev/null || echo 127; }
+# Whole sections at once: checks_bg NAME FUNC... runs FUNC (its own runs and checks) as a spawned
+# job, its output in $tmp/NAME.checks; checks_collect waits for them (settle), prints each
+# section's output in the order they were started and counts its ok/FAIL lines (a section that did
+# not reach its end is a failure).
+sections=()
+checks_bg() {
+  local name="$1"
+  shift
+  sections+=("$name")
+  spawn _checks_to "$tmp/$name.checks" "$name" "$@"
+}
+_checks_to() {
+  local out="$1" name="$2"
+  shift 2
+  { "$@"; echo "section $name: end"; } >"$out" 2>&1
+}
+checks_collect() {
+  local n
+  settle
+  for n in "${sections[@]}"; do
+    grep -v "^section $n: end$" "$tmp/$n.checks"
+    pass=$((pass + $(grep -c '^ok   - ' "$tmp/$n.checks")))
+    fail=$((fail + $(grep -c '^FAIL - ' "$tmp/$n.checks")))
+    grep -qx "section $n: end" "$tmp/$n.checks" || bad "section $n did not reach its end"
+  done
+  sections=()
+}
 # ckpt_digests FILE: the crc32 of every tensor of a checkpoint file (weights, momentum, BN stats,
 # modules, EMA copies)
 ckpt_digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }

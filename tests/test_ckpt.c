@@ -930,8 +930,7 @@ END_TEST
 
 static Suite *ckpt_suite(void) {
   Suite *s = suite_create("ckpt");
-  TCase *core = tcase_create("core");
-  tcase_set_timeout(core, 60);
+  TCase *core = kdp_test_case("core");
   tcase_add_test(core, test_roundtrip_all_types);
   tcase_add_test(core, test_float_bytes_little_endian);
   tcase_add_test(core, test_only_tmp_before_commit);
@@ -944,8 +943,7 @@ static Suite *ckpt_suite(void) {
   tcase_add_test(core, test_describe);
   tcase_add_test(core, test_many_entries);
   suite_add_tcase(s, core);
-  TCase *lim = tcase_create("limits");
-  tcase_set_timeout(lim, 60);
+  TCase *lim = kdp_test_case("limits");
   tcase_add_test(lim, test_flipped_bits);
   tcase_add_test(lim, test_truncation);
   tcase_add_test(lim, test_wrong_magic_and_version);

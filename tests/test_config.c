@@ -801,7 +801,7 @@ END_TEST
 
 static Suite *config_suite(void) {
   Suite *s = suite_create("config");
-  TCase *core = tcase_create("core");
+  TCase *core = kdp_test_case("core");
   tcase_add_checked_fixture(core, setup, teardown);
   tcase_add_test(core, test_defaults);
   tcase_add_test(core, test_load_file);
@@ -815,7 +815,7 @@ static Suite *config_suite(void) {
   tcase_add_test(core, test_unknown_key_suggestion);
   tcase_add_test(core, test_reference_files);
   suite_add_tcase(s, core);
-  TCase *limits = tcase_create("limits");
+  TCase *limits = kdp_test_case("limits");
   tcase_add_checked_fixture(limits, setup, teardown);
   tcase_add_test(limits, test_file_errors);
   tcase_add_test(limits, test_missing_file);

@@ -688,8 +688,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   Suite *s = suite_create("dist");
-  TCase *tc = tcase_create("core");
-  tcase_set_timeout(tc, 120);
+  TCase *tc = kdp_test_case("core");
   tcase_add_test(tc, test_methods_match_reference);
   tcase_add_test(tc, test_replicas_bitwise);
   tcase_add_test(tc, test_module_trajectory);

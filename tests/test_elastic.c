@@ -212,7 +212,7 @@ END_TEST
 
 static Suite *suite(void) {
   Suite *s = suite_create("elastic");
-  TCase *tc = tcase_create("remap");
+  TCase *tc = kdp_test_case("remap");
   tcase_add_test(tc, test_one_shrink);
   tcase_add_test(tc, test_one_shrink_reordered);
   tcase_add_test(tc, test_one_grow);

@@ -43,6 +43,7 @@ flip_byte() { # flip_byte FILE OFFSET: one bit of one byte
 tree_sums() { (cd "$1" && find . -type f ! -name kdpeers.lock -exec md5sum {} + | sort); }
 
 # ---------- divergence with rollback: bounded, and a signal still stops it ----------
+sec_rollback() {
 f="$tmp/rollback"
 rb=(-s checkpoint.on_divergence=rollback -s optim.lr=10 -s checkpoint.every_steps=3
   -s checkpoint.rollback_lr_scale=0.9)
@@ -70,8 +71,10 @@ stop_mpirun "$g"
 wait "$pid"
 rc=$?
 expect "rollback: a signal stops a run that keeps rolling back (exit $rc, $((SECONDS - t0)) s)" test "$rc" = 75 -a $((SECONDS - t0)) -le 30
+}
 
 # ---------- one run per run.dir ----------
+sec_lock() {
 l="$tmp/lock"
 run 2 "${small[@]}" -s run.epochs=200 -s checkpoint.every_steps=10 -s run.dir="$l" >"$l.out1" 2>&1 &
 pid=$!
@@ -114,8 +117,10 @@ run 2 "${small[@]}" -s run.epochs=200 -s run.max_steps=80 -s run.dir="$l" >"$l.o
 rc=$?
 expect "lock: a named holder that still runs on this host is respected even without its lock (exit $rc)" test "$rc" = 2
 expect "  ...saying so" grep -q "pid $$ on host $(hostname), started then, still running" "$l.out6"
+}
 
 # ---------- the only checkpoint corrupt ----------
+sec_corrupt() {
 c="$tmp/corrupt"
 run 2 "${small[@]}" -s run.max_steps=10 -s run.dir="$c" >"$c.out1" 2>&1
 expect "corrupt: a short run leaves one checkpoint" test "$(ls -d "$c"/checkpoints/step-* | wc -l)" = 1
@@ -128,8 +133,10 @@ expect "  ...saying none is usable and why" grep -q "holds 1 completed checkpoin
 expect "  ...and what --fresh would do" grep -q -- "--fresh would delete $c/checkpoints and empty metrics.jsonl" "$c.out"
 expect "  ...nothing deleted, nothing appended (checkpoints, both peer files, metrics.jsonl)" \
   test "$before" = "$(tree_sums "$c")"
+}
 
 # ---------- metrics.jsonl: a full disk, a short file ----------
+sec_metrics() {
 m="$tmp/full"
 KDP_FAULT_METRICS_FULL=10-20 run1 "${small[@]}" -s run.log_every=1 -s run.dir="$m" >"$m.out" 2>&1
 rc=$?
@@ -169,8 +176,10 @@ run1 "${small[@]}" -s checkpoint.every_steps=10 -s run.dir="$tmp/moved" >"$a.out
 rc=$?
 expect "a moved run.dir resumes without --allow-config-change (exit $rc)" test "$rc" = 0
 expect "  ...from its checkpoint" grep -q "resumed from the checkpoint at step 18 in $tmp/moved/checkpoints" "$a.out"
+}
 
 # ---------- signals through launch/kdpeers-local, with a 3 s stop checkpoint ----------
+sec_local() {
 for how in TERM INT; do
   k="$tmp/local-$how"
   if [ "$how" = INT ]; then set -m; fi # Ctrl-C: SIGINT to the launcher's process group
@@ -188,8 +197,10 @@ for how in TERM INT; do
   expect "  ...that checkpoint is complete (${ck##*/})" test -f "$ck/MANIFEST.kdpc"
   expect "  ...and the log says how to resume" grep -q "rerun the same command to resume" "$k.out"
 done
+}
 
 # ---------- a stalled rank ----------
+sec_stall() {
 # rank 2 of 3 stops itself before the agreement point of step 31: rank 1 reports that it waits,
 # so rank 0 names rank 2 alone
 st="$tmp/stall"
@@ -243,5 +254,16 @@ wait "$pid"
 rc=$?
 expect "  ...and run.stall_abort_seconds ends the job (exit $rc)" test "$rc" = 1
 expect "  ...leaving no process behind" test "$(left "$sr")" = 0
+}
+
+# The sections but the stall's run two at a time (checks_bg, tests/lib.sh), each with its own
+# run.dirs; the stalled rank's comes last, alone (its CPU-tick check wants the cores free)
+checks_bg rollback sec_rollback
+checks_bg lock sec_lock
+checks_bg corrupt sec_corrupt
+checks_bg metrics sec_metrics
+checks_bg local sec_local
+checks_collect
+sec_stall
 
 finish faults

@@ -600,7 +600,7 @@ END_TEST
 
 static Suite *formats_suite(void) {
   Suite *s = suite_create("formats");
-  TCase *core = tcase_create("core");
+  TCase *core = kdp_test_case("core");
   tcase_add_checked_fixture(core, setup, teardown);
   tcase_add_test(core, test_npy_gray_u8);
   tcase_add_test(core, test_npy_rgb_f32);
@@ -612,7 +612,7 @@ static Suite *formats_suite(void) {
   tcase_add_test(core, test_class_names);
   tcase_add_test(core, test_predict_npy_inputs);
   suite_add_tcase(s, core);
-  TCase *lim = tcase_create("limits");
+  TCase *lim = kdp_test_case("limits");
   tcase_add_checked_fixture(lim, setup, teardown);
   tcase_add_test(lim, test_npy_bad_inputs);
   tcase_add_test(lim, test_folder_bad_inputs);

@@ -372,15 +372,13 @@ END_TEST
 
 static Suite *golden_suite(void) {
   Suite *s = suite_create("golden");
-  TCase *core = tcase_create("core");
-  tcase_set_timeout(core, 120);
+  TCase *core = kdp_test_case("core");
   tcase_add_test(core, test_mlp_blas);
   tcase_add_test(core, test_mlp_naive);
   tcase_add_test(core, test_cnn_blas);
   tcase_add_test(core, test_cnn_naive);
   suite_add_tcase(s, core);
-  TCase *lim = tcase_create("limits");
-  tcase_set_timeout(lim, 60);
+  TCase *lim = kdp_test_case("limits");
   tcase_add_test(lim, test_perturbed_mlp);
   tcase_add_test(lim, test_perturbed_cnn);
   suite_add_tcase(s, lim);

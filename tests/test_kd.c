@@ -832,8 +832,7 @@ END_TEST
 
 static Suite *kd_suite(void) {
   Suite *s = suite_create("kd");
-  TCase *core = tcase_create("core");
-  tcase_set_timeout(core, 60);
+  TCase *core = kdp_test_case("core");
   tcase_add_test(core, test_softmax_rows);
   tcase_add_test(core, test_ce_grad_fd);
   tcase_add_test(core, test_kl_grad_fd);
@@ -845,7 +844,7 @@ static Suite *kd_suite(void) {
   tcase_add_test(core, test_module_init_layout);
   tcase_add_test(core, test_module_parts);
   suite_add_tcase(s, core);
-  TCase *lim = tcase_create("limits");
+  TCase *lim = kdp_test_case("limits");
   tcase_add_test(lim, test_p1_is_independent);
   tcase_add_test(lim, test_one_class);
   tcase_add_test(lim, test_extreme_logits);

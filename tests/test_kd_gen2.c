@@ -862,8 +862,7 @@ END_TEST
 
 static Suite *gen2_suite(void) {
   Suite *s = suite_create("kd_gen2");
-  TCase *t = tcase_create("core");
-  tcase_set_timeout(t, 60);
+  TCase *t = kdp_test_case("core");
   tcase_add_test(t, test_staged_methods);
   tcase_add_test(t, test_kdcl_general_weights);
   tcase_add_test(t, test_kdcl_golden);

@@ -1075,8 +1075,7 @@ END_TEST
 
 static Suite *layers_suite(void) {
   Suite *s = suite_create("layers");
-  TCase *core = tcase_create("core");
-  tcase_set_timeout(core, 60);
+  TCase *core = kdp_test_case("core");
   tcase_add_test(core, test_dense_naive_vs_blas);
   tcase_add_test(core, test_dense_relu);
   tcase_add_test(core, test_bn_backward_set);
@@ -1103,7 +1102,7 @@ static Suite *layers_suite(void) {
   tcase_add_test(core, test_maxpool_semantics);
   tcase_add_test(core, test_avgpool_count_include_pad);
   suite_add_tcase(s, core);
-  TCase *limits = tcase_create("limits");
+  TCase *limits = kdp_test_case("limits");
   tcase_add_test(limits, test_limits_conv);
   tcase_add_test(limits, test_limits_dense);
   tcase_add_test(limits, test_limits_pool_bn);

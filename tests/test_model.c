@@ -715,8 +715,7 @@ END_TEST
 
 static Suite *model_suite(void) {
   Suite *s = suite_create("model");
-  TCase *core = tcase_create("core");
-  tcase_set_timeout(core, 60);
+  TCase *core = kdp_test_case("core");
   tcase_add_loop_test(core, test_param_counts, 0, (int)(sizeof ZOO / sizeof ZOO[0]));
   tcase_add_test(core, test_tensor_names);
   tcase_add_test(core, test_forward_shapes);
@@ -732,7 +731,7 @@ static Suite *model_suite(void) {
   tcase_add_test(core, test_describe);
   tcase_add_loop_test(core, test_backward_hook, 0, (int)(sizeof HOOKED / sizeof HOOKED[0]));
   suite_add_tcase(s, core);
-  TCase *lim = tcase_create("limits");
+  TCase *lim = kdp_test_case("limits");
   tcase_add_loop_test(lim, test_bad_arch, 0, (int)(sizeof BAD_ARCH / sizeof BAD_ARCH[0]));
   tcase_add_test(lim, test_bad_shapes);
   tcase_add_test(lim, test_plan_large);

@@ -6,19 +6,82 @@
 set -uo pipefail
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
+# several jobs share the cores (spawn): a rank that waits in a collective yields its core (Open
+# MPI does so by itself only when a job alone has more ranks than cores)
+export OMPI_MCA_mpi_yield_when_idle=1
 run() { # run NP ARGS... (timeout guards against a hang in a collective)
   local np="$1"; shift
   timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
 }
 small=(-s data.subset=1024 -s data.test_subset=1000 -s run.epochs=1 -s optim.batch_size=64)
 
-# --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
-for method in independent dml codistill avg one ffl okddip kdcl pcl mcl switokd; do
+# Every run below that no other run depends on starts here, KDP_TEST_JOBS (default 2) at a time
+# (spawn, tests/lib.sh); the checks follow in order once they have all ended (settle).
+methods=(independent dml codistill avg one ffl okddip kdcl pcl mcl switokd)
+hyb=(-s data.subset=2048 -s data.test_subset=1000 -s run.epochs=1 -s run.max_steps=20
+  -s run.log_every=1 -s "model.arch=mlp(64,32)" -s kd.method=dml -s optim.batch_size=64)
+bk=(-s data.subset=1024 -s data.test_subset=200 -s run.epochs=1 -s run.max_steps=8
+  -s optim.batch_size=32 -s run.ranks_per_peer=2 -s run.log_every=1)
+shr=(-s data.subset=2048 -s data.test_subset=500 -s run.max_steps=8 -s "model.arch=mlp(32)" -s kd.method=dml)
+cmp_args=(-s data.subset=1024 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(32)")
+# launch/compare (a script around kdpeers: no C path of its own, not repeated under the
+# sanitizers) runs its 4 runs one after another: first, beside the others
+compare_bg() {
+  "$src/launch/compare" -np 2 --seeds 2 --methods dml,independent --runs "$tmp/cmp" --out "$tmp/cmp.md" -- \
+    "${cmp_args[@]}" >"$tmp/cmp.out" 2>"$tmp/cmp.err"
+}
+sanitizer_skip "launch/compare" || spawn compare_bg
+for method in "${methods[@]}"; do
   d="$tmp/m-$method" extra=()
   [ "$method" = switokd ] && extra=(-s kd.teacher_peer=1) # the cnn teaches the mlps
-  run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
-    -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" "${extra[@]}" -s run.dir="$d" >"$d.out" 2>&1
-  rc=$?
+  spawn_to "$d.out" run 3 "${small[@]}" -s run.max_steps=6 -s kd.method="$method" -s "model.arch=mlp(32)" \
+    -s peer.1.arch=cnn -s "peer.2.arch=mlp(48,24)" "${extra[@]}" -s run.dir="$d"
+done
+spawn_to "$tmp/cw.out" run 3 "${small[@]}" -s run.max_steps=8 -s kd.method=codistill -s kd.exchange=weights \
+  -s kd.exchange_every=3 -s kd.burn_in_steps=2 -s "model.arch=mlp(32)" -s peer.1.arch=cnn -s run.dir="$tmp/cw"
+spawn_to "$tmp/h1.out" run 2 "${hyb[@]}" -s run.dir="$tmp/h1"
+spawn_to "$tmp/h2.out" run 4 "${hyb[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/h2"
+for method in dml ffl pcl mcl switokd; do
+  [ "$method" = dml ] || spawn_to "$tmp/u-$method.out" run 2 "${hyb[@]}" -s kd.method="$method" -s run.dir="$tmp/u-$method"
+  spawn_to "$tmp/n-$method.out" run 3 "${hyb[@]}" -s kd.method="$method" -s peer.0.ranks_per_peer=2 -s run.dir="$tmp/n-$method"
+done
+for a in "mlp(64,32)" cnn; do
+  t=$(echo "$a" | tr -c 'a-z0-9' _)
+  for kb in 0 1; do
+    spawn_to "$tmp/bk-$t-$kb.out" run 2 "${bk[@]}" -s "model.arch=$a" -s run.bucket_kb=$kb -s run.dir="$tmp/bk-$t-$kb"
+  done
+done
+if ! sanitizer_skip "buckets on 3 ranks against 1"; then
+  spawn_to "$tmp/bk3-1.out" run 1 "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.dir="$tmp/bk3-1"
+  spawn_to "$tmp/bk3-3.out" run 3 "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.ranks_per_peer=3 \
+    -s run.bucket_kb=1 -s run.dir="$tmp/bk3-3"
+fi
+# determinism: d2 also writes the timeline (run.timeline, checked below), which must not change a result
+sanitizer_skip "determinism" || spawn_to "$tmp/d1.out" run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" \
+  -s kd.method=one -s run.dir="$tmp/d1"
+spawn_to "$tmp/d2.out" run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one \
+  -s run.timeline=true -s run.dir="$tmp/d2"
+spawn_to "$tmp/s1.out" run 4 "${shr[@]}" -s data.shared=true -s run.dir="$tmp/s1"
+sanitizer_skip "private dataset copies, compared with the shared one" ||
+  spawn_to "$tmp/s2.out" run 4 "${shr[@]}" -s data.shared=false -s run.dir="$tmp/s2"
+if [ -x "${2:-}" ]; then
+  "$2" folder "$tmp/fold" 600 90 3
+  spawn_to "$tmp/fold-run.out" run 2 -s data.format=folder -s data.train_images="$tmp/fold/train" \
+    -s data.test_images="$tmp/fold/test" -s run.epochs=1 -s "model.arch=mlp(32)" -s run.progress=none \
+    -s run.dir="$tmp/fold-run"
+fi
+# layout errors (refused at the start)
+spawn_to "$tmp/bad1.out" run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1"
+spawn_to "$tmp/bad3.out" run 2 "${small[@]}" -s peer.0.ranks_per_peer=2 -s peer.1.ranks_per_peer=1 -s run.dir="$tmp/bad3"
+spawn_to "$tmp/bad4.out" run 4 "${small[@]}" -s run.ranks_per_peer=2 -s peer.1.ranks_per_peer=1 -s run.dir="$tmp/bad4"
+spawn_to "$tmp/bad5.out" run 4 "${small[@]}" -s run.ranks_per_peer=2 -s data.subset=129 -s optim.batch_size=64 -s run.dir="$tmp/bad5"
+spawn_to "$tmp/bad2.out" run 2 "${small[@]}" -s kd.method=okddip -s run.dir="$tmp/bad2"
+settle
+
+# --- every method, heterogeneous peers (mlp, cnn, mlp), 3 ranks ---
+for method in "${methods[@]}"; do
+  d="$tmp/m-$method"
+  rc=$(rc_of "$d.out")
   expect "$method: 3 heterogeneous peers train (exit $rc)" test "$rc" = 0
   for p in peer0 peer1 peer2; do
     expect "$method: eval line for $p" grep -q "\"model\":\"$p\"" "$d/metrics.jsonl"
@@ -43,19 +106,12 @@ done
 
 # --- codistill, weights mode: disjoint shards, stale copies refreshed every 3 steps ---
 d="$tmp/cw"
-run 3 "${small[@]}" -s run.max_steps=8 -s kd.method=codistill -s kd.exchange=weights \
-  -s kd.exchange_every=3 -s kd.burn_in_steps=2 -s "model.arch=mlp(32)" -s peer.1.arch=cnn \
-  -s run.dir="$d" >"$d.out" 2>&1
-rc=$?
+rc=$(rc_of "$d.out")
 expect "codistill weights mode trains heterogeneous peers (exit $rc)" test "$rc" = 0
 expect "codistill weights mode: ensemble eval line" grep -q '"model":"ensemble"' "$d/metrics.jsonl"
 [ "$rc" = 0 ] || tail -n 20 "$d.out"
 
 # --- hybrid: ranks_per_peer = 2 gives the same losses as 1 (MLP, no batchnorm) ---
-hyb=(-s data.subset=2048 -s data.test_subset=1000 -s run.epochs=1 -s run.max_steps=20
-  -s run.log_every=1 -s "model.arch=mlp(64,32)" -s kd.method=dml -s optim.batch_size=64)
-run 2 "${hyb[@]}" -s run.dir="$tmp/h1" >"$tmp/h1.out" 2>&1
-run 4 "${hyb[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/h2" >"$tmp/h2.out" 2>&1
 losses() { grep '"event":"train"' "$1" | sed 's/.*"loss":\([^,]*\),"kd":\([^,]*\),.*/\1 \2/'; }
 expect "hybrid runs logged 20 steps each" test "$(losses "$tmp/h1/metrics.jsonl" | wc -l)" = 20 -a \
   "$(losses "$tmp/h2/metrics.jsonl" | wc -l)" = 20
@@ -78,13 +134,9 @@ relmax() { # relmax A B: max relative difference of the numeric columns of two a
 }
 for method in dml ffl pcl mcl switokd; do
   u="$tmp/h1"
-  if [ "$method" != dml ]; then
-    u="$tmp/u-$method"
-    run 2 "${hyb[@]}" -s kd.method="$method" -s run.dir="$u" >"$u.out" 2>&1
-  fi
+  [ "$method" != dml ] && u="$tmp/u-$method"
   n="$tmp/n-$method"
-  run 3 "${hyb[@]}" -s kd.method="$method" -s peer.0.ranks_per_peer=2 -s run.dir="$n" >"$n.out" 2>&1
-  rc=$?
+  rc=$(rc_of "$n.out")
   expect "$method: per-peer layout 2+1 on 3 ranks trains (exit $rc)" test "$rc" = 0
   [ "$rc" = 0 ] || tail -n 20 "$n.out"
   expect "$method: the per-peer layout is announced" grep -q "per-peer layout: 3 ranks = 2+1" "$n.out"
@@ -151,13 +203,10 @@ expect "/metrics of an ffl run has no contrastive loss" \
 ckdig() { # ckdig DIR RANK: digests of the last checkpoint of DIR, rank RANK's file
   "$exe" inspect "$(ls -d "$1"/checkpoints/step-* | tail -n 1)/peer-00$2.kdpc" 2>/dev/null | sed -n '/tensor digests/,$p'
 }
-bk=(-s data.subset=1024 -s data.test_subset=200 -s run.epochs=1 -s run.max_steps=8
-  -s optim.batch_size=32 -s run.ranks_per_peer=2 -s run.log_every=1)
 for a in "mlp(64,32)" cnn; do
   t=$(echo "$a" | tr -c 'a-z0-9' _)
   for kb in 0 1; do
-    run 2 "${bk[@]}" -s "model.arch=$a" -s run.bucket_kb=$kb -s run.dir="$tmp/bk-$t-$kb" >"$tmp/bk-$t-$kb.out" 2>&1
-    rc=$?
+    rc=$(rc_of "$tmp/bk-$t-$kb.out")
     expect "buckets: $a on 2 ranks, bucket_kb = $kb trains (exit $rc)" test "$rc" = 0
     [ "$rc" = 0 ] || tail -n 20 "$tmp/bk-$t-$kb.out"
   done
@@ -168,11 +217,8 @@ for a in "mlp(64,32)" cnn; do
   expect "buckets: $a: the two ranks hold the same weights and momentum" \
     test "$(echo "$d1" | grep -E '^  (params|momentum) ')" = "$(ckdig "$tmp/bk-$t-1" 1 | grep -E '^  (params|momentum) ')"
 done
-if ! sanitizer_skip "buckets on 3 ranks against 1"; then
-  run 1 "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.dir="$tmp/bk3-1" >"$tmp/bk3-1.out" 2>&1
-  run 3 "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.ranks_per_peer=3 -s run.bucket_kb=1 \
-    -s run.dir="$tmp/bk3-3" >"$tmp/bk3-3.out" 2>&1
-  rc=$?
+if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
+  rc=$(rc_of "$tmp/bk3-3.out")
   expect "buckets: one peer on 3 ranks with 1 KiB buckets trains (exit $rc)" test "$rc" = 0
   md=$(relmax "$(losses "$tmp/bk3-1/metrics.jsonl")" "$(losses "$tmp/bk3-3/metrics.jsonl")")
   expect "buckets: 3 ranks equal 1 over 20 steps (max relative loss difference $md < 1e-4)" \
@@ -181,22 +227,17 @@ if ! sanitizer_skip "buckets on 3 ranks against 1"; then
     "$(losses "$tmp/bk3-3/metrics.jsonl" | wc -l)" = 20
 fi
 
-# --- determinism under mpirun ---
-if ! sanitizer_skip "determinism"; then
-run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d1" >/dev/null 2>&1
-run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" -s kd.method=one -s run.dir="$tmp/d2" >/dev/null 2>&1
-expect "same seed and layout give identical metrics" cmp -s \
+# --- determinism under mpirun (the second run also writes its timeline) ---
+if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
+expect "same seed and layout give identical metrics (one run writing its timeline)" cmp -s \
   <(grep -E '"event":"(eval|train)"' "$tmp/d1/metrics.jsonl" | sed 's/,"samples_per_second".*//') \
   <(grep -E '"event":"(eval|train)"' "$tmp/d2/metrics.jsonl" | sed 's/,"samples_per_second".*//')
 fi
 
 # --- one dataset copy per node: same results, less memory ---
-shr=(-s data.subset=2048 -s data.test_subset=500 -s run.max_steps=8 -s "model.arch=mlp(32)" -s kd.method=dml)
-run 4 "${shr[@]}" -s data.shared=true -s run.dir="$tmp/s1" >"$tmp/s1.out" 2>&1
-rc=$?
+rc=$(rc_of "$tmp/s1.out")
 expect "a 4-rank run with a shared dataset trains (exit $rc)" test "$rc" = 0
-if ! sanitizer_skip "private dataset copies, compared with the shared one"; then
-run 4 "${shr[@]}" -s data.shared=false -s run.dir="$tmp/s2" >/dev/null 2>&1
+if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
 expect "shared dataset gives the same results as private copies" cmp -s \
   <(grep '"event":"eval"' "$tmp/s1/metrics.jsonl") <(grep '"event":"eval"' "$tmp/s2/metrics.jsonl")
 pss() { tail -n 1 "$1/metrics.jsonl" | sed 's/.*"pss_mb_total":\([0-9.]*\).*/\1/'; }
@@ -205,20 +246,16 @@ expect "shared dataset: total PSS over 4 ranks $p1 MB < $p2 MB with private copi
   awk -v a="$p1" -v b="$p2" 'BEGIN { exit !(a + 1 < b) }'
 fi
 
-# --- run.timeline: a Chrome trace per rank ---
-run 2 "${small[@]}" -s run.max_steps=5 -s "model.arch=mlp(32)" -s run.timeline=true -s run.dir="$tmp/tl" >/dev/null 2>&1
+# --- run.timeline: a Chrome trace per rank (the determinism pair's second run) ---
 for r in 000 001; do
-  f="$tmp/tl/timeline-rank$r.json"
+  f="$tmp/d2/timeline-rank$r.json"
   expect "timeline of rank $r is valid JSON with forward, wait, exchange and backward phases" \
     test "$(jq -r '[.traceEvents[].name] | (index("forward") != null) and (index("wait") != null) and (index("exchange+kd") != null) and (index("backward") != null)' "$f" 2>/dev/null)" = true
 done
 
 # --- launch/compare: seeds x methods -> a markdown table (a script around kdpeers: no C path of
 # its own, not repeated under the sanitizers) ---
-if ! sanitizer_skip "launch/compare"; then
-cmp_args=(-s data.subset=1024 -s data.test_subset=500 -s run.epochs=1 -s "model.arch=mlp(32)")
-"$src/launch/compare" -np 2 --seeds 2 --methods dml,independent --runs "$tmp/cmp" --out "$tmp/cmp.md" -- \
-  "${cmp_args[@]}" >"$tmp/cmp.out" 2>"$tmp/cmp.err"
+if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
 expect "launch/compare writes a row per method" test "$(grep -c '^| `' "$tmp/cmp.md")" = 2
 expect "launch/compare: rows in the order asked (dml, independent)" \
   test "$(grep -o '^| `[a-z]*`' "$tmp/cmp.md" | tr -d '|` ' | tr '\n' ,)" = "dml,independent,"
@@ -249,9 +286,6 @@ fi
 # --- an image folder on 2 ranks sharing one copy of the data: every peer's model file carries
 # the class names (the node broadcast) ---
 if [ -x "${2:-}" ]; then
-  "$2" folder "$tmp/fold" 600 90 3
-  run 2 -s data.format=folder -s data.train_images="$tmp/fold/train" -s data.test_images="$tmp/fold/test" \
-    -s run.epochs=1 -s "model.arch=mlp(32)" -s run.progress=none -s run.dir="$tmp/fold-run" >/dev/null 2>&1
   for p in 0 1; do
     "$exe" export "$tmp/fold-run" --peer "$p" -o "$tmp/fold$p.kdpm" >/dev/null
     "$exe" predict "$tmp/fold$p.kdpm" "$tmp/fold/test/trouser/"*.png --top >"$tmp/fold$p.txt"
@@ -262,28 +296,23 @@ else
 fi
 
 # --- layout errors ---
-run 3 "${small[@]}" -s run.ranks_per_peer=2 -s run.dir="$tmp/bad1" >"$tmp/bad1.out" 2>&1
-rc=$?
+rc=$(rc_of "$tmp/bad1.out")
 expect "-np 3 with ranks_per_peer=2 is refused with exit 2 (got $rc)" test "$rc" = 2
 expect "the message says ranks_per_peer does not divide" grep -q "does not divide" "$tmp/bad1.out"
-run 2 "${small[@]}" -s peer.0.ranks_per_peer=2 -s peer.1.ranks_per_peer=1 -s run.dir="$tmp/bad3" >"$tmp/bad3.out" 2>&1
-rc=$?
+rc=$(rc_of "$tmp/bad3.out")
 expect "-np 2 for per-peer k = 2+1 is refused with exit 2 (got $rc)" test "$rc" = 2
 expect "the message says the layout does not fit the 2 ranks and asks for -np 3" \
   grep -q "per-peer layout does not fit the 2 MPI ranks.*2 peers take 2+1 = 3 ranks. Start with -np 3" "$tmp/bad3.out"
-run 4 "${small[@]}" -s run.ranks_per_peer=2 -s peer.1.ranks_per_peer=1 -s run.dir="$tmp/bad4" >"$tmp/bad4.out" 2>&1
-rc=$?
+rc=$(rc_of "$tmp/bad4.out")
 expect "-np 4 between the layouts 2+1 and 2+1+2 is refused with exit 2 (got $rc)" test "$rc" = 2
 expect "the message names both fitting world sizes" \
   grep -q "2 peers take 2+1 = 3 ranks, 3 peers take 2+1+2 = 5. Start with -np 3 or -np 5" "$tmp/bad4.out"
 expect "a refused layout starts no training (no metrics.jsonl)" test ! -e "$tmp/bad4/metrics.jsonl"
-run 4 "${small[@]}" -s run.ranks_per_peer=2 -s data.subset=129 -s optim.batch_size=64 -s run.dir="$tmp/bad5" >"$tmp/bad5.out" 2>&1
-rc=$?
+rc=$(rc_of "$tmp/bad5.out")
 expect "a last batch smaller than ranks_per_peer is refused with exit 2 (got $rc)" test "$rc" = 2
 expect "the message names the last batch and ranks_per_peer" \
   grep -q "the last batch of an epoch holds 1 example (129 training examples, optim.batch_size = 64), fewer than run.ranks_per_peer = 2" "$tmp/bad5.out"
-run 2 "${small[@]}" -s kd.method=okddip -s run.dir="$tmp/bad2" >"$tmp/bad2.out" 2>&1
-rc=$?
+rc=$(rc_of "$tmp/bad2.out")
 expect "okddip with 2 peers is refused (got $rc)" test "$rc" != 0
 expect "the okddip message explains the peer count" grep -q "at least 3 peers" "$tmp/bad2.out"
 

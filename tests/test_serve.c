@@ -1839,8 +1839,7 @@ END_TEST
 
 static Suite *serve_suite(void) {
   Suite *s = suite_create("serve");
-  TCase *core = tcase_create("core");
-  tcase_set_timeout(core, 30);
+  TCase *core = kdp_test_case("core");
   tcase_add_test(core, test_get_endpoints);
   tcase_add_test(core, test_keepalive);
   tcase_add_test(core, test_status_codes);
@@ -1854,8 +1853,7 @@ static Suite *serve_suite(void) {
   tcase_add_test(core, test_stop_with_open_connections);
   tcase_add_test(core, test_stop_with_taken_request);
   suite_add_tcase(s, core);
-  TCase *lim = tcase_create("limits");
-  tcase_set_timeout(lim, 30);
+  TCase *lim = kdp_test_case("limits");
   tcase_add_test(lim, test_connection_cap);
   tcase_add_test(lim, test_slowloris_pool);
   tcase_add_test(lim, test_request_deadline);

@@ -338,8 +338,7 @@ END_TEST
 
 static Suite *threads_suite(void) {
   Suite *s = suite_create("threads");
-  TCase *tc = tcase_create("core");
-  tcase_set_timeout(tc, 240);
+  TCase *tc = kdp_test_case("core");
   tcase_add_test(tc, test_rng_advance);
   tcase_add_test(tc, test_dropout_stream);
   tcase_add_test(tc, test_kernels);

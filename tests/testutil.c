@@ -7,6 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+TCase *kdp_test_case(const char *name) {
+  TCase *tc = tcase_create(name);
+  tcase_set_timeout(tc, KDP_CASE_TIMEOUT);
+  return tc;
+}
+
 const char *kdp_test_src_path(const char *rel) {
   static char buf[4096];
   const char *root = getenv("KDP_SOURCE_ROOT");

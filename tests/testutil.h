@@ -2,8 +2,20 @@
 #ifndef KDPEERS_TESTUTIL_H
 #define KDPEERS_TESTUTIL_H
 
+#include <check.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/*
+ * Per-case timeout of every check suite, in seconds. A last resort against a hang, never a speed
+ * limit: a busy shared machine runs a case many times slower than an idle one (speed is measured
+ * by the benchmark scripts under launch/, not by tests). Check multiplies it by
+ * CK_TIMEOUT_MULTIPLIER (10 under launch/test's sanitizers); meson's per-test timeout
+ * (tests/meson.build) still bounds the whole executable.
+ */
+#define KDP_CASE_TIMEOUT 240
+/* tcase_create with the timeout above: the suites make every test case with it. */
+TCase *kdp_test_case(const char *name);
 
 /*
  * Golden files (written by tests/gen_*.py): "KDPGOLD1", uint32 count, then per record
