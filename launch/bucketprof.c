@@ -106,12 +106,11 @@ int main(int argc, char **argv) {
     kdp_model_set_backward_hook(m, way == W_BKT ? kdp_buckets_ready : NULL, bk);
     kdp_dist_barrier(&d);
     double t0 = kdp_now();
-    kdp_model_zero_grad(m);
     const float *z = kdp_model_forward(m, xs, bs, 1, &drop);
     memset(dz, 0, bs * C * sizeof(float));
     kdp_ce_loss(z, ys, bs, C, dz, way == W_K1 ? 1.0f : 0.5f, NULL);
     double t1 = kdp_now();
-    kdp_model_backward(m, dz, NULL);
+    kdp_model_backward_set(m, dz, NULL);
     double t2 = kdp_now();
     if (way == W_K2) kdp_dist_peer_allreduce(&d, kdp_model_grads(m), np);
     if (way == W_BKT) kdp_buckets_finish(bk);

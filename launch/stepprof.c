@@ -84,13 +84,12 @@ static int train(const char *arch, const kdp_dataset *ds, size_t batch, int thre
     t[0] = kdp_now();
     size_t bs = kdp_batcher_next(&b, x, y);
     t[1] = kdp_now();
-    kdp_model_zero_grad(m);
     const float *z = kdp_model_forward(m, x, bs, 1, &drop);
     t[2] = kdp_now();
     memset(dz, 0, bs * C * sizeof(float));
     double loss = kdp_ce_loss(z, y, bs, C, dz, 1.0f, NULL);
     t[3] = kdp_now();
-    kdp_model_backward(m, dz, NULL);
+    kdp_model_backward_set(m, dz, NULL); /* as the trainer: no zeroing pass */
     t[4] = kdp_now();
     kdp_sgd_step(&o, kdp_model_params(m), kdp_model_grads(m), 0.05f);
     t[5] = kdp_now();

@@ -347,6 +347,56 @@ START_TEST(test_dfeatures_linear) {
 }
 END_TEST
 
+/* kdp_model_backward_set (the trainer's backward: it writes the gradients, no zeroing pass first)
+   gives bitwise the gradients of kdp_model_zero_grad + kdp_model_backward whatever the grads held
+   before (NaN here), fast and naive kernels, dense, conv, batchnorm, pools, dropout, residual and
+   fused blocks, with dfeatures; and input gradients written by the dense GEMMs (beta = 0) equal
+   the previous accumulation onto zeros (the whole backward would differ otherwise). */
+static void backward_set_check(const char *arch, kdp_input_shape in, size_t B, int naive) {
+  kdp_model *m = make(arch, in, B);
+  kdp_model_set_naive(m, naive);
+  kdp_rng rng, drop1, drop2;
+  kdp_rng_seed(&rng, 9, KDP_STREAM_INIT);
+  kdp_model_init(m, &rng);
+  const size_t n = kdp_model_n_params(m), F = kdp_model_feature_dim(m), C = in.n_classes;
+  const size_t isz = in.H * in.W * in.C;
+  float *x = malloc(B * isz * sizeof(float)), *r1 = malloc(B * C * sizeof(float));
+  float *r2 = malloc(B * F * sizeof(float)), *ga = malloc(n * sizeof(float));
+  fill_uniform(x, B * isz, &rng, -1, 1);
+  fill_uniform(r1, B * C, &rng, -1, 1);
+  fill_uniform(r2, B * F, &rng, -1, 1);
+  for (int feat = 0; feat < 2; feat++) {
+    kdp_rng_seed(&drop1, 3, KDP_STREAM_DROPOUT);
+    drop2 = drop1;
+    (void)kdp_model_forward(m, x, B, 1, &drop1);
+    kdp_model_zero_grad(m);
+    kdp_model_backward(m, r1, feat ? r2 : NULL);
+    memcpy(ga, kdp_model_grads(m), n * sizeof(float));
+    (void)kdp_model_forward(m, x, B, 1, &drop2);
+    float *g = kdp_model_grads(m);
+    for (size_t i = 0; i < n; i++) g[i] = NAN;
+    kdp_model_backward_set(m, r1, feat ? r2 : NULL);
+    ck_assert_msg(memcmp(g, ga, n * sizeof(float)) == 0,
+                  "%s (%s, dfeatures %d): backward_set differs from zero_grad + backward", arch,
+                  naive ? "naive" : "fast", feat);
+  }
+  free(x), free(r1), free(r2), free(ga);
+  kdp_model_free(m);
+}
+
+START_TEST(test_backward_set) {
+  kdp_input_shape mn = {28, 28, 1, 10}, small = {8, 8, 3, 4};
+  for (int naive = 0; naive < 2; naive++) {
+    backward_set_check("mlp(64,32)", mn, 8, naive);
+    backward_set_check("cnn", mn, 4, naive);
+    backward_set_check("resnet20", small, 2, naive);
+    backward_set_check("seq:conv(8,3,1,1),bn,relu,maxpool(2,2),dropout(0.3),conv(8,3,1,1),relu,"
+                       "avgpool(2,2),flatten,dense(16),bn,relu,dense(4)",
+                       small, 3, naive);
+  }
+}
+END_TEST
+
 /* ------------------------------------------------------------------ init, determinism */
 
 /* fan_in of a non-BN tensor: weights (Cout x fan_in): Cout is the size of the next tensor (its
@@ -725,6 +775,7 @@ static Suite *model_suite(void) {
   tcase_add_test(core, test_fd_resnet);
   tcase_add_test(core, test_fd_wrn);
   tcase_add_test(core, test_dfeatures_linear);
+  tcase_add_test(core, test_backward_set);
   tcase_add_test(core, test_init);
   tcase_add_test(core, test_deterministic_steps);
   tcase_add_test(core, test_eval_mode);

@@ -45,6 +45,13 @@ void kdp_dense_forward_naive(float *out, const float *in, const float *w, const 
                              size_t in_dim, size_t out_dim);
 void kdp_dense_backward_naive(float *din, float *dw, float *db, const float *dout,
                               const float *in, const float *w, size_t B, size_t in_dim, size_t out_dim);
+/* The same, writing instead of adding: din when set has KDP_SET_DIN, dw and db with
+   KDP_SET_PARAMS (the GEMMs with beta = 0; bitwise the result of adding onto zeros), so no zeroing
+   pass is needed first (kdp_model_backward_set) */
+#define KDP_SET_DIN 1u
+#define KDP_SET_PARAMS 2u
+void kdp_dense_backward_set(float *din, float *dw, float *db, const float *dout, const float *in,
+                            const float *w, size_t B, size_t in_dim, size_t out_dim, unsigned set);
 
 /* ---- dense + relu: out = relu(in . w^T + b), the relu applied to each GEMM tile in cache ----
    backward: dout (B x out_dim) is MASKED IN PLACE (zeroed where out <= 0), then the dense
@@ -59,6 +66,9 @@ void kdp_dense_relu_forward_naive(float *out, const float *in, const float *w, c
 void kdp_dense_relu_backward_naive(float *din, float *dw, float *db, float *dout,
                                    const float *out, const float *in, const float *w, size_t B,
                                    size_t in_dim, size_t out_dim);
+void kdp_dense_relu_backward_set(float *din, float *dw, float *db, float *dout, const float *out,
+                                 const float *in, const float *w, size_t B, size_t in_dim,
+                                 size_t out_dim, unsigned set);
 
 /* ---- conv2d, NHWC, square kernel K, stride, zero padding pad ---- */
 typedef struct kdp_conv_shape {
@@ -347,6 +357,11 @@ const float *kdp_model_features(const kdp_model *m);
 /* Backward from dlogits (B x n_classes) and optionally dfeatures (B x feature_dim, may be NULL),
    for the last forward (which must have been train mode). ACCUMULATES into the grads. */
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures);
+/* The same, but the pass WRITES the gradients (every parameter's gradient is this pass's, whatever
+   the grads held before): the step's kdp_model_zero_grad + kdp_model_backward without the zeroing
+   pass, with bitwise the same gradients. Dense layers write through their GEMMs (beta = 0) and
+   bias sums; every other op zeroes its own gradient just before its backward. */
+void kdp_model_backward_set(kdp_model *m, const float *dlogits, const float *dfeatures);
 void kdp_model_zero_grad(kdp_model *m);
 /* Called by kdp_model_backward on the calling thread after each layer (an op, or a fused block),
    in backward order, with `ready`: grads[ready, n_params) are final for this pass (no later

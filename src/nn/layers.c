@@ -99,9 +99,19 @@ void kdp_dense_relu_forward(float *out, const float *in, const float *w, const f
   dense_forward(out, in, w, b, B, I, O, 1);
 }
 
-/* db (C) += column sums of g (rows x C), row after row */
-static void col_sums(float *restrict db, const float *restrict g, size_t rows, size_t C) {
-  for (size_t r = 0; r < rows; r++)
+/* db (C) += column sums of g (rows x C), row after row; set: db = the sums (the first row is
+   added to 0.0f, as onto a zeroed db: the same bits, -0.0 included) */
+static void col_sums(float *restrict db, const float *restrict g, size_t rows, size_t C, int set) {
+  size_t r = 0;
+  if (set) {
+    if (rows == 0) {
+      memset(db, 0, C * sizeof(float));
+      return;
+    }
+    for (size_t c = 0; c < C; c++) db[c] = 0.0f + g[c];
+    r = 1;
+  }
+  for (; r < rows; r++)
     for (size_t c = 0; c < C; c++) db[c] += g[r * C + c];
 }
 
@@ -120,8 +130,14 @@ static void relu_mask(float *dout, const float *out, size_t n) {
 
 void kdp_dense_relu_backward(float *din, float *dw, float *db, float *dout, const float *out,
                              const float *in, const float *w, size_t B, size_t I, size_t O) {
+  kdp_dense_relu_backward_set(din, dw, db, dout, out, in, w, B, I, O, 0);
+}
+
+void kdp_dense_relu_backward_set(float *din, float *dw, float *db, float *dout, const float *out,
+                                 const float *in, const float *w, size_t B, size_t I, size_t O,
+                                 unsigned set) {
   relu_mask(dout, out, B * O);
-  kdp_dense_backward(din, dw, db, dout, in, w, B, I, O);
+  kdp_dense_backward_set(din, dw, db, dout, in, w, B, I, O, set);
 }
 
 typedef struct dense_bwd_ctx {
@@ -130,6 +146,7 @@ typedef struct dense_bwd_ctx {
   float *db;
   const float *dout;
   size_t B, O;
+  int db_set;
 } dense_bwd_ctx;
 
 static void dense_bwd_tasks(void *ctx, size_t lo, size_t hi) {
@@ -140,23 +157,36 @@ static void dense_bwd_tasks(void *ctx, size_t lo, size_t hi) {
     else if (t < c->nw + c->nx)
       kdp_gemm_tile(c->gx, t - c->nw);
     else
-      col_sums(c->db, c->dout, c->B, c->O);
+      col_sums(c->db, c->dout, c->B, c->O, c->db_set);
   }
 }
 
-/* din (B x I) += dout . w; dw (O x I) += dout^T . in; db (O) += column sums of dout. One parallel
-   loop over the tiles of both GEMMs and the bias sums. */
 void kdp_dense_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                         const float *w, size_t B, size_t I, size_t O) {
-  if (B == 0 || O == 0) return;
+  kdp_dense_backward_set(din, dw, db, dout, in, w, B, I, O, 0);
+}
+
+/* din (B x I) += dout . w; dw (O x I) += dout^T . in; db (O) += column sums of dout, each
+   written instead (the GEMM with beta = 0) when `set` has its KDP_SET_* bit. One parallel loop
+   over the tiles of both GEMMs and the bias sums. */
+void kdp_dense_backward_set(float *din, float *dw, float *db, const float *dout, const float *in,
+                            const float *w, size_t B, size_t I, size_t O, unsigned set) {
+  const int pset = (set & KDP_SET_PARAMS) != 0, xset = (set & KDP_SET_DIN) != 0;
+  if (B == 0 || O == 0) {
+    /* nothing to add; a set gradient is zero */
+    if (pset && dw) memset(dw, 0, O * I * sizeof(float));
+    if (pset && db) memset(db, 0, O * sizeof(float));
+    if (xset && din) memset(din, 0, B * I * sizeof(float));
+    return;
+  }
   kdp_gemm gw = {.ta = 1, .tb = 0, .M = O, .N = I, .K = B, .lda = O, .ldb = I, .ldc = I,
-                 .A = dout, .B = in, .C = dw, .beta = 1.0f};
+                 .A = dout, .B = in, .C = dw, .beta = pset ? 0.0f : 1.0f};
   kdp_gemm gx = {.ta = 0, .tb = 0, .M = B, .N = I, .K = O, .lda = O, .ldb = I, .ldc = I,
-                 .A = dout, .B = w, .C = din, .beta = 1.0f};
+                 .A = dout, .B = w, .C = din, .beta = xset ? 0.0f : 1.0f};
   size_t nw = 0, nx = 0;
   if (dw && I) kdp_gemm_plan(&gw), nw = gw.tiles;
   if (din && I) kdp_gemm_plan(&gx), nx = gx.tiles;
-  dense_bwd_ctx c = {&gw, &gx, nw, nx, db, dout, B, O};
+  dense_bwd_ctx c = {&gw, &gx, nw, nx, db, dout, B, O, pset};
   kdp_par_tasks(nw + nx + (db ? 1 : 0), dense_bwd_tasks, &c);
 }
 

@@ -26,6 +26,7 @@ typedef struct op {
   kdp_op_kind kind;
   int in, in2, out;     /* activation ids (in2 for ADD) */
   size_t w, b;          /* param offsets or NONE (BN: w = gamma, b = beta) */
+  size_t wn, bn;        /* their sizes (floats; grad_ready_plan) */
   size_t rm, rv;        /* BN running mean / var offsets in buffers */
   size_t K, stride, pad;
   float p;              /* dropout probability */
@@ -44,6 +45,7 @@ typedef struct tensor {
   char name[64];
   size_t off, size, fan_in;
   int kind; /* 0 weight/bias (uniform init), 1 BN gamma (ones), 2 BN beta (zeros) */
+  int owned; /* an op's w or b (its backward writes the gradient) */
   size_t ndim, dims[4]; /* PyTorch's shape; conv weights (Cout, Cin, K, K), stored Cout,K,K,Cin */
 } tensor;
 
@@ -714,11 +716,15 @@ static void grad_ready_plan(kdp_model *m) {
   int *owner = kdp_xmalloc((nt ? nt : 1) * sizeof *owner);
   for (size_t t = 0; t < nt; t++) owner[t] = MAX_OPS; /* no op writes it */
   for (int i = 0; i < m->n_ops; i++) {
-    size_t offs[2] = {m->ops[i].w, m->ops[i].b};
-    for (int k = 0; k < 2; k++)
+    op *o = &m->ops[i];
+    size_t offs[2] = {o->w, o->b}, *sizes[2] = {&o->wn, &o->bn};
+    for (int k = 0; k < 2; k++) {
+      *sizes[k] = 0;
       for (size_t t = 0; offs[k] != NONE && t < nt; t++)
-        if (m->tensors[t].off == offs[k]) owner[t] = i;
+        if (m->tensors[t].off == offs[k]) owner[t] = i, *sizes[k] = m->tensors[t].size;
+    }
   }
+  for (size_t t = 0; t < nt; t++) m->tensors[t].owned = owner[t] < MAX_OPS;
   for (int i = 0; i < m->n_ops; i++) {
     size_t t = nt;
     while (t > 0 && owner[t - 1] >= i) t--;
@@ -1125,12 +1131,17 @@ static void dense_relu_forward(kdp_model *m, int i, size_t B) {
         out, a->val, m->params + d->w, m->params + d->b, B, nI, nO);
 }
 
-static void dense_relu_backward(kdp_model *m, int i, float *din, size_t B) {
+/* set: KDP_SET_* (the fast kernel only; the naive one adds, onto gradients zeroed before) */
+static void dense_relu_backward(kdp_model *m, int i, float *din, size_t B, unsigned set) {
   const op *d = &m->ops[i];
   const act *a = &m->acts[d->in], *r = &m->acts[m->ops[i + 1].out];
   const size_t nI = a->H * a->W * a->C, nO = m->acts[d->out].C;
-  (m->naive ? kdp_dense_relu_backward_naive : kdp_dense_relu_backward)(
-      din, m->grads + d->w, m->grads + d->b, r->grad, r->val, a->val, m->params + d->w, B, nI, nO);
+  if (m->naive)
+    kdp_dense_relu_backward_naive(din, m->grads + d->w, m->grads + d->b, r->grad, r->val, a->val,
+                                  m->params + d->w, B, nI, nO);
+  else
+    kdp_dense_relu_backward_set(din, m->grads + d->w, m->grads + d->b, r->grad, r->val, a->val,
+                                m->params + d->w, B, nI, nO, set);
 }
 
 const float *kdp_model_forward(kdp_model *m, const float *x, size_t B, int train, kdp_rng *rng) {
@@ -1252,12 +1263,41 @@ static float *din_for(kdp_model *m, int op_idx, int act_id, size_t B) {
   return din_for_set(m, op_idx, act_id, B, NULL);
 }
 
+/* set mode: zero the parameter gradients of ops [i, i + n) (an op, or a fused block) */
+static void zero_op_grads(kdp_model *m, int i, int n) {
+  for (int k = i; k < i + n; k++) {
+    const op *o = &m->ops[k];
+    if (o->w != NONE) memset(m->grads + o->w, 0, o->wn * sizeof(float));
+    if (o->b != NONE) memset(m->grads + o->b, 0, o->bn * sizeof(float));
+  }
+}
+
+static void model_backward(kdp_model *m, const float *dlogits, const float *dfeatures, int pset);
+
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
+  model_backward(m, dlogits, dfeatures, 0);
+}
+
+void kdp_model_backward_set(kdp_model *m, const float *dlogits, const float *dfeatures) {
+  model_backward(m, dlogits, dfeatures, 1);
+}
+
+/* pset: write the parameter gradients (kdp_model_backward_set), else add to them */
+static void model_backward(kdp_model *m, const float *dlogits, const float *dfeatures, int pset) {
   if (m->infer) {
     kdp_die("internal error: backward pass on the eval-only model %s", m->arch);
   }
   size_t B = m->B;
   model_scratch(m);
+  if (pset && B == 0) {
+    /* an empty batch writes nothing: its gradients are zero */
+    kdp_model_zero_grad(m);
+    pset = 0;
+  }
+  if (pset) /* tensors no op writes (none in the zoo) */
+    for (size_t t = 0; t < m->n_tensors; t++)
+      if (!m->tensors[t].owned)
+        memset(m->grads + m->tensors[t].off, 0, m->tensors[t].size * sizeof(float));
   size_t nl = act_n(m, m->logits_act, B);
   memcpy(m->acts[m->logits_act].grad, dlogits, nl * sizeof(float));
   for (int i = m->n_ops - 1; i >= 0; i--) {
@@ -1272,13 +1312,18 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
       size_t n = act_n(m, oact, B);
       for (size_t k = 0; k < n; k++) g[k] += dfeatures[k];
     }
-    /* batchnorm and fused blocks write their input gradient outright when they are the first
-       to produce it */
-    int set = 0, can_set = o->kind == KDP_OP_BN || (o->fused > 0 && o->kind == KDP_OP_CONV);
+    /* batchnorm, dense layers and fused blocks write their input gradient outright when they
+       are the first to produce it */
+    const int dense = o->kind == KDP_OP_DENSE && !m->naive;
+    int set = 0, can_set = o->kind == KDP_OP_BN || dense || (o->fused > 0 && o->kind == KDP_OP_CONV);
     float *din = din_for_set(m, i, o->in, B, can_set ? &set : NULL);
+    /* set mode: dense layers write their parameter gradients; every other op adds onto its
+       zeroed ones */
+    const unsigned dset = (set ? KDP_SET_DIN : 0u) | (pset && dense ? KDP_SET_PARAMS : 0u);
+    if (pset && !dense) zero_op_grads(m, i, o->fused > 0 ? o->fused : 1);
     if (o->fused > 0) {
       if (o->kind == KDP_OP_DENSE)
-        dense_relu_backward(m, i, din, B);
+        dense_relu_backward(m, i, din, B, dset);
       else
         block_backward(m, i, din, set);
       if (m->hook) m->hook(m->hook_ctx, m->grad_ready[i]);
@@ -1293,8 +1338,8 @@ void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatur
           kdp_dense_backward_naive(din, m->grads + o->w, m->grads + o->b, dout, in,
                                    m->params + o->w, B, nI, nO);
         else
-          kdp_dense_backward(din, m->grads + o->w, m->grads + o->b, dout, in, m->params + o->w, B,
-                             nI, nO);
+          kdp_dense_backward_set(din, m->grads + o->w, m->grads + o->b, dout, in,
+                                 m->params + o->w, B, nI, nO, dset);
         break;
       }
       case KDP_OP_CONV: {

@@ -383,7 +383,19 @@ void kdp_gemm_tile(const kdp_gemm *g, size_t t) {
         C[r * g->ldc + c] = g->beta == 0.0f ? 0.0f : g->beta * C[r * g->ldc + c];
     return;
   }
+  float beta = g->beta;
+  if (beta == 0.0f) {
+    kdp_zero_rows(C, M, N, g->ldc);
+    beta = 1.0f;
+  }
   cblas_sgemm(CblasRowMajor, g->ta ? CblasTrans : CblasNoTrans, g->tb ? CblasTrans : CblasNoTrans,
-              (int)M, (int)N, (int)g->K, 1.0f, A, (int)g->lda, B, (int)g->ldb, g->beta, C,
+              (int)M, (int)N, (int)g->K, 1.0f, A, (int)g->lda, B, (int)g->ldb, beta, C,
               (int)g->ldc);
+}
+
+void kdp_zero_rows(float *C, size_t M, size_t N, size_t ldc) {
+  if (ldc == N)
+    memset(C, 0, M * N * sizeof(float));
+  else
+    for (size_t r = 0; r < M; r++) memset(C + r * ldc, 0, N * sizeof(float));
 }

@@ -473,7 +473,6 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
 
   /* forward (a rank can hold no rows of a final partial batch: it then only takes part in the
      collectives, with zero gradients) */
-  kdp_model_zero_grad(t->model);
   double tc0 = kdp_now();
   const float *z = !n          ? t->dlogits
                    : t->frozen ? kdp_model_forward(t->model, x, n, 0, NULL) /* eval mode */
@@ -506,9 +505,11 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   const int still = t->frozen || (kdp_pipeline_expert(t->pipe, NULL) &&
                                   t->d->peer == kdp_cohort_spec(t->cohort)->teacher_peer);
   tc0 = kdp_now();
+  /* the backward pass writes the gradients (no zeroing pass first); without it they are zero */
   if (n && !still)
-    kdp_model_backward(t->model, t->dlogits,
-                       feature_grads(t) ? t->dfeat : NULL);
+    kdp_model_backward_set(t->model, t->dlogits, feature_grads(t) ? t->dfeat : NULL);
+  else
+    kdp_model_zero_grad(t->model);
   L->t_compute += kdp_now() - tc0;
   kdp_trace_mark(t, "backward", tc0, kdp_now());
   double ta0 = kdp_now();
