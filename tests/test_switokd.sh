@@ -17,7 +17,6 @@ run() {
   local np="$1"; shift
   timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
 }
-entry() { "$exe" inspect "$1" | awk -v k="$2" '$1 == k { print $NF }'; } # entry FILE NAME: value
 final_dir() { ls -d "$1"/checkpoints/step-* | tail -n 1; }
 acc_of() { jq -r "select(.event == \"eval\" and .model == \"$2\") | .acc" "$1/metrics.jsonl"; }
 
