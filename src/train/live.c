@@ -529,9 +529,9 @@ static char *render_metrics(kdp_trainer *t) {
   prom_family(f, "kdpeers_train_accuracy", "gauge",
               "Deprecated (removed after 0.2): kdpeers_train_accuracy_ratio.", "peer", NULL,
               lv->peer_acc, P);
-  const char *names[80];
-  double accs[80], losses[80];
-  int n = kdp_metrics_last_evals(names, accs, losses, 80);
+  const char *names[KDP_EVAL_ROWS_MAX];
+  double accs[KDP_EVAL_ROWS_MAX], losses[KDP_EVAL_ROWS_MAX];
+  int n = kdp_metrics_last_evals(names, accs, losses, KDP_EVAL_ROWS_MAX);
   prom_family(f, "kdpeers_test_accuracy_ratio", "gauge",
               "Test accuracy (0..1) at the last evaluation, per peer, ensemble and teacher.",
               "model", names, accs, n);
@@ -540,7 +540,7 @@ static char *render_metrics(kdp_trainer *t) {
               n);
   prom_family(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.", "model", names,
               losses, n);
-  n = kdp_metrics_last_val(names, accs, losses, 80);
+  n = kdp_metrics_last_val(names, accs, losses, KDP_EVAL_ROWS_MAX);
   if (n) {
     prom_family(f, "kdpeers_val_accuracy_ratio", "gauge",
                 "Validation accuracy (0..1, data.val_size) at the last evaluation, per peer, "
@@ -698,11 +698,11 @@ static char *render_status(kdp_trainer *t) {
     fputc('}', f);
   }
   fputs("]", f);
-  const char *names[80];
-  double accs[80], losses[80];
-  int n = kdp_metrics_last_evals(names, accs, losses, 80);
+  const char *names[KDP_EVAL_ROWS_MAX];
+  double accs[KDP_EVAL_ROWS_MAX], losses[KDP_EVAL_ROWS_MAX];
+  int n = kdp_metrics_last_evals(names, accs, losses, KDP_EVAL_ROWS_MAX);
   status_models(f, "eval", names, accs, losses, n);
-  n = kdp_metrics_last_val(names, accs, losses, 80);
+  n = kdp_metrics_last_val(names, accs, losses, KDP_EVAL_ROWS_MAX);
   if (n) status_models(f, "val", names, accs, losses, n); /* data.val_size */
   double dkl, ddis, churn[KDP_MAX_PEERS];
   int nch = 0;

@@ -13,14 +13,12 @@
 #include "kdpeers/kd.h"
 #include "train_internal.h"
 
-#define MAX_EVAL_ROWS 72
-
-/* last eval figures for the summary table */
+/* last eval figures for the summary table, /metrics and /status */
 static struct {
   char name[32];
   double acc, loss;
   double val_acc, val_loss; /* data.val_size; NaN without */
-} g_rows[MAX_EVAL_ROWS];
+} g_rows[KDP_EVAL_ROWS_MAX];
 static int g_nrows;
 
 static void timestamp(char *buf, size_t n) {
@@ -348,8 +346,8 @@ void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char
   int i;
   for (i = 0; i < g_nrows; i++)
     if (strcmp(g_rows[i].name, model) == 0) break;
-  if (i == g_nrows && g_nrows < MAX_EVAL_ROWS) g_nrows++;
-  if (i < MAX_EVAL_ROWS) {
+  if (i == g_nrows && g_nrows < KDP_EVAL_ROWS_MAX) g_nrows++;
+  if (i < KDP_EVAL_ROWS_MAX) {
     snprintf(g_rows[i].name, sizeof g_rows[i].name, "%s", model);
     g_rows[i].acc = acc;
     g_rows[i].loss = loss;
