@@ -200,8 +200,9 @@ static void write_sd_files(kdp_trainer *t) {
 }
 
 /* A resumed run (or kdpeers serve) starts its history with what metrics.jsonl holds up to the
-   checkpoint: every evaluation, the logged learning rate and the events; the per-peer training
-   curves (only rank 0's peer is in the file) start at the resume. */
+   checkpoint: every evaluation (test and validation accuracy, diversity), switokd's expert
+   fraction per epoch, the logged learning rate and the events; the per-peer training curves
+   (only rank 0's peer is in the file) start at the resume. */
 static void seed_history(kdp_trainer *t) {
   kdp_live *lv = t->live;
   char path[KDP_PATH + 32];
@@ -226,6 +227,12 @@ static void seed_history(kdp_trainer *t) {
                              json_object_get_double(a));
       kdp_server_history_add(lv->srv, "test_loss", json_object_get_string(v), x,
                              json_object_get_double(b));
+      if (json_object_object_get_ex(o, "val_acc", &a) && !json_object_is_type(a, json_type_null))
+        kdp_server_history_add(lv->srv, "val_accuracy", json_object_get_string(v), x,
+                               json_object_get_double(a));
+    } else if (strcmp(kind, "switokd") == 0 &&
+               json_object_object_get_ex(o, "expert_fraction", &a)) {
+      kdp_server_history_add(lv->srv, "switokd", "expert_fraction", x, json_object_get_double(a));
     } else if (strcmp(kind, "diversity") == 0 && json_object_object_get_ex(o, "kl", &a) &&
                json_object_object_get_ex(o, "disagreement", &b)) {
       kdp_server_history_add(lv->srv, "diversity", "kl", x, json_object_get_double(a));
