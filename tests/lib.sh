@@ -118,6 +118,8 @@ checks_collect() {
 # ckpt_digests FILE: the crc32 of every tensor of a checkpoint file (weights, momentum, BN stats,
 # modules, EMA copies)
 ckpt_digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }
+# entry FILE NAME: the value of one entry of a checkpoint file (as kdpeers inspect prints it)
+entry() { "$exe" inspect "$1" | awk -v k="$2" '$1 == k { print $NF }'; }
 # live_snapshot: saves $addr's /status, /metrics and /history to $tmp/status.json, metrics.txt and
 # history.json, then stops the run with a control command
 live_snapshot() {

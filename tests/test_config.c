@@ -730,37 +730,35 @@ START_TEST(test_missing_file) {
 }
 END_TEST
 
+/* kdp_config_validate of the defaults with kd.method = method and, when frozen, a frozen peer 1 */
+static int validate_method(const char *method, int frozen, kdp_error *err) {
+  kdp_config c;
+  kdp_config_defaults(&c);
+  char a[64];
+  snprintf(a, sizeof a, "kd.method=%s", method);
+  set_ok(&c, a);
+  if (frozen) set_ok(&c, "peer.1.teacher=t.kdpm");
+  return kdp_config_validate(&c, err);
+}
+
 /* a frozen peer (peer.N.teacher) only with methods whose peers take part through their logits */
 START_TEST(test_frozen_teacher_methods) {
   const char *ok[] = {"independent", "dml", "codistill", "avg", "kdcl", "switokd"};
   const char *refused[] = {"one", "ffl", "okddip", "pcl", "mcl"};
   kdp_error err = {{0}};
-  for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
-    kdp_config c;
-    kdp_config_defaults(&c);
-    char a[64];
-    snprintf(a, sizeof a, "kd.method=%s", ok[i]);
-    ck_assert_int_eq(kdp_config_set(&c, a, &err), 0);
-    ck_assert_int_eq(kdp_config_set(&c, "peer.1.teacher=t.kdpm", &err), 0);
-    ck_assert_msg(kdp_config_validate(&c, &err) == 0, "%s: %s", ok[i], err.msg);
-  }
+  for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+    ck_assert_msg(validate_method(ok[i], 1, &err) == 0, "%s: %s", ok[i], err.msg);
   for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
-    kdp_config c;
-    kdp_config_defaults(&c);
-    char a[64];
-    snprintf(a, sizeof a, "kd.method=%s", refused[i]);
-    ck_assert_int_eq(kdp_config_set(&c, a, &err), 0);
-    ck_assert_int_eq(kdp_config_validate(&c, &err), 0); /* without a frozen peer: fine */
-    ck_assert_int_eq(kdp_config_set(&c, "peer.1.teacher=t.kdpm", &err), 0);
-    ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
+    ck_assert_int_eq(validate_method(refused[i], 0, &err), 0); /* without a frozen peer: fine */
+    ck_assert_int_eq(validate_method(refused[i], 1, &err), KDP_EINVAL);
     assert_has(err.msg, "peer.1.teacher");
     assert_has(err.msg, "methods that accept one: independent, dml, codistill, avg, kdcl, switokd");
   }
   kdp_config c;
   kdp_config_defaults(&c);
-  ck_assert_int_eq(kdp_config_set(&c, "kd.method=codistill", &err), 0);
-  ck_assert_int_eq(kdp_config_set(&c, "kd.exchange=weights", &err), 0);
-  ck_assert_int_eq(kdp_config_set(&c, "peer.0.teacher=t.kdpm", &err), 0);
+  set_ok(&c, "kd.method=codistill");
+  set_ok(&c, "kd.exchange=weights");
+  set_ok(&c, "peer.0.teacher=t.kdpm");
   ck_assert_int_eq(kdp_config_validate(&c, &err), KDP_EINVAL);
   assert_has(err.msg, "kd.exchange = logits");
   ck_assert_int_eq(c.teacher_peer, 0); /* kd.teacher_peer's default */

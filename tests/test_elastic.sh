@@ -3,8 +3,10 @@
 # grow 2 -> 3 carry the kept peers' weights, momentum, data position and RNG over bitwise (the
 # independent method, where a peer's trajectory does not depend on the others, so the resized run
 # must match the unresized one peer for peer); a grown peer from its seed or --clone-from;
-# dml, one and ffl resize (one's gate, ffl's fc1 columns remapped); the same P through --resume-as stays bitwise; bad
-# requests exit 2; the resize is in metrics.jsonl, the checkpoint and /status.   Usage: tests/test_elastic.sh PATH/TO/kdpeers
+# dml, one and ffl resize (one's gate, ffl's fc1 columns remapped); the same P through --resume-as
+# stays bitwise; bad requests exit 2; the resize is in metrics.jsonl, the checkpoint and /status; a
+# frozen teacher (peer.N.teacher) stays frozen on its file, kept or new, and is never cloned.
+# Usage: tests/test_elastic.sh PATH/TO/kdpeers
 set -uo pipefail
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -185,6 +187,47 @@ r="$tmp/bad-plain"
 copy_at "$src3" "$r" 4
 run 2 "${base[@]}" -s kd.method=independent -s run.dir="$r" >"$r.out" 2>&1
 expect "a plain rerun on fewer ranks is refused, pointing at --resume-as" grep -q -- "--resume-as P" "$r.out"
+
+# ---- a frozen teacher (peer.N.teacher) under --resume-as: a kept one stays frozen on its file
+# wherever --keep puts it (this run's config still names it as peer 2), its file checked against
+# the checkpoint's crc32; a new one is read from its file even under --clone-from; none is cloned
+tt="$tmp/teacher"
+run 1 "${base[@]}" -s run.max_steps=2 -s "model.arch=mlp(16)" -s run.dir="$tt" >"$tt.out" 2>&1
+run 1 "${base[@]}" -s run.max_steps=1 -s "model.arch=mlp(16)" -s run.dir="$tt-2" >/dev/null 2>&1
+"$exe" export "$tt" --peer 0 -o "$tt.kdpm" >/dev/null 2>&1
+"$exe" export "$tt-2" --peer 0 -o "$tmp/other.kdpm" >/dev/null 2>&1
+cp "$tt.kdpm" "$tmp/original.kdpm"
+fz=(-s kd.method=independent -s peer.2.teacher="$tt.kdpm")
+a="$tmp/fz3" b="$tmp/fz3-shrunk"
+run 3 "${base[@]}" "${fz[@]}" -s run.dir="$a" >"$a.out" 2>&1
+expect "frozen: the P=3 run with a frozen peer 2 (exit $?)" test -f "$(step_dir "$a" 8)/MANIFEST.kdpc"
+copy_at "$a" "$b-changed" 4
+cp "$tmp/other.kdpm" "$tt.kdpm"
+run 2 "${base[@]}" "${fz[@]}" -s run.dir="$b-changed" --resume-as 2 --keep 0,2 >"$b-changed.out" 2>&1
+rc=$?
+cp "$tmp/original.kdpm" "$tt.kdpm"
+expect "frozen: --keep 0,2 with the teacher's file changed is refused (exit $rc)" test "$rc" != 0
+expect "  ...saying the file changed since the checkpoint" grep -q "changed since the checkpoint" "$b-changed.out"
+copy_at "$a" "$b" 4
+run 2 "${base[@]}" "${fz[@]}" -s run.dir="$b" --resume-as 2 --keep 0,2 >"$b.out" 2>&1
+rc=$?
+expect "frozen: --resume-as 2 --keep 0,2 keeps the teacher as peer 1 and finishes (exit $rc)" test "$rc" = 0
+expect "  ...new peer 1 is the frozen file" test "$(entry "$(step_dir "$b" 8)/peer-001.kdpc" frozen.teacher)" = "\"$tt.kdpm\""
+expect "  ...it never took an optimizer step" test "$(entry "$(step_dir "$b" 8)/peer-001.kdpc" opt_steps)" = 0
+expect "  ...its weights are the file's (old peer 2's)" \
+  cmp -s <(digests "$(step_dir "$a" 8)/peer-002.kdpc" | grep params) <(digests "$(step_dir "$b" 8)/peer-001.kdpc" | grep params)
+expect "  ...new peer 0 = old peer 0, bitwise" \
+  cmp -s <(digests "$(step_dir "$a" 8)/peer-000.kdpc") <(digests "$(step_dir "$b" 8)/peer-000.kdpc")
+c="$tmp/fz-grown"
+copy_at "$tmp/ind2" "$c" 4
+run 3 "${base[@]}" "${fz[@]}" -s run.dir="$c" --resume-as 3 --clone-from 0 >"$c.out" 2>&1
+rc=$?
+expect "frozen: 2 -> 3 with a new frozen peer 2 and --clone-from 0 finishes (exit $rc)" test "$rc" = 0
+expect "  ...peer 2 is the file, not a clone of peer 0" \
+  cmp -s <(digests "$(step_dir "$a" 8)/peer-002.kdpc" | grep params) <(digests "$(step_dir "$c" 8)/peer-002.kdpc" | grep params)
+src3="$a"
+bad_req "frozen: --clone-from the frozen peer (refused at the plan)" 2 "peer 2 is a frozen teacher" "${fz[@]}" --resume-as 4 --clone-from 2
+bad_req "frozen: keeping only the teacher" 1 "nothing would train" "${fz[@]}" --resume-as 1 --keep 2
 
 # a kill -9 of one rank, then a rerun with one peer fewer: tests/test_kill.sh
 

@@ -19,7 +19,6 @@ run() {
 digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }
 final_dir() { ls -d "$1"/checkpoints/step-* | tail -n 1; }
 evals() { grep -E '"event":"(eval|train|switokd)"' "$1/metrics.jsonl" | sed 's/,"samples_per_second".*//'; }
-entry() { "$exe" inspect "$1" | awk -v k="$2" '$1 == k { print $NF }'; } # entry FILE NAME: value
 
 base=(-s data.subset=1536 -s data.test_subset=1000 -s run.epochs=2 -s "model.arch=mlp(64,32)"
   -s optim.batch_size=64 -s run.log_every=5 -s checkpoint.every_steps=10 -s checkpoint.keep=2)

@@ -23,6 +23,7 @@
 #include "kdpeers/serve.h"
 #include "kdpeers/train.h"
 #include "../src/serve/serve_internal.h" /* kdp_fmt_g7 */
+#include "../src/train/train_internal.h" /* the last evaluation's table (/metrics, /status) */
 #include "testutil.h"
 
 /* ---- a tiny blocking HTTP/1.1 client ---- */
@@ -1837,6 +1838,39 @@ START_TEST(test_prom_label_value) {
 }
 END_TEST
 
+/* /metrics and /status list every model of the last evaluation: at the most peers, each with
+   an EMA copy, and the cohort's ensemble and students' mean, none is dropped (the table once held
+   72 rows: beyond about 32 peers with EMA copies the last peerN.ema rows were lost) */
+START_TEST(test_eval_rows_all_models) {
+  kdp_trainer *t = kdp_xcalloc(1, sizeof *t);
+  t->tty = -1; /* no terminal lines */
+  enum { P = KDP_MAX_PEERS };
+  char name[32];
+  for (int p = 0; p < P; p++) {
+    snprintf(name, sizeof name, "peer%d", p);
+    kdp_metrics_eval_val(t, 10, 1.0, name, 0.5 + 1e-3 * p, 1.0, 0.4, 1.1);
+    snprintf(name, sizeof name, "peer%d.ema", p);
+    kdp_metrics_eval_val(t, 10, 1.0, name, 0.6 + 1e-3 * p, 0.9, 0.45, 1.05);
+  }
+  kdp_metrics_eval(t, 10, 1.0, "students", 0.55, 0.95);
+  kdp_metrics_eval_val(t, 10, 1.0, "ensemble", 0.7, 0.8, 0.5, 1.0);
+  const char *names[KDP_EVAL_ROWS_MAX];
+  double accs[KDP_EVAL_ROWS_MAX], losses[KDP_EVAL_ROWS_MAX];
+  int n = kdp_metrics_last_evals(names, accs, losses, KDP_EVAL_ROWS_MAX);
+  ck_assert_int_eq(n, 2 * P + 2);
+  snprintf(name, sizeof name, "peer%d.ema", P - 1);
+  ck_assert_str_eq(names[2 * P - 1], name);
+  ck_assert_double_eq_tol(accs[2 * P - 1], 0.6 + 1e-3 * (P - 1), 1e-12);
+  ck_assert_str_eq(names[2 * P + 1], "ensemble");
+  n = kdp_metrics_last_val(names, accs, losses, KDP_EVAL_ROWS_MAX); /* students: no val */
+  ck_assert_int_eq(n, 2 * P + 1);
+  ck_assert_str_eq(names[2 * P - 1], name);
+  ck_assert_double_eq_tol(losses[2 * P - 1], 1.05, 1e-12);
+  free(t->val_table);
+  free(t);
+}
+END_TEST
+
 static Suite *serve_suite(void) {
   Suite *s = suite_create("serve");
   TCase *core = kdp_test_case("core");
@@ -1870,6 +1904,7 @@ static Suite *serve_suite(void) {
   tcase_add_test(lim, test_slowloris);
   tcase_add_test(lim, test_predict_limits);
   tcase_add_test(lim, test_listen_rules);
+  tcase_add_test(lim, test_eval_rows_all_models);
   suite_add_tcase(s, lim);
   return s;
 }

@@ -238,6 +238,13 @@ expect "export --ema: the EMA copy scores the run's own last peer0.ema ($acc% vs
   awk -v a="$acc" -v b="$last" 'BEGIN { d = a / 100 - b; exit !(b != "" && d < 1e-4 && d > -1e-4) }'
 expect "  ...and it is not the peer itself (EMA loss $(awk '$1 == "model" && $2 ~ /%/ { print $3 }' "$tmp/ema.ev"), peer $peer)" \
   awk -v a="$(awk '$1 == "model" && $2 ~ /%/ { print $3 }' "$tmp/ema.ev")" -v b="$peer" 'BEGIN { d = a - b; exit !(d > 1e-3 || d < -1e-3) }'
+# kdpeers eval of the run lists each peer and then its EMA copy (no ensemble of one peer)
+"$exe" eval "$r" -s data.test_subset=500 >"$tmp/run.ev" 2>&1
+ev_acc() { awk -v m="$1" '$1 == m { sub("%", "", $2); print $2 }' "$tmp/run.ev"; }
+expect "eval RUN_DIR lists peer0 then its EMA copy peer0.ema ($(awk 'NR > 1 { print $1 }' "$tmp/run.ev" | tr '\n' ' '))" \
+  test "$(awk 'NR > 1 { print $1 }' "$tmp/run.ev" | tr '\n' ' ')" = "peer0 peer0.ema "
+expect "  ...peer0.ema scores the run's own last peer0.ema ($(ev_acc peer0.ema)% vs $last)" \
+  awk -v a="$(ev_acc peer0.ema)" -v b="$last" 'BEGIN { d = a / 100 - b; exit !(a != "" && d < 1e-4 && d > -1e-4) }'
 if [ "$have_ort" = 1 ]; then
   "$pred" "$tmp/ema.kdpm" "$tmp/t1000.raw" --json >"$tmp/ema.kdp.jsonl"
   node "$src/launch/ort_run.js" predict "$tmp/ema.model" "$tmp/t1000.raw" 28 28 1 >"$tmp/ema.ort.jsonl"

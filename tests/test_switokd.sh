@@ -2,6 +2,7 @@
 # switokd and frozen teachers under mpirun (issue 12; switokd's pausing teacher, expert counts and
 # bitwise resume are in test_resume.sh):
 #  - switokd: /metrics and /status carry the last epoch's expert fraction and the students' mean;
+#    kdpeers serve of the run replays the expert fraction (and validation accuracy) into /history;
 #  - a frozen teacher (peer.N.teacher = a model file from kdpeers export): a cnn trained briefly,
 #    joined to 2 mlp peers under dml, has the same test accuracy at every evaluation, equal to
 #    kdpeers predict's on the same test images; its weights in the checkpoint are the file's;
@@ -17,7 +18,6 @@ run() {
   local np="$1"; shift
   timeout 300 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
 }
-entry() { "$exe" inspect "$1" | awk -v k="$2" '$1 == k { print $NF }'; } # entry FILE NAME: value
 final_dir() { ls -d "$1"/checkpoints/step-* | tail -n 1; }
 acc_of() { jq -r "select(.event == \"eval\" and .model == \"$2\") | .acc" "$1/metrics.jsonl"; }
 
@@ -25,7 +25,7 @@ acc_of() { jq -r "select(.event == \"eval\" and .model == \"$2\") | .acc" "$1/me
 d="$tmp/sw-live"
 serve_bg "$d" timeout 300 mpirun -np 2 --oversubscribe --bind-to none "$exe" -s run.progress=plain \
   -s run.dir="$d" -s run.epochs=5000 -s data.subset=256 -s data.test_subset=200 \
-  -s optim.batch_size=64 -s "model.arch=mlp(16)" -s kd.method=switokd
+  -s optim.batch_size=64 -s "model.arch=mlp(16)" -s kd.method=switokd -s data.val_size=64
 expect "switokd live: the server started" test -n "$addr"
 for _ in $(seq 1 300); do
   curl -s "$addr/status" | jq -e '.switokd.expert_fraction >= 0' >/dev/null 2>&1 &&
@@ -41,6 +41,20 @@ expect "switokd live: /metrics has kdpeers_switokd_expert_ratio" \
   grep -q '^kdpeers_switokd_expert_ratio [0-9.e+-]*$' "$tmp/metrics.txt"
 expect "switokd live: /status has the students' mean" jq -e '.eval.students.acc >= 0' "$tmp/status.json"
 wait "$last_pid"
+# kdpeers serve of the stopped run (its 2 ranks): the dashboard's history is replayed from
+# metrics.jsonl, switokd's expert fraction and the validation accuracy with the rest
+rm -f "$d/server.addr"
+serve_bg "$d" timeout 120 mpirun -np 2 --oversubscribe --bind-to none "$exe" serve "$d" -s run.progress=plain
+curl -s "$addr/history" >"$tmp/serve-h.json"
+curl -s -X POST "$addr/control" -d '{"action":"stop"}' >/dev/null
+wait "$last_pid"
+points() { jq "[.series[] | select(.chart == \"$1\" and .name == \"$2\") | .x[]] | length" "$tmp/serve-h.json"; }
+n_sw=$(grep -c '"event":"switokd"' "$d/metrics.jsonl")
+expect "switokd serve: /history replays the expert fraction of every epoch ($(points switokd expert_fraction) of $n_sw)" \
+  test "$(points switokd expert_fraction)" = "$n_sw" -a "$n_sw" -gt 0
+n_val=$(grep -c '"event":"eval".*"model":"peer0".*"val_acc"' "$d/metrics.jsonl")
+expect "  ...and peer0's validation accuracy at every evaluation ($(points val_accuracy peer0) of $n_val)" \
+  test "$(points val_accuracy peer0)" = "$n_val" -a "$n_val" -gt 0
 
 # --- a frozen teacher: a cnn trained for one epoch, exported, joined to 2 mlp peers under dml ---
 small=(-s data.subset=1024 -s data.test_subset=1000 -s optim.batch_size=64)

@@ -19,6 +19,13 @@ small=(-s data.test_subset=500 -s run.epochs=1 -s optim.batch_size=64 -s "model.
   -s run.log_every=1 -s data.label_noise=0.4 -s kd.method=dml)
 trainlines() { grep '"event":"train"' "$1/metrics.jsonl" | jq -c '[.step, .loss, .kd]'; }
 evals() { grep '"event":"eval"' "$1/metrics.jsonl"; }
+# same_evals A B N ACC LOSS: true when runs A and B have N eval lines each, line by line with
+# equal ACC and LOSS within 1e-5 (a peer on 2 ranks against one rank per peer)
+same_evals() {
+  jq -n --slurpfile a <(evals "$1") --slurpfile b <(evals "$2") --argjson n "$3" --arg acc "$4" \
+    --arg loss "$5" '[$a, $b] | transpose | length == $n and all(.[0][$acc] == .[1][$acc] and
+      ((.[0][$loss] - .[1][$loss]) | fabs) < 1e-5)'
+}
 digests() { # digests DIR STEP: every tensor's crc32 in the checkpoint of STEP, peer by peer
   for f in "$1/checkpoints/step-$(printf %012d "$2")"/peer-*.kdpc; do
     "$exe" inspect "$f" | grep " floats)"
@@ -52,9 +59,7 @@ if ! sanitizer_skip "ranks_per_peer = 2 vs 1"; then
     -s run.dir="$h" >"$h.out" 2>&1
   expect "val_size with ranks_per_peer = 2: the run exits 0" test $? = 0
   expect "ranks_per_peer = 2: val_acc equal and val_loss within 1e-5 of one rank per peer" \
-    test "$(jq -n --slurpfile a <(evals "$v") --slurpfile b <(evals "$h") \
-      '[$a, $b] | transpose | length == 3 and all(.[0].val_acc == .[1].val_acc and
-        ((.[0].val_loss - .[1].val_loss) | fabs) < 1e-5)')" = true
+    test "$(same_evals "$v" "$h" 3 val_acc val_loss)" = true
 fi
 
 # --- export --best: the peer with the best val_acc of the last evaluation (the first of equals) ---
@@ -144,9 +149,7 @@ if ! sanitizer_skip "augment_per_peer comparisons"; then
     -s run.dir="$s3" >"$s3.out" 2>&1
   expect "augment_per_peer, ranks_per_peer = 2: the run exits 0" test $? = 0
   expect "  ...every peer's evaluation within 1e-5 of one rank per peer (a peer's ranks draw alike)" \
-    test "$(jq -n --slurpfile a <(evals "$s2") --slurpfile b <(evals "$s3") \
-    '[$a, $b] | transpose | length == 6 and all(.[0].acc == .[1].acc and
-        ((.[0].loss - .[1].loss) | fabs) < 1e-5)')" = true
+    test "$(same_evals "$s2" "$s3" 6 acc loss)" = true
   KDP_TEST_SAME_INIT=1 KDP_FAULT_SIGNAL_AT_STEP=5 run 2 "${aargs[@]}" -s data.augment_per_peer=true \
     -s run.dir="$s4" >"$s4.out1" 2>&1
   expect "augment_per_peer: a signal stops the run (exit 75)" test $? = 75

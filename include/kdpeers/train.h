@@ -24,6 +24,8 @@ typedef struct kdp_elastic {
   int old_first[KDP_MAX_PEERS], old_k[KDP_MAX_PEERS]; /* its layout: first rank, ranks */
   char old_arch[KDP_MAX_PEERS][KDP_STR];              /* its peers' architectures */
   int map[KDP_MAX_PEERS];    /* new peer i continues old peer map[i]; -1: a new peer */
+  int frozen[KDP_MAX_PEERS]; /* new peer i is a frozen teacher (peer.N.teacher): built from
+                                its file, never cloned */
   int resized;               /* the cohort changes (else a plain resume) */
 } kdp_elastic;
 
@@ -33,8 +35,9 @@ typedef struct kdp_elastic {
 
 /* Plans an elastic resume from run.dir's newest complete checkpoint (no MPI, every rank
    alike): checks e's request against the checkpoint's cohort and rewrites cfg's per-peer
-   settings (peer.N.arch, peer.N.ranks_per_peer) for the new cohort: a kept peer takes its old
-   peer's, a new one its own peer.N.* (a clone: its source's arch). KDP_EINVAL with a message
+   settings (peer.N.arch, peer.N.ranks_per_peer, peer.N.teacher) for the new cohort: a kept
+   peer takes its old peer's, a new one its own peer.N.* (a clone: its source's arch; a frozen
+   teacher is never a clone, nor cloned). KDP_EINVAL with a message
    for an inconsistent request; 0 and e->step = -1 when there is no checkpoint.
    --resume-as auto (e->P = -1, e->world = the ranks): the cohort that fits the ranks, keeping the
    peers in order: the first peers whose ranks_per_peer add up to the ranks (fewer ranks), every

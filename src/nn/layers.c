@@ -401,6 +401,7 @@ typedef struct conv_ctx {
   const uint8_t *cwin;
   float *xwin;
   double *st;       /* fused forward: per chunk the statistics */
+  double *shift_d;  /* fused forward: per chunk stats_block's scratch (C doubles) */
   size_t *cnt;
   int train, din_set;
   struct conv_grads *cg;
@@ -940,16 +941,20 @@ void kdp_shortcut_a_backward(float *din, const float *dout, size_t B, size_t H, 
 
 /* Row loops of batchnorm as helpers with restrict parameters, so gcc vectorises the channel
    loop without runtime alias checks. */
-/* The per-channel sums below take rows four at a time, so the running sums (which live in
-   memory) see one dependent add per four rows instead of one per row. */
-static void bn_stats_rows(double *restrict sum, double *restrict sq, const float *restrict in,
-                          const float *restrict sh, size_t N, size_t C) {
+/* The per-channel sums of (x - shift), in double: one loop for the layer's batch statistics
+   (stats_block: shifted by a block's first row) and for batchnorm in pieces, rows spread over
+   processes (the kd modules, kdp_bn_stats_rows: shifted by the running mean), whose sums are
+   added over the blocks and the processes, then finished once; the shift keeps the
+   sum-of-squares cancellation small. The rows are taken four at a time, so the running sums
+   (which live in memory) see one dependent add per four rows instead of one per row. */
+void kdp_bn_stats_rows(double *restrict sum, double *restrict sq, const float *restrict in,
+                       const double *restrict shift, size_t N, size_t C) {
   size_t n = 0;
   for (; n + 4 <= N; n += 4) {
     const float *x0 = in + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
     for (size_t c = 0; c < C; c++) {
-      double d0 = (double)x0[c] - (double)sh[c], d1 = (double)x1[c] - (double)sh[c];
-      double d2 = (double)x2[c] - (double)sh[c], d3 = (double)x3[c] - (double)sh[c];
+      double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
+      double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
       sum[c] += (d0 + d1) + (d2 + d3);
       sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
     }
@@ -957,7 +962,7 @@ static void bn_stats_rows(double *restrict sum, double *restrict sq, const float
   for (; n < N; n++) {
     const float *x = in + n * C;
     for (size_t c = 0; c < C; c++) {
-      double d = (double)x[c] - (double)sh[c];
+      double d = (double)x[c] - shift[c];
       sum[c] += d;
       sq[c] += d * d;
     }
@@ -988,12 +993,15 @@ static void rows_parallel(size_t N, size_t C, rows_fn fn, const void *ctx) {
 }
 
 /* Mean and sum of squared deviations (m2) per channel of one block of rows (x: rows x C), from
-   sums shifted by the block's first row (which keeps the cancellation of the squares small). */
-static void stats_block(double *mean, double *m2, const float *x, size_t rows, size_t C) {
+   sums shifted by the block's first row (which keeps the cancellation of the squares small);
+   shift: C doubles of scratch for it. */
+static void stats_block(double *mean, double *m2, double *shift, const float *x, size_t rows,
+                        size_t C) {
   memset(mean, 0, C * sizeof(double));
   memset(m2, 0, C * sizeof(double));
   if (rows == 0) return;
-  bn_stats_rows(mean, m2, x, x, rows, C);
+  for (size_t c = 0; c < C; c++) shift[c] = (double)x[c];
+  kdp_bn_stats_rows(mean, m2, x, shift, rows, C);
   for (size_t c = 0; c < C; c++) {
     double s = mean[c];
     mean[c] = (double)x[c] + s / (double)rows;
@@ -1033,21 +1041,24 @@ static void stats_merge_all(double *mean, double *m2, const double *part, size_t
 
 typedef struct stats_ctx {
   const float *in;
-  double *part; /* per block: mean then m2 */
+  double *part;  /* per block: mean then m2 */
+  double *shift; /* per block: C doubles of stats_block's scratch */
   size_t *cnt, C;
 } stats_ctx;
 
 static void stats_rows(const void *ctx, size_t k, size_t r0, size_t nr) {
   const stats_ctx *c = ctx;
   c->cnt[k] = nr;
-  stats_block(c->part + k * 2 * c->C, c->part + k * 2 * c->C + c->C, c->in + r0 * c->C, nr, c->C);
+  stats_block(c->part + k * 2 * c->C, c->part + k * 2 * c->C + c->C, c->shift + k * c->C,
+              c->in + r0 * c->C, nr, c->C);
 }
 
 /* mean and m2 of in (N x C), in the fixed row blocks of par.h, on the team */
 static void bn_batch_stats(double *mean, double *m2, const float *in, size_t N, size_t C) {
   const size_t nblk = kdp_row_blocks(N, C);
-  stats_ctx sc = {in, kdp_xmalloc(nblk * 2 * C * sizeof(double)),
+  stats_ctx sc = {in, kdp_xmalloc(nblk * 3 * C * sizeof(double)), NULL,
                   kdp_xmalloc(nblk * sizeof(size_t)), C};
+  sc.shift = sc.part + nblk * 2 * C;
   rows_parallel(N, C, stats_rows, &sc);
   stats_merge_all(mean, m2, sc.part, nblk, sc.cnt, C);
   free(sc.cnt);
@@ -1289,31 +1300,6 @@ void kdp_bn_backward_set(float *din, float *dgamma, float *dbeta, const float *d
   bn_backward(din, dgamma, dbeta, dout, xhat, invstd, gamma, N, C, 1);
 }
 
-/* batchnorm in pieces, for rows spread over processes (the kd modules): sums shifted by a
-   per-channel value (the first row of the batch) are added over the blocks and the processes,
-   then finished once, which keeps the sum-of-squares cancellation small */
-void kdp_bn_stats_rows(double *sum, double *sq, const float *in, const double *shift, size_t N,
-                       size_t C) {
-  size_t n = 0;
-  for (; n + 4 <= N; n += 4) {
-    const float *x0 = in + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-    for (size_t c = 0; c < C; c++) {
-      double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
-      double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
-      sum[c] += (d0 + d1) + (d2 + d3);
-      sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-    }
-  }
-  for (; n < N; n++) {
-    const float *x = in + n * C;
-    for (size_t c = 0; c < C; c++) {
-      double d = (double)x[c] - shift[c];
-      sum[c] += d;
-      sq[c] += d * d;
-    }
-  }
-}
-
 void kdp_bn_stats_finish(float *mean, float *invstd, float *run_mean, float *run_var,
                          const double *sum, const double *sq, const double *shift, size_t total,
                          size_t C, float momentum, float eps) {
@@ -1438,7 +1424,8 @@ static void cbpr_fwd_chunks(void *ctx, size_t lo, size_t hi) {
        (running statistics, known before the conv) the chunk is normalised, pooled and relu'd
        right away instead */
     if (c->train)
-      stats_block(c->st + k * 2 * C, c->st + k * 2 * C + C, c->y + b0 * ohw * C, c->cnt[k], C);
+      stats_block(c->st + k * 2 * C, c->st + k * 2 * C + C, c->shift_d + k * C,
+                  c->y + b0 * ohw * C, c->cnt[k], C);
     else
       for (size_t q = b0 * PH; q < (b0 + nb) * PH; q++)
         cbpr_pool_eval(c->out, c->y, c->scale, c->shift, q / PH, q % PH, c->s->OH, c->s->OW, C);
@@ -1468,7 +1455,9 @@ void kdp_conv_bn_pool_relu_forward(float *out, uint8_t *win, float *xwin, float 
                 .invstd = invstd, .gamma = gamma, .beta = beta};
   c.dy_floats = conv_chunk(s) * ohw * C; /* the backward's part of a thread's scratch */
   c.thr = scratch + conv_partial_floats(s);
-  double *st = c.st = kdp_xmalloc((n + 1) * 2 * C * sizeof(double)); /* per chunk: mean, m2 */
+  /* per chunk: mean, m2; then the merged mean, m2; then per chunk stats_block's shift */
+  double *st = c.st = kdp_xmalloc((3 * n + 2) * C * sizeof(double));
+  c.shift_d = st + (n + 1) * 2 * C;
   size_t *cnt = c.cnt = kdp_xmalloc(n * sizeof(size_t));
   float *scale = NULL;
   if (!train) {

@@ -322,8 +322,9 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
   if (rc == 0 && i64 != step)
     rc = kdp_fail(err, KDP_EFORMAT, "%s holds step %lld, its manifest says %lld", path,
                   (long long)i64, (long long)step);
-  /* a new peer of a grown cohort keeps its fresh weights and optimizer */
-  if (own) {
+  /* a new peer of a grown cohort keeps its fresh weights and optimizer; a frozen peer keeps its
+     model file's (its crc32 is checked against the checkpoint's below) */
+  if (own && !t->frozen) {
     GET(kdp_ckpt_get_f32(ck, "params", kdp_model_params(t->model), np, err));
     GET(kdp_ckpt_get_f32(ck, "momentum", t->opt.buf, np, err));
     GET(kdp_ckpt_get_i64(ck, "opt_steps", &t->opt.n_steps, err));
@@ -371,6 +372,7 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     rc = e && e->resized ? kdp_elastic_load_module(t, e, ck, err) : kdp_distill_load(t, ck, err);
   /* mcl's embedding head travels with its peer (kept or cloned); a new peer keeps a fresh one */
   if (rc == 0 && e && e->resized && own) rc = kdp_embed_load(t, ck, err);
+  if (rc == 0 && e && e->resized && own) rc = kdp_frozen_load(t, ck, err);
   if (rc == 0 && e && e->resized && t->stale) rc = kdp_stale_load_resized(t->stale, t, e, ck, err);
   /* churn's previous labels belong to the old cohort after a resize: churn starts over */
   if (!(e && e->resized)) GET(restore_diversity(t, ck, err));

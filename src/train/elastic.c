@@ -134,10 +134,32 @@ int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
                                 "--clone-from %d: the checkpoint at step %lld has peers 0..%d",
                                 e->clone_from, (long long)step, oldP - 1);
   }
+  if (e->clone_from >= 0 && old->peer_teacher[e->clone_from][0]) {
+    const int c = e->clone_from;
+    rc = kdp_fail(err, KDP_EINVAL,
+                  "--clone-from %d: peer %d is a frozen teacher (peer.%d.teacher = %s), with no "
+                  "optimizer state to copy; clone a trained peer, or let the new peers start "
+                  "from their seeds",
+                  c, c, c, old->peer_teacher[c]);
+    free(old);
+    return rc;
+  }
   e->resized = P != oldP;
   for (int i = 0; i < P; i++) {
     e->map[i] = e->n_keep ? e->keep[i] : i < oldP ? i : -1;
     if (e->map[i] != i) e->resized = 1;
+  }
+  /* a frozen teacher (peer.N.teacher) stays what it is: a kept one stays frozen on its file
+     wherever --keep puts it (its slot's peer.N.teacher in this run's config does not matter);
+     a new peer is frozen when its own peer.N.teacher names a file. Either is built from the
+     file, never cloned (kdp_elastic_source). */
+  for (int i = 0; i < KDP_MAX_PEERS; i++) {
+    if (i >= P)
+      cfg->peer_teacher[i][0] = 0;
+    else if (e->map[i] >= 0)
+      snprintf(cfg->peer_teacher[i], sizeof cfg->peer_teacher[i], "%s",
+               old->peer_teacher[e->map[i]]);
+    e->frozen[i] = i < P && cfg->peer_teacher[i][0];
   }
   /* the new cohort's per-peer settings: a kept peer's from the checkpoint, a new peer's from
      its own peer.N.* (a clone takes its source's arch); explicit only where they differ from
@@ -145,7 +167,7 @@ int kdp_elastic_plan(kdp_config *cfg, kdp_elastic *e, kdp_error *err) {
   int k[KDP_MAX_PEERS];
   char arch[KDP_MAX_PEERS][KDP_STR];
   for (int i = 0; i < P; i++) {
-    int src = e->map[i] >= 0 ? e->map[i] : e->clone_from;
+    int src = e->map[i] >= 0 ? e->map[i] : e->frozen[i] ? -1 : e->clone_from;
     k[i] = e->map[i] >= 0 ? e->old_k[e->map[i]] : kdp_config_peer_ranks(cfg, i);
     snprintf(arch[i], KDP_STR, "%s", src >= 0 ? e->old_arch[src] : kdp_config_peer_arch(cfg, i));
   }
@@ -297,7 +319,7 @@ int kdp_elastic_source(const kdp_elastic *e, int peer, int slice, int *role) {
     *role = KDP_ELASTIC_KEPT;
     return e->old_first[o] + (slice < e->old_k[o] ? slice : e->old_k[o] - 1);
   }
-  if (e->clone_from >= 0) {
+  if (e->clone_from >= 0 && !e->frozen[peer]) {
     o = e->clone_from;
     *role = KDP_ELASTIC_CLONE;
     return e->old_first[o] + (slice < e->old_k[o] ? slice : e->old_k[o] - 1);

@@ -200,8 +200,9 @@ static void write_sd_files(kdp_trainer *t) {
 }
 
 /* A resumed run (or kdpeers serve) starts its history with what metrics.jsonl holds up to the
-   checkpoint: every evaluation, the logged learning rate and the events; the per-peer training
-   curves (only rank 0's peer is in the file) start at the resume. */
+   checkpoint: every evaluation (test and validation accuracy, diversity), switokd's expert
+   fraction per epoch, the logged learning rate and the events; the per-peer training curves
+   (only rank 0's peer is in the file) start at the resume. */
 static void seed_history(kdp_trainer *t) {
   kdp_live *lv = t->live;
   char path[KDP_PATH + 32];
@@ -226,6 +227,12 @@ static void seed_history(kdp_trainer *t) {
                              json_object_get_double(a));
       kdp_server_history_add(lv->srv, "test_loss", json_object_get_string(v), x,
                              json_object_get_double(b));
+      if (json_object_object_get_ex(o, "val_acc", &a) && !json_object_is_type(a, json_type_null))
+        kdp_server_history_add(lv->srv, "val_accuracy", json_object_get_string(v), x,
+                               json_object_get_double(a));
+    } else if (strcmp(kind, "switokd") == 0 &&
+               json_object_object_get_ex(o, "expert_fraction", &a)) {
+      kdp_server_history_add(lv->srv, "switokd", "expert_fraction", x, json_object_get_double(a));
     } else if (strcmp(kind, "diversity") == 0 && json_object_object_get_ex(o, "kl", &a) &&
                json_object_object_get_ex(o, "disagreement", &b)) {
       kdp_server_history_add(lv->srv, "diversity", "kl", x, json_object_get_double(a));
@@ -529,9 +536,9 @@ static char *render_metrics(kdp_trainer *t) {
   prom_family(f, "kdpeers_train_accuracy", "gauge",
               "Deprecated (removed after 0.2): kdpeers_train_accuracy_ratio.", "peer", NULL,
               lv->peer_acc, P);
-  const char *names[80];
-  double accs[80], losses[80];
-  int n = kdp_metrics_last_evals(names, accs, losses, 80);
+  const char *names[KDP_EVAL_ROWS_MAX];
+  double accs[KDP_EVAL_ROWS_MAX], losses[KDP_EVAL_ROWS_MAX];
+  int n = kdp_metrics_last_evals(names, accs, losses, KDP_EVAL_ROWS_MAX);
   prom_family(f, "kdpeers_test_accuracy_ratio", "gauge",
               "Test accuracy (0..1) at the last evaluation, per peer, ensemble and teacher.",
               "model", names, accs, n);
@@ -540,7 +547,7 @@ static char *render_metrics(kdp_trainer *t) {
               n);
   prom_family(f, "kdpeers_test_loss", "gauge", "Test loss at the last evaluation.", "model", names,
               losses, n);
-  n = kdp_metrics_last_val(names, accs, losses, 80);
+  n = kdp_metrics_last_val(names, accs, losses, KDP_EVAL_ROWS_MAX);
   if (n) {
     prom_family(f, "kdpeers_val_accuracy_ratio", "gauge",
                 "Validation accuracy (0..1, data.val_size) at the last evaluation, per peer, "
@@ -698,11 +705,11 @@ static char *render_status(kdp_trainer *t) {
     fputc('}', f);
   }
   fputs("]", f);
-  const char *names[80];
-  double accs[80], losses[80];
-  int n = kdp_metrics_last_evals(names, accs, losses, 80);
+  const char *names[KDP_EVAL_ROWS_MAX];
+  double accs[KDP_EVAL_ROWS_MAX], losses[KDP_EVAL_ROWS_MAX];
+  int n = kdp_metrics_last_evals(names, accs, losses, KDP_EVAL_ROWS_MAX);
   status_models(f, "eval", names, accs, losses, n);
-  n = kdp_metrics_last_val(names, accs, losses, 80);
+  n = kdp_metrics_last_val(names, accs, losses, KDP_EVAL_ROWS_MAX);
   if (n) status_models(f, "val", names, accs, losses, n); /* data.val_size */
   double dkl, ddis, churn[KDP_MAX_PEERS];
   int nch = 0;

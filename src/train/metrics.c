@@ -13,14 +13,12 @@
 #include "kdpeers/kd.h"
 #include "train_internal.h"
 
-#define MAX_EVAL_ROWS 72
-
-/* last eval figures for the summary table */
+/* last eval figures for the summary table, /metrics and /status */
 static struct {
   char name[32];
   double acc, loss;
   double val_acc, val_loss; /* data.val_size; NaN without */
-} g_rows[MAX_EVAL_ROWS];
+} g_rows[KDP_EVAL_ROWS_MAX];
 static int g_nrows;
 
 static void timestamp(char *buf, size_t n) {
@@ -173,6 +171,20 @@ static void line_end(kdp_trainer *t, line *l) {
   free(l->buf);
 }
 
+/* Starts the line of a training-time event: {"event":NAME,"epoch":E,"step":S, to which the
+   caller adds its fields, "}\n" and line_end. 0 (nothing to end) without a file or memory. */
+static int line_event(kdp_trainer *t, line *l, const char *name, double epoch, int64_t step) {
+  if (!line_begin(t, l)) return 0;
+  fprintf(l->f, "{\"event\":\"%s\",\"epoch\":%.4g,\"step\":%lld", name, epoch, (long long)step);
+  return 1;
+}
+
+/* ,"KEY":V (null for NaN and Inf) */
+static void field_num(FILE *f, const char *key, double v) {
+  fprintf(f, ",\"%s\":", key);
+  kdp_json_num(f, v);
+}
+
 /* Resume: cut what was logged after the checkpoint, so the file reads as one run. A file shorter
    than the checkpoint's offset lost lines before it: keep what is there (truncate(2) would pad it
    with NUL bytes). */
@@ -256,8 +268,8 @@ void kdp_metrics_event(kdp_trainer *t, const char *name, int64_t step, double va
   if (!line_begin(t, &l)) return;
   fputs("{\"event\":", l.f);
   kdp_json_str(l.f, name);
-  fprintf(l.f, ",\"step\":%lld,\"value\":", (long long)step);
-  kdp_json_num(l.f, value);
+  fprintf(l.f, ",\"step\":%lld", (long long)step);
+  field_num(l.f, "value", value);
   fputs("}\n", l.f);
   line_end(t, &l);
 }
@@ -323,19 +335,14 @@ void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char
                           double acc, double loss, double val_acc, double val_loss) {
   const int has_val = !isnan(val_acc);
   line l;
-  if (line_begin(t, &l)) {
-    fprintf(l.f, "{\"event\":\"eval\",\"epoch\":%.4g,\"step\":%lld,\"model\":", epoch,
-            (long long)step);
+  if (line_event(t, &l, "eval", epoch, step)) {
+    fputs(",\"model\":", l.f);
     kdp_json_str(l.f, model);
-    fputs(",\"acc\":", l.f);
-    kdp_json_num(l.f, acc);
-    fputs(",\"loss\":", l.f);
-    kdp_json_num(l.f, loss);
+    field_num(l.f, "acc", acc);
+    field_num(l.f, "loss", loss);
     if (has_val) {
-      fputs(",\"val_acc\":", l.f);
-      kdp_json_num(l.f, val_acc);
-      fputs(",\"val_loss\":", l.f);
-      kdp_json_num(l.f, val_loss);
+      field_num(l.f, "val_acc", val_acc);
+      field_num(l.f, "val_loss", val_loss);
     }
     fputs("}\n", l.f);
     line_end(t, &l);
@@ -348,8 +355,8 @@ void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char
   int i;
   for (i = 0; i < g_nrows; i++)
     if (strcmp(g_rows[i].name, model) == 0) break;
-  if (i == g_nrows && g_nrows < MAX_EVAL_ROWS) g_nrows++;
-  if (i < MAX_EVAL_ROWS) {
+  if (i == g_nrows && g_nrows < KDP_EVAL_ROWS_MAX) g_nrows++;
+  if (i < KDP_EVAL_ROWS_MAX) {
     snprintf(g_rows[i].name, sizeof g_rows[i].name, "%s", model);
     g_rows[i].acc = acc;
     g_rows[i].loss = loss;
@@ -375,12 +382,9 @@ static struct {
 void kdp_metrics_diversity(kdp_trainer *t, int64_t step, double epoch, double kl,
                            double disagreement, const double *churn, int P) {
   line l;
-  if (line_begin(t, &l)) {
-    fprintf(l.f, "{\"event\":\"diversity\",\"epoch\":%.4g,\"step\":%lld,\"kl\":", epoch,
-            (long long)step);
-    kdp_json_num(l.f, kl);
-    fputs(",\"disagreement\":", l.f);
-    kdp_json_num(l.f, disagreement);
+  if (line_event(t, &l, "diversity", epoch, step)) {
+    field_num(l.f, "kl", kl);
+    field_num(l.f, "disagreement", disagreement);
     if (churn) {
       fputs(",\"churn\":", l.f);
       kdp_json_nums(l.f, churn, P);
@@ -421,12 +425,9 @@ void kdp_metrics_switokd(kdp_trainer *t, int64_t step, double epoch, int64_t exp
                          int64_t steps) {
   double f = steps > 0 ? (double)expert / (double)steps : 0.0;
   line l;
-  if (line_begin(t, &l)) {
-    fprintf(l.f,
-            "{\"event\":\"switokd\",\"epoch\":%.4g,\"step\":%lld,\"expert_steps\":%lld,"
-            "\"steps\":%lld,\"expert_fraction\":",
-            epoch, (long long)step, (long long)expert, (long long)steps);
-    kdp_json_num(l.f, f);
+  if (line_event(t, &l, "switokd", epoch, step)) {
+    fprintf(l.f, ",\"expert_steps\":%lld,\"steps\":%lld", (long long)expert, (long long)steps);
+    field_num(l.f, "expert_fraction", f);
     fputs("}\n", l.f);
     line_end(t, &l);
   }
@@ -513,18 +514,11 @@ void kdp_progress_update(kdp_trainer *t, int64_t step, double epoch, double loss
   double sps = train_seconds > 0 ? (double)step * (double)t->Bg / train_seconds : 0;
   double eta = step > 0 ? train_seconds / (double)step * (double)(t->total_steps - step) : -1;
   line l;
-  if (line_begin(t, &l)) {
-    fprintf(l.f, "{\"event\":\"train\",\"epoch\":%.4g,\"step\":%lld,\"loss\":", epoch,
-            (long long)step);
-    kdp_json_num(l.f, loss);
-    fputs(",\"kd\":", l.f);
-    kdp_json_num(l.f, kd);
-    if (t->embed) {
-      fputs(",\"contrast\":", l.f);
-      kdp_json_num(l.f, t->log_contrast);
-    }
-    fputs(",\"acc\":", l.f);
-    kdp_json_num(l.f, acc);
+  if (line_event(t, &l, "train", epoch, step)) {
+    field_num(l.f, "loss", loss);
+    field_num(l.f, "kd", kd);
+    if (t->embed) field_num(l.f, "contrast", t->log_contrast);
+    field_num(l.f, "acc", acc);
     fprintf(l.f, ",\"lr\":%.6g,\"samples_per_second\":%.1f}\n", lr, sps);
     line_end(t, &l);
   }
@@ -561,10 +555,9 @@ void kdp_metrics_summary(kdp_trainer *t, const kdp_summary *s) {
             s->peak_rss_mb, s->rss_mb_mean, s->pss_mb_total, t->P,
             t->d->world_size, (unsigned long long)t->metrics->lost);
     for (int i = 0; i < g_nrows; i++) {
-      fputs(",\"acc_", l.f);
-      fputs(g_rows[i].name, l.f);
-      fputs("\":", l.f);
-      kdp_json_num(l.f, g_rows[i].acc);
+      char key[48];
+      snprintf(key, sizeof key, "acc_%.31s", g_rows[i].name); /* a name holds at most 31 */
+      field_num(l.f, key, g_rows[i].acc);
     }
     fputs("}\n", l.f);
     line_end(t, &l);

@@ -44,12 +44,25 @@ static int load_ema(loaded_model *mf, const kdp_ckpt *ck, const char *path, kdp_
   return rc;
 }
 
-/* Loads the models of a run's newest checkpoint (one per peer: slice 0's file; ema: the peers'
-   EMA copies instead), or one model file. Returns the count (>= 1) or a negative code. */
-static int load_models(const char *path, int only_peer, int ema, loaded_model *out, int max,
+/* what load_models reads of each peer */
+enum {
+  LOAD_WEIGHTS, /* the peer's weights */
+  LOAD_EMA,     /* its EMA copy instead (an error when its file holds none) */
+  LOAD_BOTH     /* its weights, then its EMA copy when its file holds one (peerN.ema) */
+};
+
+/* 1 for a model LOAD_EMA or LOAD_BOTH read as a peer's EMA copy (labelled peerN.ema) */
+static int is_ema_copy(const loaded_model *lm) {
+  size_t n = strlen(lm->label);
+  return n > 4 && strcmp(lm->label + n - 4, ".ema") == 0;
+}
+
+/* Loads the models of a run's newest checkpoint (one per peer: slice 0's file, read as `what`
+   says), or one model file. Returns the count (>= 1) or a negative code. */
+static int load_models(const char *path, int only_peer, int what, loaded_model *out, int max,
                        kdp_error *err) {
   if (!is_dir(path)) {
-    if (ema)
+    if (what == LOAD_EMA)
       return kdp_fail(err, KDP_EINVAL, "--ema reads a run directory's checkpoint, not a model "
                                        "file (%s)", path);
     int rc = kdp_modelfile_read(&out[0], path, TOOL_BATCH, err);
@@ -75,7 +88,10 @@ static int load_models(const char *path, int only_peer, int ema, loaded_model *o
     int64_t peer = 0, slice = 0;
     rc = kdp_ckpt_get_i64(ck, "peer", &peer, err);
     if (rc == 0) rc = kdp_ckpt_get_i64(ck, "slice", &slice, err);
-    if (rc == 0 && slice == 0 && (only_peer < 0 || peer == only_peer)) {
+    const int want = rc == 0 && slice == 0 && (only_peer < 0 || peer == only_peer);
+    const int copies = !want ? 0 : what == LOAD_BOTH && kdp_ckpt_has(ck, "ema.params") ? 2 : 1;
+    for (int c = 0; c < copies && rc == 0 && n < max; c++) {
+      const int ema = what == LOAD_EMA || c == 1;
       rc = kdp_modelfile_from_ckpt(&out[n], ck, fp, TOOL_BATCH, err);
       if (rc == 0 && ema && (rc = load_ema(&out[n], ck, fp, err)) != 0) loaded_free(&out[n]);
       if (rc == 0)
@@ -258,7 +274,8 @@ int kdp_tool_export(const kdp_export_opts *o) {
   kdp_error err;
   if (o->pick == KDP_PICK_BEST) return export_best(o);
   loaded_model lm;
-  int n = load_models(o->src, o->peer, o->pick == KDP_PICK_EMA, &lm, 1, &err);
+  int n = load_models(o->src, o->peer, o->pick == KDP_PICK_EMA ? LOAD_EMA : LOAD_WEIGHTS, &lm, 1,
+                      &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers export: %s\n", err.msg);
     return 1;
@@ -292,10 +309,13 @@ int kdp_tool_export(const kdp_export_opts *o) {
   return rc == 0 ? 0 : 1;
 }
 
+/* Every model of a run (each peer, then its EMA copy when the run kept them) or one model
+   file on the test set, and the peers' ensemble (the mean of their probabilities, as the run's
+   own "ensemble" of a cohort without a method teacher; the EMA copies are not in it). */
 int kdp_tool_eval(const char *path, const kdp_config *cfg) {
   kdp_error err;
-  loaded_model lm[KDP_MAX_PEERS];
-  int n = load_models(path, -1, 0, lm, KDP_MAX_PEERS, &err);
+  loaded_model lm[2 * KDP_MAX_PEERS];
+  int n = load_models(path, -1, LOAD_BOTH, lm, 2 * KDP_MAX_PEERS, &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers eval: %s\n", err.msg);
     return 1;
@@ -321,6 +341,8 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
       goto out;
     }
   {
+    int n_ens = 0;
+    for (int i = 0; i < n; i++) n_ens += !is_ema_copy(&lm[i]);
     size_t elem = kdp_dataset_elem(&test), isz = test.H * test.W * test.C * elem;
     float *p = kdp_falloc(TOOL_BATCH * C), *ens = kdp_falloc(TOOL_BATCH * C);
     int32_t *y = kdp_xcalloc(TOOL_BATCH, sizeof(int32_t));
@@ -337,7 +359,8 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
           const float *row = p + r * C;
           hits[i] += kdp_argmax(row, C) == (size_t)y[r];
           loss[i] -= log(fmax(row[y[r]], 1e-30));
-          for (size_t k = 0; k < C; k++) ens[r * C + k] += row[k] / (float)n;
+          if (!is_ema_copy(&lm[i]))
+            for (size_t k = 0; k < C; k++) ens[r * C + k] += row[k] / (float)n_ens;
         }
       }
       for (size_t r = 0; r < b; r++) {
@@ -348,7 +371,7 @@ int kdp_tool_eval(const char *path, const kdp_config *cfg) {
     }
     printf("%-10s %9s %9s   (%zu test examples)\n", "model", "test acc", "loss", test.n);
     for (int i = 0; i <= n; i++) {
-      if (i == n && n == 1) break;
+      if (i == n && n_ens == 1) break;
       printf("%-10s %8.2f%% %9.4f\n", i < n ? lm[i].label : "ensemble",
              100.0 * hits[i] / (double)test.n, loss[i] / (double)test.n);
     }
@@ -380,7 +403,7 @@ static void serve_on_signal(int sig) {
 int kdp_tool_serve_alone(const char *run_dir, const kdp_config *cfg) {
   kdp_error err;
   loaded_model lm[KDP_MAX_PEERS];
-  int n = load_models(run_dir, -1, 0, lm, KDP_MAX_PEERS, &err);
+  int n = load_models(run_dir, -1, LOAD_WEIGHTS, lm, KDP_MAX_PEERS, &err);
   if (n < 0) {
     fprintf(stderr, "kdpeers serve: %s\n", err.msg);
     return 1;

@@ -340,6 +340,9 @@ void kdp_json_num(FILE *f, double v);
 void kdp_json_nums(FILE *f, const double *v, int n);
 /* 1 if the run has a distillation loss (more than one peer, a method other than independent) */
 int kdp_metrics_distils(const kdp_trainer *t);
+/* the most models one evaluation reports: every peer and its EMA copy (run.ema_decay), and the
+   cohort's ensemble, students' mean and teacher; the tables of the last evaluation hold them all */
+#define KDP_EVAL_ROWS_MAX (2 * KDP_MAX_PEERS + 8)
 /* the last evaluation's figures, by model name; returns the count */
 int kdp_metrics_last_evals(const char **names, double *accs, double *losses, int max);
 /* {"event":"control",...}; NaN values are left out */
