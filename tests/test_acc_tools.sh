@@ -111,5 +111,10 @@ want=$(/usr/bin/python3 -c 'import statistics as s; print("%+.2f" % s.correlatio
 expect "diversity-report: Pearson's r of last disagreement and ensemble margin over 4 runs ($want)" \
   grep -qF "over the 4 runs, last evaluation's diversity against ensemble - mean peer: KL r = " "$tmp/dr.md"
 expect "  ...disagreement r = $want" grep -qF "; disagreement r = $want." "$tmp/dr.md"
+mkdir -p "$tmp/div2" && cp -r "$dr/dml-s1" "$tmp/div2/"
+/usr/bin/python3 "$src/launch/diversity-report" "$dr" "$tmp/div2" >/dev/null 2>"$tmp/dr.err"
+rc=$?
+expect "diversity-report refuses the same method and seed twice (two P's runs; exit $rc)" \
+  bash -c "test $rc != 0 && grep -q 'dml seed 1 twice' '$tmp/dr.err'"
 
 finish acc_tools
