@@ -266,6 +266,13 @@ expect "compare --peers: dml's gain at 3 peers (${got#* }) is minus independent'
   near "${got#* }" "$(awk -v a="$m3" -v b="$i3" 'BEGIN { print a - b }')"
 got=$(sed -n 's/^| 2 | `dml` | 1 | \([0-9.]*\) +-.*/\1/p' "$tmp/cmpp.md")
 expect "compare --peers: dml at 2 peers ($got) is the kept run's own ($m2)" near "$got" "$m2"
+# --report: the table of what results.tsv holds, nothing runs (3 peers has seed 1 only)
+"$src/launch/compare" --report --peers 2,3 --seeds 2 --methods dml,independent --runs "$tmp/cmp" -- \
+  "${cmp_args[@]}" >"$tmp/cmpr.out" 2>"$tmp/cmpr.err"
+expect "compare --report: runs nothing, says 2 of 8 runs are missing" \
+  bash -c "grep -q '2 of the 8 runs asked for are not in' '$tmp/cmpr.err' && ! grep -q ' -> ' '$tmp/cmpr.err'"
+expect "compare --report: 2 seeds at 2 peers, 1 at 3 peers" \
+  test "$(grep -oE '^\| [0-9] \| `dml` \| [0-9]' "$tmp/cmpr.out" | tr -d '|` ' | tr '\n' ,)" = "2dml2,3dml1,"
 # a results.tsv of the older compare (no P column, -np in its first line) is carried over: nothing
 # runs again and the table is the one it gave
 mkdir -p "$tmp/cmpold"
