@@ -99,4 +99,55 @@ expect "--torch-only prints no kdpeers command" sh -c "! grep -q kdpeers-local '
 "$src/launch/bench-accuracy" --study methods-noisy --dry-run --methods nosuch >/dev/null 2>&1
 expect "an unknown method is refused" test $? = 2
 
+# --- launch/diversity-report: diversity per method at the early / middle / last evaluation ---
+# two methods x two seeds, three evaluations (epochs 1, 2, 3; churn from the second); dml-s1 repeats
+# step 20 as a resumed run does (the last line of a step counts)
+dv() { # dv DIR STEP EPOCH KL DISAGREEMENT [CHURN0,CHURN1]
+  local c=""; [ -z "${6:-}" ] || c=",\"churn\":[$6]"
+  echo "{\"event\":\"diversity\",\"epoch\":$3,\"step\":$2,\"kl\":$4,\"disagreement\":$5$c}" >>"$1/metrics.jsonl"
+}
+ev() { # ev DIR PEER0 PEER1 ENSEMBLE: the final eval lines
+  local model acc
+  while read -r model acc; do
+    echo "{\"event\":\"eval\",\"step\":30,\"epoch\":3,\"model\":\"$model\",\"acc\":$acc,\"loss\":1}" >>"$1/metrics.jsonl"
+  done <<<"peer0 $2
+peer1 $3
+ensemble $4"
+}
+dr="$tmp/div"
+mkdir -p "$dr/dml-s1" "$dr/dml-s2" "$dr/independent-s1" "$dr/independent-s2"
+dv "$dr/dml-s1" 10 1 0.01 0.4;  dv "$dr/dml-s1" 20 2 0.9 0.9 0.9,0.9
+dv "$dr/dml-s1" 20 2 0.02 0.3 0.1,0.3; dv "$dr/dml-s1" 30 3 0.005 0.1 0.05,0.15
+dv "$dr/dml-s2" 10 1 0.03 0.6;  dv "$dr/dml-s2" 20 2 0.04 0.5 0.2,0.4; dv "$dr/dml-s2" 30 3 0.007 0.2 0.1,0.1
+for s in 1 2; do
+  dv "$dr/independent-s$s" 10 1 0.1 0.5; dv "$dr/independent-s$s" 20 2 0.2 0.4 0.1,0.1
+  dv "$dr/independent-s$s" 30 3 0.3 0.3 0.1,0.1
+done
+ev "$dr/dml-s1" 0.70 0.72 0.74; ev "$dr/dml-s2" 0.72 0.74 0.75
+ev "$dr/independent-s1" 0.68 0.70 0.71; ev "$dr/independent-s2" 0.70 0.70 0.72
+/usr/bin/python3 "$src/launch/diversity-report" --methods dml,independent "$dr" >"$tmp/dr.md" 2>&1
+rc=$?
+expect "diversity-report exits 0 (rc $rc: $(tail -n 1 "$tmp/dr.md"))" test "$rc" = 0
+expect "diversity-report: KL at epochs 1, 2, 3, mean +- std over the seeds" \
+  grep -qxF '| `dml` | 2 | 0.0200 +- 0.0141 | 0.0300 +- 0.0141 | 0.0060 +- 0.0014 |' "$tmp/dr.md"
+expect "diversity-report: the columns name the epochs" \
+  grep -qxF '| method | seeds | early (ep 1) | middle (ep 2) | last (ep 3) |' "$tmp/dr.md"
+expect "diversity-report: disagreement in %, the resumed step's last line counts" \
+  grep -qxF '| `dml` | 2 | 50.00 +- 14.14 | 40.00 +- 14.14 | 15.00 +- 7.07 |' "$tmp/dr.md"
+expect "diversity-report: churn (mean over peers) from the second evaluation: early and last" \
+  grep -qxF '| `dml` | 2 | 25.00 +- 7.07 | 10.00 +- 0.00 |' "$tmp/dr.md"
+expect "diversity-report: mean peer, ensemble, its margin and the gains against independent by seed" \
+  grep -qxF '| `dml` | 2 | 72.00 +- 1.41 | 74.50 +- 0.71 | +2.50 +- 0.71 | +2.50 +- 0.71 | +3.00 +- 0.00 |' "$tmp/dr.md"
+expect "diversity-report: rows in the order asked" \
+  test "$(grep -c '^| `dml`' "$tmp/dr.md"),$(grep -m 1 -o '^| `[a-z]*`' "$tmp/dr.md")" = '4,| `dml`'
+want=$(/usr/bin/python3 -c 'import statistics as s; print("%+.2f" % s.correlation([0.1, 0.2, 0.3, 0.3], [0.03, 0.02, 0.02, 0.02]))')
+expect "diversity-report: Pearson's r of last disagreement and ensemble margin over 4 runs ($want)" \
+  grep -qF "over the 4 runs, last evaluation's diversity against ensemble - mean peer: KL r = " "$tmp/dr.md"
+expect "  ...disagreement r = $want" grep -qF "; disagreement r = $want." "$tmp/dr.md"
+mkdir -p "$tmp/div2" && cp -r "$dr/dml-s1" "$tmp/div2/"
+/usr/bin/python3 "$src/launch/diversity-report" "$dr" "$tmp/div2" >/dev/null 2>"$tmp/dr.err"
+rc=$?
+expect "diversity-report refuses the same method and seed twice (two P's runs; exit $rc)" \
+  bash -c "test $rc != 0 && grep -q 'dml seed 1 twice' '$tmp/dr.err'"
+
 finish acc_tools

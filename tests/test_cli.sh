@@ -20,6 +20,18 @@ expect "--help exits 0 and lists config keys" grep -q "optim.lr" "$tmp/h"
 expect "--print-config shows -s overrides" grep -qE "^lr *= *0.125" "$tmp/c.ini"
 "$exe" --print-config -c "$tmp/c.ini" >"$tmp/c2.ini" 2>"$tmp/err"
 expect "--print-config round-trips through -c" cmp -s "$tmp/c.ini" "$tmp/c2.ini"
+# every KDP_ variable a launch script reads reaches kdpeers in its environment (mpirun passes it
+# on): kdpeers must know it, not refuse it as a misspelt config key (KDP_BIND, kdpeers-local's
+# switch for shared machines, once made every rank exit 2)
+for f in "$src"/launch/*; do
+  case "$f" in *.c | *.py | *.js | *.json | */meson.build) continue ;; esac
+  grep -ohE '\$\{?KDP_[A-Z0-9_]+' "$f"
+done | tr -d '${' | sort -u >"$tmp/launch-env"
+expect "the launch scripts read KDP_ variables (found $(wc -l <"$tmp/launch-env"))" test -s "$tmp/launch-env"
+while read -r v; do
+  env "$v=1" "$exe" --print-config >/dev/null 2>"$tmp/err"
+  expect "$v (read by a launch script) is no error for kdpeers" test $? = 0
+done <"$tmp/launch-env"
 
 # --- config errors: exit 2, the message names file and line, nothing written ---
 printf '[optim]\nlr = 0.1\nlearning_rate = 3\n' >"$tmp/bad.ini"

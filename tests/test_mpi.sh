@@ -275,11 +275,56 @@ expect "launch/compare: no set -x noise" bash -c "! grep -q '^+' '$tmp/cmp.err'"
 "$src/launch/compare" --help >"$tmp/cmp.help" 2>&1
 expect "launch/compare --help: only the usage text" bash -c "head -n 1 '$tmp/cmp.help' | grep -q '^compare: ' && ! grep -qE '^(set |here=|np=)' '$tmp/cmp.help'"
 # resumable: a finished run is kept, a missing one runs again
-sed -i '/^independent\t2\t/d' "$tmp/cmp/results.tsv"
+sed -i '/^2\tindependent\t2\t/d' "$tmp/cmp/results.tsv"
 "$src/launch/compare" -np 2 --seeds 2 --methods dml,independent --runs "$tmp/cmp" -- "${cmp_args[@]}" \
   >"$tmp/cmp2.out" 2>"$tmp/cmp2.err"
 expect "launch/compare resumes: 3 finished runs kept, only independent seed 2 runs again" \
   bash -c "grep -q '3 finished runs kept' '$tmp/cmp2.err' && test \"\$(grep -c ' -> ' '$tmp/cmp2.err')\" = 1 && grep -q 'independent seed 2 ->' '$tmp/cmp2.err'"
+# --peers 2,3 in the same directory: the 2-peer runs above are kept (seed 1), only the 3-peer ones
+# run; one table, rows grouped by P, the gain against independent at the same P
+"$src/launch/compare" --peers 2,3 --seeds 1 --methods dml,independent --runs "$tmp/cmp" --out "$tmp/cmpp.md" -- \
+  "${cmp_args[@]}" >"$tmp/cmpp.out" 2>"$tmp/cmpp.err"
+rc=$?
+expect "compare --peers 2,3 exits 0 (rc $rc: $(tail -n 1 "$tmp/cmpp.err"))" test "$rc" = 0
+expect "compare --peers 2,3: the 2-peer runs are kept, the two 3-peer runs run" \
+  bash -c "grep -q '2 finished runs kept' '$tmp/cmpp.err' && test \"\$(grep -c ' at 3 peers -> ' '$tmp/cmpp.err')\" = 2 && ! grep -q ' at 2 peers -> ' '$tmp/cmpp.err'"
+expect "compare --peers 2,3: both P groups, rows grouped by P in the order asked" \
+  test "$(grep -oE '^\| [0-9] \| `[a-z]*`' "$tmp/cmpp.md" | tr -d '|` ' | tr '\n' ,)" = "2dml,2independent,3dml,3independent,"
+expect "compare --peers: a P column, no per-peer columns" \
+  grep -qx '| P | method | seeds | mean peer | gain | ensemble | teacher | KL | disagreement | churn | wall s/run |' "$tmp/cmpp.md"
+# at 3 peers: dml's mean peer is (peer0 + peer1 + peer2) / 3 of its run (p3/dml-s1), its gain that
+# minus independent's at 3 peers; at 2 peers the kept run's (dml-s1)
+mp() { grep '"event":"eval"' "$1/metrics.jsonl" | grep -E '"model":"peer[0-9]+"' | tail -n "$2" | jq -s '[.[].acc] | add / length * 100'; }
+m3=$(mp "$tmp/cmp/p3/dml-s1" 3) i3=$(mp "$tmp/cmp/p3/independent-s1" 3) m2=$(mp "$tmp/cmp/dml-s1" 2)
+near() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a - b < 0.006 && b - a < 0.006) }'; }
+got=$(sed -n 's/^| 3 | `dml` | 1 | \([0-9.]*\) +- 0.00 | \([-+0-9.]*\) +- 0.00 |.*/\1 \2/p' "$tmp/cmpp.md")
+expect "compare --peers: dml's mean peer at 3 peers (${got% *}) is its run's own ($m3)" near "${got% *}" "$m3"
+expect "compare --peers: dml's gain at 3 peers (${got#* }) is minus independent's at 3 peers ($m3 - $i3)" \
+  near "${got#* }" "$(awk -v a="$m3" -v b="$i3" 'BEGIN { print a - b }')"
+got=$(sed -n 's/^| 2 | `dml` | 1 | \([0-9.]*\) +-.*/\1/p' "$tmp/cmpp.md")
+expect "compare --peers: dml at 2 peers ($got) is the kept run's own ($m2)" near "$got" "$m2"
+# --report: the table of what results.tsv holds, nothing runs (3 peers has seed 1 only)
+"$src/launch/compare" --report --peers 2,3 --seeds 2 --methods dml,independent --runs "$tmp/cmp" -- \
+  "${cmp_args[@]}" >"$tmp/cmpr.out" 2>"$tmp/cmpr.err"
+expect "compare --report: runs nothing, says 2 of 8 runs are missing" \
+  bash -c "grep -q '2 of the 8 runs asked for are not in' '$tmp/cmpr.err' && ! grep -q ' -> ' '$tmp/cmpr.err'"
+expect "compare --report: 2 seeds at 2 peers, 1 at 3 peers" \
+  test "$(grep -oE '^\| [0-9] \| `dml` \| [0-9]' "$tmp/cmpr.out" | tr -d '|` ' | tr '\n' ,)" = "2dml2,3dml1,"
+# a results.tsv of the older compare (no P column, -np in its first line) is carried over: nothing
+# runs again and the table is the one it gave
+mkdir -p "$tmp/cmpold"
+{ echo "# compare -np 2 -- ${cmp_args[*]}"
+  awk -F'\t' 'NR > 1 && $1 == 2 { sub(/^[^\t]*\t/, ""); print }' "$tmp/cmp/results.tsv"; } >"$tmp/cmpold/results.tsv"
+"$src/launch/compare" -np 2 --seeds 2 --methods dml,independent --runs "$tmp/cmpold" -- "${cmp_args[@]}" \
+  >"$tmp/cmpold.out" 2>"$tmp/cmpold.err"
+expect "compare reads an older results.tsv: 4 runs kept as 2-peer runs, none runs" \
+  bash -c "grep -q 'older compare (-np 2, no P column)' '$tmp/cmpold.err' && grep -q '4 finished runs kept' '$tmp/cmpold.err' && ! grep -q ' -> ' '$tmp/cmpold.err'"
+expect "  ...and gives the same table as before" test "$(grep '^| `' "$tmp/cmpold.out")" = "$(grep '^| `' "$tmp/cmp2.out")"
+echo "not a results file" >"$tmp/cmpold/results.tsv"
+"$src/launch/compare" -np 2 --runs "$tmp/cmpold" >/dev/null 2>"$tmp/cmpold.err"
+rc=$?
+expect "compare refuses a results.tsv it did not write (exit $rc, says so)" \
+  bash -c "test $rc = 2 && grep -q 'not a compare results file' '$tmp/cmpold.err'"
 
 fi
 

@@ -284,6 +284,15 @@ expect "(j) wall time per run to 0.1 s" grep -qE '^\| `independent` .* \| [0-9]+
 expect "(j) run again: nothing is submitted, the finished runs are kept" \
   bash -c "grep -q '2 finished runs kept' '$tmp/cmp2.err' && ! grep -q submitting '$tmp/cmp2.err'"
 expect "(j) ...and the same table" test "$(grep '^| `' "$tmp/cmp2.out")" = "$(grep '^| `' <<<"$cmp_out")"
+# --peers: one array job per number of peers (P tasks each), submitted together; one table
+"$src/launch/compare" --slurm --sbatch "--time=5" --peers 1,2 --seeds 1 --methods independent \
+  --runs "$tmp/cmpp" -- "${small[@]}" -s run.epochs=1 >"$tmp/cmpp.out" 2>"$tmp/cmpp.err"
+rc=$?
+expect "(j) compare --slurm --peers 1,2 exits 0 (rc $rc: $(tail -n 1 "$tmp/cmpp.err"))" test "$rc" = 0
+expect "(j) ...one array job of 1 task and one of 2 tasks" \
+  bash -c "grep -q 'one array job of 1 tasks each' '$tmp/cmpp.err' && grep -q 'one array job of 2 tasks each' '$tmp/cmpp.err'"
+expect "(j) ...and the table has both P groups" \
+  test "$(grep -oE '^\| [0-9] \| `[a-z]*` \| 1 \| [0-9.]+ \+- ' "$tmp/cmpp.out" | cut -d'|' -f2,3 | tr -d '|` ' | tr '\n' ,)" = "1independent,2independent,"
 echo "# (j) $((SECONDS - tj)) s"
 # (e2) the same under kdpeers-mpirun.sbatch, with a stop checkpoint (4 s) longer than the ~2 s
 # mpirun leaves the ranks after Slurm's SIGTERM by default: the script's kill delay lets it finish
