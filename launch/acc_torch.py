@@ -537,6 +537,12 @@ def run(args, spec, seed, data, run_id):
             opt.step()
             sched.step()
             step += 1
+            if args.trace_steps:  # a stability probe: the objective step by step, no evaluation
+                zmax = max(float(z.detach().abs().max()) for z in zs)
+                print(f"trace {run_id} step {step} objective/peer {float(J) / P:.6g} "
+                      f"max|z| {zmax:.6g}", flush=True)
+                if step >= args.trace_steps or not math.isfinite(float(J)):
+                    return None
             n_steps += 1
             j_sum += float(J)
             n_expert += int(bool(info.get("expert")))
@@ -662,6 +668,9 @@ def main():
     ap.add_argument("--study", default="", help="study name recorded (default methods-<regime>)")
     ap.add_argument("--out", default="", help="append results here (default stdout)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--trace-steps", type=int, default=0,
+                    help="stability probe: print the objective and max |logit| of every step for "
+                         "the first N steps (or until not finite), then stop; nothing recorded")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -715,6 +724,8 @@ def main():
                 print(f"acc_torch: skip {run_id} (already recorded)", file=sys.stderr)
                 continue
             rec = run(args, spec, seed, datas[spec[1].get("val", 0)], run_id)
+            if rec is None:  # --trace-steps
+                continue
             line = json.dumps(rec, sort_keys=False)
             if args.out:
                 with open(args.out, "a") as f:
