@@ -127,6 +127,18 @@ checks_collect() {
   done
   sections=()
 }
+# compare_ok DESC NAME ARGS...: runs launch/compare ARGS, its stdout in $tmp/NAME.out and its log
+# in $tmp/NAME.err, and checks that it exits 0 (naming the log's last line if not)
+compare_ok() {
+  local d="$1" name="$2" rc
+  shift 2
+  "$src/launch/compare" "$@" >"$tmp/$name.out" 2>"$tmp/$name.err"
+  rc=$?
+  expect "$d exits 0 (rc $rc: $(tail -n 1 "$tmp/$name.err"))" test "$rc" = 0
+}
+# p_rows FILE [ERE]: the rows of a compare --peers table (FILE), in order, as "Pmethod," each;
+# with ERE, only the rows whose cells after the method's match it (e.g. ' 1 \| [0-9.]+ \+- ')
+p_rows() { grep -oE '^\| [0-9] \| `[a-z]*` \|'"${2:-}" "$1" | cut -d'|' -f2,3 | tr -d '|` ' | tr '\n' ,; }
 # ckpt_digests FILE: the crc32 of every tensor of a checkpoint file (weights, momentum, BN stats,
 # modules, EMA copies)
 ckpt_digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }

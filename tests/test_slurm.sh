@@ -29,7 +29,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 cl="$tmp/cluster"
-export KDP_SLURM_CPUS=8 OMPI_MCA_mpi_yield_when_idle=1 # (the sections run at once, below)
+slurm_cpus=8 # (the sections run at once, below; not exported: kdpeers refuses unknown KDP_ variables)
+export OMPI_MCA_mpi_yield_when_idle=1
 chmod 755 "$tmp" # munged wants every directory above its socket open to all
 trap 'slurm_down "$cl"; cleanup' EXIT
 slurm_up "$cl" || skip "cannot start the test cluster: $slurm_why"
@@ -288,10 +289,9 @@ sec_i() {
 # (j) launch/compare --slurm: the whole sweep as one array job, the table when it ends; resumable
 sec_j() {
   tj=$SECONDS
-  cmp_out=$("$src/launch/compare" --slurm --sbatch "--time=5" -np 2 --seeds 1 --methods dml,independent \
-    --runs "$tmp/cmp" -- "${small[@]}" -s run.epochs=1 2>"$tmp/cmp.err")
-  rc=$?
-  expect "(j) compare --slurm exits 0 (rc $rc: $(tail -n 1 "$tmp/cmp.err"))" test "$rc" = 0
+  compare_ok "(j) compare --slurm" cmp --slurm --sbatch "--time=5" -np 2 --seeds 1 \
+    --methods dml,independent --runs "$tmp/cmp" -- "${small[@]}" -s run.epochs=1
+  cmp_out=$(cat "$tmp/cmp.out")
   expect "(j) one array job of 2 tasks" grep -q "submitting 2 runs as one array job" "$tmp/cmp.err"
   expect "(j) the table's rows are in the order asked (dml, then independent)" \
     test "$(grep -o '^| `[a-z]*`' <<<"$cmp_out" | tr -d '|` ' | tr '\n' ,)" = "dml,independent,"
@@ -303,14 +303,12 @@ sec_j() {
     bash -c "grep -q '2 finished runs kept' '$tmp/cmp2.err' && ! grep -q submitting '$tmp/cmp2.err'"
   expect "(j) ...and the same table" test "$(grep '^| `' "$tmp/cmp2.out")" = "$(grep '^| `' <<<"$cmp_out")"
   # --peers: one array job per number of peers (P tasks each), submitted together; one table
-  "$src/launch/compare" --slurm --sbatch "--time=5" --peers 1,2 --seeds 1 --methods independent \
-    --runs "$tmp/cmpp" -- "${small[@]}" -s run.epochs=1 >"$tmp/cmpp.out" 2>"$tmp/cmpp.err"
-  rc=$?
-  expect "(j) compare --slurm --peers 1,2 exits 0 (rc $rc: $(tail -n 1 "$tmp/cmpp.err"))" test "$rc" = 0
+  compare_ok "(j) compare --slurm --peers 1,2" cmpp --slurm --sbatch "--time=5" --peers 1,2 --seeds 1 \
+    --methods independent --runs "$tmp/cmpp" -- "${small[@]}" -s run.epochs=1
   expect "(j) ...one array job of 1 task and one of 2 tasks" \
     bash -c "grep -q 'one array job of 1 tasks each' '$tmp/cmpp.err' && grep -q 'one array job of 2 tasks each' '$tmp/cmpp.err'"
   expect "(j) ...and the table has both P groups" \
-    test "$(grep -oE '^\| [0-9] \| `[a-z]*` \| 1 \| [0-9.]+ \+- ' "$tmp/cmpp.out" | cut -d'|' -f2,3 | tr -d '|` ' | tr '\n' ,)" = "1independent,2independent,"
+    test "$(p_rows "$tmp/cmpp.out" ' 1 \| [0-9.]+ \+- ')" = "1independent,2independent,"
   echo "# (j) $((SECONDS - tj)) s"
 }
 # (e2) the same under kdpeers-mpirun.sbatch, with a stop checkpoint (4 s) longer than the ~2 s
@@ -334,7 +332,7 @@ sec_e2() {
 # The sections above run at once, 4 at a time, the longest first (checks_bg, tests/lib.sh: each
 # section's own jobs and checks, its output printed whole when all are done). Their jobs mostly
 # wait (on the scheduler, the requeue delay, signals), so the test cluster's node claims 8 CPUs
-# (4 two-task jobs beside each other) and waiting ranks yield their core (mpi_yield_when_idle).
+# (slurm_cpus: 4 two-task jobs beside each other) and waiting ranks yield their core (mpi_yield_when_idle).
 # Every wait above is on a condition; the limit ($wait_limit s, tests/lib.sh) is a last resort.
 par_max=4
 for s in h d c k b j i e2 e a; do checks_bg "$s" "sec_$s"; done
