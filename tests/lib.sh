@@ -29,9 +29,20 @@ sanitizer_skip() { # sanitizer_skip DESC: true (and says so) when the part is sk
   [ -n "${KDP_SANITIZER_RUN:-}" ] || return 1
   echo "skip - $1 (a comparison run; skipped under $KDP_SANITIZER_RUN)"
 }
+# Waits are on conditions, each with a generous limit of last resort (a hang must still end the
+# test, but a loaded machine only makes it wait longer): KDP_WAIT_LIMIT seconds (default 600).
+wait_limit="${KDP_WAIT_LIMIT:-600}"
+# wait_until CMD...: polls CMD (every 0.05 s) until it succeeds; false after wait_limit seconds
+wait_until() {
+  local end=$((SECONDS + wait_limit))
+  until "$@"; do
+    [ "$SECONDS" -lt "$end" ] || return 1
+    sleep 0.05
+  done
+}
 # serve_bg DIR CMD...: runs CMD (a training run or kdpeers serve with run.dir DIR) in the
-# background, its output in DIR.out, and waits up to 30 s for DIR/server.addr; sets $last_pid
-# and $addr ("" if the address never came)
+# background, its output in DIR.out, and waits for DIR/server.addr (while CMD lives, at most
+# wait_limit seconds); sets $last_pid and $addr ("" if the address never came)
 serve_bg() {
   local dir="$1"
   shift
@@ -39,11 +50,12 @@ serve_bg() {
   pids+=($!)
   last_pid=$!
   addr=""
-  for _ in $(seq 1 300); do
-    [ -s "$dir/server.addr" ] && addr=$(cat "$dir/server.addr") && break
-    sleep 0.1
-  done
+  wait_until _serving "$dir" "$last_pid"
+  [ -s "$dir/server.addr" ] && addr=$(cat "$dir/server.addr")
 }
+_serving() { [ -s "$1/server.addr" ] || ! kill -0 "$2" 2>/dev/null; }
+# the last-resort limit of a background run that a test ends by a control command
+run_limit=$((3 * wait_limit))
 # mpi_run NP ARGS...: kdpeers under mpirun (the timeout guards against a hang in a collective)
 mpi_run() {
   local np="$1"
@@ -115,6 +127,18 @@ checks_collect() {
   done
   sections=()
 }
+# compare_ok DESC NAME ARGS...: runs launch/compare ARGS, its stdout in $tmp/NAME.out and its log
+# in $tmp/NAME.err, and checks that it exits 0 (naming the log's last line if not)
+compare_ok() {
+  local d="$1" name="$2" rc
+  shift 2
+  "$src/launch/compare" "$@" >"$tmp/$name.out" 2>"$tmp/$name.err"
+  rc=$?
+  expect "$d exits 0 (rc $rc: $(tail -n 1 "$tmp/$name.err"))" test "$rc" = 0
+}
+# p_rows FILE [ERE]: the rows of a compare --peers table (FILE), in order, as "Pmethod," each;
+# with ERE, only the rows whose cells after the method's match it (e.g. ' 1 \| [0-9.]+ \+- ')
+p_rows() { grep -oE '^\| [0-9] \| `[a-z]*` \|'"${2:-}" "$1" | cut -d'|' -f2,3 | tr -d '|` ' | tr '\n' ,; }
 # ckpt_digests FILE: the crc32 of every tensor of a checkpoint file (weights, momentum, BN stats,
 # modules, EMA copies)
 ckpt_digests() { "$exe" inspect "$1" | sed -n '/tensor digests/,$p'; }

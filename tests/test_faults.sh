@@ -14,9 +14,9 @@ for tool in curl jq; do
 done
 run() {
   local np="$1"; shift
-  timeout 120 mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
+  timeout "$wait_limit" mpirun -np "$np" --oversubscribe --bind-to none "$exe" -s run.progress=plain "$@"
 }
-run1() { timeout 120 "$exe" -s run.progress=plain "$@"; } # one process: no mpirun to start
+run1() { timeout "$wait_limit" "$exe" -s run.progress=plain "$@"; } # one process: no mpirun to start
 small=(-s data.subset=1536 -s data.test_subset=500 -s run.epochs=2 -s "model.arch=mlp(64,32)"
   -s optim.batch_size=64 -s run.log_every=5)
 # wait_for TENTHS CMD...: until CMD succeeds, at most TENTHS tenths of a second

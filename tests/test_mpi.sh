@@ -282,14 +282,12 @@ expect "launch/compare resumes: 3 finished runs kept, only independent seed 2 ru
   bash -c "grep -q '3 finished runs kept' '$tmp/cmp2.err' && test \"\$(grep -c ' -> ' '$tmp/cmp2.err')\" = 1 && grep -q 'independent seed 2 ->' '$tmp/cmp2.err'"
 # --peers 2,3 in the same directory: the 2-peer runs above are kept (seed 1), only the 3-peer ones
 # run; one table, rows grouped by P, the gain against independent at the same P
-"$src/launch/compare" --peers 2,3 --seeds 1 --methods dml,independent --runs "$tmp/cmp" --out "$tmp/cmpp.md" -- \
-  "${cmp_args[@]}" >"$tmp/cmpp.out" 2>"$tmp/cmpp.err"
-rc=$?
-expect "compare --peers 2,3 exits 0 (rc $rc: $(tail -n 1 "$tmp/cmpp.err"))" test "$rc" = 0
+compare_ok "compare --peers 2,3" cmpp --peers 2,3 --seeds 1 --methods dml,independent --runs "$tmp/cmp" \
+  --out "$tmp/cmpp.md" -- "${cmp_args[@]}"
 expect "compare --peers 2,3: the 2-peer runs are kept, the two 3-peer runs run" \
   bash -c "grep -q '2 finished runs kept' '$tmp/cmpp.err' && test \"\$(grep -c ' at 3 peers -> ' '$tmp/cmpp.err')\" = 2 && ! grep -q ' at 2 peers -> ' '$tmp/cmpp.err'"
 expect "compare --peers 2,3: both P groups, rows grouped by P in the order asked" \
-  test "$(grep -oE '^\| [0-9] \| `[a-z]*`' "$tmp/cmpp.md" | tr -d '|` ' | tr '\n' ,)" = "2dml,2independent,3dml,3independent,"
+  test "$(p_rows "$tmp/cmpp.md")" = "2dml,2independent,3dml,3independent,"
 expect "compare --peers: a P column, no per-peer columns" \
   grep -qx '| P | method | seeds | mean peer | gain | ensemble | teacher | KL | disagreement | churn | wall s/run |' "$tmp/cmpp.md"
 # at 3 peers: dml's mean peer is (peer0 + peer1 + peer2) / 3 of its run (p3/dml-s1), its gain that

@@ -10,6 +10,8 @@
 # Sourced, it defines slurm_up DIR and slurm_down DIR; slurm_up returns nonzero and leaves the
 # reason in $slurm_why when the cluster cannot be started.
 # KDP_SLURM_CRED_EXPIRE (default 10): seconds a requeued job waits before it may start again.
+# slurm_cpus (a shell variable of the sourcing script; default: the machine's cores, at least 2):
+# the CPUs the node claims.
 
 slurm_why=""
 slurm_here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -74,8 +76,8 @@ slurm_up() {
     return 1
   fi
   node=$(hostname -s)
-  cpus=$(nproc)
-  [ "$cpus" -ge 2 ] || cpus=2 # SlurmdParameters=config_overrides lets the node claim 2
+  cpus="${slurm_cpus:-$(nproc)}"
+  [ "$cpus" -ge 2 ] || cpus=2 # SlurmdParameters=config_overrides lets the node claim more
   mkdir -p "$d/spool/$node"
   : >"$d/plugstack.conf"
   sed -e "s|@DIR@|$d|g; s|@CTLD_PORT@|$p1|; s|@SLURMD_PORT@|$p2|; s|@MUNGE_SOCKET@|$sock|" \

@@ -79,32 +79,59 @@
     },
   };
 
-  function chartOptions(meta) {
-    const ratio = meta.unit === "ratio" || meta.unit === "share";
-    const y = {
-      stacked: !!meta.stacked,
-      ticks: {callback: (v) => (ratio ? pctTick(v) : num(v)), maxTicksLimit: 6},
-      grid: {color: "#eef0f3"},
-    };
+  /* A chart's look follows its declared unit (the trainer declares the charts, /history names
+     them): one small builder per part of the options, and chartOptions puts them together. */
+  const grid = () => ({color: "#eef0f3"}); /* (each axis its own object: Chart.js keeps them) */
+  const isRatio = (meta) => meta.unit === "ratio" || meta.unit === "share";
+
+  function xScale() { /* every chart: steps on a linear axis */
+    return {type: "linear", title: {display: true, text: "step"},
+            ticks: {maxTicksLimit: 8, callback: (v) => num(v)}, grid: grid()};
+  }
+
+  function yScale(meta) { /* ratios as percentages; shares stacked within [0, 1]; else the unit */
+    const ratio = isRatio(meta);
+    const y = {stacked: !!meta.stacked, grid: grid(),
+               ticks: {callback: (v) => (ratio ? pctTick(v) : num(v)), maxTicksLimit: 6}};
     if (meta.unit === "share") { y.min = 0; y.max = 1; }
     if (meta.unit && !ratio) y.title = {display: true, text: meta.unit};
+    return y;
+  }
+
+  function tooltip(meta) { /* "step N" over one line per series, in the axis' format */
+    const ratio = isRatio(meta);
+    return {callbacks: {
+      title: (items) => (items.length ? "step " + items[0].parsed.x : ""),
+      label: (it) => it.dataset.label + ": " + (ratio ? pct(it.parsed.y) : num(it.parsed.y)),
+    }};
+  }
+
+  function chartOptions(meta) {
     return {
       animation: false, parsing: false, normalized: true, responsive: true,
       maintainAspectRatio: false, spanGaps: false,
       interaction: {mode: "nearest", axis: "x", intersect: false},
-      scales: {
-        x: {type: "linear", title: {display: true, text: "step"},
-            ticks: {maxTicksLimit: 8, callback: (v) => num(v)}, grid: {color: "#eef0f3"}},
-        y,
-      },
+      scales: {x: xScale(), y: yScale(meta)},
       plugins: {
         legend: {position: "bottom", labels: {boxWidth: 14, boxHeight: 2, padding: 10}},
-        tooltip: {callbacks: {
-          title: (items) => (items.length ? "step " + items[0].parsed.x : ""),
-          label: (it) => it.dataset.label + ": " + (ratio ? pct(it.parsed.y) : num(it.parsed.y)),
-        }},
+        tooltip: tooltip(meta),
       },
     };
+  }
+
+  function chartCard(meta) { /* <section><h2>title</h2><div><canvas></div></section> in #charts */
+    const card = document.createElement("section");
+    card.className = "card chart-card";
+    card.dataset.chart = meta.id;
+    const heading = document.createElement("h2");
+    heading.textContent = meta.title || title(meta.id);
+    const box = document.createElement("div");
+    box.className = "chart-box";
+    const canvas = document.createElement("canvas");
+    box.appendChild(canvas);
+    card.append(heading, box);
+    $("charts").appendChild(card);
+    return {card, heading, canvas};
   }
 
   function ensureChart(meta) {
@@ -116,18 +143,8 @@
       }
       return c;
     }
-    const card = document.createElement("section");
-    card.className = "card chart-card";
-    card.dataset.chart = meta.id;
-    const h = document.createElement("h2");
-    h.textContent = meta.title || title(meta.id);
-    const box = document.createElement("div");
-    box.className = "chart-box";
-    const canvas = document.createElement("canvas");
-    box.appendChild(canvas);
-    card.append(h, box);
-    $("charts").appendChild(card);
-    c = {meta, card, heading: h, datasets: [], byName: new Map(), dirty: true};
+    const {card, heading, canvas} = chartCard(meta);
+    c = {meta, card, heading, datasets: [], byName: new Map(), dirty: true};
     c.chart = new Chart(canvas, {type: "line", data: {datasets: c.datasets},
                                  options: chartOptions(meta), plugins: [eventMarks]});
     state.charts.set(meta.id, c);
