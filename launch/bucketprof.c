@@ -1,14 +1,17 @@
 /* bucketprof.c: kdp-bucketprof, under mpirun -np 2: one peer's training step (synthetic batch,
  * forward, cross-entropy, backward, SGD) three ways, interleaved step by step so that a change of
- * the machine's load hits all three alike:
+ * the machine's load hits them alike (four ways):
  *   k1      every rank trains the whole batch alone (a peer on 1 rank: no communication)
  *   k2      the 2 ranks split the batch; one blocking allreduce after the backward pass
  *   k2-bkt  the 2 ranks split the batch; the allreduce in buckets of --bucket-kb KiB started
  *           during the backward pass (src/dist/buckets.c)
+ *   k2-shard the 2 ranks split the batch; reduce-scatter of the gradients, each rank steps its
+ *           half of the parameters, allgather of the weights (a sharded optimizer step)
  * Every step starts at a barrier; a step's time is the slower rank's. Reported: the median and
  * the 10th percentile of each way's step, backward and allreduce, and the paired ratios (within
- * each triple of consecutive steps): k1 / k2, k1 / k2-bkt (speed-up of 2 ranks over 1) and
- * k2 / k2-bkt (what the buckets gain), as medians over the triples.
+ * each group of four consecutive steps): k1 / k2, k1 / k2-bkt (speed-up of 2 ranks over 1),
+ * k2 / k2-bkt (what the buckets gain) and k1 / k2-shard, as medians over the groups; per way
+ * also the forward and SGD parts and the minimum.
  *
  * Usage: mpirun -np 2 kdp-bucketprof [--model ARCH] [--batch N] [--bucket-kb N] [--steps N]
  *                                    [--warmup N] [--json FILE]
@@ -179,9 +182,10 @@ int main(int argc, char **argv) {
                 arch, batch, bucket_kb, nb, per);
         for (int w = 0; w < W_N; w++)
           for (int fi = 0; fi < F_N; fi++)
-            fprintf(f, ",\"%s_%s_median_ms\":%.4f,\"%s_%s_p10_ms\":%.4f", WAY[w], FIG[fi],
-                    quantile(v[w][fi], (int)per, 0.5), WAY[w], FIG[fi],
-                    quantile(v[w][fi], (int)per, 0.1));
+            fprintf(f, ",\"%s_%s_median_ms\":%.4f,\"%s_%s_p10_ms\":%.4f,\"%s_%s_min_ms\":%.4f",
+                    WAY[w], FIG[fi], quantile(v[w][fi], (int)per, 0.5), WAY[w], FIG[fi],
+                    quantile(v[w][fi], (int)per, 0.1), WAY[w], FIG[fi],
+                    quantile(v[w][fi], (int)per, 0.0));
         for (int q = 0; q < NR; q++)
           fprintf(f, ",\"ratio_%s_median\":%.4f,\"ratio_%s_q1\":%.4f,\"ratio_%s_q3\":%.4f",
                   RKEY[q], quantile(ratio[q], (int)per, 0.5), RKEY[q],
