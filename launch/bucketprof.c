@@ -1,19 +1,23 @@
 /* bucketprof.c: kdp-bucketprof, under mpirun -np 2: one peer's training step (synthetic batch,
  * forward, cross-entropy, backward, SGD) three ways, interleaved step by step so that a change of
- * the machine's load hits all three alike:
+ * the machine's load hits them alike (four ways):
  *   k1      every rank trains the whole batch alone (a peer on 1 rank: no communication)
  *   k2      the 2 ranks split the batch; one blocking allreduce after the backward pass
  *   k2-bkt  the 2 ranks split the batch; the allreduce in buckets of --bucket-kb KiB started
  *           during the backward pass (src/dist/buckets.c)
+ *   k2-shard the 2 ranks split the batch; reduce-scatter of the gradients, each rank steps its
+ *           half of the parameters, allgather of the weights (a sharded optimizer step)
  * Every step starts at a barrier; a step's time is the slower rank's. Reported: the median and
  * the 10th percentile of each way's step, backward and allreduce, and the paired ratios (within
- * each triple of consecutive steps): k1 / k2, k1 / k2-bkt (speed-up of 2 ranks over 1) and
- * k2 / k2-bkt (what the buckets gain), as medians over the triples.
+ * each group of four consecutive steps): k1 / k2, k1 / k2-bkt (speed-up of 2 ranks over 1),
+ * k2 / k2-bkt (what the buckets gain) and k1 / k2-shard, as medians over the groups; per way
+ * also the forward and SGD parts and the minimum.
  *
  * Usage: mpirun -np 2 kdp-bucketprof [--model ARCH] [--batch N] [--bucket-kb N] [--steps N]
  *                                    [--warmup N] [--json FILE]
  */
 #include <math.h>
+#include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,10 +26,10 @@
 #include "kdpeers/kd.h"
 #include "kdpeers/nn.h"
 
-enum { W_K1, W_K2, W_BKT, W_N };
-static const char *const WAY[W_N] = {"k1", "k2", "k2-bkt"};
-enum { F_STEP, F_BACKWARD, F_ALLREDUCE, F_N };
-static const char *const FIG[F_N] = {"step", "backward", "allreduce"};
+enum { W_K1, W_K2, W_BKT, W_SHARD, W_N };
+static const char *const WAY[W_N] = {"k1", "k2", "k2-bkt", "k2-shard"};
+enum { F_STEP, F_BACKWARD, F_ALLREDUCE, F_FORWARD, F_SGD, F_N };
+static const char *const FIG[F_N] = {"step", "backward", "allreduce", "forward", "sgd"};
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -95,11 +99,13 @@ int main(int argc, char **argv) {
   kdp_sgd_init(&o, np, 0.9f, 5e-4f, 1);
   kdp_buckets *bk = kdp_buckets_for_model(&d, m, (size_t)bucket_kb);
   size_t nb = kdp_buckets_count(bk);
-  long n = steps - steps % 3, total = warmup + n;
+  int cnt[2] = {(int)(np / 2), (int)(np - np / 2)}, dsp[2] = {0, (int)(np / 2)};
+  float *half = kdp_falloc(np - np / 2);
+  long n = steps - steps % W_N, total = warmup + n;
   /* per timed step: the three figures of this rank, at [rank][fig][step] for the sum below */
   float *t = kdp_xcalloc((size_t)2 * F_N * (size_t)n, sizeof(float));
   for (long s = 0; s < total; s++) {
-    int way = (int)(s % 3);
+    int way = (int)(s % W_N);
     size_t bs = way == W_K1 ? (size_t)batch : (size_t)batch / 2;
     const float *xs = x + (way == W_K1 ? 0 : (size_t)d.slice * bs * isz);
     const int32_t *ys = y + (way == W_K1 ? 0 : (size_t)d.slice * bs);
@@ -114,43 +120,58 @@ int main(int argc, char **argv) {
     double t2 = kdp_now();
     if (way == W_K2) kdp_dist_peer_allreduce(&d, kdp_model_grads(m), np);
     if (way == W_BKT) kdp_buckets_finish(bk);
+    if (way == W_SHARD)
+      MPI_Reduce_scatter(kdp_model_grads(m), half, cnt, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
     double t3 = kdp_now();
-    kdp_sgd_step(&o, kdp_model_params(m), kdp_model_grads(m), 0.01f);
+    if (way == W_SHARD) {
+      size_t r[2] = {(size_t)dsp[d.world_rank], (size_t)(dsp[d.world_rank] + cnt[d.world_rank])};
+      kdp_sgd_step_ranges(&o, kdp_model_params(m), half - r[0], 0.01f, r, 1);
+      MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, kdp_model_params(m), cnt, dsp, MPI_FLOAT,
+                     MPI_COMM_WORLD);
+    } else {
+      kdp_sgd_step(&o, kdp_model_params(m), kdp_model_grads(m), 0.01f);
+    }
     double t4 = kdp_now();
     if (s < warmup) continue;
     size_t i = (size_t)(s - warmup), base = (size_t)d.world_rank * F_N * (size_t)n;
     t[base + F_STEP * (size_t)n + i] = (float)(t4 - t0);
     t[base + F_BACKWARD * (size_t)n + i] = (float)(t2 - t1);
     t[base + F_ALLREDUCE * (size_t)n + i] = (float)(t3 - t2);
+    t[base + F_FORWARD * (size_t)n + i] = (float)(t1 - t0);
+    t[base + F_SGD * (size_t)n + i] = (float)(t4 - t3);
   }
   kdp_dist_world_allreduce(&d, t, (size_t)2 * F_N * (size_t)n);
   if (d.world_rank == 0) {
     /* per step: the slower rank's step, and that rank's backward and allreduce */
-    long per = n / 3;
+    long per = n / W_N;
     double *v[W_N][F_N];
     for (int w = 0; w < W_N; w++)
       for (int f = 0; f < F_N; f++) v[w][f] = calloc((size_t)per, sizeof(double));
     for (long i = 0; i < n; i++) {
-      int w = (int)((warmup + i) % 3);
+      int w = (int)((warmup + i) % W_N);
       int r = t[F_STEP * n + i] >= t[F_N * n + F_STEP * n + i] ? 0 : 1;
-      for (int f = 0; f < F_N; f++) v[w][f][i / 3] = 1e3 * t[(size_t)r * F_N * n + f * n + i];
+      for (int f = 0; f < F_N; f++) v[w][f][i / W_N] = 1e3 * t[(size_t)r * F_N * n + f * n + i];
     }
-    double *ratio[3];
-    static const char *const RATIO[3] = {"k1 / k2", "k1 / k2-bkt", "k2 / k2-bkt"};
-    static const int RA[3][2] = {{W_K1, W_K2}, {W_K1, W_BKT}, {W_K2, W_BKT}};
-    for (int q = 0; q < 3; q++) {
+    enum { NR = 4 };
+    double *ratio[NR];
+    static const char *const RATIO[NR] = {"k1 / k2", "k1 / k2-bkt", "k2 / k2-bkt",
+                                          "k1 / k2-shard"};
+    static const char *const RKEY[NR] = {"k1_k2", "k1_bkt", "k2_bkt", "k1_shard"};
+    static const int RA[NR][2] = {{W_K1, W_K2}, {W_K1, W_BKT}, {W_K2, W_BKT}, {W_K1, W_SHARD}};
+    for (int q = 0; q < NR; q++) {
       ratio[q] = calloc((size_t)per, sizeof(double));
       for (long i = 0; i < per; i++) ratio[q][i] = v[RA[q][0]][F_STEP][i] / v[RA[q][1]][F_STEP][i];
     }
     printf("kdp-bucketprof: %s, batch %ld (k2: %ld per rank), %zu buckets of >= %ld KiB, %ld "
            "triples of steps after %ld warm-up steps\n",
            arch, batch, batch / 2, nb, bucket_kb, per, warmup);
-    printf("%-8s %-10s %9s %9s\n", "way", "figure", "median", "p10");
+    printf("%-8s %-10s %9s %9s %9s\n", "way", "figure", "median", "p10", "min");
     for (int w = 0; w < W_N; w++)
       for (int f = 0; f < F_N; f++)
-        printf("%-8s %-10s %8.3fms %8.3fms\n", WAY[w], FIG[f], quantile(v[w][f], (int)per, 0.5),
-               quantile(v[w][f], (int)per, 0.1));
-    for (int q = 0; q < 3; q++)
+        printf("%-8s %-10s %8.3fms %8.3fms %8.3fms\n", WAY[w], FIG[f],
+               quantile(v[w][f], (int)per, 0.5), quantile(v[w][f], (int)per, 0.1),
+               quantile(v[w][f], (int)per, 0.0));
+    for (int q = 0; q < NR; q++)
       printf("%-12s paired step ratio: median %.3f, quartiles %.3f-%.3f\n", RATIO[q],
              quantile(ratio[q], (int)per, 0.5), quantile(ratio[q], (int)per, 0.25),
              quantile(ratio[q], (int)per, 0.75));
@@ -161,26 +182,26 @@ int main(int argc, char **argv) {
                 arch, batch, bucket_kb, nb, per);
         for (int w = 0; w < W_N; w++)
           for (int fi = 0; fi < F_N; fi++)
-            fprintf(f, ",\"%s_%s_median_ms\":%.4f,\"%s_%s_p10_ms\":%.4f", WAY[w], FIG[fi],
-                    quantile(v[w][fi], (int)per, 0.5), WAY[w], FIG[fi],
-                    quantile(v[w][fi], (int)per, 0.1));
-        for (int q = 0; q < 3; q++)
+            fprintf(f, ",\"%s_%s_median_ms\":%.4f,\"%s_%s_p10_ms\":%.4f,\"%s_%s_min_ms\":%.4f",
+                    WAY[w], FIG[fi], quantile(v[w][fi], (int)per, 0.5), WAY[w], FIG[fi],
+                    quantile(v[w][fi], (int)per, 0.1), WAY[w], FIG[fi],
+                    quantile(v[w][fi], (int)per, 0.0));
+        for (int q = 0; q < NR; q++)
           fprintf(f, ",\"ratio_%s_median\":%.4f,\"ratio_%s_q1\":%.4f,\"ratio_%s_q3\":%.4f",
-                  q == 0 ? "k1_k2" : q == 1 ? "k1_bkt" : "k2_bkt", quantile(ratio[q], (int)per, 0.5),
-                  q == 0 ? "k1_k2" : q == 1 ? "k1_bkt" : "k2_bkt", quantile(ratio[q], (int)per, 0.25),
-                  q == 0 ? "k1_k2" : q == 1 ? "k1_bkt" : "k2_bkt", quantile(ratio[q], (int)per, 0.75));
+                  RKEY[q], quantile(ratio[q], (int)per, 0.5), RKEY[q],
+                  quantile(ratio[q], (int)per, 0.25), RKEY[q], quantile(ratio[q], (int)per, 0.75));
         fprintf(f, "}\n");
         fclose(f);
       }
     }
     for (int w = 0; w < W_N; w++)
       for (int fi = 0; fi < F_N; fi++) free(v[w][fi]);
-    for (int q = 0; q < 3; q++) free(ratio[q]);
+    for (int q = 0; q < NR; q++) free(ratio[q]);
   }
   kdp_buckets_free(bk);
   kdp_sgd_free(&o);
   free(t);
-  free(x), free(dz), free(y);
+  free(x), free(dz), free(y), free(half);
   kdp_model_free(m);
   kdp_dist_free(&d);
   kdp_dist_finalize();

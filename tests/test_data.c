@@ -781,6 +781,48 @@ START_TEST(test_batcher_seek) {
 }
 END_TEST
 
+/* kdp_batcher_next_rows: rows [lo, hi) and every label bitwise as kdp_batcher_next gives them,
+   the other rows untouched, and the batcher's state (position, augmentation stream) the same
+   after every batch: plain and augmented, a partial last batch, an empty range */
+START_TEST(test_batcher_rows) {
+  const size_t n = 23, H = 4, W = 4, C = 3, B = 5, isz = H * W * C;
+  kdp_dataset ds = synth(n, H, W, C, 10, 9);
+  for (int aug = 0; aug < 2; aug++) {
+    kdp_batcher a, b;
+    kdp_batcher_init(&a, &ds, B, 12, 1, 0);
+    kdp_batcher_init(&b, &ds, B, 12, 1, 0);
+    a.augment = b.augment = aug;
+    a.crop_pad = b.crop_pad = 1;
+    a.flip = b.flip = 1;
+    a.mean[0] = b.mean[0] = 0.3f, a.std[0] = b.std[0] = 0.2f;
+    for (size_t s = 0; s < 20; s++) {
+      float xa[5 * 48], xb[5 * 48];
+      int32_t ya[5], yb[5];
+      size_t lo = s % 4, hi = lo + s % 3; /* hi may pass the batch's end */
+      for (size_t k = 0; k < B * isz; k++) xb[k] = -7.0f;
+      size_t peek = kdp_batcher_peek(&b);
+      size_t ca = kdp_batcher_next(&a, xa, ya), cb = kdp_batcher_next_rows(&b, xb, yb, lo, hi);
+      ck_assert_uint_eq(ca, cb);
+      ck_assert_uint_eq(peek, cb);
+      ck_assert_mem_eq(ya, yb, ca * sizeof(int32_t));
+      for (size_t r = 0; r < B; r++) {
+        int mine = r >= lo && r < hi && r < ca;
+        for (size_t k = 0; k < isz; k++)
+          ck_assert_msg(mine ? memcmp(&xa[r * isz + k], &xb[r * isz + k], sizeof(float)) == 0
+                             : xb[r * isz + k] == -7.0f,
+                        "augment %d, batch %zu, row %zu", aug, s, r);
+      }
+      ck_assert_int_eq(a.epoch, b.epoch);
+      ck_assert_uint_eq(a.pos, b.pos);
+      ck_assert_uint_eq(kdp_rng_u32(&a.aug_rng), kdp_rng_u32(&b.aug_rng));
+    }
+    kdp_batcher_free(&a);
+    kdp_batcher_free(&b);
+  }
+  kdp_dataset_free(&ds);
+}
+END_TEST
+
 /* one channel: every pixel value gives torchvision's float32 (u / 255 - mean) / std exactly (the
    batcher computes it per pixel instead of from the table the other paths use) */
 START_TEST(test_normalise_gray) {
@@ -1132,6 +1174,7 @@ static Suite *data_suite(void) {
   tcase_add_test(limits, test_idx_absurd_dims);
   tcase_add_test(limits, test_cifar_limits);
   tcase_add_test(limits, test_batcher_limits);
+  tcase_add_test(limits, test_batcher_rows);
   suite_add_tcase(s, limits);
   return s;
 }

@@ -110,6 +110,13 @@ size_t kdp_batcher_n_batches(const kdp_batcher *b);
    y (count labels) with the next batch; starts a new epoch when the current one is done.
    Returns the batch size (the last batch may be smaller unless drop_last). */
 size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y);
+/* The same, converting only rows [lo, hi) of the batch (at x + row * H * W * C; the other rows of
+   x are left alone) and every label: a rank of a peer on k ranks converts its own rows only. The
+   batcher's state (position, augmentation draws) moves as with kdp_batcher_next. */
+size_t kdp_batcher_next_rows(kdp_batcher *b, float *x, int32_t *y, size_t lo, size_t hi);
+/* The size of the batch the next call returns (starts a new epoch when the current one is done,
+   as that call would: calling it first changes nothing). */
+size_t kdp_batcher_peek(kdp_batcher *b);
 /* Position for checkpoints: the batcher is exactly restored by (epoch, pos) and aug_rng. */
 void kdp_batcher_seek(kdp_batcher *b, int64_t epoch, size_t pos);
 

@@ -96,12 +96,14 @@ void kdp_dist_peer_allreduce(kdp_dist *d, float *buf, size_t n);
 typedef struct kdp_buckets kdp_buckets;
 kdp_buckets *kdp_buckets_create(kdp_dist *d, float *grads, size_t n, const size_t *marks,
                                 size_t n_marks, size_t bucket_floats);
-/* grads[ready, n) are final for this step: starts the buckets inside that range, and calls
-   MPI_Test on the running ones so that they progress (Open MPI moves a non-blocking collective
-   only inside MPI calls). Shaped as a kdp_backward_hook (ctx = the kdp_buckets). */
+/* grads[ready, n) are final for this step: starts the buckets inside that range (not when
+   ready == 0, the end of the backward pass: see finish), and calls MPI_Test on the running ones
+   so that they progress (Open MPI moves a non-blocking collective only inside MPI calls). Shaped
+   as a kdp_backward_hook (ctx = the kdp_buckets). */
 void kdp_buckets_ready(void *b, size_t ready);
-/* Starts the buckets not started yet (all of them when no backward pass ran) and waits for
-   every one: grads then holds the sum over the peer's ranks. Ready for the next step. */
+/* Sums the buckets not started yet (all of them when no backward pass ran; a contiguous range at
+   the front of grads) in one blocking allreduce, then waits for the started ones: grads then
+   holds the sum over the peer's ranks. Ready for the next step. */
 void kdp_buckets_finish(kdp_buckets *b);
 /* Buckets of bucket_kb KiB over model m's gradients (src/nn's kdp_model, its layer marks), set as
    m's backward hook; kdp_buckets_free removes the hook. */

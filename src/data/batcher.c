@@ -3,6 +3,7 @@
    augmentation (RandomCrop with zero padding, then RandomHorizontalFlip). */
 #include "kdpeers/data.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -168,7 +169,7 @@ size_t kdp_batcher_n_batches(const kdp_batcher *b) {
   return b->drop_last ? len / b->batch : (len + b->batch - 1) / b->batch;
 }
 
-size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
+size_t kdp_batcher_peek(kdp_batcher *b) {
   if (kdp_batcher_n_batches(b) == 0) return 0;
   size_t len = b->hi - b->lo;
   size_t left = b->epoch > 0 && b->pos < len ? len - b->pos : 0;
@@ -178,7 +179,17 @@ size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
     b->pos = 0;
     left = len;
   }
-  size_t count = left < b->batch ? left : b->batch;
+  return left < b->batch ? left : b->batch;
+}
+
+size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
+  return kdp_batcher_next_rows(b, x, y, 0, SIZE_MAX);
+}
+
+size_t kdp_batcher_next_rows(kdp_batcher *b, float *x, int32_t *y, size_t rlo, size_t rhi) {
+  size_t count = kdp_batcher_peek(b);
+  if (count == 0) return 0;
+  if (rhi > count) rhi = count;
   const kdp_dataset *ds = b->ds;
   size_t C = ds->C, H = ds->H, W = ds->W, HW = H * W, isz = HW * C, elem = kdp_dataset_elem(ds);
   norm_lut lut;
@@ -190,17 +201,18 @@ size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
   enum { PREFETCH = 2 };
   const size_t img_bytes = isz * elem;
   for (size_t i = 0; i < count; i++) {
-    /* image i + PREFETCH (at i = 0 also the ones before it) */
-    for (size_t k = i == 0 ? 0 : PREFETCH; k <= PREFETCH && i + k < count; k++) {
+    size_t idx = b->order[b->pos + i];
+    if (y) y[i] = ds->labels[idx];
+    const int mine = i >= rlo && i < rhi;
+    /* image i + PREFETCH (at the first row also the ones before it) */
+    for (size_t k = i == rlo ? 0 : PREFETCH; mine && k <= PREFETCH && i + k < rhi; k++) {
       const uint8_t *next = ds->images + b->order[b->pos + i + k] * img_bytes;
       for (size_t o = 0; o < img_bytes; o += 64) __builtin_prefetch(next + o);
     }
-    size_t idx = b->order[b->pos + i];
     const uint8_t *src = ds->images + idx * img_bytes;
     float *dst = x + i * isz;
-    if (y) y[i] = ds->labels[idx];
     if (!b->augment) {
-      convert_plain(dst, src, HW, C, &lut, elem);
+      if (mine) convert_plain(dst, src, HW, C, &lut, elem);
       continue;
     }
     /* torchvision: RandomCrop(size, padding=pad) picks the top-left corner in [0, 2 pad], then
@@ -211,6 +223,7 @@ size_t kdp_batcher_next(kdp_batcher *b, float *x, int32_t *y) {
       ox = kdp_rng_below(&b->aug_rng, (uint32_t)(2 * pad + 1));
     }
     int fl = flip_on ? (int)(kdp_rng_u32(&b->aug_rng) >> 31) : 0;
+    if (!mine) continue; /* its draws are taken all the same: the stream is the batch's */
     if (pad == 0 && !fl)
       convert_plain(dst, src, HW, C, &lut, elem);
     else

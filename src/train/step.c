@@ -464,9 +464,10 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   r->epoch = (double)step / (double)t->steps_per_epoch;
 
   /* the global batch; this rank's rows of it */
-  size_t B = kdp_batcher_next(&t->batcher, t->xbuf, t->ybuf), lo, hi;
-  kdp_trace_mark(t, "data", r->t0, kdp_now());
+  size_t B = kdp_batcher_peek(&t->batcher), lo, hi;
   kdp_dist_rows(t->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
+  kdp_batcher_next_rows(&t->batcher, t->xbuf, t->ybuf, lo, hi); /* every label, own images */
+  kdp_trace_mark(t, "data", r->t0, kdp_now());
   const size_t n = hi - lo;
   const float *x = t->xbuf + lo * isz;
   r->rows = n;
