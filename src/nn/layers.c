@@ -291,9 +291,17 @@ static void im2col_short(float *restrict col, const float *restrict in, float *r
         memset(prow, 0, pad * C * sizeof(float));
         memcpy(prow + pad * C, src, W * C * sizeof(float));
         memset(prow + (pad + W) * C, 0, pad * C * sizeof(float));
-        for (size_t ow = 0; ow < OW; ow++)
-          for (size_t i = 0; i < 16; i++)
-            if (i < run) dst[ow * kkc + i] = prow[ow * st * C + i];
+        if (run == 3) /* 3x3 kernels on one channel (the cnn's first conv): fixed trip count */
+          for (size_t ow = 0; ow < OW; ow++) {
+            const float *p = prow + ow * st * C;
+            dst[ow * kkc] = p[0];
+            dst[ow * kkc + 1] = p[1];
+            dst[ow * kkc + 2] = p[2];
+          }
+        else
+          for (size_t ow = 0; ow < OW; ow++)
+            for (size_t i = 0; i < 16; i++)
+              if (i < run) dst[ow * kkc + i] = prow[ow * st * C + i];
       }
 }
 
@@ -363,10 +371,16 @@ static void col2im_add(float *restrict din, const float *restrict dcol, size_t n
 }
 
 /* rows of out (rows x C) = b */
-static void fill_bias_rows(float *restrict out, const float *restrict b, size_t rows, size_t C) {
-  /* a loop, not a memcpy per row: the rows are short (32-64 floats) and many (B * OH * OW) */
-  for (size_t r = 0; r < rows; r++, out += C)
-    for (size_t c = 0; c < C; c++) out[c] = b[c];
+static void fill_bias_rows(float *out, const float *b, size_t rows, size_t C) {
+  /* the first row, then copies of the rows done so far: log2(rows) memcpy calls instead of one
+     per row (the rows are short, 32-64 floats, and many: B * OH * OW) */
+  if (rows == 0) return;
+  memcpy(out, b, C * sizeof(float));
+  for (size_t done = 1; done < rows;) {
+    size_t n = done < rows - done ? done : rows - done;
+    memcpy(out + done * C, out, n * C * sizeof(float));
+    done += n;
+  }
 }
 
 /* conv output rows of samples [b0, b0 + n), bias included (the GEMM adds onto the bias rows);
