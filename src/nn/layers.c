@@ -291,9 +291,17 @@ static void im2col_short(float *restrict col, const float *restrict in, float *r
         memset(prow, 0, pad * C * sizeof(float));
         memcpy(prow + pad * C, src, W * C * sizeof(float));
         memset(prow + (pad + W) * C, 0, pad * C * sizeof(float));
-        for (size_t ow = 0; ow < OW; ow++)
-          for (size_t i = 0; i < 16; i++)
-            if (i < run) dst[ow * kkc + i] = prow[ow * st * C + i];
+        if (run == 3) /* 3x3 kernels on one channel (the cnn's first conv): fixed trip count */
+          for (size_t ow = 0; ow < OW; ow++) {
+            const float *p = prow + ow * st * C;
+            dst[ow * kkc] = p[0];
+            dst[ow * kkc + 1] = p[1];
+            dst[ow * kkc + 2] = p[2];
+          }
+        else
+          for (size_t ow = 0; ow < OW; ow++)
+            for (size_t i = 0; i < 16; i++)
+              if (i < run) dst[ow * kkc + i] = prow[ow * st * C + i];
       }
 }
 
@@ -334,7 +342,8 @@ static void im2col(float *col, const float *in, size_t nb, const kdp_conv_shape 
 }
 
 /* din (nb x H x W x Cin) += col2im(dcol); padded positions are dropped. */
-static void col2im_add(float *din, const float *dcol, size_t nb, const kdp_conv_shape *s) {
+static void col2im_add(float *restrict din, const float *restrict dcol, size_t nb,
+                       const kdp_conv_shape *s) {
   const size_t H = s->H, W = s->W, C = s->Cin, K = s->K, OH = s->OH, OW = s->OW;
   const ptrdiff_t pad = (ptrdiff_t)s->pad, st = (ptrdiff_t)s->stride;
   const size_t run = K * C, kkc = K * run;
@@ -363,7 +372,15 @@ static void col2im_add(float *din, const float *dcol, size_t nb, const kdp_conv_
 
 /* rows of out (rows x C) = b */
 static void fill_bias_rows(float *out, const float *b, size_t rows, size_t C) {
-  for (size_t r = 0; r < rows; r++) memcpy(out + r * C, b, C * sizeof(float));
+  /* the first row, then copies of the rows done so far: log2(rows) memcpy calls instead of one
+     per row (the rows are short, 32-64 floats, and many: B * OH * OW) */
+  if (rows == 0) return;
+  memcpy(out, b, C * sizeof(float));
+  for (size_t done = 1; done < rows;) {
+    size_t n = done < rows - done ? done : rows - done;
+    memcpy(out + done * C, out, n * C * sizeof(float));
+    done += n;
+  }
 }
 
 /* conv output rows of samples [b0, b0 + n), bias included (the GEMM adds onto the bias rows);
@@ -446,8 +463,11 @@ static void conv_backward_chunk(float *din, int din_set, float *dw, int first, c
       im2col(col, x, n, s);
       x = col;
     }
+    /* zeroed here and added onto (beta = 1), not beta = 0: OpenBLAS's beta = 0 zeroes C in a
+       strided pass of its own before the same add (kdp_gemm_tile does the same) */
+    if (first) memset(dw, 0, C * kkc * sizeof(float));
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)C, (int)kkc, M, 1.0f, g, (int)C, x,
-                (int)kkc, first ? 0.0f : 1.0f, dw, (int)kkc);
+                (int)kkc, 1.0f, dw, (int)kkc);
   }
   if (din) {
     float *d = din + b0 * in_per;
@@ -455,8 +475,9 @@ static void conv_backward_chunk(float *din, int din_set, float *dw, int first, c
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, (int)kkc, (int)C, 1.0f, g, (int)C,
                   w, (int)kkc, din_set ? 0.0f : 1.0f, d, (int)kkc);
     } else {
+      memset(dcol, 0, (size_t)M * kkc * sizeof(float)); /* as dw above */
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, (int)kkc, (int)C, 1.0f, g, (int)C,
-                  w, (int)kkc, 0.0f, dcol, (int)kkc);
+                  w, (int)kkc, 1.0f, dcol, (int)kkc);
       /* the chunk's samples own this part of din: zero it while it is about to be touched */
       if (din_set) memset(d, 0, n * in_per * sizeof(float));
       col2im_add(d, dcol, n, s);
