@@ -234,9 +234,8 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (o->module_reads) {
     rc = kdp_cohort_module_forward(p->c, &blk, &p->red, p->tb, err);
     if (rc) return rc;
-    memset(p->t_own, 0, n * C * sizeof(float));
-    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, !o->teacher_per_peer,
-                          p->tb, p->t_own);
+    kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz,
+                              !o->teacher_per_peer, p->tb, p->t_own);
   }
   if (o->contribute) { /* a teacher reduced over the peers (kdcl): one allreduce of my rows */
     rc = kdp_cohort_teacher_contribution(p->c, p->me, in->z, in->y + olo, n, p->t_own, err);
@@ -261,9 +260,10 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (p->tgrad)
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, p->dt_own, p->dtb);
   if (p->lgrad) memset(p->dzb, 0, p->P * m * C * sizeof(float));
-  if (p->fgrad) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
+  const int dh_rows = p->fgrad && !p->W; /* by columns (ffl) dh comes from the partials' gradient */
+  if (dh_rows) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
   rc = kdp_cohort_module_backward(p->c, &blk, p->tgrad ? p->dtb : NULL, &p->red,
-                                  p->lgrad ? p->dzb : NULL, p->fgrad ? p->dhb : NULL, NULL, err);
+                                  p->lgrad ? p->dzb : NULL, dh_rows ? p->dhb : NULL, NULL, err);
   if (rc) return rc;
 
   /* 3. scatter: every peer's block rows of the module's gradients back to its ranks (dz only
@@ -272,9 +272,8 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
     kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
   if (p->fgrad && p->W) {
     /* the partials' gradient to every peer's rows, then my columns' share of it */
-    memset(p->dpart_own, 0, n * p->W * sizeof(float));
-    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
-                          p->dpart_own);
+    kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
+                              p->dpart_own);
     return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
   }
   if (p->fgrad)
