@@ -384,6 +384,21 @@ static void check_rows(kdp_dist *L, size_t B) {
     }
     if (targets[t] == KDP_ROWS_BLOCK)
       for (size_t r = 0; r < B; r++) ck_assert(held[r] == 1); /* every row in one block */
+    /* the setting scatter: row r's value r + 1 from every rank whose target holds it, over
+       whatever out held before (received in place for row blocks, zeroed and added otherwise) */
+    off = 0;
+    for (size_t j = 0; j < P; j++) {
+      for (size_t r = tl; r < th; r++)
+        for (size_t c = 0; c < width[j]; c++) out[off + (r - tl) * width[j] + c] = (float)(r + 1);
+      off += nt * width[j];
+    }
+    for (size_t k = 0; k < 64; k++) back[k] = -7.0f;
+    kdp_dist_scatter_rows_set(L, KDP_GROUP_WORLD, targets[t], B, width, 0, out, back);
+    for (size_t k = 0; k < (hi - lo) * width[p]; k++) {
+      double want = held[lo + k / width[p]] * (double)(lo + k / width[p] + 1);
+      ck_assert_msg(back[k] == (float)want, "scatter_set: target %zu: %g, want %g", t,
+                    (double)back[k], want);
+    }
   }
 }
 

@@ -150,6 +150,11 @@ void kdp_dist_gather_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
    its own it receives, summed in rank order (a reduce-scatter where target rows overlap). */
 void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
                            const size_t *width, int shared, const float *in, float *out);
+/* the same, but out = the rows received, not added: with target BLOCK (the blocks partition the
+   batch) each of a rank's rows comes from exactly one sender and is received in place, with no
+   zeroing and no adding pass; other targets zero out first and add. */
+void kdp_dist_scatter_rows_set(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                               const size_t *width, int shared, const float *in, float *out);
 /* Reduces rows across the peers: every rank passes its own rows of a B-row batch (n_own x width,
    in place) and receives on them the element-wise sum (or min) over the peers of the same rows,
    every peer counted once. One MPI_Allreduce: over the cohort communicator when the layout is

@@ -95,6 +95,8 @@ enum {
   KDP_GRAD_TEACHER = 1u << 0,  /* the peers' teachers, back into the module */
   KDP_GRAD_FEATURES = 1u << 1, /* the peers' features h */
   KDP_GRAD_EMBEDDINGS = 1u << 2, /* every peer's embeddings v_j, from each peer term (mcl) */
+  KDP_GRAD_LOGITS = 1u << 3, /* the peers' logits, from the module's backward (one's gate loss,
+                                okddip without detach); without it the module's dz stays zero */
 };
 
 /* How the contributions of the peers to a reduced teacher are combined (kdcl): the op of the one
@@ -229,7 +231,8 @@ typedef struct kdp_method_ops {
   /* What the method differentiates besides each peer's own logits, KDP_GRAD_* bits (NULL:
      nothing): KDP_GRAD_TEACHER, the peers' teachers (okddip without detach: the peers' teacher
      gradients go back to the module's row blocks); KDP_GRAD_FEATURES, the peers' features (the
-     module's input is not detached: ffl, okddip without detach). */
+     module's input is not detached: ffl, okddip without detach); KDP_GRAD_LOGITS, the peers'
+     logits from the module's backward (one, okddip without detach). */
   unsigned (*grads)(const kdp_cohort *c);
   /* Forward of the module on a row block: the teachers of its rows (teacher_per_peer:
      P x n x C, else n x C). train = 1: batch statistics summed over the blocks with red, running
@@ -358,6 +361,9 @@ size_t kdp_cohort_feature_floats(const kdp_cohort *c, size_t n);
 int kdp_cohort_feature_grads(const kdp_cohort *c);
 /* 1 if the peers' teachers are differentiated (ops->grads & KDP_GRAD_TEACHER). */
 int kdp_cohort_teacher_grad(const kdp_cohort *c);
+/* 1 if the module's backward writes the peers' logits' gradients (ops->grads & KDP_GRAD_LOGITS):
+   else the pipeline sends no dz back from the module's row blocks. */
+int kdp_cohort_logit_grads(const kdp_cohort *c);
 /* Floats of the module's teachers for n rows: P n C (teacher_per_peer), n C, 0 without module. */
 size_t kdp_cohort_teacher_floats(const kdp_cohort *c, size_t n);
 
@@ -394,8 +400,8 @@ int kdp_cohort_module_forward(kdp_cohort *c, const kdp_kd_rows *blk, const kdp_k
 int kdp_cohort_peer_loss(kdp_cohort *c, size_t i, const kdp_kd_peer_in *in, float *dz,
                          float *dteacher, kdp_kd_losses *out, kdp_error *err);
 /* ops->backward after kdp_cohort_module_forward on the same block. dteacher: the peers' teacher
-   gradients (P x n x C) when kdp_cohort_teacher_grad, else NULL; dh may be NULL unless
-   kdp_cohort_feature_grads. *module_loss (may be NULL) receives the block's share. */
+   gradients (P x n x C) when kdp_cohort_teacher_grad, else NULL; dz may be NULL unless
+   kdp_cohort_logit_grads, dh unless kdp_cohort_feature_grads. *module_loss (may be NULL) receives the block's share. */
 int kdp_cohort_module_backward(kdp_cohort *c, const kdp_kd_rows *blk, const float *dteacher,
                                const kdp_kd_reduce *red, float *dz, float *dh, double *module_loss,
                                kdp_error *err);

@@ -469,8 +469,10 @@ void kdp_dist_gather_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
   rows_alltoallv(d, x.comm, in, x.sc, x.sd, out, x.rc, x.rd, x.size, x.me);
 }
 
-void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
-                           const size_t *width, int shared, const float *in, float *out) {
+/* set = 1 (targets that partition the batch: each of my rows comes from one sender): received
+   straight into out; else into a buffer, added into out in rank order */
+static void scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B, const size_t *width,
+                         int shared, const float *in, float *out, int set) {
   rows_plan x;
   plan_rows(d, g, target, B, width, &x);
   const size_t nt = x.thi - x.tlo, w = width[x.mp];
@@ -486,8 +488,12 @@ void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
     target_rows(d, g, target, m, B, &tl, &th);
     n = overlap(x.olo, x.ohi, tl, th, &lo);
     x.rc[m] = (int)(n * w);
-    x.rd[m] = (int)total;
+    x.rd[m] = set ? (n ? (int)((lo - x.olo) * w) : 0) : (int)total;
     total += n * w;
+  }
+  if (set) {
+    rows_alltoallv(d, x.comm, in, x.sc, x.sd, out, x.rc, x.rd, x.size, x.me);
+    return;
   }
   float *recv = xbuf(d, total ? total : 1);
   rows_alltoallv(d, x.comm, in, x.sc, x.sd, recv, x.rc, x.rd, x.size, x.me);
@@ -500,6 +506,21 @@ void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
     const float *r = recv + x.rd[m];
     for (size_t k = 0; k < n * w; k++) o[k] += r[k];
   }
+}
+
+void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                           const size_t *width, int shared, const float *in, float *out) {
+  scatter_rows(d, g, target, B, width, shared, in, out, 0);
+}
+
+void kdp_dist_scatter_rows_set(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                               const size_t *width, int shared, const float *in, float *out) {
+  if (target != KDP_ROWS_BLOCK) { /* several senders may hold a row: they add up */
+    size_t lo, hi;
+    kdp_dist_rows(d, g, KDP_ROWS_OWN, B, &lo, &hi);
+    memset(out, 0, (hi - lo) * width[d->peer] * sizeof(float));
+  }
+  scatter_rows(d, g, target, B, width, shared, in, out, target == KDP_ROWS_BLOCK);
 }
 
 /* in-place allreduce of n values over group g */

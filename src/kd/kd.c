@@ -289,6 +289,7 @@ size_t kdp_cohort_embed_dim(const kdp_cohort *c) {
 static unsigned grads_of(const kdp_cohort *c) { return c->ops->grads ? c->ops->grads(c) : 0; }
 int kdp_cohort_teacher_grad(const kdp_cohort *c) { return (grads_of(c) & KDP_GRAD_TEACHER) != 0; }
 int kdp_cohort_feature_grads(const kdp_cohort *c) { return (grads_of(c) & KDP_GRAD_FEATURES) != 0; }
+int kdp_cohort_logit_grads(const kdp_cohort *c) { return (grads_of(c) & KDP_GRAD_LOGITS) != 0; }
 size_t kdp_cohort_teacher_floats(const kdp_cohort *c, size_t n) {
   if (!c->ops->module_reads) return 0;
   return (c->ops->teacher_per_peer ? c->s.P : 1) * n * c->s.C;
@@ -415,7 +416,9 @@ int kdp_cohort_module_backward(kdp_cohort *c, const kdp_kd_rows *blk, const floa
   const char *fn = "kdp_cohort_module_backward";
   int rc = check_block(c, blk, fn, err);
   if (rc) return rc;
-  if (blk->n && !dz) return kdp_fail(err, KDP_EINVAL, "%s: dz (P x n x C) is required", fn);
+  if (blk->n && kdp_cohort_logit_grads(c) && !dz)
+    return kdp_fail(err, KDP_EINVAL, "%s: method %s returns logit gradients; dz (P x n x C) is required",
+                    fn, c->ops->name);
   if (blk->n && kdp_cohort_feature_grads(c) && !dh && !blk->part)
     return kdp_fail(err, KDP_EINVAL, "%s: method %s returns feature gradients; dh is required",
                     fn, c->ops->name);

@@ -140,10 +140,15 @@ void kd_hidden_forward_parts(kdp_cohort *c, kd_hidden *L, const float *part, siz
                              const kdp_kd_reduce *red) {
   const size_t H = L->H, P = c->s.P;
   const float *bias = c->params + L->o_b;
-  for (size_t r = 0; r < n * H; r++) {
-    double acc = (double)bias[r % H];
-    for (size_t j = 0; j < P; j++) acc += (double)part[j * n * H + r];
-    L->a1[r] = (float)acc;
+  /* row by row: no r % H per element (an integer division each took half of this loop) */
+  for (size_t b = 0; b < n; b++) {
+    const float *pb = part + b * H;
+    float *a = L->a1 + b * H;
+    for (size_t k = 0; k < H; k++) {
+      double acc = (double)bias[k];
+      for (size_t j = 0; j < P; j++) acc += (double)pb[j * n * H + k];
+      a[k] = (float)acc;
+    }
   }
   hidden_bn_relu(c, L, n, train, red);
 }

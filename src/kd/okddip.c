@@ -73,7 +73,7 @@ static void init(kdp_cohort *c, kdp_rng *rng) {
 }
 
 static unsigned grads(const kdp_cohort *c) {
-  return c->s.detach ? 0u : KDP_GRAD_TEACHER | KDP_GRAD_FEATURES;
+  return c->s.detach ? 0u : KDP_GRAD_TEACHER | KDP_GRAD_FEATURES | KDP_GRAD_LOGITS;
 }
 
 /* every peer's teacher (P x n x C) on the block's rows: t_i for the auxiliary peers, the mean

@@ -72,9 +72,14 @@ static double backward(kdp_cohort *c, const kdp_kd_rows *blk, const float *dteac
   return L * (double)blk->scale;
 }
 
+static unsigned grads(const kdp_cohort *c) {
+  (void)c;
+  return KDP_GRAD_LOGITS; /* L_gate reaches every peer's logits */
+}
+
 const kdp_method_ops kdp_one_ops = {
     .name = "one", .teacher = "gate", .min_peers = 2, .module_decay = KDP_DECAY_PEERS,
     .module_reads = KDP_READS_LOGITS | KDP_READS_FEATURES,
     .setup = setup, .init = init, .forward = forward, .peer_loss = kd_sg_teacher_loss,
-    .backward = backward};
+    .grads = grads, .backward = backward};
 

@@ -17,7 +17,7 @@ struct kdp_pipeline {
   kdp_cohort *c;
   const kdp_method_ops *ops;
   size_t P, C, me, maxB;
-  int tgrad, fgrad;                    /* teacher and feature gradients */
+  int tgrad, fgrad, lgrad;             /* teacher, feature and (module's) logit gradients */
   size_t wz[KDP_KD_MAX_PEERS];         /* row widths: logits (C) */
   size_t wh[KDP_KD_MAX_PEERS];         /* features (d_j) */
   float *z_all;                        /* P x maxB x C: every peer's logits on gathered rows */
@@ -69,6 +69,7 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
   p->maxB = max_batch;
   p->tgrad = kdp_cohort_teacher_grad(c);
   p->fgrad = kdp_cohort_feature_grads(c);
+  p->lgrad = kdp_cohort_logit_grads(c);
   for (size_t j = 0; j < p->P; j++) {
     p->wz[j] = s->C;
     p->wh[j] = s->dims[j];
@@ -233,9 +234,8 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (o->module_reads) {
     rc = kdp_cohort_module_forward(p->c, &blk, &p->red, p->tb, err);
     if (rc) return rc;
-    memset(p->t_own, 0, n * C * sizeof(float));
-    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, !o->teacher_per_peer,
-                          p->tb, p->t_own);
+    kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz,
+                              !o->teacher_per_peer, p->tb, p->t_own);
   }
   if (o->contribute) { /* a teacher reduced over the peers (kdcl): one allreduce of my rows */
     rc = kdp_cohort_teacher_contribution(p->c, p->me, in->z, in->y + olo, n, p->t_own, err);
@@ -259,19 +259,21 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   /* the module's backward on the block, with the peers' teacher gradients gathered to it */
   if (p->tgrad)
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, p->dt_own, p->dtb);
-  memset(p->dzb, 0, p->P * m * C * sizeof(float));
-  if (p->fgrad) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
-  rc = kdp_cohort_module_backward(p->c, &blk, p->tgrad ? p->dtb : NULL, &p->red, p->dzb,
-                                  p->fgrad ? p->dhb : NULL, NULL, err);
+  if (p->lgrad) memset(p->dzb, 0, p->P * m * C * sizeof(float));
+  const int dh_rows = p->fgrad && !p->W; /* by columns (ffl) dh comes from the partials' gradient */
+  if (dh_rows) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
+  rc = kdp_cohort_module_backward(p->c, &blk, p->tgrad ? p->dtb : NULL, &p->red,
+                                  p->lgrad ? p->dzb : NULL, dh_rows ? p->dhb : NULL, NULL, err);
   if (rc) return rc;
 
-  /* 3. scatter: every peer's block rows of the module's gradients back to its ranks */
-  kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
+  /* 3. scatter: every peer's block rows of the module's gradients back to its ranks (dz only
+     when the module's backward reaches the logits: ffl's and pcl's read them stop-gradient) */
+  if (p->lgrad)
+    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
   if (p->fgrad && p->W) {
     /* the partials' gradient to every peer's rows, then my columns' share of it */
-    memset(p->dpart_own, 0, n * p->W * sizeof(float));
-    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
-                          p->dpart_own);
+    kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
+                              p->dpart_own);
     return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
   }
   if (p->fgrad)
