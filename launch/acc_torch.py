@@ -505,6 +505,7 @@ def run(args, spec, seed, data, run_id):
 
     curve, expert_frac = [], []
     step = 0
+    diverged = 0
     t_wall = time.time()
     t_train = 0.0
     for epoch in range(args.epochs):
@@ -532,6 +533,9 @@ def run(args, spec, seed, data, run_id):
             if method == "mcl":
                 ctx["vs"] = [heads[i](hz[i][0]) for i in range(P)]
             J, info = peer_losses(method, zs, y, args.temperature, args.weight, w, ctx)
+            if not math.isfinite(float(J)):  # as kdpeers' divergence check: stop, record failed
+                diverged = step + 1
+                break
             opt.zero_grad(set_to_none=True)
             J.backward()  # peer i's parameters only see what the method lets reach them
             opt.step()
@@ -550,6 +554,18 @@ def run(args, spec, seed, data, run_id):
                 for e, m in zip(emas, models):
                     e.update(m, step)
         t_train += time.time() - t0
+        if diverged:
+            print(f"acc_torch {run_id}: the objective is not finite at step {diverged}: diverged",
+                  file=sys.stderr, flush=True)
+            return {"source": "pytorch", "study": args.study, "run_id": run_id, "method": method,
+                    "variant": spec_label(method, opts), "options": opts,
+                    "arch": arch_label(archs), "peers": P, "seed": seed, "epochs": args.epochs,
+                    "subset": args.subset, "label_noise": args.label_noise,
+                    "noise_seed": args.noise_seed, "quick": args.quick, "status": "failed",
+                    "problems": [f"diverged: objective not finite at step {diverged}"],
+                    "diverged_at_step": diverged, "lr": args.lr, "batch": args.batch,
+                    "temperature": args.temperature, "weight": args.weight,
+                    "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if method == "switokd":
             expert_frac.append(n_expert / n_steps)
         last = epoch + 1 == args.epochs
