@@ -503,6 +503,17 @@ def run(args, spec, seed, data, run_id):
             return "switokd", zs[ctx["teacher"]]
         return None, None  # kdcl minlogit: its teacher reads the label; the ensemble is reported
 
+    def record_head():
+        """the fields every record of this run carries, finished or failed"""
+        return {"source": "pytorch", "study": args.study, "run_id": run_id, "method": method,
+                "variant": spec_label(method, opts), "options": opts,
+                "arch": arch_label(archs), "peers": P, "seed": seed,
+                "epochs": args.epochs, "subset": args.subset, "label_noise": args.label_noise,
+                "noise_seed": args.noise_seed, "noise_rng": args.noise_rng, "quick": args.quick,
+                "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
+                "rampup_epochs": args.rampup_epochs, "weight": args.weight,
+                "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
     curve, expert_frac = [], []
     step = 0
     diverged = 0
@@ -557,15 +568,8 @@ def run(args, spec, seed, data, run_id):
         if diverged:
             print(f"acc_torch {run_id}: the objective is not finite at step {diverged}: diverged",
                   file=sys.stderr, flush=True)
-            return {"source": "pytorch", "study": args.study, "run_id": run_id, "method": method,
-                    "variant": spec_label(method, opts), "options": opts,
-                    "arch": arch_label(archs), "peers": P, "seed": seed, "epochs": args.epochs,
-                    "subset": args.subset, "label_noise": args.label_noise,
-                    "noise_seed": args.noise_seed, "quick": args.quick, "status": "failed",
-                    "problems": [f"diverged: objective not finite at step {diverged}"],
-                    "diverged_at_step": diverged, "lr": args.lr, "batch": args.batch,
-                    "temperature": args.temperature, "weight": args.weight,
-                    "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            return dict(record_head(), status="failed", diverged_at_step=diverged,
+                        problems=[f"diverged: objective not finite at step {diverged}"])
         if method == "switokd":
             expert_frac.append(n_expert / n_steps)
         last = epoch + 1 == args.epochs
@@ -601,22 +605,14 @@ def run(args, spec, seed, data, run_id):
     final_loss = {k: v["loss"] for k, v in ev.items()}
     mean_peer = sum(final[f"peer{i}"] for i in range(P)) / P
     tn = next((k for k in ("kdcl", "pcl", "switokd") if k in final), None)
-    rec = {
-        "source": "pytorch", "study": args.study, "run_id": run_id, "method": method,
-        "variant": spec_label(method, opts), "options": opts,
-        "arch": arch_label(archs), "peers": P, "seed": seed,
-        "epochs": args.epochs, "subset": args.subset, "label_noise": args.label_noise,
-        "noise_seed": args.noise_seed, "noise_rng": args.noise_rng, "quick": args.quick, "status": "ok",
+    rec = dict(record_head(), **{
+        "status": "ok",
         "final": final, "final_loss": final_loss, "mean_peer": mean_peer,
         "ensemble": final.get("ensemble"), "teacher": final.get(tn) if tn else None,
         "teacher_model": tn,
         "curve": curve, "wall_seconds": round(wall, 3), "train_seconds": round(t_train, 3),
         "steps": step, "steps_per_second": round(step / t_train, 4) if t_train > 0 else None,
-        "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
-        "rampup_epochs": args.rampup_epochs,
-        "weight": args.weight, "torch": torch.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    })
     if emas:
         rec["ema_decay"] = decay
         rec["ema"] = sum(final[f"peer{i}.ema"] for i in range(P)) / P
