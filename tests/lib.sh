@@ -10,7 +10,8 @@ tmp=$(mktemp -d)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
-  rm -rf "$tmp"
+  # KDP_TEST_KEEP=1 keeps the temp dir (logs, run dirs, a test cluster's slurmd log) to read after a failure
+  if [ "${KDP_TEST_KEEP:-0}" = 1 ]; then echo "# kept $tmp" >&2; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
 pass=0

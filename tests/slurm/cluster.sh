@@ -54,7 +54,7 @@ slurm_up() {
     fi
   done
   export PATH="$PATH:/usr/sbin"
-  mkdir -p "$d"/{munge,state,spool,run,log,work} || { slurm_why="cannot create $d"; return 1; }
+  mkdir -p "$d"/{munge,state,spool,run,log,work,tmp} || { slurm_why="cannot create $d"; return 1; }
   # munged wants a socket directory everybody may enter, and a private key
   chmod 755 "$d" "$d/munge"
   sock="$d/munge/munge.socket"
