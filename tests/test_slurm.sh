@@ -124,6 +124,9 @@ sec_b() {
   fi
   scancel --signal=USR1 --batch "$id"
   if wait_for "$wait_limit" restarted "$id"; then ok "(b) requeued: Restarts=1 (state $(state "$id"))"; else bad "(b) not requeued (state $(state "$id"), Restarts=$(field "$id" Restarts))"; fi
+  # what a step stopped by the requeue can leave (the restart waits cred_expire = 10 s to start):
+  # pmix would fail the restart's step 0 with "File exists"; the script removes them first
+  mkdir -p "$cl/tmp/spmix_appdir_0_$id.0/0" "$cl/tmp/spmix_appdir_0_$id.1"
   log="preempt_$id.out"
   expect "(b) the batch shell forwarded the USR1" grep -q 'SIGUSR1: forwarding to srun' "$log"
   expect "(b) kdpeers exited 75 on every task" grep -q 'Exited with exit code 75' "$log"
@@ -136,6 +139,8 @@ sec_b() {
   expect "(b) the requeued job completes (state $st, exit $(field "$id" ExitCode))" test "$st" = COMPLETED
   expect "(b) the requeued run resumed from the checkpoint at step $step" grep -q "resumed from the checkpoint at step $step " "$log"
   expect "(b) the restart dropped --fresh" grep -q "restart 1: ignoring --fresh" "$log"
+  expect "(b) the restart removed the stale pmix step dirs first" \
+    grep -q "restart 1: removed what the stopped run left of Slurm's pmix step dirs: .*spmix_appdir_0_$id.0 .*spmix_appdir_0_$id.1" "$log"
   expect "(b) both runs logged to the same %x_%j file (restart 0 and restart 1)" grep -q "restart 1 on" "$log"
   expect "(b) it finished: summary line" grep -q '"event":"summary"' "$b/metrics.jsonl"
   expect "(b) ...at step 2000" test -d "$b/checkpoints/step-000000002000"
