@@ -290,6 +290,19 @@ n_eval=$(jq -r 'select(.event == "eval" and .model == "peer0") | .step' "$r/metr
 n_hist=$(jq '[.series[] | select(.chart == "test_accuracy" and .name == "peer0") | .x[]] | length' "$tmp/serve-h.json")
 expect "serve (mpirun): /history starts with the run's evaluations from metrics.jsonl ($n_hist of $n_eval of peer0)" \
   test "$n_hist" = "$n_eval"
+# the last evaluation is /metrics' and /status' from the first scrape, not only after the next one
+last_eval() { jq -r "select(.event == \"eval\" and .model == \"$1\") | .acc" "$r/metrics.jsonl" | tail -n 1; }
+last_dis=$(jq -r 'select(.event == "diversity") | .disagreement' "$r/metrics.jsonl" | tail -n 1)
+curl -s "$addr/metrics" >"$tmp/serve-m.txt"
+curl -s "$addr/status" >"$tmp/serve-s.json"
+close() { awk -v a="$1" -v b="$2" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && b != "" && d < 1e-6) }'; }
+for m in peer0 peer1 ensemble; do
+  expect "serve (mpirun): /metrics' test accuracy of $m is the run's last evaluation ($(last_eval $m))" \
+    close "$(awk -v k="kdpeers_test_accuracy_ratio{model=\"$m\"}" '$1 == k { print $2 }' "$tmp/serve-m.txt")" "$(last_eval $m)"
+  expect "  ...and /status' ($m)" close "$(jq -r ".eval.$m.acc" "$tmp/serve-s.json")" "$(last_eval $m)"
+done
+expect "  ...and the last diversity ($last_dis)" \
+  close "$(awk '$1 == "kdpeers_diversity_disagreement" { print $2 }' "$tmp/serve-m.txt")" "$last_dis"
 kinds=$(jq -c '[.events[].kind] | unique' "$tmp/serve-h.json")
 expect "  ...and its events: the commands, the checkpoints, the stop, the serve ($kinds)" \
   test "$kinds" = '["checkpoint","control","serve","stop"]'

@@ -202,7 +202,8 @@ static void write_sd_files(kdp_trainer *t) {
 /* A resumed run (or kdpeers serve) starts its history with what metrics.jsonl holds up to the
    checkpoint: every evaluation (test and validation accuracy, diversity), switokd's expert
    fraction per epoch, the logged learning rate and the events; the per-peer training curves
-   (only rank 0's peer is in the file) start at the resume. */
+   (only rank 0's peer is in the file) start at the resume. The last evaluation and diversity
+   also become /metrics' and /status' "last evaluation" until the run makes its next one. */
 static void seed_history(kdp_trainer *t) {
   kdp_live *lv = t->live;
   char path[KDP_PATH + 32];
@@ -227,23 +228,37 @@ static void seed_history(kdp_trainer *t) {
                              json_object_get_double(a));
       kdp_server_history_add(lv->srv, "test_loss", json_object_get_string(v), x,
                              json_object_get_double(b));
-      if (json_object_object_get_ex(o, "val_acc", &a) && !json_object_is_type(a, json_type_null))
-        kdp_server_history_add(lv->srv, "val_accuracy", json_object_get_string(v), x,
-                               json_object_get_double(a));
+      double val_acc = NAN, val_loss = NAN;
+      json_object *c;
+      if (json_object_object_get_ex(o, "val_acc", &c) && !json_object_is_type(c, json_type_null)) {
+        val_acc = json_object_get_double(c);
+        kdp_server_history_add(lv->srv, "val_accuracy", json_object_get_string(v), x, val_acc);
+        if (json_object_object_get_ex(o, "val_loss", &c) && !json_object_is_type(c, json_type_null))
+          val_loss = json_object_get_double(c);
+      }
+      kdp_metrics_set_last_eval(json_object_get_string(v), json_object_get_double(a),
+                                json_object_get_double(b), val_acc, val_loss);
     } else if (strcmp(kind, "switokd") == 0 &&
                json_object_object_get_ex(o, "expert_fraction", &a)) {
       kdp_server_history_add(lv->srv, "switokd", "expert_fraction", x, json_object_get_double(a));
+      if (json_object_object_get_ex(o, "epoch", &b))
+        kdp_metrics_set_last_switokd(json_object_get_double(a), json_object_get_double(b));
     } else if (strcmp(kind, "diversity") == 0 && json_object_object_get_ex(o, "kl", &a) &&
                json_object_object_get_ex(o, "disagreement", &b)) {
       kdp_server_history_add(lv->srv, "diversity", "kl", x, json_object_get_double(a));
       kdp_server_history_add(lv->srv, "diversity", "disagreement", x, json_object_get_double(b));
-      if (json_object_object_get_ex(o, "churn", &a) && json_object_is_type(a, json_type_array))
-        for (size_t p = 0; p < json_object_array_length(a); p++) {
+      double churn[KDP_MAX_PEERS];
+      int nch = 0;
+      json_object *c;
+      if (json_object_object_get_ex(o, "churn", &c) && json_object_is_type(c, json_type_array))
+        for (size_t p = 0; p < json_object_array_length(c) && nch < KDP_MAX_PEERS; p++) {
           char name[32];
           snprintf(name, sizeof name, "churn.peer%zu", p);
-          kdp_server_history_add(lv->srv, "diversity", name, x,
-                                 json_object_get_double(json_object_array_get_idx(a, p)));
+          churn[nch] = json_object_get_double(json_object_array_get_idx(c, p));
+          kdp_server_history_add(lv->srv, "diversity", name, x, churn[nch++]);
         }
+      kdp_metrics_set_last_diversity(json_object_get_double(a), json_object_get_double(b),
+                                     nch ? churn : NULL, nch);
     } else if (strcmp(kind, "train") == 0 && json_object_object_get_ex(o, "lr", &a)) {
       kdp_server_history_add(lv->srv, "learning_rate", "lr", x, json_object_get_double(a));
     } else if (strcmp(kind, "control") == 0 && json_object_object_get_ex(o, "action", &a)) {

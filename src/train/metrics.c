@@ -331,6 +331,21 @@ static void val_record(kdp_trainer *t, int64_t step, const char *model, double a
   snprintf(t->val_table + n, add, "%s %.9g\n", model, acc);
 }
 
+void kdp_metrics_set_last_eval(const char *model, double acc, double loss, double val_acc,
+                               double val_loss) {
+  int i;
+  for (i = 0; i < g_nrows; i++)
+    if (strcmp(g_rows[i].name, model) == 0) break;
+  if (i == g_nrows && g_nrows < KDP_EVAL_ROWS_MAX) g_nrows++;
+  if (i < KDP_EVAL_ROWS_MAX) {
+    snprintf(g_rows[i].name, sizeof g_rows[i].name, "%s", model);
+    g_rows[i].acc = acc;
+    g_rows[i].loss = loss;
+    g_rows[i].val_acc = val_acc;
+    g_rows[i].val_loss = val_loss;
+  }
+}
+
 void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char *model,
                           double acc, double loss, double val_acc, double val_loss) {
   const int has_val = !isnan(val_acc);
@@ -352,17 +367,7 @@ void kdp_metrics_eval_val(kdp_trainer *t, int64_t step, double epoch, const char
     kdp_live_series(t, "val_accuracy", model, step, val_acc);
     val_record(t, step, model, val_acc);
   }
-  int i;
-  for (i = 0; i < g_nrows; i++)
-    if (strcmp(g_rows[i].name, model) == 0) break;
-  if (i == g_nrows && g_nrows < KDP_EVAL_ROWS_MAX) g_nrows++;
-  if (i < KDP_EVAL_ROWS_MAX) {
-    snprintf(g_rows[i].name, sizeof g_rows[i].name, "%s", model);
-    g_rows[i].acc = acc;
-    g_rows[i].loss = loss;
-    g_rows[i].val_acc = val_acc;
-    g_rows[i].val_loss = val_loss;
-  }
+  kdp_metrics_set_last_eval(model, acc, loss, val_acc, val_loss);
   if (t->tty < 0) return;
   if (t->tty) fputs("\r\033[K", stderr);
   char ts[32];
@@ -394,16 +399,20 @@ void kdp_metrics_diversity(kdp_trainer *t, int64_t step, double epoch, double kl
   }
   kdp_live_series(t, "diversity", "kl", step, kl);
   kdp_live_series(t, "diversity", "disagreement", step, disagreement);
-  g_div.have = 1;
-  g_div.kl = kl;
-  g_div.disagreement = disagreement;
-  g_div.n_churn = churn ? (P < KDP_MAX_PEERS ? P : KDP_MAX_PEERS) : 0;
+  kdp_metrics_set_last_diversity(kl, disagreement, churn, P);
   for (int p = 0; p < g_div.n_churn; p++) {
     char name[32];
     snprintf(name, sizeof name, "churn.peer%d", p);
     kdp_live_series(t, "diversity", name, step, churn[p]);
-    g_div.churn[p] = churn[p];
   }
+}
+
+void kdp_metrics_set_last_diversity(double kl, double disagreement, const double *churn, int P) {
+  g_div.have = 1;
+  g_div.kl = kl;
+  g_div.disagreement = disagreement;
+  g_div.n_churn = churn ? (P < KDP_MAX_PEERS ? P : KDP_MAX_PEERS) : 0;
+  for (int p = 0; p < g_div.n_churn; p++) g_div.churn[p] = churn[p];
 }
 
 int kdp_metrics_last_diversity(double *kl, double *disagreement, double *churn, int *n_churn) {
@@ -432,8 +441,12 @@ void kdp_metrics_switokd(kdp_trainer *t, int64_t step, double epoch, int64_t exp
     line_end(t, &l);
   }
   kdp_live_series(t, "switokd", "expert_fraction", step, f);
+  kdp_metrics_set_last_switokd(f, epoch);
+}
+
+void kdp_metrics_set_last_switokd(double fraction, double epoch) {
   g_sw.have = 1;
-  g_sw.fraction = f;
+  g_sw.fraction = fraction;
   g_sw.epoch = epoch;
 }
 

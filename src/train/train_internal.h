@@ -379,6 +379,14 @@ int kdp_metrics_last_val(const char **names, double *accs, double *losses, int m
 void kdp_metrics_diversity(kdp_trainer *t, int64_t step, double epoch, double kl,
                            double disagreement, const double *churn, int P);
 int kdp_metrics_last_diversity(double *kl, double *disagreement, double *churn, int *n_churn);
+/* What /metrics and /status show as the last evaluation, without a metrics.jsonl line or a chart
+   point: kdp_metrics_eval_val and kdp_metrics_diversity call them, and a resumed run (or
+   kdpeers serve) seeds them from the evaluations metrics.jsonl holds (live.c seed_history), so
+   the gauges are there from the first scrape rather than from the next evaluation. */
+void kdp_metrics_set_last_eval(const char *model, double acc, double loss, double val_acc,
+                               double val_loss);
+void kdp_metrics_set_last_diversity(double kl, double disagreement, const double *churn, int P);
+void kdp_metrics_set_last_switokd(double fraction, double epoch);
 /* switokd: {"event":"switokd","epoch":E,"step":S,"expert_steps":K,"steps":N,"expert_fraction":F}
    at the end of each epoch, the dashboard's "switokd" chart, and the figure /metrics and /status
    show (kdp_metrics_last_switokd: 0 before the first epoch's end) */
