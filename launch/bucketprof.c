@@ -97,7 +97,7 @@ int main(int argc, char **argv) {
   for (long k = 0; k < batch; k++) y[k] = (int32_t)kdp_rng_below(&rng, C);
   kdp_sgd o;
   kdp_sgd_init(&o, np, 0.9f, 5e-4f, 1);
-  kdp_buckets *bk = kdp_buckets_for_model(&d, m, (size_t)bucket_kb);
+  kdp_buckets *bk = kdp_buckets_for_model(&d, m, (size_t)bucket_kb, KDP_GRAD_SUM_ALLREDUCE);
   size_t nb = kdp_buckets_count(bk);
   int cnt[2] = {(int)(np / 2), (int)(np - np / 2)}, dsp[2] = {0, (int)(np / 2)};
   float *half = kdp_falloc(np - np / 2);

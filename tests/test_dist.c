@@ -676,7 +676,7 @@ START_TEST(test_buckets_model_hook) {
   memcpy(blocking, kdp_model_grads(m), np * sizeof(float));
   kdp_dist_peer_allreduce(&peer, blocking, np);
   /* 1 KiB buckets: one per layer */
-  kdp_buckets *b = kdp_buckets_for_model(&peer, m, 1);
+  kdp_buckets *b = kdp_buckets_for_model(&peer, m, 1, KDP_GRAD_SUM_ALLREDUCE);
   ck_assert_uint_eq(kdp_buckets_count(b), 4);
   kdp_model_zero_grad(m);
   kdp_model_forward(m, x, 16, 1, &drop);
