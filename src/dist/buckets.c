@@ -1,6 +1,7 @@
 /* buckets.c: the gradient allreduce of a peer's ranks in buckets, overlapped with the backward
    pass (see kdpeers/dist.h). */
 #include <mpi.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,9 +138,9 @@ kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads) {
   b->k = k;
   b->shm_comm = c;
   b->win = kdp_xmalloc(sizeof *b->win);
-  /* each rank's arena padded to whole pages, so every arena starts page-aligned (noncontig: each
-     on its own pages, placed near its rank) */
-  const size_t page = 4096, bytes = ((n ? n : 1) * sizeof(float) + page - 1) / page * page;
+  /* each rank's arena on its own pages (noncontig: placed near its rank), 64-byte aligned within
+     its segment (Open MPI's segments need not be: 8 bytes off a line here) */
+  const size_t page = 4096, bytes = ((n ? n : 1) * sizeof(float) + 64 + page - 1) / page * page;
   MPI_Info info;
   KDP_CHECK_MPI(MPI_Info_create(&info));
   KDP_CHECK_MPI(MPI_Info_set(info, "alloc_shared_noncontig", "true"));
@@ -152,7 +153,7 @@ kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads) {
     int du = 0;
     void *base = NULL;
     KDP_CHECK_MPI(MPI_Win_shared_query(*b->win, r, &sz, &du, &base));
-    b->arena[r] = base;
+    b->arena[r] = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
   }
   memset(b->arena[me], 0, n * sizeof(float));
   /* the slices: cut at multiples of 16 floats (64 bytes), so no two ranks write one cache line */
