@@ -193,7 +193,9 @@ void kdp_buckets_finish(kdp_buckets *b) {
 
 kdp_buckets *kdp_buckets_for_model(kdp_dist *d, kdp_model *m, size_t bucket_kb,
                                    kdp_grad_sum how) {
-  if (how != KDP_GRAD_SUM_ALLREDUCE) {
+  /* (a model without gradients, e.g. a frozen teacher's, keeps the allreduce path: it sums
+     nothing) */
+  if (how != KDP_GRAD_SUM_ALLREDUCE && kdp_model_grads(m)) {
     float *g = NULL;
     kdp_buckets *b = kdp_buckets_create_shm(d, kdp_model_n_params(m), &g);
     if (b) {
