@@ -7,11 +7,13 @@
  *           during the backward pass (src/dist/buckets.c)
  *   k2-shard the 2 ranks split the batch; reduce-scatter of the gradients, each rank steps its
  *           half of the parameters, allgather of the weights (a sharded optimizer step)
+ *   k2-shm  the 2 ranks split the batch; the gradient arenas in an MPI-3 shared window, each rank
+ *           sums its half of both (run.grad_sum = shm, kdp_buckets_create_shm)
  * Every step starts at a barrier; a step's time is the slower rank's. Reported: the median and
  * the 10th percentile of each way's step, backward and allreduce, and the paired ratios (within
- * each group of four consecutive steps): k1 / k2, k1 / k2-bkt (speed-up of 2 ranks over 1),
- * k2 / k2-bkt (what the buckets gain) and k1 / k2-shard, as medians over the groups; per way
- * also the forward and SGD parts and the minimum.
+ * each group of five consecutive steps): k1 / k2, k1 / k2-bkt (speed-up of 2 ranks over 1),
+ * k2 / k2-bkt (what the buckets gain), k1 / k2-shard, k1 / k2-shm and k2 / k2-shm, as medians
+ * over the groups; per way also the forward and SGD parts and the minimum.
  *
  * Usage: mpirun -np 2 kdp-bucketprof [--model ARCH] [--batch N] [--bucket-kb N] [--steps N]
  *                                    [--warmup N] [--json FILE]
@@ -26,8 +28,8 @@
 #include "kdpeers/kd.h"
 #include "kdpeers/nn.h"
 
-enum { W_K1, W_K2, W_BKT, W_SHARD, W_N };
-static const char *const WAY[W_N] = {"k1", "k2", "k2-bkt", "k2-shard"};
+enum { W_K1, W_K2, W_BKT, W_SHARD, W_SHM, W_N };
+static const char *const WAY[W_N] = {"k1", "k2", "k2-bkt", "k2-shard", "k2-shm"};
 enum { F_STEP, F_BACKWARD, F_ALLREDUCE, F_FORWARD, F_SGD, F_N };
 static const char *const FIG[F_N] = {"step", "backward", "allreduce", "forward", "sgd"};
 
@@ -97,8 +99,14 @@ int main(int argc, char **argv) {
   for (long k = 0; k < batch; k++) y[k] = (int32_t)kdp_rng_below(&rng, C);
   kdp_sgd o;
   kdp_sgd_init(&o, np, 0.9f, 5e-4f, 1);
-  kdp_buckets *bk = kdp_buckets_for_model(&d, m, (size_t)bucket_kb);
+  kdp_buckets *bk = kdp_buckets_for_model(&d, m, (size_t)bucket_kb, KDP_GRAD_SUM_ALLREDUCE);
   size_t nb = kdp_buckets_count(bk);
+  float *shm_grads = NULL;
+  kdp_buckets *shm = kdp_buckets_create_shm(&d, np, &shm_grads);
+  if (!shm) {
+    fprintf(stderr, "kdp-bucketprof: the 2 ranks are not on one node (no shared window)\n");
+    return 1;
+  }
   int cnt[2] = {(int)(np / 2), (int)(np - np / 2)}, dsp[2] = {0, (int)(np / 2)};
   float *half = kdp_falloc(np - np / 2);
   long n = steps - steps % W_N, total = warmup + n;
@@ -110,6 +118,9 @@ int main(int argc, char **argv) {
     const float *xs = x + (way == W_K1 ? 0 : (size_t)d.slice * bs * isz);
     const int32_t *ys = y + (way == W_K1 ? 0 : (size_t)d.slice * bs);
     kdp_model_set_backward_hook(m, way == W_BKT ? kdp_buckets_ready : NULL, bk);
+    /* k2-shm: the model's gradient arena is the window's for this step (swapped outside the
+       timed part) */
+    float *own_grads = way == W_SHM ? kdp_model_swap_grads(m, shm_grads) : NULL;
     kdp_dist_barrier(&d);
     double t0 = kdp_now();
     const float *z = kdp_model_forward(m, xs, bs, 1, &drop);
@@ -120,6 +131,7 @@ int main(int argc, char **argv) {
     double t2 = kdp_now();
     if (way == W_K2) kdp_dist_peer_allreduce(&d, kdp_model_grads(m), np);
     if (way == W_BKT) kdp_buckets_finish(bk);
+    if (way == W_SHM) kdp_buckets_finish(shm);
     if (way == W_SHARD)
       MPI_Reduce_scatter(kdp_model_grads(m), half, cnt, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
     double t3 = kdp_now();
@@ -132,6 +144,7 @@ int main(int argc, char **argv) {
       kdp_sgd_step(&o, kdp_model_params(m), kdp_model_grads(m), 0.01f);
     }
     double t4 = kdp_now();
+    if (own_grads) kdp_model_swap_grads(m, own_grads);
     if (s < warmup) continue;
     size_t i = (size_t)(s - warmup), base = (size_t)d.world_rank * F_N * (size_t)n;
     t[base + F_STEP * (size_t)n + i] = (float)(t4 - t0);
@@ -152,18 +165,20 @@ int main(int argc, char **argv) {
       int r = t[F_STEP * n + i] >= t[F_N * n + F_STEP * n + i] ? 0 : 1;
       for (int f = 0; f < F_N; f++) v[w][f][i / W_N] = 1e3 * t[(size_t)r * F_N * n + f * n + i];
     }
-    enum { NR = 4 };
+    enum { NR = 6 };
     double *ratio[NR];
-    static const char *const RATIO[NR] = {"k1 / k2", "k1 / k2-bkt", "k2 / k2-bkt",
-                                          "k1 / k2-shard"};
-    static const char *const RKEY[NR] = {"k1_k2", "k1_bkt", "k2_bkt", "k1_shard"};
-    static const int RA[NR][2] = {{W_K1, W_K2}, {W_K1, W_BKT}, {W_K2, W_BKT}, {W_K1, W_SHARD}};
+    static const char *const RATIO[NR] = {"k1 / k2",       "k1 / k2-bkt", "k2 / k2-bkt",
+                                          "k1 / k2-shard", "k1 / k2-shm", "k2 / k2-shm"};
+    static const char *const RKEY[NR] = {"k1_k2",    "k1_bkt", "k2_bkt",
+                                         "k1_shard", "k1_shm", "k2_shm"};
+    static const int RA[NR][2] = {{W_K1, W_K2},    {W_K1, W_BKT}, {W_K2, W_BKT},
+                                  {W_K1, W_SHARD}, {W_K1, W_SHM}, {W_K2, W_SHM}};
     for (int q = 0; q < NR; q++) {
       ratio[q] = calloc((size_t)per, sizeof(double));
       for (long i = 0; i < per; i++) ratio[q][i] = v[RA[q][0]][F_STEP][i] / v[RA[q][1]][F_STEP][i];
     }
     printf("kdp-bucketprof: %s, batch %ld (k2: %ld per rank), %zu buckets of >= %ld KiB, %ld "
-           "triples of steps after %ld warm-up steps\n",
+           "groups of steps after %ld warm-up steps\n",
            arch, batch, batch / 2, nb, bucket_kb, per, warmup);
     printf("%-8s %-10s %9s %9s %9s\n", "way", "figure", "median", "p10", "min");
     for (int w = 0; w < W_N; w++)
@@ -199,6 +214,7 @@ int main(int argc, char **argv) {
     for (int q = 0; q < NR; q++) free(ratio[q]);
   }
   kdp_buckets_free(bk);
+  kdp_buckets_free(shm);
   kdp_sgd_free(&o);
   free(t);
   free(x), free(dz), free(y), free(half);

@@ -676,7 +676,7 @@ START_TEST(test_buckets_model_hook) {
   memcpy(blocking, kdp_model_grads(m), np * sizeof(float));
   kdp_dist_peer_allreduce(&peer, blocking, np);
   /* 1 KiB buckets: one per layer */
-  kdp_buckets *b = kdp_buckets_for_model(&peer, m, 1);
+  kdp_buckets *b = kdp_buckets_for_model(&peer, m, 1, KDP_GRAD_SUM_ALLREDUCE);
   ck_assert_uint_eq(kdp_buckets_count(b), 4);
   kdp_model_zero_grad(m);
   kdp_model_forward(m, x, 16, 1, &drop);
@@ -698,6 +698,108 @@ START_TEST(test_buckets_model_hook) {
 }
 END_TEST
 
+/* ordered[k] = ((parts[0][k] + parts[1][k]) + parts[2][k]) + ...: the shared window's order */
+static void rank_order_sum(const float *parts, size_t n, int W, float *ordered) {
+  for (size_t k = 0; k < n; k++) {
+    float v = parts[k];
+    for (int r = 1; r < W; r++) v += parts[(size_t)r * n + k];
+    ordered[k] = v;
+  }
+}
+
+/* The shared-window sum (run.grad_sum = shm): on every W, bitwise the rank-order sum
+   ((x_0 + x_1) + x_2) + ... of the W ranks' vectors, hence on 2 ranks bitwise the blocking
+   allreduce (a + b = b + a); every rank's arena holds the whole sum; again on the next step (the
+   arenas are reused), for sizes not a multiple of the 16-float slice alignment and smaller than
+   W slices. */
+START_TEST(test_shm_sum) {
+  kdp_dist peer;
+  kdp_error err;
+  int W = D.world_size;
+  ck_assert_msg(kdp_dist_setup(&peer, W, &err) == 0, "%s", err.msg);
+  static const size_t sizes[] = {1, 37, 1000, 70001, 535818};
+  size_t bad[3] = {0, 0, 0}, checked = 0;
+  for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+    size_t n = sizes[si];
+    float *g = NULL;
+    kdp_buckets *b = kdp_buckets_create_shm(&peer, n, &g);
+    ck_assert_msg(b != NULL && g != NULL, "the %d ranks of this test share a node", W);
+    ck_assert(kdp_buckets_is_shm(b));
+    ck_assert_uint_eq(kdp_buckets_count(b), 0);
+    ck_assert_uint_eq((uintptr_t)g % 64, 0);
+    float *parts = kdp_xmalloc((size_t)W * n * sizeof *parts), *ordered = kdp_xmalloc(n * sizeof *ordered);
+    float *blocking = kdp_xmalloc(n * sizeof *blocking);
+    for (int step = 0; step < 2; step++) {
+      for (int r = 0; r < W; r++) rank_values(parts + (size_t)r * n, n, r, (int)si + 10 * step);
+      rank_order_sum(parts, n, W, ordered);
+      rank_values(blocking, n, peer.slice, (int)si + 10 * step);
+      kdp_dist_peer_allreduce(&peer, blocking, n);
+      rank_values(g, n, peer.slice, (int)si + 10 * step);
+      kdp_buckets_finish(b);
+      check_bucketed(g, blocking, parts, n, W, bad);
+      bad[2] += bitwise_mismatches(g, ordered, n);
+      checked += n;
+    }
+    kdp_buckets_free(b);
+    free(parts);
+    free(ordered);
+    free(blocking);
+  }
+  if (D.world_rank == 0)
+    fprintf(stderr, "shared-window sum on %d ranks: %zu of %zu sums differ bitwise from the rank-order "
+                    "sum, %zu from one blocking allreduce, %zu beyond the summation bound\n",
+            W, bad[2], checked, bad[0], bad[1]);
+  kdp_dist_free(&peer);
+  ck_assert_msg(bad[2] == 0, "%zu of %zu sums differ from the rank-order sum", bad[2], checked);
+  ck_assert_msg(bad[1] == 0, "%zu of %zu sums beyond the summation bound", bad[1], checked);
+  if (W == 2)
+    ck_assert_msg(bad[0] == 0, "%zu of %zu sums differ from the blocking allreduce", bad[0], checked);
+}
+END_TEST
+
+/* run.grad_sum = auto on one node: the model's gradient arena moves into the window (no backward
+   hook: no bucket starts), the backward pass writes there, finish sums it (bitwise the rank-order
+   sum); kdp_buckets_free gives the model its own arena back, holding the sum. */
+START_TEST(test_shm_model) {
+  kdp_dist peer;
+  kdp_error err;
+  int W = D.world_size;
+  ck_assert_msg(kdp_dist_setup(&peer, W, &err) == 0, "%s", err.msg);
+  kdp_input_shape ish = {8, 8, 1, 10};
+  kdp_model *m = NULL;
+  ck_assert_msg(kdp_model_create(&m, "mlp(96,64,32)", ish, 16, &err) == 0, "%s", err.msg);
+  kdp_rng rng, drop;
+  kdp_rng_seed(&rng, 5, KDP_STREAM_INIT);
+  kdp_model_init(m, &rng);
+  kdp_rng_seed(&drop, 1, KDP_STREAM_DROPOUT);
+  size_t np = kdp_model_n_params(m);
+  float x[16 * 64], dz[16 * 10];
+  rank_values(x, 16 * 64, peer.slice, 7);
+  rank_values(dz, 16 * 10, peer.slice, 8);
+  float *own = kdp_model_grads(m);
+  kdp_buckets *b = kdp_buckets_for_model(&peer, m, 1, KDP_GRAD_SUM_AUTO);
+  ck_assert(kdp_buckets_is_shm(b));
+  ck_assert_ptr_ne(kdp_model_grads(m), own);
+  kdp_model_zero_grad(m);
+  kdp_model_forward(m, x, 16, 1, &drop);
+  kdp_model_backward(m, dz, NULL);
+  ck_assert_uint_eq(kdp_buckets_started(b), 0);
+  float *parts = kdp_xmalloc((size_t)W * np * sizeof(float)), *sum = kdp_xmalloc(np * sizeof(float));
+  kdp_dist_cohort_allgather(&D, kdp_model_grads(m), parts, np);
+  kdp_buckets_finish(b);
+  memcpy(sum, kdp_model_grads(m), np * sizeof(float));
+  kdp_buckets_free(b);
+  ck_assert_ptr_eq(kdp_model_grads(m), own);
+  rank_order_sum(parts, np, W, parts); /* (row 0 of parts is read before it is written) */
+  size_t bad = bitwise_mismatches(own, sum, np) + bitwise_mismatches(own, parts, np);
+  free(parts);
+  free(sum);
+  kdp_model_free(m);
+  kdp_dist_free(&peer);
+  ck_assert_msg(bad == 0, "%zu of %zu gradients differ from the rank-order sum", bad, np);
+}
+END_TEST
+
 int main(int argc, char **argv) {
   kdp_error err;
   if (kdp_dist_init_mpi(&argc, &argv, &err) != 0 || kdp_dist_setup(&D, 1, &err) != 0) {
@@ -713,6 +815,8 @@ int main(int argc, char **argv) {
   tcase_add_test(tc, test_agree_detects_difference);
   tcase_add_test(tc, test_buckets_sum);
   tcase_add_test(tc, test_buckets_model_hook);
+  tcase_add_test(tc, test_shm_sum);
+  tcase_add_test(tc, test_shm_model);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_set_fork_status(sr, CK_NOFORK); /* MPI cannot survive fork */

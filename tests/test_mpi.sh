@@ -48,13 +48,19 @@ done
 for a in "mlp(64,32)" cnn; do
   t=$(echo "$a" | tr -c 'a-z0-9' _)
   for kb in 0 1; do
-    spawn_to "$tmp/bk-$t-$kb.out" run 2 "${bk[@]}" -s "model.arch=$a" -s run.bucket_kb=$kb -s run.dir="$tmp/bk-$t-$kb"
+    spawn_to "$tmp/bk-$t-$kb.out" run 2 "${bk[@]}" -s "model.arch=$a" -s run.bucket_kb=$kb -s run.grad_sum=allreduce \
+      -s run.dir="$tmp/bk-$t-$kb"
   done
+  spawn_to "$tmp/bk-$t-shm.out" run 2 "${bk[@]}" -s "model.arch=$a" -s run.grad_sum=shm -s run.dir="$tmp/bk-$t-shm"
 done
-if ! sanitizer_skip "buckets on 3 ranks against 1"; then
+if ! sanitizer_skip "buckets and the shared-window sum on 3 and 4 ranks against 1"; then
   spawn_to "$tmp/bk3-1.out" run 1 "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.dir="$tmp/bk3-1"
   spawn_to "$tmp/bk3-3.out" run 3 "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.ranks_per_peer=3 \
-    -s run.bucket_kb=1 -s run.dir="$tmp/bk3-3"
+    -s run.bucket_kb=1 -s run.grad_sum=allreduce -s run.dir="$tmp/bk3-3"
+  for k in 3 4; do
+    spawn_to "$tmp/shm$k.out" run $k "${hyb[@]}" -s kd.method=independent -s optim.batch_size=48 -s run.ranks_per_peer=$k \
+      -s run.grad_sum=shm -s run.dir="$tmp/shm$k"
+  done
 fi
 # determinism: d2 also writes the timeline (run.timeline, checked below), which must not change a result
 sanitizer_skip "determinism" || spawn_to "$tmp/d1.out" run 2 "${small[@]}" -s run.max_steps=10 -s "model.arch=mlp(32)" \
@@ -199,7 +205,9 @@ expect "/metrics of an ffl run has no contrastive loss" \
 # --- gradient buckets (run.bucket_kb): on k = 2 ranks the bucketed allreduce, started during the
 # backward pass, gives bitwise the weights of one allreduce after it (a + b = b + a): mlp and the
 # cnn (fused conv blocks, batchnorm). On k = 3 Open MPI sums in an order that can depend on the
-# message size, so buckets are held to the single-rank reference at the hybrid tolerance above ---
+# message size, so buckets are held to the single-rank reference at the hybrid tolerance above.
+# The shared-window sum (run.grad_sum = shm, the default on one node) likewise: bitwise on 2 ranks,
+# the single-rank reference's tolerance on 3 and 4 ---
 ckdig() { # ckdig DIR RANK: digests of the last checkpoint of DIR, rank RANK's file
   "$exe" inspect "$(ls -d "$1"/checkpoints/step-* | tail -n 1)/peer-00$2.kdpc" 2>/dev/null | sed -n '/tensor digests/,$p'
 }
@@ -210,12 +218,18 @@ for a in "mlp(64,32)" cnn; do
     expect "buckets: $a on 2 ranks, bucket_kb = $kb trains (exit $rc)" test "$rc" = 0
     [ "$rc" = 0 ] || tail -n 20 "$tmp/bk-$t-$kb.out"
   done
-  d0=$(ckdig "$tmp/bk-$t-0" 0) d1=$(ckdig "$tmp/bk-$t-1" 0)
+  rc=$(rc_of "$tmp/bk-$t-shm.out")
+  expect "shared-window sum: $a on 2 ranks, grad_sum = shm trains (exit $rc)" test "$rc" = 0
+  d0=$(ckdig "$tmp/bk-$t-0" 0) d1=$(ckdig "$tmp/bk-$t-1" 0) ds=$(ckdig "$tmp/bk-$t-shm" 0)
   expect "buckets: $a on 2 ranks: 1 KiB buckets give bitwise the weights and momentum of one allreduce" \
     test -n "$d0" -a "$d0" = "$d1"
+  expect "shared-window sum: $a on 2 ranks gives bitwise the weights and momentum of one allreduce" \
+    test -n "$d0" -a "$d0" = "$ds"
   # (batchnorm's running statistics are each rank's own: params and momentum only)
-  expect "buckets: $a: the two ranks hold the same weights and momentum" \
-    test "$(echo "$d1" | grep -E '^  (params|momentum) ')" = "$(ckdig "$tmp/bk-$t-1" 1 | grep -E '^  (params|momentum) ')"
+  for v in 1 shm; do
+    expect "buckets ($v): $a: the two ranks hold the same weights and momentum" \
+      test "$(ckdig "$tmp/bk-$t-$v" 0 | grep -E '^  (params|momentum) ')" = "$(ckdig "$tmp/bk-$t-$v" 1 | grep -E '^  (params|momentum) ')"
+  done
 done
 if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
   rc=$(rc_of "$tmp/bk3-3.out")
@@ -225,6 +239,14 @@ if [ -z "${KDP_SANITIZER_RUN:-}" ]; then
     awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
   expect "buckets: 20 steps logged by both" test "$(losses "$tmp/bk3-1/metrics.jsonl" | wc -l)" = 20 -a \
     "$(losses "$tmp/bk3-3/metrics.jsonl" | wc -l)" = 20
+  for k in 3 4; do
+    rc=$(rc_of "$tmp/shm$k.out")
+    expect "shared-window sum: one peer on $k ranks trains (exit $rc)" test "$rc" = 0
+    md=$(relmax "$(losses "$tmp/bk3-1/metrics.jsonl")" "$(losses "$tmp/shm$k/metrics.jsonl")")
+    expect "shared-window sum: $k ranks equal 1 over 20 steps (max relative loss difference $md < 1e-4)" \
+      awk -v m="$md" 'BEGIN { exit !(m < 1e-4) }'
+    expect "shared-window sum: 20 steps logged on $k ranks" test "$(losses "$tmp/shm$k/metrics.jsonl" | wc -l)" = 20
+  done
 fi
 
 # --- determinism under mpirun (the second run also writes its timeline) ---

@@ -134,6 +134,22 @@ for layout in "2 node" "4 node" "4 slot"; do
     test -n "$(evals "$d")" -a "$(evals "$d")" = "$(evals "${single[$np]}")"
 done
 
+# --- run.grad_sum = shm with one peer's 2 ranks on the two hosts: no shared window can join them,
+# so the peer falls back to the allreduce (and says so); on 2 ranks the sum is a + b either way,
+# so the result equals the one-host run, which sums through the window ---
+kjob=("${job[@]}" -s kd.method=independent -s run.ranks_per_peer=2 -s run.grad_sum=shm -s run.max_steps=8)
+d="$tmp/mn-shm" s="$tmp/single-shm"
+mpirun_mn 2 node "$exe" "${kjob[@]}" -s run.dir="$d" >"$d.out" 2>&1
+rc=$?
+expect "grad_sum = shm, one peer over both hosts: exits 0 (exit $rc)" test "$rc" = 0
+expect "grad_sum = shm, one peer over both hosts: it says it sums with the allreduce" \
+  grep -q "not all on one node: summing its gradients with the allreduce" "$d.out"
+timeout 120 mpirun -np 2 --oversubscribe --bind-to none "$exe" "${kjob[@]}" -s run.dir="$s" >"$s.out" 2>&1
+expect "grad_sum = shm, one peer on one host (plain mpirun) exits 0" test "$?" = 0
+expect "grad_sum = shm on one host: the window, no fall-back" test "$(grep -c "not all on one node" "$s.out")" = 0
+expect "grad_sum = shm: the fall-back over two hosts gives exactly the one-host run's eval lines" \
+  test -n "$(evals "$d")" -a "$(evals "$d")" = "$(evals "$s")"
+
 # --- negative: the agent refuses hosts that are not in its map (it never reaches anything else) ---
 printf '%s slots=1\n10.77.0.99 slots=1\n' "$addrA" >"$tmp/hostfile.unknown"
 start=$SECONDS

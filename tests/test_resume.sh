@@ -30,7 +30,8 @@ base=(-s data.subset=1536 -s data.test_subset=1000 -s run.epochs=2 -s "model.arc
 case_args() { # case_args CASE: the case's arguments beyond base
   case "$1" in
     switokd) echo "-s kd.method=switokd -s model.arch=mlp(8) -s peer.0.arch=mlp(128)" ;;
-    bk) echo "-s run.ranks_per_peer=2 -s run.bucket_kb=1 -s kd.method=independent" ;;
+    bk) echo "-s run.ranks_per_peer=2 -s run.bucket_kb=1 -s run.grad_sum=allreduce -s kd.method=independent" ;;
+    shm) echo "-s run.ranks_per_peer=2 -s run.grad_sum=shm -s kd.method=independent" ;;
     *) echo "-s kd.method=$1" ;;
   esac
 }
@@ -45,8 +46,9 @@ stop_and_resume() { # stop_and_resume DIR ARGS...: DIR.out1 and DIR.out2, exit s
   echo $? >"$b.out2.rc"
 }
 # switokd: a stronger teacher (peer 0) than its student, so that some steps are in expert mode;
-# bk: one peer on 2 ranks with the gradient allreduce in 1 KiB buckets
-cases=(dml one ffl mcl switokd bk)
+# bk: one peer on 2 ranks with the gradient allreduce in 1 KiB buckets; shm: the same peer with
+# its gradients summed through the shared window (run.grad_sum = shm)
+cases=(dml one ffl mcl switokd bk shm)
 compare=1
 sanitizer_skip "the uninterrupted reference runs (bitwise comparisons)" && compare=0
 for c in "${cases[@]}"; do
@@ -63,6 +65,7 @@ settle
 for c in "${cases[@]}"; do
   method=$c
   [ "$c" = bk ] && method=buckets
+  [ "$c" = shm ] && method="shared-window sum"
   a="$tmp/$c-a" b="$tmp/$c-b"
   [ "$compare" = 1 ] && expect "$method: uninterrupted run exits 0" test "$(rc_of "$a.out")" = 0
   rc=$(rc_of "$b.out1")

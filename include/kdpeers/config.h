@@ -35,6 +35,8 @@ typedef struct kdp_config {
   int log_every;           /* steps between log lines / progress refreshes */
   int ranks_per_peer;
   int bucket_kb;            /* gradient allreduce buckets (KiB) when ranks_per_peer > 1; 0 = off */
+  char grad_sum[16];        /* auto | allreduce | shm (how a peer's ranks sum gradients) */
+  int grad_sum_id;          /* kdp_grad_sum */
   char progress[16];       /* auto | bar | plain | none */
   int progress_id;         /* kdp_progress_mode */
   int timeline;            /* write run.dir/timeline-rankNNN.json (Chrome trace) */

@@ -105,10 +105,32 @@ void kdp_buckets_ready(void *b, size_t ready);
    the front of grads) in one blocking allreduce, then waits for the started ones: grads then
    holds the sum over the peer's ranks. Ready for the next step. */
 void kdp_buckets_finish(kdp_buckets *b);
-/* Buckets of bucket_kb KiB over model m's gradients (src/nn's kdp_model, its layer marks), set as
-   m's backward hook; kdp_buckets_free removes the hook. */
+/* How a peer's ranks sum their gradients (run.grad_sum): through a shared-memory window when
+   all of them are on one node (auto, shm), else the allreduce (in buckets when bucket_kb > 0). */
+typedef enum kdp_grad_sum {
+  KDP_GRAD_SUM_AUTO = 0,
+  KDP_GRAD_SUM_ALLREDUCE,
+  KDP_GRAD_SUM_SHM
+} kdp_grad_sum;
+/* The shared-memory sum (collective over the peer's ranks): the k ranks' gradient arenas of n
+   floats each live in one MPI-3 shared window (MPI_Win_allocate_shared over the peer's ranks,
+   which must share a node). kdp_buckets_finish then: a barrier (the arenas are written), each
+   rank sums its 1/k slice over the k arenas in rank order (arena 0 + arena 1 + ...: on 2 ranks
+   bitwise the allreduce's a + b, on more a fixed order) and writes the sum into that slice of
+   every arena, a barrier: each rank's own arena holds the whole sum, with no copy back. *grads
+   receives this rank's arena. Returns NULL (nothing allocated) when the peer's ranks span
+   nodes or the peer has one rank. */
+kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads);
+/* 1: b sums through the shared window */
+int kdp_buckets_is_shm(const kdp_buckets *b);
+/* The gradient sum for model m (src/nn's kdp_model): how = allreduce, or auto/shm when the peer's
+   ranks span nodes: buckets of bucket_kb KiB over its layer marks, set as m's backward hook;
+   how = auto/shm on one node: m's gradient arena moves into the shared window (no hook: on
+   shared memory the overlap hides nothing, docs/threads.md). kdp_buckets_free removes the hook
+   or gives m back its own arena (with the gradients). */
 struct kdp_model;
-kdp_buckets *kdp_buckets_for_model(kdp_dist *d, struct kdp_model *m, size_t bucket_kb);
+kdp_buckets *kdp_buckets_for_model(kdp_dist *d, struct kdp_model *m, size_t bucket_kb,
+                                   kdp_grad_sum how);
 size_t kdp_buckets_count(const kdp_buckets *b);
 /* buckets started in this step so far (for tests) */
 size_t kdp_buckets_started(const kdp_buckets *b);

@@ -298,6 +298,10 @@ void kdp_model_init(kdp_model *m, kdp_rng *rng);
 size_t kdp_model_n_params(const kdp_model *m);
 float *kdp_model_params(kdp_model *m);
 float *kdp_model_grads(kdp_model *m);
+/* Makes g (n_params floats, 64-byte aligned, owned by the caller) the gradient arena, with the
+   current gradients copied in; returns the previous arena (swap it back before freeing g). Used
+   to place the gradients in memory shared by a peer's ranks (src/dist/buckets.c). */
+float *kdp_model_swap_grads(kdp_model *m, float *g);
 /* Non-trained state (BN running mean/var), contiguous too (for checkpoints and allreduce). */
 size_t kdp_model_n_buffers(const kdp_model *m);
 float *kdp_model_buffers(kdp_model *m);

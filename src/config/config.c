@@ -66,6 +66,8 @@ static const char *const schedule_choices[] = {"constant", "cosine", "multistep"
 static const char *const exchange_choices[] = {"logits", "weights", NULL};
 static const char *const divergence_choices[] = {"stop", "rollback", NULL};
 static const char *const ensemble_choices[] = {"naive", "minlogit", "general", NULL};
+/* kdp_grad_sum's order */
+static const char *const grad_sum_choices[] = {"auto", "allreduce", "shm", NULL};
 
 static int check_milestones(const char *value, char *why, size_t n);
 static int check_listen(const char *value, char *why, size_t n);
@@ -95,6 +97,12 @@ static const key_def keys[] = {
      .help = "ranks_per_peer > 1: the gradient allreduce runs in buckets of at least this many KiB, "
              "each started as soon as the backward pass has written it (0 = one allreduce after "
              "the backward pass)"},
+    {"run", "grad_sum", KT_ENUM, AT(grad_sum), .choices = grad_sum_choices, ENUM_AT(grad_sum_id),
+     .def = "auto",
+     .help = "ranks_per_peer > 1: how a peer's ranks sum their gradients: shm (each rank sums "
+             "its 1/k slice of all the ranks' gradients in an MPI-3 shared-memory window; "
+             "bucket_kb unused), allreduce (MPI, in buckets per bucket_kb), or auto (shm when all "
+             "of a peer's ranks share a node, else allreduce; shm also falls back to it then)"},
     {"run", "progress", KT_ENUM, AT(progress), .choices = progress_choices, ENUM_AT(progress_id),
      .def = "auto",
      .help = "rank-0 output: bar on a terminal, plain timestamped lines, or none (auto picks)"},

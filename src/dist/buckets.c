@@ -1,7 +1,9 @@
 /* buckets.c: the gradient allreduce of a peer's ranks in buckets, overlapped with the backward
    pass (see kdpeers/dist.h). */
 #include <mpi.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "dist_mpi.h"
 #include "kdpeers/dist.h"
@@ -15,6 +17,15 @@ struct kdp_buckets {
   MPI_Request *req;
   kdp_model *model; /* kdp_buckets_for_model: the model whose backward hook this is */
   size_t started, tested; /* buckets started this step; the first one not known complete */
+  /* the shared-memory sum (kdp_buckets_create_shm): the window, its communicator (the peer's
+     ranks, rank = slice), the k arenas (arena[slice], each padded to whole pages), this rank's
+     slice [lo, hi) of the vector, and the model's own arena while the window's is lent */
+  MPI_Win *win;
+  MPI_Comm shm_comm;
+  float **arena;
+  int k;
+  size_t slo, shi;
+  float *model_grads;
 };
 
 kdp_buckets *kdp_buckets_create(kdp_dist *d, float *grads, size_t n, const size_t *marks,
@@ -70,7 +81,95 @@ void kdp_buckets_ready(void *ctx, size_t ready) {
   test_started(b);
 }
 
+/* MPI-3's unified model with a passive-target epoch open for the window's life: a memory
+   barrier (MPI_Win_sync), a barrier of the ranks, another memory barrier: every write to the
+   window before it is seen by every read after it. */
+static void shm_sync(kdp_buckets *b) {
+  KDP_CHECK_MPI(MPI_Win_sync(*b->win));
+  KDP_WAIT_MPI(b->d, MPI_Barrier(b->shm_comm));
+  KDP_CHECK_MPI(MPI_Win_sync(*b->win));
+}
+
+/* slice [lo, hi) of every arena := arena 0 + arena 1 + ... + arena k-1, in that order, in chunks
+   that stay in L1 */
+static void shm_sum_slice(float *const *arena, int k, size_t lo, size_t hi) {
+  enum { CH = 1024 };
+  float acc[CH];
+  for (size_t c = lo; c < hi; c += CH) {
+    size_t m = hi - c < CH ? hi - c : CH;
+    const float *a0 = arena[0] + c;
+    for (size_t i = 0; i < m; i++) acc[i] = a0[i];
+    for (int r = 1; r < k; r++) {
+      const float *ar = arena[r] + c;
+      for (size_t i = 0; i < m; i++) acc[i] += ar[i];
+    }
+    for (int r = 0; r < k; r++) memcpy(arena[r] + c, acc, m * sizeof(float));
+  }
+}
+
+static void shm_finish(kdp_buckets *b) {
+  double t0 = kdp_now();
+  shm_sync(b); /* every rank's arena is written */
+  shm_sum_slice(b->arena, b->k, b->slo, b->shi);
+  shm_sync(b); /* every slice's sum is in every arena; each rank owns its arena again */
+  b->d->t_allreduce += kdp_now() - t0;
+}
+
+int kdp_buckets_is_shm(const kdp_buckets *b) { return b->win != NULL; }
+
+kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads) {
+  if (d->ranks_per_peer <= 1) return NULL;
+  MPI_Comm c;
+  int k = 0, me = 0, all = 0;
+  KDP_CHECK_MPI(MPI_Comm_split_type(COMM(d->peer_comm), MPI_COMM_TYPE_SHARED, d->slice,
+                                    MPI_INFO_NULL, &c));
+  KDP_CHECK_MPI(MPI_Comm_size(c, &k));
+  /* every rank of the peer must see the whole peer on its node */
+  int here = k == d->ranks_per_peer;
+  KDP_CHECK_MPI(MPI_Allreduce(&here, &all, 1, MPI_INT, MPI_LAND, COMM(d->peer_comm)));
+  if (!all) {
+    MPI_Comm_free(&c);
+    return NULL;
+  }
+  KDP_CHECK_MPI(MPI_Comm_rank(c, &me)); /* == slice (the split's key) */
+  kdp_buckets *b = kdp_xcalloc(1, sizeof *b);
+  b->d = d;
+  b->n = n;
+  b->k = k;
+  b->shm_comm = c;
+  b->win = kdp_xmalloc(sizeof *b->win);
+  /* each rank's arena on its own pages (noncontig: placed near its rank), 64-byte aligned within
+     its segment (Open MPI's segments need not be: 8 bytes off a line here) */
+  const size_t page = 4096, bytes = ((n ? n : 1) * sizeof(float) + 64 + page - 1) / page * page;
+  MPI_Info info;
+  KDP_CHECK_MPI(MPI_Info_create(&info));
+  KDP_CHECK_MPI(MPI_Info_set(info, "alloc_shared_noncontig", "true"));
+  void *mine = NULL;
+  KDP_CHECK_MPI(MPI_Win_allocate_shared((MPI_Aint)bytes, sizeof(float), info, c, &mine, b->win));
+  MPI_Info_free(&info);
+  b->arena = kdp_xmalloc((size_t)k * sizeof *b->arena);
+  for (int r = 0; r < k; r++) {
+    MPI_Aint sz = 0;
+    int du = 0;
+    void *base = NULL;
+    KDP_CHECK_MPI(MPI_Win_shared_query(*b->win, r, &sz, &du, &base));
+    b->arena[r] = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
+  }
+  memset(b->arena[me], 0, n * sizeof(float));
+  /* the slices: cut at multiples of 16 floats (64 bytes), so no two ranks write one cache line */
+  b->slo = (n * (size_t)me / (size_t)k) & ~(size_t)15;
+  b->shi = me + 1 == k ? n : (n * (size_t)(me + 1) / (size_t)k) & ~(size_t)15;
+  KDP_CHECK_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, *b->win));
+  shm_sync(b);
+  *grads = b->arena[me];
+  return b;
+}
+
 void kdp_buckets_finish(kdp_buckets *b) {
+  if (b->win) {
+    shm_finish(b);
+    return;
+  }
   if (!b->nb) {
     kdp_dist_peer_allreduce(b->d, b->grads, b->n);
     return;
@@ -92,7 +191,23 @@ void kdp_buckets_finish(kdp_buckets *b) {
   d->t_allreduce += kdp_now() - t0;
 }
 
-kdp_buckets *kdp_buckets_for_model(kdp_dist *d, kdp_model *m, size_t bucket_kb) {
+kdp_buckets *kdp_buckets_for_model(kdp_dist *d, kdp_model *m, size_t bucket_kb,
+                                   kdp_grad_sum how) {
+  /* (a model without gradients, e.g. a frozen teacher's, keeps the allreduce path: it sums
+     nothing) */
+  if (how != KDP_GRAD_SUM_ALLREDUCE && kdp_model_grads(m)) {
+    float *g = NULL;
+    kdp_buckets *b = kdp_buckets_create_shm(d, kdp_model_n_params(m), &g);
+    if (b) {
+      b->model = m;
+      b->model_grads = kdp_model_swap_grads(m, g);
+      return b;
+    }
+    if (how == KDP_GRAD_SUM_SHM && d->ranks_per_peer > 1 && d->slice == 0)
+      fprintf(stderr, "kdpeers: peer %d: run.grad_sum = shm, but its %d ranks are not all on "
+                      "one node: summing its gradients with the allreduce\n",
+              d->peer, d->ranks_per_peer);
+  }
   size_t nm = kdp_model_grad_marks(m, NULL, 0);
   size_t *marks = kdp_xmalloc((nm ? nm : 1) * sizeof *marks);
   kdp_model_grad_marks(m, marks, nm);
@@ -116,7 +231,15 @@ void kdp_buckets_range(const kdp_buckets *b, size_t i, size_t *lo, size_t *hi) {
 
 void kdp_buckets_free(kdp_buckets *b) {
   if (!b) return;
-  if (b->model) kdp_model_set_backward_hook(b->model, NULL, NULL);
+  if (b->model && b->win) kdp_model_swap_grads(b->model, b->model_grads);
+  else if (b->model) kdp_model_set_backward_hook(b->model, NULL, NULL);
+  if (b->win) {
+    MPI_Win_unlock_all(*b->win);
+    MPI_Win_free(b->win);
+    MPI_Comm_free(&b->shm_comm);
+    free(b->win);
+    free(b->arena);
+  }
   free(b->lo);
   free(b->hi);
   free(b->req);

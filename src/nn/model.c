@@ -910,6 +910,12 @@ float *kdp_model_params(kdp_model *m) {
   return m->params;
 }
 float *kdp_model_grads(kdp_model *m) { return m->grads; }
+float *kdp_model_swap_grads(kdp_model *m, float *g) {
+  float *old = m->grads;
+  if (old && g) memcpy(g, old, m->n_params * sizeof(float));
+  m->grads = g;
+  return old;
+}
 size_t kdp_model_n_buffers(const kdp_model *m) { return m->n_buffers; }
 float *kdp_model_buffers(kdp_model *m) {
   m->frozen = 0;

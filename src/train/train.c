@@ -558,7 +558,8 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     kdp_loop_init(t, &L);
     double base[3] = {d->t_exchange, d->t_allreduce, d->t_wait};
     int stopped = 0;
-    t->buckets = kdp_buckets_for_model(t->d, t->model, (size_t)cfg->bucket_kb);
+    t->buckets = kdp_buckets_for_model(t->d, t->model, (size_t)cfg->bucket_kb,
+                                       (kdp_grad_sum)cfg->grad_sum_id);
     rc = loop(t, &L, &stopped, err);
     kdp_buckets_free(t->buckets);
     t->buckets = NULL;
