@@ -18,7 +18,9 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "../src/train/train_internal.h" /* kdp_ckpt_compare_configs */
 #include "kdpeers/ckpt.h"
+#include "kdpeers/config.h"
 #include "testutil.h"
 
 /* ---- helpers ---- */
@@ -928,6 +930,66 @@ START_TEST(test_many_entries) {
 }
 END_TEST
 
+/* ---- the checkpoint's config against this run's (resume) ---- */
+static char *defaults_text(const char *set) {
+  kdp_config c;
+  kdp_error err = {0};
+  kdp_config_defaults(&c);
+  if (set) ck_assert_msg(kdp_config_set(&c, set, &err) == 0, "%s", err.msg);
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&buf, &len);
+  kdp_config_print(&c, f);
+  fclose(f);
+  return buf;
+}
+/* the text without the line "KEY = ..." of section [SECTION]'s key (as an older kdpeers wrote it) */
+static char *without_line(const char *text, const char *line_start) {
+  char *out = strdup(text), *p = strstr(out, line_start);
+  ck_assert_msg(p != NULL, "no line '%s'", line_start);
+  char *e = strchr(p, '\n');
+  memmove(p, e + 1, strlen(e + 1) + 1);
+  return out;
+}
+
+START_TEST(test_config_predating_a_key) {
+  kdp_trainer *t = kdp_xcalloc(1, sizeof *t);
+  kdp_config *cfg = kdp_xcalloc(1, sizeof *cfg);
+  kdp_config_defaults(cfg);
+  t->cfg = cfg;
+  t->is_root = 1;
+  kdp_error err = {0};
+  char *now = defaults_text(NULL);
+  /* the same config: nothing to say */
+  ck_assert_int_eq(kdp_ckpt_compare_configs(t, now, now, &err), 0);
+  ck_assert_int_eq((int)t->n_changes, 0);
+  /* a checkpoint written before run.grad_sum existed, this run at its default: resumes, logged */
+  char *old = without_line(now, "grad_sum = ");
+  ck_assert_int_eq(kdp_ckpt_compare_configs(t, old, now, &err), 0);
+  ck_assert_int_eq((int)t->n_changes, 1);
+  ck_assert_str_eq(t->changes[0].key, "run.grad_sum");
+  ck_assert_str_eq(t->changes[0].new_value, "auto");
+  ck_assert_ptr_nonnull(strstr(t->changes[0].old_value, "predates"));
+  /* ...but this run setting the new key to something else is a change, refused without the flag */
+  t->n_changes = 0;
+  char *now2 = defaults_text("run.grad_sum=allreduce");
+  ck_assert_int_ne(kdp_ckpt_compare_configs(t, old, now2, &err), 0);
+  ck_assert_ptr_nonnull(strstr(err.msg, "run.grad_sum"));
+  ck_assert_ptr_nonnull(strstr(err.msg, "--allow-config-change"));
+  /* and a key the checkpoint has, at another value than this run's default, still is refused */
+  char *lr = defaults_text("optim.lr=0.01");
+  err = (kdp_error){0};
+  ck_assert_int_ne(kdp_ckpt_compare_configs(t, lr, now, &err), 0);
+  ck_assert_ptr_nonnull(strstr(err.msg, "optim.lr"));
+  free(lr);
+  free(now2);
+  free(old);
+  free(now);
+  free(cfg);
+  free(t);
+}
+END_TEST
+
 static Suite *ckpt_suite(void) {
   Suite *s = suite_create("ckpt");
   TCase *core = kdp_test_case("core");
@@ -942,6 +1004,7 @@ static Suite *ckpt_suite(void) {
   tcase_add_test(core, test_prune);
   tcase_add_test(core, test_describe);
   tcase_add_test(core, test_many_entries);
+  tcase_add_test(core, test_config_predating_a_key);
   suite_add_tcase(s, core);
   TCase *lim = kdp_test_case("limits");
   tcase_add_test(lim, test_flipped_bits);

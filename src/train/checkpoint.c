@@ -199,6 +199,16 @@ static const char *ini_find(const ini_pair *v, size_t n, const char *key) {
   return NULL;
 }
 
+/* A resume with a changed setting: said on stderr, logged once metrics.jsonl is open (rank 0) */
+static void record_change(kdp_trainer *t, const char *key, const char *va, const char *vb) {
+  if (!t->is_root) return;
+  fprintf(stderr, "kdpeers: resuming with a changed setting: %s '%s' -> '%s'\n", key, va, vb);
+  size_t n = t->n_changes < KDP_MAX_CHANGES ? t->n_changes++ : KDP_MAX_CHANGES - 1;
+  snprintf(t->changes[n].key, sizeof t->changes[n].key, "%s", key);
+  snprintf(t->changes[n].old_value, sizeof t->changes[n].old_value, "%s", va);
+  snprintf(t->changes[n].new_value, sizeof t->changes[n].new_value, "%s", vb);
+}
+
 /* One key's difference between the checkpoint's config and this run's: structural ones are an
    error, others are refused unless allowed (then logged once metrics.jsonl is open). */
 static int compare_key(kdp_trainer *t, const char *key, const char *va, const char *vb,
@@ -218,26 +228,37 @@ static int compare_key(kdp_trainer *t, const char *key, const char *va, const ch
                     "Rerun with --allow-config-change to resume with the new value (it is "
                     "logged), or use --fresh to start over",
                     t->cfg->dir, key, va, vb);
-  if (t->is_root) {
-    fprintf(stderr, "kdpeers: resuming with a changed setting: %s '%s' -> '%s'\n", key, va, vb);
-    size_t n = t->n_changes < KDP_MAX_CHANGES ? t->n_changes++ : KDP_MAX_CHANGES - 1;
-    snprintf(t->changes[n].key, sizeof t->changes[n].key, "%s", key);
-    snprintf(t->changes[n].old_value, sizeof t->changes[n].old_value, "%s", va);
-    snprintf(t->changes[n].new_value, sizeof t->changes[n].new_value, "%s", vb);
-  }
+  record_change(t, key, va, vb);
   return 0;
 }
 
-/* Compares every key of the checkpoint's config text with this run's. */
-static int compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err) {
+/* Compares every key of the checkpoint's config text with this run's. A key the checkpoint's
+   config lacks (it was written by an older kdpeers, before the key existed) is no change when this
+   run keeps the key's default: an upgraded binary resumes a preempted job without
+   --allow-config-change, and the key is reported and logged like an allowed change. */
+int kdp_ckpt_compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err) {
   enum { MAX_KEYS = 512 };
   ini_pair *a = kdp_xcalloc(MAX_KEYS, sizeof *a), *b = kdp_xcalloc(MAX_KEYS, sizeof *b);
-  size_t na = ini_pairs(saved, a, MAX_KEYS), nb = ini_pairs(now, b, MAX_KEYS);
+  ini_pair *dflt = kdp_xcalloc(MAX_KEYS, sizeof *dflt);
+  size_t na = ini_pairs(saved, a, MAX_KEYS), nb = ini_pairs(now, b, MAX_KEYS), nd = 0;
+  kdp_config *dc = kdp_xcalloc(1, sizeof *dc);
+  kdp_config_defaults(dc);
+  char *dtext = config_text(dc);
+  if (dtext) nd = ini_pairs(dtext, dflt, MAX_KEYS);
+  free(dtext);
+  free(dc);
   int rc = 0;
   for (size_t i = 0; i < nb && rc == 0; i++) {
     const char *old = ini_find(a, na, b[i].key);
+    const char *def = old ? NULL : ini_find(dflt, nd, b[i].key);
+    if (!old && def && strcmp(def, b[i].value) == 0) {
+      if (!operational_key(b[i].key))
+        record_change(t, b[i].key, "(unset: the checkpoint predates the key)", b[i].value);
+      continue;
+    }
     rc = compare_key(t, b[i].key, old ? old : "(unset)", b[i].value, err);
   }
+  free(dflt);
   for (size_t i = 0; i < na && rc == 0; i++)
     if (!ini_find(b, nb, a[i].key)) rc = compare_key(t, a[i].key, a[i].value, "(unset)", err);
   free(a);
@@ -300,7 +321,7 @@ static int restore_step(kdp_trainer *t, int64_t step, int64_t *metrics_offset, k
     const char *saved = NULL;
     char *now = config_text(t->cfg);
     rc = kdp_ckpt_get_str(ck, "config", &saved, err);
-    if (rc == 0) rc = compare_configs(t, saved, now ? now : "", err);
+    if (rc == 0) rc = kdp_ckpt_compare_configs(t, saved, now ? now : "", err);
     free(now);
   }
   /* --resume-as: the per-peer settings came from the checkpoint; a peer's file must hold it */

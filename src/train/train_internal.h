@@ -264,6 +264,10 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err);
 /* Restores the newest complete checkpoint if there is one (collective). Returns 1 if restored,
    0 if there was none, negative on error. */
 int kdp_train_restore_latest(kdp_trainer *t, int64_t *metrics_offset, kdp_error *err);
+/* The checkpoint's config text against this run's: 0 if it may resume (changes allowed by
+   --allow-config-change, and keys the checkpoint predates that this run keeps at their default,
+   are added to t->changes on rank 0); KDP_EMISMATCH with the key in err otherwise. */
+int kdp_ckpt_compare_configs(kdp_trainer *t, const char *saved, const char *now, kdp_error *err);
 /* --fresh: removes run.dir/checkpoints (rank 0) and truncates metrics.jsonl. */
 int kdp_train_forget_checkpoints(const char *dir, kdp_error *err);
 
