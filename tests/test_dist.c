@@ -453,6 +453,18 @@ static void check_fields(kdp_dist *L, size_t B) {
                 "scatter of 2 fields: not the 2 scatters' rows");
   ck_assert_msg(L->bytes_exchanged - by1 == by1 - by0, "scatter of 2 fields: %g bytes, want %g",
                 L->bytes_exchanged - by1, by1 - by0);
+  /* a whole field with them: every other member's 5 floats in member order, mine untouched */
+  float w5[5], all5[5 * 64];
+  for (size_t k = 0; k < 5; k++) w5[k] = (float)(100 * L->world_rank + (int)k);
+  for (size_t k = 0; k < 5 * 64; k++) all5[k] = -1.0f;
+  kdp_rows_field f3[3] = {f[0], f[1], {.whole = 5, .in = w5, .out = all5}};
+  kdp_dist_scatter_blocks_fields(L, KDP_GROUP_WORLD, B, f3, 3);
+  ck_assert_msg(memcmp(ba[0], ba[1], sizeof ba[0]) == 0 && memcmp(bb[0], bb[1], sizeof bb[0]) == 0,
+                "scatter of 2 fields with a whole one: not the 2 scatters' rows");
+  for (int m = 0; m < L->world_size; m++)
+    for (size_t k = 0; k < 5; k++)
+      ck_assert_msg(all5[5 * (size_t)m + k] == (m == L->world_rank ? -1.0f : (float)(100 * m + (int)k)),
+                    "whole field: member %d's value %zu is %g", m, k, (double)all5[5 * (size_t)m + k]);
   /* a started world sum, other collectives in between, equals the blocking one */
   float s0[37], s1[37];
   for (size_t k = 0; k < 37; k++) s0[k] = s1[k] = 0.1f * (float)k + 0.37f * (float)L->world_rank;

@@ -160,13 +160,16 @@ void kdp_dist_scatter_rows_set(kdp_dist *d, kdp_group g, kdp_rows target, size_t
    f moves rows of width[p] floats of peer p from in to out, exactly as its own exchange would
    (the same rows, places and bytes counted). gather: as kdp_dist_gather_rows; scatter_blocks: as
    kdp_dist_scatter_rows_set with target KDP_ROWS_BLOCK (shared per field). One field: the plain
-   exchange. */
+   exchange. A field with whole = n > 0 is no rows but n floats every member sends whole to every
+   other member (an allgather): out = the group's size blocks of n, member order, this member's
+   own block left untouched (width and shared unused). */
 #define KDP_DIST_MAX_FIELDS 4
 typedef struct kdp_rows_field {
   const size_t *width;
   int shared;
   const float *in;
   float *out;
+  size_t whole;
 } kdp_rows_field;
 void kdp_dist_gather_rows_fields(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
                                  const kdp_rows_field *f, size_t nf);

@@ -586,6 +586,15 @@ static void fields_alltoallw(kdp_dist *d, const rows_plan *x, const int *cnt, si
   free(sc);
 }
 
+/* the counts of n floats sent whole to every other member, received as member-ordered blocks */
+static void whole_counts(size_t n, rows_plan *x) {
+  for (int m = 0; m < x->size; m++) {
+    x->sc[m] = x->rc[m] = m == x->me ? 0 : (int)n;
+    x->sd[m] = 0;
+    x->rd[m] = (int)((size_t)m * n);
+  }
+}
+
 /* the fields' counts, each as its one-tensor exchange computes them (gather: 1, else a scatter
    to target BLOCK, set), into cnt (4 x size per field), then one exchange of them all */
 static void fields_exchange(kdp_dist *d, kdp_group g, kdp_rows target, size_t B, int gather,
@@ -599,10 +608,13 @@ static void fields_exchange(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
   const float *in[KDP_DIST_MAX_FIELDS];
   float *out[KDP_DIST_MAX_FIELDS];
   int *cnt = NULL;
+  static const size_t no_width[KDP_DIST_MAX_PEERS];
   for (size_t k = 0; k < nf; k++) {
     size_t total;
-    plan_rows(d, g, target, B, f[k].width, &x);
-    if (gather)
+    plan_rows(d, g, target, B, f[k].whole ? no_width : f[k].width, &x);
+    if (f[k].whole)
+      whole_counts(f[k].whole, &x);
+    else if (gather)
       gather_counts(d, g, target, B, f[k].width, &x);
     else
       scatter_counts(d, g, target, B, f[k].width, f[k].shared, 1, &x, &total);

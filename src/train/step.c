@@ -40,6 +40,10 @@ struct kdp_pipeline {
   size_t *rg, nsh, nown, nshard, own_n;
   float *pack;
   unsigned stale;
+  /* between 2 ranks the step sums the SHARED gradient itself (summed = 1 until the allreduce
+     call): the other rank's part, received with the teachers (gsum, 2 blocks) */
+  float *gsum;
+  int summed;
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
   int switokd, expert;                 /* switokd: the last step's mode (1 = expert) */
   kdp_switokd_gaps gaps;
@@ -124,6 +128,7 @@ void kdp_pipeline_free(kdp_pipeline *p) {
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
   free(p->rg);
   free(p->pack);
+  free(p->gsum);
   free(p);
 }
 
@@ -196,6 +201,14 @@ int kdp_pipeline_expert(const kdp_pipeline *p, kdp_switokd_gaps *gaps) {
   return p->switokd && p->expert;
 }
 
+/* the SHARED gradient summed with the other rank's (2 ranks): in rank order, as MPI sums it */
+static void add_other(kdp_pipeline *p) {
+  float *g = kdp_cohort_module_grads(p->c) + p->rg[0];
+  const size_t ns = p->rg[1] - p->rg[0], me = (size_t)p->d->world_rank;
+  const float *o = p->gsum + (1 - me) * ns;
+  for (size_t k = 0; k < ns; k++) g[k] = me == 0 ? g[k] + o[k] : o[k] + g[k];
+}
+
 /* the module's backward on the block's m rows (blk), into dzb / dhb / the partials' gradient */
 static int module_backward(kdp_pipeline *p, const kdp_kd_rows *blk, size_t m, kdp_error *err) {
   if (p->lgrad) memset(p->dzb, 0, p->P * m * p->C * sizeof(float));
@@ -257,13 +270,23 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
     if (early) {
       rc = module_backward(p, &blk, m, err);
       if (rc) return rc;
-      if (p->nsh == 1) /* the replicated parts' gradient is complete: its sum can start */
-        kdp_dist_world_allreduce_start(p->d, kdp_cohort_module_grads(p->c) + p->rg[0],
-                                       p->rg[1] - p->rg[0]);
       f[nf++] = (kdp_rows_field){.width = p->wc, .shared = 1, .in = p->dpartb,
                                  .out = p->dpart_own};
+      /* the replicated parts' gradient is complete: between 2 ranks each sends the other its
+         part with the teachers (the bytes of a 2-rank allreduce, no collective of its own);
+         else its sum starts now */
+      float *g = kdp_cohort_module_grads(p->c) + (p->nsh ? p->rg[0] : 0);
+      const size_t ns = p->nsh == 1 ? p->rg[1] - p->rg[0] : 0;
+      if (ns && p->d->world_size == 2) {
+        if (!p->gsum) p->gsum = kdp_falloc(2 * ns);
+        f[nf++] = (kdp_rows_field){.whole = ns, .in = g, .out = p->gsum};
+        p->summed = 1;
+      } else if (ns) {
+        kdp_dist_world_allreduce_start(p->d, g, ns);
+      }
     }
     kdp_dist_scatter_blocks_fields(p->d, KDP_GROUP_WORLD, B, f, nf);
+    if (early && p->summed) add_other(p);
   }
   if (o->contribute) { /* a teacher reduced over the peers (kdcl): one allreduce of my rows */
     rc = kdp_cohort_teacher_contribution(p->c, p->me, in->z, in->y + olo, n, p->t_own, err);
@@ -327,7 +350,9 @@ static void own_block(kdp_pipeline *p, float *v, int out) {
 
 void kdp_pipeline_module_allreduce(kdp_pipeline *p) {
   float *g = kdp_cohort_module_grads(p->c);
-  if (p->d->sum_req) /* the step started it (ffl: its backward ran before the peer term) */
+  if (p->summed) /* the step summed it (ffl: its backward ran before the peer term) */
+    p->summed = 0;
+  else if (p->d->sum_req) /* the step started it */
     kdp_dist_world_allreduce_finish(p->d);
   else
     for (size_t k = 0; k < p->nsh; k++)
