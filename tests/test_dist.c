@@ -402,6 +402,81 @@ static void check_rows(kdp_dist *L, size_t B) {
   }
 }
 
+/* Two tensors' rows in one exchange (kdp_dist_gather_rows_fields, kdp_dist_scatter_blocks_fields)
+   equal the two exchanges made one after the other: the same floats in the same places, the same
+   bytes counted; and a started world sum equals the blocking one. */
+static void check_fields(kdp_dist *L, size_t B) {
+  size_t P = (size_t)L->n_peers, p = (size_t)L->peer, wa[KDP_DIST_MAX_PEERS],
+         wb[KDP_DIST_MAX_PEERS], lo, hi;
+  for (size_t j = 0; j < P; j++) {
+    wa[j] = j + 1;
+    wb[j] = 3;
+  }
+  kdp_dist_rows(L, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, &lo, &hi);
+  float a[64], b[64], oa[2][64 * 64], ob[2][64 * 64], ba[2][64], bb[2][64];
+  for (size_t k = 0; k < 64; k++) {
+    a[k] = (float)(1000 * p + k);
+    b[k] = (float)(-1000.0 * (double)p - 0.5 * (double)k);
+  }
+  const kdp_rows targets[] = {KDP_ROWS_BLOCK, KDP_ROWS_ALL, KDP_ROWS_OWN};
+  for (size_t t = 0; t < 3; t++) {
+    memset(oa, 0, sizeof oa);
+    memset(ob, 0, sizeof ob);
+    double by0 = L->bytes_exchanged;
+    kdp_dist_gather_rows(L, KDP_GROUP_WORLD, targets[t], B, wa, hi > lo ? a : NULL, oa[0]);
+    kdp_dist_gather_rows(L, KDP_GROUP_WORLD, targets[t], B, wb, hi > lo ? b : NULL, ob[0]);
+    double by1 = L->bytes_exchanged;
+    kdp_rows_field f[2] = {{.width = wa, .in = hi > lo ? a : NULL, .out = oa[1]},
+                           {.width = wb, .in = hi > lo ? b : NULL, .out = ob[1]}};
+    kdp_dist_gather_rows_fields(L, KDP_GROUP_WORLD, targets[t], B, f, 2);
+    ck_assert_msg(memcmp(oa[0], oa[1], sizeof oa[0]) == 0 && memcmp(ob[0], ob[1], sizeof ob[0]) == 0,
+                  "gather of 2 fields, target %zu: not the 2 gathers' rows", t);
+    ck_assert_msg(L->bytes_exchanged - by1 == by1 - by0, "gather of 2 fields: %g bytes, want %g",
+                  L->bytes_exchanged - by1, by1 - by0);
+  }
+  /* to the row blocks' owners' rows, set in place: field a per peer, field b shared */
+  size_t tl, th;
+  kdp_dist_rows(L, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, &tl, &th);
+  for (size_t k = 0; k < 64 * 64; k++) {
+    oa[0][k] = (float)(7 * k + L->world_rank);
+    ob[0][k] = (float)(0.25 * (double)k - L->world_rank);
+  }
+  for (size_t k = 0; k < 64; k++) ba[0][k] = ba[1][k] = bb[0][k] = bb[1][k] = -7.0f;
+  double by0 = L->bytes_exchanged;
+  kdp_dist_scatter_rows_set(L, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, wa, 0, oa[0], ba[0]);
+  kdp_dist_scatter_rows_set(L, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, wb, 1, ob[0], bb[0]);
+  double by1 = L->bytes_exchanged;
+  kdp_rows_field f[2] = {{.width = wa, .in = oa[0], .out = ba[1]},
+                         {.width = wb, .shared = 1, .in = ob[0], .out = bb[1]}};
+  kdp_dist_scatter_blocks_fields(L, KDP_GROUP_WORLD, B, f, 2);
+  ck_assert_msg(memcmp(ba[0], ba[1], sizeof ba[0]) == 0 && memcmp(bb[0], bb[1], sizeof bb[0]) == 0,
+                "scatter of 2 fields: not the 2 scatters' rows");
+  ck_assert_msg(L->bytes_exchanged - by1 == by1 - by0, "scatter of 2 fields: %g bytes, want %g",
+                L->bytes_exchanged - by1, by1 - by0);
+  /* a whole field with them: every other member's 5 floats in member order, mine untouched */
+  float w5[5], all5[5 * 64];
+  for (size_t k = 0; k < 5; k++) w5[k] = (float)(100 * L->world_rank + (int)k);
+  for (size_t k = 0; k < 5 * 64; k++) all5[k] = -1.0f;
+  kdp_rows_field f3[3] = {f[0], f[1], {.whole = 5, .in = w5, .out = all5}};
+  kdp_dist_scatter_blocks_fields(L, KDP_GROUP_WORLD, B, f3, 3);
+  ck_assert_msg(memcmp(ba[0], ba[1], sizeof ba[0]) == 0 && memcmp(bb[0], bb[1], sizeof bb[0]) == 0,
+                "scatter of 2 fields with a whole one: not the 2 scatters' rows");
+  for (int m = 0; m < L->world_size; m++)
+    for (size_t k = 0; k < 5; k++)
+      ck_assert_msg(all5[5 * (size_t)m + k] == (m == L->world_rank ? -1.0f : (float)(100 * m + (int)k)),
+                    "whole field: member %d's value %zu is %g", m, k, (double)all5[5 * (size_t)m + k]);
+  /* a started world sum, other collectives in between, equals the blocking one */
+  float s0[37], s1[37];
+  for (size_t k = 0; k < 37; k++) s0[k] = s1[k] = 0.1f * (float)k + 0.37f * (float)L->world_rank;
+  kdp_dist_world_allreduce(L, s0, 37);
+  kdp_dist_world_allreduce_start(L, s1, 37);
+  kdp_rows_field g = {.width = wa, .in = hi > lo ? a : NULL, .out = oa[1]};
+  kdp_dist_gather_rows_fields(L, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, &g, 1);
+  kdp_dist_world_allreduce_finish(L);
+  ck_assert(L->sum_req == NULL);
+  ck_assert_msg(memcmp(s0, s1, sizeof s0) == 0, "a started world sum differs from the blocking one");
+}
+
 /* Several steps of the module trained from the pipeline (each rank steps its parts only) against
    the single-process reference stepping the whole module, with an evaluation of the teacher and
    a checkpoint's gathering (kdp_pipeline_module_sync of params and momentum) in between: a rank's
@@ -502,6 +577,8 @@ END_TEST
 START_TEST(test_collectives) {
   check_rows(&D, 7);
   check_rows(&D, 2); /* fewer rows than ranks at 3 and 4: empty blocks */
+  check_fields(&D, 7);
+  check_fields(&D, 2);
   kdp_error err;
   if (D.world_size >= 3) {
     kdp_dist L3;
@@ -509,6 +586,7 @@ START_TEST(test_collectives) {
     ck_assert_msg(kdp_dist_setup_layout(&L3, 1, pk, 1, &err) == 0, "%s", err.msg);
     check_rows(&L3, 7);
     check_rows(&L3, 3);
+    check_fields(&L3, 7);
     kdp_dist_free(&L3);
   }
   /* min over the group */

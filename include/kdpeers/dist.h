@@ -51,6 +51,7 @@ typedef struct kdp_dist {
      how many it has waited in: read by the stall check's watchdog thread */
   _Atomic(const char *) waiting_in;
   atomic_uint_fast64_t waits;
+  void *sum_req; /* MPI_Request of kdp_dist_world_allreduce_start, NULL when none is running */
 } kdp_dist;
 #define KDP_DIST_AGREEMENT "the step's agreement point"
 
@@ -177,6 +178,25 @@ void kdp_dist_scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
    zeroing and no adding pass; other targets zero out first and add. */
 void kdp_dist_scatter_rows_set(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
                                const size_t *width, int shared, const float *in, float *out);
+/* Several tensors' rows in one exchange (one MPI_Alltoallw, one message per pair of ranks): field
+   f moves rows of width[p] floats of peer p from in to out, exactly as its own exchange would
+   (the same rows, places and bytes counted). gather: as kdp_dist_gather_rows; scatter_blocks: as
+   kdp_dist_scatter_rows_set with target KDP_ROWS_BLOCK (shared per field). One field: the plain
+   exchange. A field with whole = n > 0 is no rows but n floats every member sends whole to every
+   other member (an allgather): out = the group's size blocks of n, member order, this member's
+   own block left untouched (width and shared unused). */
+#define KDP_DIST_MAX_FIELDS 4
+typedef struct kdp_rows_field {
+  const size_t *width;
+  int shared;
+  const float *in;
+  float *out;
+  size_t whole;
+} kdp_rows_field;
+void kdp_dist_gather_rows_fields(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                                 const kdp_rows_field *f, size_t nf);
+void kdp_dist_scatter_blocks_fields(kdp_dist *d, kdp_group g, size_t B, const kdp_rows_field *f,
+                                    size_t nf);
 /* Reduces rows across the peers: every rank passes its own rows of a B-row batch (n_own x width,
    in place) and receives on them the element-wise sum (or min) over the peers of the same rows,
    every peer counted once. One MPI_Allreduce: over the cohort communicator when the layout is
@@ -190,6 +210,11 @@ void kdp_dist_group_min(kdp_dist *d, kdp_group g, float *buf, size_t n);
 
 /* Sum-allreduce over the whole world (replicated modules under hybrid parallelism). */
 void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n);
+/* The same sum started now (MPI_Iallreduce) and finished by kdp_dist_world_allreduce_finish:
+   buf must stay untouched in between; the other collectives called meanwhile move it along.
+   One at a time; finish without a started sum does nothing. */
+void kdp_dist_world_allreduce_start(kdp_dist *d, float *buf, size_t n);
+void kdp_dist_world_allreduce_finish(kdp_dist *d);
 /* Gathers one uint32 per world rank at rank 0 (out: world_size values, only read on rank 0). */
 void kdp_dist_gather_u32(kdp_dist *d, uint32_t v, uint32_t *out);
 /* Memory shared by the ranks of this node (MPI_Win_allocate_shared on the node communicator):

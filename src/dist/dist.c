@@ -229,6 +229,7 @@ void kdp_dist_abort(kdp_dist *d, int status) {
 }
 
 void kdp_dist_free(kdp_dist *d) {
+  kdp_dist_world_allreduce_finish(d);
   if (d->report_req) MPI_Wait((MPI_Request *)d->report_req, MPI_STATUS_IGNORE);
   /* reports of waits that ended before rank 0 looked (they are 8 bytes each) */
   if (d->world_rank == 0 && d->world_size > 1 && d->report_comm) drain_reports(d);
@@ -448,24 +449,53 @@ static void plan_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B, const
   target_rows(d, g, target, x->me, B, &x->tlo, &x->thi);
 }
 
+/* the counts and displacements (floats) of a gather of one tensor's rows into x */
+static void gather_counts(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                          const size_t *width, rows_plan *x) {
+  const size_t nt = x->thi - x->tlo;
+  for (int m = 0; m < x->size; m++) {
+    size_t lo, mlo, mhi, tl, th;
+    /* to m: my own rows within m's target rows */
+    target_rows(d, g, target, m, B, &tl, &th);
+    size_t n = overlap(x->olo, x->ohi, tl, th, &lo);
+    x->sc[m] = (int)(n * width[x->mp]);
+    x->sd[m] = n ? (int)((lo - x->olo) * width[x->mp]) : 0;
+    /* from m: m's own rows within my target rows, into its peer's block */
+    int p = member_rows(d, g, m, B, &mlo, &mhi);
+    n = overlap(mlo, mhi, x->tlo, x->thi, &lo);
+    x->rc[m] = (int)(n * width[p]);
+    x->rd[m] = n ? (int)(nt * x->woff[p] + (lo - x->tlo) * width[p]) : 0;
+  }
+}
+
+/* the counts and displacements of a scatter of one tensor's rows into x; set = 1: received in
+   place, else one after the other (*total floats) */
+static void scatter_counts(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                           const size_t *width, int shared, int set, rows_plan *x,
+                           size_t *total) {
+  const size_t nt = x->thi - x->tlo, w = width[x->mp];
+  *total = 0;
+  for (int m = 0; m < x->size; m++) {
+    size_t lo, mlo, mhi, tl, th;
+    /* to m: m's own rows within my target rows, from the block of m's peer */
+    int p = member_rows(d, g, m, B, &mlo, &mhi);
+    size_t n = overlap(mlo, mhi, x->tlo, x->thi, &lo);
+    x->sc[m] = (int)(n * width[p]);
+    x->sd[m] = n ? (int)((shared ? 0 : nt * x->woff[p]) + (lo - x->tlo) * width[p]) : 0;
+    /* from m: my own rows within m's target rows, one after the other */
+    target_rows(d, g, target, m, B, &tl, &th);
+    n = overlap(x->olo, x->ohi, tl, th, &lo);
+    x->rc[m] = (int)(n * w);
+    x->rd[m] = set ? (n ? (int)((lo - x->olo) * w) : 0) : (int)*total;
+    *total += n * w;
+  }
+}
+
 void kdp_dist_gather_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
                           const size_t *width, const float *in, float *out) {
   rows_plan x;
   plan_rows(d, g, target, B, width, &x);
-  const size_t nt = x.thi - x.tlo;
-  for (int m = 0; m < x.size; m++) {
-    size_t lo, mlo, mhi, tl, th;
-    /* to m: my own rows within m's target rows */
-    target_rows(d, g, target, m, B, &tl, &th);
-    size_t n = overlap(x.olo, x.ohi, tl, th, &lo);
-    x.sc[m] = (int)(n * width[x.mp]);
-    x.sd[m] = n ? (int)((lo - x.olo) * width[x.mp]) : 0;
-    /* from m: m's own rows within my target rows, into its peer's block */
-    int p = member_rows(d, g, m, B, &mlo, &mhi);
-    n = overlap(mlo, mhi, x.tlo, x.thi, &lo);
-    x.rc[m] = (int)(n * width[p]);
-    x.rd[m] = n ? (int)(nt * x.woff[p] + (lo - x.tlo) * width[p]) : 0;
-  }
+  gather_counts(d, g, target, B, width, &x);
   rows_alltoallv(d, x.comm, in, x.sc, x.sd, out, x.rc, x.rd, x.size, x.me);
 }
 
@@ -475,22 +505,9 @@ static void scatter_rows(kdp_dist *d, kdp_group g, kdp_rows target, size_t B, co
                          int shared, const float *in, float *out, int set) {
   rows_plan x;
   plan_rows(d, g, target, B, width, &x);
-  const size_t nt = x.thi - x.tlo, w = width[x.mp];
-  size_t total = 0;
-  for (int m = 0; m < x.size; m++) {
-    size_t lo, mlo, mhi, tl, th;
-    /* to m: m's own rows within my target rows, from the block of m's peer */
-    int p = member_rows(d, g, m, B, &mlo, &mhi);
-    size_t n = overlap(mlo, mhi, x.tlo, x.thi, &lo);
-    x.sc[m] = (int)(n * width[p]);
-    x.sd[m] = n ? (int)((shared ? 0 : nt * x.woff[p]) + (lo - x.tlo) * width[p]) : 0;
-    /* from m: my own rows within m's target rows, one after the other */
-    target_rows(d, g, target, m, B, &tl, &th);
-    n = overlap(x.olo, x.ohi, tl, th, &lo);
-    x.rc[m] = (int)(n * w);
-    x.rd[m] = set ? (n ? (int)((lo - x.olo) * w) : 0) : (int)total;
-    total += n * w;
-  }
+  const size_t w = width[x.mp];
+  size_t total;
+  scatter_counts(d, g, target, B, width, shared, set, &x, &total);
   if (set) {
     rows_alltoallv(d, x.comm, in, x.sc, x.sd, out, x.rc, x.rd, x.size, x.me);
     return;
@@ -521,6 +538,107 @@ void kdp_dist_scatter_rows_set(kdp_dist *d, kdp_group g, kdp_rows target, size_t
     memset(out, 0, (hi - lo) * width[d->peer] * sizeof(float));
   }
   scatter_rows(d, g, target, B, width, shared, in, out, target == KDP_ROWS_BLOCK);
+}
+
+/* member m's part of nf fields' exchange as one datatype: field f's cnt[f][m] floats at
+   base[f] + dsp[f][m] (cnt, dsp: the fields' count arrays of the group's size, 4 per field:
+   sc, sd, rc, rd; which = 0 send, 2 receive). MPI_FLOAT with *count = 0 when m gets nothing. */
+static MPI_Datatype field_type(const int *cnt, int size, size_t nf, const float *const *base,
+                               int m, int which, int *count) {
+  MPI_Aint disp[KDP_DIST_MAX_FIELDS];
+  int len[KDP_DIST_MAX_FIELDS], nb = 0;
+  for (size_t f = 0; f < nf; f++) {
+    const int *c = cnt + (4 * f + (size_t)which) * (size_t)size;
+    if (!c[m]) continue;
+    KDP_CHECK_MPI(MPI_Get_address(base[f] + c[size + m], &disp[nb]));
+    len[nb++] = c[m];
+  }
+  *count = nb ? 1 : 0;
+  if (!nb) return MPI_FLOAT;
+  MPI_Datatype t;
+  KDP_CHECK_MPI(MPI_Type_create_hindexed(nb, len, disp, MPI_FLOAT, &t));
+  KDP_CHECK_MPI(MPI_Type_commit(&t));
+  return t;
+}
+
+/* nf fields' rows in one MPI_Alltoallw (absolute addresses, MPI_BOTTOM): member m receives in
+   one message what nf exchanges with these counts would send it */
+static void fields_alltoallw(kdp_dist *d, const rows_plan *x, const int *cnt, size_t nf,
+                             const float *const *in, float *const *out) {
+  const int size = x->size;
+  int *sc = kdp_xcalloc(4 * (size_t)size, sizeof(int)), *sd = sc + size, *rc = sd + size,
+      *rd = rc + size;
+  MPI_Datatype *st = kdp_xcalloc(2 * (size_t)size, sizeof(MPI_Datatype)), *rt = st + size;
+  double t0 = kdp_now(), sent = 0;
+  for (int m = 0; m < size; m++) {
+    st[m] = field_type(cnt, size, nf, in, m, 0, &sc[m]);
+    rt[m] = field_type(cnt, size, nf, (const float *const *)out, m, 2, &rc[m]);
+    for (size_t f = 0; f < nf && m != x->me; f++) sent += (double)cnt[4 * f * (size_t)size + (size_t)m];
+  }
+  KDP_WAIT_MPI(d, MPI_Alltoallw(MPI_BOTTOM, sc, sd, st, MPI_BOTTOM, rc, rd, rt, x->comm));
+  d->bytes_exchanged += sent * sizeof(float);
+  d->t_exchange += kdp_now() - t0;
+  for (int m = 0; m < size; m++) {
+    if (sc[m]) MPI_Type_free(&st[m]);
+    if (rc[m]) MPI_Type_free(&rt[m]);
+  }
+  free(st);
+  free(sc);
+}
+
+/* the counts of n floats sent whole to every other member, received as member-ordered blocks */
+static void whole_counts(size_t n, rows_plan *x) {
+  for (int m = 0; m < x->size; m++) {
+    x->sc[m] = x->rc[m] = m == x->me ? 0 : (int)n;
+    x->sd[m] = 0;
+    x->rd[m] = (int)((size_t)m * n);
+  }
+}
+
+/* the fields' counts, each as its one-tensor exchange computes them (gather: 1, else a scatter
+   to target BLOCK, set), into cnt (4 x size per field), then one exchange of them all */
+static void fields_exchange(kdp_dist *d, kdp_group g, kdp_rows target, size_t B, int gather,
+                            const kdp_rows_field *f, size_t nf) {
+  if (nf > KDP_DIST_MAX_FIELDS) {
+    fprintf(stderr, "kdpeers: %zu fields in one row exchange (at most %d)\n", nf,
+            KDP_DIST_MAX_FIELDS);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+  }
+  rows_plan x;
+  const float *in[KDP_DIST_MAX_FIELDS];
+  float *out[KDP_DIST_MAX_FIELDS];
+  int *cnt = NULL;
+  static const size_t no_width[KDP_DIST_MAX_PEERS];
+  for (size_t k = 0; k < nf; k++) {
+    size_t total;
+    plan_rows(d, g, target, B, f[k].whole ? no_width : f[k].width, &x);
+    if (f[k].whole)
+      whole_counts(f[k].whole, &x);
+    else if (gather)
+      gather_counts(d, g, target, B, f[k].width, &x);
+    else
+      scatter_counts(d, g, target, B, f[k].width, f[k].shared, 1, &x, &total);
+    if (nf == 1) { /* one tensor: the plain exchange */
+      rows_alltoallv(d, x.comm, f[0].in, x.sc, x.sd, f[0].out, x.rc, x.rd, x.size, x.me);
+      return;
+    }
+    if (!cnt) cnt = kdp_xmalloc(4 * nf * (size_t)x.size * sizeof(int));
+    memcpy(cnt + 4 * k * (size_t)x.size, x.sc, 4 * (size_t)x.size * sizeof(int));
+    in[k] = f[k].in;
+    out[k] = f[k].out;
+  }
+  if (nf) fields_alltoallw(d, &x, cnt, nf, in, out);
+  free(cnt);
+}
+
+void kdp_dist_gather_rows_fields(kdp_dist *d, kdp_group g, kdp_rows target, size_t B,
+                                 const kdp_rows_field *f, size_t nf) {
+  fields_exchange(d, g, target, B, 1, f, nf);
+}
+
+void kdp_dist_scatter_blocks_fields(kdp_dist *d, kdp_group g, size_t B, const kdp_rows_field *f,
+                                    size_t nf) {
+  fields_exchange(d, g, KDP_ROWS_BLOCK, B, 0, f, nf);
 }
 
 /* in-place allreduce of n values over group g */
@@ -562,6 +680,25 @@ void kdp_dist_world_allreduce(kdp_dist *d, float *buf, size_t n) {
   if (d->world_size <= 1 || n == 0) return;
   double t0 = kdp_now();
   KDP_WAIT_MPI(d, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+  d->t_allreduce += kdp_now() - t0;
+}
+
+void kdp_dist_world_allreduce_start(kdp_dist *d, float *buf, size_t n) {
+  kdp_dist_world_allreduce_finish(d);
+  if (d->world_size <= 1 || n == 0) return;
+  double t0 = kdp_now();
+  d->sum_req = kdp_xmalloc(sizeof(MPI_Request));
+  KDP_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD,
+                               (MPI_Request *)d->sum_req));
+  d->t_allreduce += kdp_now() - t0;
+}
+
+void kdp_dist_world_allreduce_finish(kdp_dist *d) {
+  if (!d->sum_req) return;
+  double t0 = kdp_now();
+  KDP_WAIT_MPI(d, MPI_Wait((MPI_Request *)d->sum_req, MPI_STATUS_IGNORE));
+  free(d->sum_req);
+  d->sum_req = NULL;
   d->t_allreduce += kdp_now() - t0;
 }
 

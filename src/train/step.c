@@ -40,6 +40,10 @@ struct kdp_pipeline {
   size_t *rg, nsh, nown, nshard, own_n;
   float *pack;
   unsigned stale;
+  /* between 2 ranks the step sums the SHARED gradient itself (summed = 1 until the allreduce
+     call): the other rank's part, received with the teachers (gsum, 2 blocks) */
+  float *gsum;
+  int summed;
   kdp_kd_reduce red;                   /* batch statistics summed over the world's blocks */
   int switokd, expert;                 /* switokd: the last step's mode (1 = expert) */
   kdp_switokd_gaps gaps;
@@ -124,6 +128,7 @@ void kdp_pipeline_free(kdp_pipeline *p) {
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
   free(p->rg);
   free(p->pack);
+  free(p->gsum);
   free(p);
 }
 
@@ -196,6 +201,23 @@ int kdp_pipeline_expert(const kdp_pipeline *p, kdp_switokd_gaps *gaps) {
   return p->switokd && p->expert;
 }
 
+/* the SHARED gradient summed with the other rank's (2 ranks): in rank order, as MPI sums it */
+static void add_other(kdp_pipeline *p) {
+  float *g = kdp_cohort_module_grads(p->c) + p->rg[0];
+  const size_t ns = p->rg[1] - p->rg[0], me = (size_t)p->d->world_rank;
+  const float *o = p->gsum + (1 - me) * ns;
+  for (size_t k = 0; k < ns; k++) g[k] = me == 0 ? g[k] + o[k] : o[k] + g[k];
+}
+
+/* the module's backward on the block's m rows (blk), into dzb / dhb / the partials' gradient */
+static int module_backward(kdp_pipeline *p, const kdp_kd_rows *blk, size_t m, kdp_error *err) {
+  if (p->lgrad) memset(p->dzb, 0, p->P * m * p->C * sizeof(float));
+  const int dh_rows = p->fgrad && !p->W; /* by columns (ffl) dh comes from the partials' gradient */
+  if (dh_rows) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
+  return kdp_cohort_module_backward(p->c, blk, p->tgrad ? p->dtb : NULL, &p->red,
+                                    p->lgrad ? p->dzb : NULL, dh_rows ? p->dhb : NULL, NULL, err);
+}
+
 int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *dh,
                       kdp_kd_losses *out, kdp_error *err) {
   const kdp_method_ops *o = p->ops;
@@ -216,26 +238,55 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   }
   if (o->peer_reads & KDP_READS_EMA_LOGITS)
     kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_OWN, B, p->wz, in->z_ema, p->ze_all);
+  /* the module's inputs on the block: its logits and features (or partials) in one exchange */
+  kdp_rows_field f[KDP_DIST_MAX_FIELDS];
+  size_t nf = 0;
   if (o->module_reads & KDP_READS_LOGITS)
-    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, in->z, p->zb);
+    f[nf++] = (kdp_rows_field){.width = p->wz, .in = in->z, .out = p->zb};
   if ((o->module_reads & KDP_READS_FEATURES) && p->W) {
     /* sharded by peer columns: my columns' partial product on my rows, gathered to the block */
     rc = kdp_cohort_col_forward(p->c, p->me, in->h, n, p->part_own, err);
     if (rc) return rc;
-    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, p->part_own, p->partb);
+    f[nf++] = (kdp_rows_field){.width = p->wc, .in = p->part_own, .out = p->partb};
   } else if (o->module_reads & KDP_READS_FEATURES) {
-    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, in->h, p->hb);
+    f[nf++] = (kdp_rows_field){.width = p->wh, .in = in->h, .out = p->hb};
   }
+  kdp_dist_gather_rows_fields(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, f, nf);
 
-  /* 2. compute: the module's teachers on the block, sent to their peers' rows; my peer term */
+  /* 2. compute: the module's teachers on the block, sent to their peers' rows; my peer term.
+     A module whose backward does not read the peers' teacher gradients and hands back partials
+     (ffl) runs its backward at once: the partials' gradient travels with the teachers, and the
+     sum of its replicated gradient starts (kdp_pipeline_module_allreduce finishes it). */
   kdp_kd_rows blk = {.z = p->zb, .h = p->hb, .y = in->y + blo, .n = m, .T = in->T,
                      .weight = in->weight, .scale = (float)m / (float)B,
                      .part = p->W ? p->partb : NULL, .dpart = p->W ? p->dpartb : NULL};
+  const int early = o->module_reads && !p->tgrad && p->W && p->fgrad;
   if (o->module_reads) {
     rc = kdp_cohort_module_forward(p->c, &blk, &p->red, p->tb, err);
     if (rc) return rc;
-    kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz,
-                              !o->teacher_per_peer, p->tb, p->t_own);
+    nf = 0;
+    f[nf++] = (kdp_rows_field){.width = p->wz, .shared = !o->teacher_per_peer, .in = p->tb,
+                               .out = p->t_own};
+    if (early) {
+      rc = module_backward(p, &blk, m, err);
+      if (rc) return rc;
+      f[nf++] = (kdp_rows_field){.width = p->wc, .shared = 1, .in = p->dpartb,
+                                 .out = p->dpart_own};
+      /* the replicated parts' gradient is complete: between 2 ranks each sends the other its
+         part with the teachers (the bytes of a 2-rank allreduce, no collective of its own);
+         else its sum starts now */
+      float *g = kdp_cohort_module_grads(p->c) + (p->nsh ? p->rg[0] : 0);
+      const size_t ns = p->nsh == 1 ? p->rg[1] - p->rg[0] : 0;
+      if (ns && p->d->world_size == 2) {
+        if (!p->gsum) p->gsum = kdp_falloc(2 * ns);
+        f[nf++] = (kdp_rows_field){.whole = ns, .in = g, .out = p->gsum};
+        p->summed = 1;
+      } else if (ns) {
+        kdp_dist_world_allreduce_start(p->d, g, ns);
+      }
+    }
+    kdp_dist_scatter_blocks_fields(p->d, KDP_GROUP_WORLD, B, f, nf);
+    if (early && p->summed) add_other(p);
   }
   if (o->contribute) { /* a teacher reduced over the peers (kdcl): one allreduce of my rows */
     rc = kdp_cohort_teacher_contribution(p->c, p->me, in->z, in->y + olo, n, p->t_own, err);
@@ -257,23 +308,23 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (!o->module_reads) return 0;
 
   /* the module's backward on the block, with the peers' teacher gradients gathered to it */
-  if (p->tgrad)
-    kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, p->dt_own, p->dtb);
-  if (p->lgrad) memset(p->dzb, 0, p->P * m * C * sizeof(float));
-  const int dh_rows = p->fgrad && !p->W; /* by columns (ffl) dh comes from the partials' gradient */
-  if (dh_rows) memset(p->dhb, 0, kdp_cohort_feature_floats(p->c, m) * sizeof(float));
-  rc = kdp_cohort_module_backward(p->c, &blk, p->tgrad ? p->dtb : NULL, &p->red,
-                                  p->lgrad ? p->dzb : NULL, dh_rows ? p->dhb : NULL, NULL, err);
-  if (rc) return rc;
+  if (!early) {
+    if (p->tgrad)
+      kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, p->dt_own, p->dtb);
+    rc = module_backward(p, &blk, m, err);
+    if (rc) return rc;
+  }
 
   /* 3. scatter: every peer's block rows of the module's gradients back to its ranks (dz only
      when the module's backward reaches the logits: ffl's and pcl's read them stop-gradient) */
   if (p->lgrad)
     kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
   if (p->fgrad && p->W) {
-    /* the partials' gradient to every peer's rows, then my columns' share of it */
-    kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
-                              p->dpart_own);
+    /* the partials' gradient to every peer's rows (with the teachers when early), then my
+       columns' share of it */
+    if (!early)
+      kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
+                                p->dpart_own);
     return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
   }
   if (p->fgrad)
@@ -299,8 +350,13 @@ static void own_block(kdp_pipeline *p, float *v, int out) {
 
 void kdp_pipeline_module_allreduce(kdp_pipeline *p) {
   float *g = kdp_cohort_module_grads(p->c);
-  for (size_t k = 0; k < p->nsh; k++)
-    kdp_dist_world_allreduce(p->d, g + p->rg[2 * k], p->rg[2 * k + 1] - p->rg[2 * k]);
+  if (p->summed) /* the step summed it (ffl: its backward ran before the peer term) */
+    p->summed = 0;
+  else if (p->d->sum_req) /* the step started it */
+    kdp_dist_world_allreduce_finish(p->d);
+  else
+    for (size_t k = 0; k < p->nsh; k++)
+      kdp_dist_world_allreduce(p->d, g + p->rg[2 * k], p->rg[2 * k + 1] - p->rg[2 * k]);
   /* the OWN block's gradient is complete on this peer's ranks: summed over them only */
   if (p->own_n && p->d->ranks_per_peer > 1) {
     own_block(p, g, 1);
