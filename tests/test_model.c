@@ -384,17 +384,20 @@ static void backward_set_check(const char *arch, kdp_input_shape in, size_t B, i
   kdp_model_free(m);
 }
 
-START_TEST(test_backward_set) {
+/* check on every kind of op, fast and naive kernels */
+static void on_each_kind(void (*check)(const char *arch, kdp_input_shape in, size_t B, int naive)) {
   kdp_input_shape mn = {28, 28, 1, 10}, small = {8, 8, 3, 4};
   for (int naive = 0; naive < 2; naive++) {
-    backward_set_check("mlp(64,32)", mn, 8, naive);
-    backward_set_check("cnn", mn, 4, naive);
-    backward_set_check("resnet20", small, 2, naive);
-    backward_set_check("seq:conv(8,3,1,1),bn,relu,maxpool(2,2),dropout(0.3),conv(8,3,1,1),relu,"
-                       "avgpool(2,2),flatten,dense(16),bn,relu,dense(4)",
-                       small, 3, naive);
+    check("mlp(64,32)", mn, 8, naive);
+    check("cnn", mn, 4, naive);
+    check("resnet20", small, 2, naive);
+    check("seq:conv(8,3,1,1),bn,relu,maxpool(2,2),dropout(0.3),conv(8,3,1,1),relu,"
+          "avgpool(2,2),flatten,dense(16),bn,relu,dense(4)",
+          small, 3, naive);
   }
 }
+
+START_TEST(test_backward_set) { on_each_kind(backward_set_check); }
 END_TEST
 
 /* kdp_model_backward_sgd (the trainer's step at k = 1: each layer's SGD step inside the backward
@@ -456,17 +459,7 @@ static void backward_sgd_check(const char *arch, kdp_input_shape in, size_t B, i
   }
 }
 
-START_TEST(test_backward_sgd) {
-  kdp_input_shape mn = {28, 28, 1, 10}, small = {8, 8, 3, 4};
-  for (int naive = 0; naive < 2; naive++) {
-    backward_sgd_check("mlp(64,32)", mn, 8, naive);
-    backward_sgd_check("cnn", mn, 4, naive);
-    backward_sgd_check("resnet20", small, 2, naive);
-    backward_sgd_check("seq:conv(8,3,1,1),bn,relu,maxpool(2,2),dropout(0.3),conv(8,3,1,1),relu,"
-                       "avgpool(2,2),flatten,dense(16),bn,relu,dense(4)",
-                       small, 3, naive);
-  }
-}
+START_TEST(test_backward_sgd) { on_each_kind(backward_sgd_check); }
 END_TEST
 
 /* ------------------------------------------------------------------ init, determinism */
