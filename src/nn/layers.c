@@ -1527,61 +1527,39 @@ static void cbpr_sums_block(double *sg, double *sb, size_t r0, size_t nr, const 
   free(gc);
 }
 
-/* row (b, h, w) of dy: k1 * dbn - k2 - k3 * xhat, with xhat recomputed from y and dbn nonzero
+/* dy (nb x H x W x C) = k1 * dbn - k2 - k3 * xhat, with xhat recomputed from y and dbn nonzero
    only at the winners of windows whose pooled output passed the relu (win = k | KDP_WIN_RELU) */
-static inline void cbpr_dy_row(float *restrict d, const float *restrict yr,
-                               const float *restrict dout, const uint8_t *restrict win,
-                               const float *restrict k1, const float *restrict k2,
-                               const float *restrict k3, const float *restrict mean,
-                               const float *restrict invstd, size_t b, size_t h, size_t w,
-                               size_t H, size_t W, size_t C) {
-  const size_t PH = H / 2, PW = W / 2;
-  if (h / 2 < PH && w / 2 < PW) {
-    const size_t po = ((b * PH + h / 2) * PW + w / 2) * C;
-    const int32_t want = (int32_t)((h & 1) * 2 + (w & 1)) | KDP_WIN_RELU;
-    for (size_t c = 0; c < C; c++) {
-      float xh = (yr[c] - mean[c]) * invstd[c];
-      /* gv where this position won its window and passed the relu, else +0: the select as a
-         bit mask, which gcc vectorises without AVX-512 (a ?: here it does not) */
-      union {
-        float f;
-        int32_t i;
-      } gv = {k1[c] * dout[po + c]};
-      gv.i &= -(int32_t)((int32_t)win[po + c] == want);
-      d[c] = gv.f - k2[c] - k3[c] * xh;
-    }
-  } else {
-    for (size_t c = 0; c < C; c++) {
-      float xh = (yr[c] - mean[c]) * invstd[c];
-      d[c] = 0.0f - k2[c] - k3[c] * xh;
-    }
-  }
-}
-
-/* dy (nb x H x W x C), row by row (cbpr_dy_row); db (when not NULL) += its column sums as
-   col_sums4 adds them (four rows per dependent add, then the rest), each group of four summed
-   right after its last row is written, while it is in L1: no second pass over dy */
-static void cbpr_dy(float *restrict dy, float *restrict db, const float *restrict y,
-                    const float *restrict dout, const uint8_t *restrict win,
+static void cbpr_dy(float *restrict dy, const float *restrict y, const float *restrict dout,
+                    const uint8_t *restrict win,
                     const float *restrict k1, const float *restrict k2, const float *restrict k3,
                     const float *restrict mean, const float *restrict invstd, size_t nb, size_t H,
                     size_t W, size_t C) {
-  const size_t rows = nb * H * W, full = rows & ~(size_t)3;
-  size_t b = 0, h = 0, w = 0;
-  for (size_t r = 0; r < rows; r++) {
-    cbpr_dy_row(dy + r * C, y + r * C, dout, win, k1, k2, k3, mean, invstd, b, h, w, H, W, C);
-    if (++w == W) {
-      w = 0;
-      if (++h == H) h = 0, b++;
-    }
-    if (db && (r & 3) == 3) {
-      const float *g0 = dy + (r - 3) * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
-      for (size_t c = 0; c < C; c++) db[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
-    }
-  }
-  if (db)
-    for (size_t r = full; r < rows; r++)
-      for (size_t c = 0; c < C; c++) db[c] += dy[r * C + c];
+  const size_t PH = H / 2, PW = W / 2;
+  for (size_t b = 0; b < nb; b++)
+    for (size_t h = 0; h < H; h++)
+      for (size_t w = 0; w < W; w++) {
+        const size_t r = ((b * H + h) * W + w) * C;
+        if (h / 2 < PH && w / 2 < PW) {
+          const size_t po = ((b * PH + h / 2) * PW + w / 2) * C;
+          const int32_t want = (int32_t)((h & 1) * 2 + (w & 1)) | KDP_WIN_RELU;
+          for (size_t c = 0; c < C; c++) {
+            float xh = (y[r + c] - mean[c]) * invstd[c];
+            /* gv where this position won its window and passed the relu, else +0: the select as
+               a bit mask, which gcc vectorises without AVX-512 (a ?: here it does not) */
+            union {
+              float f;
+              int32_t i;
+            } gv = {k1[c] * dout[po + c]};
+            gv.i &= -(int32_t)((int32_t)win[po + c] == want);
+            dy[r + c] = gv.f - k2[c] - k3[c] * xh;
+          }
+        } else {
+          for (size_t c = 0; c < C; c++) {
+            float xh = (y[r + c] - mean[c]) * invstd[c];
+            dy[r + c] = 0.0f - k2[c] - k3[c] * xh;
+          }
+        }
+      }
 }
 
 /* groups [lo, hi) of the fused backward: each group's chunks in order */
@@ -1595,11 +1573,12 @@ static void cbpr_bwd_groups(void *ctx, size_t lo, size_t hi) {
   for (size_t gi = lo; gi < hi; gi++)
     for (size_t k = gi * n / G; k < (gi + 1) * n / G; k++) {
       size_t b0 = kdp_chunk_lo(k, B, n), nb = kdp_chunk_lo(k + 1, B, n) - b0;
+      cbpr_dy(dy, c->y + b0 * ohw * C, c->dout + b0 * pp * C, c->cwin + b0 * pp * C, c->k1, c->k2,
+              c->k3, c->mean, c->invstd, nb, OH, OW, C);
       float *gdw, *gdb;
       int first;
       conv_grads_at(c->cg, gi, k == gi * n / G, &gdw, &gdb, &first, C);
-      cbpr_dy(dy, gdb, c->y + b0 * ohw * C, c->dout + b0 * pp * C, c->cwin + b0 * pp * C, c->k1,
-              c->k2, c->k3, c->mean, c->invstd, nb, OH, OW, C);
+      if (gdb) col_sums4(gdb, dy, nb * ohw, C);
       conv_backward_chunk(c->din, c->din_set, gdw, first, dy, c->in, c->w, col, dcol, b0, nb, s);
     }
 }
