@@ -5,8 +5,10 @@
  * modelled at 1, 2, 4, ..., 64 threads (Amdahl, and from the loops' task counts).
  *
  * Usage: kdp-stepprof [--model ARCH] [--batch N] [--threads N] [--steps N] [--warmup N]
- *                     [--data DIR] [--json FILE]
+ *                     [--data DIR] [--json FILE] [--unfused]
  *   ARCH: any model of the zoo on 28x28x1 inputs (default mlp(512,256)).
+ *   --unfused: the SGD step after the backward pass, as the trainer does at k > 1 ranks per
+ *   peer (default: fused into it, kdp_model_backward_sgd, as at k = 1; then "optimizer" is 0).
  * Times are medians over the timed steps; "best" is the fastest window of 10 consecutive steps
  * (what the step costs when no other process takes the core). The profile is collected in a
  * second pass at 1 thread.
@@ -23,6 +25,8 @@
 
 enum { PH_DATA, PH_FORWARD, PH_LOSS, PH_BACKWARD, PH_OPTIM, PH_N };
 static const char *const PHASE[PH_N] = {"data", "forward", "loss", "backward", "optimizer"};
+
+static int fuse_sgd = 1; /* --unfused: 0 */
 
 typedef struct run {
   double *step, *phase[PH_N]; /* seconds per timed step */
@@ -89,10 +93,16 @@ static int train(const char *arch, const kdp_dataset *ds, size_t batch, int thre
     memset(dz, 0, bs * C * sizeof(float));
     double loss = kdp_ce_loss(z, y, bs, C, dz, 1.0f, NULL);
     t[3] = kdp_now();
-    kdp_model_backward_set(m, dz, NULL); /* as the trainer: no zeroing pass */
-    t[4] = kdp_now();
-    kdp_sgd_step(&o, kdp_model_params(m), kdp_model_grads(m), 0.05f);
-    t[5] = kdp_now();
+    if (fuse_sgd) {
+      /* as the trainer at k = 1: no zeroing pass, each layer's SGD step inside the backward */
+      kdp_model_backward_sgd(m, dz, NULL, &o, 0.05f);
+      t[4] = t[5] = kdp_now();
+    } else {
+      kdp_model_backward_set(m, dz, NULL); /* as the trainer at k > 1 */
+      t[4] = kdp_now();
+      kdp_sgd_step(&o, kdp_model_params(m), kdp_model_grads(m), 0.05f);
+      t[5] = kdp_now();
+    }
     if (!isfinite(loss)) {
       fprintf(stderr, "kdp-stepprof: the loss diverged at step %d\n", s);
       return -1;
@@ -122,7 +132,7 @@ static void run_free(run *r) {
 
 static void usage(FILE *f) {
   fprintf(f, "usage: kdp-stepprof [--model ARCH] [--batch N] [--threads N] [--steps N] "
-             "[--warmup N] [--data DIR] [--json FILE]\n");
+             "[--warmup N] [--data DIR] [--json FILE] [--unfused]\n");
 }
 
 int main(int argc, char **argv) {
@@ -138,6 +148,10 @@ int main(int argc, char **argv) {
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       usage(stdout);
       return 0;
+    }
+    if (!strcmp(a, "--unfused")) {
+      fuse_sgd = 0;
+      continue;
     }
     if (!v) {
       fprintf(stderr, "kdp-stepprof: %s needs a value\n", a);

@@ -384,17 +384,82 @@ static void backward_set_check(const char *arch, kdp_input_shape in, size_t B, i
   kdp_model_free(m);
 }
 
-START_TEST(test_backward_set) {
+/* check on every kind of op, fast and naive kernels */
+static void on_each_kind(void (*check)(const char *arch, kdp_input_shape in, size_t B, int naive)) {
   kdp_input_shape mn = {28, 28, 1, 10}, small = {8, 8, 3, 4};
   for (int naive = 0; naive < 2; naive++) {
-    backward_set_check("mlp(64,32)", mn, 8, naive);
-    backward_set_check("cnn", mn, 4, naive);
-    backward_set_check("resnet20", small, 2, naive);
-    backward_set_check("seq:conv(8,3,1,1),bn,relu,maxpool(2,2),dropout(0.3),conv(8,3,1,1),relu,"
-                       "avgpool(2,2),flatten,dense(16),bn,relu,dense(4)",
-                       small, 3, naive);
+    check("mlp(64,32)", mn, 8, naive);
+    check("cnn", mn, 4, naive);
+    check("resnet20", small, 2, naive);
+    check("seq:conv(8,3,1,1),bn,relu,maxpool(2,2),dropout(0.3),conv(8,3,1,1),relu,"
+          "avgpool(2,2),flatten,dense(16),bn,relu,dense(4)",
+          small, 3, naive);
   }
 }
+
+START_TEST(test_backward_set) { on_each_kind(backward_set_check); }
+END_TEST
+
+/* kdp_model_backward_sgd (the trainer's step at k = 1: each layer's SGD step inside the backward
+   pass) gives bitwise the params and momentum of kdp_model_backward_set + kdp_sgd_step over
+   three steps (the first-step momentum copy, then the update; nesterov and plain momentum, and
+   none), fast and naive kernels; the model's own hook still hears every layer. Fails when a
+   layer's step runs before an op that reads its params (tried: one op early). */
+static void count_hook(void *ctx, size_t ready) {
+  (void)ready;
+  ++*(int *)ctx;
+}
+
+static void backward_sgd_check(const char *arch, kdp_input_shape in, size_t B, int naive) {
+  const float mus[3] = {0.9f, 0.9f, 0.0f};
+  const int nesterovs[3] = {1, 0, 0};
+  for (int v = 0; v < 3; v++) {
+    kdp_model *a = make(arch, in, B), *b = make(arch, in, B);
+    kdp_model_set_naive(a, naive);
+    kdp_model_set_naive(b, naive);
+    kdp_rng rng, da, db;
+    kdp_rng_seed(&rng, 11, KDP_STREAM_INIT);
+    kdp_model_init(a, &rng);
+    kdp_rng_seed(&rng, 11, KDP_STREAM_INIT);
+    kdp_model_init(b, &rng);
+    const size_t n = kdp_model_n_params(a), F = kdp_model_feature_dim(a), C = in.n_classes;
+    const size_t isz = in.H * in.W * in.C;
+    float *x = malloc(B * isz * sizeof(float)), *r1 = malloc(B * C * sizeof(float));
+    float *r2 = malloc(B * F * sizeof(float));
+    kdp_sgd oa, ob;
+    kdp_sgd_init(&oa, n, mus[v], 5e-4f, nesterovs[v]);
+    kdp_sgd_init(&ob, n, mus[v], 5e-4f, nesterovs[v]);
+    int calls = 0, calls_set = 0;
+    kdp_rng_seed(&da, 3, KDP_STREAM_DROPOUT);
+    db = da;
+    for (int s = 0; s < 3; s++) {
+      fill_uniform(x, B * isz, &rng, -1, 1);
+      fill_uniform(r1, B * C, &rng, -1, 1);
+      fill_uniform(r2, B * F, &rng, -1, 1);
+      const float lr = 0.1f / (float)(s + 1);
+      (void)kdp_model_forward(a, x, B, 1, &da);
+      kdp_model_set_backward_hook(a, count_hook, &calls_set);
+      kdp_model_backward_set(a, r1, s == 1 ? r2 : NULL);
+      kdp_sgd_step(&oa, kdp_model_params(a), kdp_model_grads(a), lr);
+      (void)kdp_model_forward(b, x, B, 1, &db);
+      kdp_model_set_backward_hook(b, count_hook, &calls);
+      kdp_model_backward_sgd(b, r1, s == 1 ? r2 : NULL, &ob, lr);
+      ck_assert_msg(memcmp(kdp_model_params(a), kdp_model_params(b), n * sizeof(float)) == 0 &&
+                        memcmp(oa.buf, ob.buf, n * sizeof(float)) == 0,
+                    "%s (%s, momentum %g, nesterov %d), step %d: backward_sgd differs from "
+                    "backward_set + sgd_step",
+                    arch, naive ? "naive" : "fast", (double)mus[v], nesterovs[v], s);
+      ck_assert_int_eq(ob.n_steps, oa.n_steps);
+    }
+    ck_assert_int_gt(calls, 0);
+    ck_assert_int_eq(calls, calls_set);
+    kdp_sgd_free(&oa), kdp_sgd_free(&ob);
+    free(x), free(r1), free(r2);
+    kdp_model_free(a), kdp_model_free(b);
+  }
+}
+
+START_TEST(test_backward_sgd) { on_each_kind(backward_sgd_check); }
 END_TEST
 
 /* ------------------------------------------------------------------ init, determinism */
@@ -780,6 +845,7 @@ static Suite *model_suite(void) {
   tcase_add_test(core, test_deterministic_steps);
   tcase_add_test(core, test_eval_mode);
   tcase_add_test(core, test_describe);
+  tcase_add_test(core, test_backward_sgd);
   tcase_add_loop_test(core, test_backward_hook, 0, (int)(sizeof HOOKED / sizeof HOOKED[0]));
   suite_add_tcase(s, core);
   TCase *lim = kdp_test_case("limits");

@@ -1278,18 +1278,39 @@ static void zero_op_grads(kdp_model *m, int i, int n) {
   }
 }
 
-static void model_backward(kdp_model *m, const float *dlogits, const float *dfeatures, int pset);
+/* a second hook for one pass (kdp_model_backward_set_each) */
+typedef struct pass_hook {
+  kdp_backward_hook fn;
+  void *ctx;
+} pass_hook;
+
+/* after op i's backward: the model's hook, then the pass's */
+static void op_done(kdp_model *m, int i, const pass_hook *h) {
+  if (m->hook) m->hook(m->hook_ctx, m->grad_ready[i]);
+  if (h) h->fn(h->ctx, m->grad_ready[i]);
+}
+
+static void model_backward(kdp_model *m, const float *dlogits, const float *dfeatures, int pset,
+                           const pass_hook *h);
 
 void kdp_model_backward(kdp_model *m, const float *dlogits, const float *dfeatures) {
-  model_backward(m, dlogits, dfeatures, 0);
+  model_backward(m, dlogits, dfeatures, 0, NULL);
 }
 
 void kdp_model_backward_set(kdp_model *m, const float *dlogits, const float *dfeatures) {
-  model_backward(m, dlogits, dfeatures, 1);
+  model_backward(m, dlogits, dfeatures, 1, NULL);
 }
 
-/* pset: write the parameter gradients (kdp_model_backward_set), else add to them */
-static void model_backward(kdp_model *m, const float *dlogits, const float *dfeatures, int pset) {
+void kdp_model_backward_set_each(kdp_model *m, const float *dlogits, const float *dfeatures,
+                                 kdp_backward_hook fn, void *ctx) {
+  const pass_hook h = {fn, ctx};
+  model_backward(m, dlogits, dfeatures, 1, &h);
+}
+
+/* pset: write the parameter gradients (kdp_model_backward_set), else add to them; h: called
+   after each layer as the model's hook is */
+static void model_backward(kdp_model *m, const float *dlogits, const float *dfeatures, int pset,
+                           const pass_hook *h) {
   if (m->infer) {
     kdp_die("internal error: backward pass on the eval-only model %s", m->arch);
   }
@@ -1332,7 +1353,7 @@ static void model_backward(kdp_model *m, const float *dlogits, const float *dfea
         dense_relu_backward(m, i, din, B, dset);
       else
         block_backward(m, i, din, set);
-      if (m->hook) m->hook(m->hook_ctx, m->grad_ready[i]);
+      op_done(m, i, h);
       continue;
     }
     const float *in = a->val;
@@ -1395,6 +1416,6 @@ static void model_backward(kdp_model *m, const float *dlogits, const float *dfea
           kdp_shortcut_a_backward(din, dout, B, a->H, a->W, a->C, m->acts[o->out].C, o->stride);
         break;
     }
-    if (m->hook) m->hook(m->hook_ctx, m->grad_ready[i]);
+    op_done(m, i, h);
   }
 }

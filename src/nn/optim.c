@@ -61,14 +61,41 @@ static void sgd_range(void *ctx, size_t lo, size_t hi) {
   }
 }
 
-/* element-wise, on the team of threads (par.h) */
+/* element-wise, on the team of threads (par.h); the items depend on hi - lo only */
+void kdp_sgd_update(kdp_sgd *o, float *p, const float *g, float lr, size_t lo, size_t hi) {
+  sgd_ctx c = {o, p, g, lr, lo};
+  kdp_par_elems(hi - lo, hi - lo, sgd_range, &c);
+}
+
 void kdp_sgd_step_ranges(kdp_sgd *o, float *p, const float *g, float lr, const size_t *lo_hi,
                          size_t n) {
-  for (size_t k = 0; k < n; k++) {
-    sgd_ctx c = {o, p, g, lr, lo_hi[2 * k]};
-    size_t m = lo_hi[2 * k + 1] - lo_hi[2 * k];
-    kdp_par_elems(m, m, sgd_range, &c);
-  }
+  for (size_t k = 0; k < n; k++) kdp_sgd_update(o, p, g, lr, lo_hi[2 * k], lo_hi[2 * k + 1]);
+  o->n_steps++;
+}
+
+typedef struct fused_sgd {
+  kdp_sgd *o;
+  float *p;
+  const float *g;
+  float lr;
+  size_t done; /* [done, n) have taken their step */
+} fused_sgd;
+
+static void fused_ready(void *ctx, size_t ready) {
+  fused_sgd *f = ctx;
+  if (ready >= f->done) return;
+  kdp_sgd_update(f->o, f->p, f->g, f->lr, ready, f->done);
+  f->done = ready;
+}
+
+void kdp_model_backward_sgd(kdp_model *m, const float *dlogits, const float *dfeatures, kdp_sgd *o,
+                            float lr) {
+  if (o->n != kdp_model_n_params(m))
+    kdp_die("internal error: an optimizer of %zu values for a model of %zu parameters", o->n,
+            kdp_model_n_params(m));
+  fused_sgd f = {o, kdp_model_params(m), kdp_model_grads(m), lr, o->n};
+  kdp_model_backward_set_each(m, dlogits, dfeatures, fused_ready, &f);
+  fused_ready(&f, 0); /* what became final only at the end */
   o->n_steps++;
 }
 

@@ -563,9 +563,16 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
      step count. */
   const int still = t->frozen || (kdp_pipeline_expert(t->pipe, NULL) &&
                                   t->d->peer == kdp_cohort_spec(t->cohort)->teacher_peer);
+  r->lr = kdp_schedule_lr(&t->sched, step) * t->lr_scale;
+  /* one rank per peer: no gradient sum between the backward pass and the optimizer, so each
+     layer takes its SGD step as soon as its gradients are final (bitwise the same) */
+  const int fused = n && !still && t->d->ranks_per_peer == 1;
   tc0 = kdp_now();
   /* the backward pass writes the gradients (no zeroing pass first); without it they are zero */
-  if (n && !still)
+  if (fused)
+    kdp_model_backward_sgd(t->model, t->dlogits, feature_grads(t) ? t->dfeat : NULL, &t->opt,
+                           (float)r->lr);
+  else if (n && !still)
     kdp_model_backward_set(t->model, t->dlogits, feature_grads(t) ? t->dfeat : NULL);
   else
     kdp_model_zero_grad(t->model);
@@ -574,9 +581,8 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   double ta0 = kdp_now();
   kdp_train_allreduce(t);
   kdp_trace_mark(t, "allreduce", ta0, kdp_now());
-  r->lr = kdp_schedule_lr(&t->sched, step) * t->lr_scale;
   tc0 = kdp_now();
-  if (!still)
+  if (!still && !fused)
     kdp_sgd_step(&t->opt, kdp_model_params(t->model), kdp_model_grads(t->model), (float)r->lr);
   kdp_pipeline_module_sgd(t->pipe, &t->mopt, (float)r->lr); /* its parts this rank keeps */
   kdp_embed_sgd(t, (float)r->lr);
