@@ -140,15 +140,18 @@ void kd_hidden_forward_parts(kdp_cohort *c, kd_hidden *L, const float *part, siz
                              const kdp_kd_reduce *red) {
   const size_t H = L->H, P = c->s.P;
   const float *bias = c->params + L->o_b;
-  /* row by row: no r % H per element (an integer division each took half of this loop) */
+  /* row by row, summing one partial row at a time into a row of doubles (L->sums, free until
+     the batchnorm): the additions of the element-wise loop (bias, then j = 0, 1, ...) in the same
+     order, but contiguous and vectorised */
+  double *acc = L->sums;
   for (size_t b = 0; b < n; b++) {
-    const float *pb = part + b * H;
-    float *a = L->a1 + b * H;
-    for (size_t k = 0; k < H; k++) {
-      double acc = (double)bias[k];
-      for (size_t j = 0; j < P; j++) acc += (double)pb[j * n * H + k];
-      a[k] = (float)acc;
+    for (size_t k = 0; k < H; k++) acc[k] = (double)bias[k];
+    for (size_t j = 0; j < P; j++) {
+      const float *pj = part + (j * n + b) * H;
+      for (size_t k = 0; k < H; k++) acc[k] += (double)pj[k];
     }
+    float *a = L->a1 + b * H;
+    for (size_t k = 0; k < H; k++) a[k] = (float)acc[k];
   }
   hidden_bn_relu(c, L, n, train, red);
 }

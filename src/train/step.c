@@ -34,6 +34,9 @@ struct kdp_pipeline {
      their sum's gradient (maxB x W) */
   size_t W, wc[KDP_KD_MAX_PEERS];
   float *part_own, *dpart_own, *partb, *dpartb;
+  /* a module whose backward runs before the peer term (early): its gradients of my own rows'
+     logits and features, received with the teachers and added after the peer term */
+  float *dz_own, *dh_own;
   /* the module's parts (kdp_cohort_module_ranges of this peer): nsh SHARED ranges, then nown OWN,
      then nshard SHARDED, as (lo, hi) pairs; the OWN block packed (own_n floats); stale: bit 0 the
      other peers' blocks of the params, bit 1 of the momentum, are older than the last step */
@@ -107,6 +110,8 @@ int kdp_pipeline_create(kdp_pipeline **out, kdp_dist *d, kdp_cohort *c, size_t m
     p->partb = kdp_falloc(p->P * max_batch * p->W);
     p->dpartb = kdp_falloc(max_batch * p->W);
   }
+  if (p->lgrad) p->dz_own = kdp_falloc(max_batch * s->C);
+  if (p->fgrad && !p->W) p->dh_own = kdp_falloc(max_batch * s->dims[p->me]);
   p->nsh = kdp_cohort_module_ranges(c, KDP_PART_SHARED, p->me, NULL, 0);
   p->nown = kdp_cohort_module_ranges(c, KDP_PART_OWN, p->me, NULL, 0);
   p->nshard = kdp_cohort_module_ranges(c, KDP_PART_SHARDED, p->me, NULL, 0);
@@ -124,7 +129,7 @@ void kdp_pipeline_free(kdp_pipeline *p) {
   if (!p) return;
   float *bufs[] = {p->z_all, p->zb, p->hb, p->tb, p->dtb, p->dzb, p->dhb, p->t_own, p->dt_own,
                    p->ens, p->ze_all, p->vw, p->dvw, p->dzw, p->part_own, p->dpart_own,
-                   p->partb, p->dpartb};
+                   p->partb, p->dpartb, p->dz_own, p->dh_own};
   for (size_t k = 0; k < sizeof bufs / sizeof bufs[0]; k++) free(bufs[k]);
   free(p->rg);
   free(p->pack);
@@ -254,13 +259,14 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   kdp_dist_gather_rows_fields(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, f, nf);
 
   /* 2. compute: the module's teachers on the block, sent to their peers' rows; my peer term.
-     A module whose backward does not read the peers' teacher gradients and hands back partials
-     (ffl) runs its backward at once: the partials' gradient travels with the teachers, and the
-     sum of its replicated gradient starts (kdp_pipeline_module_allreduce finishes it). */
+     A module whose backward does not read the peers' teacher gradients (one, ffl, pcl, okddip
+     detached) runs its backward at once: its gradients of every peer's rows (logits, features or
+     partials) travel with the teachers, and the sum of its replicated gradient starts
+     (kdp_pipeline_module_allreduce finishes it). */
   kdp_kd_rows blk = {.z = p->zb, .h = p->hb, .y = in->y + blo, .n = m, .T = in->T,
                      .weight = in->weight, .scale = (float)m / (float)B,
                      .part = p->W ? p->partb : NULL, .dpart = p->W ? p->dpartb : NULL};
-  const int early = o->module_reads && !p->tgrad && p->W && p->fgrad;
+  const int early = o->module_reads && !p->tgrad;
   if (o->module_reads) {
     rc = kdp_cohort_module_forward(p->c, &blk, &p->red, p->tb, err);
     if (rc) return rc;
@@ -270,8 +276,13 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
     if (early) {
       rc = module_backward(p, &blk, m, err);
       if (rc) return rc;
-      f[nf++] = (kdp_rows_field){.width = p->wc, .shared = 1, .in = p->dpartb,
-                                 .out = p->dpart_own};
+      if (p->lgrad)
+        f[nf++] = (kdp_rows_field){.width = p->wz, .in = p->dzb, .out = p->dz_own};
+      if (p->fgrad && p->W)
+        f[nf++] = (kdp_rows_field){.width = p->wc, .shared = 1, .in = p->dpartb,
+                                   .out = p->dpart_own};
+      else if (p->fgrad)
+        f[nf++] = (kdp_rows_field){.width = p->wh, .in = p->dhb, .out = p->dh_own};
       /* the replicated parts' gradient is complete: between 2 ranks each sends the other its
          part with the teachers (the bytes of a 2-rank allreduce, no collective of its own);
          else its sum starts now */
@@ -307,28 +318,31 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
   if (rc) return rc;
   if (!o->module_reads) return 0;
 
-  /* the module's backward on the block, with the peers' teacher gradients gathered to it */
-  if (!early) {
+  if (early) {
+    /* the module's gradients of my rows, received with the teachers: added after the peer term,
+       as the scatter below adds them (one sender per row) */
+    if (p->lgrad)
+      for (size_t k = 0; k < n * C; k++) dz[k] += p->dz_own[k];
+    if (p->fgrad && !p->W)
+      for (size_t k = 0; k < n * p->wh[p->me]; k++) dh[k] += p->dh_own[k];
+  } else {
+    /* the module's backward on the block, with the peers' teacher gradients gathered to it */
     if (p->tgrad)
       kdp_dist_gather_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, p->dt_own, p->dtb);
     rc = module_backward(p, &blk, m, err);
     if (rc) return rc;
-  }
-
-  /* 3. scatter: every peer's block rows of the module's gradients back to its ranks (dz only
-     when the module's backward reaches the logits: ffl's and pcl's read them stop-gradient) */
-  if (p->lgrad)
-    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
-  if (p->fgrad && p->W) {
-    /* the partials' gradient to every peer's rows (with the teachers when early), then my
-       columns' share of it */
-    if (!early)
+    /* 3. scatter: every peer's block rows of the module's gradients back to its ranks (dz only
+       when the module's backward reaches the logits: ffl's and pcl's read them stop-gradient) */
+    if (p->lgrad)
+      kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wz, 0, p->dzb, dz);
+    if (p->fgrad && p->W)
       kdp_dist_scatter_rows_set(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wc, 1, p->dpartb,
                                 p->dpart_own);
-    return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
+    else if (p->fgrad)
+      kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, 0, p->dhb, dh);
   }
-  if (p->fgrad)
-    kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, 0, p->dhb, dh);
+  /* sharded by peer columns (ffl): my columns' share of the partials' gradient */
+  if (p->fgrad && p->W) return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
   return 0;
 }
 
