@@ -721,16 +721,22 @@ START_TEST(test_buckets_sum) {
 }
 END_TEST
 
+/* the whole world as one peer (W ranks on this node) and its small mlp (8x8 inputs, 10 classes) */
+static kdp_model *peer_model(kdp_dist *peer, size_t max_batch) {
+  kdp_error err;
+  ck_assert_msg(kdp_dist_setup(peer, D.world_size, &err) == 0, "%s", err.msg);
+  kdp_input_shape ish = {8, 8, 1, 10};
+  kdp_model *m = NULL;
+  ck_assert_msg(kdp_model_create(&m, "mlp(96,64,32)", ish, max_batch, &err) == 0, "%s", err.msg);
+  return m;
+}
+
 /* The model's backward hook starts every bucket during the backward pass (only the wait is left
    for finish), and the bucketed gradients are the peer's sum (as above). */
 START_TEST(test_buckets_model_hook) {
   kdp_dist peer;
-  kdp_error err;
   int W = D.world_size;
-  ck_assert_msg(kdp_dist_setup(&peer, W, &err) == 0, "%s", err.msg);
-  kdp_input_shape ish = {8, 8, 1, 10};
-  kdp_model *m = NULL;
-  ck_assert_msg(kdp_model_create(&m, "mlp(96,64,32)", ish, 16, &err) == 0, "%s", err.msg);
+  kdp_model *m = peer_model(&peer, 16);
   kdp_rng rng;
   kdp_rng_seed(&rng, 5, KDP_STREAM_INIT);
   kdp_model_init(m, &rng);
@@ -840,12 +846,8 @@ END_TEST
    sum); kdp_buckets_free gives the model its own arena back, holding the sum. */
 START_TEST(test_shm_model) {
   kdp_dist peer;
-  kdp_error err;
   int W = D.world_size;
-  ck_assert_msg(kdp_dist_setup(&peer, W, &err) == 0, "%s", err.msg);
-  kdp_input_shape ish = {8, 8, 1, 10};
-  kdp_model *m = NULL;
-  ck_assert_msg(kdp_model_create(&m, "mlp(96,64,32)", ish, 16, &err) == 0, "%s", err.msg);
+  kdp_model *m = peer_model(&peer, 16);
   kdp_rng rng, drop;
   kdp_rng_seed(&rng, 5, KDP_STREAM_INIT);
   kdp_model_init(m, &rng);
@@ -878,6 +880,69 @@ START_TEST(test_shm_model) {
 }
 END_TEST
 
+/* kdp_buckets_share_sgd + kdp_buckets_finish_sgd: each rank sums its slice of the window's
+   arenas and takes that slice's SGD step into every rank's copy; bitwise the sum (on 2 ranks the
+   blocking allreduce, else the rank-order sum) + kdp_sgd_step on the whole vector, for momentum
+   with and without nesterov and plain SGD, over several steps (the momentum's first step and the
+   later ones); kdp_buckets_free gives the model and optimizer their own arrays back. */
+START_TEST(test_shm_sgd) {
+  kdp_dist peer;
+  int W = D.world_size;
+  kdp_model *m = peer_model(&peer, 4);
+  size_t np = kdp_model_n_params(m), bad = 0, checked = 0;
+  static const struct { float mu, wd; int nesterov; } cfgs[] = {
+      {0.9f, 5e-4f, 1}, {0.8f, 1e-4f, 0}, {0.0f, 5e-4f, 0}};
+  float *ref_p = kdp_falloc(np), *sum = kdp_falloc(np), *parts = kdp_falloc((size_t)W * np);
+  for (size_t ci = 0; ci < sizeof cfgs / sizeof *cfgs; ci++) {
+    kdp_rng rng;
+    kdp_rng_seed(&rng, 3 + ci, KDP_STREAM_INIT);
+    kdp_model_init(m, &rng);
+    kdp_sgd o, ref;
+    kdp_sgd_init(&o, np, cfgs[ci].mu, cfgs[ci].wd, cfgs[ci].nesterov);
+    kdp_sgd_init(&ref, np, cfgs[ci].mu, cfgs[ci].wd, cfgs[ci].nesterov);
+    float *own_p = kdp_model_params(m), *own_buf = o.buf, *g = NULL;
+    memcpy(ref_p, own_p, np * sizeof(float));
+    kdp_buckets *b = kdp_buckets_create_shm(&peer, np, &g);
+    ck_assert(b != NULL);
+    kdp_buckets_share_sgd(b, m, &o);
+    ck_assert(kdp_buckets_is_shm_sgd(b));
+    ck_assert_ptr_ne(kdp_model_params(m), own_p);
+    for (int step = 0; step < 3; step++) {
+      float lr = 0.05f / (float)(step + 1);
+      int salt = 20 + 3 * (int)ci + step;
+      if (W == 2) {
+        rank_values(sum, np, peer.slice, salt);
+        kdp_dist_peer_allreduce(&peer, sum, np);
+      } else {
+        for (int r = 0; r < W; r++) rank_values(parts + (size_t)r * np, np, r, salt);
+        rank_order_sum(parts, np, W, sum);
+      }
+      kdp_sgd_step(&ref, ref_p, sum, lr);
+      rank_values(g, np, peer.slice, salt);
+      kdp_buckets_finish_sgd(b, lr);
+      bad += bitwise_mismatches(kdp_model_params(m), ref_p, np);
+      if (cfgs[ci].mu != 0.0f) bad += bitwise_mismatches(o.buf, ref.buf, np);
+      checked += np;
+      ck_assert_int_eq(o.n_steps, ref.n_steps);
+    }
+    kdp_buckets_free(b);
+    ck_assert_ptr_eq(kdp_model_params(m), own_p);
+    ck_assert_ptr_eq(o.buf, own_buf);
+    bad += bitwise_mismatches(own_p, ref_p, np);
+    if (cfgs[ci].mu != 0.0f) bad += bitwise_mismatches(own_buf, ref.buf, np);
+    kdp_sgd_free(&o);
+    kdp_sgd_free(&ref);
+  }
+  free(ref_p);
+  free(sum);
+  free(parts);
+  kdp_model_free(m);
+  kdp_dist_free(&peer);
+  ck_assert_msg(bad == 0, "%zu values of %zu steps x %zu parameters differ from the %s + SGD step",
+                bad, checked / np, np, W == 2 ? "allreduce" : "rank-order sum");
+}
+END_TEST
+
 int main(int argc, char **argv) {
   kdp_error err;
   if (kdp_dist_init_mpi(&argc, &argv, &err) != 0 || kdp_dist_setup(&D, 1, &err) != 0) {
@@ -895,6 +960,7 @@ int main(int argc, char **argv) {
   tcase_add_test(tc, test_buckets_model_hook);
   tcase_add_test(tc, test_shm_sum);
   tcase_add_test(tc, test_shm_model);
+  tcase_add_test(tc, test_shm_sgd);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_set_fork_status(sr, CK_NOFORK); /* MPI cannot survive fork */

@@ -132,6 +132,21 @@ int kdp_buckets_is_shm(const kdp_buckets *b);
 struct kdp_model;
 kdp_buckets *kdp_buckets_for_model(kdp_dist *d, struct kdp_model *m, size_t bucket_kb,
                                    kdp_grad_sum how);
+/* The shared sum fused with the optimizer step (collective over the peer's ranks; b from
+   kdp_buckets_create_shm or kdp_buckets_for_model's shm path): m's parameter arena and o's
+   momentum (o->n == n) move into a second shared window, one copy per rank (the values copied
+   in; every other writer of them keeps writing its own rank's copy). kdp_buckets_finish_sgd(b,
+   lr) then replaces kdp_buckets_finish + kdp_sgd_step(o, params, grads, lr): a barrier (the
+   gradient arenas are written), each rank sums its slice of the k arenas (the same order) into
+   L1 and applies the SGD update to that slice only (kdp_sgd_apply: bitwise kdp_sgd_step's), writes
+   the new parameters and momentum into every rank's copy, a barrier; o->n_steps counts the step.
+   The gradient arenas then hold this rank's own gradients, not the sum. kdp_buckets_free gives m
+   and o their own arrays back, with the current values. */
+struct kdp_sgd;
+void kdp_buckets_share_sgd(kdp_buckets *b, struct kdp_model *m, struct kdp_sgd *o);
+/* 1: kdp_buckets_share_sgd has been called on b */
+int kdp_buckets_is_shm_sgd(const kdp_buckets *b);
+void kdp_buckets_finish_sgd(kdp_buckets *b, float lr);
 size_t kdp_buckets_count(const kdp_buckets *b);
 /* buckets started in this step so far (for tests) */
 size_t kdp_buckets_started(const kdp_buckets *b);

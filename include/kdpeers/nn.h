@@ -302,6 +302,8 @@ float *kdp_model_grads(kdp_model *m);
    current gradients copied in; returns the previous arena (swap it back before freeing g). Used
    to place the gradients in memory shared by a peer's ranks (src/dist/buckets.c). */
 float *kdp_model_swap_grads(kdp_model *m, float *g);
+/* The same for the parameter arena (the values copied in; the previous arena returned). */
+float *kdp_model_swap_params(kdp_model *m, float *p);
 /* Non-trained state (BN running mean/var), contiguous too (for checkpoints and allreduce). */
 size_t kdp_model_n_buffers(const kdp_model *m);
 float *kdp_model_buffers(kdp_model *m);
@@ -402,6 +404,12 @@ void kdp_sgd_step_ranges(kdp_sgd *o, float *params, const float *grads, float lr
 /* The step of the elements [lo, hi) only, NOT counted: a caller that steps the vector in parts
    counts the step once, after the last part (o->n_steps++; kdp_model_backward_sgd does). */
 void kdp_sgd_update(kdp_sgd *o, float *params, const float *grads, float lr, size_t lo, size_t hi);
+/* The per-element update of kdp_sgd_step on n elements, serially, with the parameters p, the
+   momentum buf and the gradients g given (all already offset to the first element), NOT counted:
+   the one code every SGD path runs, so that they agree bitwise (src/dist/buckets.c's fused
+   sum + step over a shared window uses it on its slice). buf unused when o->momentum == 0. */
+void kdp_sgd_apply(const kdp_sgd *o, float *params, float *buf, const float *grads, float lr,
+                   size_t n);
 /* kdp_model_backward_set fused with kdp_sgd_step(o, params, grads, lr): each layer's parameters
    take their optimizer step right after the backward pass has made their gradients final (see
    kdp_model_set_backward_hook; for mlp(512,256) that saves no measurable cache misses:

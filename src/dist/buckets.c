@@ -23,9 +23,17 @@ struct kdp_buckets {
   MPI_Win *win;
   MPI_Comm shm_comm;
   float **arena;
-  int k;
+  int k, me;
   size_t slo, shi;
   float *model_grads;
+  /* kdp_buckets_share_sgd: a second window holding every rank's copy of the parameters
+     (param[r]) and of the momentum (mom[r]); the model and optimizer whose arrays these are,
+     and their own arrays while the window's are lent */
+  MPI_Win *pwin;
+  float **param, **mom;
+  kdp_model *sgd_model;
+  kdp_sgd *opt;
+  float *own_params, *own_mom;
 };
 
 kdp_buckets *kdp_buckets_create(kdp_dist *d, float *grads, size_t n, const size_t *marks,
@@ -90,20 +98,44 @@ static void shm_sync(kdp_buckets *b) {
   KDP_CHECK_MPI(MPI_Win_sync(*b->win));
 }
 
-/* slice [lo, hi) of every arena := arena 0 + arena 1 + ... + arena k-1, in that order, in chunks
-   that stay in L1 */
+enum { SHM_CHUNK = 1024 };
+
+/* acc[0, m) := arena 0 + arena 1 + ... + arena k-1 at [c, c + m), in that order */
+static void chunk_sum(float *acc, float *const *arena, int k, size_t c, size_t m) {
+  const float *a0 = arena[0] + c;
+  for (size_t i = 0; i < m; i++) acc[i] = a0[i];
+  for (int r = 1; r < k; r++) {
+    const float *ar = arena[r] + c;
+    for (size_t i = 0; i < m; i++) acc[i] += ar[i];
+  }
+}
+
+/* slice [lo, hi) of every arena := the sum, in chunks that stay in L1 */
 static void shm_sum_slice(float *const *arena, int k, size_t lo, size_t hi) {
-  enum { CH = 1024 };
-  float acc[CH];
-  for (size_t c = lo; c < hi; c += CH) {
-    size_t m = hi - c < CH ? hi - c : CH;
-    const float *a0 = arena[0] + c;
-    for (size_t i = 0; i < m; i++) acc[i] = a0[i];
-    for (int r = 1; r < k; r++) {
-      const float *ar = arena[r] + c;
-      for (size_t i = 0; i < m; i++) acc[i] += ar[i];
-    }
+  float acc[SHM_CHUNK];
+  for (size_t c = lo; c < hi; c += SHM_CHUNK) {
+    size_t m = hi - c < SHM_CHUNK ? hi - c : SHM_CHUNK;
+    chunk_sum(acc, arena, k, c, m);
     for (int r = 0; r < k; r++) memcpy(arena[r] + c, acc, m * sizeof(float));
+  }
+}
+
+/* slice [slo, shi): the sum of the arenas (as shm_sum_slice, into L1 only) takes its SGD step on
+   this rank's copy of the parameters and momentum (kdp_sgd_apply: kdp_sgd_step's operations per
+   element), then the new values are copied into every other rank's copy */
+static void shm_sum_sgd_slice(kdp_buckets *b, float lr) {
+  float acc[SHM_CHUNK];
+  const int mom = b->opt->momentum != 0.0f; /* else the momentum is not used */
+  float *p = b->param[b->me], *buf = b->mom[b->me];
+  for (size_t c = b->slo; c < b->shi; c += SHM_CHUNK) {
+    size_t m = b->shi - c < SHM_CHUNK ? b->shi - c : SHM_CHUNK;
+    chunk_sum(acc, b->arena, b->k, c, m);
+    kdp_sgd_apply(b->opt, p + c, buf + c, acc, lr, m);
+    for (int r = 0; r < b->k; r++) {
+      if (r == b->me) continue;
+      memcpy(b->param[r] + c, p + c, m * sizeof(float));
+      if (mom) memcpy(b->mom[r] + c, buf + c, m * sizeof(float));
+    }
   }
 }
 
@@ -116,6 +148,65 @@ static void shm_finish(kdp_buckets *b) {
 }
 
 int kdp_buckets_is_shm(const kdp_buckets *b) { return b->win != NULL; }
+int kdp_buckets_is_shm_sgd(const kdp_buckets *b) { return b && b->pwin; }
+
+void kdp_buckets_finish_sgd(kdp_buckets *b, float lr) {
+  double t0 = kdp_now();
+  shm_sync(b); /* every rank's arena is written */
+  shm_sum_sgd_slice(b, lr);
+  shm_sync(b); /* every slice's step is in every rank's copy: the next forward may start */
+  b->opt->n_steps++;
+  b->d->t_allreduce += kdp_now() - t0;
+}
+
+/* A shared window of `parts` arenas of n floats per rank of c (k ranks), each arena on its own
+   pages (noncontig: placed near its rank) and 64-byte aligned within its segment (Open MPI's
+   segments need not be: 8 bytes off a line here): out[r * parts + j] = rank r's arena j. */
+static float **shm_alloc(MPI_Comm c, int k, size_t n, int parts, MPI_Win *win) {
+  const size_t page = 4096, bytes = ((n ? n : 1) * sizeof(float) + 64 + page - 1) / page * page;
+  MPI_Info info;
+  KDP_CHECK_MPI(MPI_Info_create(&info));
+  KDP_CHECK_MPI(MPI_Info_set(info, "alloc_shared_noncontig", "true"));
+  void *mine = NULL;
+  KDP_CHECK_MPI(MPI_Win_allocate_shared((MPI_Aint)(bytes * (size_t)parts), sizeof(float), info, c,
+                                        &mine, win));
+  MPI_Info_free(&info);
+  float **out = kdp_xmalloc((size_t)k * (size_t)parts * sizeof *out);
+  for (int r = 0; r < k; r++) {
+    MPI_Aint sz = 0;
+    int du = 0;
+    void *base = NULL;
+    KDP_CHECK_MPI(MPI_Win_shared_query(*win, r, &sz, &du, &base));
+    for (int j = 0; j < parts; j++)
+      out[r * parts + j] =
+          (float *)(((uintptr_t)base + (size_t)j * bytes + 63) & ~(uintptr_t)63);
+  }
+  KDP_CHECK_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, *win));
+  return out;
+}
+
+void kdp_buckets_share_sgd(kdp_buckets *b, kdp_model *m, kdp_sgd *o) {
+  if (!b->win || b->pwin) kdp_die("internal error: kdp_buckets_share_sgd without a shared sum");
+  if (o->n != b->n || kdp_model_n_params(m) != b->n)
+    kdp_die("internal error: an optimizer of %zu values, a model of %zu, a window of %zu",
+            o->n, kdp_model_n_params(m), b->n);
+  b->pwin = kdp_xmalloc(sizeof *b->pwin);
+  float **a = shm_alloc(b->shm_comm, b->k, b->n, 2, b->pwin);
+  b->param = kdp_xmalloc((size_t)b->k * sizeof *b->param);
+  b->mom = kdp_xmalloc((size_t)b->k * sizeof *b->mom);
+  for (int r = 0; r < b->k; r++) {
+    b->param[r] = a[2 * r];
+    b->mom[r] = a[2 * r + 1];
+  }
+  free(a);
+  b->sgd_model = m;
+  b->opt = o;
+  b->own_params = kdp_model_swap_params(m, b->param[b->me]);
+  memcpy(b->mom[b->me], o->buf, b->n * sizeof(float));
+  b->own_mom = o->buf;
+  o->buf = b->mom[b->me];
+  KDP_CHECK_MPI(MPI_Win_sync(*b->pwin));
+}
 
 kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads) {
   if (d->ranks_per_peer <= 1) return NULL;
@@ -137,29 +228,13 @@ kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads) {
   b->n = n;
   b->k = k;
   b->shm_comm = c;
+  b->me = me;
   b->win = kdp_xmalloc(sizeof *b->win);
-  /* each rank's arena on its own pages (noncontig: placed near its rank), 64-byte aligned within
-     its segment (Open MPI's segments need not be: 8 bytes off a line here) */
-  const size_t page = 4096, bytes = ((n ? n : 1) * sizeof(float) + 64 + page - 1) / page * page;
-  MPI_Info info;
-  KDP_CHECK_MPI(MPI_Info_create(&info));
-  KDP_CHECK_MPI(MPI_Info_set(info, "alloc_shared_noncontig", "true"));
-  void *mine = NULL;
-  KDP_CHECK_MPI(MPI_Win_allocate_shared((MPI_Aint)bytes, sizeof(float), info, c, &mine, b->win));
-  MPI_Info_free(&info);
-  b->arena = kdp_xmalloc((size_t)k * sizeof *b->arena);
-  for (int r = 0; r < k; r++) {
-    MPI_Aint sz = 0;
-    int du = 0;
-    void *base = NULL;
-    KDP_CHECK_MPI(MPI_Win_shared_query(*b->win, r, &sz, &du, &base));
-    b->arena[r] = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
-  }
+  b->arena = shm_alloc(c, k, n, 1, b->win);
   memset(b->arena[me], 0, n * sizeof(float));
   /* the slices: cut at multiples of 16 floats (64 bytes), so no two ranks write one cache line */
   b->slo = (n * (size_t)me / (size_t)k) & ~(size_t)15;
   b->shi = me + 1 == k ? n : (n * (size_t)(me + 1) / (size_t)k) & ~(size_t)15;
-  KDP_CHECK_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, *b->win));
   shm_sync(b);
   *grads = b->arena[me];
   return b;
@@ -233,6 +308,17 @@ void kdp_buckets_free(kdp_buckets *b) {
   if (!b) return;
   if (b->model && b->win) kdp_model_swap_grads(b->model, b->model_grads);
   else if (b->model) kdp_model_set_backward_hook(b->model, NULL, NULL);
+  if (b->pwin) {
+    /* the model and optimizer get their own arrays back, holding the current values */
+    kdp_model_swap_params(b->sgd_model, b->own_params);
+    memcpy(b->own_mom, b->opt->buf, b->n * sizeof(float));
+    b->opt->buf = b->own_mom;
+    MPI_Win_unlock_all(*b->pwin);
+    MPI_Win_free(b->pwin);
+    free(b->pwin);
+    free(b->param);
+    free(b->mom);
+  }
   if (b->win) {
     MPI_Win_unlock_all(*b->win);
     MPI_Win_free(b->win);

@@ -916,6 +916,13 @@ float *kdp_model_swap_grads(kdp_model *m, float *g) {
   m->grads = g;
   return old;
 }
+float *kdp_model_swap_params(kdp_model *m, float *p) {
+  float *old = m->params;
+  if (old && p) memcpy(p, old, m->n_params * sizeof(float));
+  m->params = p;
+  m->frozen = 0; /* (packed weights, if any, are repacked from the arena) */
+  return old;
+}
 size_t kdp_model_n_buffers(const kdp_model *m) { return m->n_buffers; }
 float *kdp_model_buffers(kdp_model *m) {
   m->frozen = 0;

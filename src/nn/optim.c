@@ -28,37 +28,40 @@ typedef struct sgd_ctx {
   size_t base; /* the range's first element */
 } sgd_ctx;
 
-static void sgd_range(void *ctx, size_t lo, size_t hi) {
-  const sgd_ctx *c = ctx;
-  lo += c->base;
-  hi += c->base;
-  const float mu = c->o->momentum, wd = c->o->weight_decay, lr = c->lr;
-  float *restrict p = c->p, *restrict buf = c->o->buf;
-  const float *restrict g = c->g;
+void kdp_sgd_apply(const kdp_sgd *o, float *restrict p, float *restrict buf,
+                   const float *restrict g, float lr, size_t n) {
+  const float mu = o->momentum, wd = o->weight_decay;
   if (mu == 0.0f) {
-    for (size_t i = lo; i < hi; i++) p[i] -= lr * (g[i] + wd * p[i]);
-  } else if (c->o->n_steps == 0) {
+    for (size_t i = 0; i < n; i++) p[i] -= lr * (g[i] + wd * p[i]);
+  } else if (o->n_steps == 0) {
     /* PyTorch: the momentum buffer starts as a copy of the first gradient */
-    for (size_t i = lo; i < hi; i++) {
+    for (size_t i = 0; i < n; i++) {
       float d = g[i] + wd * p[i];
       buf[i] = d;
-      p[i] -= lr * (c->o->nesterov ? d + mu * d : d);
+      p[i] -= lr * (o->nesterov ? d + mu * d : d);
     }
-  } else if (c->o->nesterov) {
-    for (size_t i = lo; i < hi; i++) {
+  } else if (o->nesterov) {
+    for (size_t i = 0; i < n; i++) {
       float d = g[i] + wd * p[i];
       float b = mu * buf[i] + d;
       buf[i] = b;
       p[i] -= lr * (d + mu * b);
     }
   } else {
-    for (size_t i = lo; i < hi; i++) {
+    for (size_t i = 0; i < n; i++) {
       float d = g[i] + wd * p[i];
       float b = mu * buf[i] + d;
       buf[i] = b;
       p[i] -= lr * b;
     }
   }
+}
+
+static void sgd_range(void *ctx, size_t lo, size_t hi) {
+  const sgd_ctx *c = ctx;
+  lo += c->base;
+  hi += c->base;
+  kdp_sgd_apply(c->o, c->p + lo, c->o->buf + lo, c->g + lo, c->lr, hi - lo);
 }
 
 /* element-wise, on the team of threads (par.h); the items depend on hi - lo only */

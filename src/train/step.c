@@ -473,10 +473,13 @@ int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h,
 
 /* ---------------------------------------------------------------- the training step */
 
-void kdp_train_allreduce(kdp_trainer *t) {
+void kdp_train_allreduce(kdp_trainer *t, float shm_lr) {
   /* the peer's gradient arena, summed over its ranks (data parallelism within a peer): the
-     buckets the backward pass started, the rest now, then waits for all */
-  kdp_buckets_finish(t->buckets);
+     buckets the backward pass started, the rest now, then waits for all; or (shm_lr >= 0, the
+     shared window) each rank's slice of the sum takes its SGD step right away, into every rank's
+     copy of the parameters and momentum */
+  if (shm_lr >= 0) kdp_buckets_finish_sgd(t->buckets, shm_lr);
+  else kdp_buckets_finish(t->buckets);
   kdp_embed_allreduce(t); /* mcl's head is the peer's too */
   /* the replicated module's, summed over every rank's row blocks */
   kdp_pipeline_module_allreduce(t->pipe);
@@ -581,6 +584,10 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   /* one rank per peer: no gradient sum between the backward pass and the optimizer, so each
      layer takes its SGD step as soon as its gradients are final (bitwise the same) */
   const int fused = n && !still && t->d->ranks_per_peer == 1;
+  /* k ranks on one node (run.grad_sum = auto/shm): the sum and the SGD step fused per slice over
+     the shared window (a rank without rows steps its slice too; every rank of the peer agrees on
+     `still`, and both shared paths take two barriers) */
+  const int shm_sgd = !still && kdp_buckets_is_shm_sgd(t->buckets);
   tc0 = kdp_now();
   /* the backward pass writes the gradients (no zeroing pass first); without it they are zero */
   if (fused)
@@ -593,10 +600,12 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   L->t_compute += kdp_now() - tc0;
   kdp_trace_mark(t, "backward", tc0, kdp_now());
   double ta0 = kdp_now();
-  kdp_train_allreduce(t);
+  kdp_train_allreduce(t, shm_sgd ? (float)r->lr : -1.0f);
   kdp_trace_mark(t, "allreduce", ta0, kdp_now());
   tc0 = kdp_now();
-  if (!still && !fused)
+  if (shm_sgd)
+    kdp_model_params(t->model); /* (its weights changed: as the call below tells the model) */
+  else if (!still && !fused)
     kdp_sgd_step(&t->opt, kdp_model_params(t->model), kdp_model_grads(t->model), (float)r->lr);
   kdp_pipeline_module_sgd(t->pipe, &t->mopt, (float)r->lr); /* its parts this rank keeps */
   kdp_embed_sgd(t, (float)r->lr);

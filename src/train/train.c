@@ -560,6 +560,8 @@ static int run(const kdp_config *cfg, kdp_dist *d, const kdp_run_opts *opts, kdp
     int stopped = 0;
     t->buckets = kdp_buckets_for_model(t->d, t->model, (size_t)cfg->bucket_kb,
                                        (kdp_grad_sum)cfg->grad_sum_id);
+    /* the shared window: the sum fused with the SGD step (src/dist/buckets.c) */
+    if (kdp_buckets_is_shm(t->buckets)) kdp_buckets_share_sgd(t->buckets, t->model, &t->opt);
     rc = loop(t, &L, &stopped, err);
     kdp_buckets_free(t->buckets);
     t->buckets = NULL;

@@ -156,8 +156,9 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
                    kdp_error *err);
 /* The gradients' allreduce of a step: the peer's gradient arena within the peer (data
    parallelism; in buckets started during the backward pass, t->buckets), the replicated
-   module's over the world. */
-void kdp_train_allreduce(kdp_trainer *t);
+   module's over the world. shm_lr >= 0: the peer's sum over the shared window fused with its SGD
+   step at that lr (kdp_buckets_finish_sgd). */
+void kdp_train_allreduce(kdp_trainer *t, float shm_lr);
 /* The method's own state (replicated module, its optimizer, stale peer copies) into / out of
    this rank's checkpoint file. */
 struct kdp_ckpt_writer;
