@@ -138,8 +138,10 @@ kdp_buckets *kdp_buckets_for_model(kdp_dist *d, struct kdp_model *m, size_t buck
    in; every other writer of them keeps writing its own rank's copy). kdp_buckets_finish_sgd(b,
    lr) then replaces kdp_buckets_finish + kdp_sgd_step(o, params, grads, lr): a barrier (the
    gradient arenas are written), each rank sums its slice of the k arenas (the same order) into
-   L1 and applies the SGD update to that slice only (kdp_sgd_apply: bitwise kdp_sgd_step's), writes
-   the new parameters and momentum into every rank's copy, a barrier; o->n_steps counts the step.
+   L1 and applies the SGD update to that slice only (kdp_sgd_apply: bitwise kdp_sgd_step's), in
+   its own copy; a barrier; each rank copies the other slices' new parameters and momentum from
+   their ranks' copies into its own; a barrier (then no rank reads another's copy until the next
+   step's sum); o->n_steps counts the step.
    The gradient arenas then hold this rank's own gradients, not the sum. kdp_buckets_free gives m
    and o their own arrays back, with the current values. */
 struct kdp_sgd;

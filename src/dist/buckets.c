@@ -120,21 +120,43 @@ static void shm_sum_slice(float *const *arena, int k, size_t lo, size_t hi) {
   }
 }
 
+/* rank r's slice [lo, hi) of n floats over k ranks: cut at multiples of 16 floats (64 bytes), so
+   no two ranks write one cache line */
+static void slice_of(size_t n, int k, int r, size_t *lo, size_t *hi) {
+  *lo = (n * (size_t)r / (size_t)k) & ~(size_t)15;
+  *hi = r + 1 == k ? n : (n * (size_t)(r + 1) / (size_t)k) & ~(size_t)15;
+}
+
 /* slice [slo, shi): the sum of the arenas (as shm_sum_slice, into L1 only) takes its SGD step on
    this rank's copy of the parameters and momentum (kdp_sgd_apply: kdp_sgd_step's operations per
-   element), then the new values are copied into every other rank's copy */
+   element) */
 static void shm_sum_sgd_slice(kdp_buckets *b, float lr) {
   float acc[SHM_CHUNK];
-  const int mom = b->opt->momentum != 0.0f; /* else the momentum is not used */
   float *p = b->param[b->me], *buf = b->mom[b->me];
   for (size_t c = b->slo; c < b->shi; c += SHM_CHUNK) {
     size_t m = b->shi - c < SHM_CHUNK ? b->shi - c : SHM_CHUNK;
     chunk_sum(acc, b->arena, b->k, c, m);
     kdp_sgd_apply(b->opt, p + c, buf + c, acc, lr, m);
-    for (int r = 0; r < b->k; r++) {
-      if (r == b->me) continue;
-      memcpy(b->param[r] + c, p + c, m * sizeof(float));
-      if (mom) memcpy(b->mom[r] + c, buf + c, m * sizeof(float));
+  }
+}
+
+/* after the barrier: every other rank's slice of the parameters and momentum, from that rank's
+   copy into this rank's. Pulled rather than pushed (each rank writing its slice into the others'
+   copies): the lines this rank's next forward reads are then in its own cache, and no rank writes
+   lines another core holds (kdp-bucketprof, mlp(512,256), 2 ranks: k1 / k2-shm 1.55-1.58 pushed,
+   1.62-1.72 pulled, bench/buckets.md). In chunks: one memcpy of a whole slice (1 MB) takes
+   glibc's non-temporal stores, which leave the copy out of the cache. */
+static void shm_pull_slices(kdp_buckets *b) {
+  const int mom = b->opt->momentum != 0.0f; /* else the momentum is not used */
+  float *p = b->param[b->me], *buf = b->mom[b->me];
+  for (int r = 0; r < b->k; r++) {
+    if (r == b->me) continue;
+    size_t lo, hi;
+    slice_of(b->n, b->k, r, &lo, &hi);
+    for (size_t c = lo; c < hi; c += SHM_CHUNK) {
+      size_t m = hi - c < SHM_CHUNK ? hi - c : SHM_CHUNK;
+      memcpy(p + c, b->param[r] + c, m * sizeof(float));
+      if (mom) memcpy(buf + c, b->mom[r] + c, m * sizeof(float));
     }
   }
 }
@@ -154,7 +176,11 @@ void kdp_buckets_finish_sgd(kdp_buckets *b, float lr) {
   double t0 = kdp_now();
   shm_sync(b); /* every rank's arena is written */
   shm_sum_sgd_slice(b, lr);
-  shm_sync(b); /* every slice's step is in every rank's copy: the next forward may start */
+  shm_sync(b); /* every slice has taken its step, in its rank's copy */
+  shm_pull_slices(b);
+  /* every copy is whole again, and no rank reads another's: each may write its own copy (a
+     rollback, a restore, an exchange of weights) as soon as it returns */
+  shm_sync(b);
   b->opt->n_steps++;
   b->d->t_allreduce += kdp_now() - t0;
 }
@@ -232,9 +258,7 @@ kdp_buckets *kdp_buckets_create_shm(kdp_dist *d, size_t n, float **grads) {
   b->win = kdp_xmalloc(sizeof *b->win);
   b->arena = shm_alloc(c, k, n, 1, b->win);
   memset(b->arena[me], 0, n * sizeof(float));
-  /* the slices: cut at multiples of 16 floats (64 bytes), so no two ranks write one cache line */
-  b->slo = (n * (size_t)me / (size_t)k) & ~(size_t)15;
-  b->shi = me + 1 == k ? n : (n * (size_t)(me + 1) / (size_t)k) & ~(size_t)15;
+  slice_of(n, k, me, &b->slo, &b->shi);
   shm_sync(b);
   *grads = b->arena[me];
   return b;

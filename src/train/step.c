@@ -586,7 +586,7 @@ int kdp_train_step(kdp_trainer *t, kdp_loop *L, int64_t step, kdp_step_result *r
   const int fused = n && !still && t->d->ranks_per_peer == 1;
   /* k ranks on one node (run.grad_sum = auto/shm): the sum and the SGD step fused per slice over
      the shared window (a rank without rows steps its slice too; every rank of the peer agrees on
-     `still`, and both shared paths take two barriers) */
+     `still`, the choice between the two shared paths) */
   const int shm_sgd = !still && kdp_buckets_is_shm_sgd(t->buckets);
   tc0 = kdp_now();
   /* the backward pass writes the gradients (no zeroing pass first); without it they are zero */
