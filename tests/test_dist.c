@@ -884,7 +884,8 @@ END_TEST
    arenas and takes that slice's SGD step into every rank's copy; bitwise the sum (on 2 ranks the
    blocking allreduce, else the rank-order sum) + kdp_sgd_step on the whole vector, for momentum
    with and without nesterov and plain SGD, over several steps (the momentum's first step and the
-   later ones); kdp_buckets_free gives the model and optimizer their own arrays back. */
+   later ones); the momentum whole after kdp_buckets_gather_sgd; kdp_buckets_free gives the model
+   and optimizer their own arrays back, the momentum gathered. */
 START_TEST(test_shm_sgd) {
   kdp_dist peer;
   int W = D.world_size;
@@ -921,7 +922,9 @@ START_TEST(test_shm_sgd) {
       rank_values(g, np, peer.slice, salt);
       kdp_buckets_finish_sgd(b, lr);
       bad += bitwise_mismatches(kdp_model_params(m), ref_p, np);
-      if (cfgs[ci].mu != 0.0f) bad += bitwise_mismatches(o.buf, ref.buf, np);
+      /* the momentum: whole after a gather (or, after the last step, kdp_buckets_free's) */
+      if (step < 2) kdp_buckets_gather_sgd(b);
+      if (cfgs[ci].mu != 0.0f && step < 2) bad += bitwise_mismatches(o.buf, ref.buf, np);
       checked += np;
       ck_assert_int_eq(o.n_steps, ref.n_steps);
     }

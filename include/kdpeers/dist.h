@@ -139,16 +139,20 @@ kdp_buckets *kdp_buckets_for_model(kdp_dist *d, struct kdp_model *m, size_t buck
    lr) then replaces kdp_buckets_finish + kdp_sgd_step(o, params, grads, lr): a barrier (the
    gradient arenas are written), each rank sums its slice of the k arenas (the same order) into
    L1 and applies the SGD update to that slice only (kdp_sgd_apply: bitwise kdp_sgd_step's), in
-   its own copy; a barrier; each rank copies the other slices' new parameters and momentum from
-   their ranks' copies into its own; a barrier (then no rank reads another's copy until the next
-   step's sum); o->n_steps counts the step.
-   The gradient arenas then hold this rank's own gradients, not the sum. kdp_buckets_free gives m
-   and o their own arrays back, with the current values. */
+   its own copy; a barrier; each rank copies the other slices' new parameters from their ranks'
+   copies into its own; a barrier (then no rank reads another's copy until the next step's sum);
+   o->n_steps counts the step. The gradient arenas then hold this rank's own gradients, not the
+   sum, and o->buf is current in this rank's slice only (no rank reads the others' momentum
+   while it steps): kdp_buckets_gather_sgd (collective; nothing without kdp_buckets_share_sgd,
+   b = NULL or momentum 0) makes every rank's o->buf whole, as a checkpoint needs it.
+   kdp_buckets_free gathers it too and gives m and o their own arrays back, with the current
+   values. */
 struct kdp_sgd;
 void kdp_buckets_share_sgd(kdp_buckets *b, struct kdp_model *m, struct kdp_sgd *o);
 /* 1: kdp_buckets_share_sgd has been called on b */
 int kdp_buckets_is_shm_sgd(const kdp_buckets *b);
 void kdp_buckets_finish_sgd(kdp_buckets *b, float lr);
+void kdp_buckets_gather_sgd(kdp_buckets *b);
 size_t kdp_buckets_count(const kdp_buckets *b);
 /* buckets started in this step so far (for tests) */
 size_t kdp_buckets_started(const kdp_buckets *b);

@@ -140,23 +140,21 @@ static void shm_sum_sgd_slice(kdp_buckets *b, float lr) {
   }
 }
 
-/* after the barrier: every other rank's slice of the parameters and momentum, from that rank's
-   copy into this rank's. Pulled rather than pushed (each rank writing its slice into the others'
-   copies): the lines this rank's next forward reads are then in its own cache, and no rank writes
-   lines another core holds (kdp-bucketprof, mlp(512,256), 2 ranks: k1 / k2-shm 1.55-1.58 pushed,
-   1.62-1.72 pulled, bench/buckets.md). In chunks: one memcpy of a whole slice (1 MB) takes
-   glibc's non-temporal stores, which leave the copy out of the cache. */
-static void shm_pull_slices(kdp_buckets *b) {
-  const int mom = b->opt->momentum != 0.0f; /* else the momentum is not used */
-  float *p = b->param[b->me], *buf = b->mom[b->me];
+/* every other rank's slice of the parameters (mom = 0) or of the momentum (mom = 1), from that
+   rank's copy into this rank's, after a barrier. Pulled rather than pushed (each rank writing its
+   slice into the others' copies): the lines this rank's next forward reads are then in its own
+   cache, and no rank writes lines another core holds (kdp-bucketprof, mlp(512,256), 2 ranks:
+   k1 / k2-shm 1.55-1.58 pushed, 1.62-1.72 pulled, loaded machine). In chunks: one memcpy of a
+   whole slice (1 MB) takes glibc's non-temporal stores, which leave the copy out of the cache. */
+static void shm_pull_slices(kdp_buckets *b, int mom) {
+  float *const *src = mom ? b->mom : b->param, *dst = src[b->me];
   for (int r = 0; r < b->k; r++) {
     if (r == b->me) continue;
     size_t lo, hi;
     slice_of(b->n, b->k, r, &lo, &hi);
     for (size_t c = lo; c < hi; c += SHM_CHUNK) {
       size_t m = hi - c < SHM_CHUNK ? hi - c : SHM_CHUNK;
-      memcpy(p + c, b->param[r] + c, m * sizeof(float));
-      if (mom) memcpy(buf + c, b->mom[r] + c, m * sizeof(float));
+      memcpy(dst + c, src[r] + c, m * sizeof(float));
     }
   }
 }
@@ -177,7 +175,7 @@ void kdp_buckets_finish_sgd(kdp_buckets *b, float lr) {
   shm_sync(b); /* every rank's arena is written */
   shm_sum_sgd_slice(b, lr);
   shm_sync(b); /* every slice has taken its step, in its rank's copy */
-  shm_pull_slices(b);
+  shm_pull_slices(b, 0);
   /* every copy is whole again, and no rank reads another's: each may write its own copy (a
      rollback, a restore, an exchange of weights) as soon as it returns */
   shm_sync(b);
@@ -209,6 +207,13 @@ static float **shm_alloc(MPI_Comm c, int k, size_t n, int parts, MPI_Win *win) {
   }
   KDP_CHECK_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, *win));
   return out;
+}
+
+void kdp_buckets_gather_sgd(kdp_buckets *b) {
+  if (!b || !b->pwin || b->opt->momentum == 0.0f) return;
+  shm_sync(b); /* (every slice's last step is written) */
+  shm_pull_slices(b, 1);
+  shm_sync(b); /* no rank reads another's copy any more */
 }
 
 void kdp_buckets_share_sgd(kdp_buckets *b, kdp_model *m, kdp_sgd *o) {
@@ -334,6 +339,7 @@ void kdp_buckets_free(kdp_buckets *b) {
   else if (b->model) kdp_model_set_backward_hook(b->model, NULL, NULL);
   if (b->pwin) {
     /* the model and optimizer get their own arrays back, holding the current values */
+    kdp_buckets_gather_sgd(b);
     kdp_model_swap_params(b->sgd_model, b->own_params);
     memcpy(b->own_mom, b->opt->buf, b->n * sizeof(float));
     b->opt->buf = b->own_mom;

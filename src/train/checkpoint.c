@@ -29,6 +29,9 @@ int kdp_train_save(kdp_trainer *t, kdp_error *err) {
   int rc = 0;
   /* the whole module and its momentum, every peer's blocks current (collective) */
   if (t->pipe) kdp_pipeline_module_sync(t->pipe, t->mopt.buf);
+  /* the peer's momentum, whole on every rank (the shared window's fused SGD keeps each rank's
+     slice only; collective over the peer's ranks) */
+  kdp_buckets_gather_sgd(t->buckets);
   kdp_ckpt_step_dir(dir, t->step, path, sizeof path);
   rc = kdp_ckpt_mkdirs(path, err);
   kdp_ckpt_writer *w = NULL;
