@@ -94,8 +94,10 @@ void kdp_buckets_ready(void *ctx, size_t ready) {
    window before it is seen by every read after it. */
 static void shm_sync(kdp_buckets *b) {
   KDP_CHECK_MPI(MPI_Win_sync(*b->win));
+  if (b->pwin) KDP_CHECK_MPI(MPI_Win_sync(*b->pwin));
   KDP_WAIT_MPI(b->d, MPI_Barrier(b->shm_comm));
   KDP_CHECK_MPI(MPI_Win_sync(*b->win));
+  if (b->pwin) KDP_CHECK_MPI(MPI_Win_sync(*b->pwin));
 }
 
 enum { SHM_CHUNK = 1024 };
@@ -143,9 +145,11 @@ static void shm_sum_sgd_slice(kdp_buckets *b, float lr) {
 /* every other rank's slice of the parameters (mom = 0) or of the momentum (mom = 1), from that
    rank's copy into this rank's, after a barrier. Pulled rather than pushed (each rank writing its
    slice into the others' copies): the lines this rank's next forward reads are then in its own
-   cache, and no rank writes lines another core holds (kdp-bucketprof, mlp(512,256), 2 ranks:
-   k1 / k2-shm 1.55-1.58 pushed, 1.62-1.72 pulled, loaded machine). In chunks: one memcpy of a
-   whole slice (1 MB) takes glibc's non-temporal stores, which leave the copy out of the cache. */
+   cache, and no rank writes lines another core holds (kdp-bucketprof, mlp(512,256), 2 ranks,
+   the momentum copied too, load ~1: k1 / k2-shm 1.55-1.58 pushed, 1.58-1.72 pulled). In chunks:
+   one memcpy of a whole slice (1 MB) takes glibc's non-temporal stores, which leave the copy out
+   of the cache. The momentum is pulled only by kdp_buckets_gather_sgd: copying it every step
+   cost what the fusion saved. */
 static void shm_pull_slices(kdp_buckets *b, int mom) {
   float *const *src = mom ? b->mom : b->param, *dst = src[b->me];
   for (int r = 0; r < b->k; r++) {

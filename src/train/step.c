@@ -476,8 +476,8 @@ int kdp_pipeline_teacher_cohort(kdp_pipeline *p, const float *z, const float *h,
 void kdp_train_allreduce(kdp_trainer *t, float shm_lr) {
   /* the peer's gradient arena, summed over its ranks (data parallelism within a peer): the
      buckets the backward pass started, the rest now, then waits for all; or (shm_lr >= 0, the
-     shared window) each rank's slice of the sum takes its SGD step right away, into every rank's
-     copy of the parameters and momentum */
+     shared window) each rank's slice of the sum takes its SGD step right away and every rank
+     pulls the other slices' new parameters (kdp_buckets_finish_sgd) */
   if (shm_lr >= 0) kdp_buckets_finish_sgd(t->buckets, shm_lr);
   else kdp_buckets_finish(t->buckets);
   kdp_embed_allreduce(t); /* mcl's head is the peer's too */
