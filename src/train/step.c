@@ -342,7 +342,8 @@ int kdp_pipeline_step(kdp_pipeline *p, const kdp_step_in *in, float *dz, float *
       kdp_dist_scatter_rows(p->d, KDP_GROUP_WORLD, KDP_ROWS_BLOCK, B, p->wh, 0, p->dhb, dh);
   }
   /* sharded by peer columns (ffl): my columns' share of the partials' gradient */
-  if (p->fgrad && p->W) return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
+  if (p->fgrad && p->W)
+    return kdp_cohort_col_backward(p->c, p->me, in->h, n, p->dpart_own, dh, err);
   return 0;
 }
 
